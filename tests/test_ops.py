@@ -1,0 +1,323 @@
+"""The op (reft_fast.ops) on every backend available here, against a float64 reference written in this file.
+
+The reference edits one selected row at a time with float64 math; gradients come from autograd through it.
+Inputs are fresh random numbers on every run (the seed is printed, so a failure can be replayed).
+"""
+
+import random
+
+import pytest
+import torch
+
+from reft_fast import ops
+
+from conftest import HAS_CUDA
+
+BACKENDS = ["torch", "triton"] + (["cuda"] if HAS_CUDA else [])
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# Output / input-gradient tolerances per dtype of h: the edit is computed in fp32 and rounded once to h's dtype
+# (the Triton interpreter truncates instead of rounding, one more ulp). Weight gradients are fp32 sums of fp32
+# products of the (exactly representable) h and g values, so they get fp32 tolerances whatever h's dtype.
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=3e-3, atol=3e-3)}
+WEIGHT_TOL = dict(rtol=1e-3, atol=1e-3)
+
+# family -> (uses W, uses P, Q is P, orthonormal R)
+FAMILY = {
+    "loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, False),
+    "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, False),
+}
+ACTS = [None, "relu", "gelu", "silu", "tanh"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = random.randrange(2**31)
+    print(f"torch seed {seed}")
+    torch.manual_seed(seed)
+    return seed
+
+
+def make_positions(batch, seq_len, n, empty_row=True):
+    """Distinct positions per row, padded with −1; includes 0 and T−1, and (optionally) a row with no position."""
+    rows = []
+    for i in range(batch):
+        if empty_row and i == batch - 1:
+            rows.append([-1] * n)
+            continue
+        k = random.randint(1, n)
+        chosen = random.sample(range(seq_len), k)
+        if i == 0:
+            chosen[0] = 0
+            if k > 1:
+                chosen[1] = seq_len - 1 if chosen[0] != seq_len - 1 else 1
+            chosen = list(dict.fromkeys(chosen))
+        rows.append(chosen + [-1] * (n - len(chosen)))
+    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
+
+
+def make_params(family, r, d):
+    uses_w, uses_p, _ = FAMILY[family]
+    R = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].T.float().contiguous().to(DEVICE)
+    W = (torch.randn(r, d) / d**0.5).to(DEVICE)
+    b = torch.randn(r).to(DEVICE)
+    W2 = (torch.randn(r, d) / d**0.5).to(DEVICE)
+    if family in ("loreft", "direft", "consreft", "lobireft"):
+        Q = R
+    else:
+        Q = W2
+    params = {"Q": Q, "b": b}
+    if uses_w:
+        params["W"] = W
+    if uses_p:
+        params["P"] = Q
+    return params
+
+
+def reference(h, positions, params, act=None, keep=None, p=0.0):
+    """float64, one row at a time: out[b, pos] = keep ⊙ (h + (act(hWᵀ + b) − s·hPᵀ) Q) / (1 − p)."""
+    acts = {None: lambda z: z, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+            "silu": torch.nn.functional.silu, "tanh": torch.tanh}
+    out = h.clone()
+    for bi in range(positions.shape[0]):
+        for j in range(positions.shape[1]):
+            pos = int(positions[bi, j])
+            if pos < 0:
+                continue
+            x = h[bi, pos]
+            z = params["b"] if "W" not in params else params["W"] @ x + params["b"]
+            delta = acts[act](z)
+            if "P" in params:
+                delta = delta - params["P"] @ x
+            o = x + delta @ params["Q"]
+            if keep is not None:
+                o = o * keep[bi, j] / (1.0 - p)
+            out[bi, pos] = o
+    return out
+
+
+def run_op(h, positions, params, backend, act=None, **kw):
+    return ops.low_rank_edit(h, positions, params["Q"], W=params.get("W"), b=params.get("b"), P=params.get("P"),
+                             act=act, backend=backend, **kw)
+
+
+def check_against_reference(backend, family, act, dtype, B, T, n, r, d, empty_row=True):
+    positions = make_positions(B, T, n, empty_row)
+    params = make_params(family, r, d)
+    h = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    g = torch.randn(B, T, d, device=DEVICE).to(dtype)
+
+    h_in = h.clone().requires_grad_()
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    if family in ("loreft", "consreft"):
+        leaves["P"] = leaves["Q"]  # the same tensor, as LoReFT/ConsReFT pass it
+    out = run_op(h_in, positions, leaves, backend, act)
+    out.backward(g)
+
+    h64 = h.double().requires_grad_()
+    ref_leaves = {k: v.double().requires_grad_() for k, v in params.items()}
+    if family in ("loreft", "consreft"):
+        ref_leaves["P"] = ref_leaves["Q"]
+    ref = reference(h64, positions, ref_leaves, act)
+    ref.backward(g.double())
+
+    assert out.dtype == dtype and out.shape == h.shape
+    torch.testing.assert_close(out.double(), ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(h_in.grad.double(), h64.grad, **TOL[dtype])
+    for k in leaves:
+        if k == "P" and family in ("loreft", "consreft"):
+            continue  # same leaf as Q: its gradient is the sum, checked through Q
+        torch.testing.assert_close(leaves[k].grad.double(), ref_leaves[k].grad, **WEIGHT_TOL, msg=f"grad of {k}")
+
+    # rows not selected: bit-identical to h, and their gradient is exactly g
+    selected = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    for bi in range(B):
+        for pos in positions[bi].tolist():
+            if pos >= 0:
+                selected[bi, pos] = True
+    assert torch.equal(out.detach()[~selected], h[~selected])
+    assert torch.equal(h_in.grad[~selected], g[~selected])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family,act", [(f, a) for f in FAMILY for a in (ACTS if FAMILY[f][0] else [None])])
+def test_family_and_activations_fp32(backend, family, act):
+    check_against_reference(backend, family, act, torch.float32, B=3, T=9, n=4, r=5, d=97)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("family", list(FAMILY))
+def test_half_precision_h(backend, dtype, family):
+    act = "gelu" if FAMILY[family][0] else None
+    check_against_reference(backend, family, act, dtype, B=3, T=6, n=3, r=4, d=130)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d,r", [(1000, 64), (1000, 3), (4097, 1), (4097, 8)])
+def test_odd_shapes(backend, d, r):
+    check_against_reference(backend, "loreft", None, torch.float32, B=3, T=5, n=3, r=r, d=d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_rows_every_position(backend):
+    # every token of every example selected (the "all positions" case), more slots than one program holds
+    B, T, d, r = 2, 40, 64, 8
+    positions = torch.arange(T, device=DEVICE).repeat(B, 1)
+    positions = positions[:, torch.randperm(T, device=DEVICE)]
+    params = make_params("noreft", r, d)
+    h = torch.randn(B, T, d, device=DEVICE)
+    out = run_op(h, positions, params, backend, "silu")
+    torch.testing.assert_close(out.double(), reference(h.double(), positions, {k: v.double() for k, v in params.items()},
+                                                       "silu"), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_h_is_not_modified_and_runs_are_bitwise_equal(backend):
+    B, T, d, r = 3, 8, 200, 8
+    positions = make_positions(B, T, 4)
+    params = make_params("loreft", r, d)
+    h = torch.randn(B, T, d, device=DEVICE, dtype=torch.bfloat16)
+    h_before = h.clone()
+    g = torch.randn_like(h)
+    results = []
+    for _ in range(2):
+        h_in = h.clone().requires_grad_()
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items() if k != "P"}
+        leaves["P"] = leaves["Q"]
+        out = run_op(h_in, positions, leaves, backend, dropout=0.2, seed=1234)
+        out.backward(g)
+        results.append([out.detach(), h_in.grad, leaves["Q"].grad, leaves["W"].grad, leaves["b"].grad])
+    assert torch.equal(h, h_before)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_mask_scale_and_backward(backend):
+    B, T, d, r, p = 4, 10, 300, 4, 0.3
+    positions = make_positions(B, T, 5, empty_row=False)
+    params = make_params("direft", r, d)
+    h = torch.randn(B, T, d, device=DEVICE)
+    g = torch.randn_like(h)
+    h_in = h.clone().requires_grad_()
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    out = run_op(h_in, positions, leaves, backend, "relu", dropout=p, seed=77)
+    out.backward(g)
+
+    plain = reference(h.double(), positions, {k: v.double() for k, v in params.items()}, "relu")
+    # Infer the mask from the output: a kept element is plain/(1−p), a dropped one is exactly 0.
+    keep = torch.zeros(B, positions.shape[1], d, dtype=torch.float64, device=DEVICE)
+    for bi in range(B):
+        for j, pos in enumerate(positions[bi].tolist()):
+            if pos >= 0:
+                row = out[bi, pos].detach().double()
+                keep[bi, j] = (row != 0).double()
+                kept = row != 0
+                torch.testing.assert_close(row[kept], plain[bi, pos][kept] / (1 - p), rtol=1e-4, atol=1e-4)
+    n_selected = int((positions >= 0).sum()) * d
+    kept_fraction = float(keep.sum()) / n_selected
+    assert abs(kept_fraction - (1 - p)) < 0.05, kept_fraction
+
+    # The backward must use the same mask as the forward.
+    h64 = h.double().requires_grad_()
+    ref_leaves = {k: v.double().requires_grad_() for k, v in params.items()}
+    ref = reference(h64, positions, ref_leaves, "relu", keep=keep, p=p)
+    ref.backward(g.double())
+    torch.testing.assert_close(h_in.grad.double(), h64.grad, **TOL[torch.float32])
+    for k in leaves:
+        torch.testing.assert_close(leaves[k].grad.double(), ref_leaves[k].grad, **WEIGHT_TOL)
+
+    # Another seed gives another mask; p = 0 is exactly the no-dropout path.
+    other = run_op(h, positions, params, backend, "relu", dropout=p, seed=78)
+    assert not torch.equal(other, out.detach())
+    assert torch.equal(run_op(h, positions, params, backend, "relu", dropout=0.0, seed=5),
+                       run_op(h, positions, params, backend, "relu"))
+
+
+def test_backends_agree_bitwise_on_unselected_and_closely_on_selected():
+    B, T, d, r = 2, 6, 128, 4
+    positions = make_positions(B, T, 3)
+    params = make_params("loreft", r, d)
+    h = torch.randn(B, T, d, device=DEVICE)
+    outs = [run_op(h, positions, params, be) for be in BACKENDS]
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradcheck_float64():
+    B, T, d, r = 2, 4, 7, 3
+    positions = torch.tensor([[0, 3], [2, -1]])
+    h = torch.randn(B, T, d, dtype=torch.float64, requires_grad=True)
+    Q = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(r, dtype=torch.float64, requires_grad=True)
+    for act in (0, 2, 3, 4):
+        fn = lambda h, Q, W, b: ops._edit_torch(h, positions, Q, Q, W, b, act, 0.0, 0)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (h, Q, W, b))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear error naming the problem
+# ------------------------------------------------------------------------------------------------------------------
+def _good():
+    h = torch.randn(2, 5, 16)
+    positions = torch.tensor([[0, 1], [4, -1]])
+    R = torch.linalg.qr(torch.randn(16, 3))[0].T.contiguous()
+    return h, positions, R, torch.randn(3, 16), torch.randn(3)
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda a: a.update(h=torch.randn(10, 16)), ValueError, "h must be 3-D"),
+    (lambda a: a.update(h=torch.randn(2, 5, 16).to(torch.float64)), TypeError, "h must be float32, bfloat16"),
+    (lambda a: a.update(h=torch.randn(2, 5, 17)), ValueError, "hidden size"),
+    (lambda a: a.update(positions=torch.tensor([[0.0, 1.0], [1.0, 2.0]])), TypeError, "integer dtype"),
+    (lambda a: a.update(positions=torch.zeros(2, 2, 1, dtype=torch.long)), ValueError, "positions must be 2-D"),
+    (lambda a: a.update(positions=torch.tensor([[0, 1]])), ValueError, "batch"),
+    (lambda a: a.update(positions=torch.tensor([[0, 5], [1, -1]])), ValueError, "< the sequence length 5"),
+    (lambda a: a.update(positions=torch.tensor([[0, -2], [1, -1]])), ValueError, "≥ −1"),
+    (lambda a: a.update(positions=torch.tensor([[3, 3], [1, -1]])), ValueError, "more than once"),
+    (lambda a: a.update(R=torch.randn(17, 16)), ValueError, "rank must be between 1 and the hidden size 16"),
+    (lambda a: a.update(R=torch.randn(3, 16, dtype=torch.float64)), TypeError, "Q must be float32"),
+    (lambda a: a.update(W=torch.randn(3, 16).bfloat16()), TypeError, "W must be float32"),
+    (lambda a: a.update(W=torch.randn(4, 16)), ValueError, r"W must have shape \[3, 16\]"),
+    (lambda a: a.update(b=torch.randn(4)), ValueError, r"b must have shape \[3\]"),
+    (lambda a: a.update(act="swish"), ValueError, "unknown activation 'swish'"),
+    (lambda a: a.update(backend="jax"), ValueError, "unknown backend 'jax'"),
+    (lambda a: a.update(dropout=1.0), ValueError, "dropout must be a probability"),
+])
+def test_bad_input(mutate, error, match):
+    h, positions, R, W, b = _good()
+    args = dict(h=h, positions=positions, R=R, W=W, b=b, act=None, backend="torch", dropout=0.0)
+    mutate(args)
+    with pytest.raises(error, match=match):
+        ops.loreft(args["h"], args["positions"], args["R"], args["W"], args["b"], act=args["act"],
+                   backend=args["backend"], dropout=args["dropout"])
+
+
+def test_activation_needs_w_and_source_needs_something():
+    h, positions, R, W, b = _good()
+    with pytest.raises(ValueError, match="with W=None"):
+        ops.low_rank_edit(h, positions, R, b=b, act="relu")
+    with pytest.raises(ValueError, match="needs W, b or both"):
+        ops.low_rank_edit(h, positions, R, P=R)
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("REFT_FAST_BACKEND", raising=False)
+    assert ops.resolve_backend(None, cpu) == "torch"
+    assert ops.resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setenv("REFT_FAST_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ops.resolve_backend(None, cpu) == "triton"  # CPU tensors are allowed through the interpreter
+    assert ops.resolve_backend("torch", cpu) == "torch"  # the argument wins over the environment
+    monkeypatch.setenv("REFT_FAST_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ops.resolve_backend(None, cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        ops.resolve_backend("triton", cpu)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.resolve_backend("cuda", cpu)
