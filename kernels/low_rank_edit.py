@@ -18,9 +18,8 @@ Phase 1 (one program per block of slots) computes dh and keeps δ, dz, t per slo
 program per column tile × row split) forms the weight gradients as [r, tile] partials per split; the splits are then
 summed in a fixed order. No atomics: the result is bitwise reproducible.
 
-Matrix products use tl.dot with fp32 operands. On a GPU they run in "tf32x3" (three TF32 tensor-core passes, about
-fp32 accuracy); the CPU interpreter runs them in plain fp32. The interpreter also mis-rounds bf16 conversions
-(truncates), which the tests allow for.
+Matrix products use tl.dot with fp32 operands, in exact fp32 or TF32 (see launch_config). The CPU interpreter runs
+them in plain fp32; it also truncates fp32→bf16 conversions instead of rounding, which the tests allow for.
 """
 
 from __future__ import annotations
@@ -32,10 +31,9 @@ import triton
 import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_DOT_PRECISION = "ieee" if _INTERPRETED else "tf32x3"
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 @triton.jit
@@ -251,14 +249,24 @@ def _edit_backward_weights_kernel(
 # ----------------------------------------------------------------------------------------------------------------------
 # Launch functions (the contract every fused backend implements; see reft_fast.ops)
 # ----------------------------------------------------------------------------------------------------------------------
-def _block_sizes(d: int, r: int):
-    # tl.dot needs every dimension ≥ 16. The interpreter pays per program, so it gets bigger blocks.
+def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INTERPRETED):
+    """Block sizes, warps and dot precision for one shape: (BLOCK_M, BLOCK_D, BLOCK_R, num_warps, precision).
+
+    tl.dot needs every dimension ≥ 16, so the rank is padded to BLOCK_R ≥ 16. On a GPU the tiles are chosen so that
+    no kernel spills registers on sm_90 (tests/test_triton_compile.py compiles them and checks). Products are exact
+    fp32 ("ieee", CUDA cores) for fp32 h and for ranks ≤ 16, where the 3·r multiply-adds per element stay below the
+    memory time; bf16/fp16 h with a larger rank uses TF32 tensor cores, whose 10-bit mantissa is still finer than the
+    8 (bf16) or 10 (fp16) bits the result is rounded to. The interpreter pays per program, so it gets big blocks.
+    """
     block_r = max(16, triton.next_power_of_2(r))
-    block_m = 32 if _INTERPRETED else 16
-    block_d = min(256 if _INTERPRETED else 128, max(16, triton.next_power_of_2(d)))
-    if block_r >= 64 and not _INTERPRETED:
-        block_d = 64  # keeps the [BLOCK_M|BLOCK_R, BLOCK_D] tiles and the r×tile operands within registers
-    return block_m, block_d, block_r
+    if interpreted:
+        return 32, min(256, max(16, triton.next_power_of_2(d))), block_r, 4, "ieee"
+    precision = "ieee" if (h_dtype == torch.float32 or block_r <= 16) else "tf32"
+    if block_r >= 64:
+        block_d = 32 if precision == "tf32" else 16
+    else:
+        block_d = 64
+    return 16, block_d, block_r, 8, precision
 
 
 def _dropout_args(dropout: float):
@@ -272,14 +280,14 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     n_slots = positions.numel()
     if n_slots == 0:
         return
-    block_m, block_d, block_r = _block_sizes(d, r)
+    block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
     p, scale = _dropout_args(dropout)
     grid = (triton.cdiv(n_slots, block_m),)
     _edit_forward_kernel[grid](
         h, out, positions, Q, Q if P is None else P, Q if W is None else W, Q if b is None else b,
         n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
         HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, ACT=act, DROPOUT=dropout > 0,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=_DOT_PRECISION,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps,
     )
 
 
@@ -302,7 +310,7 @@ def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, 
     if n_slots == 0:
         return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
                 None if b is None else torch.zeros(r, dtype=torch.float32, device=h.device))
-    block_m, block_d, block_r = _block_sizes(d, r)
+    block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
     p, scale = _dropout_args(dropout)
     flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
     per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h.device)  # noqa: E731
@@ -313,7 +321,7 @@ def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, 
         h, grad_out, grad_h, positions, Q, P_arg, W_arg, Q if b is None else b, delta, dz, t,
         n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
         HAS_B=b is not None, ACT=act, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r,
-        DOT_PRECISION=_DOT_PRECISION, **flags,
+        DOT_PRECISION=precision, num_warps=num_warps, **flags,
     )
 
     splits = _num_splits(n_slots, d, block_m, block_d, h.device)
@@ -326,7 +334,7 @@ def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, 
     _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
         h, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
         n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=_DOT_PRECISION, **flags,
+        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps, **flags,
     )
     # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic).
     dQ = dq_part[:, :r].sum(0)

@@ -67,7 +67,7 @@ def test_weight_gradients_reduce_over_several_splits_deterministically():
     # enough slots for several row splits of the weight-gradient pass, each with several slot blocks
     B, T, r, d = 8, 64, 8, 96
     positions = torch.stack([torch.randperm(T, device=DEVICE)[:40] for _ in range(B)])
-    block_m, block_d, _ = kernels._block_sizes(d, r)
+    block_m, block_d = kernels.launch_config(d, r, torch.float32)[:2]
     assert kernels._num_splits(positions.numel(), d, block_m, block_d, torch.device(DEVICE)) > 1
     params = make_params("noreft", r, d)
     h = torch.randn(B, T, d, device=DEVICE)

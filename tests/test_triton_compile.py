@@ -1,0 +1,83 @@
+"""Compile the Triton kernels for an H100 (sm_90) on this machine, at the launch configurations the code uses.
+
+The interpreter that runs the kernels on the CPU accepts code the GPU compiler rejects (non-constexpr globals, dot
+shapes, dtypes), and it cannot show register spills. Triton compiles ahead of time without a GPU, with the ptxas
+shipped in its wheel, whose report (-v) gives registers and spill stores per kernel.
+"""
+
+import contextlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+DTYPE = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+
+
+def compile_for_sm90(fn, pointers, scalars, constexprs, num_warps):
+    """Compile for sm_90 and return (registers, spill-store bytes) from the ptxas report."""
+    signature = {name: pointers.get(name) or scalars[name] for name in fn.arg_names if name not in constexprs}
+    signature.update({name: "constexpr" for name in constexprs})
+    src = ASTSource(fn=fn, signature=signature,
+                    constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1 makes triton print ptxas -v
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    report = log.getvalue()
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return regs, spills
+
+
+SCALARS = dict(n_slots="i32", n_per_example="i32", seq_len="i32", d="i32", r="i32", slots_per_split="i32",
+               dropout_p="fp32", dropout_scale="fp32", seed="i32")
+
+
+CASES = [(torch.bfloat16, 8), (torch.bfloat16, 32), (torch.bfloat16, 64), (torch.float32, 64)]
+
+
+def resource_report():
+    """[(kernel, h dtype, r, registers, spill-store bytes, tiles, warps)] for the heaviest variant of each kernel."""
+    from reft_fast.kernels import low_rank_edit as k
+
+    rows = []
+    for h_dtype, r in CASES:
+        block_m, block_d, block_r, num_warps, precision = k.launch_config(4096, r, h_dtype, interpreted=False)
+        h = DTYPE[h_dtype]
+        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, positions_ptr="*i64")
+        pointers.update({n: "*fp32" for n in ("q_ptr", "p_ptr", "w_ptr", "b_ptr", "delta_ptr", "dz_ptr", "t_ptr",
+                                               "dq_part_ptr", "dw_part_ptr", "dp_part_ptr")})
+        tiles = dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision)
+        full = dict(HAS_P=True, HAS_W=True, DROPOUT=True)  # every parameter, gelu, dropout
+        for fn, flags in [(k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2)),
+                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2)),
+                          (k._edit_backward_weights_kernel, full)]:
+            regs, spills = compile_for_sm90(fn, pointers, SCALARS, dict(flags, **tiles), num_warps)
+            rows.append((fn.__name__, str(h_dtype), r, regs, spills, tiles, num_warps))
+    return rows
+
+
+def test_kernels_compile_for_sm90_without_spills(tmp_path):
+    # A fresh process without TRITON_INTERPRET, so that triton.jit gives compilable functions.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # an empty cache, so that ptxas runs (and reports) for every kernel
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
+    code = "import json, test_triton_compile as t; print(json.dumps(t.resource_report()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 3 * len(CASES)
+    for name, dtype, r, regs, spills, tiles, warps in rows:
+        print(f"{name:32s} {dtype:15s} r={r:<3d} regs={regs:<4d} spill-stores={spills:<5d} {tiles} warps={warps}")
+    spills = [row for row in rows if row[4] != 0]
+    assert not spills, f"register spills on sm_90: {spills}"
