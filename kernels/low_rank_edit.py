@@ -14,9 +14,13 @@ Backward, for g = ∂L/∂out at a selected row (g_o = keep ⊙ g / (1 − p)):
     dz = t ⊙ act'(z)                 (r)
     dh = g_o + dz W − s·t P          (d)   written into the selected rows of grad_h (a copy of grad_out)
     dQ = Σ δᵀ g_o,  dW = Σ dzᵀ h,  dP = −s Σ tᵀ h,  db = Σ dz      (sums over selected rows)
-Phase 1 (one program per block of slots) computes dh and keeps δ, dz, t per slot in small fp32 buffers; phase 2 (one
-program per column tile × row split) forms the weight gradients as [r, tile] partials per split; the splits are then
-summed in a fixed order. No atomics: the result is bitwise reproducible.
+The rows pass (a program per slot block × column range) computes dh and keeps δ, dz, t per slot in small fp32
+buffers; the weight pass (a program per column tile × row split) forms the weight gradients as [r, tile] partials per
+split; the splits are then summed in a fixed order. No atomics: the result is bitwise reproducible.
+
+Two paths, chosen by shape (column_split): with many rows, one program per slot block does the projections over all
+of d and then writes; with few rows, the projections are first split over column ranges (a partial-sum kernel, then a
+fixed-order sum of the parts), so that the serial loop over d does not set the latency.
 
 Matrix products use tl.dot with fp32 operands, in exact fp32 or TF32 (see launch_config). The CPU interpreter runs
 them in plain fp32; it also truncates fp32→bf16 conversions instead of rounding, which the tests allow for.
@@ -86,33 +90,109 @@ def _keep_scale(seed, slots, cols, d, p, scale):
 
 
 @triton.jit
-def _edit_forward_kernel(
-    h_ptr, out_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr,
-    n_slots, n_per_example, seq_len, d, r, dropout_p, dropout_scale, seed,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+def _row_projections(
+    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, col_begin, col_end, d, ranks, rank_ok,
+    dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
-                                       BLOCK_M)
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < r
-
-    # Pass 1: the r-length projections z = h Wᵀ and u = h Pᵀ, accumulated over column tiles.
+    """Sums over columns [col_begin, col_end) of z = h Wᵀ, u = h Pᵀ and (when HAS_G) t = g_o Qᵀ, for BLOCK_M slots."""
     z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    if HAS_W or HAS_P:
-        for c0 in range(0, d, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < d
-            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=selected[:, None] & col_ok[None, :],
-                        other=0.0).to(tl.float32)
-            par_mask = rank_ok[:, None] & col_ok[None, :]
+    t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    for c0 in range(col_begin, col_end, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < col_end
+        io_mask = selected[:, None] & col_ok[None, :]
+        par_mask = rank_ok[:, None] & col_ok[None, :]
+        if HAS_W or HAS_P:
+            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
             if HAS_W:
                 w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
                 z += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
             if HAS_P:
                 pm = tl.load(p_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
                 u += tl.dot(x, tl.trans(pm), input_precision=DOT_PRECISION)
+        if HAS_G:
+            g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            if DROPOUT:
+                g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+            q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
+            t += tl.dot(g, tl.trans(q), input_precision=DOT_PRECISION)
+    return z, u, t
+
+
+@triton.jit
+def _projections(
+    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits, ranks, rank_ok,
+    dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr, FROM_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """z, u, t over all d columns: computed here (fused path) or summed from the column splits in a fixed order."""
+    if FROM_PARTS:
+        z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+        at = slots[:, None] * BLOCK_R + ranks[None, :]
+        ok = (slots < n_slots)[:, None]
+        plane = n_slots * BLOCK_R
+        for split in range(0, n_splits):
+            base = part_ptr + split * 3 * plane
+            z += tl.load(base + at, mask=ok, other=0.0)
+            u += tl.load(base + plane + at, mask=ok, other=0.0)
+            t += tl.load(base + 2 * plane + at, mask=ok, other=0.0)
+    else:
+        z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, 0, d, d, ranks, rank_ok,
+                                   dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
+                                   BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    return z, u, t
+
+
+@triton.jit
+def _split_projections_kernel(
+    h_ptr, g_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, part_ptr,
+    n_slots, n_per_example, seq_len, d, r, cols_per_split, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Few rows (the f7+l7 case): the r-length projections are split over column ranges, one program per
+    # (slot block, column range), so that the serial loop over d does not set the latency. Parts: [split, 3, slot, r].
+    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
+                                       BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < r
+    split = tl.program_id(1)
+    col_begin = split * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, d)
+    z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, col_begin, col_end, d,
+                               ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
+                               BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    plane = n_slots * BLOCK_R
+    at = part_ptr + split * 3 * plane + slots[:, None] * BLOCK_R + ranks[None, :]
+    ok = (slots < n_slots)[:, None]
+    tl.store(at, z, mask=ok)
+    tl.store(at + plane, u, mask=ok)
+    tl.store(at + 2 * plane, t, mask=ok)
+
+
+@triton.jit
+def _edit_forward_kernel(
+    h_ptr, out_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
+    n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # One program: BLOCK_M slots × columns [pid1·cols_per_program, ...). Fused path: pass 1 over all of d for the
+    # projections, pass 2 writes (the second read of the rows mostly hits L2). Split path: projections from the parts.
+    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
+                                       BLOCK_M)
+    ranks = tl.arange(0, BLOCK_R)
+    rank_ok = ranks < r
+    z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits,
+                           ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT, FROM_PARTS,
+                           BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     if HAS_B:
         z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
     delta = _activation(z, ACT)
@@ -120,10 +200,11 @@ def _edit_forward_kernel(
         delta -= u
     delta = tl.where(rank_ok[None, :], delta, 0.0)
 
-    # Pass 2: o = h + δ Q, written only to the selected rows.
-    for c0 in range(0, d, BLOCK_D):
+    col_begin = tl.program_id(1) * cols_per_program
+    col_end = tl.minimum(col_begin + cols_per_program, d)
+    for c0 in range(col_begin, col_end, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
+        col_ok = cols < col_end
         io_mask = selected[:, None] & col_ok[None, :]
         x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
         q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
@@ -135,39 +216,20 @@ def _edit_forward_kernel(
 
 @triton.jit
 def _edit_backward_rows_kernel(
-    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr,
-    delta_ptr, dz_ptr, t_ptr,
-    n_slots, n_per_example, seq_len, d, r, dropout_p, dropout_scale, seed,
+    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
+    n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    slot0 = tl.program_id(0) * BLOCK_M
-    slots, rows, selected = _slot_rows(positions_ptr, slot0, n_slots, n_per_example, seq_len, BLOCK_M)
+    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
+                                       BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < r
-
-    # Pass 1: z = h Wᵀ, u = h Pᵀ (recomputed, not stored by forward) and t = g_o Qᵀ.
-    z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for c0 in range(0, d, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
-        io_mask = selected[:, None] & col_ok[None, :]
-        par_mask = rank_ok[:, None] & col_ok[None, :]
-        g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
-        if DROPOUT:
-            g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
-        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
-        t += tl.dot(g, tl.trans(q), input_precision=DOT_PRECISION)
-        if HAS_W or HAS_P:
-            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
-            if HAS_W:
-                w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
-                z += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
-            if HAS_P:
-                pm = tl.load(p_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
-                u += tl.dot(x, tl.trans(pm), input_precision=DOT_PRECISION)
+    # z and u are recomputed (forward stores nothing); t = g_o Qᵀ
+    z, u, t = _projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits,
+                           ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, True, DROPOUT, FROM_PARTS,
+                           BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     if HAS_B:
         z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
     delta = _activation(z, ACT)
@@ -178,17 +240,20 @@ def _edit_backward_rows_kernel(
     t = tl.where(keep_rows, t, 0.0)
     dz = tl.where(keep_rows, t * _activation_grad(z, ACT), 0.0)
 
-    # The per-slot vectors phase 2 needs (zeros for unselected slots, so phase 2 can read every slot).
-    buf = slots[:, None] * BLOCK_R + ranks[None, :]
-    slot_ok = (slots < n_slots)[:, None]
-    tl.store(delta_ptr + buf, delta, mask=slot_ok)
-    tl.store(dz_ptr + buf, dz, mask=slot_ok)
-    tl.store(t_ptr + buf, t, mask=slot_ok)
+    # The per-slot vectors the weight-gradient pass needs (zeros for unselected slots); one column program writes them.
+    if tl.program_id(1) == 0:
+        buf = slots[:, None] * BLOCK_R + ranks[None, :]
+        slot_ok = (slots < n_slots)[:, None]
+        tl.store(delta_ptr + buf, delta, mask=slot_ok)
+        tl.store(dz_ptr + buf, dz, mask=slot_ok)
+        tl.store(t_ptr + buf, t, mask=slot_ok)
 
-    # Pass 2: dh = g_o + dz W − s·t P at the selected rows.
-    for c0 in range(0, d, BLOCK_D):
+    # dh = g_o + dz W − s·t P at the selected rows, for this program's columns.
+    col_begin = tl.program_id(1) * cols_per_program
+    col_end = tl.minimum(col_begin + cols_per_program, d)
+    for c0 in range(col_begin, col_end, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < d
+        col_ok = cols < col_end
         io_mask = selected[:, None] & col_ok[None, :]
         par_mask = rank_ok[:, None] & col_ok[None, :]
         dh = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
@@ -273,21 +338,70 @@ def _dropout_args(dropout: float):
     return float(dropout), (1.0 / (1.0 - dropout) if dropout > 0 else 1.0)
 
 
-def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
-    """Overwrite the selected rows of ``out`` (a copy of h) with the edited rows."""
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def column_split(n_slots: int, d: int, block_m: int, block_d: int, device: torch.device):
+    """(column splits of the projections, column programs of the write pass); (0, 1) = the fused single pass.
+
+    With many rows there are enough slot blocks to fill the GPU: one program per slot block reads its rows, forms
+    the projections and writes, and the second read of the rows mostly hits L2. With few rows (112 for f7+l7 at
+    batch 8) that would leave most SMs idle behind a serial loop over d, so the projections are split over column
+    ranges (partial sums, then a fixed-order sum) and the write pass over column programs. The interpreter takes the
+    split path when all slots fit one block, so that the tests run both paths.
+    """
+    slot_blocks = triton.cdiv(n_slots, block_m)
+    col_tiles = triton.cdiv(d, block_d)
+    if device.type != "cuda":
+        return (min(col_tiles, 3), min(col_tiles, 2)) if slot_blocks == 1 else (0, 1)
+    sms = _sm_count(device)
+    if slot_blocks >= sms:
+        return 0, 1
+    per_block = min(col_tiles, triton.cdiv(2 * sms, slot_blocks))
+    return per_block, per_block
+
+
+def _split_grid(d: int, pieces: int, block_d: int):
+    """Columns per program (a multiple of BLOCK_D) and the number of programs that covers d."""
+    cols = triton.cdiv(triton.cdiv(d, pieces), block_d) * block_d
+    return cols, triton.cdiv(d, cols)
+
+
+def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None):
+    """Shared set-up of forward and backward: block sizes, the column split and (split path) the projection parts."""
     batch, seq_len, d = h.shape
     r = Q.shape[0]
     n_slots = positions.numel()
-    if n_slots == 0:
-        return
     block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
     p, scale = _dropout_args(dropout)
-    grid = (triton.cdiv(n_slots, block_m),)
-    _edit_forward_kernel[grid](
-        h, out, positions, Q, Q if P is None else P, Q if W is None else W, Q if b is None else b,
-        n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
-        HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, ACT=act, DROPOUT=dropout > 0,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps,
+    n_splits, n_col_programs = column_split(n_slots, d, block_m, block_d, h.device)
+    slot_blocks = triton.cdiv(n_slots, block_m)
+    common = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_D=block_d,
+                  BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps)
+    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
+    parts = Q  # a placeholder pointer on the fused path
+    if n_splits:
+        cols_per_split, n_splits = _split_grid(d, n_splits, block_d)
+        parts = torch.empty(n_splits, 3, n_slots, block_r, dtype=torch.float32, device=h.device)
+        _split_projections_kernel[(slot_blocks, n_splits)](
+            h, h if g is None else g, positions, Q, P_arg, W_arg, parts,
+            n_slots, positions.shape[1], seq_len, d, r, cols_per_split, p, scale, seed, HAS_G=g is not None, **common,
+        )
+    cols_per_program, n_col_programs = _split_grid(d, n_col_programs, block_d)
+    scalars = (n_slots, positions.shape[1], seq_len, d, r, n_splits, cols_per_program, p, scale, seed)
+    return dict(grid=(slot_blocks, n_col_programs), P=P_arg, W=W_arg, parts=parts, scalars=scalars,
+                flags=dict(common, HAS_B=b is not None, ACT=act, FROM_PARTS=n_splits > 0),
+                block_m=block_m, block_d=block_d, block_r=block_r)
+
+
+def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
+    """Overwrite the selected rows of ``out`` (a copy of h) with the edited rows."""
+    if positions.numel() == 0:
+        return
+    L = _launch(h, positions, Q, P, W, b, act, dropout, seed)
+    _edit_forward_kernel[L["grid"]](
+        h, out, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], *L["scalars"], **L["flags"],
     )
 
 
@@ -296,9 +410,8 @@ def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.
     slot_blocks = triton.cdiv(n_slots, block_m)
     if device.type != "cuda":
         return min(slot_blocks, 3)  # the interpreter: few programs, but still more than one split to reduce
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     col_tiles = triton.cdiv(d, block_d)
-    return max(1, min(slot_blocks, triton.cdiv(2 * sms, col_tiles)))
+    return max(1, min(slot_blocks, triton.cdiv(2 * _sm_count(device), col_tiles)))
 
 
 def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
@@ -306,22 +419,17 @@ def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, 
     batch, seq_len, d = h.shape
     r = Q.shape[0]
     n_slots = positions.numel()
-    zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h.device)  # noqa: E731
     if n_slots == 0:
+        zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h.device)  # noqa: E731
         return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
                 None if b is None else torch.zeros(r, dtype=torch.float32, device=h.device))
-    block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
-    p, scale = _dropout_args(dropout)
-    flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
+    L = _launch(h, positions, Q, P, W, b, act, dropout, seed, g=grad_out)
+    block_m, block_d, block_r = L["block_m"], L["block_d"], L["block_r"]
     per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h.device)  # noqa: E731
     delta, dz, t = per_slot(), per_slot(), per_slot()
-    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
-
-    _edit_backward_rows_kernel[(triton.cdiv(n_slots, block_m),)](
-        h, grad_out, grad_h, positions, Q, P_arg, W_arg, Q if b is None else b, delta, dz, t,
-        n_slots, positions.shape[1], seq_len, d, r, p, scale, seed,
-        HAS_B=b is not None, ACT=act, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r,
-        DOT_PRECISION=precision, num_warps=num_warps, **flags,
+    _edit_backward_rows_kernel[L["grid"]](
+        h, grad_out, grad_h, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], delta, dz, t,
+        *L["scalars"], **L["flags"],
     )
 
     splits = _num_splits(n_slots, d, block_m, block_d, h.device)
@@ -331,10 +439,12 @@ def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, 
     dq_part = partial()
     dw_part = partial() if W is not None else dq_part
     dp_part = partial() if P is not None else dq_part
+    flags = {k: L["flags"][k] for k in ("HAS_P", "HAS_W", "DROPOUT", "BLOCK_M", "BLOCK_D", "BLOCK_R",
+                                        "DOT_PRECISION", "num_warps")}
+    p, scale, seed_ = L["scalars"][-3:]
     _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
         h, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
-        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed,
-        BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps, **flags,
+        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed_, **flags,
     )
     # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic).
     dQ = dq_part[:, :r].sum(0)
