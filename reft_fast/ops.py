@@ -201,9 +201,9 @@ class _FusedEdit(torch.autograd.Function):
         h, positions, Q, P, W, b = ctx.saved_tensors
         backend, act, dropout, seed = ctx.config
         kernels = _kernel_module(backend)
-        grad_h = grad_out.contiguous().clone()  # unselected rows pass the gradient straight through
-        dQ, dP, dW, db = kernels.edit_backward(h, grad_out.contiguous(), positions, Q, P, W, b, act, dropout, seed,
-                                               grad_h)
+        grad_out = grad_out.contiguous()
+        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+        dQ, dP, dW, db = kernels.edit_backward(h, grad_out, positions, Q, P, W, b, act, dropout, seed, grad_h)
         needs = ctx.needs_input_grad
         return (grad_h if needs[0] else None, None, dQ if needs[2] else None, dP if needs[3] else None,
                 dW if needs[4] else None, db if needs[5] else None, None, None, None, None)
