@@ -15,21 +15,24 @@ Methods (all differentiable, all batched over any leading dimensions):
     stays close to) G = I and all eigenvalues are equal, where the eigenvector gradient of ``torch.linalg.eigh`` divides
     by λi − λj = 0. Exact at orthonormal input (G = I gives R = A up to rounding), equivariant under rotations on
     both sides, no preference among the rows, well defined for any full-row-rank A.
-``"cholesky"`` — R = L⁻¹ A with G = L Lᵀ (Cholesky-QR: Gram–Schmidt of the rows, row 1 of R is row 1 of A normalized).
+``"cholesky"`` — R = L⁻¹ A with G = L Lᵀ (Cholesky-QR: Gram–Schmidt of the rows; row 1 of R is row 1 of A normalized).
     Three kernels forward (matmul, ``cholesky_ex``, triangular solve) and autograd backward; never synchronizes with
     the host (``cholesky_ex`` reports failures in a tensor instead of raising). Exact at orthonormal input. It treats
-    the rows unequally, and Cholesky-QR loses orthogonality like κ(A)² · eps, so it is the choice for near-orthonormal
-    A (as in training) when the host sync of ``"polar"`` matters.
+    the rows unequally: its gradient at an orthonormal A removes a triangular, not the symmetric, part of R̄ Aᵀ.
 ``"householder"`` — torch's orthogonal parametrization without trivialization base: A is read as the transpose of
     ``parametrizations.weight.original`` (reflectors below the diagonal, signs on the diagonal). Not the identity on
     orthonormal input. ``HouseholderOrthogonal`` adds the base and reproduces pyreft's rotate layer exactly.
 
-Why ``"polar"`` is the default: it is the map with the best conditioning (its error does not grow with κ(A)²), it
-treats all rows alike, and its cost is matmul-sized (two r×r×d products forward, three backward, one batched r×r
-eigendecomposition), independent of d except through the matmuls. Its one drawback is that ``torch.linalg.eigh`` on
-CUDA synchronizes with the host (torch's documented behaviour; there is no ``eigh_ex``). Called once per step, before
-the forward, the queue it waits for is the previous step's optimizer, so the bubble is the launch latency of the next
-few kernels; ``"cholesky"`` removes even that and is measured beside it in bench/bench_orthogonal.py.
+Both ``"polar"`` and ``"cholesky"`` work from G = A Aᵀ, so in fp32 their loss of orthonormality grows like
+κ(A)² · eps (about 1e-5 at κ(A) = 10); in training A starts orthonormal (κ = 1) and drifts slowly.
+
+Why ``"polar"`` is the default: at an orthonormal A its gradient is R̄ − sym(R̄ Aᵀ) A, the projection of R̄ that
+Riemannian gradient descent on the Stiefel manifold uses, so plain optimizers on A behave like a Riemannian method with
+the polar retraction; it treats all rows alike (no Gram–Schmidt order); and its cost is matmul-sized (two r×r×d
+products forward, three backward, one batched r×r eigendecomposition). Its drawback is that ``torch.linalg.eigh`` on
+CUDA synchronizes with the host (torch documents it; there is no ``eigh_ex``). Called once per step, before the
+forward, the queue it waits for is the previous step's optimizer, so the bubble is the launch latency of the next few
+kernels; ``"cholesky"`` removes even that, and bench/bench_orthogonal.py times both against pyreft's Householder.
 
 Parameters must be float32 (float64 is accepted so that gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -121,8 +124,15 @@ def householder_rows(original: torch.Tensor, base: Optional[torch.Tensor] = None
     in compact WY form is matmul-only: H_1 ⋯ H_r = I − V T Vᵀ with T upper triangular and
     T⁻¹ = striu(Vᵀ V) + diag(1/τ), τ_j = 2 / ‖v_j‖² (torch's tau), so its first r columns are E − V T V[:r]ᵀ.
     """
+    if not isinstance(original, torch.Tensor):
+        raise TypeError(f"original must be a torch.Tensor, got {type(original).__name__}")
     _check_unconstrained(original.mT, "original (transposed)")
     d, r = original.shape[-2:]
+    if base is not None and (not isinstance(base, torch.Tensor) or base.dtype != original.dtype
+                             or tuple(base.shape[-2:]) != (d, d)):
+        raise ValueError(f"base must be a {original.dtype} tensor of shape [..., {d}, {d}] (d×d for original "
+                         f"[..., {d}, {r}]), got {getattr(base, 'dtype', type(base).__name__)} "
+                         f"{list(getattr(base, 'shape', []))}")
     eye = torch.eye(d, r, dtype=original.dtype, device=original.device)
     V = original.tril(-1) + eye
     VtV = V.mT @ V
@@ -148,9 +158,9 @@ def orthonormal_rows(A: torch.Tensor, method: str = "polar") -> torch.Tensor:
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    if method == "householder":
-        return householder_rows(A.mT if isinstance(A, torch.Tensor) else A)
     _check_unconstrained(A)
+    if method == "householder":
+        return householder_rows(A.mT)
     if method == "polar":
         return _PolarRows.apply(A)
     return _cholesky_rows(A)
@@ -189,10 +199,9 @@ def _complete_orthogonal(columns: torch.Tensor, generator: Optional[torch.Genera
     """A d×d orthogonal matrix whose first r columns are ``columns`` [..., d, r] (orthonormal), as torch's
     right_inverse builds its base: QR of [columns, random], signs fixed so the first columns come back unchanged."""
     d, r = columns.shape[-2:]
-    filler = torch.randn((*columns.shape[:-1], d - r), generator=generator, dtype=torch.float64)
-    Q, upper = torch.linalg.qr(torch.cat([columns.double().cpu(), filler], dim=-1))
-    Q = Q * upper.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
-    return Q.to(dtype=columns.dtype, device=columns.device)
+    filler = torch.randn((*columns.shape[:-1], d - r), generator=generator, dtype=columns.dtype)
+    Q, upper = torch.linalg.qr(torch.cat([columns, filler.to(columns.device)], dim=-1))
+    return Q * upper.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
 
 
 class HouseholderOrthogonal(nn.Module):
@@ -212,10 +221,10 @@ class HouseholderOrthogonal(nn.Module):
                  device: Union[str, torch.device, None] = None):
         super().__init__()
         # Same starting point as pyreft: a random orthonormal weight, stored in the base, with original = −I.
-        start = random_orthonormal_rows(r, d, n=n, generator=generator, dtype=torch.float64).mT
-        base = _complete_orthogonal(start, generator).float()
+        start = random_orthonormal_rows(r, d, n=n, generator=generator, device=device).mT
+        base = _complete_orthogonal(start, generator)
         self.original = nn.Parameter(self._minus_identity(base.shape[:-2], d, r).to(device))
-        self.register_buffer("base", base.to(device))
+        self.register_buffer("base", base)
 
     @staticmethod
     def _minus_identity(batch_shape, d: int, r: int) -> torch.Tensor:
@@ -269,7 +278,7 @@ class HouseholderOrthogonal(nn.Module):
         eye = torch.eye(r, dtype=torch.float64, device=stacked.device)
         if not torch.allclose(gram, eye, atol=1e-4):
             raise ValueError("weights must have orthonormal columns (pyreft's rotate_layer weight, [d, r])")
-        base = _complete_orthogonal(stacked.detach().double(), generator).to(stacked.dtype)
+        base = _complete_orthogonal(stacked.detach(), generator)
         original = cls._minus_identity(stacked.shape[:-2], d, r).to(dtype=stacked.dtype, device=stacked.device)
         return cls._from_state(original, base, single)
 

@@ -22,6 +22,9 @@ Deliberate differences from pyreft
   missing position (−1) lands on that pad token and edits it. Here −1 means "no position": the slot edits nothing and
   the input is not shifted. Locations built for pyreft's shifted inputs stay valid here if you keep its extra token, but
   a pad-slot edit of pyreft's sink token has no counterpart.
+* **One width per batch.** With two sides and ``share_weights=False``, pyreft falls back to its combined list for
+  prompts shorter than 2 tokens (a capped side is empty), so such an example's rows are twice as wide as the others'.
+  Here every example of a batch has the same row layout.
 * **Short prompts pad with −1, never with a real token.** pyreft's ``pad_mode="last"`` fills missing slots with
   ``last_position``, which repeats one token in a row (the op rejects repeated positions: each token is edited once).
 """
@@ -35,7 +38,8 @@ import torch
 
 from reft_fast.ops import validate_positions
 
-__all__ = ["parse_positions", "intervention_locations", "unit_locations_to_tensor", "check_locations"]
+__all__ = ["parse_positions", "intervention_locations", "get_intervention_locations", "unit_locations_to_tensor",
+           "check_locations"]
 
 _SPEC = re.compile(r"^\s*(?:f(\d+))?\s*\+?\s*(?:l(\d+))?\s*$")
 
@@ -119,6 +123,21 @@ def intervention_locations(
     last = torch.nn.functional.pad(last, (0, width - last_n), value=-1)
     half_n = num_interventions // 2
     return torch.cat([first.unsqueeze(0).expand(half_n, -1, -1), last.unsqueeze(0).expand(half_n, -1, -1)]).contiguous()
+
+
+def get_intervention_locations(*, last_position: int, num_interventions: int, positions: Optional[str] = None,
+                               first_n: Optional[int] = None, last_n: Optional[int] = None,
+                               share_weights: bool = False, pad_mode: str = "first") -> list[list[int]]:
+    """pyreft's per-example helper: locations [num_interventions][P] of one prompt of length ``last_position``.
+
+    Same lists as pyreft for prompts of 2 tokens or more; missing slots are −1 (pyreft's ``pad_mode="first"``;
+    ``"last"`` would repeat a real token and is refused). Batched code should call ``intervention_locations``.
+    """
+    if pad_mode != "first":
+        raise ValueError(f"pad_mode must be 'first' (−1 = no position), got {pad_mode!r}: pyreft's 'last' fills "
+                         "missing slots with a real token, which would then be edited more than once")
+    spec = positions if positions is not None else (first_n or 0, last_n or 0)
+    return intervention_locations([last_position], spec, num_interventions, share_weights=share_weights)[:, 0].tolist()
 
 
 def _valid_first(rows: torch.Tensor) -> torch.Tensor:

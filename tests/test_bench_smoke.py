@@ -1,0 +1,83 @@
+"""The benchmark command CI runs (`python bench/bench_kernels.py --smoke`) works and writes what it promises."""
+
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_FIELDS = ["device", "torch", "triton", "date", "timer", "backend", "level", "pass", "n_rows", "d", "r", "batch",
+                 "seq_len", "dtype", "ms", "copy_ms", "rowcopy_ms", "ratio_copy", "ratio_rowcopy", "max_abs_err",
+                 "status"]
+ORTHOGONAL_FIELDS = ["device", "torch", "triton", "date", "timer", "method", "n", "d", "r", "pass", "ms",
+                     "ms_per_intervention", "orthonormality_err", "status"]
+
+
+def _read(path: Path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--smoke", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_kernel_csv_has_the_columns_and_a_row_per_backend_level_pass_and_shape(smoke_run):
+    out, stdout = smoke_run
+    (path,) = out.glob("kernels_smoke_*.csv")
+    fields, rows = _read(path)
+    assert fields == KERNEL_FIELDS
+    measured = [r for r in rows if r["status"] == "ok"]
+    shapes = {(r["n_rows"], r["d"], r["r"]) for r in measured}
+    assert shapes == {(n, d, r) for n in ("8", "24") for d in ("64", "96") for r in ("1", "4")}
+    for row in measured:
+        assert row["device"] and row["torch"] and row["triton"] and row["date"]
+        ms, copy_ms = float(row["ms"]), float(row["copy_ms"])
+        assert ms > 0 and copy_ms > 0
+        copies = 1 if row["pass"] == "fwd" else 2
+        assert float(row["ratio_copy"]) == pytest.approx(ms / (copies * copy_ms), rel=1e-6)
+        if row["pass"] == "fwd":
+            # bf16 output: at most one bf16 ulp (values up to ~8) from the torch reference.
+            assert float(row["max_abs_err"]) <= 0.0625
+    torch_rows = {(r["level"], r["pass"]) for r in measured if r["backend"] == "torch"}
+    assert torch_rows == {("op", "fwd"), ("op", "fwd+bwd")}
+    assert (out / path.name.replace(".csv", ".png")).stat().st_size > 0
+    assert "wrote" in stdout
+
+
+def test_triton_backend_is_timed_when_its_module_imports(smoke_run):
+    out, _ = smoke_run
+    (path,) = out.glob("kernels_smoke_*.csv")
+    _, rows = _read(path)
+    triton_rows = [r for r in rows if r["backend"] == "triton"]
+    if importlib.util.find_spec("reft_fast.kernels.low_rank_edit") is None:
+        assert len(triton_rows) == 1 and triton_rows[0]["status"].startswith("unavailable")
+        return
+    assert triton_rows and all(r["status"] == "ok" for r in triton_rows), [r["status"] for r in triton_rows]
+    assert {(r["level"], r["pass"]) for r in triton_rows} == {(lvl, p) for lvl in ("op", "kernel")
+                                                              for p in ("fwd", "fwd+bwd")}
+
+
+def test_orthogonal_csv_covers_every_method_with_orthonormal_results(smoke_run):
+    out, _ = smoke_run
+    (path,) = out.glob("orthogonal_smoke_*.csv")
+    fields, rows = _read(path)
+    assert fields == ORTHOGONAL_FIELDS
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    methods = {"polar", "cholesky", "householder", "householder+base", "pyreft-householder"}
+    assert {(r["method"], r["pass"]) for r in rows} == {(m, p) for m in methods for p in ("fwd", "fwd+bwd")}
+    for row in rows:
+        assert float(row["ms"]) > 0
+        if row["pass"] == "fwd":
+            assert float(row["orthonormality_err"]) < 1e-5

@@ -1,0 +1,221 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from reft_fast import ops
+from reft_fast.interventions import (
+    INTERVENTION_TYPES,
+    ConsreftIntervention,
+    DireftIntervention,
+    LobireftIntervention,
+    LoreftIntervention,
+    NodireftIntervention,
+    NoreftIntervention,
+    intervention_class,
+    intervention_from_config,
+)
+
+D, R_ = 24, 3
+ACTS = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}
+
+
+def _positions():
+    return torch.tensor([[0, 3, -1], [5, -1, -1], [1, 2, 4]])
+
+
+def _reference(inter, h, positions):
+    """The pyreft formulas of the module docstring, written out on the selected rows (dropout 0)."""
+    out = h.clone()
+    act = ACTS[inter.act_fn]
+    for b in range(h.shape[0]):
+        for p in positions[b].tolist():
+            if p < 0:
+                continue
+            x = h[b, p].float()
+            if inter.uses_rotation:
+                R = inter.rotation_matrix()
+            name = type(inter).__name__
+            if name == "LoreftIntervention":
+                o = x + (act(inter.learned_source(x)) - R @ x) @ R
+            elif name == "DireftIntervention":
+                o = x + act(inter.learned_source(x)) @ R
+            elif name == "NoreftIntervention":
+                o = x + (act(inter.learned_source(x)) - inter.proj_layer(x)) @ inter.proj_layer.weight
+            elif name == "NodireftIntervention":
+                o = x + act(inter.learned_source(x)) @ inter.proj_layer.weight
+            elif name == "ConsreftIntervention":
+                o = x + (inter.learned_source - R @ x) @ R
+            else:
+                o = x + inter.learned_source @ R
+            out[b, p] = o.to(h.dtype)
+    return out
+
+
+CASES = [
+    (LoreftIntervention, {}), (LoreftIntervention, {"act_fn": "relu", "orthogonalization": "householder"}),
+    (LoreftIntervention, {"orthogonalization": "cholesky"}),
+    (DireftIntervention, {"act_fn": "gelu"}), (NoreftIntervention, {}), (NoreftIntervention, {"add_bias": True}),
+    (NoreftIntervention, {"add_bias": True, "act_fn": "relu"}), (NodireftIntervention, {"act_fn": "relu"}),
+    (ConsreftIntervention, {}), (LobireftIntervention, {"orthogonalization": "householder"}),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_edit_matches_formula_and_grads_flow(cls, kwargs, dtype):
+    torch.manual_seed(0)
+    inter = cls(embed_dim=D, low_rank_dimension=R_, **kwargs)
+    h = torch.randn(3, 6, D, dtype=dtype, requires_grad=True)
+    out = inter(h, _positions())
+    expected = _reference(inter, h.detach(), _positions())
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, expected, **tol)
+    untouched = torch.ones(3, 6, dtype=torch.bool)
+    for b, row in enumerate(_positions().tolist()):
+        for p in row:
+            if p >= 0:
+                untouched[b, p] = False
+    assert torch.equal(out.detach()[untouched], h.detach()[untouched])
+    out.float().square().sum().backward()
+    assert h.grad is not None
+    for name, param in inter.named_parameters():
+        assert param.dtype == torch.float32
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_rotation_is_orthonormal_for_every_method():
+    for method in ("polar", "cholesky", "householder"):
+        R = LoreftIntervention(embed_dim=D, low_rank_dimension=R_, orthogonalization=method).rotation_matrix()
+        torch.testing.assert_close(R @ R.T, torch.eye(R_), atol=1e-5, rtol=0)
+
+
+def test_noreft_bias_with_activation_applies_dropout_once():
+    # add_bias with an activation runs two edits; dropout must act once, on the whole edited vector.
+    torch.manual_seed(0)
+    inter = NoreftIntervention(embed_dim=D, low_rank_dimension=R_, add_bias=True, act_fn="relu", dropout=0.4).train()
+    h = torch.randn(3, 6, D)
+    positions = _positions()
+    out = inter(h, positions, seed=123, backend="torch")
+    keep = ops.dropout_keep_mask((*positions.shape, D), 0.4, 123, h.device)
+    expected = _reference(inter, h, positions)
+    for b, row in enumerate(positions.tolist()):
+        for j, p in enumerate(row):
+            if p >= 0:
+                expected[b, p] = expected[b, p] * keep[b, j] / 0.6
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    inter.eval()
+    torch.testing.assert_close(inter(h, positions), _reference(inter, h, positions), atol=1e-5, rtol=1e-5)
+
+
+def test_parameters_stay_float32_under_casts():
+    inter = LoreftIntervention(embed_dim=D, low_rank_dimension=R_, orthogonalization="householder")
+    inter.to(torch.bfloat16)
+    inter.half()
+    assert {t.dtype for t in (*inter.parameters(), *inter.buffers())} == {torch.float32}
+
+
+def test_one_hidden_sized_copy_per_edit():
+    class CountFullSize(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+                self.count += 1
+            return out
+
+    inter = LoreftIntervention(embed_dim=D, low_rank_dimension=R_)
+    h = torch.randn(3, 6, D)
+    R = inter.rotation_matrix()
+    with CountFullSize(h.numel()) as counter:
+        inter.edit(h, _positions(), rotation=R, validate=False)
+    assert counter.count == 1
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"low_rank_dimension": D + 1}, "larger than embed_dim"),
+    ({"embed_dim": 0}, "embed_dim must be a positive int"),
+    ({"dropout": 1.0}, "dropout must be a probability"),
+    ({"act_fn": "swish2"}, "act_fn must be None or one of"),
+    ({"orthogonalization": "qr"}, "orthogonalization must be one of"),
+    ({"dtype": "int8"}, "dtype must be a torch floating dtype"),
+])
+def test_bad_arguments(bad, match):
+    kwargs = {"embed_dim": D, "low_rank_dimension": R_, **bad}
+    with pytest.raises(ValueError, match=match):
+        LoreftIntervention(**kwargs)
+
+
+def test_constant_source_rejects_activation():
+    with pytest.raises(ValueError, match="has no activation"):
+        ConsreftIntervention(embed_dim=D, low_rank_dimension=R_, act_fn="relu")
+
+
+def test_names_and_config_round_trip():
+    assert intervention_class("loreft") is LoreftIntervention
+    assert intervention_class("NodiReFT") is NodireftIntervention
+    assert intervention_class("<class 'pyreft.interventions.ConsreftIntervention'>") is ConsreftIntervention
+    with pytest.raises(ValueError, match="unknown intervention type"):
+        intervention_class("lora")
+    for cls in INTERVENTION_TYPES.values():
+        inter = cls(embed_dim=D, low_rank_dimension=R_, dropout=0.1)
+        assert intervention_from_config(inter.config_dict()).config_dict() == inter.config_dict()
+
+
+def test_triton_backend_matches_torch():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    inter = LoreftIntervention(embed_dim=D, low_rank_dimension=R_, act_fn="relu")
+    h = torch.randn(3, 6, D, requires_grad=True)
+    results = []
+    for backend in ("torch", "triton"):
+        h.grad = None
+        for p in inter.parameters():
+            p.grad = None
+        out = inter(h, _positions(), backend=backend)
+        out.square().sum().backward()
+        results.append((out.detach(), h.grad.clone(), [p.grad.clone() for p in inter.parameters()]))
+    (o1, g1, p1), (o2, g2, p2) = results
+    torch.testing.assert_close(o2, o1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g2, g1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(p2, p1):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One pyreft module at a time: weights copied, same output on the same rows
+# ---------------------------------------------------------------------------------------------------------------------
+_PYREFT_CASES = [
+    ("LoreftIntervention", {"act_fn": "relu"}), ("NoreftIntervention", {"add_bias": True, "act_fn": "relu"}),
+    ("NoreftIntervention", {"add_bias": False}), ("DireftIntervention", {"act_fn": "gelu"}),
+    ("NodireftIntervention", {"add_bias": True}), ("ConsreftIntervention", {}), ("LobireftIntervention", {}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, orthogonalization", [
+    (name, kwargs, method) for name, kwargs in _PYREFT_CASES
+    for method in (("polar", "householder") if INTERVENTION_TYPES[name].uses_rotation else (None,))])
+def test_load_pyreft_state_gives_pyreft_output(name, kwargs, orthogonalization):
+    pyreft = pytest.importorskip("pyreft")
+    torch.manual_seed(0)
+    theirs = getattr(pyreft, name)(embed_dim=D, low_rank_dimension=R_, dtype=torch.float32, **kwargs)
+    ours_cls = INTERVENTION_TYPES[name]
+    extra = {"orthogonalization": orthogonalization} if ours_cls.uses_rotation else {}
+    ours = ours_cls(embed_dim=D, low_rank_dimension=R_, **{k: v for k, v in kwargs.items()}, **extra)
+    # Give pyreft's constant sources and biases non-trivial values.
+    with torch.no_grad():
+        for param_name, p in theirs.named_parameters():
+            if not param_name.startswith("rotate_layer"):  # the rotation's diagonal holds signs: leave it
+                p.add_(0.1 * torch.randn_like(p))
+    ours.load_pyreft_state(theirs.state_dict())
+    h = torch.randn(4, 5, D)
+    positions = torch.tensor([[0, 1], [4, -1], [2, 3], [1, 4]])
+    out = ours(h, positions)
+    expected = h.clone()
+    for b, row in enumerate(positions.tolist()):
+        rows = [p for p in row if p >= 0]
+        expected[b, rows] = theirs(h[b, rows]).detach()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)

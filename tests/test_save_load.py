@@ -1,0 +1,153 @@
+import json
+import pickle
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reft_fast import ReftConfig, ReftModel, get_reft_model
+
+_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=64)
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**{**_CONFIG, **overrides})).eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 64, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+_REPRESENTATIONS = [
+    {"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2, "act_fn": "relu",
+     "dropout": 0.1},
+    {"layer": 1, "component": "mlp_output", "intervention": "noreft", "low_rank_dimension": 3, "add_bias": True},
+    {"layer": 1, "component": "mlp_output", "intervention": "lobireft", "low_rank_dimension": 2,
+     "orthogonalization": "householder"},
+    {"layer": 2, "component": "attention_input", "intervention": "consreft", "low_rank_dimension": 1},
+    {"layer": 2, "component": "block_input", "intervention": "nodireft", "low_rank_dimension": 2, "act_fn": "gelu",
+     "dtype": "bfloat16"},
+    {"layer": 0, "component": "mlp_input", "intervention": "direft", "low_rank_dimension": 2,
+     "orthogonalization": "cholesky"},
+]
+
+
+def _locations(n):
+    return torch.tensor([[[0, 3], [2, -1], [5, 1]]] * n)
+
+
+def test_save_then_load_restores_identical_outputs(tmp_path):
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS, positions="f1+l1", share_weights=True))
+    with torch.no_grad():
+        for p in reft_model.interventions.parameters():
+            p.add_(0.3 * torch.randn_like(p) if p.dim() == 1 else 0)
+    reft_model.eval()
+    locations = _locations(len(_REPRESENTATIONS))
+    with torch.no_grad():
+        _, expected = reft_model(_inputs(), intervention_locations=locations)
+    reft_model.save(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "interventions.safetensors"]
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["positions"] == "f1+l1" and config["share_weights"] is True
+    assert config["model"] == {"class": "LlamaForCausalLM", "model_type": "llama", "hidden_size": 32, "num_layers": 3}
+    first = config["interventions"][0]
+    assert first == {"key": "layer_0_comp_block_output_unit_pos_nunit_1#0", "layer": 0, "component": "block_output",
+                     "type": "LoreftIntervention", "embed_dim": 32, "low_rank_dimension": 2, "dropout": 0.1,
+                     "act_fn": "relu", "dtype": "float32", "orthogonalization": "polar"}
+    assert config["interventions"][1]["add_bias"] is True
+    assert config["interventions"][4]["dtype"] == "bfloat16"
+
+    loaded = ReftModel.load(tmp_path, _model()).eval()
+    assert [i.config_dict() for i in loaded.interventions.values()] == \
+        [i.config_dict() for i in reft_model.interventions.values()]
+    with torch.no_grad():
+        _, out = loaded(_inputs(), intervention_locations=locations)
+    assert torch.equal(out.logits, expected.logits)
+
+
+def test_load_refuses_a_different_model(tmp_path):
+    get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1])).save(tmp_path)
+    with pytest.raises(ValueError, match="saved for a different model \\(hidden_size: saved 32, model 48\\)"):
+        ReftModel.load(tmp_path, _model(hidden_size=48))
+    with pytest.raises(ValueError, match="num_layers: saved 3, model 2"):
+        ReftModel.load(tmp_path, _model(num_hidden_layers=2))
+    with pytest.raises(ValueError, match="holds no config.json"):
+        ReftModel.load(tmp_path / "missing", _model())
+
+
+@pytest.mark.cuda
+def test_load_onto_a_cuda_model(tmp_path):
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS))
+    with torch.no_grad():
+        _, expected = reft_model(_inputs(), intervention_locations=_locations(len(_REPRESENTATIONS)))
+    reft_model.save(tmp_path)
+    loaded = ReftModel.load(tmp_path, _model().cuda(), backend="torch")
+    assert all(p.device.type == "cuda" for p in loaded.trainable_parameters())
+    with torch.no_grad():
+        _, out = loaded({k: v.cuda() for k, v in _inputs().items()},
+                        intervention_locations=_locations(len(_REPRESENTATIONS)))
+    torch.testing.assert_close(out.logits.cpu(), expected.logits, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Directories written by pyreft itself
+# ---------------------------------------------------------------------------------------------------------------------
+def _pyreft_model(pyreft, model):
+    d = model.config.hidden_size
+    kinds = [("LoreftIntervention", {}, 0, "block_output"), ("NoreftIntervention", {"add_bias": True}, 1, "mlp_output"),
+             ("NoreftIntervention", {"add_bias": False}, 2, "block_output"),
+             ("DireftIntervention", {}, 0, "mlp_output"),
+             ("NodireftIntervention", {"add_bias": False}, 1, "block_input"),
+             ("ConsreftIntervention", {}, 2, "mlp_input"), ("LobireftIntervention", {}, 1, "mlp_input")]
+    representations = [{"layer": layer, "component": comp, "low_rank_dimension": 2,
+                        "intervention": getattr(pyreft, name)(embed_dim=d, low_rank_dimension=2, dtype=torch.float32,
+                                                              **kwargs)}
+                       for name, kwargs, layer, comp in kinds]
+    theirs = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations), set_device=False)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "learned_source" in name or "proj_layer" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    return theirs
+
+
+def test_load_a_directory_saved_by_pyreft(tmp_path):
+    pyreft = pytest.importorskip("pyreft")
+    model = _model()
+    theirs = _pyreft_model(pyreft, model)
+    # pyvene has no "no position" (−1 indexes the last token there): full rows only.
+    locations = [[[0, 3], [2, 4], [5, 1]]] * len(theirs.interventions)
+    with torch.no_grad():
+        _, expected = theirs(_inputs(), unit_locations={"sources->base": (None, locations)})
+    theirs.save(str(tmp_path))
+    assert any(p.name.startswith("intkey_") and p.suffix == ".bin" for p in tmp_path.iterdir())
+    for method in ("polar", "householder"):
+        ours = ReftModel.load(tmp_path, _model(), orthogonalization=method).eval()
+        assert [type(i).__name__ for i in ours.interventions.values()] == \
+            [type(i).__name__ for i in theirs.interventions.values()]
+        assert ours.interventions["layer_1_comp_mlp_output_unit_pos_nunit_1#0"].add_bias is True
+        with torch.no_grad():
+            _, out = ours(_inputs(), unit_locations={"sources->base": (None, locations)})
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pyreft_weights_are_read_without_unpickling_objects(tmp_path):
+    pyreft = pytest.importorskip("pyreft")
+    theirs = _pyreft_model(pyreft, _model())
+    theirs.save(str(tmp_path))
+    target = next(p for p in tmp_path.iterdir() if p.suffix == ".bin")
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this must never run",))
+
+    target.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        ReftModel.load(tmp_path, _model())
