@@ -1,0 +1,387 @@
+// Backward of the ReFT edit, in three launches (no atomics; the summation order depends only on the shape):
+//
+// 1. per-row kernel (one block per slot (b, j)), for the selected row h with g = grad_out ⊙ mask / (1 − p):
+//        u = h Pᵀ,  z = h Wᵀ + b,  t = g Qᵀ                       (block reductions, fixed order)
+//        δ = act(z) − s·u,  dz = t ⊙ act'(z)
+//        grad_h[row] = g + dz W − s·t P
+//    and stores the per-slot coefficients δ, dz and −t (fp32, [3, n_slots, r]); slots with no position store zeros.
+// 2. weight-gradient kernel over (column tile, row split, matrix): per-split partial sums
+//        dQ_s = Σ_{slots in s} δᵀ g,   dW_s = Σ dzᵀ h,   dP_s = Σ (−t)ᵀ h
+//    over the split's slots in index order, written to a [n_matrices, splits, r, d] fp32 buffer.
+// 3. reduction kernel: each gradient element = Σ_s partial_s in split order; db_k = Σ_slots dz[slot, k] (one warp
+//    per k, lane-strided in slot order, then an xor butterfly).
+// The dropout mask is regenerated from (seed, slot, column) in kernels 1 and 2 (see dropout_factors).
+#include "edit_common.cuh"
+
+namespace reft_fast {
+namespace detail {
+
+// Coefficient blocks of the per-slot buffer; also the weight-gradient "jobs": which matrix, from which source row.
+enum CoefBlock : int { kCoefDelta = 0 /* dQ from g */, kCoefDz = 1 /* dW from h */, kCoefNegT = 2 /* dP from h */ };
+
+// minBlocksPerSM = 1: with the bare block-size bound ptxas aimed at 32/80 registers for occupancy and spilled a few
+// bytes on the scalar dropout path; one-row blocks seldom share an SM on the shapes that matter (B * n ≲ #SMs).
+template <typename T, int R, int VEC>
+__global__ void __launch_bounds__(kThreads, 1)
+    edit_backward_rows_kernel(RowArgs<T> a, const T* __restrict__ grad_out, T* __restrict__ grad_h,
+                              float* __restrict__ coef, int n_slots) {
+  const int slot = blockIdx.x;
+  const int64_t row = selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden);
+  const int r = a.rank;
+  float* coef_delta = coef + (static_cast<int64_t>(kCoefDelta) * n_slots + slot) * r;
+  float* coef_dz = coef + (static_cast<int64_t>(kCoefDz) * n_slots + slot) * r;
+  float* coef_negt = coef + (static_cast<int64_t>(kCoefNegT) * n_slots + slot) * r;
+  if (row < 0) {  // whole block; zeros so that kernels 2 and 3 may read every slot's coefficients
+    for (int k = threadIdx.x; k < r; k += blockDim.x) coef_delta[k] = coef_dz[k] = coef_negt[k] = 0.0f;
+    return;
+  }
+  __shared__ float warp_sums[kMaxWarps * 2 * R];
+  __shared__ float totals_h[2 * R];  // [0, R): u = h Pᵀ,  [R, 2R): h Wᵀ
+  __shared__ float totals_g[R];      // t = g Qᵀ
+  __shared__ float s_dz[R];
+  __shared__ float s_t[R];
+  const int d = a.hidden;
+  const T* __restrict__ h = a.h + row;
+  const T* __restrict__ g = grad_out + row;
+  const DropoutSpec dp = a.dropout;
+
+  // The gradient at o: grad_out times the forward's dropout factor (regenerated, same slot and columns).
+  auto load_g = [&](int c, float (&x)[VEC]) {
+    load_vec<T, VEC>(g + c, x);
+    if (dp.active) {
+      float f[VEC];
+      dropout_factors<VEC>(dp, slot, c, f);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) x[i] *= f[i];
+    }
+  };
+
+  {
+    float acc[2][R] = {};
+    const float* const mats[2] = {a.P, a.W};
+    project_row<R, VEC>([&](int c, float (&x)[VEC]) { load_vec<T, VEC>(h + c, x); }, mats, r, d, acc);
+    block_sum(acc, r, warp_sums, totals_h);
+  }
+  {
+    float acc[1][R] = {};
+    const float* const mats[1] = {a.Q};
+    project_row<R, VEC>(load_g, mats, r, d, acc);
+    block_sum(acc, r, warp_sums, totals_g);
+  }
+
+  // Per-k scalars once per block (threads k < r), to the coefficient buffer and to shared memory.
+  for (int k = threadIdx.x; k < r; k += blockDim.x) {
+    const float z = (a.W != nullptr ? totals_h[R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
+    const float t = totals_g[k];
+    const float dz = t * activate_grad(a.activation, z);
+    coef_delta[k] = activate(a.activation, z) - (a.P != nullptr ? totals_h[k] : 0.0f);
+    coef_dz[k] = dz;
+    coef_negt[k] = -t;
+    s_dz[k] = dz;
+    s_t[k] = t;
+  }
+  __syncthreads();
+  float dz[R], t[R];
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    dz[k] = k < r ? s_dz[k] : 0.0f;
+    t[k] = k < r ? s_t[k] : 0.0f;
+  }
+
+  // grad_h = g + dz W − s·t P
+  T* __restrict__ gh = grad_h + row;
+  for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
+    float x[VEC], back[VEC] = {};
+    load_g(c, x);
+    if (a.W != nullptr) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (k >= r) break;
+        float w[VEC];
+        load_vec<float, VEC>(a.W + k * d + c, w);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) back[i] = fmaf(dz[k], w[i], back[i]);
+      }
+    }
+    if (a.P != nullptr) {
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (k >= r) break;
+        float w[VEC];
+        load_vec<float, VEC>(a.P + k * d + c, w);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) back[i] = fmaf(-t[k], w[i], back[i]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) x[i] += back[i];
+    store_vec<T, VEC>(gh + c, x);
+  }
+}
+
+template <typename T>
+struct WeightGradArgs {
+  const T* h;
+  const T* grad_out;
+  const int64_t* positions;
+  const float* coef;  // [3, n_slots, r]
+  float* partials;    // [n_jobs, splits, r, d]
+  int64_t seq_len;
+  int hidden;
+  int n_positions;
+  int n_slots;
+  int rank;
+  int splits;
+  int job_coef[3];  // coefficient block (CoefBlock) of job blockIdx.z
+  DropoutSpec dropout;
+};
+
+// grid (column tiles, splits, jobs). Rows of the split are staged kRowsPerChunk at a time in shared memory (sources as
+// fp32, masked for g; coefficients padded with zeros to R), then every thread accumulates its column against its
+// rank group in slot order.
+template <typename T, int R, int VEC>
+__global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T> a) {
+  constexpr int kPerThread = wgrad_ranks_per_thread(R);
+  constexpr int kTile = wgrad_tile_cols(R);
+  constexpr int kVecsPerRow = kTile / VEC;
+  static_assert(kTile % VEC == 0 && kTile >= 32, "a tile holds whole vectors, and a warp lies in one rank group");
+  __shared__ alignas(16) float s_x[kRowsPerChunk][kTile];
+  __shared__ float s_coef[kRowsPerChunk][R];
+  __shared__ int64_t s_row[kRowsPerChunk];
+
+  const int job = blockIdx.z;
+  // Ternaries, not a dynamic index into the parameter array (which would copy it to local memory).
+  const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
+  const bool from_grad = block == kCoefDelta;
+  const T* __restrict__ src = from_grad ? a.grad_out : a.h;
+  const float* __restrict__ coef = a.coef + static_cast<int64_t>(block) * a.n_slots * a.rank;
+  const int d = a.hidden;
+  const int r = a.rank;
+  const int tile0 = blockIdx.x * kTile;
+  const int split = blockIdx.y;
+  const int first = static_cast<int>(static_cast<int64_t>(a.n_slots) * split / a.splits);
+  const int last = static_cast<int>(static_cast<int64_t>(a.n_slots) * (split + 1) / a.splits);
+  const int col = threadIdx.x % kTile;
+  const int rank0 = (threadIdx.x / kTile) * kPerThread;
+
+  float acc[kPerThread] = {};
+  for (int base = first; base < last; base += kRowsPerChunk) {
+    const int rows = last - base < kRowsPerChunk ? last - base : kRowsPerChunk;
+    __syncthreads();  // the previous chunk is consumed
+    for (int i = threadIdx.x; i < rows; i += blockDim.x)
+      s_row[i] = selected_row(a.positions, base + i, a.n_positions, a.seq_len, d);
+    for (int e = threadIdx.x; e < rows * R; e += blockDim.x) {
+      const int i = e / R, k = e % R;
+      s_coef[i][k] = k < r ? coef[static_cast<int64_t>(base + i) * r + k] : 0.0f;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < rows * kVecsPerRow; e += blockDim.x) {
+      const int i = e / kVecsPerRow, v = e % kVecsPerRow;
+      const int c = tile0 + v * VEC;
+      const int64_t row = s_row[i];
+      float x[VEC] = {};  // zero for a slot with no position and for columns past d
+      if (row >= 0 && c < d) {
+        load_vec<T, VEC>(src + row + c, x);
+        if (from_grad && a.dropout.active) {
+          float f[VEC];
+          dropout_factors<VEC>(a.dropout, base + i, c, f);
+#pragma unroll
+          for (int q = 0; q < VEC; ++q) x[q] *= f[q];
+        }
+      }
+      if constexpr (VEC % 4 == 0) {
+#pragma unroll
+        for (int q = 0; q < VEC / 4; ++q)
+          *reinterpret_cast<float4*>(&s_x[i][v * VEC + 4 * q]) =
+              make_float4(x[4 * q], x[4 * q + 1], x[4 * q + 2], x[4 * q + 3]);
+      } else {
+#pragma unroll
+        for (int q = 0; q < VEC; ++q) s_x[i][v * VEC + q] = x[q];
+      }
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int i = 0; i < rows; ++i) {
+      const float x = s_x[i][col];
+#pragma unroll
+      for (int kk = 0; kk < kPerThread; ++kk) acc[kk] = fmaf(s_coef[i][rank0 + kk], x, acc[kk]);
+    }
+  }
+
+  const int c = tile0 + col;
+  if (c < d) {
+    float* out = a.partials + (static_cast<int64_t>(job) * a.splits + split) * r * d;
+#pragma unroll
+    for (int kk = 0; kk < kPerThread; ++kk)
+      if (rank0 + kk < r) out[(rank0 + kk) * d + c] = acc[kk];
+  }
+}
+
+struct ReduceArgs {
+  const float* partials;  // [n_jobs, splits, r * d]
+  int64_t matrix_elems;   // r * d
+  int n_jobs;
+  int splits;
+  int64_t matrix_blocks;  // blocks [0, matrix_blocks) sum the partials; the rest compute db
+  float* out[3];          // gradient of job 0, 1, 2
+  const float* dz;        // [n_slots, r]
+  int64_t n_slots;
+  int rank;
+  float* db;  // may be null (then no db blocks are launched)
+};
+
+__global__ void __launch_bounds__(kThreads) reduce_grads_kernel(ReduceArgs a) {
+  if (blockIdx.x < a.matrix_blocks) {
+    const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (e >= a.n_jobs * a.matrix_elems) return;
+    const int job = static_cast<int>(e / a.matrix_elems);
+    const int64_t i = e - job * a.matrix_elems;
+    const float* p = a.partials + static_cast<int64_t>(job) * a.splits * a.matrix_elems + i;
+    float s = 0.0f;
+    for (int split = 0; split < a.splits; ++split) s += p[split * a.matrix_elems];
+    float* out = job == 0 ? a.out[0] : job == 1 ? a.out[1] : a.out[2];
+    out[i] = s;
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int64_t k = (static_cast<int64_t>(blockIdx.x) - a.matrix_blocks) * (blockDim.x / 32) + (threadIdx.x >> 5);
+  if (k >= a.rank) return;  // warp-uniform
+  float s = 0.0f;
+  for (int64_t slot = lane; slot < a.n_slots; slot += 32) s += a.dz[slot * a.rank + k];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+  if (lane == 0) a.db[k] = s;
+}
+
+}  // namespace detail
+
+namespace host {
+
+// Blocks the weight-gradient grid aims at: two waves on a 132-SM H100. A constant rather than the device's SM count,
+// so that the split count (and with it every bit of the gradients) depends on the shape only.
+constexpr int64_t kTargetWgradBlocks = 264;
+constexpr int64_t kMaxSplits = 64;
+
+struct BackwardPlan {
+  int n_jobs;
+  int job_coef[3];
+  int64_t tiles;
+  int splits;
+  int64_t coef_floats;
+  int64_t partial_floats;
+};
+
+inline BackwardPlan make_plan(const EditProblem& p) {
+  BackwardPlan plan{};
+  const int64_t n_slots = p.batch * p.n_positions;
+  plan.job_coef[plan.n_jobs++] = detail::kCoefDelta;
+  if (p.W != nullptr) plan.job_coef[plan.n_jobs++] = detail::kCoefDz;
+  if (p.P != nullptr) plan.job_coef[plan.n_jobs++] = detail::kCoefNegT;
+  const int tile = detail::wgrad_tile_cols(padded_rank(p.rank));
+  plan.tiles = (p.hidden + tile - 1) / tile;
+  const int64_t for_occupancy = (kTargetWgradBlocks + plan.tiles * plan.n_jobs - 1) / (plan.tiles * plan.n_jobs);
+  const int64_t for_rows = (n_slots + detail::kRowsPerChunk - 1) / detail::kRowsPerChunk;  // >= one chunk each
+  int64_t splits = for_occupancy < for_rows ? for_occupancy : for_rows;
+  splits = splits < 1 ? 1 : splits > kMaxSplits ? kMaxSplits : splits;
+  plan.splits = static_cast<int>(splits);
+  plan.coef_floats = 3 * n_slots * p.rank;
+  plan.partial_floats = static_cast<int64_t>(plan.n_jobs) * plan.splits * p.rank * p.hidden;
+  return plan;
+}
+
+}  // namespace host
+
+int64_t edit_backward_workspace_floats(const EditProblem& p) {
+  if (host::check_problem(p) != nullptr || p.batch * p.n_positions == 0) return 0;
+  const host::BackwardPlan plan = host::make_plan(p);
+  return plan.coef_floats + plan.partial_floats;
+}
+
+const char* launch_edit_backward(const EditProblem& p, const void* grad_out, void* grad_h, float* dQ, float* dP,
+                                 float* dW, float* db, float* workspace) {
+  if (const char* bad = host::check_problem(p)) return bad;
+  if ((p.P != nullptr) != (dP != nullptr) || (p.W != nullptr) != (dW != nullptr) || (p.b != nullptr) != (db != nullptr))
+    return "dP, dW and db must be given exactly when P, W and b are";
+  const int64_t n_slots = p.batch * p.n_positions;
+  host::DeviceGuard guard(p.device);
+  if (const char* e = guard.error()) return e;
+  auto stream = static_cast<cudaStream_t>(p.stream);
+  const int64_t matrix_bytes = p.rank * p.hidden * static_cast<int64_t>(sizeof(float));
+
+  if (n_slots == 0) {  // nothing selected: every weight gradient is zero and grad_h is already grad_out
+    cudaMemsetAsync(dQ, 0, matrix_bytes, stream);
+    if (dP != nullptr) cudaMemsetAsync(dP, 0, matrix_bytes, stream);
+    if (dW != nullptr) cudaMemsetAsync(dW, 0, matrix_bytes, stream);
+    if (db != nullptr) cudaMemsetAsync(db, 0, p.rank * sizeof(float), stream);
+    return host::launch_status();
+  }
+  if (workspace == nullptr) return "the backward needs a workspace of edit_backward_workspace_floats() floats";
+
+  const host::BackwardPlan plan = host::make_plan(p);
+  float* coef = workspace;
+  float* partials = workspace + plan.coef_floats;
+
+  return host::dispatch(p.dtype, p.rank, [&](auto type_tag, auto rank_tag) -> const char* {
+    using T = typename decltype(type_tag)::type;
+    constexpr int R = decltype(rank_tag)::value;
+    constexpr int V = detail::kVec16<T>;
+    const auto row_args = host::row_args<T>(p);
+    const T* g = static_cast<const T*>(grad_out);
+    T* gh = static_cast<T*>(grad_h);
+
+    detail::WeightGradArgs<T> wargs;
+    wargs.h = row_args.h;
+    wargs.grad_out = g;
+    wargs.positions = p.positions;
+    wargs.coef = coef;
+    wargs.partials = partials;
+    wargs.seq_len = p.seq_len;
+    wargs.hidden = static_cast<int>(p.hidden);
+    wargs.n_positions = static_cast<int>(p.n_positions);
+    wargs.n_slots = static_cast<int>(n_slots);
+    wargs.rank = static_cast<int>(p.rank);
+    wargs.splits = plan.splits;
+    for (int j = 0; j < 3; ++j) wargs.job_coef[j] = plan.job_coef[j];
+    wargs.dropout = row_args.dropout;
+
+    const bool vec = p.hidden % V == 0 && host::aligned16(p.h) && host::aligned16(grad_out) &&
+                     host::aligned16(grad_h) && host::aligned16(p.Q) && host::aligned16(p.P) && host::aligned16(p.W);
+    const dim3 rows_grid(static_cast<unsigned>(n_slots));
+    const dim3 wgrad_grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits),
+                          static_cast<unsigned>(plan.n_jobs));
+    if (vec) {
+      detail::edit_backward_rows_kernel<T, R, V>
+          <<<rows_grid, host::row_threads(p.hidden, V), 0, stream>>>(row_args, g, gh, coef, wargs.n_slots);
+      if (const char* e = host::launch_status()) return e;
+      detail::weight_grad_kernel<T, R, V><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+    } else {
+      detail::edit_backward_rows_kernel<T, R, 1>
+          <<<rows_grid, host::row_threads(p.hidden, 1), 0, stream>>>(row_args, g, gh, coef, wargs.n_slots);
+      if (const char* e = host::launch_status()) return e;
+      detail::weight_grad_kernel<T, R, 1><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+    }
+    if (const char* e = host::launch_status()) return e;
+
+    detail::ReduceArgs rargs;
+    rargs.partials = partials;
+    rargs.matrix_elems = p.rank * p.hidden;
+    rargs.n_jobs = plan.n_jobs;
+    rargs.splits = plan.splits;
+    rargs.matrix_blocks = (plan.n_jobs * rargs.matrix_elems + detail::kThreads - 1) / detail::kThreads;
+    auto gradient_of = [&](int block) {
+      return block == detail::kCoefDelta ? dQ : block == detail::kCoefDz ? dW : dP;
+    };
+    for (int j = 0; j < 3; ++j) rargs.out[j] = j < plan.n_jobs ? gradient_of(plan.job_coef[j]) : nullptr;
+    rargs.dz = coef + detail::kCoefDz * n_slots * p.rank;
+    rargs.n_slots = n_slots;
+    rargs.rank = static_cast<int>(p.rank);
+    rargs.db = db;
+    const int64_t warps_per_block = detail::kThreads / 32;
+    const int64_t db_blocks = db != nullptr ? (p.rank + warps_per_block - 1) / warps_per_block : 0;
+    detail::reduce_grads_kernel<<<static_cast<unsigned>(rargs.matrix_blocks + db_blocks), detail::kThreads, 0,
+                                  stream>>>(rargs);
+    return host::launch_status();
+  });
+}
+
+}  // namespace reft_fast

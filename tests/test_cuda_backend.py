@@ -1,0 +1,417 @@
+"""The cuda backend (csrc/, reft_fast.cuda_backend) against a float64 reference written here and against the triton
+backend: outputs and every gradient, the whole family, activations, h dtypes, odd shapes, −1 positions, rows left
+untouched, outputs fully written, bitwise determinism, the dropout mask shared by forward and backward, and one
+compute-sanitizer memcheck run. The GPU tests are marked `cuda` (skipped with a reason on machines without one);
+the last test checks, on machines without CUDA, that the backend says what is missing.
+"""
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reft_fast import cuda_backend, ops
+
+from conftest import HAS_CUDA
+
+DEVICE = "cuda"
+# Outputs and grad_h are rounded once to h's dtype; weight gradients are fp32 sums of products of exactly
+# representable h and g values, so they get fp32 tolerances whatever h's dtype. Errors are taken relative to the
+# largest reference magnitude of each tensor, floored at 1 (a lone bias gradient can be a near-cancelling sum).
+OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+WEIGHT_TOL = 2e-5
+# Against triton: both errors add up, and triton runs its dots on TF32 tensor cores for half-precision h with a large
+# rank (kernels/low_rank_edit.py, launch_config), a 2^-11 relative error per product.
+TRITON_EXTRA_TOL = {torch.float32: 0.0, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+ACT_F64 = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+# family -> (uses W, subtracts the projection (P is Q), Q has orthonormal rows), as reft_fast.ops calls the edit
+FAMILY = {"loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, True),
+          "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, True)}
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed():
+    seed = random.randrange(2**31)
+    print(f"torch seed {seed}")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Build (or load from torch's cache) once; missing tools skip, a failing build fails."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU; this machine has none")
+    reason = cuda_backend.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"cuda backend cannot be built here: {reason}")
+    return cuda_backend.load()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inputs and the float64 reference
+# ----------------------------------------------------------------------------------------------------------------------
+def make_positions(B, T, n, *, empty_row=True):
+    """Distinct positions per row padded with −1 (in random slots); row 0 holds 0 and T−1; the last row may be empty."""
+    rows = []
+    for i in range(B):
+        k = 0 if (empty_row and i == B - 1 and B > 1) else random.randint(1, min(n, T))
+        if i == 0 and k >= 2 and T >= 2:
+            chosen = [0, T - 1] + random.sample(range(1, T - 1), k - 2)
+        else:
+            chosen = random.sample(range(T), k)
+        row = chosen + [-1] * (n - len(chosen))
+        random.shuffle(row)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
+
+
+def make_params(family, r, d):
+    uses_w, subtracts, orthonormal = FAMILY[family]
+    if orthonormal:
+        Q = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].t().float().contiguous().to(DEVICE)
+    else:
+        Q = (torch.randn(r, d) / d**0.5).to(DEVICE)
+    W = (torch.randn(r, d) / d**0.5).to(DEVICE) if uses_w else None
+    return {"Q": Q, "P": Q if subtracts else None, "W": W, "b": torch.randn(r).to(DEVICE)}
+
+
+def leaves(params):
+    """Fresh leaf tensors (Q and P stay one tensor when they are one), so gradients accumulate like the op's."""
+    out = {"Q": params["Q"].detach().clone().requires_grad_()}
+    out["P"] = out["Q"] if params["P"] is params["Q"] else (
+        None if params["P"] is None else params["P"].detach().clone().requires_grad_())
+    for k in ("W", "b"):
+        out[k] = None if params[k] is None else params[k].detach().clone().requires_grad_()
+    return out
+
+
+def reference(h, positions, p, act=None, keep=None, dropout=0.0):
+    """float64 edit at the selected rows (one gather, then index_put); keep [B, n, d] is the dropout keep-mask."""
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    t_idx = positions[b_idx, j_idx]
+    x = h[b_idx, t_idx]
+    z = p["b"].expand(x.shape[0], -1) if p["W"] is None else x @ p["W"].t() + p["b"]
+    delta = ACT_F64[act](z)
+    if p["P"] is not None:
+        delta = delta - x @ p["P"].t()
+    o = x + delta @ p["Q"]
+    if keep is not None:
+        o = o * keep[b_idx, j_idx] / (1.0 - dropout)
+    return h.index_put((b_idx, t_idx), o)
+
+
+def run_cuda(h, positions, p, act=None, backend="cuda", **kw):
+    return ops.low_rank_edit(h, positions, p["Q"], W=p["W"], b=p["b"], P=p["P"], act=act, backend=backend, **kw)
+
+
+def close(actual, expected, tol, what):
+    actual, expected = actual.double(), expected.double()
+    scale = max(expected.abs().max().item(), 1.0)
+    err = (actual - expected).abs().max().item() / scale
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    assert err <= tol, f"{what}: max error {err:.3g} of the largest magnitude (tolerance {tol:.3g})"
+
+
+def forward_backward(h0, positions, params, act, backend, grad_out, **kw):
+    h = h0.detach().requires_grad_()  # shares h0's memory: a misaligned h0 stays misaligned
+    p = leaves(params)
+    out = run_cuda(h, positions, p, act, backend=backend, **kw)
+    out.backward(grad_out)
+    grads = {"h": h.grad, **{k: p[k].grad for k in ("Q", "W", "b") if p[k] is not None}}
+    if p["P"] is not None and p["P"] is not p["Q"]:
+        grads["P"] = p["P"].grad
+    return out.detach(), grads
+
+
+def reference_forward_backward(h0, positions, params, act, grad_out, keep=None, dropout=0.0):
+    h = h0.detach().double().requires_grad_()
+    q64 = params["Q"].double()
+    p64 = leaves({"Q": q64, "P": q64 if params["P"] is params["Q"] else None,
+                  "W": None if params["W"] is None else params["W"].double(), "b": params["b"].double()})
+    out = reference(h, positions, p64, act, keep, dropout)
+    out.backward(grad_out.double())
+    grads = {"h": h.grad, **{k: p64[k].grad for k in ("Q", "W", "b") if p64[k] is not None}}
+    if p64["P"] is not None and p64["P"] is not p64["Q"]:
+        grads["P"] = p64["P"].grad
+    return out.detach(), grads
+
+
+def check_case(family, act, dtype, B, T, n, r, d, *, against_triton=True, h=None):
+    params = make_params(family, r, d)
+    positions = make_positions(B, T, n)
+    h = torch.randn(B, T, d, device=DEVICE).to(dtype) if h is None else h
+    grad_out = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    out, grads = forward_backward(h, positions, params, act, "cuda", grad_out)
+    ref_out, ref_grads = reference_forward_backward(h, positions, params, act, grad_out)
+    assert out.dtype == dtype and out.shape == h.shape
+    close(out, ref_out, OUT_TOL[dtype], f"{family}/{act}/{dtype} out")
+    assert set(grads) == set(ref_grads)
+    for name, g in grads.items():
+        tol = OUT_TOL[dtype] if name == "h" else WEIGHT_TOL
+        close(g, ref_grads[name], tol, f"{family}/{act}/{dtype} d{name}")
+    if against_triton:
+        t_out, t_grads = forward_backward(h, positions, params, act, "triton", grad_out)
+        extra = TRITON_EXTRA_TOL[dtype]
+        close(out, t_out, 2 * OUT_TOL[dtype] + extra, f"{family}/{act}/{dtype} out vs triton")
+        for name, g in grads.items():
+            tol = 2 * (OUT_TOL[dtype] if name == "h" else WEIGHT_TOL) + extra
+            close(g, t_grads[name], tol, f"{family}/{act}/{dtype} d{name} vs triton")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Correctness
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("family", list(FAMILY))
+def test_family_matches_reference_and_triton(built, family, dtype):
+    act = "gelu" if FAMILY[family][0] else None
+    check_case(family, act, dtype, B=4, T=11, n=5, r=3, d=1000)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh", None])
+@pytest.mark.parametrize("family", ["loreft", "nodireft"])
+def test_activations(built, family, act):
+    check_case(family, act, torch.float32, B=3, T=9, n=4, r=8, d=256)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d,r", [(1000, 1), (1000, 64), (4097, 3), (4097, 8), (4096, 64), (64, 8), (8, 4)])
+def test_odd_shapes(built, d, r, dtype):
+    """d = 4097 runs the scalar path; 1000, 4096, 64 and 8 the 16-byte path; r = 1, 3, 8, 64 pad to 4, 4, 8, 64."""
+    check_case("loreft", "silu", dtype, B=3, T=5, n=3, r=min(r, d), d=d)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_misaligned_storage_takes_the_scalar_path_correctly(built, dtype):
+    """h starting one element past a 16-byte boundary (a contiguous view with an offset) cannot use vector loads."""
+    B, T, d = 3, 6, 1000
+    storage = torch.randn(B * T * d + 1, device=DEVICE).to(dtype)
+    h = storage[1:].view(B, T, d)
+    assert h.is_contiguous() and h.data_ptr() % 16 != 0
+    check_case("noreft", "relu", dtype, B=B, T=T, n=4, r=8, d=d, h=h)
+
+
+@pytest.mark.cuda
+def test_many_rows_use_several_splits_and_stay_exact(built):
+    """B·n = 1024 slots: the weight gradients are summed over several row splits in a fixed order."""
+    check_case("loreft", "gelu", torch.bfloat16, B=16, T=80, n=64, r=8, d=1024)
+
+
+@pytest.mark.cuda
+def test_no_position_at_all(built):
+    """All −1 (and n = 0): out is h, grad_h is grad_out, every weight gradient is exactly zero."""
+    params = make_params("loreft", 4, 128)
+    h = torch.randn(2, 5, 128, device=DEVICE)
+    grad_out = torch.randn_like(h)
+    for positions in (torch.full((2, 3), -1, device=DEVICE), torch.empty(2, 0, dtype=torch.long, device=DEVICE)):
+        out, grads = forward_backward(h, positions, params, None, "cuda", grad_out, dropout=0.1, seed=3)
+        assert torch.equal(out, h)
+        assert torch.equal(grads["h"], grad_out)
+        for name in ("Q", "W", "b"):
+            assert torch.equal(grads[name], torch.zeros_like(grads[name])), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Contract details: untouched rows, every selected row written, determinism, dropout
+# ----------------------------------------------------------------------------------------------------------------------
+def selected_mask(positions, T):
+    mask = torch.zeros(positions.shape[0], T, dtype=torch.bool, device=positions.device)
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    mask[b_idx, positions[b_idx, j_idx]] = True
+    return mask
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, dtype):
+    B, T, d = 4, 12, 520
+    params = make_params("loreft", 8, d)
+    positions = make_positions(B, T, 5)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    h_before = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    h_before[0, 1, :3] = torch.tensor([float("nan"), float("inf"), -0.0])  # odd bits, in a row left unselected
+    positions[0][positions[0] == 1] = -1
+    grad_out = torch.randn_like(h_before)
+    grad_out[0, 1, :2] = torch.tensor([float("nan"), -0.0])
+    h = h_before.clone().requires_grad_()
+    p = leaves(params)
+    out = run_cuda(h, positions, p, "relu", dropout=0.25, seed=11)
+    out.backward(grad_out)
+    sel = selected_mask(positions, T)
+    assert torch.equal(h.detach().view(bits), h_before.view(bits)), "the op wrote into h"
+    assert torch.equal(out.detach()[~sel].view(bits), h_before[~sel].view(bits))
+    assert torch.equal(h.grad[~sel].view(bits), grad_out[~sel].view(bits))
+    assert torch.isfinite(out.detach()[sel]).all() and torch.isfinite(h.grad[sel]).all()
+
+
+def _poison_allocator(nbytes_hint: int) -> None:
+    """Leave NaN-filled free blocks in torch's caching allocator, so that buffers the binding allocates with
+    torch.empty (workspace, gradients) start as NaN: any element a kernel fails to write shows up as NaN."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    blocks = [torch.full((max(nbytes_hint // 4, 1) * k,), float("nan"), device=DEVICE) for k in (1, 2, 4)]
+    blocks += [torch.full((256 * 1024 // 4,), float("nan"), device=DEVICE) for _ in range(8)]  # small-pool segments
+    del blocks
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [1000, 4097])
+def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
+    """Call the launch functions directly with NaN at the selected rows of out and grad_h (and NaN-poisoned scratch):
+    after the call those rows must equal the reference and nothing may be NaN."""
+    B, T, r = 3, 7, 8
+    params = make_params("loreft", r, d)
+    positions = make_positions(B, T, 4)
+    sel = selected_mask(positions, T)
+    h = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    out = h.clone()
+    out[sel] = float("nan")
+    cuda_backend.edit_forward(h, positions, params["Q"], params["P"], params["W"], params["b"], 2, 0.0, 0, out)
+    ref_out, ref_grads = reference_forward_backward(h, positions, params, "gelu", torch.ones_like(h))
+    close(out, ref_out, OUT_TOL[dtype], "out with NaN-poisoned selected rows")
+
+    grad_out = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    ref_out, ref_grads = reference_forward_backward(h, positions, params, "gelu", grad_out)
+    grad_h = grad_out.clone()
+    grad_h[sel] = float("nan")
+    _poison_allocator(4 * B * 4 * r * d * 3)
+    dQ, dP, dW, db = cuda_backend.edit_backward(h, grad_out, positions, params["Q"], params["P"], params["W"],
+                                                params["b"], 2, 0.0, 0, grad_h)
+    close(grad_h, ref_grads["h"], OUT_TOL[dtype], "grad_h with NaN-poisoned selected rows")
+    close(dQ + dP, ref_grads["Q"], WEIGHT_TOL, "dQ + dP (Q is P)")
+    close(dW, ref_grads["W"], WEIGHT_TOL, "dW")
+    close(db, ref_grads["b"], WEIGHT_TOL, "db")
+
+
+@pytest.mark.cuda
+def test_two_runs_are_bitwise_equal(built):
+    B, T, n, d = 16, 40, 32, 1000  # 512 slots: several row splits
+    params = make_params("noreft", 8, d)
+    positions = make_positions(B, T, n)
+    h = torch.randn(B, T, d, device=DEVICE).to(torch.bfloat16)
+    grad_out = torch.randn_like(h)
+    runs = [forward_backward(h, positions, params, "tanh", "cuda", grad_out, dropout=0.2, seed=99) for _ in range(2)]
+    (out0, g0), (out1, g1) = runs
+    assert torch.equal(out0, out1)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d", [1000, 4097])  # vector and scalar paths draw the same stream
+def test_dropout_mask_is_shared_by_forward_and_backward(built, d):
+    B, T, n, r, p = 4, 9, 5, 4, 0.3
+    params = make_params("loreft", r, d)
+    positions = make_positions(B, T, n, empty_row=False)
+    h = torch.randn(B, T, d, device=DEVICE)
+    grad_out = torch.randn_like(h)
+    out, grads = forward_backward(h, positions, params, "silu", "cuda", grad_out, dropout=p, seed=1234)
+
+    # The forward's mask, read off its output: a dropped element is exactly 0 (a kept one is almost surely not).
+    keep = torch.zeros(B, n, d, dtype=torch.float64, device=DEVICE)
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    keep[b_idx, j_idx] = (out[b_idx, positions[b_idx, j_idx]] != 0).double()
+    kept = keep[b_idx, j_idx].mean().item()
+    assert abs(kept - (1 - p)) < 0.03, f"kept fraction {kept:.3f}, expected {1 - p}"
+
+    ref_out, ref_grads = reference_forward_backward(h, positions, params, "silu", grad_out, keep=keep, dropout=p)
+    close(out, ref_out, OUT_TOL[torch.float32], "out with dropout")
+    for name, g in grads.items():
+        close(g, ref_grads[name], OUT_TOL[torch.float32] if name == "h" else WEIGHT_TOL, f"d{name} with dropout")
+
+    again, _ = forward_backward(h, positions, params, "silu", "cuda", grad_out, dropout=p, seed=1234)
+    other, _ = forward_backward(h, positions, params, "silu", "cuda", grad_out, dropout=p, seed=1235)
+    assert torch.equal(out, again)
+    assert not torch.equal(out, other)
+
+
+@pytest.mark.cuda
+def test_bad_arguments_are_named(built):
+    params = make_params("loreft", 4, 64)
+    h = torch.randn(2, 3, 64, device=DEVICE)
+    positions = torch.zeros(2, 1, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="out must not share memory with h"):
+        cuda_backend.edit_forward(h, positions, params["Q"], params["P"], params["W"], params["b"], 0, 0.0, 0, h)
+    wide = torch.randn(65, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="rank 1 to 64"):
+        cuda_backend.edit_forward(h, positions, wide, None, None, torch.zeros(65, device=DEVICE), 0, 0.0, 0,
+                                  h.clone())
+    with pytest.raises(TypeError, match="Q must be float32"):
+        cuda_backend.edit_forward(h, positions, params["Q"].double(), None, None, params["b"], 0, 0.0, 0, h.clone())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compute-sanitizer
+# ----------------------------------------------------------------------------------------------------------------------
+SANITIZED_RUN = textwrap.dedent("""
+    import torch
+    from reft_fast import ops
+    torch.manual_seed(0)
+    for dtype, d, offset in ((torch.bfloat16, 1000, 0), (torch.float32, 4097, 0), (torch.float16, 520, 1)):
+        storage = torch.randn(3 * 5 * d + offset, device="cuda").to(dtype)
+        h = storage[offset:].view(3, 5, d).requires_grad_()
+        positions = torch.tensor([[0, 4, -1], [-1, -1, -1], [2, -1, 3]], device="cuda")
+        R = torch.linalg.qr(torch.randn(d, 8))[0].t().contiguous().cuda().requires_grad_()
+        W = (torch.randn(8, d, device="cuda") / d**0.5).requires_grad_()
+        b = torch.randn(8, device="cuda", requires_grad=True)
+        out = ops.loreft(h, positions, R, W, b, act="gelu", dropout=0.1, seed=5, backend="cuda")
+        out.float().square().sum().backward()
+    torch.cuda.synchronize()
+    print("SANITIZED RUN DONE")
+""")
+
+
+def _compute_sanitizer():
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidate = Path(CUDA_HOME or "/usr/local/cuda") / "bin" / "compute-sanitizer"
+    return str(candidate) if candidate.exists() else None
+
+
+@pytest.mark.cuda
+def test_compute_sanitizer_memcheck_is_clean(built):
+    sanitizer = _compute_sanitizer()
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer is not installed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "97", sys.executable, "-c",
+                          SANITIZED_RUN], capture_output=True, text=True, timeout=900, env=env)
+    report = run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.returncode == 0, report
+    assert "SANITIZED RUN DONE" in run.stdout, report
+    assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr, report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Without CUDA: a clear message, not a traceback from the compiler
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_CUDA, reason="checks the message given on machines without CUDA")
+def test_without_cuda_the_backend_says_what_is_missing():
+    reason = cuda_backend.unavailable_reason()
+    assert reason is not None
+    assert "without CUDA" in reason or "no CUDA GPU" in reason
+    with pytest.raises(cuda_backend.CudaBackendUnavailable, match="backend 'cuda' is unavailable"):
+        cuda_backend.load()
+    h = torch.randn(1, 2, 8)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        ops.low_rank_edit(h, torch.zeros(1, 1, dtype=torch.long), torch.randn(1, 8), b=torch.randn(1),
+                          backend="cuda")
