@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "reft_edit.h"
 
@@ -98,14 +99,22 @@ void edit_forward(const at::Tensor& h, const at::Tensor& positions, const at::Te
   }
 }
 
+// h_rows is the compact copy of the selected rows of h, [B, n, d] (h[b, positions[b, j]] at [b, j]): all that the
+// backward reads of h. grad_out gives the problem's shape [B, T, d].
 std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> edit_backward(
-    const at::Tensor& h, const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& Q,
+    const at::Tensor& h_rows, const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& Q,
     const OptTensor& P, const OptTensor& W, const OptTensor& b, int64_t act, double dropout, int64_t seed,
     at::Tensor& grad_h, int64_t stream) {
-  const auto p = make_problem(h, positions, Q, P, W, b, act, dropout, seed, stream);
-  check_like_h("grad_out", grad_out, h, "grad_h", grad_h);
-  check_like_h("grad_h", grad_h, h, "h", h);
-  const auto opts = h.options().dtype(at::kFloat);
+  auto p = make_problem(grad_out, positions, Q, P, W, b, act, dropout, seed, stream);
+  check_on_device_of_h("h_rows", h_rows, grad_out);
+  TORCH_CHECK_TYPE(h_rows.scalar_type() == grad_out.scalar_type(), "h_rows must have grad_out's dtype ",
+                   grad_out.scalar_type(), ", got ", h_rows.scalar_type());
+  const std::vector<int64_t> rows_shape{p.batch, p.n_positions, p.hidden};
+  TORCH_CHECK_VALUE(h_rows.sizes() == at::IntArrayRef(rows_shape), "h_rows must have shape ",
+                    at::IntArrayRef(rows_shape), " [batch, n_positions, hidden], got ", h_rows.sizes());
+  p.h = h_rows.data_ptr();
+  check_like_h("grad_h", grad_h, grad_out, "grad_out", grad_out);
+  const auto opts = grad_out.options().dtype(at::kFloat);
   at::Tensor dQ = at::empty({p.rank, p.hidden}, opts);
   OptTensor dP, dW, db;
   if (P) dP = at::empty({p.rank, p.hidden}, opts);

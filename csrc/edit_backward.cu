@@ -41,7 +41,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   __shared__ float s_dz[R];
   __shared__ float s_t[R];
   const int d = a.hidden;
-  const T* __restrict__ h = a.h + row;
+  // backward's h is the compact copy of the selected rows, [B, n, d]: row `slot`
+  const T* __restrict__ h = a.h + static_cast<int64_t>(slot) * a.hidden;
   const T* __restrict__ g = grad_out + row;
   const DropoutSpec dp = a.dropout;
 
@@ -181,7 +182,8 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
       const int64_t row = s_row[i];
       float x[VEC] = {};  // zero for a slot with no position and for columns past d
       if (row >= 0 && c < d) {
-        load_vec<T, VEC>(src + row + c, x);
+        // g is read at the token row of [B, T, d]; h from its compact [B, n, d] copy, at the slot's row
+        load_vec<T, VEC>(src + (from_grad ? row : static_cast<int64_t>(base + i) * d) + c, x);
         if (from_grad && a.dropout.active) {
           float f[VEC];
           dropout_factors<VEC>(a.dropout, base + i, c, f);

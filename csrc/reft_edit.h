@@ -24,7 +24,8 @@ struct EditProblem {
   int64_t hidden;       // d
   int64_t n_positions;  // n: positions per example
   int64_t rank;         // r, 1..kMaxRank
-  const void* h;                // [B, T, d] contiguous, dtype
+  const void* h;                // forward: [B, T, d] contiguous, dtype; backward: the compact [B, n, d] copy of the
+                                //   selected rows (h[b, positions[b, j]] at [b, j]), which is all backward reads of h
   const int64_t* positions;     // [B, n] contiguous; -1 = no position, no repeats within a row
   const float* Q;               // [r, d]
   const float* P;               // [r, d] or nullptr (s = 0)

@@ -91,12 +91,15 @@ def _keep_scale(seed, slots, cols, d, p, scale):
 
 @triton.jit
 def _row_projections(
-    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, col_begin, col_end, d, ranks, rank_ok,
+    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, h_rows, rows, selected, slots, col_begin, col_end, d, ranks, rank_ok,
     dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Sums over columns [col_begin, col_end) of z = h Wᵀ, u = h Pᵀ and (when HAS_G) t = g_o Qᵀ, for BLOCK_M slots."""
+    """Sums over columns [col_begin, col_end) of z = h Wᵀ, u = h Pᵀ and (when HAS_G) t = g_o Qᵀ, for BLOCK_M slots.
+
+    h is read at row index h_rows (the token rows of [B·T, d], or the slots of the compact [B·n, d] copy that
+    backward keeps); g at rows."""
     z = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
@@ -106,7 +109,7 @@ def _row_projections(
         io_mask = selected[:, None] & col_ok[None, :]
         par_mask = rank_ok[:, None] & col_ok[None, :]
         if HAS_W or HAS_P:
-            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            x = tl.load(h_ptr + h_rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
             if HAS_W:
                 w = tl.load(w_ptr + ranks[:, None] * d + cols[None, :], mask=par_mask, other=0.0)
                 z += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
@@ -124,7 +127,7 @@ def _row_projections(
 
 @triton.jit
 def _projections(
-    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits, ranks, rank_ok,
+    h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, h_rows, rows, selected, slots, n_slots, d, n_splits, ranks, rank_ok,
     dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr, FROM_PARTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -143,7 +146,8 @@ def _projections(
             u += tl.load(base + plane + at, mask=ok, other=0.0)
             t += tl.load(base + 2 * plane + at, mask=ok, other=0.0)
     else:
-        z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, 0, d, d, ranks, rank_ok,
+        z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, h_rows, rows, selected, slots, 0, d, d, ranks,
+                                   rank_ok,
                                    dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
                                    BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     return z, u, t
@@ -156,6 +160,7 @@ def _split_projections_kernel(
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_G: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    # HAS_G (backward): h is the compact [B·n, d] copy of the selected rows, addressed by slot.
     # Few rows (the f7+l7 case): the r-length projections are split over column ranges, one program per
     # (slot block, column range), so that the serial loop over d does not set the latency. Parts: [split, 3, slot, r].
     slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
@@ -165,8 +170,8 @@ def _split_projections_kernel(
     split = tl.program_id(1)
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, d)
-    z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, rows, selected, slots, col_begin, col_end, d,
-                               ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
+    z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, slots if HAS_G else rows, rows, selected, slots,
+                               col_begin, col_end, d, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
                                BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     plane = n_slots * BLOCK_R
     at = part_ptr + split * 3 * plane + slots[:, None] * BLOCK_R + ranks[None, :]
@@ -190,7 +195,8 @@ def _edit_forward_kernel(
                                        BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < r
-    z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits,
+    z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, rows, selected, slots, n_slots, d,
+                           n_splits,
                            ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT, FROM_PARTS,
                            BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     if HAS_B:
@@ -226,8 +232,9 @@ def _edit_backward_rows_kernel(
                                        BLOCK_M)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < r
-    # z and u are recomputed (forward stores nothing); t = g_o Qᵀ
-    z, u, t = _projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, selected, slots, n_slots, d, n_splits,
+    # z and u are recomputed from the compact copy of the selected rows of h (addressed by slot); t = g_o Qᵀ
+    z, u, t = _projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, slots, rows, selected, slots, n_slots, d,
+                           n_splits,
                            ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, True, DROPOUT, FROM_PARTS,
                            BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     if HAS_B:
@@ -296,7 +303,7 @@ def _edit_backward_weights_kernel(
         delta = tl.load(delta_ptr + buf, mask=slot_ok, other=0.0)
         acc_q += tl.dot(tl.trans(delta), g, input_precision=DOT_PRECISION)
         if HAS_W or HAS_P:
-            x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+            x = tl.load(h_ptr + slots[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
             if HAS_W:
                 dz = tl.load(dz_ptr + buf, mask=slot_ok, other=0.0)
                 acc_w += tl.dot(tl.trans(dz), x, input_precision=DOT_PRECISION)
@@ -369,8 +376,10 @@ def _split_grid(d: int, pieces: int, block_d: int):
 
 
 def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None):
-    """Shared set-up of forward and backward: block sizes, the column split and (split path) the projection parts."""
-    batch, seq_len, d = h.shape
+    """Shared set-up of forward and backward: block sizes, the column split and (split path) the projection parts.
+
+    Forward passes h [B, T, d]; backward passes the compact rows h_rows [B, n, d] and g [B, T, d]."""
+    batch, seq_len, d = (h if g is None else g).shape
     r = Q.shape[0]
     n_slots = positions.numel()
     block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
@@ -414,9 +423,13 @@ def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.
     return max(1, min(slot_blocks, triton.cdiv(2 * _sm_count(device), col_tiles)))
 
 
-def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
-    """Overwrite the selected rows of ``grad_h`` (a copy of grad_out) with ∂L/∂h; return (dQ, dP, dW, db)."""
-    batch, seq_len, d = h.shape
+def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
+    """Overwrite the selected rows of ``grad_h`` (a copy of grad_out) with ∂L/∂h; return (dQ, dP, dW, db).
+
+    h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (anything where positions is −1): forward keeps only the
+    selected rows of h for backward, not the whole hidden state."""
+    h = h_rows
+    batch, seq_len, d = grad_out.shape
     r = Q.shape[0]
     n_slots = positions.numel()
     if n_slots == 0:

@@ -104,7 +104,9 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     load().edit_forward(h, _int64(positions), Q, P, W, b, int(act), float(dropout), int(seed), out, _stream(h))
 
 
-def edit_backward(h, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
-    """Overwrite ``grad_h`` (a copy of grad_out) at the selected rows; return fp32 ``(dQ, dP, dW, db)``."""
-    return load().edit_backward(h, grad_out, _int64(positions), Q, P, W, b, int(act), float(dropout), int(seed),
-                                grad_h, _stream(h))
+def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
+    """Overwrite ``grad_h`` (a copy of grad_out) at the selected rows; return fp32 ``(dQ, dP, dW, db)``.
+
+    h_rows [B, n, d] is the compact copy of the selected rows of h (reft_fast.ops.selected_rows)."""
+    return load().edit_backward(h_rows, grad_out, _int64(positions), Q, P, W, b, int(act), float(dropout),
+                                int(seed), grad_h, _stream(grad_out))

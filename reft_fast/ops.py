@@ -38,6 +38,7 @@ __all__ = [
     "consreft",
     "lobireft",
     "resolve_backend",
+    "selected_rows",
     "validate_positions",
 ]
 
@@ -184,6 +185,12 @@ def _edit_torch(h, positions, Q, P, W, b, act: int, dropout: float, seed: int):
 # --------------------------------------------------------------------------------------------------------------------
 # The fused path: one autograd.Function for every fused backend
 # --------------------------------------------------------------------------------------------------------------------
+def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what a fused backward reads of h."""
+    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    return h[batch_index, positions.clamp(min=0)]
+
+
 class _FusedEdit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, positions, Q, P, W, b, backend, act, dropout, seed):
@@ -192,18 +199,19 @@ class _FusedEdit(torch.autograd.Function):
         positions_c = positions.contiguous()
         out = h_c.clone()  # the one copy: unselected rows are this copy of h, selected rows are overwritten
         kernels.edit_forward(h_c, positions_c, Q, P, W, b, act, dropout, seed, out)
-        ctx.save_for_backward(h_c, positions_c, Q, P, W, b)
+        # Backward needs h only at the selected rows: keep those, not the whole hidden state.
+        ctx.save_for_backward(selected_rows(h_c, positions_c), positions_c, Q, P, W, b)
         ctx.config = (backend, act, dropout, seed)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        h, positions, Q, P, W, b = ctx.saved_tensors
+        h_rows, positions, Q, P, W, b = ctx.saved_tensors
         backend, act, dropout, seed = ctx.config
         kernels = _kernel_module(backend)
         grad_out = grad_out.contiguous()
         grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
-        dQ, dP, dW, db = kernels.edit_backward(h, grad_out, positions, Q, P, W, b, act, dropout, seed, grad_h)
+        dQ, dP, dW, db = kernels.edit_backward(h_rows, grad_out, positions, Q, P, W, b, act, dropout, seed, grad_h)
         needs = ctx.needs_input_grad
         return (grad_h if needs[0] else None, None, dQ if needs[2] else None, dP if needs[3] else None,
                 dW if needs[4] else None, db if needs[5] else None, None, None, None, None)

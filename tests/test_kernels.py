@@ -53,7 +53,8 @@ def test_poisoned_outputs_forward_and_backward(dtype, family):
     torch.testing.assert_close(out[selected].double(), ref[selected], **tol)
 
     grad_h = torch.full_like(g, float("nan"))
-    dQ, dP, dW, db = kernels.edit_backward(h, g, positions, *args[:4], act, 0.0, 0, grad_h)
+    h_rows = ops.selected_rows(h, positions)  # what the op keeps of h for backward
+    dQ, dP, dW, db = kernels.edit_backward(h_rows, g, positions, *args[:4], act, 0.0, 0, grad_h)
     assert torch.isnan(grad_h[~selected]).all()
     assert not torch.isnan(grad_h[selected]).any()
     for name, grad in (("Q", dQ), ("P", dP), ("W", dW), ("b", db)):
@@ -75,8 +76,8 @@ def test_weight_gradients_reduce_over_several_splits_deterministically():
     runs = []
     for _ in range(2):
         grad_h = g.clone()
-        runs.append((grad_h,) + kernels.edit_backward(h, g, positions, params["Q"], params["P"], params["W"],
-                                                       params["b"], 3, 0.0, 0, grad_h))
+        runs.append((grad_h,) + kernels.edit_backward(ops.selected_rows(h, positions), g, positions, params["Q"],
+                                                       params["P"], params["W"], params["b"], 3, 0.0, 0, grad_h))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
