@@ -14,3 +14,4 @@ from reft_fast.interventions import (  # noqa: E402,F401
 from reft_fast.config import ReftConfig  # noqa: E402,F401
 from reft_fast.positions import get_intervention_locations, parse_positions  # noqa: E402,F401
 from reft_fast.model import ReftModel, get_reft_model  # noqa: E402,F401
+from reft_fast.fused_base import apply_fused_base_ops  # noqa: E402,F401

@@ -48,7 +48,6 @@ class ConfigError(ValueError):
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 SCHEDULES = ("cosine", "linear", "constant")
-COMPONENTS = ("block_input", "block_output", "mlp_input", "mlp_output", "attention_input", "attention_output")
 
 
 @dataclass
@@ -59,6 +58,14 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: Optional[str] = "sdpa"
     trust_remote_code: bool = False
+    # liger-kernel's fused RoPE, RMSNorm, SwiGLU and linear cross-entropy on the frozen base (reft_fast.fused_base):
+    # auto (on for CUDA and a supported architecture; ZeRO-3 keeps the unfused cross-entropy), on, or off.
+    fused_ops: Union[str, bool] = "auto"
+
+    def __post_init__(self):
+        # YAML 1.1 reads a bare `on` / `off` (in a file or a model.fused_ops=on override) as a boolean.
+        if isinstance(self.fused_ops, bool):
+            self.fused_ops = "on" if self.fused_ops else "off"
 
 
 @dataclass
@@ -72,6 +79,7 @@ class InterventionConfig:
     share_weights: bool = False
     dropout: float = 0.0
     act: Optional[str] = None
+    orthogonalization: str = "polar"  # polar | cholesky | householder (pyreft's own parametrization)
 
 
 @dataclass
@@ -88,6 +96,9 @@ class DataConfig:
     # None: use the tokenizer's chat template when it has one; False: plain "prompt" + "response" concatenation.
     chat_template: Optional[bool] = None
     max_length: int = 512
+    # A prompt longer than max_length − 1 is an error (its tokens hold the intervened positions); true drops such
+    # examples with a warning that counts them.
+    drop_long_prompts: bool = False
 
 
 @dataclass
@@ -351,19 +362,14 @@ def resolve_data_path(path: str, base_dir: Optional[str]) -> str:
     return str(p)
 
 
-def layer_list(spec: Union[list[int], str], num_layers: Optional[int]) -> list[int]:
-    """``[2, 4]``, ``"2;4"`` or ``"all"`` → a list of layer indices (``"all"`` needs the model's layer count)."""
-    if isinstance(spec, list):
-        return list(spec)
-    text = spec.strip()
-    if text == "all":
-        if num_layers is None:
-            raise ConfigError("interventions.layers: 'all' needs the model's number of layers")
-        return list(range(num_layers))
+def layer_list(spec: Union[list[int], str], num_layers: int) -> list[int]:
+    """``[2, 4]``, ``"2;4"`` or ``"all"`` → layer indices, each checked against the model's ``num_layers``."""
+    from reft_fast.config import Representation
+
     try:
-        return [int(part) for part in text.replace(",", ";").split(";") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"interventions.layers: expected a list of integers, 'all' or '3;9;18', got {spec!r}") from None
+        return Representation(layer=spec).layers(num_layers)
+    except ValueError as err:
+        raise ConfigError(f"interventions.layers: {err}") from None
 
 
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
@@ -373,7 +379,7 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.training.global_batch_size // per_step
 
 
-def _num_layers(model_config) -> Optional[int]:
+def num_layers_of(model_config) -> Optional[int]:
     text = getattr(model_config, "get_text_config", lambda: model_config)()
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(text, name, None)
@@ -382,8 +388,11 @@ def _num_layers(model_config) -> Optional[int]:
     return None
 
 
-def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True) -> Optional[Any]:
+def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
+             check_data: bool = True) -> Optional[Any]:
     """Check everything that can be checked without weights; return the model's transformers config (or None).
+
+    ``check_data=False`` skips the data-source checks (``reft-fast plan`` may run where the data is not).
 
     Raises ConfigError naming the field on the first problem found.
     """
@@ -392,6 +401,20 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True)
         raise ConfigError("model.path: required (a directory, a hub name, a .gguf file or pkg:PACKAGE/FILE)")
     if m.dtype not in DTYPES:
         raise ConfigError(f"model.dtype: expected one of {list(DTYPES)}, got {m.dtype!r}")
+    from reft_fast.fused_base import FUSED_OPS_MODES
+
+    if m.fused_ops not in FUSED_OPS_MODES:
+        raise ConfigError(f"model.fused_ops: expected one of {list(FUSED_OPS_MODES)}, got {m.fused_ops!r}")
+    # The engine fuses all of FUSED_OPS, and "on" refuses the fused cross-entropy on a ZeRO-3 partitioned lm_head:
+    # say so now rather than after the base is loaded. The free-form ds_config can set the stage too (it wins).
+    zero_section = ds.config.get("zero_optimization")
+    zero_stage = zero_section.get("stage", ds.stage) if isinstance(zero_section, dict) else ds.stage
+    if m.fused_ops == "on" and zero_stage == 3:
+        raise ConfigError("model.fused_ops: 'on' cannot be used with ZeRO stage 3 (the fused linear cross-entropy "
+                          "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
+                          "which fuses the rest and keeps the plain cross-entropy")
+
+    from reft_fast.config import COMPONENTS
 
     if iv.component not in COMPONENTS:
         raise ConfigError(f"interventions.component: expected one of {list(COMPONENTS)}, got {iv.component!r}")
@@ -402,14 +425,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True)
     _check_positions(iv.positions)
     _check_intervention_type(iv.type)
 
-    if d.train_file is None and d.hf_dataset is None:
-        raise ConfigError("data.train_file: required (or data.hf_dataset)")
-    for name in ("train_file", "eval_file"):
-        value = getattr(d, name)
-        if value is not None and not Path(resolve_data_path(value, cfg.base_dir)).is_file():
-            raise ConfigError(f"data.{name}: file {value!r} does not exist")
-    if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
-        raise ConfigError("data.hf_dataset: the `datasets` package is not installed")
+    if check_data:
+        _check_data_sources(cfg)
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     if d.max_length < 2:
@@ -454,17 +471,11 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True)
     if not check_model:
         return None
     model_config = load_model_config(m, cfg.base_dir)
-    num_layers = _num_layers(model_config)
-    layers = layer_list(iv.layers, num_layers)
-    if not layers:
+    num_layers = num_layers_of(model_config)
+    if num_layers is None:
+        raise ConfigError(f"model.path: cannot tell the number of layers of {m.path!r} from its config")
+    if not layer_list(iv.layers, num_layers):
         raise ConfigError("interventions.layers: empty")
-    if num_layers is not None:
-        for layer in layers:
-            if not 0 <= layer < num_layers:
-                raise ConfigError(
-                    f"interventions.layers: layer {layer} is out of range; {m.path} has {num_layers} layers "
-                    f"(0..{num_layers - 1})"
-                )
     hidden = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "hidden_size", None)
     if isinstance(hidden, int) and iv.rank > hidden:
         raise ConfigError(f"interventions.rank: {iv.rank} exceeds the hidden size {hidden}")
@@ -481,9 +492,21 @@ def _check_positions(spec: str) -> None:
 
 
 def _check_intervention_type(name: str) -> None:
-    from reft_fast import interventions
+    from reft_fast.interventions import intervention_class
 
-    cls = getattr(interventions, name, None)
-    if not isinstance(cls, type):
-        known = sorted(n for n in dir(interventions) if n.endswith("Intervention") and not n.startswith("_"))
-        raise ConfigError(f"interventions.type: unknown intervention {name!r}; expected one of {known}")
+    try:
+        intervention_class(name)
+    except ValueError as err:
+        raise ConfigError(f"interventions.type: {err}") from None
+
+
+def _check_data_sources(cfg: TrainConfig) -> None:
+    d = cfg.data
+    if d.train_file is None and d.hf_dataset is None:
+        raise ConfigError("data.train_file: required (or data.hf_dataset)")
+    for name in ("train_file", "eval_file"):
+        value = getattr(d, name)
+        if value is not None and not Path(resolve_data_path(value, cfg.base_dir)).is_file():
+            raise ConfigError(f"data.{name}: file {value!r} does not exist")
+    if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
+        raise ConfigError("data.hf_dataset: the `datasets` package is not installed")

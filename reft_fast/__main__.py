@@ -1,0 +1,7 @@
+"""``python -m reft_fast``: the CLI, runnable by the deepspeed launcher and torchrun (``-m reft_fast train ...``)."""
+
+import sys
+
+from reft_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""``reft-fast train | generate | demo | plan``.
+
+    reft-fast train CONFIG.yaml [section.key=value ...] [--resume]
+    reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
+    reft-fast demo [section.key=value ...]
+    reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
+
+``python -m reft_fast`` is the same program, so it runs under the launchers:
+``deepspeed --num_gpus 8 -m reft_fast train CONFIG.yaml``, ``deepspeed --hostfile H -m reft_fast train ...`` and
+``torchrun --nproc_per_node 8 -m reft_fast train ...`` (the launchers set RANK/WORLD_SIZE; DeepSpeed's adds
+``--local_rank``, which is accepted and ignored: LOCAL_RANK is in the environment too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from reft_fast.train_config import ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reft-fast", description="Representation finetuning on a DeepSpeed engine")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train interventions as a YAML config describes")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-3 deepspeed.stage=3")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+
+    gen = sub.add_parser("generate", help="answer prompts with trained interventions")
+    gen.add_argument("--reft", required=True, help="directory written by training (output_dir/final)")
+    gen.add_argument("--model", default=None, help="base model (default: the one the interventions were trained on)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
+    gen.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
+    gen.add_argument("prompts", nargs="+")
+
+    demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
+    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+
+    plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
+    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for the fit check")
+    return parser
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False):
+    from reft_fast.engine import shutdown, train
+
+    cfg = load_config(config_path, list(overrides))
+    if resume:
+        cfg.resume = True
+    try:
+        return cfg, train(cfg)
+    finally:
+        shutdown()
+
+
+def _print_samples(title: str, samples) -> None:
+    print(f"\n=== {title} ===")
+    for prompt, answer in samples:
+        print(f"Q: {prompt}\nA: {answer}\n")
+
+
+def _demo(overrides: Sequence[str]) -> None:
+    from reft_fast.demo import DEMO_CONFIG
+
+    cfg, result = _train(str(DEMO_CONFIG), overrides)
+    if _is_rank0():
+        _print_samples("before training (SmolLM2-135M-Instruct alone)", result.samples_before)
+        _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
+
+
+def _generate(args) -> None:
+    import yaml
+
+    from reft_fast.engine import TRAIN_CONFIG_FILE, _model_source, generate_answers, init_distributed, \
+        load_base_model, load_tokenizer, shutdown
+    from reft_fast.model import ReftModel
+    from reft_fast.train_config import config_from_dict
+
+    reft_dir = Path(args.reft)
+    saved = reft_dir / TRAIN_CONFIG_FILE
+    tree = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    if args.model:
+        tree.setdefault("model", {})["path"] = args.model
+        tree["base_dir"] = None
+    base_dir = tree.pop("base_dir", None)
+    cfg = config_from_dict(tree, base_dir)
+    if not cfg.model.path:
+        raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
+    init_distributed()
+    try:
+        source = _model_source(cfg)
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+        base, _ = load_base_model(source, cfg)
+        base.config.use_cache = True
+        model = base if args.base_only else ReftModel.load(str(reft_dir), base)
+        model.eval()
+        positions = getattr(getattr(model, "reft_config", None), "positions", None) or cfg.interventions.positions
+        share = getattr(getattr(model, "reft_config", None), "share_weights", cfg.interventions.share_weights)
+        answers = generate_answers(model, tokenizer, args.prompts, positions=positions, share_weights=share,
+                                   chat_template=False if args.no_chat_template else cfg.data.chat_template,
+                                   system_prompt=cfg.data.system_prompt, max_new_tokens=args.max_new_tokens)
+        for prompt, answer in zip(args.prompts, answers):
+            print(f"Q: {prompt}\nA: {answer}\n")
+    finally:
+        shutdown()
+
+
+def _plan(args) -> None:
+    from reft_fast.plan import format_plan, plan_memory
+
+    cfg = load_config(args.config, list(args.overrides))
+    print(format_plan(plan_memory(cfg, args.gpus), gpu_memory_gib=args.gpu_memory_gib))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        if args.command == "train":
+            _train(args.config, args.overrides, args.resume)
+        elif args.command == "demo":
+            _demo(args.overrides)
+        elif args.command == "generate":
+            _generate(args)
+        elif args.command == "plan":
+            _plan(args)
+    except ConfigError as err:
+        print(f"reft-fast: config error: {err}", file=sys.stderr)
+        return 2
+    return 0

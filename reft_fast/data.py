@@ -1,0 +1,315 @@
+"""Supervised instruction data for ReFT: loading, tokenization with response-only loss, and the collator.
+
+Each example is a prompt and a response. Tokens are ``prompt_ids + response_ids``; labels are −100 on the prompt (and
+on padding), so the loss covers the response only. Interventions edit prompt tokens ("f7+l7" counts inside the
+prompt), so truncation to ``max_length`` cuts the response, never the prompt: a prompt that does not fit with at least
+one response token is an error naming ``data.max_length`` (or, with ``drop_long_prompts``, the example is dropped and
+the count is reported), never a silently shifted or missing intervention position.
+
+The collator right-pads a batch and computes the intervention locations on the CPU as one tensor
+``[n_interventions, B, P]`` (reft_fast.positions), so the model moves it to the device once per batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from reft_fast.positions import intervention_locations
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ReftDataCollator",
+    "SupervisedDataset",
+    "encode_prompt",
+    "load_examples",
+    "make_last_position_supervised_data_module",
+    "make_multiple_position_supervised_data_module",
+    "split_examples",
+    "StepSampler",
+]
+
+logger = logging.getLogger(__name__)
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def load_examples(
+    source: Union[str, Path, Sequence[dict]],
+    prompt_field: str = "instruction",
+    response_field: str = "output",
+    *,
+    hf_split: str = "train",
+) -> list[dict]:
+    """Examples as ``[{"prompt": str, "response": str}]`` from a JSON list, a JSONL file, a list of dicts, or (when
+    ``source`` is not a file and the ``datasets`` package is installed) a Hugging Face dataset name."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        rows = _read_json_rows(Path(source))
+        where = str(source)
+    elif isinstance(source, (str, Path)):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
+        rows = list(datasets.load_dataset(str(source), split=hf_split))
+        where = f"{source}[{hf_split}]"
+    else:
+        rows = list(source)
+        where = "the given examples"
+    examples = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: example {i} is a {type(row).__name__}, expected an object")
+        for name in (prompt_field, response_field):
+            if name not in row:
+                raise ValueError(f"{where}: example {i} has no field {name!r} (fields: {sorted(row)}); set "
+                                 "data.prompt_field / data.response_field")
+            if not isinstance(row[name], str):
+                raise ValueError(f"{where}: example {i} field {name!r} is {type(row[name]).__name__}, expected text")
+        examples.append({"prompt": row[prompt_field], "response": row[response_field]})
+    if not examples:
+        raise ValueError(f"{where}: no examples")
+    return examples
+
+
+def _read_json_rows(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        return json.loads(text)
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+    return rows
+
+
+def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split: (train, eval). eval is empty when eval_fraction is 0."""
+    if eval_fraction <= 0:
+        return list(examples), []
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(len(examples) * eval_fraction)))
+    if n_eval >= len(examples):
+        raise ValueError(f"data.eval_fraction {eval_fraction} leaves no training example out of {len(examples)}")
+    held = set(order[:n_eval])
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tokenization
+# --------------------------------------------------------------------------------------------------------------------
+def _use_chat_template(tokenizer, chat_template: Optional[bool]) -> bool:
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if chat_template and not has:
+        raise ValueError("data.chat_template is true but the tokenizer has no chat template")
+    return has if chat_template is None else bool(chat_template)
+
+
+def _messages(prompt: str, system_prompt: Optional[str]) -> list[dict]:
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return messages + [{"role": "user", "content": prompt}]
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat_template: Optional[bool] = None,
+                  system_prompt: Optional[str] = None) -> list[int]:
+    """The token ids of a prompt as training saw it (chat template with the generation prompt, when used)."""
+    if _use_chat_template(tokenizer, chat_template):
+        text = tokenizer.apply_chat_template(_messages(prompt, system_prompt), tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
+def _encode_response(tokenizer, prompt: str, response: str, prompt_ids: list[int], use_template: bool,
+                     system_prompt: Optional[str], add_eos: bool) -> list[int]:
+    if use_template:
+        messages = _messages(prompt, system_prompt) + [{"role": "assistant", "content": response}]
+        full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+        # The template's own end-of-turn tokens teach the model to stop; when the template renders the prompt
+        # differently once an answer follows (some strip whitespace), fall back to response + eos.
+        if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+            return full[len(prompt_ids):]
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    return ids
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Tokenized prompt/response pairs: each item has input_ids, labels (−100 on the prompt) and prompt_length."""
+
+    def __init__(self, examples: Sequence[dict], tokenizer, *, max_length: int = 512,
+                 chat_template: Optional[bool] = None, system_prompt: Optional[str] = None, add_eos: bool = True,
+                 drop_long_prompts: bool = False):
+        if max_length < 2:
+            raise ValueError(f"max_length must be ≥ 2, got {max_length}")
+        use_template = _use_chat_template(tokenizer, chat_template)
+        self.items: list[dict] = []
+        dropped = []
+        for i, ex in enumerate(examples):
+            prompt_ids = encode_prompt(tokenizer, ex["prompt"], chat_template=use_template, system_prompt=system_prompt)
+            if len(prompt_ids) > max_length - 1:
+                if not drop_long_prompts:
+                    raise ValueError(
+                        f"data.max_length: example {i} has a {len(prompt_ids)}-token prompt, which leaves no room for "
+                        f"its response within max_length={max_length}; the prompt holds the intervened positions and "
+                        "is never truncated (raise max_length, shorten the prompt, or drop such examples)")
+                dropped.append(i)
+                continue
+            response_ids = _encode_response(tokenizer, ex["prompt"], ex["response"], prompt_ids, use_template,
+                                            system_prompt, add_eos)
+            response_ids = response_ids[: max_length - len(prompt_ids)]
+            self.items.append({
+                "input_ids": prompt_ids + response_ids,
+                "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+                "prompt_length": len(prompt_ids),
+            })
+        if dropped:
+            logger.warning("dropped %d of %d examples whose prompt alone exceeds max_length=%d (first: %s)",
+                           len(dropped), len(examples), max_length, dropped[:5])
+        if not self.items:
+            raise ValueError(f"data.max_length: every example's prompt is longer than max_length={max_length}")
+        self.num_dropped = len(dropped)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Collation
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ReftDataCollator:
+    """Right-pads a list of dataset items into a batch and adds ``intervention_locations`` [n, B, P] (CPU, int64).
+
+    ``positions`` is a pyreft spec ("f7+l7", "l1"); ``num_interventions`` and ``share_weights`` follow
+    reft_fast.positions.intervention_locations. Items may also carry their own ``intervention_locations``
+    ([n, P] lists, pyreft's dataset format), which are then used as given.
+    """
+
+    pad_token_id: int
+    num_interventions: int
+    positions: str = "l1"
+    share_weights: bool = False
+    pad_to_multiple_of: Optional[int] = None
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(items)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[b, :n] = torch.as_tensor(it["input_ids"])
+            labels[b, :n] = torch.as_tensor(it["labels"])
+            attention_mask[b, :n] = 1
+        if "intervention_locations" in items[0]:
+            locations = _stack_given_locations([it["intervention_locations"] for it in items])
+        else:
+            prompt_lengths = torch.as_tensor([it["prompt_length"] for it in items], dtype=torch.long)
+            locations = intervention_locations(prompt_lengths, self.positions, self.num_interventions,
+                                               share_weights=self.share_weights)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "intervention_locations": locations}
+
+
+def _stack_given_locations(per_item: list) -> torch.Tensor:
+    """Items' own [n, P] location lists → [n, B, P_max] padded with −1."""
+    tensors = [torch.as_tensor(loc, dtype=torch.long) for loc in per_item]
+    width = max(t.shape[-1] for t in tensors)
+    out = torch.full((tensors[0].shape[0], len(tensors), width), -1, dtype=torch.long)
+    for b, t in enumerate(tensors):
+        out[:, b, : t.shape[-1]] = t
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Deterministic batch order (resume continues the same order)
+# --------------------------------------------------------------------------------------------------------------------
+class StepSampler:
+    """Which examples each rank and accumulation micro-step takes at each optimizer step.
+
+    Epoch e shuffles all examples with ``seed + e``; step s of the epoch takes the global batch
+    ``order[s·G : (s+1)·G]`` (G = micro × ranks × accumulation; the incomplete tail is dropped), and rank r at micro-step
+    a takes the slice ``(a·ranks + r)·micro`` of it. The indices depend only on (seed, step), so a resumed run replays the
+    same data order, and one rank with accumulation A·R sees the same micro-batches as R ranks with accumulation A.
+    """
+
+    def __init__(self, num_examples: int, micro_batch_size: int, world_size: int, accumulation: int, seed: int):
+        self.micro, self.world, self.accumulation, self.seed = micro_batch_size, world_size, accumulation, seed
+        self.global_batch = micro_batch_size * world_size * accumulation
+        self.num_examples = num_examples
+        self.steps_per_epoch = num_examples // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"training.global_batch_size: {self.global_batch} examples per step (micro × ranks × "
+                             f"accumulation) but the training set has only {num_examples}")
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_examples, generator=gen)
+
+    def indices(self, step: int, micro_step: int, rank: int) -> list[int]:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        start = within * self.global_batch + (micro_step * self.world + rank) * self.micro
+        return self._order(epoch)[start : start + self.micro].tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pyreft-compatible data modules
+# --------------------------------------------------------------------------------------------------------------------
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return pad
+
+
+def make_multiple_position_supervised_data_module(
+    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], positions: str = "f1+l1",
+    num_interventions: int = 1, nonstop: bool = False, share_weights: bool = False, max_length: Optional[int] = None,
+) -> dict[str, Any]:
+    """pyreft's helper with the same arguments: ``inputs`` are already-formatted prompts (no chat template is applied,
+    as in pyreft), ``outputs`` the responses; an eos token ends each response unless ``nonstop``. ``model`` is accepted
+    for signature compatibility and not used.
+
+    Deliberate difference: "lN" counts the last N prompt tokens including the final one (see reft_fast.positions).
+    """
+    del model
+    if len(inputs) != len(outputs):
+        raise ValueError(f"inputs has {len(inputs)} prompts but outputs has {len(outputs)} responses")
+    examples = [{"prompt": p, "response": r} for p, r in zip(inputs, outputs)]
+    dataset = SupervisedDataset(examples, tokenizer, max_length=max_length or getattr(tokenizer, "model_max_length",
+                                                                                         None) or 2048,
+                                chat_template=False, add_eos=not nonstop)
+    collator = ReftDataCollator(pad_token_id=_pad_id(tokenizer), num_interventions=num_interventions,
+                                positions=positions, share_weights=share_weights)
+    return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
+
+
+def make_last_position_supervised_data_module(
+    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], num_interventions: int = 1, nonstop: bool = False,
+    max_length: Optional[int] = None,
+) -> dict[str, Any]:
+    """pyreft's helper: every intervention edits the last prompt token."""
+    return make_multiple_position_supervised_data_module(
+        tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions, nonstop=nonstop,
+        share_weights=True, max_length=max_length)

@@ -1,0 +1,653 @@
+"""The training engine: a short loop over a DeepSpeed engine that holds a ReftModel.
+
+    batch (CPU, positions computed by the collator) → engine(...) → engine.backward → engine.step → metrics
+
+DeepSpeed does ZeRO stage 0–3, CPU offload, gradient accumulation, clipping, the optimizer step (a client
+torch.optim.AdamW over the intervention parameters only) and the LR schedule (a LambdaLR handed to
+``deepspeed.initialize``, stepped by DeepSpeed at accumulation boundaries). One process on a CPU or one GPU is the same
+loop at stage 0 with a world of one.
+
+Precision: the frozen base is loaded in ``model.dtype`` (bf16 on GPUs) while the intervention parameters, their
+gradients and the optimizer stay float32: the ReFT ops compute in fp32 and cast at the boundary. DeepSpeed's own
+bf16/fp16 modes would cast the whole module (interventions included) to half precision, so they are not used; under
+ZeRO-3 the base is partitioned by zero.Init directly in ``model.dtype``.
+
+ZeRO-3: HfDeepSpeedConfig is alive before ``from_pretrained``, so transformers builds the base inside zero.Init and no
+rank ever holds all of it. The intervention parameters are kept whole on every rank (the persistence threshold is
+raised above their size) because the ReftModel reads them in one batched call per forward, outside ZeRO's per-module
+gather hooks; they are small.
+
+Resume: the batch order depends only on (seed, step) (data.StepSampler) and the random state is reseeded from
+(seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as an
+uninterrupted run does. ``metrics.jsonl`` is cut back to step k on resume, so the file always shows one trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import yaml
+
+from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, load_examples, \
+    split_examples
+from reft_fast.fused_base import apply_fused_base_ops
+from reft_fast.positions import intervention_locations, parse_positions
+from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
+    layer_list, num_layers_of, resolve_data_path, resolve_model_source, validate
+
+__all__ = ["TrainResult", "build_ds_config", "build_reft_model", "enable_gradient_checkpointing", "generate_answers", "load_base_model", "load_tokenizer", "train",
+           "count_step_flops", "materialize_gguf", "RUN_INFO_FILE", "TRAIN_CONFIG_FILE"]
+
+logger = logging.getLogger(__name__)
+TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
+RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU when training.peak_tflops is not set.
+_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+# --------------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group the launcher prepared, or make a world of one (CPU, a single GPU, a notebook)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+# --------------------------------------------------------------------------------------------------------------------
+def materialize_gguf(folder: str, gguf_file: str) -> str:
+    """Convert a GGUF file once into a safetensors checkpoint in the cache and return its directory.
+
+    transformers can read GGUF directly, but only through accelerate and never under zero.Init; an ordinary
+    checkpoint loads everywhere (and in 0.4 s instead of 16 s for SmolLM2-135M). Rank 0 converts, the others wait.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    file = Path(folder) / gguf_file
+    target = gguf_cache_dir(file)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not (target / "config.json").is_file():
+        logger.info("converting %s to a safetensors checkpoint in %s (once)", file, target)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"GGUF {file}: missing tensors {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        model.tie_weights()
+        partial = target.with_name(target.name + f".partial{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)  # atomic: a killed conversion never leaves a half-written checkpoint behind
+    _barrier()
+    return str(target)
+
+
+def _model_source(cfg: TrainConfig) -> str:
+    source, gguf_file = resolve_model_source(cfg.model.path, cfg.base_dir)
+    return materialize_gguf(source, gguf_file) if gguf_file else source
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None):
+    """The frozen base, in ``model.dtype``; under ZeRO-3 built inside zero.Init (partitioned as it is created).
+
+    Returns (model, hf_deepspeed_config): keep the second alive until training ends (transformers holds it weakly).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = _TORCH_DTYPES[cfg.model.dtype]
+    hf_ds = None
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        init_config = json.loads(json.dumps(ds_config))
+        # zero.Init takes its dtype from the mixed-precision section; the engine itself runs without one (see above).
+        init_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+        init_config["fp16"] = {"enabled": dtype == torch.float16}
+        hf_ds = HfDeepSpeedConfig(init_config)
+    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                 **kwargs)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model, hf_ds
+
+
+def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
+    """transformers' per-layer checkpointing; the ReftModel's hooks redo their edits when a layer is recomputed."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.x renamed it
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        # Reentrant checkpointing back-propagates into a segment only when one of its inputs requires grad; the
+        # interventions inside the layers need that, and the frozen embeddings would not give it.
+        base.enable_input_require_grads()
+
+
+def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
+    """Attach the configured interventions at ``layers``. A two-sided position spec ("f5+l5") without share_weights
+    lists every layer twice (the first copy edits the first positions, the second the last ones), as pyreft's scripts
+    do."""
+    from reft_fast.config import ReftConfig
+    from reft_fast.model import get_reft_model
+
+    iv = cfg.interventions
+    first_n, last_n = parse_positions(iv.positions)
+    if first_n and last_n and not iv.share_weights:
+        layers = layers + layers
+    options = {"dropout": iv.dropout, "act_fn": iv.act}
+    if iv.orthogonalization != "polar":  # only the rotation-based types accept it
+        options["orthogonalization"] = iv.orthogonalization
+    representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.rank,
+                        "intervention": iv.type, **options} for layer in layers]
+    reft_config = ReftConfig(representations, positions=iv.positions, share_weights=iv.share_weights)
+    return get_reft_model(base, reft_config)
+
+
+def _num_interventions(reft_model) -> int:
+    return len(reft_model.interventions)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# DeepSpeed config, optimizer, schedule
+# --------------------------------------------------------------------------------------------------------------------
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: int = 0) -> dict:
+    t, ds = cfg.training, cfg.deepspeed
+    accumulation = gradient_accumulation_steps(cfg, world_size)
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * world_size * accumulation,
+        "gradient_clipping": t.max_grad_norm,  # explicit: DeepSpeed's default changed between releases
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch AdamW: no JIT-built CPU Adam needed
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    config = _deep_merge(config, json.loads(json.dumps(ds.config)))
+    if ds.stage == 3:
+        # The interventions must stay whole on every rank (see the module docstring): parameters smaller than the
+        # persistence threshold are never partitioned, so the threshold is raised above the largest of them.
+        zero = config["zero_optimization"]
+        zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                                                         max_intervention_numel + 1)
+    return config
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine or linear decay to ``min_ratio`` × peak at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# FLOPs and device facts for the metrics
+# --------------------------------------------------------------------------------------------------------------------
+def _numel(p: torch.nn.Parameter) -> int:
+    return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave p.numel() == 0
+
+
+def count_step_flops(base, lowest_layer: int, seq_lens: Sequence[int], gradient_checkpointing: bool) -> float:
+    """FLOPs of one forward + backward on sequences of the given lengths (counted, not measured).
+
+    Per token: 2 × (parameters of a decoder layer) per layer, 2·T·d per layer for causal attention (scores and the
+    weighted sum over on average T/2 keys), 2·d·V for the LM head. Backward only computes input gradients (the base is
+    frozen: about one forward's worth) for the layers above the lowest intervened one and the head; gradient
+    checkpointing recomputes those layers' forward once more. The ReFT edits themselves are negligible and not counted.
+    """
+    from reft_fast.model import find_decoder_layers
+
+    _, layers = find_decoder_layers(base)
+    per_layer = sum(_numel(p) for p in layers[0].parameters())
+    text = base.config.get_text_config()
+    d, vocab, n_layers = text.hidden_size, text.vocab_size, len(layers)
+    trained = n_layers - lowest_layer
+    flops = 0.0
+    for T in seq_lens:
+        layer = 2 * per_layer + 2 * T * d
+        head = 2 * d * vocab
+        forward = n_layers * layer + head
+        backward = trained * (layer + 2 * T * d) + head  # attention's input gradient costs about twice its forward
+        recompute = trained * layer if gradient_checkpointing else 0
+        flops += T * (forward + backward + recompute)
+    return flops
+
+
+def _peak_tflops(configured: Optional[float]) -> Optional[float]:
+    if configured is not None:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for fragment, tflops in _PEAK_TFLOPS.items():
+            if fragment in name:
+                return tflops
+    return None
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation (shared by the engine, `reft-fast generate` and the demo)
+# --------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Optional[str] = None,
+                     share_weights: bool = False, chat_template: Optional[bool] = None,
+                     system_prompt: Optional[str] = None, max_new_tokens: int = 64,
+                     synced_gpus: bool = False) -> list[str]:
+    """Greedy answers, one prompt at a time. ``model`` is a ReftModel (then ``positions`` is required and the
+    interventions edit the prompt) or a plain transformers model (answers of the base alone).
+
+    Fused base operations (``model.fused_ops``) are a training-speed feature and nothing here applies them, so
+    ``reft-fast generate`` runs the stock transformers base: liger's gains come from the backward pass and from never
+    materializing the training logits, while greedy decoding is one token at a time through the KV cache (and its
+    fused cross-entropy is inactive in eval mode anyway). A base the training engine fused keeps its kernels for the
+    samples it generates; in eval mode they compute the same logits up to rounding.
+    """
+    answers = []
+    device = next(p for p in model.parameters()).device
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
+        inputs = {"input_ids": torch.tensor([ids], device=device),
+                  "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+        if synced_gpus:
+            kwargs["synced_gpus"] = True
+        if hasattr(model, "interventions"):
+            locations = intervention_locations([len(ids)], positions, _num_interventions(model),
+                                               share_weights=share_weights)
+            _, out = model.generate(inputs, intervention_locations=locations, use_cache=True, **kwargs)
+        else:
+            out = model.generate(**inputs, use_cache=True, **kwargs)
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return answers
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, as logged
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_dir: Optional[str] = None
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    samples_before: list[tuple[str, str]] = field(default_factory=list)
+    base_numel_at_load: int = 0  # base elements this rank held right after loading (1/N of the model under ZeRO-3)
+    fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _accepts_logits_to_keep(base) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _trim_to_labels(batch: dict) -> dict:
+    """Keep only the tail of the sequence that holds labels for the LM head (on the CPU batch, before the transfer).
+
+    The head and the loss over the vocabulary cost as much as several decoder layers on small models; positions before
+    the first response token carry no label, so their logits are never needed. The base computes logits for the last
+    K positions only (``logits_to_keep``) and the labels are cut to the same K columns: transformers' shift inside the
+    loss then pairs them exactly as on the full sequence, and the mean is over the same tokens.
+    """
+    labelled = (batch["labels"] != -100).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        return batch
+    keep = batch["labels"].shape[1] - int(labelled[0]) + 1
+    if keep >= batch["labels"].shape[1]:
+        return batch
+    return {**batch, "labels": batch["labels"][:, -keep:], "logits_to_keep": keep}
+
+
+def _forward_loss(engine, batch: dict) -> torch.Tensor:
+    base = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
+    _, out = engine(base, intervention_locations=batch["intervention_locations"], labels=batch["labels"], **extra)
+    return out.loss
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, collator, micro: int, rank: int, world: int, trim: bool = False) -> float:
+    """Mean response-token loss over the whole dataset. Every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters collectively): the last chunk is padded with a zero-weight copy of an example."""
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    chunk = micro * world
+    for start in range(0, len(dataset), chunk):
+        mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+        weight = 1.0 if mine else 0.0
+        batch = collator([dataset[i] for i in (mine or [0])])
+        batch = _to(_trim_to_labels(batch) if trim else batch, engine.device)
+        loss = _forward_loss(engine, batch)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the mean loss averaged over
+        total += torch.tensor([float(loss) * tokens * weight, tokens * weight], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / total[1])
+
+
+def _save_interventions(engine, reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
+    import deepspeed
+
+    params = list(reft_model.trainable_parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.deepspeed.stage == 3):
+        if rank == 0:
+            reft_model.save(str(directory))
+            (directory / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _barrier()
+
+
+def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()) -> TrainResult:
+    """Run one training job described by ``cfg``; every rank calls this. ``callback(step, metrics, engine)`` runs on
+    every rank after each optimizer step (after that step's checkpoint, if any, was written); ``engine.module`` is the
+    ReftModel."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    rank, world = init_distributed()
+    model_config = validate(cfg, world)
+    t = cfg.training
+    accumulation = gradient_accumulation_steps(cfg, world)
+    source = _model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+
+    d = cfg.data
+    train_source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
+    examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
+    if d.eval_file:
+        eval_examples = load_examples(resolve_data_path(d.eval_file, cfg.base_dir), d.prompt_field, d.response_field)
+    else:
+        examples, eval_examples = split_examples(examples, d.eval_fraction, t.seed)
+    dataset_kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
+                          drop_long_prompts=d.drop_long_prompts)
+    train_set = SupervisedDataset(examples, tokenizer, **dataset_kwargs)
+    eval_set = SupervisedDataset(eval_examples, tokenizer, **dataset_kwargs) if eval_examples else None
+    sampler = StepSampler(len(train_set), t.micro_batch_size, world, accumulation, t.seed)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
+
+    # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
+    ds_config = build_ds_config(cfg, world)
+    base, hf_ds = load_base_model(source, cfg, ds_config)
+    if ds_config["zero_optimization"]["stage"] < 3:
+        # deepspeed.initialize would move it there anyway (zero.Init already placed a ZeRO-3 base): moving it now lets
+        # "auto" see the device the base will run on, and runs the samples before training there.
+        base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    # Before checkpointing and the ReftModel wrap the base: liger patches its modules' forwards in place.
+    try:
+        fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops)
+    except ValueError as err:  # "on" where it cannot be (no CUDA, no liger, an unsupported architecture)
+        raise ConfigError(f"model.fused_ops: {err}") from None
+    gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,
+                      chat_template=d.chat_template, system_prompt=d.system_prompt, max_new_tokens=t.max_new_tokens)
+    result = TrainResult(steps=total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
+                         fused_ops=fused_ops)
+    if rank == 0:
+        logger.info("base loaded: %d of %d parameters on this rank", result.base_numel_at_load,
+                    sum(_numel(p) for p in base.parameters()))
+        logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
+                    ", ".join(fused_ops) or "none")
+    if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
+        answers = generate_answers(base, tokenizer, t.sample_prompts, **gen_kwargs)
+        result.samples_before = list(zip(t.sample_prompts, answers))
+    if t.gradient_checkpointing:
+        enable_gradient_checkpointing(base, reentrant=t.checkpointing_reentrant)
+
+    torch.manual_seed(t.seed)  # the interventions' initial weights: identical on every rank
+    layers = layer_list(cfg.interventions.layers, num_layers_of(model_config))
+    reft_model = build_reft_model(base, cfg, layers)
+    params = list(reft_model.trainable_parameters())
+    ds_config = build_ds_config(cfg, world, max(p.numel() for p in params))
+    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=reft_model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=ds_config)
+    engine.train()
+
+    output = Path(cfg.output_dir)
+    ckpt_dir = output / "checkpoints"
+    metrics_path = output / "metrics.jsonl"
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
+        (output / RUN_INFO_FILE).write_text(json.dumps({"fused_ops_mode": cfg.model.fused_ops,
+                                                        "fused_ops": list(fused_ops)}, indent=1) + "\n")
+    start_step = 0
+    if cfg.resume and (ckpt_dir / "latest").is_file():
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
+        start_step = int(client_state["step"])
+        logger.info("resumed from %s at step %d", ckpt_dir, start_step)
+    if rank == 0:
+        if start_step:
+            _rewind_metrics(metrics_path, start_step)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+    _barrier()
+
+    collator = ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=_num_interventions(reft_model),
+                                positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights)
+    trim = _accepts_logits_to_keep(base)
+    peak = _peak_tflops(t.peak_tflops)
+    writer = _tensorboard(output) if rank == 0 else None
+    bar = None
+    if rank == 0 and t.progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    metrics_file = open(metrics_path, "a") if rank == 0 else None
+    started = time.perf_counter()
+    try:
+        if eval_set is not None and start_step == 0:  # the baseline the eval losses are compared with
+            baseline = {"step": 0, "eval_loss": evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world,
+                                                         trim)}
+            result.eval_losses.append((0, baseline["eval_loss"]))
+            if rank == 0:
+                metrics_file.write(json.dumps(baseline) + "\n")
+        for step in range(start_step, total_steps):
+            tic = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
+            step_stats = torch.zeros(3, dtype=torch.float64)  # loss sum over micro-batches, micro-batches, tokens
+            seq_lens: list[int] = []
+            for micro_step in range(accumulation):
+                # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
+                # one rank accumulating R micro-batches draws.
+                torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * world + rank)
+                items = [train_set[i] for i in sampler.indices(step, micro_step, rank)]
+                batch = collator(items)
+                batch = _to(_trim_to_labels(batch) if trim else batch, engine.device)
+                loss = _forward_loss(engine, batch)
+                engine.backward(loss)
+                engine.step()
+                lengths = [len(it["input_ids"]) for it in items]
+                seq_lens += lengths
+                step_stats += torch.tensor([float(loss.detach()), 1.0, float(sum(lengths))], dtype=torch.float64)
+            flops = torch.tensor([count_step_flops(base, min(layers), seq_lens, t.gradient_checkpointing)],
+                                 dtype=torch.float64)
+            dist.all_reduce(step_stats)
+            dist.all_reduce(flops)
+            elapsed = time.perf_counter() - tic
+            metrics = {"step": step + 1, "loss": float(step_stats[0] / step_stats[1]),
+                       "lr": lr, "tokens_per_s": float(step_stats[2]) / elapsed,
+                       "step_time_s": elapsed, "peak_mem_gib": _peak_memory_gib()}
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"] = float(grad_norm)
+            if peak:
+                metrics["mfu"] = float(flops) / (elapsed * peak * 1e12 * world)
+            result.losses.append(metrics["loss"])
+            if eval_set is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps:
+                metrics["eval_loss"] = evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world, trim)
+                result.eval_losses.append((step + 1, metrics["eval_loss"]))
+            if t.save_every and (step + 1) % t.save_every == 0:
+                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1},
+                                       exclude_frozen_parameters=True)
+                if rank == 0:
+                    _prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+            if step + 1 == total_steps and eval_set is not None:
+                metrics["eval_loss"] = evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world, trim)
+                result.eval_losses.append((step + 1, metrics["eval_loss"]))
+            if rank == 0:
+                _log(metrics, metrics_file, writer, bar, (step + 1) % t.log_every == 0 or step + 1 == total_steps)
+            for callback in callbacks:
+                callback(step + 1, metrics, engine)
+        if bar is not None:
+            bar.close()
+        final_dir = output / "final"
+        _save_interventions(engine, reft_model, final_dir, cfg, rank)
+        result.final_dir = str(final_dir)
+        if t.sample_prompts:
+            synced = cfg.deepspeed.stage == 3 and world > 1
+            engine.eval()
+            answers = generate_answers(reft_model, tokenizer, t.sample_prompts, synced_gpus=synced, **gen_kwargs)
+            result.samples = list(zip(t.sample_prompts, answers))
+        if rank == 0:
+            logger.info("trained %d steps in %.1f s", total_steps - start_step, time.perf_counter() - started)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if writer is not None:
+            writer.close()
+        del hf_ds
+    _barrier()
+    return result
+
+
+def _tensorboard(output: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def _log(metrics: dict, metrics_file, writer, bar, show: bool) -> None:
+    metrics_file.write(json.dumps(metrics) + "\n")
+    metrics_file.flush()
+    os.fsync(metrics_file.fileno())  # a SIGKILL right after this step keeps its line
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "step":
+                writer.add_scalar(f"train/{key}", value, metrics["step"])
+    if bar is not None:
+        bar.update(1)
+        if show:
+            postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
+                       "mem": f"{metrics['peak_mem_gib']:.1f}GiB"}
+            if "mfu" in metrics:
+                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+            if "eval_loss" in metrics:
+                postfix["eval"] = f"{metrics['eval_loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)
+
+
+def shutdown() -> None:
+    """Barrier, then tear down the process group (DeepSpeed on gloo sometimes aborts at exit otherwise)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

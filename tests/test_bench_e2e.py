@@ -1,0 +1,101 @@
+"""bench/bench_e2e.py: the CPU smoke run writes every row it can run, with consistent numbers; planning and skipping."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "bench_e2e.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[list[dict], str]:
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *extra],
+                               capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    [csv_path] = tmp_path.glob("e2e_*.csv")
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f)), completed.stdout
+
+
+def test_smoke_run_writes_every_row_with_consistent_numbers(tmp_path):
+    bench = _load_bench()
+    rows, stdout = _run(tmp_path)
+    assert list(rows[0]) == bench.FIELDS
+    assert (tmp_path / next(tmp_path.glob("e2e_*.csv")).with_suffix(".png").name).is_file()
+    # 2 configurations × checkpointing off/on × 6 methods; fused rows are CUDA-only and not planned on a CPU.
+    assert len(rows) == 2 * 2 * len(bench.SMOKE_METHODS)
+    assert {(r["config"], r["checkpointing"]) for r in rows} == {(c, k) for c in "ab" for k in ("off", "on")}
+    assert {r["fused"] for r in rows} == {"off"}
+    expected_status = {"ok"} if importlib.util.find_spec("pyreft") and importlib.util.find_spec("peft") else None
+    if expected_status:
+        assert {r["status"] for r in rows} == expected_status, [(r["method"], r["status"]) for r in rows]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert {r["method"] for r in ok} >= {"floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft"}
+
+    for r in ok:
+        assert float(r["step_s"]) > 0 and float(r["tokens_per_s"]) > 0 and math.isfinite(float(r["first_loss"]))
+        assert float(r["step_s_min"]) <= float(r["step_s"])
+        assert r["device"] and r["torch"] and r["transformers"] and r["date"]
+        assert float(r["tflops"]) > 0
+        if r["method"] == "floor":
+            assert float(r["ratio_floor"]) == 1.0 and int(r["trainable_params"]) == 64  # one bias of hidden size
+        if r["method"] in ("reft-fast:triton", "reft-fast:torch", "hook-loreft"):
+            assert float(r["orth_ms"]) > 0 and float(r["edit_ms"]) > 0
+
+    for (config, ckpt) in {(r["config"], r["checkpointing"]) for r in ok}:
+        group = {r["method"]: r for r in ok if (r["config"], r["checkpointing"]) == (config, ckpt)}
+        # (a): 2 layers listed twice (first / last positions); (b): all 4 layers, shared weights.
+        assert int(group["floor"]["n_interventions"]) == 4
+        rank = bench.CONFIGS[config]["rank"]
+        loreft_params = 4 * (2 * rank * 64 + rank)  # per intervention: R (or its parameter) [r, d], W [r, d], b [r]
+        for method in ("reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft"):
+            if method in group:
+                assert int(group[method]["trainable_params"]) == loreft_params, method
+        # Same initial interventions, two backends: the same first loss; a fresh LoReFT edit changes the loss.
+        triton_loss, torch_loss = float(group["reft-fast:triton"]["first_loss"]), float(
+            group["reft-fast:torch"]["first_loss"])
+        assert abs(triton_loss - torch_loss) <= 1e-2 * abs(torch_loss)
+        assert triton_loss != float(group["floor"]["first_loss"])
+        if "lora" in group:  # LoRA's B starts at zero: its first step is the plain model's
+            assert float(group["lora"]["first_loss"]) == pytest.approx(float(group["floor"]["first_loss"]), rel=1e-3)
+
+    assert "| method | config | ckpt | fused | step s |" in stdout
+    assert stdout.count("\n| ") >= len(rows) + 1
+
+
+def test_deadline_leaves_valid_rows_marked_not_run(tmp_path):
+    rows, _ = _run(tmp_path, "--deadline-s", "0", "--no-plot", "--configs", "a", "--checkpointing", "off")
+    assert len(rows) > 0 and {r["status"] for r in rows} == {"not run: deadline"}
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_rows_that_cannot_run_here_are_skipped_with_a_reason():
+    bench = _load_bench()
+    row = dict(method="reft-fast:cuda", fused=False, device="cpu")
+    assert bench.skip_reason(row) == "skipped: the cuda backend needs CUDA"
+    assert "need CUDA" in bench.skip_reason(dict(row, method="floor", fused=True))
+    assert bench.skip_reason(dict(row, method="floor")) is None
+
+
+def test_plan_puts_the_floor_first_in_each_group():
+    bench = _load_bench()
+    args = bench._parse_args(["--smoke", "--methods", "hook-loreft,floor", "--checkpointing", "on,off"])
+    rows = bench.plan_rows(args)
+    assert [r["method"] for r in rows[:2]] == ["floor", "hook-loreft"]
+    assert [r["checkpointing"] for r in rows] == [False] * 4 + [True] * 4  # without checkpointing first
+    with pytest.raises(SystemExit):
+        bench._parse_args(["--smoke", "--configs", "c"])

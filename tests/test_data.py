@@ -1,0 +1,113 @@
+"""Data: loading, chat template, response-only labels, truncation that keeps the prompt, the collator's locations,
+the step sampler, and the pyreft-compatible data modules."""
+
+import json
+
+import pytest
+import torch
+
+from reft_fast.data import IGNORE_INDEX, ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, \
+    load_examples, make_last_position_supervised_data_module, make_multiple_position_supervised_data_module, \
+    split_examples
+from reft_fast.positions import intervention_locations
+
+from dist.tiny import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def test_load_json_list_and_jsonl_with_field_names(tmp_path):
+    rows = [{"q": "repeat : red", "a": "red"}, {"q": "repeat : cat dog", "a": "cat dog"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("d.json", "d.jsonl"):
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": r["q"], "response": r["a"]} for r in rows]
+    with pytest.raises(ValueError, match="no field 'instruction'"):
+        load_examples(tmp_path / "d.json")
+    (tmp_path / "bad.jsonl").write_text('{"q": "x", "a": "y"}\n{broken\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        load_examples(tmp_path / "bad.jsonl", "q", "a")
+
+
+def test_chat_template_and_response_only_labels(tokenizer):
+    ds = SupervisedDataset([{"prompt": "repeat : red cat", "response": "red cat"}], tokenizer, max_length=64)
+    item = ds[0]
+    prompt_ids = encode_prompt(tokenizer, "repeat : red cat")
+    assert tokenizer.decode(prompt_ids) == "<|user|> repeat : red cat </s> <|assistant|>"
+    assert item["input_ids"][: len(prompt_ids)] == prompt_ids and item["prompt_length"] == len(prompt_ids)
+    assert item["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+    response = item["labels"][len(prompt_ids):]
+    # The template's end-of-turn token closes the response and is learned, so the model learns to stop.
+    assert tokenizer.decode(response) == "red cat </s>"
+    plain = SupervisedDataset([{"prompt": "repeat : red cat", "response": "red cat"}], tokenizer, chat_template=False)
+    assert plain[0]["input_ids"] == tokenizer("repeat : red cat red cat")["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
+    ex = [{"prompt": "repeat : red cat dog", "response": "red cat dog red cat dog"}]
+    n_prompt = len(encode_prompt(tokenizer, ex[0]["prompt"]))
+    ds = SupervisedDataset(ex, tokenizer, max_length=n_prompt + 2)
+    assert len(ds[0]["input_ids"]) == n_prompt + 2 and ds[0]["prompt_length"] == n_prompt
+    with pytest.raises(ValueError, match=r"^data\.max_length: example 0 has a"):
+        SupervisedDataset(ex, tokenizer, max_length=n_prompt)
+    short = [{"prompt": "repeat : red", "response": "red"}]
+    kept = SupervisedDataset(ex + short, tokenizer, max_length=n_prompt - 1, drop_long_prompts=True)
+    assert len(kept) == 1 and kept.num_dropped == 1
+
+
+def test_collator_pads_right_and_builds_one_location_tensor(tokenizer):
+    ds = SupervisedDataset([{"prompt": "repeat : red", "response": "red"},
+                            {"prompt": "repeat : red cat dog fish", "response": "red cat dog fish"}], tokenizer)
+    collator = ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=4, positions="f2+l2")
+    batch = collator([ds[0], ds[1]])
+    lengths = [len(ds[0]["input_ids"]), len(ds[1]["input_ids"])]
+    assert batch["input_ids"].shape == (2, max(lengths))
+    assert batch["attention_mask"].sum(1).tolist() == lengths
+    assert (batch["labels"][0, lengths[0]:] == IGNORE_INDEX).all()
+    loc = batch["intervention_locations"]
+    assert loc.dtype == torch.long and loc.device.type == "cpu" and loc.shape == (4, 2, 2)
+    expected = intervention_locations([ds[0]["prompt_length"], ds[1]["prompt_length"]], "f2+l2", 4)
+    assert torch.equal(loc, expected)
+    # Every edited position lies inside its example's prompt.
+    for b in range(2):
+        valid = loc[:, b][loc[:, b] >= 0]
+        assert valid.max() < ds[b]["prompt_length"]
+
+
+def test_split_is_seeded_and_disjoint():
+    examples = [{"prompt": str(i), "response": str(i)} for i in range(20)]
+    train, held = split_examples(examples, 0.25, seed=1)
+    assert len(held) == 5 and len(train) == 15 and not {e["prompt"] for e in held} & {e["prompt"] for e in train}
+    assert split_examples(examples, 0.25, seed=1) == (train, held)
+
+
+def test_step_sampler_same_micro_batches_for_ranks_and_accumulation():
+    one_rank = StepSampler(50, micro_batch_size=3, world_size=1, accumulation=4, seed=7)
+    two_ranks = StepSampler(50, micro_batch_size=3, world_size=2, accumulation=2, seed=7)
+    assert one_rank.steps_per_epoch == two_ranks.steps_per_epoch == 4
+    for step in range(9):  # crosses epochs
+        flat = [one_rank.indices(step, a, 0) for a in range(4)]
+        dist = [two_ranks.indices(step, a, r) for a in range(2) for r in range(2)]
+        assert flat == dist
+        assert len({i for batch in flat for i in batch}) == 12  # no repeats within a step
+    assert one_rank.indices(0, 0, 0) != one_rank.indices(4, 0, 0)  # the next epoch reshuffles
+    with pytest.raises(ValueError, match="global_batch_size"):
+        StepSampler(5, micro_batch_size=3, world_size=2, accumulation=1, seed=0)
+
+
+def test_pyreft_data_modules(tokenizer):
+    prompts, answers = ["<|user|> repeat : red </s> <|assistant|>"], ["red"]
+    module = make_last_position_supervised_data_module(tokenizer, None, prompts, answers, num_interventions=2)
+    batch = module["data_collator"]([module["train_dataset"][0]])
+    n_prompt = len(tokenizer(prompts[0])["input_ids"])
+    assert batch["intervention_locations"].tolist() == [[[n_prompt - 1]], [[n_prompt - 1]]]
+    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * n_prompt + tokenizer("red")["input_ids"] + [
+        tokenizer.eos_token_id]
+    module = make_multiple_position_supervised_data_module(tokenizer, None, prompts, answers, positions="f1+l1",
+                                                           num_interventions=2, nonstop=True)
+    batch = module["data_collator"]([module["train_dataset"][0]])
+    assert batch["intervention_locations"].tolist() == [[[0]], [[n_prompt - 1]]]
+    assert batch["input_ids"][0, -1].item() != tokenizer.eos_token_id

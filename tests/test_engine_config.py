@@ -1,0 +1,107 @@
+"""Training config: YAML + key=value overrides, and validation that fails before any weight is loaded, naming the
+field."""
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from reft_fast.train_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
+
+from dist.tiny import make_examples, make_model_dir, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cfg")
+    make_model_dir(folder / "model", layers=3)
+    write_jsonl(folder / "train.jsonl", make_examples(8))
+    return folder
+
+
+def _write(folder: Path, **sections) -> str:
+    tree = {"model": {"path": str(folder / "model")}, "interventions": {"layers": [0, 2]},
+            "data": {"train_file": "train.jsonl"}, "training": {"micro_batch_size": 2, "max_steps": 2}}
+    for key, value in sections.items():
+        tree.setdefault(key, {}).update(value) if isinstance(value, dict) else tree.__setitem__(key, value)
+    path = folder / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def test_good_config_validates_and_resolves_relative_data(run_dir):
+    cfg = load_config(_write(run_dir))
+    model_config = validate(cfg, world_size=2)
+    assert model_config.num_hidden_layers == 3
+    assert cfg.base_dir == str(run_dir.resolve())
+
+
+def test_overrides_parse_values_as_yaml():
+    tree = apply_overrides({}, ["training.lr=1e-3", "interventions.layers=[2, 4]", "deepspeed.stage=3",
+                                "data.chat_template=false", "deepspeed.config.zero_optimization.reduce_bucket_size=5e7"])
+    assert tree["training"]["lr"] == 1e-3 and tree["interventions"]["layers"] == [2, 4]
+    assert tree["deepspeed"] == {"stage": 3, "config": {"zero_optimization": {"reduce_bucket_size": 5e7}}}
+    assert tree["data"]["chat_template"] is False
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["training.bogus=1"], "training.bogus"),
+    (["trainig.lr=1"], "trainig"),
+    (["training.lr=fast"], "training.lr"),
+    (["training.micro_batch_size=2.5"], "training.micro_batch_size"),
+    (["interventions.share_weights=maybe"], "interventions.share_weights"),
+    (["data.train_file=missing.jsonl"], "data.train_file"),
+    (["data.eval_file=nowhere.json"], "data.eval_file"),
+    (["interventions.layers=[0, 3]"], "interventions.layers"),
+    (["interventions.layers=all;x"], "interventions.layers"),
+    (["training.global_batch_size=6"], "training.global_batch_size"),
+    (["training.global_batch_size=2"], "training.global_batch_size"),
+    (["interventions.positions=x7"], "interventions.positions"),
+    (["interventions.type=superreft"], "interventions.type"),
+    (["interventions.component=head"], "interventions.component"),
+    (["deepspeed.stage=4"], "deepspeed.stage"),
+    (["deepspeed.offload_param=true", "deepspeed.stage=2"], "deepspeed.offload_param"),
+    (["training.schedule=exp"], "training.schedule"),
+    (["model.dtype=int8"], "model.dtype"),
+    (["model.fused_ops=fast"], "model.fused_ops"),
+    (["model.fused_ops=1"], "model.fused_ops"),
+    (["model.fused_ops=on", "deepspeed.stage=3"], "model.fused_ops"),
+    (["model.fused_ops=on", "deepspeed.config.zero_optimization.stage=3"], "model.fused_ops"),
+    (["interventions.rank=100"], "interventions.rank"),
+])
+def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field):
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(_write(run_dir), overrides), world_size=2)
+    assert str(err.value).startswith(field + ":"), str(err.value)
+    assert time.perf_counter() - start < 5  # no weights were loaded
+
+
+def test_missing_config_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(tmp_path / "list.yaml"))
+
+
+def test_missing_model_path_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model\.path"):
+        validate(load_config(None, ["data.train_file=x"]))
+
+
+def test_fused_ops_reads_yaml_on_and_off_as_modes(run_dir):
+    # YAML 1.1 reads a bare on/off as a boolean: a file and an override both mean the mode.
+    assert load_config(_write(run_dir)).model.fused_ops == "auto"
+    assert load_config(_write(run_dir, model={"path": str(run_dir / "model"), "fused_ops": False})).model.fused_ops \
+        == "off"
+    (run_dir / "bare.yaml").write_text(f"model: {{path: {run_dir / 'model'}, fused_ops: on}}\n")
+    assert load_config(str(run_dir / "bare.yaml")).model.fused_ops == "on"
+    cfg = load_config(_write(run_dir), ["model.fused_ops=off"])
+    assert cfg.model.fused_ops == "off"
+    validate(cfg, world_size=2)
+    validate(load_config(_write(run_dir), ["model.fused_ops=auto", "deepspeed.stage=3"]), world_size=2)
+    # The saved config (train_config.yaml, read back by `reft-fast generate`) keeps the mode.
+    saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    assert config_from_dict(saved, saved.pop("base_dir")).model.fused_ops == "off"
