@@ -182,6 +182,17 @@ def _split_projections_kernel(
 
 
 @triton.jit
+def _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr):
+    """z ← h Wᵀ + b, and δ = act(z) − s·u (zero in the padded ranks)."""
+    if HAS_B:
+        z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
+    delta = _activation(z, ACT)
+    if HAS_P:
+        delta -= u
+    return z, tl.where(rank_ok[None, :], delta, 0.0)
+
+
+@triton.jit
 def _edit_forward_kernel(
     h_ptr, out_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
@@ -196,15 +207,9 @@ def _edit_forward_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < r
     z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, rows, selected, slots, n_slots, d,
-                           n_splits,
-                           ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT, FROM_PARTS,
-                           BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
-    if HAS_B:
-        z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
-    delta = _activation(z, ACT)
-    if HAS_P:
-        delta -= u
-    delta = tl.where(rank_ok[None, :], delta, 0.0)
+                           n_splits, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT,
+                           FROM_PARTS, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
 
     col_begin = tl.program_id(1) * cols_per_program
     col_end = tl.minimum(col_begin + cols_per_program, d)
@@ -234,14 +239,9 @@ def _edit_backward_rows_kernel(
     rank_ok = ranks < r
     # z and u are recomputed from the compact copy of the selected rows of h (addressed by slot); t = g_o Qᵀ
     z, u, t = _projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, part_ptr, slots, rows, selected, slots, n_slots, d,
-                           n_splits,
-                           ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, True, DROPOUT, FROM_PARTS,
-                           BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
-    if HAS_B:
-        z += tl.load(b_ptr + ranks, mask=rank_ok, other=0.0)[None, :]
-    delta = _activation(z, ACT)
-    if HAS_P:
-        delta -= u
+                           n_splits, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, True, DROPOUT,
+                           FROM_PARTS, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
     keep_rows = selected[:, None] & rank_ok[None, :]
     delta = tl.where(keep_rows, delta, 0.0)
     t = tl.where(keep_rows, t, 0.0)

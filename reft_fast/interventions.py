@@ -363,46 +363,35 @@ class NodireftIntervention(_LearnedSourceMixin, ReftIntervention):
                             act=self.act_fn, dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
 
 
-class _ConstantSourceMixin:
+class _ConstantSourceIntervention(ReftIntervention):
+    """ConsReFT and LobiReFT: the source is a learned constant b (no W, no activation) written along R."""
+
     has_activation = False
+    uses_rotation = True
+    _op = None  # ops.consreft or ops.lobireft
 
-    def _make_learned_source(self):
-        # pyreft's init: uniform [0, 1).
-        self.learned_source = nn.Parameter(torch.rand(self.low_rank_dimension))
+    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
+                 dtype=torch.float32, orthogonalization: str = "polar"):
+        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
+                         dtype=dtype, orthogonalization=orthogonalization)
+        self.learned_source = nn.Parameter(torch.rand(self.low_rank_dimension))  # pyreft's init: uniform [0, 1)
+
+    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
+        R = self.rotation_matrix() if rotation is None else rotation
+        return type(self)._op(h, positions, R, self.learned_source, dropout=self._dropout_p(), seed=seed,
+                              backend=backend, validate=validate)
 
 
-class ConsreftIntervention(_ConstantSourceMixin, ReftIntervention):
+class ConsreftIntervention(_ConstantSourceIntervention):
     """ConsReFT: h + (b − R h) R, a constant target inside the subspace."""
 
-    uses_rotation = True
-
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, orthogonalization=orthogonalization)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return ops.consreft(h, positions, R, self.learned_source, dropout=self._dropout_p(), seed=seed,
-                            backend=backend, validate=validate)
+    _op = staticmethod(ops.consreft)
 
 
-class LobireftIntervention(_ConstantSourceMixin, ReftIntervention):
+class LobireftIntervention(_ConstantSourceIntervention):
     """LobiReFT: h + b R, a learned bias along R."""
 
-    uses_rotation = True
-
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, orthogonalization=orthogonalization)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return ops.lobireft(h, positions, R, self.learned_source, dropout=self._dropout_p(), seed=seed,
-                            backend=backend, validate=validate)
+    _op = staticmethod(ops.lobireft)
 
 
 INTERVENTION_TYPES = {cls.__name__: cls for cls in (LoreftIntervention, NoreftIntervention, DireftIntervention,
