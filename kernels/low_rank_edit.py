@@ -414,11 +414,19 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     )
 
 
+_SERIAL_SLOT_BLOCKS = 16
+
+
 def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.device) -> int:
-    """Row splits of the weight-gradient pass: enough programs to fill the GPU, few under the interpreter."""
+    """Row splits of the weight-gradient pass: enough programs to fill the GPU, few under the interpreter.
+
+    Few rows (at most _SERIAL_SLOT_BLOCKS slot blocks, e.g. 112 rows) take one split: each program's loop over the
+    slots stays short, and the kernel's output is the gradient itself, with no reduction launches after it."""
     slot_blocks = triton.cdiv(n_slots, block_m)
     if device.type != "cuda":
         return min(slot_blocks, 3)  # the interpreter: few programs, but still more than one split to reduce
+    if slot_blocks <= _SERIAL_SLOT_BLOCKS:
+        return 1
     col_tiles = triton.cdiv(d, block_d)
     return max(1, min(slot_blocks, triton.cdiv(2 * _sm_count(device), col_tiles)))
 
@@ -459,9 +467,11 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
         h, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
         n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed_, **flags,
     )
-    # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic).
-    dQ = dq_part[:, :r].sum(0)
-    dP = dp_part[:, :r].sum(0) if P is not None else None
-    dW = dw_part[:, :r].sum(0) if W is not None else None
+    # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic); with one split
+    # the partials are the gradients (a contiguous view: rows :r of the [BLOCK_R, d] block).
+    total = (lambda part: part[0, :r]) if splits == 1 else (lambda part: part[:, :r].sum(0))
+    dQ = total(dq_part)
+    dP = total(dp_part) if P is not None else None
+    dW = total(dw_part) if W is not None else None
     db = dz[:, :r].sum(0) if b is not None else None
     return dQ, dP, dW, db
