@@ -276,43 +276,39 @@ class _LearnedSourceMixin:
         self.learned_source = nn.Linear(self.embed_dim, self.low_rank_dimension)
 
 
-class LoreftIntervention(_LearnedSourceMixin, ReftIntervention):
-    """LoReFT: h + (act(W h + b) − R h) R, R [r, d] with orthonormal rows."""
+class _RotatedLearnedSourceIntervention(_LearnedSourceMixin, ReftIntervention):
+    """LoReFT and DiReFT: the source act(W h + b) is written along R (orthonormal rows)."""
 
     uses_rotation = True
+    _op = None  # ops.loreft or ops.direft
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
                  dtype=torch.float32, orthogonalization: str = "polar"):
         super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
                          dtype=dtype, orthogonalization=orthogonalization)
         self._make_learned_source()
+
+    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
+        R = self.rotation_matrix() if rotation is None else rotation
+        return type(self)._op(h, positions, R, self.learned_source.weight, self.learned_source.bias, act=self.act_fn,
+                              dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
+
+
+class LoreftIntervention(_RotatedLearnedSourceIntervention):
+    """LoReFT: h + (act(W h + b) − R h) R, R [r, d] with orthonormal rows."""
+
+    _op = staticmethod(ops.loreft)
 
     def load_pyreft_state(self, state: dict) -> None:
         # pyreft's LoReFT saves learned_source's tensors without the module prefix.
         state = {(f"learned_source.{k}" if k in ("weight", "bias") else k): v for k, v in state.items()}
         super().load_pyreft_state(state)
 
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return ops.loreft(h, positions, R, self.learned_source.weight, self.learned_source.bias, act=self.act_fn,
-                          dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
 
-
-class DireftIntervention(_LearnedSourceMixin, ReftIntervention):
+class DireftIntervention(_RotatedLearnedSourceIntervention):
     """DiReFT (pyreft's): h + act(W h + b) R, R with orthonormal rows, nothing subtracted."""
 
-    uses_rotation = True
-
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, orthogonalization=orthogonalization)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return ops.direft(h, positions, R, self.learned_source.weight, self.learned_source.bias, act=self.act_fn,
-                          dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
+    _op = staticmethod(ops.direft)
 
 
 class NoreftIntervention(_LearnedSourceMixin, ReftIntervention):
