@@ -436,27 +436,26 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
 
     h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (anything where positions is −1): forward keeps only the
     selected rows of h for backward, not the whole hidden state."""
-    h = h_rows
     batch, seq_len, d = grad_out.shape
     r = Q.shape[0]
     n_slots = positions.numel()
     if n_slots == 0:
-        zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h.device)  # noqa: E731
+        zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h_rows.device)  # noqa: E731
         return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
-                None if b is None else torch.zeros(r, dtype=torch.float32, device=h.device))
-    L = _launch(h, positions, Q, P, W, b, act, dropout, seed, g=grad_out)
+                None if b is None else torch.zeros(r, dtype=torch.float32, device=h_rows.device))
+    L = _launch(h_rows, positions, Q, P, W, b, act, dropout, seed, g=grad_out)
     block_m, block_d, block_r = L["block_m"], L["block_d"], L["block_r"]
-    per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h.device)  # noqa: E731
+    per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h_rows.device)  # noqa: E731
     delta, dz, t = per_slot(), per_slot(), per_slot()
     _edit_backward_rows_kernel[L["grid"]](
-        h, grad_out, grad_h, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], delta, dz, t,
+        h_rows, grad_out, grad_h, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], delta, dz, t,
         *L["scalars"], **L["flags"],
     )
 
-    splits = _num_splits(n_slots, d, block_m, block_d, h.device)
+    splits = _num_splits(n_slots, d, block_m, block_d, h_rows.device)
     slots_per_split = triton.cdiv(triton.cdiv(n_slots, splits), block_m) * block_m
     splits = triton.cdiv(n_slots, slots_per_split)
-    partial = lambda: torch.empty(splits, block_r, d, dtype=torch.float32, device=h.device)  # noqa: E731
+    partial = lambda: torch.empty(splits, block_r, d, dtype=torch.float32, device=h_rows.device)  # noqa: E731
     dq_part = partial()
     dw_part = partial() if W is not None else dq_part
     dp_part = partial() if P is not None else dq_part
@@ -464,7 +463,7 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
                                         "DOT_PRECISION", "num_warps")}
     p, scale, seed_ = L["scalars"][-3:]
     _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
-        h, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
+        h_rows, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
         n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed_, **flags,
     )
     # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic); with one split
