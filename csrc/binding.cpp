@@ -1,9 +1,13 @@
 // Torch binding of the CUDA kernels: checks the tensors, allocates the gradients and the backward workspace, and calls
 // the launchers of reft_edit.h. It includes no CUDA header (the stream arrives from Python as an integer and the
 // launchers select the device), so it also compiles against a CPU-only torch: CI compiles it without a GPU.
+//
+// Built with REFT_FAST_CUDA_SIM defined, the same kernels run on the CPU through csrc/sim (cuda_sim.h): the binding then
+// takes CPU tensors, and fills every buffer it allocates with NaN first, so an element no kernel writes shows up.
 #include <torch/extension.h>
 
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -45,10 +49,24 @@ void check_like_h(const char* name, const at::Tensor& t, const at::Tensor& h, co
 
 const float* float_ptr(const OptTensor& t) { return t.has_value() ? t->data_ptr<float>() : nullptr; }
 
+// A float32 buffer the kernels overwrite; NaN-filled under the simulator (see the top of this file).
+at::Tensor output_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
+#ifdef REFT_FAST_CUDA_SIM
+  return at::full(shape, std::numeric_limits<float>::quiet_NaN(), opts);
+#else
+  return at::empty(shape, opts);
+#endif
+}
+
 reft_fast::EditProblem make_problem(const at::Tensor& h, const at::Tensor& positions, const at::Tensor& Q,
                                     const OptTensor& P, const OptTensor& W, const OptTensor& b, int64_t act,
                                     double dropout, int64_t seed, int64_t stream) {
+#ifdef REFT_FAST_CUDA_SIM
+  TORCH_CHECK_VALUE(h.is_cpu(), "the cuda backend's CPU simulator (REFT_FAST_CUDA_SIM) needs CPU tensors, but h is on ",
+                    h.device());
+#else
   TORCH_CHECK_VALUE(h.is_cuda(), "the cuda backend needs CUDA tensors, but h is on ", h.device());
+#endif
   TORCH_CHECK_VALUE(h.dim() == 3, "h must be 3-D [batch, seq, hidden], got shape ", h.sizes());
   TORCH_CHECK_VALUE(h.is_contiguous(), "h must be contiguous");
   const auto dtype = h_dtype(h);
@@ -115,13 +133,13 @@ std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> edit_backward(
   p.h = h_rows.data_ptr();
   check_like_h("grad_h", grad_h, grad_out, "grad_out", grad_out);
   const auto opts = grad_out.options().dtype(at::kFloat);
-  at::Tensor dQ = at::empty({p.rank, p.hidden}, opts);
+  at::Tensor dQ = output_buffer({p.rank, p.hidden}, opts);
   OptTensor dP, dW, db;
-  if (P) dP = at::empty({p.rank, p.hidden}, opts);
-  if (W) dW = at::empty({p.rank, p.hidden}, opts);
-  if (b) db = at::empty({p.rank}, opts);
+  if (P) dP = output_buffer({p.rank, p.hidden}, opts);
+  if (W) dW = output_buffer({p.rank, p.hidden}, opts);
+  if (b) db = output_buffer({p.rank}, opts);
   const int64_t workspace_floats = reft_fast::edit_backward_workspace_floats(p);
-  at::Tensor workspace = at::empty({workspace_floats}, opts);
+  at::Tensor workspace = output_buffer({workspace_floats}, opts);
   if (const char* error = reft_fast::launch_edit_backward(
           p, grad_out.data_ptr(), grad_h.data_ptr(), dQ.data_ptr<float>(), dP ? dP->data_ptr<float>() : nullptr,
           dW ? dW->data_ptr<float>() : nullptr, db ? db->data_ptr<float>() : nullptr,

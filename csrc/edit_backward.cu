@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
   constexpr int kTile = wgrad_tile_cols(R);
   constexpr int kVecsPerRow = kTile / VEC;
   static_assert(kTile % VEC == 0 && kTile >= 32, "a tile holds whole vectors, and a warp lies in one rank group");
-  __shared__ alignas(16) float s_x[kRowsPerChunk][kTile];
+  alignas(16) __shared__ float s_x[kRowsPerChunk][kTile];
   __shared__ float s_coef[kRowsPerChunk][R];
   __shared__ int64_t s_row[kRowsPerChunk];
 

@@ -5,11 +5,20 @@
 first call builds the extension with ninja + nvcc for the GPU's own architecture (``-arch=sm_90`` on Hopper) and torch
 caches the build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the sources and flags,
 so later processes only load it. When the build cannot happen, :class:`CudaBackendUnavailable` says what is missing.
+
+With ``REFT_FAST_CUDA_SIM=1`` the same sources are built for the CPU instead, on top of ``csrc/sim`` (a fiber-based
+stand-in for the CUDA runtime, see ``csrc/sim/cuda_sim.h``), and the backend takes CPU tensors: the CUDA kernels then
+run, slowly but with their own indexing, barriers, warp shuffles and reductions, on machines without a GPU, the way
+``TRITON_INTERPRET=1`` runs the Triton kernels. ``REFT_FAST_CUDA_SIM=asan`` builds that CPU version with
+AddressSanitizer; the process must then start with the sanitizer runtime preloaded
+(``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -17,17 +26,32 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CSRC_DIR", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
-           "unavailable_reason"]
+__all__ = ["CSRC_DIR", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
+           "simulation", "translate_launches", "unavailable_reason"]
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
 CSRC_DIR = next((p for p in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
                  if p.is_dir()), Path(__file__).resolve().parent.parent / "csrc")
 SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
+SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
+               "sim/include/cuda_bf16.h")
+SIM_ENV = "REFT_FAST_CUDA_SIM"
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
-_extension = None
+_extensions: dict = {}  # mode ("cuda", "sim" or "asan") -> loaded module
+
+
+def simulation() -> Optional[str]:
+    """``"sim"`` or ``"asan"`` when REFT_FAST_CUDA_SIM asks for the CPU build of the kernels, else None."""
+    value = os.environ.get(SIM_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return None
+    if value in ("1", "true", "yes", "on", "sim"):
+        return "sim"
+    if value == "asan":
+        return "asan"
+    raise ValueError(f"{SIM_ENV}={os.environ[SIM_ENV]!r}: expected 1 (CPU simulation), asan, or 0")
 
 
 class CudaBackendUnavailable(RuntimeError):
@@ -37,10 +61,13 @@ class CudaBackendUnavailable(RuntimeError):
 def unavailable_reason() -> Optional[str]:
     """What stops the backend from building here (torch without CUDA, no GPU, no nvcc, no ninja, no sources), or None.
 
-    Cheap: inspects torch, the toolchain and the files; compiles nothing.
+    Cheap: inspects torch, the toolchain and the files; compiles nothing. Under REFT_FAST_CUDA_SIM it checks what the
+    CPU build needs instead (a C++ compiler, ninja, the sources and csrc/sim).
     """
     from torch.utils import cpp_extension
 
+    if simulation() is not None:
+        return _sim_unavailable_reason()
     missing = []
     if torch.version.cuda is None:
         missing.append(f"this torch ({torch.__version__}) is built without CUDA")
@@ -59,14 +86,31 @@ def unavailable_reason() -> Optional[str]:
     return "; ".join(missing) or None
 
 
+def _sim_unavailable_reason() -> Optional[str]:
+    from torch.utils import cpp_extension
+
+    missing = []
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        missing.append(f"the C++ compiler {compiler!r} was not found (install g++ or set CXX)")
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja was not found: pip install ninja")
+    absent = [name for name in SOURCES + SIM_SOURCES if not (CSRC_DIR / name).is_file()]
+    if absent:
+        missing.append(f"the sources {absent} are not in {CSRC_DIR} (use a source checkout of reft-fast)")
+    return "; ".join(missing) or None
+
+
 def load():
-    """The compiled extension, built on the first call (about a minute) and cached by torch afterwards."""
-    global _extension
-    if _extension is None:
+    """The compiled extension, built on the first call (about a minute) and cached by torch afterwards.
+
+    Which build depends on REFT_FAST_CUDA_SIM at the time of the call (the GPU one, or the CPU simulation)."""
+    mode = simulation() or "cuda"
+    if mode not in _extensions:
         with _lock:
-            if _extension is None:
-                _extension = _build()
-    return _extension
+            if mode not in _extensions:
+                _extensions[mode] = _build() if mode == "cuda" else _build_simulated(sanitize=mode == "asan")
+    return _extensions[mode]
 
 
 def _build():
@@ -90,7 +134,60 @@ def _build():
         raise CudaBackendUnavailable(f"building the reft_fast cuda backend for {arch} failed: {error}") from error
 
 
+# `kernel<<<grid, block, shared, stream>>>(` with the kernel named by a (qualified, possibly templated) identifier.
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def translate_launches(source: str) -> str:
+    """A .cu source with every ``kernel<<<config>>>(args)`` rewritten as
+    ``::cuda_sim::Launch(config).run(kernel, args)``, for the CPU build. Raises if a launch is left untranslated."""
+    out = _LAUNCH.sub(lambda m: f"::cuda_sim::Launch({m.group(2)}).run({m.group(1)}, ", source)
+    if "<<<" in out:
+        line = out[: out.index("<<<")].count("\n") + 1
+        raise CudaBackendUnavailable(f"a kernel launch at line {line} is not of the form cuda_sim can translate")
+    return out
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # An unchanged file keeps its mtime, so ninja does not rebuild it.
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
+
+
+def _build_simulated(*, sanitize: bool):
+    reason = _sim_unavailable_reason()
+    if reason is not None:
+        raise CudaBackendUnavailable(f"backend 'cuda' cannot be built for the CPU simulation: {reason}")
+    from torch.utils.cpp_extension import get_default_build_root, load as load_extension
+
+    name = "reft_fast_cuda_sim_asan" if sanitize else "reft_fast_cuda_sim"
+    source_dir = Path(get_default_build_root()) / f"{name}_sources"
+    source_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(CSRC_DIR / "binding.cpp"), str(CSRC_DIR / "sim" / "cuda_sim.cpp")]
+    for cu in (n for n in SOURCES if n.endswith(".cu")):
+        translated = source_dir / (Path(cu).stem + ".cpp")
+        _write_if_changed(translated, f'#line 1 "{CSRC_DIR / cu}"\n' + translate_launches((CSRC_DIR / cu).read_text()))
+        sources.append(str(translated))
+    # The stand-in CUDA headers first; csrc/ for the translated sources' own includes. No strict aliasing: the vector
+    # paths pun through uint4, as CUDA code does.
+    cflags = ["-O2", "-fno-strict-aliasing", "-DREFT_FAST_CUDA_SIM", f"-I{CSRC_DIR / 'sim' / 'include'}",
+              f"-I{CSRC_DIR}"]
+    ldflags = []
+    if sanitize:
+        cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
+        ldflags += ["-fsanitize=address"]
+    _log.info("building the reft_fast cuda backend for the CPU simulation%s (first use; cached afterwards)",
+              " with AddressSanitizer" if sanitize else "")
+    try:
+        return load_extension(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags)
+    except Exception as error:
+        raise CudaBackendUnavailable(f"building the reft_fast cuda backend for the CPU simulation failed: {error}") \
+            from error
+
+
 def _stream(t: torch.Tensor) -> int:
+    if t.device.type != "cuda":  # the CPU simulation has no streams (the binding checks the device)
+        return 0
     return torch.cuda.current_stream(t.device).cuda_stream
 
 

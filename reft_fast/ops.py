@@ -143,8 +143,14 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
             f"backend 'triton' needs CUDA tensors (h is on {device}); on the CPU it runs only through Triton's "
             "interpreter: set TRITON_INTERPRET=1 before importing reft_fast"
         )
-    if name == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend 'cuda' needs CUDA tensors, but h is on {device}")
+    if name == "cuda":
+        from reft_fast.cuda_backend import SIM_ENV, simulation
+
+        if simulation() is not None and device.type != "cpu":
+            raise ValueError(f"backend 'cuda' under {SIM_ENV} (the CPU simulation) needs CPU tensors, h is on {device}")
+        if simulation() is None and device.type != "cuda":
+            raise ValueError(f"backend 'cuda' needs CUDA tensors, but h is on {device} (or set {SIM_ENV}=1 to run its "
+                             "kernels on the CPU through csrc/sim)")
     return name
 
 

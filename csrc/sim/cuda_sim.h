@@ -1,0 +1,201 @@
+// cuda_sim: runs the kernels of csrc/ on the CPU with CUDA's execution semantics, the way Triton's interpreter runs the
+// Triton kernels, so that CI without a GPU executes (not only compiles) the CUDA twin and checks it against the float64
+// reference. It covers exactly the CUDA subset csrc/ uses and nothing more.
+//
+// How: every CUDA thread of a block is a fiber (its own stack, cooperative switching on one OS thread); blocks run one
+// after another. __syncthreads() parks the fiber until every live thread of the block has arrived; __shfl_xor_sync
+// exchanges through a per-warp slot array between two warp barriers. Divergent barriers (a thread waiting at
+// __syncthreads() while a lane of its warp waits in a shuffle, or a full-mask shuffle with an exited lane) are reported
+// as launch errors, as is a misaligned 16-byte __ldg. __shared__ variables become function statics: with one block at a
+// time on one OS thread, a static is exactly one block's shared memory.
+//
+// Use: compile the .cu sources as C++ with -I csrc/sim/include (these stand-ins for cuda_runtime.h, cuda_fp16.h and
+// cuda_bf16.h include this file) after rewriting each `kernel<<<grid, block, smem, stream>>>(args)` into
+// `::cuda_sim::Launch(grid, block, smem, stream).run(kernel, args)`; reft_fast/cuda_backend.py does both
+// (REFT_FAST_CUDA_SIM=1), and links cuda_sim.cpp, which holds the scheduler and the runtime calls.
+#pragma once
+
+#ifdef __CUDACC__
+#error "cuda_sim.h is the CPU stand-in for the CUDA headers; nvcc must use the real ones"
+#endif
+
+#include <math.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <tuple>
+#include <utility>
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Qualifiers and built-in types
+// ---------------------------------------------------------------------------------------------------------------------
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint3 {
+  unsigned x, y, z;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Runtime API (the calls csrc/ makes). Launch errors are sticky until cudaGetLastError() reads them, as on a device.
+// ---------------------------------------------------------------------------------------------------------------------
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719,
+};
+struct CUstream_st;
+using cudaStream_t = CUstream_st*;
+
+cudaError_t cudaGetDevice(int* device);
+cudaError_t cudaSetDevice(int device);
+cudaError_t cudaGetLastError();
+const char* cudaGetErrorString(cudaError_t error);
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream = nullptr);
+
+namespace cuda_sim {
+
+// What the current fiber sees as threadIdx, blockIdx, blockDim and gridDim.
+struct ThreadContext {
+  uint3 thread_idx;
+  uint3 block_idx;
+  dim3 block_dim;
+  dim3 grid_dim;
+};
+const ThreadContext& context();
+
+void syncthreads();
+// Exchanges `bits` between the 32 lanes of the calling warp: returns the bits that lane (lane ^ lane_mask) passed.
+uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width);
+// Records a device-side fault (reported by the launch through cudaGetLastError) and ends the calling thread's kernel.
+[[noreturn]] void fault(cudaError_t error, const char* what);
+
+// Runs `body` once per thread of every block of the grid (blocks in order x, y, z; threads as fibers). Returns the
+// launch's error, which is also left for cudaGetLastError().
+cudaError_t launch(dim3 grid, dim3 block, size_t shared_bytes, const std::function<void()>& body);
+
+class Launch {
+ public:
+  Launch(dim3 grid, dim3 block, size_t shared_bytes = 0, cudaStream_t = nullptr)
+      : grid_(grid), block_(block), shared_bytes_(shared_bytes) {}
+
+  // The kernel's parameters are copied once, like a launch's parameter buffer; every thread calls the kernel with
+  // its own copies of them.
+  template <typename... Params, typename... Args>
+  void run(void (*kernel)(Params...), Args&&... args) const {
+    std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
+    launch(grid_, block_, shared_bytes_, [&] { std::apply(kernel, params); });
+  }
+
+ private:
+  dim3 grid_, block_;
+  size_t shared_bytes_;
+};
+
+}  // namespace cuda_sim
+
+#define threadIdx (::cuda_sim::context().thread_idx)
+#define blockIdx (::cuda_sim::context().block_idx)
+#define blockDim (::cuda_sim::context().block_dim)
+#define gridDim (::cuda_sim::context().grid_dim)
+
+inline void __syncthreads() { ::cuda_sim::syncthreads(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) == 4, "cuda_sim shuffles 32-bit values only");
+  uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  bits = ::cuda_sim::shfl_xor_bits(mask, bits, lane_mask, width);
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
+
+// Read-only global load; a 16-byte vector load must be 16-byte aligned, as on the device.
+template <typename T>
+inline T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0)
+    ::cuda_sim::fault(cudaErrorMisalignedAddress, "__ldg of a misaligned address");
+  return *p;
+}
+
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Half and bfloat16: storage types with the explicit conversion intrinsics only (as under __CUDA_NO_HALF_CONVERSIONS__),
+// float -> 16-bit rounding to nearest even, NaN kept NaN.
+// ---------------------------------------------------------------------------------------------------------------------
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+
+inline float cuda_sim_bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t cuda_sim_float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float __bfloat162float(__nv_bfloat16 x) { return cuda_sim_bits_to_float(static_cast<uint32_t>(x.bits) << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+  const uint32_t u = cuda_sim_float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return __nv_bfloat16{static_cast<uint16_t>((u >> 16) | 0x0040u)};  // quiet NaN
+  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+  return __nv_bfloat16{static_cast<uint16_t>(rounded >> 16)};
+}
+
+inline float __half2float(__half x) {
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t exp = (x.bits >> 10) & 0x1fu, mant = x.bits & 0x3ffu;
+  if (exp == 0x1f) return cuda_sim_bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf, NaN
+  if (exp != 0) return cuda_sim_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const float magnitude = static_cast<float>(mant) * 5.9604644775390625e-08f;  // subnormal: mant * 2^-24, exact
+  return sign ? -magnitude : magnitude;
+}
+
+inline __half __float2half_rn(float f) {
+  const uint32_t u = cuda_sim_float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t abs = u & 0x7fffffffu;
+  if (abs > 0x7f800000u) return __half{static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (abs >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // rounds to >= 65520: inf
+  if (abs < 0x38800000u) {                                                       // below 2^-14: subnormal or zero
+    // value / 2^-24 rounded to nearest even, by float arithmetic (exact: the quotient has at most 24 bits)
+    const float scaled = cuda_sim_bits_to_float(abs) * 16777216.0f;
+    const float rounded = nearbyintf(scaled);  // default rounding mode: nearest even
+    return __half{static_cast<uint16_t>(sign | static_cast<uint16_t>(rounded))};
+  }
+  // normal: rebias the exponent, round the 13 dropped mantissa bits to nearest even (a carry may bump the exponent)
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t rounded = rebased + 0xfffu + ((rebased >> 13) & 1u);
+  return __half{static_cast<uint16_t>(sign | (rounded >> 13))};
+}
