@@ -1,8 +1,12 @@
 """The cuda backend (csrc/, reft_fast.cuda_backend) against a float64 reference written here and against the triton
 backend: outputs and every gradient, the whole family, activations, h dtypes, odd shapes, −1 positions, rows left
 untouched, outputs fully written, bitwise determinism, the dropout mask shared by forward and backward, and one
-compute-sanitizer memcheck run. The GPU tests are marked `cuda` (skipped with a reason on machines without one);
-the last test checks, on machines without CUDA, that the backend says what is missing.
+memory-checked run.
+
+On a GPU the kernels run there (and the memory check is compute-sanitizer's memcheck). Without one they run on the CPU
+through csrc/sim (REFT_FAST_CUDA_SIM=1, set here), as the triton backend runs through Triton's interpreter: the same
+kernel code with its own indexing, barriers, warp shuffles and reductions, and the memory check is the CPU build under
+AddressSanitizer. The last test checks, on machines without CUDA, that the GPU build says what is missing.
 """
 
 import os
@@ -21,7 +25,7 @@ from reft_fast import cuda_backend, ops
 
 from conftest import HAS_CUDA
 
-DEVICE = "cuda"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 # Outputs and grad_h are rounded once to h's dtype; weight gradients are fp32 sums of products of exactly
 # representable h and g values, so they get fp32 tolerances whatever h's dtype. Errors are taken relative to the
 # largest reference magnitude of each tensor, floored at 1 (a lone bias gradient can be a near-cancelling sum).
@@ -45,11 +49,24 @@ def fresh_seed():
     return seed
 
 
+@pytest.fixture(scope="module", autouse=True)
+def simulate_without_gpu():
+    """Without a GPU every test of this module (but the last) runs the kernels through the CPU simulation."""
+    if HAS_CUDA:
+        yield
+        return
+    previous = os.environ.get(cuda_backend.SIM_ENV)
+    os.environ[cuda_backend.SIM_ENV] = "1"
+    yield
+    if previous is None:
+        del os.environ[cuda_backend.SIM_ENV]
+    else:
+        os.environ[cuda_backend.SIM_ENV] = previous
+
+
 @pytest.fixture(scope="module")
 def built():
     """Build (or load from torch's cache) once; missing tools skip, a failing build fails."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU; this machine has none")
     reason = cuda_backend.unavailable_reason()
     if reason is not None:
         pytest.skip(f"cuda backend cannot be built here: {reason}")
@@ -170,7 +187,6 @@ def check_case(family, act, dtype, B, T, n, r, d, *, against_triton=True, h=None
 # ----------------------------------------------------------------------------------------------------------------------
 # Correctness
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("family", list(FAMILY))
 def test_family_matches_reference_and_triton(built, family, dtype):
@@ -178,14 +194,12 @@ def test_family_matches_reference_and_triton(built, family, dtype):
     check_case(family, act, dtype, B=4, T=11, n=5, r=3, d=1000)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("act", ["relu", "gelu", "silu", "tanh", None])
 @pytest.mark.parametrize("family", ["loreft", "nodireft"])
 def test_activations(built, family, act):
     check_case(family, act, torch.float32, B=3, T=9, n=4, r=8, d=256)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("d,r", [(1000, 1), (1000, 64), (4097, 3), (4097, 8), (4096, 64), (64, 8), (8, 4)])
 def test_odd_shapes(built, d, r, dtype):
@@ -193,7 +207,6 @@ def test_odd_shapes(built, d, r, dtype):
     check_case("loreft", "silu", dtype, B=3, T=5, n=3, r=min(r, d), d=d)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_misaligned_storage_takes_the_scalar_path_correctly(built, dtype):
     """h starting one element past a 16-byte boundary (a contiguous view with an offset) cannot use vector loads."""
@@ -204,13 +217,11 @@ def test_misaligned_storage_takes_the_scalar_path_correctly(built, dtype):
     check_case("noreft", "relu", dtype, B=B, T=T, n=4, r=8, d=d, h=h)
 
 
-@pytest.mark.cuda
 def test_many_rows_use_several_splits_and_stay_exact(built):
     """B·n = 1024 slots: the weight gradients are summed over several row splits in a fixed order."""
     check_case("loreft", "gelu", torch.bfloat16, B=16, T=80, n=64, r=8, d=1024)
 
 
-@pytest.mark.cuda
 def test_no_position_at_all(built):
     """All −1 (and n = 0): out is h, grad_h is grad_out, every weight gradient is exactly zero."""
     params = make_params("loreft", 4, 128)
@@ -234,7 +245,6 @@ def selected_mask(positions, T):
     return mask
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, dtype):
     B, T, d = 4, 12, 520
@@ -259,7 +269,10 @@ def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, dtype):
 
 def _poison_allocator(nbytes_hint: int) -> None:
     """Leave NaN-filled free blocks in torch's caching allocator, so that buffers the binding allocates with
-    torch.empty (workspace, gradients) start as NaN: any element a kernel fails to write shows up as NaN."""
+    torch.empty (workspace, gradients) start as NaN: any element a kernel fails to write shows up as NaN. (The CPU
+    simulation's binding fills those buffers with NaN itself.)"""
+    if DEVICE != "cuda":
+        return
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     blocks = [torch.full((max(nbytes_hint // 4, 1) * k,), float("nan"), device=DEVICE) for k in (1, 2, 4)]
@@ -267,7 +280,6 @@ def _poison_allocator(nbytes_hint: int) -> None:
     del blocks
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("d", [1000, 4097])
 def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
@@ -298,7 +310,6 @@ def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
     close(db, ref_grads["b"], WEIGHT_TOL, "db")
 
 
-@pytest.mark.cuda
 def test_two_runs_are_bitwise_equal(built):
     B, T, n, d = 16, 40, 32, 1000  # 512 slots: several row splits
     params = make_params("noreft", 8, d)
@@ -313,7 +324,6 @@ def test_two_runs_are_bitwise_equal(built):
         assert torch.equal(g0[name], g1[name]), name
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("d", [1000, 4097])  # vector and scalar paths draw the same stream
 def test_dropout_mask_is_shared_by_forward_and_backward(built, d):
     B, T, n, r, p = 4, 9, 5, 4, 0.3
@@ -341,7 +351,6 @@ def test_dropout_mask_is_shared_by_forward_and_backward(built, d):
     assert not torch.equal(out, other)
 
 
-@pytest.mark.cuda
 def test_bad_arguments_are_named(built):
     params = make_params("loreft", 4, 64)
     h = torch.randn(2, 3, 64, device=DEVICE)
@@ -360,19 +369,23 @@ def test_bad_arguments_are_named(built):
 # compute-sanitizer
 # ----------------------------------------------------------------------------------------------------------------------
 SANITIZED_RUN = textwrap.dedent("""
+    import sys
     import torch
     from reft_fast import ops
+    device = sys.argv[1]
     torch.manual_seed(0)
-    for dtype, d, offset in ((torch.bfloat16, 1000, 0), (torch.float32, 4097, 0), (torch.float16, 520, 1)):
-        storage = torch.randn(3 * 5 * d + offset, device="cuda").to(dtype)
+    for dtype, d, offset, r in ((torch.bfloat16, 1000, 0, 8), (torch.float32, 4097, 0, 3), (torch.float16, 520, 1, 8),
+                                (torch.float32, 256, 0, 64)):
+        storage = torch.randn(3 * 5 * d + offset, device=device).to(dtype)
         h = storage[offset:].view(3, 5, d).requires_grad_()
-        positions = torch.tensor([[0, 4, -1], [-1, -1, -1], [2, -1, 3]], device="cuda")
-        R = torch.linalg.qr(torch.randn(d, 8))[0].t().contiguous().cuda().requires_grad_()
-        W = (torch.randn(8, d, device="cuda") / d**0.5).requires_grad_()
-        b = torch.randn(8, device="cuda", requires_grad=True)
+        positions = torch.tensor([[0, 4, -1], [-1, -1, -1], [2, -1, 3]], device=device)
+        R = torch.linalg.qr(torch.randn(d, r))[0].t().contiguous().to(device).requires_grad_()
+        W = (torch.randn(r, d, device=device) / d**0.5).requires_grad_()
+        b = torch.randn(r, device=device, requires_grad=True)
         out = ops.loreft(h, positions, R, W, b, act="gelu", dropout=0.1, seed=5, backend="cuda")
         out.float().square().sum().backward()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     print("SANITIZED RUN DONE")
 """)
 
@@ -395,18 +408,61 @@ def test_compute_sanitizer_memcheck_is_clean(built):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                         os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sanitizer, "--tool", "memcheck", "--error-exitcode", "97", sys.executable, "-c",
-                          SANITIZED_RUN], capture_output=True, text=True, timeout=900, env=env)
+                          SANITIZED_RUN, "cuda"], capture_output=True, text=True, timeout=900, env=env)
     report = run.stdout[-4000:] + run.stderr[-4000:]
     assert run.returncode == 0, report
     assert "SANITIZED RUN DONE" in run.stdout, report
     assert "ERROR SUMMARY: 0 errors" in run.stdout + run.stderr, report
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the memory check is compute-sanitizer's")
+def test_address_sanitizer_run_is_clean():
+    """The CPU simulation built with AddressSanitizer (REFT_FAST_CUDA_SIM=asan, its runtime preloaded): every access the
+    kernels make to h, the parameters, the outputs, the workspace and shared memory is checked; scalar and vector paths,
+    a misaligned h, empty rows, dropout, ranks 3 to 64."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    libasan = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not libasan or not Path(libasan).is_file():
+        pytest.skip("the compiler has no AddressSanitizer runtime")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")]),
+               LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0", **{cuda_backend.SIM_ENV: "asan"})
+    run = subprocess.run([sys.executable, "-c", SANITIZED_RUN, "cpu"], capture_output=True, text=True, timeout=900,
+                         env=env)
+    report = run.stdout[-4000:] + run.stderr[-6000:]
+    assert run.returncode == 0, report
+    assert "SANITIZED RUN DONE" in run.stdout, report
+    assert "AddressSanitizer" not in run.stderr, report
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+def test_results_do_not_depend_on_thread_order(built, order, monkeypatch):
+    """The simulation resumes a block's threads in another order (REFT_FAST_CUDA_SIM_ORDER): a missing barrier or a
+    read of a value another thread has not yet written would change the results; race-free kernels give the same bits."""
+    B, T, n, d = 8, 12, 8, 520  # 64 slots: two row splits in the weight-gradient kernel
+    params = make_params("noreft", 8, d)
+    positions = make_positions(B, T, n)
+    h = torch.randn(B, T, d).to(torch.bfloat16)
+    grad_out = torch.randn_like(h)
+    kw = dict(dropout=0.2, seed=7)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", "forward")
+    out0, g0 = forward_backward(h, positions, params, "tanh", "cuda", grad_out, **kw)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", order)
+    out1, g1 = forward_backward(h, positions, params, "tanh", "cuda", grad_out, **kw)
+    assert torch.equal(out0, out1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Without CUDA: a clear message, not a traceback from the compiler
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(HAS_CUDA, reason="checks the message given on machines without CUDA")
-def test_without_cuda_the_backend_says_what_is_missing():
+def test_without_cuda_the_backend_says_what_is_missing(monkeypatch):
+    monkeypatch.delenv(cuda_backend.SIM_ENV, raising=False)
     reason = cuda_backend.unavailable_reason()
     assert reason is not None
     assert "without CUDA" in reason or "no CUDA GPU" in reason

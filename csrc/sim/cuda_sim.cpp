@@ -116,6 +116,21 @@ struct Block {
   std::string message;
 };
 
+// The order in which a pass of the scheduler resumes the runnable threads of a block, from REFT_FAST_CUDA_SIM_ORDER
+// at each launch: forward (default), reverse, or shuffle (a fresh pseudo-random permutation per pass, fixed seed).
+// Race-free kernels give bitwise the same results under every order; a missing barrier shows up as a difference.
+enum class Order { kForward, kReverse, kShuffle };
+
+Order schedule_order() {
+  const char* value = std::getenv("REFT_FAST_CUDA_SIM_ORDER");
+  if (value == nullptr || *value == 0 || std::strcmp(value, "forward") == 0) return Order::kForward;
+  if (std::strcmp(value, "reverse") == 0) return Order::kReverse;
+  if (std::strcmp(value, "shuffle") == 0) return Order::kShuffle;
+  std::fprintf(stderr, "cuda_sim: REFT_FAST_CUDA_SIM_ORDER=%s is not forward, reverse or shuffle; using forward\n",
+               value);
+  return Order::kForward;
+}
+
 thread_local Block* t_block = nullptr;
 std::mutex g_launch_mutex;  // one launch at a time: __shared__ statics belong to the running block
 thread_local cudaError_t t_last_error = cudaSuccess;
@@ -349,6 +364,11 @@ cudaError_t launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
     f.ctx.grid_dim = grid;
   }
 
+  const Order order = schedule_order();
+  std::vector<size_t> sequence(threads);
+  for (size_t i = 0; i < threads; ++i) sequence[i] = order == Order::kReverse ? threads - 1 - i : i;
+  uint64_t rng = 0x9e3779b97f4a7c15ull;  // splitmix64 state: the same permutations on every run
+
   Block* const outer = t_block;
   t_block = &block;
   for (unsigned bz = 0; bz < grid.z && block.error == cudaSuccess; ++bz) {
@@ -359,7 +379,16 @@ cudaError_t launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
           start_fiber(block, f);
         }
         for (;;) {
-          for (Fiber& f : block.fibers) {
+          if (order == Order::kShuffle) {
+            for (size_t i = threads - 1; i > 0; --i) {  // Fisher-Yates with splitmix64
+              uint64_t z = (rng += 0x9e3779b97f4a7c15ull);
+              z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+              z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+              std::swap(sequence[i], sequence[(z ^ (z >> 31)) % (i + 1)]);
+            }
+          }
+          for (size_t i : sequence) {
+            Fiber& f = block.fibers[i];
             if (f.state != State::kRunnable) continue;
             resume(block, f);
             if (block.error != cudaSuccess) break;
