@@ -7,7 +7,8 @@
 // exchanges through a per-warp slot array between two warp barriers. Divergent barriers (a thread waiting at
 // __syncthreads() while a lane of its warp waits in a shuffle, or a full-mask shuffle with an exited lane) are reported
 // as launch errors, as is a misaligned 16-byte __ldg. __shared__ variables become function statics: with one block at a
-// time on one OS thread, a static is exactly one block's shared memory.
+// time on one OS thread, a static is exactly one block's shared memory. REFT_FAST_CUDA_SIM_ORDER (forward, reverse,
+// shuffle) sets the order in which a block's threads are resumed: race-free kernels give the same bits under each.
 //
 // Use: compile the .cu sources as C++ with -I csrc/sim/include (these stand-ins for cuda_runtime.h, cuda_fp16.h and
 // cuda_bf16.h include this file) after rewriting each `kernel<<<grid, block, smem, stream>>>(args)` into
