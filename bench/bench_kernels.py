@@ -1,7 +1,8 @@
 """Time the fused ReFT edit against a copy of the same rows; also the orthogonal map (bench_orthogonal.py).
 
     python bench/bench_kernels.py            # CUDA: the issue's grid, triton.testing.do_bench (median)
-    python bench/bench_kernels.py --smoke    # CPU: tiny shapes, Triton through TRITON_INTERPRET=1, wall-clock median
+    python bench/bench_kernels.py --smoke    # CPU: tiny shapes, Triton through TRITON_INTERPRET=1 and the CUDA C++
+                                             # kernels through csrc/sim (REFT_FAST_CUDA_SIM=1), wall-clock median
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
 
 For every backend that can run here ("torch": the unfused reference; "triton"; "cuda" when reft_fast.cuda_backend
@@ -34,9 +35,11 @@ from pathlib import Path
 
 import torch
 
-# The Triton kernels run on a CPU only through the interpreter, which must be chosen before they are decorated.
+# The Triton kernels run on a CPU only through the interpreter, which must be chosen before they are decorated; the
+# CUDA C++ kernels through their CPU simulation (csrc/sim). Smoke timings of either mean nothing; they check the rows.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("REFT_FAST_CUDA_SIM", "1")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from reft_fast import cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_FIELDS = ["device", "torch", "triton", "date", "timer", "backend", "level", "pass", "n_rows", "d", "r", "batch",
@@ -67,6 +70,26 @@ def test_triton_backend_is_timed_when_its_module_imports(smoke_run):
     assert triton_rows and all(r["status"] == "ok" for r in triton_rows), [r["status"] for r in triton_rows]
     assert {(r["level"], r["pass"]) for r in triton_rows} == {(lvl, p) for lvl in ("op", "kernel")
                                                               for p in ("fwd", "fwd+bwd")}
+
+
+def test_cuda_backend_rows_run_through_the_cpu_simulation(smoke_run):
+    """Without a GPU the smoke run builds csrc/ for the CPU (REFT_FAST_CUDA_SIM): the cuda rows run and agree with torch."""
+    out, _ = smoke_run
+    (path,) = out.glob("kernels_smoke_*.csv")
+    _, rows = _read(path)
+    cuda_rows = [r for r in rows if r["backend"] == "cuda"]
+    if torch.cuda.is_available():
+        pytest.skip("the smoke run is a CPU mode")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(cuda_backend.SIM_ENV, "1")
+        reason = cuda_backend.unavailable_reason()
+    if reason is not None:
+        assert len(cuda_rows) == 1 and cuda_rows[0]["status"].startswith("unavailable")
+        return
+    assert cuda_rows and all(r["status"] == "ok" for r in cuda_rows), [r["status"] for r in cuda_rows]
+    assert {(r["level"], r["pass"]) for r in cuda_rows} == {(lvl, p) for lvl in ("op", "kernel")
+                                                            for p in ("fwd", "fwd+bwd")}
+    assert all(float(r["max_abs_err"]) <= 0.0625 for r in cuda_rows if r["pass"] == "fwd")
 
 
 def test_orthogonal_csv_covers_every_method_with_orthonormal_results(smoke_run):

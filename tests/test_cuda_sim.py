@@ -120,3 +120,12 @@ def test_launch_rewriting():
         "::cuda_sim::Launch(grid, host::threads(d, 1), 0, stream).run(detail::kern<T, R, 1>, args, out);\n")
     with pytest.raises(cuda_backend.CudaBackendUnavailable, match="line 2"):
         cuda_backend.translate_launches("int x;\n(*table[i])<<<g, b>>>(x);\n")
+
+
+def test_simulation_switch(monkeypatch):
+    for value, mode in (("", None), ("0", None), ("1", "sim"), ("asan", "asan"), ("ON", "sim")):
+        monkeypatch.setenv(cuda_backend.SIM_ENV, value)
+        assert cuda_backend.simulation() == mode
+    monkeypatch.setenv(cuda_backend.SIM_ENV, "valgrind")
+    with pytest.raises(ValueError, match="REFT_FAST_CUDA_SIM='valgrind'"):
+        cuda_backend.simulation()
