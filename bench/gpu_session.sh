@@ -66,6 +66,11 @@ stage_tests() {
   if [ ${#files[@]} -gt 0 ]; then
     timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider "${files[@]}" || echo "tests (kernels): exit $?"
   fi
+  # The cuda backend (csrc/): built with nvcc on first use (about a minute), then its tests on the device, including the
+  # compute-sanitizer run. Its tests are not marked cuda (on CPU machines they run through csrc/sim).
+  if [ -f tests/test_cuda_backend.py ]; then
+    timeout "$(limit 300)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py || echo "tests (cuda backend): exit $?"
+  fi
 }
 
 stage_kernels() {
