@@ -60,7 +60,7 @@ at::Tensor output_buffer(at::IntArrayRef shape, const at::TensorOptions& opts) {
 
 reft_fast::EditProblem make_problem(const at::Tensor& h, const at::Tensor& positions, const at::Tensor& Q,
                                     const OptTensor& P, const OptTensor& W, const OptTensor& b, int64_t act,
-                                    double dropout, int64_t seed, int64_t stream) {
+                                    double dropout, int64_t seed, int64_t stream, int64_t rows_per_block) {
 #ifdef REFT_FAST_CUDA_SIM
   TORCH_CHECK_VALUE(h.is_cpu(), "the cuda backend's CPU simulator (REFT_FAST_CUDA_SIM) needs CPU tensors, but h is on ",
                     h.device());
@@ -85,6 +85,8 @@ reft_fast::EditProblem make_problem(const at::Tensor& h, const at::Tensor& posit
   TORCH_CHECK_VALUE(W.has_value() || b.has_value(), "the learned source needs W, b or both");
   TORCH_CHECK_VALUE(act >= reft_fast::kIdentity && act <= reft_fast::kTanh, "unknown activation code ", act);
   TORCH_CHECK_VALUE(dropout >= 0.0 && dropout < 1.0, "dropout must be in [0, 1), got ", dropout);
+  TORCH_CHECK_VALUE(rows_per_block >= 0 && rows_per_block <= 64, "rows_per_block must be 0 (from the shape) or 1..64, got ",
+                    rows_per_block);
 
   reft_fast::EditProblem p;
   p.dtype = dtype;
@@ -102,6 +104,7 @@ reft_fast::EditProblem make_problem(const at::Tensor& h, const at::Tensor& posit
   p.activation = static_cast<int>(act);
   p.dropout = static_cast<float>(dropout);
   p.seed = static_cast<uint64_t>(seed);
+  p.rows_per_block = static_cast<int>(rows_per_block);
   p.device = h.get_device();
   p.stream = reinterpret_cast<void*>(static_cast<uintptr_t>(stream));
   return p;
@@ -109,8 +112,8 @@ reft_fast::EditProblem make_problem(const at::Tensor& h, const at::Tensor& posit
 
 void edit_forward(const at::Tensor& h, const at::Tensor& positions, const at::Tensor& Q, const OptTensor& P,
                   const OptTensor& W, const OptTensor& b, int64_t act, double dropout, int64_t seed, at::Tensor& out,
-                  int64_t stream) {
-  const auto p = make_problem(h, positions, Q, P, W, b, act, dropout, seed, stream);
+                  int64_t stream, int64_t rows_per_block) {
+  const auto p = make_problem(h, positions, Q, P, W, b, act, dropout, seed, stream, rows_per_block);
   check_like_h("out", out, h, "h", h);
   if (const char* error = reft_fast::launch_edit_forward(p, out.data_ptr())) {
     TORCH_CHECK(false, "reft_fast cuda backend, forward: ", error);
@@ -122,8 +125,8 @@ void edit_forward(const at::Tensor& h, const at::Tensor& positions, const at::Te
 std::tuple<at::Tensor, OptTensor, OptTensor, OptTensor> edit_backward(
     const at::Tensor& h_rows, const at::Tensor& grad_out, const at::Tensor& positions, const at::Tensor& Q,
     const OptTensor& P, const OptTensor& W, const OptTensor& b, int64_t act, double dropout, int64_t seed,
-    at::Tensor& grad_h, int64_t stream) {
-  auto p = make_problem(grad_out, positions, Q, P, W, b, act, dropout, seed, stream);
+    at::Tensor& grad_h, int64_t stream, int64_t rows_per_block) {
+  auto p = make_problem(grad_out, positions, Q, P, W, b, act, dropout, seed, stream, rows_per_block);
   check_on_device_of_h("h_rows", h_rows, grad_out);
   TORCH_CHECK_TYPE(h_rows.scalar_type() == grad_out.scalar_type(), "h_rows must have grad_out's dtype ",
                    grad_out.scalar_type(), ", got ", h_rows.scalar_type());
@@ -156,9 +159,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("edit_forward", &edit_forward,
         "Overwrite out[b, positions[b, j]] with dropout(h + δQ) at every selected row; out is a copy of h.",
         py::arg("h"), py::arg("positions"), py::arg("Q"), py::arg("P"), py::arg("W"), py::arg("b"), py::arg("act"),
-        py::arg("dropout"), py::arg("seed"), py::arg("out"), py::arg("stream"));
+        py::arg("dropout"), py::arg("seed"), py::arg("out"), py::arg("stream"), py::arg("rows_per_block") = 0);
   m.def("edit_backward", &edit_backward,
         "Overwrite grad_h (a copy of grad_out) at the selected rows; return (dQ, dP, dW, db) in float32.",
         py::arg("h"), py::arg("grad_out"), py::arg("positions"), py::arg("Q"), py::arg("P"), py::arg("W"),
-        py::arg("b"), py::arg("act"), py::arg("dropout"), py::arg("seed"), py::arg("grad_h"), py::arg("stream"));
+        py::arg("b"), py::arg("act"), py::arg("dropout"), py::arg("seed"), py::arg("grad_h"), py::arg("stream"),
+        py::arg("rows_per_block") = 0);
 }

@@ -1,6 +1,6 @@
 // Backward of the ReFT edit, in three launches (no atomics; the summation order depends only on the shape):
 //
-// 1. per-row kernel (one block per slot (b, j)), for the selected row h with g = grad_out ⊙ mask / (1 − p):
+// 1. per-row kernel (M = 1 or 4 slots (b, j) per block), for the selected row h with g = grad_out ⊙ mask / (1 − p):
 //        u = h Pᵀ,  z = h Wᵀ + b,  t = g Qᵀ                       (block reductions, fixed order)
 //        δ = act(z) − s·u,  dz = t ⊙ act'(z)
 //        grad_h[row] = g + dz W − s·t P
@@ -21,79 +21,94 @@ enum CoefBlock : int { kCoefDelta = 0 /* dQ from g */, kCoefDz = 1 /* dW from h 
 
 // minBlocksPerSM = 1: with the bare block-size bound ptxas aimed at 32/80 registers for occupancy and spilled a few
 // bytes on the scalar dropout path; one-row blocks seldom share an SM on the shapes that matter (B * n ≲ #SMs).
-template <typename T, int R, int VEC>
+// M slots per block (1 or 4, see rows_per_block): every parameter chunk a thread loads serves all M rows.
+template <typename T, int R, int VEC, int M>
 __global__ void __launch_bounds__(kThreads, 1)
     edit_backward_rows_kernel(RowArgs<T> a, const T* __restrict__ grad_out, T* __restrict__ grad_h,
-                              float* __restrict__ coef, int n_slots) {
-  const int slot = blockIdx.x;
-  const int64_t row = selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden);
+                              float* __restrict__ coef) {
   const int r = a.rank;
-  float* coef_delta = coef + (static_cast<int64_t>(kCoefDelta) * n_slots + slot) * r;
-  float* coef_dz = coef + (static_cast<int64_t>(kCoefDz) * n_slots + slot) * r;
-  float* coef_negt = coef + (static_cast<int64_t>(kCoefNegT) * n_slots + slot) * r;
-  if (row < 0) {  // whole block; zeros so that kernels 2 and 3 may read every slot's coefficients
-    for (int k = threadIdx.x; k < r; k += blockDim.x) coef_delta[k] = coef_dz[k] = coef_negt[k] = 0.0f;
-    return;
+  const int n_slots = a.n_slots;
+  const int slot0 = static_cast<int>(blockIdx.x) * M;
+  float* coef_delta = coef + static_cast<int64_t>(kCoefDelta) * n_slots * r;
+  float* coef_dz = coef + static_cast<int64_t>(kCoefDz) * n_slots * r;
+  float* coef_negt = coef + static_cast<int64_t>(kCoefNegT) * n_slots * r;
+  int64_t rows[M];
+  const bool any = block_rows(a, rows);
+  // Zeros for this block's slots that select nothing, so that kernels 2 and 3 may read every slot's coefficients.
+  for (int e = threadIdx.x; e < M * r; e += blockDim.x) {
+    const int slot = slot0 + e / r;
+    if (slot < n_slots && selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden) < 0) {
+      const int64_t i = static_cast<int64_t>(slot) * r + e % r;
+      coef_delta[i] = coef_dz[i] = coef_negt[i] = 0.0f;
+    }
   }
-  __shared__ float warp_sums[kMaxWarps * 2 * R];
-  __shared__ float totals_h[2 * R];  // [0, R): u = h Pᵀ,  [R, 2R): h Wᵀ
-  __shared__ float totals_g[R];      // t = g Qᵀ
-  __shared__ float s_dz[R];
-  __shared__ float s_t[R];
+  if (!any) return;  // whole block
+  __shared__ float warp_sums[kMaxWarps * 2 * M * R];
+  __shared__ float totals_h[2 * M * R];  // row m: [2mR, 2mR + R) u = h Pᵀ,  [2mR + R, 2mR + 2R) h Wᵀ
+  __shared__ float totals_g[M * R];      // row m: t = g Qᵀ
+  __shared__ float s_dz[M * R];
+  __shared__ float s_t[M * R];
   const int d = a.hidden;
-  // backward's h is the compact copy of the selected rows, [B, n, d]: row `slot`
-  const T* __restrict__ h = a.h + static_cast<int64_t>(slot) * a.hidden;
-  const T* __restrict__ g = grad_out + row;
   const DropoutSpec dp = a.dropout;
 
+  // backward's h is the compact copy of the selected rows, [B, n, d]: row `slot`
+  auto load_h = [&](int m, int c, float (&x)[VEC]) {
+    if (rows[m] >= 0) {
+      load_vec<T, VEC>(a.h + static_cast<int64_t>(slot0 + m) * d + c, x);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) x[v] = 0.0f;
+    }
+  };
   // The gradient at o: grad_out times the forward's dropout factor (regenerated, same slot and columns).
-  auto load_g = [&](int c, float (&x)[VEC]) {
-    load_vec<T, VEC>(g + c, x);
+  auto load_g = [&](int m, int c, float (&x)[VEC]) {
+    if (rows[m] < 0) {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) x[v] = 0.0f;
+      return;
+    }
+    load_vec<T, VEC>(grad_out + rows[m] + c, x);
     if (dp.active) {
       float f[VEC];
-      dropout_factors<VEC>(dp, slot, c, f);
+      dropout_factors<VEC>(dp, slot0 + m, c, f);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) x[i] *= f[i];
+      for (int v = 0; v < VEC; ++v) x[v] *= f[v];
     }
   };
 
   {
-    float acc[2][R] = {};
+    float acc[2 * M][R] = {};
     const float* const mats[2] = {a.P, a.W};
-    project_row<R, VEC>([&](int c, float (&x)[VEC]) { load_vec<T, VEC>(h + c, x); }, mats, r, d, acc);
+    project_rows<R, VEC, M>(load_h, mats, r, d, acc);
     block_sum(acc, r, warp_sums, totals_h);
   }
   {
-    float acc[1][R] = {};
+    float acc[M][R] = {};
     const float* const mats[1] = {a.Q};
-    project_row<R, VEC>(load_g, mats, r, d, acc);
+    project_rows<R, VEC, M>(load_g, mats, r, d, acc);
     block_sum(acc, r, warp_sums, totals_g);
   }
 
-  // Per-k scalars once per block (threads k < r), to the coefficient buffer and to shared memory.
-  for (int k = threadIdx.x; k < r; k += blockDim.x) {
-    const float z = (a.W != nullptr ? totals_h[R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
-    const float t = totals_g[k];
+  // Per-(row, k) scalars once per block, to the coefficient buffer and to shared memory.
+  for (int e = threadIdx.x; e < M * r; e += blockDim.x) {
+    const int m = e / r, k = e % r, slot = slot0 + m;
+    if (slot >= n_slots) continue;
+    const float z = (a.W != nullptr ? totals_h[(2 * m + 1) * R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
+    const float t = totals_g[m * R + k];
     const float dz = t * activate_grad(a.activation, z);
-    coef_delta[k] = activate(a.activation, z) - (a.P != nullptr ? totals_h[k] : 0.0f);
-    coef_dz[k] = dz;
-    coef_negt[k] = -t;
-    s_dz[k] = dz;
-    s_t[k] = t;
+    s_dz[m * R + k] = dz;
+    s_t[m * R + k] = t;
+    if (selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden) < 0) continue;  // zeros written above
+    const int64_t i = static_cast<int64_t>(slot) * r + k;
+    coef_delta[i] = activate(a.activation, z) - (a.P != nullptr ? totals_h[2 * m * R + k] : 0.0f);
+    coef_dz[i] = dz;
+    coef_negt[i] = -t;
   }
   __syncthreads();
-  float dz[R], t[R];
-#pragma unroll
-  for (int k = 0; k < R; ++k) {
-    dz[k] = k < r ? s_dz[k] : 0.0f;
-    t[k] = k < r ? s_t[k] : 0.0f;
-  }
 
   // grad_h = g + dz W − s·t P
-  T* __restrict__ gh = grad_h + row;
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
-    float x[VEC], back[VEC] = {};
-    load_g(c, x);
+    float back[M][VEC] = {};
     if (a.W != nullptr) {
 #pragma unroll
       for (int k = 0; k < R; ++k) {
@@ -101,7 +116,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         float w[VEC];
         load_vec<float, VEC>(a.W + k * d + c, w);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) back[i] = fmaf(dz[k], w[i], back[i]);
+        for (int m = 0; m < M; ++m) {
+          const float dz = s_dz[m * R + k];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) back[m][v] = fmaf(dz, w[v], back[m][v]);
+        }
       }
     }
     if (a.P != nullptr) {
@@ -111,12 +130,22 @@ __global__ void __launch_bounds__(kThreads, 1)
         float w[VEC];
         load_vec<float, VEC>(a.P + k * d + c, w);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) back[i] = fmaf(-t[k], w[i], back[i]);
+        for (int m = 0; m < M; ++m) {
+          const float neg_t = -s_t[m * R + k];
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) back[m][v] = fmaf(neg_t, w[v], back[m][v]);
+        }
       }
     }
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) x[i] += back[i];
-    store_vec<T, VEC>(gh + c, x);
+    for (int m = 0; m < M; ++m) {
+      if (rows[m] < 0) continue;
+      float x[VEC];
+      load_g(m, c, x);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) x[v] += back[m][v];
+      store_vec<T, VEC>(grad_h + rows[m] + c, x);
+    }
   }
 }
 
@@ -348,18 +377,32 @@ const char* launch_edit_backward(const EditProblem& p, const void* grad_out, voi
 
     const bool vec = p.hidden % V == 0 && host::aligned16(p.h) && host::aligned16(grad_out) &&
                      host::aligned16(grad_h) && host::aligned16(p.Q) && host::aligned16(p.P) && host::aligned16(p.W);
-    const dim3 rows_grid(static_cast<unsigned>(n_slots));
     const dim3 wgrad_grid(static_cast<unsigned>(plan.tiles), static_cast<unsigned>(plan.splits),
                           static_cast<unsigned>(plan.n_jobs));
+    // M = 4 is instantiated for padded ranks ≤ 8 only (rows_per_block never picks it above).
+    auto launch_rows = [&](auto rows_tag) {
+      constexpr int M = decltype(rows_tag)::value;
+      const dim3 rows_grid(static_cast<unsigned>((n_slots + M - 1) / M));
+      if (vec) {
+        detail::edit_backward_rows_kernel<T, R, V, M>
+            <<<rows_grid, host::row_threads(p.hidden, V), 0, stream>>>(row_args, g, gh, coef);
+      } else {
+        detail::edit_backward_rows_kernel<T, R, 1, M>
+            <<<rows_grid, host::row_threads(p.hidden, 1), 0, stream>>>(row_args, g, gh, coef);
+      }
+    };
+    bool launched = false;
+    if constexpr (R <= host::kMaxRankMultiRow) {
+      if (host::rows_per_block(p) == host::kRowsPerBlock) {
+        launch_rows(host::IntTag<host::kRowsPerBlock>{});
+        launched = true;
+      }
+    }
+    if (!launched) launch_rows(host::IntTag<1>{});
+    if (const char* e = host::launch_status()) return e;
     if (vec) {
-      detail::edit_backward_rows_kernel<T, R, V>
-          <<<rows_grid, host::row_threads(p.hidden, V), 0, stream>>>(row_args, g, gh, coef, wargs.n_slots);
-      if (const char* e = host::launch_status()) return e;
       detail::weight_grad_kernel<T, R, V><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
     } else {
-      detail::edit_backward_rows_kernel<T, R, 1>
-          <<<rows_grid, host::row_threads(p.hidden, 1), 0, stream>>>(row_args, g, gh, coef, wargs.n_slots);
-      if (const char* e = host::launch_status()) return e;
       detail::weight_grad_kernel<T, R, 1><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
     }
     if (const char* e = host::launch_status()) return e;

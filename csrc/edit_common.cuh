@@ -206,31 +206,52 @@ struct RowArgs {
   int64_t seq_len;
   int hidden;
   int n_positions;
+  int n_slots;  // batch * n_positions
   int rank;
   int activation;
   DropoutSpec dropout;
 };
 
-// acc[m][k] += Σ_c x[c] mats[m][k, c] over the columns c this thread owns (chunks of VEC, strided by the block);
-// null matrices contribute nothing. load_x(c, x) fills x with the VEC source values from column c.
-template <int R, int VEC, int M, typename LoadX>
-__device__ __forceinline__ void project_row(LoadX load_x, const float* const (&mats)[M], int r, int d,
-                                            float (&acc)[M][R]) {
+// The M slots of block blockIdx.x: rows[m] = element offset of the row slot blockIdx.x * M + m selects, or -1 (no
+// position, or past the last slot). Returns whether any of them selects a row (the same answer for every thread).
+template <int M, typename T>
+__device__ __forceinline__ bool block_rows(const RowArgs<T>& a, int64_t (&rows)[M]) {
+  bool any = false;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const int slot = blockIdx.x * M + m;
+    rows[m] = slot < a.n_slots ? selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden) : -1;
+    any = any || rows[m] >= 0;
+  }
+  return any;
+}
+
+// acc[m * NM + i][k] += Σ_c x_m[c] mats[i][k, c] for the block's M rows, over the columns c this thread owns (chunks
+// of VEC, strided by the block); null matrices contribute nothing. load_x(m, c, x) fills x with the VEC source values
+// of row m from column c (zeros for a row that selects nothing). Each parameter chunk is loaded once for all M rows:
+// M rows per block read the parameters M times less per row.
+template <int R, int VEC, int M, int NM, typename LoadX>
+__device__ __forceinline__ void project_rows(LoadX load_x, const float* const (&mats)[NM], int r, int d,
+                                             float (&acc)[M * NM][R]) {
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
-    float x[VEC];
-    load_x(c, x);
+    float x[M][VEC];
+#pragma unroll
+    for (int m = 0; m < M; ++m) load_x(m, c, x[m]);
     // Matrix loop outside the rank loop: the null test is taken once per chunk, and the compiler does not version the
     // unrolled rank loop per combination of present matrices.
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (mats[m] == nullptr) continue;
+    for (int i = 0; i < NM; ++i) {
+      if (mats[i] == nullptr) continue;
 #pragma unroll
       for (int k = 0; k < R; ++k) {
         if (k >= r) break;
         float w[VEC];
-        load_vec<float, VEC>(mats[m] + k * d + c, w);
+        load_vec<float, VEC>(mats[i] + k * d + c, w);
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) acc[m][k] = fmaf(x[i], w[i], acc[m][k]);
+        for (int m = 0; m < M; ++m) {
+#pragma unroll
+          for (int v = 0; v < VEC; ++v) acc[m * NM + i][k] = fmaf(x[m][v], w[v], acc[m * NM + i][k]);
+        }
       }
     }
   }
@@ -312,6 +333,7 @@ inline const char* check_problem(const EditProblem& p) {
   if (p.W == nullptr && p.b == nullptr) return "W and b are both null";
   if (p.activation < kIdentity || p.activation > kTanh) return "unknown activation code";
   if (!(p.dropout >= 0.0f && p.dropout < 1.0f)) return "dropout must be in [0, 1)";
+  if (p.rows_per_block < 0) return "rows_per_block must be 0 (from the shape), 1 or more";
   return nullptr;
 }
 
@@ -337,10 +359,24 @@ detail::RowArgs<T> row_args(const EditProblem& p) {
   a.seq_len = p.seq_len;
   a.hidden = static_cast<int>(p.hidden);
   a.n_positions = static_cast<int>(p.n_positions);
+  a.n_slots = static_cast<int>(p.batch * p.n_positions);
   a.rank = static_cast<int>(p.rank);
   a.activation = p.activation;
   a.dropout = dropout_spec(p);
   return a;
+}
+
+// Slots (rows) per block of the per-row kernels: 1, or kRowsPerBlock for padded ranks ≤ kMaxRankMultiRow when there are
+// enough slots to keep kTargetRowBlocks blocks (two waves on a 132-SM H100) or when the caller forces it. More rows
+// per block cut the parameter reads per row (each block reads P, W and Q once) but multiply the accumulators per thread
+// (M · 2 · R), which bounds the rank. A function of the shape only, so results stay reproducible for a shape.
+constexpr int kRowsPerBlock = 4;
+constexpr int kMaxRankMultiRow = 8;
+constexpr int64_t kTargetRowBlocks = 264;
+inline int rows_per_block(const EditProblem& p) {
+  if (padded_rank(p.rank) > kMaxRankMultiRow) return 1;
+  if (p.rows_per_block > 0) return p.rows_per_block >= kRowsPerBlock ? kRowsPerBlock : 1;
+  return p.batch * p.n_positions >= kRowsPerBlock * kTargetRowBlocks ? kRowsPerBlock : 1;
 }
 
 // Threads of a per-row kernel: one VEC-wide chunk per thread up to kThreads, a whole number of warps.

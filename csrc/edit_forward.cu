@@ -1,63 +1,74 @@
-// Forward of the ReFT edit: for each selected row h (one block per slot (b, j) of positions),
-//     u = h Pᵀ,  z = h Wᵀ + b,  δ = act(z) − s·u,  out = dropout(h + δ Q)
-// written back only at that row. Two passes over the row: the r-length projections u and z (per-thread partial dot
-// products in registers, then one block reduction), then h + δQ column by column. h is re-read in the second pass
-// (from L1/L2: a row is at most a few tens of KB) rather than held, so registers stay bounded for any d.
+// Forward of the ReFT edit: for each selected row h (M slots (b, j) per block, M = 1 or 4, see rows_per_block),
+//     u = h Pᵀ,  z = h Wᵀ + b,  δ = act(z) − s·u,  out = dropout(h + δQ)
+// written back only at that row. Two passes over the block's rows: the r-length projections u and z (per-thread
+// partial dot products in registers, then one block reduction), then h + δQ column by column. h is re-read in the
+// second pass (from L1/L2: a row is at most a few tens of KB) rather than held, so registers stay bounded for any d.
+// Each parameter chunk a thread loads serves all M rows.
 #include "edit_common.cuh"
 
 namespace reft_fast {
 namespace detail {
 
-template <typename T, int R, int VEC>
-__global__ void __launch_bounds__(kThreads) edit_forward_kernel(RowArgs<T> a, T* __restrict__ out) {
-  const int slot = blockIdx.x;
-  const int64_t row = selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden);
-  if (row < 0) return;  // whole block: the row is left as the caller's copy of h
-  __shared__ float warp_sums[kMaxWarps * 2 * R];
-  __shared__ float totals[2 * R];  // [0, R): u = h Pᵀ,  [R, 2R): h Wᵀ
+template <typename T, int R, int VEC, int M>
+__global__ void __launch_bounds__(kThreads, 1) edit_forward_kernel(RowArgs<T> a, T* __restrict__ out) {
+  int64_t rows[M];
+  if (!block_rows(a, rows)) return;  // whole block: the rows are left as the caller's copy of h
+  __shared__ float warp_sums[kMaxWarps * 2 * M * R];
+  __shared__ float totals[2 * M * R];  // row m: [2mR, 2mR + R) u = h Pᵀ,  [2mR + R, 2mR + 2R) h Wᵀ
+  __shared__ float s_delta[M * R];
   const int d = a.hidden;
   const int r = a.rank;
-  const T* __restrict__ h = a.h + row;
 
-  float acc[2][R] = {};
+  auto load_h = [&](int m, int c, float (&x)[VEC]) {
+    if (rows[m] >= 0) {
+      load_vec<T, VEC>(a.h + rows[m] + c, x);
+    } else {
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) x[v] = 0.0f;
+    }
+  };
+  float acc[2 * M][R] = {};
   const float* const mats[2] = {a.P, a.W};
-  project_row<R, VEC>([&](int c, float (&x)[VEC]) { load_vec<T, VEC>(h + c, x); }, mats, r, d, acc);
+  project_rows<R, VEC, M>(load_h, mats, r, d, acc);
   block_sum(acc, r, warp_sums, totals);
 
-  // δ_k once per block (threads k < r: one activation per k, not per thread), then into every thread's registers
-  // with compile-time indices.
-  __shared__ float s_delta[R];
-  for (int k = threadIdx.x; k < r; k += blockDim.x) {
-    const float z = (a.W != nullptr ? totals[R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
-    s_delta[k] = activate(a.activation, z) - (a.P != nullptr ? totals[k] : 0.0f);
+  // δ once per block (one activation per (row, k), not per thread), read back from shared memory by every thread.
+  for (int e = threadIdx.x; e < M * r; e += blockDim.x) {
+    const int m = e / r, k = e % r;
+    const float z = (a.W != nullptr ? totals[(2 * m + 1) * R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
+    s_delta[m * R + k] = activate(a.activation, z) - (a.P != nullptr ? totals[2 * m * R + k] : 0.0f);
   }
   __syncthreads();
-  float delta[R];
-#pragma unroll
-  for (int k = 0; k < R; ++k) delta[k] = k < r ? s_delta[k] : 0.0f;
 
-  T* __restrict__ out_row = out + row;
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
-    float x[VEC], edit[VEC] = {};
-    load_vec<T, VEC>(h + c, x);
+    float edit[M][VEC] = {};
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (k >= r) break;
       float q[VEC];
       load_vec<float, VEC>(a.Q + k * d + c, q);
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) edit[i] = fmaf(delta[k], q[i], edit[i]);
-    }
-    float o[VEC];
+      for (int m = 0; m < M; ++m) {
+        const float delta = s_delta[m * R + k];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) o[i] = x[i] + edit[i];
-    if (a.dropout.active) {
-      float f[VEC];
-      dropout_factors<VEC>(a.dropout, slot, c, f);
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) o[i] *= f[i];
+        for (int v = 0; v < VEC; ++v) edit[m][v] = fmaf(delta, q[v], edit[m][v]);
+      }
     }
-    store_vec<T, VEC>(out_row + c, o);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (rows[m] < 0) continue;
+      float o[VEC];
+      load_vec<T, VEC>(a.h + rows[m] + c, o);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) o[v] += edit[m][v];
+      if (a.dropout.active) {
+        float f[VEC];
+        dropout_factors<VEC>(a.dropout, static_cast<int>(blockIdx.x) * M + m, c, f);
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) o[v] *= f[v];
+      }
+      store_vec<T, VEC>(out + rows[m] + c, o);
+    }
   }
 }
 
@@ -78,12 +89,23 @@ const char* launch_edit_forward(const EditProblem& p, void* out) {
     T* out_t = static_cast<T*>(out);
     const bool vec = p.hidden % V == 0 && host::aligned16(p.h) && host::aligned16(out) && host::aligned16(p.Q) &&
                      host::aligned16(p.P) && host::aligned16(p.W);
-    const dim3 grid(static_cast<unsigned>(n_slots));
-    if (vec) {
-      detail::edit_forward_kernel<T, R, V><<<grid, host::row_threads(p.hidden, V), 0, stream>>>(args, out_t);
-    } else {
-      detail::edit_forward_kernel<T, R, 1><<<grid, host::row_threads(p.hidden, 1), 0, stream>>>(args, out_t);
+    // M = 4 is instantiated for padded ranks ≤ 8 only (rows_per_block never picks it above).
+    auto launch = [&](auto rows_tag) {
+      constexpr int M = decltype(rows_tag)::value;
+      const dim3 grid(static_cast<unsigned>((n_slots + M - 1) / M));
+      if (vec) {
+        detail::edit_forward_kernel<T, R, V, M><<<grid, host::row_threads(p.hidden, V), 0, stream>>>(args, out_t);
+      } else {
+        detail::edit_forward_kernel<T, R, 1, M><<<grid, host::row_threads(p.hidden, 1), 0, stream>>>(args, out_t);
+      }
+    };
+    if constexpr (R <= host::kMaxRankMultiRow) {
+      if (host::rows_per_block(p) == host::kRowsPerBlock) {
+        launch(host::IntTag<host::kRowsPerBlock>{});
+        return host::launch_status();
+      }
     }
+    launch(host::IntTag<1>{});
     return host::launch_status();
   });
 }

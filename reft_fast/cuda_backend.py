@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 __all__ = ["CSRC_DIR", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
-           "simulation", "translate_launches", "unavailable_reason"]
+           "rows_per_block", "simulation", "translate_launches", "unavailable_reason"]
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
 CSRC_DIR = next((p for p in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
@@ -36,6 +36,7 @@ SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
 SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
                "sim/include/cuda_bf16.h")
 SIM_ENV = "REFT_FAST_CUDA_SIM"
+ROWS_ENV = "REFT_FAST_CUDA_ROWS_PER_BLOCK"
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -196,9 +197,19 @@ def _int64(positions: torch.Tensor) -> torch.Tensor:
     return positions if positions.dtype == torch.int64 else positions.to(torch.int64)
 
 
+def rows_per_block() -> int:
+    """REFT_FAST_CUDA_ROWS_PER_BLOCK: slots per block of the per-row kernels, 0 (default) = chosen from the shape, 1, or
+    4 (used where the padded rank is ≤ 8). For timing one choice against the other; see csrc/README.md."""
+    value = os.environ.get(ROWS_ENV, "").strip() or "0"
+    if value not in ("0", "1", "4"):
+        raise ValueError(f"{ROWS_ENV}={value!r}: expected 0 (from the shape), 1 or 4")
+    return int(value)
+
+
 def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
     """Overwrite ``out[b, positions[b, j]]`` (out is a copy of h) with ``dropout(h + δQ)``; see reft_fast.ops."""
-    load().edit_forward(h, _int64(positions), Q, P, W, b, int(act), float(dropout), int(seed), out, _stream(h))
+    load().edit_forward(h, _int64(positions), Q, P, W, b, int(act), float(dropout), int(seed), out, _stream(h),
+                        rows_per_block())
 
 
 def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
@@ -206,4 +217,4 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
 
     h_rows [B, n, d] is the compact copy of the selected rows of h (reft_fast.ops.selected_rows)."""
     return load().edit_backward(h_rows, grad_out, _int64(positions), Q, P, W, b, int(act), float(dropout),
-                                int(seed), grad_h, _stream(grad_out))
+                                int(seed), grad_h, _stream(grad_out), rows_per_block())

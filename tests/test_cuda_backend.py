@@ -218,8 +218,41 @@ def test_misaligned_storage_takes_the_scalar_path_correctly(built, dtype):
 
 
 def test_many_rows_use_several_splits_and_stay_exact(built):
-    """B·n = 1024 slots: the weight gradients are summed over several row splits in a fixed order."""
-    check_case("loreft", "gelu", torch.bfloat16, B=16, T=80, n=64, r=8, d=1024)
+    """B·n = 1088 slots: the weight gradients are summed over several row splits in a fixed order, and the per-row
+    kernels take four rows per block (chosen from the shape at padded rank ≤ 8)."""
+    check_case("loreft", "gelu", torch.bfloat16, B=17, T=80, n=64, r=8, d=1024)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("d,r", [(1000, 3), (4097, 8), (520, 4)])
+def test_four_rows_per_block_match_one_row_per_block_bit_for_bit(built, monkeypatch, dtype, d, r):
+    """REFT_FAST_CUDA_ROWS_PER_BLOCK=4 against 1: each row's sums are formed in the same order either way, so outputs
+    and gradients are bitwise equal. 15 slots (a partial last block), two example rows with no position (a block of
+    four empty slots), dropout, vector (d = 1000, 520) and scalar (4097) paths; and the reference still holds."""
+    B, T, n = 5, 9, 3
+    params = make_params("loreft", r, d)
+    positions = make_positions(B, T, n, empty_row=False)
+    positions[2:4] = -1
+    h = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    grad_out = torch.randn_like(h)
+    kw = dict(dropout=0.15, seed=21)
+    results = {}
+    for rows in ("1", "4"):
+        monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
+        results[rows] = forward_backward(h, positions, params, "gelu", "cuda", grad_out, **kw)
+    (out1, g1), (out4, g4) = results["1"], results["4"]
+    assert torch.equal(out1, out4)
+    assert g1.keys() == g4.keys()
+    for name in g1:
+        assert torch.equal(g1[name], g4[name]), name
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, "4")
+    check_case("nodireft", "silu", dtype, B=B, T=T, n=n, r=r, d=d, against_triton=False)
+
+
+def test_rows_per_block_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, "3")
+    with pytest.raises(ValueError, match="REFT_FAST_CUDA_ROWS_PER_BLOCK='3'"):
+        cuda_backend.rows_per_block()
 
 
 def test_no_position_at_all(built):
@@ -369,13 +402,17 @@ def test_bad_arguments_are_named(built):
 # compute-sanitizer
 # ----------------------------------------------------------------------------------------------------------------------
 SANITIZED_RUN = textwrap.dedent("""
+    import itertools
+    import os
     import sys
     import torch
     from reft_fast import ops
     device = sys.argv[1]
     torch.manual_seed(0)
-    for dtype, d, offset, r in ((torch.bfloat16, 1000, 0, 8), (torch.float32, 4097, 0, 3), (torch.float16, 520, 1, 8),
-                                (torch.float32, 256, 0, 64)):
+    cases = ((torch.bfloat16, 1000, 0, 8), (torch.float32, 4097, 0, 3), (torch.float16, 520, 1, 8),
+             (torch.float32, 256, 0, 64))
+    for rows_per_block, (dtype, d, offset, r) in itertools.product(("1", "4"), cases):
+        os.environ["REFT_FAST_CUDA_ROWS_PER_BLOCK"] = rows_per_block
         storage = torch.randn(3 * 5 * d + offset, device=device).to(dtype)
         h = storage[offset:].view(3, 5, d).requires_grad_()
         positions = torch.tensor([[0, 4, -1], [-1, -1, -1], [2, -1, 3]], device=device)
@@ -386,6 +423,10 @@ SANITIZED_RUN = textwrap.dedent("""
         out.float().square().sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
+    else:  # the CPU build must be the instrumented one
+        from pathlib import Path
+        from reft_fast import cuda_backend
+        print("INSTRUMENTED" if b"__asan_report_load" in Path(cuda_backend.load().__file__).read_bytes() else "PLAIN")
     print("SANITIZED RUN DONE")
 """)
 
@@ -433,7 +474,7 @@ def test_address_sanitizer_run_is_clean():
                          env=env)
     report = run.stdout[-4000:] + run.stderr[-6000:]
     assert run.returncode == 0, report
-    assert "SANITIZED RUN DONE" in run.stdout, report
+    assert "SANITIZED RUN DONE" in run.stdout and "INSTRUMENTED" in run.stdout, report
     assert "AddressSanitizer" not in run.stderr, report
 
 
