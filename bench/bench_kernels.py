@@ -6,7 +6,8 @@
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
 
 For every backend that can run here ("torch": the unfused reference; "triton"; "cuda" when reft_fast.cuda_backend
-imports) and every shape (N selected rows, hidden d, rank r; h in bf16) it times LoReFT forward and forward+backward:
+imports, plus "cuda-1row", its kernels forced to one row per block, at ranks ≤ 8) and every shape (N selected rows,
+hidden d, rank r; h in bf16) it times LoReFT forward and forward+backward:
   level "op"      the public reft_fast.ops.loreft (includes the op's one clone of h, which the API's "h is never
                   modified" contract needs: it is part of what a caller pays),
   level "kernel"  the fused backend's launch functions alone on preallocated outputs (what the kernels cost),
@@ -222,6 +223,22 @@ def kernel_runners(case: dict, module):
     return forward, forward_backward
 
 
+def with_env(fn, values: dict):
+    """fn run with the environment variables `values` set (restored afterwards); the backends read them per call."""
+    def wrapped():
+        saved = {k: os.environ.get(k) for k in values}
+        os.environ.update(values)
+        try:
+            return fn()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return wrapped
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
@@ -278,6 +295,14 @@ def run_kernels(grid: dict, device: torch.device, env: dict, *, reps: int = 5, l
                         k_forward, k_forward_backward = kernel_runners(case, module)
                         record(name, "kernel", "fwd", k_forward, output=k_forward)
                         record(name, "kernel", "fwd+bwd", k_forward_backward)
+                    if name == "cuda" and r <= 8:
+                        # The cuda kernels forced to one row per block (where the shape may pick four): the A/B of
+                        # csrc/README.md's "rows per block", in the same run.
+                        k_forward, k_forward_backward = kernel_runners(case, module)
+                        one_row = {"REFT_FAST_CUDA_ROWS_PER_BLOCK": "1"}
+                        record("cuda-1row", "kernel", "fwd", with_env(k_forward, one_row),
+                               output=with_env(k_forward, one_row))
+                        record("cuda-1row", "kernel", "fwd+bwd", with_env(k_forward_backward, one_row))
                 del case, dst, reference
     return rows
 
