@@ -36,11 +36,9 @@ from pathlib import Path
 
 import torch
 
-# The Triton kernels run on a CPU only through the interpreter, which must be chosen before they are decorated; the
-# CUDA C++ kernels through their CPU simulation (csrc/sim). Smoke timings of either mean nothing; they check the rows.
+# The Triton kernels run on a CPU only through the interpreter, which must be chosen before they are decorated.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    os.environ.setdefault("REFT_FAST_CUDA_SIM", "1")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -350,6 +348,10 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         parser.error("the full grid needs a CUDA GPU (its h tensors are up to 2 GB); on a CPU use --smoke")
+    if not cuda:
+        # The CUDA C++ kernels run on a CPU through their simulation (csrc/sim; read at each call, so set here rather
+        # than at import, where it would leak into importers). Smoke timings mean nothing; they check the rows.
+        os.environ.setdefault("REFT_FAST_CUDA_SIM", "1")
     device = bench_device()
     grid = SMOKE if args.smoke else FULL
     env = environment()

@@ -319,5 +319,8 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", cpu)
+    monkeypatch.delenv("REFT_FAST_CUDA_SIM", raising=False)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         ops.resolve_backend("cuda", cpu)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM", "1")  # the CUDA kernels' CPU simulation takes CPU tensors
+    assert ops.resolve_backend("cuda", cpu) == "cuda"
