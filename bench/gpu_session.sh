@@ -3,16 +3,18 @@
 # (`bash bench/make_wheels.sh`), then, from a session that has a GPU machine:
 #
 #   call 1:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#            setup, GPU tests, kernel benchmark, end-to-end rows without gradient checkpointing
-#   call 2:  run(command="bash bench/gpu_session.sh setup e2e-ckpt", carry=[".whl"], timeout_s=600)
+#            setup, GPU tests (triton, the cuda backend built with nvcc, compute-sanitizer), kernel benchmark
+#   call 2:  run(command="bash bench/gpu_session.sh setup e2e", carry=[".whl"], timeout_s=600)
+#            the end-to-end rows without gradient checkpointing
+#   call 3:  run(command="bash bench/gpu_session.sh setup e2e-ckpt", carry=[".whl"], timeout_s=600)
 #            the end-to-end rows with gradient checkpointing
 #
-# Stages (arguments, in order; default: setup tests kernels e2e): setup, tests, kernels, e2e, e2e-ckpt. Each stage has
+# Stages (arguments, in order; default: setup tests kernels): setup, tests, kernels, e2e, e2e-ckpt. Each stage has
 # a time limit inside the call's budget (BUDGET_S, default 570 s); bench_e2e.py starts no row past its deadline and
 # rewrites its CSV after every row, so a call cut short still returns what it measured. Extra bench_e2e.py arguments
 # go in E2E_ARGS (e.g. E2E_ARGS="--shape 13b" on an H200). Everything lands in $OUT (the device tool returns it):
-# session.log, kernels/*.csv|png, e2e-ckpt-off/ and e2e-ckpt-on/ *.csv|png. At most 8 files come back from one call:
-# hence e2e-ckpt in a call of its own.
+# session.log, kernels/*.csv|png, e2e-ckpt-off/ and e2e-ckpt-on/ *.csv|png. At most 8 files come back from one call,
+# and one call is 10 minutes: hence three calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -94,7 +96,7 @@ stage_e2e() { banner "e2e, no checkpointing"; run_e2e off; }
 stage_e2e-ckpt() { banner "e2e, checkpointing"; run_e2e on; }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(setup tests kernels e2e)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(setup tests kernels)
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup|tests|kernels|e2e|e2e-ckpt) "stage_$stage" ;;
