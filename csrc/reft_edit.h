@@ -35,8 +35,8 @@ struct EditProblem {
   float dropout;                // p in [0, 1)
   uint64_t seed;                // keys the counter-based dropout stream
   int rows_per_block = 0;       // slots per block of the per-row kernels: 0 = chosen from the shape; 1 = one; ≥ 4 = four
-                                //   where the padded rank is ≤ 8 (one otherwise). For A/B timing; results agree within
-                                //   rounding (the summation order changes), and are reproducible for a given choice.
+                                //   where the padded rank is ≤ 8 (one otherwise). For A/B timing: each row's sums are
+                                //   formed in the same order either way, so the results are the same bits.
   int device;                   // CUDA device ordinal of every pointer
   void* stream;                 // cudaStream_t the kernels are queued on
 };

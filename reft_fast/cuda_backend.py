@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import shutil
 import threading
 from pathlib import Path
@@ -92,7 +93,7 @@ def _sim_unavailable_reason() -> Optional[str]:
 
     missing = []
     compiler = os.environ.get("CXX", "c++")
-    if shutil.which(compiler) is None:
+    if shutil.which((shlex.split(compiler) or ["c++"])[0]) is None:  # e.g. "ccache g++": the first word runs
         missing.append(f"the C++ compiler {compiler!r} was not found (install g++ or set CXX)")
     if not cpp_extension.is_ninja_available():
         missing.append("ninja was not found: pip install ninja")
@@ -141,8 +142,14 @@ _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re
 
 def translate_launches(source: str) -> str:
     """A .cu source with every ``kernel<<<config>>>(args)`` rewritten as
-    ``::cuda_sim::Launch(config).run(kernel, args)``, for the CPU build. Raises if a launch is left untranslated."""
-    out = _LAUNCH.sub(lambda m: f"::cuda_sim::Launch({m.group(2)}).run({m.group(1)}, ", source)
+    ``::cuda_sim::Launch(config).run(kernel, args)``, for the CPU build; line breaks inside a launch are kept, so line
+    numbers still match the .cu file. Raises if a launch is left untranslated."""
+
+    def rewrite(m):
+        breaks = "\n" * m.group(0).count("\n")
+        return f"::cuda_sim::Launch({' '.join(m.group(2).split())}).run({m.group(1)}, {breaks}"
+
+    out = _LAUNCH.sub(rewrite, source)
     if "<<<" in out:
         line = out[: out.index("<<<")].count("\n") + 1
         raise CudaBackendUnavailable(f"a kernel launch at line {line} is not of the form cuda_sim can translate")
@@ -150,29 +157,39 @@ def translate_launches(source: str) -> str:
 
 
 def _write_if_changed(path: Path, text: str) -> None:
-    # An unchanged file keeps its mtime, so ninja does not rebuild it.
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
+    # An unchanged file keeps its mtime, so ninja does not rebuild it; a changed one is replaced atomically, so a
+    # concurrent build never reads half a file.
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def _build_simulated(*, sanitize: bool):
     reason = _sim_unavailable_reason()
     if reason is not None:
         raise CudaBackendUnavailable(f"backend 'cuda' cannot be built for the CPU simulation: {reason}")
+    import hashlib
+
     from torch.utils.cpp_extension import get_default_build_root, load as load_extension
 
-    name = "reft_fast_cuda_sim_asan" if sanitize else "reft_fast_cuda_sim"
+    # One build per checkout: the translated sources carry this checkout's paths, and two checkouts building at once
+    # must not overwrite each other's.
+    checkout = hashlib.sha256(str(CSRC_DIR.resolve()).encode()).hexdigest()[:10]
+    name = f"reft_fast_cuda_sim{'_asan' if sanitize else ''}_{checkout}"
     source_dir = Path(get_default_build_root()) / f"{name}_sources"
     source_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC_DIR / "binding.cpp"), str(CSRC_DIR / "sim" / "cuda_sim.cpp")]
     for cu in (n for n in SOURCES if n.endswith(".cu")):
         translated = source_dir / (Path(cu).stem + ".cpp")
-        _write_if_changed(translated, f'#line 1 "{CSRC_DIR / cu}"\n' + translate_launches((CSRC_DIR / cu).read_text()))
+        text = translate_launches((CSRC_DIR / cu).read_text(encoding="utf-8"))
+        _write_if_changed(translated, f'#line 1 "{CSRC_DIR / cu}"\n' + text)
         sources.append(str(translated))
-    # The stand-in CUDA headers first; csrc/ for the translated sources' own includes. No strict aliasing: the vector
-    # paths pun through uint4, as CUDA code does.
-    cflags = ["-O2", "-fno-strict-aliasing", "-DREFT_FAST_CUDA_SIM", f"-I{CSRC_DIR / 'sim' / 'include'}",
-              f"-I{CSRC_DIR}"]
+    # No strict aliasing: the vector paths pun through uint4, as CUDA code does. Hidden visibility: the __shared__
+    # statics and the fiber entry stay private to this module, even beside another build of it in one process.
+    cflags = ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+              "-DREFT_FAST_CUDA_SIM"]
     ldflags = []
     if sanitize:
         cflags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-O1"]
@@ -180,7 +197,9 @@ def _build_simulated(*, sanitize: bool):
     _log.info("building the reft_fast cuda backend for the CPU simulation%s (first use; cached afterwards)",
               " with AddressSanitizer" if sanitize else "")
     try:
-        return load_extension(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags)
+        # The stand-in CUDA headers first; csrc/ for the translated sources' own includes.
+        return load_extension(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,
+                              extra_include_paths=[str(CSRC_DIR / "sim" / "include"), str(CSRC_DIR)])
     except Exception as error:
         raise CudaBackendUnavailable(f"building the reft_fast cuda backend for the CPU simulation failed: {error}") \
             from error

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
 
 def _compile(out_dir: Path, name: str, extra):
     source = out_dir / "selftest.cpp"
-    source.write_text(cuda_backend.translate_launches((HERE / "csrc_sim" / "selftest.cu").read_text()))
+    cu = HERE / "csrc_sim" / "selftest.cu"
+    source.write_text(f'#line 1 "{cu}"\n' + cuda_backend.translate_launches(cu.read_text(encoding="utf-8")),
+                      encoding="utf-8")
     exe = out_dir / name
     cmd = [CXX, "-std=c++17", "-O1", "-g", "-fno-strict-aliasing", f"-I{SIM / 'include'}", str(source),
            str(SIM / "cuda_sim.cpp"), "-o", str(exe), *extra]
@@ -64,6 +66,14 @@ def test_divergent_barriers_are_a_launch_error(binaries):
     assert done.returncode == 0, done.stderr
     assert "barrier divergence" in done.stdout and "__syncthreads" in done.stdout and "warp shuffle" in done.stdout, \
         done.stdout
+
+
+@pytest.mark.parametrize("case,what", [("two_sites", "different __syncthreads"),
+                                       ("split_shuffle", "shuffle at different call sites")])
+def test_barriers_at_different_call_sites_are_a_launch_error(binaries, case, what):
+    done = run(binaries["plain"], case)
+    assert done.returncode == 0, done.stderr
+    assert "barrier divergence" in done.stdout and what in done.stdout and "selftest.cu:" in done.stdout, done.stdout
 
 
 def test_misaligned_vector_load_is_a_launch_error(binaries):
@@ -113,11 +123,12 @@ def test_half_and_bfloat16_conversions_match_torch_bit_for_bit(binaries, tmp_pat
 
 
 def test_launch_rewriting():
+    """Launches become cuda_sim calls; a line break inside a launch is kept, so line numbers stay those of the .cu."""
     source = ("k<<<g, b>>>(x);\n"
               "detail::kern<T, R, 1>\n    <<<grid, host::threads(d, 1), 0, stream>>>(args, out);\n")
     assert cuda_backend.translate_launches(source) == (
         "::cuda_sim::Launch(g, b).run(k, x);\n"
-        "::cuda_sim::Launch(grid, host::threads(d, 1), 0, stream).run(detail::kern<T, R, 1>, args, out);\n")
+        "::cuda_sim::Launch(grid, host::threads(d, 1), 0, stream).run(detail::kern<T, R, 1>, \nargs, out);\n")
     with pytest.raises(cuda_backend.CudaBackendUnavailable, match="line 2"):
         cuda_backend.translate_launches("int x;\n(*table[i])<<<g, b>>>(x);\n")
 

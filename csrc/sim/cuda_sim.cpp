@@ -16,13 +16,26 @@
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
+#include <sys/mman.h>
+#include <unistd.h>
+
+// The assembly switch needs x86-64 ELF, and returns to addresses it wrote itself, which a process with CET shadow
+// stacks would reject: there, and elsewhere, ucontext.
+#if defined(__x86_64__) && defined(__ELF__) && !(defined(__CET__) && (__CET__ & 2))
+#define CUDA_SIM_ASM_SWITCH 1
+#else
 #include <ucontext.h>
 #endif
 
 #if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/common_interface_defs.h>
 #define CUDA_SIM_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define CUDA_SIM_ASAN 1
+#endif
+#endif
+#if defined(CUDA_SIM_ASAN)
+#include <sanitizer/common_interface_defs.h>
 #endif
 
 namespace cuda_sim {
@@ -32,7 +45,7 @@ constexpr size_t kStackBytes = 256 * 1024;  // per fiber; kernels keep a few KB 
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr int kWarpSize = 32;
 
-#if defined(__x86_64__)
+#if defined(CUDA_SIM_ASM_SWITCH)
 extern "C" void reft_fast_cuda_sim_switch(void** save_sp, void* load_sp);
 extern "C" void reft_fast_cuda_sim_trampoline();
 asm(R"(
@@ -80,13 +93,34 @@ reft_fast_cuda_sim_trampoline:
 
 enum class State { kRunnable, kAtBlockBarrier, kAtWarpBarrier, kDone };
 
+// A fiber stack: mmap'ed, with an inaccessible guard page below it, so an overflow faults instead of corrupting memory.
+class Stack {
+ public:
+  Stack() {
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    void* p = mmap(nullptr, page_ + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    mprotect(p, page_, PROT_NONE);
+    base_ = static_cast<char*>(p);
+  }
+  ~Stack() { munmap(base_, page_ + kStackBytes); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* bottom() const { return base_ + page_; }  // lowest usable byte; the stack grows down from bottom() + kStackBytes
+
+ private:
+  char* base_ = nullptr;
+  size_t page_ = 0;
+};
+
 struct Fiber {
   ThreadContext ctx;
   State state = State::kRunnable;
+  Site site{nullptr, 0};  // the barrier call site this fiber waits at
   int warp = 0;
   int lane = 0;
-  std::unique_ptr<char[]> stack;
-#if defined(__x86_64__)
+  Stack* stack = nullptr;
+#if defined(CUDA_SIM_ASM_SWITCH)
   void* sp = nullptr;
 #else
   ucontext_t uc;
@@ -103,7 +137,7 @@ struct Block {
   std::vector<Warp> warps;
   const std::function<void()>* body = nullptr;
   Fiber* current = nullptr;
-#if defined(__x86_64__)
+#if defined(CUDA_SIM_ASM_SWITCH)
   void* scheduler_sp = nullptr;
 #else
   ucontext_t scheduler_uc;
@@ -132,6 +166,13 @@ Order schedule_order() {
 }
 
 thread_local Block* t_block = nullptr;
+
+// Fiber stacks are kept for the next launch on this thread (a block has at most 1024 threads).
+Stack* pooled_stack(size_t i) {
+  thread_local std::vector<std::unique_ptr<Stack>> pool;
+  while (pool.size() <= i) pool.emplace_back(new Stack());
+  return pool[i].get();
+}
 std::mutex g_launch_mutex;  // one launch at a time: __shared__ statics belong to the running block
 thread_local cudaError_t t_last_error = cudaSuccess;
 thread_local std::string t_last_message;
@@ -159,7 +200,7 @@ void yield_to_scheduler() {
   __sanitizer_start_switch_fiber(self.state == State::kDone ? nullptr : &fake_stack, block.scheduler_stack_bottom,
                                  block.scheduler_stack_size);
 #endif
-#if defined(__x86_64__)
+#if defined(CUDA_SIM_ASM_SWITCH)
   reft_fast_cuda_sim_switch(&self.sp, block.scheduler_sp);
 #else
   swapcontext(&self.uc, &block.scheduler_uc);
@@ -174,9 +215,9 @@ void resume(Block& block, Fiber& fiber) {
   block.current = &fiber;
 #if defined(CUDA_SIM_ASAN)
   void* fake_stack = nullptr;
-  __sanitizer_start_switch_fiber(&fake_stack, fiber.stack.get(), kStackBytes);
+  __sanitizer_start_switch_fiber(&fake_stack, fiber.stack->bottom(), kStackBytes);
 #endif
-#if defined(__x86_64__)
+#if defined(CUDA_SIM_ASM_SWITCH)
   reft_fast_cuda_sim_switch(&block.scheduler_sp, fiber.sp);
 #else
   swapcontext(&block.scheduler_uc, &fiber.uc);
@@ -191,7 +232,7 @@ struct FaultUnwind {};  // thrown by fault() to leave the kernel; caught in fibe
 
 }  // namespace
 
-extern "C" void reft_fast_cuda_sim_fiber_main(Fiber* fiber) {
+extern "C" __attribute__((visibility("hidden"))) void reft_fast_cuda_sim_fiber_main(Fiber* fiber) {
 #if defined(CUDA_SIM_ASAN)
   __sanitizer_finish_switch_fiber(nullptr, &t_block->scheduler_stack_bottom, &t_block->scheduler_stack_size);
 #endif
@@ -210,17 +251,17 @@ extern "C" void reft_fast_cuda_sim_fiber_main(Fiber* fiber) {
 
 namespace {
 
-#if !defined(__x86_64__)
+#if !defined(CUDA_SIM_ASM_SWITCH)
 void ucontext_entry(unsigned lo, unsigned hi) {
   reft_fast_cuda_sim_fiber_main(reinterpret_cast<Fiber*>((static_cast<uintptr_t>(hi) << 32) | lo));
 }
 #endif
 
 void start_fiber(Block& block, Fiber& f) {
-#if defined(__x86_64__)
+#if defined(CUDA_SIM_ASM_SWITCH)
   // The frame reft_fast_cuda_sim_switch pops: [mxcsr | x87 cw], r15, r14, r13, r12, rbx (= fiber), rbp, return address.
   auto* top = reinterpret_cast<uint64_t*>(
-      (reinterpret_cast<uintptr_t>(f.stack.get() + kStackBytes) & ~static_cast<uintptr_t>(15)));
+      (reinterpret_cast<uintptr_t>(f.stack->bottom() + kStackBytes) & ~static_cast<uintptr_t>(15)));
   uint64_t* sp = top - 8;
   uint32_t mxcsr;
   uint16_t fpcw;
@@ -235,7 +276,7 @@ void start_fiber(Block& block, Fiber& f) {
   (void)block;
 #else
   getcontext(&f.uc);
-  f.uc.uc_stack.ss_sp = f.stack.get();
+  f.uc.uc_stack.ss_sp = f.stack->bottom();
   f.uc.uc_stack.ss_size = kStackBytes;
   f.uc.uc_link = nullptr;
   const auto bits = reinterpret_cast<uintptr_t>(&f);
@@ -246,13 +287,30 @@ void start_fiber(Block& block, Fiber& f) {
   f.state = State::kRunnable;
 }
 
-// Releases whatever barrier every live thread has reached. Returns false when nothing can move: a deadlock.
+bool same_site(const Site& a, const Site& b) {
+  return a.line == b.line && (a.file == b.file || (a.file != nullptr && b.file != nullptr && std::strcmp(a.file, b.file) == 0));
+}
+
+std::string site_text(const Site& s) { return std::string(s.file ? s.file : "?") + ":" + std::to_string(s.line); }
+
+// Releases whatever barrier every live thread has reached. Returns false when nothing can move (a deadlock), and
+// records a divergence when the threads of one barrier wait at different call sites.
 bool release_barriers(Block& block) {
   size_t live = 0, at_block = 0;
+  const Fiber* first_waiting = nullptr;
   for (const Fiber& f : block.fibers) {
     if (f.state == State::kDone) continue;
     ++live;
-    if (f.state == State::kAtBlockBarrier) ++at_block;
+    if (f.state != State::kAtBlockBarrier) continue;
+    ++at_block;
+    if (first_waiting == nullptr) {
+      first_waiting = &f;
+    } else if (!same_site(f.site, first_waiting->site)) {
+      record(block, cudaErrorLaunchFailure,
+             "barrier divergence: threads wait at different __syncthreads: " + site_text(first_waiting->site) +
+                 where(*first_waiting) + " and " + site_text(f.site) + where(f));
+      return false;
+    }
   }
   if (live > 0 && at_block == live) {
     for (Fiber& f : block.fibers)
@@ -265,6 +323,15 @@ bool release_barriers(Block& block) {
     bool all_waiting = true;
     for (size_t i = first; i < last && all_waiting; ++i) all_waiting = block.fibers[i].state == State::kAtWarpBarrier;
     if (!all_waiting) continue;
+    for (size_t i = first + 1; i < last; ++i) {
+      if (!same_site(block.fibers[i].site, block.fibers[first].site)) {
+        record(block, cudaErrorLaunchFailure,
+               "barrier divergence: the lanes of a warp shuffle at different call sites: " +
+                   site_text(block.fibers[first].site) + where(block.fibers[first]) + " and " +
+                   site_text(block.fibers[i].site) + where(block.fibers[i]));
+        return false;
+      }
+    }
     for (size_t i = first; i < last; ++i) block.fibers[i].state = State::kRunnable;
     released = true;
   }
@@ -291,8 +358,9 @@ Fiber& current_fiber() {
   return *t_block->current;
 }
 
-void warp_barrier(Fiber& self) {
+void warp_barrier(Fiber& self, Site site) {
   self.state = State::kAtWarpBarrier;
+  self.site = site;
   yield_to_scheduler();
 }
 
@@ -300,13 +368,14 @@ void warp_barrier(Fiber& self) {
 
 const ThreadContext& context() { return current_fiber().ctx; }
 
-void syncthreads() {
+void syncthreads(Site site) {
   Fiber& self = current_fiber();
   self.state = State::kAtBlockBarrier;
+  self.site = site;
   yield_to_scheduler();
 }
 
-uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width) {
+uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width, Site site) {
   Fiber& self = current_fiber();
   Block& block = *t_block;
   Warp& warp = block.warps[self.warp];
@@ -314,9 +383,9 @@ uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width) {
   if (mask != 0xffffffffu || warp.lanes != kWarpSize)
     fault(cudaErrorLaunchFailure, "__shfl_xor_sync needs a full warp and the full mask in csrc/ (UB otherwise)");
   warp.slot[self.lane] = bits;
-  warp_barrier(self);  // every lane has written
+  warp_barrier(self, site);  // every lane has written
   const uint32_t got = warp.slot[(self.lane ^ lane_mask) & (kWarpSize - 1)];
-  warp_barrier(self);  // every lane has read before any writes again
+  warp_barrier(self, site);  // every lane has read before any writes again
   return got;
 }
 
@@ -355,7 +424,7 @@ cudaError_t launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
     block.warps[w].lanes = static_cast<int>(std::min<uint64_t>(kWarpSize, threads - w * kWarpSize));
   for (size_t i = 0; i < threads; ++i) {
     Fiber& f = block.fibers[i];
-    f.stack.reset(new char[kStackBytes]);
+    f.stack = pooled_stack(i);
     f.warp = static_cast<int>(i / kWarpSize);
     f.lane = static_cast<int>(i % kWarpSize);
     f.ctx.thread_idx = uint3{static_cast<unsigned>(i % block_dim.x), static_cast<unsigned>(i / block_dim.x % block_dim.y),
@@ -399,7 +468,7 @@ cudaError_t launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
           if (all_done) break;
           // Every fiber that could run has run until it blocked or ended: release a barrier, or nothing ever will.
           if (!release_barriers(block)) {
-            record(block, cudaErrorLaunchFailure, deadlock_report(block));
+            record(block, cudaErrorLaunchFailure, deadlock_report(block));  // unless a divergence was recorded
             break;
           }
         }

@@ -5,8 +5,9 @@
 // How: every CUDA thread of a block is a fiber (its own stack, cooperative switching on one OS thread); blocks run one
 // after another. __syncthreads() parks the fiber until every live thread of the block has arrived; __shfl_xor_sync
 // exchanges through a per-warp slot array between two warp barriers. Divergent barriers (a thread waiting at
-// __syncthreads() while a lane of its warp waits in a shuffle, or a full-mask shuffle with an exited lane) are reported
-// as launch errors, as is a misaligned 16-byte __ldg. __shared__ variables become function statics: with one block at a
+// __syncthreads() while a lane of its warp waits in a shuffle, threads waiting at different __syncthreads() or shuffle
+// call sites, a full-mask shuffle with an exited lane) are reported as launch errors, as is a misaligned 16-byte
+// __ldg. __shared__ variables become function statics: with one block at a
 // time on one OS thread, a static is exactly one block's shared memory. REFT_FAST_CUDA_SIM_ORDER (forward, reverse,
 // shuffle) sets the order in which a block's threads are resumed: race-free kernels give the same bits under each.
 //
@@ -85,9 +86,14 @@ struct ThreadContext {
 };
 const ThreadContext& context();
 
-void syncthreads();
+// Where a barrier is called from: threads that wait at different call sites of one barrier kind are a divergence.
+struct Site {
+  const char* file;
+  int line;
+};
+void syncthreads(Site site);
 // Exchanges `bits` between the 32 lanes of the calling warp: returns the bits that lane (lane ^ lane_mask) passed.
-uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width);
+uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width, Site site);
 // Records a device-side fault (reported by the launch through cudaGetLastError) and ends the calling thread's kernel.
 [[noreturn]] void fault(cudaError_t error, const char* what);
 
@@ -120,14 +126,18 @@ class Launch {
 #define blockDim (::cuda_sim::context().block_dim)
 #define gridDim (::cuda_sim::context().grid_dim)
 
-inline void __syncthreads() { ::cuda_sim::syncthreads(); }
+// The call site comes in through default arguments (__builtin_FILE/LINE are evaluated where the call is written).
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  ::cuda_sim::syncthreads({file, line});
+}
 
 template <typename T>
-inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
+inline T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32, const char* file = __builtin_FILE(),
+                         int line = __builtin_LINE()) {
   static_assert(sizeof(T) == 4, "cuda_sim shuffles 32-bit values only");
   uint32_t bits;
   std::memcpy(&bits, &value, 4);
-  bits = ::cuda_sim::shfl_xor_bits(mask, bits, lane_mask, width);
+  bits = ::cuda_sim::shfl_xor_bits(mask, bits, lane_mask, width, {file, line});
   std::memcpy(&value, &bits, 4);
   return value;
 }

@@ -43,6 +43,29 @@ __global__ void divergent_kernel(float* out) {
   out[threadIdx.x] = v;
 }
 
+// Two warps at two different __syncthreads call sites: undefined on a GPU (they may pass each other), an error here.
+__global__ void two_sites_kernel(float* out) {
+  __shared__ float s[64];
+  s[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = s[63 - threadIdx.x];
+}
+
+// Half a warp shuffles at one call site, the other half at another: undefined on a GPU, an error here.
+__global__ void split_shuffle_kernel(float* out) {
+  float v = static_cast<float>(threadIdx.x);
+  if (threadIdx.x % 32 < 16) {
+    v = __shfl_xor_sync(0xffffffffu, v, 16);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 16);
+  }
+  out[threadIdx.x] = v;
+}
+
 // A 16-byte load 4 bytes past an aligned address.
 __global__ void misaligned_kernel(const float* in, float* out) {
   const uint4 w = __ldg(reinterpret_cast<const uint4*>(in + 1));
@@ -99,6 +122,16 @@ int main(int argc, char** argv) {
     std::vector<float> out(64);
     divergent_kernel<<<1, 64>>>(out.data());
     return report("divergent");
+  }
+  if (which == "two_sites") {
+    std::vector<float> out(64);
+    two_sites_kernel<<<1, 64>>>(out.data());
+    return report("two_sites");
+  }
+  if (which == "split_shuffle") {
+    std::vector<float> out(32);
+    split_shuffle_kernel<<<1, 32>>>(out.data());
+    return report("split_shuffle");
   }
   if (which == "misaligned") {
     alignas(16) float in[8] = {};
