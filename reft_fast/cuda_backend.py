@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CSRC_DIR", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
+__all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
            "rows_per_block", "simulation", "translate_launches", "unavailable_reason"]
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
