@@ -109,34 +109,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   // grad_h = g + dz W − s·t P
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
     float back[M][VEC] = {};
-    if (a.W != nullptr) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (k >= r) break;
-        float w[VEC];
-        load_vec<float, VEC>(a.W + k * d + c, w);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const float dz = s_dz[m * R + k];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) back[m][v] = fmaf(dz, w[v], back[m][v]);
-        }
-      }
-    }
-    if (a.P != nullptr) {
-#pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (k >= r) break;
-        float w[VEC];
-        load_vec<float, VEC>(a.P + k * d + c, w);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          const float neg_t = -s_t[m * R + k];
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) back[m][v] = fmaf(neg_t, w[v], back[m][v]);
-        }
-      }
-    }
+    if (a.W != nullptr) accumulate_rows<R, VEC, M, false>(a.W, s_dz, r, d, c, back);
+    if (a.P != nullptr) accumulate_rows<R, VEC, M, true>(a.P, s_t, r, d, c, back);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if (rows[m] < 0) continue;

@@ -257,6 +257,25 @@ __device__ __forceinline__ void project_rows(LoadX load_x, const float* const (&
   }
 }
 
+// acc[m][v] += ±coef[m * R + k] · mat[k, c + v] over k < r, for the block's M rows: the write passes' δQ, dz W and
+// −t P. coef is the per-(row, k) vector in shared memory; each parameter chunk is loaded once for all M rows.
+template <int R, int VEC, int M, bool NEGATE>
+__device__ __forceinline__ void accumulate_rows(const float* mat, const float* coef, int r, int d, int c,
+                                                float (&acc)[M][VEC]) {
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k >= r) break;
+    float w[VEC];
+    load_vec<float, VEC>(mat + k * d + c, w);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float s = NEGATE ? -coef[m * R + k] : coef[m * R + k];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc[m][v] = fmaf(s, w[v], acc[m][v]);
+    }
+  }
+}
+
 // totals[m * R + k] = Σ over the block of acc[m][k], for k < r, visible to every thread on return. Fixed order: an xor
 // butterfly inside each warp, then the warps in index order, so the sums are bitwise reproducible. blockDim.x must be a
 // multiple of 32 and at most kThreads; warp_sums holds kMaxWarps * M * R floats and may be reused after return.

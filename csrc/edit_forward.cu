@@ -42,18 +42,7 @@ __global__ void __launch_bounds__(kThreads, 1) edit_forward_kernel(RowArgs<T> a,
 
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
     float edit[M][VEC] = {};
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (k >= r) break;
-      float q[VEC];
-      load_vec<float, VEC>(a.Q + k * d + c, q);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const float delta = s_delta[m * R + k];
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) edit[m][v] = fmaf(delta, q[v], edit[m][v]);
-      }
-    }
+    accumulate_rows<R, VEC, M, false>(a.Q, s_delta, r, d, c, edit);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       if (rows[m] < 0) continue;
