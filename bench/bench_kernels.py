@@ -6,7 +6,8 @@
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
 
 For every backend that can run here ("torch": the unfused reference; "triton"; "cuda" when reft_fast.cuda_backend
-imports, plus "cuda-1row", its kernels forced to one row per block, at ranks ≤ 8) and every shape (N selected rows,
+imports, plus "cuda-1row", "cuda-4row" (ranks ≤ 8) and "cuda-tile", its kernels forced to one row, four rows or the
+16-row tensor-core tile per block, kernel level only) and every shape (N selected rows,
 hidden d, rank r; h in bf16) it times LoReFT forward and forward+backward:
   level "op"      the public reft_fast.ops.loreft (includes the op's one clone of h, which the API's "h is never
                   modified" contract needs: it is part of what a caller pays),
@@ -48,6 +49,8 @@ from reft_fast.orthogonal import random_orthonormal_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The forced rows-per-block variants of the cuda backend timed beside its default (REFT_FAST_CUDA_ROWS_PER_BLOCK).
+CUDA_ROWS_VARIANTS = (("cuda-1row", "1"), ("cuda-4row", "4"), ("cuda-tile", "16"))
 FULL = dict(rows=(112, 4096, 65536), d=(4096, 8192), r=(4, 8, 32), batch=8, min_seq=512)
 # Smoke: d not a power of two and a rank below 16 exercise the kernels' masks; a few programs per launch only.
 SMOKE = dict(rows=(8, 24), d=(64, 96), r=(1, 4), batch=2, min_seq=16)
@@ -293,14 +296,17 @@ def run_kernels(grid: dict, device: torch.device, env: dict, *, reps: int = 5, l
                         k_forward, k_forward_backward = kernel_runners(case, module)
                         record(name, "kernel", "fwd", k_forward, output=k_forward)
                         record(name, "kernel", "fwd+bwd", k_forward_backward)
-                    if name == "cuda" and r <= 8:
-                        # The cuda kernels forced to one row per block (where the shape may pick four): the A/B of
-                        # csrc/README.md's "rows per block", in the same run.
+                    if name == "cuda":
+                        # The cuda kernels forced to each rows-per-block choice (csrc/README.md): one row, four rows
+                        # (ranks ≤ 8), the tensor-core tile (16 rows, bf16 h): the A/B of the shape rule, in one run.
                         k_forward, k_forward_backward = kernel_runners(case, module)
-                        one_row = {"REFT_FAST_CUDA_ROWS_PER_BLOCK": "1"}
-                        record("cuda-1row", "kernel", "fwd", with_env(k_forward, one_row),
-                               output=with_env(k_forward, one_row))
-                        record("cuda-1row", "kernel", "fwd+bwd", with_env(k_forward_backward, one_row))
+                        for label, rows_env in CUDA_ROWS_VARIANTS:
+                            if rows_env == "4" and r > 8:
+                                continue
+                            forced = {"REFT_FAST_CUDA_ROWS_PER_BLOCK": rows_env}
+                            record(label, "kernel", "fwd", with_env(k_forward, forced),
+                                   output=with_env(k_forward, forced))
+                            record(label, "kernel", "fwd+bwd", with_env(k_forward_backward, forced))
                 del case, dst, reference
     return rows
 

@@ -1,6 +1,6 @@
 // Backward of the ReFT edit, in three launches (no atomics; the summation order depends only on the shape):
 //
-// 1. per-row kernel (M = 1 or 4 slots (b, j) per block), for the selected row h with g = grad_out ⊙ mask / (1 − p):
+// 1. rows kernel (M = 1 or 4 slots (b, j) per block; 16 on the tensor-core tile path), for the selected row h with g = grad_out ⊙ mask / (1 − p):
 //        u = h Pᵀ,  z = h Wᵀ + b,  t = g Qᵀ                       (block reductions, fixed order)
 //        δ = act(z) − s·u,  dz = t ⊙ act'(z)
 //        grad_h[row] = g + dz W − s·t P
@@ -12,6 +12,7 @@
 //    per k, lane-strided in slot order, then an xor butterfly).
 // The dropout mask is regenerated from (seed, slot, column) in kernels 1 and 2 (see dropout_factors).
 #include "edit_common.cuh"
+#include "edit_tile.cuh"
 
 namespace reft_fast {
 namespace detail {
@@ -121,6 +122,114 @@ __global__ void __launch_bounds__(kThreads, 1)
       store_vec<T, VEC>(grad_h + rows[m] + c, x);
     }
   }
+}
+
+// The tile path of kernel 1 (16-bit h, sm_80+, padded rank R ≥ 16; see edit_tile.cuh): 16 slots per block, the
+// projections [u | hWᵀ] = h [P; W]ᵀ and t = g Qᵀ and the write-back [dz | −t] [W; P] as TF32 tensor-core products.
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks)
+    edit_backward_tile_kernel(RowArgs<T> a, const T* __restrict__ grad_out, T* __restrict__ grad_h,
+                              float* __restrict__ coef) {
+#if REFT_FAST_TILE_ARCH
+  constexpr int NPH = 2 * R;  // [u | hWᵀ]
+  constexpr int KC = 2 * R;   // [dz | −t]
+  constexpr int LDC = KC + kTilePad;
+  constexpr int kStageH = tile_stage_floats(NPH, KC), kStageG = tile_stage_floats(R, KC);
+  constexpr int kStage = kStageH > kStageG ? kStageH : kStageG;
+  constexpr int kXH = tile_proj_cols(NPH), kXG = tile_proj_cols(R);
+  constexpr int kX = kTileRows * ((kXH > kXG ? kXH : kXG) + kTilePad);
+  alignas(32) __shared__ float pool[kStage + kX + kTileRows * (NPH + R) + kTileRows * LDC];
+  __shared__ int64_t s_row[kTileRows];
+  float* const s_stage = pool;
+  float* const s_x = s_stage + kStage;
+  float* const totals_h = s_x + kX;                  // [16][2R]
+  float* const totals_g = totals_h + kTileRows * NPH;  // [16][R]
+  float* const s_coef = totals_g + kTileRows * R;
+  const int r = a.rank;
+  const int d = a.hidden;
+  const int n_slots = a.n_slots;
+  const int slot0 = static_cast<int>(blockIdx.x) * kTileRows;
+  float* coef_delta = coef + static_cast<int64_t>(kCoefDelta) * n_slots * r;
+  float* coef_dz = coef + static_cast<int64_t>(kCoefDz) * n_slots * r;
+  float* coef_negt = coef + static_cast<int64_t>(kCoefNegT) * n_slots * r;
+  const bool any = tile_rows(a, s_row);
+  // Zeros for this block's slots that select nothing, so that kernels 2 and 3 may read every slot's coefficients.
+  for (int e = threadIdx.x; e < kTileRows * r; e += blockDim.x) {
+    const int i = e / r, slot = slot0 + i;
+    if (slot < n_slots && s_row[i] < 0) {
+      const int64_t j = static_cast<int64_t>(slot) * r + e % r;
+      coef_delta[j] = coef_dz[j] = coef_negt[j] = 0.0f;
+    }
+  }
+  if (!any) return;  // whole block
+  const DropoutSpec dp = a.dropout;
+
+  // backward's h is the compact copy of the selected rows, [B, n, d]: row `slot`
+  const float* const proj_h[2] = {a.P, a.W};
+  tile_project<2, R>(
+      [&](int i, int c, float (&x)[4]) {
+        if (s_row[i] >= 0) {
+          load4(a.h + static_cast<int64_t>(slot0 + i) * d + c, c, d, x);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) x[q] = 0.0f;
+        }
+      },
+      proj_h, r, d, s_stage, s_x, totals_h);
+  // The gradient at o: grad_out times the forward's dropout factor (regenerated, same slot and columns).
+  auto load_g = [&](int i, int c, float (&x)[4]) {
+    const int64_t row = s_row[i];
+    if (row < 0) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] = 0.0f;
+      return;
+    }
+    load4(grad_out + row + c, c, d, x);
+    if (dp.active) {
+      float f[4];
+      dropout_factors<4>(dp, slot0 + i, c, f);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] *= f[q];
+    }
+  };
+  const float* const proj_g[1] = {a.Q};
+  tile_project<1, R>(load_g, proj_g, r, d, s_stage, s_x, totals_g);
+
+  // Per-(row, k) scalars once per block: to the coefficient buffer (full fp32) and, rounded to TF32, to the write
+  // pass's [dz | −t] (zeros for k ≥ r and for an absent matrix).
+  for (int e = threadIdx.x; e < kTileRows * R; e += blockDim.x) {
+    const int i = e / R, k = e % R, slot = slot0 + i;
+    float dz = 0.0f, t = 0.0f;
+    if (k < r && slot < n_slots) {
+      const float z = (a.W != nullptr ? totals_h[i * NPH + R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
+      t = totals_g[i * R + k];
+      dz = t * activate_grad(a.activation, z);
+      if (s_row[i] >= 0) {
+        const int64_t j = static_cast<int64_t>(slot) * r + k;
+        coef_delta[j] = activate(a.activation, z) - (a.P != nullptr ? totals_h[i * NPH + k] : 0.0f);
+        coef_dz[j] = dz;
+        coef_negt[j] = -t;
+      }
+    }
+    s_coef[i * LDC + k] = a.W != nullptr ? wmma::__float_to_tf32(dz) : 0.0f;
+    s_coef[i * LDC + R + k] = a.P != nullptr ? wmma::__float_to_tf32(-t) : 0.0f;
+  }
+  __syncthreads();
+
+  // grad_h = g + dz W − t P
+  const float* const back[2] = {a.W, a.P};
+  tile_write<2, R>(back, s_coef, r, d, s_stage, [&](int i, int c, const float (&v)[4]) {
+    const int64_t row = s_row[i];
+    if (row < 0) return;
+    float x[4];
+    load_g(i, c, x);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (c + q >= d) break;
+      grad_h[row + c + q] = Convert<T>::from_float(x[q] + v[q]);
+    }
+  });
+#endif
 }
 
 template <typename T>
@@ -323,6 +432,7 @@ const char* launch_edit_backward(const EditProblem& p, const void* grad_out, voi
   if (workspace == nullptr) return "the backward needs a workspace of edit_backward_workspace_floats() floats";
 
   const host::BackwardPlan plan = host::make_plan(p);
+  const int rows = host::rows_per_block(p);
   float* coef = workspace;
   float* partials = workspace + plan.coef_floats;
 
@@ -366,8 +476,16 @@ const char* launch_edit_backward(const EditProblem& p, const void* grad_out, voi
       }
     };
     bool launched = false;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (rows == host::kTileRows) {
+        constexpr int RT = R < detail::kTileMinRank ? detail::kTileMinRank : R;
+        const dim3 tile_grid(static_cast<unsigned>((n_slots + host::kTileRows - 1) / host::kTileRows));
+        detail::edit_backward_tile_kernel<T, RT><<<tile_grid, detail::kThreads, 0, stream>>>(row_args, g, gh, coef);
+        launched = true;
+      }
+    }
     if constexpr (R <= host::kMaxRankMultiRow) {
-      if (host::rows_per_block(p) == host::kRowsPerBlock) {
+      if (!launched && rows == host::kRowsPerBlock) {
         launch_rows(host::IntTag<host::kRowsPerBlock>{});
         launched = true;
       }

@@ -17,6 +17,8 @@ namespace detail {
 // Threads of the per-row kernels (at most; small d gets fewer) and of the weight-gradient kernel (exactly).
 constexpr int kThreads = 256;
 constexpr int kMaxWarps = kThreads / 32;
+// Slots per block of the tensor-core tile kernels (edit_tile.cuh): the m of the 16 × 16 × 8 TF32 mma.
+constexpr int kTileRows = 16;
 
 // Weight-gradient tiling for padded rank R: each thread owns one column of a tile and min(R, 16) rank indices, so the
 // block covers R ranks x kThreads / (R / min(R, 16)) columns with at most 16 accumulators per thread.
@@ -385,17 +387,42 @@ detail::RowArgs<T> row_args(const EditProblem& p) {
   return a;
 }
 
-// Slots (rows) per block of the per-row kernels: 1, or kRowsPerBlock for padded ranks ≤ kMaxRankMultiRow when there are
-// enough slots to keep kTargetRowBlocks blocks (two waves on a 132-SM H100) or when the caller forces it. More rows
-// per block cut the parameter reads per row (each block reads P, W and Q once) but multiply the accumulators per thread
-// (M · 2 · R), which bounds the rank. A function of the shape only, so results stay reproducible for a shape.
+// Whether the current device has TF32 tensor cores (sm_80+), which the tile kernels (edit_tile.cuh) need.
+inline bool tile_capable(int device) {
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the per-row kernels run instead
+    return false;
+  }
+  return major >= 8;
+}
+
+// Slots (rows) per block of the rows kernels, a function of the shape (and of the GPU having tensor cores) only, so
+// results stay reproducible for a shape:
+//   kTileRows (16): the tensor-core tile kernels, for 16-bit h on sm_80+ when there are at least kTileMinSlots slots
+//       (a wave of 132 tile blocks); each block stages every parameter chunk once for 16 rows. Below that the tile
+//       kernel's chunk loop is latency-bound with one block per SM, and the per-row kernels spread the rows over more
+//       SMs (a prediction, bench/NOTES.md).
+//   kRowsPerBlock (4): per-row kernels with four slots a block, for padded ranks ≤ kMaxRankMultiRow when there are
+//       enough slots to keep kTargetRowBlocks blocks (two waves on a 132-SM H100): M · 2 · R accumulators per thread
+//       bound the rank.
+//   1: otherwise.
+// p.rows_per_block forces a choice for A/B timing: 1 → 1; 2..15 → 4 where the rank allows it, else 1; ≥ 16 → the tile
+// kernels where h is 16-bit and the GPU has tensor cores, else as 4.
 constexpr int kRowsPerBlock = 4;
 constexpr int kMaxRankMultiRow = 8;
+constexpr int kTileRows = detail::kTileRows;
 constexpr int64_t kTargetRowBlocks = 264;
+constexpr int64_t kTileMinSlots = kTileRows * kTargetRowBlocks / 2;
 inline int rows_per_block(const EditProblem& p) {
-  if (padded_rank(p.rank) > kMaxRankMultiRow) return 1;
-  if (p.rows_per_block > 0) return p.rows_per_block >= kRowsPerBlock ? kRowsPerBlock : 1;
-  return p.batch * p.n_positions >= kRowsPerBlock * kTargetRowBlocks ? kRowsPerBlock : 1;
+  const int64_t n_slots = p.batch * p.n_positions;
+  const bool four_ok = padded_rank(p.rank) <= kMaxRankMultiRow;
+  if (p.rows_per_block == 1) return 1;
+  if (p.rows_per_block > 1 && p.rows_per_block < kTileRows) return four_ok ? kRowsPerBlock : 1;
+  const bool tile_ok = p.dtype != HDType::kFloat32 && tile_capable(p.device);
+  if (p.rows_per_block >= kTileRows) return tile_ok ? kTileRows : four_ok ? kRowsPerBlock : 1;
+  if (tile_ok && n_slots >= kTileMinSlots) return kTileRows;
+  return four_ok && n_slots >= kRowsPerBlock * kTargetRowBlocks ? kRowsPerBlock : 1;
 }
 
 // Threads of a per-row kernel: one VEC-wide chunk per thread up to kThreads, a whole number of warps.

@@ -1,10 +1,12 @@
-// Forward of the ReFT edit: for each selected row h (M slots (b, j) per block, M = 1 or 4, see rows_per_block),
+// Forward of the ReFT edit: for each selected row h (M slots (b, j) per block, M = 1 or 4, or 16 on the tensor-core
+// tile path; see rows_per_block),
 //     u = h Pᵀ,  z = h Wᵀ + b,  δ = act(z) − s·u,  out = dropout(h + δQ)
 // written back only at that row. Two passes over the block's rows: the r-length projections u and z (per-thread
 // partial dot products in registers, then one block reduction), then h + δQ column by column. h is re-read in the
 // second pass (from L1/L2: a row is at most a few tens of KB) rather than held, so registers stay bounded for any d.
 // Each parameter chunk a thread loads serves all M rows.
 #include "edit_common.cuh"
+#include "edit_tile.cuh"
 
 namespace reft_fast {
 namespace detail {
@@ -61,6 +63,69 @@ __global__ void __launch_bounds__(kThreads, 1) edit_forward_kernel(RowArgs<T> a,
   }
 }
 
+
+// The tile path (16-bit h, sm_80+, padded rank R ≥ 16; see edit_tile.cuh): the same two passes for 16 slots at once,
+// the projections [u | hWᵀ] = h [P; W]ᵀ and the edit δQ as TF32 tensor-core products.
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks) edit_forward_tile_kernel(RowArgs<T> a, T* __restrict__ out) {
+#if REFT_FAST_TILE_ARCH
+  constexpr int NP = 2 * R;  // [u | hWᵀ]
+  constexpr int LDC = R + kTilePad;
+  constexpr int kStage = tile_stage_floats(NP, R);
+  constexpr int kX = kTileRows * (tile_proj_cols(NP) + kTilePad);
+  constexpr int kTotals = kTileRows * NP;
+  alignas(32) __shared__ float pool[kStage + kX + kTotals + kTileRows * LDC];
+  __shared__ int64_t s_row[kTileRows];
+  float* const s_stage = pool;
+  float* const s_x = s_stage + kStage;
+  float* const totals = s_x + kX;
+  float* const s_coef = totals + kTotals;
+  if (!tile_rows(a, s_row)) return;  // whole block: the rows are left as the caller's copy of h
+  const int d = a.hidden;
+  const int r = a.rank;
+  const int slot0 = static_cast<int>(blockIdx.x) * kTileRows;
+
+  const float* const proj[2] = {a.P, a.W};
+  tile_project<2, R>(
+      [&](int i, int c, float (&x)[4]) {
+        const int64_t row = s_row[i];
+        if (row >= 0) {
+          load4(a.h + row + c, c, d, x);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) x[q] = 0.0f;
+        }
+      },
+      proj, r, d, s_stage, s_x, totals);
+
+  // δ once per (row, k), rounded to TF32 for the products; zero for k ≥ r.
+  for (int e = threadIdx.x; e < kTileRows * R; e += blockDim.x) {
+    const int i = e / R, k = e % R;
+    float delta = 0.0f;
+    if (k < r) {
+      const float z = (a.W != nullptr ? totals[i * NP + R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
+      delta = activate(a.activation, z) - (a.P != nullptr ? totals[i * NP + k] : 0.0f);
+    }
+    s_coef[i * LDC + k] = wmma::__float_to_tf32(delta);
+  }
+  __syncthreads();
+
+  const float* const q_mat[1] = {a.Q};
+  tile_write<1, R>(q_mat, s_coef, r, d, s_stage, [&](int i, int c, const float (&v)[4]) {
+    const int64_t row = s_row[i];
+    if (row < 0) return;
+    float f[4] = {1.0f, 1.0f, 1.0f, 1.0f};
+    if (a.dropout.active) dropout_factors<4>(a.dropout, slot0 + i, c, f);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      if (c + q >= d) break;
+      const float o = (Convert<T>::to_float(a.h[row + c + q]) + v[q]) * f[q];
+      out[row + c + q] = Convert<T>::from_float(o);
+    }
+  });
+#endif
+}
+
 }  // namespace detail
 
 const char* launch_edit_forward(const EditProblem& p, void* out) {
@@ -70,6 +135,7 @@ const char* launch_edit_forward(const EditProblem& p, void* out) {
   host::DeviceGuard guard(p.device);
   if (const char* e = guard.error()) return e;
   auto stream = static_cast<cudaStream_t>(p.stream);
+  const int rows = host::rows_per_block(p);
   return host::dispatch(p.dtype, p.rank, [&](auto type_tag, auto rank_tag) -> const char* {
     using T = typename decltype(type_tag)::type;
     constexpr int R = decltype(rank_tag)::value;
@@ -78,6 +144,14 @@ const char* launch_edit_forward(const EditProblem& p, void* out) {
     T* out_t = static_cast<T*>(out);
     const bool vec = p.hidden % V == 0 && host::aligned16(p.h) && host::aligned16(out) && host::aligned16(p.Q) &&
                      host::aligned16(p.P) && host::aligned16(p.W);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (rows == host::kTileRows) {
+        constexpr int RT = R < detail::kTileMinRank ? detail::kTileMinRank : R;
+        const dim3 grid(static_cast<unsigned>((n_slots + host::kTileRows - 1) / host::kTileRows));
+        detail::edit_forward_tile_kernel<T, RT><<<grid, detail::kThreads, 0, stream>>>(args, out_t);
+        return host::launch_status();
+      }
+    }
     // M = 4 is instantiated for padded ranks ≤ 8 only (rows_per_block never picks it above).
     auto launch = [&](auto rows_tag) {
       constexpr int M = decltype(rows_tag)::value;
@@ -89,7 +163,7 @@ const char* launch_edit_forward(const EditProblem& p, void* out) {
       }
     };
     if constexpr (R <= host::kMaxRankMultiRow) {
-      if (host::rows_per_block(p) == host::kRowsPerBlock) {
+      if (rows == host::kRowsPerBlock) {
         launch(host::IntTag<host::kRowsPerBlock>{});
         return host::launch_status();
       }

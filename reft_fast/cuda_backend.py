@@ -217,11 +217,12 @@ def _int64(positions: torch.Tensor) -> torch.Tensor:
 
 
 def rows_per_block() -> int:
-    """REFT_FAST_CUDA_ROWS_PER_BLOCK: slots per block of the per-row kernels, 0 (default) = chosen from the shape, 1, or
-    4 (used where the padded rank is ≤ 8). For timing one choice against the other; see csrc/README.md."""
+    """REFT_FAST_CUDA_ROWS_PER_BLOCK: slots per block of the rows kernels. 0 (default): chosen from the shape; 1: one;
+    4: four where the padded rank is ≤ 8; 16: the tensor-core tile kernels where h is 16-bit and the GPU is sm_80+
+    (the simulation counts as sm_90). For timing one choice against another; see csrc/README.md."""
     value = os.environ.get(ROWS_ENV, "").strip() or "0"
-    if value not in ("0", "1", "4"):
-        raise ValueError(f"{ROWS_ENV}={value!r}: expected 0 (from the shape), 1 or 4")
+    if value not in ("0", "1", "4", "16"):
+        raise ValueError(f"{ROWS_ENV}={value!r}: expected 0 (from the shape), 1, 4 or 16")
     return int(value)
 
 

@@ -90,6 +90,11 @@ def test_cuda_backend_rows_run_through_the_cpu_simulation(smoke_run):
     assert {(r["level"], r["pass"]) for r in cuda_rows} == {(lvl, p) for lvl in ("op", "kernel")
                                                             for p in ("fwd", "fwd+bwd")}
     assert all(float(r["max_abs_err"]) <= 0.0625 for r in cuda_rows if r["pass"] == "fwd")
+    # the forced rows-per-block variants (the smoke ranks are ≤ 8, so all three), kernel level
+    variants = [r for r in rows if r["backend"].startswith("cuda-")]
+    assert {r["backend"] for r in variants} == {"cuda-1row", "cuda-4row", "cuda-tile"}
+    assert all(r["status"] == "ok" and r["level"] == "kernel" for r in variants), [r["status"] for r in variants]
+    assert all(float(r["max_abs_err"]) <= 0.0625 for r in variants if r["pass"] == "fwd")
 
 
 def test_orthogonal_csv_covers_every_method_with_orthonormal_results(smoke_run):

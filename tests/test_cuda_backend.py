@@ -34,6 +34,11 @@ WEIGHT_TOL = 2e-5
 # Against triton: both errors add up, and triton runs its dots on TF32 tensor cores for half-precision h with a large
 # rank (kernels/low_rank_edit.py, launch_config), a 2^-11 relative error per product.
 TRITON_EXTRA_TOL = {torch.float32: 0.0, torch.bfloat16: 5e-3, torch.float16: 5e-3}
+# The tensor-core tile path (16-bit h, REFT_FAST_CUDA_ROWS_PER_BLOCK=16 or B·n ≥ 2112): its products take the
+# parameters rounded to TF32 (h itself is exact in TF32), a 2^-11 relative error per element, which reaches the
+# coefficients δ, dz, t and through them every weight gradient.
+TILE_OUT_TOL = {torch.float32: OUT_TOL[torch.float32], torch.bfloat16: 8e-3, torch.float16: 2e-3}
+TILE_WEIGHT_TOL = 2e-3
 ACT_F64 = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 # family -> (uses W, subtracts the projection (P is Q), Q has orthonormal rows), as reft_fast.ops calls the edit
 FAMILY = {"loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, True),
@@ -162,7 +167,9 @@ def reference_forward_backward(h0, positions, params, act, grad_out, keep=None, 
     return out.detach(), grads
 
 
-def check_case(family, act, dtype, B, T, n, r, d, *, against_triton=True, h=None):
+def check_case(family, act, dtype, B, T, n, r, d, *, against_triton=True, h=None, tile=False):
+    out_tol = (TILE_OUT_TOL if tile else OUT_TOL)[dtype]
+    weight_tol = TILE_WEIGHT_TOL if tile else WEIGHT_TOL
     params = make_params(family, r, d)
     positions = make_positions(B, T, n)
     h = torch.randn(B, T, d, device=DEVICE).to(dtype) if h is None else h
@@ -170,17 +177,17 @@ def check_case(family, act, dtype, B, T, n, r, d, *, against_triton=True, h=None
     out, grads = forward_backward(h, positions, params, act, "cuda", grad_out)
     ref_out, ref_grads = reference_forward_backward(h, positions, params, act, grad_out)
     assert out.dtype == dtype and out.shape == h.shape
-    close(out, ref_out, OUT_TOL[dtype], f"{family}/{act}/{dtype} out")
+    close(out, ref_out, out_tol, f"{family}/{act}/{dtype} out")
     assert set(grads) == set(ref_grads)
     for name, g in grads.items():
-        tol = OUT_TOL[dtype] if name == "h" else WEIGHT_TOL
+        tol = out_tol if name == "h" else weight_tol
         close(g, ref_grads[name], tol, f"{family}/{act}/{dtype} d{name}")
     if against_triton:
         t_out, t_grads = forward_backward(h, positions, params, act, "triton", grad_out)
         extra = TRITON_EXTRA_TOL[dtype]
-        close(out, t_out, 2 * OUT_TOL[dtype] + extra, f"{family}/{act}/{dtype} out vs triton")
+        close(out, t_out, 2 * out_tol + extra, f"{family}/{act}/{dtype} out vs triton")
         for name, g in grads.items():
-            tol = 2 * (OUT_TOL[dtype] if name == "h" else WEIGHT_TOL) + extra
+            tol = 2 * (out_tol if name == "h" else weight_tol) + extra
             close(g, t_grads[name], tol, f"{family}/{act}/{dtype} d{name} vs triton")
 
 
@@ -249,10 +256,86 @@ def test_four_rows_per_block_match_one_row_per_block_bit_for_bit(built, monkeypa
     check_case("nodireft", "silu", dtype, B=B, T=T, n=n, r=r, d=d, against_triton=False)
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The tensor-core tile path (edit_tile.cuh): 16 slots per block, TF32 products
+# ----------------------------------------------------------------------------------------------------------------------
+# family, act, B, T, n, r, d: partial last blocks (B·n not a multiple of 16), −1 slots and an empty example, every
+# padded rank (3 and 8 → 16, 20 → 32, 33/40/64 → 64), d not a multiple of the 32/64/128-column chunks (4097, 1000,
+# 130, 72), the whole family.
+TILE_CASES = [
+    ("loreft", "gelu", 5, 11, 7, 3, 1000),
+    ("loreft", "silu", 3, 9, 6, 16, 4097),
+    ("noreft", "relu", 4, 7, 5, 20, 520),
+    ("loreft", "tanh", 3, 8, 6, 64, 256),
+    ("direft", None, 4, 9, 5, 33, 200),
+    ("nodireft", "gelu", 3, 6, 4, 8, 96),
+    ("consreft", None, 3, 6, 5, 12, 130),
+    ("lobireft", None, 3, 6, 5, 40, 72),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", TILE_CASES, ids=lambda c: f"{c[0]}-r{c[5]}-d{c[6]}")
+def test_tile_path_matches_reference_and_triton(built, monkeypatch, case, dtype):
+    family, act, B, T, n, r, d = case
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, "16")
+    check_case(family, act, dtype, B=B, T=T, n=n, r=r, d=d, tile=True)
+
+
+@pytest.mark.parametrize("d", [1000, 4097])
+def test_tile_path_draws_the_same_dropout_mask_as_the_per_row_kernels(built, monkeypatch, d):
+    """The mask depends on (seed, slot, column) only: the tile kernels drop exactly the elements the per-row kernels
+    drop, and their gradients match the float64 reference under that mask."""
+    B, T, n, r, p = 3, 8, 7, 12, 0.3
+    params = make_params("loreft", r, d)
+    positions = make_positions(B, T, n, empty_row=False)
+    h = torch.randn(B, T, d, device=DEVICE).to(torch.bfloat16)
+    grad_out = torch.randn_like(h)
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    kept = {}
+    for rows in ("1", "16"):
+        monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
+        out, grads = forward_backward(h, positions, params, "silu", "cuda", grad_out, dropout=p, seed=77)
+        kept[rows] = out[b_idx, positions[b_idx, j_idx]] != 0
+    assert torch.equal(kept["1"], kept["16"])
+    keep = torch.zeros(B, n, d, dtype=torch.float64, device=DEVICE)
+    keep[b_idx, j_idx] = kept["16"].double()
+    assert abs(keep[b_idx, j_idx].mean().item() - (1 - p)) < 0.03
+    ref_out, ref_grads = reference_forward_backward(h, positions, params, "silu", grad_out, keep=keep, dropout=p)
+    close(out, ref_out, TILE_OUT_TOL[torch.bfloat16], "tile out with dropout")
+    for name, g in grads.items():
+        tol = TILE_OUT_TOL[torch.bfloat16] if name == "h" else TILE_WEIGHT_TOL
+        close(g, ref_grads[name], tol, f"tile d{name} with dropout")
+
+
+def test_tile_path_is_chosen_from_the_shape(built, monkeypatch):
+    """By default 16-bit h takes the tile kernels from B·n ≥ 2112 slots (a wave of 132 tile blocks) and the four-row
+    kernels below; fp32 h never takes them. Checked by bitwise equality with the forced choices (which differ)."""
+    T, n, d, r = 3, 64, 64, 8
+    params = make_params("loreft", r, d)
+
+    def forward(h, positions, rows):
+        monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
+        with torch.no_grad():
+            return run_cuda(h, positions, params, "gelu")
+
+    for B, expected in ((33, "16"), (32, "4")):  # 2112 and 2048 slots
+        positions = make_positions(B, T, n)  # T = 3: at most three selected rows per example, 64 slots
+        h = torch.randn(B, T, d, device=DEVICE).to(torch.bfloat16)
+        results = {rows: forward(h, positions, rows) for rows in ("0", "4", "16")}
+        other = "4" if expected == "16" else "16"
+        assert torch.equal(results["0"], results[expected]), f"B·n = {B * n}: not the {expected}-row kernels"
+        assert not torch.equal(results["0"], results[other])
+    h = torch.randn(B, T, d, device=DEVICE)
+    assert torch.equal(forward(h, positions, "16"), forward(h, positions, "4"))  # fp32: no tile kernel
+
+
 def test_rows_per_block_setting_is_checked(monkeypatch):
     monkeypatch.setenv(cuda_backend.ROWS_ENV, "3")
     with pytest.raises(ValueError, match="REFT_FAST_CUDA_ROWS_PER_BLOCK='3'"):
         cuda_backend.rows_per_block()
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, "16")
+    assert cuda_backend.rows_per_block() == 16
 
 
 def test_no_position_at_all(built):
@@ -278,8 +361,10 @@ def selected_mask(positions, T):
     return mask
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, dtype):
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, "0"), (torch.bfloat16, "0"), (torch.bfloat16, "16")],
+                         ids=["fp32", "bf16", "bf16-tile"])
+def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, monkeypatch, dtype, rows):
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
     B, T, d = 4, 12, 520
     params = make_params("loreft", 8, d)
     positions = make_positions(B, T, 5)
@@ -313,11 +398,15 @@ def _poison_allocator(nbytes_hint: int) -> None:
     del blocks
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, "0"), (torch.bfloat16, "0"), (torch.bfloat16, "16")],
+                         ids=["fp32", "bf16", "bf16-tile"])
 @pytest.mark.parametrize("d", [1000, 4097])
-def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
+def test_every_selected_row_and_gradient_element_is_written(built, monkeypatch, dtype, rows, d):
     """Call the launch functions directly with NaN at the selected rows of out and grad_h (and NaN-poisoned scratch):
     after the call those rows must equal the reference and nothing may be NaN."""
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
+    out_tol = (TILE_OUT_TOL if rows == "16" else OUT_TOL)[dtype]
+    weight_tol = TILE_WEIGHT_TOL if rows == "16" else WEIGHT_TOL
     B, T, r = 3, 7, 8
     params = make_params("loreft", r, d)
     positions = make_positions(B, T, 4)
@@ -327,7 +416,7 @@ def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
     out[sel] = float("nan")
     cuda_backend.edit_forward(h, positions, params["Q"], params["P"], params["W"], params["b"], 2, 0.0, 0, out)
     ref_out, ref_grads = reference_forward_backward(h, positions, params, "gelu", torch.ones_like(h))
-    close(out, ref_out, OUT_TOL[dtype], "out with NaN-poisoned selected rows")
+    close(out, ref_out, out_tol, "out with NaN-poisoned selected rows")
 
     grad_out = torch.randn(B, T, d, device=DEVICE).to(dtype)
     ref_out, ref_grads = reference_forward_backward(h, positions, params, "gelu", grad_out)
@@ -337,13 +426,15 @@ def test_every_selected_row_and_gradient_element_is_written(built, dtype, d):
     h_rows = ops.selected_rows(h, positions)  # what the op keeps of h for backward
     dQ, dP, dW, db = cuda_backend.edit_backward(h_rows, grad_out, positions, params["Q"], params["P"], params["W"],
                                                 params["b"], 2, 0.0, 0, grad_h)
-    close(grad_h, ref_grads["h"], OUT_TOL[dtype], "grad_h with NaN-poisoned selected rows")
-    close(dQ + dP, ref_grads["Q"], WEIGHT_TOL, "dQ + dP (Q is P)")
-    close(dW, ref_grads["W"], WEIGHT_TOL, "dW")
-    close(db, ref_grads["b"], WEIGHT_TOL, "db")
+    close(grad_h, ref_grads["h"], out_tol, "grad_h with NaN-poisoned selected rows")
+    close(dQ + dP, ref_grads["Q"], weight_tol, "dQ + dP (Q is P)")
+    close(dW, ref_grads["W"], weight_tol, "dW")
+    close(db, ref_grads["b"], weight_tol, "db")
 
 
-def test_two_runs_are_bitwise_equal(built):
+@pytest.mark.parametrize("rows", ["0", "16"])
+def test_two_runs_are_bitwise_equal(built, monkeypatch, rows):
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, rows)
     B, T, n, d = 16, 40, 32, 1000  # 512 slots: several row splits
     params = make_params("noreft", 8, d)
     positions = make_positions(B, T, n)
@@ -410,8 +501,8 @@ SANITIZED_RUN = textwrap.dedent("""
     device = sys.argv[1]
     torch.manual_seed(0)
     cases = ((torch.bfloat16, 1000, 0, 8), (torch.float32, 4097, 0, 3), (torch.float16, 520, 1, 8),
-             (torch.float32, 256, 0, 64))
-    for rows_per_block, (dtype, d, offset, r) in itertools.product(("1", "4"), cases):
+             (torch.float32, 256, 0, 64), (torch.bfloat16, 200, 1, 40))
+    for rows_per_block, (dtype, d, offset, r) in itertools.product(("1", "4", "16"), cases):
         os.environ["REFT_FAST_CUDA_ROWS_PER_BLOCK"] = rows_per_block
         storage = torch.randn(3 * 5 * d + offset, device=device).to(dtype)
         h = storage[offset:].view(3, 5, d).requires_grad_()
@@ -479,7 +570,7 @@ def test_address_sanitizer_run_is_clean():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
-@pytest.mark.parametrize("rows_per_block", ["1", "4"])
+@pytest.mark.parametrize("rows_per_block", ["1", "4", "16"])
 @pytest.mark.parametrize("order", ["reverse", "shuffle"])
 def test_results_do_not_depend_on_thread_order(built, order, rows_per_block, monkeypatch):
     """The simulation resumes a block's threads in another order (REFT_FAST_CUDA_SIM_ORDER): a missing barrier or a

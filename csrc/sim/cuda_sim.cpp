@@ -1,5 +1,5 @@
-// cuda_sim runtime: the fiber scheduler behind cuda_sim::launch, the barriers, the warp exchange, and the runtime calls
-// of cuda_sim.h. See cuda_sim.h for what it is and what it covers.
+// cuda_sim runtime: the fiber scheduler behind cuda_sim::launch, the barriers, the warp-collective calls (shuffles,
+// __syncwarp, wmma), and the runtime calls of cuda_sim.h. See cuda_sim.h for what it is and what it covers.
 //
 // Fibers switch with a few lines of x86-64 assembly (callee-saved registers, MXCSR and the x87 control word, then the
 // stack pointer): no system call per switch, which matters because every barrier switches once per thread. Other
@@ -44,6 +44,7 @@ namespace {
 constexpr size_t kStackBytes = 256 * 1024;  // per fiber; kernels keep a few KB of registers-as-locals
 constexpr unsigned kMaxThreadsPerBlock = 1024;
 constexpr int kWarpSize = 32;
+constexpr size_t kMaxDeposit = 64;  // bytes per lane of one warp-collective call (a wmma mma's three fragments)
 
 #if defined(CUDA_SIM_ASM_SWITCH)
 extern "C" void reft_fast_cuda_sim_switch(void** save_sp, void* load_sp);
@@ -117,6 +118,7 @@ struct Fiber {
   ThreadContext ctx;
   State state = State::kRunnable;
   Site site{nullptr, 0};  // the barrier call site this fiber waits at
+  const char* what = "";  // and what waits there (__syncthreads, __shfl_xor_sync, wmma::mma_sync, ...)
   int warp = 0;
   int lane = 0;
   Stack* stack = nullptr;
@@ -127,9 +129,12 @@ struct Fiber {
 #endif
 };
 
+using Deposits = unsigned char[kWarpSize][kMaxDeposit];
+
 struct Warp {
-  int lanes = 0;        // threads of the block in this warp
-  uint32_t slot[kWarpSize] = {};
+  int lanes = 0;  // threads of the block in this warp
+  // What each lane passes to a warp-collective call (a shuffled value, wmma operands), read between two warp barriers.
+  alignas(16) Deposits deposit = {};
 };
 
 struct Block {
@@ -293,6 +298,9 @@ bool same_site(const Site& a, const Site& b) {
 
 std::string site_text(const Site& s) { return std::string(s.file ? s.file : "?") + ":" + std::to_string(s.line); }
 
+// "wmma::mma_sync at file:line (block ..., thread ...)": what a waiting fiber waits in, and where.
+std::string waiting_text(const Fiber& f) { return std::string(f.what) + " at " + site_text(f.site) + where(f); }
+
 // Releases whatever barrier every live thread has reached. Returns false when nothing can move (a deadlock), and
 // records a divergence when the threads of one barrier wait at different call sites.
 bool release_barriers(Block& block) {
@@ -307,8 +315,8 @@ bool release_barriers(Block& block) {
       first_waiting = &f;
     } else if (!same_site(f.site, first_waiting->site)) {
       record(block, cudaErrorLaunchFailure,
-             "barrier divergence: threads wait at different __syncthreads: " + site_text(first_waiting->site) +
-                 where(*first_waiting) + " and " + site_text(f.site) + where(f));
+             "barrier divergence: threads wait at different __syncthreads: " + waiting_text(*first_waiting) + " and " +
+                 waiting_text(f));
       return false;
     }
   }
@@ -320,17 +328,31 @@ bool release_barriers(Block& block) {
   bool released = false;
   for (size_t w = 0; w < block.warps.size(); ++w) {
     const size_t first = w * kWarpSize, last = first + block.warps[w].lanes;
-    bool all_waiting = true;
-    for (size_t i = first; i < last && all_waiting; ++i) all_waiting = block.fibers[i].state == State::kAtWarpBarrier;
-    if (!all_waiting) continue;
-    for (size_t i = first + 1; i < last; ++i) {
-      if (!same_site(block.fibers[i].site, block.fibers[first].site)) {
+    const Fiber* waiting = nullptr;  // the first lane at a warp barrier
+    const Fiber* exited = nullptr;   // the first lane that has ended
+    bool all_waiting = true;         // every live lane waits at a warp barrier
+    for (size_t i = first; i < last; ++i) {
+      const Fiber& f = block.fibers[i];
+      if (f.state == State::kDone) {
+        if (exited == nullptr) exited = &f;
+      } else if (f.state != State::kAtWarpBarrier) {
+        all_waiting = false;
+      } else if (waiting == nullptr) {
+        waiting = &f;
+      } else if (!same_site(f.site, waiting->site) || std::strcmp(f.what, waiting->what) != 0) {
+        // Nothing is runnable when this runs: lanes at two warp-wide call sites can never meet.
         record(block, cudaErrorLaunchFailure,
-               "barrier divergence: the lanes of a warp shuffle at different call sites: " +
-                   site_text(block.fibers[first].site) + where(block.fibers[first]) + " and " +
-                   site_text(block.fibers[i].site) + where(block.fibers[i]));
+               "barrier divergence: the lanes of a warp wait at different warp-wide call sites: " +
+                   waiting_text(*waiting) + " and " + waiting_text(f));
         return false;
       }
+    }
+    if (!all_waiting || waiting == nullptr) continue;
+    if (exited != nullptr) {  // a warp-wide call (full mask) waits for a lane that will never come
+      record(block, cudaErrorLaunchFailure,
+             "barrier divergence: " + waiting_text(*waiting) + " waits for lanes of its warp that have exited" +
+                 where(*exited) + "; a warp-wide call needs all 32 lanes");
+      return false;
     }
     for (size_t i = first; i < last; ++i) block.fibers[i].state = State::kRunnable;
     released = true;
@@ -343,8 +365,7 @@ std::string deadlock_report(const Block& block) {
   int shown = 0;
   for (const Fiber& f : block.fibers) {
     if (f.state == State::kDone || shown == 4) continue;
-    report += f.state == State::kAtBlockBarrier ? " __syncthreads" : " warp shuffle";
-    report += where(f) + ";";
+    report += " " + waiting_text(f) + ";";
     ++shown;
   }
   return report;
@@ -358,11 +379,111 @@ Fiber& current_fiber() {
   return *t_block->current;
 }
 
-void warp_barrier(Fiber& self, Site site) {
+void warp_barrier(Fiber& self, Site site, const char* what) {
   self.state = State::kAtWarpBarrier;
   self.site = site;
+  self.what = what;
   yield_to_scheduler();
 }
+
+[[noreturn]] void fault(cudaError_t error, const std::string& what) { ::cuda_sim::fault(error, what.c_str()); }
+
+Warp& full_warp(const Fiber& self, const char* what) {
+  Warp& warp = t_block->warps[self.warp];
+  if (warp.lanes != kWarpSize)
+    fault(cudaErrorLaunchFailure, std::string(what) + " needs a full warp (a block size that is a multiple of 32)");
+  return warp;
+}
+
+// A warp-collective call: every lane of the calling warp (which must be full) deposits `bytes` bytes and waits until
+// all 32 lanes have arrived at the same call site; then each lane runs body(deposits, lane), and the warp leaves only
+// once every lane has run it. As on the device, where the warp executes the instruction at once, a lane's body sees
+// what every lane did before the call and nothing any lane does after it.
+template <typename Body>
+void warp_collective(const char* what, const void* mine, size_t bytes, Site site, Body&& body) {
+  Fiber& self = current_fiber();
+  Warp& warp = full_warp(self, what);
+  std::memcpy(warp.deposit[self.lane], mine, bytes);
+  warp_barrier(self, site, what);  // every lane has deposited
+  body(static_cast<const Deposits&>(warp.deposit), self.lane);
+  warp_barrier(self, site, what);  // every lane has read before any deposits again
+}
+
+template <typename T>
+T deposited(const Deposits& deposits, int lane, size_t offset = 0) {
+  T value;
+  std::memcpy(&value, deposits[lane] + offset, sizeof value);
+  return value;
+}
+
+// The layout of a wmma fragment: slot i of lane `lane` holds element e = ((lane * per_lane + i) * mul + add) mod
+// (rows * cols) of the rows x cols operand, row-major numbered (row e / cols, column e % cols). With mul odd and
+// rows * cols a power of two this is a bijection, and a scrambled one: CUDA leaves the mapping unspecified, and code
+// that assumes some mapping must fail here. One mapping per operand, whatever the memory layout, so that elementwise
+// code over fragments of one type (d = alpha * acc + c) works, as on the device.
+struct FragmentShape {
+  int rows, cols, per_lane, mul, add;
+};
+constexpr FragmentShape kFragmentShapes[3] = {{16, 8, 4, 45, 7}, {8, 16, 4, 77, 29}, {16, 16, 8, 139, 101}};
+
+int fragment_element(const FragmentShape& s, int lane, int i) {
+  return ((lane * s.per_lane + i) * s.mul + s.add) % (s.rows * s.cols);
+}
+
+// The element at (row, col) of a rows x cols operand at p with leading dimension ldm.
+size_t element_offset(int row, int col, unsigned ldm, bool col_major) {
+  return col_major ? static_cast<size_t>(col) * ldm + row : static_cast<size_t>(row) * ldm + col;
+}
+
+// What every lane of a wmma load or store must pass alike.
+struct WmmaAccess {
+  const void* p;
+  unsigned ldm;
+  unsigned col_major;
+};
+
+// CUDA: "mptr must be a 256-bit aligned pointer", "ldm must be a multiple of 4 for float"; on the device a violation is
+// a misaligned vector access. Lanes passing different arguments are undefined on the device and a fault here.
+void check_access(const char* what, const WmmaAccess& mine, const Deposits& deposits) {
+  if (reinterpret_cast<uintptr_t>(mine.p) % 32 != 0)
+    fault(cudaErrorMisalignedAddress, std::string(what) + " of a misaligned address (wmma needs 32-byte alignment)");
+  if (mine.ldm % 4 != 0)
+    fault(cudaErrorMisalignedAddress, std::string(what) + " with ldm " + std::to_string(mine.ldm) +
+                                          ", not a multiple of 4 floats: misaligned rows");
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const auto other = deposited<WmmaAccess>(deposits, lane);
+    if (other.p != mine.p || other.ldm != mine.ldm || other.col_major != mine.col_major)
+      fault(cudaErrorLaunchFailure, std::string(what) + ": the lanes of a warp pass different pointers, ldm or " +
+                                        "layouts (lane " + std::to_string(lane) + " differs)");
+  }
+}
+
+// The TF32 part of an mma operand, as the tensor cores read it: the low 13 mantissa bits dropped (NaN kept NaN).
+float tf32_truncate(float v) {
+  const uint32_t u = cuda_sim_float_to_bits(v);
+  return (u & 0x7fffffffu) > 0x7f800000u ? v : cuda_sim_bits_to_float(u & 0xffffe000u);
+}
+
+struct MmaOperands {  // one lane's deposit for wmma::mma_sync
+  float a[4], b[4], c[8];
+};
+static_assert(sizeof(MmaOperands) <= kMaxDeposit, "deposit too small");
+
+struct Slot {
+  uint8_t lane, i;
+};
+// (lane, slot) of every element of A and of B, for mma_sync.
+struct MmaInverse {
+  Slot a[16 * 8], b[8 * 16];
+  MmaInverse() {
+    for (int lane = 0; lane < kWarpSize; ++lane) {
+      for (int i = 0; i < 4; ++i) {
+        a[fragment_element(kFragmentShapes[0], lane, i)] = Slot{static_cast<uint8_t>(lane), static_cast<uint8_t>(i)};
+        b[fragment_element(kFragmentShapes[1], lane, i)] = Slot{static_cast<uint8_t>(lane), static_cast<uint8_t>(i)};
+      }
+    }
+  }
+};
 
 }  // namespace
 
@@ -372,21 +493,84 @@ void syncthreads(Site site) {
   Fiber& self = current_fiber();
   self.state = State::kAtBlockBarrier;
   self.site = site;
+  self.what = "__syncthreads";
   yield_to_scheduler();
 }
 
 uint32_t shfl_xor_bits(unsigned mask, uint32_t bits, int lane_mask, int width, Site site) {
-  Fiber& self = current_fiber();
-  Block& block = *t_block;
-  Warp& warp = block.warps[self.warp];
   if (width != kWarpSize) fault(cudaErrorLaunchFailure, "cuda_sim supports shuffles of width 32 only");
-  if (mask != 0xffffffffu || warp.lanes != kWarpSize)
+  if (mask != 0xffffffffu || t_block->warps[current_fiber().warp].lanes != kWarpSize)
     fault(cudaErrorLaunchFailure, "__shfl_xor_sync needs a full warp and the full mask in csrc/ (UB otherwise)");
-  warp.slot[self.lane] = bits;
-  warp_barrier(self, site);  // every lane has written
-  const uint32_t got = warp.slot[(self.lane ^ lane_mask) & (kWarpSize - 1)];
-  warp_barrier(self, site);  // every lane has read before any writes again
+  uint32_t got = 0;
+  warp_collective("__shfl_xor_sync", &bits, sizeof bits, site, [&](const Deposits& deposits, int lane) {
+    got = deposited<uint32_t>(deposits, (lane ^ lane_mask) & (kWarpSize - 1));
+  });
   return got;
+}
+
+void syncwarp(unsigned mask, Site site) {
+  if (mask != 0xffffffffu) fault(cudaErrorLaunchFailure, "__syncwarp needs the full mask in csrc/ (cuda_sim)");
+  Fiber& self = current_fiber();
+  full_warp(self, "__syncwarp");
+  warp_barrier(self, site, "__syncwarp");
+}
+
+void wmma_fill(Site site) {
+  Fiber& self = current_fiber();
+  full_warp(self, "wmma::fill_fragment");
+  warp_barrier(self, site, "wmma::fill_fragment");
+}
+
+void wmma_load(WmmaUse use, float* x, const float* p, unsigned ldm, bool col_major, Site site) {
+  const char* what = "wmma::load_matrix_sync";
+  const WmmaAccess mine{p, ldm, col_major};
+  warp_collective(what, &mine, sizeof mine, site, [&](const Deposits& deposits, int lane) {
+    check_access(what, mine, deposits);
+    const FragmentShape& s = kFragmentShapes[static_cast<int>(use)];
+    for (int i = 0; i < s.per_lane; ++i) {
+      const int e = fragment_element(s, lane, i);
+      x[i] = p[element_offset(e / s.cols, e % s.cols, ldm, col_major)];
+    }
+  });
+}
+
+void wmma_store(float* p, const float* x, unsigned ldm, bool col_major, Site site) {
+  const char* what = "wmma::store_matrix_sync";
+  const WmmaAccess mine{p, ldm, col_major};
+  warp_collective(what, &mine, sizeof mine, site, [&](const Deposits& deposits, int lane) {
+    check_access(what, mine, deposits);
+    const FragmentShape& s = kFragmentShapes[static_cast<int>(WmmaUse::kAccumulator)];
+    for (int i = 0; i < s.per_lane; ++i) {
+      const int e = fragment_element(s, lane, i);
+      p[element_offset(e / s.cols, e % s.cols, ldm, col_major)] = x[i];
+    }
+  });
+}
+
+// D[m][n] = fmaf(A[m][7], B[7][n], ... fmaf(A[m][0], B[0][n], C[m][n])) with A and B truncated to TF32: every product
+// of two TF32 values is exact in fp32, so this is C + the products added in k order, rounding after each addition
+// (fmaf, not a * b + c, only so that no compiler contraction setting can change a bit; the two differ only where a
+// product leaves fp32's normal range). Each lane computes its own 8 elements of D from the deposited operands.
+void wmma_mma(float* d, const float* a, const float* b, const float* c, Site site) {
+  static const MmaInverse inverse;
+  MmaOperands mine;
+  std::memcpy(mine.a, a, sizeof mine.a);
+  std::memcpy(mine.b, b, sizeof mine.b);
+  std::memcpy(mine.c, c, sizeof mine.c);
+  warp_collective("wmma::mma_sync", &mine, sizeof mine, site, [&](const Deposits& deposits, int lane) {
+    const FragmentShape& s = kFragmentShapes[static_cast<int>(WmmaUse::kAccumulator)];
+    for (int i = 0; i < s.per_lane; ++i) {
+      const int e = fragment_element(s, lane, i), m = e / 16, n = e % 16;
+      float acc = mine.c[i];  // C and D are fragments of one type: one mapping
+      for (int k = 0; k < 8; ++k) {
+        const Slot sa = inverse.a[m * 8 + k], sb = inverse.b[k * 16 + n];
+        const float av = deposited<float>(deposits, sa.lane, offsetof(MmaOperands, a) + sa.i * sizeof(float));
+        const float bv = deposited<float>(deposits, sb.lane, offsetof(MmaOperands, b) + sb.i * sizeof(float));
+        acc = fmaf(tf32_truncate(av), tf32_truncate(bv), acc);
+      }
+      d[i] = acc;
+    }
+  });
 }
 
 void fault(cudaError_t error, const char* what) {
@@ -491,6 +675,21 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaSetDevice(int) { return cudaSuccess; }
+
+// Any device ordinal, as cudaSetDevice: the simulation's tensors are CPU tensors, whose torch device index is -1.
+cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  switch (attr) {
+    case cudaDevAttrComputeCapabilityMajor: *value = 9; return cudaSuccess;  // sm_90
+    case cudaDevAttrComputeCapabilityMinor: *value = 0; return cudaSuccess;
+  }
+  // As the runtime, a failed call also leaves its error for cudaGetLastError().
+  if (cuda_sim::t_last_error == cudaSuccess) {
+    cuda_sim::t_last_error = cudaErrorInvalidValue;
+    cuda_sim::t_last_message = "cuda_sim: cudaDeviceGetAttribute: attribute " + std::to_string(static_cast<int>(attr)) +
+                               " is not simulated (only the compute capability)";
+  }
+  return cudaErrorInvalidValue;
+}
 
 cudaError_t cudaGetLastError() {
   const cudaError_t e = cuda_sim::t_last_error;
