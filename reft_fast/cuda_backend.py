@@ -35,7 +35,7 @@ CSRC_DIR = next((p for p in (Path(__file__).resolve().parent.parent / "csrc", Pa
                  if p.is_dir()), Path(__file__).resolve().parent.parent / "csrc")
 SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
 SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
-               "sim/include/cuda_bf16.h")
+               "sim/include/cuda_bf16.h", "sim/include/mma.h")
 SIM_ENV = "REFT_FAST_CUDA_SIM"
 ROWS_ENV = "REFT_FAST_CUDA_ROWS_PER_BLOCK"
 

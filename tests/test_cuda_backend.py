@@ -571,7 +571,7 @@ def test_address_sanitizer_run_is_clean():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
 @pytest.mark.parametrize("rows_per_block", ["1", "4", "16"])
-@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+@pytest.mark.parametrize("order", ["reverse", "shuffle", "warps"])
 def test_results_do_not_depend_on_thread_order(built, order, rows_per_block, monkeypatch):
     """The simulation resumes a block's threads in another order (REFT_FAST_CUDA_SIM_ORDER): a missing barrier or a
     read of a value another thread has not yet written would change the results; race-free kernels give the same bits."""

@@ -56,7 +56,7 @@ def run(exe, *args, env=None):
 
 
 @pytest.mark.parametrize("case", ["reverse", "butterfly", "syncwarp", "wmma_gemm", "wmma_mapping"])
-@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle"])
+@pytest.mark.parametrize("order", ["forward", "reverse", "shuffle", "warps"])
 def test_barriers_and_shuffles_hold_under_every_schedule(binaries, case, order, monkeypatch):
     """wmma_gemm: six warps, every operand layout, NaN and inf inputs; the exact equality with the host reference
     (A rounded with __float_to_tf32, B truncated to TF32, fmaf in k order) needs the sim to accumulate as documented."""

@@ -156,16 +156,21 @@ struct Block {
 };
 
 // The order in which a pass of the scheduler resumes the runnable threads of a block, from REFT_FAST_CUDA_SIM_ORDER
-// at each launch: forward (default), reverse, or shuffle (a fresh pseudo-random permutation per pass, fixed seed).
+// at each launch: forward (default), reverse, or shuffle (a fresh pseudo-random permutation per pass, fixed seed);
+// or warps: forward order, but warp-wide waits (shuffles, wmma, __syncwarp) are released one warp at a time, the
+// highest-numbered first, so that warp runs ahead through all its warp-wide calls up to the next __syncthreads while
+// the others stay parked. The other orders release every waiting warp after each pass, which keeps the warps in
+// step and hides a missing __syncthreads between one warp's reads of shared memory and another's next writes.
 // Race-free kernels give bitwise the same results under every order; a missing barrier shows up as a difference.
-enum class Order { kForward, kReverse, kShuffle };
+enum class Order { kForward, kReverse, kShuffle, kWarps };
 
 Order schedule_order() {
   const char* value = std::getenv("REFT_FAST_CUDA_SIM_ORDER");
   if (value == nullptr || *value == 0 || std::strcmp(value, "forward") == 0) return Order::kForward;
   if (std::strcmp(value, "reverse") == 0) return Order::kReverse;
   if (std::strcmp(value, "shuffle") == 0) return Order::kShuffle;
-  std::fprintf(stderr, "cuda_sim: REFT_FAST_CUDA_SIM_ORDER=%s is not forward, reverse or shuffle; using forward\n",
+  if (std::strcmp(value, "warps") == 0) return Order::kWarps;
+  std::fprintf(stderr, "cuda_sim: REFT_FAST_CUDA_SIM_ORDER=%s is not forward, reverse, shuffle or warps; using forward\n",
                value);
   return Order::kForward;
 }
@@ -301,9 +306,10 @@ std::string site_text(const Site& s) { return std::string(s.file ? s.file : "?")
 // "wmma::mma_sync at file:line (block ..., thread ...)": what a waiting fiber waits in, and where.
 std::string waiting_text(const Fiber& f) { return std::string(f.what) + " at " + site_text(f.site) + where(f); }
 
-// Releases whatever barrier every live thread has reached. Returns false when nothing can move (a deadlock), and
-// records a divergence when the threads of one barrier wait at different call sites.
-bool release_barriers(Block& block) {
+// Releases whatever barrier every live thread has reached (with one_warp, the warp-wide wait of the highest-numbered
+// warp whose lanes have all arrived, and no other). Returns false when nothing can move (a deadlock), and records a
+// divergence when the threads of one barrier wait at different call sites.
+bool release_barriers(Block& block, bool one_warp) {
   size_t live = 0, at_block = 0;
   const Fiber* first_waiting = nullptr;
   for (const Fiber& f : block.fibers) {
@@ -326,7 +332,8 @@ bool release_barriers(Block& block) {
     return true;
   }
   bool released = false;
-  for (size_t w = 0; w < block.warps.size(); ++w) {
+  for (size_t ww = 0; ww < block.warps.size(); ++ww) {
+    const size_t w = one_warp ? block.warps.size() - 1 - ww : ww;
     const size_t first = w * kWarpSize, last = first + block.warps[w].lanes;
     const Fiber* waiting = nullptr;  // the first lane at a warp barrier
     const Fiber* exited = nullptr;   // the first lane that has ended
@@ -356,6 +363,7 @@ bool release_barriers(Block& block) {
     }
     for (size_t i = first; i < last; ++i) block.fibers[i].state = State::kRunnable;
     released = true;
+    if (one_warp) break;
   }
   return released;
 }
@@ -651,7 +659,7 @@ cudaError_t launch(dim3 grid, dim3 block_dim, size_t shared_bytes, const std::fu
           for (const Fiber& f : block.fibers) all_done = all_done && f.state == State::kDone;
           if (all_done) break;
           // Every fiber that could run has run until it blocked or ended: release a barrier, or nothing ever will.
-          if (!release_barriers(block)) {
+          if (!release_barriers(block, order == Order::kWarps)) {
             record(block, cudaErrorLaunchFailure, deadlock_report(block));  // unless a divergence was recorded
             break;
           }
