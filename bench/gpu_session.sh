@@ -3,13 +3,14 @@
 # (`bash bench/make_wheels.sh`), then, from a session that has a GPU machine:
 #
 #   call 1:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#            setup, GPU tests (triton, the cuda backend built with nvcc, compute-sanitizer), kernel benchmark
+#            setup, kernel benchmark (first: its figures are the call's main result, and it builds the cuda
+#            backend), GPU tests (triton, the cuda backend built with nvcc, compute-sanitizer)
 #   call 2:  run(command="bash bench/gpu_session.sh setup e2e", carry=[".whl"], timeout_s=600)
 #            the end-to-end rows without gradient checkpointing
 #   call 3:  run(command="bash bench/gpu_session.sh setup e2e-ckpt", carry=[".whl"], timeout_s=600)
 #            the end-to-end rows with gradient checkpointing
 #
-# Stages (arguments, in order; default: setup tests kernels): setup, tests, kernels, e2e, e2e-ckpt. Each stage has
+# Stages (arguments, in order; default: setup kernels tests): setup, tests, kernels, e2e, e2e-ckpt. Each stage has
 # a time limit inside the call's budget (BUDGET_S, default 570 s); bench_e2e.py starts no row past its deadline and
 # rewrites its CSV after every row, so a call cut short still returns what it measured. Extra bench_e2e.py arguments
 # go in E2E_ARGS (e.g. E2E_ARGS="--shape 13b" on an H200). Everything lands in $OUT (the device tool returns it):
@@ -78,7 +79,7 @@ stage_tests() {
 stage_kernels() {
   banner kernels
   if [ -f bench/bench_kernels.py ]; then
-    timeout "$(limit 120)" $PY bench/bench_kernels.py --out "$OUT/kernels" || echo "bench_kernels: exit $?"
+    timeout "$(limit 240)" $PY bench/bench_kernels.py --out "$OUT/kernels" || echo "bench_kernels: exit $?"
   else
     echo "bench/bench_kernels.py not present: skipped"
   fi
@@ -96,7 +97,7 @@ stage_e2e() { banner "e2e, no checkpointing"; run_e2e off; }
 stage_e2e-ckpt() { banner "e2e, checkpointing"; run_e2e on; }
 
 STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(setup tests kernels)
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(setup kernels tests)
 for stage in "${STAGES[@]}"; do
   case "$stage" in
     setup|tests|kernels|e2e|e2e-ckpt) "stage_$stage" ;;

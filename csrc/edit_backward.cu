@@ -20,6 +20,34 @@ namespace detail {
 // Coefficient blocks of the per-slot buffer; also the weight-gradient "jobs": which matrix, from which source row.
 enum CoefBlock : int { kCoefDelta = 0 /* dQ from g */, kCoefDz = 1 /* dW from h */, kCoefNegT = 2 /* dP from h */ };
 
+// The per-slot coefficient blocks of the workspace, [3, n_slots, r]: δ (dQ's), dz (dW's and db's), −t (dP's).
+struct SlotCoefs {
+  float* delta;
+  float* dz;
+  float* negt;
+  int rank;
+  __device__ __forceinline__ SlotCoefs(float* coef, int n_slots, int r)
+      : delta(coef + static_cast<int64_t>(kCoefDelta) * n_slots * r),
+        dz(coef + static_cast<int64_t>(kCoefDz) * n_slots * r),
+        negt(coef + static_cast<int64_t>(kCoefNegT) * n_slots * r),
+        rank(r) {}
+  __device__ __forceinline__ void set(int slot, int k, float delta_v, float dz_v, float negt_v) const {
+    const int64_t i = static_cast<int64_t>(slot) * rank + k;
+    delta[i] = delta_v;
+    dz[i] = dz_v;
+    negt[i] = negt_v;
+  }
+  // Zeros for the slots slot0 + m (m < M, below n_slots) for which selects(m) is false, so that kernels 2 and 3 may
+  // read every slot's coefficients.
+  template <int M, typename Selects>
+  __device__ __forceinline__ void zero_empty(int slot0, int n_slots, Selects selects) const {
+    for (int e = threadIdx.x; e < M * rank; e += blockDim.x) {
+      const int m = e / rank, slot = slot0 + m;
+      if (slot < n_slots && !selects(m)) set(slot, e % rank, 0.0f, 0.0f, 0.0f);
+    }
+  }
+};
+
 // minBlocksPerSM = 1: with the bare block-size bound ptxas aimed at 32/80 registers for occupancy and spilled a few
 // bytes on the scalar dropout path; one-row blocks seldom share an SM on the shapes that matter (B * n ≲ #SMs).
 // M slots per block (1 or 4, see rows_per_block): every parameter chunk a thread loads serves all M rows.
@@ -30,19 +58,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int r = a.rank;
   const int n_slots = a.n_slots;
   const int slot0 = static_cast<int>(blockIdx.x) * M;
-  float* coef_delta = coef + static_cast<int64_t>(kCoefDelta) * n_slots * r;
-  float* coef_dz = coef + static_cast<int64_t>(kCoefDz) * n_slots * r;
-  float* coef_negt = coef + static_cast<int64_t>(kCoefNegT) * n_slots * r;
+  const SlotCoefs coefs(coef, n_slots, r);
   int64_t rows[M];
   const bool any = block_rows(a, rows);
-  // Zeros for this block's slots that select nothing, so that kernels 2 and 3 may read every slot's coefficients.
-  for (int e = threadIdx.x; e < M * r; e += blockDim.x) {
-    const int slot = slot0 + e / r;
-    if (slot < n_slots && selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden) < 0) {
-      const int64_t i = static_cast<int64_t>(slot) * r + e % r;
-      coef_delta[i] = coef_dz[i] = coef_negt[i] = 0.0f;
-    }
-  }
+  // (selected_row again rather than rows[m]: a dynamic index would put rows in local memory)
+  coefs.zero_empty<M>(slot0, n_slots, [&](int m) {
+    return selected_row(a.positions, slot0 + m, a.n_positions, a.seq_len, a.hidden) >= 0;
+  });
   if (!any) return;  // whole block
   __shared__ float warp_sums[kMaxWarps * 2 * M * R];
   __shared__ float totals_h[2 * M * R];  // row m: [2mR, 2mR + R) u = h Pᵀ,  [2mR + R, 2mR + 2R) h Wᵀ
@@ -100,10 +122,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     s_dz[m * R + k] = dz;
     s_t[m * R + k] = t;
     if (selected_row(a.positions, slot, a.n_positions, a.seq_len, a.hidden) < 0) continue;  // zeros written above
-    const int64_t i = static_cast<int64_t>(slot) * r + k;
-    coef_delta[i] = activate(a.activation, z) - (a.P != nullptr ? totals_h[2 * m * R + k] : 0.0f);
-    coef_dz[i] = dz;
-    coef_negt[i] = -t;
+    coefs.set(slot, k, activate(a.activation, z) - (a.P != nullptr ? totals_h[2 * m * R + k] : 0.0f), dz, -t);
   }
   __syncthreads();
 
@@ -149,18 +168,9 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks)
   const int d = a.hidden;
   const int n_slots = a.n_slots;
   const int slot0 = static_cast<int>(blockIdx.x) * kTileRows;
-  float* coef_delta = coef + static_cast<int64_t>(kCoefDelta) * n_slots * r;
-  float* coef_dz = coef + static_cast<int64_t>(kCoefDz) * n_slots * r;
-  float* coef_negt = coef + static_cast<int64_t>(kCoefNegT) * n_slots * r;
+  const SlotCoefs coefs(coef, n_slots, r);
   const bool any = tile_rows(a, s_row);
-  // Zeros for this block's slots that select nothing, so that kernels 2 and 3 may read every slot's coefficients.
-  for (int e = threadIdx.x; e < kTileRows * r; e += blockDim.x) {
-    const int i = e / r, slot = slot0 + i;
-    if (slot < n_slots && s_row[i] < 0) {
-      const int64_t j = static_cast<int64_t>(slot) * r + e % r;
-      coef_delta[j] = coef_dz[j] = coef_negt[j] = 0.0f;
-    }
-  }
+  coefs.zero_empty<kTileRows>(slot0, n_slots, [&](int i) { return s_row[i] >= 0; });
   if (!any) return;  // whole block
   const DropoutSpec dp = a.dropout;
 
@@ -204,12 +214,8 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks)
       const float z = (a.W != nullptr ? totals_h[i * NPH + R + k] : 0.0f) + (a.b != nullptr ? a.b[k] : 0.0f);
       t = totals_g[i * R + k];
       dz = t * activate_grad(a.activation, z);
-      if (s_row[i] >= 0) {
-        const int64_t j = static_cast<int64_t>(slot) * r + k;
-        coef_delta[j] = activate(a.activation, z) - (a.P != nullptr ? totals_h[i * NPH + k] : 0.0f);
-        coef_dz[j] = dz;
-        coef_negt[j] = -t;
-      }
+      if (s_row[i] >= 0)
+        coefs.set(slot, k, activate(a.activation, z) - (a.P != nullptr ? totals_h[i * NPH + k] : 0.0f), dz, -t);
     }
     s_coef[i * LDC + k] = a.W != nullptr ? wmma::__float_to_tf32(dz) : 0.0f;
     s_coef[i * LDC + R + k] = a.P != nullptr ? wmma::__float_to_tf32(-t) : 0.0f;

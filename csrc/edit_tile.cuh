@@ -71,6 +71,25 @@ __device__ __forceinline__ bool tile_rows(const RowArgs<T>& a, int64_t* s_row) {
   return any;
 }
 
+// Each warp's accumulator becomes its group's partial tile in the stage ([G][16][kWidth]: tile columns
+// [16·tile, 16·tile + 16) of group `group`), between two barriers: every warp is done reading the staged chunk before
+// any writes, and every partial is visible to all threads after.
+template <int kWidth>
+__device__ __forceinline__ void store_partial_tile(const TileAcc& acc, float* s_stage, int group, int tile) {
+  __syncthreads();
+  wmma::store_matrix_sync(s_stage + group * 16 * kWidth + tile * 16, acc, kWidth, wmma::mem_row_major);
+  __syncthreads();
+}
+
+// Σ over the kGroups partial tiles of element e of a [16][kWidth] tile, in group order.
+template <int kGroups, int kWidth>
+__device__ __forceinline__ float sum_partials(const float* s_stage, int e) {
+  float s = s_stage[e];
+#pragma unroll
+  for (int g = 1; g < kGroups; ++g) s += s_stage[g * kTileRows * kWidth + e];
+  return s;
+}
+
 // The parameter part of a staged chunk: the NM stacked matrices of mats (each padded to R rows) at columns
 // [c0, c0 + W), as this thread's share: thread t holds column t % W of the stacked rows t / W + j · (kThreads / W),
 // j < kPer, rounded to TF32 (zeros for rows ≥ r, columns ≥ d and null matrices, which are never loaded).
@@ -163,15 +182,8 @@ __device__ __forceinline__ void tile_project(LoadX load_x, const float* const (&
       wmma::mma_sync(acc, fa, fb, acc);
     }
   }
-  __syncthreads();  // every warp is done with the stage: it takes the partial tiles, [G][16][NP]
-  wmma::store_matrix_sync(s_stage + group * 16 * NP + tile * 16, acc, NP, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTileRows * NP; e += blockDim.x) {
-    float s = s_stage[e];
-#pragma unroll
-    for (int g = 1; g < kGroups; ++g) s += s_stage[g * kTileRows * NP + e];
-    out[e] = s;
-  }
+  store_partial_tile<NP>(acc, s_stage, group, tile);
+  for (int e = threadIdx.x; e < kTileRows * NP; e += blockDim.x) out[e] = sum_partials<kGroups, NP>(s_stage, e);
   __syncthreads();
 }
 
@@ -214,20 +226,13 @@ __device__ __forceinline__ void tile_write(const float* const (&mats)[NM], const
       wmma::load_matrix_sync(fb, s_stage + s * 8 * LD + tile * 16, LD);
       wmma::mma_sync(acc, fa, fb, acc);
     }
-    __syncthreads();  // every warp is done with the stage: it takes the partial tiles, [G][16][BN]
-    wmma::store_matrix_sync(s_stage + group * 16 * BN + tile * 16, acc, BN, wmma::mem_row_major);
-    __syncthreads();
+    store_partial_tile<BN>(acc, s_stage, group, tile);
     for (int e = threadIdx.x; e < kOutGroups; e += blockDim.x) {
       const int i = e / (BN / 4), cc = (e % (BN / 4)) * 4;
       if (c0 + cc >= d) continue;
       float v[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float s = s_stage[i * BN + cc + q];
-#pragma unroll
-        for (int g = 1; g < kGroups; ++g) s += s_stage[g * kTileRows * BN + i * BN + cc + q];
-        v[q] = s;
-      }
+      for (int q = 0; q < 4; ++q) v[q] = sum_partials<kGroups, BN>(s_stage, i * BN + cc + q);
       write(i, c0 + cc, v);
     }
   }
