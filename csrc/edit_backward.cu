@@ -5,7 +5,8 @@
 //        δ = act(z) − s·u,  dz = t ⊙ act'(z)
 //        grad_h[row] = g + dz W − s·t P
 //    and stores the per-slot coefficients δ, dz and −t (fp32, [3, n_slots, r]); slots with no position store zeros.
-// 2. weight-gradient kernel over (column tile, row split, matrix): per-split partial sums
+// 2. weight-gradient kernel over (column tile, row split, matrix; on the tile path at padded rank ≥ 16, its TF32
+//    tensor-core version): per-split partial sums
 //        dQ_s = Σ_{slots in s} δᵀ g,   dW_s = Σ dzᵀ h,   dP_s = Σ (−t)ᵀ h
 //    over the split's slots in index order, written to a [n_matrices, splits, r, d] fp32 buffer.
 // 3. reduction kernel: each gradient element = Σ_s partial_s in split order; db_k = Σ_slots dz[slot, k] (one warp
@@ -337,6 +338,98 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
   }
 }
 
+// The tile path of kernel 2 (the launches whose rows kernel is the tile kernel, at padded rank R ≥ 16): the same
+// per-split partial sums dM_s[k, c] = Σ_{slot ∈ s} coef[slot, k] · x_slot[c] over the same column tiles and splits,
+// as a [R × slots] · [slots × columns] TF32 product. Chunks of kRowsPerChunk slots are staged in shared memory
+// (coefficients rounded to TF32; sources as in weight_grad_kernel, masked for g, rounded to TF32), and each warp
+// accumulates kPerWarp of the block's (R / 16) × (kTile / 16) output tiles over the split's chunks in slot order.
+// Here the FMA kernel would do 3·r multiply-adds per source element, several times the time of reading it.
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradArgs<T> a) {
+#if REFT_FAST_TILE_ARCH
+  constexpr int kTile = wgrad_tile_cols(R);  // the FMA kernel's column tiles: the same plan, splits and partials
+  constexpr int kTilesN = kTile / 16;
+  constexpr int kPerWarp = (R / 16) * kTilesN / kTileWarps;
+  constexpr int LDX = kTile + kTilePad;
+  constexpr int LDC = R + kTilePad;
+  constexpr int kXFloats = kRowsPerChunk * LDX > R * kTile ? kRowsPerChunk * LDX : R * kTile;
+  static_assert(kPerWarp * kTileWarps == (R / 16) * kTilesN, "tiling");
+  alignas(32) __shared__ float s_x[kXFloats];  // [slot][column]; at the end, the output tile [R][kTile]
+  alignas(32) __shared__ float s_c[kRowsPerChunk * LDC];  // [slot][k]: Cᵀ read column-major
+  __shared__ int64_t s_row[kRowsPerChunk];
+
+  const int job = blockIdx.z;
+  const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
+  const bool from_grad = block == kCoefDelta;
+  const T* __restrict__ src = from_grad ? a.grad_out : a.h;
+  const float* __restrict__ coef = a.coef + static_cast<int64_t>(block) * a.n_slots * a.rank;
+  const int d = a.hidden;
+  const int r = a.rank;
+  const int tile0 = blockIdx.x * kTile;
+  const int split = blockIdx.y;
+  const int first = static_cast<int>(static_cast<int64_t>(a.n_slots) * split / a.splits);
+  const int last = static_cast<int>(static_cast<int64_t>(a.n_slots) * (split + 1) / a.splits);
+  const int warp = threadIdx.x >> 5;
+
+  TileAcc acc[kPerWarp];
+#pragma unroll
+  for (int t = 0; t < kPerWarp; ++t) wmma::fill_fragment(acc[t], 0.0f);
+  for (int base = first; base < last; base += kRowsPerChunk) {
+    const int rows = last - base < kRowsPerChunk ? last - base : kRowsPerChunk;
+    __syncthreads();  // the previous chunk's fragments are loaded
+    for (int i = threadIdx.x; i < kRowsPerChunk; i += blockDim.x)
+      s_row[i] = i < rows ? selected_row(a.positions, base + i, a.n_positions, a.seq_len, d) : -1;
+    for (int e = threadIdx.x; e < kRowsPerChunk * R; e += blockDim.x) {
+      const int i = e / R, k = e % R;
+      s_c[i * LDC + k] = i < rows && k < r ? wmma::__float_to_tf32(coef[static_cast<int64_t>(base + i) * r + k]) : 0.0f;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kRowsPerChunk * kTile / 4; e += blockDim.x) {
+      const int i = e / (kTile / 4), cl = (e % (kTile / 4)) * 4, c = tile0 + cl;
+      const int64_t row = s_row[i];
+      float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // zero for a slot with no position, past the split, and past d
+      if (row >= 0 && c < d) {
+        // g is read at the token row of [B, T, d]; h from its compact [B, n, d] copy, at the slot's row
+        load4(src + (from_grad ? row : static_cast<int64_t>(base + i) * d) + c, c, d, x);
+        if (from_grad && a.dropout.active) {
+          float f[4];
+          dropout_factors<4>(a.dropout, base + i, c, f);
+#pragma unroll
+          for (int q = 0; q < 4; ++q) x[q] *= f[q];
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < 4; ++q) s_x[i * LDX + cl + q] = wmma::__float_to_tf32(x[q]);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int t = 0; t < kPerWarp; ++t) {
+      const int ti = warp * kPerWarp + t, tm = ti / kTilesN, tn = ti % kTilesN;
+#pragma unroll
+      for (int ks = 0; ks < kRowsPerChunk / 8; ++ks) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fa;
+        TileBRow fb;
+        wmma::load_matrix_sync(fa, s_c + ks * 8 * LDC + tm * 16, LDC);
+        wmma::load_matrix_sync(fb, s_x + ks * 8 * LDX + tn * 16, LDX);
+        wmma::mma_sync(acc[t], fa, fb, acc[t]);
+      }
+    }
+  }
+  __syncthreads();  // every warp is done with the staged chunk: s_x takes the block's output tile, [R][kTile]
+#pragma unroll
+  for (int t = 0; t < kPerWarp; ++t) {
+    const int ti = warp * kPerWarp + t, tm = ti / kTilesN, tn = ti % kTilesN;
+    wmma::store_matrix_sync(s_x + tm * 16 * kTile + tn * 16, acc[t], kTile, wmma::mem_row_major);
+  }
+  __syncthreads();
+  float* out = a.partials + (static_cast<int64_t>(job) * a.splits + split) * r * d;
+  for (int e = threadIdx.x; e < r * kTile; e += blockDim.x) {
+    const int k = e / kTile, cl = e % kTile;
+    if (tile0 + cl < d) out[k * d + tile0 + cl] = s_x[k * kTile + cl];
+  }
+#endif
+}
+
 struct ReduceArgs {
   const float* partials;  // [n_jobs, splits, r * d]
   int64_t matrix_elems;   // r * d
@@ -498,10 +591,19 @@ const char* launch_edit_backward(const EditProblem& p, const void* grad_out, voi
     }
     if (!launched) launch_rows(host::IntTag<1>{});
     if (const char* e = host::launch_status()) return e;
-    if (vec) {
-      detail::weight_grad_kernel<T, R, V><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
-    } else {
-      detail::weight_grad_kernel<T, R, 1><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+    bool wgrad_launched = false;
+    if constexpr (!std::is_same_v<T, float> && R >= detail::kTileMinRank) {
+      if (rows == host::kTileRows) {  // below rank 16 the FMA kernel is about as fast as reading its sources
+        detail::weight_grad_tile_kernel<T, R><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+        wgrad_launched = true;
+      }
+    }
+    if (!wgrad_launched) {
+      if (vec) {
+        detail::weight_grad_kernel<T, R, V><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+      } else {
+        detail::weight_grad_kernel<T, R, 1><<<wgrad_grid, detail::kThreads, 0, stream>>>(wargs);
+      }
     }
     if (const char* e = host::launch_status()) return e;
 

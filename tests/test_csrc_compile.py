@@ -29,9 +29,10 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Xptxa
               *cpp_extension.COMMON_NVCC_FLAGS]
 # Kernel templates and how many instantiations each .cu must report: 3 dtypes x 5 padded ranks x {vector, scalar}, and
 # for the per-row kernels also 3 dtypes x 2 padded ranks (4, 8) x {vector, scalar} with 4 rows per block; the tile
-# kernels for 2 dtypes (bf16, fp16) x 3 padded ranks (16, 32, 64).
+# kernels (rows, weight gradients) for 2 dtypes (bf16, fp16) x 3 padded ranks (16, 32, 64).
 EXPECTED_KERNELS = {"edit_forward_kernel": 42, "edit_backward_rows_kernel": 42, "weight_grad_kernel": 30,
-                    "reduce_grads_kernel": 1, "edit_forward_tile_kernel": 6, "edit_backward_tile_kernel": 6}
+                    "reduce_grads_kernel": 1, "edit_forward_tile_kernel": 6, "edit_backward_tile_kernel": 6,
+                    "weight_grad_tile_kernel": 6}
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH; the CUDA sources cannot be compiled here")
 

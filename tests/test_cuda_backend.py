@@ -591,6 +591,27 @@ def test_results_do_not_depend_on_thread_order(built, order, rows_per_block, mon
         assert torch.equal(g0[name], g1[name]), name
 
 
+
+@pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
+@pytest.mark.parametrize("order", ["reverse", "shuffle", "warps"])
+def test_tile_weight_gradients_do_not_depend_on_thread_order(built, order, monkeypatch):
+    """The tile path with splits of several 32-slot chunks (256 slots, d = 2048, r = 20: 16 column tiles × 3 matrices
+    take 6 splits of ~43 slots), so the tensor-core weight-gradient kernel restages its shared memory within a block."""
+    monkeypatch.setenv(cuda_backend.ROWS_ENV, "16")
+    B, T, n, d, r = 4, 40, 64, 2048, 20
+    params = make_params("noreft", r, d)
+    positions = make_positions(B, T, n, empty_row=False)
+    h = torch.randn(B, T, d).to(torch.bfloat16)
+    grad_out = torch.randn_like(h)
+    kw = dict(dropout=0.1, seed=5)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", "forward")
+    out0, g0 = forward_backward(h, positions, params, "gelu", "cuda", grad_out, **kw)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", order)
+    out1, g1 = forward_backward(h, positions, params, "gelu", "cuda", grad_out, **kw)
+    assert torch.equal(out0, out1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Without CUDA: a clear message, not a traceback from the compiler
 # ----------------------------------------------------------------------------------------------------------------------
