@@ -146,8 +146,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // The tile path of kernel 1 (16-bit h, sm_80+, padded rank R ≥ 16; see edit_tile.cuh): 16 slots per block, the
 // projections [u | hWᵀ] = h [P; W]ᵀ and t = g Qᵀ and the write-back [dz | −t] [W; P] as TF32 tensor-core products.
+// Rank 64 is compiled for two blocks per SM: at three (80 registers) ptxas spills a register.
 template <typename T, int R>
-__global__ void __launch_bounds__(kThreads, kTileMinBlocks)
+__global__ void __launch_bounds__(kThreads, R >= 64 ? 2 : kTileMinBlocks)
     edit_backward_tile_kernel(RowArgs<T> a, const T* __restrict__ grad_out, T* __restrict__ grad_h,
                               float* __restrict__ coef) {
 #if REFT_FAST_TILE_ARCH
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks)
 
   // Per-(row, k) scalars once per block: to the coefficient buffer (full fp32) and, rounded to TF32, to the write
   // pass's [dz | −t] (zeros for k ≥ r and for an absent matrix).
-  for (int e = threadIdx.x; e < kTileRows * R; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kTileRows * R; e += kThreads) {
     const int i = e / R, k = e % R, slot = slot0 + i;
     float dz = 0.0f, t = 0.0f;
     if (k < r && slot < n_slots) {
@@ -236,6 +237,8 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks)
       grad_h[row + c + q] = Convert<T>::from_float(x[q] + v[q]);
     }
   });
+#else
+  __trap();  // built for an arch without TF32 tensor cores: a launch here is a host bug, not a silent no-op
 #endif
 }
 
@@ -350,13 +353,16 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
   constexpr int kTile = wgrad_tile_cols(R);  // the FMA kernel's column tiles: the same plan, splits and partials
   constexpr int kTilesN = kTile / 16;
   constexpr int kPerWarp = (R / 16) * kTilesN / kTileWarps;
-  constexpr int LDX = kTile + kTilePad;
-  constexpr int LDC = R + kTilePad;
-  constexpr int kXFloats = kRowsPerChunk * LDX > R * kTile ? kRowsPerChunk * LDX : R * kTile;
-  static_assert(kPerWarp * kTileWarps == (R / 16) * kTilesN, "tiling");
-  alignas(32) __shared__ float s_x[kXFloats];  // [slot][column]; at the end, the output tile [R][kTile]
-  alignas(32) __shared__ float s_c[kRowsPerChunk * LDC];  // [slot][k]: Cᵀ read column-major
-  __shared__ int64_t s_row[kRowsPerChunk];
+  constexpr int LDX = kTile + kTilePadB;  // B, row-major
+  constexpr int LDC = R + kTilePadB;      // Cᵀ as A, column-major: 4 ranks × 8 slots a warp access
+  constexpr int LDO = kTile + kTilePadB;  // the accumulator tiles
+  constexpr int kXFloats = tile_max(kRowsPerChunk * LDX, R * LDO);
+  constexpr int kXGroups = kRowsPerChunk * kTile / 4;  // 4-column groups of a staged source chunk
+  constexpr int kCoefs = kRowsPerChunk * R;
+  static_assert(kPerWarp * kTileWarps == (R / 16) * kTilesN && kXGroups % kThreads == 0 && kCoefs % kThreads == 0,
+                "tiling");
+  alignas(32) __shared__ float s_x[kXFloats];              // [slot][column]; at the end, the output tile [R][kTile]
+  alignas(32) __shared__ float s_c[kRowsPerChunk * LDC];  // [slot][k]
 
   const int job = blockIdx.z;
   const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
@@ -377,16 +383,18 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
   for (int base = first; base < last; base += kRowsPerChunk) {
     const int rows = last - base < kRowsPerChunk ? last - base : kRowsPerChunk;
     __syncthreads();  // the previous chunk's fragments are loaded
-    for (int i = threadIdx.x; i < kRowsPerChunk; i += blockDim.x)
-      s_row[i] = i < rows ? selected_row(a.positions, base + i, a.n_positions, a.seq_len, d) : -1;
-    for (int e = threadIdx.x; e < kRowsPerChunk * R; e += blockDim.x) {
-      const int i = e / R, k = e % R;
+    // Every load of the chunk is independent (compile-time trip counts, unrolled): one round trip per chunk, not one
+    // per element.
+#pragma unroll
+    for (int j = 0; j < kCoefs / kThreads; ++j) {
+      const int e = static_cast<int>(threadIdx.x) + j * kThreads, i = e / R, k = e % R;
       s_c[i * LDC + k] = i < rows && k < r ? wmma::__float_to_tf32(coef[static_cast<int64_t>(base + i) * r + k]) : 0.0f;
     }
-    __syncthreads();
-    for (int e = threadIdx.x; e < kRowsPerChunk * kTile / 4; e += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < kXGroups / kThreads; ++j) {
+      const int e = static_cast<int>(threadIdx.x) + j * kThreads;
       const int i = e / (kTile / 4), cl = (e % (kTile / 4)) * 4, c = tile0 + cl;
-      const int64_t row = s_row[i];
+      const int64_t row = i < rows ? selected_row(a.positions, base + i, a.n_positions, a.seq_len, d) : -1;
       float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // zero for a slot with no position, past the split, and past d
       if (row >= 0 && c < d) {
         // g is read at the token row of [B, T, d]; h from its compact [B, n, d] copy, at the slot's row
@@ -419,14 +427,16 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
 #pragma unroll
   for (int t = 0; t < kPerWarp; ++t) {
     const int ti = warp * kPerWarp + t, tm = ti / kTilesN, tn = ti % kTilesN;
-    wmma::store_matrix_sync(s_x + tm * 16 * kTile + tn * 16, acc[t], kTile, wmma::mem_row_major);
+    wmma::store_matrix_sync(s_x + tm * 16 * LDO + tn * 16, acc[t], LDO, wmma::mem_row_major);
   }
   __syncthreads();
   float* out = a.partials + (static_cast<int64_t>(job) * a.splits + split) * r * d;
-  for (int e = threadIdx.x; e < r * kTile; e += blockDim.x) {
+  for (int e = threadIdx.x; e < r * kTile; e += kThreads) {
     const int k = e / kTile, cl = e % kTile;
-    if (tile0 + cl < d) out[k * d + tile0 + cl] = s_x[k * kTile + cl];
+    if (tile0 + cl < d) out[k * d + tile0 + cl] = s_x[k * LDO + cl];
   }
+#else
+  __trap();  // built for an arch without TF32 tensor cores: a launch here is a host bug, not a silent no-op
 #endif
 }
 

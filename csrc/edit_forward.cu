@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks) edit_forward_tile_ke
       proj, r, d, s_stage, s_x, totals);
 
   // δ once per (row, k), rounded to TF32 for the products; zero for k ≥ r.
-  for (int e = threadIdx.x; e < kTileRows * R; e += blockDim.x) {
+  for (int e = threadIdx.x; e < kTileRows * R; e += kThreads) {
     const int i = e / R, k = e % R;
     float delta = 0.0f;
     if (k < r) {
@@ -114,15 +114,18 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks) edit_forward_tile_ke
   tile_write<1, R>(q_mat, s_coef, r, d, s_stage, [&](int i, int c, const float (&v)[4]) {
     const int64_t row = s_row[i];
     if (row < 0) return;
+    float o[4];
+    load4(a.h + row + c, c, d, o);  // all four loads before the first store (out may alias h for all nvcc knows)
     float f[4] = {1.0f, 1.0f, 1.0f, 1.0f};
     if (a.dropout.active) dropout_factors<4>(a.dropout, slot0 + i, c, f);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (c + q >= d) break;
-      const float o = (Convert<T>::to_float(a.h[row + c + q]) + v[q]) * f[q];
-      out[row + c + q] = Convert<T>::from_float(o);
+      out[row + c + q] = Convert<T>::from_float((o[q] + v[q]) * f[q]);
     }
   });
+#else
+  __trap();  // built for an arch without TF32 tensor cores: a launch here is a host bug, not a silent no-op
 #endif
 }
 

@@ -29,11 +29,15 @@
 namespace reft_fast {
 namespace detail {
 
-constexpr int kTilePad = 4;    // floats of padding per staged row: spreads the banks, keeps 16-byte multiples
+// Floats of padding per shared-memory row. A warp's wmma access touches 8 rows × 4 columns of the array at once
+// (row-major A, column-major B) or 4 rows × 8 columns (row-major B, accumulator tiles): a row stride ≡ 4 (mod 32)
+// banks keeps the first conflict-free, ≡ 8 the second. Both keep rows 16-byte multiples, as wmma needs.
+constexpr int kTilePad = 4;
+constexpr int kTilePadB = 8;
 constexpr int kTileWarps = kThreads / 32;
 constexpr int kTileMinRank = 16;  // ranks below are padded to 16 (the n of the mma); zero rows are never loaded
-// Blocks per SM the tile kernels are compiled for (≤ 80 registers a thread, no spills; ≤ 43 KiB of shared memory a
-// block): 24 warps keep the staged loads of several blocks in flight.
+// Blocks per SM the rows tile kernels are compiled for (≤ 80 registers a thread, no spills; ≤ 33 KiB of shared
+// memory a block; the rank-64 backward takes 2): 24 warps keep the staged loads of several blocks in flight.
 constexpr int kTileMinBlocks = 3;
 
 // Projection chunk width (columns of d per step) for NP outputs: 64, or 32 for NP = 128 (rank 64 with P and W), which
@@ -41,12 +45,15 @@ constexpr int kTileMinBlocks = 3;
 __host__ __device__ constexpr int tile_proj_cols(int NP) { return NP >= 128 ? 32 : 64; }
 // Write-pass chunk width for KC coefficients: KC × BN = 4096 floats staged (BN ≤ 128).
 __host__ __device__ constexpr int tile_write_cols(int KC) { return KC <= 32 ? 128 : 4096 / KC; }
-// Floats of the stage region: the larger staged chunk, and at least the partial tiles (8 warps × 16 × 16).
+// Floats of the partial tiles of an output [16][width]: one [16][width + kTilePadB] tile per warp group.
+__host__ __device__ constexpr int tile_partial_floats(int width) {
+  return kTileWarps / (width / 16) * 16 * (width + kTilePadB);
+}
+__host__ __device__ constexpr int tile_max(int a, int b) { return a > b ? a : b; }
+// Floats of the stage region: the larger staged chunk, or the larger set of partial tiles.
 __host__ __device__ constexpr int tile_stage_floats(int NP, int KC) {
-  const int proj = NP * (tile_proj_cols(NP) + kTilePad);
-  const int write = KC * (tile_write_cols(KC) + kTilePad);
-  const int partials = kTileWarps * 16 * 16;
-  return proj > write ? (proj > partials ? proj : partials) : (write > partials ? write : partials);
+  return tile_max(tile_max(NP * (tile_proj_cols(NP) + kTilePad), KC * (tile_write_cols(KC) + kTilePadB)),
+                  tile_max(tile_partial_floats(NP), tile_partial_floats(tile_write_cols(KC))));
 }
 
 #if REFT_FAST_TILE_ARCH
@@ -71,22 +78,24 @@ __device__ __forceinline__ bool tile_rows(const RowArgs<T>& a, int64_t* s_row) {
   return any;
 }
 
-// Each warp's accumulator becomes its group's partial tile in the stage ([G][16][kWidth]: tile columns
+// Each warp's accumulator becomes its group's partial tile in the stage ([G][16][kWidth + kTilePadB]: tile columns
 // [16·tile, 16·tile + 16) of group `group`), between two barriers: every warp is done reading the staged chunk before
 // any writes, and every partial is visible to all threads after.
 template <int kWidth>
 __device__ __forceinline__ void store_partial_tile(const TileAcc& acc, float* s_stage, int group, int tile) {
+  constexpr int LD = kWidth + kTilePadB;
   __syncthreads();
-  wmma::store_matrix_sync(s_stage + group * 16 * kWidth + tile * 16, acc, kWidth, wmma::mem_row_major);
+  wmma::store_matrix_sync(s_stage + group * 16 * LD + tile * 16, acc, LD, wmma::mem_row_major);
   __syncthreads();
 }
 
-// Σ over the kGroups partial tiles of element e of a [16][kWidth] tile, in group order.
+// Σ over the kGroups partial tiles of element (i, j) of a [16][kWidth] output, in group order.
 template <int kGroups, int kWidth>
-__device__ __forceinline__ float sum_partials(const float* s_stage, int e) {
-  float s = s_stage[e];
+__device__ __forceinline__ float sum_partials(const float* s_stage, int i, int j) {
+  constexpr int LD = kWidth + kTilePadB;
+  float s = s_stage[i * LD + j];
 #pragma unroll
-  for (int g = 1; g < kGroups; ++g) s += s_stage[g * kTileRows * kWidth + e];
+  for (int g = 1; g < kGroups; ++g) s += s_stage[(g * kTileRows + i) * LD + j];
   return s;
 }
 
@@ -183,7 +192,7 @@ __device__ __forceinline__ void tile_project(LoadX load_x, const float* const (&
     }
   }
   store_partial_tile<NP>(acc, s_stage, group, tile);
-  for (int e = threadIdx.x; e < kTileRows * NP; e += blockDim.x) out[e] = sum_partials<kGroups, NP>(s_stage, e);
+  for (int e = threadIdx.x; e < kTileRows * NP; e += kThreads) out[e] = sum_partials<kGroups, NP>(s_stage, e / NP, e % NP);
   __syncthreads();
 }
 
@@ -197,7 +206,7 @@ __device__ __forceinline__ void tile_write(const float* const (&mats)[NM], const
                                            float* s_stage, Write write) {
   constexpr int KC = NM * R;
   constexpr int BN = tile_write_cols(KC);
-  constexpr int LD = BN + kTilePad;
+  constexpr int LD = BN + kTilePadB;  // B is read row-major
   constexpr int LDC = KC + kTilePad;
   constexpr int kTilesN = BN / 16;
   constexpr int kGroups = kTileWarps / kTilesN;
@@ -227,12 +236,14 @@ __device__ __forceinline__ void tile_write(const float* const (&mats)[NM], const
       wmma::mma_sync(acc, fa, fb, acc);
     }
     store_partial_tile<BN>(acc, s_stage, group, tile);
-    for (int e = threadIdx.x; e < kOutGroups; e += blockDim.x) {
+#pragma unroll 1  // ≤ 2 trips; unrolled, the epilogue spills at 80 registers
+    for (int e0 = 0; e0 < kOutGroups; e0 += kThreads) {
+      const int e = e0 + static_cast<int>(threadIdx.x);
       const int i = e / (BN / 4), cc = (e % (BN / 4)) * 4;
-      if (c0 + cc >= d) continue;
+      if ((kOutGroups % kThreads != 0 && e >= kOutGroups) || c0 + cc >= d) continue;
       float v[4];
 #pragma unroll
-      for (int q = 0; q < 4; ++q) v[q] = sum_partials<kGroups, BN>(s_stage, i * BN + cc + q);
+      for (int q = 0; q < 4; ++q) v[q] = sum_partials<kGroups, BN>(s_stage, i, cc + q);
       write(i, c0 + cc, v);
     }
   }

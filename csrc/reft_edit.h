@@ -34,9 +34,9 @@ struct EditProblem {
   int activation;               // Activation
   float dropout;                // p in [0, 1)
   uint64_t seed;                // keys the counter-based dropout stream
-  int rows_per_block = 0;       // slots per block of the per-row kernels: 0 = chosen from the shape; 1 = one; ≥ 4 = four
-                                //   where the padded rank is ≤ 8 (one otherwise). For A/B timing: each row's sums are
-                                //   formed in the same order either way, so the results are the same bits.
+  int rows_per_block = 0;       // slots per block of the rows kernels: 0 = chosen from the shape; 1 = one; 2..15 = four
+                                //   where the padded rank is ≤ 8 (one otherwise); ≥ 16 = the tensor-core tile kernels
+                                //   for 16-bit h on sm_80+ (as 4 otherwise). For A/B timing (host::rows_per_block).
   int device;                   // CUDA device ordinal of every pointer
   void* stream;                 // cudaStream_t the kernels are queued on
 };

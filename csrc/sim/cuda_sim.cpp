@@ -705,6 +705,8 @@ cudaError_t cudaGetLastError() {
   return e;
 }
 
+cudaError_t cudaPeekAtLastError() { return cuda_sim::t_last_error; }
+
 const char* cudaGetErrorString(cudaError_t error) {
   // The message of the launch that failed last on this thread (kept until the next failure), else a generic one.
   if (error != cudaSuccess && !cuda_sim::t_last_message.empty()) return cuda_sim::t_last_message.c_str();
