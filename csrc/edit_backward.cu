@@ -259,6 +259,35 @@ struct WeightGradArgs {
   DropoutSpec dropout;
 };
 
+// What one block of a weight-gradient kernel works on: blockIdx.x a column tile of `tile_cols` columns, blockIdx.y a
+// split of the slots ([first, last)), blockIdx.z a job (the matrix, its coefficient block and source).
+template <typename T>
+struct WgradBlock {
+  const T* src;       // g (from grad_out, at the token rows) or h (the compact [B, n, d] rows)
+  const float* coef;  // [n_slots, r] of the job's coefficient block
+  bool from_grad;
+  int tile0;
+  int split;
+  int first;
+  int last;
+  __device__ __forceinline__ WgradBlock(const WeightGradArgs<T>& a, int tile_cols) {
+    const int job = blockIdx.z;
+    // Ternaries, not a dynamic index into the parameter array (which would copy it to local memory).
+    const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
+    from_grad = block == kCoefDelta;
+    src = from_grad ? a.grad_out : a.h;
+    coef = a.coef + static_cast<int64_t>(block) * a.n_slots * a.rank;
+    tile0 = blockIdx.x * tile_cols;
+    split = blockIdx.y;
+    first = static_cast<int>(static_cast<int64_t>(a.n_slots) * split / a.splits);
+    last = static_cast<int>(static_cast<int64_t>(a.n_slots) * (split + 1) / a.splits);
+  }
+  // Where this block's partial sums of gradient row k start: [job, split, k, 0] of the [jobs, splits, r, d] buffer.
+  __device__ __forceinline__ float* partials(const WeightGradArgs<T>& a) const {
+    return a.partials + (static_cast<int64_t>(blockIdx.z) * a.splits + split) * a.rank * a.hidden;
+  }
+};
+
 // grid (column tiles, splits, jobs). Rows of the split are staged kRowsPerChunk at a time in shared memory (sources as
 // fp32, masked for g; coefficients padded with zeros to R), then every thread accumulates its column against its
 // rank group in slot order.
@@ -272,18 +301,14 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
   __shared__ float s_coef[kRowsPerChunk][R];
   __shared__ int64_t s_row[kRowsPerChunk];
 
-  const int job = blockIdx.z;
-  // Ternaries, not a dynamic index into the parameter array (which would copy it to local memory).
-  const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
-  const bool from_grad = block == kCoefDelta;
-  const T* __restrict__ src = from_grad ? a.grad_out : a.h;
-  const float* __restrict__ coef = a.coef + static_cast<int64_t>(block) * a.n_slots * a.rank;
+  const WgradBlock<T> wb(a, kTile);
+  const bool from_grad = wb.from_grad;
+  const T* __restrict__ src = wb.src;
+  const float* __restrict__ coef = wb.coef;
   const int d = a.hidden;
   const int r = a.rank;
-  const int tile0 = blockIdx.x * kTile;
-  const int split = blockIdx.y;
-  const int first = static_cast<int>(static_cast<int64_t>(a.n_slots) * split / a.splits);
-  const int last = static_cast<int>(static_cast<int64_t>(a.n_slots) * (split + 1) / a.splits);
+  const int tile0 = wb.tile0;
+  const int first = wb.first, last = wb.last;
   const int col = threadIdx.x % kTile;
   const int rank0 = (threadIdx.x / kTile) * kPerThread;
 
@@ -334,7 +359,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
 
   const int c = tile0 + col;
   if (c < d) {
-    float* out = a.partials + (static_cast<int64_t>(job) * a.splits + split) * r * d;
+    float* out = wb.partials(a);
 #pragma unroll
     for (int kk = 0; kk < kPerThread; ++kk)
       if (rank0 + kk < r) out[(rank0 + kk) * d + c] = acc[kk];
@@ -364,17 +389,14 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
   alignas(32) __shared__ float s_x[kXFloats];              // [slot][column]; at the end, the output tile [R][kTile]
   alignas(32) __shared__ float s_c[kRowsPerChunk * LDC];  // [slot][k]
 
-  const int job = blockIdx.z;
-  const int block = job == 0 ? a.job_coef[0] : job == 1 ? a.job_coef[1] : a.job_coef[2];
-  const bool from_grad = block == kCoefDelta;
-  const T* __restrict__ src = from_grad ? a.grad_out : a.h;
-  const float* __restrict__ coef = a.coef + static_cast<int64_t>(block) * a.n_slots * a.rank;
+  const WgradBlock<T> wb(a, kTile);
+  const bool from_grad = wb.from_grad;
+  const T* __restrict__ src = wb.src;
+  const float* __restrict__ coef = wb.coef;
   const int d = a.hidden;
   const int r = a.rank;
-  const int tile0 = blockIdx.x * kTile;
-  const int split = blockIdx.y;
-  const int first = static_cast<int>(static_cast<int64_t>(a.n_slots) * split / a.splits);
-  const int last = static_cast<int>(static_cast<int64_t>(a.n_slots) * (split + 1) / a.splits);
+  const int tile0 = wb.tile0;
+  const int first = wb.first, last = wb.last;
   const int warp = threadIdx.x >> 5;
 
   TileAcc acc[kPerWarp];
@@ -430,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
     wmma::store_matrix_sync(s_x + tm * 16 * LDO + tn * 16, acc[t], LDO, wmma::mem_row_major);
   }
   __syncthreads();
-  float* out = a.partials + (static_cast<int64_t>(job) * a.splits + split) * r * d;
+  float* out = wb.partials(a);
   for (int e = threadIdx.x; e < r * kTile; e += kThreads) {
     const int k = e / kTile, cl = e % kTile;
     if (tile0 + cl < d) out[k * d + tile0 + cl] = s_x[k * LDO + cl];

@@ -569,27 +569,30 @@ def test_address_sanitizer_run_is_clean():
     assert "AddressSanitizer" not in run.stderr, report
 
 
+def _same_bits_under_order(monkeypatch, order, family, act, B, T, n, r, d, **kw):
+    """Forward and backward under REFT_FAST_CUDA_SIM_ORDER=forward and then `order`: bitwise the same results."""
+    params = make_params(family, r, d)
+    positions = make_positions(B, T, n)
+    h = torch.randn(B, T, d).to(torch.bfloat16)
+    grad_out = torch.randn_like(h)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", "forward")
+    out0, g0 = forward_backward(h, positions, params, act, "cuda", grad_out, **kw)
+    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", order)
+    out1, g1 = forward_backward(h, positions, params, act, "cuda", grad_out, **kw)
+    assert torch.equal(out0, out1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
 @pytest.mark.parametrize("rows_per_block", ["1", "4", "16"])
 @pytest.mark.parametrize("order", ["reverse", "shuffle", "warps"])
 def test_results_do_not_depend_on_thread_order(built, order, rows_per_block, monkeypatch):
     """The simulation resumes a block's threads in another order (REFT_FAST_CUDA_SIM_ORDER): a missing barrier or a
-    read of a value another thread has not yet written would change the results; race-free kernels give the same bits."""
+    read of a value another thread has not yet written would change the results; race-free kernels give the same bits.
+    64 slots: two row splits in the weight-gradient kernel."""
     monkeypatch.setenv(cuda_backend.ROWS_ENV, rows_per_block)
-    B, T, n, d = 8, 12, 8, 520  # 64 slots: two row splits in the weight-gradient kernel
-    params = make_params("noreft", 8, d)
-    positions = make_positions(B, T, n)
-    h = torch.randn(B, T, d).to(torch.bfloat16)
-    grad_out = torch.randn_like(h)
-    kw = dict(dropout=0.2, seed=7)
-    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", "forward")
-    out0, g0 = forward_backward(h, positions, params, "tanh", "cuda", grad_out, **kw)
-    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", order)
-    out1, g1 = forward_backward(h, positions, params, "tanh", "cuda", grad_out, **kw)
-    assert torch.equal(out0, out1)
-    for name in g0:
-        assert torch.equal(g0[name], g1[name]), name
-
+    _same_bits_under_order(monkeypatch, order, "noreft", "tanh", B=8, T=12, n=8, r=8, d=520, dropout=0.2, seed=7)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the thread order is the CPU simulation's to choose")
@@ -598,19 +601,8 @@ def test_tile_weight_gradients_do_not_depend_on_thread_order(built, order, monke
     """The tile path with splits of several 32-slot chunks (256 slots, d = 2048, r = 20: 16 column tiles × 3 matrices
     take 6 splits of ~43 slots), so the tensor-core weight-gradient kernel restages its shared memory within a block."""
     monkeypatch.setenv(cuda_backend.ROWS_ENV, "16")
-    B, T, n, d, r = 4, 40, 64, 2048, 20
-    params = make_params("noreft", r, d)
-    positions = make_positions(B, T, n, empty_row=False)
-    h = torch.randn(B, T, d).to(torch.bfloat16)
-    grad_out = torch.randn_like(h)
-    kw = dict(dropout=0.1, seed=5)
-    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", "forward")
-    out0, g0 = forward_backward(h, positions, params, "gelu", "cuda", grad_out, **kw)
-    monkeypatch.setenv("REFT_FAST_CUDA_SIM_ORDER", order)
-    out1, g1 = forward_backward(h, positions, params, "gelu", "cuda", grad_out, **kw)
-    assert torch.equal(out0, out1)
-    for name in g0:
-        assert torch.equal(g0[name], g1[name]), name
+    _same_bits_under_order(monkeypatch, order, "noreft", "gelu", B=4, T=40, n=64, r=20, d=2048, dropout=0.1, seed=5)
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Without CUDA: a clear message, not a traceback from the compiler
