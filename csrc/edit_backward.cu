@@ -1,6 +1,7 @@
 // Backward of the ReFT edit, in three launches (no atomics; the summation order depends only on the shape):
 //
-// 1. rows kernel (M = 1 or 4 slots (b, j) per block; 16 on the tensor-core tile path), for the selected row h with g = grad_out ⊙ mask / (1 − p):
+// 1. rows kernel (M = 1 or 4 slots (b, j) per block; 16 on the tensor-core tile path), for the selected row h with
+//    g = grad_out ⊙ mask / (1 − p):
 //        u = h Pᵀ,  z = h Wᵀ + b,  t = g Qᵀ                       (block reductions, fixed order)
 //        δ = act(z) − s·u,  dz = t ⊙ act'(z)
 //        grad_h[row] = g + dz W − s·t P

@@ -351,7 +351,8 @@ inline const char* check_problem(const EditProblem& p) {
   if (p.batch < 0 || p.seq_len < 0 || p.hidden < 1 || p.n_positions < 0) return "negative or zero size";
   if (p.hidden * kMaxRank > INT32_MAX) return "hidden size too large for the cuda backend (64 * d must fit in 32 bits)";
   // (with room for a chunk of slots past the last one: the kernels' slot loops stay in 32 bits)
-  if (p.batch * p.n_positions > INT32_MAX - 64) return "batch * n_positions must be below 2^31 - 64 for the cuda backend";
+  if (p.batch * p.n_positions > INT32_MAX - 64)
+    return "batch * n_positions must be below 2^31 - 64 for the cuda backend";
   if (p.W == nullptr && p.b == nullptr) return "W and b are both null";
   if (p.activation < kIdentity || p.activation > kTanh) return "unknown activation code";
   if (!(p.dropout >= 0.0f && p.dropout < 1.0f)) return "dropout must be in [0, 1)";

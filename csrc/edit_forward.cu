@@ -67,7 +67,8 @@ __global__ void __launch_bounds__(kThreads, 1) edit_forward_kernel(RowArgs<T> a,
 // The tile path (16-bit h, sm_80+, padded rank R ≥ 16; see edit_tile.cuh): the same two passes for 16 slots at once,
 // the projections [u | hWᵀ] = h [P; W]ᵀ and the edit δQ as TF32 tensor-core products.
 template <typename T, int R>
-__global__ void __launch_bounds__(kThreads, kTileMinBlocks) edit_forward_tile_kernel(RowArgs<T> a, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads, kTileMinBlocks)
+    edit_forward_tile_kernel(RowArgs<T> a, T* __restrict__ out) {
 #if REFT_FAST_TILE_ARCH
   constexpr int NP = 2 * R;  // [u | hWᵀ]
   constexpr int LDC = R + kTilePad;

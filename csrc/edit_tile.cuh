@@ -5,8 +5,8 @@
 //
 // Shared memory is one pool per kernel, carved into regions (every offset a multiple of 8 floats, so every wmma pointer
 // is 32-byte aligned, and every leading dimension a multiple of 4 floats, as wmma requires):
-//   stage   the staged parameter chunk (projection: NP × (BK + 4); write pass: KC × (BN + 4)); after each chunk's
-//           products it holds the warps' partial output tiles
+//   stage   the staged parameter chunk (projection: NP × (BK + 4); write pass: KC × (BN + 8)); after each chunk's
+//           products it holds the warp groups' partial output tiles, [G][16][width + 8]
 //   x       the staged source chunk, 16 × (BK + 4) (projection only)
 //   totals  the projections, 16 × NP per source
 //   coef    the write pass's coefficients, 16 × (KC + 4), rounded to TF32
@@ -18,8 +18,8 @@
 
 #include "edit_common.cuh"
 
-// wmma's TF32 fragments exist from sm_80 on; the host never launches a tile kernel on an older GPU (host::rows_per_block), and
-// for such an arch the kernels compile to nothing.
+// wmma's TF32 fragments exist from sm_80 on; the host never launches a tile kernel on an older GPU
+// (host::rows_per_block), and for such an arch the kernels compile to a __trap().
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define REFT_FAST_TILE_ARCH 0
 #else
@@ -102,7 +102,7 @@ __device__ __forceinline__ float sum_partials(const float* s_stage, int i, int j
 // The parameter part of a staged chunk: the NM stacked matrices of mats (each padded to R rows) at columns
 // [c0, c0 + W), as this thread's share: thread t holds column t % W of the stacked rows t / W + j · (kThreads / W),
 // j < kPer, rounded to TF32 (zeros for rows ≥ r, columns ≥ d and null matrices, which are never loaded).
-// store_chunk puts them at stage[row · LD + column].
+// store<LD> puts them at stage[row · LD + column].
 template <int NM, int R, int W>
 struct ParamChunk {
   static constexpr int kRowStep = kThreads / W;
@@ -192,7 +192,8 @@ __device__ __forceinline__ void tile_project(LoadX load_x, const float* const (&
     }
   }
   store_partial_tile<NP>(acc, s_stage, group, tile);
-  for (int e = threadIdx.x; e < kTileRows * NP; e += kThreads) out[e] = sum_partials<kGroups, NP>(s_stage, e / NP, e % NP);
+  for (int e = threadIdx.x; e < kTileRows * NP; e += kThreads)
+    out[e] = sum_partials<kGroups, NP>(s_stage, e / NP, e % NP);
   __syncthreads();
 }
 

@@ -170,8 +170,8 @@ Order schedule_order() {
   if (std::strcmp(value, "reverse") == 0) return Order::kReverse;
   if (std::strcmp(value, "shuffle") == 0) return Order::kShuffle;
   if (std::strcmp(value, "warps") == 0) return Order::kWarps;
-  std::fprintf(stderr, "cuda_sim: REFT_FAST_CUDA_SIM_ORDER=%s is not forward, reverse, shuffle or warps; using forward\n",
-               value);
+  std::fprintf(stderr, "cuda_sim: REFT_FAST_CUDA_SIM_ORDER=%s is not forward, reverse, shuffle or warps; %s\n", value,
+               "using forward");
   return Order::kForward;
 }
 
