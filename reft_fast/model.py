@@ -130,6 +130,7 @@ class _Batch:
     rotations: list  # per intervention: R [r, d] or None
     seeds: list  # per intervention: dropout seed or None
     expandable: bool = False  # generate: beams / returned sequences repeat each example
+    prompt_length: int = 0  # generate: the sequence length of the prompt the locations index
     enabled: bool = True  # generate: False on decode steps (KV cache already holds the edited prompt)
     _expanded: dict = field(default_factory=dict)
 
@@ -249,8 +250,8 @@ class ReftModel(nn.Module):
             # A plain call of the base model: no later recomputation may replay an older batch's edits.
             self._grad_batch = None
         elif batch.expandable:
-            # generate: edit only while the prompt is processed (empty cache); decode steps run the plain model.
-            batch.enabled = _cache_length(kwargs.get("past_key_values")) == 0
+            # generate: edit only while the prompt is processed; decode steps run the plain model.
+            batch.enabled = _is_prompt_pass(args, kwargs, batch.prompt_length)
         return None
 
     def remove_hooks(self) -> None:
@@ -302,7 +303,7 @@ class ReftModel(nn.Module):
             device = _module_device(intervention)
             if device not in by_device:
                 by_device[device] = locations.to(device, non_blocking=True).contiguous()
-        return _Batch(by_device, self._rotations(), self._seeds(), expandable=expandable)
+        return _Batch(by_device, self._rotations(), self._seeds(), expandable=expandable, prompt_length=seq_len)
 
     def _rotations(self) -> list:
         """R for every rotation intervention, one batched call per (method, shape, device)."""
@@ -492,12 +493,33 @@ class ReftModel(nn.Module):
         return reft_model
 
 
-def _cache_length(past) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    return int(past[0][0].shape[-2]) if len(past) else 0  # legacy tuple of (key, value) per layer
+def _is_prompt_pass(args: tuple, kwargs: dict, prompt_length: int) -> bool:
+    """Whether a forward call made by ``generate`` processes the prompt (to be edited) or decodes from the KV cache.
+
+    The cache is recognized by what it is, not by the keyword it arrives under: transformers renamed it from
+    ``past_key_values`` to ``cache`` in its generate loop (5.24.0, seen 2026-11-28), and a keyword-based check then
+    edited every decode step. Without a recognizable cache (``use_cache=False``, or a cache of a kind unknown here),
+    each call's input length tells: a cacheless step re-reads the whole sequence (at least the prompt), a decode step
+    reads fewer tokens than the prompt.
+    """
+    for value in (*kwargs.values(), *args):
+        cached = _cached_tokens(value)
+        if cached is not None:
+            return cached == 0
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if inputs is None:
+        inputs = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return inputs is None or inputs.shape[1] >= prompt_length
+
+
+def _cached_tokens(value) -> Optional[int]:
+    """Tokens held by ``value`` if it is a KV cache (a transformers Cache, or legacy per-layer (key, value) tuples)."""
+    if callable(getattr(value, "get_seq_length", None)):
+        return int(value.get_seq_length())
+    if (isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and len(value[0]) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in value[0])):
+        return int(value[0][0].shape[-2])
+    return None
 
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,

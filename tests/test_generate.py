@@ -76,3 +76,55 @@ def test_generate_rejects_unsupported_modes(setup):
         reft_model.generate(base, intervention_locations=locations, intervene_on_prompt=False)
     with pytest.raises(ValueError, match="must be < the sequence length 6"):
         reft_model.generate(base, intervention_locations=locations + 6, max_new_tokens=1)
+
+
+class _Sealed:
+    """Hides a KV cache behind an object the code under test cannot recognize as one."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+
+class _RenamedCacheLlama(LlamaForCausalLM):
+    """A Llama whose generate hands the KV cache to forward under a keyword no release has used (optionally sealed).
+
+    transformers renamed ``past_key_values`` to ``cache`` in 5.24.0 and a keyword-based check then edited every
+    decode step; this model stands for the next rename.
+    """
+
+    UNSEEN = "kv_state_under_a_new_name"
+    seal = False
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        for name in [n for n, v in inputs.items() if hasattr(v, "get_seq_length")]:
+            cache = inputs.pop(name)
+            inputs[self.UNSEEN] = (name, _Sealed(cache) if self.seal else cache)
+        return inputs
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):  # generate checks these names exist
+        if self.UNSEEN in kwargs:
+            name, cache = kwargs.pop(self.UNSEEN)
+            kwargs[name] = cache.cache if isinstance(cache, _Sealed) else cache
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("seal", [False, True], ids=["renamed", "renamed-and-unrecognizable"])
+def test_generate_finds_the_prompt_pass_whatever_the_cache_is_called(setup, seal):
+    model, reft_model, base, locations = setup
+    renamed = _RenamedCacheLlama(model.config).eval()
+    renamed.load_state_dict(model.state_dict())
+    renamed.generation_config = model.generation_config
+    renamed.seal = seal
+    config = ReftConfig([{"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 4},
+                         {"layer": 1, "component": "mlp_output", "intervention": "lobireft",
+                          "low_rank_dimension": 4}], positions="f1+l2", share_weights=True)
+    renamed_reft = get_reft_model(renamed, config)
+    renamed_reft.interventions.load_state_dict(reft_model.interventions.state_dict())
+    seen = []
+    renamed.register_forward_pre_hook(lambda module, args, kwargs: seen.append(set(kwargs)), with_kwargs=True)
+    _, generated = renamed_reft.generate(base, intervention_locations=locations, max_new_tokens=NEW_TOKENS,
+                                         do_sample=False)
+    assert all(_RenamedCacheLlama.UNSEEN in names and "past_key_values" not in names and "cache" not in names
+               for names in seen)  # the test really hides the cache's usual names
+    assert torch.equal(generated, _no_cache_greedy(reft_model, base, locations))
