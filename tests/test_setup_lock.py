@@ -1,6 +1,5 @@
 """requirements-lock.txt, the exact set scripts/setup.sh installs by default: it pins every package the set-up names,
 at versions pyproject.toml's ranges admit, and scripts/lock.sh writes it from an environment without losing a package."""
-import importlib.metadata
 import os
 import re
 import shlex
@@ -109,8 +108,11 @@ def test_lock_script_writes_every_installed_package(tmp_path):
     python.parent.mkdir(parents=True)
     python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
     python.chmod(0o755)
-    installed = {canonicalize_name(dist.metadata["Name"]): Version(dist.version)
-                 for dist in importlib.metadata.distributions()}
+    # Read in a fresh interpreter: once setuptools is imported, this one's path also shows setuptools' vendored copies.
+    listing = subprocess.run([sys.executable, "-I", "-c", "import importlib.metadata as m\n"
+                              "for d in m.distributions(): print(d.metadata['Name'], d.version)"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+    installed = {canonicalize_name(name): Version(version) for name, version in map(str.split, listing.splitlines())}
     if "pyreft" not in installed:
         pytest.skip("lock.sh locks only a test environment (bash scripts/setup.sh --test)")
     subprocess.run(["bash", "scripts/lock.sh"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
