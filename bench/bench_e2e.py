@@ -31,6 +31,9 @@ reft_fast.engine.count_step_flops, divided by the bf16 matrix-product peak measu
 ReFT rows the orthogonalization cost per step (R for every intervention, forward + backward) and the time of one
 layer's edit (forward + backward on a [B, T, d] hidden state).
 
+``--plan session`` runs SESSION_ROWS instead of the grid, in their order (bench/gpu_session.sh). Each row also reports
+``cpu_issue_s``: the median time until the step's Python call returns, before the synchronize (the host's share).
+
 Writes bench/results/e2e_<device>_<date>.csv (device, library versions and date in every row) and a PNG beside it,
 and prints a markdown table for the README. ``--deadline-s`` stops starting rows when the time is spent: the rows left
 are written with status "not run: deadline", so a partial run is still a valid file.

@@ -1,6 +1,7 @@
 """Time the fused ReFT edit against a copy of the same rows; also the orthogonal map (bench_orthogonal.py).
 
     python bench/bench_kernels.py            # CUDA: the issue's grid, triton.testing.do_bench (median)
+    python bench/bench_kernels.py --grid session --backends torch,triton   # the GPU session's reduced grid
     python bench/bench_kernels.py --smoke    # CPU: tiny shapes, Triton through TRITON_INTERPRET=1 and the CUDA C++
                                              # kernels through csrc/sim (REFT_FAST_CUDA_SIM=1), wall-clock median
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
@@ -16,7 +17,7 @@ against two copies of the same rows:
   copy            gather + scatter of the selected rows in PyTorch (index_select + index_copy_),
   rowcopy         one Triton kernel that reads each selected row once and writes it once (the memory floor).
 Ratios divide by one copy for forward and by two copies for forward+backward. A backend that fails is reported in
-its row (status) and the run goes on. Writes bench/results/kernels_<device>_<date>.csv (with the device name, torch
+its row (status) and the run goes on. Writes bench/results/kernels_<device>_<date>.csv row by row (with the device name, torch
 and triton versions and the date in every row) and a PNG plot of the ratios beside it.
 """
 
