@@ -31,6 +31,9 @@ reft_fast.engine.count_step_flops, divided by the bf16 matrix-product peak measu
 ReFT rows the orthogonalization cost per step (R for every intervention, forward + backward) and the time of one
 layer's edit (forward + backward on a [B, T, d] hidden state).
 
+``--plan session`` runs SESSION_ROWS instead of the grid, in their order (bench/gpu_session.sh). Each row also reports
+``cpu_issue_s``: the median time until the step's Python call returns, before the synchronize (the host's share).
+
 Writes bench/results/e2e_<device>_<date>.csv (device, library versions and date in every row) and a PNG beside it,
 and prints a markdown table for the README. ``--deadline-s`` stops starting rows when the time is spent: the rows left
 are written with status "not run: deadline", so a partial run is still a valid file.
@@ -51,7 +54,13 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
+# Every row runs in a process forked from a server process. A process forked from one that has asked the CUDA runtime
+# for its device count cannot use CUDA ("Cannot re-initialize CUDA in forked subprocess"), and
+# torch.cuda.is_available() asks it, here and in liger-kernel's import-time device check. With this variable set,
+# is_available() asks NVML instead, which leaves CUDA alone; the server inherits it from this process.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
+import torch  # noqa: E402
 
 # Triton kernels run on a CPU only through the interpreter, which must be chosen before they are decorated; the
 # forkserver inherits the environment.
@@ -84,14 +93,29 @@ METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "reft-fast:torch", "ho
 DEFAULT_METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "pyreft", "hook-loreft", "lora")
 SMOKE_METHODS = ("floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft", "lora")
 LORA_RANK = 8
+# --plan session (bench/gpu_session.sh): the rows of one GPU command, most wanted first, as (config, checkpointing,
+# fused base ops, method). The headline (b) against its floors; (a); checkpointing; the cuda backend last (its nvcc
+# build costs about a minute).
+SESSION_ROWS = (
+    ("b", False, True, "floor"), ("b", False, True, "reft-fast:triton"), ("b", False, True, "pyreft"),
+    ("b", False, True, "hook-loreft"), ("b", False, False, "floor"),
+    ("a", False, True, "floor"), ("a", False, True, "reft-fast:triton"), ("a", False, True, "pyreft"),
+    ("a", False, True, "hook-loreft"),
+    ("b", True, True, "floor"), ("b", True, True, "reft-fast:triton"),
+    ("a", False, False, "floor"),
+    ("b", False, True, "reft-fast:cuda"),
+)
+# The libraries rows import, imported once by the server the rows are forked from.
+ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.model", "reft_fast.engine",
+                 "reft_fast.fused_base", "liger_kernel.transformers", "peft", "pyreft")
 
 FIELDS = ["device", "torch", "triton", "transformers", "liger_kernel", "pyreft", "peft", "date", "timer", "shape",
           "dtype", "config", "checkpointing", "fused", "fused_ops", "method", "batch", "seq_len", "layers", "rank",
           "positions", "n_interventions", "trainable_params", "warmup", "steps", "step_s", "step_s_min",
-          "tokens_per_s", "ratio_floor", "ratio_plain_floor", "first_loss", "peak_gib", "tflops", "mfu", "peak_tflops",
+          "cpu_issue_s", "tokens_per_s", "ratio_floor", "ratio_plain_floor", "first_loss", "peak_gib", "tflops", "mfu", "peak_tflops",
           "orth_ms", "edit_ms", "status"]
 TABLE = [("method", "method"), ("config", "config"), ("ckpt", "checkpointing"), ("fused", "fused"),
-         ("step s", "step_s"), ("× floor", "ratio_floor"), ("× plain floor", "ratio_plain_floor"),
+         ("step s", "step_s"), ("issue s", "cpu_issue_s"), ("× floor", "ratio_floor"), ("× plain floor", "ratio_plain_floor"),
          ("tokens/s", "tokens_per_s"), ("peak GiB", "peak_gib"), ("MFU", "mfu"), ("orth ms", "orth_ms"),
          ("edit ms", "edit_ms"), ("status", "status")]
 
@@ -109,17 +133,18 @@ def _layers(config: str, shape: str) -> list[int]:
 
 def plan_rows(args) -> list[dict]:
     """Every row of the run, most wanted first (a deadline then cuts the least wanted): per configuration, without
-    checkpointing before with it, the floor first (the others' ratios need it), fused before plain."""
-    rows = []
-    methods = sorted(args.methods, key=lambda m: m != "floor")
-    for checkpointing in sorted(args.checkpointing):
-        for config in args.configs:
-            for fused in args.fused:
-                for method in methods:
-                    rows.append(dict(shape=args.shape, config=config, checkpointing=checkpointing, fused=fused,
-                                     method=method, batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-                                     warmup=args.warmup, steps=args.steps, reps=args.reps, device=args.device))
-    return rows
+    checkpointing before with it, the floor first (the others' ratios need it), fused before plain. With --plan
+    session, SESSION_ROWS in their order (on a CPU, where liger's kernels cannot run, with the base unfused)."""
+    if args.plan == "session":
+        cells = [(c, k, f and args.device == "cuda", m) for c, k, f, m in SESSION_ROWS]
+        cells = list(dict.fromkeys(cells))  # the CPU twin of a fused row may already be planned
+    else:
+        methods = sorted(args.methods, key=lambda m: m != "floor")
+        cells = [(config, checkpointing, fused, method) for checkpointing in sorted(args.checkpointing)
+                 for config in args.configs for fused in args.fused for method in methods]
+    return [dict(shape=args.shape, config=config, checkpointing=checkpointing, fused=fused, method=method,
+                 batch=args.batch, seq_len=args.seq_len, dtype=args.dtype, warmup=args.warmup, steps=args.steps,
+                 reps=args.reps, device=args.device) for config, checkpointing, fused, method in cells]
 
 
 def skip_reason(row: dict) -> str | None:
@@ -381,17 +406,20 @@ def run_row(row: dict) -> dict:
     _sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, issue_times = [], []
     for _ in range(row["steps"]):
         start = time.perf_counter()
         loss = step()
+        # The host has issued the step's work when step() returns (CUDA runs behind it): an issue time close to
+        # the step time means the GPU waited on the host (or a sync inside the step).
+        issue_times.append(time.perf_counter() - start)
         _sync(device)
         times.append(time.perf_counter() - start)
     final_loss = loss.detach().item()
     if not math.isfinite(final_loss):
         raise FloatingPointError(f"the loss is {final_loss}")
     step_s = statistics.median(times)
-    result = dict(step_s=step_s, step_s_min=min(times), first_loss=first_loss, fused_ops="+".join(fused) or "none",
+    result = dict(step_s=step_s, step_s_min=min(times), cpu_issue_s=statistics.median(issue_times), first_loss=first_loss, fused_ops="+".join(fused) or "none",
                   trainable_params=sum(p.numel() for p in params), n_interventions=len(layers),
                   tokens_per_s=row["batch"] * row["seq_len"] / step_s,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else math.nan)
@@ -430,14 +458,29 @@ def _child(kind: str, row: dict, connection) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # The parent: one process per row, then the CSV, the plot and the table
 # --------------------------------------------------------------------------------------------------------------------
-def _context():
-    context = multiprocessing.get_context("forkserver")
-    # Imported once by the server, then every row is a fresh fork of it (CUDA is never initialized in the server).
-    preload = ["__main__", "transformers.models.llama.modeling_llama", "reft_fast.model", "reft_fast.engine",
-               "reft_fast.fused_base"]
-    preload += [name for name in ("liger_kernel.transformers", "peft", "pyreft") if importlib.util.find_spec(name)]
-    context.set_forkserver_preload(preload)
+def _import_row_libraries() -> None:
+    """Import ROW_LIBRARIES, printing (not raising) any failure: a library that cannot be imported fails the rows that
+    need it, not the server every row is forked from (multiprocessing's own preload lets any error but ImportError
+    end the server, and every row with it)."""
+    for name in ROW_LIBRARIES:
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            print(f"preload: import {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def _context(start_method: str):
+    """forkserver: the server imports this file ("__main__", which imports ROW_LIBRARIES), then every row is a fresh
+    fork of it, with the libraries already imported. spawn: every row imports them itself (seconds more per row)."""
+    context = multiprocessing.get_context(start_method)
+    if start_method == "forkserver":
+        context.set_forkserver_preload(["__main__"])
     return context
+
+
+FORK_POISONED = "Cannot re-initialize CUDA in forked subprocess"
 
 
 class _RowProcess:
@@ -582,6 +625,11 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny Llama on the CPU, 2 steps per row (for CI)")
     parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"], default="7b")
+    parser.add_argument("--plan", choices=("grid", "session"), default="grid",
+                        help="grid: configs × checkpointing × fused × methods; session: SESSION_ROWS in their order "
+                        "(bench/gpu_session.sh; --configs, --methods, --checkpointing and --fused do not apply)")
+    parser.add_argument("--start-method", choices=("forkserver", "spawn"), default="forkserver",
+                        help="how the row processes start (default forkserver: the libraries are imported once)")
     parser.add_argument("--configs", default="b,a", help="comma-separated from a,b (default b,a)")
     parser.add_argument("--methods", default=None, help=f"comma-separated from {','.join(METHODS)}")
     parser.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
@@ -633,10 +681,16 @@ def main(argv=None) -> int:
     started = time.monotonic()
     env = {**environment(), **_versions(),
            "timer": "step: median of synchronized wall-clock steps; extras: " + environment()["timer"]}
-    context = _context()
+    context = _context(args.start_method)
     peak_tflops = math.nan
     if args.device == "cuda":
+        # The first process: the matrix-product peak, and the proof that a forked row can use CUDA. If the server
+        # initialized CUDA after all (an import this file does not know of), the rows are spawned instead.
         peak = run_in_process(context, "peak", dict(device="cuda"), args.row_timeout_s)
+        if FORK_POISONED in peak["status"] and args.start_method != "spawn":
+            print(f"forked rows cannot use CUDA ({peak['status']}): starting every row with spawn", flush=True)
+            context = _context("spawn")
+            peak = run_in_process(context, "peak", dict(device="cuda"), args.row_timeout_s)
         peak_tflops = peak.get("peak_tflops", math.nan)
         print(f"bf16 matrix-product peak: {peak_tflops:.0f} TFLOP/s ({peak['status']})", flush=True)
 
@@ -668,6 +722,10 @@ def _report(row: dict) -> None:
     print(f"[{row['config']} ckpt={'on' if row['checkpointing'] else 'off'} fused={'on' if row['fused'] else 'off'}] "
           f"{row['method']}: {detail}", flush=True)
 
+
+if __name__ == "__mp_main__":
+    # This file in the forkserver (its preload of "__main__") or in a spawned row: import what the rows need.
+    _import_row_libraries()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,7 @@
 """Time the fused ReFT edit against a copy of the same rows; also the orthogonal map (bench_orthogonal.py).
 
     python bench/bench_kernels.py            # CUDA: the issue's grid, triton.testing.do_bench (median)
+    python bench/bench_kernels.py --grid session --backends torch,triton   # the GPU session's reduced grid
     python bench/bench_kernels.py --smoke    # CPU: tiny shapes, Triton through TRITON_INTERPRET=1 and the CUDA C++
                                              # kernels through csrc/sim (REFT_FAST_CUDA_SIM=1), wall-clock median
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
@@ -16,7 +17,7 @@ against two copies of the same rows:
   copy            gather + scatter of the selected rows in PyTorch (index_select + index_copy_),
   rowcopy         one Triton kernel that reads each selected row once and writes it once (the memory floor).
 Ratios divide by one copy for forward and by two copies for forward+backward. A backend that fails is reported in
-its row (status) and the run goes on. Writes bench/results/kernels_<device>_<date>.csv (with the device name, torch
+its row (status) and the run goes on. Writes bench/results/kernels_<device>_<date>.csv row by row (with the device name, torch
 and triton versions and the date in every row) and a PNG plot of the ratios beside it.
 """
 
@@ -54,6 +55,11 @@ CUDA_ROWS_VARIANTS = (("cuda-1row", "1"), ("cuda-4row", "4"), ("cuda-tile", "16"
 FULL = dict(rows=(112, 4096, 65536), d=(4096, 8192), r=(4, 8, 32), batch=8, min_seq=512)
 # Smoke: d not a power of two and a rank below 16 exercise the kernels' masks; a few programs per launch only.
 SMOKE = dict(rows=(8, 24), d=(64, 96), r=(1, 4), batch=2, min_seq=16)
+# The part of FULL that fits the GPU session's minute (bench/gpu_session.sh): the Llama-2-7B width, a rank below and
+# one above the tile threshold; and its CPU twin for the session's dry run.
+SESSION = dict(rows=(112, 4096, 65536), d=(4096,), r=(8, 32), batch=8, min_seq=512)
+SESSION_SMOKE = dict(rows=(8, 24), d=(64,), r=(4,), batch=2, min_seq=16)
+GRIDS = {"full": FULL, "session": SESSION}
 
 # Targets from the issue, as ratios in this file's convention (forward: × one copy; forward+backward: × two copies;
 # the issue's "≤ 1.5 × the 5-pass floor (2.5 copies)" is 3.75 copies, i.e. 1.875 here).
@@ -99,6 +105,25 @@ def measure_ms(fn, grad_to_none=None, *, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+class CsvAppender:
+    """A CSV file that grows one row at a time (flushed), so that a run killed at its time limit keeps every row
+    it finished."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self._file = path, open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields, extrasaction="raise")
+        self._writer.writeheader()
+        self._file.flush()
+
+    def append(self, row: dict) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def write_csv(rows: list[dict], path: Path, fields: list[str]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -117,7 +142,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    widths = {c: max(len(c), *(len(cell(r.get(c, ""))) for r in rows)) for c in columns}
+    widths = {c: max([len(c)] + [len(cell(r.get(c, ""))) for r in rows]) for c in columns}
     print("  ".join(c.rjust(widths[c]) for c in columns))
     for r in rows:
         print("  ".join(cell(r.get(c, "")).rjust(widths[c]) for c in columns))
@@ -159,31 +184,36 @@ def copy_rows_torch(src_flat: torch.Tensor, dst_flat: torch.Tensor, rows: torch.
 # Inputs
 # --------------------------------------------------------------------------------------------------------------------
 def make_case(n_rows: int, d: int, r: int, *, batch: int, min_seq: int, device, dtype=torch.bfloat16, seed=0):
-    """h [B, T, d], positions [B, N/B] (distinct, random), LoReFT parameters R (orthonormal rows), W, b in fp32."""
+    """h [B, T, d], positions [B, N/B] (distinct, random), LoReFT parameters R (orthonormal rows), W, b in fp32.
+
+    The large tensors (h and the output gradient, up to 0.5 G elements each) are drawn on ``device`` itself: on a
+    GPU, drawing them on the CPU first took longer than timing them. The small ones come from a CPU generator."""
     if n_rows % batch:
         raise ValueError(f"n_rows={n_rows} must be a multiple of batch={batch}")
     per_example = n_rows // batch
     seq_len = max(min_seq, 2 * per_example)
     gen = torch.Generator().manual_seed(seed)
+    device_gen = torch.Generator(device=device).manual_seed(seed)
     positions = torch.stack([torch.randperm(seq_len, generator=gen)[:per_example].sort().values
                              for _ in range(batch)])
     return dict(
-        h=torch.randn(batch, seq_len, d, generator=gen).to(device=device, dtype=dtype),
+        h=torch.randn(batch, seq_len, d, generator=device_gen, device=device, dtype=dtype),
         positions=positions.to(device),
         R=random_orthonormal_rows(r, d, generator=gen, device=device),
         W=(torch.randn(r, d, generator=gen) / math.sqrt(d)).to(device),
         b=torch.randn(r, generator=gen).to(device),
-        grad=torch.randn(batch, seq_len, d, generator=gen).to(device=device, dtype=dtype),
+        grad=torch.randn(batch, seq_len, d, generator=device_gen, device=device, dtype=dtype),
     )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Backends
 # --------------------------------------------------------------------------------------------------------------------
-def available_backends(device: torch.device) -> dict:
-    """name -> launch module (None for the torch reference) or the reason it cannot run here."""
-    found = {"torch": None}
-    for name in ("triton", "cuda"):
+def available_backends(device: torch.device, names=("torch", "triton", "cuda")) -> dict:
+    """name -> launch module (None for the torch reference) or the reason it cannot run here, for the backends
+    ``names`` (leaving "cuda" out spares its nvcc build, about a minute, when its rows are not wanted)."""
+    found = {"torch": None} if "torch" in names else {}
+    for name in [n for n in ("triton", "cuda") if n in names]:
         try:
             ops.resolve_backend(name, device)
             found[name] = ops._kernel_module(name)
@@ -243,19 +273,32 @@ def with_env(fn, values: dict):
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------------
-def run_kernels(grid: dict, device: torch.device, env: dict, *, reps: int = 5, log=print) -> list[dict]:
-    backends = available_backends(device)
+def run_kernels(grid: dict, device: torch.device, env: dict, *, reps: int = 5, log=print,
+                backends=("torch", "triton", "cuda"), deadline: float | None = None, on_row=None) -> list[dict]:
+    """Every row of the grid (``on_row(row)`` as each is finished); no shape is started after ``deadline``
+    (time.monotonic())."""
     rows = []
+
+    def add(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     base = {k: env[k] for k in ("device", "torch", "triton", "date", "timer")}
-    for name, module in backends.items():
+    found = available_backends(device, backends)
+    for name, module in found.items():
         if isinstance(module, str):
             log(f"[{name}] {module}")
-            rows.append(dict(base, backend=name, status=module))
-    runnable = {k: v for k, v in backends.items() if not isinstance(v, str)}
+            add(dict(base, backend=name, status=module))
+    runnable = {k: v for k, v in found.items() if not isinstance(v, str)}
 
     for n_rows in grid["rows"]:
         for d in grid["d"]:
             for r in grid["r"]:
+                if deadline is not None and time.monotonic() > deadline:
+                    log(f"deadline: N={n_rows} d={d} r={r} not run")
+                    add(dict(base, n_rows=n_rows, d=d, r=r, status="not run: deadline"))
+                    continue
                 case = make_case(n_rows, d, r, batch=grid["batch"], min_seq=grid["min_seq"], device=device)
                 h, positions = case["h"], case["positions"]
                 shape = dict(n_rows=n_rows, d=d, r=r, batch=h.shape[0], seq_len=h.shape[1], dtype=str(h.dtype)[6:])
@@ -286,7 +329,7 @@ def run_kernels(grid: dict, device: torch.device, env: dict, *, reps: int = 5, l
                     except Exception as exc:  # report and go on with the other backends and shapes
                         row["status"] = f"error: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
                         log(f"[{backend}/{level}/{pass_}] N={n_rows} d={d} r={r}: {row['status']}")
-                    rows.append(row)
+                    add(row)
 
                 for name, module in runnable.items():
                     forward, forward_backward, grads = op_runners(case, name)
@@ -346,11 +389,20 @@ def plot_ratios(rows: list[dict], path: Path, title: str) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU, Triton interpreter); for CI")
+    parser.add_argument("--grid", choices=list(GRIDS), default="full",
+                        help="full: the issue's grid; session: its d=4096, r∈{8,32} part (bench/gpu_session.sh)")
+    parser.add_argument("--backends", default="torch,triton,cuda",
+                        help="comma-separated from torch,triton,cuda (default all three)")
+    parser.add_argument("--deadline-s", type=float, default=None, help="start no shape after this many seconds")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and PNG (default bench/results)")
     parser.add_argument("--no-orthogonal", action="store_true", help="skip the orthogonal-map section")
     parser.add_argument("--no-plot", action="store_true", help="write the CSV only")
     args = parser.parse_args(argv)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends or set(backends) - {"torch", "triton", "cuda"}:
+        parser.error(f"--backends: {args.backends!r}: expected names from torch, triton, cuda")
 
+    started = time.monotonic()
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         parser.error("the full grid needs a CUDA GPU (its h tensors are up to 2 GB); on a CPU use --smoke")
@@ -359,19 +411,27 @@ def main(argv=None) -> int:
         # than at import, where it would leak into importers). Smoke timings mean nothing; they check the rows.
         os.environ.setdefault("REFT_FAST_CUDA_SIM", "1")
     device = bench_device()
-    grid = SMOKE if args.smoke else FULL
+    if args.smoke:
+        grid = SESSION_SMOKE if args.grid == "session" else SMOKE
+    else:
+        grid = GRIDS[args.grid]
     env = environment()
     prefix = "kernels_smoke" if args.smoke else "kernels"
     print(f"# {env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']} | {env['timer']}")
 
-    rows = run_kernels(grid, device, env, reps=3 if args.smoke else 5)
+    csv_file = CsvAppender(result_path(args.out, prefix, env, ".csv"), FIELDS)
+    deadline = started + args.deadline_s if args.deadline_s is not None else None
+    try:
+        rows = run_kernels(grid, device, env, reps=3 if args.smoke else 5, backends=backends, deadline=deadline,
+                           on_row=csv_file.append)
+    finally:
+        csv_file.close()
     columns = ["backend", "level", "pass", "n_rows", "d", "r", "ms", "copy_ms", "rowcopy_ms", "ratio_copy",
                "ratio_rowcopy", "max_abs_err", "status"]
     print_table([r for r in rows if "level" in r], columns)
-    csv_path = write_csv(rows, result_path(args.out, prefix, env, ".csv"), FIELDS)
-    print(f"wrote {csv_path}")
+    print(f"wrote {csv_file.path}")
     if not args.no_plot and any(r.get("status") == "ok" for r in rows):
-        png = plot_ratios(rows, csv_path.with_suffix(".png"),
+        png = plot_ratios(rows, csv_file.path.with_suffix(".png"),
                           f"{env['device']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
         print(f"wrote {png}")
 

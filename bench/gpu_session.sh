@@ -1,108 +1,221 @@
 #!/usr/bin/env bash
-# Every GPU figure of reft-fast in device-tool calls (10 minutes each at most). Build the wheels here first
-# (`bash bench/make_wheels.sh`), then, from a session that has a GPU machine:
+# Every GPU figure of reft-fast in ONE device-tool command of at most 9 minutes. Build the wheels here first
+# (`bash bench/make_wheels.sh`, into the git-ignored .whl/), then, from a session that has a GPU machine:
 #
-#   call 1:  run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
-#            setup, kernel benchmark (first: its figures are the call's main result, and it builds the cuda
-#            backend), GPU tests (triton, the cuda backend built with nvcc, compute-sanitizer)
-#   call 2:  run(command="bash bench/gpu_session.sh setup e2e", carry=[".whl"], timeout_s=600)
-#            the end-to-end rows without gradient checkpointing
-#   call 3:  run(command="bash bench/gpu_session.sh setup e2e-ckpt", carry=[".whl"], timeout_s=600)
-#            the end-to-end rows with gradient checkpointing
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 #
-# Stages (arguments, in order; default: setup kernels tests): setup, tests, kernels, e2e, e2e-ckpt. Each stage has
-# a time limit inside the call's budget (BUDGET_S, default 570 s); bench_e2e.py starts no row past its deadline and
-# rewrites its CSV after every row, so a call cut short still returns what it measured. Extra bench_e2e.py arguments
-# go in E2E_ARGS (e.g. E2E_ARGS="--shape 13b" on an H200). Everything lands in $OUT (the device tool returns it):
-# session.log, kernels/*.csv|png, e2e-ckpt-off/ and e2e-ckpt-on/ *.csv|png. At most 8 files come back from one call,
-# and one call is 10 minutes: hence three calls.
+# Stages, most valuable first, each with its own share of the budget (BUDGET_S, default 540 s), so that a slow
+# stage cannot starve the next ones. Every result is written under $OUT as soon as it exists, so a command cut short
+# still returns what it measured:
+#   1. setup    (≤ 60 s) the carried wheels into /tmp/site, reft-fast importable, every import checked
+#   2. e2e      end-to-end training steps (bench_e2e.py --plan session): configuration (b) with the fused base
+#               (floor, reft-fast, pyreft, hook), its plain floor, then (a), then gradient checkpointing, the cuda
+#               backend last; one process per row, forked from a server that imported the libraries once
+#   3. kernels  the reduced kernel grid (bench_kernels.py --grid session: N ∈ {112, 4096, 65536}, d 4096, r ∈ {8, 32},
+#               torch and triton), its CSV written row by row
+#   4. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
+#               liger's fused base against the plain one), then the cuda backend's, compute-sanitizer last
+# $OUT then holds at most 7 files, all at its top: session.log (this script's whole output), e2e_*.csv|png,
+# kernels_*.csv|png, tests.log (the device tool returns 8 files at most, no more than 2 folders down).
+#
+#   bash bench/gpu_session.sh --dry-run   # the same stages, processes, budgets and files on the CPU, smoke sizes,
+#                                         # under 2 minutes (tests/test_bench_session.py runs it); the wheels are
+#                                         # installed for CPython 3.12 into a scratch folder, the tests only collected
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$(pwd)
 START=$(date +%s)
-BUDGET_S=${BUDGET_S:-570}
-OUT=${OUT:-bench/results/gpu_session}
+DRY_RUN=0
+case "${1:-}" in
+  --dry-run) DRY_RUN=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_session.sh [--dry-run]"; exit 2 ;;
+esac
+if [ "$DRY_RUN" = 1 ]; then
+  BUDGET_S=${BUDGET_S:-100}
+  OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_dry.XXXXXX")}
+  SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_site.XXXXXX")
+  PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+  SMOKE=(--smoke)
+else
+  BUDGET_S=${BUDGET_S:-540}
+  OUT=${OUT:-bench/results/gpu_session}
+  SCRATCH=/tmp
+  PY=${PY:-python3}  # the GPU image's python3 holds torch
+  SMOKE=()
+fi
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/session.log") 2>&1
-export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-PY=${PY:-python3}  # the GPU image's python3 holds torch
+TEE_PID=$!
+# Offline machine: nothing may try the Hub. NVML answers torch.cuda.is_available() without initializing CUDA (a
+# process forked from one that initialized it cannot use CUDA: bench_e2e.py forks its rows).
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
+export MPLBACKEND=Agg
+
+# Each stage's reserve: what it may use at most, and what the stages after it keep for themselves.
+SETUP_S=60 KERNELS_S=60 TESTS_MIN_S=80
+if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 KERNELS_S=25 TESTS_MIN_S=15; fi
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
-limit() { local want=$1 room; room=$(($(left) - 15)); echo $((want < room ? want : room)); }
-banner() { echo; echo "=== $1 ($(left) s left) ==="; }
+# limit WANT [KEEP]: at most WANT seconds, leaving KEEP (default 5) for what follows.
+limit() { local room=$(($(left) - ${2:-5})); [ "$room" -lt 1 ] && room=1; echo $(($1 < room ? $1 : room)); }
+banner() { echo; echo "=== $1 ($(left) s of ${BUDGET_S} s left) ==="; }
+# run_limited SECONDS LABEL COMMAND...: the command and every process it starts are ended at the limit (timeout
+# signals its whole process group: a forked row must not go on using the GPU under the next stage).
+run_limited() {
+  local seconds=$1 label=$2 rc; shift 2
+  timeout -k 10 "$seconds" "$@"; rc=$?
+  case $rc in
+    0) ;;
+    124|137) echo "$label: stopped at its limit of $seconds s (what it wrote so far is kept)" ;;
+    *) echo "$label: exit $rc" ;;
+  esac
+  return 0
+}
 
-stage_setup() {
-  banner setup
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
-  if [ -d .whl ]; then
-    # The packages the image lacks (bench/make_wheels.sh); --no-deps: each needed one is in .whl or on the image.
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-      || echo "setup: installing .whl failed"
-  else
-    echo "setup: no .whl folder carried: pyreft, deepspeed and liger-kernel rows/tests will be skipped"
+# The wheels the image lacks go to $SITE, first on PYTHONPATH; setuptools (only to install reft-fast) to $TOOLS.
+SITE=$SCRATCH/site TOOLS=$SCRATCH/build-tools
+WHEEL_TARGET=(--python-version 3.12 --implementation cp --only-binary=:all: --platform manylinux_2_28_x86_64
+              --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+
+install_wheels() {
+  local wheels=() tools=() whl
+  for whl in .whl/*.whl; do
+    [ -e "$whl" ] || continue
+    case "$(basename "$whl")" in setuptools-*) tools+=("$whl") ;; *) wheels+=("$whl") ;; esac
+  done
+  if [ ${#wheels[@]} -eq 0 ]; then
+    echo "setup: no wheels in .whl (carry=[\".whl\"] after bash bench/make_wheels.sh): pyreft, deepspeed and" \
+         "liger-kernel rows and tests will be skipped or fail"
+    return
   fi
-  # reft-fast itself, editable (kernels/ is the package reft_fast.kernels through pyproject's package-dir).
-  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "setup: installing reft-fast failed"
-  $PY - <<'EOF'
-import importlib, importlib.metadata as md
+  local pip=("$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir
+             --upgrade)
+  if [ "$DRY_RUN" = 1 ]; then
+    # This machine's Python is not the GPU image's 3.12: install them for 3.12 into a scratch folder (every wheel
+    # must be a cp312 or pure one, one version each), and keep this machine's own packages on the path.
+    pip+=("${WHEEL_TARGET[@]}")
+  fi
+  "${pip[@]}" --target "$SITE" "${wheels[@]}" && echo "setup: ${#wheels[@]} wheels installed into $SITE" \
+    || echo "setup: installing the wheels into $SITE FAILED (exit $?): the rows and tests that need them will fail"
+  if [ ${#tools[@]} -gt 0 ]; then
+    "${pip[@]}" --target "$TOOLS" "${tools[@]}" || echo "setup: installing ${tools[*]} FAILED (exit $?)"
+  fi
+  [ "$DRY_RUN" = 1 ] || export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+}
+
+# reft-fast importable as reft_fast, with kernels/ as reft_fast.kernels and csrc/ as reft_fast.csrc (pyproject's
+# package-dir): an editable install (its `license = "Apache-2.0"` needs setuptools ≥ 77: the carried one), else links.
+install_reft_fast() {
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "setup: dry run: reft-fast is this checkout's own development install"
+    return
+  fi
+  if PYTHONPATH=$TOOLS${PYTHONPATH:+:$PYTHONPATH} "$PY" -m pip install -q --disable-pip-version-check --no-index \
+       --no-deps --no-build-isolation -e . ; then
+    echo "setup: reft-fast installed (editable)"
+    return
+  fi
+  # The copy of the tree on the device machine is thrown away afterwards: link the two folders into the package.
+  echo "setup: the editable install of reft-fast FAILED (exit $?): linking kernels/ and csrc/ into reft_fast/ instead"
+  ln -sfn ../kernels reft_fast/kernels && ln -sfn ../csrc reft_fast/csrc
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+}
+
+check_imports() {
+  local pythonpath=${PYTHONPATH:-}
+  [ "$DRY_RUN" = 1 ] && pythonpath=  # the scratch folder holds 3.12 wheels, not importable by this Python
+  PYTHONPATH=$pythonpath run_limited "$(limit 40)" "setup: import check" "$PY" - <<'EOF'
+import importlib, importlib.metadata as md, sys
 import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
-for dist in ("triton", "transformers", "liger-kernel", "pyreft", "pyvene", "peft", "deepspeed", "datasets"):
+cuda = torch.cuda.is_available()
+print(f"python {sys.version.split()[0]} | torch {torch.__version__} (cuda {torch.version.cuda}, GPU visible: {cuda})")
+for dist in ("triton", "transformers", "peft", "liger-kernel", "pyreft", "pyvene", "deepspeed", "datasets",
+             "pydantic", "typing-extensions", "reft-fast"):
     try:
-        print(f"{dist} {md.version(dist)}")
+        print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:
-        print(f"{dist} missing")
-for module in ("reft_fast", "reft_fast.kernels.low_rank_edit", "liger_kernel.transformers", "pyreft", "deepspeed"):
+        print(f"  {dist} MISSING")
+for module in ("reft_fast", "reft_fast.kernels.low_rank_edit", "reft_fast.cuda_backend", "liger_kernel.transformers",
+               "peft", "pyreft", "deepspeed", "datasets"):
     try:
         importlib.import_module(module)
-        print(f"import {module}: ok")
+        print(f"  import {module}: ok")
     except Exception as error:
-        print(f"import {module}: {type(error).__name__}: {error}")
+        print(f"  import {module}: FAILED: {type(error).__name__}: {str(error)[:300]}")
+print(f"  reft_fast from {importlib.import_module('reft_fast').__file__}")
+# The row processes are forked: nothing above may have initialized CUDA (with the NVML check it is not).
+print(f"  CUDA context created by the imports: {torch.cuda.is_initialized()}")
 EOF
 }
 
-stage_tests() {
-  banner tests
-  # Tests marked cuda (skipped on CPU machines), then the kernel and op tests on the GPU itself (no interpreter).
-  timeout "$(limit 150)" $PY -m pytest -q -m cuda -p no:cacheprovider tests || echo "tests (cuda): exit $?"
-  local files=()
-  for f in tests/test_kernels.py tests/test_ops.py tests/test_triton_compile.py; do [ -f "$f" ] && files+=("$f"); done
-  if [ ${#files[@]} -gt 0 ]; then
-    timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider "${files[@]}" || echo "tests (kernels): exit $?"
+stage_setup() {
+  banner "setup"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "setup: dry run on $(uname -m), $($PY --version 2>&1): no GPU"
+  else
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "setup: nvidia-smi failed"
   fi
-  # The cuda backend (csrc/): built with nvcc on first use (about a minute), then its tests on the device, including the
-  # compute-sanitizer run. Its tests are not marked cuda (on CPU machines they run through csrc/sim).
-  if [ -f tests/test_cuda_backend.py ]; then
-    timeout "$(limit 300)" $PY -m pytest -q -p no:cacheprovider tests/test_cuda_backend.py || echo "tests (cuda backend): exit $?"
-  fi
+  install_wheels
+  install_reft_fast
+  check_imports
+}
+
+stage_e2e() {
+  banner "e2e"
+  # Start no row once only the later stages' reserves and a typical row's time (a 7B step's build, warm-up, ten
+  # steps and extras) are left; end the stage at the reserves, whatever runs then; no row longer than row_s.
+  local hard=$(($(left) - KERNELS_S - TESTS_MIN_S - 10)) typical_row_s=45 row_s=150
+  [ "$DRY_RUN" = 1 ] && typical_row_s=15 row_s=60
+  if [ "$hard" -le 20 ]; then echo "e2e: no time left"; return; fi
+  local deadline=$((hard - typical_row_s > 10 ? hard - typical_row_s : 10))
+  run_limited "$hard" "bench_e2e" "$PY" bench/bench_e2e.py "${SMOKE[@]}" --plan session --out "$OUT" \
+    --deadline-s "$deadline" --row-timeout-s "$row_s" ${E2E_ARGS:-}
 }
 
 stage_kernels() {
-  banner kernels
-  if [ -f bench/bench_kernels.py ]; then
-    timeout "$(limit 240)" $PY bench/bench_kernels.py --out "$OUT/kernels" || echo "bench_kernels: exit $?"
-  else
-    echo "bench/bench_kernels.py not present: skipped"
-  fi
+  banner "kernels"
+  local hard
+  hard=$(limit "$KERNELS_S" "$TESTS_MIN_S")
+  run_limited "$hard" "bench_kernels" "$PY" bench/bench_kernels.py "${SMOKE[@]}" --grid session \
+    --backends torch,triton --no-orthogonal --deadline-s $((hard * 2 / 3)) --out "$OUT"
 }
 
-run_e2e() {  # $1: on|off (gradient checkpointing); each in its own folder (the CSV is named by device and date)
-  local deadline=$(($(left) - 75))  # room for the last row started (a 7B step, its warm-up and the extras)
-  if [ "$deadline" -le 0 ]; then echo "e2e (checkpointing $1): no time left"; return; fi
-  # shellcheck disable=SC2086  # E2E_ARGS is a list of arguments
-  timeout "$(limit $((deadline + 60)))" $PY bench/bench_e2e.py --checkpointing "$1" --deadline-s "$deadline" \
-    --out "$OUT/e2e-ckpt-$1" ${E2E_ARGS:-} || echo "bench_e2e (checkpointing $1): exit $?"
+# pytest_step LABEL WANT_S ARGS...: one pytest run, its output appended to tests.log and summed up here.
+pytest_step() {
+  local label=$1 want=$2 seconds; shift 2
+  seconds=$(limit "$want")
+  if [ "$seconds" -le 5 ]; then echo "tests ($label): no time left"; return; fi
+  local collect=()
+  [ "$DRY_RUN" = 1 ] && collect=(--collect-only)  # on the CPU: only that the selection names tests that exist
+  echo "--- tests ($label): pytest $* (limit $seconds s)" | tee -a "$OUT/tests.log" >/dev/null
+  run_limited "$seconds" "tests ($label)" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${collect[@]}" "$@" \
+    >>"$OUT/tests.log" 2>&1
+  echo "tests ($label): $(grep -E '(passed|failed|error|skipped|tests? collected|no tests ran)' "$OUT/tests.log" \
+    | tail -1)"
 }
 
-stage_e2e() { banner "e2e, no checkpointing"; run_e2e off; }
-stage_e2e-ckpt() { banner "e2e, checkpointing"; run_e2e on; }
+stage_tests() {
+  banner "tests"
+  # What was timed is right: the triton op against the float64 reference, the triton kernels (poisoned outputs, a
+  # large bf16 case on the GPU), liger's fused base against the plain one.
+  pytest_step "triton op vs float64" 60 tests/test_ops.py -k triton
+  pytest_step "triton kernels, fused base" 60 tests/test_kernels.py tests/test_fused_base.py
+  # Then as time allows: the other GPU tests, the cuda backend (nvcc build, unless the e2e row built it), and
+  # compute-sanitizer last (a build plus torch under memcheck: it may take all that is left).
+  pytest_step "other cuda-marked" 60 -m cuda tests/test_orthogonal.py tests/test_save_load.py
+  pytest_step "cuda backend" 120 tests/test_cuda_backend.py tests/test_ops.py -k "cuda and not compute_sanitizer"
+  pytest_step "compute-sanitizer" 600 tests/test_cuda_backend.py -k compute_sanitizer
+}
 
-STAGES=("$@")
-[ ${#STAGES[@]} -eq 0 ] && STAGES=(setup kernels tests)
-for stage in "${STAGES[@]}"; do
-  case "$stage" in
-    setup|tests|kernels|e2e|e2e-ckpt) "stage_$stage" ;;
-    *) echo "unknown stage '$stage' (setup, tests, kernels, e2e, e2e-ckpt)"; exit 2 ;;
-  esac
-done
-banner done
-ls -lR "$OUT"
+stage_setup
+stage_e2e
+stage_kernels
+stage_tests
+banner "done"
+ls -l "$OUT"
+[ "$DRY_RUN" = 1 ] && rm -rf "$SCRATCH"
+exec >&- 2>&-
+wait "$TEE_PID"  # session.log complete before the command returns
+exit 0

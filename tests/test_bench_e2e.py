@@ -49,6 +49,7 @@ def test_smoke_run_writes_every_row_with_consistent_numbers(tmp_path):
     for r in ok:
         assert float(r["step_s"]) > 0 and float(r["tokens_per_s"]) > 0 and math.isfinite(float(r["first_loss"]))
         assert float(r["step_s_min"]) <= float(r["step_s"])
+        assert 0 < float(r["cpu_issue_s"]) <= float(r["step_s"])  # the host's share of the step
         assert r["device"] and r["torch"] and r["transformers"] and r["date"]
         assert float(r["tflops"]) > 0
         if r["method"] == "floor":
@@ -99,3 +100,16 @@ def test_plan_puts_the_floor_first_in_each_group():
     assert [r["checkpointing"] for r in rows] == [False] * 4 + [True] * 4  # without checkpointing first
     with pytest.raises(SystemExit):
         bench._parse_args(["--smoke", "--configs", "c"])
+
+
+def test_session_plan_keeps_its_order_on_a_gpu_and_unfuses_on_a_cpu():
+    bench = _load_bench()
+    args = bench._parse_args(["--smoke", "--plan", "session"])
+    on_cpu = [(r["config"], r["checkpointing"], r["fused"], r["method"]) for r in bench.plan_rows(args)]
+    assert on_cpu == list(dict.fromkeys((c, k, False, m) for c, k, _, m in bench.SESSION_ROWS))
+    args.device = "cuda"
+    on_gpu = [(r["config"], r["checkpointing"], r["fused"], r["method"]) for r in bench.plan_rows(args)]
+    assert on_gpu == list(bench.SESSION_ROWS)
+    assert on_gpu[:5] == [("b", False, True, "floor"), ("b", False, True, "reft-fast:triton"),
+                          ("b", False, True, "pyreft"), ("b", False, True, "hook-loreft"), ("b", False, False, "floor")]
+    assert on_gpu[-1] == ("b", False, True, "reft-fast:cuda")  # its nvcc build last
