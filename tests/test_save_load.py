@@ -84,11 +84,11 @@ def test_load_refuses_a_different_model(tmp_path):
 
 @pytest.mark.cuda
 def test_load_onto_a_cuda_model(tmp_path):
-    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS))
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS)).eval()  # no dropout: comparable forwards
     with torch.no_grad():
         _, expected = reft_model(_inputs(), intervention_locations=_locations(len(_REPRESENTATIONS)))
     reft_model.save(tmp_path)
-    loaded = ReftModel.load(tmp_path, _model().cuda(), backend="torch")
+    loaded = ReftModel.load(tmp_path, _model().cuda(), backend="torch").eval()
     assert all(p.device.type == "cuda" for p in loaded.trainable_parameters())
     with torch.no_grad():
         _, out = loaded({k: v.cuda() for k, v in _inputs().items()},
