@@ -676,6 +676,9 @@ def _parse_args(argv):
     return args
 
 
+NOT_FINISHED = "not run: the run was stopped before this row finished"
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     started = time.monotonic()
@@ -700,7 +703,9 @@ def main(argv=None) -> int:
     csv_path = result_path(args.out, "e2e", env, ".csv")
 
     def save(_row=None):  # after every row, so that a run cut short still leaves its measurements
-        write_csv(records(rows, env, peak_tflops), csv_path, FIELDS)
+        # Rows still queued or running say so: if the run is killed now, that is what the file must tell.
+        unfinished = [{**row, "status": row["status"] or NOT_FINISHED} for row in rows]
+        write_csv(records(unfinished, env, peak_tflops), csv_path, FIELDS)
 
     deadline = started + args.deadline_s if args.deadline_s is not None else None
     run_rows(context, rows, args.jobs, args.row_timeout_s, deadline, on_row=save)

@@ -16,7 +16,7 @@
 #   4. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
 #               liger's fused base against the plain one), then the cuda backend's, compute-sanitizer last
 # $OUT then holds at most 7 files, all at its top: session.log (this script's whole output), e2e_*.csv|png,
-# kernels_*.csv|png, tests.log (the device tool returns 8 files at most, no more than 2 folders down).
+# kernels_*.csv|png, tests.log, cuda_build.log (the device tool returns 8 files at most, no more than 2 folders down).
 #
 #   bash bench/gpu_session.sh --dry-run   # the same stages, processes, budgets and files on the CPU, smoke sizes,
 #                                         # under 2 minutes (tests/test_bench_session.py runs it); the wheels are
@@ -160,6 +160,24 @@ stage_setup() {
   install_wheels
   install_reft_fast
   check_imports
+  start_cuda_build
+}
+
+# The cuda backend's nvcc build took more than 170 s on the H200 machine (2026-11-28), longer than any stage can wait:
+# it runs in the background from the start, on CPU cores the GPU-bound stages leave idle. The e2e cuda row and the
+# cuda backend tests load the same cached extension (torch's build lock makes a concurrent loader wait for it).
+start_cuda_build() {
+  ( MAX_JOBS=${MAX_JOBS:-8} timeout -k 10 "$(limit 400)" "$PY" -c '
+import time
+from reft_fast import cuda_backend
+start = time.time()
+try:
+    cuda_backend.load()
+    print(f"cuda backend built in {time.time() - start:.0f} s")
+except Exception as error:
+    print(f"cuda backend build failed after {time.time() - start:.0f} s: {type(error).__name__}: {str(error)[:2000]}")
+' >"$OUT/cuda_build.log" 2>&1 & )
+  echo "setup: building the cuda backend in the background (cuda_build.log)"
 }
 
 stage_e2e() {
@@ -189,11 +207,15 @@ pytest_step() {
   if [ "$seconds" -le 5 ]; then echo "tests ($label): no time left"; return; fi
   local collect=()
   [ "$DRY_RUN" = 1 ] && collect=(--collect-only)  # on the CPU: only that the selection names tests that exist
-  echo "--- tests ($label): pytest $* (limit $seconds s)" | tee -a "$OUT/tests.log" >/dev/null
+  echo "--- tests ($label): pytest $* (limit $seconds s)" >>"$OUT/tests.log"
+  local first_line
+  first_line=$(($(wc -l <"$OUT/tests.log") + 1))  # summarize this step's lines only (a killed step prints none)
   run_limited "$seconds" "tests ($label)" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${collect[@]}" "$@" \
     >>"$OUT/tests.log" 2>&1
-  echo "tests ($label): $(grep -E '(passed|failed|error|skipped|tests? collected|no tests ran)' "$OUT/tests.log" \
-    | tail -1)"
+  local summary
+  summary=$(tail -n "+$first_line" "$OUT/tests.log" \
+    | grep -E '(passed|failed|error|skipped|tests? collected|no tests ran)' | tail -1)
+  echo "tests ($label): ${summary:-no summary (stopped before pytest reported)}"
 }
 
 stage_tests() {
