@@ -1,4 +1,5 @@
-"""``python -m reft_fast``: the CLI, runnable by the deepspeed launcher and torchrun (``-m reft_fast train ...``)."""
+"""``python -m reft_fast``: the CLI, runnable by the launchers (``deepspeed --module reft_fast train ...``,
+``torchrun -m reft_fast train ...``)."""
 
 import sys
 

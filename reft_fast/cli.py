@@ -5,17 +5,26 @@
     reft-fast demo [section.key=value ...]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
 
-``python -m reft_fast`` is the same program, so it runs under the launchers:
-``deepspeed --num_gpus 8 -m reft_fast train CONFIG.yaml``, ``deepspeed --hostfile H -m reft_fast train ...`` and
-``torchrun --nproc_per_node 8 -m reft_fast train ...`` (the launchers set RANK/WORLD_SIZE; DeepSpeed's adds
-``--local_rank``, which is accepted and ignored: LOCAL_RANK is in the environment too).
+``section.key=value`` overrides may stand anywhere after the command, before or after its options.
+
+``python -m reft_fast`` is the same program, so it runs under the launchers (the deepspeed launcher spells it
+``--module``, torchrun ``-m``):
+
+    deepspeed --num_gpus 8 --module reft_fast train CONFIG.yaml
+    deepspeed --hostfile HOSTS --module reft_fast train CONFIG.yaml
+    torchrun --nproc_per_node 8 -m reft_fast train CONFIG.yaml
+
+The launchers set RANK/WORLD_SIZE; DeepSpeed's adds ``--local_rank``, which is accepted and ignored: LOCAL_RANK is in
+the environment too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -49,25 +58,77 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--gpus", type=int, required=True, help="number of GPUs (data-parallel ranks)")
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="number of GPUs (data-parallel ranks)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for the fit check")
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of GPUs, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    """argparse takes a positional list only in one run, so ``train cfg --resume k=v`` leaves ``k=v`` over: such
+    ``key=value`` words are overrides wherever they stand, in the order given (a later one wins)."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [word for word in rest if "=" in word and not word.startswith("-")]
+    unknown = [word for word in rest if word not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.overrides = list(args.overrides) + overrides
+    return args
 
 
 def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+class RanksTimedOut(RuntimeError):
+    """A rank waited longer than ``deepspeed.timeout_minutes`` for the others."""
+
+
+# gloo: "Timed out waiting 5000ms for recv operation"; making a group: DistStoreError "wait timeout after 6000ms";
+# NCCL (when its watchdog raises rather than aborts): "Watchdog caught collective operation timeout".
+_TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def _distributed_job(timeout_minutes: float):
+    """Leave the process group at the end of a command; on a failure leave at once, and explain a timeout."""
+    from reft_fast.engine import shutdown
+
+    try:
+        yield
+    except BaseException as err:
+        shutdown(wait_for_others=False)
+        if isinstance(err, RuntimeError) and _TIMEOUT.search(str(err)):
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RanksTimedOut(
+                f"rank {os.environ.get('RANK', '0')} waited more than deepspeed.timeout_minutes = {timeout_minutes:g} "
+                f"for the other ranks ({first_line}). Another rank stopped or hangs: look in its output for an error "
+                "or an out-of-memory kill, check that every rank runs the same config and data and that the nodes "
+                "reach each other (MASTER_ADDR, MASTER_PORT, firewall); if a step or the model loading really takes "
+                "that long, raise deepspeed.timeout_minutes.") from err
+        raise
+    shutdown()
+
+
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False):
-    from reft_fast.engine import shutdown, train
+    from reft_fast.engine import train
 
     cfg = load_config(config_path, list(overrides))
     if resume:
         cfg.resume = True
-    try:
+    with _distributed_job(cfg.deepspeed.timeout_minutes):
         return cfg, train(cfg)
-    finally:
-        shutdown()
 
 
 def _print_samples(title: str, samples) -> None:
@@ -89,7 +150,7 @@ def _generate(args) -> None:
     import yaml
 
     from reft_fast.engine import TRAIN_CONFIG_FILE, _model_source, generate_answers, init_distributed, \
-        load_base_model, load_tokenizer, shutdown
+        load_base_model, load_tokenizer
     from reft_fast.model import ReftModel
     from reft_fast.train_config import config_from_dict
 
@@ -103,8 +164,8 @@ def _generate(args) -> None:
     cfg = config_from_dict(tree, base_dir)
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
-    init_distributed()
-    try:
+    with _distributed_job(cfg.deepspeed.timeout_minutes):
+        init_distributed(cfg.deepspeed.timeout_minutes)
         source = _model_source(cfg)
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
         base, _ = load_base_model(source, cfg)
@@ -118,8 +179,6 @@ def _generate(args) -> None:
                                    system_prompt=cfg.data.system_prompt, max_new_tokens=args.max_new_tokens)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
-    finally:
-        shutdown()
 
 
 def _plan(args) -> None:
@@ -130,7 +189,7 @@ def _plan(args) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

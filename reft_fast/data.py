@@ -81,7 +81,14 @@ def load_examples(
 
 
 def _read_json_rows(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is dropped
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}, byte {column} of the line); "
+                         "save the file as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         return json.loads(text)

@@ -33,6 +33,7 @@ import shutil
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -67,8 +68,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group the launcher prepared, or make a world of one (CPU, a single GPU, a notebook)."""
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the process group the launcher prepared, or make a world of one (CPU, a single GPU, a notebook).
+
+    ``timeout_minutes`` bounds every wait for the other ranks (joining, each collective): a rank that hangs makes the
+    others fail with a timeout error instead of blocking the job forever.
+    """
     import deepspeed
     import torch.distributed as dist
 
@@ -77,8 +82,26 @@ def init_distributed() -> tuple[int, int]:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        deepspeed.init_distributed(verbose=False)
+        timeout = timedelta(minutes=timeout_minutes)
+        # DeepSpeed makes its data-parallel and ZeRO groups with torch.distributed.new_group and no timeout, so they
+        # would wait torch's default (30 min on gloo, 10 on NCCL) whatever init_distributed got: torch reads that
+        # default from these module globals each time a group is made (DeepSpeed 0.19.8, torch 2.13, 2026-11-28).
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+            distributed_c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def _announced_world_size() -> int:
+    """The number of ranks, known before joining the process group: the launchers announce it in WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _barrier() -> None:
@@ -263,6 +286,12 @@ def _numel(p: torch.nn.Parameter) -> int:
     return getattr(p, "ds_numel", None) or p.numel()  # ZeRO-3 partitions leave p.numel() == 0
 
 
+def _numel_on_this_rank(p: torch.nn.Parameter) -> int:
+    """The elements of ``p`` this rank stores: a ZeRO-3 partitioned parameter is empty but for its shard."""
+    shard = getattr(p, "ds_tensor", None)
+    return shard.numel() if shard is not None and p.numel() == 0 else p.numel()
+
+
 def count_step_flops(base, lowest_layer: int, seq_lens: Sequence[int], gradient_checkpointing: bool) -> float:
     """FLOPs of one forward + backward on sequences of the given lengths (counted, not measured).
 
@@ -354,7 +383,7 @@ class TrainResult:
     final_dir: Optional[str] = None
     samples: list[tuple[str, str]] = field(default_factory=list)
     samples_before: list[tuple[str, str]] = field(default_factory=list)
-    base_numel_at_load: int = 0  # base elements this rank held right after loading (1/N of the model under ZeRO-3)
+    base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
 
 
@@ -446,8 +475,16 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    rank, world = init_distributed()
-    model_config = validate(cfg, world)
+    # Everything the config and the model's own config can tell is checked before any rank joins the process group
+    # or reads a weight: a mistake costs a second, not a model load on every GPU.
+    announced_world = _announced_world_size()
+    model_config = validate(cfg, announced_world)
+    rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
+    if world != announced_world:  # an MPI launch learns its size only now
+        validate(cfg, world, check_model=False, check_data=False)
+    if rank == 0:
+        logger.info("%d rank(s) over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others", world,
+                    dist.get_backend(), cfg.deepspeed.timeout_minutes)
     t = cfg.training
     accumulation = gradient_accumulation_steps(cfg, world)
     source = _model_source(cfg)
@@ -484,8 +521,8 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
     result = TrainResult(steps=total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
                          fused_ops=fused_ops)
     if rank == 0:
-        logger.info("base loaded: %d of %d parameters on this rank", result.base_numel_at_load,
-                    sum(_numel(p) for p in base.parameters()))
+        logger.info("base loaded: %d of %d parameters on this rank",
+                    sum(_numel_on_this_rank(p) for p in base.parameters()), sum(_numel(p) for p in base.parameters()))
         logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
                     ", ".join(fused_ops) or "none")
     if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
@@ -644,10 +681,15 @@ def _log(metrics: dict, metrics_file, writer, bar, show: bool) -> None:
             bar.set_postfix(postfix, refresh=False)
 
 
-def shutdown() -> None:
-    """Barrier, then tear down the process group (DeepSpeed on gloo sometimes aborts at exit otherwise)."""
+def shutdown(wait_for_others: bool = True) -> None:
+    """Barrier, then tear down the process group (DeepSpeed on gloo sometimes aborts at exit otherwise).
+
+    After a failure pass ``wait_for_others=False``: the other ranks may be gone or stuck, and a barrier would hold
+    this one until the timeout instead of letting it exit (the launcher then stops the rest of the job).
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_others:
+            dist.barrier()
         dist.destroy_process_group()

@@ -135,6 +135,9 @@ class DeepSpeedConfig:
     offload_param: bool = False
     # Merged over the generated ds_config (a nested dict, DeepSpeed's own keys) for anything the shortcuts miss.
     config: dict = field(default_factory=dict)
+    # How long a rank waits in a collective (or for the others to join) before the job fails with an error instead of
+    # hanging. Generous by default: rank 0 may convert a GGUF or read a checkpoint while the others wait at a barrier.
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -156,21 +159,30 @@ class TrainConfig:
 # --------------------------------------------------------------------------------------------------------------------
 # Building dataclasses from nested dicts with type checks naming the field
 # --------------------------------------------------------------------------------------------------------------------
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "a mapping",
+               type(None): "null"}
+
+
+def _kind_name(tp) -> str:
+    """``Optional[int]`` → "an integer or null": what a config field accepts, in words."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_kind_name(option) for option in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return _KIND_NAMES.get(typing.get_origin(tp) or tp, str(tp))
 
 
 def _check_value(name: str, value: Any, tp) -> Any:
     """Return ``value`` converted to ``tp`` where the conversion is lossless (int → float), else raise ConfigError."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        errors = []
         for option in typing.get_args(tp):
             try:
                 return _check_value(name, value, option)
             except ConfigError as err:
-                errors.append(err)
-        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+                if not str(err).startswith(f"{name}:"):  # the value has this option's shape; one item of it is wrong
+                    raise
+        raise ConfigError(f"{name}: expected {_kind_name(tp)}, got {type(value).__name__} {value!r}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{name}: expected null, got {value!r}")
@@ -321,7 +333,7 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
     if path.startswith("pkg:"):
         file = _package_file(path)
     else:
-        file = Path(path)
+        file = Path(path).expanduser()
         if base_dir and not file.is_absolute() and (Path(base_dir) / file).exists():
             file = Path(base_dir) / file
     if file.suffix == ".gguf":
@@ -331,7 +343,24 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
         if (converted / "config.json").is_file():
             return str(converted), None
         return str(file.parent), file.name
-    return (str(file) if file.exists() else path), None
+    if file.exists():
+        return str(file), None
+    if not _is_hub_name(path):
+        searched = [os.getcwd()] + ([base_dir] if base_dir and not file.is_absolute() else [])
+        where = "" if file.is_absolute() else f" (relative to {' or '.join(searched)})"
+        raise ConfigError(f"model.path: no such directory or file {path!r}{where}; a Hugging Face hub name looks "
+                          "like 'namespace/name'")
+    return path, None
+
+
+def _is_hub_name(path: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
 
 
 def gguf_cache_dir(file: Path) -> Path:
@@ -349,7 +378,8 @@ def load_model_config(cfg: ModelConfig, base_dir: Optional[str] = None):
     try:
         return AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.path: cannot read the model config of {cfg.path!r}: {err}") from err
+        tried = "" if Path(source).exists() else " (no local path of that name; tried the Hugging Face hub)"
+        raise ConfigError(f"model.path: cannot read the model config of {cfg.path!r}{tried}: {err}") from err
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -468,6 +498,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
         raise ConfigError(f"deepspeed.offload_param: needs deepspeed.stage 3, got stage {ds.stage}")
     if ds.offload_optimizer and ds.stage == 0:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
+    if ds.timeout_minutes <= 0:
+        raise ConfigError(f"deepspeed.timeout_minutes: must be > 0, got {ds.timeout_minutes}")
     if not check_model:
         return None
     model_config = load_model_config(m, cfg.base_dir)
@@ -486,9 +518,11 @@ def _check_positions(spec: str) -> None:
     from reft_fast.positions import parse_positions
 
     try:
-        parse_positions(spec)
+        first_n, last_n = parse_positions(spec)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"interventions.positions: {err}") from None
+    if first_n == 0 and last_n == 0:
+        raise ConfigError(f"interventions.positions: {spec!r} selects no token; use at least one, e.g. 'l1' or 'f1+l1'")
 
 
 def _check_intervention_type(name: str) -> None:

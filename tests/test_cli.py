@@ -1,11 +1,20 @@
-"""The CLI: bad configs fail before any model is loaded, with a message naming the field; `python -m reft_fast` parses
-the launchers' extra argument."""
+"""The CLI: bad configs fail before any rank joins a process group or any model is loaded, with a message naming the
+field; overrides stand anywhere on the line; `python -m reft_fast` runs under the launchers exactly as the README and
+the example configs spell them; a hung rank fails the others after the configured timeout."""
 
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import deepspeed
 import pytest
+import torch.distributed
 import transformers
 
 from reft_fast.cli import main
@@ -13,10 +22,15 @@ from reft_fast.cli import main
 from dist.tiny import make_run
 
 ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
 
 
 def _no_model_loading(*args, **kwargs):
     raise AssertionError("model weights were loaded before the config was checked")
+
+
+def _no_process_group(*args, **kwargs):
+    raise AssertionError("a process group was started before the config was checked")
 
 
 @pytest.fixture(scope="module")
@@ -24,23 +38,154 @@ def config(tmp_path_factory):
     return make_run(tmp_path_factory.mktemp("cli"))
 
 
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """"Fails before anything starts": loading weights or joining a process group is an error during the call."""
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_model_loading)
+    monkeypatch.setattr(deepspeed, "init_distributed", _no_process_group)
+    monkeypatch.setattr(torch.distributed, "init_process_group", _no_process_group)
+
+
 @pytest.mark.parametrize("override, field", [
     ("training.nonsense=1", "training.nonsense"),
     ("data.train_file=absent.jsonl", "data.train_file"),
-    ("interventions.layers=[1, 9]", "interventions.layers"),
+    ("interventions.layers=[1, 9]", "interventions.layers"),  # the tiny model has 4 layers: read from its config
+    ("interventions.rank=65", "interventions.rank"),  # above its hidden size (64)
+    ("interventions.positions=f0+l0", "interventions.positions"),
+    ("model.path=./no/such/model", "model.path"),
     ("training.global_batch_size=6", "training.global_batch_size"),
     ("training.lr=[1]", "training.lr"),
+    ("deepspeed.timeout_minutes=0", "deepspeed.timeout_minutes"),
 ])
-def test_train_with_bad_config_fails_fast_naming_the_field(config, capsys, monkeypatch, override, field):
-    # "fails before any model is loaded": loading weights is made an error for the duration of the call
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", _no_model_loading)
+def test_train_with_bad_config_fails_fast_naming_the_field(config, capsys, nothing_starts, override, field):
     assert main(["train", str(config), override]) == 2
     err = capsys.readouterr().err
     assert f"config error: {field}:" in err, err
     assert not (config.parent / "out").exists()  # nothing was started
 
 
+def test_overrides_stand_anywhere_and_the_last_one_wins(config, capsys, nothing_starts):
+    # rank=0 alone would be the error; the later rank=2 replaces it, so the error is the positions given after it.
+    line = ["train", str(config), "interventions.rank=0", "--resume", "interventions.rank=2",
+            "interventions.positions=f0+l0"]
+    assert main(line) == 2
+    assert "config error: interventions.positions:" in capsys.readouterr().err
+    assert main(["plan", str(config), "--gpus", "2", "interventions.rank=0"]) == 2
+    assert "config error: interventions.rank:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a word that is neither an option nor key=value is still refused
+        main(["train", str(config), "--resume", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
+def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(config), "--gpus", gpus])
+    assert exit_info.value.code == 2
+    assert f"argument --gpus: {message}" in capsys.readouterr().err
+
+
 def test_python_m_entry_point_accepts_launcher_local_rank(config):
-    proc = subprocess.run([sys.executable, "-m", "reft_fast", "--local_rank=0", "train", str(config),
+    proc = subprocess.run([PY, "-m", "reft_fast", "--local_rank=0", "train", str(config),
                            "interventions.rank=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "config error: interventions.rank:" in proc.stderr, proc.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Launch lines
+# --------------------------------------------------------------------------------------------------------------------
+def _documented_launch_lines() -> list[tuple[str, list[str]]]:
+    """(where, words) of every `deepspeed ...` / `torchrun ...` command in the README, the CLI's help and the example
+    configs."""
+    found = []
+    for path in [ROOT / "README.md", ROOT / "reft_fast" / "cli.py", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        # a config's comment lines lose their "#"; a README line its trailing comment; "\" continues a line
+        text = "\n".join(line.lstrip("# ").split("  #")[0] for line in path.read_text().splitlines())
+        for number, line in enumerate(text.replace("\\\n", " ").splitlines(), 1):
+            if line.startswith(("deepspeed ", "torchrun ")):
+                found.append((f"{path.name}:{number}", shlex.split(line)))
+    return found
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_every_documented_launch_line_parses_with_its_launcher():
+    from deepspeed.launcher.runner import parse_args as deepspeed_launcher_args
+    from torch.distributed.run import get_args_parser as torchrun_parser
+
+    from reft_fast.cli import _parse_args
+
+    lines = _documented_launch_lines()
+    assert {words[0] for _, words in lines} == {"deepspeed", "torchrun"}, lines
+    for where, words in lines:
+        if words[0] == "deepspeed":
+            launch = deepspeed_launcher_args(words[1:])
+            module, script, ours = launch.module, launch.user_script, launch.user_args
+        else:
+            launch = torchrun_parser().parse_args(words[1:])
+            module, script, ours = launch.module, launch.training_script, launch.training_script_args
+        assert module and script == "reft_fast", where
+        assert _parse_args(["--local_rank=0", *ours]).command == "train", where
+
+
+def _launcher() -> str:
+    launcher = shutil.which("deepspeed") or str(Path(PY).parent / "deepspeed")
+    if not Path(launcher).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    return launcher
+
+
+@pytest.mark.slow
+def test_readme_launch_line_trains_on_two_ranks(tmp_path):
+    """The README's deepspeed line itself, with 2 ranks (gloo on CPU) and a tiny config instead of 8 GPUs and
+    Llama-2-7B. ZeRO-3 with a low persistence threshold, so that the base really is partitioned: the log must show
+    each rank's shard, about half of the base."""
+    (where, words), = [(w, ws) for w, ws in _documented_launch_lines() if w.startswith("README") and
+                       ws[0] == "deepspeed"]
+    assert words[1:3] == ["--num_gpus", "8"] and words[-1].endswith(".yaml"), where
+    config = make_run(tmp_path)
+    out = tmp_path / "launched"
+    line = [_launcher(), "--master_port", str(_free_port()), "--num_gpus", "2", *words[3:-1], str(config),
+            "training.max_steps=2", "deepspeed.stage=3",
+            "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=100", f"output_dir={out}"]
+    proc = subprocess.run(line, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert "2 rank(s) over gloo" in log, log[-3000:]
+    held, total = map(int, re.search(r"base loaded: (\d+) of (\d+) parameters on this rank", log).groups())
+    assert 0.4 * total < held < 0.6 * total, (held, total)
+
+
+@pytest.mark.slow
+def test_a_hung_rank_fails_the_others_after_the_timeout(config, tmp_path):
+    # Rank 1 joins the process group and then never reaches a collective (a stuck data read, a deadlock); rank 0
+    # trains until it must wait for rank 1 (DeepSpeed making its data-parallel group), gives up after
+    # deepspeed.timeout_minutes and says what to check. Rank 1 is plain torch: killing it can never leave a
+    # half-built DeepSpeed extension (and its lock) behind.
+    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    hung = subprocess.Popen([PY, "-c", "import time, torch.distributed as dist; dist.init_process_group('gloo'); "
+                                       "time.sleep(600)"], cwd=ROOT, env={**env, "RANK": "1", "LOCAL_RANK": "1"})
+    try:
+        proc = subprocess.run([PY, "-m", "reft_fast", "train", str(config), "deepspeed.timeout_minutes=0.1",
+                               f"output_dir={tmp_path / 'out'}"], cwd=ROOT, env={**env, "RANK": "0", "LOCAL_RANK": "0"},
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        hung.kill()
+        hung.wait()
+    assert proc.returncode != 0
+    assert "rank 0 waited more than deepspeed.timeout_minutes = 0.1 for the other ranks" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Another rank stopped or hangs" in proc.stderr

@@ -32,6 +32,19 @@ def test_load_json_list_and_jsonl_with_field_names(tmp_path):
         load_examples(tmp_path / "bad.jsonl", "q", "a")
 
 
+def test_utf8_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path):
+    rows = [{"q": "repeat : café", "a": "café"}]
+    bom = "\ufeff".encode()  # some Windows editors start UTF-8 files with it
+    (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows, ensure_ascii=False).encode())
+    (tmp_path / "bom.jsonl").write_bytes(bom + (json.dumps(rows[0], ensure_ascii=False) + "\n").encode())
+    for name in ("bom.json", "bom.jsonl"):
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": "repeat : café", "response": "café"}]
+    latin1 = '{"q": "repeat : red", "a": "red"}\n{"q": "repeat : café", "a": "café"}\n'.encode("latin-1")
+    (tmp_path / "latin1.jsonl").write_bytes(latin1)
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9, byte 20 of the line\)"):
+        load_examples(tmp_path / "latin1.jsonl", "q", "a")
+
+
 def test_chat_template_and_response_only_labels(tokenizer):
     ds = SupervisedDataset([{"prompt": "repeat : red cat", "response": "red cat"}], tokenizer, max_length=64)
     item = ds[0]

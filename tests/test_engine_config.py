@@ -69,6 +69,9 @@ def test_overrides_parse_values_as_yaml():
     (["model.fused_ops=on", "deepspeed.stage=3"], "model.fused_ops"),
     (["model.fused_ops=on", "deepspeed.config.zero_optimization.stage=3"], "model.fused_ops"),
     (["interventions.rank=100"], "interventions.rank"),
+    (["interventions.positions=f0+l0"], "interventions.positions"),
+    (["training.max_steps=2.5"], "training.max_steps"),
+    (["deepspeed.timeout_minutes=-1"], "deepspeed.timeout_minutes"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):
@@ -91,6 +94,28 @@ def test_missing_config_file_and_non_mapping(tmp_path):
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.path"):
         validate(load_config(None, ["data.train_file=x"]))
+
+
+@pytest.mark.parametrize("path", ["./no/such/model", "/no/such/model", "no/such/model", "~/no-such-model"])
+def test_missing_local_model_path_says_so(run_dir, path):
+    # Not a hub name either: say the path is missing rather than pass it on to the hub (which answered "Repo id must
+    # be in the form ...").
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(_write(run_dir), [f"model.path={path}"]), world_size=2)
+    message = str(err.value)
+    assert message.startswith(f"model.path: no such directory or file {path!r}") and "Repo id" not in message, message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.max_steps=2.5", "training.max_steps: expected an integer or null, got float 2.5"),
+    ("training.peak_tflops=fast", "training.peak_tflops: expected a number or null, got str 'fast'"),
+    ("interventions.layers=2.5", "interventions.layers: expected a list or a string, got float 2.5"),
+    ("interventions.layers=[1, x]", "interventions.layers[1]: expected an integer, got str 'x'"),
+])
+def test_type_errors_say_what_the_field_takes(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value) == message
 
 
 def test_fused_ops_reads_yaml_on_and_off_as_modes(run_dir):
