@@ -1,8 +1,8 @@
 """``reft-fast train | generate | demo | plan``.
 
-    reft-fast train CONFIG.yaml [section.key=value ...] [--resume]
+    reft-fast train CONFIG.yaml [section.key=value ...] [--resume | --overwrite]
     reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
-    reft-fast demo [section.key=value ...]
+    reft-fast demo [section.key=value ...] [--overwrite]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
 
 ``python -m reft_fast`` is the same program, so it runs under the launchers:
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-3 deepspeed.stage=3")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in output_dir")
 
     gen = sub.add_parser("generate", help="answer prompts with trained interventions")
     gen.add_argument("--reft", required=True, help="directory written by training (output_dir/final)")
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+    demo.add_argument("--overwrite", action="store_true", help="replace an earlier demo run's outputs")
 
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
@@ -58,12 +60,12 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False):
+def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
     from reft_fast.engine import shutdown, train
 
     cfg = load_config(config_path, list(overrides))
-    if resume:
-        cfg.resume = True
+    cfg.resume = cfg.resume or resume
+    cfg.overwrite_output_dir = cfg.overwrite_output_dir or overwrite
     try:
         return cfg, train(cfg)
     finally:
@@ -76,10 +78,10 @@ def _print_samples(title: str, samples) -> None:
         print(f"Q: {prompt}\nA: {answer}\n")
 
 
-def _demo(overrides: Sequence[str]) -> None:
+def _demo(overrides: Sequence[str], overwrite: bool) -> None:
     from reft_fast.demo import DEMO_CONFIG
 
-    cfg, result = _train(str(DEMO_CONFIG), overrides)
+    cfg, result = _train(str(DEMO_CONFIG), overrides, overwrite=overwrite)
     if _is_rank0():
         _print_samples("before training (SmolLM2-135M-Instruct alone)", result.samples_before)
         _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
@@ -135,9 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "train":
-            _train(args.config, args.overrides, args.resume)
+            _train(args.config, args.overrides, args.resume, args.overwrite)
         elif args.command == "demo":
-            _demo(args.overrides)
+            _demo(args.overrides, args.overwrite)
         elif args.command == "generate":
             _generate(args)
         elif args.command == "plan":
