@@ -447,14 +447,13 @@ def _config_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump({**cfg.to_dict(), "overwrite_output_dir": False}, sort_keys=False)
 
 
-def _save_interventions(engine, reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
-    import deepspeed
-
-    params = list(reft_model.trainable_parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.deepspeed.stage == 3):
-        if rank == 0:
-            reft_model.save(str(directory))
-            (directory / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+def _save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
+    # The interventions are whole on every rank at every stage (see the module docstring). Under ZeRO-3 they must not
+    # go through GatheredParameters: leaving it partitions (frees) even persistent parameters (DeepSpeed 0.19.8), and
+    # the samples generated after this save would run on empty weights.
+    if rank == 0:
+        reft_model.save(str(directory))
+        (directory / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
     _barrier()
 
 
@@ -715,7 +714,7 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
         if bar is not None:
             bar.close()
         final_dir = output / "final"
-        _save_interventions(engine, reft_model, final_dir, cfg, rank)
+        _save_interventions(reft_model, final_dir, cfg, rank)
         result.final_dir = str(final_dir)
         if t.sample_prompts:
             synced = cfg.deepspeed.stage == 3 and world > 1

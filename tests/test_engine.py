@@ -7,9 +7,9 @@ One reference run through the CLI (one rank, ZeRO-0, gradient accumulation 2) is
   * output directories: a used one is refused, --overwrite replaces only a run's own outputs, --resume with nothing to
     resume starts at step 0; every reduction goes through one helper, on the accelerator's device;
   * 2 ranks through the deepspeed launcher (same global batch, no accumulation), one launch: ZeRO-2 and ZeRO-3 from
-    scratch give the reference losses, frozen weights unchanged, the base partitioned by zero.Init; ZeRO-0, 2 and 3
-    resume the one-rank reference's step-4 checkpoint (1 → 2 ranks), and one rank resumes their step-6 checkpoints
-    (2 → 1 ranks), on the reference trajectory and with its state.
+    scratch give the reference losses, frozen weights unchanged, the base partitioned by zero.Init, samples generated
+    after the final ZeRO-3 save; ZeRO-0, 2 and 3 resume the one-rank reference's step-4 checkpoint (1 → 2 ranks), and
+    one rank resumes their step-6 checkpoints (2 → 1 ranks), on the reference trajectory and with its state.
 """
 
 import json
@@ -252,7 +252,8 @@ def two_rank_launch(reference, tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist")
     result = folder / "dist.json"
     runs = [[*COMMON, "deepspeed.stage=2", f"output_dir={folder / 'z2'}"],
-            [*COMMON, "deepspeed.stage=3", PARTITION_THE_BASE, f"output_dir={folder / 'z3'}"]]
+            [*COMMON, "deepspeed.stage=3", PARTITION_THE_BASE, f"output_dir={folder / 'z3'}",
+             "training.sample_prompts=['repeat : red cat']", "training.max_new_tokens=3"]]
     for stage in STAGES:
         resumed = _copy_run_until(out, folder / f"to2_z{stage}", step=4)
         runs.append([*COMMON, f"deepspeed.stage={stage}", PARTITION_THE_BASE, "resume=true", f"output_dir={resumed}"])
@@ -274,6 +275,8 @@ def test_two_ranks_zero2_and_zero3_match_one_rank(reference, two_rank_launch):
     assert zero2_run["base_numel_at_load"] == full  # ZeRO-2 replicates the (frozen) base
     assert zero3_run["base_numel_at_load"] < 0.1 * full  # zero.Init: only persistent scraps are materialized
     assert abs(zero3_run["shard_numel"] - full / 2) < 0.1 * full  # each of the 2 ranks holds about half
+    # Generation after the final save runs on the interventions' weights (the save once released them under ZeRO-3).
+    assert [prompt for prompt, _ in zero3_run["samples"]] == ["repeat : red cat"]
 
 
 @pytest.mark.slow
