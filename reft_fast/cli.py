@@ -1,6 +1,6 @@
 """``reft-fast train | generate | demo | plan``.
 
-    reft-fast train CONFIG.yaml [section.key=value ...] [--resume]
+    reft-fast train CONFIG.yaml [section.key=value ...] [--resume | --overwrite]
     reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
     reft-fast demo [section.key=value ...]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-3 deepspeed.stage=3")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in output_dir")
 
     gen = sub.add_parser("generate", help="answer prompts with trained interventions")
     gen.add_argument("--reft", required=True, help="directory written by training (output_dir/final)")
@@ -121,12 +122,12 @@ def _distributed_job(timeout_minutes: float):
     shutdown()
 
 
-def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False):
+def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
     from reft_fast.engine import train
 
     cfg = load_config(config_path, list(overrides))
-    if resume:
-        cfg.resume = True
+    cfg.resume = cfg.resume or resume
+    cfg.overwrite_output_dir = cfg.overwrite_output_dir or overwrite
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         return cfg, train(cfg)
 
@@ -140,7 +141,8 @@ def _print_samples(title: str, samples) -> None:
 def _demo(overrides: Sequence[str]) -> None:
     from reft_fast.demo import DEMO_CONFIG
 
-    cfg, result = _train(str(DEMO_CONFIG), overrides)
+    # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run.
+    cfg, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
     if _is_rank0():
         _print_samples("before training (SmolLM2-135M-Instruct alone)", result.samples_before)
         _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
@@ -194,7 +196,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "train":
-            _train(args.config, args.overrides, args.resume)
+            _train(args.config, args.overrides, args.resume, args.overwrite)
         elif args.command == "demo":
             _demo(args.overrides)
         elif args.command == "generate":

@@ -19,7 +19,13 @@ gather hooks; they are small.
 
 Resume: the batch order depends only on (seed, step) (data.StepSampler) and the random state is reseeded from
 (seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as an
-uninterrupted run does. ``metrics.jsonl`` is cut back to step k on resume, so the file always shows one trajectory.
+uninterrupted run does. Checkpoints (reft_fast.checkpoints) hold the whole trainable state in one file that rank 0
+publishes atomically, so any rank count and ZeRO stage resumes them, and resume skips (and names) a damaged one.
+``metrics.jsonl`` gets each step's line before that step's checkpoint and is cut back to step k on resume, so the file
+always shows one trajectory. A non-empty output_dir is refused unless the launch resumes or overwrites it.
+
+Collectives: every reduction goes through ``_all_reduce_sum``, on the accelerator's device (NCCL reduces no host
+tensors); the step's loss stays on the device until the metrics line reads it, once per optimizer step.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
+from reft_fast.checkpoints import gather_trainer_state, load_newest_intact, prune_checkpoints, \
+    restore_trainer_state, write_checkpoint
 from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, load_examples, \
     split_examples
 from reft_fast.fused_base import apply_fused_base_ops
@@ -47,7 +55,8 @@ from reft_fast.positions import intervention_locations, parse_positions
 from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
     layer_list, num_layers_of, resolve_data_path, resolve_model_source, validate
 
-__all__ = ["TrainResult", "build_ds_config", "build_reft_model", "enable_gradient_checkpointing", "generate_answers", "load_base_model", "load_tokenizer", "train",
+__all__ = ["TrainResult", "build_ds_config", "build_reft_model", "check_output_dir", "enable_gradient_checkpointing",
+           "generate_answers", "load_base_model", "load_tokenizer", "train",
            "count_step_flops", "materialize_gguf", "RUN_INFO_FILE", "TRAIN_CONFIG_FILE"]
 
 logger = logging.getLogger(__name__)
@@ -109,6 +118,23 @@ def _barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over all ranks, as a tensor on the accelerator's current device; every reduction of the engine
+    goes through here.
+
+    On GPUs DeepSpeed's process group is NCCL, which cannot reduce tensors in host memory ("No backend type associated
+    with device type cpu"); gloo, on CPU machines, can, so a host tensor there would hide the bug until the first
+    multi-GPU run. Reading the result (``.tolist()``) is the one host sync of the caller.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    values = values.to(get_accelerator().current_device_name())
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -424,40 +450,40 @@ def _forward_loss(engine, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, dataset, collator, micro: int, rank: int, world: int, trim: bool = False) -> float:
     """Mean response-token loss over the whole dataset. Every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively): the last chunk is padded with a zero-weight copy of an example."""
-    import torch.distributed as dist
-
+    parameters collectively): the last chunk is padded with a zero-weight copy of an example. The weighted losses add
+    up on the device; the only host sync is reading the reduced total."""
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens_total = 0
     chunk = micro * world
     for start in range(0, len(dataset), chunk):
         mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
-        weight = 1.0 if mine else 0.0
         batch = collator([dataset[i] for i in (mine or [0])])
-        batch = _to(_trim_to_labels(batch) if trim else batch, engine.device)
-        loss = _forward_loss(engine, batch)
-        tokens = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the mean loss averaged over
-        total += torch.tensor([float(loss) * tokens * weight, tokens * weight], dtype=torch.float64)
-    dist.all_reduce(total)
+        batch = _trim_to_labels(batch) if trim else batch
+        # The tokens the mean loss averages over, counted on the host batch before it moves.
+        tokens = int((batch["labels"][:, 1:] != -100).sum()) if mine else 0
+        loss = _forward_loss(engine, _to(batch, engine.device))
+        loss_sum += loss.detach().double() * tokens
+        tokens_total += tokens
+    total_loss, total_tokens = _all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(tokens_total)])).tolist()
     engine.train()
-    return float(total[0] / total[1])
+    return total_loss / total_tokens
 
 
-def _save_interventions(engine, reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
-    import deepspeed
+def _config_yaml(cfg: TrainConfig) -> str:
+    # overwrite_output_dir is what one launch was told, not a property of the run: a copy of this file used as the
+    # config of a later launch must not delete this run.
+    return yaml.safe_dump({**cfg.to_dict(), "overwrite_output_dir": False}, sort_keys=False)
 
-    params = list(reft_model.trainable_parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=cfg.deepspeed.stage == 3):
-        if rank == 0:
-            reft_model.save(str(directory))
-            (directory / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+def _save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
+    # The interventions are whole on every rank at every stage (see the module docstring). Under ZeRO-3 they must not
+    # go through GatheredParameters: leaving it partitions (frees) even persistent parameters (DeepSpeed 0.19.8), and
+    # the samples generated after this save would run on empty weights.
+    if rank == 0:
+        reft_model.save(str(directory))
+        (directory / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
     _barrier()
-
-
-def _prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _rewind_metrics(path: Path, step: int) -> None:
@@ -465,6 +491,97 @@ def _rewind_metrics(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(line + "\n" for line in kept))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The output directory, checkpoints and resume
+# --------------------------------------------------------------------------------------------------------------------
+# What a run writes into output_dir; --overwrite removes these (and nothing else) before starting.
+_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", TRAIN_CONFIG_FILE, RUN_INFO_FILE)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a launch that would lose an earlier run's files: a non-empty output_dir needs ``resume`` (continue the
+    run there) or ``overwrite_output_dir`` (replace its outputs). Reads the file system only; every rank runs it before
+    any rank writes there."""
+    output = Path(cfg.output_dir)
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise ConfigError("overwrite_output_dir: cannot be combined with resume (continue the run in output_dir, or "
+                          "replace it: not both)")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir: {output} exists and is not a directory")
+    if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
+        return
+    entries = sorted(path.name for path in output.iterdir())
+    if entries:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ConfigError(f"output_dir: {output} is not empty ({shown}); pass --resume (resume=true) to continue the "
+                          "run there, --overwrite (overwrite_output_dir=true) to replace its outputs, or choose "
+                          "another output_dir")
+
+
+def _remove_previous_run(output: Path) -> None:
+    removed = [name for name in _RUN_OUTPUTS if (output / name).exists()]
+    for name in removed:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        logger.warning("overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), output)
+
+
+def _zero_gradient_step(engine, batches: Sequence[dict]) -> None:
+    """One optimizer step whose gradients are all zero. torch's AdamW and DeepSpeed's ZeRO partitions of its state are
+    created on the first step; a resumed run takes this step so that there is a state to load the checkpoint into
+    (restore_trainer_state then overwrites every part of it: parameters, moments, step count, schedule)."""
+    for batch in batches:  # one per micro-step: DeepSpeed steps the optimizer at the accumulation boundary
+        engine.backward(_forward_loss(engine, batch) * 0.0)
+        engine.step()
+
+
+def _resume(ckpt_dir: Path, engine, reft_model, optimizer, scheduler, data_order: dict, rank: int,
+            warm_up_batches: Callable[[], Sequence[dict]]) -> int:
+    """Load the newest intact checkpoint (any rank count, any ZeRO stage) and return its step; 0 when there is none."""
+
+    def warn(message: str) -> None:
+        if rank == 0:
+            logger.warning("%s", message)
+
+    found = load_newest_intact(ckpt_dir, warn)
+    if found is None:
+        warn(f"resume: nothing to resume in {ckpt_dir} (no checkpoint yet): starting at step 0")
+        return 0
+    path, state = found
+    _zero_gradient_step(engine, warm_up_batches())
+    restore_trainer_state(reft_model, optimizer, scheduler, state)
+    step = int(state["step"])
+    engine.global_steps, engine.global_samples = step, step * engine.train_batch_size()
+    if state["data_order"] != data_order:
+        warn(f"resume: the data order differs from the checkpoint's ({state['data_order']} then, {data_order} now): "
+             "the steps after the resume will not be those of the interrupted run")
+    saved_by = state["saved_by"]
+    if rank == 0:
+        logger.info("resumed from %s at step %d (saved by %d ranks at ZeRO-%d)", path, step, saved_by["ranks"],
+                    saved_by["zero_stage"])
+    return step
+
+
+def _save_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, scheduler, rank: int, keep: int,
+                     extra: dict) -> None:
+    """Gather the trainable state (every rank), publish it as ``stepN`` and prune (rank 0). A failure on rank 0 stops
+    every rank with an error, instead of leaving the others waiting in the next collective."""
+    state = {**gather_trainer_state(reft_model, optimizer, scheduler), "step": step, **extra}
+    error = None
+    if rank == 0:
+        try:
+            write_checkpoint(ckpt_dir, step, state)
+            prune_checkpoints(ckpt_dir, keep, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, raised here
+            error = err
+    failed = _all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)).tolist()[0]
+    if failed:
+        message = f"writing checkpoint step{step} to {ckpt_dir} failed"
+        raise RuntimeError(f"{message}: {error}" if error else f"{message} on rank 0 (its log has the cause)") \
+            from error
 
 
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()) -> TrainResult:
@@ -477,6 +594,7 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
 
     # Everything the config and the model's own config can tell is checked before any rank joins the process group
     # or reads a weight: a mistake costs a second, not a model load on every GPU.
+    check_output_dir(cfg)
     announced_world = _announced_world_size()
     model_config = validate(cfg, announced_world)
     rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
@@ -548,26 +666,33 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
     ckpt_dir = output / "checkpoints"
     metrics_path = output / "metrics.jsonl"
     if rank == 0:
+        if cfg.overwrite_output_dir:
+            _remove_previous_run(output)
         output.mkdir(parents=True, exist_ok=True)
-        (output / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        (output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
         # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
         (output / RUN_INFO_FILE).write_text(json.dumps({"fused_ops_mode": cfg.model.fused_ops,
                                                         "fused_ops": list(fused_ops)}, indent=1) + "\n")
-    start_step = 0
-    if cfg.resume and (ckpt_dir / "latest").is_file():
-        _, client_state = engine.load_checkpoint(str(ckpt_dir), load_module_strict=False)
-        start_step = int(client_state["step"])
-        logger.info("resumed from %s at step %d", ckpt_dir, start_step)
-    if rank == 0:
-        if start_step:
-            _rewind_metrics(metrics_path, start_step)
-        elif metrics_path.exists():
-            metrics_path.unlink()
-    _barrier()
-
     collator = ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=_num_interventions(reft_model),
                                 positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights)
     trim = _accepts_logits_to_keep(base)
+
+    def micro_batch(step: int, micro_step: int) -> tuple[dict, list[int]]:
+        """The batch this rank takes at (step, micro_step), on the device, and its sequence lengths."""
+        items = [train_set[i] for i in sampler.indices(step, micro_step, rank)]
+        batch = collator(items)
+        return _to(_trim_to_labels(batch) if trim else batch, engine.device), [len(it["input_ids"]) for it in items]
+
+    data_order = {"seed": t.seed, "global_batch": sampler.global_batch, "num_examples": len(train_set)}
+    saved_by = {"ranks": world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # for the resume log line
+    start_step = 0
+    if cfg.resume:
+        start_step = _resume(ckpt_dir, engine, reft_model, optimizer, scheduler, data_order, rank,
+                             lambda: [micro_batch(0, a)[0] for a in range(accumulation)])
+    if rank == 0:
+        _rewind_metrics(metrics_path, start_step)
+    _barrier()
+
     peak = _peak_tflops(t.peak_tflops)
     writer = _tensorboard(output) if rank == 0 else None
     bar = None
@@ -587,54 +712,47 @@ def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], No
         for step in range(start_step, total_steps):
             tic = time.perf_counter()
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
-            step_stats = torch.zeros(3, dtype=torch.float64)  # loss sum over micro-batches, micro-batches, tokens
+            loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # stays on the device: no sync
             seq_lens: list[int] = []
             for micro_step in range(accumulation):
                 # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
                 # one rank accumulating R micro-batches draws.
                 torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * world + rank)
-                items = [train_set[i] for i in sampler.indices(step, micro_step, rank)]
-                batch = collator(items)
-                batch = _to(_trim_to_labels(batch) if trim else batch, engine.device)
+                batch, lengths = micro_batch(step, micro_step)
                 loss = _forward_loss(engine, batch)
                 engine.backward(loss)
                 engine.step()
-                lengths = [len(it["input_ids"]) for it in items]
+                loss_sum += loss.detach()
                 seq_lens += lengths
-                step_stats += torch.tensor([float(loss.detach()), 1.0, float(sum(lengths))], dtype=torch.float64)
-            flops = torch.tensor([count_step_flops(base, min(layers), seq_lens, t.gradient_checkpointing)],
-                                 dtype=torch.float64)
-            dist.all_reduce(step_stats)
-            dist.all_reduce(flops)
+            flops = count_step_flops(base, min(layers), seq_lens, t.gradient_checkpointing)
+            host_stats = [accumulation, sum(seq_lens), flops]
+            # Summed over ranks: loss over micro-batches, micro-batches, tokens, FLOPs; .tolist() is the step's sync.
+            losses, micro_batches, tokens, step_flops = _all_reduce_sum(
+                torch.cat([loss_sum.view(1), loss_sum.new_tensor(host_stats)])).tolist()
             elapsed = time.perf_counter() - tic
-            metrics = {"step": step + 1, "loss": float(step_stats[0] / step_stats[1]),
-                       "lr": lr, "tokens_per_s": float(step_stats[2]) / elapsed,
+            metrics = {"step": step + 1, "loss": losses / micro_batches, "lr": lr, "tokens_per_s": tokens / elapsed,
                        "step_time_s": elapsed, "peak_mem_gib": _peak_memory_gib()}
             grad_norm = engine.get_global_grad_norm()
             if grad_norm is not None:
                 metrics["grad_norm"] = float(grad_norm)
             if peak:
-                metrics["mfu"] = float(flops) / (elapsed * peak * 1e12 * world)
+                metrics["mfu"] = step_flops / (elapsed * peak * 1e12 * world)
             result.losses.append(metrics["loss"])
-            if eval_set is not None and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < total_steps:
+            periodic_eval = t.eval_every and (step + 1) % t.eval_every == 0
+            if eval_set is not None and (periodic_eval or step + 1 == total_steps):
                 metrics["eval_loss"] = evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world, trim)
                 result.eval_losses.append((step + 1, metrics["eval_loss"]))
-            if t.save_every and (step + 1) % t.save_every == 0:
-                engine.save_checkpoint(str(ckpt_dir), tag=f"step{step + 1}", client_state={"step": step + 1},
-                                       exclude_frozen_parameters=True)
-                if rank == 0:
-                    _prune_checkpoints(ckpt_dir, t.keep_checkpoints)
-            if step + 1 == total_steps and eval_set is not None:
-                metrics["eval_loss"] = evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world, trim)
-                result.eval_losses.append((step + 1, metrics["eval_loss"]))
-            if rank == 0:
+            if rank == 0:  # before the checkpoint: a kill during the save keeps this step's line
                 _log(metrics, metrics_file, writer, bar, (step + 1) % t.log_every == 0 or step + 1 == total_steps)
+            if t.save_every and (step + 1) % t.save_every == 0:
+                _save_checkpoint(ckpt_dir, step + 1, reft_model, optimizer, scheduler, rank, t.keep_checkpoints,
+                                 extra={"data_order": data_order, "saved_by": saved_by})
             for callback in callbacks:
                 callback(step + 1, metrics, engine)
         if bar is not None:
             bar.close()
         final_dir = output / "final"
-        _save_interventions(engine, reft_model, final_dir, cfg, rank)
+        _save_interventions(reft_model, final_dir, cfg, rank)
         result.final_dir = str(final_dir)
         if t.sample_prompts:
             synced = cfg.deepspeed.stage == 3 and world > 1

@@ -119,7 +119,7 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     checkpointing_reentrant: bool = False
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end when there is an eval split
-    save_every: int = 0  # optimizer steps between DeepSpeed checkpoints; 0 = none
+    save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2
     log_every: int = 1
     peak_tflops: Optional[float] = None  # per device, for MFU; None = a table of known devices, else MFU is not shown
@@ -148,7 +148,8 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output_dir: str = "runs/reft"
-    resume: bool = False
+    resume: bool = False  # continue from the newest intact checkpoint in output_dir (a fresh start when there is none)
+    overwrite_output_dir: bool = False  # replace an earlier run's outputs there; otherwise a non-empty one is refused
     # Relative data paths in a YAML file are resolved against the file's folder; set by load_config.
     base_dir: Optional[str] = None
 

@@ -1,10 +1,15 @@
 """The training engine on a tiny random Llama (CPU, gloo).
 
-One reference run through the CLI (one rank, gradient accumulation 2) is shared by:
+One reference run through the CLI (one rank, ZeRO-0, gradient accumulation 2) is shared by:
   * the CLI end to end: metrics.jsonl, evaluation, pruned checkpoints, final save, `reft-fast generate`;
-  * resume: a run SIGKILLed after step 5 and resumed from its step-4 checkpoint reproduces the reference losses;
-  * 2 ranks through the deepspeed launcher, ZeRO-2 then ZeRO-3 in one launch (same global batch, no accumulation):
-    the same losses as the one-rank reference, frozen weights unchanged, the base partitioned by zero.Init.
+  * resume: a run SIGKILLed while it saves step 6 resumes from step 4; a damaged step-8 checkpoint is named and step 6
+    used; both reproduce the reference losses;
+  * output directories: a used one is refused, --overwrite replaces only a run's own outputs, --resume with nothing to
+    resume starts at step 0; every reduction goes through one helper, on the accelerator's device;
+  * 2 ranks through the deepspeed launcher (same global batch, no accumulation), one launch: ZeRO-2 and ZeRO-3 from
+    scratch give the reference losses, frozen weights unchanged, the base partitioned by zero.Init, samples generated
+    after the final ZeRO-3 save; ZeRO-0, 2 and 3 resume the one-rank reference's step-4 checkpoint (1 → 2 ranks), and
+    one rank resumes their step-6 checkpoints (2 → 1 ranks), on the reference trajectory and with its state.
 """
 
 import json
@@ -27,7 +32,12 @@ RUN_TRAIN = str(ROOT / "tests" / "dist" / "run_train.py")
 STEPS = 8
 # Same global batch (8) for every run: one rank accumulates 2 micro-batches of 4, two ranks take one each.
 COMMON = [f"training.max_steps={STEPS}", "training.micro_batch_size=4", "training.global_batch_size=8",
-          "training.save_every=2", "training.eval_every=4", "data.eval_fraction=0.2", "interventions.dropout=0.1"]
+          "training.save_every=2", "training.keep_checkpoints=3", "training.eval_every=4", "data.eval_fraction=0.2",
+          "interventions.dropout=0.1"]
+STAGES = (0, 2, 3)
+# A low persistence threshold so that the tiny base really is partitioned under ZeRO-3 (the engine keeps the
+# interventions whole regardless).
+PARTITION_THE_BASE = "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=100"
 
 
 def _env():
@@ -52,6 +62,35 @@ def _losses(rows):
     return [r["loss"] for r in rows if "loss" in r]
 
 
+def _checkpoint_names(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())
+
+
+def _copy_run_until(source: Path, target: Path, step: int) -> Path:
+    """``target`` as ``source`` was right after saving step ``step`` (its metrics lines past ``step`` included, as a
+    run killed later leaves them)."""
+    (target / "checkpoints").mkdir(parents=True)
+    shutil.copy(source / "metrics.jsonl", target / "metrics.jsonl")
+    shutil.copytree(source / "checkpoints" / f"step{step}", target / "checkpoints" / f"step{step}")
+    (target / "checkpoints" / "latest").write_text(f"step{step}\n")
+    return target
+
+
+def _assert_same_state(checkpoint: Path, expected: Path, rtol: float = 1e-4) -> None:
+    from reft_fast.checkpoints import read_checkpoint
+
+    got, want = read_checkpoint(checkpoint), read_checkpoint(expected)
+    assert got["step"] == want["step"] and got["optimizer"]["step"] == want["optimizer"]["step"]
+    assert got["scheduler"]["last_epoch"] == want["scheduler"]["last_epoch"]
+    for part in ("params", "exp_avg", "exp_avg_sq"):
+        tensors = got[part] if part == "params" else got["optimizer"][part]
+        wanted = want[part] if part == "params" else want["optimizer"][part]
+        assert tensors.keys() == wanted.keys()
+        for name in tensors:
+            scale = float(wanted[name].abs().max())
+            torch.testing.assert_close(tensors[name], wanted[name], rtol=rtol, atol=rtol * scale, msg=f"{part} {name}")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
@@ -73,7 +112,8 @@ def test_cli_train_end_to_end(reference):
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     assert [s for s, _ in evals] == [0, 4, 8]
     assert evals[-1][1] < evals[0][1]  # the held-out loss of the copy task went down
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step6", "step8"]
+    assert _checkpoint_names(out) == ["latest", "step4", "step6", "step8"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step8"
     final = out / "final"
     saved = json.loads((final / "config.json").read_text())
     assert [e["layer"] for e in saved["interventions"]] == [1, 2] and saved["positions"] == "f1+l1"
@@ -84,37 +124,148 @@ def test_cli_train_end_to_end(reference):
     assert len(answers) == 2, gen.stdout
 
 
-def test_resume_after_sigkill_reproduces_the_trajectory(reference, tmp_path):
-    config, out = reference
-    killed_out = tmp_path / "killed"
-    proc = _run([PY, RUN_TRAIN, str(config), str(tmp_path / "r.json"), *COMMON, f"output_dir={killed_out}",
-                 "--kill-at", "5"], check=False)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert _losses(_metrics(killed_out))[-1] is not None and len(_losses(_metrics(killed_out))) == 5
-    assert (killed_out / "checkpoints" / "latest").read_text().strip() == "step4"
-    _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={killed_out}", "--resume"])
-    resumed, reference_rows = _metrics(killed_out), _metrics(out)
+def _assert_reference_trajectory(out: Path, reference_out: Path) -> None:
+    resumed, reference_rows = _metrics(out), _metrics(reference_out)
     assert [r["step"] for r in resumed] == [r["step"] for r in reference_rows]
     assert _losses(resumed) == pytest.approx(_losses(reference_rows), rel=1e-5, abs=1e-6)
     evals = [r["eval_loss"] for r in resumed if "eval_loss" in r]
     assert evals == pytest.approx([r["eval_loss"] for r in reference_rows if "eval_loss" in r], rel=1e-5)
 
 
-@pytest.mark.slow
-def test_two_ranks_zero2_and_zero3_match_one_rank(reference, tmp_path):
+def test_a_kill_during_a_save_loses_nothing(reference, tmp_path):
+    config, out = reference
+    killed_out = tmp_path / "killed"
+    proc = _run([PY, RUN_TRAIN, str(config), str(tmp_path / "r.json"), *COMMON, f"output_dir={killed_out}",
+                 "--kill-in-save", "6"], check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    # Step 6's metrics line was written before its checkpoint, and step 4 is still the newest published checkpoint.
+    assert [r["step"] for r in _metrics(killed_out) if "loss" in r] == list(range(1, 7))
+    assert (killed_out / "checkpoints" / "latest").read_text().strip() == "step4"
+    resumed = _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={killed_out}", "--resume"])
+    assert f"resumed from {killed_out / 'checkpoints' / 'step4'} at step 4" in resumed.stderr, resumed.stderr[-3000:]
+    _assert_reference_trajectory(killed_out, out)
+    assert _checkpoint_names(killed_out) == ["latest", "step4", "step6", "step8"]  # the killed save's scratch: gone
+
+
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference, tmp_path):
+    config, out = reference
+    damaged_out = tmp_path / "damaged"
+    shutil.copytree(out, damaged_out)
+    newest = damaged_out / "checkpoints" / "step8"
+    largest = max(newest.iterdir(), key=lambda p: p.stat().st_size)
+    largest.write_bytes(b"")  # truncated to 0 bytes, as a disk-full or a kill mid-write leaves a file
+    resumed = _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={damaged_out}", "--resume"])
+    assert f"checkpoint {newest} is damaged" in resumed.stderr, resumed.stderr[-3000:]
+    assert f"resumed from {newest.with_name('step6')} at step 6" in resumed.stderr
+    _assert_reference_trajectory(damaged_out, out)
+    _assert_same_state(newest, out / "checkpoints" / "step8", rtol=1e-6)  # step 8 saved again, whole
+
+
+def test_a_used_output_dir_is_refused_unless_overwritten(reference, tmp_path):
+    config, out = reference
+    used = tmp_path / "used"
+    shutil.copytree(out, used)
+    (used / "notes.txt").write_text("the user's own file")
+    before = {p: p.read_bytes() for p in used.rglob("*") if p.is_file()}
+    refused = _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={used}"], check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"config error: output_dir: {used} is not empty" in refused.stderr
+    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    assert {p: p.read_bytes() for p in used.rglob("*") if p.is_file()} == before  # nothing touched
+
+    _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, "training.max_steps=2", f"output_dir={used}",
+          "--overwrite"])
+    assert [r["step"] for r in _metrics(used)] == [0, 1, 2]  # only the new run's lines
+    assert _checkpoint_names(used) == ["latest", "step2"]  # the earlier run's step4…step8 went with it
+    assert (used / "notes.txt").read_text() == "the user's own file"
+
+
+@pytest.fixture(scope="module")
+def resume_in_an_empty_dir(reference, tmp_path_factory):
+    """`resume: true` where there is nothing to resume, every collective that reft_fast calls recorded."""
+    config, _ = reference
+    folder = tmp_path_factory.mktemp("fresh")
+    proc = _run([PY, RUN_TRAIN, str(config), str(folder / "r.json"), *COMMON, "training.max_steps=4", "resume=true",
+                 f"output_dir={folder / 'out'}", "--record-collectives"])
+    return proc, json.loads((folder / "r.json").read_text())[0], folder / "out"
+
+
+def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(resume_in_an_empty_dir):
+    proc, run, out = resume_in_an_empty_dir
+    assert f"resume: nothing to resume in {out / 'checkpoints'}" in proc.stderr, proc.stderr[-3000:]
+    assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4] and len(run["losses"]) == 4
+
+
+def test_every_reduction_goes_through_one_helper_on_the_accelerator_device(resume_in_an_empty_dir):
+    _, run, _ = resume_in_an_empty_dir
+    calls = run["collectives"]
+    # 4 steps, evaluations at steps 0 and 4, and 2 checkpoints all reduce something.
+    assert len(calls) >= 8
+    assert {c["caller"] for c in calls} == {"reft_fast.engine._all_reduce_sum"}, calls
+    assert all(device == c["accelerator_device"] for c in calls for device in c["devices"]), calls
+
+
+def test_the_reduction_helper_moves_host_values_to_the_accelerator_device(monkeypatch):
+    # On a GPU node the accelerator's device is cuda:<local rank> and NCCL rejects host tensors; "meta" stands for
+    # a device other than the host here, where torch has no other.
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from reft_fast.engine import _all_reduce_sum
+
+    handed = []
+    monkeypatch.setattr(get_accelerator(), "current_device_name", lambda: "meta")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: handed.append(tensor.device))
+    summed = _all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert handed == [torch.device("meta")] and summed.device == torch.device("meta")
+
+
+@pytest.mark.cuda
+def test_one_gpu_run_reduces_on_the_gpu(tmp_path):
+    # DeepSpeed makes an NCCL process group on GPUs, even for one rank: a host tensor in a collective raises there.
+    config = make_run(tmp_path, n_examples=16)
+    _run([PY, RUN_TRAIN, str(config), str(tmp_path / "r.json"), "training.save_every=2", "data.eval_fraction=0.25",
+          "--record-collectives"])
+    calls = json.loads((tmp_path / "r.json").read_text())[0]["collectives"]
+    assert calls and all(c["accelerator_device"].startswith("cuda") for c in calls)
+    assert all(device == c["accelerator_device"] for c in calls for device in c["devices"]), calls
+
+
+def _one_launch(runs: list[list[str]]) -> list[str]:
+    """run_train.py's arguments for several runs in one launch."""
+    return [arg for i, run in enumerate(runs) for arg in (["--then"] if i else []) + run]
+
+
+def _launcher() -> str:
     if shutil.which("deepspeed") is None and not (Path(PY).parent / "deepspeed").exists():
         pytest.skip("the deepspeed launcher is not installed")
-    launcher = shutil.which("deepspeed") or str(Path(PY).parent / "deepspeed")
+    return shutil.which("deepspeed") or str(Path(PY).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def two_rank_launch(reference, tmp_path_factory):
+    """One launch of 2 ranks: ZeRO-2 and ZeRO-3 from scratch, then ZeRO-0, 2 and 3 resuming the one-rank reference's
+    step-4 checkpoint (1 → 2 ranks)."""
+    launcher = _launcher()
     config, out = reference
-    result = tmp_path / "dist.json"
-    # A low persistence threshold so that the tiny base really is partitioned (the engine keeps the interventions
-    # whole regardless).
-    zero3 = ["deepspeed.stage=3", "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=100",
-             f"output_dir={tmp_path / 'z3'}"]
+    folder = tmp_path_factory.mktemp("dist")
+    result = folder / "dist.json"
+    runs = [[*COMMON, "deepspeed.stage=2", f"output_dir={folder / 'z2'}"],
+            [*COMMON, "deepspeed.stage=3", PARTITION_THE_BASE, f"output_dir={folder / 'z3'}",
+             "training.sample_prompts=['repeat : red cat']", "training.max_new_tokens=3"]]
+    for stage in STAGES:
+        resumed = _copy_run_until(out, folder / f"to2_z{stage}", step=4)
+        runs.append([*COMMON, f"deepspeed.stage={stage}", PARTITION_THE_BASE, "resume=true", f"output_dir={resumed}"])
     _run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), RUN_TRAIN, str(config),
-          str(result), *COMMON, "deepspeed.stage=2", f"output_dir={tmp_path / 'z2'}", "--then", *COMMON, *zero3,
-          "--check-frozen"], timeout=400)
-    zero2_run, zero3_run = json.loads(result.read_text())
+          str(result), *_one_launch(runs), "--check-frozen"], timeout=600)
+    return folder, json.loads(result.read_text())
+
+
+@pytest.mark.slow
+def test_two_ranks_zero2_and_zero3_match_one_rank(reference, two_rank_launch):
+    config, out = reference
+    zero2_run, zero3_run = two_rank_launch[1][:2]
     reference_losses = _losses(_metrics(out))
     for run in (zero2_run, zero3_run):
         assert run["world"] == 2
@@ -124,6 +275,31 @@ def test_two_ranks_zero2_and_zero3_match_one_rank(reference, tmp_path):
     assert zero2_run["base_numel_at_load"] == full  # ZeRO-2 replicates the (frozen) base
     assert zero3_run["base_numel_at_load"] < 0.1 * full  # zero.Init: only persistent scraps are materialized
     assert abs(zero3_run["shard_numel"] - full / 2) < 0.1 * full  # each of the 2 ranks holds about half
+    # Generation after the final save runs on the interventions' weights (the save once released them under ZeRO-3).
+    assert [prompt for prompt, _ in zero3_run["samples"]] == ["repeat : red cat"]
+
+
+@pytest.mark.slow
+def test_resume_across_rank_counts_at_zero_0_2_and_3(reference, two_rank_launch, tmp_path):
+    config, out = reference
+    folder, dist_runs = two_rank_launch
+    reference_losses = _losses(_metrics(out))
+    for stage, run in zip(STAGES, dist_runs[2:]):  # 1 → 2 ranks, from step 4
+        assert run["world"] == 2 and run["frozen_max_diff"] == 0.0
+        assert run["losses"] == pytest.approx(reference_losses[4:], rel=2e-4, abs=1e-5), stage
+        assert _losses(_metrics(folder / f"to2_z{stage}")) == pytest.approx(reference_losses, rel=2e-4, abs=1e-5)
+
+    result = tmp_path / "one.json"
+    runs = []
+    for stage in STAGES:  # 2 → 1 rank, from the two-rank runs' step 6
+        resumed = _copy_run_until(folder / f"to2_z{stage}", tmp_path / f"to1_z{stage}", step=6)
+        runs.append([*COMMON, f"deepspeed.stage={stage}", PARTITION_THE_BASE, "resume=true", f"output_dir={resumed}"])
+    _run([PY, RUN_TRAIN, str(config), str(result), *_one_launch(runs)])
+    for stage, run in zip(STAGES, json.loads(result.read_text())):
+        assert run["world"] == 1
+        assert run["losses"] == pytest.approx(reference_losses[6:], rel=2e-4, abs=1e-5), stage
+        # The state itself, saved again at step 8: parameters, Adam's moments and step, the schedule.
+        _assert_same_state(tmp_path / f"to1_z{stage}" / "checkpoints" / "step8", out / "checkpoints" / "step8")
 
 
 def test_fused_ops_off_and_auto_train_alike_on_cpu(tmp_path):

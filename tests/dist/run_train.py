@@ -1,14 +1,18 @@
 """Train from a config on every rank (launched by tests with the deepspeed launcher, torchrun or plain python) and
 write what the tests check to a JSON file on rank 0.
 
-    python run_train.py CONFIG RESULT.json [key=value ...] [--then key=value ...] [--kill-at STEP] [--check-frozen]
+    python run_train.py CONFIG RESULT.json [key=value ...] [--then key=value ...] [--kill-in-save STEP]
+                        [--check-frozen] [--record-collectives]
 
 Each --then starts another training in the same processes (one launch, several runs: launches are the slow part);
 RESULT.json holds one entry per run.
 
---kill-at STEP   SIGKILL this process right after optimizer step STEP (a crash mid-training).
---check-frozen   after training, compare every base weight with the checkpoint on disk (gathered under ZeRO-3), and
-                 record how zero.Init partitioned the base.
+--kill-in-save STEP    SIGKILL this process while it saves the checkpoint of step STEP: its files are written, it is
+                       not yet published (the moment a kill tears a checkpoint written in place).
+--check-frozen         after training, compare every base weight with the checkpoint on disk (gathered under ZeRO-3),
+                       and record how zero.Init partitioned the base.
+--record-collectives   record each torch.distributed collective that reft_fast code calls: the calling function, the
+                       devices of its tensors and the accelerator's current device.
 """
 
 import json
@@ -18,16 +22,23 @@ import sys
 
 import torch
 
+# The collectives that take tensors (barrier takes none: NCCL runs it on the current device by itself).
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single", "broadcast",
+               "gather", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "all_gather_object",
+               "broadcast_object_list", "gather_object", "scatter_object_list")
+
 
 def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it; LOCAL_RANK is set
-    kill_at = None
     check_frozen = "--check-frozen" in argv
-    argv = [a for a in argv if a != "--check-frozen"]
-    if "--kill-at" in argv:
-        i = argv.index("--kill-at")
-        kill_at = int(argv[i + 1])
+    collectives = [] if "--record-collectives" in argv else None
+    argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives")]
+    if "--kill-in-save" in argv:
+        i = argv.index("--kill-in-save")
+        kill_when_publishing(int(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
+    if collectives is not None:
+        record_collectives(collectives)
     config_path, result_path, rest = argv[0], argv[1], argv[2:]
     groups = [[]]
     for arg in rest:
@@ -38,14 +49,55 @@ def main(argv):
 
     from reft_fast.engine import shutdown
 
-    results = [run_one(config_path, overrides, kill_at, check_frozen) for overrides in groups]
+    results = [run_one(config_path, overrides, check_frozen) for overrides in groups]
+    if collectives is not None:
+        results[-1]["collectives"] = collectives
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
     shutdown()
 
 
-def run_one(config_path, overrides, kill_at, check_frozen):
+def kill_when_publishing(step):
+    """SIGKILL this process when it renames anything to ``step{step}``: an atomic save's publishing moment."""
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(os.fspath(dst)) == f"step{step}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(src, dst, *args, **kwargs)
+
+    os.replace = replace
+
+
+def record_collectives(log):
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    def tensors_of(args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                yield arg
+            elif isinstance(arg, (list, tuple)):
+                yield from tensors_of(arg)
+
+    def wrap(name, collective):
+        def recorded(*args, **kwargs):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("reft_fast"):
+                log.append({"collective": name, "caller": f"{module}.{caller.f_code.co_name}",
+                            "devices": [str(t.device) for t in tensors_of(list(args) + list(kwargs.values()))],
+                            "accelerator_device": get_accelerator().current_device_name()})
+            return collective(*args, **kwargs)
+
+        return recorded
+
+    for name in COLLECTIVES:
+        setattr(dist, name, wrap(name, getattr(dist, name)))
+
+
+def run_one(config_path, overrides, check_frozen):
     from reft_fast.engine import train
     from reft_fast.train_config import load_config
 
@@ -58,8 +110,6 @@ def run_one(config_path, overrides, kill_at, check_frozen):
             seen["full_base_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in base_params)
             # Under ZeRO-3 each rank keeps a 1/N shard (ds_tensor) of every partitioned parameter.
             seen["shard_numel"] = sum(p.ds_tensor.numel() for p in base_params if hasattr(p, "ds_tensor"))
-        if kill_at is not None and step == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     engines = []
     result = train(cfg, callbacks=[on_step, lambda step, metrics, engine: engines.append(engine)])

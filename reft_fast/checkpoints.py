@@ -1,0 +1,273 @@
+"""Training checkpoints that a kill cannot tear and that any number of ranks can resume from.
+
+Layout, under ``output_dir/checkpoints``::
+
+    step40/  trainer_state.pt   every trainable number of the run, whole (below)
+             manifest.json      size and SHA-256 of trainer_state.pt, written after it
+    step50/  ...
+    latest                      "step50": the newest published checkpoint, for people and tools
+
+What is saved. The trainable state of a ReFT run is small (the interventions), so one file holds all of it whole: the
+intervention parameters, the client AdamW's moments and step count, the LR schedule, the step and the data-order
+facts. Under ZeRO 1–3 DeepSpeed keeps the parameters' fp32 copies and the moments in per-rank flat partitions;
+``gather_trainer_state`` assembles them with DeepSpeed's public ``safe_get_full_*`` functions (collectives: every
+rank calls it) and ``restore_trainer_state`` cuts them back with ``safe_set_full_*`` into whatever partitions the
+resumed run has. A checkpoint therefore does not depend on the number of ranks or the ZeRO stage that wrote it.
+
+Why it cannot be torn. Only rank 0 writes. It writes into a hidden ``.stepN.partial`` directory, fsyncs the files,
+the manifest and the directory, renames the directory to ``stepN`` (atomic) and only then replaces ``latest``
+(written to a temporary file and renamed: atomic too). A kill at any moment leaves either the previous checkpoint as
+the newest one or the new one complete. Resume verifies the manifest (sizes and checksums) of the newest checkpoint
+and falls back to the next older one, naming the one it skipped and why, so a checkpoint damaged after it was written
+(a truncated file, a disk error) costs only the steps since the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from reft_fast.train_config import ConfigError
+
+__all__ = ["LATEST_FILE", "STATE_FILE", "MANIFEST_FILE", "CheckpointError", "gather_trainer_state",
+           "load_newest_intact", "prune_checkpoints", "read_checkpoint", "restore_trainer_state", "write_checkpoint"]
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST_FILE = "manifest.json"
+LATEST_FILE = "latest"
+FORMAT = 1
+_STEP_DIR = re.compile(r"step(\d+)")
+_ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # the client torch.optim.AdamW's per-parameter tensors
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that is incomplete or damaged; the message says what is wrong with it."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _replace_atomically(path: Path, data: bytes) -> None:
+    scratch = path.with_name(f".{path.name}.tmp")
+    _write_durably(scratch, data)
+    os.replace(scratch, path)
+    _fsync_dir(path.parent)
+
+
+def _remove_atomically(path: Path) -> None:
+    """Rename to a hidden scratch name, then delete: a kill midway never leaves a half-deleted ``stepN``."""
+    scratch = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.replace(path, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """The ``stepN`` directories, in increasing N (a number: step100 comes after step99)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for path in ckpt_dir.iterdir():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def write_checkpoint(ckpt_dir: Path, step: int, state: dict) -> Path:
+    """Publish ``state`` as ``ckpt_dir/step{step}`` and point ``latest`` at it (rank 0 only; see the module doc)."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tag = f"step{step}"
+    partial = ckpt_dir / f".{tag}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    _write_durably(partial / STATE_FILE, payload)
+    manifest = {"format": FORMAT, "step": step,
+                "files": {STATE_FILE: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}}
+    _write_durably(partial / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+    _fsync_dir(partial)
+    final = ckpt_dir / tag
+    if final.exists():  # a damaged leftover of this step from before the resume that replays it
+        _remove_atomically(final)
+    os.replace(partial, final)
+    _fsync_dir(ckpt_dir)
+    _replace_atomically(ckpt_dir / LATEST_FILE, f"{tag}\n".encode())
+    return final
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The state saved in checkpoint directory ``path``, after checking it against its manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        expected = manifest["files"][STATE_FILE]
+    except FileNotFoundError:
+        raise CheckpointError(f"{MANIFEST_FILE} is missing (the save did not finish, or an older format)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{MANIFEST_FILE} is unreadable ({err})") from None
+    try:
+        payload = (path / STATE_FILE).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{STATE_FILE} is missing") from None
+    if len(payload) != expected["bytes"]:
+        raise CheckpointError(f"{STATE_FILE} has {len(payload)} bytes, its manifest says {expected['bytes']}")
+    if hashlib.sha256(payload).hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"{STATE_FILE} does not match the checksum in its manifest")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever unpickling raises, the file is unusable
+        raise CheckpointError(f"{STATE_FILE} cannot be read ({type(err).__name__}: {err})") from None
+
+
+def load_newest_intact(ckpt_dir: Path, warn: Callable[[str], None]) -> Optional[tuple[Path, dict]]:
+    """The newest checkpoint that passes ``read_checkpoint``, with its state; None when there is none at all.
+
+    ``warn`` receives one line per problem met on the way (a damaged checkpoint, named, and why it was skipped; a
+    ``latest`` that is empty or names something else). Checkpoints that exist but are all damaged raise ConfigError:
+    starting from step 0 over them would be a silent loss of the run.
+    """
+    candidates = step_dirs(ckpt_dir)
+    _check_latest_pointer(ckpt_dir, candidates, warn)
+    problems = []
+    for step, path in reversed(candidates):
+        try:
+            return path, read_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(f"{path.name}: {err}")
+            warn(f"checkpoint {path} is damaged and is skipped: {err}")
+    if problems:
+        raise ConfigError(f"resume: no intact checkpoint in {ckpt_dir} ({'; '.join(problems)}); remove the damaged "
+                          "ones, or start over with --overwrite (overwrite_output_dir=true)")
+    return None
+
+
+def _check_latest_pointer(ckpt_dir: Path, candidates: list[tuple[int, Path]], warn: Callable[[str], None]) -> None:
+    """``latest`` is informative only (resume takes the newest intact checkpoint); say when it looks wrong."""
+    latest = ckpt_dir / LATEST_FILE
+    if not latest.exists():
+        if candidates:
+            warn(f"{latest} is missing; choosing among {', '.join(p.name for _, p in candidates)} by step number")
+        return
+    try:
+        named = latest.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        warn(f"{latest} is unreadable ({err}); choosing the checkpoint by step number")
+        return
+    if not named:
+        warn(f"{latest} is empty; choosing the checkpoint by step number")
+    elif not _STEP_DIR.fullmatch(named) or not (ckpt_dir / named).is_dir():
+        warn(f"{latest} names {named[:80]!r}, which is not a checkpoint here; choosing the checkpoint by step number")
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, current_step: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``current_step`` (by step number); delete the rest, the scratch
+    directories of interrupted saves, and checkpoints past ``current_step`` (a resume skipped them as damaged: they
+    belong to a trajectory this run has replaced)."""
+    for path in ckpt_dir.iterdir():
+        if path.name.startswith(".") and path.name.endswith((".partial", ".deleting")):
+            shutil.rmtree(path, ignore_errors=True)
+    kept = [(step, path) for step, path in step_dirs(ckpt_dir) if step <= current_step]
+    stale = [path for step, path in step_dirs(ckpt_dir) if step > current_step] + [path for _, path in kept[:-keep]]
+    for path in stale:
+        _remove_atomically(path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The trainable state, in and out of DeepSpeed
+# --------------------------------------------------------------------------------------------------------------------
+def _named_trainable(reft_model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in reft_model.interventions.named_parameters() if p.requires_grad]
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(device="cpu", dtype=torch.float32, copy=True)
+
+
+def _steps_parameters_directly(optimizer, params) -> bool:
+    """ZeRO stage 0 steps the parameters themselves; stages 1–3 step flat fp32 partitions DeepSpeed made of them."""
+    return all(p in optimizer.state for p in params)
+
+
+def gather_trainer_state(reft_model, optimizer, scheduler) -> dict:
+    """Every trainable tensor of the run, whole, on the host. Collective under ZeRO: every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    named = _named_trainable(reft_model)
+    direct = _steps_parameters_directly(optimizer, [p for _, p in named])
+    params, moments = {}, {key: {} for key in _ADAM_MOMENTS}
+    for name, p in named:
+        params[name] = _host_copy(p if direct else safe_get_full_fp32_param(p))
+        for key in _ADAM_MOMENTS:
+            moments[key][name] = _host_copy(optimizer.state[p][key] if direct
+                                            else safe_get_full_optimizer_state(p, key))
+    adam_step = int(next(iter(optimizer.state.values()))["step"])
+    return {"format": FORMAT, "params": params, "optimizer": {"step": adam_step, **moments},
+            "scheduler": scheduler.state_dict()}
+
+
+def restore_trainer_state(reft_model, optimizer, scheduler, state: dict) -> None:
+    """Load a ``gather_trainer_state`` result into this run's (possibly differently partitioned) engine.
+
+    The optimizer must already hold its state: torch's AdamW and DeepSpeed's partitions of it are created on the first
+    step, so the caller takes one step with zero gradients first; every part of what it created is overwritten here.
+    The intervention parameters are whole on every rank at every ZeRO stage (the engine keeps them out of ZeRO-3's
+    partitioning), so each rank writes the full value into them; DeepSpeed's fp32 copies and moments get this rank's
+    partition of it.
+    """
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    named = _named_trainable(reft_model)
+    _check_same_parameters(named, state["params"])
+    direct = _steps_parameters_directly(optimizer, [p for _, p in named])
+    device = named[0][1].device
+    with torch.no_grad():
+        for name, p in named:
+            value = state["params"][name].to(device)
+            p.copy_(value)
+            if not direct:
+                safe_set_full_fp32_param(p, value)
+            for key in _ADAM_MOMENTS:
+                moment = state["optimizer"][key][name].to(device)
+                if direct:
+                    optimizer.state[p][key].copy_(moment)
+                else:
+                    safe_set_full_optimizer_state(p, moment, key)
+    for entry in optimizer.state.values():
+        entry["step"].fill_(state["optimizer"]["step"])
+    scheduler.load_state_dict(state["scheduler"])
+    # LambdaLR.load_state_dict restores its counters only; the rate the next step uses lives in the param groups.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
+
+
+def _check_same_parameters(named, saved: dict) -> None:
+    have = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in named}  # ds_shape: ZeRO-3's full shape
+    stored = {name: tuple(t.shape) for name, t in saved.items()}
+    if have != stored:
+        raise ConfigError(f"resume: the checkpoint holds interventions {stored}, this config builds {have}; resume "
+                          "with the config that wrote it")

@@ -1,0 +1,124 @@
+"""Checkpoint files (reft_fast.checkpoints) and the output-directory check, without training: publishing, damage
+found on resume and named, ``latest`` that is empty or wrong, pruning by step number, a used output_dir refused.
+
+Training through them (kills, resume across rank counts and ZeRO stages) is in test_engine.py.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reft_fast.checkpoints import LATEST_FILE, STATE_FILE, load_newest_intact, prune_checkpoints, read_checkpoint, \
+    step_dirs, write_checkpoint
+from reft_fast.engine import check_output_dir
+from reft_fast.train_config import ConfigError, TrainConfig
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "params": {"0.weight": torch.full((2, 3), float(step))}, "scheduler": {"last_epoch": step}}
+
+
+def _saved(ckpt_dir: Path, *steps: int) -> Path:
+    for step in steps:
+        write_checkpoint(ckpt_dir, step, _state(step))
+    return ckpt_dir
+
+
+def _newest(ckpt_dir: Path) -> tuple[int, list[str]]:
+    warnings = []
+    found = load_newest_intact(ckpt_dir, warnings.append)
+    return (found[1]["step"] if found else None), warnings
+
+
+def test_a_published_checkpoint_reads_back_and_moves_latest(tmp_path):
+    ckpt_dir = _saved(tmp_path / "checkpoints", 2, 4)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [LATEST_FILE, "step2", "step4"]  # no scratch left behind
+    assert (ckpt_dir / LATEST_FILE).read_text() == "step4\n"
+    state = read_checkpoint(ckpt_dir / "step4")
+    assert state["step"] == 4 and torch.equal(state["params"]["0.weight"], torch.full((2, 3), 4.0))
+    assert _newest(ckpt_dir) == (4, [])
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda f: f.write_bytes(b""), "has 0 bytes, its manifest says"),
+    (lambda f: f.write_bytes(bytes([f.read_bytes()[0] ^ 1]) + f.read_bytes()[1:]), "does not match the checksum"),
+    (lambda f: f.unlink(), "is missing"),
+    (lambda f: (f.parent / "manifest.json").unlink(), "manifest.json is missing"),
+    (lambda f: (f.parent / "manifest.json").write_text("{"), "manifest.json is unreadable"),
+])
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, damage, reason):
+    ckpt_dir = _saved(tmp_path / "checkpoints", 2, 4)
+    damage(ckpt_dir / "step4" / STATE_FILE)
+    step, warnings = _newest(ckpt_dir)
+    assert step == 2
+    assert len(warnings) == 1 and str(ckpt_dir / "step4") in warnings[0] and reason in warnings[0], warnings
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_each(tmp_path):
+    ckpt_dir = _saved(tmp_path / "checkpoints", 9, 10)
+    for step in (9, 10):
+        (ckpt_dir / f"step{step}" / STATE_FILE).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"resume: no intact checkpoint .*step10: .*step9: .*--overwrite"):
+        load_newest_intact(ckpt_dir, lambda message: None)
+
+
+@pytest.mark.parametrize("latest, complaint", [(b"", "is empty"), (b"step99\n", "names 'step99'"),
+                                               (b"\x00garbage", "which is not a checkpoint"),
+                                               (b"\xff\xfe", "is unreadable"), (None, "is missing")])
+def test_a_wrong_latest_is_reported_and_the_newest_intact_checkpoint_used(tmp_path, latest, complaint):
+    ckpt_dir = _saved(tmp_path / "checkpoints", 2, 4)
+    if latest is None:
+        (ckpt_dir / LATEST_FILE).unlink()
+    else:
+        (ckpt_dir / LATEST_FILE).write_bytes(latest)
+    step, warnings = _newest(ckpt_dir)
+    assert step == 4 and len(warnings) == 1 and complaint in warnings[0], warnings
+
+
+def test_nothing_to_resume(tmp_path):
+    assert _newest(tmp_path / "checkpoints") == (None, [])
+    (tmp_path / "checkpoints").mkdir()
+    assert _newest(tmp_path / "checkpoints") == (None, [])
+
+
+def test_pruning_goes_by_step_number_and_drops_what_lies_past_the_current_step(tmp_path):
+    # "step10" sorts before "step9" as text. step100 is a damaged leftover of a trajectory the resume replaced.
+    ckpt_dir = _saved(tmp_path / "checkpoints", 8, 9, 10, 100)
+    (ckpt_dir / ".step12.partial").mkdir()  # an interrupted save's scratch directory
+    prune_checkpoints(ckpt_dir, keep=2, current_step=10)
+    assert [step for step, _ in step_dirs(ckpt_dir)] == [9, 10]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [LATEST_FILE, "step10", "step9"]
+
+
+def test_saving_a_step_again_replaces_its_damaged_directory(tmp_path):
+    ckpt_dir = _saved(tmp_path / "checkpoints", 2, 4)
+    (ckpt_dir / "step4" / STATE_FILE).write_bytes(b"")
+    write_checkpoint(ckpt_dir, 4, _state(4))
+    assert _newest(ckpt_dir) == (4, [])
+
+
+def _config(output: Path, **fields) -> TrainConfig:
+    cfg = TrainConfig(output_dir=str(output))
+    for name, value in fields.items():
+        setattr(cfg, name, value)
+    return cfg
+
+
+def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
+    check_output_dir(_config(tmp_path / "new"))  # does not exist yet
+    (tmp_path / "empty").mkdir()
+    check_output_dir(_config(tmp_path / "empty"))
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"output_dir: .*used is not empty \(metrics.jsonl\); pass --resume .*"
+                                          r"--overwrite"):
+        check_output_dir(_config(used))
+    check_output_dir(_config(used, resume=True))
+    check_output_dir(_config(used, overwrite_output_dir=True))
+    with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume"):
+        check_output_dir(_config(used, resume=True, overwrite_output_dir=True))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        check_output_dir(_config(tmp_path / "file"))
