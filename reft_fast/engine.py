@@ -50,6 +50,7 @@ from reft_fast.checkpoints import gather_trainer_state, load_newest_intact, prun
     restore_trainer_state, write_checkpoint
 from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, load_examples, \
     split_examples
+from reft_fast.dtypes import model_dtype
 from reft_fast.fused_base import apply_fused_base_ops
 from reft_fast.positions import intervention_locations, parse_positions
 from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
@@ -65,7 +66,6 @@ RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fus
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU when training.peak_tflops is not set.
 _PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
     """
     from transformers import AutoModelForCausalLM
 
-    dtype = _TORCH_DTYPES[cfg.model.dtype]
+    dtype = model_dtype(cfg.model.dtype)
     hf_ds = None
     if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
         from transformers.integrations import HfDeepSpeedConfig

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from reft_fast import ops
+from reft_fast.dtypes import torch_dtype
 from reft_fast.orthogonal import METHODS, HouseholderOrthogonal, householder_rows, orthonormal_rows, \
     random_orthonormal_rows
 
@@ -50,19 +51,6 @@ __all__ = [
     "intervention_from_config",
     "compute_rotations",
 ]
-
-_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                "float64": torch.float64}
-
-
-def _dtype_from(value) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    name = str(value).removeprefix("torch.")
-    if name not in _DTYPE_NAMES:
-        raise ValueError(f"dtype must be a torch floating dtype or one of {sorted(_DTYPE_NAMES)}, got {value!r}")
-    return _DTYPE_NAMES[name]
-
 
 class ReftIntervention(nn.Module):
     """Base class: argument checks, configuration, and the R (rotation) machinery shared by the rotation members."""
@@ -96,7 +84,7 @@ class ReftIntervention(nn.Module):
         self.low_rank_dimension = low_rank_dimension
         self.dropout = float(dropout)
         self.act_fn = act_fn
-        self.dtype = _dtype_from(dtype)
+        self.dtype = torch_dtype(dtype)
         self.add_bias = add_bias
         self.orthogonalization = orthogonalization
         if self.uses_rotation:

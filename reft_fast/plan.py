@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from reft_fast.dtypes import bytes_per_element
 from reft_fast.model import find_decoder_layers
 from reft_fast.positions import parse_positions
 from reft_fast.train_config import TrainConfig, layer_list, num_layers_of, validate
@@ -31,7 +32,6 @@ from reft_fast.train_config import TrainConfig, layer_list, num_layers_of, valid
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan"]
 
 GIB = 2**30
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}
 USABLE_FRACTION = 0.9
 
 
@@ -101,7 +101,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
                         "LobireftIntervention": iv.rank * d + iv.rank}.get(iv.type, 2 * iv.rank * d + iv.rank)
     intervention_params = n_interventions * per_intervention
 
-    dtype_bytes = _BYTES[cfg.model.dtype]
+    dtype_bytes = bytes_per_element(cfg.model.dtype)
     B, T = cfg.training.micro_batch_size, cfg.data.max_length
     tokens = B * T
     trained = num_layers - min(layers)

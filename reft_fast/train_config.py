@@ -27,6 +27,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from reft_fast.dtypes import MODEL_DTYPES
+
 __all__ = [
     "ConfigError",
     "DataConfig",
@@ -46,7 +48,6 @@ class ConfigError(ValueError):
     """A configuration problem; the message starts with the dotted name of the field."""
 
 
-DTYPES = ("float32", "bfloat16", "float16", "auto")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -430,8 +431,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     m, iv, d, t, ds = cfg.model, cfg.interventions, cfg.data, cfg.training, cfg.deepspeed
     if not m.path:
         raise ConfigError("model.path: required (a directory, a hub name, a .gguf file or pkg:PACKAGE/FILE)")
-    if m.dtype not in DTYPES:
-        raise ConfigError(f"model.dtype: expected one of {list(DTYPES)}, got {m.dtype!r}")
+    if m.dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model.dtype: expected one of {list(MODEL_DTYPES)}, got {m.dtype!r}")
     from reft_fast.fused_base import FUSED_OPS_MODES
 
     if m.fused_ops not in FUSED_OPS_MODES:
