@@ -52,9 +52,10 @@ from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, enc
     split_examples
 from reft_fast.dtypes import model_dtype
 from reft_fast.fused_base import apply_fused_base_ops
+from reft_fast.hf import num_layers_of, text_config_of
 from reft_fast.positions import intervention_locations, parse_positions
 from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
-    layer_list, num_layers_of, resolve_data_path, resolve_model_source, validate
+    layer_list, resolve_data_path, resolve_model_source, validate
 
 __all__ = ["TrainResult", "build_ds_config", "build_reft_model", "check_output_dir", "enable_gradient_checkpointing",
            "generate_answers", "load_base_model", "load_tokenizer", "train",
@@ -330,7 +331,7 @@ def count_step_flops(base, lowest_layer: int, seq_lens: Sequence[int], gradient_
 
     _, layers = find_decoder_layers(base)
     per_layer = sum(_numel(p) for p in layers[0].parameters())
-    text = base.config.get_text_config()
+    text = text_config_of(base.config)
     d, vocab, n_layers = text.hidden_size, text.vocab_size, len(layers)
     trained = n_layers - lowest_layer
     flops = 0.0

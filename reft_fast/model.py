@@ -40,6 +40,7 @@ from torch import nn
 
 from reft_fast import ops
 from reft_fast.config import COMPONENTS, ReftConfig
+from reft_fast.hf import hidden_size_of
 from reft_fast.interventions import compute_rotations, intervention_class
 from reft_fast.positions import check_locations, unit_locations_to_tensor
 
@@ -92,10 +93,8 @@ def _child(layer: nn.Module, names: tuple, what: str, index: int) -> nn.Module:
 
 def _hidden_size(model: nn.Module) -> int:
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    size = getattr(config, "hidden_size", None) if config is not None else None
-    if isinstance(size, int):
+    size = hidden_size_of(config) if config is not None else None
+    if size is not None:
         return size
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if embeddings is None or not hasattr(embeddings, "embedding_dim"):

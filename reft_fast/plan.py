@@ -25,9 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from reft_fast.dtypes import bytes_per_element
+from reft_fast.hf import num_layers_of, text_config_of
 from reft_fast.model import find_decoder_layers
 from reft_fast.positions import parse_positions
-from reft_fast.train_config import TrainConfig, layer_list, num_layers_of, validate
+from reft_fast.train_config import TrainConfig, layer_list, validate
 
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan"]
 
@@ -77,7 +78,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1, got {gpus}")
     model_config = validate(cfg, gpus, check_data=False)
-    text = model_config.get_text_config()
+    text = text_config_of(model_config)
     num_layers = num_layers_of(model_config)
     d = text.hidden_size
     heads = text.num_attention_heads

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from reft_fast.dtypes import MODEL_DTYPES
+from reft_fast.hf import hidden_size_of, num_layers_of
 
 __all__ = [
     "ConfigError",
@@ -411,15 +412,6 @@ def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     return cfg.training.global_batch_size // per_step
 
 
-def num_layers_of(model_config) -> Optional[int]:
-    text = getattr(model_config, "get_text_config", lambda: model_config)()
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(text, name, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
              check_data: bool = True) -> Optional[Any]:
     """Check everything that can be checked without weights; return the model's transformers config (or None).
@@ -510,8 +502,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
         raise ConfigError(f"model.path: cannot tell the number of layers of {m.path!r} from its config")
     if not layer_list(iv.layers, num_layers):
         raise ConfigError("interventions.layers: empty")
-    hidden = getattr(getattr(model_config, "get_text_config", lambda: model_config)(), "hidden_size", None)
-    if isinstance(hidden, int) and iv.rank > hidden:
+    hidden = hidden_size_of(model_config)
+    if hidden is not None and iv.rank > hidden:
         raise ConfigError(f"interventions.rank: {iv.rank} exceeds the hidden size {hidden}")
     return model_config
 
