@@ -208,11 +208,10 @@ def make_batch(row: dict, n_interventions: int) -> dict:
 
 def _interventions_per_layer(row: dict) -> tuple[list[int], int]:
     """Intervened layers, one entry per intervention, and the lowest one."""
+    from reft_fast.positions import intervention_layers
+
     cfg = CONFIGS[row["config"]]
-    layers = _layers(row["config"], row["shape"])
-    first_n, last_n = (int(side[1:]) for side in cfg["positions"].split("+"))
-    if first_n and last_n and not cfg["share_weights"]:
-        layers = layers + layers  # pyreft's scripts: the first copy edits the first positions, the second the last
+    layers = intervention_layers(_layers(row["config"], row["shape"]), cfg["positions"], cfg["share_weights"])
     return layers, min(layers)
 
 

@@ -53,7 +53,7 @@ from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, enc
 from reft_fast.dtypes import model_dtype
 from reft_fast.fused_base import apply_fused_base_ops
 from reft_fast.hf import num_layers_of, text_config_of
-from reft_fast.positions import intervention_locations, parse_positions
+from reft_fast.positions import intervention_layers, intervention_locations
 from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
     layer_list, resolve_data_path, resolve_model_source, validate
 
@@ -227,16 +227,13 @@ def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
 
 
 def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
-    """Attach the configured interventions at ``layers``. A two-sided position spec ("f5+l5") without share_weights
-    lists every layer twice (the first copy edits the first positions, the second the last ones), as pyreft's scripts
-    do."""
+    """Attach the configured interventions at ``layers`` (twice for a two-sided position spec without share_weights:
+    ``positions.intervention_layers``)."""
     from reft_fast.config import ReftConfig
     from reft_fast.model import get_reft_model
 
     iv = cfg.interventions
-    first_n, last_n = parse_positions(iv.positions)
-    if first_n and last_n and not iv.share_weights:
-        layers = layers + layers
+    layers = intervention_layers(layers, iv.positions, iv.share_weights)
     options = {"dropout": iv.dropout, "act_fn": iv.act}
     if iv.orthogonalization != "polar":  # only the rotation-based types accept it
         options["orthogonalization"] = iv.orthogonalization

@@ -27,7 +27,7 @@ import torch
 from reft_fast.dtypes import bytes_per_element
 from reft_fast.hf import num_layers_of, text_config_of
 from reft_fast.model import find_decoder_layers
-from reft_fast.positions import parse_positions
+from reft_fast.positions import intervention_layers
 from reft_fast.train_config import TrainConfig, layer_list, validate
 
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan"]
@@ -94,8 +94,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
 
     iv = cfg.interventions
     layers = layer_list(iv.layers, num_layers)
-    first_n, last_n = parse_positions(iv.positions)
-    n_interventions = len(layers) * (2 if first_n and last_n and not iv.share_weights else 1)
+    n_interventions = len(intervention_layers(layers, iv.positions, iv.share_weights))
     per_intervention = {"NoreftIntervention": 2 * iv.rank * d + 2 * iv.rank,
                         "NodireftIntervention": 2 * iv.rank * d + iv.rank,
                         "ConsreftIntervention": iv.rank * d + iv.rank,

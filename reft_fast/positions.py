@@ -38,7 +38,7 @@ import torch
 
 from reft_fast.ops import validate_positions
 
-__all__ = ["parse_positions", "intervention_locations", "get_intervention_locations", "unit_locations_to_tensor",
+__all__ = ["parse_positions", "intervention_layers", "intervention_locations", "get_intervention_locations", "unit_locations_to_tensor",
            "check_locations"]
 
 _SPEC = re.compile(r"^\s*(?:f(\d+))?\s*\+?\s*(?:l(\d+))?\s*$")
@@ -53,6 +53,14 @@ def parse_positions(positions: str) -> tuple[int, int]:
             "+" in positions and (match.group(1) is None or match.group(2) is None)):
         raise ValueError(f"positions must look like 'f7+l7', 'f3' or 'l1' (first N, then last N), got {positions!r}")
     return int(match.group(1) or 0), int(match.group(2) or 0)
+
+
+def intervention_layers(layers: Sequence[int], positions: str, share_weights: bool) -> list[int]:
+    """The layer of each intervention. A two-sided spec ("f5+l5") without ``share_weights`` lists every layer twice:
+    the first copy edits the first positions, the second copy the last ones (pyreft's scripts double the list)."""
+    first_n, last_n = parse_positions(positions)
+    layers = list(layers)
+    return layers + layers if first_n and last_n and not share_weights else layers
 
 
 def _as_long_vector(name: str, values, batch: Optional[int] = None) -> torch.Tensor:

@@ -5,7 +5,8 @@ import torch
 
 from reft_fast.config import ReftConfig
 from reft_fast.interventions import ConsreftIntervention, LoreftIntervention, NoreftIntervention
-from reft_fast.positions import check_locations, intervention_locations, parse_positions, unit_locations_to_tensor
+from reft_fast.positions import check_locations, intervention_layers, intervention_locations, parse_positions, \
+    unit_locations_to_tensor
 
 
 @pytest.mark.parametrize("spec, expected", [("f7+l7", (7, 7)), ("f3", (3, 0)), ("l1", (0, 1)), ("f0+l2", (0, 2)),
@@ -20,6 +21,16 @@ def test_parse_positions_rejects(spec):
         parse_positions(spec)
     with pytest.raises(TypeError):
         parse_positions(7)
+
+
+@pytest.mark.parametrize("spec, share_weights, expected", [
+    ("f5+l5", False, [3, 9, 3, 9]),  # the first copy edits the first positions, the second the last ones
+    ("f5+l5", True, [3, 9]),
+    ("f0+l2", False, [3, 9]),  # one side empty: one-sided
+    ("l1", False, [3, 9]),
+])
+def test_intervention_layers_doubles_for_two_separate_sides(spec, share_weights, expected):
+    assert intervention_layers((3, 9), spec, share_weights) == expected
 
 
 @pytest.mark.parametrize("spec", ["f7+l7", "f3", "l2", "f1+l4", "f5+l1"])
