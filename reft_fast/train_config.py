@@ -262,27 +262,21 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-3")
-        value = yaml.safe_load(raw) if raw != "" else ""
-        # YAML reads 1e-3 as a string (it wants 1.0e-3); a number is what was meant.
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value.lower() for c in ".e") else value
-            except ValueError:
-                pass
+        value = _parse_numbers(yaml.safe_load(raw)) if raw != "" else ""
         _set_dotted(tree, key.strip(), value)
     return tree
 
 
 def _parse_numbers(tree: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` as a string; turn such number-looking strings back into floats."""
+    """YAML 1.1 reads ``1e-3``, ``5e-5`` or ``-.5`` as strings (its floats need a dot and a signed exponent); a number
+    is what was meant, so such strings (a decimal point or an exponent, and nothing float() rejects) become floats."""
     if isinstance(tree, dict):
         return {k: _parse_numbers(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [_parse_numbers(v) for v in tree]
-    if isinstance(tree, str):
+    if isinstance(tree, str) and any(c in tree.lower() for c in ".e"):
         try:
-            if "e" in tree.lower() and tree.lower().lstrip("+-")[:1].isdigit():
-                return float(tree)
+            return float(tree)
         except ValueError:
             pass
     return tree
