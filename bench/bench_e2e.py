@@ -432,7 +432,8 @@ def run_row(row: dict) -> dict:
 
 
 def measure_matmul_peak(device: str) -> dict:
-    """The bf16 matrix-product peak of this GPU (8192³, as FACTS.md's 798 TFLOP/s was measured): MFU's denominator."""
+    """The bf16 matrix-product peak of this GPU, MFU's denominator. Measured on 8192³ products, the shape of the
+    H100 80GB anchor of bench/NOTES.md (798 TFLOP/s, torch 2.11, 2026-11-23)."""
     n = 8192
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)

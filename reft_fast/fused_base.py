@@ -1,8 +1,9 @@
 """Fused kernels for the frozen base model: liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy.
 
-The base model's own step is most of a ReFT step: on an H100 (FACTS.md, Llama-2-7B shape, batch 8 × 512)
-liger-kernel takes the frozen base's forward + backward from 0.279 s to 0.199 s and its peak memory from 30.0 to
-23.9 GiB. This module applies liger-kernel to a model that already exists, with one switch:
+The base model's own step is most of a ReFT step: liger-kernel 0.8.5 takes the frozen base's forward + backward
+(through all 32 layers, one trainable bias) from 0.276 s to 0.199 s, at a peak of 23.9 GiB (measured on one H100 80GB,
+2026-11-23: torch 2.11, transformers 5.17, Llama-2-7B shape, random weights, bf16, SDPA, batch 8 × 512). This module
+applies liger-kernel to a model that already exists, with one switch:
 
     apply_fused_base_ops(model, "auto")   # CUDA and an architecture liger supports: on; otherwise off
     apply_fused_base_ops(model, "on")     # on, or a ValueError saying why it cannot be
