@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 
@@ -22,3 +23,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_seed():
+    """A new seed for torch and random per test, printed so that a failure can be replayed."""
+    seed = random.randrange(2**31)
+    print(f"torch seed {seed}")
+    torch.manual_seed(seed)
+    random.seed(seed)
+    return seed

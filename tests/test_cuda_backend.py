@@ -1,7 +1,7 @@
-"""The cuda backend (csrc/, reft_fast.cuda_backend) against a float64 reference written here and against the triton
-backend: outputs and every gradient, the whole family, activations, h dtypes, odd shapes, −1 positions, rows left
-untouched, outputs fully written, bitwise determinism, the dropout mask shared by forward and backward, and one
-memory-checked run.
+"""The cuda backend (csrc/, reft_fast.cuda_backend) against the float64 reference of tests/reference.py and against
+the triton backend: outputs and every gradient, the whole family, activations, h dtypes, odd shapes, −1 positions,
+rows left untouched, outputs fully written, bitwise determinism, the dropout mask shared by forward and backward, and
+one memory-checked run.
 
 On a GPU the kernels run there (and the memory check is compute-sanitizer's memcheck). Without one they run on the CPU
 through csrc/sim (REFT_FAST_CUDA_SIM=1, set here), as the triton backend runs through Triton's interpreter: the same
@@ -10,7 +10,6 @@ AddressSanitizer. The last test checks, on machines without CUDA, that the GPU b
 """
 
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -19,13 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from reft_fast import cuda_backend, ops
 
 from conftest import HAS_CUDA
+from reference import DEVICE, FAMILY, make_params, make_positions, reference, selected_mask
 
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+pytestmark = pytest.mark.usefixtures("fresh_seed")
+
 # Outputs and grad_h are rounded once to h's dtype; weight gradients are fp32 sums of products of exactly
 # representable h and g values, so they get fp32 tolerances whatever h's dtype. Errors are taken relative to the
 # largest reference magnitude of each tensor, floored at 1 (a lone bias gradient can be a near-cancelling sum).
@@ -39,19 +39,6 @@ TRITON_EXTRA_TOL = {torch.float32: 0.0, torch.bfloat16: 5e-3, torch.float16: 5e-
 # coefficients δ, dz, t and through them every weight gradient.
 TILE_OUT_TOL = {torch.float32: OUT_TOL[torch.float32], torch.bfloat16: 8e-3, torch.float16: 2e-3}
 TILE_WEIGHT_TOL = 2e-3
-ACT_F64 = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-# family -> (uses W, subtracts the projection (P is Q), Q has orthonormal rows), as reft_fast.ops calls the edit
-FAMILY = {"loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, True),
-          "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, True)}
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = random.randrange(2**31)
-    print(f"torch seed {seed}")
-    torch.manual_seed(seed)
-    random.seed(seed)
-    return seed
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -79,60 +66,22 @@ def built():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Inputs and the float64 reference
+# Running the op and comparing with the float64 reference (tests/reference.py)
 # ----------------------------------------------------------------------------------------------------------------------
-def make_positions(B, T, n, *, empty_row=True):
-    """Distinct positions per row padded with −1 (in random slots); row 0 holds 0 and T−1; the last row may be empty."""
-    rows = []
-    for i in range(B):
-        k = 0 if (empty_row and i == B - 1 and B > 1) else random.randint(1, min(n, T))
-        if i == 0 and k >= 2 and T >= 2:
-            chosen = [0, T - 1] + random.sample(range(1, T - 1), k - 2)
-        else:
-            chosen = random.sample(range(T), k)
-        row = chosen + [-1] * (n - len(chosen))
-        random.shuffle(row)
-        rows.append(row)
-    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
-
-
-def make_params(family, r, d):
-    uses_w, subtracts, orthonormal = FAMILY[family]
-    if orthonormal:
-        Q = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].t().float().contiguous().to(DEVICE)
-    else:
-        Q = (torch.randn(r, d) / d**0.5).to(DEVICE)
-    W = (torch.randn(r, d) / d**0.5).to(DEVICE) if uses_w else None
-    return {"Q": Q, "P": Q if subtracts else None, "W": W, "b": torch.randn(r).to(DEVICE)}
-
-
 def leaves(params):
-    """Fresh leaf tensors (Q and P stay one tensor when they are one), so gradients accumulate like the op's."""
+    """Fresh leaf tensors (Q and P stay one tensor when they are one), so gradients accumulate like the op's; an
+    input the family does not use is None."""
+    P = params.get("P")
     out = {"Q": params["Q"].detach().clone().requires_grad_()}
-    out["P"] = out["Q"] if params["P"] is params["Q"] else (
-        None if params["P"] is None else params["P"].detach().clone().requires_grad_())
+    out["P"] = out["Q"] if P is params["Q"] else (None if P is None else P.detach().clone().requires_grad_())
     for k in ("W", "b"):
-        out[k] = None if params[k] is None else params[k].detach().clone().requires_grad_()
+        out[k] = None if params.get(k) is None else params[k].detach().clone().requires_grad_()
     return out
 
 
-def reference(h, positions, p, act=None, keep=None, dropout=0.0):
-    """float64 edit at the selected rows (one gather, then index_put); keep [B, n, d] is the dropout keep-mask."""
-    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
-    t_idx = positions[b_idx, j_idx]
-    x = h[b_idx, t_idx]
-    z = p["b"].expand(x.shape[0], -1) if p["W"] is None else x @ p["W"].t() + p["b"]
-    delta = ACT_F64[act](z)
-    if p["P"] is not None:
-        delta = delta - x @ p["P"].t()
-    o = x + delta @ p["Q"]
-    if keep is not None:
-        o = o * keep[b_idx, j_idx] / (1.0 - dropout)
-    return h.index_put((b_idx, t_idx), o)
-
-
 def run_cuda(h, positions, p, act=None, backend="cuda", **kw):
-    return ops.low_rank_edit(h, positions, p["Q"], W=p["W"], b=p["b"], P=p["P"], act=act, backend=backend, **kw)
+    return ops.low_rank_edit(h, positions, p["Q"], W=p.get("W"), b=p["b"], P=p.get("P"), act=act, backend=backend,
+                             **kw)
 
 
 def close(actual, expected, tol, what):
@@ -157,8 +106,8 @@ def forward_backward(h0, positions, params, act, backend, grad_out, **kw):
 def reference_forward_backward(h0, positions, params, act, grad_out, keep=None, dropout=0.0):
     h = h0.detach().double().requires_grad_()
     q64 = params["Q"].double()
-    p64 = leaves({"Q": q64, "P": q64 if params["P"] is params["Q"] else None,
-                  "W": None if params["W"] is None else params["W"].double(), "b": params["b"].double()})
+    p64 = leaves({"Q": q64, "P": q64 if params.get("P") is params["Q"] else None,
+                  "W": None if params.get("W") is None else params["W"].double(), "b": params["b"].double()})
     out = reference(h, positions, p64, act, keep, dropout)
     out.backward(grad_out.double())
     grads = {"h": h.grad, **{k: p64[k].grad for k in ("Q", "W", "b") if p64[k] is not None}}
@@ -354,13 +303,6 @@ def test_no_position_at_all(built):
 # ----------------------------------------------------------------------------------------------------------------------
 # Contract details: untouched rows, every selected row written, determinism, dropout
 # ----------------------------------------------------------------------------------------------------------------------
-def selected_mask(positions, T):
-    mask = torch.zeros(positions.shape[0], T, dtype=torch.bool, device=positions.device)
-    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
-    mask[b_idx, positions[b_idx, j_idx]] = True
-    return mask
-
-
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, "0"), (torch.bfloat16, "0"), (torch.bfloat16, "16")],
                          ids=["fp32", "bf16", "bf16-tile"])
 def test_unselected_rows_are_bit_identical_and_h_is_untouched(built, monkeypatch, dtype, rows):

@@ -4,8 +4,6 @@
 an unselected row it wrongly writes loses its NaN.
 """
 
-import random
-
 import pytest
 import torch
 
@@ -13,23 +11,9 @@ from reft_fast import ops
 from reft_fast.kernels import low_rank_edit as kernels
 
 from conftest import HAS_CUDA
-from test_ops import DEVICE, make_params, make_positions, reference
+from reference import DEVICE, make_params, make_positions, reference, selected_mask
 
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = random.randrange(2**31)
-    print(f"torch seed {seed}")
-    torch.manual_seed(seed)
-
-
-def _selected_mask(positions, T):
-    mask = torch.zeros(positions.shape[0], T, dtype=torch.bool, device=positions.device)
-    for bi, row in enumerate(positions.tolist()):
-        for pos in row:
-            if pos >= 0:
-                mask[bi, pos] = True
-    return mask
+pytestmark = pytest.mark.usefixtures("fresh_seed")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -41,7 +25,7 @@ def test_poisoned_outputs_forward_and_backward(dtype, family):
     act = 2 if "W" in params else 0
     h = torch.randn(B, T, d, device=DEVICE).to(dtype)
     g = torch.randn(B, T, d, device=DEVICE).to(dtype)
-    selected = _selected_mask(positions, T)
+    selected = selected_mask(positions, T)
     args = (params["Q"], params.get("P"), params.get("W"), params.get("b"), act, 0.0, 0)
 
     out = torch.full_like(h, float("nan"))
@@ -141,7 +125,7 @@ def test_fused_and_column_split_paths_agree(monkeypatch, split):
                 keep[bi, j] = (out[bi, pos].detach() != 0).double()
     h64 = h.double().requires_grad_()
     ref_leaves = {k: v.double().requires_grad_() for k, v in params.items()}
-    ref = reference(h64, positions, ref_leaves, "tanh", keep=keep, p=0.25)
+    ref = reference(h64, positions, ref_leaves, "tanh", keep=keep, dropout=0.25)
     ref.backward(g.double())
     torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(h_in.grad.double(), h64.grad, rtol=1e-4, atol=1e-4)

@@ -1,10 +1,8 @@
-"""The op (reft_fast.ops) on every backend available here, against a float64 reference written in this file.
+"""The op (reft_fast.ops) on every backend available here, against the float64 reference of tests/reference.py.
 
-The reference edits one selected row at a time with float64 math; gradients come from autograd through it.
+The reference edits the selected rows with float64 math; gradients come from autograd through it.
 Inputs are fresh random numbers on every run (the seed is printed, so a failure can be replayed).
 """
-
-import random
 
 import pytest
 import torch
@@ -12,9 +10,10 @@ import torch
 from reft_fast import ops
 
 from conftest import HAS_CUDA
+from reference import DEVICE, FAMILY, make_params, make_positions, reference
 
+pytestmark = pytest.mark.usefixtures("fresh_seed")
 BACKENDS = ["torch", "triton"] + (["cuda"] if HAS_CUDA else [])
-DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # Output / input-gradient tolerances per dtype of h: the edit is computed in fp32 and rounded once to h's dtype
 # (the Triton interpreter truncates instead of rounding, one more ulp). Weight gradients are fp32 sums of fp32
@@ -23,78 +22,7 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2
        torch.float16: dict(rtol=3e-3, atol=3e-3)}
 WEIGHT_TOL = dict(rtol=1e-3, atol=1e-3)
 
-# family -> (uses W, uses P, Q is P, orthonormal R)
-FAMILY = {
-    "loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, False),
-    "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, False),
-}
 ACTS = [None, "relu", "gelu", "silu", "tanh"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_seed():
-    seed = random.randrange(2**31)
-    print(f"torch seed {seed}")
-    torch.manual_seed(seed)
-    return seed
-
-
-def make_positions(batch, seq_len, n, empty_row=True):
-    """Distinct positions per row, padded with −1; includes 0 and T−1, and (optionally) a row with no position."""
-    rows = []
-    for i in range(batch):
-        if empty_row and i == batch - 1:
-            rows.append([-1] * n)
-            continue
-        k = random.randint(1, n)
-        chosen = random.sample(range(seq_len), k)
-        if i == 0:
-            chosen[0] = 0
-            if k > 1:
-                chosen[1] = seq_len - 1 if chosen[0] != seq_len - 1 else 1
-            chosen = list(dict.fromkeys(chosen))
-        rows.append(chosen + [-1] * (n - len(chosen)))
-    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
-
-
-def make_params(family, r, d):
-    uses_w, uses_p, _ = FAMILY[family]
-    R = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].T.float().contiguous().to(DEVICE)
-    W = (torch.randn(r, d) / d**0.5).to(DEVICE)
-    b = torch.randn(r).to(DEVICE)
-    W2 = (torch.randn(r, d) / d**0.5).to(DEVICE)
-    if family in ("loreft", "direft", "consreft", "lobireft"):
-        Q = R
-    else:
-        Q = W2
-    params = {"Q": Q, "b": b}
-    if uses_w:
-        params["W"] = W
-    if uses_p:
-        params["P"] = Q
-    return params
-
-
-def reference(h, positions, params, act=None, keep=None, p=0.0):
-    """float64, one row at a time: out[b, pos] = keep ⊙ (h + (act(hWᵀ + b) − s·hPᵀ) Q) / (1 − p)."""
-    acts = {None: lambda z: z, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
-            "silu": torch.nn.functional.silu, "tanh": torch.tanh}
-    out = h.clone()
-    for bi in range(positions.shape[0]):
-        for j in range(positions.shape[1]):
-            pos = int(positions[bi, j])
-            if pos < 0:
-                continue
-            x = h[bi, pos]
-            z = params["b"] if "W" not in params else params["W"] @ x + params["b"]
-            delta = acts[act](z)
-            if "P" in params:
-                delta = delta - params["P"] @ x
-            o = x + delta @ params["Q"]
-            if keep is not None:
-                o = o * keep[bi, j] / (1.0 - p)
-            out[bi, pos] = o
-    return out
 
 
 def run_op(h, positions, params, backend, act=None, **kw):
@@ -103,7 +31,7 @@ def run_op(h, positions, params, backend, act=None, **kw):
 
 
 def check_against_reference(backend, family, act, dtype, B, T, n, r, d, empty_row=True):
-    positions = make_positions(B, T, n, empty_row)
+    positions = make_positions(B, T, n, empty_row=empty_row)
     params = make_params(family, r, d)
     h = torch.randn(B, T, d, device=DEVICE).to(dtype)
     g = torch.randn(B, T, d, device=DEVICE).to(dtype)
@@ -223,7 +151,7 @@ def test_dropout_mask_scale_and_backward(backend):
     # The backward must use the same mask as the forward.
     h64 = h.double().requires_grad_()
     ref_leaves = {k: v.double().requires_grad_() for k, v in params.items()}
-    ref = reference(h64, positions, ref_leaves, "relu", keep=keep, p=p)
+    ref = reference(h64, positions, ref_leaves, "relu", keep=keep, dropout=p)
     ref.backward(g.double())
     torch.testing.assert_close(h_in.grad.double(), h64.grad, **TOL[torch.float32])
     for k in leaves:

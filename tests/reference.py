@@ -1,0 +1,74 @@
+"""What the op tests share: the family table, random inputs, and the float64 reference of the edit.
+
+The reference edits the selected rows in float64 (one gather, then index_put); gradients come from autograd through
+it. Parameters are dicts of the tensors a family uses (keys Q, P, W, b; an absent key is an unused input), so
+``{k: v.double() for k, v in params.items()}`` is the same edit in float64.
+"""
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# family -> (uses W, subtracts the projection (P is Q), Q has orthonormal rows), as reft_fast.ops calls the edit
+FAMILY = {"loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, True),
+          "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, True)}
+ACT_F64 = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+def make_positions(B, T, n, *, empty_row=True):
+    """Distinct positions per row, padded with −1 in random slots; row 0 holds 0 and T−1; the last row may be empty."""
+    rows = []
+    for i in range(B):
+        k = 0 if (empty_row and i == B - 1 and B > 1) else random.randint(1, min(n, T))
+        if i == 0 and k >= 2 and T >= 2:
+            chosen = [0, T - 1] + random.sample(range(1, T - 1), k - 2)
+        else:
+            chosen = random.sample(range(T), k)
+        row = chosen + [-1] * (n - len(chosen))
+        random.shuffle(row)
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long, device=DEVICE)
+
+
+def make_params(family, r, d):
+    """The family's tensors in fp32 on DEVICE; P is the same tensor as Q where the family subtracts the projection."""
+    uses_w, subtracts, orthonormal = FAMILY[family]
+    if orthonormal:
+        Q = torch.linalg.qr(torch.randn(d, r, dtype=torch.float64))[0].t().float().contiguous().to(DEVICE)
+    else:
+        Q = (torch.randn(r, d) / d**0.5).to(DEVICE)
+    params = {"Q": Q, "b": torch.randn(r).to(DEVICE)}
+    if uses_w:
+        params["W"] = (torch.randn(r, d) / d**0.5).to(DEVICE)
+    if subtracts:
+        params["P"] = Q
+    return params
+
+
+def reference(h, positions, params, act=None, keep=None, dropout=0.0):
+    """out[b, pos] = keep ⊙ (h + (act(hWᵀ + b) − s·hPᵀ) Q) / (1 − dropout) at the selected rows.
+
+    keep is the [B, n, d] dropout keep-mask; an absent or None key is an unused input (no W: z = b; no P: s = 0)."""
+    W, P = params.get("W"), params.get("P")
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    t_idx = positions[b_idx, j_idx]
+    x = h[b_idx, t_idx]
+    z = params["b"].expand(x.shape[0], -1) if W is None else x @ W.t() + params["b"]
+    delta = ACT_F64[act](z)
+    if P is not None:
+        delta = delta - x @ P.t()
+    o = x + delta @ params["Q"]
+    if keep is not None:
+        o = o * keep[b_idx, j_idx] / (1.0 - dropout)
+    return h.index_put((b_idx, t_idx), o)
+
+
+def selected_mask(positions, T):
+    """[B, T] bool: True at the rows the positions select."""
+    mask = torch.zeros(positions.shape[0], T, dtype=torch.bool, device=positions.device)
+    b_idx, j_idx = (positions >= 0).nonzero(as_tuple=True)
+    mask[b_idx, positions[b_idx, j_idx]] = True
+    return mask
