@@ -17,7 +17,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -29,8 +29,6 @@ __all__ = [
     "SupervisedDataset",
     "encode_prompt",
     "load_examples",
-    "make_last_position_supervised_data_module",
-    "make_multiple_position_supervised_data_module",
     "split_examples",
     "StepSampler",
 ]
@@ -278,45 +276,3 @@ class StepSampler:
         epoch, within = divmod(step, self.steps_per_epoch)
         start = within * self.global_batch + (micro_step * self.world + rank) * self.micro
         return self._order(epoch)[start : start + self.micro].tolist()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# pyreft-compatible data modules
-# --------------------------------------------------------------------------------------------------------------------
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-    return pad
-
-
-def make_multiple_position_supervised_data_module(
-    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], positions: str = "f1+l1",
-    num_interventions: int = 1, nonstop: bool = False, share_weights: bool = False, max_length: Optional[int] = None,
-) -> dict[str, Any]:
-    """pyreft's helper with the same arguments: ``inputs`` are already-formatted prompts (no chat template is applied,
-    as in pyreft), ``outputs`` the responses; an eos token ends each response unless ``nonstop``. ``model`` is accepted
-    for signature compatibility and not used.
-
-    Deliberate difference: "lN" counts the last N prompt tokens including the final one (see reft_fast.positions).
-    """
-    del model
-    if len(inputs) != len(outputs):
-        raise ValueError(f"inputs has {len(inputs)} prompts but outputs has {len(outputs)} responses")
-    examples = [{"prompt": p, "response": r} for p, r in zip(inputs, outputs)]
-    dataset = SupervisedDataset(examples, tokenizer, max_length=max_length or getattr(tokenizer, "model_max_length",
-                                                                                         None) or 2048,
-                                chat_template=False, add_eos=not nonstop)
-    collator = ReftDataCollator(pad_token_id=_pad_id(tokenizer), num_interventions=num_interventions,
-                                positions=positions, share_weights=share_weights)
-    return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
-
-
-def make_last_position_supervised_data_module(
-    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], num_interventions: int = 1, nonstop: bool = False,
-    max_length: Optional[int] = None,
-) -> dict[str, Any]:
-    """pyreft's helper: every intervention edits the last prompt token."""
-    return make_multiple_position_supervised_data_module(
-        tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions, nonstop=nonstop,
-        share_weights=True, max_length=max_length)

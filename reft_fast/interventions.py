@@ -146,69 +146,6 @@ class ReftIntervention(nn.Module):
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         return self.edit(h, positions, **kwargs)
 
-    # ----------------------------------------------------------------------------------------------------------------
-    def load_pyreft_state(self, state: dict) -> None:
-        """Copy the weights of a pyreft intervention of the same type (its ``state_dict()``, as in intkey_*.bin)."""
-        state = dict(state)
-        if self.uses_rotation:
-            self._load_pyreft_rotation(state)
-        own = {k: v for k, v in self.state_dict().items()
-               if not k.startswith(("rotation", "rotate_layer"))}
-        missing = sorted(set(own) - set(state))
-        if missing:
-            raise ValueError(f"the pyreft state of {type(self).__name__} lacks {missing} (has {sorted(state)})")
-        with torch.no_grad():
-            for key, target in own.items():
-                value = state[key]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise ValueError(f"pyreft tensor {key!r} has shape {list(value.shape)}, expected "
-                                     f"{list(target.shape)} (embed_dim {self.embed_dim}, "
-                                     f"rank {self.low_rank_dimension})")
-                target.copy_(value.to(target.dtype))
-
-    def load_pyreft_module(self, module: nn.Module) -> None:
-        """Copy a live pyreft intervention of the same type.
-
-        Unlike its ``state_dict()`` (LoReFT's keeps only the rotation weight), the module holds the exact state of
-        torch's parametrization, so with ``orthogonalization="householder"`` training continues exactly as in pyreft.
-        """
-        state = dict(module.state_dict())
-        if self.uses_rotation and self.orthogonalization == "householder":
-            exact = HouseholderOrthogonal.from_pyreft(module)
-            state = {k: v for k, v in state.items() if not k.startswith("rotate_layer")}
-            state["rotate_layer.parametrizations.weight.original"] = exact.original.detach()
-            state["rotate_layer.parametrizations.weight.0.base"] = exact.base
-        self.load_pyreft_state(state)
-
-    def _load_pyreft_rotation(self, state: dict) -> None:
-        # LoReFT's state_dict holds the d×r weight itself; the others keep torch's parametrization state.
-        original = state.pop("rotate_layer.parametrizations.weight.original", None)
-        base = state.pop("rotate_layer.parametrizations.weight.0.base", None)
-        weight = state.pop("rotate_layer", None)
-        shape = (self.embed_dim, self.low_rank_dimension)
-        with torch.no_grad():
-            if original is not None and base is not None:
-                original, base = original.float().cpu(), base.float().cpu()
-                if tuple(original.shape) != shape:
-                    raise ValueError(f"pyreft rotate layer has shape {list(original.shape)}, expected {list(shape)}")
-                if self.orthogonalization == "householder":
-                    self.rotate_layer.original.copy_(original)
-                    self.rotate_layer.base.copy_(base)
-                    return
-                weight = householder_rows(original, base).mT
-            if weight is None:
-                raise ValueError(f"the pyreft state of {type(self).__name__} has no rotate layer (keys "
-                                 f"{sorted(state)})")
-            weight = weight.float().cpu()
-            if tuple(weight.shape) != shape:
-                raise ValueError(f"pyreft rotate_layer has shape {list(weight.shape)}, expected {list(shape)}")
-            if self.orthogonalization == "householder":
-                loaded = HouseholderOrthogonal.from_rotate_weights(weight)
-                self.rotate_layer.original.copy_(loaded.original)
-                self.rotate_layer.base.copy_(loaded.base)
-            else:
-                self.rotation.copy_(weight.mT)
-
 
 class _ReplayableGraph(torch.autograd.Function):
     """``fn(*inputs)`` whose backward may run any number of times (once per checkpoint recomputation).
@@ -287,11 +224,6 @@ class LoreftIntervention(_RotatedLearnedSourceIntervention):
 
     _op = staticmethod(ops.loreft)
 
-    def load_pyreft_state(self, state: dict) -> None:
-        # pyreft's LoReFT saves learned_source's tensors without the module prefix.
-        state = {(f"learned_source.{k}" if k in ("weight", "bias") else k): v for k, v in state.items()}
-        super().load_pyreft_state(state)
-
 
 class DireftIntervention(_RotatedLearnedSourceIntervention):
     """DiReFT (pyreft's): h + act(W h + b) R, R with orthonormal rows, nothing subtracted."""
@@ -337,10 +269,6 @@ class NodireftIntervention(_LearnedSourceMixin, ReftIntervention):
                          dtype=dtype, add_bias=add_bias)
         self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False)
         self._make_learned_source()
-
-    def load_pyreft_state(self, state: dict) -> None:
-        # pyreft's W2 bias (add_bias=True) never enters its forward; there is nothing to load it into.
-        super().load_pyreft_state({k: v for k, v in state.items() if k != "proj_layer.bias"})
 
     def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
         return ops.nodireft(h, positions, self.learned_source.weight, self.learned_source.bias, self.proj_layer.weight,

@@ -21,9 +21,9 @@ decode steps (which see one new token each), exactly what re-running the edited 
 cache. Beam search and ``num_return_sequences`` expand the batch; the locations are repeated to match.
 
 Saving. ``save(dir)`` writes config.json (every hyperparameter, the positions spec, the model's shape) and
-``interventions.safetensors``. ``ReftModel.load(dir, model)`` reads those, and also directories saved by pyreft
-(config.json + ``intkey_*.bin``, read with ``torch.load(weights_only=True)``; pyreft does not save dropout, act_fn or
-add_bias, so they take their defaults, add_bias being read from the weights).
+``interventions.safetensors``. ``ReftModel.load(dir, model)`` reads those, and also the directory formats registered
+with ``register_directory_format``: ``reft_fast.compat`` registers pyreft's. This module never imports the compat
+layer; the registry keeps the dependency one-way.
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ import torch
 from torch import nn
 
 from reft_fast import ops
-from reft_fast.config import COMPONENTS, ReftConfig
+from reft_fast.config import ReftConfig
 from reft_fast.hf import hidden_size_of
-from reft_fast.interventions import compute_rotations, intervention_class
+from reft_fast.interventions import compute_rotations
 from reft_fast.positions import check_locations, unit_locations_to_tensor
 
-__all__ = ["ReftModel", "get_reft_model", "find_decoder_layers", "LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
+__all__ = ["ReftModel", "get_reft_model", "find_decoder_layers", "model_hidden_size", "register_directory_format",
+           "LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
 
 # Where decoder layer lists live, most common first (Llama/Mistral/Qwen/Gemma/Phi: model.layers; GPT-2: transformer.h;
 # GPT-NeoX: gpt_neox.layers; OPT: model.decoder.layers; multimodal wrappers: model.language_model.layers).
@@ -58,6 +59,18 @@ _HIDDEN_KWARGS = ("hidden_states", "x", "input")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
 FORMAT = "reft_fast"
+
+# Other libraries' saved-directory formats that ``ReftModel.load`` also reads: name -> (recognizes(config) -> bool,
+# load(reft_model_class, directory, config, model, *, backend, orthogonalization) -> ReftModel). Filled by the compat
+# layer.
+_DIRECTORY_FORMATS: dict = {}
+
+
+def register_directory_format(name: str, recognizes, load) -> None:
+    """Let ``ReftModel.load`` read another library's directories: ``recognizes`` gets the parsed config.json, ``load``
+    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...) and returns the
+    ReftModel."""
+    _DIRECTORY_FORMATS[name] = (recognizes, load)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -91,7 +104,8 @@ def _child(layer: nn.Module, names: tuple, what: str, index: int) -> nn.Module:
                      f"submodule named any of {list(names)}")
 
 
-def _hidden_size(model: nn.Module) -> int:
+def model_hidden_size(model: nn.Module) -> int:
+    """The decoder's hidden size: from the config, else from the input embeddings."""
     config = getattr(model, "config", None)
     size = hidden_size_of(config) if config is not None else None
     if size is not None:
@@ -169,7 +183,7 @@ class ReftModel(nn.Module):
         self.reft_config = reft_config
         self.backend = backend
         self.layers_path, layers = find_decoder_layers(model)
-        self.hidden_size = _hidden_size(model)
+        self.hidden_size = model_hidden_size(model)
         for param in model.parameters():
             param.requires_grad_(False)
 
@@ -415,7 +429,8 @@ class ReftModel(nn.Module):
     @classmethod
     def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module, *, backend: Optional[str] = None,
              orthogonalization: str = "polar") -> "ReftModel":
-        """Attach saved interventions to ``model``: a directory written by ``save`` or by pyreft.
+        """Attach saved interventions to ``model``: a directory written by ``save``, or in a registered format
+        (pyreft's, registered by ``reft_fast.compat``).
 
         Tensors are read on the CPU and copied to each intervention's device, so a directory saved on any device
         loads on any other. ``orthogonalization`` applies to pyreft directories (ours record it).
@@ -427,10 +442,11 @@ class ReftModel(nn.Module):
         config = json.loads(config_path.read_text())
         if config.get("format") == FORMAT:
             return cls._load_ours(directory, config, model, backend)
-        if "intervention_types" in config and "representations" in config:
-            return cls._load_pyreft(directory, config, model, backend, orthogonalization)
-        raise ValueError(f"{config_path} is neither a reft_fast nor a pyreft config (no 'format' or "
-                         "'intervention_types' key)")
+        for recognizes, load in _DIRECTORY_FORMATS.values():
+            if recognizes(config):
+                return load(cls, directory, config, model, backend=backend, orthogonalization=orthogonalization)
+        raise ValueError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
+                         f"{sorted(_DIRECTORY_FORMATS)}")
 
     @classmethod
     def _load_ours(cls, directory: Path, config: dict, model: nn.Module, backend) -> "ReftModel":
@@ -439,7 +455,7 @@ class ReftModel(nn.Module):
         saved = config["model"]
         _, layers = find_decoder_layers(model)
         actual = {"model_type": getattr(getattr(model, "config", None), "model_type", None),
-                  "hidden_size": _hidden_size(model), "num_layers": len(layers)}
+                  "hidden_size": model_hidden_size(model), "num_layers": len(layers)}
         mismatched = {k: (saved.get(k), v) for k, v in actual.items() if saved.get(k) != v}
         if mismatched:
             details = ", ".join(f"{k}: saved {s!r}, model {m!r}" for k, (s, m) in mismatched.items())
@@ -458,37 +474,6 @@ class ReftModel(nn.Module):
                              f"{list(reft_model.interventions)}")
         state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
         reft_model.interventions.load_state_dict(state, strict=True)
-        return reft_model
-
-    @classmethod
-    def _load_pyreft(cls, directory: Path, config: dict, model: nn.Module, backend, orthogonalization: str):
-        hidden = _hidden_size(model)
-        keys = config.get("sorted_keys") or []
-        representations, states = [], []
-        for i, (rep, type_name) in enumerate(zip(config["representations"], config["intervention_types"])):
-            layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
-                (rep["layer"], rep["component"], rep["low_rank_dimension"])
-            if component not in COMPONENTS:
-                raise ValueError(f"{directory}: representation {i} has component {component!r}, which reft_fast does "
-                                 f"not support (supported: {list(COMPONENTS)})")
-            dims = config.get("intervention_dimensions") or []
-            if i < len(dims) and dims[i] is not None and dims[i] != hidden:
-                raise ValueError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the model "
-                                 f"has hidden size {hidden}")
-            key = keys[i] if i < len(keys) else f"layer_{layer}_comp_{component}_unit_pos_nunit_1#0"
-            state = torch.load(directory / f"intkey_{key}.bin", map_location="cpu", weights_only=True)
-            cls_ = intervention_class(type_name)
-            options = {}
-            if cls_.uses_rotation:
-                options["orthogonalization"] = orthogonalization
-            if cls_.has_add_bias:
-                options["add_bias"] = "proj_layer.bias" in state
-            representations.append({"layer": layer, "component": component, "low_rank_dimension": rank,
-                                    "intervention": cls_, **options})
-            states.append(state)
-        reft_model = cls(model, ReftConfig(representations), backend=backend)
-        for intervention, state in zip(reft_model.interventions.values(), states):
-            intervention.load_pyreft_state(state)
         return reft_model
 
 

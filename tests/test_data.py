@@ -1,5 +1,5 @@
 """Data: loading, chat template, response-only labels, truncation that keeps the prompt, the collator's locations,
-the step sampler, and the pyreft-compatible data modules."""
+and the step sampler (pyreft's data modules: test_compat.py)."""
 
 import json
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from reft_fast.data import IGNORE_INDEX, ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, \
-    load_examples, make_last_position_supervised_data_module, make_multiple_position_supervised_data_module, \
-    split_examples
+    load_examples, split_examples
 from reft_fast.positions import intervention_locations
 
 from dist.tiny import make_tokenizer
@@ -109,18 +108,3 @@ def test_step_sampler_same_micro_batches_for_ranks_and_accumulation():
     assert one_rank.indices(0, 0, 0) != one_rank.indices(4, 0, 0)  # the next epoch reshuffles
     with pytest.raises(ValueError, match="global_batch_size"):
         StepSampler(5, micro_batch_size=3, world_size=2, accumulation=1, seed=0)
-
-
-def test_pyreft_data_modules(tokenizer):
-    prompts, answers = ["<|user|> repeat : red </s> <|assistant|>"], ["red"]
-    module = make_last_position_supervised_data_module(tokenizer, None, prompts, answers, num_interventions=2)
-    batch = module["data_collator"]([module["train_dataset"][0]])
-    n_prompt = len(tokenizer(prompts[0])["input_ids"])
-    assert batch["intervention_locations"].tolist() == [[[n_prompt - 1]], [[n_prompt - 1]]]
-    assert batch["labels"][0].tolist() == [IGNORE_INDEX] * n_prompt + tokenizer("red")["input_ids"] + [
-        tokenizer.eos_token_id]
-    module = make_multiple_position_supervised_data_module(tokenizer, None, prompts, answers, positions="f1+l1",
-                                                           num_interventions=2, nonstop=True)
-    batch = module["data_collator"]([module["train_dataset"][0]])
-    assert batch["intervention_locations"].tolist() == [[[0]], [[n_prompt - 1]]]
-    assert batch["input_ids"][0, -1].item() != tokenizer.eos_token_id

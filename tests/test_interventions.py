@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from reft_fast import ops
+from reft_fast.compat import load_pyreft_state
 from reft_fast.interventions import (
     INTERVENTION_TYPES,
     ConsreftIntervention,
@@ -210,7 +211,7 @@ def test_load_pyreft_state_gives_pyreft_output(name, kwargs, orthogonalization):
         for param_name, p in theirs.named_parameters():
             if not param_name.startswith("rotate_layer"):  # the rotation's diagonal holds signs: leave it
                 p.add_(0.1 * torch.randn_like(p))
-    ours.load_pyreft_state(theirs.state_dict())
+    load_pyreft_state(ours, theirs.state_dict())
     h = torch.randn(4, 5, D)
     positions = torch.tensor([[0, 1], [4, -1], [2, 3], [1, 4]])
     out = ours(h, positions)

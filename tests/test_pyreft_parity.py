@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_fast import ReftConfig, get_reft_model
+from reft_fast.compat import load_pyreft_module
 
 pyreft = pytest.importorskip("pyreft")
 
@@ -66,7 +67,7 @@ def _pair(model, name, kwargs, orthogonalization, sites=SITES):
         for comp, layer in sites]))
     assert list(ours.interventions) == list(theirs.interventions)
     for key in ours.interventions:
-        ours.interventions[key].load_pyreft_module(theirs.interventions[key])
+        load_pyreft_module(ours.interventions[key], theirs.interventions[key])
     return ours, theirs
 
 

@@ -3,11 +3,11 @@
 import torch
 import transformers
 
+from reft_fast.compat import make_last_position_supervised_data_module
 from reft_fast.config import ReftConfig
-from reft_fast.data import make_last_position_supervised_data_module
 from reft_fast.interventions import LoreftIntervention
+from reft_fast.compat.trainer import ReftTrainerForCausalLM
 from reft_fast.model import ReftModel, get_reft_model
-from reft_fast.trainer import ReftTrainerForCausalLM
 
 from dist.tiny import make_examples, make_model_dir
 

@@ -1,0 +1,202 @@
+"""pyreft's formats and helpers on top of reft_fast: intervention states, saved directories, data modules.
+
+State. pyreft keeps R as a rotate layer, a d×r weight with orthonormal columns under torch's orthogonal
+parametrization; ours is R [r, d] (``rotation``, or ``rotate_layer`` with ``orthogonalization="householder"``). Its
+other tensors carry our names except where a type says otherwise (``_STATE_KEY_MAPS``).
+
+Directory. pyreft's ``save`` writes config.json (``representations``, ``intervention_types``, ``sorted_keys``,
+``intervention_dimensions``) and one ``intkey_<key>.bin`` per intervention, read here with
+``torch.load(weights_only=True)`` (no pickled code runs). pyreft does not save dropout, act_fn or add_bias: they take
+their defaults, add_bias being read from the weights. ``ReftModel.load`` reaches this reader through
+``reft_fast.model.register_directory_format`` (see ``reft_fast.compat``).
+
+Data modules. pyreft's two supervised helpers, with its arguments, built on reft_fast.data. Deliberate difference:
+"lN" counts the last N prompt tokens including the final one (see reft_fast.positions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from reft_fast.config import COMPONENTS, ReftConfig
+from reft_fast.data import ReftDataCollator, SupervisedDataset
+from reft_fast.interventions import LoreftIntervention, NodireftIntervention, ReftIntervention, intervention_class
+from reft_fast.model import ReftModel, model_hidden_size, register_directory_format
+from reft_fast.orthogonal import HouseholderOrthogonal, householder_rows
+
+__all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",
+           "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module"]
+
+_ORIGINAL_KEY = "rotate_layer.parametrizations.weight.original"
+_BASE_KEY = "rotate_layer.parametrizations.weight.0.base"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One intervention's state
+# --------------------------------------------------------------------------------------------------------------------
+def _loreft_keys(state: dict) -> dict:
+    # pyreft's LoReFT saves learned_source's tensors without the module prefix.
+    return {(f"learned_source.{k}" if k in ("weight", "bias") else k): v for k, v in state.items()}
+
+
+def _without_w2_bias(state: dict) -> dict:
+    # pyreft's NodiReFT W2 bias (add_bias=True) never enters its forward; there is nothing to load it into.
+    return {k: v for k, v in state.items() if k != "proj_layer.bias"}
+
+
+# Where pyreft's state_dict differs from ours by type (subclasses inherit their base's map).
+_STATE_KEY_MAPS = {LoreftIntervention: _loreft_keys, NodireftIntervention: _without_w2_bias}
+
+
+def load_pyreft_state(intervention: ReftIntervention, state: dict) -> None:
+    """Copy into ``intervention`` the weights of a pyreft intervention of the same type (its ``state_dict()``, as in
+    intkey_*.bin)."""
+    key_map = next((_STATE_KEY_MAPS[c] for c in type(intervention).__mro__ if c in _STATE_KEY_MAPS), dict)
+    state = key_map(dict(state))
+    if intervention.uses_rotation:
+        _load_rotation(intervention, state)
+    own = {k: v for k, v in intervention.state_dict().items() if not k.startswith(("rotation", "rotate_layer"))}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ValueError(f"the pyreft state of {type(intervention).__name__} lacks {missing} (has {sorted(state)})")
+    with torch.no_grad():
+        for key, target in own.items():
+            value = state[key]
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"pyreft tensor {key!r} has shape {list(value.shape)}, expected {list(target.shape)} "
+                                 f"(embed_dim {intervention.embed_dim}, rank {intervention.low_rank_dimension})")
+            target.copy_(value.to(target.dtype))
+
+
+def load_pyreft_module(intervention: ReftIntervention, module: nn.Module) -> None:
+    """Copy into ``intervention`` a live pyreft intervention of the same type.
+
+    Unlike its ``state_dict()`` (LoReFT's keeps only the rotation weight), the module holds the exact state of torch's
+    parametrization, so with ``orthogonalization="householder"`` training continues exactly as in pyreft.
+    """
+    state = dict(module.state_dict())
+    if intervention.uses_rotation and intervention.orthogonalization == "householder":
+        exact = HouseholderOrthogonal.from_pyreft(module)
+        state = {k: v for k, v in state.items() if not k.startswith("rotate_layer")}
+        state[_ORIGINAL_KEY] = exact.original.detach()
+        state[_BASE_KEY] = exact.base
+    load_pyreft_state(intervention, state)
+
+
+def _load_rotation(intervention: ReftIntervention, state: dict) -> None:
+    """Consume the rotate layer's entries of ``state`` into R. LoReFT's state holds the d×r weight itself; the others
+    keep torch's parametrization state (original, base)."""
+    original, base, weight = state.pop(_ORIGINAL_KEY, None), state.pop(_BASE_KEY, None), state.pop("rotate_layer", None)
+    shape = (intervention.embed_dim, intervention.low_rank_dimension)
+    householder = intervention.orthogonalization == "householder"
+    with torch.no_grad():
+        if original is not None and base is not None:
+            original, base = original.float().cpu(), base.float().cpu()
+            if tuple(original.shape) != shape:
+                raise ValueError(f"pyreft rotate layer has shape {list(original.shape)}, expected {list(shape)}")
+            if householder:
+                intervention.rotate_layer.original.copy_(original)
+                intervention.rotate_layer.base.copy_(base)
+                return
+            weight = householder_rows(original, base).mT
+        if weight is None:
+            raise ValueError(f"the pyreft state of {type(intervention).__name__} has no rotate layer (keys "
+                             f"{sorted(state)})")
+        weight = weight.float().cpu()
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"pyreft rotate_layer has shape {list(weight.shape)}, expected {list(shape)}")
+        if householder:
+            loaded = HouseholderOrthogonal.from_rotate_weights(weight)
+            intervention.rotate_layer.original.copy_(loaded.original)
+            intervention.rotate_layer.base.copy_(loaded.base)
+        else:
+            intervention.rotation.copy_(weight.mT)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A directory saved by pyreft
+# --------------------------------------------------------------------------------------------------------------------
+def is_pyreft_config(config: dict) -> bool:
+    """Whether a parsed config.json was written by pyreft's ``save``."""
+    return "intervention_types" in config and "representations" in config
+
+
+def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict, model: nn.Module, *,
+                          backend: Optional[str] = None, orthogonalization: str = "polar") -> ReftModel:
+    """Attach to ``model`` the interventions of a pyreft directory whose config.json is ``config``, as a
+    ``reft_model_class`` (ReftModel or a subclass)."""
+    hidden = model_hidden_size(model)
+    keys = config.get("sorted_keys") or []
+    dims = config.get("intervention_dimensions") or []
+    representations, states = [], []
+    for i, (rep, type_name) in enumerate(zip(config["representations"], config["intervention_types"])):
+        layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
+            (rep["layer"], rep["component"], rep["low_rank_dimension"])
+        if component not in COMPONENTS:
+            raise ValueError(f"{directory}: representation {i} has component {component!r}, which reft_fast does "
+                             f"not support (supported: {list(COMPONENTS)})")
+        if i < len(dims) and dims[i] is not None and dims[i] != hidden:
+            raise ValueError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the model "
+                             f"has hidden size {hidden}")
+        key = keys[i] if i < len(keys) else f"layer_{layer}_comp_{component}_unit_pos_nunit_1#0"
+        state = torch.load(directory / f"intkey_{key}.bin", map_location="cpu", weights_only=True)
+        cls = intervention_class(type_name)
+        options = {}
+        if cls.uses_rotation:
+            options["orthogonalization"] = orthogonalization
+        if cls.has_add_bias:
+            options["add_bias"] = "proj_layer.bias" in state
+        representations.append({"layer": layer, "component": component, "low_rank_dimension": rank,
+                                "intervention": cls, **options})
+        states.append(state)
+    reft_model = reft_model_class(model, ReftConfig(representations), backend=backend)
+    for intervention, state in zip(reft_model.interventions.values(), states):
+        load_pyreft_state(intervention, state)
+    return reft_model
+
+
+register_directory_format("pyreft", is_pyreft_config, load_pyreft_directory)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data modules
+# --------------------------------------------------------------------------------------------------------------------
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return pad
+
+
+def make_multiple_position_supervised_data_module(
+    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], positions: str = "f1+l1",
+    num_interventions: int = 1, nonstop: bool = False, share_weights: bool = False, max_length: Optional[int] = None,
+) -> dict[str, Any]:
+    """pyreft's helper with the same arguments: ``inputs`` are already-formatted prompts (no chat template is applied,
+    as in pyreft), ``outputs`` the responses; an eos token ends each response unless ``nonstop``. ``model`` is accepted
+    for signature compatibility and not used.
+    """
+    del model
+    if len(inputs) != len(outputs):
+        raise ValueError(f"inputs has {len(inputs)} prompts but outputs has {len(outputs)} responses")
+    examples = [{"prompt": p, "response": r} for p, r in zip(inputs, outputs)]
+    dataset = SupervisedDataset(examples, tokenizer, max_length=max_length or getattr(tokenizer, "model_max_length",
+                                                                                         None) or 2048,
+                                chat_template=False, add_eos=not nonstop)
+    collator = ReftDataCollator(pad_token_id=_pad_id(tokenizer), num_interventions=num_interventions,
+                                positions=positions, share_weights=share_weights)
+    return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
+
+
+def make_last_position_supervised_data_module(
+    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], num_interventions: int = 1, nonstop: bool = False,
+    max_length: Optional[int] = None,
+) -> dict[str, Any]:
+    """pyreft's helper: every intervention edits the last prompt token."""
+    return make_multiple_position_supervised_data_module(
+        tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions, nonstop=nonstop,
+        share_weights=True, max_length=max_length)
