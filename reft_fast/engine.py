@@ -1,4 +1,5 @@
-"""The training engine: a short loop over a DeepSpeed engine that holds a ReftModel.
+"""The training engine: ``train(cfg)`` runs the recipe (``reft_fast.recipe.ReftTrainingRecipe``), a short loop over
+a DeepSpeed engine that holds a ReftModel; this module holds the parts the recipe is made of.
 
     batch (CPU, positions computed by the collator) → engine(...) → engine.backward → engine.step → metrics
 
@@ -37,7 +38,6 @@ import os
 import resource
 import shutil
 import socket
-import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -48,14 +48,12 @@ import yaml
 
 from reft_fast.checkpoints import gather_trainer_state, load_newest_intact, prune_checkpoints, \
     restore_trainer_state, write_checkpoint
-from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, load_examples, \
-    split_examples
+from reft_fast.data import encode_prompt
 from reft_fast.dtypes import model_dtype
-from reft_fast.fused_base import apply_fused_base_ops
-from reft_fast.hf import num_layers_of, text_config_of
+from reft_fast.hf import text_config_of
 from reft_fast.positions import intervention_layers, intervention_locations
 from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
-    layer_list, resolve_data_path, resolve_model_source, validate
+    resolve_model_source
 
 __all__ = ["TrainResult", "build_ds_config", "build_reft_model", "check_output_dir", "enable_gradient_checkpointing",
            "generate_answers", "load_base_model", "load_tokenizer", "train",
@@ -397,7 +395,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Opt
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The loop
+# The loop's parts (the loop itself: reft_fast.recipe)
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -585,186 +583,16 @@ def _save_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, scheduler
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()) -> TrainResult:
     """Run one training job described by ``cfg``; every rank calls this. ``callback(step, metrics, engine)`` runs on
     every rank after each optimizer step (after that step's checkpoint, if any, was written); ``engine.module`` is the
-    ReftModel."""
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
+    ReftModel. The job itself is ``reft_fast.recipe.ReftTrainingRecipe``."""
+    from reft_fast.recipe import ReftTrainingRecipe  # the recipe builds on this module's helpers
 
-    # Everything the config and the model's own config can tell is checked before any rank joins the process group
-    # or reads a weight: a mistake costs a second, not a model load on every GPU.
-    check_output_dir(cfg)
-    announced_world = _announced_world_size()
-    model_config = validate(cfg, announced_world)
-    rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
-    if world != announced_world:  # an MPI launch learns its size only now
-        validate(cfg, world, check_model=False, check_data=False)
-    if rank == 0:
-        logger.info("%d rank(s) over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others", world,
-                    dist.get_backend(), cfg.deepspeed.timeout_minutes)
-    t = cfg.training
-    accumulation = gradient_accumulation_steps(cfg, world)
-    source = _model_source(cfg)
-    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-
-    d = cfg.data
-    train_source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
-    examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
-    if d.eval_file:
-        eval_examples = load_examples(resolve_data_path(d.eval_file, cfg.base_dir), d.prompt_field, d.response_field)
-    else:
-        examples, eval_examples = split_examples(examples, d.eval_fraction, t.seed)
-    dataset_kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
-                          drop_long_prompts=d.drop_long_prompts)
-    train_set = SupervisedDataset(examples, tokenizer, **dataset_kwargs)
-    eval_set = SupervisedDataset(eval_examples, tokenizer, **dataset_kwargs) if eval_examples else None
-    sampler = StepSampler(len(train_set), t.micro_batch_size, world, accumulation, t.seed)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * sampler.steps_per_epoch))
-
-    # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
-    ds_config = build_ds_config(cfg, world)
-    base, hf_ds = load_base_model(source, cfg, ds_config)
-    if ds_config["zero_optimization"]["stage"] < 3:
-        # deepspeed.initialize would move it there anyway (zero.Init already placed a ZeRO-3 base): moving it now lets
-        # "auto" see the device the base will run on, and runs the samples before training there.
-        base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-    # Before checkpointing and the ReftModel wrap the base: liger patches its modules' forwards in place.
+    recipe = ReftTrainingRecipe(cfg, callbacks=callbacks)
     try:
-        fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops)
-    except ValueError as err:  # "on" where it cannot be (no CUDA, no liger, an unsupported architecture)
-        raise ConfigError(f"model.fused_ops: {err}") from None
-    gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,
-                      chat_template=d.chat_template, system_prompt=d.system_prompt, max_new_tokens=t.max_new_tokens)
-    result = TrainResult(steps=total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
-                         fused_ops=fused_ops)
-    if rank == 0:
-        logger.info("base loaded: %d of %d parameters on this rank",
-                    sum(_numel_on_this_rank(p) for p in base.parameters()), sum(_numel(p) for p in base.parameters()))
-        logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
-                    ", ".join(fused_ops) or "none")
-    if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
-        answers = generate_answers(base, tokenizer, t.sample_prompts, **gen_kwargs)
-        result.samples_before = list(zip(t.sample_prompts, answers))
-    if t.gradient_checkpointing:
-        enable_gradient_checkpointing(base, reentrant=t.checkpointing_reentrant)
-
-    torch.manual_seed(t.seed)  # the interventions' initial weights: identical on every rank
-    layers = layer_list(cfg.interventions.layers, num_layers_of(model_config))
-    reft_model = build_reft_model(base, cfg, layers)
-    params = list(reft_model.trainable_parameters())
-    ds_config = build_ds_config(cfg, world, max(p.numel() for p in params))
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.schedule, t.warmup_steps, total_steps, t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=reft_model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=params, config=ds_config)
-    engine.train()
-
-    output = Path(cfg.output_dir)
-    ckpt_dir = output / "checkpoints"
-    metrics_path = output / "metrics.jsonl"
-    if rank == 0:
-        if cfg.overwrite_output_dir:
-            _remove_previous_run(output)
-        output.mkdir(parents=True, exist_ok=True)
-        (output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
-        # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
-        (output / RUN_INFO_FILE).write_text(json.dumps({"fused_ops_mode": cfg.model.fused_ops,
-                                                        "fused_ops": list(fused_ops)}, indent=1) + "\n")
-    collator = ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=_num_interventions(reft_model),
-                                positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights)
-    trim = _accepts_logits_to_keep(base)
-
-    def micro_batch(step: int, micro_step: int) -> tuple[dict, list[int]]:
-        """The batch this rank takes at (step, micro_step), on the device, and its sequence lengths."""
-        items = [train_set[i] for i in sampler.indices(step, micro_step, rank)]
-        batch = collator(items)
-        return _to(_trim_to_labels(batch) if trim else batch, engine.device), [len(it["input_ids"]) for it in items]
-
-    data_order = {"seed": t.seed, "global_batch": sampler.global_batch, "num_examples": len(train_set)}
-    saved_by = {"ranks": world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # for the resume log line
-    start_step = 0
-    if cfg.resume:
-        start_step = _resume(ckpt_dir, engine, reft_model, optimizer, scheduler, data_order, rank,
-                             lambda: [micro_batch(0, a)[0] for a in range(accumulation)])
-    if rank == 0:
-        _rewind_metrics(metrics_path, start_step)
-    _barrier()
-
-    peak = _peak_tflops(t.peak_tflops)
-    writer = _tensorboard(output) if rank == 0 else None
-    bar = None
-    if rank == 0 and t.progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
-    metrics_file = open(metrics_path, "a") if rank == 0 else None
-    started = time.perf_counter()
-    try:
-        if eval_set is not None and start_step == 0:  # the baseline the eval losses are compared with
-            baseline = {"step": 0, "eval_loss": evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world,
-                                                         trim)}
-            result.eval_losses.append((0, baseline["eval_loss"]))
-            if rank == 0:
-                metrics_file.write(json.dumps(baseline) + "\n")
-        for step in range(start_step, total_steps):
-            tic = time.perf_counter()
-            lr = scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
-            loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # stays on the device: no sync
-            seq_lens: list[int] = []
-            for micro_step in range(accumulation):
-                # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
-                # one rank accumulating R micro-batches draws.
-                torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * world + rank)
-                batch, lengths = micro_batch(step, micro_step)
-                loss = _forward_loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                loss_sum += loss.detach()
-                seq_lens += lengths
-            flops = count_step_flops(base, min(layers), seq_lens, t.gradient_checkpointing)
-            host_stats = [accumulation, sum(seq_lens), flops]
-            # Summed over ranks: loss over micro-batches, micro-batches, tokens, FLOPs; .tolist() is the step's sync.
-            losses, micro_batches, tokens, step_flops = _all_reduce_sum(
-                torch.cat([loss_sum.view(1), loss_sum.new_tensor(host_stats)])).tolist()
-            elapsed = time.perf_counter() - tic
-            metrics = {"step": step + 1, "loss": losses / micro_batches, "lr": lr, "tokens_per_s": tokens / elapsed,
-                       "step_time_s": elapsed, "peak_mem_gib": _peak_memory_gib()}
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["grad_norm"] = float(grad_norm)
-            if peak:
-                metrics["mfu"] = step_flops / (elapsed * peak * 1e12 * world)
-            result.losses.append(metrics["loss"])
-            periodic_eval = t.eval_every and (step + 1) % t.eval_every == 0
-            if eval_set is not None and (periodic_eval or step + 1 == total_steps):
-                metrics["eval_loss"] = evaluate(engine, eval_set, collator, t.micro_batch_size, rank, world, trim)
-                result.eval_losses.append((step + 1, metrics["eval_loss"]))
-            if rank == 0:  # before the checkpoint: a kill during the save keeps this step's line
-                _log(metrics, metrics_file, writer, bar, (step + 1) % t.log_every == 0 or step + 1 == total_steps)
-            if t.save_every and (step + 1) % t.save_every == 0:
-                _save_checkpoint(ckpt_dir, step + 1, reft_model, optimizer, scheduler, rank, t.keep_checkpoints,
-                                 extra={"data_order": data_order, "saved_by": saved_by})
-            for callback in callbacks:
-                callback(step + 1, metrics, engine)
-        if bar is not None:
-            bar.close()
-        final_dir = output / "final"
-        _save_interventions(reft_model, final_dir, cfg, rank)
-        result.final_dir = str(final_dir)
-        if t.sample_prompts:
-            synced = cfg.deepspeed.stage == 3 and world > 1
-            engine.eval()
-            answers = generate_answers(reft_model, tokenizer, t.sample_prompts, synced_gpus=synced, **gen_kwargs)
-            result.samples = list(zip(t.sample_prompts, answers))
-        if rank == 0:
-            logger.info("trained %d steps in %.1f s", total_steps - start_step, time.perf_counter() - started)
+        recipe.setup()
+        recipe.train()
+        result = recipe.finish()
     finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if writer is not None:
-            writer.close()
-        del hf_ds
+        recipe.cleanup()
     _barrier()
     return result
 

@@ -1,0 +1,327 @@
+"""The training recipe: one ReFT fine-tuning job, as a class whose steps each fit on a screen.
+
+    setup() → train() → finish(), cleanup() always; ``reft_fast.engine.train`` runs them in that order.
+
+The helpers it calls (process group, model loading, DeepSpeed config, FLOPs, generation, evaluation, checkpoints and
+the output directory) live in ``reft_fast.engine``, whose module docstring explains the precision, ZeRO-3 and resume
+design this class follows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
+from reft_fast.engine import RUN_INFO_FILE, TRAIN_CONFIG_FILE, TrainResult, _accepts_logits_to_keep, \
+    _all_reduce_sum, _announced_world_size, _barrier, _config_yaml, _forward_loss, _log, _model_source, _numel, \
+    _num_interventions, _numel_on_this_rank, _peak_memory_gib, _peak_tflops, _remove_previous_run, _resume, \
+    _rewind_metrics, _save_checkpoint, _save_interventions, _tensorboard, _to, _trim_to_labels, build_ds_config, \
+    build_reft_model, check_output_dir, count_step_flops, enable_gradient_checkpointing, evaluate as mean_eval_loss, \
+    generate_answers, init_distributed, load_base_model, load_tokenizer, lr_lambda
+from reft_fast.fused_base import apply_fused_base_ops
+from reft_fast.hf import num_layers_of
+from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
+    resolve_data_path, validate
+
+__all__ = ["ReftTrainingRecipe"]
+
+logger = logging.getLogger("reft_fast.engine")  # the engine's log lines keep their logger name
+
+
+class ReftTrainingRecipe:
+    """Fine-tune ReFT interventions on a frozen causal LM; every rank builds one and runs the same methods.
+
+    Features:
+    - Early validation: the config and the model's own config are checked, and a non-empty output_dir is refused
+      unless the launch resumes or overwrites it, before any rank joins the process group or reads a weight.
+    - Data: a JSONL/JSON/CSV file or a Hugging Face dataset, an eval file or a held-out fraction, chat templates;
+      the batch order depends only on (seed, step) (``StepSampler``).
+    - DeepSpeed: ZeRO stage 0–3, CPU offload, gradient accumulation, clipping, the optimizer step (torch AdamW over
+      the intervention parameters only) and the LR schedule (warmup, then cosine, linear or constant).
+    - ZeRO-3: the base is built inside zero.Init in ``model.dtype``; the interventions stay whole on every rank.
+    - Fused base operations (liger-kernel, ``model.fused_ops``) and gradient checkpointing of the base.
+    - Loss: each micro-batch's loss is added on the device; the step's one host sync is reading the all-reduced
+      metrics (loss, micro-batches, tokens, FLOPs) for the log line.
+    - Metrics: ``metrics.jsonl`` (fsynced, before that step's checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU,
+      peak memory, gradient norm.
+    - Evaluation: at step 0 (the baseline), every ``eval_every`` steps and at the last step.
+    - Checkpoints every ``save_every`` steps (``reft_fast.checkpoints``: one file, published atomically by rank 0,
+      the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
+    - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
+    - Every collective goes through ``engine._all_reduce_sum`` on the accelerator's device.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()):
+        self.cfg = cfg
+        self.callbacks = tuple(callbacks)
+        self.output = Path(cfg.output_dir)
+        self.ckpt_dir = self.output / "checkpoints"
+        self.metrics_path = self.output / "metrics.jsonl"
+        self.result: Optional[TrainResult] = None
+        self.start_step = 0
+        self._hf_ds = None  # transformers holds the HfDeepSpeedConfig weakly: alive until cleanup
+        self._metrics_file = self._writer = self._bar = None
+        self._started = 0.0
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # setup
+    # ----------------------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Validate, join the process group, load data and model, build the DeepSpeed engine, resume, open the logs."""
+        model_config = self._join()
+        self._setup_data()
+        self._setup_base()
+        self._setup_engine(model_config)
+        self._prepare_output_dir()
+        self._load_checkpoint()
+        self._open_logs()
+
+    def _join(self):
+        """Everything the config and the model's own config can tell is checked before any rank joins the process
+        group or reads a weight: a mistake costs a second, not a model load on every GPU."""
+        import torch.distributed as dist
+
+        cfg = self.cfg
+        check_output_dir(cfg)
+        announced_world = _announced_world_size()
+        model_config = validate(cfg, announced_world)
+        self.rank, self.world = init_distributed(cfg.deepspeed.timeout_minutes)
+        if self.world != announced_world:  # an MPI launch learns its size only now
+            validate(cfg, self.world, check_model=False, check_data=False)
+        if self.rank == 0:
+            logger.info("%d rank(s) over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
+                        self.world, dist.get_backend(), cfg.deepspeed.timeout_minutes)
+        self.accumulation = gradient_accumulation_steps(cfg, self.world)
+        return model_config
+
+    def _setup_data(self) -> None:
+        cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
+        self.source = _model_source(cfg)
+        self.tokenizer = load_tokenizer(self.source, cfg.model.trust_remote_code)
+        train_source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
+        examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
+        if d.eval_file:
+            eval_examples = load_examples(resolve_data_path(d.eval_file, cfg.base_dir), d.prompt_field,
+                                          d.response_field)
+        else:
+            examples, eval_examples = split_examples(examples, d.eval_fraction, t.seed)
+        dataset_kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
+                              drop_long_prompts=d.drop_long_prompts)
+        self.train_set = SupervisedDataset(examples, self.tokenizer, **dataset_kwargs)
+        self.eval_set = SupervisedDataset(eval_examples, self.tokenizer, **dataset_kwargs) if eval_examples else None
+        self.sampler = StepSampler(len(self.train_set), t.micro_batch_size, self.world, self.accumulation, t.seed)
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
+        self.gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,
+                               chat_template=d.chat_template, system_prompt=d.system_prompt,
+                               max_new_tokens=t.max_new_tokens)
+
+    def _setup_base(self) -> None:
+        """The frozen base on its device, fused, sampled once (before training) and checkpointed as configured."""
+        from deepspeed.accelerator import get_accelerator
+
+        cfg, t = self.cfg, self.cfg.training
+        # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
+        ds_config = build_ds_config(cfg, self.world)
+        base, self._hf_ds = load_base_model(self.source, cfg, ds_config)
+        if ds_config["zero_optimization"]["stage"] < 3:
+            # deepspeed.initialize would move it there anyway (zero.Init already placed a ZeRO-3 base): moving it now
+            # lets "auto" see the device the base will run on, and runs the samples before training there.
+            base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+        # Before checkpointing and the ReftModel wrap the base: liger patches its modules' forwards in place.
+        try:
+            fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops)
+        except ValueError as err:  # "on" where it cannot be (no CUDA, no liger, an unsupported architecture)
+            raise ConfigError(f"model.fused_ops: {err}") from None
+        self.result = TrainResult(steps=self.total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
+                                  fused_ops=fused_ops)
+        if self.rank == 0:
+            logger.info("base loaded: %d of %d parameters on this rank",
+                        sum(_numel_on_this_rank(p) for p in base.parameters()),
+                        sum(_numel(p) for p in base.parameters()))
+            logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
+                        ", ".join(fused_ops) or "none")
+        if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
+            answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
+            self.result.samples_before = list(zip(t.sample_prompts, answers))
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(base, reentrant=t.checkpointing_reentrant)
+        self.base = base
+
+    def _setup_engine(self, model_config) -> None:
+        """The ReftModel over the base, its AdamW and schedule, wrapped by ``deepspeed.initialize``."""
+        import deepspeed
+
+        cfg, t = self.cfg, self.cfg.training
+        torch.manual_seed(t.seed)  # the interventions' initial weights: identical on every rank
+        self.layers = layer_list(cfg.interventions.layers, num_layers_of(model_config))
+        self.reft_model = build_reft_model(self.base, cfg, self.layers)
+        params = list(self.reft_model.trainable_parameters())
+        ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
+        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.schedule, t.warmup_steps, self.total_steps, t.min_lr_ratio))
+        self.engine, _, _, _ = deepspeed.initialize(model=self.reft_model, optimizer=self.optimizer,
+                                                    lr_scheduler=self.scheduler, model_parameters=params,
+                                                    config=ds_config)
+        self.engine.train()
+        self.collator = ReftDataCollator(pad_token_id=self.tokenizer.pad_token_id,
+                                         num_interventions=_num_interventions(self.reft_model),
+                                         positions=cfg.interventions.positions,
+                                         share_weights=cfg.interventions.share_weights)
+        self.trim = _accepts_logits_to_keep(self.base)
+        self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
+                           "num_examples": len(self.train_set)}
+        self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # resume log
+
+    def _prepare_output_dir(self) -> None:
+        cfg = self.cfg
+        if self.rank == 0:
+            if cfg.overwrite_output_dir:
+                _remove_previous_run(self.output)
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+            # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
+            (self.output / RUN_INFO_FILE).write_text(json.dumps(
+                {"fused_ops_mode": cfg.model.fused_ops, "fused_ops": list(self.result.fused_ops)}, indent=1) + "\n")
+
+    def _load_checkpoint(self) -> None:
+        """Resume (``resume: true``) from the newest intact checkpoint, and cut metrics.jsonl back to its step."""
+        if self.cfg.resume:
+            self.start_step = _resume(self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler,
+                                      self.data_order, self.rank,
+                                      lambda: [self._micro_batch(0, a)[0] for a in range(self.accumulation)])
+        if self.rank == 0:
+            _rewind_metrics(self.metrics_path, self.start_step)
+        _barrier()
+
+    def _open_logs(self) -> None:
+        t = self.cfg.training
+        self.peak_tflops = _peak_tflops(t.peak_tflops)
+        if self.rank != 0:
+            return
+        self._writer = _tensorboard(self.output)
+        if t.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", dynamic_ncols=True)
+        self._metrics_file = open(self.metrics_path, "a")
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the loop
+    # ----------------------------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        """Steps start_step+1 … total_steps: each one trained, evaluated when due, logged, checkpointed when due,
+        then handed to the callbacks."""
+        t = self.cfg.training
+        self._started = time.perf_counter()
+        if self.eval_set is not None and self.start_step == 0:  # the baseline the eval losses are compared with
+            baseline = {"step": 0, "eval_loss": self.evaluate()}
+            self.result.eval_losses.append((0, baseline["eval_loss"]))
+            if self.rank == 0:
+                self._metrics_file.write(json.dumps(baseline) + "\n")
+        for step in range(self.start_step, self.total_steps):
+            done = step + 1
+            metrics = self.train_step(step)
+            self.result.losses.append(metrics["loss"])
+            periodic_eval = t.eval_every and done % t.eval_every == 0
+            if self.eval_set is not None and (periodic_eval or done == self.total_steps):
+                metrics["eval_loss"] = self.evaluate()
+                self.result.eval_losses.append((done, metrics["eval_loss"]))
+            if self.rank == 0:  # before the checkpoint: a kill during the save keeps this step's line
+                _log(metrics, self._metrics_file, self._writer, self._bar,
+                     done % t.log_every == 0 or done == self.total_steps)
+            if t.save_every and done % t.save_every == 0:
+                self.save_checkpoint(done)
+            for callback in self.callbacks:
+                callback(done, metrics, self.engine)
+        if self._bar is not None:
+            self._bar.close()
+
+    def _micro_batch(self, step: int, micro_step: int) -> tuple[dict, list[int]]:
+        """The batch this rank takes at (step, micro_step), on the device, and its sequence lengths."""
+        items = [self.train_set[i] for i in self.sampler.indices(step, micro_step, self.rank)]
+        batch = self.collator(items)
+        batch = _trim_to_labels(batch) if self.trim else batch
+        return _to(batch, self.engine.device), [len(item["input_ids"]) for item in items]
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step (``accumulation`` micro-batches) and its metrics line. The loss is summed on the device;
+        reading the all-reduced totals is the step's one host sync."""
+        t, engine = self.cfg.training, self.engine
+        tic = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # stays on the device: no sync
+        seq_lens: list[int] = []
+        for micro_step in range(self.accumulation):
+            # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
+            # one rank accumulating R micro-batches draws.
+            torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * self.world + self.rank)
+            batch, lengths = self._micro_batch(step, micro_step)
+            loss = _forward_loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach()
+            seq_lens += lengths
+        flops = count_step_flops(self.base, min(self.layers), seq_lens, t.gradient_checkpointing)
+        host_stats = [self.accumulation, sum(seq_lens), flops]
+        # Summed over ranks: loss over micro-batches, micro-batches, tokens, FLOPs; .tolist() is the step's sync.
+        losses, micro_batches, tokens, step_flops = _all_reduce_sum(
+            torch.cat([loss_sum.view(1), loss_sum.new_tensor(host_stats)])).tolist()
+        elapsed = time.perf_counter() - tic
+        metrics = {"step": step + 1, "loss": losses / micro_batches, "lr": lr, "tokens_per_s": tokens / elapsed,
+                   "step_time_s": elapsed, "peak_mem_gib": _peak_memory_gib()}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        if self.peak_tflops:
+            metrics["mfu"] = step_flops / (elapsed * self.peak_tflops * 1e12 * self.world)
+        return metrics
+
+    def evaluate(self) -> float:
+        """Mean response-token loss over the eval set (every rank takes part)."""
+        return mean_eval_loss(self.engine, self.eval_set, self.collator, self.cfg.training.micro_batch_size,
+                              self.rank, self.world, self.trim)
+
+    def save_checkpoint(self, step: int) -> None:
+        """The whole trainable state as ``checkpoints/step<step>`` (every rank gathers, rank 0 writes and prunes)."""
+        _save_checkpoint(self.ckpt_dir, step, self.reft_model, self.optimizer, self.scheduler, self.rank,
+                         self.cfg.training.keep_checkpoints,
+                         extra={"data_order": self.data_order, "saved_by": self.saved_by})
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # the end
+    # ----------------------------------------------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        """Save the final interventions, answer the sample prompts with them, and return the run's result."""
+        t, cfg = self.cfg.training, self.cfg
+        final_dir = self.output / "final"
+        _save_interventions(self.reft_model, final_dir, cfg, self.rank)
+        self.result.final_dir = str(final_dir)
+        if t.sample_prompts:
+            synced = cfg.deepspeed.stage == 3 and self.world > 1
+            self.engine.eval()
+            answers = generate_answers(self.reft_model, self.tokenizer, t.sample_prompts, synced_gpus=synced,
+                                       **self.gen_kwargs)
+            self.result.samples = list(zip(t.sample_prompts, answers))
+        if self.rank == 0:
+            logger.info("trained %d steps in %.1f s", self.total_steps - self.start_step,
+                        time.perf_counter() - self._started)
+        return self.result
+
+    def cleanup(self) -> None:
+        """Close the log files and release the HfDeepSpeedConfig; runs after success and failure alike."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+        if self._writer is not None:
+            self._writer.close()
+        self._metrics_file = self._writer = None
+        self._hf_ds = None
