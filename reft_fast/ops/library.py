@@ -1,0 +1,88 @@
+"""The edit as two torch.library custom ops, ``reft_fast::low_rank_edit`` and its backward, over any backend.
+
+Registering through torch.library gives the op fake (meta) kernels, which return outputs of the right shape and
+dtype without computing them, so ``torch.compile(fullgraph=True)`` traces a model that calls the op (forward and
+backward) without graph breaks, whatever backend runs inside. The autograd formula is registered with the forward op;
+the backward is an op of its own so that compiled backward graphs call it opaquely too.
+
+Schemas cannot hold a dataclass or an optional output: the ops take EditParams' fields flat, and the backward op
+returns an empty tensor for a gradient whose parameter is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from reft_fast.ops.backend import EditParams, get_backend
+
+__all__ = ["edit", "selected_rows"]
+
+
+def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what a backend's backward reads."""
+    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    return h[batch_index, positions.clamp(min=0)]
+
+
+@torch.library.custom_op("reft_fast::low_rank_edit", mutates_args=())
+def _edit_op(h: torch.Tensor, positions: torch.Tensor, Q: torch.Tensor, P: Optional[torch.Tensor],
+             W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str, act: int, dropout: float,
+             seed: int) -> torch.Tensor:
+    h = h.contiguous()
+    out = h.clone()  # the one copy: unselected rows are this copy of h, selected rows are overwritten
+    get_backend(backend).forward(h, positions.contiguous(), EditParams(Q, P, W, b, act, dropout, seed), out)
+    return out
+
+
+@_edit_op.register_fake
+def _edit_op_fake(h, positions, Q, P, W, b, backend, act, dropout, seed):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("reft_fast::low_rank_edit_backward", mutates_args=())
+def _edit_backward_op(h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor, Q: torch.Tensor,
+                      P: Optional[torch.Tensor], W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str,
+                      act: int, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor]:
+    grad_out = grad_out.contiguous()
+    grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+    grads = get_backend(backend).backward(h_rows, grad_out, positions, EditParams(Q, P, W, b, act, dropout, seed),
+                                          grad_h)
+    absent = lambda: Q.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs must not alias)
+    return (grad_h, grads.Q, absent() if grads.P is None else grads.P, absent() if grads.W is None else grads.W,
+            absent() if grads.b is None else grads.b)
+
+
+@_edit_backward_op.register_fake
+def _edit_backward_op_fake(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed):
+    like = lambda t: Q.new_empty(0) if t is None else t.new_empty(t.shape, dtype=torch.float32)  # noqa: E731
+    return grad_out.new_empty(grad_out.shape), like(Q), like(P), like(W), like(b)
+
+
+def _setup_context(ctx, inputs, output):
+    h, positions, Q, P, W, b, backend, act, dropout, seed = inputs
+    positions = positions.contiguous()
+    # Backward needs h only at the selected rows: keep those, not the whole hidden state (torch runs setup_context
+    # with grad disabled, so they carry no graph).
+    ctx.save_for_backward(selected_rows(h, positions), positions, Q, P, W, b)
+    ctx.settings = (backend, act, dropout, seed)
+
+
+def _backward(ctx, grad_out):
+    h_rows, positions, Q, P, W, b = ctx.saved_tensors
+    grad_h, dQ, dP, dW, db = _edit_backward_op(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings)
+    needs = ctx.needs_input_grad
+    keep = lambda grad, param, i: grad if param is not None and needs[i] else None  # noqa: E731
+    return (grad_h if needs[0] else None, None, keep(dQ, Q, 2), keep(dP, P, 3), keep(dW, W, 4), keep(db, b, 5),
+            None, None, None, None)
+
+
+_edit_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
+    """The edited copy of h computed by the registered backend ``backend``, differentiable and traceable."""
+    return _edit_op(h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout,
+                    params.seed)
