@@ -58,7 +58,7 @@ class Backend(Protocol):
     name: str
 
     def prefers(self, device: torch.device) -> bool:
-        """True when this backend is the default for tensors on ``device`` (no ``backend=`` and no REFT_FAST_BACKEND)."""
+        """True when this backend is the default for tensors on ``device`` (no ``backend=``, no REFT_FAST_BACKEND)."""
         ...
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
@@ -75,7 +75,7 @@ class Backend(Protocol):
 
     def backward(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor, edit: EditParams,
                  grad_h: torch.Tensor) -> EditGrads:
-        """Overwrite the selected rows of ``grad_h`` (a copy of grad_out [B, T, d]) with ∂L/∂h; return the weight grads.
+        """Overwrite the selected rows of ``grad_h`` (a copy of grad_out [B, T, d]) with ∂L/∂h; return weight grads.
 
         h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (any values where positions is −1): the op keeps only
         the selected rows of h for backward. The dropout mask is regenerated from ``edit.seed``, never stored."""

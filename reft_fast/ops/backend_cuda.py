@@ -22,7 +22,8 @@ class CudaBackend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         simulated = cuda_backend.simulation() is not None
         if simulated and device.type != "cpu":
-            return f"backend 'cuda' under {cuda_backend.SIM_ENV} (the CPU simulation) needs CPU tensors, h is on {device}"
+            return (f"backend 'cuda' under {cuda_backend.SIM_ENV} (the CPU simulation) needs CPU tensors, "
+                    f"h is on {device}")
         if not simulated and device.type != "cuda":
             return (f"backend 'cuda' needs CUDA tensors, but h is on {device} (or set {cuda_backend.SIM_ENV}=1 to run "
                     "its kernels on the CPU through csrc/sim)")
