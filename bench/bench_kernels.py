@@ -210,13 +210,13 @@ def make_case(n_rows: int, d: int, r: int, *, batch: int, min_seq: int, device, 
 # Backends
 # --------------------------------------------------------------------------------------------------------------------
 def available_backends(device: torch.device, names=("torch", "triton", "cuda")) -> dict:
-    """name -> registered backend (None for the torch reference) or the reason it cannot run here, for the backends
+    """name -> launch module (None for the torch reference) or the reason it cannot run here, for the backends
     ``names`` (leaving "cuda" out spares its nvcc build, about a minute, when its rows are not wanted)."""
     found = {"torch": None} if "torch" in names else {}
     for name in [n for n in ("triton", "cuda") if n in names]:
         try:
             ops.resolve_backend(name, device)
-            found[name] = ops.get_backend(name)
+            found[name] = ops.get_backend(name).kernels()
         except Exception as exc:  # any import or set-up failure is reported, not fatal
             found[name] = f"unavailable: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
     return found
@@ -236,21 +236,20 @@ def op_runners(case: dict, backend: str):
     return forward, forward_backward, [h, R, W, b]
 
 
-def kernel_runners(case: dict, backend):
-    """(forward, forward+backward) of a fused backend's forward and backward on preallocated outputs; forward returns
+def kernel_runners(case: dict, module):
+    """(forward, forward+backward) of a fused backend's launch functions on preallocated outputs; forward returns
     its output buffer (a copy of h whose selected rows it overwrites)."""
     h, positions, R, W, b = (case[k] for k in ("h", "positions", "R", "W", "b"))
     out, grad_h = h.clone(), case["grad"].clone()
-    edit = ops.EditParams(Q=R, P=R, W=W, b=b, act=0, dropout=0.0, seed=0)
 
     def forward():
-        backend.forward(h, positions, edit, out)
+        module.edit_forward(h, positions, R, R, W, b, 0, 0.0, 0, out)
         return out
 
     def forward_backward():
-        backend.forward(h, positions, edit, out)
+        module.edit_forward(h, positions, R, R, W, b, 0, 0.0, 0, out)
         # the op keeps only the selected rows of h for backward: that gather is part of the cost
-        backend.backward(ops.selected_rows(h, positions), case["grad"], positions, edit, grad_h)
+        module.edit_backward(ops.selected_rows(h, positions), case["grad"], positions, R, R, W, b, 0, 0.0, 0, grad_h)
 
     return forward, forward_backward
 

@@ -43,8 +43,10 @@ class EditParams:
 
 @dataclass(frozen=True)
 class EditGrads:
-    """fp32 weight gradients summed over the selected rows; None exactly where the matching EditParams field is None."""
+    """∂L/∂h [B, T, d] in h's dtype, and the fp32 weight gradients summed over the selected rows (None exactly where
+    the matching EditParams field is None)."""
 
+    h: torch.Tensor
     Q: torch.Tensor
     P: Optional[torch.Tensor]
     W: Optional[torch.Tensor]
@@ -67,15 +69,15 @@ class Backend(Protocol):
         Cheap: builds and launches nothing; a missing toolchain may still surface on the first forward."""
         ...
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams, out: torch.Tensor) -> None:
-        """Overwrite ``out[b, positions[b, j]]`` (``out`` is a copy of h [B, T, d]) with the edited rows.
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
+        """A new tensor equal to h [B, T, d] except at the rows ``h[b, positions[b, j]]``, which hold the edit.
 
-        positions [B, n] holds token indices, −1 for "no position"; rows not selected must not be written."""
+        positions [B, n] holds token indices, −1 for "no position". One copy of h, and h itself is never modified."""
         ...
 
-    def backward(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor, edit: EditParams,
-                 grad_h: torch.Tensor) -> EditGrads:
-        """Overwrite the selected rows of ``grad_h`` (a copy of grad_out [B, T, d]) with ∂L/∂h; return weight grads.
+    def backward(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor,
+                 edit: EditParams) -> EditGrads:
+        """The gradients of the edit: ∂L/∂h is a new tensor equal to grad_out except at the selected rows.
 
         h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (any values where positions is −1): the op keeps only
         the selected rows of h for backward. The dropout mask is regenerated from ``edit.seed``, never stored."""

@@ -29,12 +29,19 @@ class CudaBackend:
                     "its kernels on the CPU through csrc/sim)")
         return None
 
-    def forward(self, h, positions, edit: EditParams, out) -> None:
+    def kernels(self):
+        """The module of launch functions (``edit_forward``, ``edit_backward``), built on first use."""
+        return cuda_backend
+
+    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
+        out = h.clone()  # the one copy: unselected rows are this copy of h, the kernels overwrite the selected ones
         cuda_backend.edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed, out)
+        return out
 
-    def backward(self, h_rows, grad_out, positions, edit: EditParams, grad_h) -> EditGrads:
-        return EditGrads(*cuda_backend.edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b,
-                                                     edit.act, edit.dropout, edit.seed, grad_h))
-
+    def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+        grads = cuda_backend.edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
+                                    edit.dropout, edit.seed, grad_h)
+        return EditGrads(grad_h, *grads)
 
 register_backend(CudaBackend())

@@ -92,11 +92,10 @@ class TorchBackend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return None  # ordinary torch ops run wherever torch does
 
-    def forward(self, h, positions, edit: EditParams, out) -> None:
-        index, rows = _edited_rows(h, positions, edit)
-        out[index] = rows
+    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
+        return reference_edit(h, positions, edit)
 
-    def backward(self, h_rows, grad_out, positions, edit: EditParams, grad_h) -> EditGrads:
+    def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
         batch_idx, slot_idx, token_idx = _slots(positions)
         x = h_rows[batch_idx, slot_idx].to(edit.Q.dtype)
         g = grad_out[batch_idx, token_idx].to(edit.Q.dtype)
@@ -110,8 +109,8 @@ class TorchBackend:
         t = g @ edit.Q.t()
         dz = t * _act_grad(edit.act, z)
         dx = g + (dz @ edit.W if edit.W is not None else 0) - (t @ edit.P if edit.P is not None else 0)
-        grad_h[batch_idx, token_idx] = dx.to(grad_h.dtype)
-        return EditGrads(Q=delta.t() @ g, P=None if edit.P is None else -(t.t() @ x),
+        grad_h = grad_out.index_put((batch_idx, token_idx), dx.to(grad_out.dtype))
+        return EditGrads(h=grad_h, Q=delta.t() @ g, P=None if edit.P is None else -(t.t() @ x),
                          W=None if edit.W is None else dz.t() @ x, b=None if edit.b is None else dz.sum(0))
 
 

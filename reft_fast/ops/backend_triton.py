@@ -37,13 +37,16 @@ class TritonBackend:
         """The module of launch functions (``edit_forward``, ``edit_backward``), imported on first use."""
         return importlib.import_module(self.kernel_module)
 
-    def forward(self, h, positions, edit: EditParams, out) -> None:
+    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
+        out = h.clone()  # the one copy: unselected rows are this copy of h, the kernels overwrite the selected ones
         self.kernels().edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed,
                                     out)
+        return out
 
-    def backward(self, h_rows, grad_out, positions, edit: EditParams, grad_h) -> EditGrads:
-        return EditGrads(*self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b,
-                                                       edit.act, edit.dropout, edit.seed, grad_h))
-
+    def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+        grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
+                                    edit.dropout, edit.seed, grad_h)
+        return EditGrads(grad_h, *grads)
 
 register_backend(TritonBackend())

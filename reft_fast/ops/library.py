@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from reft_fast.ops.backend import EditParams, get_backend
+from reft_fast.ops.backend import EditGrads, EditParams, get_backend
 
 __all__ = ["edit", "selected_rows"]
 
@@ -27,18 +27,13 @@ def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> torch.Tensor:
-    h = h.contiguous()
-    out = h.clone()  # the one copy: unselected rows are this copy of h, selected rows are overwritten
-    get_backend(backend).forward(h, positions.contiguous(), EditParams(Q, P, W, b, act, dropout, seed), out)
-    return out
-
-
-def _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed):
-    """(grad_h, EditGrads) from the backend."""
-    grad_out = grad_out.contiguous()
-    grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
     edit = EditParams(Q, P, W, b, act, dropout, seed)
-    return grad_h, get_backend(backend).backward(h_rows, grad_out, positions, edit, grad_h)
+    return get_backend(backend).forward(h.contiguous(), positions.contiguous(), edit)
+
+
+def _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed) -> EditGrads:
+    edit = EditParams(Q, P, W, b, act, dropout, seed)
+    return get_backend(backend).backward(h_rows, grad_out.contiguous(), positions, edit)
 
 
 def _setup_context(ctx, inputs, output):
@@ -48,15 +43,15 @@ def _setup_context(ctx, inputs, output):
     # with grad disabled, so they carry no graph).
     ctx.save_for_backward(selected_rows(h, positions), positions, Q, P, W, b)
     ctx.settings = (backend, act, dropout, seed)
+    ctx.has_weight = (True, P is not None, W is not None, b is not None)  # Q, P, W, b
 
 
-def _input_grads(ctx, grad_h, dQ, dP, dW, db):
+def _input_grads(ctx, grad_h, dQ, dP, dW, db) -> tuple:
     """The gradients of the forward's ten inputs: None for non-tensors, absent parameters and those not needed."""
-    _, _, Q, P, W, b = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    keep = lambda grad, param, i: grad if param is not None and needs[i] else None  # noqa: E731
-    return (grad_h if needs[0] else None, None, keep(dQ, Q, 2), keep(dP, P, 3), keep(dW, W, 4), keep(db, b, 5),
-            None, None, None, None)
+    weights = [grad if present and needed else None
+               for grad, present, needed in zip((dQ, dP, dW, db), ctx.has_weight, needs[2:6])]
+    return (grad_h if needs[0] else None, None, *weights, None, None, None, None)
 
 
 @torch.library.custom_op("reft_fast::low_rank_edit", mutates_args=())
@@ -76,9 +71,9 @@ def _edit_backward_op(h_rows: torch.Tensor, grad_out: torch.Tensor, positions: t
                       P: Optional[torch.Tensor], W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str,
                       act: int, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                      torch.Tensor, torch.Tensor]:
-    grad_h, grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed)
+    grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed)
     absent = lambda: Q.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs must not alias)
-    return (grad_h, grads.Q, absent() if grads.P is None else grads.P, absent() if grads.W is None else grads.W,
+    return (grads.h, grads.Q, absent() if grads.P is None else grads.P, absent() if grads.W is None else grads.W,
             absent() if grads.b is None else grads.b)
 
 
@@ -89,8 +84,8 @@ def _edit_backward_op_fake(h_rows, grad_out, positions, Q, P, W, b, backend, act
 
 
 def _op_backward(ctx, grad_out):
-    return _input_grads(ctx, *_edit_backward_op(*ctx.saved_tensors[:1], grad_out, *ctx.saved_tensors[1:],
-                                                *ctx.settings))
+    h_rows, positions, Q, P, W, b = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor once
+    return _input_grads(ctx, *_edit_backward_op(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings))
 
 
 _edit_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -109,8 +104,8 @@ class _EagerEdit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         h_rows, positions, Q, P, W, b = ctx.saved_tensors
-        grad_h, grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings)
-        return _input_grads(ctx, grad_h, grads.Q, grads.P, grads.W, grads.b)
+        grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings)
+        return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)
 
 
 def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
