@@ -16,9 +16,9 @@ device), and register themselves in their own module:
   ``triton``  fused kernels, default on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).    backend_triton.py
   ``torch``   the plain PyTorch edit with its backward written out; default elsewhere.            backend_torch.py
   ``cuda``    the CUDA C++ twin in csrc/ (built on first use).                                     backend_cuda.py
-Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``. Every backend runs inside the
-torch.library custom op ``reft_fast::low_rank_edit`` (``library.py``), so torch.compile traces the op with its fake
-kernel; the position check (``validate=True``) and drawing a dropout seed read values on the host, so compiled callers
+Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``. Under torch.compile every backend runs
+inside the torch.library custom op ``reft_fast::low_rank_edit`` (``library.py``), traced through its fake kernel;
+the position check (``validate=True``) and drawing a dropout seed read values on the host, so compiled callers
 pass ``validate=False`` and a ``seed``.
 """
 
