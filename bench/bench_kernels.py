@@ -216,7 +216,7 @@ def available_backends(device: torch.device, names=("torch", "triton", "cuda")) 
     for name in [n for n in ("triton", "cuda") if n in names]:
         try:
             ops.resolve_backend(name, device)
-            found[name] = ops._kernel_module(name)
+            found[name] = ops.get_backend(name).kernels()
         except Exception as exc:  # any import or set-up failure is reported, not fatal
             found[name] = f"unavailable: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
     return found

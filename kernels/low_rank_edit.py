@@ -1,7 +1,7 @@
 """Triton kernels for the fused low-rank ReFT edit (forward and backward) and their launch functions.
 
-Pure functions over tensors: no nn.Module, nothing from reft_fast. The autograd.Function that calls them is
-reft_fast.ops._FusedEdit; the math (for a selected row h, fp32):
+Pure functions over tensors: no nn.Module, nothing from reft_fast. reft_fast.ops.backend_triton adapts them to the
+op's backend contract; the math (for a selected row h, fp32):
 
     u = h Pᵀ,  z = h Wᵀ + b (or b),  δ = act(z) − s·u,  o = h + δ Q,  out = keep ⊙ o / (1 − p)
 
@@ -29,6 +29,7 @@ them in plain fp32; it also truncates fp32→bf16 conversions instead of roundin
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -319,7 +320,7 @@ def _edit_backward_weights_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launch functions (the contract every fused backend implements; see reft_fast.ops)
+# Launch functions (what reft_fast.ops.backend_triton calls; the cuda backend has the same two)
 # ----------------------------------------------------------------------------------------------------------------------
 def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INTERPRETED):
     """Block sizes, warps and dot precision for one shape: (BLOCK_M, BLOCK_D, BLOCK_R, num_warps, precision).
@@ -375,7 +376,22 @@ def _split_grid(d: int, pieces: int, block_d: int):
     return cols, triton.cdiv(d, cols)
 
 
-def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None):
+class _Launch(NamedTuple):
+    """What forward and backward launch with: grid, the pointers standing in for absent P and W, the projection
+    parts (split path), the kernels' scalar arguments in their order, the compile-time flags, and the block sizes."""
+
+    grid: tuple
+    P: torch.Tensor
+    W: torch.Tensor
+    parts: torch.Tensor
+    scalars: tuple
+    flags: dict
+    block_m: int
+    block_d: int
+    block_r: int
+
+
+def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None) -> _Launch:
     """Shared set-up of forward and backward: block sizes, the column split and (split path) the projection parts.
 
     Forward passes h [B, T, d]; backward passes the compact rows h_rows [B, n, d] and g [B, T, d]."""
@@ -399,9 +415,9 @@ def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None):
         )
     cols_per_program, n_col_programs = _split_grid(d, n_col_programs, block_d)
     scalars = (n_slots, positions.shape[1], seq_len, d, r, n_splits, cols_per_program, p, scale, seed)
-    return dict(grid=(slot_blocks, n_col_programs), P=P_arg, W=W_arg, parts=parts, scalars=scalars,
-                flags=dict(common, HAS_B=b is not None, ACT=act, FROM_PARTS=n_splits > 0),
-                block_m=block_m, block_d=block_d, block_r=block_r)
+    return _Launch(grid=(slot_blocks, n_col_programs), P=P_arg, W=W_arg, parts=parts, scalars=scalars,
+                   flags=dict(common, HAS_B=b is not None, ACT=act, FROM_PARTS=n_splits > 0),
+                   block_m=block_m, block_d=block_d, block_r=block_r)
 
 
 def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
@@ -409,8 +425,8 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     if positions.numel() == 0:
         return
     L = _launch(h, positions, Q, P, W, b, act, dropout, seed)
-    _edit_forward_kernel[L["grid"]](
-        h, out, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], *L["scalars"], **L["flags"],
+    _edit_forward_kernel[L.grid](
+        h, out, positions, Q, L.P, L.W, Q if b is None else b, L.parts, *L.scalars, **L.flags,
     )
 
 
@@ -444,12 +460,12 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
         return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
                 None if b is None else torch.zeros(r, dtype=torch.float32, device=h_rows.device))
     L = _launch(h_rows, positions, Q, P, W, b, act, dropout, seed, g=grad_out)
-    block_m, block_d, block_r = L["block_m"], L["block_d"], L["block_r"]
+    block_m, block_d, block_r = L.block_m, L.block_d, L.block_r
     per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h_rows.device)  # noqa: E731
     delta, dz, t = per_slot(), per_slot(), per_slot()
-    _edit_backward_rows_kernel[L["grid"]](
-        h_rows, grad_out, grad_h, positions, Q, L["P"], L["W"], Q if b is None else b, L["parts"], delta, dz, t,
-        *L["scalars"], **L["flags"],
+    _edit_backward_rows_kernel[L.grid](
+        h_rows, grad_out, grad_h, positions, Q, L.P, L.W, Q if b is None else b, L.parts, delta, dz, t,
+        *L.scalars, **L.flags,
     )
 
     splits = _num_splits(n_slots, d, block_m, block_d, h_rows.device)
@@ -459,12 +475,12 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     dq_part = partial()
     dw_part = partial() if W is not None else dq_part
     dp_part = partial() if P is not None else dq_part
-    flags = {k: L["flags"][k] for k in ("HAS_P", "HAS_W", "DROPOUT", "BLOCK_M", "BLOCK_D", "BLOCK_R",
+    flags = {k: L.flags[k] for k in ("HAS_P", "HAS_W", "DROPOUT", "BLOCK_M", "BLOCK_D", "BLOCK_R",
                                         "DOT_PRECISION", "num_warps")}
-    p, scale, seed_ = L["scalars"][-3:]
+    p, scale = _dropout_args(dropout)
     _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
         h_rows, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
-        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed_, **flags,
+        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed, **flags,
     )
     # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic); with one split
     # the partials are the gradients (a contiguous view: rows :r of the [BLOCK_R, d] block).

@@ -1,10 +1,11 @@
 """Backend ``cuda``: the CUDA C++ kernels of ``csrc/``, built on first use with ``torch.utils.cpp_extension``.
 
-``edit_forward`` and ``edit_backward`` are the two launch functions of the fused-backend contract that
-``reft_fast.ops._FusedEdit`` calls (the triton backend has the same two). Importing this module compiles nothing; the
-first call builds the extension with ninja + nvcc for the GPU's own architecture (``-arch=sm_90`` on Hopper) and torch
-caches the build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the sources and flags,
-so later processes only load it. When the build cannot happen, :class:`CudaBackendUnavailable` says what is missing.
+``edit_forward`` and ``edit_backward`` are the launch functions that ``reft_fast.ops.backend_cuda`` adapts to the op's
+backend contract (``reft_fast.ops.Backend``); the triton backend has the same two. Importing this module compiles
+nothing; the first call builds the extension with ninja + nvcc for the GPU's own architecture (``-arch=sm_90`` on
+Hopper) and torch caches the build under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by
+the sources and flags, so later processes only load it. When the build cannot happen, :class:`CudaBackendUnavailable`
+says what is missing.
 
 With ``REFT_FAST_CUDA_SIM=1`` the same sources are built for the CPU instead, on top of ``csrc/sim`` (a fiber-based
 stand-in for the CUDA runtime, see ``csrc/sim/cuda_sim.h``), and the backend takes CPU tensors: the CUDA kernels then

@@ -182,7 +182,7 @@ def test_reference_gradcheck_float64():
     W = torch.randn(r, d, dtype=torch.float64, requires_grad=True)
     b = torch.randn(r, dtype=torch.float64, requires_grad=True)
     for act in (0, 2, 3, 4):
-        fn = lambda h, Q, W, b: ops._edit_torch(h, positions, Q, Q, W, b, act, 0.0, 0)  # noqa: E731
+        fn = lambda h, Q, W, b: ops.reference_edit(h, positions, ops.EditParams(Q, Q, W, b, act, 0.0, 0))  # noqa: E731
         assert torch.autograd.gradcheck(fn, (h, Q, W, b))
 
 
@@ -252,3 +252,107 @@ def test_backend_choice(monkeypatch):
         ops.resolve_backend("cuda", cpu)
     monkeypatch.setenv("REFT_FAST_CUDA_SIM", "1")  # the CUDA kernels' CPU simulation takes CPU tensors
     assert ops.resolve_backend("cuda", cpu) == "cuda"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# torch.library registration: fake kernels and torch.compile
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["loreft", "lobireft"])
+def test_fake_kernels_give_shapes_and_dtypes_on_meta_tensors(family):
+    B, T, n, r, d = 3, 7, 2, 4, 16
+    params = {k: v.to("meta") for k, v in make_params(family, r, d).items()}
+    h = torch.empty(B, T, d, dtype=torch.bfloat16, device="meta")
+    positions = torch.empty(B, n, dtype=torch.long, device="meta")
+    args = (params["Q"], params.get("P"), params.get("W"), params.get("b"), "torch", 0, 0.0, 0)
+    out = torch.ops.reft_fast.low_rank_edit(h, positions, *args)
+    assert out.device.type == "meta" and out.shape == h.shape and out.dtype == torch.bfloat16
+    h_rows = torch.empty(B, n, d, dtype=torch.bfloat16, device="meta")
+    grad_h, dQ, dP, dW, db = torch.ops.reft_fast.low_rank_edit_backward(h_rows, out, positions, *args)
+    assert grad_h.shape == h.shape and grad_h.dtype == torch.bfloat16
+    for grad, name, shape in ((dQ, "Q", (r, d)), (dP, "P", (r, d)), (dW, "W", (r, d)), (db, "b", (r,))):
+        assert grad.dtype == torch.float32 and grad.device.type == "meta"
+        assert tuple(grad.shape) == (shape if params.get(name) is not None else (0,)), name
+
+
+@pytest.mark.parametrize("family", ["loreft", "nodireft", "consreft"])
+def test_opcheck_schema_fake_kernels_and_autograd_registration(family):
+    """torch.library.opcheck runs both ops against their fake kernels, the schema and the autograd registration."""
+    params = make_params(family, 3, 16)
+    positions = make_positions(2, 5, 2)
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    weights = [params["Q"], params.get("P"), params.get("W"), params.get("b")]
+    settings = ("torch", 3 if params.get("W") is not None else 0, 0.2, 9)
+    torch.library.opcheck(torch.ops.reft_fast.low_rank_edit.default,
+                          (h, positions, *[w if w is None else w.clone().requires_grad_() for w in weights], *settings))
+    torch.library.opcheck(torch.ops.reft_fast.low_rank_edit_backward.default,
+                          (ops.selected_rows(h.detach(), positions), torch.randn(2, 5, 16), positions, *weights,
+                           *settings))
+
+
+def test_compiles_with_fullgraph_and_matches_eager():
+    B, T, n, r, d = 2, 6, 3, 4, 32
+    positions = make_positions(B, T, n)
+    params = make_params("loreft", r, d)
+    h = torch.randn(B, T, d)
+
+    def step(h, Q, W, b):
+        edited = ops.loreft(h, positions, Q, W, b, act="gelu", dropout=0.25, seed=11, backend="torch", validate=False)
+        return (edited * edited).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # graph breaks raise under fullgraph
+    results = []
+    for fn in (step, compiled):
+        leaves = [t.clone().requires_grad_() for t in (h, params["Q"], params["W"], params["b"])]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    for eager, traced in zip(*results):
+        torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The backend registry: a backend is one registration away from backend= and REFT_FAST_BACKEND
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_registered_backend_is_selectable_by_name_and_environment(monkeypatch):
+    from reft_fast.ops import backend as registry
+    from reft_fast.ops.backend_torch import TorchBackend
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # this test's registration ends with it
+    calls = []
+
+    class CountingBackend(TorchBackend):  # the torch math, under its own name, counting what the op asks of it
+        name = "counting"
+
+        def prefers(self, device):
+            return False
+
+        def forward(self, h, positions, edit):
+            calls.append(("forward", edit))
+            return super().forward(h, positions, edit)
+
+        def backward(self, h_rows, grad_out, positions, edit):
+            calls.append(("backward", edit))
+            return super().backward(h_rows, grad_out, positions, edit)
+
+    ops.register_backend(CountingBackend())
+    assert "counting" in ops.backend_names()
+    positions = make_positions(2, 6, 3)
+    params = make_params("noreft", 4, 32)
+    h = torch.randn(2, 6, 32)
+    expected = run_op(h, positions, params, "torch", "tanh", dropout=0.1, seed=3)
+    monkeypatch.setenv("REFT_FAST_BACKEND", "counting")
+    for backend in ("counting", None):
+        h_in = h.clone().requires_grad_()
+        out = run_op(h_in, positions, params, backend, "tanh", dropout=0.1, seed=3)
+        out.sum().backward()
+        assert torch.equal(out.detach(), expected)
+    assert [kind for kind, _ in calls] == ["forward", "backward"] * 2
+    edit = calls[0][1]
+    assert isinstance(edit, ops.EditParams) and (edit.act, edit.dropout, edit.seed) == (4, 0.1, 3)
+    assert edit.P is params["P"] and edit.W is params["W"]
+
+    with pytest.raises(ValueError, match="name is taken"):
+        ops.register_backend(CountingBackend())
+    with pytest.raises(TypeError, match="does not implement the Backend protocol"):
+        ops.register_backend(object())

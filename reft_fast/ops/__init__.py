@@ -11,25 +11,41 @@ One parameterized low-rank edit covers the whole LoReFT family. For a selected r
 Rows are selected by ``positions`` [B, P] (−1 = no position); every other row of the output is bit-identical to h,
 and h itself is never modified.
 
-Backends share one contract (see ``kernels/low_rank_edit.py`` for the launch functions):
-  ``triton``  fused kernels, default on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).
-  ``torch``   the plain PyTorch reference (autograd through ordinary ops); default on CPU.
-  ``cuda``    the CUDA C++ twin in csrc/ (built on first use).
-Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``.
+Backends implement one contract, ``Backend`` (``backend.py``: forward, backward and why a backend cannot run on a
+device), and register themselves in their own module:
+  ``triton``  fused kernels, default on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).    backend_triton.py
+  ``torch``   the plain PyTorch edit with its backward written out; default elsewhere.            backend_torch.py
+  ``cuda``    the CUDA C++ twin in csrc/ (built on first use).                                     backend_cuda.py
+Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``. Under torch.compile every backend runs
+inside the torch.library custom op ``reft_fast::low_rank_edit`` (``library.py``), traced through its fake kernel;
+the position check (``validate=True``) and drawing a dropout seed read values on the host, so compiled callers
+pass ``validate=False`` and a ``seed``.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+# Each backend module registers itself on import; their order is the order of BACKENDS.
+from reft_fast.ops import backend_triton, backend_torch, backend_cuda  # noqa: F401,I001
+from reft_fast.ops.backend import (Backend, EditGrads, EditParams, backend_names, get_backend, register_backend,
+                                   resolve_backend)
+from reft_fast.ops.backend_torch import dropout_keep_mask, reference_edit
+from reft_fast.ops.library import edit as _edit, selected_rows
 
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "Backend",
+    "EditGrads",
+    "EditParams",
+    "backend_names",
+    "dropout_keep_mask",
+    "get_backend",
+    "reference_edit",
+    "register_backend",
     "low_rank_edit",
     "loreft",
     "noreft",
@@ -44,7 +60,7 @@ __all__ = [
 
 # pyreft's ACT2FN names (None means identity in pyreft) -> the code the kernels use.
 ACTIVATIONS = {"linear": 0, "identity": 0, None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
-BACKENDS = ("triton", "torch", "cuda")
+BACKENDS = backend_names()  # the built-in ones; backend_names() also lists any registered later
 _H_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -128,101 +144,6 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Backend choice
-# --------------------------------------------------------------------------------------------------------------------
-def resolve_backend(backend: Optional[str], device: torch.device) -> str:
-    """Explicit argument, else REFT_FAST_BACKEND, else triton on CUDA and torch elsewhere."""
-    name = backend if backend not in (None, "auto") else os.environ.get("REFT_FAST_BACKEND") or None
-    if name in (None, "auto"):
-        return "triton" if device.type == "cuda" else "torch"
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {list(BACKENDS)} (or None/'auto')")
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"backend 'triton' needs CUDA tensors (h is on {device}); on the CPU it runs only through Triton's "
-            "interpreter: set TRITON_INTERPRET=1 before importing reft_fast"
-        )
-    if name == "cuda":
-        from reft_fast.cuda_backend import SIM_ENV, simulation
-
-        if simulation() is not None and device.type != "cpu":
-            raise ValueError(f"backend 'cuda' under {SIM_ENV} (the CPU simulation) needs CPU tensors, h is on {device}")
-        if simulation() is None and device.type != "cuda":
-            raise ValueError(f"backend 'cuda' needs CUDA tensors, but h is on {device} (or set {SIM_ENV}=1 to run its "
-                             "kernels on the CPU through csrc/sim)")
-    return name
-
-
-def _kernel_module(name: str):
-    """The launch functions of a fused backend: ``edit_forward`` and ``edit_backward`` with one contract."""
-    module = {"triton": "reft_fast.kernels.low_rank_edit", "cuda": "reft_fast.cuda_backend"}[name]
-    return importlib.import_module(module)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The plain PyTorch reference (autograd through ordinary ops)
-# --------------------------------------------------------------------------------------------------------------------
-_ACT_FUNCTIONS = {0: lambda z: z, 1: F.relu, 2: F.gelu, 3: F.silu, 4: torch.tanh}
-
-
-def dropout_keep_mask(shape, p: float, seed: int, device) -> torch.Tensor:
-    """The torch backend's keep-mask over [B, P, d]: element (b, j, c) depends only on seed and its index."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.rand(shape, generator=gen, device=device) >= p
-
-
-def _edit_torch(h, positions, Q, P, W, b, act: int, dropout: float, seed: int):
-    batch_idx, slot_idx = (positions >= 0).nonzero(as_tuple=True)
-    token_idx = positions[batch_idx, slot_idx]
-    x = h[batch_idx, token_idx].to(Q.dtype)  # fp32 math (the parameters are fp32)
-    z = b.expand(x.shape[0], -1) if W is None else F.linear(x, W, b)
-    delta = _ACT_FUNCTIONS[act](z)
-    if P is not None:
-        delta = delta - x @ P.t()
-    o = x + delta @ Q
-    if dropout > 0:
-        keep = dropout_keep_mask((*positions.shape, h.shape[-1]), dropout, seed, h.device)[batch_idx, slot_idx]
-        o = o * keep / (1.0 - dropout)
-    return h.index_put((batch_idx, token_idx), o.to(h.dtype))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The fused path: one autograd.Function for every fused backend
-# --------------------------------------------------------------------------------------------------------------------
-def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what a fused backward reads of h."""
-    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
-    return h[batch_index, positions.clamp(min=0)]
-
-
-class _FusedEdit(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, positions, Q, P, W, b, backend, act, dropout, seed):
-        kernels = _kernel_module(backend)
-        h_c = h.contiguous()
-        positions_c = positions.contiguous()
-        out = h_c.clone()  # the one copy: unselected rows are this copy of h, selected rows are overwritten
-        kernels.edit_forward(h_c, positions_c, Q, P, W, b, act, dropout, seed, out)
-        # Backward needs h only at the selected rows: keep those, not the whole hidden state.
-        ctx.save_for_backward(selected_rows(h_c, positions_c), positions_c, Q, P, W, b)
-        ctx.config = (backend, act, dropout, seed)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        h_rows, positions, Q, P, W, b = ctx.saved_tensors
-        backend, act, dropout, seed = ctx.config
-        kernels = _kernel_module(backend)
-        grad_out = grad_out.contiguous()
-        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
-        dQ, dP, dW, db = kernels.edit_backward(h_rows, grad_out, positions, Q, P, W, b, act, dropout, seed, grad_h)
-        needs = ctx.needs_input_grad
-        return (grad_h if needs[0] else None, None, dQ if needs[2] else None, dP if needs[3] else None,
-                dW if needs[4] else None, db if needs[5] else None, None, None, None, None)
-
-
 def _draw_seed() -> int:
     # From torch's CPU generator: reproducible under torch.manual_seed, and no device synchronization.
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -255,7 +176,7 @@ def low_rank_edit(
         P: [r, d] float32 projection to subtract (s = 1); None for the additive members (s = 0).
         act: pyreft activation name: None/'linear'/'identity', 'relu', 'gelu', 'silu', 'tanh'.
         dropout: probability applied to the whole edited vector; its mask is a function of ``seed`` (drawn from torch's
-            CPU generator when None) and is regenerated, not stored, by the fused backends.
+            CPU generator when None) and is regenerated in backward, not stored.
         backend: 'triton', 'torch', 'cuda', or None/'auto' (REFT_FAST_BACKEND, else triton on CUDA, torch on CPU).
         validate: check position values (reads them: a host sync on GPU). Shapes and dtypes are always checked.
     """
@@ -269,10 +190,7 @@ def low_rank_edit(
     if dropout > 0 and seed is None:
         seed = _draw_seed()
     seed = int(seed or 0)
-    name = resolve_backend(backend, h.device)
-    if name == "torch":
-        return _edit_torch(h, positions, Q, P, W, b, act_code, dropout, seed)
-    return _FusedEdit.apply(h, positions, Q, P, W, b, name, act_code, dropout, seed)
+    return _edit(h, positions, EditParams(Q, P, W, b, act_code, dropout, seed), resolve_backend(backend, h.device))
 
 
 def loreft(h, positions, R, W, b, *, act=None, dropout=0.0, seed=None, backend=None, validate=True):

@@ -1,0 +1,124 @@
+"""The contract every backend of the edit implements, and the registry that picks one.
+
+A backend is an object with a ``name``, three methods (``unavailable_reason``, ``forward``, ``backward``) and one
+flag (``prefers``); it registers itself with :func:`register_backend` in its own module (see ``backend_torch.py``,
+``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks, the
+copy of h the forward writes into, the rows of h kept for backward, the autograd and torch.compile registration.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "backend_names", "get_backend", "register_backend",
+           "resolve_backend"]
+
+BACKEND_ENV = "REFT_FAST_BACKEND"
+
+
+@dataclass(frozen=True)
+class EditParams:
+    """One edit ``out = dropout(h + (act(h Wᵀ + b) − s·h Pᵀ) Q)``, as every backend receives it.
+
+    Q, P, W: [r, d] fp32 (P None: s = 0; W None: z = b); b: [r] fp32 or None; act: activation code (``ACTIVATIONS``);
+    dropout: probability in [0, 1); seed: the dropout mask's seed (ignored when dropout is 0).
+    """
+
+    Q: torch.Tensor
+    P: Optional[torch.Tensor]
+    W: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
+    act: int
+    dropout: float
+    seed: int
+
+    @property
+    def rank(self) -> int:
+        return self.Q.shape[0]
+
+
+@dataclass(frozen=True)
+class EditGrads:
+    """∂L/∂h [B, T, d] in h's dtype, and the fp32 weight gradients summed over the selected rows (None exactly where
+    the matching EditParams field is None)."""
+
+    h: torch.Tensor
+    Q: torch.Tensor
+    P: Optional[torch.Tensor]
+    W: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the op needs from a backend. Tensors arrive checked (shapes, dtypes, devices) and contiguous."""
+
+    name: str
+
+    def prefers(self, device: torch.device) -> bool:
+        """True when this backend is the default for tensors on ``device`` (no ``backend=``, no REFT_FAST_BACKEND)."""
+        ...
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """Why this backend cannot take tensors on ``device`` (a sentence naming the fix), or None.
+
+        Cheap: builds and launches nothing; a missing toolchain may still surface on the first forward."""
+        ...
+
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
+        """A new tensor equal to h [B, T, d] except at the rows ``h[b, positions[b, j]]``, which hold the edit.
+
+        positions [B, n] holds token indices, −1 for "no position". One copy of h, and h itself is never modified."""
+        ...
+
+    def backward(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor,
+                 edit: EditParams) -> EditGrads:
+        """The gradients of the edit: ∂L/∂h is a new tensor equal to grad_out except at the selected rows.
+
+        h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (any values where positions is −1): the op keeps only
+        the selected rows of h for backward. The dropout mask is regenerated from ``edit.seed``, never stored."""
+        ...
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Make ``backend`` selectable by its name (``backend=`` or REFT_FAST_BACKEND); returns it."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{backend!r} does not implement the Backend protocol (name, prefers, unavailable_reason, "
+                        "forward, backward)")
+    if backend.name in (None, "auto") or backend.name in _REGISTRY:
+        raise ValueError(f"a backend named {backend.name!r} cannot be registered: the name is taken")
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple:
+    """The registered backends' names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {list(_REGISTRY)} (or None/'auto')")
+    return _REGISTRY[name]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Explicit argument, else REFT_FAST_BACKEND, else the backend that prefers ``device``; checked against it."""
+    name = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV) or None
+    if name in (None, "auto"):
+        preferring = [candidate for candidate in _REGISTRY.values() if candidate.prefers(device)]
+        if not preferring:
+            raise ValueError(f"no registered backend is the default for {device.type} tensors: pass backend=")
+        return preferring[0].name
+    reason = get_backend(name).unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(reason)
+    return name

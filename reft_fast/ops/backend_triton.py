@@ -1,0 +1,52 @@
+"""Backend ``triton``: the fused Triton kernels of ``kernels/low_rank_edit.py``, the default on CUDA.
+
+On the CPU they run only through Triton's interpreter (TRITON_INTERPRET=1, read by Triton at import), which the
+tests use. The kernels are imported on the first edit, so importing reft_fast does not import Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+from reft_fast.ops.backend import EditGrads, EditParams, register_backend
+
+__all__ = ["TritonBackend"]
+
+
+class TritonBackend:
+    name = "triton"
+    kernel_module = "reft_fast.kernels.low_rank_edit"
+
+    def prefers(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if importlib.util.find_spec("triton") is None:
+            return "backend 'triton' needs the triton package (pip install triton; Linux x86_64 wheels)"
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return (f"backend 'triton' needs CUDA tensors (h is on {device}); on the CPU it runs only through Triton's "
+                    "interpreter: set TRITON_INTERPRET=1 before importing reft_fast")
+        return None
+
+    def kernels(self):
+        """The module of launch functions (``edit_forward``, ``edit_backward``), imported on first use."""
+        return importlib.import_module(self.kernel_module)
+
+    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
+        out = h.clone()  # the one copy: unselected rows are this copy of h, the kernels overwrite the selected ones
+        self.kernels().edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed,
+                                    out)
+        return out
+
+    def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+        grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
+                                    edit.dropout, edit.seed, grad_h)
+        return EditGrads(grad_h, *grads)
+
+register_backend(TritonBackend())

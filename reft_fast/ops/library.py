@@ -1,0 +1,116 @@
+"""The edit as two torch.library custom ops, ``reft_fast::low_rank_edit`` and its backward, over any backend.
+
+Registering through torch.library gives the op fake (meta) kernels, which return outputs of the right shape and
+dtype without computing them, so ``torch.compile(fullgraph=True)`` traces a model that calls the op (forward and
+backward) without graph breaks, whatever backend runs inside. The autograd formula is registered with the forward op;
+the backward is an op of its own so that compiled backward graphs call it opaquely too. Eager calls skip the
+dispatcher and run the same forward, setup and backward through a plain autograd.Function (``edit`` picks).
+
+Schemas cannot hold a dataclass or an optional output: the ops take EditParams' fields flat, and the backward op
+returns an empty tensor for a gradient whose parameter is absent.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from reft_fast.ops.backend import EditGrads, EditParams, get_backend
+
+__all__ = ["edit", "selected_rows"]
+
+
+def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
+    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    return h[batch_index, positions.clamp(min=0)]
+
+
+def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> torch.Tensor:
+    edit = EditParams(Q, P, W, b, act, dropout, seed)
+    return get_backend(backend).forward(h.contiguous(), positions.contiguous(), edit)
+
+
+def _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed) -> EditGrads:
+    edit = EditParams(Q, P, W, b, act, dropout, seed)
+    return get_backend(backend).backward(h_rows, grad_out.contiguous(), positions, edit)
+
+
+def _setup_context(ctx, inputs, output):
+    h, positions, Q, P, W, b, backend, act, dropout, seed = inputs
+    positions = positions.contiguous()
+    # Backward needs h only at the selected rows: keep those, not the whole hidden state (torch runs setup_context
+    # with grad disabled, so they carry no graph).
+    ctx.save_for_backward(selected_rows(h, positions), positions, Q, P, W, b)
+    ctx.settings = (backend, act, dropout, seed)
+    ctx.has_weight = (True, P is not None, W is not None, b is not None)  # Q, P, W, b
+
+
+def _input_grads(ctx, grad_h, dQ, dP, dW, db) -> tuple:
+    """The gradients of the forward's ten inputs: None for non-tensors, absent parameters and those not needed."""
+    needs = ctx.needs_input_grad
+    weights = [grad if present and needed else None
+               for grad, present, needed in zip((dQ, dP, dW, db), ctx.has_weight, needs[2:6])]
+    return (grad_h if needs[0] else None, None, *weights, None, None, None, None)
+
+
+@torch.library.custom_op("reft_fast::low_rank_edit", mutates_args=())
+def _edit_op(h: torch.Tensor, positions: torch.Tensor, Q: torch.Tensor, P: Optional[torch.Tensor],
+             W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str, act: int, dropout: float,
+             seed: int) -> torch.Tensor:
+    return _forward(h, positions, Q, P, W, b, backend, act, dropout, seed)
+
+
+@_edit_op.register_fake
+def _edit_op_fake(h, positions, Q, P, W, b, backend, act, dropout, seed):
+    return h.new_empty(h.shape)
+
+
+@torch.library.custom_op("reft_fast::low_rank_edit_backward", mutates_args=())
+def _edit_backward_op(h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor, Q: torch.Tensor,
+                      P: Optional[torch.Tensor], W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str,
+                      act: int, dropout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor, torch.Tensor]:
+    grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed)
+    absent = lambda: Q.new_empty(0)  # noqa: E731  (a fresh tensor each: outputs must not alias)
+    return (grads.h, grads.Q, absent() if grads.P is None else grads.P, absent() if grads.W is None else grads.W,
+            absent() if grads.b is None else grads.b)
+
+
+@_edit_backward_op.register_fake
+def _edit_backward_op_fake(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed):
+    like = lambda t: Q.new_empty(0) if t is None else t.new_empty(t.shape, dtype=torch.float32)  # noqa: E731
+    return grad_out.new_empty(grad_out.shape), like(Q), like(P), like(W), like(b)
+
+
+def _op_backward(ctx, grad_out):
+    h_rows, positions, Q, P, W, b = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor once
+    return _input_grads(ctx, *_edit_backward_op(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings))
+
+
+_edit_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _EagerEdit(torch.autograd.Function):
+    """The same forward, setup and backward without the dispatcher round trips of a Python custom op, which cost
+    about 0.13 ms per edit forward+backward on the CPU (torch 2.13, measured 2026-11-28): what eager code runs."""
+
+    @staticmethod
+    def forward(ctx, *inputs):  # ctx first: a separate setup_context makes apply() bind arguments with inspect
+        out = _forward(*inputs)
+        _setup_context(ctx, inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h_rows, positions, Q, P, W, b = ctx.saved_tensors
+        grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings)
+        return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)
+
+
+def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
+    """The edited copy of h computed by the registered backend ``backend``, differentiable; under torch.compile the
+    custom op, which the compiler traces through its fake kernels."""
+    args = (h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout, params.seed)
+    return _edit_op(*args) if torch.compiler.is_compiling() else _EagerEdit.apply(*args)
