@@ -177,8 +177,8 @@ class ReftModel(nn.Module):
             model, reft_config = reft_config, model  # pyreft's argument order: ReftModel(config, model)
         if not isinstance(reft_config, ReftConfig):
             raise TypeError(f"reft_config must be a reft_fast.ReftConfig, got {type(reft_config).__name__}")
-        if backend not in (None, "auto") + ops.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {list(ops.BACKENDS)} or None")
+        if backend not in (None, "auto") + ops.backend_names():
+            raise ValueError(f"unknown backend {backend!r}; expected one of {list(ops.backend_names())} or None")
         self.model = model
         self.reft_config = reft_config
         self.backend = backend

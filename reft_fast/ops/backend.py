@@ -1,7 +1,8 @@
 """The contract every backend of the edit implements, and the registry that picks one.
 
 A backend is an object with a ``name``, three methods (``unavailable_reason``, ``forward``, ``backward``) and one
-flag (``prefers``); it registers itself with :func:`register_backend` in its own module (see ``backend_torch.py``,
+flag (``prefers``), and may set ``forward_is_differentiable = True`` when its forward is ordinary torch ops that
+autograd can differentiate (eager calls then do so; the custom op under torch.compile still uses ``backward``); it registers itself with :func:`register_backend` in its own module (see ``backend_torch.py``,
 ``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks, the
 copy of h the forward writes into, the rows of h kept for backward, the autograd and torch.compile registration.
 """

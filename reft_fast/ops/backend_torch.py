@@ -85,6 +85,7 @@ def reference_edit(h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -
 
 class TorchBackend:
     name = "torch"
+    forward_is_differentiable = True  # eager calls differentiate forward's ops; backward serves the custom op
 
     def prefers(self, device: torch.device) -> bool:
         return device.type != "cuda"

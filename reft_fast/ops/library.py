@@ -112,5 +112,14 @@ class _EagerEdit(torch.autograd.Function):
 def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
     """The edited copy of h computed by the registered backend ``backend``, differentiable; under torch.compile the
     custom op, which the compiler traces through its fake kernels."""
-    args = (h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout, params.seed)
-    return _edit_op(*args) if torch.compiler.is_compiling() else _EagerEdit.apply(*args)
+    if torch.compiler.is_compiling():
+        return _edit_op(h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout,
+                        params.seed)
+    implementation = get_backend(backend)
+    if getattr(implementation, "forward_is_differentiable", False):
+        # Eager autograd through ordinary torch ops costs the host less than the written-out backward, which must
+        # recompute the forward from the saved rows (CPU, one thread, d 64, r 8, 112 rows: 0.28 against 0.40 ms per
+        # edit forward+backward, torch 2.13, 2026-11-28).
+        return implementation.forward(h.contiguous(), positions.contiguous(), params)
+    return _EagerEdit.apply(h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
+                            params.dropout, params.seed)
