@@ -63,7 +63,11 @@ def test_exact_at_orthonormal_input(method, r, d):
 @pytest.mark.parametrize("method", ["polar", "cholesky"])
 @pytest.mark.parametrize("r, d", [(1, 6), (3, 7), (4, 4), (5, 12)])
 def test_gradcheck_float64_random_and_degenerate(method, r, d):
-    A = torch.randn(2, r, d, dtype=torch.float64, requires_grad=True)
+    # Random A with singular values in [0.5, 2]: the maps' derivatives grow like 1/σ_min, and finite differences at a
+    # nearly singular draw (σ_min 1e-3: 1 square 4×4 Gaussian draw in 200) disagree with any exact gradient.
+    U = torch.linalg.qr(torch.randn(2, r, r, dtype=torch.float64))[0]
+    singular_values = 0.5 + 1.5 * torch.rand(2, r, 1, dtype=torch.float64)
+    A = (U @ (singular_values * random_orthonormal_rows(r, d, n=2, dtype=torch.float64))).requires_grad_()
     assert torch.autograd.gradcheck(lambda a: orthonormal_rows(a, method), (A,))
     # At an orthonormal input every eigenvalue of A Aᵀ is 1: eigh's own backward divides by λi − λj = 0 there.
     Q = random_orthonormal_rows(r, d, n=2, dtype=torch.float64).requires_grad_()
