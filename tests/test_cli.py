@@ -3,7 +3,6 @@ field; overrides stand anywhere on the line; `python -m reft_fast` runs under th
 the example configs spell them; a hung rank fails the others after the configured timeout."""
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -19,7 +18,7 @@ import transformers
 
 from reft_fast.cli import main
 
-from dist.tiny import make_run
+from dist.tiny import make_run, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -107,13 +106,6 @@ def _documented_launch_lines() -> list[tuple[str, list[str]]]:
     return found
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -159,7 +151,7 @@ def test_readme_launch_line_trains_on_two_ranks(tmp_path):
     line = [_launcher(), "--master_port", str(_free_port()), "--num_gpus", "2", *words[3:-1], str(config),
             "training.max_steps=2", "deepspeed.stage=3",
             "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=100", f"output_dir={out}"]
-    proc = subprocess.run(line, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(line, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
@@ -175,7 +167,7 @@ def test_a_hung_rank_fails_the_others_after_the_timeout(config, tmp_path):
     # trains until it must wait for rank 1 (DeepSpeed making its data-parallel group), gives up after
     # deepspeed.timeout_minutes and says what to check. Rank 1 is plain torch: killing it can never leave a
     # half-built DeepSpeed extension (and its lock) behind.
-    env = _env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
     hung = subprocess.Popen([PY, "-c", "import time, torch.distributed as dist; dist.init_process_group('gloo'); "
                                        "time.sleep(600)"], cwd=ROOT, env={**env, "RANK": "1", "LOCAL_RANK": "1"})
     try:

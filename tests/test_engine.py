@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist.tiny import make_run
+from dist.tiny import make_run, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -40,15 +40,8 @@ STAGES = (0, 2, 3)
 PARTITION_THE_BASE = "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=100"
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
 def _run(args, timeout=240, check=True):
-    proc = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

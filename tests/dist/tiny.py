@@ -6,10 +6,23 @@ Shared by the engine tests and the scripts they launch (tests/dist/*.py), so eve
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a launched test process: this checkout importable, one thread, no Triton interpreter
+    (the launched process chooses for itself)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
 
 WORDS = ("red green blue black white cat dog bird fish cow one two three four five six seven eight nine ten "
          "sky sea sun moon tree big small hot cold fast slow up down left right yes no").split()
