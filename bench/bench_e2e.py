@@ -12,13 +12,13 @@ on the second half of every sequence (the first half is the "prompt" whose token
   (b) all layers, rank 8, f7+l7, shared weights (one intervention per layer on all 14 positions), as its
       commonsense recipe;
 each without and with gradient checkpointing, and each both without and with the fused base operations
-(liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy, ``reft_fast.fused_base``).
+(liger-kernel's RoPE, RMSNorm, SwiGLU and fused linear cross-entropy, ``reft_fast.train.fused_base``).
 
 Rows (methods), each measured in a process of its own (forked from a server that imported the libraries once, so no
 row sees another's memory, CUDA context or compiled kernels in memory):
   floor         forward + backward down to the lowest intervened layer with one trainable bias there: the least any
                 ReFT step can cost
-  reft-fast     reft_fast.get_reft_model, backend triton, cuda (when reft_fast.cuda_backend imports) and, with
+  reft-fast     reft_fast.get_reft_model, backend triton, cuda (when reft_fast.ops.cuda_build imports) and, with
                 --methods, torch (the unfused reference)
   hook-loreft   LoReFT written as a plain PyTorch forward hook (gather, edit, scatter; torch's orthogonal
                 parametrization), what a user would write by hand
@@ -27,7 +27,7 @@ row sees another's memory, CUDA context or compiled kernels in memory):
 A step is zero_grad, forward with labels, backward and an AdamW step over the trainable parameters. Reported: the
 median step time after warm-up, tokens/s, the ratio to the floor of the same configuration (ratio_floor) and to the
 floor without fused operations (ratio_plain_floor), peak GPU memory, TFLOP/s and MFU (FLOPs counted by
-reft_fast.engine.count_step_flops, divided by the bf16 matrix-product peak measured in its own process), and for the
+reft_fast.train.engine.count_step_flops, divided by the bf16 matrix-product peak measured in its own process), and for the
 ReFT rows the orthogonalization cost per step (R for every intervention, forward + backward) and the time of one
 layer's edit (forward + backward on a [B, T, d] hidden state).
 
@@ -106,8 +106,8 @@ SESSION_ROWS = (
     ("b", False, True, "reft-fast:cuda"),
 )
 # The libraries rows import, imported once by the server the rows are forked from.
-ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.model", "reft_fast.engine",
-                 "reft_fast.fused_base", "liger_kernel.transformers", "peft", "pyreft")
+ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.core.model", "reft_fast.train.engine",
+                 "reft_fast.train.fused_base", "liger_kernel.transformers", "peft", "pyreft")
 
 FIELDS = ["device", "torch", "triton", "transformers", "liger_kernel", "pyreft", "peft", "date", "timer", "shape",
           "dtype", "config", "checkpointing", "fused", "fused_ops", "method", "batch", "seq_len", "layers", "rank",
@@ -157,8 +157,8 @@ def skip_reason(row: dict) -> str | None:
     if method == "reft-fast:cuda":
         if row["device"] != "cuda":
             return "skipped: the cuda backend needs CUDA"
-        if importlib.util.find_spec("reft_fast.cuda_backend") is None:
-            return "skipped: reft_fast.cuda_backend not importable"
+        if importlib.util.find_spec("reft_fast.ops.cuda_build") is None:
+            return "skipped: reft_fast.ops.cuda_build not importable"
     if method == "pyreft" and importlib.util.find_spec("pyreft") is None:
         return "skipped: pyreft not importable"
     if method == "lora" and importlib.util.find_spec("peft") is None:
@@ -190,7 +190,7 @@ def build_base(row: dict):
 
 def make_batch(row: dict, n_interventions: int) -> dict:
     """Random tokens, labels on the second half, and the locations [n_interventions, B, P] of the configuration."""
-    from reft_fast.positions import intervention_locations
+    from reft_fast.core.positions import intervention_locations
 
     cfg = CONFIGS[row["config"]]
     batch, seq_len, device = row["batch"], row["seq_len"], row["device"]
@@ -208,7 +208,7 @@ def make_batch(row: dict, n_interventions: int) -> dict:
 
 def _interventions_per_layer(row: dict) -> tuple[list[int], int]:
     """Intervened layers, one entry per intervention, and the lowest one."""
-    from reft_fast.positions import intervention_layers
+    from reft_fast.core.positions import intervention_layers
 
     cfg = CONFIGS[row["config"]]
     layers = intervention_layers(_layers(row["config"], row["shape"]), cfg["positions"], cfg["share_weights"])
@@ -216,7 +216,7 @@ def _interventions_per_layer(row: dict) -> tuple[list[int], int]:
 
 
 def _setup_floor(base, row, batch, layers):
-    from reft_fast.model import find_decoder_layers
+    from reft_fast.core.model import find_decoder_layers
 
     _, decoder = find_decoder_layers(base)
     bias = torch.nn.Parameter(torch.zeros(base.config.hidden_size, device=row["device"]))
@@ -236,7 +236,7 @@ def _setup_floor(base, row, batch, layers):
 
 def _setup_reft_fast(base, row, batch, layers):
     from reft_fast import ReftConfig, get_reft_model
-    from reft_fast.interventions import compute_rotations
+    from reft_fast.core.interventions import compute_rotations
 
     backend = row["method"].split(":")[1]
     cfg = CONFIGS[row["config"]]
@@ -299,7 +299,7 @@ class _HookLoReFT(torch.nn.Module):
 
 
 def _setup_hook(base, row, batch, layers):
-    from reft_fast.model import find_decoder_layers
+    from reft_fast.core.model import find_decoder_layers
 
     _, decoder = find_decoder_layers(base)
     rank = CONFIGS[row["config"]]["rank"]
@@ -376,8 +376,8 @@ _SETUPS = {"floor": _setup_floor, "reft-fast": _setup_reft_fast, "hook-loreft": 
 
 def run_row(row: dict) -> dict:
     """Build the base and the method, warm up, time the steps; returns the row's measurements."""
-    from reft_fast.engine import count_step_flops, enable_gradient_checkpointing
-    from reft_fast.fused_base import apply_fused_base_ops
+    from reft_fast.train.engine import count_step_flops, enable_gradient_checkpointing
+    from reft_fast.train.fused_base import apply_fused_base_ops
 
     device = row["device"]
     base = build_base(row)

@@ -6,7 +6,7 @@
                                              # kernels through csrc/sim (REFT_FAST_CUDA_SIM=1), wall-clock median
     pytest bench/ --benchmark-only           # the same cases through pytest-benchmark (bench/test_bench_kernels.py)
 
-For every backend that can run here ("torch": the unfused reference; "triton"; "cuda" when reft_fast.cuda_backend
+For every backend that can run here ("torch": the unfused reference; "triton"; "cuda" when reft_fast.ops.cuda_build
 imports, plus "cuda-1row", "cuda-4row" (ranks ≤ 8) and "cuda-tile", its kernels forced to one row, four rows or the
 16-row tensor-core tile per block, kernel level only) and every shape (N selected rows,
 hidden d, rank r; h in bf16) it times LoReFT forward and forward+backward:
@@ -46,7 +46,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from reft_fast import ops  # noqa: E402
-from reft_fast.orthogonal import random_orthonormal_rows  # noqa: E402
+from reft_fast.core.orthogonal import random_orthonormal_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

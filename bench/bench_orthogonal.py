@@ -5,8 +5,8 @@
     (python bench/bench_kernels.py runs this too, after the kernels.)
 
 Methods, each forward (R for every intervention) and forward+backward (R.backward(random R̄)):
-  polar, cholesky, householder   reft_fast.orthogonal.orthonormal_rows on one stacked [n, r, d] parameter
-  householder+base               reft_fast.orthogonal.HouseholderOrthogonal (pyreft's exact parametrization, batched)
+  polar, cholesky, householder   reft_fast.core.orthogonal.orthonormal_rows on one stacked [n, r, d] parameter
+  householder+base               reft_fast.core.orthogonal.HouseholderOrthogonal (pyreft's exact parametrization, batched)
   pyreft-householder             n separate modules under torch.nn.utils.parametrizations.orthogonal, as pyreft's
                                  LoReFT holds them; one .weight access each (a pyreft LoReFT forward makes two)
 Writes bench/results/orthogonal_<device>_<date>.csv.
@@ -32,7 +32,7 @@ from bench_kernels import (  # noqa: E402
     write_csv,
 )
 
-from reft_fast.orthogonal import HouseholderOrthogonal, orthonormal_rows, random_orthonormal_rows  # noqa: E402
+from reft_fast.core.orthogonal import HouseholderOrthogonal, orthonormal_rows, random_orthonormal_rows  # noqa: E402
 
 FULL = dict(n=32, d=4096, r=8)
 SMOKE = dict(n=4, d=48, r=4)

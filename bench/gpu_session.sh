@@ -137,7 +137,7 @@ for dist in ("triton", "transformers", "peft", "liger-kernel", "pyreft", "pyvene
         print(f"  {dist} {md.version(dist)}")
     except md.PackageNotFoundError:
         print(f"  {dist} MISSING")
-for module in ("reft_fast", "reft_fast.kernels.low_rank_edit", "reft_fast.cuda_backend", "liger_kernel.transformers",
+for module in ("reft_fast", "reft_fast.kernels.low_rank_edit", "reft_fast.ops.cuda_build", "liger_kernel.transformers",
                "peft", "pyreft", "deepspeed", "datasets"):
     try:
         importlib.import_module(module)
@@ -169,7 +169,7 @@ stage_setup() {
 start_cuda_build() {
   ( MAX_JOBS=${MAX_JOBS:-8} timeout -k 10 "$(limit 400)" "$PY" -c '
 import time
-from reft_fast import cuda_backend
+from reft_fast.ops import cuda_build as cuda_backend
 start = time.time()
 try:
     cuda_backend.load()

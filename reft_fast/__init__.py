@@ -7,7 +7,7 @@ directory format) live in ``reft_fast.compat``, imported last here because it bu
 __version__ = "0.1.0"
 
 from reft_fast.ops import consreft, direft, lobireft, loreft, low_rank_edit, nodireft, noreft  # noqa: E402,F401
-from reft_fast.interventions import (  # noqa: E402,F401
+from reft_fast.core.interventions import (  # noqa: E402,F401
     ConsreftIntervention,
     DireftIntervention,
     LobireftIntervention,
@@ -15,10 +15,10 @@ from reft_fast.interventions import (  # noqa: E402,F401
     NodireftIntervention,
     NoreftIntervention,
 )
-from reft_fast.config import ReftConfig  # noqa: E402,F401
-from reft_fast.positions import get_intervention_locations, parse_positions  # noqa: E402,F401
-from reft_fast.model import ReftModel, get_reft_model  # noqa: E402,F401
-from reft_fast.fused_base import apply_fused_base_ops  # noqa: E402,F401
+from reft_fast.core.config import ReftConfig  # noqa: E402,F401
+from reft_fast.core.positions import get_intervention_locations, parse_positions  # noqa: E402,F401
+from reft_fast.core.model import ReftModel, get_reft_model  # noqa: E402,F401
+from reft_fast.train.fused_base import apply_fused_base_ops  # noqa: E402,F401
 from reft_fast.compat import (  # noqa: E402,F401
     TRAINER_NAMES as _TRAINER_NAMES,
     make_last_position_supervised_data_module,

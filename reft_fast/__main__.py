@@ -3,6 +3,6 @@
 
 import sys
 
-from reft_fast.cli import main
+from reft_fast.train.cli import main
 
 sys.exit(main())

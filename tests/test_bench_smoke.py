@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reft_fast import cuda_backend
+from reft_fast.ops import cuda_build as cuda_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_FIELDS = ["device", "torch", "triton", "date", "timer", "backend", "level", "pass", "n_rows", "d", "r", "batch",

@@ -1,4 +1,4 @@
-"""Checkpoint files (reft_fast.checkpoints) and the output-directory check, without training: publishing, damage
+"""Checkpoint files (reft_fast.train.checkpoints) and the output-directory check, without training: publishing, damage
 found on resume and named, ``latest`` that is empty or wrong, pruning by step number, a used output_dir refused.
 
 Training through them (kills, resume across rank counts and ZeRO stages) is in test_engine.py.
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from reft_fast.checkpoints import LATEST_FILE, STATE_FILE, load_newest_intact, prune_checkpoints, read_checkpoint, \
+from reft_fast.train.checkpoints import LATEST_FILE, STATE_FILE, load_newest_intact, prune_checkpoints, read_checkpoint, \
     step_dirs, write_checkpoint
-from reft_fast.engine import check_output_dir
-from reft_fast.train_config import ConfigError, TrainConfig
+from reft_fast.train.engine import check_output_dir
+from reft_fast.train.train_config import ConfigError, TrainConfig
 
 
 def _state(step: int) -> dict:

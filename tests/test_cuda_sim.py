@@ -2,7 +2,7 @@
 wmma TF32 subset (a GEMM against a host reference, bit for bit; the fragment mapping; __float_to_tf32 against a float64
 reference), the faults it reports (divergent barriers, misaligned vector and wmma accesses, partial-warp and
 non-uniform wmma calls), AddressSanitizer catching an out-of-bounds read, the half and bfloat16 conversions against
-torch's, bit for bit, cudaDeviceGetAttribute, and the launch rewriting of reft_fast.cuda_backend.
+torch's, bit for bit, cudaDeviceGetAttribute, and the launch rewriting of reft_fast.ops.cuda_build.
 
 The kernels are in tests/csrc_sim/selftest.cu, written in CUDA syntax and built the way cuda_backend builds csrc/ for
 the CPU (launches rewritten, the stand-in CUDA headers first), into a plain executable: no torch in the loop.
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from reft_fast import cuda_backend
+from reft_fast.ops import cuda_build as cuda_backend
 
 HERE = Path(__file__).resolve().parent
 CXX = shutil.which("c++") or shutil.which("g++")

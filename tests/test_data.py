@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from reft_fast.data import IGNORE_INDEX, ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, \
+from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, StepSampler, SupervisedDataset, encode_prompt, \
     load_examples, split_examples
-from reft_fast.positions import intervention_locations
+from reft_fast.core.positions import intervention_locations
 
 from dist.tiny import make_tokenizer
 

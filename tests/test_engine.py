@@ -70,7 +70,7 @@ def _copy_run_until(source: Path, target: Path, step: int) -> Path:
 
 
 def _assert_same_state(checkpoint: Path, expected: Path, rtol: float = 1e-4) -> None:
-    from reft_fast.checkpoints import read_checkpoint
+    from reft_fast.train.checkpoints import read_checkpoint
 
     got, want = read_checkpoint(checkpoint), read_checkpoint(expected)
     assert got["step"] == want["step"] and got["optimizer"]["step"] == want["optimizer"]["step"]
@@ -194,7 +194,7 @@ def test_every_reduction_goes_through_one_helper_on_the_accelerator_device(resum
     calls = run["collectives"]
     # 4 steps, evaluations at steps 0 and 4, and 2 checkpoints all reduce something.
     assert len(calls) >= 8
-    assert {c["caller"] for c in calls} == {"reft_fast.engine._all_reduce_sum"}, calls
+    assert {c["caller"] for c in calls} == {"reft_fast.train.engine._all_reduce_sum"}, calls
     assert all(device == c["accelerator_device"] for c in calls for device in c["devices"]), calls
 
 
@@ -204,7 +204,7 @@ def test_the_reduction_helper_moves_host_values_to_the_accelerator_device(monkey
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from reft_fast.engine import _all_reduce_sum
+    from reft_fast.train.engine import _all_reduce_sum
 
     handed = []
     monkeypatch.setattr(get_accelerator(), "current_device_name", lambda: "meta")
@@ -316,14 +316,14 @@ def test_fused_ops_off_and_auto_train_alike_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("component", ["block_output", "mlp_output"])
 def test_gradient_checkpointing_gives_equal_gradients(tmp_path, component):
-    from reft_fast.engine import build_reft_model, enable_gradient_checkpointing
-    from reft_fast.train_config import load_config
+    from reft_fast.train.engine import build_reft_model, enable_gradient_checkpointing
+    from reft_fast.train.train_config import load_config
 
     config = make_run(tmp_path, n_examples=8)
     from transformers import AutoModelForCausalLM
 
-    from reft_fast.data import ReftDataCollator, SupervisedDataset, load_examples
-    from reft_fast.engine import load_tokenizer
+    from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples
+    from reft_fast.train.engine import load_tokenizer
 
     cfg = load_config(str(config), ["interventions.layers=[0, 2, 3]", "interventions.positions=f2+l2",
                                     f"interventions.component={component}"])

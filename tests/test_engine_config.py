@@ -7,7 +7,7 @@ import pytest
 import transformers
 import yaml
 
-from reft_fast.train_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
+from reft_fast.train.train_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
 
 from dist.tiny import make_examples, make_model_dir, write_jsonl
 

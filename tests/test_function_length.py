@@ -8,7 +8,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 60
-CHECKED = ["reft_fast/engine.py", "reft_fast/recipe.py"]
+CHECKED = ["reft_fast/train/engine.py", "reft_fast/train/recipe.py"]
 
 
 def _function_spans(path: Path) -> list[tuple[str, int]]:
@@ -46,7 +46,7 @@ def test_the_span_counter_sees_methods_nested_functions_and_decorators(tmp_path)
 
 
 def test_the_recipe_has_the_documented_steps():
-    from reft_fast.recipe import ReftTrainingRecipe
+    from reft_fast.train.recipe import ReftTrainingRecipe
 
     for step in ("setup", "train", "train_step", "evaluate", "save_checkpoint", "finish", "cleanup"):
         assert callable(getattr(ReftTrainingRecipe, step, None)), step

@@ -1,4 +1,4 @@
-"""liger-kernel on the frozen base (reft_fast.fused_base): the auto/on/off choice, isolation, and numerical parity.
+"""liger-kernel on the frozen base (reft_fast.train.fused_base): the auto/on/off choice, isolation, and numerical parity.
 
 What runs where. Triton's interpreter (CPU) runs liger's RoPE kernel but not its RMSNorm, SwiGLU or fused linear
 cross-entropy kernels: the interpreter hands float kernel arguments over as Python floats, on which those kernels call
@@ -19,8 +19,8 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.models.llama import modeling_llama
 
 from reft_fast import ReftConfig, get_reft_model
-from reft_fast.engine import enable_gradient_checkpointing
-from reft_fast.fused_base import FUSED_OPS, apply_fused_base_ops, fused_base_ops, fused_ops_unsupported_reason
+from reft_fast.train.engine import enable_gradient_checkpointing
+from reft_fast.train.fused_base import FUSED_OPS, apply_fused_base_ops, fused_base_ops, fused_ops_unsupported_reason
 
 pytest.importorskip("liger_kernel")
 

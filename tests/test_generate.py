@@ -3,7 +3,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_fast import ReftConfig, get_reft_model
-from reft_fast.positions import intervention_locations
+from reft_fast.core.positions import intervention_locations
 
 VOCAB = 64
 NEW_TOKENS = 5

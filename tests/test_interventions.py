@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reft_fast import ops
 from reft_fast.compat import load_pyreft_state
-from reft_fast.interventions import (
+from reft_fast.core.interventions import (
     INTERVENTION_TYPES,
     ConsreftIntervention,
     DireftIntervention,

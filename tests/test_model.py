@@ -21,7 +21,7 @@ from transformers import (
 
 import reft_fast
 from reft_fast import LoreftIntervention, ReftConfig, ReftModel, get_reft_model
-from reft_fast.config import COMPONENTS
+from reft_fast.core.config import COMPONENTS
 
 HIDDEN, LAYERS, VOCAB = 32, 3, 96
 _COMMON = dict(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,

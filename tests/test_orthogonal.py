@@ -1,10 +1,10 @@
-"""reft_fast.orthogonal: orthonormal-row maps against float64 references written here, gradients, pyreft parity."""
+"""reft_fast.core.orthogonal: orthonormal-row maps against float64 references written here, gradients, pyreft parity."""
 
 import pytest
 import torch
 from torch import nn
 
-from reft_fast.orthogonal import (
+from reft_fast.core.orthogonal import (
     METHODS,
     HouseholderOrthogonal,
     householder_rows,

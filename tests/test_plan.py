@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from reft_fast.cli import main
-from reft_fast.plan import GIB, format_plan, plan_memory
-from reft_fast.train_config import load_config
+from reft_fast.train.cli import main
+from reft_fast.train.plan import GIB, format_plan, plan_memory
+from reft_fast.train.train_config import load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from reft_fast.config import ReftConfig
-from reft_fast.interventions import ConsreftIntervention, LoreftIntervention, NoreftIntervention
-from reft_fast.positions import check_locations, intervention_layers, intervention_locations, parse_positions, \
+from reft_fast.core.config import ReftConfig
+from reft_fast.core.interventions import ConsreftIntervention, LoreftIntervention, NoreftIntervention
+from reft_fast.core.positions import check_locations, intervention_layers, intervention_locations, parse_positions, \
     unit_locations_to_tensor
 
 

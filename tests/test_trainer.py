@@ -4,10 +4,10 @@ import torch
 import transformers
 
 from reft_fast.compat import make_last_position_supervised_data_module
-from reft_fast.config import ReftConfig
-from reft_fast.interventions import LoreftIntervention
+from reft_fast.core.config import ReftConfig
+from reft_fast.core.interventions import LoreftIntervention
 from reft_fast.compat.trainer import ReftTrainerForCausalLM
-from reft_fast.model import ReftModel, get_reft_model
+from reft_fast.core.model import ReftModel, get_reft_model
 
 from dist.tiny import make_examples, make_model_dir
 

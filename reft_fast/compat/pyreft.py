@@ -8,10 +8,10 @@ Directory. pyreft's ``save`` writes config.json (``representations``, ``interven
 ``intervention_dimensions``) and one ``intkey_<key>.bin`` per intervention, read here with
 ``torch.load(weights_only=True)`` (no pickled code runs). pyreft does not save dropout, act_fn or add_bias: they take
 their defaults, add_bias being read from the weights. ``ReftModel.load`` reaches this reader through
-``reft_fast.model.register_directory_format`` (see ``reft_fast.compat``).
+``reft_fast.core.model.register_directory_format`` (see ``reft_fast.compat``).
 
-Data modules. pyreft's two supervised helpers, with its arguments, built on reft_fast.data. Deliberate difference:
-"lN" counts the last N prompt tokens including the final one (see reft_fast.positions).
+Data modules. pyreft's two supervised helpers, with its arguments, built on reft_fast.train.data. Deliberate difference:
+"lN" counts the last N prompt tokens including the final one (see reft_fast.core.positions).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from reft_fast.config import COMPONENTS, ReftConfig
-from reft_fast.data import ReftDataCollator, SupervisedDataset
-from reft_fast.interventions import LoreftIntervention, NodireftIntervention, ReftIntervention, intervention_class
-from reft_fast.model import ReftModel, model_hidden_size, register_directory_format
-from reft_fast.orthogonal import HouseholderOrthogonal, householder_rows
+from reft_fast.core.config import COMPONENTS, ReftConfig
+from reft_fast.train.data import ReftDataCollator, SupervisedDataset
+from reft_fast.core.interventions import LoreftIntervention, NodireftIntervention, ReftIntervention, intervention_class
+from reft_fast.core.model import ReftModel, model_hidden_size, register_directory_format
+from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
 __all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",
            "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module"]

@@ -47,7 +47,7 @@ def main(argv):
         else:
             groups[-1].append(arg)
 
-    from reft_fast.engine import shutdown
+    from reft_fast.train.engine import shutdown
 
     results = [run_one(config_path, overrides, check_frozen) for overrides in groups]
     if collectives is not None:
@@ -98,8 +98,8 @@ def record_collectives(log):
 
 
 def run_one(config_path, overrides, check_frozen):
-    from reft_fast.engine import train
-    from reft_fast.train_config import load_config
+    from reft_fast.train.engine import train
+    from reft_fast.train.train_config import load_config
 
     cfg = load_config(config_path, overrides)
     seen = {}

@@ -32,8 +32,8 @@ __all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable
            "rows_per_block", "simulation", "translate_launches", "unavailable_reason"]
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
-CSRC_DIR = next((p for p in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
-                 if p.is_dir()), Path(__file__).resolve().parent.parent / "csrc")
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CSRC_DIR = next((p for p in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc") if p.is_dir()), _PACKAGE_DIR.parent / "csrc")
 SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
 SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
                "sim/include/cuda_bf16.h", "sim/include/mma.h")

@@ -27,8 +27,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from reft_fast.dtypes import MODEL_DTYPES
-from reft_fast.hf import hidden_size_of, num_layers_of
+from reft_fast.core.dtypes import MODEL_DTYPES
+from reft_fast.core.hf import hidden_size_of, num_layers_of
 
 __all__ = [
     "ConfigError",
@@ -60,7 +60,7 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: Optional[str] = "sdpa"
     trust_remote_code: bool = False
-    # liger-kernel's fused RoPE, RMSNorm, SwiGLU and linear cross-entropy on the frozen base (reft_fast.fused_base):
+    # liger-kernel's fused RoPE, RMSNorm, SwiGLU and linear cross-entropy on the frozen base (reft_fast.train.fused_base):
     # auto (on for CUDA and a supported architecture; ZeRO-3 keeps the unfused cross-entropy), on, or off.
     fused_ops: Union[str, bool] = "auto"
 
@@ -391,7 +391,7 @@ def resolve_data_path(path: str, base_dir: Optional[str]) -> str:
 
 def layer_list(spec: Union[list[int], str], num_layers: int) -> list[int]:
     """``[2, 4]``, ``"2;4"`` or ``"all"`` → layer indices, each checked against the model's ``num_layers``."""
-    from reft_fast.config import Representation
+    from reft_fast.core.config import Representation
 
     try:
         return Representation(layer=spec).layers(num_layers)
@@ -419,7 +419,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
         raise ConfigError("model.path: required (a directory, a hub name, a .gguf file or pkg:PACKAGE/FILE)")
     if m.dtype not in MODEL_DTYPES:
         raise ConfigError(f"model.dtype: expected one of {list(MODEL_DTYPES)}, got {m.dtype!r}")
-    from reft_fast.fused_base import FUSED_OPS_MODES
+    from reft_fast.train.fused_base import FUSED_OPS_MODES
 
     if m.fused_ops not in FUSED_OPS_MODES:
         raise ConfigError(f"model.fused_ops: expected one of {list(FUSED_OPS_MODES)}, got {m.fused_ops!r}")
@@ -432,7 +432,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
 
-    from reft_fast.config import COMPONENTS
+    from reft_fast.core.config import COMPONENTS
 
     if iv.component not in COMPONENTS:
         raise ConfigError(f"interventions.component: expected one of {list(COMPONENTS)}, got {iv.component!r}")
@@ -503,7 +503,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
 
 
 def _check_positions(spec: str) -> None:
-    from reft_fast.positions import parse_positions
+    from reft_fast.core.positions import parse_positions
 
     try:
         first_n, last_n = parse_positions(spec)
@@ -514,7 +514,7 @@ def _check_positions(spec: str) -> None:
 
 
 def _check_intervention_type(name: str) -> None:
-    from reft_fast.interventions import intervention_class
+    from reft_fast.core.interventions import intervention_class
 
     try:
         intervention_class(name)

@@ -7,7 +7,7 @@ one response token is an error naming ``data.max_length`` (or, with ``drop_long_
 the count is reported), never a silently shifted or missing intervention position.
 
 The collator right-pads a batch and computes the intervention locations on the CPU as one tensor
-``[n_interventions, B, P]`` (reft_fast.positions), so the model moves it to the device once per batch.
+``[n_interventions, B, P]`` (reft_fast.core.positions), so the model moves it to the device once per batch.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from reft_fast.positions import intervention_locations
+from reft_fast.core.positions import intervention_locations
 
 __all__ = [
     "IGNORE_INDEX",
@@ -204,7 +204,7 @@ class ReftDataCollator:
     """Right-pads a list of dataset items into a batch and adds ``intervention_locations`` [n, B, P] (CPU, int64).
 
     ``positions`` is a pyreft spec ("f7+l7", "l1"); ``num_interventions`` and ``share_weights`` follow
-    reft_fast.positions.intervention_locations. Items may also carry their own ``intervention_locations``
+    reft_fast.core.positions.intervention_locations. Items may also carry their own ``intervention_locations``
     ([n, P] lists, pyreft's dataset format), which are then used as given.
     """
 

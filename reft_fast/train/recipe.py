@@ -1,9 +1,9 @@
 """The training recipe: one ReFT fine-tuning job, as a class whose steps each fit on a screen.
 
-    setup() → train() → finish(), cleanup() always; ``reft_fast.engine.train`` runs them in that order.
+    setup() → train() → finish(), cleanup() always; ``reft_fast.train.engine.train`` runs them in that order.
 
 The helpers it calls (process group, model loading, DeepSpeed config, FLOPs, generation, evaluation, checkpoints and
-the output directory) live in ``reft_fast.engine``, whose module docstring explains the precision, ZeRO-3 and resume
+the output directory) live in ``reft_fast.train.engine``, whose module docstring explains the precision, ZeRO-3 and resume
 design this class follows.
 """
 
@@ -19,21 +19,21 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from reft_fast.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
-from reft_fast.engine import RUN_INFO_FILE, TRAIN_CONFIG_FILE, TrainResult, _accepts_logits_to_keep, \
+from reft_fast.train.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.engine import RUN_INFO_FILE, TRAIN_CONFIG_FILE, TrainResult, _accepts_logits_to_keep, \
     _all_reduce_sum, _announced_world_size, _barrier, _config_yaml, _forward_loss, _log, _model_source, _numel, \
     _num_interventions, _numel_on_this_rank, _peak_memory_gib, _peak_tflops, _remove_previous_run, _resume, \
     _rewind_metrics, _save_checkpoint, _save_interventions, _tensorboard, _to, _trim_to_labels, build_ds_config, \
     build_reft_model, check_output_dir, count_step_flops, enable_gradient_checkpointing, evaluate as mean_eval_loss, \
     generate_answers, init_distributed, load_base_model, load_tokenizer, lr_lambda
-from reft_fast.fused_base import apply_fused_base_ops
-from reft_fast.hf import num_layers_of
-from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
+from reft_fast.train.fused_base import apply_fused_base_ops
+from reft_fast.core.hf import num_layers_of
+from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
     resolve_data_path, validate
 
 __all__ = ["ReftTrainingRecipe"]
 
-logger = logging.getLogger("reft_fast.engine")  # the engine's log lines keep their logger name
+logger = logging.getLogger("reft_fast.train.engine")  # the engine's log lines keep their logger name
 
 
 class ReftTrainingRecipe:
@@ -53,7 +53,7 @@ class ReftTrainingRecipe:
     - Metrics: ``metrics.jsonl`` (fsynced, before that step's checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU,
       peak memory, gradient norm.
     - Evaluation: at step 0 (the baseline), every ``eval_every`` steps and at the last step.
-    - Checkpoints every ``save_every`` steps (``reft_fast.checkpoints``: one file, published atomically by rank 0,
+    - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
       the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
     - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
     - Every collective goes through ``engine._all_reduce_sum`` on the accelerator's device.

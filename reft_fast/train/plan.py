@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from reft_fast.dtypes import bytes_per_element
-from reft_fast.hf import num_layers_of, text_config_of
-from reft_fast.model import find_decoder_layers
-from reft_fast.positions import intervention_layers
-from reft_fast.train_config import TrainConfig, layer_list, validate
+from reft_fast.core.dtypes import bytes_per_element
+from reft_fast.core.hf import num_layers_of, text_config_of
+from reft_fast.core.model import find_decoder_layers
+from reft_fast.core.positions import intervention_layers
+from reft_fast.train.train_config import TrainConfig, layer_list, validate
 
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan"]
 

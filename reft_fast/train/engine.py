@@ -1,4 +1,4 @@
-"""The training engine: ``train(cfg)`` runs the recipe (``reft_fast.recipe.ReftTrainingRecipe``), a short loop over
+"""The training engine: ``train(cfg)`` runs the recipe (``reft_fast.train.recipe.ReftTrainingRecipe``), a short loop over
 a DeepSpeed engine that holds a ReftModel; this module holds the parts the recipe is made of.
 
     batch (CPU, positions computed by the collator) → engine(...) → engine.backward → engine.step → metrics
@@ -20,7 +20,7 @@ gather hooks; they are small.
 
 Resume: the batch order depends only on (seed, step) (data.StepSampler) and the random state is reseeded from
 (seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as an
-uninterrupted run does. Checkpoints (reft_fast.checkpoints) hold the whole trainable state in one file that rank 0
+uninterrupted run does. Checkpoints (reft_fast.train.checkpoints) hold the whole trainable state in one file that rank 0
 publishes atomically, so any rank count and ZeRO stage resumes them, and resume skips (and names) a damaged one.
 ``metrics.jsonl`` gets each step's line before that step's checkpoint and is cut back to step k on resume, so the file
 always shows one trajectory. A non-empty output_dir is refused unless the launch resumes or overwrites it.
@@ -46,13 +46,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import yaml
 
-from reft_fast.checkpoints import gather_trainer_state, load_newest_intact, prune_checkpoints, \
+from reft_fast.train.checkpoints import gather_trainer_state, load_newest_intact, prune_checkpoints, \
     restore_trainer_state, write_checkpoint
-from reft_fast.data import encode_prompt
-from reft_fast.dtypes import model_dtype
-from reft_fast.hf import text_config_of
-from reft_fast.positions import intervention_layers, intervention_locations
-from reft_fast.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
+from reft_fast.train.data import encode_prompt
+from reft_fast.core.dtypes import model_dtype
+from reft_fast.core.hf import text_config_of
+from reft_fast.core.positions import intervention_layers, intervention_locations
+from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, gguf_cache_dir, \
     resolve_model_source
 
 __all__ = ["TrainResult", "build_ds_config", "build_reft_model", "check_output_dir", "enable_gradient_checkpointing",
@@ -227,8 +227,8 @@ def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
 def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
     """Attach the configured interventions at ``layers`` (twice for a two-sided position spec without share_weights:
     ``positions.intervention_layers``)."""
-    from reft_fast.config import ReftConfig
-    from reft_fast.model import get_reft_model
+    from reft_fast.core.config import ReftConfig
+    from reft_fast.core.model import get_reft_model
 
     iv = cfg.interventions
     layers = intervention_layers(layers, iv.positions, iv.share_weights)
@@ -322,7 +322,7 @@ def count_step_flops(base, lowest_layer: int, seq_lens: Sequence[int], gradient_
     frozen: about one forward's worth) for the layers above the lowest intervened one and the head; gradient
     checkpointing recomputes those layers' forward once more. The ReFT edits themselves are negligible and not counted.
     """
-    from reft_fast.model import find_decoder_layers
+    from reft_fast.core.model import find_decoder_layers
 
     _, layers = find_decoder_layers(base)
     per_layer = sum(_numel(p) for p in layers[0].parameters())
@@ -395,7 +395,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Opt
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The loop's parts (the loop itself: reft_fast.recipe)
+# The loop's parts (the loop itself: reft_fast.train.recipe)
 # --------------------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -583,8 +583,8 @@ def _save_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, scheduler
 def train(cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()) -> TrainResult:
     """Run one training job described by ``cfg``; every rank calls this. ``callback(step, metrics, engine)`` runs on
     every rank after each optimizer step (after that step's checkpoint, if any, was written); ``engine.module`` is the
-    ReftModel. The job itself is ``reft_fast.recipe.ReftTrainingRecipe``."""
-    from reft_fast.recipe import ReftTrainingRecipe  # the recipe builds on this module's helpers
+    ReftModel. The job itself is ``reft_fast.train.recipe.ReftTrainingRecipe``."""
+    from reft_fast.train.recipe import ReftTrainingRecipe  # the recipe builds on this module's helpers
 
     recipe = ReftTrainingRecipe(cfg, callbacks=callbacks)
     try:

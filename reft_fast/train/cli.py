@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from reft_fast.train_config import ConfigError, load_config
+from reft_fast.train.train_config import ConfigError, load_config
 
 __all__ = ["main"]
 
@@ -104,7 +104,7 @@ _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 @contextlib.contextmanager
 def _distributed_job(timeout_minutes: float):
     """Leave the process group at the end of a command; on a failure leave at once, and explain a timeout."""
-    from reft_fast.engine import shutdown
+    from reft_fast.train.engine import shutdown
 
     try:
         yield
@@ -123,7 +123,7 @@ def _distributed_job(timeout_minutes: float):
 
 
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
-    from reft_fast.engine import train
+    from reft_fast.train.engine import train
 
     cfg = load_config(config_path, list(overrides))
     cfg.resume = cfg.resume or resume
@@ -151,10 +151,10 @@ def _demo(overrides: Sequence[str]) -> None:
 def _generate(args) -> None:
     import yaml
 
-    from reft_fast.engine import TRAIN_CONFIG_FILE, _model_source, generate_answers, init_distributed, \
+    from reft_fast.train.engine import TRAIN_CONFIG_FILE, _model_source, generate_answers, init_distributed, \
         load_base_model, load_tokenizer
-    from reft_fast.model import ReftModel
-    from reft_fast.train_config import config_from_dict
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.train_config import config_from_dict
 
     reft_dir = Path(args.reft)
     saved = reft_dir / TRAIN_CONFIG_FILE
@@ -184,7 +184,7 @@ def _generate(args) -> None:
 
 
 def _plan(args) -> None:
-    from reft_fast.plan import format_plan, plan_memory
+    from reft_fast.train.plan import format_plan, plan_memory
 
     cfg = load_config(args.config, list(args.overrides))
     print(format_plan(plan_memory(cfg, args.gpus), gpu_memory_gib=args.gpu_memory_gib))

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from reft_fast.interventions import INTERVENTION_TYPES, ReftIntervention, intervention_class
-from reft_fast.positions import parse_positions
+from reft_fast.core.interventions import INTERVENTION_TYPES, ReftIntervention, intervention_class
+from reft_fast.core.positions import parse_positions
 
 __all__ = ["COMPONENTS", "Representation", "ReftConfig"]
 
@@ -135,7 +135,7 @@ class ReftConfig:
         intervention_types: pyvene's default intervention class for entries without one.
         positions: the position spec the interventions were trained with (``"f7+l7"``); saved with the model and used
             by the data pipeline, not by the forward (which takes explicit locations).
-        share_weights: pyreft's flag for two-sided specs (see ``reft_fast.positions``).
+        share_weights: pyreft's flag for two-sided specs (see ``reft_fast.core.positions``).
     """
 
     def __init__(self, representations, *, intervention_types=None, positions: Optional[str] = None,

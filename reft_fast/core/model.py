@@ -39,10 +39,10 @@ import torch
 from torch import nn
 
 from reft_fast import ops
-from reft_fast.config import ReftConfig
-from reft_fast.hf import hidden_size_of
-from reft_fast.interventions import compute_rotations
-from reft_fast.positions import check_locations, unit_locations_to_tensor
+from reft_fast.core.config import ReftConfig
+from reft_fast.core.hf import hidden_size_of
+from reft_fast.core.interventions import compute_rotations
+from reft_fast.core.positions import check_locations, unit_locations_to_tensor
 
 __all__ = ["ReftModel", "get_reft_model", "find_decoder_layers", "model_hidden_size", "register_directory_format",
            "LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]

@@ -12,7 +12,7 @@ LobireftIntervention   h + b R                                      rotation A ‚
 =====================  ==========================================  =====================================
 
 R [r, d] has orthonormal rows (pyreft stores its transpose, a d√ór weight with orthonormal columns). It is computed from
-an unconstrained parameter by ``reft_fast.orthogonal``: ``orthogonalization="polar"`` (default) or ``"cholesky"`` keep
+an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="polar"`` (default) or ``"cholesky"`` keep
 ``rotation`` [r, d] and map it with ``orthonormal_rows``; ``"householder"`` keeps pyreft's own parametrization (torch's
 orthogonal parametrization with a trivialization base) so that training follows pyreft step for step. A ReftModel
 computes R for all its interventions in one batched call per forward and passes it to :meth:`edit`; called alone, an
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from reft_fast import ops
-from reft_fast.dtypes import torch_dtype
-from reft_fast.orthogonal import METHODS, HouseholderOrthogonal, householder_rows, orthonormal_rows, \
+from reft_fast.core.dtypes import torch_dtype
+from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, householder_rows, orthonormal_rows, \
     random_orthonormal_rows
 
 __all__ = [

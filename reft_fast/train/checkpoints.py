@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from reft_fast.train_config import ConfigError
+from reft_fast.train.train_config import ConfigError
 
 __all__ = ["LATEST_FILE", "STATE_FILE", "MANIFEST_FILE", "CheckpointError", "gather_trainer_state",
            "load_newest_intact", "prune_checkpoints", "read_checkpoint", "restore_trainer_state", "write_checkpoint"]
