@@ -216,7 +216,7 @@ def _interventions_per_layer(row: dict) -> tuple[list[int], int]:
 
 
 def _setup_floor(base, row, batch, layers):
-    from reft_fast.core.model import find_decoder_layers
+    from reft_fast.core.hf import find_decoder_layers
 
     _, decoder = find_decoder_layers(base)
     bias = torch.nn.Parameter(torch.zeros(base.config.hidden_size, device=row["device"]))
@@ -299,7 +299,7 @@ class _HookLoReFT(torch.nn.Module):
 
 
 def _setup_hook(base, row, batch, layers):
-    from reft_fast.core.model import find_decoder_layers
+    from reft_fast.core.hf import find_decoder_layers
 
     _, decoder = find_decoder_layers(base)
     rank = CONFIGS[row["config"]]["rank"]

@@ -100,7 +100,7 @@ def test_every_component_on_every_architecture(arch):
     # Reference: the same interventions applied by hooks placed by hand on the expected modules.
     reft_model.remove_hooks()
     handles = []
-    for (layer, component), (i, inter) in zip(reft_model._placements, enumerate(reft_model.interventions.values())):
+    for (layer, component), (i, inter) in zip(reft_model.placements, enumerate(reft_model.interventions.values())):
         module = _site(model, arch, layer, component)
         if component.endswith("_input"):
             def pre(mod, args, kwargs, inter=inter, i=i):
@@ -195,17 +195,28 @@ def test_plain_base_calls_are_not_edited():
         assert torch.equal(model(**base).logits, before)
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
-    model = _tiny("llama")
-    config = ReftConfig([
+# Sites inside the layers (recomputed under checkpointing) and at a layer's output, dropout included.
+def _checkpointing_config():
+    return ReftConfig([
         {"layer": 0, "component": "mlp_output", "intervention": "loreft", "low_rank_dimension": 2, "dropout": 0.3},
         {"layer": 1, "component": "attention_output", "intervention": "direft", "low_rank_dimension": 2},
         {"layer": 1, "component": "attention_input", "intervention": "noreft", "low_rank_dimension": 2},
         {"layer": 2, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2},
         {"layer": 2, "component": "mlp_input", "intervention": "consreft", "low_rank_dimension": 2,
          "orthogonalization": "householder"}])
-    reft_model = get_reft_model(model, config).train()
+
+
+def _enable_checkpointing(model, use_reentrant):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    assert model.model.layers[0].gradient_checkpointing
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
+    model = _tiny("llama")
+    reft_model = get_reft_model(model, _checkpointing_config()).train()
     base = _inputs()
 
     def run():
@@ -221,13 +232,52 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
         return out.loss.detach(), [p.grad.clone() for p in reft_model.trainable_parameters()]
 
     loss, grads = run()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    assert model.model.layers[0].gradient_checkpointing
+    _enable_checkpointing(model, use_reentrant)
     loss_ckpt, grads_ckpt = run()
     assert torch.equal(loss_ckpt, loss)
     for a, b in zip(grads_ckpt, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _reft_loss(reft_model, base, first, seed):
+    torch.manual_seed(seed)  # the dropout seeds
+    _, out = reft_model(base, intervention_locations=_locations(5, first=first), labels=base["input_ids"])
+    return out.loss
+
+
+def _backward(scenario, reft_model, base):
+    """Run a training pattern in which another forward separates a forward from its backward; the gradients."""
+    for p in reft_model.trainable_parameters():
+        p.grad = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reentrant checkpointing warns when no input requires grad
+        if scenario == "two forwards, one backward":  # chosen/rejected pairs, one summed loss
+            (_reft_loss(reft_model, base, (2, 3, 1), 5) + _reft_loss(reft_model, base, (0, 2, 0), 6)).backward()
+        elif scenario == "two forwards, two backwards":
+            first, second = _reft_loss(reft_model, base, (2, 3, 1), 5), _reft_loss(reft_model, base, (0, 2, 0), 6)
+            first.backward()
+            second.backward()
+        elif scenario == "plain call between":  # a reference model sharing the base
+            loss = _reft_loss(reft_model, base, (2, 3, 1), 5)
+            (loss + reft_model.model(**base).logits.pow(2).mean()).backward()
+        else:
+            plain = reft_model.model(**base).logits.pow(2).mean()
+            (plain + _reft_loss(reft_model, base, (2, 3, 1), 5)).backward()
+    return [p.grad.clone() for p in reft_model.trainable_parameters()]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("scenario", ["two forwards, one backward", "two forwards, two backwards",
+                                      "plain call between", "plain call before"])
+def test_gradient_checkpointing_recomputes_the_edits_of_the_forward_being_backpropagated(scenario, use_reentrant):
+    model = _tiny("llama")
+    reft_model = get_reft_model(model, _checkpointing_config()).train()
+    _randomize(reft_model)
+    base = _inputs()
+    model.enable_input_require_grads()  # as checkpointing does: the plain call's logits then have a graph too
+    grads = _backward(scenario, reft_model, base)
+    _enable_checkpointing(model, use_reentrant)
+    for a, b in zip(_backward(scenario, reft_model, base), grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 

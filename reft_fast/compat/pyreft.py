@@ -25,7 +25,9 @@ from torch import nn
 from reft_fast.core.config import COMPONENTS, ReftConfig
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset
 from reft_fast.core.interventions import LoreftIntervention, NodireftIntervention, ReftIntervention, intervention_class
-from reft_fast.core.model import ReftModel, model_hidden_size, register_directory_format
+from reft_fast.core.hf import model_hidden_size
+from reft_fast.core.model import ReftModel
+from reft_fast.core.saving import register_directory_format
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
 __all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",

@@ -1,19 +1,36 @@
-"""Reading a transformers config: the one place that knows where the language model's sizes live.
+"""Hugging Face models and configs: the one place that knows where a decoder's layers and sizes live.
 
-A multimodal config (Llava, Gemma 3, Qwen2-VL, ...) keeps the decoder's sizes in a text sub-config, reached through
-``get_text_config()``; a plain causal-LM config answers that call with itself. Architectures also name the layer count
-differently (``num_hidden_layers``, GPT-2's ``n_layer``, ``num_layers``).
+Layers are found by structure, not by a table per architecture: the first non-empty ``nn.ModuleList`` at one of the
+usual attribute paths (``LAYER_PATHS``), and inside a layer the attention and MLP submodules by their usual names
+(``ATTENTION_NAMES``, ``MLP_NAMES``).
+
+Configs. A multimodal config (Llava, Gemma 3, Qwen2-VL, ...) keeps the decoder's sizes in a text sub-config, reached
+through ``get_text_config()``; a plain causal-LM config answers that call with itself. Architectures also name the
+layer count differently (``num_hidden_layers``, GPT-2's ``n_layer``, ``num_layers``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-__all__ = ["text_config_of", "num_layers_of", "hidden_size_of"]
+from torch import nn
 
+__all__ = ["text_config_of", "num_layers_of", "hidden_size_of", "model_hidden_size", "find_decoder_layers",
+           "component_module", "LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
+
+# Where decoder layer lists live, most common first (Llama/Mistral/Qwen/Gemma/Phi: model.layers; GPT-2: transformer.h;
+# GPT-NeoX: gpt_neox.layers; OPT: model.decoder.layers; multimodal wrappers: model.language_model.layers).
+LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
+               "model.language_model.layers", "model.model.layers", "transformer.layers", "transformer.blocks",
+               "layers", "h", "decoder.layers")
+ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------------------------
 def text_config_of(config: Any) -> Any:
     """The config describing the language model: the text sub-config of a multimodal config, else ``config``."""
     get_text_config = getattr(config, "get_text_config", None)
@@ -34,3 +51,52 @@ def hidden_size_of(config: Any) -> Optional[int]:
     """The decoder's hidden size named in the config, or None when it names none."""
     size = getattr(text_config_of(config), "hidden_size", None)
     return size if isinstance(size, int) else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+def model_hidden_size(model: nn.Module) -> int:
+    """The decoder's hidden size: from the config, else from the input embeddings."""
+    config = getattr(model, "config", None)
+    size = hidden_size_of(config) if config is not None else None
+    if size is not None:
+        return size
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None or not hasattr(embeddings, "embedding_dim"):
+        raise ValueError(f"cannot tell the hidden size of {type(model).__name__}: no config.hidden_size and no input "
+                         "embeddings")
+    return embeddings.embedding_dim
+
+
+def _get_path(root: nn.Module, path: str):
+    obj = root
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list of a Hugging Face model and its attribute path, found by structure."""
+    for path in LAYER_PATHS:
+        layers = _get_path(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path, layers
+    raise ValueError(f"unsupported model structure: {type(model).__name__} has no decoder layer list at any of "
+                     f"{list(LAYER_PATHS)} (an nn.ModuleList of decoder layers)")
+
+
+def component_module(block: nn.Module, component: str, index: int) -> nn.Module:
+    """The module a component hooks in decoder layer ``index`` (``block``): the layer itself for ``block_*``, its
+    attention for ``attention_*``, its MLP for ``mlp_*``."""
+    if component.startswith("block"):
+        return block
+    names, what = (ATTENTION_NAMES, "attention") if component.startswith("attention") else (MLP_NAMES, "MLP")
+    for name in names:
+        module = getattr(block, name, None)
+        if isinstance(module, nn.Module):
+            return module
+    raise ValueError(f"unsupported model structure: decoder layer {index} ({type(block).__name__}) has no {what} "
+                     f"submodule named any of {list(names)}")

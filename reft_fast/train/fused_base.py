@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from reft_fast.core.model import find_decoder_layers
+from reft_fast.core.hf import find_decoder_layers
 
 __all__ = ["FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops", "fused_ops_unsupported_reason"]
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from reft_fast.core.dtypes import bytes_per_element
-from reft_fast.core.hf import num_layers_of, text_config_of
-from reft_fast.core.model import find_decoder_layers
+from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
 

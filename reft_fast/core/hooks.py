@@ -1,0 +1,220 @@
+"""The hooks through which a ReftModel edits its base model, and the per-forward state they read.
+
+Hooks. Each intervened (layer, component) gets one hook, registered once: a forward hook for ``*_output`` components
+(on the layer, its attention or its MLP module), a forward pre-hook for ``*_input``. The base model itself gets a
+pre-hook (a forward begins: generate's prompt-pass detection) and a hook (a forward has returned: tie its state to its
+autograd graph, below). Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are
+touched.
+
+State. ``ForwardState`` holds what one forward's edits need, computed once before the base model runs: the positions
+on each intervention's device, R of every rotation intervention, the dropout seeds, the resolved backends. A hook
+edits with
+  * the state of the ReftModel forward or generate in progress (``InterventionHooks.running``);
+  * nothing during a plain call of the base model;
+  * during a backward, the state of the forward whose graph the backward is in: gradient checkpointing recomputes the
+    checkpointed layers then (reentrant or not), after their forward has returned, and the recomputation must redo the
+    same edits (positions, R, dropout masks).
+
+Which forward a backward belongs to. When a grad-enabled forward of the base model returns, each of its outputs that
+requires grad gets a tensor hook holding that forward's state (None for a plain call). The backward reaches an output
+before any node of the graph that produced it, so the hook fires before any recomputation of that forward's layers
+and makes its state the one recomputations use. The hook lives on the graph, so the state lives exactly as long as a
+recomputation can still need it. The cases that a single "last grad-enabled forward" gets wrong:
+  * two forwards before one backward (chosen/rejected pairs, a summed loss): torch's autograd engine runs the ready node
+    created last first, so the later forward's graph is backpropagated (and recomputed) entirely before the earlier
+    forward's outputs are reached, and its hook switches the state;
+  * a plain call of the base model between a forward and its backward (a reference model sharing the base): its own
+    outputs carry no state, and the forward's backward still finds its own.
+A forward under no_grad (evaluation, ``generate``) has no graph and leaves no hook. Each new forward of the base ends
+the replay of the last backward's state, and a hooked module called directly with gradients off never replays it.
+Not covered: a base split over several devices given two forwards before one backward, where torch runs each device's
+part of the backward on its own thread and the two graphs' recomputations may interleave.
+
+Generation. ``generate`` edits the prompt pass only: the hooks are active while the KV cache is empty and idle on the
+decode steps, which read the edited prompt from the cache. Beam search and ``num_return_sequences`` expand the batch;
+the positions are repeated to match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from reft_fast.core.hf import component_module
+
+__all__ = ["ForwardState", "InterventionHooks", "is_prompt_pass", "cached_tokens"]
+
+# Keyword names under which a module may receive its hidden states when they are not its first positional argument.
+_HIDDEN_KWARGS = ("hidden_states", "x", "input")
+
+
+@dataclass
+class ForwardState:
+    """What the hooks of one forward need, computed once before the base model runs."""
+
+    locations: dict  # device -> int64 [n_interventions, B, P]
+    rotations: list  # per intervention: R [r, d] or None
+    seeds: list  # per intervention: dropout seed or None
+    backends: tuple  # per intervention: the backend name resolved for its device
+    expandable: bool = False  # generate: beams / returned sequences repeat each example
+    prompt_length: int = 0  # generate: the sequence length of the prompt the locations index
+    enabled: bool = True  # generate: False on decode steps (KV cache already holds the edited prompt)
+    _expanded: dict = field(default_factory=dict)
+
+    def positions(self, index: int, device: torch.device, batch_size: int) -> torch.Tensor:
+        locations = self.locations[device]
+        if locations.shape[1] != batch_size:
+            factor = batch_size // locations.shape[1]
+            if not self.expandable or factor * locations.shape[1] != batch_size:
+                raise ValueError(f"the hidden states have batch {batch_size} but the locations have batch "
+                                 f"{locations.shape[1]}")
+            key = (device, factor)
+            if key not in self._expanded:
+                self._expanded[key] = locations.repeat_interleave(factor, dim=1)
+            locations = self._expanded[key]
+        return locations[index]
+
+
+class InterventionHooks:
+    """The hooks of one ReftModel on its base ``model``: intervention ``i`` (of ``interventions``, in the order of the
+    locations) edits component ``placements[i]`` = (layer index, component) of ``layers``."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, placements: Sequence[tuple[int, str]],
+                 interventions: Sequence[nn.Module]):
+        self.interventions = tuple(interventions)
+        self.running: Optional[ForwardState] = None  # the ReftModel forward or generate in progress
+        self._replaying: Optional[ForwardState] = None  # the forward whose graph the running backward is in
+        sites: dict[tuple[int, str], list[int]] = {}
+        for index, site in enumerate(placements):
+            sites.setdefault(site, []).append(index)
+        self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True),
+                         model.register_forward_hook(self._on_base_return)]
+        for (layer, component), indices in sites.items():
+            module = component_module(layers[layer], component, layer)
+            if component.endswith("_input"):
+                handle = module.register_forward_pre_hook(partial(self._input_hook, indices), with_kwargs=True)
+            else:
+                handle = module.register_forward_hook(partial(self._output_hook, indices))
+            self._handles.append(handle)
+
+    @contextlib.contextmanager
+    def run(self, state: ForwardState) -> Iterator[None]:
+        """Edit with ``state`` while the block runs (one ReftModel forward or generate)."""
+        self.running = state
+        try:
+            yield
+        finally:
+            self.running = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The base model's own hooks
+    # ----------------------------------------------------------------------------------------------------------------
+    def _on_base_call(self, module, args, kwargs):
+        self._replaying = None  # a new forward: the backward whose state was replayed has ended
+        state = self.running
+        if state is not None and state.expandable:
+            state.enabled = is_prompt_pass(args, kwargs, state.prompt_length)
+        return None
+
+    def _on_base_return(self, module, args, output):
+        if not torch.is_grad_enabled():
+            return None
+        marker = partial(self._replay, self.running)
+        for tensor in _tensors_in(output):
+            if tensor.requires_grad and tensor.grad_fn is not None:
+                tensor.register_hook(marker)
+        return None
+
+    def _replay(self, state: Optional[ForwardState], grad: torch.Tensor) -> None:
+        # The backward has reached an output of the forward that ran with ``state``: recomputations are that forward's.
+        self._replaying = state
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The intervened modules' hooks
+    # ----------------------------------------------------------------------------------------------------------------
+    def _active_state(self) -> Optional[ForwardState]:
+        if self.running is not None:
+            return self.running if self.running.enabled else None
+        # No forward of ours in progress: a checkpointed layer recomputed during a backward (always with gradients
+        # on), or a plain forward of the base (which cleared the replay when it began).
+        return self._replaying if torch.is_grad_enabled() else None
+
+    def _edit(self, indices: list, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
+        for i in indices:
+            h = self.interventions[i].edit(h, state.positions(i, h.device, h.shape[0]), rotation=state.rotations[i],
+                                           seed=state.seeds[i], backend=state.backends[i], validate=False)
+        return h
+
+    def _output_hook(self, indices, module, args, output):
+        state = self._active_state()
+        if state is None:
+            return None
+        if isinstance(output, torch.Tensor):
+            return self._edit(indices, output, state)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return type(output)([self._edit(indices, output[0], state), *output[1:]])
+        raise TypeError(f"cannot intervene on the output of {type(module).__name__}: expected a tensor or a tuple "
+                        f"starting with the hidden states, got {type(output).__name__}")
+
+    def _input_hook(self, indices, module, args, kwargs):
+        state = self._active_state()
+        if state is None:
+            return None
+        if args and isinstance(args[0], torch.Tensor):
+            return (self._edit(indices, args[0], state), *args[1:]), kwargs
+        for name in _HIDDEN_KWARGS:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                return args, {**kwargs, name: self._edit(indices, kwargs[name], state)}
+        raise TypeError(f"cannot find the hidden states among the inputs of {type(module).__name__} (first positional "
+                        f"argument or one of {list(_HIDDEN_KWARGS)})")
+
+
+def _tensors_in(output) -> Iterator[torch.Tensor]:
+    """The tensors of a model output: a tensor, or nested in a ModelOutput / dict / tuple / list."""
+    if isinstance(output, torch.Tensor):
+        yield output
+    elif isinstance(output, dict):  # transformers' ModelOutput is an OrderedDict
+        for value in output.values():
+            yield from _tensors_in(value)
+    elif isinstance(output, (tuple, list)):
+        for value in output:
+            yield from _tensors_in(value)
+
+
+def is_prompt_pass(args: tuple, kwargs: dict, prompt_length: int) -> bool:
+    """Whether a forward call made by ``generate`` processes the prompt (to be edited) or decodes from the KV cache.
+
+    The cache is recognized by what it is, not by the keyword it arrives under: transformers renamed it from
+    ``past_key_values`` to ``cache`` in its generate loop (5.24.0, seen 2026-11-28), and a keyword-based check then
+    edited every decode step. Without a recognizable cache (``use_cache=False``, or a cache of a kind unknown here),
+    each call's input length tells: a cacheless step re-reads the whole sequence (at least the prompt), a decode step
+    reads fewer tokens than the prompt.
+    """
+    for value in (*kwargs.values(), *args):
+        cached = cached_tokens(value)
+        if cached is not None:
+            return cached == 0
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    if inputs is None:
+        inputs = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return inputs is None or inputs.shape[1] >= prompt_length
+
+
+def cached_tokens(value) -> Optional[int]:
+    """Tokens held by ``value`` if it is a KV cache (a transformers Cache, or legacy per-layer (key, value) tuples)."""
+    if callable(getattr(value, "get_seq_length", None)):
+        return int(value.get_seq_length())
+    if (isinstance(value, (tuple, list)) and value and isinstance(value[0], (tuple, list)) and len(value[0]) == 2
+            and all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in value[0])):
+        return int(value[0][0].shape[-2])
+    return None

@@ -1,0 +1,119 @@
+"""Saving a ReftModel to a directory and loading it back, ours or in another library's registered format.
+
+Our format: ``config.json`` (every intervention's hyperparameters with its layer, component and key, the positions
+spec, and the model's shape it was trained on) and ``interventions.safetensors`` (the intervention state, CPU
+tensors). Loading rebuilds the ReftConfig from config.json, refuses a model of another shape, and reads the tensors on
+the CPU so that a directory saved on any device loads on any other.
+
+Other formats. ``register_directory_format`` lets ``ReftModel.load`` read another library's directories:
+``reft_fast.compat`` registers pyreft's. The core never imports the compat layer; the registry keeps the dependency
+one-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+from torch import nn
+
+from reft_fast.core.config import ReftConfig
+from reft_fast.core.hf import find_decoder_layers, model_hidden_size
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format", "save_reft_model", "load_reft_model",
+           "model_signature"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "interventions.safetensors"
+FORMAT = "reft_fast"
+
+# name -> (recognizes(config) -> bool, load(reft_model_class, directory, config, model, *, backend, orthogonalization)).
+_DIRECTORY_FORMATS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_directory_format(name: str, recognizes: Callable, load: Callable) -> None:
+    """Let ``ReftModel.load`` read another library's directories: ``recognizes`` gets the parsed config.json, ``load``
+    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...) and returns the
+    ReftModel."""
+    _DIRECTORY_FORMATS[name] = (recognizes, load)
+
+
+def model_signature(model: nn.Module) -> dict:
+    """What a saved ReFT model must match in the base it is loaded onto (the class is recorded, not checked)."""
+    config = getattr(model, "config", None)
+    return {"class": type(model).__name__, "model_type": getattr(config, "model_type", None),
+            "hidden_size": model_hidden_size(model), "num_layers": len(find_decoder_layers(model)[1])}
+
+
+def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_hf_hub: bool = False,
+                    hf_repo_name: Optional[str] = None) -> None:
+    """Write ``reft_model``'s config.json and interventions.safetensors into ``directory``; optionally push it to the
+    Hub as ``hf_repo_name``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    entries = [{"key": key, "layer": layer, "component": component, **intervention.config_dict()}
+               for (key, intervention), (layer, component) in zip(reft_model.interventions.items(),
+                                                                   reft_model.placements)]
+    config = {"format": FORMAT, "format_version": 1, "interventions": entries,
+              "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
+              "model": model_signature(reft_model.model)}
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft_model.interventions.state_dict().items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if save_to_hf_hub:
+        if not hf_repo_name:
+            raise ValueError("save_to_hf_hub=True needs hf_repo_name")
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(hf_repo_name, exist_ok=True)
+        api.upload_folder(folder_path=str(directory), repo_id=hf_repo_name)
+
+
+def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], model: nn.Module, *,
+                    backend: Optional[str], orthogonalization: str):
+    """A ``reft_model_class`` (ReftModel or a subclass) on ``model`` with the interventions saved in ``directory``, in
+    our format or a registered one."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise ValueError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model")
+    config = json.loads(config_path.read_text())
+    if config.get("format") == FORMAT:
+        return _load_ours(reft_model_class, directory, config, model, backend)
+    for recognizes, load in _DIRECTORY_FORMATS.values():
+        if recognizes(config):
+            return load(reft_model_class, directory, config, model, backend=backend,
+                        orthogonalization=orthogonalization)
+    raise ValueError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
+                     f"{sorted(_DIRECTORY_FORMATS)}")
+
+
+def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.Module, backend):
+    from safetensors.torch import load_file
+
+    saved, actual = config["model"], model_signature(model)
+    mismatched = {k: (saved.get(k), actual[k]) for k in ("model_type", "hidden_size", "num_layers")
+                  if saved.get(k) != actual[k]}
+    if mismatched:
+        details = ", ".join(f"{k}: saved {s!r}, model {m!r}" for k, (s, m) in mismatched.items())
+        raise ValueError(f"the ReFT model in {directory} was saved for a different model ({details})")
+    representations = []
+    for entry in config["interventions"]:
+        options = {k: v for k, v in entry.items() if k not in ("key", "layer", "component")}
+        representations.append({"layer": entry["layer"], "component": entry["component"], "intervention": options})
+    reft_config = ReftConfig(representations, positions=config.get("positions"),
+                             share_weights=config.get("share_weights", False))
+    reft_model = reft_model_class(model, reft_config, backend=backend)
+    saved_keys = [entry["key"] for entry in config["interventions"]]
+    if saved_keys != list(reft_model.interventions):
+        raise ValueError(f"{directory}: saved intervention keys {saved_keys} do not match the rebuilt ones "
+                         f"{list(reft_model.interventions)}")
+    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
+    reft_model.interventions.load_state_dict(state, strict=True)
+    return reft_model
+
