@@ -2,7 +2,7 @@
 
 Import direction. ``reft_fast.ops``, ``reft_fast.core`` and ``reft_fast.train`` never import this package; it imports
 them. The one place where core behaviour depends on pyreft, ``ReftModel.load`` reading a pyreft directory, goes through a registry that the
-core owns: ``reft_fast.core.model.register_directory_format`` takes a recognizer and a reader, and
+core owns: ``reft_fast.core.saving.register_directory_format`` takes a recognizer and a reader, and
 ``reft_fast.compat.pyreft`` registers pyreft's at import. The package's ``reft_fast/__init__.py`` imports this package,
 and importing any ``reft_fast.*`` module runs that file first, so the reader is registered before any load can run.
 A registry rather than a lazy import inside ``ReftModel.load`` keeps the dependency one-way even at run time: the core

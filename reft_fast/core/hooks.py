@@ -20,9 +20,10 @@ requires grad gets a tensor hook holding that forward's state (None for a plain 
 before any node of the graph that produced it, so the hook fires before any recomputation of that forward's layers
 and makes its state the one recomputations use. The hook lives on the graph, so the state lives exactly as long as a
 recomputation can still need it. The cases that a single "last grad-enabled forward" gets wrong:
-  * two forwards before one backward (chosen/rejected pairs, a summed loss): torch's autograd engine runs the ready node
-    created last first, so the later forward's graph is backpropagated (and recomputed) entirely before the earlier
-    forward's outputs are reached, and its hook switches the state;
+  * two forwards before one backward (chosen/rejected pairs, a summed loss): of the ready nodes, torch's autograd
+    engine runs the one created last (its ready queue orders by sequence number: torch/csrc/autograd/engine.cpp, torch
+    2.13), so the later forward's graph is backpropagated, recomputations included, before the earlier forward's
+    outputs are reached; their hook then switches the state;
   * a plain call of the base model between a forward and its backward (a reference model sharing the base): its own
     outputs carry no state, and the forward's backward still finds its own.
 A forward under no_grad (evaluation, ``generate``) has no graph and leaves no hook. Each new forward of the base ends
