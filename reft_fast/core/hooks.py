@@ -27,7 +27,8 @@ recomputation can still need it. The cases that a single "last grad-enabled forw
   * a plain call of the base model between a forward and its backward (a reference model sharing the base): its own
     outputs carry no state, and the forward's backward still finds its own.
 A forward under no_grad (evaluation, ``generate``) has no graph and leaves no hook. Each new forward of the base ends
-the replay of the last backward's state, and a hooked module called directly with gradients off never replays it.
+the replay of the last backward's state; until then, a hooked submodule called directly (not through the base model)
+with gradients on would replay it, and with gradients off never does.
 Not covered: a base split over several devices given two forwards before one backward, where torch runs each device's
 part of the backward on its own thread and the two graphs' recomputations may interleave.
 
