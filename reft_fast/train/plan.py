@@ -89,11 +89,11 @@ def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
 
 
 def _intervention_numel(iv, d: int) -> int:
-    """Trainable elements of one intervention of type ``iv.type`` (R or W2 [r, d], W [r, d], biases [r])."""
-    return {"NoreftIntervention": 2 * iv.rank * d + 2 * iv.rank,
-            "NodireftIntervention": 2 * iv.rank * d + iv.rank,
-            "ConsreftIntervention": iv.rank * d + iv.rank,
-            "LobireftIntervention": iv.rank * d + iv.rank}.get(iv.type, 2 * iv.rank * d + iv.rank)
+    """Trainable elements of one intervention of type ``iv.type``: R (or NoReFT's W2) [r, d], the source's W [r, d]
+    and b [r]; the constant-source types have no W. (The YAML has no add_bias, so NoReFT's projection has no bias.)"""
+    if iv.type in ("ConsreftIntervention", "LobireftIntervention"):
+        return iv.rank * d + iv.rank
+    return 2 * iv.rank * d + iv.rank
 
 
 def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int) -> tuple[float, float]:
