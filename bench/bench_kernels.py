@@ -238,7 +238,8 @@ def op_runners(case: dict, backend: str):
 
 def kernel_runners(case: dict, module):
     """(forward, forward+backward) of a fused backend's launch functions on preallocated outputs; forward returns
-    its output buffer (a copy of h whose selected rows it overwrites)."""
+    its output buffer (a copy of h whose selected rows it overwrites), forward+backward the gradient of h (a buffer
+    likewise) and the kernels' (dQ, dP, dW, db), where the gradient of LoReFT's R is dQ + dP."""
     h, positions, R, W, b = (case[k] for k in ("h", "positions", "R", "W", "b"))
     out, grad_h = h.clone(), case["grad"].clone()
 
@@ -249,7 +250,9 @@ def kernel_runners(case: dict, module):
     def forward_backward():
         module.edit_forward(h, positions, R, R, W, b, 0, 0.0, 0, out)
         # the op keeps only the selected rows of h for backward: that gather is part of the cost
-        module.edit_backward(ops.selected_rows(h, positions), case["grad"], positions, R, R, W, b, 0, 0.0, 0, grad_h)
+        dQ, dP, dW, db = module.edit_backward(ops.selected_rows(h, positions), case["grad"], positions, R, R, W, b,
+                                              0, 0.0, 0, grad_h)
+        return grad_h, dQ, dP, dW, db
 
     return forward, forward_backward
 

@@ -2,13 +2,16 @@
 
 import csv
 import importlib.util
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import triton
 
 from reft_fast.ops import cuda_build as cuda_backend
 
@@ -18,6 +21,19 @@ KERNEL_FIELDS = ["device", "torch", "triton", "date", "timer", "backend", "level
                  "status"]
 ORTHOGONAL_FIELDS = ["device", "torch", "triton", "date", "timer", "method", "n", "d", "r", "pass", "ms",
                      "ms_per_intervention", "orthonormality_err", "status"]
+
+
+def _load_bench_kernels():
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "bench_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_records_this_machine(row: dict) -> None:
+    env = _load_bench_kernels().environment()
+    assert (row["device"], row["torch"], row["triton"]) == (env["device"], torch.__version__, triton.__version__)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\dZ", row["date"]), row["date"]
 
 
 def _read(path: Path):
@@ -45,7 +61,7 @@ def test_kernel_csv_has_the_columns_and_a_row_per_backend_level_pass_and_shape(s
     shapes = {(r["n_rows"], r["d"], r["r"]) for r in measured}
     assert shapes == {(n, d, r) for n in ("8", "24") for d in ("64", "96") for r in ("1", "4")}
     for row in measured:
-        assert row["device"] and row["torch"] and row["triton"] and row["date"]
+        _assert_records_this_machine(row)
         ms, copy_ms = float(row["ms"]), float(row["copy_ms"])
         assert ms > 0 and copy_ms > 0
         copies = 1 if row["pass"] == "fwd" else 2
@@ -109,3 +125,35 @@ def test_orthogonal_csv_covers_every_method_with_orthonormal_results(smoke_run):
         assert float(row["ms"]) > 0
         if row["pass"] == "fwd":
             assert float(row["orthonormality_err"]) < 1e-5
+
+
+def test_pytest_benchmark_view_checks_its_results_and_records_what_it_timed(tmp_path):
+    """bench/test_bench_kernels.py is outside testpaths: run one shape of it here. It passes only if every timed
+    variant's output and gradients match the float64 reference; its JSON names each variant with the shape and device
+    it timed."""
+    report = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != cuda_backend.SIM_ENV}  # CPU: the cuda rows skip
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_bench_kernels.py", "-q", "-p", "no:cacheprovider",
+                           "-k", "N8-d64-r1 or orthogonal", f"--benchmark-json={report}", "--benchmark-min-rounds=1",
+                           "--benchmark-max-time=0", "--benchmark-warmup=off"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    benchmarks = json.loads(report.read_text())["benchmarks"]
+    device = _load_bench_kernels().environment()["device"]
+    names = {b["name"] for b in benchmarks}
+    expected = {f"test_copy[{m}-N8-d64-r1]" for m in ("gather+scatter", "rowcopy")}
+    expected |= {f"test_loreft[torch-op-{p}-N8-d64-r1]" for p in ("fwd", "fwd+bwd")}
+    expected |= {f"test_loreft[triton-{lvl}-{p}-N8-d64-r1]" for lvl in ("op", "kernel") for p in ("fwd", "fwd+bwd")}
+    expected |= {f"test_orthogonal[{m}-{p}]" for m in ("polar", "cholesky", "householder", "householder+base",
+                                                        "pyreft-householder") for p in ("fwd", "fwd+bwd")}
+    assert names == expected, names ^ expected
+    for bench in benchmarks:
+        info, params = bench["extra_info"], bench["params"]
+        assert info["device"] == device, bench["name"]
+        if "shape" in params:  # the shapes read from the timed tensors are the ones the test asked for
+            assert [info["n_rows"], info["d"], info["r"]] == params["shape"] and info["dtype"] == "bfloat16"
+            assert (info["batch"], info["seq_len"]) == (2, 16)
+        for key in ("method", "backend", "level", "pass_"):
+            if key in params:
+                assert info[key] == params[key], (bench["name"], key)
+        assert bench["stats"]["rounds"] >= 1 and bench["stats"]["min"] > 0

@@ -8,11 +8,16 @@ any architecture. The rest is arithmetic, per GPU:
   none on the GPU with parameter offload (then they live in CPU memory).
 * interventions: fp32 parameters (whole on every rank), fp32 gradients (1/N from ZeRO-2) and AdamW's two fp32 moments
   (1/N from ZeRO-1; in CPU memory with optimizer offload).
-* activations of one micro-batch, kept for backward only above the lowest intervened layer (below it nothing requires
-  grad). Without checkpointing, per token and layer: the saved inputs of the norms, the q/k/v/o projections, the
-  attention output and the gated MLP (≈ 6·d + 2·d_kv + 3·d_ff elements in the base dtype; attention is SDPA/flash, so no
-  T×T scores are kept). With checkpointing: one d-vector per token per layer, plus one layer recomputed at a time.
-  The logits of the micro-batch (fp32, with their gradient) are counted in both cases.
+* activations of one micro-batch, kept for backward only above the intervention (below it nothing requires grad;
+  an edit of a layer's block output leaves that layer's own activations unsaved too). The base is frozen, so its
+  linear layers keep none of their inputs. Without checkpointing, per token and layer: the fp32 inputs of the two
+  RMSNorms (they compute in fp32 whatever the base dtype), and in the base dtype what SDPA keeps (q, k, v and its
+  output; k and v repeated to every query head, as transformers' SDPA path does whenever a padding mask is present:
+  2·d + 2·d) and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); attention is SDPA/flash, so no T×T
+  scores are kept. With checkpointing: one d-vector per token per layer, plus one layer recomputed at a time.
+  Backward holds one layer's gradients in flight on top (counted as one layer's activations, in both cases), and
+  the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
+  is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
 
 These are estimates: allocator fragmentation, communication buffers and CUDA context (≈ 1–3 GiB) come on top, which is
 why a fit is reported against 90 % of the GPU's memory.
@@ -73,18 +78,67 @@ def _meta_model(model_config):
         return AutoModelForCausalLM.from_config(model_config)
 
 
+def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
+    """Bytes of one base weight as loaded: model.dtype, or for "auto" the dtype the checkpoint's config records."""
+    if cfg.model.dtype == "auto":
+        saved = getattr(model_config, "dtype", None) or getattr(text_config_of(model_config), "dtype", None)
+        if isinstance(saved, torch.dtype):
+            return saved.itemsize
+    return bytes_per_element(cfg.model.dtype)
+
+
+def _intervention_numel(iv, d: int) -> int:
+    """Trainable elements of one intervention of type ``iv.type``: R (or NoReFT's W2) [r, d], the source's W [r, d]
+    and b [r]; the constant-source types have no W. (The YAML has no add_bias, so NoReFT's projection has no bias.)"""
+    if iv.type in ("ConsreftIntervention", "LobireftIntervention"):
+        return iv.rank * d + iv.rank
+    return 2 * iv.rank * d + iv.rank
+
+
+def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int) -> tuple[float, float]:
+    """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
+    d = text.hidden_size
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or d // heads
+    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    d_ff = getattr(text, "intermediate_size", 4 * d)
+    # flash-attn takes grouped k/v as they are; SDPA gets them repeated to every head whenever a mask is passed.
+    kv_saved = kv_dim if (cfg.model.attn_implementation or "").startswith("flash") else d
+    per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
+    tokens = cfg.training.micro_batch_size * cfg.data.max_length
+    logits = tokens * text.vocab_size * 4 * 2
+    in_flight = tokens * per_token_layer  # one layer's gradients during backward
+    activations = tokens * trained * per_token_layer + in_flight + logits
+    checkpointed = tokens * trained * d * dtype_bytes + tokens * per_token_layer + in_flight + logits
+    return activations, checkpointed
+
+
+def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, intervention_params: int,
+                 activations: tuple[float, float]) -> list[StagePlan]:
+    stages = []
+    for stage in (0, 1, 2, 3):
+        for offload in ((False, True) if stage else (False,)):
+            params_b = intervention_params * 4
+            grads_b = params_b / (gpus if stage >= 2 else 1)
+            optim_b = 2 * params_b / (gpus if stage >= 1 else 1)
+            gathered = 2 * layer_bytes  # the running and the prefetched layer, whole
+            if stage == 3:  # offload here means parameters and optimizer states both in CPU memory
+                weights = gathered if offload else weights_full / gpus + gathered
+                cpu = (weights_full / gpus + optim_b) if offload else 0.0
+            else:  # offload here means the optimizer states only
+                weights = weights_full
+                cpu = optim_b if offload else 0.0
+            on_gpu = params_b + grads_b + (0.0 if offload else optim_b)
+            stages.append(StagePlan(stage, offload, weights, on_gpu, *activations, cpu))
+    return stages
+
+
 def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     if gpus < 1:
         raise ValueError(f"--gpus must be ≥ 1, got {gpus}")
     model_config = validate(cfg, gpus, check_data=False)
     text = text_config_of(model_config)
     num_layers = num_layers_of(model_config)
-    d = text.hidden_size
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or d // heads
-    kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
-    d_ff = getattr(text, "intermediate_size", 4 * d)
-    vocab = text.vocab_size
 
     meta = _meta_model(model_config)
     base_params = sum(p.numel() for p in meta.parameters())
@@ -94,39 +148,17 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     iv = cfg.interventions
     layers = layer_list(iv.layers, num_layers)
     n_interventions = len(intervention_layers(layers, iv.positions, iv.share_weights))
-    per_intervention = {"NoreftIntervention": 2 * iv.rank * d + 2 * iv.rank,
-                        "NodireftIntervention": 2 * iv.rank * d + iv.rank,
-                        "ConsreftIntervention": iv.rank * d + iv.rank,
-                        "LobireftIntervention": iv.rank * d + iv.rank}.get(iv.type, 2 * iv.rank * d + iv.rank)
-    intervention_params = n_interventions * per_intervention
+    intervention_params = n_interventions * _intervention_numel(iv, text.hidden_size)
+    # Backward runs through the layers above the lowest edit, and through that layer too unless its output is edited.
+    trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
-    dtype_bytes = bytes_per_element(cfg.model.dtype)
-    B, T = cfg.training.micro_batch_size, cfg.data.max_length
-    tokens = B * T
-    trained = num_layers - min(layers)
-    per_token_layer = (6 * d + 2 * kv_dim + 3 * d_ff) * dtype_bytes
-    logits = tokens * vocab * 4 * 2
-    activations = tokens * trained * per_token_layer + logits
-    checkpointed = tokens * trained * d * dtype_bytes + tokens * per_token_layer + logits
-
-    weights_full = base_params * dtype_bytes
-    stages = []
-    for stage in (0, 1, 2, 3):
-        for offload in ((False, True) if stage else (False,)):
-            params_b = intervention_params * 4
-            grads_b = params_b / (gpus if stage >= 2 else 1)
-            optim_b = 2 * params_b / (gpus if stage >= 1 else 1)
-            gathered = 2 * layer_params * dtype_bytes  # the running and the prefetched layer, whole
-            if stage == 3:  # offload here means parameters and optimizer states both in CPU memory
-                weights = gathered if offload else weights_full / gpus + gathered
-                cpu = (weights_full / gpus + optim_b) if offload else 0.0
-            else:  # offload here means the optimizer states only
-                weights = weights_full
-                cpu = optim_b if offload else 0.0
-            on_gpu = params_b + grads_b + (0.0 if offload else optim_b)
-            stages.append(StagePlan(stage, offload, weights, on_gpu, activations, checkpointed, cpu))
-    return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, B, T, trained, num_layers, stages,
-                      cfg.deepspeed.stage, cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
+    dtype_bytes = _weight_bytes_per_element(cfg, model_config)
+    activations = _activation_bytes(cfg, text, trained, dtype_bytes)
+    stages = _stage_plans(gpus, base_params * dtype_bytes, layer_params * dtype_bytes, intervention_params,
+                          activations)
+    return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
+                      cfg.data.max_length, trained, num_layers, stages, cfg.deepspeed.stage,
+                      cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
                       cfg.training.gradient_checkpointing)
 
 
