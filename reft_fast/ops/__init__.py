@@ -42,6 +42,7 @@ __all__ = [
     "EditGrads",
     "EditParams",
     "backend_names",
+    "draw_seed",
     "dropout_keep_mask",
     "get_backend",
     "reference_edit",
@@ -144,8 +145,8 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
-def _draw_seed() -> int:
-    # From torch's CPU generator: reproducible under torch.manual_seed, and no device synchronization.
+def draw_seed() -> int:
+    """A dropout seed from torch's CPU generator: reproducible under torch.manual_seed, and no device synchronization."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
@@ -188,7 +189,7 @@ def low_rank_edit(
         validate_positions(positions, h.shape[1])
     dropout = float(dropout)
     if dropout > 0 and seed is None:
-        seed = _draw_seed()
+        seed = draw_seed()
     seed = int(seed or 0)
     return _edit(h, positions, EditParams(Q, P, W, b, act_code, dropout, seed), resolve_backend(backend, h.device))
 
