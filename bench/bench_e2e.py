@@ -27,7 +27,7 @@ row sees another's memory, CUDA context or compiled kernels in memory):
 A step is zero_grad, forward with labels, backward and an AdamW step over the trainable parameters. Reported: the
 median step time after warm-up, tokens/s, the ratio to the floor of the same configuration (ratio_floor) and to the
 floor without fused operations (ratio_plain_floor), peak GPU memory, TFLOP/s and MFU (FLOPs counted by
-reft_fast.train.engine.count_step_flops, divided by the bf16 matrix-product peak measured in its own process), and for the
+reft_fast.train.metrics.count_step_flops, divided by the bf16 matrix-product peak measured in its own process), and for the
 ReFT rows the orthogonalization cost per step (R for every intervention, forward + backward) and the time of one
 layer's edit (forward + backward on a [B, T, d] hidden state).
 
@@ -106,8 +106,8 @@ SESSION_ROWS = (
     ("b", False, True, "reft-fast:cuda"),
 )
 # The libraries rows import, imported once by the server the rows are forked from.
-ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.core.model", "reft_fast.train.engine",
-                 "reft_fast.train.fused_base", "liger_kernel.transformers", "peft", "pyreft")
+ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.core.model", "reft_fast.train.loading",
+                 "reft_fast.train.metrics", "reft_fast.train.fused_base", "liger_kernel.transformers", "peft", "pyreft")
 
 FIELDS = ["device", "torch", "triton", "transformers", "liger_kernel", "pyreft", "peft", "date", "timer", "shape",
           "dtype", "config", "checkpointing", "fused", "fused_ops", "method", "batch", "seq_len", "layers", "rank",
@@ -376,8 +376,9 @@ _SETUPS = {"floor": _setup_floor, "reft-fast": _setup_reft_fast, "hook-loreft": 
 
 def run_row(row: dict) -> dict:
     """Build the base and the method, warm up, time the steps; returns the row's measurements."""
-    from reft_fast.train.engine import count_step_flops, enable_gradient_checkpointing
     from reft_fast.train.fused_base import apply_fused_base_ops
+    from reft_fast.train.loading import enable_gradient_checkpointing
+    from reft_fast.train.metrics import count_step_flops
 
     device = row["device"]
     base = build_base(row)

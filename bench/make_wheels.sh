@@ -12,7 +12,7 @@
 #   pyreft, pyvene, datasets, dill, multiprocess
 #                                    the pyreft rows (pyreft imports datasets at import time)
 #   deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions
-#                                    reft_fast.train.engine's DeepSpeed (pydantic 2.14 fails to import with
+#                                    reft_fast.train's DeepSpeed (pydantic 2.14 fails to import with
 #                                    typing-extensions 4.12; it needs ≥ 4.16)
 #   setuptools                       reft-fast's editable install (`license = "Apache-2.0"` needs setuptools ≥ 77)
 set -euo pipefail

@@ -11,7 +11,7 @@ import torch
 
 from reft_fast.train.checkpoints import LATEST_FILE, STATE_FILE, load_newest_intact, prune_checkpoints, read_checkpoint, \
     step_dirs, write_checkpoint
-from reft_fast.train.engine import check_output_dir
+from reft_fast.train.run_dir import check_output_dir
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
 

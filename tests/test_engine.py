@@ -194,7 +194,7 @@ def test_every_reduction_goes_through_one_helper_on_the_accelerator_device(resum
     calls = run["collectives"]
     # 4 steps, evaluations at steps 0 and 4, and 2 checkpoints all reduce something.
     assert len(calls) >= 8
-    assert {c["caller"] for c in calls} == {"reft_fast.train.engine._all_reduce_sum"}, calls
+    assert {c["caller"] for c in calls} == {"reft_fast.train.distributed.all_reduce_sum"}, calls
     assert all(device == c["accelerator_device"] for c in calls for device in c["devices"]), calls
 
 
@@ -204,13 +204,13 @@ def test_the_reduction_helper_moves_host_values_to_the_accelerator_device(monkey
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from reft_fast.train.engine import _all_reduce_sum
+    from reft_fast.train.distributed import all_reduce_sum
 
     handed = []
     monkeypatch.setattr(get_accelerator(), "current_device_name", lambda: "meta")
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: handed.append(tensor.device))
-    summed = _all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    summed = all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float64))
     assert handed == [torch.device("meta")] and summed.device == torch.device("meta")
 
 
@@ -316,14 +316,13 @@ def test_fused_ops_off_and_auto_train_alike_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("component", ["block_output", "mlp_output"])
 def test_gradient_checkpointing_gives_equal_gradients(tmp_path, component):
-    from reft_fast.train.engine import build_reft_model, enable_gradient_checkpointing
+    from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_tokenizer
     from reft_fast.train.train_config import load_config
 
     config = make_run(tmp_path, n_examples=8)
     from transformers import AutoModelForCausalLM
 
     from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples
-    from reft_fast.train.engine import load_tokenizer
 
     cfg = load_config(str(config), ["interventions.layers=[0, 2, 3]", "interventions.positions=f2+l2",
                                     f"interventions.component={component}"])

@@ -1,5 +1,6 @@
-"""Every function of the training engine and its recipe fits on a screen (60 lines, docstring and decorators included),
-read from the source with ``ast`` so that nested functions and methods count on their own."""
+"""Every function of the reft_fast package fits on a screen (60 lines, docstring and decorators included), read from
+the source with ``ast`` so that nested functions and methods count on their own. The Triton kernels (kernels/, outside
+the package's folder) are not checked: a kernel is one launch and reads best whole."""
 
 import ast
 from pathlib import Path
@@ -8,7 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_LINES = 60
-CHECKED = ["reft_fast/train/engine.py", "reft_fast/train/recipe.py"]
+NOT_CHECKED = {
+    "reft_fast/train/train_config.py",  # validate() is split on another branch
+}
+CHECKED = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "reft_fast").rglob("*.py")
+                 if str(path.relative_to(ROOT)) not in NOT_CHECKED)
 
 
 def _function_spans(path: Path) -> list[tuple[str, int]]:
@@ -33,9 +38,13 @@ def _function_spans(path: Path) -> list[tuple[str, int]]:
 @pytest.mark.parametrize("relative", CHECKED)
 def test_no_function_is_longer_than_a_screen(relative):
     spans = _function_spans(ROOT / relative)
-    assert spans, f"{relative}: no functions found"
     too_long = {name: lines for name, lines in spans if lines > MAX_LINES}
     assert not too_long, f"{relative}: functions over {MAX_LINES} lines: {too_long}"
+
+
+def test_every_module_of_the_package_is_checked():
+    assert "reft_fast/train/recipe.py" in CHECKED and "reft_fast/core/model.py" in CHECKED
+    assert len(CHECKED) >= 25, CHECKED  # the package's modules, not a handful
 
 
 def test_the_span_counter_sees_methods_nested_functions_and_decorators(tmp_path):
@@ -48,6 +57,6 @@ def test_the_span_counter_sees_methods_nested_functions_and_decorators(tmp_path)
 def test_the_recipe_has_the_documented_steps():
     from reft_fast.train.recipe import ReftTrainingRecipe
 
-    for step in ("setup", "train", "train_step", "evaluate", "save_checkpoint", "finish", "cleanup"):
+    for step in ("setup", "train", "train_step", "evaluate", "save_checkpoint", "finish", "cleanup", "run"):
         assert callable(getattr(ReftTrainingRecipe, step, None)), step
     assert "Features:" in ReftTrainingRecipe.__doc__

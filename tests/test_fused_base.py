@@ -19,7 +19,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.models.llama import modeling_llama
 
 from reft_fast import ReftConfig, get_reft_model
-from reft_fast.train.engine import enable_gradient_checkpointing
+from reft_fast.train.loading import enable_gradient_checkpointing
 from reft_fast.train.fused_base import FUSED_OPS, apply_fused_base_ops, fused_base_ops, fused_ops_unsupported_reason
 
 pytest.importorskip("liger_kernel")

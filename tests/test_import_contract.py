@@ -6,7 +6,13 @@ inside a function, points down or sideways, never up.
     reft_fast.train   the YAML schema, data, recipe, checkpoints, plan, fused base, cli (and the demo's files)
     reft_fast.compat  pyreft: imports anything, and nothing imports it except the package's own __init__
 
-The test reads the sources with ``ast`` (nothing is imported), so a lazy import inside a function that only runs on a
+A second rule: a name with a leading underscore is private to its module, so no module takes one from another
+reft_fast module, neither by ``from reft_fast.x import _name`` nor as ``x._name`` on an imported module. There is no
+exception for modules of the same subpackage (not even a package's ``__init__``): a helper another module needs is
+part of its module's interface and gets a public name (it may still stay out of ``__all__``). Binding a public name
+to a private local one (``from reft_fast.ops.library import edit as _edit``) is fine.
+
+The tests read the sources with ``ast`` (nothing is imported), so a lazy import inside a function that only runs on a
 GPU or under DeepSpeed is checked too.
 """
 
@@ -82,3 +88,80 @@ def test_the_contract_catches_an_upward_import(tmp_path):
     source.write_text("def f():\n    from reft_fast.train.recipe import ReftTrainingRecipe\n")
     assert _imports(source) == [(2, "reft_fast.train.recipe")]
     assert _layer("reft_fast.train.recipe") > _layer(_module_name(bad))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# No private names across modules
+# --------------------------------------------------------------------------------------------------------------------
+def _is_module(name: str) -> bool:
+    """Whether ``name`` (reft_fast.…) is a module or package of this repository (reft_fast.kernels is kernels/)."""
+    parts = name.split(".")
+    if parts[0] != "reft_fast":
+        return False
+    path = ROOT / "kernels" / Path(*parts[2:]) if parts[:2] == ["reft_fast", "kernels"] else ROOT / Path(*parts)
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _dotted(node: ast.AST):
+    """``a.b.c`` for a chain of attributes on a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return None if head is None else f"{head}.{node.attr}"
+    return None
+
+
+def _private_uses(path: Path) -> list[tuple[int, str]]:
+    """(line, module._name) of every private name the file takes from a reft_fast module."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    modules = {}  # local name → the reft_fast module it is bound to
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "reft_fast":
+                    local = alias.asname or alias.name.split(".")[0]
+                    modules[local] = alias.name if alias.asname else "reft_fast"
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] == "reft_fast":
+            for alias in node.names:
+                if _is_private(alias.name):
+                    found.append((node.lineno, f"{node.module}.{alias.name}"))
+                elif _is_module(f"{node.module}.{alias.name}"):
+                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_private(node.attr):
+            chain = _dotted(node.value)
+            if chain is None or chain.split(".")[0] not in modules:
+                continue
+            head, _, rest = chain.partition(".")
+            target = modules[head] + (f".{rest}" if rest else "")
+            if _is_module(target):
+                found.append((node.lineno, f"{target}.{node.attr}"))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_takes_a_private_name_from_another(path):
+    assert _private_uses(path) == [], f"{path.relative_to(ROOT)} uses private names of other reft_fast modules"
+
+
+def test_the_contract_catches_a_private_name_taken_from_another_module(tmp_path):
+    # The checker itself: both spellings are flagged; public names, aliases, dunders and other objects' privates pass.
+    source = tmp_path / "probe.py"
+    source.write_text("import torch\n"
+                      "import reft_fast.train.loading as loading\n"
+                      "from reft_fast import ops\n"
+                      "from reft_fast.ops.library import edit as _edit\n"
+                      "import reft_fast.core.model\n"
+                      "def f(self):\n"
+                      "    from reft_fast.ops import _draw_seed, draw_seed\n"
+                      "    self._seeds(), torch._C, ops.__name__, ops.draw_seed(), ops.Backend._x\n"
+                      "    return ops._draw_seed(), loading._model_source, reft_fast.core.model._helper\n")
+    assert _private_uses(source) == [(7, "reft_fast.ops._draw_seed"), (9, "reft_fast.core.model._helper"),
+                                     (9, "reft_fast.ops._draw_seed"), (9, "reft_fast.train.loading._model_source")]

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from reft_fast.core.model import find_decoder_layers
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.cli import main
-from reft_fast.train.engine import build_reft_model, enable_gradient_checkpointing, load_base_model
+from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model
 from reft_fast.train.plan import GIB, format_plan, plan_memory
 from reft_fast.train.train_config import layer_list, load_config
 

@@ -20,6 +20,11 @@ the manifest and the directory, renames the directory to ``stepN`` (atomic) and 
 the newest one or the new one complete. Resume verifies the manifest (sizes and checksums) of the newest checkpoint
 and falls back to the next older one, naming the one it skipped and why, so a checkpoint damaged after it was written
 (a truncated file, a disk error) costs only the steps since the previous one.
+
+Resume. The batch order depends only on (seed, step) (``data.StepSampler``) and the training recipe reseeds the random
+state from (seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as
+an uninterrupted run does (``resume_from_checkpoint``; ``metrics.jsonl`` is cut back to step k by
+``run_dir.rewind_metrics``).
 """
 
 from __future__ import annotations
@@ -27,18 +32,24 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
+from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.loss import forward_loss
 from reft_fast.train.train_config import ConfigError
 
 __all__ = ["LATEST_FILE", "STATE_FILE", "MANIFEST_FILE", "CheckpointError", "gather_trainer_state",
-           "load_newest_intact", "prune_checkpoints", "read_checkpoint", "restore_trainer_state", "write_checkpoint"]
+           "load_newest_intact", "prune_checkpoints", "read_checkpoint", "restore_trainer_state",
+           "resume_from_checkpoint", "save_trainer_checkpoint", "write_checkpoint", "zero_gradient_step"]
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST_FILE = "manifest.json"
@@ -235,9 +246,9 @@ def restore_trainer_state(reft_model, optimizer, scheduler, state: dict) -> None
 
     The optimizer must already hold its state: torch's AdamW and DeepSpeed's partitions of it are created on the first
     step, so the caller takes one step with zero gradients first; every part of what it created is overwritten here.
-    The intervention parameters are whole on every rank at every ZeRO stage (the engine keeps them out of ZeRO-3's
-    partitioning), so each rank writes the full value into them; DeepSpeed's fp32 copies and moments get this rank's
-    partition of it.
+    The intervention parameters are whole on every rank at every ZeRO stage (reft_fast.train.ds_config keeps them out
+    of ZeRO-3's partitioning), so each rank writes the full value into them; DeepSpeed's fp32 copies and moments get
+    this rank's partition of it.
     """
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
@@ -271,3 +282,61 @@ def _check_same_parameters(named, saved: dict) -> None:
     if have != stored:
         raise ConfigError(f"resume: the checkpoint holds interventions {stored}, this config builds {have}; resume "
                           "with the config that wrote it")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Saving and resuming a training run (every rank calls these)
+# --------------------------------------------------------------------------------------------------------------------
+def save_trainer_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, scheduler, rank: int, keep: int,
+                            extra: dict) -> None:
+    """Gather the trainable state (every rank), publish it as ``stepN`` and prune (rank 0). A failure on rank 0 stops
+    every rank with an error, instead of leaving the others waiting in the next collective."""
+    state = {**gather_trainer_state(reft_model, optimizer, scheduler), "step": step, **extra}
+    error = None
+    if rank == 0:
+        try:
+            write_checkpoint(ckpt_dir, step, state)
+            prune_checkpoints(ckpt_dir, keep, step)
+        except Exception as err:  # noqa: BLE001 - reported to every rank below, raised here
+            error = err
+    failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)).tolist()[0]
+    if failed:
+        message = f"writing checkpoint step{step} to {ckpt_dir} failed"
+        raise RuntimeError(f"{message}: {error}" if error else f"{message} on rank 0 (its log has the cause)") \
+            from error
+
+
+def zero_gradient_step(engine, batches: Sequence[dict]) -> None:
+    """One optimizer step whose gradients are all zero. torch's AdamW and DeepSpeed's ZeRO partitions of its state are
+    created on the first step; a resumed run takes this step so that there is a state to load the checkpoint into
+    (restore_trainer_state then overwrites every part of it: parameters, moments, step count, schedule)."""
+    for batch in batches:  # one per micro-step: DeepSpeed steps the optimizer at the accumulation boundary
+        engine.backward(forward_loss(engine, batch) * 0.0)
+        engine.step()
+
+
+def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, scheduler, data_order: dict, rank: int,
+                           warm_up_batches: Callable[[], Sequence[dict]]) -> int:
+    """Load the newest intact checkpoint (any rank count, any ZeRO stage) and return its step; 0 when there is none."""
+
+    def warn(message: str) -> None:
+        if rank == 0:
+            logger.warning("%s", message)
+
+    found = load_newest_intact(ckpt_dir, warn)
+    if found is None:
+        warn(f"resume: nothing to resume in {ckpt_dir} (no checkpoint yet): starting at step 0")
+        return 0
+    path, state = found
+    zero_gradient_step(engine, warm_up_batches())
+    restore_trainer_state(reft_model, optimizer, scheduler, state)
+    step = int(state["step"])
+    engine.global_steps, engine.global_samples = step, step * engine.train_batch_size()
+    if state["data_order"] != data_order:
+        warn(f"resume: the data order differs from the checkpoint's ({state['data_order']} then, {data_order} now): "
+             "the steps after the resume will not be those of the interrupted run")
+    saved_by = state["saved_by"]
+    if rank == 0:
+        logger.info("resumed from %s at step %d (saved by %d ranks at ZeRO-%d)", path, step, saved_by["ranks"],
+                    saved_by["zero_stage"])
+    return step

@@ -104,7 +104,7 @@ _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 @contextlib.contextmanager
 def _distributed_job(timeout_minutes: float):
     """Leave the process group at the end of a command; on a failure leave at once, and explain a timeout."""
-    from reft_fast.train.engine import shutdown
+    from reft_fast.train.distributed import shutdown
 
     try:
         yield
@@ -123,13 +123,13 @@ def _distributed_job(timeout_minutes: float):
 
 
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
-    from reft_fast.train.engine import train
+    from reft_fast.train.recipe import ReftTrainingRecipe
 
     cfg = load_config(config_path, list(overrides))
     cfg.resume = cfg.resume or resume
     cfg.overwrite_output_dir = cfg.overwrite_output_dir or overwrite
     with _distributed_job(cfg.deepspeed.timeout_minutes):
-        return cfg, train(cfg)
+        return cfg, ReftTrainingRecipe(cfg).run()
 
 
 def _print_samples(title: str, samples) -> None:
@@ -151,9 +151,11 @@ def _demo(overrides: Sequence[str]) -> None:
 def _generate(args) -> None:
     import yaml
 
-    from reft_fast.train.engine import TRAIN_CONFIG_FILE, _model_source, generate_answers, init_distributed, \
-        load_base_model, load_tokenizer
     from reft_fast.core.model import ReftModel
+    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.generation import generate_answers
+    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
+    from reft_fast.train.run_dir import TRAIN_CONFIG_FILE
     from reft_fast.train.train_config import config_from_dict
 
     reft_dir = Path(args.reft)
@@ -168,7 +170,7 @@ def _generate(args) -> None:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
-        source = _model_source(cfg)
+        source = model_source(cfg)
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
         base, _ = load_base_model(source, cfg)
         base.config.use_cache = True

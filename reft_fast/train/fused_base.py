@@ -191,6 +191,18 @@ def _mark_decoder_layers(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Applying
 # --------------------------------------------------------------------------------------------------------------------
+def _check_arguments(model, mode: str, ops: Sequence[str]) -> None:
+    if mode not in FUSED_OPS_MODES:
+        raise ValueError(f"mode must be one of {list(FUSED_OPS_MODES)}, got {mode!r}")
+    if isinstance(ops, str):
+        raise TypeError(f"ops must be a sequence of operation names such as {list(FUSED_OPS)}, not a string")
+    unknown = sorted(set(ops) - set(FUSED_OPS))
+    if unknown:
+        raise ValueError(f"unknown fused operations {unknown}; expected names from {list(FUSED_OPS)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[str] = FUSED_OPS) -> tuple[str, ...]:
     """Patch liger-kernel's fused operations into ``model`` (a Hugging Face causal LM, already built and placed).
 
@@ -204,15 +216,7 @@ def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[
     Returns:
         The names of the operations now fused, in ``FUSED_OPS`` order (empty when nothing was applied).
     """
-    if mode not in FUSED_OPS_MODES:
-        raise ValueError(f"mode must be one of {list(FUSED_OPS_MODES)}, got {mode!r}")
-    if isinstance(ops, str):
-        raise TypeError(f"ops must be a sequence of operation names such as {list(FUSED_OPS)}, not a string")
-    unknown = sorted(set(ops) - set(FUSED_OPS))
-    if unknown:
-        raise ValueError(f"unknown fused operations {unknown}; expected names from {list(FUSED_OPS)}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_arguments(model, mode, ops)
     if mode == "off":
         return ()
     if fused_base_ops(model):

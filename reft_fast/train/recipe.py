@@ -1,10 +1,31 @@
-"""The training recipe: one ReFT fine-tuning job, as a class whose steps each fit on a screen.
+"""The training recipe: one ReFT fine-tuning job, as a class whose steps each fit on a screen; every rank runs it.
 
-    setup() → train() → finish(), cleanup() always; ``reft_fast.train.engine.train`` runs them in that order.
+    result = ReftTrainingRecipe(cfg, callbacks=[...]).run()     # setup() → train() → finish(), cleanup() always
 
-The helpers it calls (process group, model loading, DeepSpeed config, FLOPs, generation, evaluation, checkpoints and
-the output directory) live in ``reft_fast.train.engine``, whose module docstring explains the precision, ZeRO-3 and resume
-design this class follows.
+A short loop over a DeepSpeed engine that holds a ReftModel:
+
+    batch (CPU, positions computed by the collator) → engine(...) → engine.backward → engine.step → metrics
+
+DeepSpeed does ZeRO stage 0–3, CPU offload, gradient accumulation, clipping, the optimizer step and the LR schedule
+(``ds_config``). One process on a CPU or one GPU is the same loop at stage 0 with a world of one. The parts it is made
+of, one module of ``reft_fast.train`` per job:
+
+    distributed   joining the process group, barrier, the one reduction helper, leaving
+    loading       tokenizer, the frozen base (precision; ZeRO-3 builds it inside zero.Init), the ReftModel over it
+    ds_config     the DeepSpeed config (why the interventions stay whole under ZeRO-3) and the LR schedule
+    loss          a batch's loss, trimmed to its labelled tail; the mean loss over an eval set
+    metrics       counted FLOPs, MFU, peak memory, the metrics line
+    generation    greedy answers to the sample prompts
+    checkpoints   one-file checkpoints any rank count resumes, and resume itself
+    run_dir       the output directory: the guard against overwriting a run, its files, the final interventions
+
+Resume: the batch order depends only on (seed, step) (data.StepSampler) and the random state is reseeded from
+(seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as an
+uninterrupted run does. ``metrics.jsonl`` gets each step's line before that step's checkpoint and is cut back to step
+k on resume, so the file always shows one trajectory.
+
+Collectives: every reduction goes through ``distributed.all_reduce_sum``, on the accelerator's device (NCCL reduces no
+host tensors); the step's loss stays on the device until the metrics line reads it, once per optimizer step.
 """
 
 from __future__ import annotations
@@ -14,26 +35,45 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from reft_fast.train.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
-from reft_fast.train.engine import RUN_INFO_FILE, TRAIN_CONFIG_FILE, TrainResult, _accepts_logits_to_keep, \
-    _all_reduce_sum, _announced_world_size, _barrier, _config_yaml, _forward_loss, _log, _model_source, _numel, \
-    _num_interventions, _numel_on_this_rank, _peak_memory_gib, _peak_tflops, _remove_previous_run, _resume, \
-    _rewind_metrics, _save_checkpoint, _save_interventions, _tensorboard, _to, _trim_to_labels, build_ds_config, \
-    build_reft_model, check_output_dir, count_step_flops, enable_gradient_checkpointing, evaluate as mean_eval_loss, \
-    generate_answers, init_distributed, load_base_model, load_tokenizer, lr_lambda
-from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.core.hf import num_layers_of
+from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
+from reft_fast.train.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
+from reft_fast.train.ds_config import build_ds_config, lr_lambda
+from reft_fast.train.fused_base import apply_fused_base_ops
+from reft_fast.train.generation import generate_answers
+from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model, \
+    load_tokenizer, model_source
+from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, to_device, trim_to_labels
+from reft_fast.train.metrics import count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
+    open_tensorboard, peak_memory_gib, peak_tflops
+from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
     resolve_data_path, validate
 
-__all__ = ["ReftTrainingRecipe"]
+__all__ = ["ReftTrainingRecipe", "TrainResult"]
 
-logger = logging.getLogger("reft_fast.train.engine")  # the engine's log lines keep their logger name
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a run returns on every rank (the files it wrote are in ``cfg.output_dir``)."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, as logged
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    final_dir: Optional[str] = None
+    samples: list[tuple[str, str]] = field(default_factory=list)
+    samples_before: list[tuple[str, str]] = field(default_factory=list)
+    base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
+    fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
 
 
 class ReftTrainingRecipe:
@@ -56,7 +96,10 @@ class ReftTrainingRecipe:
     - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
       the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
     - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
-    - Every collective goes through ``engine._all_reduce_sum`` on the accelerator's device.
+    - Every collective goes through ``distributed.all_reduce_sum`` on the accelerator's device.
+
+    ``callback(step, metrics, engine)`` runs on every rank after each optimizer step (after that step's checkpoint,
+    if any, was written); ``engine.module`` is the ReftModel.
     """
 
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()):
@@ -70,6 +113,17 @@ class ReftTrainingRecipe:
         self._hf_ds = None  # transformers holds the HfDeepSpeedConfig weakly: alive until cleanup
         self._metrics_file = self._writer = self._bar = None
         self._started = 0.0
+
+    def run(self) -> TrainResult:
+        """The whole job: setup, train, finish; cleanup after success and failure alike, then wait for every rank."""
+        try:
+            self.setup()
+            self.train()
+            result = self.finish()
+        finally:
+            self.cleanup()
+        barrier()
+        return result
 
     # ----------------------------------------------------------------------------------------------------------------
     # setup
@@ -91,7 +145,7 @@ class ReftTrainingRecipe:
 
         cfg = self.cfg
         check_output_dir(cfg)
-        announced_world = _announced_world_size()
+        announced_world = announced_world_size()
         model_config = validate(cfg, announced_world)
         self.rank, self.world = init_distributed(cfg.deepspeed.timeout_minutes)
         if self.world != announced_world:  # an MPI launch learns its size only now
@@ -104,7 +158,7 @@ class ReftTrainingRecipe:
 
     def _setup_data(self) -> None:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
-        self.source = _model_source(cfg)
+        self.source = model_source(cfg)
         self.tokenizer = load_tokenizer(self.source, cfg.model.trust_remote_code)
         train_source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
         examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
@@ -144,8 +198,8 @@ class ReftTrainingRecipe:
                                   fused_ops=fused_ops)
         if self.rank == 0:
             logger.info("base loaded: %d of %d parameters on this rank",
-                        sum(_numel_on_this_rank(p) for p in base.parameters()),
-                        sum(_numel(p) for p in base.parameters()))
+                        sum(numel_on_this_rank(p) for p in base.parameters()),
+                        sum(full_numel(p) for p in base.parameters()))
             logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
                         ", ".join(fused_ops) or "none")
         if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
@@ -174,41 +228,34 @@ class ReftTrainingRecipe:
                                                     config=ds_config)
         self.engine.train()
         self.collator = ReftDataCollator(pad_token_id=self.tokenizer.pad_token_id,
-                                         num_interventions=_num_interventions(self.reft_model),
+                                         num_interventions=len(self.reft_model.interventions),
                                          positions=cfg.interventions.positions,
                                          share_weights=cfg.interventions.share_weights)
-        self.trim = _accepts_logits_to_keep(self.base)
+        self.trim = accepts_logits_to_keep(self.base)
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
         self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # resume log
 
     def _prepare_output_dir(self) -> None:
-        cfg = self.cfg
         if self.rank == 0:
-            if cfg.overwrite_output_dir:
-                _remove_previous_run(self.output)
-            self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
-            # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
-            (self.output / RUN_INFO_FILE).write_text(json.dumps(
-                {"fused_ops_mode": cfg.model.fused_ops, "fused_ops": list(self.result.fused_ops)}, indent=1) + "\n")
+            prepare_output_dir(self.cfg, self.result.fused_ops)
 
     def _load_checkpoint(self) -> None:
         """Resume (``resume: true``) from the newest intact checkpoint, and cut metrics.jsonl back to its step."""
         if self.cfg.resume:
-            self.start_step = _resume(self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler,
-                                      self.data_order, self.rank,
-                                      lambda: [self._micro_batch(0, a)[0] for a in range(self.accumulation)])
+            self.start_step = resume_from_checkpoint(
+                self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler, self.data_order, self.rank,
+                lambda: [self._micro_batch(0, a)[0] for a in range(self.accumulation)])
         if self.rank == 0:
-            _rewind_metrics(self.metrics_path, self.start_step)
-        _barrier()
+            rewind_metrics(self.metrics_path, self.start_step)
+        barrier()
 
     def _open_logs(self) -> None:
         t = self.cfg.training
-        self.peak_tflops = _peak_tflops(t.peak_tflops)
+        self.peak_tflops = peak_tflops(t.peak_tflops)
         if self.rank != 0:
             return
-        self._writer = _tensorboard(self.output)
+        self._writer = open_tensorboard(self.output)
         if t.progress_bar:
             from tqdm.auto import tqdm
 
@@ -237,8 +284,8 @@ class ReftTrainingRecipe:
                 metrics["eval_loss"] = self.evaluate()
                 self.result.eval_losses.append((done, metrics["eval_loss"]))
             if self.rank == 0:  # before the checkpoint: a kill during the save keeps this step's line
-                _log(metrics, self._metrics_file, self._writer, self._bar,
-                     done % t.log_every == 0 or done == self.total_steps)
+                log_metrics(metrics, self._metrics_file, self._writer, self._bar,
+                            done % t.log_every == 0 or done == self.total_steps)
             if t.save_every and done % t.save_every == 0:
                 self.save_checkpoint(done)
             for callback in self.callbacks:
@@ -250,8 +297,8 @@ class ReftTrainingRecipe:
         """The batch this rank takes at (step, micro_step), on the device, and its sequence lengths."""
         items = [self.train_set[i] for i in self.sampler.indices(step, micro_step, self.rank)]
         batch = self.collator(items)
-        batch = _trim_to_labels(batch) if self.trim else batch
-        return _to(batch, self.engine.device), [len(item["input_ids"]) for item in items]
+        batch = trim_to_labels(batch) if self.trim else batch
+        return to_device(batch, self.engine.device), [len(item["input_ids"]) for item in items]
 
     def train_step(self, step: int) -> dict:
         """One optimizer step (``accumulation`` micro-batches) and its metrics line. The loss is summed on the device;
@@ -266,7 +313,7 @@ class ReftTrainingRecipe:
             # one rank accumulating R micro-batches draws.
             torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * self.world + self.rank)
             batch, lengths = self._micro_batch(step, micro_step)
-            loss = _forward_loss(engine, batch)
+            loss = forward_loss(engine, batch)
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
@@ -274,11 +321,11 @@ class ReftTrainingRecipe:
         flops = count_step_flops(self.base, min(self.layers), seq_lens, t.gradient_checkpointing)
         host_stats = [self.accumulation, sum(seq_lens), flops]
         # Summed over ranks: loss over micro-batches, micro-batches, tokens, FLOPs; .tolist() is the step's sync.
-        losses, micro_batches, tokens, step_flops = _all_reduce_sum(
+        losses, micro_batches, tokens, step_flops = all_reduce_sum(
             torch.cat([loss_sum.view(1), loss_sum.new_tensor(host_stats)])).tolist()
         elapsed = time.perf_counter() - tic
         metrics = {"step": step + 1, "loss": losses / micro_batches, "lr": lr, "tokens_per_s": tokens / elapsed,
-                   "step_time_s": elapsed, "peak_mem_gib": _peak_memory_gib()}
+                   "step_time_s": elapsed, "peak_mem_gib": peak_memory_gib()}
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
@@ -293,9 +340,9 @@ class ReftTrainingRecipe:
 
     def save_checkpoint(self, step: int) -> None:
         """The whole trainable state as ``checkpoints/step<step>`` (every rank gathers, rank 0 writes and prunes)."""
-        _save_checkpoint(self.ckpt_dir, step, self.reft_model, self.optimizer, self.scheduler, self.rank,
-                         self.cfg.training.keep_checkpoints,
-                         extra={"data_order": self.data_order, "saved_by": self.saved_by})
+        save_trainer_checkpoint(self.ckpt_dir, step, self.reft_model, self.optimizer, self.scheduler, self.rank,
+                                self.cfg.training.keep_checkpoints,
+                                extra={"data_order": self.data_order, "saved_by": self.saved_by})
 
     # ----------------------------------------------------------------------------------------------------------------
     # the end
@@ -304,7 +351,7 @@ class ReftTrainingRecipe:
         """Save the final interventions, answer the sample prompts with them, and return the run's result."""
         t, cfg = self.cfg.training, self.cfg
         final_dir = self.output / "final"
-        _save_interventions(self.reft_model, final_dir, cfg, self.rank)
+        save_interventions(self.reft_model, final_dir, cfg, self.rank)
         self.result.final_dir = str(final_dir)
         if t.sample_prompts:
             synced = cfg.deepspeed.stage == 3 and self.world > 1

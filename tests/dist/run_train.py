@@ -47,7 +47,7 @@ def main(argv):
         else:
             groups[-1].append(arg)
 
-    from reft_fast.train.engine import shutdown
+    from reft_fast.train.distributed import shutdown
 
     results = [run_one(config_path, overrides, check_frozen) for overrides in groups]
     if collectives is not None:
@@ -98,7 +98,7 @@ def record_collectives(log):
 
 
 def run_one(config_path, overrides, check_frozen):
-    from reft_fast.train.engine import train
+    from reft_fast.train.recipe import ReftTrainingRecipe
     from reft_fast.train.train_config import load_config
 
     cfg = load_config(config_path, overrides)
@@ -112,7 +112,7 @@ def run_one(config_path, overrides, check_frozen):
             seen["shard_numel"] = sum(p.ds_tensor.numel() for p in base_params if hasattr(p, "ds_tensor"))
 
     engines = []
-    result = train(cfg, callbacks=[on_step, lambda step, metrics, engine: engines.append(engine)])
+    result = ReftTrainingRecipe(cfg, callbacks=[on_step, lambda step, metrics, engine: engines.append(engine)]).run()
     if check_frozen:
         import deepspeed
         from safetensors.torch import load_file

@@ -1,0 +1,98 @@
+"""The process group of a training job: joining it, its size, waiting for the other ranks, the one reduction helper and
+leaving it.
+
+Collectives: every reduction of the training job goes through ``all_reduce_sum``, on the accelerator's device (NCCL
+reduces no host tensors); the caller reads the result once, which is its one host sync.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+import torch
+
+__all__ = ["all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed", "shutdown"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a world of one's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
+    """Join the process group the launcher prepared, or make a world of one (CPU, a single GPU, a notebook).
+
+    ``timeout_minutes`` bounds every wait for the other ranks (joining, each collective): a rank that hangs makes the
+    others fail with a timeout error instead of blocking the job forever.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        timeout = timedelta(minutes=timeout_minutes)
+        # DeepSpeed makes its data-parallel and ZeRO groups with torch.distributed.new_group and no timeout, so they
+        # would wait torch's default (30 min on gloo, 10 on NCCL) whatever init_distributed got: torch reads that
+        # default from these module globals each time a group is made (DeepSpeed 0.19.8, torch 2.13, 2026-11-28).
+        from torch.distributed import distributed_c10d
+
+        distributed_c10d.default_pg_timeout = timeout
+        if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+            distributed_c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(verbose=False, timeout=timeout)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def announced_world_size() -> int:
+    """The number of ranks, known before joining the process group: the launchers announce it in WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over all ranks, as a tensor on the accelerator's current device; every reduction of the
+    training job goes through here.
+
+    On GPUs DeepSpeed's process group is NCCL, which cannot reduce tensors in host memory ("No backend type associated
+    with device type cpu"); gloo, on CPU machines, can, so a host tensor there would hide the bug until the first
+    multi-GPU run. Reading the result (``.tolist()``) is the one host sync of the caller.
+    """
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    values = values.to(get_accelerator().current_device_name())
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return values
+
+
+def shutdown(wait_for_others: bool = True) -> None:
+    """Barrier, then tear down the process group (DeepSpeed on gloo sometimes aborts at exit otherwise).
+
+    After a failure pass ``wait_for_others=False``: the other ranks may be gone or stuck, and a barrier would hold
+    this one until the timeout instead of letting it exit (the launcher then stops the rest of the job).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,77 @@
+"""The DeepSpeed config of a training job, and its learning-rate schedule.
+
+DeepSpeed does ZeRO stage 0–3, CPU offload, gradient accumulation, clipping, the optimizer step (a client
+torch.optim.AdamW over the intervention parameters only) and the LR schedule (a LambdaLR over ``lr_lambda`` handed to
+``deepspeed.initialize``, stepped by DeepSpeed at accumulation boundaries). The config has no bf16/fp16 section: the
+interventions train in fp32 over a base loaded in ``model.dtype`` (``reft_fast.train.loading``).
+
+ZeRO-3: the intervention parameters are kept whole on every rank (the persistence threshold is raised above their
+size) because the ReftModel reads them in one batched call per forward, outside ZeRO's per-module gather hooks; they
+are small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Callable
+
+import torch
+
+from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
+
+__all__ = ["build_ds_config", "lr_lambda"]
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: int = 0) -> dict:
+    """The config for ``deepspeed.initialize``: ours, with ``deepspeed.config`` merged over it key by key."""
+    t, ds = cfg.training, cfg.deepspeed
+    accumulation = gradient_accumulation_steps(cfg, world_size)
+    zero: dict[str, Any] = {"stage": ds.stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * world_size * accumulation,
+        "gradient_clipping": t.max_grad_norm,  # explicit: DeepSpeed's default changed between releases
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # the client torch AdamW
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch AdamW: no JIT-built CPU Adam needed
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    config = _deep_merge(config, json.loads(json.dumps(ds.config)))
+    if ds.stage == 3:
+        # The interventions must stay whole on every rank (see the module docstring): parameters smaller than the
+        # persistence threshold are never partitioned, so the threshold is raised above the largest of them.
+        zero = config["zero_optimization"]
+        zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                                                         max_intervention_numel + 1)
+    return config
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine or linear decay to ``min_ratio`` × peak at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return min_ratio + (1.0 - min_ratio) * decay
+
+    return factor

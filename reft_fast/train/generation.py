@@ -1,0 +1,48 @@
+"""Greedy answers to prompts, with or without the interventions: the samples a training run shows before and after,
+``reft-fast generate`` and the demo.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from reft_fast.core.positions import intervention_locations
+from reft_fast.train.data import encode_prompt
+
+__all__ = ["generate_answers"]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Optional[str] = None,
+                     share_weights: bool = False, chat_template: Optional[bool] = None,
+                     system_prompt: Optional[str] = None, max_new_tokens: int = 64,
+                     synced_gpus: bool = False) -> list[str]:
+    """Greedy answers, one prompt at a time. ``model`` is a ReftModel (then ``positions`` is required and the
+    interventions edit the prompt) or a plain transformers model (answers of the base alone).
+
+    Fused base operations (``model.fused_ops``) are a training-speed feature and nothing here applies them, so
+    ``reft-fast generate`` runs the stock transformers base: liger's gains come from the backward pass and from never
+    materializing the training logits, while greedy decoding is one token at a time through the KV cache (and its
+    fused cross-entropy is inactive in eval mode anyway). A base the training recipe fused keeps its kernels for the
+    samples it generates; in eval mode they compute the same logits up to rounding.
+    """
+    answers = []
+    device = next(p for p in model.parameters()).device
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
+        inputs = {"input_ids": torch.tensor([ids], device=device),
+                  "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device)}
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+        if synced_gpus:
+            kwargs["synced_gpus"] = True
+        if hasattr(model, "interventions"):
+            locations = intervention_locations([len(ids)], positions, len(model.interventions),
+                                               share_weights=share_weights)
+            _, out = model.generate(inputs, intervention_locations=locations, use_cache=True, **kwargs)
+        else:
+            out = model.generate(**inputs, use_cache=True, **kwargs)
+        answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return answers

@@ -1,0 +1,135 @@
+"""The frozen base, its tokenizer and the ReftModel over it, as a training config describes them.
+
+Precision: the frozen base is loaded in ``model.dtype`` (bf16 on GPUs) while the intervention parameters, their
+gradients and the optimizer stay float32: the ReFT ops compute in fp32 and cast at the boundary. DeepSpeed's own
+bf16/fp16 modes would cast the whole module (interventions included) to half precision, so the DeepSpeed config has
+none (``reft_fast.train.ds_config``); under ZeRO-3 the base is partitioned by zero.Init directly in ``model.dtype``.
+
+ZeRO-3: HfDeepSpeedConfig is alive before ``from_pretrained``, so transformers builds the base inside zero.Init and no
+rank ever holds all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from reft_fast.core.dtypes import model_dtype
+from reft_fast.core.positions import intervention_layers
+from reft_fast.train.distributed import barrier
+from reft_fast.train.train_config import TrainConfig, gguf_cache_dir, resolve_model_source
+
+__all__ = ["build_reft_model", "enable_gradient_checkpointing", "load_base_model", "load_tokenizer",
+           "materialize_gguf", "model_source"]
+
+logger = logging.getLogger(__name__)
+
+
+def materialize_gguf(folder: str, gguf_file: str) -> str:
+    """Convert a GGUF file once into a safetensors checkpoint in the cache and return its directory.
+
+    transformers can read GGUF directly, but only through accelerate and never under zero.Init; an ordinary
+    checkpoint loads everywhere (and in 0.4 s instead of 16 s for SmolLM2-135M). Rank 0 converts, the others wait.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    file = Path(folder) / gguf_file
+    target = gguf_cache_dir(file)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0 and not (target / "config.json").is_file():
+        logger.info("converting %s to a safetensors checkpoint in %s (once)", file, target)
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise RuntimeError(f"GGUF {file}: missing tensors {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        model.tie_weights()
+        partial = target.with_name(target.name + f".partial{os.getpid()}")
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(target)  # atomic: a killed conversion never leaves a half-written checkpoint behind
+    barrier()
+    return str(target)
+
+
+def model_source(cfg: TrainConfig) -> str:
+    """The directory or hub name ``from_pretrained`` loads the base from; a GGUF file is converted once first."""
+    source, gguf_file = resolve_model_source(cfg.model.path, cfg.base_dir)
+    return materialize_gguf(source, gguf_file) if gguf_file else source
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False):
+    """The base's tokenizer, with a pad token (its EOS, else its UNK, where it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None):
+    """The frozen base, in ``model.dtype``; under ZeRO-3 built inside zero.Init (partitioned as it is created).
+
+    Returns (model, hf_deepspeed_config): keep the second alive until training ends (transformers holds it weakly).
+    """
+    from transformers import AutoModelForCausalLM
+
+    dtype = model_dtype(cfg.model.dtype)
+    hf_ds = None
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        init_config = json.loads(json.dumps(ds_config))
+        # zero.Init takes its dtype from the mixed-precision section; the engine itself runs without one (see the
+        # module docstring).
+        init_config["bf16"] = {"enabled": dtype == torch.bfloat16}
+        init_config["fp16"] = {"enabled": dtype == torch.float16}
+        hf_ds = HfDeepSpeedConfig(init_config)
+    kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
+                                                 **kwargs)
+    model.requires_grad_(False)
+    model.config.use_cache = False
+    return model, hf_ds
+
+
+def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
+    """transformers' per-layer checkpointing; the ReftModel's hooks redo their edits when a layer is recomputed."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5.x renamed it
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if reentrant:
+        # Reentrant checkpointing back-propagates into a segment only when one of its inputs requires grad; the
+        # interventions inside the layers need that, and the frozen embeddings would not give it.
+        base.enable_input_require_grads()
+
+
+def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
+    """Attach the configured interventions at ``layers`` (twice for a two-sided position spec without share_weights:
+    ``positions.intervention_layers``)."""
+    from reft_fast.core.config import ReftConfig
+    from reft_fast.core.model import get_reft_model
+
+    iv = cfg.interventions
+    layers = intervention_layers(layers, iv.positions, iv.share_weights)
+    options = {"dropout": iv.dropout, "act_fn": iv.act}
+    if iv.orthogonalization != "polar":  # only the rotation-based types accept it
+        options["orthogonalization"] = iv.orthogonalization
+    representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.rank,
+                        "intervention": iv.type, **options} for layer in layers]
+    reft_config = ReftConfig(representations, positions=iv.positions, share_weights=iv.share_weights)
+    return get_reft_model(base, reft_config)

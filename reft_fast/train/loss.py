@@ -1,0 +1,71 @@
+"""The loss of a batch through the DeepSpeed engine, the batch cut to the labelled tail first, and the mean loss over
+an evaluation set.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from reft_fast.train.distributed import all_reduce_sum
+
+__all__ = ["accepts_logits_to_keep", "forward_loss", "mean_eval_loss", "to_device", "trim_to_labels"]
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch's tensors on ``device`` (copied without waiting where the host memory allows)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def accepts_logits_to_keep(base) -> bool:
+    """Whether the base's forward can compute logits for the last K positions only (``trim_to_labels`` needs that)."""
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def trim_to_labels(batch: dict) -> dict:
+    """Keep only the tail of the sequence that holds labels for the LM head (on the CPU batch, before the transfer).
+
+    The head and the loss over the vocabulary cost as much as several decoder layers on small models; positions before
+    the first response token carry no label, so their logits are never needed. The base computes logits for the last
+    K positions only (``logits_to_keep``) and the labels are cut to the same K columns: transformers' shift inside the
+    loss then pairs them exactly as on the full sequence, and the mean is over the same tokens.
+    """
+    labelled = (batch["labels"] != -100).any(dim=0).nonzero()
+    if labelled.numel() == 0:
+        return batch
+    keep = batch["labels"].shape[1] - int(labelled[0]) + 1
+    if keep >= batch["labels"].shape[1]:
+        return batch
+    return {**batch, "labels": batch["labels"][:, -keep:], "logits_to_keep": keep}
+
+
+def forward_loss(engine, batch: dict) -> torch.Tensor:
+    """The mean response-token loss of a collated batch (on the engine's device), as a device tensor."""
+    base = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
+    _, out = engine(base, intervention_locations=batch["intervention_locations"], labels=batch["labels"], **extra)
+    return out.loss
+
+
+@torch.no_grad()
+def mean_eval_loss(engine, dataset, collator, micro: int, rank: int, world: int, trim: bool = False) -> float:
+    """Mean response-token loss over the whole dataset. Every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters collectively): the last chunk is padded with a zero-weight copy of an example. The weighted losses add
+    up on the device; the only host sync is reading the reduced total."""
+    engine.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens_total = 0
+    chunk = micro * world
+    for start in range(0, len(dataset), chunk):
+        mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+        batch = collator([dataset[i] for i in (mine or [0])])
+        batch = trim_to_labels(batch) if trim else batch
+        # The tokens the mean loss averages over, counted on the host batch before it moves.
+        tokens = int((batch["labels"][:, 1:] != -100).sum()) if mine else 0
+        loss = forward_loss(engine, to_device(batch, engine.device))
+        loss_sum += loss.detach().double() * tokens
+        tokens_total += tokens
+    total_loss, total_tokens = all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(tokens_total)])).tolist()
+    engine.train()
+    return total_loss / total_tokens

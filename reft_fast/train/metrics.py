@@ -1,0 +1,107 @@
+"""What a training step reports: counted FLOPs, the device's peak for MFU, peak memory, and where the metrics line
+goes (``metrics.jsonl``, TensorBoard, the progress bar).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from reft_fast.core.hf import find_decoder_layers, text_config_of
+
+__all__ = ["PEAK_TFLOPS", "count_step_flops", "full_numel", "log_metrics", "numel_on_this_rank", "open_tensorboard",
+           "peak_memory_gib", "peak_tflops"]
+
+# Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU when training.peak_tflops is not set.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def full_numel(p: torch.nn.Parameter) -> int:
+    """The elements of ``p`` over all ranks: ZeRO-3 partitions leave ``p.numel() == 0`` and the count in ds_numel."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def numel_on_this_rank(p: torch.nn.Parameter) -> int:
+    """The elements of ``p`` this rank stores: a ZeRO-3 partitioned parameter is empty but for its shard."""
+    shard = getattr(p, "ds_tensor", None)
+    return shard.numel() if shard is not None and p.numel() == 0 else p.numel()
+
+
+def count_step_flops(base, lowest_layer: int, seq_lens: Sequence[int], gradient_checkpointing: bool) -> float:
+    """FLOPs of one forward + backward on sequences of the given lengths (counted, not measured).
+
+    Per token: 2 × (parameters of a decoder layer) per layer, 2·T·d per layer for causal attention (scores and the
+    weighted sum over on average T/2 keys), 2·d·V for the LM head. Backward only computes input gradients (the base is
+    frozen: about one forward's worth) for the layers above the lowest intervened one and the head; gradient
+    checkpointing recomputes those layers' forward once more. The ReFT edits themselves are negligible and not counted.
+    """
+    _, layers = find_decoder_layers(base)
+    per_layer = sum(full_numel(p) for p in layers[0].parameters())
+    text = text_config_of(base.config)
+    d, vocab, n_layers = text.hidden_size, text.vocab_size, len(layers)
+    trained = n_layers - lowest_layer
+    flops = 0.0
+    for T in seq_lens:
+        layer = 2 * per_layer + 2 * T * d
+        head = 2 * d * vocab
+        forward = n_layers * layer + head
+        backward = trained * (layer + 2 * T * d) + head  # attention's input gradient costs about twice its forward
+        recompute = trained * layer if gradient_checkpointing else 0
+        flops += T * (forward + backward + recompute)
+    return flops
+
+
+def peak_tflops(configured: Optional[float]) -> Optional[float]:
+    """The peak MFU is measured against: ``training.peak_tflops`` when set, else the table's entry for this GPU, else
+    None (no MFU in the metrics)."""
+    if configured is not None:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for fragment, tflops in PEAK_TFLOPS.items():
+            if fragment in name:
+                return tflops
+    return None
+
+
+def peak_memory_gib() -> float:
+    """The GPU's peak allocated memory, or on the CPU the process's peak resident size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: the process's peak RSS
+
+
+def open_tensorboard(output: Path):
+    """A SummaryWriter into ``output/tensorboard``, or None where tensorboard is not installed (it is optional)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+def log_metrics(metrics: dict, metrics_file, writer, bar, show: bool) -> None:
+    """One step's metrics: a durable line in ``metrics_file``, scalars for ``writer`` and, when ``show``, the bar's
+    postfix (``writer`` and ``bar`` may be None)."""
+    metrics_file.write(json.dumps(metrics) + "\n")
+    metrics_file.flush()
+    os.fsync(metrics_file.fileno())  # a SIGKILL right after this step keeps its line
+    if writer is not None:
+        for key, value in metrics.items():
+            if key != "step":
+                writer.add_scalar(f"train/{key}", value, metrics["step"])
+    if bar is not None:
+        bar.update(1)
+        if show:
+            postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
+                       "mem": f"{metrics['peak_mem_gib']:.1f}GiB"}
+            if "mfu" in metrics:
+                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+            if "eval_loss" in metrics:
+                postfix["eval"] = f"{metrics['eval_loss']:.4f}"
+            bar.set_postfix(postfix, refresh=False)

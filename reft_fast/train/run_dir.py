@@ -1,0 +1,102 @@
+"""A run's output directory: the guard against overwriting an earlier run, the files a run writes next to its
+checkpoints, and the final interventions.
+
+    output_dir/  train_config.yaml  the config of the run (``reft-fast generate`` reads the copy in final/)
+                 run.json           what this launch resolved from the config (the fused base operations)
+                 metrics.jsonl      one line per step (and per evaluation), cut back to the step a resume starts from
+                 checkpoints/       reft_fast.train.checkpoints
+                 tensorboard/       when tensorboard is installed
+                 final/             the trained interventions (ReftModel.save) and train_config.yaml
+
+A non-empty output_dir is refused unless the launch resumes or overwrites it; overwriting removes the files above and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+
+from reft_fast.train.distributed import barrier
+from reft_fast.train.train_config import ConfigError, TrainConfig
+
+__all__ = ["RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "prepare_output_dir", "rewind_metrics",
+           "save_interventions"]
+
+logger = logging.getLogger(__name__)
+TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
+RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
+# What a run writes into output_dir; --overwrite removes these (and nothing else) before starting.
+_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", TRAIN_CONFIG_FILE, RUN_INFO_FILE)
+
+
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Refuse a launch that would lose an earlier run's files: a non-empty output_dir needs ``resume`` (continue the
+    run there) or ``overwrite_output_dir`` (replace its outputs). Reads the file system only; every rank runs it before
+    any rank writes there."""
+    output = Path(cfg.output_dir)
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise ConfigError("overwrite_output_dir: cannot be combined with resume (continue the run in output_dir, or "
+                          "replace it: not both)")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"output_dir: {output} exists and is not a directory")
+    if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
+        return
+    entries = sorted(path.name for path in output.iterdir())
+    if entries:
+        shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
+        raise ConfigError(f"output_dir: {output} is not empty ({shown}); pass --resume (resume=true) to continue the "
+                          "run there, --overwrite (overwrite_output_dir=true) to replace its outputs, or choose "
+                          "another output_dir")
+
+
+def prepare_output_dir(cfg: TrainConfig, fused_ops: tuple[str, ...]) -> None:
+    """Rank 0, before training: remove an earlier run's outputs when overwriting, then write the config of this run
+    and what this launch fused into the base."""
+    output = Path(cfg.output_dir)
+    if cfg.overwrite_output_dir:
+        _remove_previous_run(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+    # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
+    (output / RUN_INFO_FILE).write_text(json.dumps(
+        {"fused_ops_mode": cfg.model.fused_ops, "fused_ops": list(fused_ops)}, indent=1) + "\n")
+
+
+def _remove_previous_run(output: Path) -> None:
+    removed = [name for name in _RUN_OUTPUTS if (output / name).exists()]
+    for name in removed:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if removed:
+        logger.warning("overwrite_output_dir: removed the previous run's %s from %s", ", ".join(removed), output)
+
+
+def _config_yaml(cfg: TrainConfig) -> str:
+    # overwrite_output_dir is what one launch was told, not a property of the run: a copy of this file used as the
+    # config of a later launch must not delete this run.
+    return yaml.safe_dump({**cfg.to_dict(), "overwrite_output_dir": False}, sort_keys=False)
+
+
+def rewind_metrics(path: Path, step: int) -> None:
+    """Cut ``metrics.jsonl`` back to the lines of steps up to ``step`` (a resume from step ``step`` replays the rest),
+    so that the file always shows one trajectory."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
+    """The trained interventions and the run's config into ``directory`` (rank 0 writes, every rank waits)."""
+    # The interventions are whole on every rank at every stage (reft_fast.train.ds_config keeps them out of ZeRO-3's
+    # partitioning). Under ZeRO-3 they must not go through GatheredParameters: leaving it partitions (frees) even
+    # persistent parameters (DeepSpeed 0.19.8), and the samples generated after this save would run on empty weights.
+    if rank == 0:
+        reft_model.save(str(directory))
+        (directory / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+    barrier()
