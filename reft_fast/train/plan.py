@@ -26,6 +26,7 @@ import torch
 
 from reft_fast.core.dtypes import bytes_per_element
 from reft_fast.core.hf import num_layers_of, text_config_of
+from reft_fast.core.interventions import intervention_class
 from reft_fast.core.model import find_decoder_layers
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
@@ -95,10 +96,9 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     iv = cfg.interventions
     layers = layer_list(iv.layers, num_layers)
     n_interventions = len(intervention_layers(layers, iv.positions, iv.share_weights))
-    per_intervention = {"NoreftIntervention": 2 * iv.rank * d + 2 * iv.rank,
-                        "NodireftIntervention": 2 * iv.rank * d + iv.rank,
-                        "ConsreftIntervention": iv.rank * d + iv.rank,
-                        "LobireftIntervention": iv.rank * d + iv.rank}.get(iv.type, 2 * iv.rank * d + iv.rank)
+    # One intervention as the engine builds it (a few r×d tensors), counted rather than a formula per type.
+    one = intervention_class(iv.intervention)(embed_dim=d, low_rank_dimension=iv.low_rank_dimension)
+    per_intervention = sum(p.numel() for p in one.parameters())
     intervention_params = n_interventions * per_intervention
 
     dtype_bytes = bytes_per_element(cfg.model.dtype)
