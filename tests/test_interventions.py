@@ -2,8 +2,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
-
-from reference import reference
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_fast import ops
@@ -11,19 +9,21 @@ from reft_fast.compat import load_pyreft_state
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import (
     INTERVENTION_TYPES,
-    InterventionSpec,
-    ReftIntervention,
     ConsreftIntervention,
     DireftIntervention,
+    InterventionSpec,
     LobireftIntervention,
     LoreftIntervention,
     NodireftIntervention,
     NoreftIntervention,
+    ReftIntervention,
     intervention_class,
     intervention_from_config,
     register_intervention,
 )
 from reft_fast.core.model import ReftModel, get_reft_model
+
+from reference import reference
 
 D, R_ = 24, 3
 ACTS = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}
