@@ -1,4 +1,5 @@
-"""What the op tests share: the family table, random inputs, and the float64 reference of the edit.
+"""What the op tests share: the family table (derived from the intervention specs), random inputs, and the float64
+reference of the edit.
 
 The reference edits the selected rows in float64 (one gather, then index_put); gradients come from autograd through
 it. Parameters are dicts of the tensors a family uses (keys Q, P, W, b; an absent key is an unused input), so
@@ -10,11 +11,18 @@ import random
 import torch
 import torch.nn.functional as F
 
+from reft_fast.core.interventions import INTERVENTION_TYPES
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-# family -> (uses W, subtracts the projection (P is Q), Q has orthonormal rows), as reft_fast.ops calls the edit
-FAMILY = {"loreft": (True, True, True), "noreft": (True, True, False), "direft": (True, False, True),
-          "nodireft": (True, False, False), "consreft": (False, True, True), "lobireft": (False, False, True)}
+
+def family_row(spec):
+    """(uses W, subtracts the projection (P is Q), Q has orthonormal rows): how a spec calls the edit."""
+    return spec.source == "linear", spec.subtract, spec.basis == "rotation"
+
+
+# short name ("loreft") -> family_row, for every intervention type the package defines
+FAMILY = {name.removesuffix("Intervention").lower(): family_row(cls.spec) for name, cls in INTERVENTION_TYPES.items()}
 ACT_F64 = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 

@@ -15,6 +15,7 @@ import deepspeed
 import pytest
 import torch.distributed
 import transformers
+import yaml
 
 from reft_fast.train.cli import main
 
@@ -49,7 +50,7 @@ def nothing_starts(monkeypatch):
     ("training.nonsense=1", "training.nonsense"),
     ("data.train_file=absent.jsonl", "data.train_file"),
     ("interventions.layers=[1, 9]", "interventions.layers"),  # the tiny model has 4 layers: read from its config
-    ("interventions.rank=65", "interventions.rank"),  # above its hidden size (64)
+    ("interventions.low_rank_dimension=65", "interventions.low_rank_dimension"),  # above its hidden size (64)
     ("interventions.positions=f0+l0", "interventions.positions"),
     ("model.path=./no/such/model", "model.path"),
     ("training.global_batch_size=6", "training.global_batch_size"),
@@ -64,13 +65,13 @@ def test_train_with_bad_config_fails_fast_naming_the_field(config, capsys, nothi
 
 
 def test_overrides_stand_anywhere_and_the_last_one_wins(config, capsys, nothing_starts):
-    # rank=0 alone would be the error; the later rank=2 replaces it, so the error is the positions given after it.
-    line = ["train", str(config), "interventions.rank=0", "--resume", "interventions.rank=2",
-            "interventions.positions=f0+l0"]
+    # low_rank_dimension=0 alone would be the error; the later =2 replaces it, so the error is the positions after it.
+    line = ["train", str(config), "interventions.low_rank_dimension=0", "--resume",
+            "interventions.low_rank_dimension=2", "interventions.positions=f0+l0"]
     assert main(line) == 2
     assert "config error: interventions.positions:" in capsys.readouterr().err
-    assert main(["plan", str(config), "--gpus", "2", "interventions.rank=0"]) == 2
-    assert "config error: interventions.rank:" in capsys.readouterr().err
+    assert main(["plan", str(config), "--gpus", "2", "interventions.low_rank_dimension=0"]) == 2
+    assert "config error: interventions.low_rank_dimension:" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a word that is neither an option nor key=value is still refused
         main(["train", str(config), "--resume", "stray"])
     assert "unrecognized arguments: stray" in capsys.readouterr().err
@@ -86,8 +87,9 @@ def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
 
 def test_python_m_entry_point_accepts_launcher_local_rank(config):
     proc = subprocess.run([PY, "-m", "reft_fast", "--local_rank=0", "train", str(config),
-                           "interventions.rank=0"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "config error: interventions.rank:" in proc.stderr, proc.stderr[-2000:]
+                           "interventions.low_rank_dimension=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "config error: interventions.low_rank_dimension:" in proc.stderr, proc.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -181,3 +183,17 @@ def test_a_hung_rank_fails_the_others_after_the_timeout(config, tmp_path):
     assert "rank 0 waited more than deepspeed.timeout_minutes = 0.1 for the other ranks" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Another rank stopped or hangs" in proc.stderr
+
+
+def test_a_config_with_the_old_intervention_keys_runs_and_the_user_is_told_the_new_names(config, tmp_path):
+    tree = yaml.safe_load(config.read_text())
+    iv = tree["interventions"]
+    iv["type"], iv["rank"] = iv.pop("intervention"), iv.pop("low_rank_dimension")
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(tree))
+    proc = subprocess.run([PY, "-m", "reft_fast", "plan", str(old), "--gpus", "1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("deprecated") == 1, proc.stderr[-2000:]
+    assert "interventions.rank -> interventions.low_rank_dimension" in proc.stderr
+    assert "interventions.type -> interventions.intervention" in proc.stderr

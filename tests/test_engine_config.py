@@ -58,7 +58,7 @@ def test_overrides_parse_values_as_yaml():
     (["training.global_batch_size=6"], "training.global_batch_size"),
     (["training.global_batch_size=2"], "training.global_batch_size"),
     (["interventions.positions=x7"], "interventions.positions"),
-    (["interventions.type=superreft"], "interventions.type"),
+    (["interventions.intervention=superreft"], "interventions.intervention"),
     (["interventions.component=head"], "interventions.component"),
     (["deepspeed.stage=4"], "deepspeed.stage"),
     (["deepspeed.offload_param=true", "deepspeed.stage=2"], "deepspeed.offload_param"),
@@ -68,7 +68,7 @@ def test_overrides_parse_values_as_yaml():
     (["model.fused_ops=1"], "model.fused_ops"),
     (["model.fused_ops=on", "deepspeed.stage=3"], "model.fused_ops"),
     (["model.fused_ops=on", "deepspeed.config.zero_optimization.stage=3"], "model.fused_ops"),
-    (["interventions.rank=100"], "interventions.rank"),
+    (["interventions.low_rank_dimension=100"], "interventions.low_rank_dimension"),
     (["interventions.positions=f0+l0"], "interventions.positions"),
     (["training.max_steps=2.5"], "training.max_steps"),
     (["deepspeed.timeout_minutes=-1"], "deepspeed.timeout_minutes"),
@@ -132,3 +132,21 @@ def test_fused_ops_reads_yaml_on_and_off_as_modes(run_dir):
     # The saved config (train_config.yaml, read back by `reft-fast generate`) keeps the mode.
     saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
     assert config_from_dict(saved, saved.pop("base_dir")).model.fused_ops == "off"
+
+
+def test_old_intervention_keys_still_work_with_one_warning_naming_the_new_ones(run_dir, caplog):
+    new = load_config(_write(run_dir, interventions={"intervention": "noreft", "low_rank_dimension": 3,
+                                                     "act_fn": "relu"}))
+    with caplog.at_level("WARNING", logger="reft_fast.train.train_config"):
+        old = load_config(_write(run_dir, interventions={"type": "noreft", "rank": 3}), ["interventions.act=relu"])
+    assert old == new and (old.interventions.intervention, old.interventions.low_rank_dimension) == ("noreft", 3)
+    (record,) = caplog.records
+    for renamed in ("interventions.type -> interventions.intervention",
+                    "interventions.rank -> interventions.low_rank_dimension", "interventions.act -> interventions.act_fn"):
+        assert renamed in record.getMessage()
+
+
+@pytest.mark.parametrize("old, new", [("rank", "low_rank_dimension"), ("type", "intervention"), ("act", "act_fn")])
+def test_old_and_new_name_of_one_key_together_is_an_error(run_dir, old, new):
+    with pytest.raises(ConfigError, match=rf"^interventions\.{old}: the older name of interventions\.{new}"):
+        load_config(_write(run_dir, interventions={new: None if old == "act" else 2}), [f"interventions.{old}=2"])

@@ -2,20 +2,28 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_fast import ops
 from reft_fast.compat import load_pyreft_state
+from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import (
     INTERVENTION_TYPES,
     ConsreftIntervention,
     DireftIntervention,
+    InterventionSpec,
     LobireftIntervention,
     LoreftIntervention,
     NodireftIntervention,
     NoreftIntervention,
+    ReftIntervention,
     intervention_class,
     intervention_from_config,
+    register_intervention,
 )
+from reft_fast.core.model import ReftModel, get_reft_model
+
+from reference import reference
 
 D, R_ = 24, 3
 ACTS = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}
@@ -222,3 +230,70 @@ def test_load_pyreft_state_gives_pyreft_output(name, kwargs, orthogonalization):
         rows = [p for p in row if p >= 0]
         expected[b, rows] = theirs(h[b, rows]).detach()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A member the package does not define: one spec entry is all it takes
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def free_constant_type():
+    """h + (b − (W2 h + b2)) W2: a free basis W2 (with its bias b2) and a constant source b, subtracting."""
+    cls = register_intervention("FreeconsreftIntervention", InterventionSpec("free", "constant", subtract=True))
+    yield cls
+    del INTERVENTION_TYPES[cls.__name__]
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(hidden_size=D, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=64)).eval()
+
+
+def test_a_new_spec_entry_builds_by_name_runs_like_the_reference_and_saves(free_constant_type, tmp_path):
+    config = ReftConfig([{"layer": 1, "component": "block_output", "intervention": "freeconsreft",
+                          "low_rank_dimension": R_, "add_bias": True, "dtype": "bfloat16"}])
+    reft_model = get_reft_model(_tiny_llama(), config)
+    (inter,) = reft_model.interventions.values()
+    assert type(inter) is free_constant_type and intervention_class("FreeconsReFT") is free_constant_type
+    assert sorted(name for name, _ in inter.named_parameters()) == ["learned_source", "proj_layer.bias",
+                                                                   "proj_layer.weight"]
+    with torch.no_grad():
+        for param in inter.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+
+    h = torch.randn(3, 6, D, requires_grad=True)
+    grad_out = torch.randn(3, 6, D)
+    inter(h, _positions(), backend="torch").backward(grad_out)
+    W2, b2, b = (t.detach().double().requires_grad_() for t in (inter.proj_layer.weight, inter.proj_layer.bias,
+                                                              inter.learned_source))
+    h64 = h.detach().double().requires_grad_()
+    expected = reference(h64, _positions(), {"Q": W2, "P": W2, "b": b - b2})
+    expected.backward(grad_out.double())
+    for ours, theirs in ((h.grad, h64.grad), (inter.proj_layer.weight.grad, W2.grad),
+                         (inter.proj_layer.bias.grad, b2.grad), (inter.learned_source.grad, b.grad)):
+        torch.testing.assert_close(ours.double(), theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inter(h, _positions()).double(), expected, atol=1e-5, rtol=1e-5)
+
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    locations = torch.tensor([[[0, 4], [2, -1]]])
+    with torch.no_grad():
+        _, before = reft_model({"input_ids": ids}, intervention_locations=locations)
+    reft_model.save(tmp_path)
+    loaded = ReftModel.load(tmp_path, _tiny_llama()).eval()
+    assert [i.config_dict() for i in loaded.interventions.values()] == [inter.config_dict()]
+    with torch.no_grad():
+        _, after = loaded({"input_ids": ids}, intervention_locations=locations)
+    assert torch.equal(after.logits, before.logits)
+
+
+def test_spec_options_are_checked_by_basis():
+    with pytest.raises(TypeError, match="unexpected keyword argument 'add_bias'"):
+        LoreftIntervention(embed_dim=D, low_rank_dimension=R_, add_bias=True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'orthogonalization'"):
+        NoreftIntervention(embed_dim=D, low_rank_dimension=R_, orthogonalization="householder")
+    with pytest.raises(ValueError, match="already registered"):
+        register_intervention("LoreftIntervention", InterventionSpec("rotation", "linear", subtract=True))
+    with pytest.raises(ValueError, match="basis must be one of"):
+        InterventionSpec("orthogonal", "linear", subtract=True)
+    with pytest.raises(TypeError, match="instantiate a member"):
+        ReftIntervention(embed_dim=D, low_rank_dimension=R_)

@@ -75,7 +75,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def _tiny_config(model_dir: Path, *overrides: str):
     tree = {"model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
-            "interventions": {"layers": [1, 3], "type": "LoreftIntervention", "rank": 4, "positions": "f2+l2"},
+            "interventions": {"layers": [1, 3], "intervention": "LoreftIntervention", "low_rank_dimension": 4, "positions": "f2+l2"},
             "data": {"train_file": "unused.jsonl", "max_length": SEQ},
             "training": {"max_steps": 1, "micro_batch_size": BATCH}, "deepspeed": {"stage": 0},
             "output_dir": str(model_dir.parent / "out")}
@@ -108,7 +108,7 @@ def test_weight_bytes_are_the_loaded_models_and_zero3_divides_them(tiny_model_di
 @pytest.mark.parametrize("kind", ["LoreftIntervention", "NoreftIntervention", "DireftIntervention",
                                   "NodireftIntervention", "ConsreftIntervention", "LobireftIntervention"])
 def test_intervention_and_adamw_bytes_are_those_of_one_real_step(tiny_model_dir, kind):
-    cfg = _tiny_config(tiny_model_dir, f"interventions.type={kind}")
+    cfg = _tiny_config(tiny_model_dir, f"interventions.intervention={kind}")
     base, _ = load_base_model(str(tiny_model_dir), cfg)
     reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"]))
     params = list(reft_model.trainable_parameters())

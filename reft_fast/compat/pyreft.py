@@ -2,7 +2,7 @@
 
 State. pyreft keeps R as a rotate layer, a d×r weight with orthonormal columns under torch's orthogonal
 parametrization; ours is R [r, d] (``rotation``, or ``rotate_layer`` with ``orthogonalization="householder"``). Its
-other tensors carry our names except where a type says otherwise (``_STATE_KEY_MAPS``).
+other tensors carry our names except where a type's spec says otherwise (``InterventionSpec.pyreft_state_keys``).
 
 Directory. pyreft's ``save`` writes config.json (``representations``, ``intervention_types``, ``sorted_keys``,
 ``intervention_dimensions``) and one ``intkey_<key>.bin`` per intervention, read here with
@@ -24,7 +24,7 @@ from torch import nn
 
 from reft_fast.core.config import COMPONENTS, ReftConfig
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset
-from reft_fast.core.interventions import LoreftIntervention, NodireftIntervention, ReftIntervention, intervention_class
+from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
 from reft_fast.core.model import ReftModel
 from reft_fast.core.saving import register_directory_format
@@ -40,25 +40,12 @@ _BASE_KEY = "rotate_layer.parametrizations.weight.0.base"
 # --------------------------------------------------------------------------------------------------------------------
 # One intervention's state
 # --------------------------------------------------------------------------------------------------------------------
-def _loreft_keys(state: dict) -> dict:
-    # pyreft's LoReFT saves learned_source's tensors without the module prefix.
-    return {(f"learned_source.{k}" if k in ("weight", "bias") else k): v for k, v in state.items()}
-
-
-def _without_w2_bias(state: dict) -> dict:
-    # pyreft's NodiReFT W2 bias (add_bias=True) never enters its forward; there is nothing to load it into.
-    return {k: v for k, v in state.items() if k != "proj_layer.bias"}
-
-
-# Where pyreft's state_dict differs from ours by type (subclasses inherit their base's map).
-_STATE_KEY_MAPS = {LoreftIntervention: _loreft_keys, NodireftIntervention: _without_w2_bias}
-
-
 def load_pyreft_state(intervention: ReftIntervention, state: dict) -> None:
     """Copy into ``intervention`` the weights of a pyreft intervention of the same type (its ``state_dict()``, as in
     intkey_*.bin)."""
-    key_map = next((_STATE_KEY_MAPS[c] for c in type(intervention).__mro__ if c in _STATE_KEY_MAPS), dict)
-    state = key_map(dict(state))
+    renames = type(intervention).spec.pyreft_state_keys
+    # Keys of ours that pyreft lacks are an error below; pyreft's extra ones (NodiReFT's unused W2 bias) are ignored.
+    state = {renames.get(key, key): value for key, value in state.items()}
     if intervention.uses_rotation:
         _load_rotation(intervention, state)
     own = {k: v for k, v in intervention.state_dict().items() if not k.startswith(("rotation", "rotate_layer"))}

@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from reft_fast.core.interventions import INTERVENTION_TYPES, ReftIntervention, intervention_class
+from reft_fast.core.interventions import INTERVENTION_TYPES, OPTION_KEYS, ReftIntervention, intervention_class
 from reft_fast.core.positions import parse_positions
 
 __all__ = ["COMPONENTS", "Representation", "ReftConfig"]
 
 COMPONENTS = ("block_input", "block_output", "mlp_input", "mlp_output", "attention_input", "attention_output")
-# Hyperparameters a representation may carry when its intervention is given by name or class.
-_OPTION_KEYS = ("dropout", "act_fn", "add_bias", "dtype", "orthogonalization")
-_KEYS = ("layer", "component", "low_rank_dimension", "intervention", "intervention_type", "unit") + _OPTION_KEYS
+# A representation may carry the intervention's hyperparameters (OPTION_KEYS) when it is given by name or class.
+_KEYS = ("layer", "component", "low_rank_dimension", "intervention", "intervention_type", "unit") + OPTION_KEYS
 
 
 @dataclass
@@ -95,7 +94,7 @@ def _as_representation(entry, index: int, default_type) -> Representation:
         raise ValueError(f"representations[{index}]: unknown component {component!r}; expected one of "
                          f"{list(COMPONENTS)}")
     intervention = entry.get("intervention", entry.get("intervention_type", default_type))
-    options = {k: entry[k] for k in _OPTION_KEYS if k in entry}
+    options = {k: entry[k] for k in OPTION_KEYS if k in entry}
     rank = entry.get("low_rank_dimension")
     if intervention is None:
         raise ValueError(f"representations[{index}] needs an 'intervention' (an instance, a class or a name such as "

@@ -11,6 +11,11 @@ ConsreftIntervention   h + (b − R h) R                              rotation A
 LobireftIntervention   h + b R                                      rotation A → R, learned_source (b)
 =====================  ==========================================  =====================================
 
+Each class is a named ``InterventionSpec`` (basis rotation | free, source linear | constant, subtract yes | no) of one
+implementation, ``ReftIntervention``; its parameters, its options, its name for ReftConfig and the YAML, and the
+pyreft loader's mapping all follow from the spec. A new member is one more spec: a subclass with ``spec=...`` or
+``register_intervention(name, spec)``.
+
 R [r, d] has orthonormal rows (pyreft stores its transpose, a d×r weight with orthonormal columns). It is computed from
 an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="polar"`` (default) or ``"cholesky"`` keep
 ``rotation`` [r, d] and map it with ``orthonormal_rows``; ``"householder"`` keeps pyreft's own parametrization (torch's
@@ -28,7 +33,9 @@ Differences from pyreft, on purpose:
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar, Mapping, Optional
 
 import torch
 from torch import nn
@@ -39,6 +46,7 @@ from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, householde
     random_orthonormal_rows
 
 __all__ = [
+    "InterventionSpec",
     "ReftIntervention",
     "LoreftIntervention",
     "NoreftIntervention",
@@ -47,39 +55,102 @@ __all__ = [
     "ConsreftIntervention",
     "LobireftIntervention",
     "INTERVENTION_TYPES",
+    "OPTION_KEYS",
+    "register_intervention",
     "intervention_class",
     "intervention_from_config",
     "compute_rotations",
 ]
 
-class ReftIntervention(nn.Module):
-    """Base class: argument checks, configuration, and the R (rotation) machinery shared by the rotation members."""
 
-    uses_rotation = False
-    has_activation = True
-    has_add_bias = False
+@dataclass(frozen=True)
+class InterventionSpec:
+    """How one member of the family parameterizes ``ops.low_rank_edit``: out = h + (act(z) − s·P h) Q at each row.
+
+    Which parameters exist follows from the spec, with pyreft's names:
+
+    ``basis="rotation"``  Q = P = R, orthonormal rows: ``rotation`` [r, d] (``rotate_layer`` with householder);
+                          the constructor takes ``orthogonalization``.
+    ``basis="free"``      Q = P = W2, unconstrained: ``proj_layer`` (nn.Linear d → r); the constructor takes
+                          ``add_bias``, which adds ``proj_layer.bias`` b2 (subtracted with W2 h) when ``subtract``.
+    ``source="linear"``   z = W h + b: ``learned_source`` (nn.Linear d → r), any activation.
+    ``source="constant"`` z = b: ``learned_source`` [r] (uniform [0, 1) at init, as pyreft), no activation.
+    ``subtract``          s = 1: the edit replaces the projection P h by the source; s = 0: it adds the source.
+    ``pyreft_state_keys`` pyreft's state_dict key → ours, where they differ (``reft_fast.compat.pyreft``).
+    """
+
+    basis: str
+    source: str
+    subtract: bool
+    pyreft_state_keys: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.basis not in BASIS_OPTIONS:
+            raise ValueError(f"basis must be one of {list(BASIS_OPTIONS)}, got {self.basis!r}")
+        if self.source not in ("linear", "constant"):
+            raise ValueError(f"source must be 'linear' or 'constant', got {self.source!r}")
+        if not isinstance(self.subtract, bool):
+            raise TypeError(f"subtract must be a bool, got {type(self.subtract).__name__}")
+        object.__setattr__(self, "pyreft_state_keys", MappingProxyType(dict(self.pyreft_state_keys)))
+
+    @property
+    def option(self) -> str:
+        """The constructor argument this basis adds to the common ones (``COMMON_OPTIONS``)."""
+        return BASIS_OPTIONS[self.basis]
+
+
+# The hyperparameters every member takes besides embed_dim and low_rank_dimension, and the one its basis adds.
+COMMON_OPTIONS = ("dropout", "act_fn", "dtype")
+BASIS_OPTIONS = {"rotation": "orthogonalization", "free": "add_bias"}
+OPTION_KEYS = COMMON_OPTIONS + tuple(BASIS_OPTIONS.values())
+
+# Every registered member by class name (pyreft's names, and any added with ``register_intervention``).
+INTERVENTION_TYPES: dict[str, type] = {}
+
+
+class ReftIntervention(nn.Module):
+    """The one implementation of the family; a member is a subclass naming its ``InterventionSpec``::
+
+        class LoreftIntervention(ReftIntervention, spec=InterventionSpec("rotation", "linear", subtract=True)):
+            \"\"\"LoReFT: h + (act(W h + b) − R h) R.\"\"\"
+
+    which registers it by name for ``intervention_class`` (and so for ReftConfig, saved models and the training
+    YAML). ``register_intervention`` does the same at run time.
+    """
+
+    spec: ClassVar[Optional[InterventionSpec]] = None
+    uses_rotation: ClassVar[bool] = False  # derived from spec.basis, read by the model layer and the pyreft loader
+    has_activation: ClassVar[bool] = True
+    has_add_bias: ClassVar[bool] = False
+
+    def __init_subclass__(cls, *, spec: Optional[InterventionSpec] = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if spec is None:
+            return  # a subclass of a member keeps its spec and is not registered under a name of its own
+        if not isinstance(spec, InterventionSpec):
+            raise TypeError(f"spec must be an InterventionSpec, got {type(spec).__name__}")
+        if cls.__name__ in INTERVENTION_TYPES:
+            raise ValueError(f"an intervention type named {cls.__name__!r} is already registered")
+        cls.spec = spec
+        cls.uses_rotation = spec.basis == "rotation"
+        cls.has_activation = spec.source == "linear"
+        cls.has_add_bias = spec.basis == "free"
+        INTERVENTION_TYPES[cls.__name__] = cls
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, add_bias: bool = False, orthogonalization: str = "polar"):
+                 dtype=torch.float32, add_bias: Optional[bool] = None, orthogonalization: Optional[str] = None):
         super().__init__()
-        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"embed_dim must be a positive int (the model's hidden size), got {embed_dim!r}")
-        if isinstance(low_rank_dimension, bool) or not isinstance(low_rank_dimension, int) or low_rank_dimension < 1:
-            raise ValueError(f"low_rank_dimension must be a positive int, got {low_rank_dimension!r}")
-        if low_rank_dimension > embed_dim:
-            raise ValueError(f"low_rank_dimension {low_rank_dimension} is larger than embed_dim {embed_dim}: the "
-                             "rank of the edit is at most the hidden size")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-        if act_fn not in ops.ACTIVATIONS:
-            raise ValueError(f"act_fn must be None or one of {sorted(k for k in ops.ACTIVATIONS if k)}, got {act_fn!r}")
-        if not self.has_activation and ops.ACTIVATIONS[act_fn] != 0:
-            raise ValueError(f"{type(self).__name__} has no activation (its source is the constant b), got "
-                             f"act_fn={act_fn!r}")
-        if orthogonalization not in METHODS:
-            raise ValueError(f"orthogonalization must be one of {list(METHODS)}, got {orthogonalization!r}")
-        if not isinstance(add_bias, bool):
-            raise TypeError(f"add_bias must be a bool, got {type(add_bias).__name__}")
+        spec = type(self).spec
+        if spec is None:
+            raise TypeError("ReftIntervention is the family's implementation: instantiate a member "
+                            "(LoreftIntervention, ...) or register one with register_intervention")
+        for name, value in (("add_bias", add_bias), ("orthogonalization", orthogonalization)):
+            if value is not None and name != spec.option:
+                raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {name!r} (its "
+                                f"{spec.basis} basis takes {spec.option!r})")
+        add_bias = False if add_bias is None else add_bias
+        orthogonalization = "polar" if orthogonalization is None else orthogonalization
+        _check_arguments(type(self), embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization)
         self.embed_dim = embed_dim
         self.low_rank_dimension = low_rank_dimension
         self.dropout = float(dropout)
@@ -87,11 +158,19 @@ class ReftIntervention(nn.Module):
         self.dtype = torch_dtype(dtype)
         self.add_bias = add_bias
         self.orthogonalization = orthogonalization
-        if self.uses_rotation:
-            if orthogonalization == "householder":
-                self.rotate_layer = HouseholderOrthogonal(low_rank_dimension, embed_dim)
-            else:
-                self.rotation = nn.Parameter(random_orthonormal_rows(low_rank_dimension, embed_dim))
+        # Basis first, then source: the order (and so the random draws) of pyreft's constructors.
+        if spec.basis == "free":
+            # pyreft's NodiReFT creates a W2 bias and never uses it; one is made only where the edit subtracts it.
+            self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias and spec.subtract)
+        elif orthogonalization == "householder":
+            self.rotate_layer = HouseholderOrthogonal(low_rank_dimension, embed_dim)
+        else:
+            self.rotation = nn.Parameter(random_orthonormal_rows(low_rank_dimension, embed_dim))
+        if spec.source == "linear":
+            # nn.Linear's default init, as pyreft (which then casts it to its dtype argument); kept in fp32 here.
+            self.learned_source = nn.Linear(embed_dim, low_rank_dimension)
+        else:
+            self.learned_source = nn.Parameter(torch.rand(low_rank_dimension))  # pyreft's init: uniform [0, 1)
 
     # ----------------------------------------------------------------------------------------------------------------
     def config_dict(self) -> dict:
@@ -138,13 +217,51 @@ class ReftIntervention(nn.Module):
         at once); ``seed`` keys the dropout mask (a ReftModel draws one per forward so that a recomputation under
         gradient checkpointing draws the same mask).
         """
-        raise NotImplementedError
+        spec = type(self).spec
+        if spec.basis == "free":
+            Q, projection_bias = self.proj_layer.weight, self.proj_layer.bias
+        else:
+            Q, projection_bias = (self.rotation_matrix() if rotation is None else rotation), None
+        W, b = (self.learned_source.weight, self.learned_source.bias) if spec.source == "linear" else \
+            (None, self.learned_source)
+        P = Q if spec.subtract else None
+        p = self._dropout_p()
+        if projection_bias is not None and ops.ACTIVATIONS[self.act_fn] != 0:
+            # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
+            # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
+            h = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, backend=backend, validate=validate)
+            return ops.low_rank_edit(h, positions, Q, b=-projection_bias, dropout=p, seed=seed, backend=backend,
+                                     validate=False)
+        if projection_bias is not None:  # without an activation b2 folds into the source bias: z − b2 = W h + (b − b2)
+            b = b - projection_bias
+        return ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, dropout=p, seed=seed,
+                                 backend=backend, validate=validate)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``edit`` with positions defaulting to every token of every example."""
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         return self.edit(h, positions, **kwargs)
+
+
+def _check_arguments(cls: type, embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization) -> None:
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"embed_dim must be a positive int (the model's hidden size), got {embed_dim!r}")
+    if isinstance(low_rank_dimension, bool) or not isinstance(low_rank_dimension, int) or low_rank_dimension < 1:
+        raise ValueError(f"low_rank_dimension must be a positive int, got {low_rank_dimension!r}")
+    if low_rank_dimension > embed_dim:
+        raise ValueError(f"low_rank_dimension {low_rank_dimension} is larger than embed_dim {embed_dim}: the "
+                         "rank of the edit is at most the hidden size")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    if act_fn not in ops.ACTIVATIONS:
+        raise ValueError(f"act_fn must be None or one of {sorted(k for k in ops.ACTIVATIONS if k)}, got {act_fn!r}")
+    if not cls.has_activation and ops.ACTIVATIONS[act_fn] != 0:
+        raise ValueError(f"{cls.__name__} has no activation (its source is the constant b), got act_fn={act_fn!r}")
+    if orthogonalization not in METHODS:
+        raise ValueError(f"orthogonalization must be one of {list(METHODS)}, got {orthogonalization!r}")
+    if not isinstance(add_bias, bool):
+        raise TypeError(f"add_bias must be a bool, got {type(add_bias).__name__}")
 
 
 class _ReplayableGraph(torch.autograd.Function):
@@ -193,123 +310,48 @@ def compute_rotations(method: str, inputs: list[tuple[torch.Tensor, ...]]) -> li
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# The family
+# The family: pyreft's classes, each a named spec
 # --------------------------------------------------------------------------------------------------------------------
-class _LearnedSourceMixin:
-    def _make_learned_source(self):
-        # nn.Linear's default init, as pyreft (which then casts it to its dtype argument); kept in fp32 here.
-        self.learned_source = nn.Linear(self.embed_dim, self.low_rank_dimension)
+# pyreft's LoReFT saves learned_source's tensors without the module prefix.
+_FLAT_LEARNED_SOURCE = {"weight": "learned_source.weight", "bias": "learned_source.bias"}
 
 
-class _RotatedLearnedSourceIntervention(_LearnedSourceMixin, ReftIntervention):
-    """LoReFT and DiReFT: the source act(W h + b) is written along R (orthonormal rows)."""
-
-    uses_rotation = True
-    _op = None  # ops.loreft or ops.direft
-
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, orthogonalization=orthogonalization)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return type(self)._op(h, positions, R, self.learned_source.weight, self.learned_source.bias, act=self.act_fn,
-                              dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
-
-
-class LoreftIntervention(_RotatedLearnedSourceIntervention):
+class LoreftIntervention(ReftIntervention, spec=InterventionSpec("rotation", "linear", subtract=True,
+                                                                  pyreft_state_keys=_FLAT_LEARNED_SOURCE)):
     """LoReFT: h + (act(W h + b) − R h) R, R [r, d] with orthonormal rows."""
 
-    _op = staticmethod(ops.loreft)
 
-
-class DireftIntervention(_RotatedLearnedSourceIntervention):
-    """DiReFT (pyreft's): h + act(W h + b) R, R with orthonormal rows, nothing subtracted."""
-
-    _op = staticmethod(ops.direft)
-
-
-class NoreftIntervention(_LearnedSourceMixin, ReftIntervention):
+class NoreftIntervention(ReftIntervention, spec=InterventionSpec("free", "linear", subtract=True)):
     """NoReFT: h + (act(W1 h + b1) − (W2 h + b2)) W2, no orthogonality; b2 only with ``add_bias=True``."""
 
-    has_add_bias = True
 
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, add_bias: bool = False):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, add_bias=add_bias)
-        self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        W1, b1 = self.learned_source.weight, self.learned_source.bias
-        W2, b2 = self.proj_layer.weight, self.proj_layer.bias
-        p = self._dropout_p()
-        if b2 is None or ops.ACTIVATIONS[self.act_fn] == 0:
-            # Without an activation the projection bias folds into the source bias: act(z) − b2 = W1 h + (b1 − b2).
-            bias = b1 if b2 is None else b1 - b2
-            return ops.noreft(h, positions, W1, bias, W2, act=self.act_fn, dropout=p, seed=seed, backend=backend,
-                              validate=validate)
-        # act(z) − b2 does not fold: edit with act(W1 h + b1) − W2 h first, then add −b2 along W2 and drop out the
-        # whole edited vector in that second pass (pyreft's dropout covers the full output).
-        h = ops.noreft(h, positions, W1, b1, W2, act=self.act_fn, backend=backend, validate=validate)
-        return ops.low_rank_edit(h, positions, W2, b=-b2, dropout=p, seed=seed, backend=backend, validate=False)
+class DireftIntervention(ReftIntervention, spec=InterventionSpec("rotation", "linear", subtract=False)):
+    """DiReFT (pyreft's): h + act(W h + b) R, R with orthonormal rows, nothing subtracted."""
 
 
-class NodireftIntervention(_LearnedSourceMixin, ReftIntervention):
+class NodireftIntervention(ReftIntervention, spec=InterventionSpec("free", "linear", subtract=False)):
     """NodiReFT (the paper's DiReFT): h + act(W1 h + b1) W2."""
 
-    has_add_bias = True
 
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, add_bias: bool = False):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, add_bias=add_bias)
-        self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=False)
-        self._make_learned_source()
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        return ops.nodireft(h, positions, self.learned_source.weight, self.learned_source.bias, self.proj_layer.weight,
-                            act=self.act_fn, dropout=self._dropout_p(), seed=seed, backend=backend, validate=validate)
-
-
-class _ConstantSourceIntervention(ReftIntervention):
-    """ConsReFT and LobiReFT: the source is a learned constant b (no W, no activation) written along R."""
-
-    has_activation = False
-    uses_rotation = True
-    _op = None  # ops.consreft or ops.lobireft
-
-    def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
-        super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
-                         dtype=dtype, orthogonalization=orthogonalization)
-        self.learned_source = nn.Parameter(torch.rand(self.low_rank_dimension))  # pyreft's init: uniform [0, 1)
-
-    def edit(self, h, positions, *, rotation=None, seed=None, backend=None, validate=True):
-        R = self.rotation_matrix() if rotation is None else rotation
-        return type(self)._op(h, positions, R, self.learned_source, dropout=self._dropout_p(), seed=seed,
-                              backend=backend, validate=validate)
-
-
-class ConsreftIntervention(_ConstantSourceIntervention):
+class ConsreftIntervention(ReftIntervention, spec=InterventionSpec("rotation", "constant", subtract=True)):
     """ConsReFT: h + (b − R h) R, a constant target inside the subspace."""
 
-    _op = staticmethod(ops.consreft)
 
-
-class LobireftIntervention(_ConstantSourceIntervention):
+class LobireftIntervention(ReftIntervention, spec=InterventionSpec("rotation", "constant", subtract=False)):
     """LobiReFT: h + b R, a learned bias along R."""
 
-    _op = staticmethod(ops.lobireft)
+
+def register_intervention(name: str, spec: InterventionSpec, doc: Optional[str] = None) -> type:
+    """Add a member to the family at run time: the class ``name``, built from ReftConfig, saved and loaded by name."""
+    if not name.isidentifier():
+        raise ValueError(f"an intervention type's name must be a Python identifier, got {name!r}")
+    namespace = {"__doc__": doc or f"{name}: basis {spec.basis}, source {spec.source}, subtract {spec.subtract}",
+                 "__module__": __name__}
+    return type(name, (ReftIntervention,), namespace, spec=spec)
 
 
-INTERVENTION_TYPES = {cls.__name__: cls for cls in (LoreftIntervention, NoreftIntervention, DireftIntervention,
-                                                     NodireftIntervention, ConsreftIntervention,
-                                                     LobireftIntervention)}
-_SHORT_NAMES = {name.removesuffix("Intervention").lower(): cls for name, cls in INTERVENTION_TYPES.items()}
+def _short_name(class_name: str) -> str:
+    return class_name.lower().removesuffix("intervention")
 
 
 def intervention_class(name) -> type:
@@ -318,11 +360,12 @@ def intervention_class(name) -> type:
         return name
     if isinstance(name, str):
         key = name.rsplit(".", 1)[-1].strip("'<>")  # also pyvene's saved "<class 'pyreft.interventions.X'>"
-        cls = INTERVENTION_TYPES.get(key) or _SHORT_NAMES.get(key.lower().removesuffix("intervention"))
+        by_short_name = {_short_name(known): cls for known, cls in INTERVENTION_TYPES.items()}
+        cls = INTERVENTION_TYPES.get(key) or by_short_name.get(_short_name(key))
         if cls is not None:
             return cls
     raise ValueError(f"unknown intervention type {name!r}; expected one of {sorted(INTERVENTION_TYPES)} "
-                     f"(or {sorted(_SHORT_NAMES)})")
+                     f"(or {sorted(map(_short_name, INTERVENTION_TYPES))})")
 
 
 def intervention_from_config(config: dict) -> ReftIntervention:

@@ -126,10 +126,10 @@ def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
 
     iv = cfg.interventions
     layers = intervention_layers(layers, iv.positions, iv.share_weights)
-    options = {"dropout": iv.dropout, "act_fn": iv.act}
+    options = {"dropout": iv.dropout, "act_fn": iv.act_fn}
     if iv.orthogonalization != "polar":  # only the rotation-based types accept it
         options["orthogonalization"] = iv.orthogonalization
-    representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.rank,
-                        "intervention": iv.type, **options} for layer in layers]
+    representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.low_rank_dimension,
+                        "intervention": iv.intervention, **options} for layer in layers]
     reft_config = ReftConfig(representations, positions=iv.positions, share_weights=iv.share_weights)
     return get_reft_model(base, reft_config)

@@ -31,6 +31,7 @@ import torch
 
 from reft_fast.core.dtypes import bytes_per_element
 from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
+from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
 
@@ -88,11 +89,10 @@ def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
 
 
 def _intervention_numel(iv, d: int) -> int:
-    """Trainable elements of one intervention of type ``iv.type``: R (or NoReFT's W2) [r, d], the source's W [r, d]
-    and b [r]; the constant-source types have no W. (The YAML has no add_bias, so NoReFT's projection has no bias.)"""
-    if iv.type in ("ConsreftIntervention", "LobireftIntervention"):
-        return iv.rank * d + iv.rank
-    return 2 * iv.rank * d + iv.rank
+    """Trainable elements of one intervention as the recipe builds it (a few r×d tensors), counted from a built one
+    rather than from a formula per type, so a new intervention type is planned correctly without an edit here."""
+    one = intervention_class(iv.intervention)(embed_dim=d, low_rank_dimension=iv.low_rank_dimension)
+    return sum(p.numel() for p in one.parameters())
 
 
 def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int) -> tuple[float, float]:

@@ -3,7 +3,7 @@
 One YAML file describes a run::
 
     model: {path: HuggingFaceTB/SmolLM2-135M-Instruct, dtype: float32}
-    interventions: {layers: [8, 16], type: LoreftIntervention, rank: 4, positions: f1+l1}
+    interventions: {layers: [8, 16], intervention: LoreftIntervention, low_rank_dimension: 4, positions: f1+l1}
     data: {train_file: data.jsonl, prompt_field: instruction, response_field: output, max_length: 256}
     training: {max_steps: 200, micro_batch_size: 8, lr: 4.0e-3, schedule: cosine, warmup_steps: 10}
     deepspeed: {stage: 2}
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import logging
 import os
 import types
 import typing
@@ -27,8 +28,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from reft_fast.core.config import COMPONENTS, Representation
 from reft_fast.core.dtypes import MODEL_DTYPES
 from reft_fast.core.hf import hidden_size_of, num_layers_of
+from reft_fast.core.interventions import intervention_class
+from reft_fast.core.positions import parse_positions
+from reft_fast.train.fused_base import FUSED_OPS_MODES
 
 __all__ = [
     "ConfigError",
@@ -43,6 +48,8 @@ __all__ = [
     "resolve_model_source",
     "validate",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -72,16 +79,23 @@ class ModelConfig:
 
 @dataclass
 class InterventionConfig:
+    """The ``interventions:`` section; its keys are ReftConfig's (``RENAMED_KEYS`` lists the older spellings)."""
+
     # A list of layer indices, "all", or pyreft's "3;9;18;24" string.
     layers: Union[list[int], str] = field(default_factory=lambda: [0])
     component: str = "block_output"
-    type: str = "LoreftIntervention"
-    rank: int = 4
+    intervention: str = "LoreftIntervention"  # a class name or a short name (loreft, noreft, ...)
+    low_rank_dimension: int = 4
     positions: str = "l1"
     share_weights: bool = False
     dropout: float = 0.0
-    act: Optional[str] = None
+    act_fn: Optional[str] = None
     orthogonalization: str = "polar"  # polar | cholesky | householder (pyreft's own parametrization)
+
+
+# section -> {old key: ReftConfig's key}: the names of the YAML before it took ReftConfig's vocabulary (2026-11),
+# still read, with a warning.
+RENAMED_KEYS = {"interventions": {"type": "intervention", "rank": "low_rank_dimension", "act": "act_fn"}}
 
 
 @dataclass
@@ -282,8 +296,32 @@ def _parse_numbers(tree: Any) -> Any:
     return tree
 
 
+def _rename_old_keys(tree: dict) -> dict:
+    """Read the older spellings of ``RENAMED_KEYS`` as ReftConfig's, with one warning; both spellings of one key in
+    the same config (a file and its overrides together) is an error, since neither clearly wins."""
+    renamed = []
+    for section, renames in RENAMED_KEYS.items():
+        entries = tree.get(section)
+        if not isinstance(entries, dict):
+            continue  # _build names the section's wrong type
+        entries = dict(entries)
+        for old, new in renames.items():
+            if old not in entries:
+                continue
+            if new in entries:
+                raise ConfigError(f"{section}.{old}: the older name of {section}.{new}, which is also given; keep only "
+                                  f"{section}.{new}")
+            entries[new] = entries.pop(old)
+            renamed.append(f"{section}.{old} -> {section}.{new}")
+        tree = {**tree, section: entries}
+    if renamed:
+        logger.warning("config: renamed keys (%s): the old names still work for now but are deprecated; use the new "
+                       "ones, which are ReftConfig's", ", ".join(renamed))
+    return tree
+
+
 def config_from_dict(tree: dict, base_dir: Optional[str] = None) -> TrainConfig:
-    cfg = _build(TrainConfig, _parse_numbers(tree), "")
+    cfg = _build(TrainConfig, _rename_old_keys(_parse_numbers(tree)), "")
     cfg.base_dir = base_dir
     return cfg
 
@@ -324,7 +362,7 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
     """``model.path`` → (directory or hub name, gguf file name or None).
 
     A GGUF file is converted once into an ordinary safetensors checkpoint under the cache (see
-    ``engine.materialize_gguf``): that lets ZeRO-3's zero.Init and every other loader treat it like any checkpoint.
+    ``reft_fast.train.loading.materialize_gguf``): that lets ZeRO-3's zero.Init and every other loader treat it like any checkpoint.
     When that conversion already exists its directory is returned.
     """
     if path.startswith("pkg:"):
@@ -391,8 +429,6 @@ def resolve_data_path(path: str, base_dir: Optional[str]) -> str:
 
 def layer_list(spec: Union[list[int], str], num_layers: int) -> list[int]:
     """``[2, 4]``, ``"2;4"`` or ``"all"`` → layer indices, each checked against the model's ``num_layers``."""
-    from reft_fast.core.config import Representation
-
     try:
         return Representation(layer=spec).layers(num_layers)
     except ValueError as err:
@@ -414,13 +450,23 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
 
     Raises ConfigError naming the field on the first problem found.
     """
-    m, iv, d, t, ds = cfg.model, cfg.interventions, cfg.data, cfg.training, cfg.deepspeed
+    _check_model_section(cfg.model, cfg.deepspeed)
+    _check_interventions_section(cfg.interventions)
+    if check_data:
+        _check_data_sources(cfg)
+    _check_data_section(cfg.data)
+    _check_training_section(cfg.training, world_size)
+    _check_deepspeed_section(cfg.deepspeed)
+    if not check_model:
+        return None
+    return _check_against_model(cfg)
+
+
+def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
     if not m.path:
         raise ConfigError("model.path: required (a directory, a hub name, a .gguf file or pkg:PACKAGE/FILE)")
     if m.dtype not in MODEL_DTYPES:
         raise ConfigError(f"model.dtype: expected one of {list(MODEL_DTYPES)}, got {m.dtype!r}")
-    from reft_fast.train.fused_base import FUSED_OPS_MODES
-
     if m.fused_ops not in FUSED_OPS_MODES:
         raise ConfigError(f"model.fused_ops: expected one of {list(FUSED_OPS_MODES)}, got {m.fused_ops!r}")
     # The engine fuses all of FUSED_OPS, and "on" refuses the fused cross-entropy on a ZeRO-3 partitioned lm_head:
@@ -432,24 +478,35 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
 
-    from reft_fast.core.config import COMPONENTS
 
+def _check_interventions_section(iv: InterventionConfig) -> None:
     if iv.component not in COMPONENTS:
         raise ConfigError(f"interventions.component: expected one of {list(COMPONENTS)}, got {iv.component!r}")
-    if iv.rank < 1:
-        raise ConfigError(f"interventions.rank: must be ≥ 1, got {iv.rank}")
+    if iv.low_rank_dimension < 1:
+        raise ConfigError(f"interventions.low_rank_dimension: must be ≥ 1, got {iv.low_rank_dimension}")
     if not 0.0 <= iv.dropout < 1.0:
         raise ConfigError(f"interventions.dropout: must be in [0, 1), got {iv.dropout}")
-    _check_positions(iv.positions)
-    _check_intervention_type(iv.type)
+    try:
+        first_n, last_n = parse_positions(iv.positions)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"interventions.positions: {err}") from None
+    if first_n == 0 and last_n == 0:
+        raise ConfigError(f"interventions.positions: {iv.positions!r} selects no token; use at least one, e.g. 'l1' "
+                          "or 'f1+l1'")
+    try:
+        intervention_class(iv.intervention)
+    except ValueError as err:
+        raise ConfigError(f"interventions.intervention: {err}") from None
 
-    if check_data:
-        _check_data_sources(cfg)
+
+def _check_data_section(d: DataConfig) -> None:
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length: must be ≥ 2, got {d.max_length}")
 
+
+def _check_training_section(t: TrainingConfig, world_size: int) -> None:
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"training.max_steps: must be ≥ 1, got {t.max_steps}")
     if t.max_steps is None and t.epochs <= 0:
@@ -480,6 +537,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
 
+
+def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
     if ds.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage: expected 0, 1, 2 or 3, got {ds.stage}")
     if ds.offload_param and ds.stage != 3:
@@ -488,38 +547,21 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
     if ds.timeout_minutes <= 0:
         raise ConfigError(f"deepspeed.timeout_minutes: must be > 0, got {ds.timeout_minutes}")
-    if not check_model:
-        return None
-    model_config = load_model_config(m, cfg.base_dir)
+
+
+def _check_against_model(cfg: TrainConfig) -> Any:
+    """The checks that need the model's shape (its config.json, not its weights); returns the transformers config."""
+    iv = cfg.interventions
+    model_config = load_model_config(cfg.model, cfg.base_dir)
     num_layers = num_layers_of(model_config)
     if num_layers is None:
-        raise ConfigError(f"model.path: cannot tell the number of layers of {m.path!r} from its config")
+        raise ConfigError(f"model.path: cannot tell the number of layers of {cfg.model.path!r} from its config")
     if not layer_list(iv.layers, num_layers):
         raise ConfigError("interventions.layers: empty")
     hidden = hidden_size_of(model_config)
-    if hidden is not None and iv.rank > hidden:
-        raise ConfigError(f"interventions.rank: {iv.rank} exceeds the hidden size {hidden}")
+    if hidden is not None and iv.low_rank_dimension > hidden:
+        raise ConfigError(f"interventions.low_rank_dimension: {iv.low_rank_dimension} exceeds the hidden size {hidden}")
     return model_config
-
-
-def _check_positions(spec: str) -> None:
-    from reft_fast.core.positions import parse_positions
-
-    try:
-        first_n, last_n = parse_positions(spec)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"interventions.positions: {err}") from None
-    if first_n == 0 and last_n == 0:
-        raise ConfigError(f"interventions.positions: {spec!r} selects no token; use at least one, e.g. 'l1' or 'f1+l1'")
-
-
-def _check_intervention_type(name: str) -> None:
-    from reft_fast.core.interventions import intervention_class
-
-    try:
-        intervention_class(name)
-    except ValueError as err:
-        raise ConfigError(f"interventions.type: {err}") from None
 
 
 def _check_data_sources(cfg: TrainConfig) -> None:

@@ -85,7 +85,8 @@ def make_run(folder: Path, *, n_examples: int = 32, **training) -> Path:
     write_jsonl(folder / "train.jsonl", make_examples(n_examples))
     config = {
         "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
-        "interventions": {"layers": [1, 2], "type": "LoreftIntervention", "rank": 2, "positions": "f1+l1",
+        "interventions": {"layers": [1, 2], "intervention": "LoreftIntervention", "low_rank_dimension": 2,
+                          "positions": "f1+l1",
                           "share_weights": True},
         "data": {"train_file": "train.jsonl", "max_length": 32},
         "training": {"max_steps": 4, "micro_batch_size": 4, "lr": 1.0e-2, "warmup_steps": 1, "seed": 3,
