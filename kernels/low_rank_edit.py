@@ -460,12 +460,14 @@ def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INT
 def copy_config(d: int, interpreted: bool = _INTERPRETED):
     """(COPY_ROWS, COPY_D, BLOCK_N, columns per copy unit) of the programs that copy the unselected rows.
 
-    On a GPU a unit is 32 rows × 512 columns (32 KiB of bf16) in [32, 128] tiles, 16 elements per thread of 8 warps,
-    so that a [8·512, 4096] hidden state gives about 1000 units; the interpreter copies whole rows, 64 at a time."""
+    On a GPU a unit is 32 rows × 1024 columns (64 KiB of bf16) in [32, 256] tiles: 32 elements per thread of 8 warps
+    in flight, since the kernel's registers (150–190 at these tiles) leave one program per SM; a [8·512, 4096]
+    hidden state gives 512 units. (A [32, 128] tile made ptxas cap the forward at 128 registers and spill, sm_90,
+    triton 3.9, 2026-11-28.) The interpreter copies whole rows, 64 at a time."""
     if interpreted:
         copy_d = min(256, max(16, triton.next_power_of_2(d)))
         return 64, copy_d, 16, triton.cdiv(d, copy_d) * copy_d
-    return 32, 128, 16, 512
+    return 32, 256, 16, 1024
 
 
 def _dropout_args(dropout: float):
