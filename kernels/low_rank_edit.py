@@ -28,8 +28,9 @@ them in plain fp32; it also truncates fp32→bf16 conversions instead of roundin
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -194,40 +195,92 @@ def _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P: tl.constexpr, HAS_B: t
 
 
 @triton.jit
-def _edit_forward_kernel(
-    h_ptr, out_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
-    n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-    FROM_PARTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _copy_unselected_rows(
+    src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d, copy_col_chunks, cols_per_copy,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_M slots × columns [pid1·cols_per_program, ...). Fused path: pass 1 over all of d for the
-    # projections, pass 2 writes (the second read of the rows mostly hits L2). Split path: projections from the parts.
-    slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
-                                       BLOCK_M)
-    ranks = tl.arange(0, BLOCK_R)
-    rank_ok = ranks < r
-    z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, rows, selected, slots, n_slots, d,
-                           n_splits, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT,
-                           FROM_PARTS, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
-    z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
-
-    col_begin = tl.program_id(1) * cols_per_program
-    col_end = tl.minimum(col_begin + cols_per_program, d)
-    for c0 in range(col_begin, col_end, BLOCK_D):
-        cols = c0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < col_end
-        io_mask = selected[:, None] & col_ok[None, :]
-        x = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        o = x + tl.dot(delta, q, input_precision=DOT_PRECISION)
-        if DROPOUT:
-            o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
-        tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+    """dst = src at the rows of copy unit ``unit`` (COPY_ROWS rows × cols_per_copy columns of [B·T, d]) that no
+    position selects. Row (b, t) is selected when positions[b, j] == t for some j: a scan of example b's n positions
+    (a few cached bytes per row), so that these programs and the edit programs of the same launch write disjoint rows
+    and the op needs no separate copy of the whole tensor."""
+    rows = (unit // copy_col_chunks) * COPY_ROWS + tl.arange(0, COPY_ROWS)
+    row_ok = rows < n_rows
+    example = rows // seq_len
+    token = rows % seq_len
+    hit = tl.zeros((COPY_ROWS,), tl.int32)
+    for j0 in range(0, n_per_example, BLOCK_N):
+        js = j0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(positions_ptr + example[:, None] * n_per_example + js[None, :],
+                      mask=row_ok[:, None] & (js < n_per_example)[None, :], other=-1)
+        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
+    copied = row_ok & (hit == 0)
+    rows = rows.to(tl.int64)
+    col_begin = (unit % copy_col_chunks) * cols_per_copy
+    col_end = tl.minimum(col_begin + cols_per_copy, d)
+    for c0 in range(col_begin, col_end, COPY_D):
+        cols = c0 + tl.arange(0, COPY_D)
+        mask = copied[:, None] & (cols < col_end)[None, :]
+        at = rows[:, None] * d + cols[None, :]
+        tl.store(dst_ptr + at, tl.load(src_ptr + at, mask=mask), mask=mask)
 
 
 @triton.jit
-def _edit_backward_rows_kernel(
+def _copy_program(src_ptr, dst_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
+                  copy_col_chunks, cols_per_copy,
+                  COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # The programs past the slot blocks on axis 0, numbered across both grid axes, each take one copy unit.
+    unit = (tl.program_id(0) - slot_blocks) * tl.num_programs(1) + tl.program_id(1)
+    if unit < copy_units:
+        _copy_unselected_rows(src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d,
+                              copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
+
+
+@triton.jit
+def _edit_forward_kernel(
+    h_ptr, out_ptr, h_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
+    n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units, n_rows,
+    copy_col_chunks, cols_per_copy, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    FROM_PARTS: tl.constexpr, KEEP_ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Programs on axis 0 below slot_blocks: BLOCK_M slots × columns [pid1·cols_per_program, ...). Fused path: pass 1
+    # over all of d for the projections, pass 2 writes (the second read of the rows mostly hits L2). Split path:
+    # projections from the parts. Pass 2 also keeps the selected rows of h for backward (KEEP_ROWS). The programs
+    # past slot_blocks copy the unselected rows of h into out (none are launched when out already holds them).
+    if tl.program_id(0) >= slot_blocks:
+        _copy_program(h_ptr, out_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
+                      copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
+    else:
+        slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example,
+                                           seq_len, BLOCK_M)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < r
+        z, u, _ = _projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, part_ptr, rows, rows, selected, slots, n_slots, d,
+                               n_splits, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, False, DROPOUT,
+                               FROM_PARTS, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+        z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
+
+        col_begin = tl.program_id(1) * cols_per_program
+        col_end = tl.minimum(col_begin + cols_per_program, d)
+        for c0 in range(col_begin, col_end, BLOCK_D):
+            cols = c0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < col_end
+            io_mask = selected[:, None] & col_ok[None, :]
+            raw = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
+            if KEEP_ROWS:
+                tl.store(h_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
+            q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
+                        other=0.0)
+            o = raw.to(tl.float32) + tl.dot(delta, q, input_precision=DOT_PRECISION)
+            if DROPOUT:
+                o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+            tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+@triton.jit
+def _backward_rows(
     h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
@@ -277,13 +330,37 @@ def _edit_backward_rows_kernel(
 
 
 @triton.jit
+def _edit_backward_rows_kernel(
+    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
+    n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units, n_rows,
+    copy_col_chunks, cols_per_copy, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+    FROM_PARTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Like the forward: slot-block programs write dh at the selected rows; the programs past slot_blocks copy g into
+    # the unselected rows of grad_h.
+    if tl.program_id(0) >= slot_blocks:
+        _copy_program(g_ptr, dh_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
+                      copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
+    else:
+        _backward_rows(h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr,
+                       t_ptr, n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p,
+                       dropout_scale, seed, HAS_P, HAS_W, HAS_B, ACT, DROPOUT, FROM_PARTS,
+                       BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+
+
+@triton.jit
 def _edit_backward_weights_kernel(
-    h_ptr, g_ptr, positions_ptr, delta_ptr, dz_ptr, t_ptr, dq_part_ptr, dw_part_ptr, dp_part_ptr,
-    n_slots, n_per_example, seq_len, d, slots_per_split, dropout_p, dropout_scale, seed,
-    HAS_P: tl.constexpr, HAS_W: tl.constexpr, DROPOUT: tl.constexpr,
+    h_ptr, g_ptr, positions_ptr, delta_ptr, dz_ptr, t_ptr, dq_part_ptr, dw_part_ptr, dp_part_ptr, db_part_ptr,
+    n_slots, n_per_example, seq_len, d, r, slots_per_split, dropout_p, dropout_scale, seed,
+    HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAME_PQ: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    # One program: a column tile × one split of the slots; it writes [BLOCK_R, BLOCK_D] partial sums for its split.
+    # One program: a column tile × one split of the slots; it writes [r, BLOCK_D] partial sums for its split (the
+    # gradients themselves when there is one split). SAME_PQ (P is Q, LoReFT): dQ and dP land in one sum, dQ.
+    # The first column tile also sums dz over its split: db.
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     split = tl.program_id(1)
@@ -291,6 +368,7 @@ def _edit_backward_weights_kernel(
     acc_q = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     acc_w = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
     acc_p = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    acc_b = tl.zeros((BLOCK_R,), tl.float32)
     first = split * slots_per_split
     last = tl.minimum(first + slots_per_split, n_slots)
     for slot0 in range(first, last, BLOCK_M):
@@ -303,24 +381,61 @@ def _edit_backward_weights_kernel(
             g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
         delta = tl.load(delta_ptr + buf, mask=slot_ok, other=0.0)
         acc_q += tl.dot(tl.trans(delta), g, input_precision=DOT_PRECISION)
+        if HAS_W or HAS_B:
+            dz = tl.load(dz_ptr + buf, mask=slot_ok, other=0.0)
+            if HAS_B:
+                acc_b += tl.sum(dz, axis=0)
         if HAS_W or HAS_P:
             x = tl.load(h_ptr + slots[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
             if HAS_W:
-                dz = tl.load(dz_ptr + buf, mask=slot_ok, other=0.0)
                 acc_w += tl.dot(tl.trans(dz), x, input_precision=DOT_PRECISION)
             if HAS_P:
                 t = tl.load(t_ptr + buf, mask=slot_ok, other=0.0)
-                acc_p -= tl.dot(tl.trans(t), x, input_precision=DOT_PRECISION)
-    part = split * BLOCK_R * d + ranks[:, None] * d + cols[None, :]
-    tl.store(dq_part_ptr + part, acc_q, mask=col_ok[None, :])
+                if SAME_PQ:
+                    acc_q -= tl.dot(tl.trans(t), x, input_precision=DOT_PRECISION)
+                else:
+                    acc_p -= tl.dot(tl.trans(t), x, input_precision=DOT_PRECISION)
+    rank_ok = ranks < r
+    part = split * r * d + ranks[:, None] * d + cols[None, :]
+    part_mask = rank_ok[:, None] & col_ok[None, :]
+    tl.store(dq_part_ptr + part, acc_q, mask=part_mask)
     if HAS_W:
-        tl.store(dw_part_ptr + part, acc_w, mask=col_ok[None, :])
-    if HAS_P:
-        tl.store(dp_part_ptr + part, acc_p, mask=col_ok[None, :])
+        tl.store(dw_part_ptr + part, acc_w, mask=part_mask)
+    if HAS_P and not SAME_PQ:
+        tl.store(dp_part_ptr + part, acc_p, mask=part_mask)
+    if HAS_B:
+        if tl.program_id(0) == 0:
+            tl.store(db_part_ptr + split * r + ranks, acc_b, mask=rank_ok)
+
+
+@triton.jit
+def _sum_splits(part_ptr, out_ptr, offsets, mask, n_splits, numel):
+    acc = tl.load(part_ptr + offsets, mask=mask, other=0.0)
+    for split in range(1, n_splits):
+        acc += tl.load(part_ptr + split * numel + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, acc, mask=mask)
+
+
+@triton.jit
+def _sum_weight_splits_kernel(
+    dq_part_ptr, dw_part_ptr, dp_part_ptr, db_part_ptr, dq_ptr, dw_ptr, dp_ptr, db_ptr, n_splits, numel, r,
+    HAS_W: tl.constexpr, SEPARATE_P: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The fixed-order sum over the row splits of every weight gradient, in one launch (split 0 first, then 1, ...).
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    _sum_splits(dq_part_ptr, dq_ptr, offsets, mask, n_splits, numel)
+    if HAS_W:
+        _sum_splits(dw_part_ptr, dw_ptr, offsets, mask, n_splits, numel)
+    if SEPARATE_P:
+        _sum_splits(dp_part_ptr, dp_ptr, offsets, mask, n_splits, numel)
+    if HAS_B:
+        if tl.program_id(0) == 0:
+            _sum_splits(db_part_ptr, db_ptr, offsets, offsets < r, n_splits, r)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Launch functions (what reft_fast.ops.backend_triton calls; the cuda backend has the same two)
+# Launch functions (what reft_fast.ops.backend_triton calls; the cuda backend has the same two) and their plans
 # ----------------------------------------------------------------------------------------------------------------------
 def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INTERPRETED):
     """Block sizes, warps and dot precision for one shape: (BLOCK_M, BLOCK_D, BLOCK_R, num_warps, precision).
@@ -340,6 +455,19 @@ def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INT
     else:
         block_d = 64
     return 16, block_d, block_r, 8, precision
+
+
+def copy_config(d: int, interpreted: bool = _INTERPRETED):
+    """(COPY_ROWS, COPY_D, BLOCK_N, columns per copy unit) of the programs that copy the unselected rows.
+
+    On a GPU a unit is 32 rows × 1024 columns (64 KiB of bf16) in [32, 256] tiles: 32 elements per thread of 8 warps
+    in flight, since the kernel's registers (150–190 at these tiles) leave one program per SM; a [8·512, 4096]
+    hidden state gives 512 units. (A [32, 128] tile made ptxas cap the forward at 128 registers and spill, sm_90,
+    triton 3.9, 2026-11-28.) The interpreter copies whole rows, 64 at a time."""
+    if interpreted:
+        copy_d = min(256, max(16, triton.next_power_of_2(d)))
+        return 64, copy_d, 16, triton.cdiv(d, copy_d) * copy_d
+    return 32, 256, 16, 1024
 
 
 def _dropout_args(dropout: float):
@@ -376,60 +504,6 @@ def _split_grid(d: int, pieces: int, block_d: int):
     return cols, triton.cdiv(d, cols)
 
 
-class _Launch(NamedTuple):
-    """What forward and backward launch with: grid, the pointers standing in for absent P and W, the projection
-    parts (split path), the kernels' scalar arguments in their order, the compile-time flags, and the block sizes."""
-
-    grid: tuple
-    P: torch.Tensor
-    W: torch.Tensor
-    parts: torch.Tensor
-    scalars: tuple
-    flags: dict
-    block_m: int
-    block_d: int
-    block_r: int
-
-
-def _launch(h, positions, Q, P, W, b, act, dropout, seed, g=None) -> _Launch:
-    """Shared set-up of forward and backward: block sizes, the column split and (split path) the projection parts.
-
-    Forward passes h [B, T, d]; backward passes the compact rows h_rows [B, n, d] and g [B, T, d]."""
-    batch, seq_len, d = (h if g is None else g).shape
-    r = Q.shape[0]
-    n_slots = positions.numel()
-    block_m, block_d, block_r, num_warps, precision = launch_config(d, r, h.dtype)
-    p, scale = _dropout_args(dropout)
-    n_splits, n_col_programs = column_split(n_slots, d, block_m, block_d, h.device)
-    slot_blocks = triton.cdiv(n_slots, block_m)
-    common = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0, BLOCK_M=block_m, BLOCK_D=block_d,
-                  BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps)
-    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
-    parts = Q  # a placeholder pointer on the fused path
-    if n_splits:
-        cols_per_split, n_splits = _split_grid(d, n_splits, block_d)
-        parts = torch.empty(n_splits, 3, n_slots, block_r, dtype=torch.float32, device=h.device)
-        _split_projections_kernel[(slot_blocks, n_splits)](
-            h, h if g is None else g, positions, Q, P_arg, W_arg, parts,
-            n_slots, positions.shape[1], seq_len, d, r, cols_per_split, p, scale, seed, HAS_G=g is not None, **common,
-        )
-    cols_per_program, n_col_programs = _split_grid(d, n_col_programs, block_d)
-    scalars = (n_slots, positions.shape[1], seq_len, d, r, n_splits, cols_per_program, p, scale, seed)
-    return _Launch(grid=(slot_blocks, n_col_programs), P=P_arg, W=W_arg, parts=parts, scalars=scalars,
-                   flags=dict(common, HAS_B=b is not None, ACT=act, FROM_PARTS=n_splits > 0),
-                   block_m=block_m, block_d=block_d, block_r=block_r)
-
-
-def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out) -> None:
-    """Overwrite the selected rows of ``out`` (a copy of h) with the edited rows."""
-    if positions.numel() == 0:
-        return
-    L = _launch(h, positions, Q, P, W, b, act, dropout, seed)
-    _edit_forward_kernel[L.grid](
-        h, out, positions, Q, L.P, L.W, Q if b is None else b, L.parts, *L.scalars, **L.flags,
-    )
-
-
 _SERIAL_SLOT_BLOCKS = 16
 
 
@@ -437,7 +511,7 @@ def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.
     """Row splits of the weight-gradient pass: enough programs to fill the GPU, few under the interpreter.
 
     Few rows (at most _SERIAL_SLOT_BLOCKS slot blocks, e.g. 112 rows) take one split: each program's loop over the
-    slots stays short, and the kernel's output is the gradient itself, with no reduction launches after it."""
+    slots stays short, and the kernel's output is the gradient itself, with no reduction launch after it."""
     slot_blocks = triton.cdiv(n_slots, block_m)
     if device.type != "cuda":
         return min(slot_blocks, 3)  # the interpreter: few programs, but still more than one split to reduce
@@ -447,46 +521,159 @@ def _num_splits(n_slots: int, d: int, block_m: int, block_d: int, device: torch.
     return max(1, min(slot_blocks, triton.cdiv(2 * _sm_count(device), col_tiles)))
 
 
-def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h):
-    """Overwrite the selected rows of ``grad_h`` (a copy of grad_out) with ∂L/∂h; return (dQ, dP, dW, db).
+_SUM_BLOCK = 1024  # elements per program of the reduction over weight splits
 
-    h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (anything where positions is −1): forward keeps only the
-    selected rows of h for backward, not the whole hidden state."""
-    batch, seq_len, d = grad_out.shape
-    r = Q.shape[0]
-    n_slots = positions.numel()
-    if n_slots == 0:
-        zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=h_rows.device)  # noqa: E731
-        return (zeros(), None if P is None else zeros(), None if W is None else zeros(),
-                None if b is None else torch.zeros(r, dtype=torch.float32, device=h_rows.device))
-    L = _launch(h_rows, positions, Q, P, W, b, act, dropout, seed, g=grad_out)
-    block_m, block_d, block_r = L.block_m, L.block_d, L.block_r
-    per_slot = lambda: torch.empty(n_slots, block_r, dtype=torch.float32, device=h_rows.device)  # noqa: E731
-    delta, dz, t = per_slot(), per_slot(), per_slot()
-    _edit_backward_rows_kernel[L.grid](
-        h_rows, grad_out, grad_h, positions, Q, L.P, L.W, Q if b is None else b, L.parts, delta, dz, t,
-        *L.scalars, **L.flags,
-    )
 
-    splits = _num_splits(n_slots, d, block_m, block_d, h_rows.device)
+class _Plan(NamedTuple):
+    """Everything about a launch that depends only on the shape: grids, the kernels' shape arguments in their order,
+    compile-time tiles, and the scratch buffers (projection parts, per-slot vectors, weight partials), which stay
+    allocated with the plan. Built once per shape (and stream), then reused by every call."""
+
+    edit_grid: tuple           # the write passes: slot blocks on axis 0, column programs on axis 1
+    copy_grid: tuple           # the same with the programs that copy the unselected rows added on axis 0
+    split_grid: Optional[tuple]  # the column-split projections (few rows), else None
+    weight_grid: tuple
+    sum_grid: Optional[tuple]  # the reduction over weight splits, None with one split
+    shape_args: tuple          # n_slots ... cols_per_copy, as the write kernels take them
+    split_args: tuple          # n_slots, n_per_example, seq_len, d, r, cols_per_split
+    weight_args: tuple         # n_slots, n_per_example, seq_len, d, r, slots_per_split
+    weight_splits: int
+    tiles: dict                # BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION, num_warps
+    copy_tiles: dict           # COPY_ROWS, COPY_D, BLOCK_N
+    parts: torch.Tensor        # [column splits, 3, n_slots, BLOCK_R] (a placeholder on the fused path)
+    per_slot: tuple            # δ, dz, t: [n_slots, BLOCK_R] each
+    weight_parts: Optional[tuple]  # dQ, dW, dP [splits, r, d] and db [splits, r] partials; None with one split
+
+
+@functools.lru_cache(maxsize=32)
+def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: torch.dtype, device: torch.device,
+          stream: int) -> _Plan:
+    # ``stream`` is only a key: scratch buffers are reused by calls in order on one stream, never across streams.
+    del stream
+    n_slots = batch * n_per_example
+    block_m, block_d, block_r, num_warps, precision = launch_config(d, r, dtype)
+    copy_rows, copy_d, block_n, cols_per_copy = copy_config(d)
+    slot_blocks = triton.cdiv(n_slots, block_m)
+    n_splits, n_col_programs = column_split(n_slots, d, block_m, block_d, device)
+    cols_per_program, n_col_programs = _split_grid(d, n_col_programs, block_d)
+    copy_col_chunks = triton.cdiv(d, cols_per_copy)
+    copy_units = triton.cdiv(batch * seq_len, copy_rows) * copy_col_chunks
+    f32 = dict(dtype=torch.float32, device=device)
+    split_grid, cols_per_split, parts = None, 0, torch.empty(1, **f32)
+    if n_splits:
+        cols_per_split, n_splits = _split_grid(d, n_splits, block_d)
+        split_grid = (slot_blocks, n_splits)
+        parts = torch.empty(n_splits, 3, n_slots, block_r, **f32)
+    splits = _num_splits(n_slots, d, block_m, block_d, device)
     slots_per_split = triton.cdiv(triton.cdiv(n_slots, splits), block_m) * block_m
     splits = triton.cdiv(n_slots, slots_per_split)
-    partial = lambda: torch.empty(splits, block_r, d, dtype=torch.float32, device=h_rows.device)  # noqa: E731
-    dq_part = partial()
-    dw_part = partial() if W is not None else dq_part
-    dp_part = partial() if P is not None else dq_part
-    flags = {k: L.flags[k] for k in ("HAS_P", "HAS_W", "DROPOUT", "BLOCK_M", "BLOCK_D", "BLOCK_R",
-                                        "DOT_PRECISION", "num_warps")}
-    p, scale = _dropout_args(dropout)
-    _edit_backward_weights_kernel[(triton.cdiv(d, block_d), splits)](
-        h_rows, grad_out, positions, delta, dz, t, dq_part, dw_part, dp_part,
-        n_slots, positions.shape[1], seq_len, d, slots_per_split, p, scale, seed, **flags,
+    weight_parts, sum_grid = None, None
+    if splits > 1:
+        weight_parts = (*torch.empty(3, splits, r, d, **f32).unbind(0), torch.empty(splits, r, **f32))
+        sum_grid = (triton.cdiv(r * d, _SUM_BLOCK),)
+    return _Plan(
+        edit_grid=(slot_blocks, n_col_programs),
+        copy_grid=(slot_blocks + triton.cdiv(copy_units, n_col_programs), n_col_programs), split_grid=split_grid, weight_grid=(triton.cdiv(d, block_d), splits), sum_grid=sum_grid,
+        shape_args=(n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units,
+                    batch * seq_len, copy_col_chunks, cols_per_copy),
+        split_args=(n_slots, n_per_example, seq_len, d, r, cols_per_split),
+        weight_args=(n_slots, n_per_example, seq_len, d, r, slots_per_split), weight_splits=splits,
+        tiles=dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps),
+        copy_tiles=dict(COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n),
+        parts=parts, per_slot=tuple(torch.empty(3, n_slots, block_r, **f32).unbind(0)), weight_parts=weight_parts)
+
+
+def plan_for(like: torch.Tensor, positions: torch.Tensor, r: int) -> _Plan:
+    """The cached plan for hidden states shaped like ``like`` [B, T, d], these positions' shape and rank r."""
+    stream = torch.cuda.current_stream(like.device).cuda_stream if like.device.type == "cuda" else 0
+    batch, seq_len, d = like.shape
+    return _plan(batch, seq_len, positions.shape[1], d, r, like.dtype, like.device, stream)
+
+
+def _projection_parts(plan: _Plan, h, g, positions, Q, P, W, flags, dropout_args, seed):
+    """Split path (few rows): the column-range partial sums of z, u (and t in backward) into plan.parts."""
+    if plan.split_grid is not None:
+        _split_projections_kernel[plan.split_grid](
+            h, h if g is None else g, positions, Q, P, W, plan.parts, *plan.split_args, *dropout_args, seed,
+            HAS_G=g is not None, **flags, **plan.tiles,
+        )
+
+
+def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out, h_rows=None,
+                 copy_unselected: bool = False) -> None:
+    """Write the edited rows into ``out``; with ``copy_unselected`` also the unselected rows of h (out may then be
+    uninitialized; otherwise it already holds them, e.g. a copy of h, or h itself for an edit in place).
+
+    ``h_rows`` [B, n, d] (optional) receives h[b, positions[b, j]] at [b, j], what backward needs (untouched where
+    positions is −1). One launch with many rows, two with few (the column-split projections first)."""
+    if positions.numel() == 0:
+        if copy_unselected:
+            out.copy_(h)
+        return
+    plan = plan_for(h, positions, Q.shape[0])
+    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
+    flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
+    dropout_args = _dropout_args(dropout)
+    _projection_parts(plan, h, None, positions, Q, P_arg, W_arg, flags, dropout_args, seed)
+    _edit_forward_kernel[plan.copy_grid if copy_unselected else plan.edit_grid](
+        h, out, h if h_rows is None else h_rows, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts,
+        *plan.shape_args, *dropout_args, seed, **flags, HAS_B=b is not None, ACT=act,
+        FROM_PARTS=plan.split_grid is not None, KEEP_ROWS=h_rows is not None, **plan.tiles, **plan.copy_tiles,
     )
-    # Fixed-order reduction over the splits (torch's reduction over a dimension is deterministic); with one split
-    # the partials are the gradients (a contiguous view: rows :r of the [BLOCK_R, d] block).
-    total = (lambda part: part[0, :r]) if splits == 1 else (lambda part: part[:, :r].sum(0))
-    dQ = total(dq_part)
-    dP = total(dp_part) if P is not None else None
-    dW = total(dw_part) if W is not None else None
-    db = dz[:, :r].sum(0) if b is not None else None
+
+
+def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq: bool):
+    """The weight-gradient pass (and, with several row splits, their fixed-order sum): (dQ, dP, dW, db)."""
+    r, d = Q.shape
+    f32 = dict(dtype=torch.float32, device=Q.device)
+    separate_p = P is not None and not same_pq
+    dQ = torch.empty(r, d, **f32)
+    dW = torch.empty(r, d, **f32) if W is not None else None
+    dP = torch.empty(r, d, **f32) if separate_p else None
+    db = torch.empty(r, **f32) if b is not None else None
+    # one split: the kernel's partials are the gradients
+    targets = (dQ, dW, dP, db) if plan.weight_parts is None else plan.weight_parts
+    placeholder = lambda t: dQ if t is None else t  # noqa: E731  (a pointer for an absent gradient, never written)
+    delta, dz, t = plan.per_slot
+    _edit_backward_weights_kernel[plan.weight_grid](
+        h_rows, grad_out, positions, delta, dz, t, *(placeholder(x) for x in targets), *plan.weight_args,
+        *dropout_args, seed, HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, SAME_PQ=same_pq,
+        DROPOUT=dropout_args[0] > 0, **plan.tiles,
+    )
+    if plan.sum_grid is not None:
+        _sum_weight_splits_kernel[plan.sum_grid](
+            *targets, dQ, placeholder(dW), placeholder(dP), placeholder(db), plan.weight_splits, r * d, r,
+            HAS_W=W is not None, SEPARATE_P=separate_p, HAS_B=b is not None, BLOCK=_SUM_BLOCK,
+        )
     return dQ, dP, dW, db
+
+
+def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h,
+                  copy_unselected: bool = False):
+    """Write ∂L/∂h into the selected rows of ``grad_h`` (with ``copy_unselected`` also grad_out into the others;
+    otherwise grad_h already holds them); return (dQ, dP, dW, db).
+
+    h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (anything where positions is −1): forward keeps only the
+    selected rows of h for backward, not the whole hidden state. When P is Q (the same tensor: LoReFT, NoReFT,
+    ConsReFT), dQ is the whole gradient of that tensor (δᵀg_o − tᵀh summed in the kernel) and dP is None.
+    Three launches with one row split (split projections with few rows, rows, weights), plus one fixed-order sum with
+    several."""
+    r, d = Q.shape
+    same_pq = P is Q
+    if positions.numel() == 0:
+        if copy_unselected:
+            grad_h.copy_(grad_out)
+        zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=Q.device)  # noqa: E731
+        return (zeros(), None if P is None or same_pq else zeros(), None if W is None else zeros(),
+                None if b is None else torch.zeros(r, dtype=torch.float32, device=Q.device))
+    plan = plan_for(grad_out, positions, r)
+    P_arg, W_arg = (Q if P is None else P), (Q if W is None else W)
+    flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
+    dropout_args = _dropout_args(dropout)
+    _projection_parts(plan, h_rows, grad_out, positions, Q, P_arg, W_arg, flags, dropout_args, seed)
+    _edit_backward_rows_kernel[plan.copy_grid if copy_unselected else plan.edit_grid](
+        h_rows, grad_out, grad_h, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts, *plan.per_slot,
+        *plan.shape_args, *dropout_args, seed, **flags, HAS_B=b is not None, ACT=act,
+        FROM_PARTS=plan.split_grid is not None, **plan.tiles, **plan.copy_tiles,
+    )
+    return _weight_grads(plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq)

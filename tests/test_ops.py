@@ -264,14 +264,16 @@ def test_fake_kernels_give_shapes_and_dtypes_on_meta_tensors(family):
     h = torch.empty(B, T, d, dtype=torch.bfloat16, device="meta")
     positions = torch.empty(B, n, dtype=torch.long, device="meta")
     args = (params["Q"], params.get("P"), params.get("W"), params.get("b"), "torch", 0, 0.0, 0)
-    out = torch.ops.reft_fast.low_rank_edit(h, positions, *args)
+    out, h_rows = torch.ops.reft_fast.low_rank_edit(h, positions, *args)
     assert out.device.type == "meta" and out.shape == h.shape and out.dtype == torch.bfloat16
-    h_rows = torch.empty(B, n, d, dtype=torch.bfloat16, device="meta")
+    assert h_rows.shape == (B, n, d) and h_rows.dtype == torch.bfloat16  # the rows backward receives
     grad_h, dQ, dP, dW, db = torch.ops.reft_fast.low_rank_edit_backward(h_rows, out, positions, *args)
     assert grad_h.shape == h.shape and grad_h.dtype == torch.bfloat16
     for grad, name, shape in ((dQ, "Q", (r, d)), (dP, "P", (r, d)), (dW, "W", (r, d)), (db, "b", (r,))):
         assert grad.dtype == torch.float32 and grad.device.type == "meta"
-        assert tuple(grad.shape) == (shape if params.get(name) is not None else (0,)), name
+        # P is Q (LoReFT): Q's gradient holds both parts and P's is empty
+        present = params.get(name) is not None and not (name == "P" and params["P"] is params["Q"])
+        assert tuple(grad.shape) == (shape if present else (0,)), name
 
 
 @pytest.mark.parametrize("family", ["loreft", "nodireft", "consreft"])

@@ -39,7 +39,8 @@ def compile_for_sm90(fn, pointers, scalars, constexprs, num_warps):
 
 
 SCALARS = dict(n_slots="i32", n_per_example="i32", seq_len="i32", d="i32", r="i32", slots_per_split="i32",
-               n_splits="i32", cols_per_program="i32", cols_per_split="i32",
+               n_splits="i32", cols_per_program="i32", cols_per_split="i32", slot_blocks="i32", copy_units="i32",
+               n_rows="i32", copy_col_chunks="i32", cols_per_copy="i32", numel="i32",
                dropout_p="fp32", dropout_scale="fp32", seed="i32")
 
 
@@ -54,20 +55,29 @@ def resource_report():
     for h_dtype, r in CASES:
         block_m, block_d, block_r, num_warps, precision = k.launch_config(4096, r, h_dtype, interpreted=False)
         h = DTYPE[h_dtype]
-        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, positions_ptr="*i64")
+        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, h_rows_ptr=h, positions_ptr="*i64")
         pointers.update({n: "*fp32" for n in ("q_ptr", "p_ptr", "w_ptr", "b_ptr", "delta_ptr", "dz_ptr", "t_ptr",
-                                               "dq_part_ptr", "dw_part_ptr", "dp_part_ptr", "part_ptr")})
+                                               "dq_part_ptr", "dw_part_ptr", "dp_part_ptr", "db_part_ptr", "part_ptr",
+                                               "dq_ptr", "dw_ptr", "dp_ptr", "db_ptr")})
         tiles = dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision)
+        copy_rows, copy_d, block_n, _ = k.copy_config(4096, interpreted=False)
+        copying = dict(tiles, COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n)
         full = dict(HAS_P=True, HAS_W=True, DROPOUT=True)  # every parameter, gelu, dropout
-        for fn, flags in [(k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False)),
-                          (k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True)),
-                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False)),
-                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True)),
-                          (k._split_projections_kernel, dict(full, HAS_G=True)),
-                          (k._edit_backward_weights_kernel, full)]:
-            regs, spills = compile_for_sm90(fn, pointers, SCALARS, dict(flags, **tiles), num_warps)
+        for fn, flags in [(k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False, KEEP_ROWS=True,
+                                                        **copying)),
+                          (k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True, KEEP_ROWS=True,
+                                                        **copying)),
+                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False, **copying)),
+                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True, **copying)),
+                          (k._split_projections_kernel, dict(full, HAS_G=True, **tiles)),
+                          (k._edit_backward_weights_kernel, dict(full, HAS_B=True, SAME_PQ=False, **tiles))]:
+            regs, spills = compile_for_sm90(fn, pointers, SCALARS, flags, num_warps)
             variant = fn.__name__ + ("[parts]" if flags.get("FROM_PARTS") else "")
             rows.append((variant, str(h_dtype), r, regs, spills, tiles, num_warps))
+    # the sum over weight splits has no shape-dependent tiles: one compile (a second would hit Triton's cache)
+    flags = dict(HAS_W=True, SEPARATE_P=True, HAS_B=True, BLOCK=k._SUM_BLOCK)
+    regs, spills = compile_for_sm90(k._sum_weight_splits_kernel, pointers, SCALARS, flags, 4)
+    rows.append((k._sum_weight_splits_kernel.__name__, "fp32", 0, regs, spills, flags, 4))
     return rows
 
 
@@ -81,7 +91,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6 * len(CASES)
+    assert len(rows) == 6 * len(CASES) + 1
     for name, dtype, r, regs, spills, tiles, warps in rows:
         print(f"{name:32s} {dtype:15s} r={r:<3d} regs={regs:<4d} spill-stores={spills:<5d} {tiles} warps={warps}")
     spills = [row for row in rows if row[4] != 0]

@@ -3,8 +3,8 @@
 A backend is an object with a ``name``, three methods (``unavailable_reason``, ``forward``, ``backward``) and one
 flag (``prefers``), and may set ``forward_is_differentiable = True`` when its forward is ordinary torch ops that
 autograd can differentiate (eager calls then do so; the custom op under torch.compile still uses ``backward``); it registers itself with :func:`register_backend` in its own module (see ``backend_torch.py``,
-``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks, the
-copy of h the forward writes into, the rows of h kept for backward, the autograd and torch.compile registration.
+``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks,
+keeping what the backend's forward returns for backward, the autograd and torch.compile registration.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 __all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "backend_names", "get_backend", "register_backend",
-           "resolve_backend"]
+           "resolve_backend", "selected_rows"]
 
 BACKEND_ENV = "REFT_FAST_BACKEND"
 
@@ -44,8 +44,9 @@ class EditParams:
 
 @dataclass(frozen=True)
 class EditGrads:
-    """∂L/∂h [B, T, d] in h's dtype, and the fp32 weight gradients summed over the selected rows (None exactly where
-    the matching EditParams field is None)."""
+    """∂L/∂h [B, T, d] in h's dtype, and the fp32 weight gradients summed over the selected rows: None where the
+    matching EditParams field is None, and P None also when P is the same tensor as Q (LoReFT, NoReFT, ConsReFT):
+    Q then holds that tensor's whole gradient, both parts summed, so that autograd has no sum left to launch."""
 
     h: torch.Tensor
     Q: torch.Tensor
@@ -70,10 +71,12 @@ class Backend(Protocol):
         Cheap: builds and launches nothing; a missing toolchain may still surface on the first forward."""
         ...
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
-        """A new tensor equal to h [B, T, d] except at the rows ``h[b, positions[b, j]]``, which hold the edit.
+    def forward(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, h_rows). out: a new tensor equal to h [B, T, d] except at the rows ``h[b, positions[b, j]]``, which
+        hold the edit; h itself is never modified. h_rows [B, n, d]: ``selected_rows(h, positions)`` (any values where
+        positions is −1), what backward receives; the forward reads those rows anyway, so it hands them over.
 
-        positions [B, n] holds token indices, −1 for "no position". One copy of h, and h itself is never modified."""
+        positions [B, n] holds token indices, −1 for "no position"."""
         ...
 
     def backward(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor,
@@ -83,6 +86,12 @@ class Backend(Protocol):
         h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (any values where positions is −1): the op keeps only
         the selected rows of h for backward. The dropout mask is regenerated from ``edit.seed``, never stored."""
         ...
+
+
+def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
+    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
+    return h[batch_index, positions.clamp(min=0)]
 
 
 _REGISTRY: dict[str, Backend] = {}

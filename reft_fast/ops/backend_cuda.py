@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from reft_fast.ops import cuda_build
-from reft_fast.ops.backend import EditGrads, EditParams, register_backend
+from reft_fast.ops.backend import EditGrads, EditParams, register_backend, selected_rows
 
 __all__ = ["CudaBackend"]
 
@@ -33,15 +33,18 @@ class CudaBackend:
         """The module of launch functions (``edit_forward``, ``edit_backward``), built on first use."""
         return cuda_build
 
-    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
+    def forward(self, h, positions, edit: EditParams):
         out = h.clone()  # the one copy: unselected rows are this copy of h, the kernels overwrite the selected ones
         cuda_build.edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed, out)
-        return out
+        return out, selected_rows(h, positions)
 
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
         grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
-        grads = cuda_build.edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
-                                    edit.dropout, edit.seed, grad_h)
-        return EditGrads(grad_h, *grads)
+        dQ, dP, dW, db = cuda_build.edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b,
+                                                  edit.act, edit.dropout, edit.seed, grad_h)
+        if edit.P is edit.Q:  # one tensor: its whole gradient in Q (see EditGrads)
+            dQ, dP = dQ + dP, None
+        return EditGrads(grad_h, dQ, dP, dW, db)
+
 
 register_backend(CudaBackend())

@@ -37,16 +37,19 @@ class TritonBackend:
         """The module of launch functions (``edit_forward``, ``edit_backward``), imported on first use."""
         return importlib.import_module(self.kernel_module)
 
-    def forward(self, h, positions, edit: EditParams) -> torch.Tensor:
-        out = h.clone()  # the one copy: unselected rows are this copy of h, the kernels overwrite the selected ones
+    def forward(self, h, positions, edit: EditParams):
+        # The kernels write all of out (edited rows, and a copy of the others) and the rows backward needs.
+        out = torch.empty_like(h)
+        h_rows = h.new_empty(positions.shape[0], positions.shape[1], h.shape[2])
         self.kernels().edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed,
-                                    out)
-        return out
+                                    out, h_rows=h_rows, copy_unselected=True)
+        return out, h_rows
 
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
-        grad_h = grad_out.clone()  # unselected rows pass the gradient straight through
+        grad_h = torch.empty_like(grad_out)  # the kernels write every row: dh at the selected, grad_out elsewhere
         grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
-                                    edit.dropout, edit.seed, grad_h)
+                                             edit.dropout, edit.seed, grad_h, copy_unselected=True)
         return EditGrads(grad_h, *grads)
+
 
 register_backend(TritonBackend())

@@ -7,7 +7,9 @@ the backward is an op of its own so that compiled backward graphs call it opaque
 dispatcher and run the same forward, setup and backward through a plain autograd.Function (``edit`` picks).
 
 Schemas cannot hold a dataclass or an optional output: the ops take EditParams' fields flat, and the backward op
-returns an empty tensor for a gradient whose parameter is absent.
+returns an empty tensor for a gradient whose parameter is absent (or is Q itself: see EditGrads). The forward op
+returns the rows of h that backward needs as a second, non-differentiable output: the backend's forward reads them
+anyway, so keeping them costs no gather of its own.
 """
 
 from __future__ import annotations
@@ -16,18 +18,13 @@ from typing import Optional
 
 import torch
 
-from reft_fast.ops.backend import EditGrads, EditParams, get_backend
+from reft_fast.ops.backend import EditGrads, EditParams, get_backend, selected_rows
 
 __all__ = ["edit", "selected_rows"]
 
 
-def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
-    batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
-    return h[batch_index, positions.clamp(min=0)]
-
-
-def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> torch.Tensor:
+def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, h_rows): the edited copy of h, and the selected rows of h that backward needs."""
     edit = EditParams(Q, P, W, b, act, dropout, seed)
     return get_backend(backend).forward(h.contiguous(), positions.contiguous(), edit)
 
@@ -39,12 +36,22 @@ def _backward_impl(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropou
 
 def _setup_context(ctx, inputs, output):
     h, positions, Q, P, W, b, backend, act, dropout, seed = inputs
-    positions = positions.contiguous()
-    # Backward needs h only at the selected rows: keep those, not the whole hidden state (torch runs setup_context
-    # with grad disabled, so they carry no graph).
-    ctx.save_for_backward(selected_rows(h, positions), positions, Q, P, W, b)
+    _, h_rows = output
+    ctx.mark_non_differentiable(h_rows)
+    ctx.set_materialize_grads(False)  # no zeros launched for the gradient of h_rows, which is never used
+    # Backward needs h only at the selected rows: keep those, not the whole hidden state. P is saved only when it is
+    # not Q: backward then hands the backend P = Q again, which sums both parts of that tensor's gradient itself.
+    ctx.same_pq = P is Q
+    ctx.save_for_backward(h_rows, positions.contiguous(), Q, None if ctx.same_pq else P, W, b)
     ctx.settings = (backend, act, dropout, seed)
-    ctx.has_weight = (True, P is not None, W is not None, b is not None)  # Q, P, W, b
+    # Q, P, W, b: which have a gradient of their own (not P when it is Q: Q's gradient holds both parts)
+    ctx.has_weight = (True, P is not None and not ctx.same_pq, W is not None, b is not None)
+
+
+def _saved(ctx):
+    """(h_rows, positions, Q, P, W, b) as forward had them, P being Q again where it was."""
+    h_rows, positions, Q, P, W, b = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor once
+    return h_rows, positions, Q, Q if ctx.same_pq else P, W, b
 
 
 def _input_grads(ctx, grad_h, dQ, dP, dW, db) -> tuple:
@@ -58,13 +65,13 @@ def _input_grads(ctx, grad_h, dQ, dP, dW, db) -> tuple:
 @torch.library.custom_op("reft_fast::low_rank_edit", mutates_args=())
 def _edit_op(h: torch.Tensor, positions: torch.Tensor, Q: torch.Tensor, P: Optional[torch.Tensor],
              W: Optional[torch.Tensor], b: Optional[torch.Tensor], backend: str, act: int, dropout: float,
-             seed: int) -> torch.Tensor:
+             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(h, positions, Q, P, W, b, backend, act, dropout, seed)
 
 
 @_edit_op.register_fake
 def _edit_op_fake(h, positions, Q, P, W, b, backend, act, dropout, seed):
-    return h.new_empty(h.shape)
+    return h.new_empty(h.shape), h.new_empty(positions.shape[0], positions.shape[1], h.shape[2])
 
 
 @torch.library.custom_op("reft_fast::low_rank_edit_backward", mutates_args=())
@@ -81,11 +88,12 @@ def _edit_backward_op(h_rows: torch.Tensor, grad_out: torch.Tensor, positions: t
 @_edit_backward_op.register_fake
 def _edit_backward_op_fake(h_rows, grad_out, positions, Q, P, W, b, backend, act, dropout, seed):
     like = lambda t: Q.new_empty(0) if t is None else t.new_empty(t.shape, dtype=torch.float32)  # noqa: E731
-    return grad_out.new_empty(grad_out.shape), like(Q), like(P), like(W), like(b)
+    return grad_out.new_empty(grad_out.shape), like(Q), like(None if P is Q else P), like(W), like(b)
 
 
-def _op_backward(ctx, grad_out):
-    h_rows, positions, Q, P, W, b = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor once
+def _op_backward(ctx, grad_out, grad_rows):
+    del grad_rows  # h_rows is not differentiable
+    h_rows, positions, Q, P, W, b = _saved(ctx)
     return _input_grads(ctx, *_edit_backward_op(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings))
 
 
@@ -98,13 +106,14 @@ class _EagerEdit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # ctx first: a separate setup_context makes apply() bind arguments with inspect
-        out = _forward(*inputs)
-        _setup_context(ctx, inputs, out)
-        return out
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
 
     @staticmethod
-    def backward(ctx, grad_out):
-        h_rows, positions, Q, P, W, b = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_rows):
+        del grad_rows  # h_rows is not differentiable
+        h_rows, positions, Q, P, W, b = _saved(ctx)
         grads = _backward_impl(h_rows, grad_out, positions, Q, P, W, b, *ctx.settings)
         return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)
 
@@ -114,12 +123,12 @@ def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: 
     custom op, which the compiler traces through its fake kernels."""
     if torch.compiler.is_compiling():
         return _edit_op(h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout,
-                        params.seed)
+                        params.seed)[0]
     implementation = get_backend(backend)
     if getattr(implementation, "forward_is_differentiable", False):
         # Eager autograd through ordinary torch ops costs the host less than the written-out backward, which must
         # recompute the forward from the saved rows (CPU, one thread, d 64, r 8, 112 rows: 0.28 against 0.40 ms per
         # edit forward+backward, torch 2.13, 2026-11-28).
-        return implementation.forward(h.contiguous(), positions.contiguous(), params)
+        return implementation.forward(h.contiguous(), positions.contiguous(), params)[0]
     return _EagerEdit.apply(h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
-                            params.dropout, params.seed)
+                            params.dropout, params.seed)[0]
