@@ -239,7 +239,8 @@ def op_runners(case: dict, backend: str):
 def kernel_runners(case: dict, module):
     """(forward, forward+backward) of a fused backend's launch functions on preallocated outputs; forward returns
     its output buffer (a copy of h whose selected rows it overwrites), forward+backward the gradient of h (a buffer
-    likewise) and the kernels' (dQ, dP, dW, db), where the gradient of LoReFT's R is dQ + dP."""
+    likewise) and the kernels' (dQ, dP, dW, db), where the gradient of LoReFT's R is dQ + dP (the Triton kernels
+    sum both into dQ when P is Q and return dP None)."""
     h, positions, R, W, b = (case[k] for k in ("h", "positions", "R", "W", "b"))
     out, grad_h = h.clone(), case["grad"].clone()
 
