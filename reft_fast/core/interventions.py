@@ -60,7 +60,7 @@ class ReftIntervention(nn.Module):
     has_add_bias = False
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, add_bias: bool = False, orthogonalization: str = "polar"):
+                 dtype=torch.float32, add_bias: bool = False, orthogonalization: str = "householder"):
         super().__init__()
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
             raise ValueError(f"embed_dim must be a positive int (the model's hidden size), got {embed_dim!r}")
@@ -208,7 +208,7 @@ class _RotatedLearnedSourceIntervention(_LearnedSourceMixin, ReftIntervention):
     _op = None  # ops.loreft or ops.direft
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
+                 dtype=torch.float32, orthogonalization: str = "householder"):
         super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
                          dtype=dtype, orthogonalization=orthogonalization)
         self._make_learned_source()
@@ -283,7 +283,7 @@ class _ConstantSourceIntervention(ReftIntervention):
     _op = None  # ops.consreft or ops.lobireft
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, orthogonalization: str = "polar"):
+                 dtype=torch.float32, orthogonalization: str = "householder"):
         super().__init__(embed_dim=embed_dim, low_rank_dimension=low_rank_dimension, dropout=dropout, act_fn=act_fn,
                          dtype=dtype, orthogonalization=orthogonalization)
         self.learned_source = nn.Parameter(torch.rand(self.low_rank_dimension))  # pyreft's init: uniform [0, 1)

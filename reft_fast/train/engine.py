@@ -228,12 +228,13 @@ def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
     """Attach the configured interventions at ``layers`` (twice for a two-sided position spec without share_weights:
     ``positions.intervention_layers``)."""
     from reft_fast.core.config import ReftConfig
+    from reft_fast.core.interventions import intervention_class
     from reft_fast.core.model import get_reft_model
 
     iv = cfg.interventions
     layers = intervention_layers(layers, iv.positions, iv.share_weights)
     options = {"dropout": iv.dropout, "act_fn": iv.act}
-    if iv.orthogonalization != "polar":  # only the rotation-based types accept it
+    if intervention_class(iv.type).uses_rotation:  # only the rotation-based types accept it
         options["orthogonalization"] = iv.orthogonalization
     representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.rank,
                         "intervention": iv.type, **options} for layer in layers]

@@ -81,7 +81,8 @@ class InterventionConfig:
     share_weights: bool = False
     dropout: float = 0.0
     act: Optional[str] = None
-    orthogonalization: str = "polar"  # polar | cholesky | householder (pyreft's own parametrization)
+    # householder (pyreft's own parametrization; the default: bench/NOTES.md "Orthogonalization default") | polar | cholesky
+    orthogonalization: str = "householder"
 
 
 @dataclass
