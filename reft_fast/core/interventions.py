@@ -12,9 +12,9 @@ LobireftIntervention   h + b R                                      rotation A ‚
 =====================  ==========================================  =====================================
 
 R [r, d] has orthonormal rows (pyreft stores its transpose, a d√ór weight with orthonormal columns). It is computed from
-an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="polar"`` (default) or ``"cholesky"`` keep
-``rotation`` [r, d] and map it with ``orthonormal_rows``; ``"householder"`` keeps pyreft's own parametrization (torch's
-orthogonal parametrization with a trivialization base) so that training follows pyreft step for step. A ReftModel
+an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="householder"`` (default) keeps pyreft's
+own parametrization (torch's orthogonal parametrization with a trivialization base) so that training follows pyreft step
+for step; ``"polar"`` or ``"cholesky"`` keep ``rotation`` [r, d] and map it with ``orthonormal_rows``. A ReftModel
 computes R for all its interventions in one batched call per forward and passes it to :meth:`edit`; called alone, an
 intervention computes its own.
 
