@@ -15,15 +15,14 @@ repeat for each of the 27 runs.
   quickstart  pyreft's README quick-start: a few prompts answered only in emoji, memorised by LoReFT rank 4 at one
               layer (the middle layer: 15 of SmolLM2's 30, pyreft uses 15 of Llama-2's 32), block output, the last
               prompt token, lr 4e-3, every example in each step (pyreft: batch size 10 over fewer examples), constant
-              learning rate (pyreft's 100-epoch linear decay is near-constant over the first 40 steps).
-  quickstart_lr8e-3  the same for the polar map at twice the rate.
+              learning rate (pyreft's 100-epoch linear decay is near-constant over the first 12 steps), 12 steps.
+  quickstart_lr8e-3  (only with --settings) the same for the polar map at twice the rate.
   demo        reft_fast/demo/demo.yaml (layers 8 and 16, r4, f3+l3 shared, lr 6e-3, cosine, 5 warm-up steps,
-              clipping 1.0), its 50 steps of batch 8 shortened to 12 of batch 4 (the cosine then ends at step 12).
+              clipping 1.0), its 50 steps of batch 8 shortened to 8 of batch 4 (the cosine then ends at step 8).
   multi       the paper's commonsense layout: every layer (30 interventions), r8, f7+l7 shared, lr 9e-4 (the paper's
-              commonsense/arithmetic rate), batch 4 of the demo's pirate data, constant learning rate, 12 steps.
+              commonsense/arithmetic rate), batch 4 of the demo's pirate data, constant learning rate, 8 steps.
 
-The step counts fit a 2-core machine shared with other jobs (about 3.5 s per quick-start step, 4–5 s per demo or
-multi step there). Every map starts from the same R and the same W, b for a given seed (``same_start``): R is drawn
+The step counts fit a 2-core machine shared with other jobs (3.5–20 s per step there, depending on the load). Every map starts from the same R and the same W, b for a given seed (``same_start``): R is drawn
 once and each map's parameters are set to give it (the Householder base completes it, as pyreft's loader would).
 
 Each run records the loss at every step and the wall time of one orthogonalization call (forward + backward of
@@ -72,14 +71,14 @@ EMOJI_EXAMPLES = [
 ]
 
 QUICKSTART = dict(layers=[15], rank=4, positions="l1", share_weights=False, lr=4e-3, schedule="constant",
-                  warmup_steps=0, micro_batch_size=len(EMOJI_EXAMPLES), steps=20, data="emoji")
+                  warmup_steps=0, micro_batch_size=len(EMOJI_EXAMPLES), steps=12, data="emoji")
 SETTINGS = {
     "quickstart": QUICKSTART,
     # Does the polar map catch up at twice the rate? (A Householder step moves R twice as far: see orthogonal.py.)
     "quickstart_lr8e-3": dict(QUICKSTART, lr=8e-3, methods=("polar",)),
-    "demo": dict(micro_batch_size=4, steps=12, data="demo"),  # the shipped config, batch and steps shortened
+    "demo": dict(micro_batch_size=4, steps=8, data="demo"),  # the shipped config, batch and steps shortened
     "multi": dict(layers="all", rank=8, positions="f7+l7", share_weights=True, lr=9e-4, schedule="constant",
-                  warmup_steps=0, micro_batch_size=4, steps=12, data="demo"),
+                  warmup_steps=0, micro_batch_size=4, steps=8, data="demo"),
 }
 INTERVENTION_FIELDS = ("layers", "rank", "positions", "share_weights")
 TRAINING_FIELDS = ("lr", "schedule", "warmup_steps", "micro_batch_size")
@@ -295,11 +294,12 @@ def cost_rows(env: dict, max_base_mib: float) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}")
+    parser.add_argument("--settings", default="quickstart,demo,multi", help=f"comma-separated subset of {list(SETTINGS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting and map")
     parser.add_argument("--steps", type=int, default=None, help="override every setting's step count")
     parser.add_argument("--no-cost", action="store_true", help="skip part 2 (the per-call cost grid)")
+    parser.add_argument("--cost-only", action="store_true", help="skip part 1 (the training runs)")
     parser.add_argument("--max-base-mib", type=float, default=512.0,
                         help="skip Householder cost cases whose d×d bases exceed this (default 512)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
@@ -320,6 +320,8 @@ def main(argv=None) -> int:
         path = write_csv(cost_rows(env, args.max_base_mib), folder / "orthogonal_cost.csv", COST_FIELDS)
         print(f"wrote {path}", flush=True)
 
+    if args.cost_only:
+        return 0
     base, tokenizer = load_smollm2()
     runs = CsvAppender(folder / "orthogonal_convergence.csv", RUN_FIELDS)
     all_rows = []
