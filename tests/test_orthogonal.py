@@ -144,14 +144,30 @@ def test_householder_batched_from_several_layers_matches_each():
                                    atol=2e-5, rtol=1e-4)
 
 
-def test_householder_sign_truncation_follows_torch():
-    # torch casts the diagonal of `original` to int: a sign decayed to −0.9 becomes 0 and zeroes its column.
+def test_householder_sign_survives_a_decayed_diagonal_where_torch_zeroes_the_column():
+    # torch casts the diagonal of `original` to int: a sign decayed to −0.9 becomes 0 and zeroes its column. Ours
+    # reads the sign (a deliberate difference): the column stays, and equals torch's once the entry is −1 again.
     module = _torch_parametrized_rotation(12, 3, perturbation=0.2)
     with torch.no_grad():
         module.parametrizations.weight.original[1, 1] = -0.9
     ours = HouseholderOrthogonal.from_pyreft(module)
+    assert module.weight[:, 1].abs().max() == 0
+    assert _orthonormality_error(ours()) < 1e-5
+    with torch.no_grad():
+        module.parametrizations.weight.original[1, 1] = -1.0
     torch.testing.assert_close(ours().mT, module.weight.detach(), atol=2e-6, rtol=0)
-    assert ours()[1].abs().max() == 0
+
+
+def test_householder_rotation_stays_orthonormal_under_adamw_weight_decay():
+    # One AdamW step with weight decay leaves the diagonal at −(1 − lr·wd); read as an integer that is 0 and R = 0.
+    layer = HouseholderOrthogonal(3, 16, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3, weight_decay=0.01)
+    for _ in range(3):
+        (layer() * torch.randn(3, 16)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert layer.original.diagonal().max() > -1.0  # the decay did reach the signs
+    assert _orthonormality_error(layer()) < 1e-5
 
 
 def test_pyreft_loreft_rotate_layer_imports_exactly():

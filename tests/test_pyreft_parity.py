@@ -158,3 +158,39 @@ def test_multi_layer_loreft_on_smollm2_matches_pyreft(smollm2):
             theirs_param = dict(theirs.interventions[key].named_parameters())[_PAIRED_NAMES[our_name]]
             torch.testing.assert_close(param.grad, theirs_param.grad, atol=1e-5, rtol=1e-3,
                                        msg=lambda m: f"{key} {our_name}: {m}")
+
+
+def test_default_loreft_trains_like_pyreft_at_its_quickstart_settings():
+    """pyreft's README quick-start setting (LoReFT rank 4 at one layer, the last prompt token, AdamW at lr 4e-3,
+    every example in each step) on a tiny model: reft-fast with default options must follow pyreft's loss trajectory.
+    The default orthogonalization is pyreft's Householder map; the polar map starts at the same R and drifts away
+    within a few steps (bench/NOTES.md, "Orthogonalization default")."""
+    model = _base()
+    theirs_model = copy.deepcopy(model)
+    theirs = pyreft.get_reft_model(theirs_model, pyreft.ReftConfig(representations=[
+        {"layer": 1, "component": "block_output", "low_rank_dimension": 4,
+         "intervention": pyreft.LoreftIntervention(embed_dim=48, low_rank_dimension=4, dtype=torch.float32)}]),
+        set_device=False)
+    ours = get_reft_model(model, ReftConfig([{"layer": 1, "component": "block_output", "low_rank_dimension": 4,
+                                              "intervention": "LoreftIntervention"}]))
+    (key,) = ours.interventions
+    load_pyreft_module(ours.interventions[key], theirs.interventions[key])
+    base, labels, _ = _batch()
+    prompt_end = [[[int(n) // 2] for n in base["attention_mask"].sum(-1)]]  # one position per example
+    unit = {"sources->base": (None, prompt_end)}
+    trajectories = []
+    for reft_model, params in ((theirs, list(theirs.interventions[key].parameters())),
+                               (ours, ours.trainable_parameters())):
+        optimizer = torch.optim.AdamW(params, lr=4e-3, weight_decay=0.0)
+        losses = []
+        for _ in range(6):
+            _, out = reft_model(base, unit_locations=unit, labels=labels)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(out.loss.item())
+        trajectories.append(losses)
+    theirs_losses, our_losses = trajectories
+    assert theirs_losses[-1] < theirs_losses[0] - 0.02  # it trains
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(theirs_losses), atol=2e-5, rtol=0,
+                               msg=lambda m: f"pyreft {theirs_losses} vs ours {our_losses}: {m}")

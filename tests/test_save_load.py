@@ -26,7 +26,7 @@ def _inputs():
 
 _REPRESENTATIONS = [
     {"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2, "act_fn": "relu",
-     "dropout": 0.1},
+     "dropout": 0.1, "orthogonalization": "polar"},  # every map is saved and loaded; consreft gets the default
     {"layer": 1, "component": "mlp_output", "intervention": "noreft", "low_rank_dimension": 3, "add_bias": True},
     {"layer": 1, "component": "mlp_output", "intervention": "lobireft", "low_rank_dimension": 2,
      "orthogonalization": "householder"},

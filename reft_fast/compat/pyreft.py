@@ -115,7 +115,7 @@ def is_pyreft_config(config: dict) -> bool:
 
 
 def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict, model: nn.Module, *,
-                          backend: Optional[str] = None, orthogonalization: str = "polar") -> ReftModel:
+                          backend: Optional[str] = None, orthogonalization: str = "householder") -> ReftModel:
     """Attach to ``model`` the interventions of a pyreft directory whose config.json is ``config``, as a
     ``reft_model_class`` (ReftModel or a subclass)."""
     hidden = model_hidden_size(model)

@@ -17,9 +17,9 @@ pyreft loader's mapping all follow from the spec. A new member is one more spec:
 ``register_intervention(name, spec)``.
 
 R [r, d] has orthonormal rows (pyreft stores its transpose, a d×r weight with orthonormal columns). It is computed from
-an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="polar"`` (default) or ``"cholesky"`` keep
-``rotation`` [r, d] and map it with ``orthonormal_rows``; ``"householder"`` keeps pyreft's own parametrization (torch's
-orthogonal parametrization with a trivialization base) so that training follows pyreft step for step. A ReftModel
+an unconstrained parameter by ``reft_fast.core.orthogonal``: ``orthogonalization="householder"`` (default) keeps pyreft's
+own parametrization (torch's orthogonal parametrization with a trivialization base) so that training follows pyreft step
+for step; ``"polar"`` or ``"cholesky"`` keep ``rotation`` [r, d] and map it with ``orthonormal_rows``. A ReftModel
 computes R for all its interventions in one batched call per forward and passes it to :meth:`edit`; called alone, an
 intervention computes its own.
 
@@ -149,7 +149,7 @@ class ReftIntervention(nn.Module):
                 raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {name!r} (its "
                                 f"{spec.basis} basis takes {spec.option!r})")
         add_bias = False if add_bias is None else add_bias
-        orthogonalization = "polar" if orthogonalization is None else orthogonalization
+        orthogonalization = "householder" if orthogonalization is None else orthogonalization
         _check_arguments(type(self), embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization)
         self.embed_dim = embed_dim
         self.low_rank_dimension = low_rank_dimension

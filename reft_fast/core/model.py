@@ -230,7 +230,7 @@ class ReftModel(nn.Module):
 
     @classmethod
     def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module, *, backend: Optional[str] = None,
-             orthogonalization: str = "polar") -> "ReftModel":
+             orthogonalization: str = "householder") -> "ReftModel":
         """Attach saved interventions to ``model``: a directory written by ``save``, or in a registered format
         (pyreft's, registered by ``reft_fast.compat``).
 

@@ -6,9 +6,10 @@ the cost per step is a handful of batched kernels instead of pyreft's per-interv
 at every ``.weight`` access (forward + backward 3.4 ms per intervention per access at d=4096, r=8; measured on one
 H100 80GB with torch 2.11, 2026-11-23).
 
-Methods (all differentiable, all batched over any leading dimensions):
+Methods (all differentiable, all batched over any leading dimensions). The interventions' default is
+``"householder"`` with a trivialization base (``HouseholderOrthogonal``), pyreft's own map; see below for why.
 
-``"polar"`` (default) — R = (A Aᵀ)^(-1/2) A, the orthonormal-row matrix nearest to A.
+``"polar"`` — R = (A Aᵀ)^(-1/2) A, the orthonormal-row matrix nearest to A.
     The r×r inverse square root comes from one batched symmetric eigendecomposition of G = A Aᵀ. Its backward is
     written out (``_PolarRows``) with the Daleckii–Krein divided differences of x^(-1/2),
         F_ij = (λi^(-1/2) − λj^(-1/2)) / (λi − λj) = −1 / (√λi √λj (√λi + √λj)),
@@ -22,18 +23,24 @@ Methods (all differentiable, all batched over any leading dimensions):
     the rows unequally: its gradient at an orthonormal A removes a triangular, not the symmetric, part of R̄ Aᵀ.
 ``"householder"`` — torch's orthogonal parametrization without trivialization base: A is read as the transpose of
     ``parametrizations.weight.original`` (reflectors below the diagonal, signs on the diagonal). Not the identity on
-    orthonormal input. ``HouseholderOrthogonal`` adds the base and reproduces pyreft's rotate layer exactly.
+    orthonormal input. ``HouseholderOrthogonal`` adds the base and reproduces pyreft's rotate layer exactly: that is
+    what an intervention with ``orthogonalization="householder"`` holds.
 
 Both ``"polar"`` and ``"cholesky"`` work from G = A Aᵀ, so in fp32 their loss of orthonormality grows like
 κ(A)² · eps (about 1e-5 at κ(A) = 10); in training A starts orthonormal (κ = 1) and drifts slowly.
 
-Why ``"polar"`` is the default: at an orthonormal A its gradient is R̄ − sym(R̄ Aᵀ) A, the projection of R̄ that
-Riemannian gradient descent on the Stiefel manifold uses, so plain optimizers on A behave like a Riemannian method with
-the polar retraction; it treats all rows alike (no Gram–Schmidt order); and its cost is matmul-sized (two r×r×d
-products forward, three backward, one batched r×r eigendecomposition). Its drawback is that ``torch.linalg.eigh`` on
-CUDA synchronizes with the host (torch documents it; there is no ``eigh_ex``). Called once per step, before the
-forward, the queue it waits for is the previous step's optimizer, so the bubble is the launch latency of the next few
-kernels; ``"cholesky"`` removes even that, and bench/bench_orthogonal.py times both against pyreft's Householder.
+Why ``"householder"`` (with its base) is the interventions' default: the ReFT paper's learning rates were tuned
+with it, and at those rates the other maps train more slowly. Near the start, a step of size η on a reflector entry
+moves R by 2η (a reflection doubles the angle), while a step on A moves the polar or Cholesky R by about η; with Adam,
+whose steps have a fixed size, the Householder map therefore trains like the others at twice the learning rate
+(bench/bench_orthogonal_convergence.py and bench/NOTES.md, "Orthogonalization default", hold the study). Its price is
+the d×d base per intervention (64 MiB in fp32 at d = 4096), read once forward and once backward per step.
+
+What ``"polar"`` offers instead: at an orthonormal A its gradient is R̄ − sym(R̄ Aᵀ) A, the projection of R̄ that
+Riemannian gradient descent on the Stiefel manifold uses; it treats all rows alike (no Gram–Schmidt order); its cost
+is matmul-sized (two r×r×d products forward, three backward, one batched r×r eigendecomposition) with no d×d state.
+``torch.linalg.eigh`` on CUDA synchronizes with the host (there is no ``eigh_ex``); ``"cholesky"`` never does.
+bench/bench_orthogonal.py times the maps against pyreft's per-intervention Householder.
 
 Parameters must be float32 (float64 is accepted so that gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -117,9 +124,13 @@ def householder_rows(original: torch.Tensor, base: Optional[torch.Tensor] = None
     """R [..., r, d] = (base @ householder(original)) transposed: torch's orthogonal parametrization of a d×r weight.
 
     ``original`` [..., d, r] holds reflector j below the diagonal of column j (v_j = e_j + original[j+1:, j]) and, on
-    the diagonal, the sign of column j (truncated to an integer exactly as torch does, so a diagonal entry that has
-    drifted from ±1 toward 0, e.g. by weight decay, zeroes its column in torch and here alike). ``base`` [..., d, d] is
-    the trivialization base (``use_trivialization=True``); None means the identity.
+    the diagonal, the sign of column j. ``base`` [..., d, d] is the trivialization base (``use_trivialization=True``);
+    None means the identity.
+
+    Deliberate difference from torch: the sign is read with ``sign()``, where torch truncates the entry to an integer.
+    The two agree while the diagonal holds ±1, which is always the case without weight decay (the diagonal gets no
+    gradient). With AdamW's decoupled weight decay the entry becomes −(1 − lr·wd) after one step, which torch truncates
+    to 0: every column, hence R, becomes zero and the intervention stops training, silently (pyreft inherits this).
 
     torch builds H_1 ⋯ H_r with ``linalg.householder_product`` (sequential reflections, slow backward). The same product
     in compact WY form is matmul-only: H_1 ⋯ H_r = I − V T Vᵀ with T upper triangular and
@@ -139,11 +150,13 @@ def householder_rows(original: torch.Tensor, base: Optional[torch.Tensor] = None
     VtV = V.mT @ V
     T_inv = VtV.triu(1) + torch.diag_embed(VtV.diagonal(dim1=-2, dim2=-1) / 2)  # 1/τ_j = ‖v_j‖²/2
     Q = eye - V @ torch.linalg.solve_triangular(T_inv, V[..., :r, :].mT, upper=True)
-    # The diagonal carries ±1 signs and is not trained: torch casts it to int, which also cuts its gradient.
-    Q = Q * original.detach().diagonal(dim1=-2, dim2=-1).trunc().unsqueeze(-2)
-    if base is not None:
-        Q = base @ Q
-    return Q.mT
+    # The diagonal carries ±1 signs and is not trained (torch's int cast cuts its gradient; so does detach here).
+    Q = Q * original.detach().diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
+    # R = Qᵀ baseᵀ, computed in that order so that its rows come out contiguous: the fused backends read R by rows
+    # and assume a contiguous [r, d] (a transposed view gave them wrong results). On the CPU this order is also about
+    # 2× faster than base @ Q for small r.
+    R = Q.mT if base is None else Q.mT @ base.mT
+    return R.contiguous()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -155,7 +168,7 @@ def orthonormal_rows(A: torch.Tensor, method: str = "polar") -> torch.Tensor:
     Stack the parameters of all interventions into one [n, r, d] tensor (or keep them in one such parameter) and call
     this once per step. ``"polar"`` and ``"cholesky"`` return A itself (to rounding) when A's rows are already
     orthonormal; A must have full row rank (a rank-deficient A gives non-finite values). See the module docstring for
-    the methods and why ``"polar"`` is the default.
+    the methods and why interventions default to ``"householder"`` (with a base, ``HouseholderOrthogonal``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -214,8 +227,8 @@ class HouseholderOrthogonal(nn.Module):
     gradients, so training follows pyreft's parametrization step for step. Without ``n`` the leading dimension is
     dropped ([d, r], [d, d], R [r, d]).
 
-    Note: ``original``'s diagonal holds ±1 signs; exclude this parameter from weight decay (as with torch's own
-    parametrization, decay moves the diagonal toward 0 and its integer truncation then zeroes columns).
+    ``original``'s diagonal holds ±1 signs; weight decay shrinks it but, unlike torch's integer cast, ``sign()`` keeps
+    it (see ``householder_rows``).
     """
 
     def __init__(self, r: int, d: int, n: Optional[int] = None, *, generator: Optional[torch.Generator] = None,

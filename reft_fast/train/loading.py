@@ -19,7 +19,10 @@ from typing import Optional
 
 import torch
 
+from reft_fast.core.config import ReftConfig
 from reft_fast.core.dtypes import model_dtype
+from reft_fast.core.interventions import intervention_class
+from reft_fast.core.model import get_reft_model
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.distributed import barrier
 from reft_fast.train.train_config import TrainConfig, gguf_cache_dir, resolve_model_source
@@ -121,13 +124,10 @@ def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
 def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
     """Attach the configured interventions at ``layers`` (twice for a two-sided position spec without share_weights:
     ``positions.intervention_layers``)."""
-    from reft_fast.core.config import ReftConfig
-    from reft_fast.core.model import get_reft_model
-
     iv = cfg.interventions
     layers = intervention_layers(layers, iv.positions, iv.share_weights)
     options = {"dropout": iv.dropout, "act_fn": iv.act_fn}
-    if iv.orthogonalization != "polar":  # only the rotation-based types accept it
+    if intervention_class(iv.intervention).uses_rotation:  # only the rotation-based types accept it
         options["orthogonalization"] = iv.orthogonalization
     representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.low_rank_dimension,
                         "intervention": iv.intervention, **options} for layer in layers]

@@ -90,7 +90,8 @@ class InterventionConfig:
     share_weights: bool = False
     dropout: float = 0.0
     act_fn: Optional[str] = None
-    orthogonalization: str = "polar"  # polar | cholesky | householder (pyreft's own parametrization)
+    # householder (pyreft's own parametrization; the default: bench/NOTES.md "Orthogonalization default") | polar | cholesky
+    orthogonalization: str = "householder"
 
 
 # section -> {old key: ReftConfig's key}: the names of the YAML before it took ReftConfig's vocabulary (2026-11),
