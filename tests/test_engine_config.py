@@ -72,6 +72,9 @@ def test_overrides_parse_values_as_yaml():
     (["interventions.positions=f0+l0"], "interventions.positions"),
     (["training.max_steps=2.5"], "training.max_steps"),
     (["deepspeed.timeout_minutes=-1"], "deepspeed.timeout_minutes"),
+    (["interventions.orthogonalization=qr"], "interventions.orthogonalization"),
+    (["interventions.intervention=noreft", "interventions.orthogonalization=polar"], "interventions.orthogonalization"),
+    (["interventions.act_fn=swish9"], "interventions.act_fn"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):

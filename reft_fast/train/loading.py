@@ -21,7 +21,6 @@ import torch
 
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.dtypes import model_dtype
-from reft_fast.core.interventions import intervention_class
 from reft_fast.core.model import get_reft_model
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.distributed import barrier
@@ -126,10 +125,7 @@ def build_reft_model(base, cfg: TrainConfig, layers: list[int]):
     ``positions.intervention_layers``)."""
     iv = cfg.interventions
     layers = intervention_layers(layers, iv.positions, iv.share_weights)
-    options = {"dropout": iv.dropout, "act_fn": iv.act_fn}
-    if intervention_class(iv.intervention).uses_rotation:  # only the rotation-based types accept it
-        options["orthogonalization"] = iv.orthogonalization
     representations = [{"layer": layer, "component": iv.component, "low_rank_dimension": iv.low_rank_dimension,
-                        "intervention": iv.intervention, **options} for layer in layers]
+                        "intervention": iv.intervention, **iv.options()} for layer in layers]
     reft_config = ReftConfig(representations, positions=iv.positions, share_weights=iv.share_weights)
     return get_reft_model(base, reft_config)

@@ -90,8 +90,16 @@ class InterventionConfig:
     share_weights: bool = False
     dropout: float = 0.0
     act_fn: Optional[str] = None
-    # householder (pyreft's own parametrization; the default: bench/NOTES.md "Orthogonalization default") | polar | cholesky
-    orthogonalization: str = "householder"
+    # Rotation-based types only: householder (pyreft's own parametrization, the default when unset: bench/NOTES.md
+    # "Orthogonalization default") | polar | cholesky.
+    orthogonalization: Optional[str] = None
+
+    def options(self) -> dict:
+        """The constructor options of each configured intervention (ReftConfig's per-representation keys)."""
+        options = {"dropout": self.dropout, "act_fn": self.act_fn}
+        if self.orthogonalization is not None:
+            options["orthogonalization"] = self.orthogonalization
+        return options
 
 
 # section -> {old key: ReftConfig's key}: the names of the YAML before it took ReftConfig's vocabulary (2026-11),
@@ -495,9 +503,19 @@ def _check_interventions_section(iv: InterventionConfig) -> None:
         raise ConfigError(f"interventions.positions: {iv.positions!r} selects no token; use at least one, e.g. 'l1' "
                           "or 'f1+l1'")
     try:
-        intervention_class(iv.intervention)
+        cls = intervention_class(iv.intervention)
     except ValueError as err:
         raise ConfigError(f"interventions.intervention: {err}") from None
+    if iv.orthogonalization is not None and not cls.uses_rotation:
+        raise ConfigError(f"interventions.orthogonalization: {cls.__name__} has no rotation to orthogonalize (only "
+                          "the rotation-based types take it); remove the key")
+    # The type's own argument checks (activation, orthogonalization method, ...) on a tiny instance, now rather than
+    # after the base is loaded.
+    try:
+        cls(embed_dim=iv.low_rank_dimension, low_rank_dimension=iv.low_rank_dimension, **iv.options())
+    except (ValueError, TypeError) as err:
+        named = [key for key in ("act_fn", "orthogonalization", "dropout") if key in str(err)]
+        raise ConfigError(f"interventions.{named[0] if named else 'intervention'}: {err}") from None
 
 
 def _check_data_section(d: DataConfig) -> None:
