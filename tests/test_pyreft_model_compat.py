@@ -346,5 +346,7 @@ def test_load_from_huggingface_hub_offline_without_a_copy_says_why(offline_hub, 
     with pytest.raises(ValueError, match=r"downloading the Hugging Face Hub repo 'someone/missing' failed "
                                          r"\(LocalEntryNotFoundError.*HF_HUB_OFFLINE=1"):
         ReftModel.load("someone/missing", _llama(), from_huggingface_hub=True)
-    with pytest.raises(ValueError, match=r"no/such/dir is not a local directory, and downloading"):
-        ReftModel.load(str(tmp_path / "no/such/dir"), _llama())
+    with pytest.raises(ValueError, match=r"no_such_reft is not a local directory, and downloading"):
+        ReftModel.load("no_such_reft", _llama())  # could be a repo id: the Hub is tried, offline
+    with pytest.raises(ValueError, match=r"no/such/dir holds no config.json"):
+        ReftModel.load(str(tmp_path / "no/such/dir"), _llama())  # cannot be a repo id: a local path

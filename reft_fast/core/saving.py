@@ -78,10 +78,18 @@ def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_hugg
                            local_directory: Optional[Union[str, os.PathLike]] = None) -> Path:
     """The local directory to load from: ``load_directory`` itself, or, when ``from_huggingface_hub`` is set or no
     such directory exists (pyvene's rule), the snapshot of the Hub repo of that id (``huggingface_hub``'s
-    ``snapshot_download``: the cached copy, downloaded first when missing)."""
-    if not from_huggingface_hub and os.path.isdir(load_directory):
-        return Path(load_directory)
+    ``snapshot_download``: the cached copy, downloaded first when missing). A missing path that cannot be a repo id
+    (``/abs/dir``, ``./dir``, ``a/b/c``) stays a local path, so its error says that it holds no saved model."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not from_huggingface_hub:
+        try:
+            validate_repo_id(os.fspath(load_directory))
+        except HFValidationError:
+            return Path(load_directory)
+        if os.path.isdir(load_directory):
+            return Path(load_directory)
 
     repo_id = os.fspath(load_directory)
     try:
