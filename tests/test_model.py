@@ -367,7 +367,7 @@ def test_bad_input_errors():
         reft_model(base, unit_locations={"sources->base": (None, _locations(2).tolist())})
     with pytest.raises(ValueError, match="must be < the sequence length 7, found 7"):
         reft_model(base, intervention_locations=torch.tensor([[[7], [0], [0]]]))
-    with pytest.raises(ValueError, match="either as unit_locations"):
+    with pytest.raises(ValueError, match="no positions to edit were given: pass unit_locations="):
         reft_model(base)
     with pytest.raises(ValueError, match="sources are not supported"):
         reft_model(base, intervention_locations=_locations(1), sources=[base])

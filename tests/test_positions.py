@@ -54,8 +54,10 @@ def test_pyreft_style_helper():
     assert get_intervention_locations(last_position=6, positions="f2+l1", num_interventions=2) == [[0, 1], [5, -1]]
     assert get_intervention_locations(last_position=6, first_n=1, last_n=1, num_interventions=1,
                                       share_weights=True) == [[0, 5]]
+    assert get_intervention_locations(last_position=2, positions="f2+l1", num_interventions=2,
+                                      pad_mode="last") == [[0, 2], [1, 2]]
     with pytest.raises(ValueError, match="pad_mode must be 'first'"):
-        get_intervention_locations(last_position=6, positions="l1", num_interventions=1, pad_mode="last")
+        get_intervention_locations(last_position=6, positions="l1", num_interventions=1, pad_mode="sink")
 
 
 def test_offsets_shift_real_positions_only():

@@ -10,6 +10,10 @@ Directory. pyreft's ``save`` writes config.json (``representations``, ``interven
 their defaults, add_bias being read from the weights. ``ReftModel.load`` reaches this reader through
 ``reft_fast.core.model.register_directory_format`` (see ``reft_fast.compat``).
 
+Access. pyreft's scripts read ``reft_model.interventions[key][0]`` (pyvene ≤ 0.1.6 stored (intervention, hook)
+pairs) and ``intervention.rotate_layer.weight`` (d×r); both work on reft_fast's interventions through the two
+accessors attached to ``ReftIntervention`` at the end of this section, which leave our parameters as they are.
+
 Data modules. pyreft's two supervised helpers, with its arguments, built on reft_fast.train.data. Deliberate difference:
 "lN" counts the last N prompt tokens including the final one (see reft_fast.core.positions).
 """
@@ -22,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from reft_fast.core.config import COMPONENTS, ReftConfig
+from reft_fast.core.config import ReftConfig
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
@@ -125,9 +129,6 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
     for i, (rep, type_name) in enumerate(zip(config["representations"], config["intervention_types"])):
         layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
             (rep["layer"], rep["component"], rep["low_rank_dimension"])
-        if component not in COMPONENTS:
-            raise ValueError(f"{directory}: representation {i} has component {component!r}, which reft_fast does "
-                             f"not support (supported: {list(COMPONENTS)})")
         if i < len(dims) and dims[i] is not None and dims[i] != hidden:
             raise ValueError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the model "
                              f"has hidden size {hidden}")
@@ -149,6 +150,51 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
 
 
 register_directory_format("pyreft", is_pyreft_config, load_pyreft_directory)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pyreft's ways of reaching into an intervention
+# --------------------------------------------------------------------------------------------------------------------
+class PyreftRotateLayer:
+    """pyreft's view of an intervention's R: ``weight`` is the d×r matrix with orthonormal columns (our R [r, d]
+    transposed, computed from the current parameters and differentiable), and calling it maps hidden states to the
+    subspace, ``x @ weight``. Other attributes reach the module holding householder's state, if any."""
+
+    def __init__(self, intervention: ReftIntervention):
+        self._intervention = intervention
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._intervention.rotation_matrix().mT
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        return x.to(weight.dtype) @ weight
+
+    def __getattr__(self, name: str):
+        held = None if name == "_intervention" else self._intervention._modules.get("rotate_layer")
+        if held is None:
+            raise AttributeError(f"pyreft's rotate_layer view has no attribute {name!r} (it offers weight and "
+                                 "calling it)")
+        return getattr(held, name)
+
+
+def _rotate_layer(intervention: ReftIntervention) -> PyreftRotateLayer:
+    if not intervention.uses_rotation:
+        raise AttributeError(f"{type(intervention).__name__} has no rotate_layer: it keeps no orthonormal R")
+    return PyreftRotateLayer(intervention)
+
+
+def _pyvene_pair_item(intervention: ReftIntervention, index: int) -> ReftIntervention:
+    if index == 0:
+        return intervention
+    raise IndexError(f"{type(intervention).__name__}[{index!r}]: only [0] is kept, for scripts written against pyvene "
+                     "≤ 0.1.6, whose interventions[key] was an (intervention, hook) pair; reft_fast's interventions[key] "
+                     "is the intervention itself, and its hook is not exposed")
+
+
+ReftIntervention.rotate_layer = property(_rotate_layer, doc=PyreftRotateLayer.__doc__)
+ReftIntervention.__getitem__ = _pyvene_pair_item
 
 
 # --------------------------------------------------------------------------------------------------------------------

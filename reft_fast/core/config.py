@@ -5,6 +5,11 @@ pyreft style (intervention instances)::
     ReftConfig(representations={"layer": 15, "component": "block_output", "low_rank_dimension": 4,
                                 "intervention": LoreftIntervention(embed_dim=4096, low_rank_dimension=4)})
 
+Components are named (``COMPONENTS``) or, as in pyvene, written as a module path with ``.input`` / ``.output``:
+``"model.layers[15].output"`` is block_output of layer 15, ``"model.layers[15].mlp.output"`` mlp_output. A path is
+resolved against the model when the ReftModel is built (the module must be a decoder layer, its attention or its MLP),
+and its layer index wins over ``layer``, as in pyvene, which hooks the module the path names.
+
 File style (interventions by name, built when the model's hidden size is known; ``layer`` may then be a list, a
 pyreft-style ``"3;9;18;24"`` or ``"all"``)::
 
@@ -18,18 +23,55 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from reft_fast.core.interventions import INTERVENTION_TYPES, OPTION_KEYS, ReftIntervention, intervention_class
 from reft_fast.core.positions import parse_positions
 
-__all__ = ["COMPONENTS", "Representation", "ReftConfig"]
+__all__ = ["COMPONENTS", "Representation", "ReftConfig", "parse_component_path"]
 
 COMPONENTS = ("block_input", "block_output", "mlp_input", "mlp_output", "attention_input", "attention_output")
+# pyvene's named components that are not a decoder layer's, its attention's or its MLP's input or output.
+_UNSUPPORTED_PYVENE_COMPONENTS = ("mlp_activation", "attention_value_output", "head_attention_value_output",
+                                  "query_output", "key_output", "value_output", "head_query_output",
+                                  "head_key_output", "head_value_output", "attention_weight")
+# pyvene's string access: attribute names and [index] steps joined by dots, ending in .input or .output.
+_PATH_STEP = r"[A-Za-z_]\w*(?:\[\d+\])*"
+_COMPONENT_PATH = re.compile(rf"^(?P<path>{_PATH_STEP}(?:\.{_PATH_STEP})*)\.(?P<io>input|output)$")
 # A representation may carry the intervention's hyperparameters (OPTION_KEYS) when it is given by name or class.
 _KEYS = ("layer", "component", "low_rank_dimension", "intervention", "intervention_type", "unit") + OPTION_KEYS
+
+
+def parse_component_path(component: str) -> Optional[tuple[list, str]]:
+    """pyvene's string access ``"model.layers[15].mlp.output"`` → (steps, io): ``["model", "layers", 15, "mlp"]``
+    (attribute names and list indices, in order) and ``"output"``; None for a named component (``block_output``)."""
+    if component in COMPONENTS or "." not in component:
+        return None
+    match = _COMPONENT_PATH.match(component)
+    if match is None:
+        raise ValueError(f"component {component!r} is neither a named component {list(COMPONENTS)} nor a module path "
+                         "like 'model.layers[15].output' (attribute names and [index] steps, ending in .input or "
+                         ".output)")
+    steps: list = []
+    for part in match["path"].split("."):
+        name, *indices = part.replace("]", "").split("[")
+        steps += [name, *map(int, indices)]
+    return steps, match["io"]
+
+
+def _check_component(component, index: int) -> None:
+    if not isinstance(component, str):
+        raise TypeError(f"representations[{index}]: component must be a string, got {type(component).__name__}")
+    if component in _UNSUPPORTED_PYVENE_COMPONENTS:
+        raise ValueError(f"representations[{index}]: pyvene's component {component!r} is not supported: reft_fast "
+                         f"edits the hidden states of a decoder layer, its attention or its MLP "
+                         f"({list(COMPONENTS)}, or a path such as 'model.layers[15].mlp.output')")
+    if component not in COMPONENTS and parse_component_path(component) is None:
+        raise ValueError(f"representations[{index}]: unknown component {component!r}; expected one of "
+                         f"{list(COMPONENTS)} or a module path such as 'model.layers[15].output'")
 
 
 @dataclass
@@ -84,15 +126,15 @@ def _as_representation(entry, index: int, default_type) -> Representation:
     unknown = sorted(set(entry) - set(_KEYS))
     if unknown:
         raise ValueError(f"representations[{index}] has unknown keys {unknown}; accepted keys: {list(_KEYS)}")
-    if "layer" not in entry:
-        raise ValueError(f"representations[{index}] needs a 'layer'")
     if entry.get("unit", "pos") != "pos":
         raise ValueError(f"representations[{index}]: only unit='pos' (token positions) is supported, got "
                          f"{entry['unit']!r}")
     component = entry.get("component", "block_output")
-    if component not in COMPONENTS:
-        raise ValueError(f"representations[{index}]: unknown component {component!r}; expected one of "
-                         f"{list(COMPONENTS)}")
+    _check_component(component, index)
+    named_by_path = parse_component_path(component) is not None  # the path names the layer
+    if "layer" not in entry and not named_by_path:
+        raise ValueError(f"representations[{index}] needs a 'layer'")
+    layer = entry.get("layer")
     intervention = entry.get("intervention", entry.get("intervention_type", default_type))
     options = {k: entry[k] for k in OPTION_KEYS if k in entry}
     rank = entry.get("low_rank_dimension")
@@ -112,16 +154,15 @@ def _as_representation(entry, index: int, default_type) -> Representation:
         if rank is not None and rank != intervention.low_rank_dimension:
             raise ValueError(f"representations[{index}]: low_rank_dimension {rank} differs from the intervention's "
                              f"{intervention.low_rank_dimension}")
-        if not isinstance(entry["layer"], int) or isinstance(entry["layer"], bool):
+        if not named_by_path and (not isinstance(layer, int) or isinstance(layer, bool)):
             raise ValueError(f"representations[{index}]: an intervention instance sits at one layer (an int); got "
-                             f"layer={entry['layer']!r}. Give one representation per layer, or the intervention "
-                             "by name")
+                             f"layer={layer!r}. Give one representation per layer, or the intervention by name")
     else:
         intervention = intervention_class(intervention)
         if rank is None:
             raise ValueError(f"representations[{index}]: low_rank_dimension is required when the intervention is "
                              "given by name or class")
-    return Representation(entry["layer"], component, rank, intervention, options)
+    return Representation(layer, component, rank, intervention, options)
 
 
 class ReftConfig:
@@ -160,20 +201,32 @@ class ReftConfig:
     def __repr__(self) -> str:
         return f"ReftConfig({self.to_dict()!r})"
 
-    def build(self, num_layers: int, hidden_size: int) -> list[tuple[int, str, ReftIntervention]]:
-        """(layer, component, intervention) for every intervention, creating those given by name."""
+    def build(self, num_layers: int, hidden_size: int, resolve_component: Optional[Callable[[str], tuple[int, str]]]
+              = None) -> list[tuple[int, str, ReftIntervention]]:
+        """(layer, component, intervention) for every intervention, creating those given by name.
+
+        ``resolve_component`` maps a module-path component (``"model.layers[15].output"``) to (layer, named
+        component); the ReftModel passes one that looks the path up in its model.
+        """
         built = []
         for index, rep in enumerate(self.representations):
-            layers = rep.layers(num_layers)
+            if parse_component_path(rep.component) is None:
+                layers, component = rep.layers(num_layers), rep.component
+            elif resolve_component is None:
+                raise ValueError(f"representations[{index}]: the component path {rep.component!r} can only be "
+                                 "resolved against a model (build the ReftModel)")
+            else:
+                layer, component = resolve_component(rep.component)
+                layers = [layer]
             if isinstance(rep.intervention, ReftIntervention):
                 if rep.intervention.embed_dim != hidden_size:
                     raise ValueError(f"representations[{index}]: the intervention's embed_dim "
                                      f"{rep.intervention.embed_dim} differs from the model's hidden size "
                                      f"{hidden_size}")
-                built.append((layers[0], rep.component, rep.intervention))
+                built.append((layers[0], component, rep.intervention))
                 continue
             for layer in layers:
-                built.append((layer, rep.component, rep.intervention(
+                built.append((layer, component, rep.intervention(
                     embed_dim=hidden_size, low_rank_dimension=rep.low_rank_dimension, **rep.options)))
         return built
 

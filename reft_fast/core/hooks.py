@@ -32,6 +32,11 @@ with gradients on would replay it, and with gradients off never does.
 Not covered: a base split over several devices given two forwards before one backward, where torch runs each device's
 part of the backward on its own thread and the two graphs' recomputations may interleave.
 
+Custom edits. A subclass of an intervention that overrides ``forward()`` (how pyreft users write their own edits)
+runs its forward the way pyvene calls it: the selected rows [B, P, d] go through ``intervention(rows, None, None)``
+and the result is written back in place (``edit_with_own_forward``), instead of the fused op the parent class would
+run.
+
 Generation. ``generate`` edits the prompt pass only: the hooks are active while the KV cache is empty and idle on the
 decode steps, which read the edited prompt from the cache. Beam search and ``num_return_sequences`` expand the batch;
 the positions are repeated to match.
@@ -49,7 +54,8 @@ from torch import nn
 
 from reft_fast.core.hf import component_module
 
-__all__ = ["ForwardState", "InterventionHooks", "is_prompt_pass", "cached_tokens"]
+__all__ = ["ForwardState", "InterventionHooks", "is_prompt_pass", "cached_tokens", "runs_own_forward",
+           "edit_with_own_forward"]
 
 # Keyword names under which a module may receive its hidden states when they are not its first positional argument.
 _HIDDEN_KWARGS = ("hidden_states", "x", "input")
@@ -89,6 +95,7 @@ class InterventionHooks:
     def __init__(self, model: nn.Module, layers: nn.ModuleList, placements: Sequence[tuple[int, str]],
                  interventions: Sequence[nn.Module]):
         self.interventions = tuple(interventions)
+        self.runs_own_forward = tuple(runs_own_forward(intervention) for intervention in self.interventions)
         self.running: Optional[ForwardState] = None  # the ReftModel forward or generate in progress
         self._replaying: Optional[ForwardState] = None  # the forward whose graph the running backward is in
         sites: dict[tuple[int, str], list[int]] = {}
@@ -153,6 +160,9 @@ class InterventionHooks:
 
     def _edit(self, indices: list, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
         for i in indices:
+            if self.runs_own_forward[i]:
+                h = edit_with_own_forward(self.interventions[i], h, state.positions(i, h.device, h.shape[0]))
+                continue
             h = self.interventions[i].edit(h, state.positions(i, h.device, h.shape[0]), rotation=state.rotations[i],
                                            seed=state.seeds[i], backend=state.backends[i], validate=False)
         return h
@@ -179,6 +189,31 @@ class InterventionHooks:
                 return args, {**kwargs, name: self._edit(indices, kwargs[name], state)}
         raise TypeError(f"cannot find the hidden states among the inputs of {type(module).__name__} (first positional "
                         f"argument or one of {list(_HIDDEN_KWARGS)})")
+
+
+def runs_own_forward(intervention: nn.Module) -> bool:
+    """Whether ``intervention``'s class, or a parent outside reft_fast, overrides ``forward()``: a user's custom edit,
+    which must run instead of the fused op of the reft_fast class it derives from."""
+    owner = next(cls for cls in type(intervention).__mro__ if "forward" in vars(cls))
+    return owner.__module__.partition(".")[0] not in ("reft_fast", "torch")
+
+
+def edit_with_own_forward(intervention: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Edit the rows ``positions`` [B, P] (−1 = none) of h [B, T, d] with ``intervention``'s own forward, called as
+    pyvene calls it: ``intervention(rows, None, None)`` on the selected rows [B, P, d] (a −1 slot passes a row of
+    zeros), the result (a tensor, or pyvene's output object holding one as ``.output``) written back in place."""
+    batch, seq_len, dim = h.shape
+    # One extra row of zeros stands for every −1 slot: it is what those slots read, and where their result goes.
+    padded = torch.cat([h, h.new_zeros(batch, 1, dim)], dim=1)
+    index = torch.where(positions >= 0, positions, seq_len).unsqueeze(-1).expand(-1, -1, dim)
+    rows = padded.gather(1, index)
+    edited = intervention(rows, None, None)
+    edited = getattr(edited, "output", edited)
+    if not isinstance(edited, torch.Tensor) or edited.shape != rows.shape:
+        raise TypeError(f"{type(intervention).__name__}.forward must return the edited rows, a tensor of shape "
+                        f"{list(rows.shape)} like its input, got "
+                        f"{list(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__}")
+    return padded.scatter(1, index, edited.to(h.dtype))[:, :seq_len]
 
 
 def _tensors_in(output) -> Iterator[torch.Tensor]:

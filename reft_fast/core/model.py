@@ -24,18 +24,19 @@ as pyreft's).
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from collections.abc import Mapping
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from reft_fast import ops
-from reft_fast.core.config import ReftConfig
-from reft_fast.core.hf import find_decoder_layers, model_hidden_size
+from reft_fast.core.config import ReftConfig, parse_component_path
+from reft_fast.core.hf import component_module, find_decoder_layers, model_hidden_size
 from reft_fast.core.hooks import ForwardState, InterventionHooks
 from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
-from reft_fast.core.saving import load_reft_model, save_reft_model
+from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
 
 __all__ = ["ReftModel", "get_reft_model"]
 
@@ -46,6 +47,38 @@ def _module_device(module: nn.Module) -> torch.device:
     for tensor in module.buffers():
         return tensor.device
     return torch.device("cpu")
+
+
+def _component_resolver(model: nn.Module, layers_path: str, layers: nn.ModuleList) -> Callable[[str], tuple[int, str]]:
+    """The resolver of pyvene's component paths for ``model``: ``"model.layers[15].mlp.output"`` → (15,
+    "mlp_output"). The path is walked on the model and the module it reaches is recognized by identity, so any path
+    to a decoder layer (a PEFT wrapper's ``base_model.model.model.layers[15]`` too), its attention or its MLP works."""
+    sites: dict[int, tuple[int, str]] = {}
+    for index, block in enumerate(layers):
+        sites[id(block)] = (index, "block")
+        for kind in ("attention", "mlp"):
+            try:
+                sites.setdefault(id(component_module(block, f"{kind}_output", index)), (index, kind))
+            except ValueError:  # a layer without that submodule: paths to it are refused below
+                pass
+
+    def resolve(component: str) -> tuple[int, str]:
+        steps, io = parse_component_path(component)
+        module = model
+        for step in steps:
+            try:
+                module = module[step] if isinstance(step, int) else getattr(module, step)
+            except (AttributeError, IndexError, KeyError, TypeError):
+                what = f"[{step}]" if isinstance(step, int) else f"attribute {step!r}"
+                raise ValueError(f"component {component!r}: {type(module).__name__} has no {what}") from None
+        site = sites.get(id(module))
+        if site is None:
+            raise ValueError(f"component {component!r} names a {type(module).__name__}, which reft_fast cannot edit: "
+                             f"it intervenes on the decoder layers ({layers_path}[i]) and on their attention and MLP "
+                             "modules only, at their input or output (block_*, attention_*, mlp_* components)")
+        return site[0], f"{site[1]}_{io}"
+
+    return resolve
 
 
 def _intervention_key(layer: int, component: str, taken: dict) -> str:
@@ -79,7 +112,8 @@ class ReftModel(nn.Module):
         self.interventions = nn.ModuleDict()
         self.placements: list[tuple[int, str]] = []
         taken: dict = {}
-        for layer, component, intervention in reft_config.build(len(layers), self.hidden_size):
+        resolve_component = _component_resolver(model, self.layers_path, layers)
+        for layer, component, intervention in reft_config.build(len(layers), self.hidden_size, resolve_component):
             key = _intervention_key(layer, component, taken)
             # Each intervention lives where its layer lives (models split over devices keep working).
             self.interventions[key] = intervention.to(_module_device(layers[layer]))
@@ -112,6 +146,29 @@ class ReftModel(nn.Module):
         """The intervention parameters (the only ones an optimizer should get)."""
         return [p for p in self.interventions.parameters() if p.requires_grad]
 
+    def count_parameters(self, include_model: bool = False) -> int:
+        """Trainable intervention parameters, plus the base model's trainable ones with ``include_model`` (pyvene)."""
+        total = sum(p.numel() for p in self.trainable_parameters())
+        if include_model:
+            total += sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return total
+
+    def disable_model_gradients(self) -> None:
+        """Freeze the base model and put it in eval mode (pyvene's; the base is frozen at construction already)."""
+        self.model.eval()
+        self.model.requires_grad_(False)
+
+    def set_device(self, device: Union[str, torch.device], set_model: bool = True) -> None:
+        """Move the base model (unless ``set_model=False``) and the interventions to ``device`` (pyvene's)."""
+        if set_model:
+            self.model.to(device)
+        self.interventions.to(device)
+
+    def get_device(self) -> torch.device:
+        """The base model's device (pyvene's): ``model.device``, else the device of its first parameter."""
+        device = getattr(self.model, "device", None)
+        return device if isinstance(device, torch.device) else _module_device(self.model)
+
     def print_trainable_parameters(self) -> None:
         trainable = sum(p.numel() for p in self.trainable_parameters())
         base_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -122,20 +179,23 @@ class ReftModel(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------------------
-    def _locations(self, base: dict, unit_locations, intervention_locations) -> tuple[torch.Tensor, int]:
+    def _locations(self, base: Mapping, unit_locations, intervention_locations) -> tuple[torch.Tensor, int]:
         """The edited positions as one int64 tensor [n_interventions, batch, P], checked against ``base``, and the
         sequence length they index."""
-        if not isinstance(base, dict):
-            raise TypeError(f"base must be a dict of model inputs (input_ids, attention_mask, ...), got "
+        if not isinstance(base, Mapping):  # a dict, or the tokenizer's BatchEncoding
+            raise TypeError(f"base must be a mapping of model inputs (input_ids, attention_mask, ...), got "
                             f"{type(base).__name__}")
         inputs = base.get("input_ids", base.get("inputs_embeds"))
         if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
             raise ValueError("base must hold input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden])")
         batch_size, seq_len = inputs.shape[:2]
         n = len(self.interventions)
-        if (unit_locations is None) == (intervention_locations is None):
-            raise ValueError("give the edited positions either as unit_locations={'sources->base': (None, nested)} or "
-                             "as intervention_locations=<int tensor [n_interventions, batch, positions]>, not both")
+        if unit_locations is None and intervention_locations is None:
+            raise ValueError("no positions to edit were given: pass unit_locations={'sources->base': (None, "
+                             "locations)} with locations nested [intervention][example][position] (pyreft's form), "
+                             "or intervention_locations=<int tensor [n_interventions, batch, positions]>")
+        if unit_locations is not None and intervention_locations is not None:
+            raise ValueError("give the edited positions once: unit_locations or intervention_locations, not both")
         if unit_locations is not None:
             locations = unit_locations_to_tensor(unit_locations, n, batch_size)
         else:
@@ -146,7 +206,7 @@ class ReftModel(nn.Module):
             check_locations(locations, n, batch_size, seq_len=seq_len)
         return locations.long(), seq_len
 
-    def _prepare(self, base: dict, unit_locations, intervention_locations, *, expandable: bool) -> ForwardState:
+    def _prepare(self, base: Mapping, unit_locations, intervention_locations, *, expandable: bool) -> ForwardState:
         locations, seq_len = self._locations(base, unit_locations, intervention_locations)
         devices = [_module_device(intervention) for intervention in self._in_order]
         by_device = {device: locations.to(device, non_blocking=True).contiguous() for device in dict.fromkeys(devices)}
@@ -159,7 +219,7 @@ class ReftModel(nn.Module):
         interventions = self._in_order
         groups: dict = {}
         for i, (intervention, device) in enumerate(zip(interventions, devices)):
-            if intervention.uses_rotation:
+            if intervention.uses_rotation and not self._hooks.runs_own_forward[i]:
                 key = (intervention.orthogonalization, intervention.low_rank_dimension, intervention.embed_dim, device)
                 groups.setdefault(key, []).append(i)
         rotations = [None] * len(interventions)
@@ -173,13 +233,13 @@ class ReftModel(nn.Module):
         return [ops.draw_seed() if intervention.training and intervention.dropout > 0 else None
                 for intervention in self._in_order]
 
-    def forward(self, base: dict, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
+    def forward(self, base: Mapping, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, sources=None, subspaces=None,
                 output_original_output: bool = False, **kwargs):
         """Run the base model with the interventions applied; returns ``(original_output or None, intervened_output)``.
 
         Args:
-            base: the model inputs (input_ids, attention_mask, ...).
+            base: the model inputs (input_ids, attention_mask, ...): a dict or the tokenizer's BatchEncoding.
             unit_locations: pyreft's ``{"sources->base": (None, nested)}``, nested lists [intervention][example][pos].
             intervention_locations: the same as one int tensor [n_interventions, batch, P] (−1 = none).
             labels: passed to the base model, so ``intervened_output.loss`` is its LM loss.
@@ -202,7 +262,7 @@ class ReftModel(nn.Module):
         return original, output
 
     @torch.no_grad()
-    def generate(self, base: dict, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
+    def generate(self, base: Mapping, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
                  intervene_on_prompt: bool = True, sources=None, subspaces=None, output_original_output: bool = False,
                  **generate_kwargs):
         """``model.generate`` with the prompt pass edited; returns ``(original_ids or None, generated_ids)``.
@@ -229,15 +289,20 @@ class ReftModel(nn.Module):
         save_reft_model(self, save_directory, save_to_hf_hub=save_to_hf_hub, hf_repo_name=hf_repo_name)
 
     @classmethod
-    def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module, *, backend: Optional[str] = None,
-             orthogonalization: str = "householder") -> "ReftModel":
+    def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module,
+             local_directory: Optional[Union[str, os.PathLike]] = None, from_huggingface_hub: bool = False, *,
+             backend: Optional[str] = None, orthogonalization: str = "householder") -> "ReftModel":
         """Attach saved interventions to ``model``: a directory written by ``save``, or in a registered format
         (pyreft's, registered by ``reft_fast.compat``).
 
+        As in pyvene, ``load_directory`` is a Hugging Face Hub repo id when ``from_huggingface_hub`` is set or no
+        such local directory exists; it is then downloaded (to ``local_directory`` if given, else the Hub cache).
         Tensors are read on the CPU and copied to each intervention's device, so a directory saved on any device
         loads on any other. ``orthogonalization`` applies to pyreft directories (ours record it).
         """
-        return load_reft_model(cls, load_directory, model, backend=backend, orthogonalization=orthogonalization)
+        directory = resolve_load_directory(load_directory, from_huggingface_hub=from_huggingface_hub,
+                                           local_directory=local_directory)
+        return load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization)
 
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,

@@ -26,7 +26,10 @@ Deliberate differences from pyreft
   prompts shorter than 2 tokens (a capped side is empty), so such an example's rows are twice as wide as the others'.
   Here every example of a batch has the same row layout.
 * **Short prompts pad with −1, never with a real token.** pyreft's ``pad_mode="last"`` fills missing slots with
-  ``last_position``, which repeats one token in a row (the op rejects repeated positions: each token is edited once).
+  ``last_position``, which repeats one token in a row. ``get_intervention_locations`` returns those lists as pyreft
+  does, and ``unit_locations_to_tensor`` keeps each repeated position once (pyvene computes the same edit for every
+  copy of a row and writes them all to the one token, so the token is edited once there too); the tensor form
+  ``intervention_locations`` rejects repeats (the op edits each token once).
 """
 
 from __future__ import annotations
@@ -138,14 +141,18 @@ def get_intervention_locations(*, last_position: int, num_interventions: int, po
                                share_weights: bool = False, pad_mode: str = "first") -> list[list[int]]:
     """pyreft's per-example helper: locations [num_interventions][P] of one prompt of length ``last_position``.
 
-    Same lists as pyreft for prompts of 2 tokens or more; missing slots are −1 (pyreft's ``pad_mode="first"``;
-    ``"last"`` would repeat a real token and is refused). Batched code should call ``intervention_locations``.
+    Same lists as pyreft for prompts of 2 tokens or more. Slots a short prompt leaves empty hold −1 with
+    ``pad_mode="first"`` and ``last_position`` with ``pad_mode="last"`` (pyreft's two modes; a ReftModel edits a
+    position repeated in ``unit_locations`` once). Batched code should call ``intervention_locations``.
     """
-    if pad_mode != "first":
-        raise ValueError(f"pad_mode must be 'first' (−1 = no position), got {pad_mode!r}: pyreft's 'last' fills "
-                         "missing slots with a real token, which would then be edited more than once")
+    if pad_mode not in ("first", "last"):
+        raise ValueError(f"pad_mode must be 'first' (empty slots hold −1) or 'last' (they hold last_position), got "
+                         f"{pad_mode!r}")
     spec = positions if positions is not None else (first_n or 0, last_n or 0)
-    return intervention_locations([last_position], spec, num_interventions, share_weights=share_weights)[:, 0].tolist()
+    rows = intervention_locations([last_position], spec, num_interventions, share_weights=share_weights)[:, 0]
+    if pad_mode == "last":
+        rows = torch.where(rows < 0, last_position, rows)
+    return rows.tolist()
 
 
 def _valid_first(rows: torch.Tensor) -> torch.Tensor:
@@ -158,7 +165,8 @@ def unit_locations_to_tensor(unit_locations, num_interventions: int, batch_size:
     """pyreft/pyvene ``unit_locations`` → int64 tensor [num_interventions, batch, P] on the CPU (−1 = none).
 
     Accepts ``{"sources->base": (None, L)}``, ``{"base": L}`` or ``L`` itself, where L is nested lists (or a tensor)
-    indexed [intervention][example][position]. Rows may have different lengths: they are padded with −1.
+    indexed [intervention][example][position]. Rows may have different lengths: they are padded with −1. A position
+    repeated within a row is kept once (pyreft's ``pad_mode="last"`` repeats one; pyvene edits it once).
     """
     nested = unit_locations
     if isinstance(nested, dict):
@@ -196,7 +204,17 @@ def unit_locations_to_tensor(unit_locations, num_interventions: int, batch_size:
                 if row:
                     tensor[i, b, : len(row)] = torch.as_tensor([int(p) for p in row])
     check_locations(tensor, num_interventions, batch_size)
-    return tensor
+    return _without_repeats(tensor)
+
+
+def _without_repeats(locations: torch.Tensor) -> torch.Tensor:
+    """[..., P] locations with every repeat of a position within a row replaced by −1 and moved to the row's end."""
+    if locations.numel() == 0:
+        return locations
+    earlier = torch.ones(locations.shape[-1], locations.shape[-1], dtype=torch.bool).tril(-1)  # [j, k]: k before j
+    repeated = ((locations.unsqueeze(-1) == locations.unsqueeze(-2)) & earlier).any(-1) & (locations >= 0)
+    rows = torch.where(repeated, -1, locations)
+    return _valid_first(rows.reshape(-1, rows.shape[-1])).reshape(rows.shape)
 
 
 def check_locations(locations: torch.Tensor, num_interventions: int, batch_size: int,

@@ -23,7 +23,7 @@ from reft_fast.core.config import ReftConfig
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format", "save_reft_model", "load_reft_model",
-           "model_signature"]
+           "resolve_load_directory", "model_signature"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -72,6 +72,34 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
         api = HfApi()
         api.create_repo(hf_repo_name, exist_ok=True)
         api.upload_folder(folder_path=str(directory), repo_id=hf_repo_name)
+
+
+def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_huggingface_hub: bool = False,
+                           local_directory: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """The local directory to load from: ``load_directory`` itself, or, when ``from_huggingface_hub`` is set or no
+    such directory exists (pyvene's rule), the snapshot of the Hub repo of that id (``huggingface_hub``'s
+    ``snapshot_download``: the cached copy, downloaded first when missing). A missing path that cannot be a repo id
+    (``/abs/dir``, ``./dir``, ``a/b/c``) stays a local path, so its error says that it holds no saved model."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not from_huggingface_hub:
+        try:
+            validate_repo_id(os.fspath(load_directory))
+        except HFValidationError:
+            return Path(load_directory)
+        if os.path.isdir(load_directory):
+            return Path(load_directory)
+
+    repo_id = os.fspath(load_directory)
+    try:
+        return Path(snapshot_download(repo_id=repo_id, local_dir=local_directory))
+    except Exception as err:  # offline, unknown repo, invalid id, ...: all end the same way, with the cause attached
+        where = "" if from_huggingface_hub else f"{repo_id} is not a local directory, and "
+        raise ValueError(f"cannot load a ReFT model: {where}downloading the Hugging Face Hub repo {repo_id!r} failed "
+                         f"({type(err).__name__}: {err}). Check the repo id, the network (HF_HUB_OFFLINE=1 allows "
+                         "only repos already in the Hub cache) and access rights, or pass a local directory") \
+            from err
 
 
 def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], model: nn.Module, *,
