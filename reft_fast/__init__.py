@@ -21,6 +21,15 @@ from reft_fast.core.model import ReftModel, get_reft_model  # noqa: E402,F401
 from reft_fast.train.fused_base import apply_fused_base_ops  # noqa: E402,F401
 from reft_fast.compat import (  # noqa: E402,F401
     TRAINER_NAMES as _TRAINER_NAMES,
+    ReftDataCollator,
+    ReftDataset,
+    ReftGenerationDataset,
+    ReftPreferenceDataset,
+    ReftRawDataset,
+    ReftRewardCollator,
+    ReftRewardDataset,
+    ReftSupervisedDataset,
+    TaskType,
     make_last_position_supervised_data_module,
     make_multiple_position_supervised_data_module,
 )

@@ -53,11 +53,12 @@ def test_pyreft_data_modules(tokenizer):
     module = make_last_position_supervised_data_module(tokenizer, None, prompts, answers, num_interventions=2)
     batch = module["data_collator"]([module["train_dataset"][0]])
     n_prompt = len(tokenizer(prompts[0])["input_ids"])
-    assert batch["intervention_locations"].tolist() == [[[n_prompt - 1]], [[n_prompt - 1]]]
+    # pyreft's layout [batch, n_interventions, positions]
+    assert batch["intervention_locations"].tolist() == [[[n_prompt - 1], [n_prompt - 1]]]
     assert batch["labels"][0].tolist() == [IGNORE_INDEX] * n_prompt + tokenizer("red")["input_ids"] + [
         tokenizer.eos_token_id]
     module = make_multiple_position_supervised_data_module(tokenizer, None, prompts, answers, positions="f1+l1",
                                                            num_interventions=2, nonstop=True)
     batch = module["data_collator"]([module["train_dataset"][0]])
-    assert batch["intervention_locations"].tolist() == [[[0]], [[n_prompt - 1]]]
+    assert batch["intervention_locations"].tolist() == [[[0], [n_prompt - 1]]]
     assert batch["input_ids"][0, -1].item() != tokenizer.eos_token_id

@@ -1,4 +1,5 @@
-"""pyreft compatibility, in one place: its state and directory formats, its data modules, its trainers.
+"""pyreft compatibility, in one place: its state and directory formats (``pyreft``), its data names (``data``,
+``reft_datasets``), its trainers (``trainer``).
 
 Import direction. ``reft_fast.ops``, ``reft_fast.core`` and ``reft_fast.train`` never import this package; it imports
 them. The one place where core behaviour depends on pyreft, ``ReftModel.load`` reading a pyreft directory, goes through a registry that the
@@ -12,19 +13,30 @@ The trainers need ``transformers.Trainer`` (a slow import that pulls in accelera
 names, here and at the top level.
 """
 
-from reft_fast.compat.pyreft import (  # noqa: F401
-    load_pyreft_directory,
-    load_pyreft_module,
-    load_pyreft_state,
+from reft_fast.compat.pyreft import load_pyreft_directory, load_pyreft_module, load_pyreft_state  # noqa: F401
+from reft_fast.compat.data import (  # noqa: F401
+    ReftDataCollator,
+    ReftRewardCollator,
+    TaskType,
     make_last_position_supervised_data_module,
     make_multiple_position_supervised_data_module,
 )
+from reft_fast.compat.reft_datasets import (  # noqa: F401
+    ReftDataset,
+    ReftGenerationDataset,
+    ReftPreferenceDataset,
+    ReftRawDataset,
+    ReftRewardDataset,
+    ReftSupervisedDataset,
+)
 
-TRAINER_NAMES = ("ReftTrainer", "ReftTrainerForCausalLM")
+TRAINER_NAMES = ("ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
+                 "ReftTrainerForSequenceClassification")
 
-__all__ = ["load_pyreft_directory", "load_pyreft_module", "load_pyreft_state",
-           "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module",
-           *TRAINER_NAMES]
+__all__ = ["load_pyreft_directory", "load_pyreft_module", "load_pyreft_state", "TaskType", "ReftDataCollator",
+           "ReftRewardCollator", "ReftDataset", "ReftSupervisedDataset", "ReftRawDataset", "ReftGenerationDataset",
+           "ReftPreferenceDataset", "ReftRewardDataset", "make_last_position_supervised_data_module",
+           "make_multiple_position_supervised_data_module", *TRAINER_NAMES]
 
 
 def __getattr__(name: str):

@@ -1,4 +1,4 @@
-"""pyreft's formats and helpers on top of reft_fast: intervention states, saved directories, data modules.
+"""pyreft's formats and helpers on top of reft_fast: intervention states and saved directories.
 
 State. pyreft keeps R as a rotate layer, a d×r weight with orthonormal columns under torch's orthogonal
 parametrization; ours is R [r, d] (``rotation``, or ``rotate_layer`` with ``orthogonalization="householder"``). Its
@@ -14,28 +14,24 @@ Access. pyreft's scripts read ``reft_model.interventions[key][0]`` (pyvene ≤ 0
 pairs) and ``intervention.rotate_layer.weight`` (d×r); both work on reft_fast's interventions through the two
 accessors attached to ``ReftIntervention`` at the end of this section, which leave our parameters as they are.
 
-Data modules. pyreft's two supervised helpers, with its arguments, built on reft_fast.train.data. Deliberate difference:
-"lN" counts the last N prompt tokens including the final one (see reft_fast.core.positions).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
 from reft_fast.core.config import ReftConfig
-from reft_fast.train.data import ReftDataCollator, SupervisedDataset
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
 from reft_fast.core.model import ReftModel
 from reft_fast.core.saving import register_directory_format
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
-__all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",
-           "make_last_position_supervised_data_module", "make_multiple_position_supervised_data_module"]
+__all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config"]
 
 _ORIGINAL_KEY = "rotate_layer.parametrizations.weight.original"
 _BASE_KEY = "rotate_layer.parametrizations.weight.0.base"
@@ -196,42 +192,3 @@ def _pyvene_pair_item(intervention: ReftIntervention, index: int) -> ReftInterve
 ReftIntervention.rotate_layer = property(_rotate_layer, doc=PyreftRotateLayer.__doc__)
 ReftIntervention.__getitem__ = _pyvene_pair_item
 
-
-# --------------------------------------------------------------------------------------------------------------------
-# Data modules
-# --------------------------------------------------------------------------------------------------------------------
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-    return pad
-
-
-def make_multiple_position_supervised_data_module(
-    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], positions: str = "f1+l1",
-    num_interventions: int = 1, nonstop: bool = False, share_weights: bool = False, max_length: Optional[int] = None,
-) -> dict[str, Any]:
-    """pyreft's helper with the same arguments: ``inputs`` are already-formatted prompts (no chat template is applied,
-    as in pyreft), ``outputs`` the responses; an eos token ends each response unless ``nonstop``. ``model`` is accepted
-    for signature compatibility and not used.
-    """
-    del model
-    if len(inputs) != len(outputs):
-        raise ValueError(f"inputs has {len(inputs)} prompts but outputs has {len(outputs)} responses")
-    examples = [{"prompt": p, "response": r} for p, r in zip(inputs, outputs)]
-    dataset = SupervisedDataset(examples, tokenizer, max_length=max_length or getattr(tokenizer, "model_max_length",
-                                                                                         None) or 2048,
-                                chat_template=False, add_eos=not nonstop)
-    collator = ReftDataCollator(pad_token_id=_pad_id(tokenizer), num_interventions=num_interventions,
-                                positions=positions, share_weights=share_weights)
-    return {"train_dataset": dataset, "eval_dataset": None, "data_collator": collator}
-
-
-def make_last_position_supervised_data_module(
-    tokenizer, model, inputs: Sequence[str], outputs: Sequence[str], num_interventions: int = 1, nonstop: bool = False,
-    max_length: Optional[int] = None,
-) -> dict[str, Any]:
-    """pyreft's helper: every intervention edits the last prompt token."""
-    return make_multiple_position_supervised_data_module(
-        tokenizer, model, inputs, outputs, positions="l1", num_interventions=num_interventions, nonstop=nonstop,
-        share_weights=True, max_length=max_length)

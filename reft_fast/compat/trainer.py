@@ -1,48 +1,177 @@
-"""pyreft-compatible trainers: a pyreft training script runs after changing only its import.
+"""pyreft's trainers on today's transformers: a pyreft training script runs after changing only its import.
 
-    data_module = reft_fast.make_last_position_supervised_data_module(tokenizer, model, prompts, answers)
-    trainer = reft_fast.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args, **data_module)
+    data_module = pyreft.make_last_position_supervised_data_module(tokenizer, model, prompts, answers)
+    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args, **data_module)
     trainer.train()
 
-A thin subclass of ``transformers.Trainer`` (which drives DeepSpeed itself through ``TrainingArguments(deepspeed=...)``):
-the loss is the ReftModel's forward with the collator's ``intervention_locations`` tensor, the same data and model
-code the reft_fast engine uses. Saving writes the interventions in the ReftModel format.
+Thin subclasses of ``transformers.Trainer`` (which drives DDP and DeepSpeed itself through
+``TrainingArguments(deepspeed=...)``). What differs from pyreft 0.1.0, which breaks on transformers ≥ 4.46:
+``tokenizer=`` is passed on as ``processing_class=``; ``compute_loss`` takes the ``num_items_in_batch`` that
+transformers now passes, and the loss stays pyreft's (each micro-batch's mean, averaged over gradient accumulation);
+the locations reach the model as one device tensor (no ``.tolist()`` host sync per step).
+
+Locations. The batch's ``intervention_locations`` is pyreft's [batch, n_interventions, positions] (what
+``reft_fast.compat.data``'s collators produce, and what a pyreft collator built on Hugging Face's produces); the
+trainers check its shape against the batch and the model and transpose it to the model's layout on the device.
+reft_fast's engine collator (``reft_fast.train.data.ReftDataCollator``) produces the model's layout and is refused.
+
+Checkpoints. ``save_model`` writes the ReftModel directory (plus ``base_trainable.safetensors`` when base parameters
+were made trainable, e.g. a classifier head); resuming and ``load_best_model_at_end`` read it back in place.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
+import torch
 import transformers
+from torch.nn import functional as F
 
-__all__ = ["ReftTrainer", "ReftTrainerForCausalLM"]
+from reft_fast.core.saving import WEIGHTS_NAME
+from reft_fast.train import data as engine_data
 
-# The dataset items' keys (Trainer drops item keys that are not listed) and the collated batch's.
-_BATCH_KEYS = ["input_ids", "attention_mask", "labels", "prompt_length", "intervention_locations"]
+__all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
+           "ReftTrainerForSequenceClassification"]
+
+# The items' and batches' keys a Trainer must keep (it drops the keys that the model's forward does not name, and
+# ReftModel.forward takes `base`, not these).
+_BATCH_KEYS = ["input_ids", "attention_mask", "labels", "label", "label_ids", "intervention_locations"]
+BASE_TRAINABLE_NAME = "base_trainable.safetensors"
 
 
 class ReftTrainer(transformers.Trainer):
+    """pyreft's base trainer: the loss is the base model's own (``labels`` passed through)."""
+
     def __init__(self, *args, tokenizer=None, **kwargs):
-        # pyreft passes tokenizer=, which transformers ≥ 5 renamed processing_class.
         if tokenizer is not None and "processing_class" not in kwargs:
-            kwargs["processing_class"] = tokenizer
+            kwargs["processing_class"] = tokenizer  # pyreft's keyword; transformers 5 renamed it
         super().__init__(*args, **kwargs)
+        # The loss is each micro-batch's mean; the Trainer then divides by the accumulation steps (pyreft's loss).
+        self.model_accepts_loss_kwargs = False
+        if isinstance(self.data_collator, engine_data.ReftDataCollator):
+            raise TypeError(
+                "reft_fast.train.data.ReftDataCollator lays locations out [n_interventions, batch, positions] for "
+                "reft_fast's engine; pyreft's trainers take pyreft's [batch, n_interventions, positions]: use "
+                "reft_fast.ReftDataCollator(data_collator=transformers.DataCollatorForSeq2Seq(...)) or "
+                "make_last_position_supervised_data_module / make_multiple_position_supervised_data_module")
 
     def _set_signature_columns_if_needed(self):
-        # The ReftModel's forward takes `base`, not the batch's keys: keep the collator's columns as they are.
         if self._signature_columns is None:
             self._signature_columns = list(_BATCH_KEYS)
 
-    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
+    def _reft_model(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def _model_locations(self, inputs: dict) -> torch.Tensor:
+        """The batch's pyreft-layout locations, checked, as the model's [n_interventions, batch, positions]."""
+        if "subspaces" in inputs:
+            raise ValueError("pyreft's per-example 'subspaces' are not supported: every reft_fast intervention edits "
+                             "its whole low-rank subspace")
+        if "intervention_locations" not in inputs:
+            raise ValueError("the batch has no 'intervention_locations': build the data with "
+                             "make_last_position_supervised_data_module (or a ReftDataset) and ReftDataCollator")
+        locations = inputs["intervention_locations"]
+        batch = inputs["input_ids"].shape[0]
+        n = len(self._reft_model().interventions)
+        if not isinstance(locations, torch.Tensor) or locations.dim() != 3:
+            shape = list(locations.shape) if isinstance(locations, torch.Tensor) else type(locations).__name__
+            raise ValueError(f"intervention_locations must be a tensor [batch, n_interventions, positions] (pyreft's "
+                             f"layout), got {shape}; pyreft's 2-D 'LoRA only' locations are not supported (a "
+                             "ReftModel always has interventions)")
+        if locations.shape[0] != batch or locations.shape[1] != n:
+            raise ValueError(f"intervention_locations has shape {list(locations.shape)}; pyreft's layout for this "
+                             f"batch is [batch={batch}, n_interventions={n}, positions]")
+        return locations.permute(1, 0, 2)
+
+    def _intervened_forward(self, model, inputs: dict, **model_kwargs):
         base = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-        _, outputs = model(base, intervention_locations=inputs["intervention_locations"], labels=inputs["labels"])
+        # No KV cache: training never reuses it, and evaluation would try to gather it as a prediction.
+        _, outputs = model(base, intervention_locations=self._model_locations(inputs), use_cache=False,
+                           **model_kwargs)
+        return outputs
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+        outputs = self._intervened_forward(model, inputs, labels=inputs["labels"])
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
         output_dir = output_dir or self.args.output_dir
-        if self.is_world_process_zero():
-            self.accelerator.unwrap_model(self.model).save(output_dir)
+        if not self.is_world_process_zero():
+            return
+        reft_model = self._reft_model()
+        reft_model.save(output_dir)
+        trainable = {name: p.detach().to("cpu").contiguous() for name, p in reft_model.model.named_parameters()
+                     if p.requires_grad}
+        if trainable:
+            from safetensors.torch import save_file
+
+            save_file(trainable, os.path.join(output_dir, BASE_TRAINABLE_NAME), metadata={"format": "pt"})
+
+    def _load_saved(self, directory: str) -> None:
+        """Load a ``save_model`` directory into the trained ReftModel in place (resume, best model at the end)."""
+        from safetensors.torch import load_file
+
+        reft_model = self._reft_model()
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise ValueError(f"{directory} holds no {WEIGHTS_NAME}: not a checkpoint of a pyreft-compatible trainer")
+        reft_model.interventions.load_state_dict(load_file(weights, device="cpu"), strict=True)
+        base_weights = os.path.join(directory, BASE_TRAINABLE_NAME)
+        if os.path.isfile(base_weights):
+            reft_model.model.load_state_dict(load_file(base_weights, device="cpu"), strict=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        self._load_saved(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_saved(self.state.best_model_checkpoint)
 
 
 class ReftTrainerForCausalLM(ReftTrainer):
-    """pyreft's name for the causal-LM trainer."""
+    """pyreft's causal-LM trainer (the labels' next-token loss)."""
+
+
+class ReftTrainerForCausalLMDistributed(ReftTrainerForCausalLM):
+    """pyreft's multi-process causal-LM trainer. transformers.Trainer already shards the data per process (its
+    sampler goes through accelerate) and ``save_model`` writes on the main process only, so it is the same class."""
+
+
+class ReftTrainerForSequenceClassification(ReftTrainer):
+    """pyreft's classification trainer: the loss follows the base config's ``problem_type`` (or, when unset, as
+    transformers infers it: regression for one label, single-label for integer labels, multi-label otherwise).
+
+    The base must be a sequence-classification model whose layers ReftModel finds (decoders such as
+    ``LlamaForSequenceClassification``); encoders such as RoBERTa are refused when the ReftModel is built.
+    """
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):
+        outputs = self._intervened_forward(model, inputs)
+        loss = _classification_loss(outputs.logits, inputs["labels"], self._reft_model().model.config)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, config) -> torch.Tensor:
+    if logits.dim() != 2:
+        raise ValueError(f"ReftTrainerForSequenceClassification needs a sequence-classification base (logits "
+                         f"[batch, num_labels]); this base returned logits of shape {list(logits.shape)} — use "
+                         "ReftTrainerForCausalLM for a causal LM")
+    num_labels = logits.shape[-1]
+    problem = config.problem_type
+    if problem is None:
+        if num_labels == 1:
+            problem = "regression"
+        elif not labels.dtype.is_floating_point:
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+    if problem == "regression" and num_labels == 1:
+        return F.mse_loss(logits.view(-1), labels.to(logits.dtype).view(-1))
+    if problem == "regression":
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels), labels.view(-1))
+    if problem == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"config.problem_type {problem!r} is not one of regression, single_label_classification, "
+                     "multi_label_classification")
