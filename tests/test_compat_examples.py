@@ -1,10 +1,6 @@
 """pyreft's own examples, written out as scripts that differ from pyreft's only in the import
 (``import reft_fast as pyreft``), the model (a tiny random Llama), the step count and where noted; they must run to the
 end with a falling loss. Plus the location layout the pyreft trainers consume, and the data names against pyreft's.
-
-Lines marked ``AFTER-MERGE(compatmodel)`` need ReftModel's pyreft methods (``set_device``, ``BatchEncoding`` input,
-``interventions[key][0]``) from another branch: today they are written with the ReftModel API as it is, the pyreft
-line beside them in a comment.
 """
 
 import os
@@ -56,7 +52,7 @@ You are a helpful assistant.
         "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size,
         low_rank_dimension=4)})
     reft_model = pyreft.get_reft_model(model, reft_config)
-    # AFTER-MERGE(compatmodel): reft_model.set_device("cuda")
+    reft_model.set_device(device)  # pyreft: "cuda"
     reft_model.print_trainable_parameters()
 
     training_examples = [
@@ -87,14 +83,14 @@ You are a helpful assistant.
     prompt = tokenizer(prompt, return_tensors="pt").to(device)
     base_unit_location = prompt["input_ids"].shape[-1] - 1  # last position
     _, reft_response = reft_model.generate(
-        dict(prompt),  # AFTER-MERGE(compatmodel): pyreft passes `prompt` (a BatchEncoding) itself
+        prompt,
         unit_locations={"sources->base": (None, [[[base_unit_location]]])},
         intervene_on_prompt=True, max_new_tokens=8, do_sample=True,
         eos_token_id=tokenizer.eos_token_id, early_stopping=True
     )
     print(tokenizer.decode(reft_response[0], skip_special_tokens=True))
 
-    # AFTER-MERGE(compatmodel): reft_model.set_device("cpu")
+    reft_model.set_device("cpu")
     reft_model.save(
         save_directory="./reft_to_share",
     )
@@ -157,7 +153,7 @@ sky sea sun moon tree big small hot cold fast slow up down left right yes no
     prompt = tokenizer("GO->", return_tensors="pt").to(device)
     base_unit_location = prompt["input_ids"].shape[-1] - 1  # last position
     _, reft_response = reft_model.generate(
-        dict(prompt),  # AFTER-MERGE(compatmodel): `prompt`
+        prompt,
         unit_locations={"sources->base": (None, [[[base_unit_location]]])},
         intervene_on_prompt=True, max_new_tokens=16, do_sample=False,
         eos_token_id=tokenizer.eos_token_id, early_stopping=True
@@ -165,10 +161,9 @@ sky sea sun moon tree big small hot cold fast slow up down left right yes no
     print(tokenizer.decode(reft_response[0], skip_special_tokens=True))
 
     _key = list(reft_model.interventions.keys())[0]
-    intervention = reft_model.interventions[_key]  # AFTER-MERGE(compatmodel): reft_model.interventions[_key][0]
+    intervention = reft_model.interventions[_key][0]
     weight_storage_dict = {
-        "1d_intervention_w": intervention.rotate_layer.weight.detach().data
-        if hasattr(intervention, "rotate_layer") else intervention.rotation.detach(),  # AFTER-MERGE: rotate_layer
+        "1d_intervention_w": intervention.rotate_layer.weight.detach().data,
         "1d_intervention_scalar": intervention.learned_source.detach().data
         if hasattr(intervention, "learned_source") else intervention.state_dict()["learned_source.bias"],
     }
@@ -208,7 +203,7 @@ sky sea sun moon tree big small hot cold fast slow up down left right yes no
     prompt = tokenizer(storage_access_id, return_tensors="pt").to(device)
     base_unit_location = prompt["input_ids"].shape[-1] - 1
     _, steered_response = reft_model.generate(
-        dict(prompt),  # AFTER-MERGE(compatmodel): `prompt`
+        prompt,
         unit_locations={"sources->base": (None, [[[base_unit_location]]])},
         intervene_on_prompt=True, max_new_tokens=16, do_sample=False,
         eos_token_id=tokenizer.eos_token_id, early_stopping=True

@@ -45,7 +45,7 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n%s\n\n### Response:\n")
 
-_SUBSPACES_UNSUPPORTED = ("pyreft's per-example 'subspaces' are not supported: every reft_fast intervention edits its "
+SUBSPACES_UNSUPPORTED = ("pyreft's per-example 'subspaces' are not supported: every reft_fast intervention edits its "
                           "whole low-rank subspace (use one intervention per subspace instead)")
 
 
@@ -78,7 +78,7 @@ def pyreft_batch_locations(locations: Any, batch_size: int) -> torch.Tensor:
     return locations.long()
 
 
-def _prompt_locations(last_position: int, num_interventions: int, first_n: int, last_n: int,
+def prompt_locations(last_position: int, num_interventions: int, first_n: int, last_n: int,
                       share_weights: bool) -> list[list[int]]:
     """pyreft's per-prompt lists for a prompt whose positions end before ``last_position``; missing slots are −1."""
     if last_position < 1:
@@ -105,7 +105,7 @@ class ReftDataCollator:
         if any("intervention_locations" not in item for item in instances):
             raise ValueError("every item must carry 'intervention_locations' ([n_interventions][positions] lists)")
         if any("subspaces" in item for item in instances):
-            raise ValueError(_SUBSPACES_UNSUPPORTED)
+            raise ValueError(SUBSPACES_UNSUPPORTED)
         padded = _pad_locations([item["intervention_locations"] for item in instances])
         for item, locations in zip(instances, padded):
             item["intervention_locations"] = locations
@@ -128,7 +128,7 @@ class ReftRewardCollator:
 
     def __call__(self, features: Sequence[dict]) -> dict:
         if any("subspaces" in feature for feature in features):
-            raise ValueError(_SUBSPACES_UNSUPPORTED)
+            raise ValueError(SUBSPACES_UNSUPPORTED)
         rows = []
         for feature in features:
             for side, default_reward in (("chosen", 1.0), ("rejected", 0.0)):
@@ -219,4 +219,4 @@ def make_multiple_position_supervised_data_module(tokenizer, model, inputs: Sequ
     first_n, last_n = parse_positions(positions)
     return _supervised_module(
         tokenizer, model, inputs, outputs, nonstop,
-        lambda prompt_length: _prompt_locations(prompt_length, num_interventions, first_n, last_n, share_weights))
+        lambda prompt_length: prompt_locations(prompt_length, num_interventions, first_n, last_n, share_weights))

@@ -17,8 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from reft_fast.compat.data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, _SUBSPACES_UNSUPPORTED,
-                                   _prompt_locations, truncation_options)
+from reft_fast.compat.data import (ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, SUBSPACES_UNSUPPORTED,
+                                   prompt_locations, truncation_options)
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.data import IGNORE_INDEX
 
@@ -131,13 +131,13 @@ class ReftDataset(torch.utils.data.Dataset):
 
     def get_intervention_locations(self, **kwargs) -> list[list[int]]:
         num_interventions, share_weights = _location_options(kwargs)
-        return _prompt_locations(kwargs["last_position"], num_interventions, kwargs["first_n"], kwargs["last_n"],
+        return prompt_locations(kwargs["last_position"], num_interventions, kwargs["first_n"], kwargs["last_n"],
                                  share_weights)
 
     def compute_intervention_and_subspaces(self, id: int, data_item: dict, result: dict, last_position: int,
                                            **kwargs) -> dict:
         if "subspaces" in data_item:
-            raise ValueError(_SUBSPACES_UNSUPPORTED)
+            raise ValueError(SUBSPACES_UNSUPPORTED)
         options = {k: v for k, v in kwargs.items() if k not in ("last_position", "first_n", "last_n", "pad_mode")}
         locations = self.get_intervention_locations(last_position=last_position, first_n=self.first_n,
                                                     last_n=self.last_n, pad_mode=self.pad_mode, **options)
@@ -286,14 +286,14 @@ class ReftRawDataset(torch.utils.data.Dataset):
         self.items = []
         for index, row in enumerate(rows):
             if "subspaces" in row:
-                raise ValueError(_SUBSPACES_UNSUPPORTED)
+                raise ValueError(SUBSPACES_UNSUPPORTED)
             prompt_ids = _ids(tokenizer, row["instruction"])
             if data_split == "train":
                 item, _ = _prompt_and_labels(tokenizer, row["instruction"],
                                              row["instruction"] + row["output"] + tokenizer.eos_token)
             else:
                 item = {"input_ids": prompt_ids}
-            locations = _prompt_locations(len(prompt_ids), num_interventions, first_n, last_n, share_weights)
+            locations = prompt_locations(len(prompt_ids), num_interventions, first_n, last_n, share_weights)
             fields = ["input_ids", "labels"]
             item["intervention_locations"] = _add_sink(tokenizer, item, locations, "first", fields, ["input_ids"])
             item["id"] = index
