@@ -35,7 +35,7 @@ def _step(reft_model, locations):
     ids = torch.randint(3, 96, (3, 7), generator=torch.Generator().manual_seed(2))
     for p in reft_model.trainable_parameters():
         p.grad = None
-    _, out = reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)
+    _, out = reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids, use_cache=False)
     out.loss.backward()
     return out.loss.detach(), [p.grad.clone() for p in reft_model.trainable_parameters()]
 
