@@ -281,10 +281,10 @@ def _edit_forward_kernel(
 
 @triton.jit
 def _backward_rows(
-    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
+    h_ptr, g_ptr, dh_ptr, g_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-    FROM_PARTS: tl.constexpr,
+    FROM_PARTS: tl.constexpr, KEEP_G_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     slots, rows, selected = _slot_rows(positions_ptr, tl.program_id(0) * BLOCK_M, n_slots, n_per_example, seq_len,
@@ -317,7 +317,10 @@ def _backward_rows(
         col_ok = cols < col_end
         io_mask = selected[:, None] & col_ok[None, :]
         par_mask = rank_ok[:, None] & col_ok[None, :]
-        dh = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        raw = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
+        if KEEP_G_ROWS:  # dh overwrites g (an edit in place): the weight pass reads g's rows from this copy
+            tl.store(g_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
+        dh = raw.to(tl.float32)
         if DROPOUT:
             dh = dh * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
         if HAS_W:
@@ -331,11 +334,11 @@ def _backward_rows(
 
 @triton.jit
 def _edit_backward_rows_kernel(
-    h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
+    h_ptr, g_ptr, dh_ptr, g_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units, n_rows,
     copy_col_chunks, cols_per_copy, dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-    FROM_PARTS: tl.constexpr,
+    FROM_PARTS: tl.constexpr, KEEP_G_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
     COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -345,9 +348,9 @@ def _edit_backward_rows_kernel(
         _copy_program(g_ptr, dh_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
                       copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
     else:
-        _backward_rows(h_ptr, g_ptr, dh_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr,
-                       t_ptr, n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, dropout_p,
-                       dropout_scale, seed, HAS_P, HAS_W, HAS_B, ACT, DROPOUT, FROM_PARTS,
+        _backward_rows(h_ptr, g_ptr, dh_ptr, g_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
+                       delta_ptr, dz_ptr, t_ptr, n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program,
+                       dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_B, ACT, DROPOUT, FROM_PARTS, KEEP_G_ROWS,
                        BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
 
 
@@ -356,11 +359,13 @@ def _edit_backward_weights_kernel(
     h_ptr, g_ptr, positions_ptr, delta_ptr, dz_ptr, t_ptr, dq_part_ptr, dw_part_ptr, dp_part_ptr, db_part_ptr,
     n_slots, n_per_example, seq_len, d, r, slots_per_split, dropout_p, dropout_scale, seed,
     HAS_P: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAME_PQ: tl.constexpr, DROPOUT: tl.constexpr,
+    G_BY_SLOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # One program: a column tile × one split of the slots; it writes [r, BLOCK_D] partial sums for its split (the
     # gradients themselves when there is one split). SAME_PQ (P is Q, LoReFT): dQ and dP land in one sum, dQ.
-    # The first column tile also sums dz over its split: db.
+    # The first column tile also sums dz over its split: db. G_BY_SLOT: g is the compact [B·n, d] copy of its
+    # selected rows that the rows pass kept (the rows pass wrote dh over g in place).
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < d
     split = tl.program_id(1)
@@ -376,7 +381,8 @@ def _edit_backward_weights_kernel(
         io_mask = selected[:, None] & col_ok[None, :]
         buf = slots[:, None] * BLOCK_R + ranks[None, :]
         slot_ok = (slots < last)[:, None]
-        g = tl.load(g_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
+        g_at = slots if G_BY_SLOT else rows
+        g = tl.load(g_ptr + g_at[:, None] * d + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)
         if DROPOUT:
             g = g * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
         delta = tl.load(delta_ptr + buf, mask=slot_ok, other=0.0)
@@ -542,6 +548,7 @@ class _Plan(NamedTuple):
     copy_tiles: dict           # COPY_ROWS, COPY_D, BLOCK_N
     parts: torch.Tensor        # [column splits, 3, n_slots, BLOCK_R] (a placeholder on the fused path)
     per_slot: tuple            # δ, dz, t: [n_slots, BLOCK_R] each
+    kept_grad: torch.Tensor    # [n_slots, d] in the hidden dtype: g's selected rows when dh overwrites g in place
     weight_parts: Optional[tuple]  # dQ, dW, dP [splits, r, d] and db [splits, r] partials; None with one split
 
 
@@ -580,7 +587,8 @@ def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: t
         weight_args=(n_slots, n_per_example, seq_len, d, r, slots_per_split), weight_splits=splits,
         tiles=dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps),
         copy_tiles=dict(COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n),
-        parts=parts, per_slot=tuple(torch.empty(3, n_slots, block_r, **f32).unbind(0)), weight_parts=weight_parts)
+        parts=parts, per_slot=tuple(torch.empty(3, n_slots, block_r, **f32).unbind(0)), weight_parts=weight_parts,
+        kept_grad=torch.empty(n_slots, d, dtype=dtype, device=device))
 
 
 def plan_for(like: torch.Tensor, positions: torch.Tensor, r: int) -> _Plan:
@@ -622,8 +630,10 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     )
 
 
-def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq: bool):
-    """The weight-gradient pass (and, with several row splits, their fixed-order sum): (dQ, dP, dW, db)."""
+def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq: bool,
+                  g_by_slot: bool):
+    """The weight-gradient pass (and, with several row splits, their fixed-order sum): (dQ, dP, dW, db). With
+    ``g_by_slot``, grad_out is the compact [B·n, d] copy of its selected rows."""
     r, d = Q.shape
     f32 = dict(dtype=torch.float32, device=Q.device)
     separate_p = P is not None and not same_pq
@@ -638,7 +648,7 @@ def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_
     _edit_backward_weights_kernel[plan.weight_grid](
         h_rows, grad_out, positions, delta, dz, t, *(placeholder(x) for x in targets), *plan.weight_args,
         *dropout_args, seed, HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, SAME_PQ=same_pq,
-        DROPOUT=dropout_args[0] > 0, **plan.tiles,
+        DROPOUT=dropout_args[0] > 0, G_BY_SLOT=g_by_slot, **plan.tiles,
     )
     if plan.sum_grid is not None:
         _sum_weight_splits_kernel[plan.sum_grid](
@@ -651,7 +661,9 @@ def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_
 def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: float, seed: int, grad_h,
                   copy_unselected: bool = False):
     """Write ∂L/∂h into the selected rows of ``grad_h`` (with ``copy_unselected`` also grad_out into the others;
-    otherwise grad_h already holds them); return (dQ, dP, dW, db).
+    otherwise grad_h already holds them, e.g. grad_h is grad_out itself for an edit in place); return (dQ, dP, dW, db).
+    In place, the rows pass keeps g's selected rows in a scratch buffer before writing dh over them, and the weight
+    pass reads g from there.
 
     h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (anything where positions is −1): forward keeps only the
     selected rows of h for backward, not the whole hidden state. When P is Q (the same tensor: LoReFT, NoReFT,
@@ -671,9 +683,13 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
     dropout_args = _dropout_args(dropout)
     _projection_parts(plan, h_rows, grad_out, positions, Q, P_arg, W_arg, flags, dropout_args, seed)
+    in_place = grad_h.data_ptr() == grad_out.data_ptr()
+    if in_place and copy_unselected:
+        raise ValueError("copy_unselected with grad_h being grad_out: the unselected rows already hold grad_out")
     _edit_backward_rows_kernel[plan.copy_grid if copy_unselected else plan.edit_grid](
-        h_rows, grad_out, grad_h, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts, *plan.per_slot,
+        h_rows, grad_out, grad_h, plan.kept_grad, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts, *plan.per_slot,
         *plan.shape_args, *dropout_args, seed, **flags, HAS_B=b is not None, ACT=act,
-        FROM_PARTS=plan.split_grid is not None, **plan.tiles, **plan.copy_tiles,
+        FROM_PARTS=plan.split_grid is not None, KEEP_G_ROWS=in_place, **plan.tiles, **plan.copy_tiles,
     )
-    return _weight_grads(plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq)
+    return _weight_grads(plan, h_rows, plan.kept_grad if in_place else grad_out, positions, Q, P, W, b, dropout_args,
+                         seed, same_pq, g_by_slot=in_place)

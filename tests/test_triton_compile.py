@@ -55,7 +55,7 @@ def resource_report():
     for h_dtype, r in CASES:
         block_m, block_d, block_r, num_warps, precision = k.launch_config(4096, r, h_dtype, interpreted=False)
         h = DTYPE[h_dtype]
-        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, h_rows_ptr=h, positions_ptr="*i64")
+        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, h_rows_ptr=h, g_rows_ptr=h, positions_ptr="*i64")
         pointers.update({n: "*fp32" for n in ("q_ptr", "p_ptr", "w_ptr", "b_ptr", "delta_ptr", "dz_ptr", "t_ptr",
                                                "dq_part_ptr", "dw_part_ptr", "dp_part_ptr", "db_part_ptr", "part_ptr",
                                                "dq_ptr", "dw_ptr", "dp_ptr", "db_ptr")})
@@ -67,10 +67,13 @@ def resource_report():
                                                         **copying)),
                           (k._edit_forward_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True, KEEP_ROWS=True,
                                                         **copying)),
-                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False, **copying)),
-                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True, **copying)),
+                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=False,
+                                                              KEEP_G_ROWS=True, **copying)),
+                          (k._edit_backward_rows_kernel, dict(full, HAS_B=True, ACT=2, FROM_PARTS=True,
+                                                              KEEP_G_ROWS=True, **copying)),
                           (k._split_projections_kernel, dict(full, HAS_G=True, **tiles)),
-                          (k._edit_backward_weights_kernel, dict(full, HAS_B=True, SAME_PQ=False, **tiles))]:
+                          (k._edit_backward_weights_kernel, dict(full, HAS_B=True, SAME_PQ=False, G_BY_SLOT=True,
+                                                                 **tiles))]:
             regs, spills = compile_for_sm90(fn, pointers, SCALARS, flags, num_warps)
             variant = fn.__name__ + ("[parts]" if flags.get("FROM_PARTS") else "")
             rows.append((variant, str(h_dtype), r, regs, spills, tiles, num_warps))

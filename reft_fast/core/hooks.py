@@ -37,6 +37,16 @@ runs its forward the way pyvene calls it: the selected rows [B, P, d] go through
 and the result is written back in place (``edit_with_own_forward``), instead of the fused op the parent class would
 run.
 
+Editing in place. Where a hook owns the hidden state, the edits write into it (``ops.low_rank_edit(in_place=True)``)
+instead of copying it. A forward hook owns its module's output when ``ops.is_sole_owner`` finds that nothing else
+refers to it (no view of it or view it is, no autograd node that saved it, no other C++ holder) and it is none of the
+module's inputs (a module returning its input unchanged). A pre-hook never owns its input: the caller still holds it
+(the residual stream, a checkpointed segment's input that recomputation re-reads, the user's ``inputs_embeds``, the
+hidden states an ``output_hidden_states`` call returns). Where the hook does not own the hidden state, the first edit
+at the site copies it and the site's further edits write into that copy: one copy per site, not per intervention.
+A checkpoint recomputation may decide differently than its forward did (copy or not): the values and what autograd
+saves are the same either way.
+
 Generation. ``generate`` edits the prompt pass only: the hooks are active while the KV cache is empty and idle on the
 decode steps, which read the edited prompt from the cache. Beam search and ``num_return_sequences`` expand the batch;
 the positions are repeated to match.
@@ -52,6 +62,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from reft_fast import ops
 from reft_fast.core.hf import component_module
 
 __all__ = ["ForwardState", "InterventionHooks", "is_prompt_pass", "cached_tokens", "runs_own_forward",
@@ -108,7 +119,7 @@ class InterventionHooks:
             if component.endswith("_input"):
                 handle = module.register_forward_pre_hook(partial(self._input_hook, indices), with_kwargs=True)
             else:
-                handle = module.register_forward_hook(partial(self._output_hook, indices))
+                handle = module.register_forward_hook(partial(self._output_hook, indices), with_kwargs=True)
             self._handles.append(handle)
 
     @contextlib.contextmanager
@@ -158,23 +169,29 @@ class InterventionHooks:
         # on), or a plain forward of the base (which cleared the replay when it began).
         return self._replaying if torch.is_grad_enabled() else None
 
-    def _edit(self, indices: list, h: torch.Tensor, state: ForwardState) -> torch.Tensor:
+    def _edit(self, indices: list, h: torch.Tensor, state: ForwardState, owned: bool) -> torch.Tensor:
         for i in indices:
             if self.runs_own_forward[i]:
                 h = edit_with_own_forward(self.interventions[i], h, state.positions(i, h.device, h.shape[0]))
+                owned = False  # a slice of a new tensor (not contiguous): the next fused edit copies it
                 continue
-            h = self.interventions[i].edit(h, state.positions(i, h.device, h.shape[0]), rotation=state.rotations[i],
-                                           seed=state.seeds[i], backend=state.backends[i], validate=False)
+            edited = self.interventions[i].edit(h, state.positions(i, h.device, h.shape[0]),
+                                                rotation=state.rotations[i], seed=state.seeds[i],
+                                                backend=state.backends[i], validate=False, in_place=owned)
+            owned = owned or edited is not h  # a copy the edit made is ours: the site's next edits write into it
+            h = edited
         return h
 
-    def _output_hook(self, indices, module, args, output):
+    def _output_hook(self, indices, module, args, kwargs, output):
         state = self._active_state()
         if state is None:
             return None
+        inputs = (*args, *kwargs.values())
         if isinstance(output, torch.Tensor):
-            return self._edit(indices, output, state)
+            return self._edit(indices, output, state, _owns_output(output, inputs))
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            return type(output)([self._edit(indices, output[0], state), *output[1:]])
+            return type(output)([self._edit(indices, output[0], state, _owns_output(output[0], inputs)),
+                                 *output[1:]])
         raise TypeError(f"cannot intervene on the output of {type(module).__name__}: expected a tensor or a tuple "
                         f"starting with the hidden states, got {type(output).__name__}")
 
@@ -183,10 +200,10 @@ class InterventionHooks:
         if state is None:
             return None
         if args and isinstance(args[0], torch.Tensor):
-            return (self._edit(indices, args[0], state), *args[1:]), kwargs
+            return (self._edit(indices, args[0], state, owned=False), *args[1:]), kwargs
         for name in _HIDDEN_KWARGS:
             if isinstance(kwargs.get(name), torch.Tensor):
-                return args, {**kwargs, name: self._edit(indices, kwargs[name], state)}
+                return args, {**kwargs, name: self._edit(indices, kwargs[name], state, owned=False)}
         raise TypeError(f"cannot find the hidden states among the inputs of {type(module).__name__} (first positional "
                         f"argument or one of {list(_HIDDEN_KWARGS)})")
 
@@ -214,6 +231,16 @@ def edit_with_own_forward(intervention: nn.Module, h: torch.Tensor, positions: t
                         f"{list(rows.shape)} like its input, got "
                         f"{list(edited.shape) if isinstance(edited, torch.Tensor) else type(edited).__name__}")
     return padded.scatter(1, index, edited.to(h.dtype))[:, :seq_len]
+
+
+def _owns_output(hidden: torch.Tensor, inputs: tuple) -> bool:
+    """Whether a forward hook may write into its module's output ``hidden`` (see "Editing in place" above).
+
+    Compiled code traces the functional op instead (the checks read reference counts, which tracing cannot)."""
+    if torch.compiler.is_compiling() or not ops.is_sole_owner(hidden):
+        return False
+    memory = hidden.untyped_storage().data_ptr()
+    return not any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == memory for x in inputs)
 
 
 def _tensors_in(output) -> Iterator[torch.Tensor]:

@@ -210,12 +210,14 @@ class ReftIntervention(nn.Module):
         return self.dropout if self.training else 0.0
 
     def edit(self, h: torch.Tensor, positions: torch.Tensor, *, rotation: Optional[torch.Tensor] = None,
-             seed: Optional[int] = None, backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
+             seed: Optional[int] = None, backend: Optional[str] = None, validate: bool = True,
+             in_place: bool = False) -> torch.Tensor:
         """Edit the rows ``positions`` [B, P] (−1 = none) of h [B, T, d]; every other row is returned unchanged.
 
         ``rotation`` is this intervention's R when the caller computed it (a ReftModel does, for all interventions
         at once); ``seed`` keys the dropout mask (a ReftModel draws one per forward so that a recomputation under
-        gradient checkpointing draws the same mask).
+        gradient checkpointing draws the same mask). ``in_place``: the caller owns h, write into it where the backend
+        can (``ops.low_rank_edit``); use the return value.
         """
         spec = type(self).spec
         if spec.basis == "free":
@@ -229,13 +231,16 @@ class ReftIntervention(nn.Module):
         if projection_bias is not None and ops.ACTIVATIONS[self.act_fn] != 0:
             # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
             # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
-            h = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, backend=backend, validate=validate)
-            return ops.low_rank_edit(h, positions, Q, b=-projection_bias, dropout=p, seed=seed, backend=backend,
-                                     validate=False)
+            edited = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, backend=backend,
+                                       validate=validate, in_place=in_place)
+            # the first pass's output is new (ours) or h written in place (the caller's to give): the second writes
+            # into it
+            return ops.low_rank_edit(edited, positions, Q, b=-projection_bias, dropout=p, seed=seed, backend=backend,
+                                     validate=False, in_place=in_place or edited is not h)
         if projection_bias is not None:  # without an activation b2 folds into the source bias: z − b2 = W h + (b − b2)
             b = b - projection_bias
         return ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, dropout=p, seed=seed,
-                                 backend=backend, validate=validate)
+                                 backend=backend, validate=validate, in_place=in_place)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``edit`` with positions defaulting to every token of every example."""

@@ -9,7 +9,8 @@ One parameterized low-rank edit covers the whole LoReFT family. For a selected r
     out = dropout(o)      pyreft drops out the whole edited vector, not only δQ
 
 Rows are selected by ``positions`` [B, P] (−1 = no position); every other row of the output is bit-identical to h,
-and h itself is never modified.
+and h itself is never modified, unless ``in_place=True`` asks for the edit to be written into h (where the backend
+can; the model's hooks do so on hidden states that nothing else holds, ``is_sole_owner``).
 
 Backends implement one contract, ``Backend`` (``backend.py``: forward, backward and why a backend cannot run on a
 device), and register themselves in their own module:
@@ -33,7 +34,7 @@ from reft_fast.ops import backend_triton, backend_torch, backend_cuda  # noqa: F
 from reft_fast.ops.backend import (Backend, EditGrads, EditParams, backend_names, get_backend, register_backend,
                                    resolve_backend)
 from reft_fast.ops.backend_torch import dropout_keep_mask, reference_edit
-from reft_fast.ops.library import edit as _edit, selected_rows
+from reft_fast.ops.library import edit as _edit, edit_in_place as _edit_in_place, is_sole_owner, selected_rows
 
 __all__ = [
     "ACTIVATIONS",
@@ -45,6 +46,7 @@ __all__ = [
     "dropout_keep_mask",
     "draw_seed",
     "get_backend",
+    "is_sole_owner",
     "reference_edit",
     "register_backend",
     "low_rank_edit",
@@ -166,6 +168,7 @@ def low_rank_edit(
     seed: Optional[int] = None,
     backend: Optional[str] = None,
     validate: bool = True,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Apply ``out = dropout(h + (act(h Wᵀ + b) − s·h Pᵀ) Q)`` at the selected rows of h; every other row is h.
 
@@ -180,6 +183,10 @@ def low_rank_edit(
             CPU generator when None) and is regenerated in backward, not stored.
         backend: 'triton', 'torch', 'cuda', or None/'auto' (REFT_FAST_BACKEND, else triton on CUDA, torch on CPU).
         validate: check position values (reads them: a host sync on GPU). Shapes and dtypes are always checked.
+        in_place: write the edit into h and return h (its backward writes into the incoming gradient when nothing
+            else holds it), on backends that can and for a contiguous h; otherwise the edited copy is returned, so
+            always use the return value. h must not be read afterwards by anyone expecting the unedited values, nor
+            be a leaf that requires grad (torch refuses in-place writes into those).
     """
     _check_inputs(h, positions, Q, P, W, b, dropout)
     act_code = _activation_code(act)
@@ -191,7 +198,8 @@ def low_rank_edit(
     if dropout > 0 and seed is None:
         seed = draw_seed()
     seed = int(seed or 0)
-    return _edit(h, positions, EditParams(Q, P, W, b, act_code, dropout, seed), resolve_backend(backend, h.device))
+    params = EditParams(Q, P, W, b, act_code, dropout, seed)
+    return (_edit_in_place if in_place else _edit)(h, positions, params, resolve_backend(backend, h.device))
 
 
 def loreft(h, positions, R, W, b, *, act=None, dropout=0.0, seed=None, backend=None, validate=True):

@@ -2,7 +2,10 @@
 
 A backend is an object with a ``name``, three methods (``unavailable_reason``, ``forward``, ``backward``) and one
 flag (``prefers``), and may set ``forward_is_differentiable = True`` when its forward is ordinary torch ops that
-autograd can differentiate (eager calls then do so; the custom op under torch.compile still uses ``backward``); it registers itself with :func:`register_backend` in its own module (see ``backend_torch.py``,
+autograd can differentiate (eager calls then do so; the custom op under torch.compile still uses ``backward``). A
+backend that can edit in place also has ``forward_in_place`` and ``backward_in_place`` (``InPlaceBackend``); the
+op's in-place entry falls back to the out-of-place edit on the others. It registers itself with
+:func:`register_backend` in its own module (see ``backend_torch.py``,
 ``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks,
 keeping what the backend's forward returns for backward, the autograd and torch.compile registration.
 """
@@ -15,8 +18,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "backend_names", "get_backend", "register_backend",
-           "resolve_backend", "selected_rows"]
+__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend", "backend_names", "get_backend",
+           "register_backend", "resolve_backend", "selected_rows"]
 
 BACKEND_ENV = "REFT_FAST_BACKEND"
 
@@ -85,6 +88,21 @@ class Backend(Protocol):
 
         h_rows [B, n, d] holds h[b, positions[b, j]] at [b, j] (any values where positions is −1): the op keeps only
         the selected rows of h for backward. The dropout mask is regenerated from ``edit.seed``, never stored."""
+        ...
+
+
+@runtime_checkable
+class InPlaceBackend(Backend, Protocol):
+    """A backend that can also write the edit into h and its gradient into grad_out (contiguous, checked)."""
+
+    def forward_in_place(self, h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
+        """Write the edit into the selected rows of h; return h_rows (as ``forward``), read before h was written."""
+        ...
+
+    def backward_in_place(self, h_rows: torch.Tensor, grad_out: torch.Tensor, positions: torch.Tensor,
+                          edit: EditParams) -> EditGrads:
+        """``backward`` with ∂L/∂h written into the selected rows of grad_out, which it returns as ``EditGrads.h``;
+        the weight gradients are those of the grad_out it was given."""
         ...
 
 

@@ -45,6 +45,19 @@ class TritonBackend:
                                     out, h_rows=h_rows, copy_unselected=True)
         return out, h_rows
 
+    def forward_in_place(self, h, positions, edit: EditParams) -> torch.Tensor:
+        # The write programs read each selected row before writing it (and keep it in h_rows); no other program
+        # touches that row, so out may be h.
+        h_rows = h.new_empty(positions.shape[0], positions.shape[1], h.shape[2])
+        self.kernels().edit_forward(h, positions, edit.Q, edit.P, edit.W, edit.b, edit.act, edit.dropout, edit.seed,
+                                    h, h_rows=h_rows)
+        return h_rows
+
+    def backward_in_place(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
+                                             edit.dropout, edit.seed, grad_out)
+        return EditGrads(grad_out, *grads)
+
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
         grad_h = torch.empty_like(grad_out)  # the kernels write every row: dh at the selected, grad_out elsewhere
         grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,

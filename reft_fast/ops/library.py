@@ -10,6 +10,11 @@ Schemas cannot hold a dataclass or an optional output: the ops take EditParams' 
 returns an empty tensor for a gradient whose parameter is absent (or is Q itself: see EditGrads). The forward op
 returns the rows of h that backward needs as a second, non-differentiable output: the backend's forward reads them
 anyway, so keeping them costs no gather of its own.
+
+In place (``edit_in_place``, what the model's hooks call on hidden states they own): eager calls write the edit into
+h (``mark_dirty``) on backends that can (``InPlaceBackend``), and the backward writes ∂L/∂h into grad_out when
+nothing else holds that gradient (``is_sole_owner``), else into a new tensor. Under torch.compile it is the
+functional op above (the compiler decides about buffers).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 
 from reft_fast.ops.backend import EditGrads, EditParams, get_backend, selected_rows
 
-__all__ = ["edit", "selected_rows"]
+__all__ = ["edit", "edit_in_place", "is_sole_owner", "selected_rows"]
 
 
 def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,3 +137,65 @@ def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: 
         return implementation.forward(h.contiguous(), positions.contiguous(), params)[0]
     return _EagerEdit.apply(h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
                             params.dropout, params.seed)[0]
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# What a tensor that nothing else refers to reads as (the untyped_storage() handle itself counts once; measured
+# here rather than assumed, so that a torch that counts differently only makes the check refuse).
+_LONE_STORAGE_USERS = _storage_users(torch.empty(1))
+
+
+def is_sole_owner(t: torch.Tensor) -> bool:
+    """Whether t may be written in place without anyone else seeing it: a dense contiguous tensor that is no view,
+    whose storage no other tensor shares (views of it, a copy an autograd node saved of it as its output) and that no
+    C++ holder refers to besides its Python object (an autograd node that saved it as an input, a pending gradient
+    buffer, ``.grad`` of ``retain_grad``). Python-level references are not seen: callers must know that no other
+    Python object holds it (a hook's own output, a gradient handed to a backward). False when unsure, also when
+    torch lacks the reference counts read here (``Tensor._use_count``, torch ≥ 2.4).
+    """
+    use_count = getattr(t, "_use_count", None)
+    if use_count is None or t.layout != torch.strided or (t.is_leaf and t.requires_grad):
+        return False
+    return (t._base is None and t.is_contiguous() and use_count() == 1
+            and _storage_users(t) == _LONE_STORAGE_USERS)
+
+
+class _EditInPlace(torch.autograd.Function):
+    """The edit written into h (and, when the gradient is ours alone, its backward written into grad_out)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        h, positions, Q, P, W, b, backend, act, dropout, seed = inputs
+        h_rows = get_backend(backend).forward_in_place(h, positions, EditParams(Q, P, W, b, act, dropout, seed))
+        ctx.mark_dirty(h)
+        _setup_context(ctx, inputs, (h, h_rows))
+        return h, h_rows
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_rows):
+        del grad_rows  # h_rows is not differentiable
+        h_rows, positions, Q, P, W, b = _saved(ctx)
+        edit = EditParams(Q, P, W, b, *ctx.settings[1:])
+        implementation = get_backend(ctx.settings[0])
+        # The engine hands the same gradient tensor to every input of an op like a + b (the residual stream): while
+        # another node still holds it, writing into it would change that node's gradient.
+        if is_sole_owner(grad_out) and not grad_out.requires_grad:
+            grads = implementation.backward_in_place(h_rows, grad_out, positions, edit)
+        else:
+            grads = implementation.backward(h_rows, grad_out.contiguous(), positions, edit)
+        return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)
+
+
+def edit_in_place(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
+    """``edit`` written into h itself, returned, where the backend can (``backend.InPlaceBackend``) and h is
+    contiguous;
+    otherwise (and under torch.compile) the edited copy. The caller must own h: nothing else may read it later."""
+    # (an attribute test: isinstance against a runtime-checkable Protocol costs microseconds on every call)
+    if torch.compiler.is_compiling() or not h.is_contiguous() \
+            or getattr(get_backend(backend), "forward_in_place", None) is None:
+        return edit(h, positions, params, backend)
+    return _EditInPlace.apply(h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend,
+                              params.act, params.dropout, params.seed)[0]

@@ -26,8 +26,8 @@ from reft_fast.core.positions import intervention_layers
 from reft_fast.train.distributed import barrier
 from reft_fast.train.train_config import TrainConfig, gguf_cache_dir, resolve_model_source
 
-__all__ = ["build_reft_model", "enable_gradient_checkpointing", "load_base_model", "load_tokenizer",
-           "materialize_gguf", "model_source"]
+__all__ = ["build_reft_model", "compile_layers", "enable_gradient_checkpointing", "load_base_model",
+           "load_tokenizer", "materialize_gguf", "model_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +118,17 @@ def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:
         # Reentrant checkpointing back-propagates into a segment only when one of its inputs requires grad; the
         # interventions inside the layers need that, and the frozen embeddings would not give it.
         base.enable_input_require_grads()
+
+
+def compile_layers(reft_model, **compile_kwargs) -> None:
+    """torch.compile every decoder layer of the ReftModel's base in place (``nn.Module.compile``), the hooks of its
+    interventions inside: they trace without graph breaks (the op is a torch.library custom op with fake kernels,
+    and the hooks take its functional form when compiling). The loss, the embeddings and the LM head stay eager."""
+    from reft_fast.core.hf import find_decoder_layers
+
+    _, layers = find_decoder_layers(reft_model.model)
+    for layer in layers:
+        layer.compile(**compile_kwargs)
 
 
 def build_reft_model(base, cfg: TrainConfig, layers: list[int]):

@@ -48,8 +48,8 @@ from reft_fast.train.distributed import all_reduce_sum, announced_world_size, ba
 from reft_fast.train.ds_config import build_ds_config, lr_lambda
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
-from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model, \
-    load_tokenizer, model_source
+from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
+    load_base_model, load_tokenizer, model_source
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, to_device, trim_to_labels
 from reft_fast.train.metrics import count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
@@ -217,6 +217,8 @@ class ReftTrainingRecipe:
         torch.manual_seed(t.seed)  # the interventions' initial weights: identical on every rank
         self.layers = layer_list(cfg.interventions.layers, num_layers_of(model_config))
         self.reft_model = build_reft_model(self.base, cfg, self.layers)
+        if cfg.model.compile:
+            compile_layers(self.reft_model)
         params = list(self.reft_model.trainable_parameters())
         ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,

@@ -70,6 +70,8 @@ class ModelConfig:
     # liger-kernel's fused RoPE, RMSNorm, SwiGLU and linear cross-entropy on the frozen base (reft_fast.train.fused_base):
     # auto (on for CUDA and a supported architecture; ZeRO-3 keeps the unfused cross-entropy), on, or off.
     fused_ops: Union[str, bool] = "auto"
+    # torch.compile each decoder layer with its interventions' hooks inside (reft_fast.train.loading.compile_layers).
+    compile: bool = False
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `on` / `off` (in a file or a model.fused_ops=on override) as a boolean.
