@@ -213,6 +213,8 @@ def test_compact_base_completes_the_start_and_gives_the_explicit_bases_map(d, r)
     torch.testing.assert_close(R, R_explicit, atol=2e-6, rtol=0)
     torch.testing.assert_close(layer.original.grad, explicit.grad, atol=2e-5, rtol=1e-4)
     assert _orthonormality_error(R) < 1e-5
+    if d * r > 120:
+        return  # finite differences cost O((d·r)²): the small shapes check them
     # The gradient through torch.ormqr is exact (float64 finite differences).
     original64 = layer.original.detach().double()[0].requires_grad_()
     reflectors64, tau64 = layer.base_reflectors[0].double(), layer.base_tau[0].double()
