@@ -261,7 +261,7 @@ def rotation_inputs(method: str, n: int, d: int, r: int) -> list[tuple[torch.Ten
                 reflectors, tau = layer.base_reflectors, layer.base_tau
                 signs = torch.cat([reflectors.diagonal().sign(), torch.ones(d - r)])
                 layer.load_state_dict({"original": layer.original.detach(),
-                                       "base": torch.ormqr(reflectors, tau, torch.diag(signs))})
+                                       "base": torch.ormqr(reflectors, tau, torch.diag(signs)).contiguous()})
         return [layer.rotation_inputs() for layer in layers]
     start = random_orthonormal_rows(r, d, n=n)
     return [((a + 0.01 * torch.randn_like(a)).requires_grad_(),) for a in start.unbind(0)]

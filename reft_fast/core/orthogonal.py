@@ -33,12 +33,13 @@ Why ``"householder"`` (with its base) is the interventions' default: the ReFT pa
 with it, and at those rates the other maps train more slowly. Near the start, a step of size η on a reflector entry
 moves R by 2η (a reflection doubles the angle), while a step on A moves the polar or Cholesky R by about η; with Adam,
 whose steps have a fixed size, the Householder map therefore trains like the others at twice the learning rate
-(bench/bench_orthogonal_convergence.py and bench/NOTES.md, "Orthogonalization default", hold the study). Its price is
-the d×d base per intervention (64 MiB in fp32 at d = 4096), read once forward and once backward per step.
+(bench/bench_orthogonal_convergence.py and bench/NOTES.md, "Orthogonalization default", hold the study). Its base
+costs O(d·r) when held in compact form (QR reflectors, what new interventions hold), d² floats when explicit
+(pyreft's own, 64 MiB in fp32 at d = 4096, kept for interventions loaded from pyreft).
 
 What ``"polar"`` offers instead: at an orthonormal A its gradient is R̄ − sym(R̄ Aᵀ) A, the projection of R̄ that
 Riemannian gradient descent on the Stiefel manifold uses; it treats all rows alike (no Gram–Schmidt order); its cost
-is matmul-sized (two r×r×d products forward, three backward, one batched r×r eigendecomposition) with no d×d state.
+is matmul-sized (two r×r×d products forward, three backward, one batched r×r eigendecomposition) with no base.
 ``torch.linalg.eigh`` on CUDA synchronizes with the host (there is no ``eigh_ex``); ``"cholesky"`` never does.
 bench/bench_orthogonal.py times the maps against pyreft's per-intervention Householder.
 
