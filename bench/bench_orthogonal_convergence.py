@@ -29,9 +29,11 @@ Each run records the loss at every step and the wall time of one orthogonalizati
 ``compute_rotations`` over that run's interventions, as ReftModel calls it once per forward; median of 10).
 
 Part 2, cost. ``compute_rotations`` forward + backward for each map, batched over n interventions of width d and
-rank r (d ∈ {2048, 4096}, r ∈ {4, 8}, n ∈ {4, 8, 16, 32}) on the CPU, one thread. Cases whose Householder
-trivialization bases (n × d × d float32, as pyreft holds them) would exceed ``--max-base-mib`` are skipped and
-reported as such: this machine is shared.
+rank r (d ∈ {2048, 4096}, r ∈ {4, 8}, n ∈ {4, 8, 16, 32}) on the CPU, one thread, with the MiB of the map's inputs
+(``state_mib``) and of what it saves for the backward beyond them (``saved_mib``). Householder runs twice: with the
+compact base new interventions hold, and with the explicit d×d base of interventions loaded from pyreft
+(``householder-explicit``); explicit cases whose bases (n × d × d float32) would exceed ``--max-base-mib`` are
+skipped and reported as such: this machine is shared.
 
 Writes bench/results/<machine>_<date>/orthogonal_convergence.csv (one row per run and step),
 orthogonal_convergence_summary.csv (final loss mean ± sd per setting and map) and orthogonal_cost.csv; each row
@@ -91,7 +93,10 @@ SUMMARY_FIELDS = ["machine", "torch", "transformers", "date", "setting", "method
                   "first_loss_mean", "final_loss_mean", "final_loss_sd", "final_losses", "orth_ms_median",
                   "step_s_median"]
 COST_FIELDS = ["machine", "torch", "transformers", "date", "method", "n", "d", "r", "fwd_ms", "fwd_bwd_ms",
-               "fwd_bwd_ms_per_intervention", "base_mib", "status"]
+               "fwd_bwd_ms_per_intervention", "base_mib", "state_mib", "saved_mib", "status"]
+# The cost grid's maps: householder with its compact base (what new interventions hold) and with an explicit d×d base
+# (what an intervention loaded from pyreft holds).
+COST_METHODS = ("polar", "cholesky", "householder", "householder-explicit")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -149,9 +154,8 @@ def same_start(reft_model, seed: int) -> None:
             r, d = intervention.low_rank_dimension, intervention.embed_dim
             start = random_orthonormal_rows(r, d, generator=generator)
             if intervention.orthogonalization == "householder":
-                exact = HouseholderOrthogonal.from_rotate_weights(start.mT, generator=generator)
-                intervention.rotate_layer.original.copy_(exact.original)
-                intervention.rotate_layer.base.copy_(exact.base)
+                intervention.rotate_layer.load_state_dict(
+                    HouseholderOrthogonal.from_rotate_weights(start.mT).state_dict())
             else:
                 intervention.rotation.copy_(start)
             source_generator = torch.Generator().manual_seed(1000 * seed + i + 500)  # apart from the base's draws
@@ -248,14 +252,36 @@ def summarize(env: dict, rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 def rotation_inputs(method: str, n: int, d: int, r: int) -> list[tuple[torch.Tensor, ...]]:
     """Per-intervention inputs as the interventions hold them, a few optimizer steps away from the start."""
-    if method == "householder":
-        layer = HouseholderOrthogonal(r, d, n)
-        with torch.no_grad():
-            layer.original.add_(0.01 * torch.randn_like(layer.original).tril(-1))
-        return [(original.clone().requires_grad_(), base) for original, base in
-                zip(layer.original.detach().unbind(0), layer.base.unbind(0))]
+    if method.startswith("householder"):
+        layers = [HouseholderOrthogonal(r, d) for _ in range(n)]
+        for layer in layers:
+            with torch.no_grad():
+                layer.original.add_(0.01 * torch.randn_like(layer.original).tril(-1))
+            if method == "householder-explicit":  # the d×d matrix the compact base stands for, as pyreft holds it
+                reflectors, tau = layer.base_reflectors, layer.base_tau
+                signs = torch.cat([reflectors.diagonal().sign(), torch.ones(d - r)])
+                layer.load_state_dict({"original": layer.original.detach(),
+                                       "base": torch.ormqr(reflectors, tau, torch.diag(signs)).contiguous()})
+        return [layer.rotation_inputs() for layer in layers]
     start = random_orthonormal_rows(r, d, n=n)
     return [((a + 0.01 * torch.randn_like(a)).requires_grad_(),) for a in start.unbind(0)]
+
+
+def memory_mib(method: str, inputs: list[tuple[torch.Tensor, ...]]) -> tuple[float, float]:
+    """(state, saved): MiB of the inputs, and MiB the call saves for its backward beyond them (unique storages)."""
+    owned = {t.untyped_storage().data_ptr() for group in inputs for t in group}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        compute_rotations(method.removesuffix("-explicit"), inputs)
+    state = sum(t.numel() * t.element_size() for group in inputs for t in group)
+    return state / 2**20, sum(saved.values()) / 2**20
 
 
 def cost_rows(env: dict, max_base_mib: float) -> list[dict]:
@@ -264,29 +290,33 @@ def cost_rows(env: dict, max_base_mib: float) -> list[dict]:
         for r in COST_R:
             for n in COST_N:
                 base_mib = n * d * d * 4 / 2**20
-                for method in METHODS:
-                    row = dict(env, method=method, n=n, d=d, r=r, base_mib=base_mib if method == "householder" else 0)
-                    if method == "householder" and base_mib > max_base_mib:
+                for method in COST_METHODS:
+                    explicit = method == "householder-explicit"
+                    row = dict(env, method=method, n=n, d=d, r=r, base_mib=base_mib if explicit else 0)
+                    if explicit and base_mib > max_base_mib:
                         rows.append(dict(row, status=f"skipped: bases {base_mib:.0f} MiB > --max-base-mib"))
                         continue
                     inputs = rotation_inputs(method, n, d, r)
                     params = [t for group in inputs for t in group if t.requires_grad]
                     cotangent = torch.randn(n, r, d)
+                    name = method.removesuffix("-explicit")
 
                     def forward():
                         with torch.no_grad():
-                            compute_rotations(method, inputs)
+                            compute_rotations(name, inputs)
 
                     def forward_backward():
-                        torch.stack(compute_rotations(method, inputs)).backward(cotangent)
+                        torch.stack(compute_rotations(name, inputs)).backward(cotangent)
 
+                    row["state_mib"], row["saved_mib"] = memory_mib(method, inputs)
                     row["fwd_ms"] = measure_ms(forward, reps=5)
                     row["fwd_bwd_ms"] = measure_ms(forward_backward, params, reps=5)
                     row["fwd_bwd_ms_per_intervention"] = row["fwd_bwd_ms"] / n
                     row["status"] = "ok"
                     rows.append(row)
-                    print(f"cost {method:12s} n={n:2d} d={d} r={r}: fwd {row['fwd_ms']:.2f} ms, "
-                          f"fwd+bwd {row['fwd_bwd_ms']:.2f} ms", flush=True)
+                    print(f"cost {method:20s} n={n:2d} d={d} r={r}: fwd {row['fwd_ms']:.2f} ms, fwd+bwd "
+                          f"{row['fwd_bwd_ms']:.2f} ms, state {row['state_mib']:.2f} MiB, saved "
+                          f"{row['saved_mib']:.2f} MiB", flush=True)
                     del inputs, params
     return rows
 

@@ -3,7 +3,9 @@
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.orthogonal import (
     METHODS,
     HouseholderOrthogonal,
@@ -178,13 +180,115 @@ def test_pyreft_loreft_rotate_layer_imports_exactly():
     torch.testing.assert_close(ours().mT, loreft.rotate_layer.weight.detach(), atol=2e-6, rtol=0)
 
 
+def _explicit_base(reflectors: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """The d×d matrix a compact base stands for, formed independently (float64): torch's householder_product of the
+    reflectors padded to d columns (τ = 0 reflects nothing), times diag(sign(diag(reflectors)), 1, …, 1)."""
+    *batch, d, r = reflectors.shape
+    padded = torch.cat([reflectors.double(), reflectors.new_zeros(*batch, d, d - r, dtype=torch.float64)], dim=-1)
+    full = torch.linalg.householder_product(padded, torch.cat([tau.double(), tau.new_zeros(*batch, d - r,
+                                                                                             dtype=torch.float64)], -1))
+    signs = torch.cat([reflectors.diagonal(dim1=-2, dim2=-1).sign().double(),
+                       torch.ones(*batch, d - r, dtype=torch.float64)], dim=-1)
+    return full * signs.unsqueeze(-2)
+
+
+@pytest.mark.parametrize("d, r", [(10, 1), (37, 3), (100, 8), (6, 6)])
+def test_compact_base_completes_the_start_and_gives_the_explicit_bases_map(d, r):
+    layer = HouseholderOrthogonal(r, d, n=3, generator=torch.Generator().manual_seed(3))
+    start = random_orthonormal_rows(r, d, n=3, generator=torch.Generator().manual_seed(3))
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == \
+        {"original": (3, d, r), "base_reflectors": (3, d, r), "base_tau": (3, r)}  # O(d·r), no d×d state
+    base = _explicit_base(layer.base_reflectors, layer.base_tau)
+    torch.testing.assert_close(base.mT @ base, torch.eye(d, dtype=torch.float64).expand(3, d, d), atol=1e-6, rtol=0)
+    torch.testing.assert_close(base[..., :r], start.mT.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer(), start, atol=2e-6, rtol=0)  # R starts at the random start, as before
+    with torch.no_grad():
+        layer.original.add_(0.5 * torch.randn(3, d, r).tril(-1))
+    explicit = layer.original.detach().clone().requires_grad_()
+    grad_R = torch.randn(3, r, d)
+    R = layer()
+    (R * grad_R).sum().backward()
+    R_explicit = householder_rows(explicit, base.float())
+    (R_explicit * grad_R).sum().backward()
+    torch.testing.assert_close(R, R_explicit, atol=2e-6, rtol=0)
+    torch.testing.assert_close(layer.original.grad, explicit.grad, atol=2e-5, rtol=1e-4)
+    assert _orthonormality_error(R) < 1e-5
+    if d * r > 120:
+        return  # finite differences cost O((d·r)²): the small shapes check them
+    # The gradient through torch.ormqr is exact (float64 finite differences).
+    original64 = layer.original.detach().double()[0].requires_grad_()
+    reflectors64, tau64 = layer.base_reflectors[0].double(), layer.base_tau[0].double()
+    assert torch.autograd.gradcheck(lambda o: householder_rows(o, reflectors64, tau64), (original64,))
+
+
+def test_a_state_of_either_base_form_loads_into_a_layer_of_either_form():
+    compact = HouseholderOrthogonal(3, 20, n=2, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        compact.original.add_(0.3 * torch.randn(2, 20, 3).tril(-1))
+    explicit_state = {"original": compact.original.detach(),
+                      "base": _explicit_base(compact.base_reflectors, compact.base_tau).float()}
+    layer = HouseholderOrthogonal(3, 20, n=2)
+    layer.load_state_dict(explicit_state)  # pyreft's form, or a reft-fast directory saved before compact bases
+    assert layer.has_explicit_base and sorted(layer.state_dict()) == ["base", "original"]
+    torch.testing.assert_close(layer(), compact(), atol=2e-6, rtol=0)
+    layer.load_state_dict(compact.state_dict())
+    assert not layer.has_explicit_base and torch.equal(layer(), compact())
+    with pytest.raises(RuntimeError, match="size mismatch for base"):
+        layer.load_state_dict({"original": compact.original.detach(), "base": torch.eye(20)})
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+# Ops that make the host wait for a CUDA device: reading a value, sizing an output by the data, linalg error checks.
+_SYNCING_OPS = {"aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::is_nonzero", "aten::equal",
+                "aten::masked_select", "aten::_linalg_check_errors", "aten::_linalg_eigh", "aten::linalg_eigh"}
+
+
+def test_compute_rotations_mixes_base_forms_without_copying_bases_or_syncing():
+    d, r = 64, 4
+    layers = [HouseholderOrthogonal(r, d, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    for layer in layers[2:]:  # two with pyreft's explicit form
+        layer.load_state_dict({"original": layer.original.detach(),
+                               "base": _explicit_base(layer.base_reflectors, layer.base_tau).float()})
+    with torch.no_grad():
+        for layer in layers:
+            layer.original.add_(0.3 * torch.randn(d, r).tril(-1))
+    grad_R = torch.randn(4, r, d)
+    saved, recorder = [], _OpRecorder()
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), recorder:
+        R = torch.stack(compute_rotations("householder", [layer.rotation_inputs() for layer in layers]))
+        (R * grad_R).sum().backward()
+    assert not recorder.names & _SYNCING_OPS
+    # Only O(n·d·r) tensors are saved for the backward, besides the explicit bases themselves, read in place.
+    bases = {layer.base.untyped_storage().data_ptr() for layer in layers[2:]}
+    large = [t for t in saved if t.numel() > 4 * d * r]
+    assert large and all(t.untyped_storage().data_ptr() in bases for t in large)
+    for i, layer in enumerate(layers):
+        original = layer.original.detach().clone().requires_grad_()
+        alone = householder_rows(original, *layer.rotation_inputs()[1:])
+        (alone * grad_R[i]).sum().backward()
+        torch.testing.assert_close(R[i].detach(), alone.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.original.grad, original.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_from_rotate_weights_starts_at_the_weights_and_stays_orthonormal():
     weights = random_orthonormal_rows(3, 20, n=2).mT  # pyreft's saved layout: [d, r], orthonormal columns
     layer = HouseholderOrthogonal.from_rotate_weights(weights)
+    assert not layer.has_explicit_base
     torch.testing.assert_close(layer(), weights.mT, atol=2e-6, rtol=0)
-    base = layer.base.double()
-    torch.testing.assert_close(base.mT @ base, torch.eye(20, dtype=torch.float64).expand(2, 20, 20), atol=1e-5,
-                               rtol=0)
     with torch.no_grad():
         layer.original.add_(0.5 * torch.randn(2, 20, 3).tril(-1))
     assert _orthonormality_error(layer()) < 1e-5
@@ -199,7 +303,7 @@ def test_householder_module_init_state_dict_round_trip():
     layer = HouseholderOrthogonal(4, 30, n=5, generator=generator)
     R = layer()
     assert R.shape == (5, 4, 30) and _orthonormality_error(R) < 1e-5
-    assert sorted(layer.state_dict()) == ["base", "original"]
+    assert sorted(layer.state_dict()) == ["base_reflectors", "base_tau", "original"]
     other = HouseholderOrthogonal(4, 30, n=5)
     other.load_state_dict(layer.state_dict())
     torch.testing.assert_close(other(), R, atol=0, rtol=0)
@@ -236,8 +340,10 @@ def test_errors_name_the_problem():
         householder_rows(torch.randn(8, 2, dtype=torch.float16))
     with pytest.raises(TypeError, match="torch.Tensor"):
         orthonormal_rows([[1.0, 0.0]], "householder")
-    with pytest.raises(ValueError, match=r"base must be .* \[..., 8, 8\]"):
+    with pytest.raises(ValueError, match=r"base \(explicit, d×d\) must be .* \[8, 8\]"):
         householder_rows(torch.randn(8, 2), torch.eye(7))
+    with pytest.raises(ValueError, match=r"base_tau must be .* \[2\]"):
+        householder_rows(torch.randn(8, 2), torch.randn(8, 2), torch.randn(3))
     with pytest.raises(ValueError, match="r=5 > d=4"):
         random_orthonormal_rows(5, 4)
     with pytest.raises(ValueError, match="n must be"):

@@ -174,7 +174,11 @@ def test_default_loreft_trains_like_pyreft_at_its_quickstart_settings():
     ours = get_reft_model(model, ReftConfig([{"layer": 1, "component": "block_output", "low_rank_dimension": 4,
                                               "intervention": "LoreftIntervention"}]))
     (key,) = ours.interventions
+    assert not ours.interventions[key].rotate_layer.has_explicit_base  # a new intervention: compact base
     load_pyreft_module(ours.interventions[key], theirs.interventions[key])
+    # The trajectory depends on the base's completion beyond R's r columns: ours now holds pyreft's d×d base itself.
+    assert torch.equal(ours.interventions[key].rotate_layer.base,
+                       theirs.interventions[key].rotate_layer.parametrizations.weight[0].base)
     base, labels, _ = _batch()
     prompt_end = [[[int(n) // 2] for n in base["attention_mask"].sum(-1)]]  # one position per example
     unit = {"sources->base": (None, prompt_end)}

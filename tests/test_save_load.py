@@ -72,6 +72,43 @@ def test_save_then_load_restores_identical_outputs(tmp_path):
     assert torch.equal(out.logits, expected.logits)
 
 
+def test_the_householder_base_is_saved_compact_and_an_explicit_one_still_loads(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    representations = [{"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2},
+                       {"layer": 2, "component": "block_output", "intervention": "direft", "low_rank_dimension": 3}]
+    reft_model = get_reft_model(_model(), ReftConfig(representations)).eval()
+    with torch.no_grad():
+        for name, p in reft_model.interventions.named_parameters():
+            p.add_(0.3 * torch.randn_like(p).tril(-1) if name.endswith("original") else 0.3 * torch.randn_like(p))
+        _, expected = reft_model(_inputs(), intervention_locations=_locations(2))
+    reft_model.save(tmp_path / "new")
+    state = load_file(str(tmp_path / "new" / "interventions.safetensors"))
+    rotate_layers = {k: v for k, v in state.items() if ".rotate_layer." in k}
+    assert sorted(k.rsplit(".", 1)[1] for k in rotate_layers) == ["base_reflectors", "base_reflectors", "base_tau",
+                                                                   "base_tau", "original", "original"]
+    assert max(v.numel() for v in rotate_layers.values()) == 32 * 3  # O(d·r): no d×d base is written
+
+    # A directory saved before compact bases holds the explicit base B = H_1⋯H_r diag(s, 1, …, 1) instead.
+    for key in [k for k in state if k.endswith("base_reflectors")]:
+        prefix = key.removesuffix("base_reflectors")
+        reflectors, tau = state.pop(key), state.pop(prefix + "base_tau")
+        signs = torch.cat([reflectors.diagonal().sign(), torch.ones(32 - tau.shape[0])])
+        state[prefix + "base"] = torch.ormqr(reflectors, tau, torch.diag(signs)).contiguous()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    save_file(state, str(tmp_path / "old" / "interventions.safetensors"))
+    for folder in ("new", "old"):
+        loaded = ReftModel.load(tmp_path / folder, _model()).eval()
+        assert all(iv.rotate_layer.has_explicit_base == (folder == "old") for iv in loaded.interventions.values())
+        with torch.no_grad():
+            _, out = loaded(_inputs(), intervention_locations=_locations(2))
+        torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    loaded.save(tmp_path / "again")  # an explicit base is saved as it was loaded
+    assert "layer_0_comp_block_output_unit_pos_nunit_1#0.rotate_layer.base" in \
+        load_file(str(tmp_path / "again" / "interventions.safetensors"))
+
+
 def test_load_refuses_a_different_model(tmp_path):
     get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1])).save(tmp_path)
     with pytest.raises(ValueError, match="saved for a different model \\(hidden_size: saved 32, model 48\\)"):
@@ -133,6 +170,12 @@ def test_load_a_directory_saved_by_pyreft(tmp_path):
         assert [type(i).__name__ for i in ours.interventions.values()] == \
             [type(i).__name__ for i in theirs.interventions.values()]
         assert ours.interventions["layer_1_comp_mlp_output_unit_pos_nunit_1#0"].add_bias is True
+        if method == "householder":  # pyreft saves LoReFT's weight alone (compact base completes it) and the
+            # parametrization state of the others (their explicit base is kept, to train as in pyreft)
+            forms = {type(iv).__name__: iv.rotate_layer.has_explicit_base for iv in ours.interventions.values()
+                     if iv.uses_rotation}
+            assert forms == {"LoreftIntervention": False, "DireftIntervention": True, "ConsreftIntervention": True,
+                             "LobireftIntervention": True}
         with torch.no_grad():
             _, out = ours(_inputs(), unit_locations={"sources->base": (None, locations)})
         torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)

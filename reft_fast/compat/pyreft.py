@@ -87,9 +87,8 @@ def _load_rotation(intervention: ReftIntervention, state: dict) -> None:
             original, base = original.float().cpu(), base.float().cpu()
             if tuple(original.shape) != shape:
                 raise ValueError(f"pyreft rotate layer has shape {list(original.shape)}, expected {list(shape)}")
-            if householder:
-                intervention.rotate_layer.original.copy_(original)
-                intervention.rotate_layer.base.copy_(base)
+            if householder:  # pyreft's explicit base, kept as it is so that training continues exactly as pyreft's
+                intervention.rotate_layer.load_state_dict({"original": original, "base": base})
                 return
             weight = householder_rows(original, base).mT
         if weight is None:
@@ -99,9 +98,7 @@ def _load_rotation(intervention: ReftIntervention, state: dict) -> None:
         if tuple(weight.shape) != shape:
             raise ValueError(f"pyreft rotate_layer has shape {list(weight.shape)}, expected {list(shape)}")
         if householder:
-            loaded = HouseholderOrthogonal.from_rotate_weights(weight)
-            intervention.rotate_layer.original.copy_(loaded.original)
-            intervention.rotate_layer.base.copy_(loaded.base)
+            intervention.rotate_layer.load_state_dict(HouseholderOrthogonal.from_rotate_weights(weight).state_dict())
         else:
             intervention.rotation.copy_(weight.mT)
 

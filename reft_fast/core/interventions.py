@@ -33,6 +33,7 @@ Differences from pyreft, on purpose:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Mapping, Optional
@@ -42,7 +43,7 @@ from torch import nn
 
 from reft_fast import ops
 from reft_fast.core.dtypes import torch_dtype
-from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, householder_rows, orthonormal_rows, \
+from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, batched_householder_rows, orthonormal_rows, \
     random_orthonormal_rows
 
 __all__ = [
@@ -189,9 +190,10 @@ class ReftIntervention(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------------
     def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
-        """The tensors R is computed from: (A,) for polar/cholesky, (original, base) for householder."""
+        """The tensors R is computed from: (A,) for polar/cholesky; for householder (original, base_reflectors,
+        base_tau), or (original, base) with pyreft's explicit base (``HouseholderOrthogonal``)."""
         if self.orthogonalization == "householder":
-            return self.rotate_layer.original, self.rotate_layer.base
+            return self.rotate_layer.rotation_inputs()
         return (self.rotation,)
 
     def rotation_matrix(self) -> torch.Tensor:
@@ -301,9 +303,12 @@ def compute_rotations(method: str, inputs: list[tuple[torch.Tensor, ...]]) -> li
     ``inputs`` holds each intervention's ``rotation_inputs()``. Differentiable (and safe under reentrant gradient
     checkpointing) when grad is enabled.
     """
+    sizes = [len(group) for group in inputs]
+
     def batched(*flat):
-        if method == "householder":
-            return householder_rows(torch.stack(flat[0::2]), torch.stack(flat[1::2]))
+        if method == "householder":  # regroup: compact and explicit bases take different numbers of tensors
+            ends = list(itertools.accumulate(sizes))
+            return batched_householder_rows([flat[end - size:end] for size, end in zip(sizes, ends)])
         return orthonormal_rows(torch.stack(flat), method)
 
     flat = [t for group in inputs for t in group]

@@ -33,12 +33,13 @@ Why ``"householder"`` (with its base) is the interventions' default: the ReFT pa
 with it, and at those rates the other maps train more slowly. Near the start, a step of size η on a reflector entry
 moves R by 2η (a reflection doubles the angle), while a step on A moves the polar or Cholesky R by about η; with Adam,
 whose steps have a fixed size, the Householder map therefore trains like the others at twice the learning rate
-(bench/bench_orthogonal_convergence.py and bench/NOTES.md, "Orthogonalization default", hold the study). Its price is
-the d×d base per intervention (64 MiB in fp32 at d = 4096), read once forward and once backward per step.
+(bench/bench_orthogonal_convergence.py and bench/NOTES.md, "Orthogonalization default", hold the study). Its base
+costs O(d·r) when held in compact form (QR reflectors, what new interventions hold), d² floats when explicit
+(pyreft's own, 64 MiB in fp32 at d = 4096, kept for interventions loaded from pyreft).
 
 What ``"polar"`` offers instead: at an orthonormal A its gradient is R̄ − sym(R̄ Aᵀ) A, the projection of R̄ that
 Riemannian gradient descent on the Stiefel manifold uses; it treats all rows alike (no Gram–Schmidt order); its cost
-is matmul-sized (two r×r×d products forward, three backward, one batched r×r eigendecomposition) with no d×d state.
+is matmul-sized (two r×r×d products forward, three backward, one batched r×r eigendecomposition) with no base.
 ``torch.linalg.eigh`` on CUDA synchronizes with the host (there is no ``eigh_ex``); ``"cholesky"`` never does.
 bench/bench_orthogonal.py times the maps against pyreft's per-intervention Householder.
 
@@ -57,6 +58,8 @@ __all__ = [
     "orthonormal_rows",
     "random_orthonormal_rows",
     "householder_rows",
+    "batched_householder_rows",
+    "compact_base",
     "HouseholderOrthogonal",
 ]
 
@@ -120,43 +123,111 @@ def _cholesky_rows(A: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 # householder: torch.nn.utils.parametrizations.orthogonal's default map for a tall d×r weight, in compact WY form
 # --------------------------------------------------------------------------------------------------------------------
-def householder_rows(original: torch.Tensor, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """R [..., r, d] = (base @ householder(original)) transposed: torch's orthogonal parametrization of a d×r weight.
+def householder_rows(original: torch.Tensor, base: Optional[torch.Tensor] = None,
+                     base_tau: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """R [..., r, d] = (B @ householder(original)) transposed: torch's orthogonal parametrization of a d×r weight.
 
     ``original`` [..., d, r] holds reflector j below the diagonal of column j (v_j = e_j + original[j+1:, j]) and, on
-    the diagonal, the sign of column j. ``base`` [..., d, d] is the trivialization base (``use_trivialization=True``);
-    None means the identity.
+    the diagonal, the sign of column j. B is the trivialization base (``use_trivialization=True``), given as
+      * nothing (``base=None``): the identity;
+      * ``base`` [..., d, d]: the explicit matrix (pyreft's form);
+      * ``base`` [..., d, r] with ``base_tau`` [..., r]: its compact form, the output of ``torch.geqrf`` on the start
+        (``compact_base``): B = H_1 ⋯ H_r · diag(s, 1, …, 1) with H_j geqrf's reflectors and s the signs of the
+        diagonal of ``base`` (the triangular factor's), so that B's first r columns are the factored matrix when its
+        columns are orthonormal. Applied with ``torch.ormqr`` in O(d·r²), without forming B.
 
     Deliberate difference from torch: the sign is read with ``sign()``, where torch truncates the entry to an integer.
     The two agree while the diagonal holds ±1, which is always the case without weight decay (the diagonal gets no
     gradient). With AdamW's decoupled weight decay the entry becomes −(1 − lr·wd) after one step, which torch truncates
     to 0: every column, hence R, becomes zero and the intervention stops training, silently (pyreft inherits this).
+    """
+    if not isinstance(original, torch.Tensor):
+        raise TypeError(f"original must be a torch.Tensor, got {type(original).__name__}")
+    _check_unconstrained(original.mT, "original (transposed)")
+    _check_base(original, base, base_tau)
+    columns = _householder_columns(original)
+    if base is None:
+        R = columns.mT
+    elif base_tau is None:
+        # R = Qᵀ baseᵀ in this order: its rows come out contiguous, and on the CPU it is about 2× faster than base @ Q.
+        R = columns.mT @ base.mT
+    else:
+        R = _compact_base_times(base, base_tau, columns).mT
+    # The fused backends read R by rows and assume a contiguous [r, d] (a transposed view gave them wrong results).
+    return R.contiguous()
+
+
+def _check_base(original: torch.Tensor, base, base_tau) -> None:
+    *batch, d, r = original.shape
+    if base_tau is None:
+        expected = {"base": (*batch, d, d)} if base is not None else {}
+    else:
+        expected = {"base": (*batch, d, r), "base_tau": (*batch, r)}
+    labels = {"base": "base (explicit, d×d)" if base_tau is None else "base (compact: geqrf's reflectors)",
+              "base_tau": "base_tau"}
+    for name, shape in expected.items():
+        value = base if name == "base" else base_tau
+        if not isinstance(value, torch.Tensor) or value.dtype != original.dtype or tuple(value.shape) != shape:
+            raise ValueError(f"{labels[name]} must be a {original.dtype} tensor of shape {list(shape)} for original "
+                             f"{list(original.shape)}, got {getattr(value, 'dtype', type(value).__name__)} "
+                             f"{list(getattr(value, 'shape', []))}")
+
+
+def _householder_columns(original: torch.Tensor) -> torch.Tensor:
+    """householder(original) [..., d, r]: the first r columns of H_1 ⋯ H_r times the diagonal's signs.
 
     torch builds H_1 ⋯ H_r with ``linalg.householder_product`` (sequential reflections, slow backward). The same product
     in compact WY form is matmul-only: H_1 ⋯ H_r = I − V T Vᵀ with T upper triangular and
     T⁻¹ = striu(Vᵀ V) + diag(1/τ), τ_j = 2 / ‖v_j‖² (torch's tau), so its first r columns are E − V T V[:r]ᵀ.
     """
-    if not isinstance(original, torch.Tensor):
-        raise TypeError(f"original must be a torch.Tensor, got {type(original).__name__}")
-    _check_unconstrained(original.mT, "original (transposed)")
     d, r = original.shape[-2:]
-    if base is not None and (not isinstance(base, torch.Tensor) or base.dtype != original.dtype
-                             or tuple(base.shape[-2:]) != (d, d)):
-        raise ValueError(f"base must be a {original.dtype} tensor of shape [..., {d}, {d}] (d×d for original "
-                         f"[..., {d}, {r}]), got {getattr(base, 'dtype', type(base).__name__)} "
-                         f"{list(getattr(base, 'shape', []))}")
     eye = torch.eye(d, r, dtype=original.dtype, device=original.device)
     V = original.tril(-1) + eye
     VtV = V.mT @ V
     T_inv = VtV.triu(1) + torch.diag_embed(VtV.diagonal(dim1=-2, dim2=-1) / 2)  # 1/τ_j = ‖v_j‖²/2
     Q = eye - V @ torch.linalg.solve_triangular(T_inv, V[..., :r, :].mT, upper=True)
     # The diagonal carries ±1 signs and is not trained (torch's int cast cuts its gradient; so does detach here).
-    Q = Q * original.detach().diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
-    # R = Qᵀ baseᵀ, computed in that order so that its rows come out contiguous: the fused backends read R by rows
-    # and assume a contiguous [r, d] (a transposed view gave them wrong results). On the CPU this order is also about
-    # 2× faster than base @ Q for small r.
-    R = Q.mT if base is None else Q.mT @ base.mT
-    return R.contiguous()
+    return Q * original.detach().diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
+
+
+def compact_base(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A trivialization base whose first r columns are ``columns`` [..., d, r] (orthonormal), in compact form:
+    ``torch.geqrf``'s reflectors [..., d, r] and tau [..., r] (see ``householder_rows``); O(d·r) memory.
+
+    Factored in float64 and returned in ``columns``' dtype. Runs once, when an intervention is created or loaded.
+    """
+    reflectors, tau = torch.geqrf(columns.double())
+    return reflectors.to(columns.dtype), tau.to(columns.dtype)
+
+
+def _compact_base_times(reflectors: torch.Tensor, tau: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """B @ M for the compact base (reflectors, tau) and M [..., d, k]: H_1 ⋯ H_r (diag(s, 1, …, 1) M).
+
+    ``torch.ormqr`` applies the reflectors without forming B; autograd differentiates it w.r.t. M (the base gets no
+    gradient). Neither it nor anything here reads a value on the host, so on CUDA no step waits for the device.
+    """
+    r = tau.shape[-1]
+    signs = reflectors.detach().diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-1)
+    return torch.ormqr(reflectors, tau, torch.cat([M[..., :r, :] * signs, M[..., r:, :]], dim=-2))
+
+
+def batched_householder_rows(inputs: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """R [n, r, d] for n rotate layers of one [d, r] shape, from their ``HouseholderOrthogonal.rotation_inputs()``.
+
+    Layers with a compact base run as one batched call; only their O(d·r) tensors are stacked. Layers with an explicit
+    d×d base (pyreft's, loaded) each run alone: stacking their bases would copy n·d² floats every step (2 GiB for 32
+    layers at d = 4096), kept until the backward. Alone, each product reads its base in place.
+    """
+    rows: list[Optional[torch.Tensor]] = [None] * len(inputs)
+    compact = [i for i, group in enumerate(inputs) if len(group) == 3]
+    if compact:
+        stacked = [torch.stack([inputs[i][k] for i in compact]) for k in range(3)]
+        for i, R in zip(compact, householder_rows(*stacked).unbind(0)):
+            rows[i] = R
+    for i, group in enumerate(inputs):
+        if len(group) != 3:
+            rows[i] = householder_rows(*group)
+    return torch.stack(rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -209,44 +280,73 @@ def random_orthonormal_rows(
     return Q.mT.contiguous().to(dtype=dtype, device=device)
 
 
-def _complete_orthogonal(columns: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """A d×d orthogonal matrix whose first r columns are ``columns`` [..., d, r] (orthonormal), as torch's
-    right_inverse builds its base: QR of [columns, random], signs fixed so the first columns come back unchanged."""
-    d, r = columns.shape[-2:]
-    filler = torch.randn((*columns.shape[:-1], d - r), generator=generator, dtype=columns.dtype)
-    Q, upper = torch.linalg.qr(torch.cat([columns, filler.to(columns.device)], dim=-1))
-    return Q * upper.diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-2)
-
-
 class HouseholderOrthogonal(nn.Module):
-    """pyreft's rotate layer, batched: R [n, r, d] = (base @ householder(original))ᵀ for n interventions at once.
+    """pyreft's rotate layer, batched: R [n, r, d] = (B @ householder(original))ᵀ for n interventions at once.
 
-    Holds the same state as ``torch.nn.utils.parametrizations.orthogonal`` on a d×r weight (default map Householder,
-    ``use_trivialization=True``, as pyreft's ``LowRankRotateLayer``): the parameter ``original`` [n, d, r] and the
-    buffer ``base`` [n, d, d]; ``forward()`` gives the same R (transposed weight) and ``original`` gets the same
-    gradients, so training follows pyreft's parametrization step for step. Without ``n`` the leading dimension is
-    dropped ([d, r], [d, d], R [r, d]).
+    Computes what ``torch.nn.utils.parametrizations.orthogonal`` computes on a d×r weight (default map Householder,
+    ``use_trivialization=True``, as pyreft's ``LowRankRotateLayer``) from the parameter ``original`` [n, d, r] and a
+    fixed orthogonal trivialization base B: ``forward()`` gives the same R (transposed weight) and ``original`` gets
+    the same gradients, so training follows pyreft's parametrization step for step. Without ``n`` the leading
+    dimension is dropped ([d, r], R [r, d]).
+
+    The base is held in one of two forms (``householder_rows``), chosen by what the layer was built or loaded from:
+      * compact, for a new layer or one started from rotate weights: buffers ``base_reflectors`` [n, d, r] and
+        ``base_tau`` [n, r], the QR reflectors of the start. Any orthogonal completion of the start is a valid base;
+        this one costs O(d·r) memory and O(d·r²) time per step instead of d² (64 MiB per layer at d = 4096).
+      * explicit, for pyreft's exact state: buffer ``base`` [n, d, d]. An arbitrary orthogonal d×d matrix takes d
+        reflectors to store, so converting it would save nothing.
+    ``load_state_dict`` switches to the form of the state it is given (so reft-fast directories saved with an explicit
+    base still load).
 
     ``original``'s diagonal holds ±1 signs; weight decay shrinks it but, unlike torch's integer cast, ``sign()`` keeps
     it (see ``householder_rows``).
     """
 
+    _COMPACT = ("base_reflectors", "base_tau")
+    _EXPLICIT = ("base",)
+
     def __init__(self, r: int, d: int, n: Optional[int] = None, *, generator: Optional[torch.Generator] = None,
                  device: Union[str, torch.device, None] = None):
         super().__init__()
         # Same starting point as pyreft: a random orthonormal weight, stored in the base, with original = −I.
-        start = random_orthonormal_rows(r, d, n=n, generator=generator, device=device).mT
-        base = _complete_orthogonal(start, generator)
-        self.original = nn.Parameter(self._minus_identity(base.shape[:-2], d, r).to(device))
-        self.register_buffer("base", base)
+        start = random_orthonormal_rows(r, d, n=n, generator=generator).mT
+        reflectors, tau = compact_base(start)
+        self.original = nn.Parameter(self._minus_identity(start.shape[:-2], d, r).to(device))
+        self.register_buffer("base_reflectors", reflectors.to(device))
+        self.register_buffer("base_tau", tau.to(device))
 
     @staticmethod
     def _minus_identity(batch_shape, d: int, r: int) -> torch.Tensor:
-        # householder(−I) = I[:, :r], so R = base[:, :r]ᵀ at the start (torch's right_inverse returns the same −I).
+        # householder(−I) = I[:, :r], so R = B[:, :r]ᵀ at the start (torch's right_inverse returns the same −I).
         return (-torch.eye(d, r)).expand(*batch_shape, d, r).clone()
 
+    @property
+    def has_explicit_base(self) -> bool:
+        return "base" in self._buffers
+
+    def rotation_inputs(self) -> tuple[torch.Tensor, ...]:
+        """(original, base_reflectors, base_tau) or (original, base): ``householder_rows``' arguments."""
+        names = self._EXPLICIT if self.has_explicit_base else self._COMPACT
+        return (self.original, *(getattr(self, name) for name in names))
+
     def forward(self) -> torch.Tensor:
-        return householder_rows(self.original, self.base)
+        return householder_rows(*self.rotation_inputs())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The state decides the base's form: pyreft's state and reft-fast directories saved before compact bases
+        # hold the explicit d×d base. Its buffers are replaced by empty ones of the state's form, then filled.
+        explicit = prefix + "base" in state_dict
+        if explicit != self.has_explicit_base and (explicit or prefix + "base_reflectors" in state_dict):
+            *batch, d, r = self.original.shape
+            like = dict(dtype=self.original.dtype, device=self.original.device)
+            for name in self._COMPACT if explicit else self._EXPLICIT:
+                delattr(self, name)
+            if explicit:
+                self.register_buffer("base", torch.empty(*batch, d, d, **like))
+            else:
+                self.register_buffer("base_reflectors", torch.empty(*batch, d, r, **like))
+                self.register_buffer("base_tau", torch.empty(*batch, r, **like))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_pyreft(cls, layers: Union[nn.Module, Sequence[nn.Module]]) -> "HouseholderOrthogonal":
@@ -272,14 +372,13 @@ class HouseholderOrthogonal(nn.Module):
         shapes = {tuple(o.shape) for o in originals}
         if len(shapes) != 1:
             raise ValueError(f"all rotate layers must have the same [d, r] shape, got {sorted(shapes)}")
-        return cls._from_state(torch.stack(originals), torch.stack(bases), single)
+        return cls._from_state(torch.stack(originals), {"base": torch.stack(bases)}, single)
 
     @classmethod
-    def from_rotate_weights(cls, weights: Union[torch.Tensor, Iterable[torch.Tensor]], *,
-                            generator: Optional[torch.Generator] = None) -> "HouseholderOrthogonal":
+    def from_rotate_weights(cls, weights: Union[torch.Tensor, Iterable[torch.Tensor]]) -> "HouseholderOrthogonal":
         """Start from saved pyreft rotate weights (``intkey_*.bin``'s ``"rotate_layer"``, [d, r], orthonormal columns).
 
-        R starts equal to the weights (transposed), with original = −I and the base an orthogonal completion of them.
+        R starts equal to the weights (transposed), with original = −I and a compact base completing them.
         Deliberate difference from pyreft's loader, which writes the weights into the first columns of a fresh random
         base without re-orthogonalizing the rest, so its R stops being orthonormal after the first update.
         """
@@ -292,18 +391,19 @@ class HouseholderOrthogonal(nn.Module):
         eye = torch.eye(r, dtype=torch.float64, device=stacked.device)
         if not torch.allclose(gram, eye, atol=1e-4):
             raise ValueError("weights must have orthonormal columns (pyreft's rotate_layer weight, [d, r])")
-        base = _complete_orthogonal(stacked.detach(), generator)
+        reflectors, tau = compact_base(stacked.detach())
         original = cls._minus_identity(stacked.shape[:-2], d, r).to(dtype=stacked.dtype, device=stacked.device)
-        return cls._from_state(original, base, single)
+        return cls._from_state(original, {"base_reflectors": reflectors, "base_tau": tau}, single)
 
     @classmethod
-    def _from_state(cls, original: torch.Tensor, base: torch.Tensor, single: bool) -> "HouseholderOrthogonal":
+    def _from_state(cls, original: torch.Tensor, base: dict, single: bool) -> "HouseholderOrthogonal":
         if original.dtype != torch.float32:
             raise TypeError(f"rotate layer parameters must be float32, got {original.dtype}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.original = nn.Parameter(original[0].clone() if single else original.clone())
-        layer.register_buffer("base", base[0].clone() if single else base.clone())
+        for name, value in base.items():
+            layer.register_buffer(name, value[0].clone() if single else value.clone())
         return layer
 
     def extra_repr(self) -> str:
