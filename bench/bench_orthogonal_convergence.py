@@ -97,6 +97,10 @@ COST_FIELDS = ["machine", "torch", "transformers", "date", "method", "n", "d", "
 # The cost grid's maps: householder with its compact base (what new interventions hold) and with an explicit d×d base
 # (what an intervention loaded from pyreft holds).
 COST_METHODS = ("polar", "cholesky", "householder", "householder-explicit")
+# A training variant (only with --methods): householder with an explicit random d×d completion as its base (pyreft's
+# kind of base) instead of the compact QR base; does the completion change training under Adam?
+RANDOM_BASE = "householder-random-base"
+TRAIN_METHODS = (*METHODS, RANDOM_BASE)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -129,7 +133,7 @@ def setting_config(name: str, method: str, seed: int, steps: int):
     for field in TRAINING_FIELDS:
         if field in spec:
             setattr(cfg.training, field, spec[field])
-    cfg.interventions.orthogonalization = method
+    cfg.interventions.orthogonalization = "householder" if method == RANDOM_BASE else method
     cfg.training.max_steps = steps
     cfg.training.seed = seed
     return cfg
@@ -146,14 +150,27 @@ def dataset_for(name: str, cfg, tokenizer):
     return SupervisedDataset(examples, tokenizer, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
 
 
-def same_start(reft_model, seed: int) -> None:
-    """Seed-determined R, W and b for every intervention, whatever the map: runs of one seed differ only in the map."""
+def random_completion(columns: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A d×d orthogonal matrix whose first r columns are ``columns`` [d, r] and whose others are random: the kind of
+    trivialization base pyreft (torch's orthogonal parametrization) draws, against the compact QR base of new
+    interventions, which completes the start with the QR reflectors' own (coordinate-aligned) complement."""
+    d, r = columns.shape
+    q, upper = torch.linalg.qr(torch.cat([columns, torch.randn(d, d - r, generator=generator)], dim=1))
+    return q * torch.sign(torch.diagonal(upper)).unsqueeze(0)  # sign-fixed: q[:, :r] == columns
+
+
+def same_start(reft_model, seed: int, method: str = "") -> None:
+    """Seed-determined R, W and b for every intervention, whatever the map: runs of one seed differ only in the map
+    (and, for RANDOM_BASE, in the Householder base's completion)."""
     with torch.no_grad():
         for i, intervention in enumerate(reft_model.interventions.values()):
             generator = torch.Generator().manual_seed(1000 * seed + i)
             r, d = intervention.low_rank_dimension, intervention.embed_dim
             start = random_orthonormal_rows(r, d, generator=generator)
-            if intervention.orthogonalization == "householder":
+            if method == RANDOM_BASE:
+                intervention.rotate_layer.load_state_dict(
+                    {"original": -torch.eye(d, r), "base": random_completion(start.mT.contiguous(), generator)})
+            elif intervention.orthogonalization == "householder":
                 intervention.rotate_layer.load_state_dict(
                     HouseholderOrthogonal.from_rotate_weights(start.mT).state_dict())
             else:
@@ -183,7 +200,9 @@ def train_run(base, tokenizer, name: str, method: str, seed: int, steps: int) ->
     """One run: per-step rows (loss, lr, step time) and the orthogonalization's ms per call."""
     from reft_fast.core.hf import num_layers_of
     from reft_fast.train.data import ReftDataCollator, StepSampler
-    from reft_fast.train.engine import _trim_to_labels, build_reft_model, lr_lambda
+    from reft_fast.train.ds_config import lr_lambda
+    from reft_fast.train.loading import build_reft_model
+    from reft_fast.train.loss import trim_to_labels
     from reft_fast.train.train_config import layer_list
 
     cfg = setting_config(name, method, seed, steps)
@@ -191,7 +210,7 @@ def train_run(base, tokenizer, name: str, method: str, seed: int, steps: int) ->
     dataset = dataset_for(name, cfg, tokenizer)
     torch.manual_seed(seed)  # the interventions' initial weights, as the recipe seeds them
     reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, num_layers_of(base.config)))
-    same_start(reft_model, seed)
+    same_start(reft_model, seed, method)
     try:
         params = reft_model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
@@ -205,7 +224,7 @@ def train_run(base, tokenizer, name: str, method: str, seed: int, steps: int) ->
         rows = []
         for step in range(steps):
             tic = time.perf_counter()
-            batch = _trim_to_labels(collator([dataset[i] for i in sampler.indices(step, 0, 0)]))
+            batch = trim_to_labels(collator([dataset[i] for i in sampler.indices(step, 0, 0)]))
             extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
             _, out = reft_model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                                 intervention_locations=batch["intervention_locations"], labels=batch["labels"],
@@ -335,7 +354,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
     args = parser.parse_args(argv)
     settings, methods = args.settings.split(","), args.methods.split(",")
-    for value, known in [(s, SETTINGS) for s in settings] + [(m, METHODS) for m in methods]:
+    for value, known in [(s, SETTINGS) for s in settings] + [(m, TRAIN_METHODS) for m in methods]:
         if value not in known:
             parser.error(f"unknown {value!r}; expected one of {list(known)}")
     torch.set_num_threads(1)  # 2 shared cores: OpenMP spin-waits make timings swing
@@ -358,7 +377,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     for name in settings:
         for seed in range(args.seeds):
-            for method in [m for m in methods if m in SETTINGS[name].get("methods", METHODS)]:
+            for method in [m for m in methods if m in SETTINGS[name].get("methods", TRAIN_METHODS)]:
                 steps = args.steps or SETTINGS[name]["steps"]
                 rows, orth_ms = train_run(base, tokenizer, name, method, seed, steps)
                 for row in rows:
