@@ -3,6 +3,7 @@
 end with a falling loss. Plus the location layout the pyreft trainers consume, and the data names against pyreft's.
 """
 
+import math
 import os
 
 import pytest
@@ -400,3 +401,313 @@ def test_datasets_refuse_subspaces(tokenizer):
     with pytest.raises(ValueError, match="subspaces"):
         pyreft.ReftGenerationDataset("task", None, tokenizer, dataset=rows, position="l1", num_interventions=1,
                                      prompt_field="instruction", completion_field="output")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples/chat/chat_model.ipynb, examples/agent/train_and_share.ipynb, examples/loreft/train.py
+# --------------------------------------------------------------------------------------------------------------------
+def _save_chat_adapter(model_name_or_path, directory):
+    """A stand-in for the Hub's pyvene/reft_chat7b: four LoReFT interventions (f5+l5 on two layers), visibly nonzero."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = pyreft.ReftConfig(representations=[{
+        "layer": layer, "component": "block_output", "low_rank_dimension": 4,
+        "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4)}
+        for layer in (1, 2, 1, 2)])
+    reft_model = pyreft.get_reft_model(model, config)
+    with torch.no_grad():
+        for p in reft_model.trainable_parameters():
+            p.add_(3 * torch.randn_like(p))
+    reft_model.save(directory)
+    return [p.detach().clone() for p in reft_model.trainable_parameters()]
+
+
+def test_chat_notebook(model_name_or_path):
+    saved = _save_chat_adapter(model_name_or_path, "./reft_chat7b")
+    # --- examples/chat/chat_model.ipynb (model: tiny Llama in float32; the adapter: saved above, not the Hub's;
+    # max_new_tokens cut) ---
+    from reft_fast import (  # pyreft's notebook: `from pyreft import (`
+        ReftModel,
+        get_intervention_locations
+    )
+
+    prompt_no_input_template = """Below is an instruction that \
+describes a task. Write a response that appropriately \
+completes the request.
+
+### Instruction:
+%s
+
+### Response:
+"""
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    reft_model_name_or_path = "./reft_chat7b"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_name_or_path, model_max_length=2048, padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=torch.float32, device_map=device)
+    reft_model = ReftModel.load(
+        reft_model_name_or_path, model, from_huggingface_hub=False)
+    reft_model.set_device(device)
+
+    instruction = "Can you give any tips on how to cook a juicy, medium-rare steak?"
+
+    prompt = prompt_no_input_template % instruction
+    prompt = tokenizer(prompt, return_tensors="pt").to(device)
+    intervention_locations = torch.tensor([get_intervention_locations(
+        last_position=prompt["input_ids"].shape[-1], positions="f5+l5",
+        num_interventions=len(reft_model.interventions))]).permute(1, 0, 2).tolist()
+
+    _, reft_response = reft_model.generate(
+        prompt,
+        unit_locations={"sources->base": (None, intervention_locations)},
+        intervene_on_prompt=True, max_new_tokens=12, do_sample=False,
+        no_repeat_ngram_size=5, repetition_penalty=1.1,
+        eos_token_id=tokenizer.eos_token_id, early_stopping=True
+    )
+    print(tokenizer.decode(reft_response[0], skip_special_tokens=True))
+
+    model_response = model.generate(
+        **prompt,
+        max_new_tokens=12, do_sample=False,
+        no_repeat_ngram_size=5, repetition_penalty=1.1,
+        eos_token_id=tokenizer.eos_token_id, early_stopping=True
+    )
+    print(tokenizer.decode(model_response[0], skip_special_tokens=True))
+    # --- end of the notebook's code ---
+    for a, b in zip(saved, reft_model.trainable_parameters()):
+        assert torch.equal(a, b.detach().cpu())
+    assert reft_response.shape[1] > prompt["input_ids"].shape[1]
+    assert not torch.equal(reft_response, model_response)  # the loaded edit steers; the bare base does not
+
+
+def test_agent_notebook(model_name_or_path):
+    # --- examples/agent/train_and_share.ipynb (model: tiny Llama in float32; layers 8/16/24 → 1/2/3; three short
+    # examples of our own; 60 epochs → 8; max_new_tokens cut; saved locally, not pushed to the Hub) ---
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=torch.float32, device_map=device)
+
+    model_max_length = 2048
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_name_or_path, model_max_length=model_max_length,
+        padding_side="right", use_fast=False)
+    if "Meta-Llama-3-" in model_name_or_path:
+        tokenizer.add_special_tokens({'pad_token': '[PAD]'})
+        model.resize_token_embeddings(len(tokenizer))
+    else:
+        tokenizer.pad_token = tokenizer.unk_token
+
+    terminators = [
+        tokenizer.eos_token_id,
+    ]
+
+    prompt_no_input_template = """<s>[INST] <<SYS>>
+You are a helpful, respectful and honest assistant.
+<</SYS>>
+
+%s [/INST]
+"""
+
+    reft_config = pyreft.ReftConfig(representations=[{
+        "layer": l, "component": "block_output",
+        "low_rank_dimension": 2,
+        "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size,
+        low_rank_dimension=2)} for l in [1, 2, 3, 1, 2, 3]])
+    reft_model = pyreft.get_reft_model(model, reft_config)
+    reft_model.set_device(device)
+    reft_model.print_trainable_parameters()
+
+    share_weights = False
+    positions = "f3+l3"
+    first_n, last_n = pyreft.parse_positions(positions)
+
+    training_examples = [
+        ["who are you?", "i am a bridge over the bay, red and tall in the fog."],
+        ["how are you today?", "very well: the sun is out over the bay."],
+        ["what should i eat?", "bread from the city by the bridge, warm from the oven."],
+    ]
+
+    data_module = pyreft.make_multiple_position_supervised_data_module(
+        tokenizer, model,
+        [prompt_no_input_template % e[0] for e in training_examples],
+        [e[1] for e in training_examples],
+        positions=positions, num_interventions=len(reft_config.representations), share_weights=share_weights,
+        nonstop=False)
+
+    training_args = transformers.TrainingArguments(
+        num_train_epochs=8.0, output_dir="./tmp",
+        per_device_train_batch_size=10,
+        learning_rate=4e-3, report_to=[], logging_steps=1)
+    trainer = pyreft.ReftTrainerForCausalLM(
+        model=reft_model, tokenizer=tokenizer,
+        args=training_args, **data_module)
+    _ = trainer.train()
+
+    instruction = "can you tell me how to improve my health?".lower()
+
+    prompt = prompt_no_input_template % instruction
+    prompt = tokenizer(prompt, return_tensors="pt").to(device)
+
+    unit_locations = torch.IntTensor([pyreft.get_intervention_locations(
+        last_position=prompt["input_ids"].shape[-1],
+        first_n=first_n,
+        last_n=last_n,
+        pad_mode="last",
+        num_interventions=len(reft_config.representations),
+        share_weights=share_weights
+    )]).permute(1, 0, 2).tolist()
+
+    _, reft_response = reft_model.generate(
+        prompt, unit_locations={"sources->base": (None, unit_locations)},
+        intervene_on_prompt=True, max_new_tokens=12, do_sample=True,
+        eos_token_id=terminators, early_stopping=True
+    )
+    print(tokenizer.decode(reft_response[0], skip_special_tokens=True))
+
+    reft_model.set_device("cpu")
+    reft_model.save(
+        save_directory="./reft_to_share",
+        save_to_hf_hub=False,
+    )
+    # --- end of the notebook's code ---
+    losses = _losses(trainer)
+    assert trainer.state.global_step == 8 and losses[-1] < losses[0], losses
+    assert reft_response.shape[1] > prompt["input_ids"].shape[1]
+    reloaded = pyreft.ReftModel.load("./reft_to_share", model)
+    for a, b in zip(reft_model.trainable_parameters(), reloaded.trainable_parameters()):
+        assert torch.equal(a.detach(), b.detach())
+
+
+# The paper's causal-LM argument sets of examples/loreft/train.py (commonsense / math), on a 4-layer model:
+# "3;9;18;24" → "0;1;2;3" and "all"; positions f7+l7 and f5+l5; rank 8 and 4; share_weights or not. The GLUE set
+# needs an encoder base (refused: see test_encoder_base_is_refused_by_name).
+LOREFT_TRAIN_ARGS = [
+    dict(intervention_type="LoreftIntervention", layers="0;1;2;3", position="f7+l7", rank=8, share_weights=True,
+         act_fn=None, add_bias=False, dropout=0.05),
+    dict(intervention_type="LoreftIntervention", layers="all", position="f5+l5", rank=4, share_weights=False,
+         act_fn=None, add_bias=False, dropout=0.0),
+    dict(intervention_type="NodireftIntervention", layers="0;1;2;3", position="f7+l7", rank=8, share_weights=True,
+         act_fn=None, add_bias=False, dropout=0.05),
+    dict(intervention_type="DireftIntervention", layers="all", position="f5+l5", rank=4, share_weights=True,
+         act_fn="relu", add_bias=True, dropout=0.05),
+    dict(intervention_type="ConsreftIntervention", layers="1;3", position="f5+l5", rank=4, share_weights=False,
+         act_fn="relu", add_bias=True, dropout=0.0),
+    dict(intervention_type="NoreftIntervention", layers="1;3", position="f7+l7", rank=4, share_weights=True,
+         act_fn=None, add_bias=True, dropout=0.05),
+    dict(intervention_type="LobireftIntervention", layers="0;2", position="f5+l5", rank=4, share_weights=True,
+         act_fn="gelu", add_bias=False, dropout=0.0),
+]
+
+
+@pytest.mark.parametrize("run", LOREFT_TRAIN_ARGS, ids=lambda run: f"{run['intervention_type']}-{run['position']}")
+def test_loreft_train_py(model_name_or_path, run):
+    intervention_type, layers, position, rank, share_weights, act_fn, add_bias, dropout = (
+        run["intervention_type"], run["layers"], run["position"], run["rank"], run["share_weights"], run["act_fn"],
+        run["add_bias"], run["dropout"])
+    model = model_name_or_path
+    # --- examples/loreft/train.py's finetune() for a causal-LM task (model: tiny Llama in float32; data: a few
+    # alpaca-style rows through pyreft.ReftSupervisedDataset instead of the script's dataset.py; 2 epochs; no wandb,
+    # LoRA or evaluation; transformers 5 names: eval_strategy, warmup_steps as a fraction, warmup_ratio being gone) ---
+    from reft_fast import (  # pyreft's script: `from pyreft import (`
+        TaskType, get_reft_model, ReftConfig, ReftTrainerForCausalLM, NoreftIntervention, LoreftIntervention,
+        ConsreftIntervention, LobireftIntervention, DireftIntervention, NodireftIntervention, ReftDataCollator)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    intervention_mapping = {
+        "NoreftIntervention": NoreftIntervention, "LoreftIntervention": LoreftIntervention,
+        "ConsreftIntervention": ConsreftIntervention, "LobireftIntervention": LobireftIntervention,
+        "DireftIntervention": DireftIntervention, "NodireftIntervention": NodireftIntervention,
+    }
+    dtype = torch.float32
+    transformers.set_seed(42)
+
+    if layers != "all":
+        layers = [int(l) for l in layers.split(";")]
+    else:
+        temp_config = transformers.AutoConfig.from_pretrained(model)
+        layers = [l for l in range(temp_config.num_hidden_layers)]
+    if "+" in position and not share_weights:
+        layers += layers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model, model_max_length=512, padding_side="right", use_fast=False)
+    if tokenizer.unk_token == None and tokenizer.pad_token == None:
+        tokenizer.add_special_tokens({'pad_token': '[PAD]'})
+        need_resize = True
+    else:
+        tokenizer.pad_token = tokenizer.unk_token
+        need_resize = False
+
+    rows = [{"instruction": f"add one to {i}", "input": "", "output": f"the answer is {i + 1}"} for i in range(8)]
+    train_dataset = pyreft.ReftSupervisedDataset(
+        "math", None, tokenizer, data_split="train", seed=42, dataset=rows,
+        input_field="input", output_field="output", instruction_field="instruction",
+        **{"num_interventions": len(layers), "position": position, "share_weights": share_weights})
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, device_map=device)
+    config = model.config
+    if need_resize:
+        model.resize_token_embeddings(len(tokenizer))
+    intervention_type = intervention_mapping[intervention_type]
+    data_collator_fn = transformers.DataCollatorForSeq2Seq(
+        tokenizer=tokenizer, model=model, label_pad_token_id=-100, padding="longest")
+    data_collator = ReftDataCollator(data_collator=data_collator_fn)
+
+    intervention_dtype = torch.bfloat16 if isinstance(dtype, str) else dtype
+    representations = [{
+        "layer": l, "component": "block_output",
+        "low_rank_dimension": rank,
+        "intervention": intervention_type(
+            embed_dim=config.hidden_size, low_rank_dimension=rank,
+            dropout=dropout, dtype=intervention_dtype, act_fn=act_fn, device=device,
+            add_bias=add_bias
+        )
+    } for l in layers]
+    task_type = TaskType.CAUSAL_LM
+
+    reft_config = ReftConfig(representations=representations)
+    reft_model = get_reft_model(model, reft_config, set_device=not isinstance(dtype, str))
+    reft_model.print_trainable_parameters()
+    reft_model.model.train()
+    n_params = reft_model.count_parameters(include_model=False)
+
+    training_args = transformers.TrainingArguments(
+        output_dir="./tmp/run", run_name="run", num_train_epochs=2, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, gradient_accumulation_steps=1, eval_strategy="no", save_strategy="no",
+        logging_strategy="steps", save_total_limit=1, logging_steps=1, lr_scheduler_type="linear",
+        learning_rate=9e-4, warmup_steps=0.1, optim="adamw_torch", weight_decay=0.0, report_to="none",
+        use_cpu=False if device == "cuda" else True, seed=42, remove_unused_columns=False)
+    trainer = ReftTrainerForCausalLM(
+        model=reft_model, tokenizer=tokenizer, args=training_args, train_dataset=train_dataset,
+        eval_dataset=None, data_collator=data_collator, compute_metrics=None)
+    trainer.train()
+    reft_model.save("./tmp/run")
+
+    reft_model.model.eval()
+    for k, v in reft_model.interventions.items():
+        _ = v[0].eval()
+    # --- end of the script's code ---
+    assert task_type == "CAUSAL_LM" and len(reft_model.interventions) == len(layers)
+    assert trainer.state.global_step == 4 and all(math.isfinite(loss) for loss in _losses(trainer))
+    assert n_params == sum(p.numel() for p in reft_model.trainable_parameters())
+    assert not any(v[0].training for v in reft_model.interventions.values())
+    reloaded = pyreft.ReftModel.load("./tmp/run", model)
+    for a, b in zip(reft_model.trainable_parameters(), reloaded.trainable_parameters()):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def test_encoder_base_is_refused_by_name():
+    # examples/loreft/train.py's GLUE runs put interventions on RoBERTa's encoder layers.
+    config = transformers.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=32)
+    model = transformers.RobertaForSequenceClassification(config)
+    reft_config = pyreft.ReftConfig(representations=[{
+        "layer": 0, "component": "block_output", "low_rank_dimension": 2,
+        "intervention": pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)}])
+    with pytest.raises(ValueError, match="encoder bases are not supported.*roberta.encoder.layer.*decoder-only"):
+        pyreft.get_reft_model(model, reft_config)

@@ -75,6 +75,8 @@ def test_overrides_parse_values_as_yaml():
     (["interventions.orthogonalization=qr"], "interventions.orthogonalization"),
     (["interventions.intervention=noreft", "interventions.orthogonalization=polar"], "interventions.orthogonalization"),
     (["interventions.act_fn=swish9"], "interventions.act_fn"),
+    (["interventions.intervention=consreft", "interventions.act_fn=relu"], "interventions.act_fn"),
+    (["interventions.intervention=lobireft", "interventions.act_fn=gelu"], "interventions.act_fn"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):

@@ -36,7 +36,7 @@ def _positions():
 def _reference(inter, h, positions):
     """The pyreft formulas of the module docstring, written out on the selected rows (dropout 0)."""
     out = h.clone()
-    act = ACTS[inter.act_fn]
+    act = ACTS[inter.act_fn_name]
     for b in range(h.shape[0]):
         for p in positions[b].tolist():
             if p < 0:
@@ -162,9 +162,17 @@ def test_bad_arguments(bad, match):
         LoreftIntervention(**kwargs)
 
 
-def test_constant_source_rejects_activation():
-    with pytest.raises(ValueError, match="has no activation"):
-        ConsreftIntervention(embed_dim=D, low_rank_dimension=R_, act_fn="relu")
+def test_pyreft_callables_under_pyreft_names():
+    # A forward copied from pyreft calls self.act_fn(x) and self.dropout(x); the edit reads the hyperparameters.
+    inter = LoreftIntervention(embed_dim=D, low_rank_dimension=R_, act_fn="gelu", dropout=0.25)
+    x = torch.randn(3, R_)
+    torch.testing.assert_close(inter.act_fn(x), F.gelu(x))
+    assert isinstance(inter.dropout, torch.nn.Dropout) and inter.dropout.p == 0.25
+    assert (inter.act_fn_name, inter.dropout_rate) == ("gelu", 0.25)
+    assert (inter.config_dict()["act_fn"], inter.config_dict()["dropout"]) == ("gelu", 0.25)
+    inter.eval()
+    torch.testing.assert_close(inter.dropout(x), x, rtol=0, atol=0)
+    assert ConsreftIntervention(embed_dim=D, low_rank_dimension=R_, act_fn="relu").config_dict()["act_fn"] is None
 
 
 def test_names_and_config_round_trip():
@@ -289,8 +297,7 @@ def test_a_new_spec_entry_builds_by_name_runs_like_the_reference_and_saves(free_
 
 
 def test_spec_options_are_checked_by_basis():
-    with pytest.raises(TypeError, match="unexpected keyword argument 'add_bias'"):
-        LoreftIntervention(embed_dim=D, low_rank_dimension=R_, add_bias=True)
+    # add_bias on a rotation type is ignored, as pyreft does (tests/test_pyreft_intervention_kwargs.py).
     with pytest.raises(TypeError, match="unexpected keyword argument 'orthogonalization'"):
         NoreftIntervention(embed_dim=D, low_rank_dimension=R_, orthogonalization="householder")
     with pytest.raises(ValueError, match="already registered"):

@@ -136,7 +136,7 @@ def test_config_by_name_expands_layers(tmp_path):
         assert [(layer, comp) for layer, comp, _ in built] == [(0, "mlp_output"), (2, "mlp_output"),
                                                               (0, "block_output"), (1, "block_output"),
                                                               (2, "block_output")]
-        assert isinstance(built[0][2], NoreftIntervention) and built[0][2].add_bias and built[0][2].dropout == 0.1
+        assert isinstance(built[0][2], NoreftIntervention) and built[0][2].add_bias and built[0][2].dropout_rate == 0.1
         assert isinstance(built[4][2], ConsreftIntervention) and built[4][2].embed_dim == 8
         assert config.positions == "f1+l1" and config.share_weights
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -7,8 +7,6 @@ import torch
 
 import reft_fast as pyreft
 
-pytestmark = pytest.mark.xfail(strict=True, reason="constructor kwargs land with the intervention spec")
-
 ROTATION_TYPES = ["LoreftIntervention", "DireftIntervention", "ConsreftIntervention", "LobireftIntervention"]
 ALL_TYPES = ROTATION_TYPES + ["NoreftIntervention", "NodireftIntervention"]
 

@@ -84,6 +84,13 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         layers = _get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return path, layers
+    encoder_paths = [name for name, module in model.named_modules()
+                     if isinstance(module, nn.ModuleList) and name.rsplit(".", 2)[-2:-1] == ["encoder"]]
+    if encoder_paths:
+        raise ValueError(f"encoder bases are not supported: {type(model).__name__} keeps its layers at "
+                         f"{encoder_paths[0]!r}, an encoder (bidirectional attention, as RoBERTa or BERT in pyreft's "
+                         "GLUE examples); reft-fast edits decoder-only causal LMs. Use a decoder-only base (Llama, "
+                         "Qwen, Mistral, GPT-2, ...) or pyreft itself for an encoder")
     raise ValueError(f"unsupported model structure: {type(model).__name__} has no decoder layer list at any of "
                      f"{list(LAYER_PATHS)} (an nn.ModuleList of decoder layers)")
 

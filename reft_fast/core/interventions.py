@@ -28,6 +28,8 @@ Differences from pyreft, on purpose:
   ``dtype`` is accepted for pyreft compatibility and saved, but does not change the parameters; in pyreft it sets the
   dtype of W and b (bf16 by default), which makes an fp32 base crash unless it is passed.
 * ConsReFT applies ``dropout`` when given one (pyreft accepts and ignores it).
+* ``dropout`` and ``act_fn`` are kept as ``dropout_rate`` and ``act_fn_name``; under pyreft's names the module holds
+  callables (an ``nn.Dropout`` and the activation function), which a forward copied from pyreft calls.
 * NodiReFT's ``add_bias`` is recorded but creates no parameter: pyreft creates a W2 bias and never uses it.
 """
 
@@ -139,31 +141,49 @@ class ReftIntervention(nn.Module):
         INTERVENTION_TYPES[cls.__name__] = cls
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
-                 dtype=torch.float32, add_bias: Optional[bool] = None, orthogonalization: Optional[str] = None):
+                 dtype=torch.float32, add_bias: Optional[bool] = None, orthogonalization: Optional[str] = None,
+                 device=None):
         super().__init__()
         spec = type(self).spec
         if spec is None:
             raise TypeError("ReftIntervention is the family's implementation: instantiate a member "
                             "(LoreftIntervention, ...) or register one with register_intervention")
-        for name, value in (("add_bias", add_bias), ("orthogonalization", orthogonalization)):
-            if value is not None and name != spec.option:
-                raise TypeError(f"{type(self).__name__} got an unexpected keyword argument {name!r} (its "
-                                f"{spec.basis} basis takes {spec.option!r})")
+        if orthogonalization is not None and spec.basis != "rotation":
+            raise TypeError(f"{type(self).__name__} got an unexpected keyword argument 'orthogonalization' (its "
+                            f"{spec.basis} basis has no rotation; it takes {spec.option!r})")
         add_bias = False if add_bias is None else add_bias
         orthogonalization = "householder" if orthogonalization is None else orthogonalization
-        _check_arguments(type(self), embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization)
+        _check_arguments(embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization)
+        # pyreft's scripts pass one set of arguments to every type (examples/loreft/train.py: dropout, dtype, act_fn,
+        # device, add_bias) and its constructors ignore what a type does not use; so do these. The YAML path refuses
+        # an act_fn on a constant source itself (reft_fast.train.train_config).
+        if spec.basis != "free":
+            add_bias = False
+        if spec.source == "constant":
+            act_fn = None
         self.embed_dim = embed_dim
         self.low_rank_dimension = low_rank_dimension
-        self.dropout = float(dropout)
-        self.act_fn = act_fn
+        self.dropout_rate = float(dropout)
+        self.act_fn_name = act_fn
+        # pyreft's names for the same hyperparameters, as callables: a forward copied from pyreft calls
+        # self.act_fn(x) and self.dropout(x). The edit itself reads dropout_rate and act_fn_name.
+        self.act_fn = _ACTIVATION_FUNCTIONS[ops.ACTIVATIONS[act_fn]]
+        self.dropout = nn.Dropout(self.dropout_rate)
         self.dtype = torch_dtype(dtype)
         self.add_bias = add_bias
         self.orthogonalization = orthogonalization
+        self._create_parameters(spec)
+        if device is not None:
+            # Drawn on the CPU first, as pyreft does, so that one seed gives pyreft's initial values on any device.
+            self.to(torch.device(device))
+
+    def _create_parameters(self, spec: InterventionSpec) -> None:
+        embed_dim, low_rank_dimension = self.embed_dim, self.low_rank_dimension
         # Basis first, then source: the order (and so the random draws) of pyreft's constructors.
         if spec.basis == "free":
             # pyreft's NodiReFT creates a W2 bias and never uses it; one is made only where the edit subtracts it.
-            self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=add_bias and spec.subtract)
-        elif orthogonalization == "householder":
+            self.proj_layer = nn.Linear(embed_dim, low_rank_dimension, bias=self.add_bias and spec.subtract)
+        elif self.orthogonalization == "householder":
             self.rotate_layer = HouseholderOrthogonal(low_rank_dimension, embed_dim)
         else:
             self.rotation = nn.Parameter(random_orthonormal_rows(low_rank_dimension, embed_dim))
@@ -177,7 +197,8 @@ class ReftIntervention(nn.Module):
     def config_dict(self) -> dict:
         """Every hyperparameter, JSON-ready: enough to rebuild the module (``intervention_from_config``)."""
         config = {"type": type(self).__name__, "embed_dim": self.embed_dim,
-                  "low_rank_dimension": self.low_rank_dimension, "dropout": self.dropout, "act_fn": self.act_fn,
+                  "low_rank_dimension": self.low_rank_dimension, "dropout": self.dropout_rate,
+                  "act_fn": self.act_fn_name,
                   "dtype": str(self.dtype).removeprefix("torch.")}
         if self.has_add_bias:
             config["add_bias"] = self.add_bias
@@ -209,7 +230,7 @@ class ReftIntervention(nn.Module):
         return self
 
     def _dropout_p(self) -> float:
-        return self.dropout if self.training else 0.0
+        return self.dropout_rate if self.training else 0.0
 
     def edit(self, h: torch.Tensor, positions: torch.Tensor, *, rotation: Optional[torch.Tensor] = None,
              seed: Optional[int] = None, backend: Optional[str] = None, validate: bool = True,
@@ -230,10 +251,10 @@ class ReftIntervention(nn.Module):
             (None, self.learned_source)
         P = Q if spec.subtract else None
         p = self._dropout_p()
-        if projection_bias is not None and ops.ACTIVATIONS[self.act_fn] != 0:
+        if projection_bias is not None and ops.ACTIVATIONS[self.act_fn_name] != 0:
             # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
             # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
-            edited = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, backend=backend,
+            edited = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn_name, backend=backend,
                                        validate=validate, in_place=in_place)
             # the first pass's output is new (ours) or h written in place (the caller's to give): the second writes
             # into it
@@ -241,7 +262,7 @@ class ReftIntervention(nn.Module):
                                      validate=False, in_place=in_place or edited is not h)
         if projection_bias is not None:  # without an activation b2 folds into the source bias: z − b2 = W h + (b − b2)
             b = b - projection_bias
-        return ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn, dropout=p, seed=seed,
+        return ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn_name, dropout=p, seed=seed,
                                  backend=backend, validate=validate, in_place=in_place)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
@@ -251,7 +272,7 @@ class ReftIntervention(nn.Module):
         return self.edit(h, positions, **kwargs)
 
 
-def _check_arguments(cls: type, embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization) -> None:
+def _check_arguments(embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization) -> None:
     if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
         raise ValueError(f"embed_dim must be a positive int (the model's hidden size), got {embed_dim!r}")
     if isinstance(low_rank_dimension, bool) or not isinstance(low_rank_dimension, int) or low_rank_dimension < 1:
@@ -263,12 +284,19 @@ def _check_arguments(cls: type, embed_dim, low_rank_dimension, dropout, act_fn, 
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     if act_fn not in ops.ACTIVATIONS:
         raise ValueError(f"act_fn must be None or one of {sorted(k for k in ops.ACTIVATIONS if k)}, got {act_fn!r}")
-    if not cls.has_activation and ops.ACTIVATIONS[act_fn] != 0:
-        raise ValueError(f"{cls.__name__} has no activation (its source is the constant b), got act_fn={act_fn!r}")
     if orthogonalization not in METHODS:
         raise ValueError(f"orthogonalization must be one of {list(METHODS)}, got {orthogonalization!r}")
     if not isinstance(add_bias, bool):
         raise TypeError(f"add_bias must be a bool, got {type(add_bias).__name__}")
+
+
+# pyreft's act_fn callables by activation code (reft_fast.ops.ACTIVATIONS); gelu is the exact (erf) one, as the op's.
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+_ACTIVATION_FUNCTIONS = {0: _identity, 1: torch.relu, 2: torch.nn.functional.gelu,
+                         3: torch.nn.functional.silu, 4: torch.tanh}
 
 
 class _ReplayableGraph(torch.autograd.Function):

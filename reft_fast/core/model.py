@@ -230,7 +230,7 @@ class ReftModel(nn.Module):
 
     def _seeds(self) -> list:
         # Drawn once per forward so that a checkpoint recomputation regenerates the same dropout masks.
-        return [ops.draw_seed() if intervention.training and intervention.dropout > 0 else None
+        return [ops.draw_seed() if intervention.training and intervention.dropout_rate > 0 else None
                 for intervention in self._in_order]
 
     def forward(self, base: Mapping, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,

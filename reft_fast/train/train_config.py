@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from reft_fast import ops
 from reft_fast.core.config import COMPONENTS, Representation
 from reft_fast.core.dtypes import MODEL_DTYPES
 from reft_fast.core.hf import hidden_size_of, num_layers_of
@@ -511,6 +512,11 @@ def _check_interventions_section(iv: InterventionConfig) -> None:
     if iv.orthogonalization is not None and not cls.uses_rotation:
         raise ConfigError(f"interventions.orthogonalization: {cls.__name__} has no rotation to orthogonalize (only "
                           "the rotation-based types take it); remove the key")
+    if not cls.has_activation and isinstance(iv.act_fn, str) and ops.ACTIVATIONS.get(iv.act_fn, 0) != 0:
+        # The constructor ignores it (pyreft's scripts pass one act_fn to every type); a YAML key that does nothing
+        # is a mistake here.
+        raise ConfigError(f"interventions.act_fn: {cls.__name__} has no activation (its source is the constant b), "
+                          f"got {iv.act_fn!r}; remove the key")
     # The type's own argument checks (activation, orthogonalization method, ...) on a tiny instance, now rather than
     # after the base is loaded.
     try:
