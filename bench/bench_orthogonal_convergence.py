@@ -250,7 +250,7 @@ def train_run(base, tokenizer, name: str, method: str, seed: int, steps: int) ->
 def summarize(env: dict, rows: list[dict]) -> list[dict]:
     summary = []
     keys = sorted({(r["setting"], r["method"]) for r in rows}, key=lambda k: (list(SETTINGS).index(k[0]),
-                                                                              METHODS.index(k[1])))
+                                                                              TRAIN_METHODS.index(k[1])))
     for setting, method in keys:
         runs = [r for r in rows if r["setting"] == setting and r["method"] == method]
         seeds = sorted({r["seed"] for r in runs})

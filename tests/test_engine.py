@@ -140,6 +140,21 @@ def test_a_kill_during_a_save_loses_nothing(reference, tmp_path):
     assert _checkpoint_names(killed_out) == ["latest", "step4", "step6", "step8"]  # the killed save's scratch: gone
 
 
+def test_a_kill_between_metrics_reads_resumes_on_one_trajectory(reference, tmp_path):
+    # Metrics are read every 3 steps and before each checkpoint (steps 4, 8): lines 1…6 are written when the run is
+    # killed before step 8, step 7's metrics were never read, and the newest checkpoint is step 4's.
+    config, out = reference
+    killed_out = tmp_path / "killed"
+    overrides = [*COMMON, "training.log_every=3", "training.save_every=4", f"output_dir={killed_out}"]
+    proc = _run([PY, RUN_TRAIN, str(config), str(tmp_path / "r.json"), *overrides, "--kill-before-step", "8"],
+                check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert [r["step"] for r in _metrics(killed_out) if "loss" in r] == list(range(1, 7))
+    assert (killed_out / "checkpoints" / "latest").read_text().strip() == "step4"
+    _run([PY, "-m", "reft_fast", "train", str(config), *overrides, "--resume"])
+    _assert_reference_trajectory(killed_out, out)  # lines 5 and 6 cut back, steps 5…8 replayed once
+
+
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(reference, tmp_path):
     config, out = reference
     damaged_out = tmp_path / "damaged"
@@ -192,8 +207,9 @@ def test_resume_with_nothing_to_resume_says_so_and_starts_at_step_0(resume_in_an
 def test_every_reduction_goes_through_one_helper_on_the_accelerator_device(resume_in_an_empty_dir):
     _, run, _ = resume_in_an_empty_dir
     calls = run["collectives"]
-    # 4 steps, evaluations at steps 0 and 4, and 2 checkpoints all reduce something.
-    assert len(calls) >= 8
+    # 4 steps read in 2 windows (before each checkpoint: one reduction each, not one per step), evaluations at
+    # steps 0 and 4, and 2 checkpoints.
+    assert len(calls) == 6
     assert {c["caller"] for c in calls} == {"reft_fast.train.distributed.all_reduce_sum"}, calls
     assert all(device == c["accelerator_device"] for c in calls for device in c["devices"]), calls
 

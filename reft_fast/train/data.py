@@ -8,16 +8,19 @@ the count is reported), never a silently shifted or missing intervention positio
 
 The collator right-pads a batch and computes the intervention locations on the CPU as one tensor
 ``[n_interventions, B, P]`` (reft_fast.core.positions), so the model moves it to the device once per batch.
+``PrefetchedBatches`` builds the batches of the coming steps on a background thread, in pinned memory for a GPU.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -25,6 +28,7 @@ from reft_fast.core.positions import intervention_locations
 
 __all__ = [
     "IGNORE_INDEX",
+    "PrefetchedBatches",
     "ReftDataCollator",
     "SupervisedDataset",
     "encode_prompt",
@@ -245,6 +249,68 @@ def _stack_given_locations(per_item: list) -> torch.Tensor:
     for b, t in enumerate(tensors):
         out[:, b, : t.shape[-1]] = t
     return out
+
+
+class PrefetchedBatches:
+    """The host batches of a sequence of keys, built ahead of their use on a background thread; pinned for a GPU.
+
+        batches = PrefetchedBatches(make_batch, keys, device)   # make_batch(key) -> (batch dict, anything else)
+        key, batch, extra = next(batches)                       # in the order of ``keys``
+        batches.close()
+
+    While the device runs the step of one key, the thread collates the batches of the next ``depth`` keys (host work
+    only: nothing here touches the device), so the training loop just queues each batch's copy. For a CUDA device the
+    batch tensors are copied into pinned (page-locked) memory: a ``non_blocking`` copy from there neither waits for the
+    device nor blocks the host, where one from ordinary memory is staged synchronously. Other devices get the batches
+    as built (pinning needs CUDA, and a copy to the CPU is no copy). An error in ``make_batch`` is raised by ``next``.
+    """
+
+    def __init__(self, make_batch: Callable[[Any], tuple[dict, Any]], keys: Iterable, device, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth must be ≥ 1, got {depth}")
+        self._make_batch, self._keys = make_batch, iter(keys)
+        self._device = torch.device(device)
+        self._pin = self._device.type == "cuda"
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reft-batches",
+                                        initializer=self._select_device)
+        self._ahead: collections.deque = collections.deque()
+        for _ in range(depth):
+            self._submit_next()
+
+    def _select_device(self) -> None:
+        # Pinned memory belongs to the thread's current CUDA device: this rank's, not cuda:0 (which would otherwise
+        # get a context from every rank of the node).
+        if self._pin and self._device.index is not None:
+            torch.cuda.set_device(self._device)
+
+    def _submit_next(self) -> None:
+        key = next(self._keys, _NO_KEY)
+        if key is not _NO_KEY:
+            self._ahead.append(self._pool.submit(self._build, key))
+
+    def _build(self, key):
+        batch, extra = self._make_batch(key)
+        if self._pin:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return key, batch, extra
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self._ahead:
+            raise StopIteration
+        built = self._ahead.popleft().result()
+        self._submit_next()
+        return built
+
+    def close(self) -> None:
+        """Stop the thread (batches not yet taken are dropped)."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._ahead.clear()
+
+
+_NO_KEY = object()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -14,8 +14,11 @@ __all__ = ["accepts_logits_to_keep", "forward_loss", "mean_eval_loss", "to_devic
 
 
 def to_device(batch: dict, device) -> dict:
-    """The batch's tensors on ``device`` (copied without waiting where the host memory allows)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """The batch's tensors on ``device``, copied without waiting (truly so from pinned memory), except the
+    intervention locations: the ReftModel checks their values on the host, where reading them is free, and then moves
+    them itself (once per batch, without waiting). Moved here, they would reach it unchecked or cost a host sync."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "intervention_locations" else v
+            for k, v in batch.items()}
 
 
 def accepts_logits_to_keep(base) -> bool:

@@ -1,5 +1,5 @@
 """What a training step reports: counted FLOPs, the device's peak for MFU, peak memory, and where the metrics line
-goes (``metrics.jsonl``, TensorBoard, the progress bar).
+goes (``metrics.jsonl`` through ``MetricsLog``, TensorBoard, the progress bar).
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ import torch
 
 from reft_fast.core.hf import find_decoder_layers, text_config_of
 
-__all__ = ["PEAK_TFLOPS", "count_step_flops", "full_numel", "log_metrics", "numel_on_this_rank", "open_tensorboard",
-           "peak_memory_gib", "peak_tflops"]
+__all__ = ["METRICS_FSYNC_EVERY", "MetricsLog", "PEAK_TFLOPS", "count_step_flops", "full_numel", "log_metrics",
+           "numel_on_this_rank", "open_tensorboard", "peak_memory_gib", "peak_tflops"]
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU when training.peak_tflops is not set.
+# metrics.jsonl lines between two fsyncs (MetricsLog): what a crash of the machine (not of the process) may lose.
+METRICS_FSYNC_EVERY = 50
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
 
 
@@ -85,12 +87,46 @@ def open_tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
-def log_metrics(metrics: dict, metrics_file, writer, bar, show: bool) -> None:
-    """One step's metrics: a durable line in ``metrics_file``, scalars for ``writer`` and, when ``show``, the bar's
-    postfix (``writer`` and ``bar`` may be None)."""
-    metrics_file.write(json.dumps(metrics) + "\n")
-    metrics_file.flush()
-    os.fsync(metrics_file.fileno())  # a SIGKILL right after this step keeps its line
+class MetricsLog:
+    """``metrics.jsonl``, one JSON line per step (and per evaluation), written so that no kill loses a line that a
+    resume needs.
+
+    Every line is flushed to the operating system as it is written, so a killed process (SIGKILL, OOM killer) loses
+    none of them. Forcing the lines onto the disk (fsync, about a millisecond or more on network file systems) is done
+    every ``fsync_every`` lines and at ``sync()``, which the recipe calls before every checkpoint and at the end: a
+    crash of the whole machine loses at most the lines written since the last fsync, never a line at or before the
+    newest checkpoint, so a resume (which cuts the file back to its checkpoint's step) still shows one trajectory.
+    """
+
+    def __init__(self, path: Path, fsync_every: int = METRICS_FSYNC_EVERY):
+        if fsync_every < 1:
+            raise ValueError(f"fsync_every must be ≥ 1, got {fsync_every}")
+        self.fsync_every = fsync_every
+        self._file = open(path, "a")
+        self._unsynced = 0
+
+    def write(self, row: dict) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self._unsynced += 1
+        if self._unsynced >= self.fsync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        """Force the lines written so far onto the disk."""
+        if self._unsynced:
+            os.fsync(self._file.fileno())
+            self._unsynced = 0
+
+    def close(self) -> None:
+        self.sync()
+        self._file.close()
+
+
+def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool) -> None:
+    """One step's metrics: a line in ``metrics_log``, scalars for ``writer`` and, when ``show``, the bar's postfix
+    (``writer`` and ``bar`` may be None)."""
+    metrics_log.write(metrics)
     if writer is not None:
         for key, value in metrics.items():
             if key != "step":

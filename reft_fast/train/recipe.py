@@ -21,11 +21,17 @@ of, one module of ``reft_fast.train`` per job:
 
 Resume: the batch order depends only on (seed, step) (data.StepSampler) and the random state is reseeded from
 (seed, step) before every step, so a run resumed from a checkpoint at step k replays steps k+1… exactly as an
-uninterrupted run does. ``metrics.jsonl`` gets each step's line before that step's checkpoint and is cut back to step
+uninterrupted run does. ``metrics.jsonl`` gets each step's line before the next checkpoint and is cut back to step
 k on resume, so the file always shows one trajectory.
 
+No host sync inside a step: ``train_step`` only queues work (its batches were collated ahead on a thread, pinned for a
+GPU, and are copied without waiting), and its loss stays on the device. The metrics of the steps since the last read
+are read together (``read_metrics``: one reduction, one ``.tolist()``) every ``training.log_every`` steps and before
+every evaluation, checkpoint and the end: so a checkpoint at step k always has the lines of steps 1…k before it, and a
+kill loses only unread steps after the newest checkpoint, which the resume replays.
+
 Collectives: every reduction goes through ``distributed.all_reduce_sum``, on the accelerator's device (NCCL reduces no
-host tensors); the step's loss stays on the device until the metrics line reads it, once per optimizer step.
+host tensors).
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ import torch
 
 from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
-from reft_fast.train.data import ReftDataCollator, StepSampler, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.data import PrefetchedBatches, ReftDataCollator, StepSampler, SupervisedDataset, load_examples, \
+    split_examples
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
 from reft_fast.train.ds_config import build_ds_config, lr_lambda
 from reft_fast.train.fused_base import apply_fused_base_ops
@@ -51,13 +58,13 @@ from reft_fast.train.generation import generate_answers
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
     load_base_model, load_tokenizer, model_source
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, to_device, trim_to_labels
-from reft_fast.train.metrics import count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
+from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
 from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
     resolve_data_path, validate
 
-__all__ = ["ReftTrainingRecipe", "TrainResult"]
+__all__ = ["ReftTrainingRecipe", "TrainResult", "UnreadStep"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +83,17 @@ class TrainResult:
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
 
 
+@dataclass
+class UnreadStep:
+    """A trained step whose metrics are still on the device (``read_metrics`` reads all unread steps at once)."""
+
+    step: int  # optimizer steps done
+    lr: float  # the rate this step used
+    loss_sum: torch.Tensor  # float64 on the device: this rank's sum of the micro-batches' losses
+    host_stats: list  # this rank's micro-batches, tokens and counted FLOPs
+    grad_norm: Any  # a device tensor, a float (DeepSpeed read it already), or None (not computed at this stage)
+
+
 class ReftTrainingRecipe:
     """Fine-tune ReFT interventions on a frozen causal LM; every rank builds one and runs the same methods.
 
@@ -88,18 +106,21 @@ class ReftTrainingRecipe:
       the intervention parameters only) and the LR schedule (warmup, then cosine, linear or constant).
     - ZeRO-3: the base is built inside zero.Init in ``model.dtype``; the interventions stay whole on every rank.
     - Fused base operations (liger-kernel, ``model.fused_ops``) and gradient checkpointing of the base.
-    - Loss: each micro-batch's loss is added on the device; the step's one host sync is reading the all-reduced
-      metrics (loss, micro-batches, tokens, FLOPs) for the log line.
-    - Metrics: ``metrics.jsonl`` (fsynced, before that step's checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU,
-      peak memory, gradient norm.
+    - No host sync inside a step: batches collated ahead on a thread (pinned for a GPU), the loss summed on the device;
+      the metrics of the steps since the last read are read at once every ``log_every`` steps and before every
+      evaluation, checkpoint and the end (one reduction, one host sync).
+    - Metrics: ``metrics.jsonl`` (one line per step, fsynced every ``METRICS_FSYNC_EVERY`` lines and before each
+      checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU, peak memory, gradient norm. Times and rates are means over
+      the steps of one read: a step's own host time means nothing while the device runs behind the host.
     - Evaluation: at step 0 (the baseline), every ``eval_every`` steps and at the last step.
     - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
       the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
     - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
     - Every collective goes through ``distributed.all_reduce_sum`` on the accelerator's device.
 
-    ``callback(step, metrics, engine)`` runs on every rank after each optimizer step (after that step's checkpoint,
-    if any, was written); ``engine.module`` is the ReftModel.
+    ``callback(step, metrics, engine)`` runs on every rank for each optimizer step, in order, once that step's
+    metrics are read (every ``log_every`` steps, and at evaluations, checkpoints and the end; after the checkpoint, if
+    any, was written); ``engine`` is in the state of the read, and ``engine.module`` is the ReftModel.
     """
 
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()):
@@ -111,8 +132,9 @@ class ReftTrainingRecipe:
         self.result: Optional[TrainResult] = None
         self.start_step = 0
         self._hf_ds = None  # transformers holds the HfDeepSpeedConfig weakly: alive until cleanup
-        self._metrics_file = self._writer = self._bar = None
-        self._started = 0.0
+        self._metrics_log = self._writer = self._bar = self._batches = None
+        self._unread: list[UnreadStep] = []
+        self._started = self._window_started = 0.0
 
     def run(self) -> TrainResult:
         """The whole job: setup, train, finish; cleanup after success and failure alike, then wait for every rank."""
@@ -137,6 +159,10 @@ class ReftTrainingRecipe:
         self._prepare_output_dir()
         self._load_checkpoint()
         self._open_logs()
+        self._batches = PrefetchedBatches(self._host_batch, [(step, micro_step)
+                                                             for step in range(self.start_step, self.total_steps)
+                                                             for micro_step in range(self.accumulation)],
+                                          self.engine.device)
 
     def _join(self):
         """Everything the config and the model's own config can tell is checked before any rank joins the process
@@ -247,7 +273,7 @@ class ReftTrainingRecipe:
         if self.cfg.resume:
             self.start_step = resume_from_checkpoint(
                 self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler, self.data_order, self.rank,
-                lambda: [self._micro_batch(0, a)[0] for a in range(self.accumulation)])
+                lambda: [to_device(self._host_batch((0, a))[0], self.engine.device) for a in range(self.accumulation)])
         if self.rank == 0:
             rewind_metrics(self.metrics_path, self.start_step)
         barrier()
@@ -262,78 +288,107 @@ class ReftTrainingRecipe:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", dynamic_ncols=True)
-        self._metrics_file = open(self.metrics_path, "a")
+        self._metrics_log = MetricsLog(self.metrics_path)
 
     # ----------------------------------------------------------------------------------------------------------------
     # the loop
     # ----------------------------------------------------------------------------------------------------------------
     def train(self) -> None:
-        """Steps start_step+1 … total_steps: each one trained, evaluated when due, logged, checkpointed when due,
-        then handed to the callbacks."""
+        """Steps start_step+1 … total_steps: each one trained; its metrics read, logged and handed to the callbacks every
+        ``log_every`` steps and whenever an evaluation or a checkpoint is due (before them)."""
         t = self.cfg.training
         self._started = time.perf_counter()
         if self.eval_set is not None and self.start_step == 0:  # the baseline the eval losses are compared with
             baseline = {"step": 0, "eval_loss": self.evaluate()}
             self.result.eval_losses.append((0, baseline["eval_loss"]))
             if self.rank == 0:
-                self._metrics_file.write(json.dumps(baseline) + "\n")
+                self._metrics_log.write(baseline)
+        self._window_started = time.perf_counter()
         for step in range(self.start_step, self.total_steps):
             done = step + 1
-            metrics = self.train_step(step)
-            self.result.losses.append(metrics["loss"])
-            periodic_eval = t.eval_every and done % t.eval_every == 0
-            if self.eval_set is not None and (periodic_eval or done == self.total_steps):
-                metrics["eval_loss"] = self.evaluate()
-                self.result.eval_losses.append((done, metrics["eval_loss"]))
-            if self.rank == 0:  # before the checkpoint: a kill during the save keeps this step's line
-                log_metrics(metrics, self._metrics_file, self._writer, self._bar,
-                            done % t.log_every == 0 or done == self.total_steps)
-            if t.save_every and done % t.save_every == 0:
-                self.save_checkpoint(done)
-            for callback in self.callbacks:
-                callback(done, metrics, self.engine)
+            self._unread.append(self.train_step(step))
+            last = done == self.total_steps
+            evaluate = self.eval_set is not None and (bool(t.eval_every and done % t.eval_every == 0) or last)
+            save = bool(t.save_every) and done % t.save_every == 0
+            if evaluate or save or last or done % t.log_every == 0:
+                self._log_read_steps(evaluate, save)
         if self._bar is not None:
             self._bar.close()
 
-    def _micro_batch(self, step: int, micro_step: int) -> tuple[dict, list[int]]:
-        """The batch this rank takes at (step, micro_step), on the device, and its sequence lengths."""
+    def _log_read_steps(self, evaluate: bool, save: bool) -> None:
+        """Read the unread steps, evaluate and save when due, then hand the steps to the callbacks."""
+        rows = self.read_metrics()
+        done = rows[-1]["step"]
+        if evaluate:
+            rows[-1]["eval_loss"] = self.evaluate()
+            self.result.eval_losses.append((done, rows[-1]["eval_loss"]))
+        if self.rank == 0:  # before the checkpoint: a kill during the save keeps these lines
+            for row in rows:
+                log_metrics(row, self._metrics_log, self._writer, self._bar, row is rows[-1])
+            if save:
+                self._metrics_log.sync()
+        if save:
+            self.save_checkpoint(done)
+        for row in rows:
+            for callback in self.callbacks:
+                callback(row["step"], row, self.engine)
+        self._window_started = time.perf_counter()  # evaluations and checkpoints are not training time
+
+    def _host_batch(self, key: tuple[int, int]) -> tuple[dict, list[int]]:
+        """The host batch this rank takes at (step, micro_step), trimmed to its labels, and its sequence lengths."""
+        step, micro_step = key
         items = [self.train_set[i] for i in self.sampler.indices(step, micro_step, self.rank)]
         batch = self.collator(items)
         batch = trim_to_labels(batch) if self.trim else batch
-        return to_device(batch, self.engine.device), [len(item["input_ids"]) for item in items]
+        return batch, [len(item["input_ids"]) for item in items]
 
-    def train_step(self, step: int) -> dict:
-        """One optimizer step (``accumulation`` micro-batches) and its metrics line. The loss is summed on the device;
-        reading the all-reduced totals is the step's one host sync."""
+    def train_step(self, step: int) -> UnreadStep:
+        """One optimizer step (``accumulation`` micro-batches), only queued on the device: nothing is read back (the
+        loss is summed there), so the host runs ahead to the next step. Steps must come in order (the batches were
+        prepared ahead in that order)."""
         t, engine = self.cfg.training, self.engine
-        tic = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
-        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # stays on the device: no sync
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         seq_lens: list[int] = []
         for micro_step in range(self.accumulation):
             # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
             # one rank accumulating R micro-batches draws.
             torch.manual_seed(t.seed * 1_000_003 + step * 65_536 + micro_step * self.world + self.rank)
-            batch, lengths = self._micro_batch(step, micro_step)
-            loss = forward_loss(engine, batch)
+            key, batch, lengths = next(self._batches)
+            if key != (step, micro_step):
+                raise RuntimeError(f"train_step({step}) out of order: the next prepared batch is for step {key[0]}")
+            loss = forward_loss(engine, to_device(batch, engine.device))
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach()
             seq_lens += lengths
         flops = count_step_flops(self.base, min(self.layers), seq_lens, t.gradient_checkpointing)
-        host_stats = [self.accumulation, sum(seq_lens), flops]
-        # Summed over ranks: loss over micro-batches, micro-batches, tokens, FLOPs; .tolist() is the step's sync.
-        losses, micro_batches, tokens, step_flops = all_reduce_sum(
-            torch.cat([loss_sum.view(1), loss_sum.new_tensor(host_stats)])).tolist()
-        elapsed = time.perf_counter() - tic
-        metrics = {"step": step + 1, "loss": losses / micro_batches, "lr": lr, "tokens_per_s": tokens / elapsed,
-                   "step_time_s": elapsed, "peak_mem_gib": peak_memory_gib()}
         grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["grad_norm"] = float(grad_norm)
+        return UnreadStep(step + 1, lr, loss_sum, [self.accumulation, sum(seq_lens), flops],
+                          grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+
+    def read_metrics(self) -> list[dict]:
+        """The metrics lines of the steps trained since the last read: one reduction over the ranks and one
+        ``.tolist()``, the loop's host sync. Times and rates are those of all these steps together: the host measures
+        the device's time only when it waits for it."""
+        unread, self._unread = self._unread, []
+        losses = torch.stack([u.loss_sum for u in unread]).unsqueeze(1)
+        host_stats = torch.tensor([u.host_stats for u in unread], dtype=torch.float64).to(losses.device)
+        # Summed over ranks, per step: loss over micro-batches, micro-batches, tokens, FLOPs.
+        totals = all_reduce_sum(torch.cat([losses, host_stats], dim=1)).tolist()
+        elapsed = time.perf_counter() - self._window_started
+        tokens, flops = sum(row[2] for row in totals), sum(row[3] for row in totals)
+        shared = {"tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(unread),
+                  "peak_mem_gib": peak_memory_gib()}
         if self.peak_tflops:
-            metrics["mfu"] = step_flops / (elapsed * self.peak_tflops * 1e12 * self.world)
-        return metrics
+            shared["mfu"] = flops / (elapsed * self.peak_tflops * 1e12 * self.world)
+        rows = []
+        for u, (loss, micro_batches, _, _), grad_norm in zip(unread, totals, _read_grad_norms(unread)):
+            rows.append({"step": u.step, "loss": loss / micro_batches, "lr": u.lr, **shared})
+            if grad_norm is not None:
+                rows[-1]["grad_norm"] = grad_norm
+            self.result.losses.append(rows[-1]["loss"])
+        return rows
 
     def evaluate(self) -> float:
         """Mean response-token loss over the eval set (every rank takes part)."""
@@ -367,10 +422,21 @@ class ReftTrainingRecipe:
         return self.result
 
     def cleanup(self) -> None:
-        """Close the log files and release the HfDeepSpeedConfig; runs after success and failure alike."""
-        if self._metrics_file is not None:
-            self._metrics_file.close()
+        """Stop the batch thread, close the log files (metrics.jsonl synced) and release the HfDeepSpeedConfig; runs
+        after success and failure alike."""
+        if self._batches is not None:
+            self._batches.close()
+        if self._metrics_log is not None:
+            self._metrics_log.close()
         if self._writer is not None:
             self._writer.close()
-        self._metrics_file = self._writer = None
+        self._metrics_log = self._writer = self._batches = None
         self._hf_ds = None
+
+
+def _read_grad_norms(unread: Sequence[UnreadStep]) -> list[Optional[float]]:
+    """Each step's gradient norm as a float: those still on the device read with one ``.tolist()``."""
+    on_device = [u.grad_norm.float().reshape(()) for u in unread if isinstance(u.grad_norm, torch.Tensor)]
+    read = iter(torch.stack(on_device).tolist() if on_device else [])
+    return [next(read) if isinstance(u.grad_norm, torch.Tensor) else
+            None if u.grad_norm is None else float(u.grad_norm) for u in unread]

@@ -87,7 +87,14 @@ def rewind_metrics(path: Path, step: int) -> None:
     so that the file always shows one trajectory."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in filter(None, path.read_text().splitlines()):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a machine crash can tear the unsynced tail (MetricsLog): past any checkpoint
+            break
+        if row.get("step", 0) <= step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -149,7 +149,7 @@ class TrainingConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end when there is an eval split
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2
-    log_every: int = 1
+    log_every: int = 10  # steps between reads of the metrics (a host sync); every step still gets its line
     peak_tflops: Optional[float] = None  # per device, for MFU; None = a table of known devices, else MFU is not shown
     sample_prompts: list[str] = field(default_factory=list)  # generated with the trained interventions at the end
     max_new_tokens: int = 64

@@ -2,13 +2,14 @@
 write what the tests check to a JSON file on rank 0.
 
     python run_train.py CONFIG RESULT.json [key=value ...] [--then key=value ...] [--kill-in-save STEP]
-                        [--check-frozen] [--record-collectives]
+                        [--kill-before-step STEP] [--check-frozen] [--record-collectives]
 
 Each --then starts another training in the same processes (one launch, several runs: launches are the slow part);
 RESULT.json holds one entry per run.
 
 --kill-in-save STEP    SIGKILL this process while it saves the checkpoint of step STEP: its files are written, it is
                        not yet published (the moment a kill tears a checkpoint written in place).
+--kill-before-step STEP  SIGKILL this process when it starts training step STEP.
 --check-frozen         after training, compare every base weight with the checkpoint on disk (gathered under ZeRO-3),
                        and record how zero.Init partitioned the base.
 --record-collectives   record each torch.distributed collective that reft_fast code calls: the calling function, the
@@ -36,6 +37,10 @@ def main(argv):
     if "--kill-in-save" in argv:
         i = argv.index("--kill-in-save")
         kill_when_publishing(int(argv[i + 1]))
+        argv = argv[:i] + argv[i + 2:]
+    if "--kill-before-step" in argv:
+        i = argv.index("--kill-before-step")
+        kill_before_step(int(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
     if collectives is not None:
         record_collectives(collectives)
@@ -68,6 +73,20 @@ def kill_when_publishing(step):
         return original(src, dst, *args, **kwargs)
 
     os.replace = replace
+
+
+def kill_before_step(step):
+    """SIGKILL this process when it starts training step ``step`` (counted from 1)."""
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    original = ReftTrainingRecipe.train_step
+
+    def train_step(recipe, index):
+        if index + 1 == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(recipe, index)
+
+    ReftTrainingRecipe.train_step = train_step
 
 
 def record_collectives(log):

@@ -1,0 +1,239 @@
+"""What a ReFT step costs the host over the frozen model: the table of issue 15 as one command.
+
+    python bench/bench_host.py                 # the table: 400 paired repetitions, one thread (a few minutes on a CPU)
+    python bench/bench_host.py --smoke         # a few repetitions (the test suite runs this), same columns
+
+Model: a random tiny Llama (32 layers, hidden 64, vocabulary 256), batch 8 × 32 tokens, fp32, SDPA; LoReFT rank 8 at
+all 32 layers, positions f7+l7 of the 16-token prompt, shared weights (one intervention per layer on 14 positions).
+So small that the step is all host time: Python, dispatch, launches and synchronizations, the costs a ReFT
+implementation adds to the frozen model.
+
+Variants, each on a base of its own (bench/bench_e2e.py's set-ups):
+  floor            forward + backward down to layer 0 with one trainable bias there (the least any ReFT step costs)
+  reft-fast:torch  reft_fast.get_reft_model with the torch backend (the CPU default)
+  hook-loreft      a plain forward hook: gather, edit with a plain R (torch's orthogonal parametrization), scatter
+  pyreft           pyreft 0.1.0 on pyvene, when importable (its trainer's ``.tolist()`` of the locations included)
+A step is zero_grad, forward with labels, backward and an AdamW step. Each repetition runs one step of every variant
+in a shuffled order, and each variant's time is paired with the floor's of the same repetition: the table gives the
+median of the paired differences (step − floor), robust to the load of other processes on a shared machine, which is
+printed (load average) and written with the results.
+
+The Triton path (reft-fast:triton) cannot be timed on a CPU: its kernels run in Triton's interpreter. Its launches are
+counted for one step (tests/launch_count.py: Triton kernels and the aten ops that would be device kernels), and its
+host time is measured with the kernel launches stubbed out (the kernels' outputs are then garbage; only the time
+counts). On a CPU the stub replaces the interpreter's launch: the host cost of Triton's own JIT launcher (binding the
+arguments, the cache lookup: it needs a GPU driver) is not in that figure.
+
+Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before reft_fast's Triton kernels are decorated
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # bench_e2e / bench_kernels: the variants' set-ups, the environment and CSV helpers
+sys.path.insert(0, str(HERE.parent / "tests"))  # launch_count: the launch and host-sync counter
+import bench_e2e  # noqa: E402
+from bench_kernels import environment, print_table, result_path, write_csv  # noqa: E402
+
+HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
+FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "variant",
+          "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
+          "per_intervention_ms", "ratio_to_hook", "triton_launches", "aten_launches", "launches_per_intervention",
+          "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
+
+
+def _row(variant: str) -> dict:
+    return dict(shape="host", config="b", method=variant, batch=8, seq_len=32, dtype="float32", device="cpu",
+                checkpointing=False, fused=False)
+
+
+def build_step(variant: str):
+    """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own."""
+    bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
+    row = _row(variant)
+    base = bench_e2e.build_base(row)
+    layers, _ = bench_e2e._interventions_per_layer(row)
+    batch = bench_e2e.make_batch(row, len(layers))
+    loss_fn, params, _ = bench_e2e._SETUPS[variant.split(":")[0]](base, row, batch, layers)
+    base.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, len(layers), params
+
+
+def paired_times(steps: dict, reps: int, seed: int = 0) -> dict:
+    """Milliseconds per step of every variant in each of ``reps`` repetitions, the order shuffled per repetition."""
+    order, rng = list(steps), random.Random(seed)
+    times = {name: [] for name in steps}
+    for _ in range(reps):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _quartiles(values: list) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return q1, median, q3
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Triton kernel launches do nothing inside the block (their outputs keep whatever memory they had)."""
+    from launch_count import _kernel_classes
+
+    originals = [(cls, cls.run) for cls in _kernel_classes()]
+    try:
+        for cls, _ in originals:
+            cls.run = lambda kernel, *args, **kwargs: None
+        yield
+    finally:
+        for cls, run in originals:
+            cls.run = run
+
+
+def stubbed_differences(step, params, floor_step, reps: int) -> list[float]:
+    """Paired milliseconds (step − floor) with the Triton launches stubbed out. The stubbed kernels leave garbage in
+    the gradients, so the parameters are put back after every step (outside the timed region)."""
+    saved = [p.detach().clone() for p in params]
+    differences = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        floor_step()
+        floor_ms = (time.perf_counter() - start) * 1e3
+        with stubbed_launches():
+            start = time.perf_counter()
+            step()
+            differences.append((time.perf_counter() - start) * 1e3 - floor_ms)
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+    return differences
+
+
+def launch_counts(step) -> dict:
+    """Triton launches, aten ops that would be device kernels, and host syncs of one step (tests/launch_count.py)."""
+    from launch_count import DeviceWork
+
+    with DeviceWork() as work:
+        step()
+    triton = sum(v for k, v in work.kernels.items() if k.startswith("triton."))
+    return dict(triton_launches=triton, aten_launches=work.launches - triton, host_syncs=len(work.syncs))
+
+
+def measure(reps: int, warmup: int, log=print) -> list[dict]:
+    env = environment()
+    versions = bench_e2e._versions()
+    common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
+                  transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
+                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps)
+    steps, sizes, statuses = {}, {}, {}
+    for variant in VARIANTS:
+        try:
+            if variant == "pyreft" and bench_e2e.skip_reason(_row("pyreft")):
+                raise ImportError("not importable here (pip install --no-deps pyreft==0.1.0 pyvene==0.1.8)")
+            steps[variant], sizes[variant], _ = build_step(variant)
+        except Exception as error:  # pyreft's import pulls optional libraries: report, and time the others
+            if variant != "pyreft":
+                raise
+            statuses[variant] = f"not run: pyreft: {type(error).__name__}: {error}"
+            log(statuses[variant])
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    log(f"{reps} paired repetitions of {', '.join(steps)}; {common['threads']} thread(s), load average "
+        f"{common['load_1min']} on {os.cpu_count()} cores")
+    times = paired_times(steps, reps)
+
+    triton_step, n_triton, triton_params = build_step("reft-fast:triton")
+    for _ in range(warmup):
+        triton_step()
+    counts, floor_counts = launch_counts(triton_step), launch_counts(steps["floor"])
+    # Over the floor's own: what the interventions add (helper ops and the optimizer over their parameters included).
+    counts["launches_per_intervention"] = sum(counts[k] - floor_counts[k] for k in ("triton_launches",
+                                                                                  "aten_launches")) / n_triton
+    stub_diffs = stubbed_differences(triton_step, triton_params, steps["floor"], max(reps // 4, 3))
+
+    rows = []
+    hook_diff = None
+    for variant in VARIANTS:
+        row = dict(common, variant=variant, status=statuses.get(variant, "ok"))
+        if variant in times:
+            diffs = [t - f for t, f in zip(times[variant], times["floor"])]
+            q1, median, q3 = _quartiles(diffs)
+            row.update(n_interventions=sizes[variant] if variant != "floor" else 0,
+                       step_ms=statistics.median(times[variant]))
+            if variant != "floor":
+                row.update(minus_floor_ms=median, minus_floor_q1_ms=q1, minus_floor_q3_ms=q3,
+                           per_intervention_ms=median / sizes[variant])
+            if variant == "hook-loreft":
+                hook_diff = median
+        rows.append(row)
+    for row in rows:
+        if hook_diff and "minus_floor_ms" in row:
+            row["ratio_to_hook"] = row["minus_floor_ms"] / hook_diff
+    stub_median = statistics.median(stub_diffs)
+    rows.append(dict(common, variant="reft-fast:triton", n_interventions=n_triton, **counts,
+                     stubbed_minus_floor_ms=stub_median, stubbed_per_intervention_ms=stub_median / n_triton,
+                     status="launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter "
+                            "stubbed, the JIT launcher's own cost not included)" if not torch.cuda.is_available()
+                     else "launches counted; host time with the kernel launches stubbed"))
+    return rows
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few repetitions: checks that the script runs")
+    parser.add_argument("--reps", type=int, default=None, help="paired repetitions (default 400; smoke 4)")
+    parser.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 10)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
+                                                               "<date>/)")
+    args = parser.parse_args(argv)
+    args.reps = args.reps or (4 if args.smoke else 400)
+    args.warmup = args.warmup or (1 if args.smoke else 10)
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
+    rows = measure(args.reps, args.warmup)
+    env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
+    folder = args.out or bench_e2e.RESULTS / result_path(Path(), "", env, "").name.lstrip("_")
+    path = write_csv(rows, result_path(folder, "host", env, ".csv"), FIELDS)
+    print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
+                       "ratio_to_hook", "launches_per_intervention", "stubbed_per_intervention_ms", "status"])
+    print(f"wrote {path}")
+    bad = [row["variant"] for row in rows if row["status"] == "ok" and not all(
+        math.isfinite(row[key]) for key in ("step_ms",))]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

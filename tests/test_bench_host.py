@@ -1,0 +1,35 @@
+"""bench/bench_host.py in smoke mode: every variant's row, the CSV's columns, finite paired differences."""
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_host_smoke_writes_finite_paired_differences(tmp_path):
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_host.py"), "--smoke", "--out",
+                                str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "load average" in completed.stdout
+    [path] = tmp_path.glob("host_*.csv")
+    with open(path, newline="") as f:
+        rows = {row["variant"]: row for row in csv.DictReader(f)}
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_host
+
+    with open(path, newline="") as f:
+        assert next(csv.reader(f)) == bench_host.FIELDS
+    assert list(rows) == [*bench_host.VARIANTS, "reft-fast:triton"]
+    for variant in ("reft-fast:torch", "hook-loreft"):
+        row = rows[variant]
+        assert row["status"] == "ok" and int(row["n_interventions"]) == 32
+        for key in ("step_ms", "minus_floor_ms", "per_intervention_ms", "ratio_to_hook"):
+            assert math.isfinite(float(row[key])), (variant, key, row[key])
+    assert rows["pyreft"]["status"] == "ok" or rows["pyreft"]["status"].startswith("not run: pyreft")
+    triton = rows["reft-fast:triton"]
+    assert int(triton["triton_launches"]) > 0 and float(triton["launches_per_intervention"]) > 0
+    assert math.isfinite(float(triton["stubbed_per_intervention_ms"]))
+    assert all(row["machine"] and row["torch"] and row["date"] and row["threads"] == "1" for row in rows.values())
