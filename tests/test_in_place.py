@@ -120,6 +120,19 @@ def test_sole_owner_refuses_views_saved_tensors_and_leaves():
     assert not ops.is_sole_owner(torch.randn(3, 4).t())  # not contiguous
 
 
+def test_without_torch_private_reference_counts_every_edit_copies(monkeypatch):
+    # The ownership check reads private torch counters; a release without them must turn in-place edits off, not
+    # break the import or guess.
+    from reft_fast.ops import library
+
+    fresh = torch.randn(4, 3) + 1
+    assert ops.is_sole_owner(fresh)
+    monkeypatch.setattr(library, "_STORAGE_USE_COUNT", None)
+    monkeypatch.setattr(library, "_LONE_STORAGE_USERS", library._storage_users(fresh))
+    assert library._LONE_STORAGE_USERS is None
+    assert not ops.is_sole_owner(fresh)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Through a model's hooks
 # ----------------------------------------------------------------------------------------------------------------------

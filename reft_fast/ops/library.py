@@ -139,8 +139,19 @@ def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: 
                             params.dropout, params.seed)[0]
 
 
-def _storage_users(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+# torch has no public API for "does anything else refer to this tensor" (2.13, 2026-11); the two reference counts
+# below are private. Read defensively: where a torch release renames or drops them, in-place edits turn off (every
+# edit copies, as the out-of-place op does) instead of failing or guessing.
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def _storage_users(t: torch.Tensor) -> Optional[int]:
+    if _STORAGE_USE_COUNT is None:
+        return None
+    try:
+        return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
 
 
 # What a tensor that nothing else refers to reads as (the untyped_storage() handle itself counts once; measured
@@ -157,7 +168,7 @@ def is_sole_owner(t: torch.Tensor) -> bool:
     torch lacks the reference counts read here (``Tensor._use_count``, torch ≥ 2.4).
     """
     use_count = getattr(t, "_use_count", None)
-    if use_count is None or t.layout != torch.strided or (t.is_leaf and t.requires_grad):
+    if use_count is None or _LONE_STORAGE_USERS is None or t.layout != torch.strided or (t.is_leaf and t.requires_grad):
         return False
     return (t._base is None and t.is_contiguous() and use_count() == 1
             and _storage_users(t) == _LONE_STORAGE_USERS)
