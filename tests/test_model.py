@@ -374,3 +374,18 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="disable_model_grads=False is not supported"):
         get_reft_model(model, ReftConfig({"layer": 0, "intervention": "loreft", "low_rank_dimension": 2}),
                        disable_model_grads=False)
+
+
+def test_a_batch_with_no_positions_runs_the_plain_model():
+    # Zero position slots ([n, B, 0]) is a batch that edits nothing: the plain model's logits, zero gradients.
+    model = _tiny("llama")
+    base = _inputs()
+    with torch.no_grad():
+        plain = model(**base).logits
+    reft_model = get_reft_model(model, _all_components_config())
+    _randomize(reft_model)
+    n = len(reft_model.interventions)
+    _, out = reft_model(base, intervention_locations=torch.empty(n, 3, 0, dtype=torch.long))
+    torch.testing.assert_close(out.logits, plain, rtol=0, atol=0)
+    out.logits.square().mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in reft_model.trainable_parameters())

@@ -239,7 +239,7 @@ def check_locations(locations: torch.Tensor, num_interventions: int, batch_size:
                          f"{batch_size}")
     if seq_len is not None:
         try:
-            validate_positions(locations.reshape(-1, locations.shape[-1]), seq_len)
+            validate_positions(locations.reshape(locations.shape[0] * locations.shape[1], locations.shape[2]), seq_len)
         except ValueError as err:
             raise ValueError(f"intervention_locations (flattened to [n_interventions·batch, positions]): {err}") \
                 from None
