@@ -191,3 +191,30 @@ def test_same_seed_packs_the_same_rows():
     assert same(rows_of(3, 1), rows_of(3, 1))
     assert not same(rows_of(3, 1), rows_of(4, 1))
     assert not same(rows_of(3, 1), rows_of(3, 2))
+
+
+def test_recipe_with_packing_follows_the_padded_loss_trajectory(tmp_path):
+    # One process, ZeRO 0, CPU: the same examples per micro-batch, so the same losses step by step, in fewer slots.
+    import json
+    import subprocess
+    import sys
+
+    from dist.tiny import ROOT, make_run, subprocess_env
+
+    def run(name: str, *overrides: str) -> list[dict]:
+        config = make_run(tmp_path / name, n_examples=40)
+        args = [sys.executable, "-m", "reft_fast", "train", str(config), "training.max_steps=4",
+                "training.global_batch_size=8", "training.log_every=2", "data.eval_fraction=0.2", *overrides]
+        proc = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [json.loads(line) for line in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()]
+
+    padded, packed = run("padded"), run("packed", "data.packing=true")
+    assert [r["step"] for r in packed] == [r["step"] for r in padded] == [0, 1, 2, 3, 4]
+    for got, want in zip(packed, padded):
+        for key in ("loss", "eval_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
+    train_rows = [(p, q) for p, q in zip(packed, padded) if "loss" in q]
+    assert all(p["packing_efficiency"] > q["packing_efficiency"] for p, q in train_rows)
+    assert all(0 < p["packing_efficiency"] <= 1 for p, _ in train_rows)
