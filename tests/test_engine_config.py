@@ -77,6 +77,8 @@ def test_overrides_parse_values_as_yaml():
     (["interventions.act_fn=swish9"], "interventions.act_fn"),
     (["interventions.intervention=consreft", "interventions.act_fn=relu"], "interventions.act_fn"),
     (["interventions.intervention=lobireft", "interventions.act_fn=gelu"], "interventions.act_fn"),
+    (["data.packing=often"], "data.packing"),
+    (["data.packing=true", "model.attn_implementation=flash_attention_2"], "data.packing"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):

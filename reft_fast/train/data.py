@@ -8,7 +8,9 @@ the count is reported), never a silently shifted or missing intervention positio
 
 The collator right-pads a batch and computes the intervention locations on the CPU as one tensor
 ``[n_interventions, B, P]`` (reft_fast.core.positions), so the model moves it to the device once per batch.
-``PrefetchedBatches`` builds the batches of the coming steps on a background thread, in pinned memory for a GPU.
+With ``pack_length`` (``data.packing``) the collator packs whole examples into rows instead of padding each one
+(reft_fast.train.packing). ``PrefetchedBatches`` builds the batches of the coming steps on a background thread, in
+pinned memory for a GPU.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 
 from reft_fast.core.positions import intervention_locations
+from reft_fast.train.packing import pack_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -210,6 +213,10 @@ class ReftDataCollator:
     ``positions`` is a pyreft spec ("f7+l7", "l1"); ``num_interventions`` and ``share_weights`` follow
     reft_fast.core.positions.intervention_locations. Items may also carry their own ``intervention_locations``
     ([n, P] lists, pyreft's dataset format), which are then used as given.
+
+    With ``pack_length`` set (``data.packing``), the items are packed into rows of at most that many tokens instead
+    (reft_fast.train.packing): the batch then has ``position_ids`` and ``segment_ids`` [rows, T] in place of
+    ``attention_mask``, and each row's locations list the positions of all its examples, shifted to their places.
     """
 
     pad_token_id: int
@@ -217,11 +224,12 @@ class ReftDataCollator:
     positions: str = "l1"
     share_weights: bool = False
     pad_to_multiple_of: Optional[int] = None
+    pack_length: Optional[int] = None
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(it["input_ids"]) for it in items)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        if self.pack_length is not None:
+            return self._packed(items)
+        longest = self._padded_length(max(len(it["input_ids"]) for it in items))
         batch = len(items)
         input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
@@ -231,13 +239,52 @@ class ReftDataCollator:
             input_ids[b, :n] = torch.as_tensor(it["input_ids"])
             labels[b, :n] = torch.as_tensor(it["labels"])
             attention_mask[b, :n] = 1
-        if "intervention_locations" in items[0]:
-            locations = _stack_given_locations([it["intervention_locations"] for it in items])
-        else:
-            prompt_lengths = torch.as_tensor([it["prompt_length"] for it in items], dtype=torch.long)
-            locations = intervention_locations(prompt_lengths, self.positions, self.num_interventions,
-                                               share_weights=self.share_weights)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                "intervention_locations": self._locations(items, [0] * batch)}
+
+    def _padded_length(self, length: int) -> int:
+        if self.pad_to_multiple_of:
+            return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return length
+
+    def _locations(self, items: Sequence[dict], offsets: list[int]) -> torch.Tensor:
+        """[n, len(items), P]: each item's positions, shifted by its offset (its first token's index in its row)."""
+        if "intervention_locations" in items[0]:
+            given = _stack_given_locations([it["intervention_locations"] for it in items])
+            shift = torch.as_tensor(offsets, dtype=torch.long)[None, :, None]
+            return torch.where(given >= 0, given + shift, -1)
+        prompt_lengths = torch.as_tensor([it["prompt_length"] for it in items], dtype=torch.long)
+        return intervention_locations(prompt_lengths, self.positions, self.num_interventions,
+                                      share_weights=self.share_weights, offsets=offsets)
+
+    def _packed(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Whole items packed first-fit decreasing into rows; position ids restart and labels stop at each item."""
+        lengths = [len(it["input_ids"]) for it in items]
+        rows = pack_rows(lengths, self.pack_length)
+        width = self._padded_length(max(sum(lengths[i] for i in row) for row in rows))
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        offsets = [0] * len(items)
+        for r, row in enumerate(rows):
+            start = 0
+            for segment, i in enumerate(row, 1):
+                end = start + lengths[i]
+                input_ids[r, start:end] = torch.as_tensor(items[i]["input_ids"])
+                labels[r, start:end] = torch.as_tensor(items[i]["labels"])
+                labels[r, start] = IGNORE_INDEX  # the previous item's last token must not learn to predict it
+                position_ids[r, start:end] = torch.arange(lengths[i])
+                segment_ids[r, start:end] = segment
+                offsets[i], start = start, end
+            position_ids[r, start:] = torch.arange(width - start)
+        per_item = self._locations(items, offsets)  # [n, items, P]
+        row_width = max(len(row) for row in rows) * per_item.shape[-1]
+        locations = torch.full((per_item.shape[0], len(rows), row_width), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            row_locations = per_item[:, row, :].reshape(per_item.shape[0], -1)
+            locations[:, r, : row_locations.shape[1]] = row_locations
+        return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "labels": labels,
                 "intervention_locations": locations}
 
 

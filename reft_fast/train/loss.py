@@ -9,6 +9,7 @@ import inspect
 import torch
 
 from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.packing import packed_model_inputs
 
 __all__ = ["accepts_logits_to_keep", "forward_loss", "mean_eval_loss", "to_device", "trim_to_labels"]
 
@@ -44,8 +45,12 @@ def trim_to_labels(batch: dict) -> dict:
 
 
 def forward_loss(engine, batch: dict) -> torch.Tensor:
-    """The mean response-token loss of a collated batch (on the engine's device), as a device tensor."""
-    base = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    """The mean response-token loss of a collated batch (on the engine's device), as a device tensor. A packed batch
+    (``segment_ids``) gets its block-diagonal mask built here, on the device."""
+    if "segment_ids" in batch:
+        base = packed_model_inputs(batch, engine.module.model)
+    else:
+        base = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
     _, out = engine(base, intervention_locations=batch["intervention_locations"], labels=batch["labels"], **extra)
     return out.loss

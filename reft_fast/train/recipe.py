@@ -90,7 +90,7 @@ class UnreadStep:
     step: int  # optimizer steps done
     lr: float  # the rate this step used
     loss_sum: torch.Tensor  # float64 on the device: this rank's sum of the micro-batches' losses
-    host_stats: list  # this rank's micro-batches, tokens and counted FLOPs
+    host_stats: list  # this rank's micro-batches, real tokens, counted FLOPs and token slots
     grad_norm: Any  # a device tensor, a float (DeepSpeed read it already), or None (not computed at this stage)
 
 
@@ -258,7 +258,8 @@ class ReftTrainingRecipe:
         self.collator = ReftDataCollator(pad_token_id=self.tokenizer.pad_token_id,
                                          num_interventions=len(self.reft_model.interventions),
                                          positions=cfg.interventions.positions,
-                                         share_weights=cfg.interventions.share_weights)
+                                         share_weights=cfg.interventions.share_weights,
+                                         pack_length=cfg.data.max_length if cfg.data.packing else None)
         self.trim = accepts_logits_to_keep(self.base)
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
@@ -350,6 +351,7 @@ class ReftTrainingRecipe:
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
         seq_lens: list[int] = []
+        slots = 0  # token slots the micro-batches occupy (real tokens and padding)
         for micro_step in range(self.accumulation):
             # Dropout masks depend on (seed, step, micro-batch): a resumed run replays them, and R ranks draw what
             # one rank accumulating R micro-batches draws.
@@ -362,9 +364,10 @@ class ReftTrainingRecipe:
             engine.step()
             loss_sum += loss.detach()
             seq_lens += lengths
+            slots += batch["input_ids"].numel()
         flops = count_step_flops(self.base, min(self.layers), seq_lens, t.gradient_checkpointing)
         grad_norm = engine.get_global_grad_norm()
-        return UnreadStep(step + 1, lr, loss_sum, [self.accumulation, sum(seq_lens), flops],
+        return UnreadStep(step + 1, lr, loss_sum, [self.accumulation, sum(seq_lens), flops, slots],
                           grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
 
     def read_metrics(self) -> list[dict]:
@@ -374,16 +377,17 @@ class ReftTrainingRecipe:
         unread, self._unread = self._unread, []
         losses = torch.stack([u.loss_sum for u in unread]).unsqueeze(1)
         host_stats = torch.tensor([u.host_stats for u in unread], dtype=torch.float64).to(losses.device)
-        # Summed over ranks, per step: loss over micro-batches, micro-batches, tokens, FLOPs.
+        # Summed over ranks, per step: loss over micro-batches, micro-batches, real tokens, FLOPs, token slots.
         totals = all_reduce_sum(torch.cat([losses, host_stats], dim=1)).tolist()
         elapsed = time.perf_counter() - self._window_started
         tokens, flops = sum(row[2] for row in totals), sum(row[3] for row in totals)
+        # packing_efficiency: real tokens / token slots (with data.packing off, the padded batches' share of real tokens)
         shared = {"tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(unread),
-                  "peak_mem_gib": peak_memory_gib()}
+                  "packing_efficiency": tokens / sum(row[4] for row in totals), "peak_mem_gib": peak_memory_gib()}
         if self.peak_tflops:
             shared["mfu"] = flops / (elapsed * self.peak_tflops * 1e12 * self.world)
         rows = []
-        for u, (loss, micro_batches, _, _), grad_norm in zip(unread, totals, _read_grad_norms(unread)):
+        for u, (loss, micro_batches, *_), grad_norm in zip(unread, totals, _read_grad_norms(unread)):
             rows.append({"step": u.step, "loss": loss / micro_batches, "lr": u.lr, **shared})
             if grad_norm is not None:
                 rows[-1]["grad_norm"] = grad_norm

@@ -35,6 +35,7 @@ from reft_fast.core.hf import hidden_size_of, num_layers_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.fused_base import FUSED_OPS_MODES
+from reft_fast.train.packing import PACKING_ATTENTION
 
 __all__ = [
     "ConfigError",
@@ -127,6 +128,9 @@ class DataConfig:
     # A prompt longer than max_length − 1 is an error (its tokens hold the intervened positions); true drops such
     # examples with a warning that counts them.
     drop_long_prompts: bool = False
+    # Pack the examples of each micro-batch into rows of up to max_length tokens (reft_fast.train.packing) instead of
+    # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager.
+    packing: bool = False
 
 
 @dataclass
@@ -467,6 +471,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     if check_data:
         _check_data_sources(cfg)
     _check_data_section(cfg.data)
+    _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
     _check_deepspeed_section(cfg.deepspeed)
     if not check_model:
@@ -531,6 +536,14 @@ def _check_data_section(d: DataConfig) -> None:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length: must be ≥ 2, got {d.max_length}")
+
+
+def _check_packing(cfg: TrainConfig) -> None:
+    implementation = cfg.model.attn_implementation
+    if cfg.data.packing and implementation not in PACKING_ATTENTION:
+        raise ConfigError(f"data.packing: packed examples are kept apart by a block-diagonal attention mask, which "
+                          f"model.attn_implementation {implementation!r} does not take; set it to one of "
+                          f"{list(PACKING_ATTENTION)}")
 
 
 def _check_training_section(t: TrainingConfig, world_size: int) -> None:

@@ -1,0 +1,220 @@
+"""Sequence packing (data.packing): a packed batch gives every example the logits, loss and intervention gradients it
+gets alone, for Llama-, Qwen2- and GPT-2-shaped tiny models; rows are first-fit decreasing and depend only on
+(seed, step).
+
+Tolerances (fp32 on the CPU): logits atol 1e-5; summed losses and intervention gradients rtol 1e-4, atol 1e-6. The
+packed and the solo forwards differ only in the attention kernel's summation (masked vs causal SDPA)."""
+
+import random
+
+import pytest
+import torch
+import transformers
+
+from reft_fast.core.config import ReftConfig
+from reft_fast.core.model import get_reft_model
+from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, StepSampler
+from reft_fast.train.packing import block_causal_mask, pack_rows, packed_model_inputs
+
+from dist.tiny import make_tokenizer
+
+VOCAB = len(make_tokenizer())
+LAYERS = [0, 1]  # of 3: every intervention reaches a labelled token
+POSITIONS = "f2+l2"  # two-sided without share_weights: the first copy of the layers edits the first positions
+
+
+def _base(kind: str, attn: str = "sdpa"):
+    shape = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0, **shape)
+    else:
+        config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
+        config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=128, **shape)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).float()
+
+
+def _reft_model(base):
+    torch.manual_seed(1)
+    representations = [{"layer": layer, "component": "block_output", "low_rank_dimension": 2,
+                        "intervention": "LoreftIntervention"} for layer in LAYERS + LAYERS]
+    return get_reft_model(base, ReftConfig(representations, positions=POSITIONS, share_weights=False))
+
+
+def _items(lengths: list[tuple[int, int]], seed: int = 0, label_prompt: bool = False) -> list[dict]:
+    """Items of (prompt, response) token counts; labels cover the response (and the prompt when ``label_prompt``)."""
+    rng = random.Random(seed)
+    items = []
+    for prompt, response in lengths:
+        ids = [rng.randrange(3, VOCAB) for _ in range(prompt + response)]
+        labels = list(ids) if label_prompt else [IGNORE_INDEX] * prompt + ids[prompt:]
+        items.append({"input_ids": ids, "labels": labels, "prompt_length": prompt})
+    return items
+
+
+def _collator(pack_length=None) -> ReftDataCollator:
+    return ReftDataCollator(pad_token_id=0, num_interventions=2 * len(LAYERS), positions=POSITIONS,
+                            pack_length=pack_length)
+
+
+def _summed_loss(reft_model, batch: dict):
+    """The batch's summed token loss (its mean times its target count) and the last layer's logits."""
+    if "segment_ids" in batch:
+        inputs = packed_model_inputs(batch, reft_model.model)
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    _, out = reft_model(inputs, intervention_locations=batch["intervention_locations"], labels=batch["labels"])
+    targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return out.loss * targets, out.logits
+
+
+def _grads(reft_model) -> list[torch.Tensor]:
+    grads = [p.grad.clone() for p in reft_model.trainable_parameters()]
+    reft_model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _check_packed_equals_solo(reft_model, items, pack_length):
+    batch = _collator(pack_length)(items)
+    packed_loss, packed_logits = _summed_loss(reft_model, batch)
+    packed_loss.backward()
+    packed_grads = _grads(reft_model)
+
+    solo_total = 0.0
+    for i, item in enumerate(items):
+        solo_loss, solo_logits = _summed_loss(reft_model, _collator()([item]))
+        solo_loss.backward()
+        solo_total = solo_total + solo_loss.detach()
+        row, start = _place(batch, items, i)
+        torch.testing.assert_close(packed_logits[row, start: start + len(item["input_ids"])], solo_logits[0],
+                                   atol=1e-5, rtol=1e-5)
+    solo_grads = _grads(reft_model)
+    torch.testing.assert_close(packed_loss.detach(), solo_total, rtol=1e-4, atol=1e-6)
+    for packed, solo in zip(packed_grads, solo_grads, strict=True):
+        assert solo.abs().max() > 0  # the interventions really take part
+        torch.testing.assert_close(packed, solo, rtol=1e-4, atol=1e-6)
+    return batch
+
+
+def _place(batch: dict, items: list[dict], i: int) -> tuple[int, int]:
+    """(row, first column) of item i in a packed batch, found by its tokens and restarting position ids."""
+    ids = torch.as_tensor(items[i]["input_ids"])
+    n = len(ids)
+    for row in range(batch["input_ids"].shape[0]):
+        for start in range(batch["input_ids"].shape[1] - n + 1):
+            if batch["position_ids"][row, start] == 0 and torch.equal(batch["input_ids"][row, start: start + n], ids):
+                return row, start
+    raise AssertionError(f"item {i} is not in the packed batch")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gpt2"])
+def test_packed_batch_gives_each_example_its_solo_logits_loss_and_gradients(kind):
+    items = _items([(5, 4), (3, 2), (8, 6), (4, 1), (6, 5), (2, 3)])
+    batch = _check_packed_equals_solo(_reft_model(_base(kind)), items, pack_length=20)
+    assert batch["input_ids"].shape[0] < len(items)  # several examples did share a row
+    # the same examples padded instead: the same mean loss
+    reft_model = _reft_model(_base(kind))
+    padded = _collator()(items)
+    assert torch.isclose(_summed_loss(reft_model, padded)[0], _summed_loss(reft_model, batch)[0], rtol=1e-4)
+
+
+def test_eager_attention_gets_an_additive_mask_with_the_same_result():
+    items = _items([(5, 4), (3, 2), (6, 3)], seed=2)
+    _check_packed_equals_solo(_reft_model(_base("llama", attn="eager")), items, pack_length=16)
+
+
+def test_no_target_crosses_an_example_boundary():
+    # Every token labelled (prompt too): the last token of one example would predict the first of the next.
+    items = _items([(4, 3), (3, 3), (2, 4)], seed=3, label_prompt=True)
+    batch = _check_packed_equals_solo(_reft_model(_base("llama")), items, pack_length=32)
+    assert batch["input_ids"].shape[0] == 1
+    starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+    assert all(batch["labels"][0, s] == IGNORE_INDEX for s in starts)
+
+
+def test_examples_that_exactly_fill_a_row():
+    items = _items([(6, 4), (3, 3), (4, 4), (5, 3)], seed=4)  # 10 + 6 and 8 + 8 tokens: two full rows of 16
+    batch = _check_packed_equals_solo(_reft_model(_base("qwen2")), items, pack_length=16)
+    assert batch["input_ids"].shape == (2, 16)
+    assert bool((batch["segment_ids"] > 0).all())  # no padding at all
+
+
+def test_intervention_positions_are_shifted_to_each_example_place():
+    items = _items([(5, 4), (6, 2), (4, 4)], seed=5)
+    batch = _collator(pack_length=30)(items)
+    assert batch["input_ids"].shape == (1, 25)
+    # first-fit decreasing order: 9, 8, 8 tokens (ties in the given order) at offsets 0, 9, 17
+    first_half, last_half = batch["intervention_locations"][0, 0], batch["intervention_locations"][2, 0]
+    assert first_half.tolist() == [0, 1, 9, 10, 17, 18]  # "f2" of prompts 5, 6, 4 at their offsets
+    assert last_half.tolist() == [3, 4, 13, 14, 19, 20]  # "l2": the last two prompt tokens of each
+    assert batch["position_ids"][0].tolist() == list(range(9)) + list(range(8)) + list(range(8))
+
+
+def test_pack_rows_first_fit_decreasing_and_its_errors():
+    assert pack_rows([3, 7, 5, 5, 2], capacity=10) == [[1, 0], [2, 3], [4]]
+    assert pack_rows([10, 10], capacity=10) == [[0], [1]]
+    with pytest.raises(ValueError, match="more than the packed row length 8"):
+        pack_rows([3, 9], capacity=8)
+
+
+def test_block_causal_mask_keeps_segments_apart_and_padding_to_itself():
+    mask = block_causal_mask(torch.tensor([[1, 1, 2, 2, 0]]))[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0, 0],
+                             [1, 1, 0, 0, 0],
+                             [0, 0, 1, 0, 0],
+                             [0, 0, 1, 1, 0],
+                             [0, 0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_packing_refuses_an_attention_that_ignores_the_mask():
+    base = _base("llama")
+    base.config._attn_implementation = "flex_attention"
+    batch = _collator(pack_length=16)(_items([(3, 2), (4, 2)]))
+    with pytest.raises(ValueError, match="data.packing needs model.attn_implementation"):
+        packed_model_inputs(batch, base)
+
+
+def test_same_seed_packs_the_same_rows():
+    rng = random.Random(7)
+    items = _items([(rng.randint(2, 9), rng.randint(1, 9)) for _ in range(40)], seed=7)
+
+    def rows_of(seed: int, step: int) -> dict:
+        sampler = StepSampler(len(items), micro_batch_size=8, world_size=1, accumulation=2, seed=seed)
+        return _collator(pack_length=24)([items[i] for i in sampler.indices(step, 1, 0)])
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+
+    assert same(rows_of(3, 1), rows_of(3, 1))
+    assert not same(rows_of(3, 1), rows_of(4, 1))
+    assert not same(rows_of(3, 1), rows_of(3, 2))
+
+
+def test_recipe_with_packing_follows_the_padded_loss_trajectory(tmp_path):
+    # One process, ZeRO 0, CPU: the same examples per micro-batch, so the same losses step by step, in fewer slots.
+    import json
+    import subprocess
+    import sys
+
+    from dist.tiny import ROOT, make_run, subprocess_env
+
+    def run(name: str, *overrides: str) -> list[dict]:
+        config = make_run(tmp_path / name, n_examples=40)
+        args = [sys.executable, "-m", "reft_fast", "train", str(config), "training.max_steps=4",
+                "training.global_batch_size=8", "training.log_every=2", "data.eval_fraction=0.2", *overrides]
+        proc = subprocess.run(args, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return [json.loads(line) for line in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()]
+
+    padded, packed = run("padded"), run("packed", "data.packing=true")
+    assert [r["step"] for r in packed] == [r["step"] for r in padded] == [0, 1, 2, 3, 4]
+    for got, want in zip(packed, padded):
+        for key in ("loss", "eval_loss"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key], rel=1e-4), (got["step"], key)
+    train_rows = [(p, q) for p, q in zip(packed, padded) if "loss" in q]
+    assert all(p["packing_efficiency"] > q["packing_efficiency"] for p, q in train_rows)
+    assert all(0 < p["packing_efficiency"] <= 1 for p, _ in train_rows)
