@@ -374,17 +374,9 @@ _SETUPS = {"floor": _setup_floor, "reft-fast": _setup_reft_fast, "hook-loreft": 
            "lora": _setup_lora}
 
 
-def run_row(row: dict) -> dict:
-    """Build the base and the method, warm up, time the steps; returns the row's measurements."""
-    from reft_fast.train.fused_base import apply_fused_base_ops
-    from reft_fast.train.loading import enable_gradient_checkpointing
-    from reft_fast.train.metrics import count_step_flops
-
-    device = row["device"]
-    base = build_base(row)
-    fused = apply_fused_base_ops(base, "on") if row["fused"] else ()
-    if row["checkpointing"]:
-        enable_gradient_checkpointing(base, reentrant=False)
+def training_step(base, row: dict):
+    """(step, intervention layers, lowest intervened layer, trained parameters, the method's extras): one AdamW step
+    of the row's method on ``base`` (its loss returned), with the row's batch and interventions."""
     layers, lowest = _interventions_per_layer(row)
     batch = make_batch(row, len(layers))
     loss_fn, params, extras = _SETUPS[row["method"].split(":")[0]](base, row, batch, layers)
@@ -398,6 +390,21 @@ def run_row(row: dict) -> dict:
         optimizer.step()
         return loss
 
+    return step, layers, lowest, params, extras
+
+
+def run_row(row: dict) -> dict:
+    """Build the base and the method, warm up, time the steps; returns the row's measurements."""
+    from reft_fast.train.fused_base import apply_fused_base_ops
+    from reft_fast.train.loading import enable_gradient_checkpointing
+    from reft_fast.train.metrics import count_step_flops
+
+    device = row["device"]
+    base = build_base(row)
+    fused = apply_fused_base_ops(base, "on") if row["fused"] else ()
+    if row["checkpointing"]:
+        enable_gradient_checkpointing(base, reentrant=False)
+    step, layers, lowest, params, extras = training_step(base, row)
     # The first step's loss: the same for rows whose edit is a no-op at initialization (floor, LoRA), the same across
     # ReFT implementations given the same parameters; a check that every row does the work it claims.
     first_loss = step().detach().item()

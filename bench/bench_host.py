@@ -68,20 +68,7 @@ def build_step(variant: str):
     """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own."""
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
     row = _row(variant)
-    base = bench_e2e.build_base(row)
-    layers, _ = bench_e2e._interventions_per_layer(row)
-    batch = bench_e2e.make_batch(row, len(layers))
-    loss_fn, params, _ = bench_e2e._SETUPS[variant.split(":")[0]](base, row, batch, layers)
-    base.train()
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        return loss
-
+    step, layers, _, params, _ = bench_e2e.training_step(bench_e2e.build_base(row), row)
     return step, len(layers), params
 
 
