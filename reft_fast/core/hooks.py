@@ -38,7 +38,8 @@ and the result is written back in place (``edit_with_own_forward``), instead of 
 run.
 
 Editing in place. Where a hook owns the hidden state, the edits write into it (``ops.low_rank_edit(in_place=True)``)
-instead of copying it. A forward hook owns its module's output when ``ops.is_sole_owner`` finds that nothing else
+instead of copying it: on the Triton backend always, on the torch backend from 2^18 elements of hidden state (below,
+autograd through its forward, which copies, costs the host less: ``ops.backend_torch``). A forward hook owns its module's output when ``ops.is_sole_owner`` finds that nothing else
 refers to it (no view of it or view it is, no autograd node that saved it, no other C++ holder) and it is none of the
 module's inputs (a module returning its input unchanged). A pre-hook never owns its input: the caller still holds it
 (the residual stream, a checkpointed segment's input that recomputation re-reads, the user's ``inputs_embeds``, the
