@@ -34,8 +34,8 @@ __all__ = ["AUTOGRAD_BELOW_NUMEL", "TorchBackend", "dropout_keep_mask", "referen
 
 # h.numel() from which eager edits run the written-out backward (in place where owned) instead of autograd through
 # the forward. One LoReFT r8 edit of 112 rows, forward + backward, paired medians, one thread, torch 2.13, 2026-11-28
-# (autograd / written-out with copies / in place): B·T·d 16k: 0.29 / 0.36 / 0.44 ms; 131k: 0.45 / 0.51 / 0.56 ms;
-# 262k: 1.04 / 0.77 / 0.80 ms; 524k: 2.2 / 1.5 / 1.3 ms; 2M: 5.8 / 3.8 / 1.2 ms (bench/NOTES.md).
+# (bench/bench_edit_paths.py; autograd / written-out with copies / in place): B·T·d 16k: 0.29 / 0.41 / 0.44 ms;
+# 131k: 0.58 / 0.61 / 0.61 ms; 262k: 1.49 / 1.04 / 0.83 ms; 524k: 2.6 / 2.0 / 1.8 ms; 2M: 10.4 / 4.5 / 3.1 ms.
 AUTOGRAD_BELOW_NUMEL = 1 << 18
 
 # Activation code (reft_fast.ops.ACTIVATIONS) -> the function and its derivative as a function of z.
