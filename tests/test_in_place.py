@@ -49,7 +49,8 @@ def backward_paths(monkeypatch, written_out):
         real_in_place, real_copy = backend_class.backward_in_place, backend_class.backward
         monkeypatch.setattr(backend_class, "backward_in_place",
                             lambda self, *a, real=real_in_place: calls.append("in place") or real(self, *a))
-        monkeypatch.setattr(backend_class, "backward", lambda self, *a, real=real_copy: calls.append("copy") or real(self, *a))
+        monkeypatch.setattr(backend_class, "backward",
+                            lambda self, *a, real=real_copy: calls.append("copy") or real(self, *a))
     return calls
 
 

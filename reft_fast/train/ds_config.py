@@ -69,8 +69,9 @@ def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: i
 
 def take_gradient_clipping(config: dict) -> Optional[float]:
     """The max gradient norm the recipe clips to itself, taken out of ``config`` (its ``gradient_clipping`` set to 0),
-    where DeepSpeed's engine would clip with ``clip_grad_norm_`` of runtime/utils.py: ZeRO stage 0 without fp16/bf16/autocast.
-    0.0: no clipping, the norm is only measured. None elsewhere: DeepSpeed clips, and ``config`` is left as it is."""
+    where DeepSpeed's engine would clip with ``clip_grad_norm_`` of runtime/utils.py: ZeRO stage 0 without fp16, bf16
+    or torch_autocast. 0.0: no clipping, the norm is only measured. None elsewhere: DeepSpeed clips, and ``config`` is
+    left as it is."""
     stage = config.get("zero_optimization", {}).get("stage", 0)
     # (torch_autocast: DeepSpeed unscales its gradient scaler's gradients before it clips)
     mixed = any(config.get(key, {}).get("enabled", False) for key in ("fp16", "bf16", "bfloat16", "torch_autocast"))

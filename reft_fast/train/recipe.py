@@ -457,5 +457,6 @@ class ReftTrainingRecipe:
 def _grad_norm_column(unread: Sequence[UnreadStep], like: torch.Tensor) -> torch.Tensor:
     """[steps, 1] on ``like``'s device: each step's gradient norm where it is a device tensor, NaN where it is a float
     DeepSpeed read already or None (the caller takes those from the step itself)."""
-    return torch.stack([u.grad_norm.detach().to(like.device, like.dtype).reshape(()) if isinstance(u.grad_norm, torch.Tensor)
-                        else like.new_full((), math.nan) for u in unread]).unsqueeze(1)
+    column = [u.grad_norm.detach().to(like.device, like.dtype).reshape(()) if isinstance(u.grad_norm, torch.Tensor)
+              else like.new_full((), math.nan) for u in unread]
+    return torch.stack(column).unsqueeze(1)
