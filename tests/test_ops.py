@@ -325,7 +325,8 @@ def test_a_registered_backend_is_selectable_by_name_and_environment(monkeypatch)
 
     class CountingBackend(TorchBackend):  # the torch math, under its own name, counting what the op asks of it
         name = "counting"
-        forward_is_differentiable = False  # the op calls backward, as for any backend of its own kernels
+        def differentiates_forward(self, h):
+            return False  # the op calls backward, as for any backend of its own kernels
 
         def prefers(self, device):
             return False

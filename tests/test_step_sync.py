@@ -13,7 +13,8 @@ What the CPU cannot show, and is checked otherwise:
   * Blocking host→device copies. On CUDA, ``torch.tensor(values, device="cuda")`` waits for the stream; on the CPU it
     is no copy at all. DeepSpeed 0.19.8's ``clip_grad_norm_`` (deepspeed/runtime/utils.py, lines 422 and 424: the
     ``max_norm`` and ``1.0`` tensors), which its engine runs at ZeRO stage 0 in fp32 when gradient_clipping > 0, makes
-    two such copies per optimizer step. That is DeepSpeed's own and not counted here.
+    two such copies per optimizer step: the recipe clips there itself (``ds_config.take_gradient_clipping``), which
+    is checked below by DeepSpeed's clipping being off and the norm arriving as a device tensor.
   * ZeRO stages 1–2 read values inside DeepSpeed's step: the overflow check (``overflow_gpu[0].item()``,
     deepspeed/runtime/zero/stage_1_and_2.py:3248) and ``is_invalid_grad_norm`` (``bool(...)`` on the norm,
     deepspeed/runtime/utils.py:233). Also DeepSpeed's own, and not covered by this stage-0 test.
@@ -106,6 +107,9 @@ def test_a_training_step_never_waits_for_the_device(recipe):
     # The polar map's eigh is the one sync of a polar step on CUDA; the cholesky map has none at all.
     assert cuda_syncs == ["aten._linalg_eigh"]
     assert isinstance(unread.loss_sum, torch.Tensor) and unread.step == 2
+    # The recipe clips (DeepSpeed does not) and keeps the norm on the device.
+    assert recipe.engine.gradient_clipping() == 0.0 and recipe.clip_norm == 1.0
+    assert isinstance(unread.grad_norm, torch.Tensor)
     recipe._unread.append(unread)
 
     for intervention in recipe.reft_model.interventions.values():
@@ -123,6 +127,61 @@ def test_a_training_step_never_waits_for_the_device(recipe):
     assert [row["step"] for row in rows] == [1, 2, 3] and recipe._unread == []
     assert [name for name, _ in device_syncs] == ["tolist"], device_syncs
     assert all(math.isfinite(row["loss"]) and row["tokens_per_s"] > 0 for row in rows)
+    assert all(math.isfinite(row["grad_norm"]) and row["grad_norm"] > 0 for row in rows)
+
+
+def _train_tiny_run(folder, *overrides):
+    """(losses, grad norms) of the metrics lines of a tiny stage-0 run with accumulation 2, trained in this process
+    (in its process group: DeepSpeed keeps a clone of the first group it saw, so the group must outlive the runs)."""
+    import json
+
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(folder, n_examples=24)
+    cfg = load_config(str(config), ["training.max_steps=4", "training.global_batch_size=8", "data.eval_fraction=0",
+                                    "interventions.dropout=0.1", f"output_dir={folder / 'out'}", *overrides])
+    ReftTrainingRecipe(cfg).run()
+    rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "loss" in row]
+    return [row["loss"] for row in rows], [row.get("grad_norm") for row in rows]
+
+
+CLIP_NORMS = (0.05, 0.0)  # clipping at every step; none (the norm only measured)
+
+
+@pytest.fixture(scope="module")
+def clipped_runs(tmp_path_factory):
+    """{max_grad_norm: ((losses, norms) clipped by the recipe, (losses, norms) clipped by DeepSpeed)}: the same run
+    with DeepSpeed's clipping (``take_gradient_clipping`` answering None: DeepSpeed clips)."""
+    from reft_fast.train import recipe as recipe_module
+    from reft_fast.train.distributed import shutdown
+
+    folder, runs = tmp_path_factory.mktemp("clip"), {}
+    try:
+        for max_norm in CLIP_NORMS:
+            setting = f"training.max_grad_norm={max_norm}"
+            ours = _train_tiny_run(folder / f"ours{max_norm}", setting)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(recipe_module, "take_gradient_clipping", lambda config: None)
+                runs[max_norm] = ours, _train_tiny_run(folder / f"deepspeed{max_norm}", setting)
+    finally:
+        shutdown()
+    return runs
+
+
+@pytest.mark.parametrize("max_grad_norm", CLIP_NORMS, ids=["clipping", "no clipping"])
+def test_stage_0_clips_as_deepspeed_did_and_logs_the_norm(clipped_runs, max_grad_norm):
+    """The recipe's clipping at stage 0 trains as DeepSpeed's did: equal losses to rounding (the two sum the squares
+    of the parameters' norms in a different order), bit for bit without clipping; every line has the norm."""
+    (losses, norms), (deepspeed_losses, deepspeed_norms) = clipped_runs[max_grad_norm]
+    assert all(norm is not None and norm > 0 for norm in norms), norms
+    assert deepspeed_norms == [None] * len(norms)  # DeepSpeed reports none for a client torch AdamW at stage 0
+    if max_grad_norm:
+        assert all(norm > max_grad_norm for norm in norms), norms  # the clipping acts at every step
+        assert losses == pytest.approx(deepspeed_losses, rel=1e-6, abs=1e-7)
+    else:
+        assert losses == deepspeed_losses
 
 
 def test_householder_rows_never_wait_for_the_device():

@@ -38,14 +38,15 @@ and the result is written back in place (``edit_with_own_forward``), instead of 
 run.
 
 Editing in place. Where a hook owns the hidden state, the edits write into it (``ops.low_rank_edit(in_place=True)``)
-instead of copying it. A forward hook owns its module's output when ``ops.is_sole_owner`` finds that nothing else
-refers to it (no view of it or view it is, no autograd node that saved it, no other C++ holder) and it is none of the
-module's inputs (a module returning its input unchanged). A pre-hook never owns its input: the caller still holds it
-(the residual stream, a checkpointed segment's input that recomputation re-reads, the user's ``inputs_embeds``, the
-hidden states an ``output_hidden_states`` call returns). Where the hook does not own the hidden state, the first edit
-at the site copies it and the site's further edits write into that copy: one copy per site, not per intervention.
-A checkpoint recomputation may decide differently than its forward did (copy or not): the values and what autograd
-saves are the same either way.
+instead of copying it: on the Triton backend always, on the torch backend from 2^18 elements of hidden state (below,
+autograd through its forward, which copies, costs the host less: ``ops.backend_torch``). A forward hook owns its
+module's output when ``ops.is_sole_owner`` finds that nothing else refers to it (no view of it or view it is, no
+autograd node that saved it, no other C++ holder) and it is none of the module's inputs (a module returning its input
+unchanged). A pre-hook never owns its input: the caller still holds it (the residual stream, a checkpointed segment's
+input that recomputation re-reads, the user's ``inputs_embeds``, the hidden states an ``output_hidden_states`` call
+returns). Where the hook does not own the hidden state, the first edit at the site copies it and the site's further
+edits write into that copy: one copy per site, not per intervention. A checkpoint recomputation may decide differently
+than its forward did (copy or not): the values and what autograd saves are the same either way.
 
 Generation. ``generate`` edits the prompt pass only: the hooks are active while the KV cache is empty and idle on the
 decode steps, which read the edited prompt from the cache. Beam search and ``num_return_sequences`` expand the batch;

@@ -1,8 +1,9 @@
 """The contract every backend of the edit implements, and the registry that picks one.
 
 A backend is an object with a ``name``, three methods (``unavailable_reason``, ``forward``, ``backward``) and one
-flag (``prefers``), and may set ``forward_is_differentiable = True`` when its forward is ordinary torch ops that
-autograd can differentiate (eager calls then do so; the custom op under torch.compile still uses ``backward``). A
+flag (``prefers``), and may have ``differentiates_forward(h)``: True where its forward is ordinary torch ops that
+autograd should differentiate for that h (eager calls then do so, out of place; the custom op under torch.compile
+still uses ``backward``). A
 backend that can edit in place also has ``forward_in_place`` and ``backward_in_place`` (``InPlaceBackend``); the
 op's in-place entry falls back to the out-of-place edit on the others. It registers itself with
 :func:`register_backend` in its own module (see ``backend_torch.py``,

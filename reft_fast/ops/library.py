@@ -130,13 +130,17 @@ def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: 
         return _edit_op(h, positions, params.Q, params.P, params.W, params.b, backend, params.act, params.dropout,
                         params.seed)[0]
     implementation = get_backend(backend)
-    if getattr(implementation, "forward_is_differentiable", False):
-        # Eager autograd through ordinary torch ops costs the host less than the written-out backward, which must
-        # recompute the forward from the saved rows (CPU, one thread, d 64, r 8, 112 rows: 0.28 against 0.40 ms per
-        # edit forward+backward, torch 2.13, 2026-11-28).
+    if _differentiates_forward(implementation, h):
         return implementation.forward(h.contiguous(), positions.contiguous(), params)[0]
     return _EagerEdit.apply(h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
                             params.dropout, params.seed)[0]
+
+
+def _differentiates_forward(implementation, h: torch.Tensor) -> bool:
+    """Whether an eager edit of h lets autograd differentiate the backend's forward (ordinary torch ops) instead of
+    calling its backward: the backend's ``differentiates_forward(h)`` says, where it has one."""
+    differentiates = getattr(implementation, "differentiates_forward", None)
+    return differentiates is not None and differentiates(h)
 
 
 # torch has no public API for "does anything else refer to this tensor" (2.13, 2026-11); the two reference counts
@@ -201,12 +205,13 @@ class _EditInPlace(torch.autograd.Function):
 
 
 def edit_in_place(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
-    """``edit`` written into h itself, returned, where the backend can (``backend.InPlaceBackend``) and h is
-    contiguous;
-    otherwise (and under torch.compile) the edited copy. The caller must own h: nothing else may read it later."""
+    """``edit`` written into h itself, returned, where the backend can (``backend.InPlaceBackend``), h is contiguous
+    and the backend does not let autograd differentiate its forward for h (``differentiates_forward``); otherwise
+    (and under torch.compile) the edited copy. The caller must own h: nothing else may read it later."""
     # (an attribute test: isinstance against a runtime-checkable Protocol costs microseconds on every call)
+    implementation = get_backend(backend)
     if torch.compiler.is_compiling() or not h.is_contiguous() \
-            or getattr(get_backend(backend), "forward_in_place", None) is None:
+            or getattr(implementation, "forward_in_place", None) is None or _differentiates_forward(implementation, h):
         return edit(h, positions, params, backend)
     return _EditInPlace.apply(h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend,
                               params.act, params.dropout, params.seed)[0]

@@ -5,6 +5,11 @@ torch.optim.AdamW over the intervention parameters only) and the LR schedule (a 
 ``deepspeed.initialize``, stepped by DeepSpeed at accumulation boundaries). The config has no bf16/fp16 section: the
 interventions train in fp32 over a base loaded in ``model.dtype`` (``reft_fast.train.loading``).
 
+Clipping at ZeRO stage 0 in fp32 is the recipe's (``take_gradient_clipping``): DeepSpeed's engine would clip there
+with its ``runtime/utils.clip_grad_norm_``, which makes two blocking host→device copies per optimizer step on CUDA
+(its ``max_norm`` and ``1.0`` tensors, DeepSpeed 0.19.8) and reports no norm for a client torch optimizer
+(``get_global_grad_norm()`` is None). At the other stages, and with fp16/bf16, DeepSpeed's optimizer wrapper clips.
+
 ZeRO-3: the intervention parameters are kept whole on every rank (the persistence threshold is raised above their
 size) because the ReftModel reads them in one batched call per forward, outside ZeRO's per-module gather hooks; they
 are small.
@@ -14,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
-__all__ = ["build_ds_config", "lr_lambda"]
+__all__ = ["build_ds_config", "lr_lambda", "take_gradient_clipping"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -60,6 +65,21 @@ def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: i
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 100_000)),
                                                          max_intervention_numel + 1)
     return config
+
+
+def take_gradient_clipping(config: dict) -> Optional[float]:
+    """The max gradient norm the recipe clips to itself, taken out of ``config`` (its ``gradient_clipping`` set to 0),
+    where DeepSpeed's engine would clip with ``clip_grad_norm_`` of runtime/utils.py: ZeRO stage 0 without fp16, bf16
+    or torch_autocast. 0.0: no clipping, the norm is only measured. None elsewhere: DeepSpeed clips, and ``config`` is
+    left as it is."""
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    # (torch_autocast: DeepSpeed unscales its gradient scaler's gradients before it clips)
+    mixed = any(config.get(key, {}).get("enabled", False) for key in ("fp16", "bf16", "bfloat16", "torch_autocast"))
+    if stage != 0 or mixed:
+        return None
+    max_norm = float(config.get("gradient_clipping", 0.0))
+    config["gradient_clipping"] = 0.0
+    return max_norm
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:

@@ -6,9 +6,10 @@ A short loop over a DeepSpeed engine that holds a ReftModel:
 
     batch (CPU, positions computed by the collator) → engine(...) → engine.backward → engine.step → metrics
 
-DeepSpeed does ZeRO stage 0–3, CPU offload, gradient accumulation, clipping, the optimizer step and the LR schedule
-(``ds_config``). One process on a CPU or one GPU is the same loop at stage 0 with a world of one. The parts it is made
-of, one module of ``reft_fast.train`` per job:
+DeepSpeed does ZeRO stage 0–3, CPU offload, gradient accumulation, clipping (except at stage 0 in fp32, where the
+recipe clips: ``ds_config.take_gradient_clipping``), the optimizer step and the LR schedule (``ds_config``). One
+process on a CPU or one GPU is the same loop at stage 0 with a world of one. The parts it is made of, one module of
+``reft_fast.train`` per job:
 
     distributed   joining the process group, barrier, the one reduction helper, leaving
     loading       tokenizer, the frozen base (precision; ZeRO-3 builds it inside zero.Init), the ReftModel over it
@@ -52,7 +53,7 @@ from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_che
 from reft_fast.train.data import PrefetchedBatches, ReftDataCollator, StepSampler, SupervisedDataset, load_examples, \
     split_examples
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
-from reft_fast.train.ds_config import build_ds_config, lr_lambda
+from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
@@ -247,6 +248,8 @@ class ReftTrainingRecipe:
             compile_layers(self.reft_model)
         params = list(self.reft_model.trainable_parameters())
         ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
+        self.clip_norm = take_gradient_clipping(ds_config)  # None: DeepSpeed clips
+        self.trainable_params = params
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -350,6 +353,7 @@ class ReftTrainingRecipe:
         t, engine = self.cfg.training, self.engine
         lr = self.scheduler.get_last_lr()[0]  # the rate this step uses (DeepSpeed advances the schedule in step())
         loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        grad_norm = None
         seq_lens: list[int] = []
         slots = 0  # token slots the micro-batches occupy (real tokens and padding)
         for micro_step in range(self.accumulation):
@@ -361,14 +365,27 @@ class ReftTrainingRecipe:
                 raise RuntimeError(f"train_step({step}) out of order: the next prepared batch is for step {key[0]}")
             loss = forward_loss(engine, to_device(batch, engine.device))
             engine.backward(loss)
+            if self.clip_norm is not None and engine.is_gradient_accumulation_boundary():
+                grad_norm = self._clip_gradients()
             engine.step()
             loss_sum += loss.detach()
             seq_lens += lengths
             slots += batch["input_ids"].numel()
         flops = count_step_flops(self.base, min(self.layers), seq_lens, t.gradient_checkpointing)
-        grad_norm = engine.get_global_grad_norm()
+        if self.clip_norm is None:
+            grad_norm = engine.get_global_grad_norm()
         return UnreadStep(step + 1, lr, loss_sum, [self.accumulation, sum(seq_lens), flops, slots],
                           grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clip the (reduced) gradients of this optimizer step to ``clip_norm`` and return their total norm as a device
+        tensor: no value is read (no non-finite check) and no host tensor is copied over, unlike DeepSpeed's clipping
+        (``ds_config.take_gradient_clipping``). 0 clips nothing: the norm is only measured."""
+        if self.clip_norm == 0:
+            grads = [p.grad for p in self.trainable_params if p.grad is not None]
+            return torch.nn.utils.get_total_norm(grads, foreach=True)
+        return torch.nn.utils.clip_grad_norm_(self.trainable_params, self.clip_norm, foreach=True,
+                                              error_if_nonfinite=False)
 
     def read_metrics(self) -> list[dict]:
         """The metrics lines of the steps trained since the last read: one reduction over the ranks and one
@@ -377,8 +394,10 @@ class ReftTrainingRecipe:
         unread, self._unread = self._unread, []
         losses = torch.stack([u.loss_sum for u in unread]).unsqueeze(1)
         host_stats = torch.tensor([u.host_stats for u in unread], dtype=torch.float64).to(losses.device)
-        # Summed over ranks, per step: loss over micro-batches, micro-batches, real tokens, FLOPs, token slots.
-        totals = all_reduce_sum(torch.cat([losses, host_stats], dim=1)).tolist()
+        # Summed over ranks, per step: loss over micro-batches, micro-batches, real tokens, FLOPs, token slots; then
+        # the gradient norm, the same on every rank (taken after the gradients were reduced), not summed.
+        totals = all_reduce_sum(torch.cat([losses, host_stats], dim=1))
+        totals = torch.cat([totals, _grad_norm_column(unread, totals)], dim=1).tolist()
         elapsed = time.perf_counter() - self._window_started
         tokens, flops = sum(row[2] for row in totals), sum(row[3] for row in totals)
         # packing_efficiency: real tokens / token slots (with data.packing off, the padded batches' share of real tokens)
@@ -387,10 +406,11 @@ class ReftTrainingRecipe:
         if self.peak_tflops:
             shared["mfu"] = flops / (elapsed * self.peak_tflops * 1e12 * self.world)
         rows = []
-        for u, (loss, micro_batches, *_), grad_norm in zip(unread, totals, _read_grad_norms(unread)):
+        for u, (loss, micro_batches, _, _, _, device_norm) in zip(unread, totals):
             rows.append({"step": u.step, "loss": loss / micro_batches, "lr": u.lr, **shared})
+            grad_norm = device_norm if isinstance(u.grad_norm, torch.Tensor) else u.grad_norm
             if grad_norm is not None:
-                rows[-1]["grad_norm"] = grad_norm
+                rows[-1]["grad_norm"] = float(grad_norm)
             self.result.losses.append(rows[-1]["loss"])
         return rows
 
@@ -438,9 +458,9 @@ class ReftTrainingRecipe:
         self._hf_ds = None
 
 
-def _read_grad_norms(unread: Sequence[UnreadStep]) -> list[Optional[float]]:
-    """Each step's gradient norm as a float: those still on the device read with one ``.tolist()``."""
-    on_device = [u.grad_norm.float().reshape(()) for u in unread if isinstance(u.grad_norm, torch.Tensor)]
-    read = iter(torch.stack(on_device).tolist() if on_device else [])
-    return [next(read) if isinstance(u.grad_norm, torch.Tensor) else
-            None if u.grad_norm is None else float(u.grad_norm) for u in unread]
+def _grad_norm_column(unread: Sequence[UnreadStep], like: torch.Tensor) -> torch.Tensor:
+    """[steps, 1] on ``like``'s device: each step's gradient norm where it is a device tensor, NaN where it is a float
+    DeepSpeed read already or None (the caller takes those from the step itself)."""
+    column = [u.grad_norm.detach().to(like.device, like.dtype).reshape(()) if isinstance(u.grad_norm, torch.Tensor)
+              else like.new_full((), math.nan) for u in unread]
+    return torch.stack(column).unsqueeze(1)
