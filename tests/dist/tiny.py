@@ -19,8 +19,13 @@ def subprocess_env(**extra) -> dict:
     """The environment of a launched test process: this checkout importable, one thread, no Triton interpreter
     (the launched process chooses for itself)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     env.pop("TRITON_INTERPRET", None)
+    # A recipe run inside the test process (one rank) sets these for itself and may still hold MASTER_PORT: a
+    # launched process must choose its own rendezvous, or it fails with EADDRINUSE depending on the test order.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        env.pop(name, None)
+    env.update(extra)
     return env
 
 
