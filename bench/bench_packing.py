@@ -1,6 +1,6 @@
 """Sequence packing (data.packing) against padding: real tokens per second on the same examples.
 
-    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (CPU: ~6 min)
+    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 CPU cores: ~7 min)
     python bench/bench_packing.py --tiny --steps 2     # a tiny random Llama, seconds (tests/test_bench_packing.py)
 
 The examples come from a built-in generator of lengths: a log-normal with median 150 tokens and σ 0.75 (about the
@@ -9,11 +9,12 @@ takes 20–60 % of each example (uniform), the rest is the response (the labelle
 speed does not depend on them, and the loss comparison needs only that both modes see the same ones.
 
 Each mode runs the same micro-batches (the same examples, in the same order, from the same intervention weights) in
-its own child process (so that its peak memory is its own), with reft-fast's ReftDataCollator (padded, or packed with
-``pack_length=max_length``), ``trim_to_labels`` and ``packed_model_inputs`` as the recipe uses them, a ReftModel
-with the demo's interventions (reft_fast/demo/demo.yaml: LoReFT r4 at layers 8 and 16, f3+l3 shared) and torch
-AdamW over the intervention parameters: a plain loop (forward, backward, optimizer step), not the DeepSpeed engine.
-The first step is a warm-up, not timed.
+its own child process (so that its peak memory is its own), ``--rounds`` times in the order padded, packed, packed,
+padded (a load that drifts on a shared machine weighs on both modes alike), with reft-fast's ReftDataCollator
+(padded, or packed with ``pack_length=max_length``), ``trim_to_labels`` and ``packed_model_inputs`` as the recipe
+uses them, a ReftModel with the demo's interventions (reft_fast/demo/demo.yaml: LoReFT r4 at layers 8 and 16, f3+l3
+shared) and torch AdamW over the intervention parameters: a plain loop (forward, backward, optimizer step), not the
+DeepSpeed engine. The first step is a warm-up, not timed.
 
 Per mode: tokens/s of real tokens (examples' tokens / time of forward + backward + optimizer step of the timed steps),
 the slots (rows × width), peak memory (the largest resident set size sampled every 2 ms during the steps, above the
@@ -54,8 +55,8 @@ MEDIAN_LENGTH, SIGMA = 150, 0.75
 # Packed and padded forwards differ only in the attention's summation order (masked vs causal SDPA), fp32.
 LOSS_RTOL = 1e-3
 FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "model", "mode", "max_length",
-          "micro_batch", "timed_steps", "examples", "real_tokens", "slot_tokens", "packing_efficiency", "time_s",
-          "tokens_per_s", "ratio_vs_padded", "peak_rss_mib", "loss_max_rel_diff", "loss_rtol", "losses_equal"]
+          "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens", "packing_efficiency",
+          "time_s", "tokens_per_s", "ratio_vs_padded", "peak_rss_mib", "loss_max_rel_diff", "loss_rtol", "losses_equal"]
 MODES = ("padded", "packed")
 
 
@@ -193,7 +194,8 @@ def run_mode(args) -> dict:
 
 
 def max_relative_difference(a: list[list[float]], b: list[list[float]]) -> float:
-    return max(abs(x - y) / abs(y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
+    pairs = [(x, y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True)]
+    return max(abs(x - y) / abs(y) for x, y in pairs)
 
 
 def main(argv=None) -> Path | None:
@@ -201,7 +203,9 @@ def main(argv=None) -> Path | None:
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
     parser.add_argument("--max-length", type=int, default=256, help="cap of the example lengths = packed row length")
     parser.add_argument("--micro-batch", type=int, default=8, help="examples per step (the packing window)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, in the order padded, packed, packed, "
+                        "padded, …")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
@@ -212,14 +216,29 @@ def main(argv=None) -> Path | None:
         print(json.dumps(run_mode(args)))
         return None
 
-    results = {}
-    for mode in MODES:
+    runs = {mode: [] for mode in MODES}
+    for mode in run_order(args.rounds):
         child = [sys.executable, __file__, "--mode", mode, *(argv if argv is not None else sys.argv[1:])]
         proc = subprocess.run(child, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             raise SystemExit(f"the {mode} run failed:\n{proc.stderr[-4000:]}")
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return write_results(args, results)
+        runs[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return write_results(args, {mode: combine(mode_runs) for mode, mode_runs in runs.items()})
+
+
+def run_order(rounds: int) -> list[str]:
+    """padded, packed, packed, padded, …: a load that drifts during the run (a shared machine) weighs on both."""
+    return [mode for r in range(rounds) for mode in (MODES if r % 2 == 0 else MODES[::-1])]
+
+
+def combine(mode_runs: list[dict]) -> dict:
+    """One mode's runs together: tokens and times summed, the largest peak, the first run's losses (every run
+    replays the same steps; their losses must agree exactly)."""
+    losses = mode_runs[0]["losses"]
+    if any(run["losses"] != losses for run in mode_runs):
+        raise SystemExit("two runs of the same mode gave different losses: the bench is not deterministic")
+    total = {key: sum(r[key] for r in mode_runs) for key in ("real_tokens", "slot_tokens", "time_s")}
+    return dict(total, peak_rss_mib=max(r["peak_rss_mib"] for r in mode_runs), losses=losses)
 
 
 def write_results(args, results: dict) -> Path:
@@ -243,7 +262,8 @@ def write_results(args, results: dict) -> Path:
                          threads=args.threads, load_avg=round(os.getloadavg()[0], 2),
                          model="tiny-llama" if args.tiny else "SmolLM2-135M-Instruct", mode=mode,
                          max_length=args.max_length, micro_batch=args.micro_batch, timed_steps=args.steps,
-                         examples=args.micro_batch * args.steps, real_tokens=r["real_tokens"],
+                         rounds=args.rounds,
+                         examples=args.micro_batch * args.steps * args.rounds, real_tokens=r["real_tokens"],
                          slot_tokens=r["slot_tokens"], packing_efficiency=round(r["real_tokens"] / r["slot_tokens"], 4),
                          time_s=round(r["time_s"], 3), tokens_per_s=round(rate, 2),
                          ratio_vs_padded=round(rate / padded_rate, 3), peak_rss_mib=round(r["peak_rss_mib"], 1),
