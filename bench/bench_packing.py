@@ -21,7 +21,7 @@ the slots (rows × width), peak memory (the largest resident set size sampled ev
 size before the first step) and each example's mean response-token loss at every step. Per run: the ratio packed /
 padded, and the largest relative difference of the per-example losses (tolerance ``LOSS_RTOL``).
 
-Writes bench/results/<machine>_<date>/packing.csv: one row per mode, with the machine, versions, date and settings.
+Writes bench/results/<machine>_<date>/packing_len<max_length>.csv: one row per mode, with the machine, versions, date and settings.
 """
 
 from __future__ import annotations
@@ -269,7 +269,7 @@ def write_results(args, results: dict) -> Path:
                          ratio_vs_padded=round(rate / padded_rate, 3), peak_rss_mib=round(r["peak_rss_mib"], 1),
                          loss_max_rel_diff=f"{difference:.2e}", loss_rtol=LOSS_RTOL,
                          losses_equal=difference <= LOSS_RTOL))
-    path = args.out / f"{slug}_{date[:10]}" / ("packing_tiny.csv" if args.tiny else "packing.csv")
+    path = args.out / f"{slug}_{date[:10]}" / f"packing{'_tiny' if args.tiny else ''}_len{args.max_length}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
