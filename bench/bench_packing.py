@@ -1,6 +1,6 @@
 """Sequence packing (data.packing) against padding: real tokens per second on the same examples.
 
-    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 CPU cores: ~7 min)
+    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 CPU cores: ~3 min; 512: ~6)
     python bench/bench_packing.py --tiny --steps 2     # a tiny random Llama, seconds (tests/test_bench_packing.py)
 
 The examples come from a built-in generator of lengths: a log-normal with median 150 tokens and σ 0.75 (about the
