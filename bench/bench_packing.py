@@ -1,6 +1,6 @@
 """Sequence packing (data.packing) against padding: real tokens per second on the same examples.
 
-    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 CPU cores: ~3 min; 512: ~6)
+    python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 cores: ~3 min)
     python bench/bench_packing.py --tiny --steps 2     # a tiny random Llama, seconds (tests/test_bench_packing.py)
 
 The examples come from a built-in generator of lengths: a log-normal with median 150 tokens and σ 0.75 (about the
@@ -21,7 +21,8 @@ the slots (rows × width), peak memory (the largest resident set size sampled ev
 size before the first step) and each example's mean response-token loss at every step. Per run: the ratio packed /
 padded, and the largest relative difference of the per-example losses (tolerance ``LOSS_RTOL``).
 
-Writes bench/results/<machine>_<date>/packing_len<max_length>.csv: one row per mode, with the machine, versions, date and settings.
+Writes bench/results/<machine>_<date>/packing_len<max_length>.csv: one row per mode, with the machine, versions, date
+and settings.
 """
 
 from __future__ import annotations
