@@ -136,6 +136,11 @@ def smollm2():
 
 @pytest.mark.slow
 def test_multi_layer_loreft_on_smollm2_matches_pyreft(smollm2):
+    # Tolerances: the two implementations order their fp32 sums differently through 30 layers of a real model; over
+    # random draws (seeds 0-5 and unseeded runs, 2026-11-28) the logits differ by up to about 2e-4 and R's gradients
+    # (small entries near 1e-3) by up to about 2e-5, while a wrong edit moves them by 1e-2 or more. Seeded, so CI
+    # sees one draw.
+    torch.manual_seed(0)
     model, tokenizer = smollm2
     sites = [("block_output", 3), ("block_output", 9), ("block_output", 18), ("block_output", 24)]
     ours, theirs = _pair(model, "LoreftIntervention", {}, "householder", sites=sites)
@@ -150,13 +155,13 @@ def test_multi_layer_loreft_on_smollm2_matches_pyreft(smollm2):
     unit = {"sources->base": (None, [per_example] * len(sites))}
     _, out_theirs = theirs(base, unit_locations=unit, labels=labels)
     _, out_ours = ours(base, unit_locations=unit, labels=labels)
-    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out_ours.logits, out_theirs.logits, atol=5e-4, rtol=1e-4)
     out_theirs.loss.backward()
     out_ours.loss.backward()
     for key in ours.interventions:
         for our_name, param in ours.interventions[key].named_parameters():
             theirs_param = dict(theirs.interventions[key].named_parameters())[_PAIRED_NAMES[our_name]]
-            torch.testing.assert_close(param.grad, theirs_param.grad, atol=1e-5, rtol=1e-3,
+            torch.testing.assert_close(param.grad, theirs_param.grad, atol=5e-5, rtol=1e-3,
                                        msg=lambda m: f"{key} {our_name}: {m}")
 
 
