@@ -34,7 +34,7 @@ part of the backward on its own thread and the two graphs' recomputations may in
 
 Custom edits. A subclass of an intervention that overrides ``forward()`` (how pyreft users write their own edits)
 runs its forward the way pyvene calls it: the selected rows [B, P, d] go through ``intervention(rows, None, None)``
-and the result is written back in place (``edit_with_own_forward``), instead of the fused op the parent class would
+and the result is scattered into a copy of the hidden state (``edit_with_own_forward``), instead of the fused op the parent class would
 run.
 
 Editing in place. Where a hook owns the hidden state, the edits write into it (``ops.low_rank_edit(in_place=True)``)
@@ -219,7 +219,7 @@ def runs_own_forward(intervention: nn.Module) -> bool:
 def edit_with_own_forward(intervention: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Edit the rows ``positions`` [B, P] (−1 = none) of h [B, T, d] with ``intervention``'s own forward, called as
     pyvene calls it: ``intervention(rows, None, None)`` on the selected rows [B, P, d] (a −1 slot passes a row of
-    zeros), the result (a tensor, or pyvene's output object holding one as ``.output``) written back in place."""
+    zeros), the result (a tensor, or pyvene's output object holding one as ``.output``) scattered into a copy of h."""
     batch, seq_len, dim = h.shape
     # One extra row of zeros stands for every −1 slot: it is what those slots read, and where their result goes.
     padded = torch.cat([h, h.new_zeros(batch, 1, dim)], dim=1)
