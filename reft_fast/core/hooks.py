@@ -34,8 +34,8 @@ part of the backward on its own thread and the two graphs' recomputations may in
 
 Custom edits. A subclass of an intervention that overrides ``forward()`` (how pyreft users write their own edits)
 runs its forward the way pyvene calls it: the selected rows [B, P, d] go through ``intervention(rows, None, None)``
-and the result is scattered into a copy of the hidden state (``edit_with_own_forward``), instead of the fused op the parent class would
-run.
+and the result is scattered into a copy of the hidden state (``edit_with_own_forward``), instead of the fused op the
+parent class would run.
 
 Editing in place. Where a hook owns the hidden state, the edits write into it (``ops.low_rank_edit(in_place=True)``)
 instead of copying it: on the Triton backend always, on the torch backend from 2^18 elements of hidden state (below,
