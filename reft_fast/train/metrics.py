@@ -136,8 +136,8 @@ def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool)
         if show:
             postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
                        "mem": f"{metrics['peak_mem_gib']:.1f}GiB"}
-            if "packing_efficiency" in metrics:
-                postfix["pack"] = f"{100 * metrics['packing_efficiency']:.0f}%"
+            if "packing_efficiency" in metrics:  # the share of real tokens in the batch slots, packed or padded
+                postfix["real"] = f"{100 * metrics['packing_efficiency']:.0f}%"
             if "mfu" in metrics:
                 postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
             if "eval_loss" in metrics:
