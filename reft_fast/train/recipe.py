@@ -383,7 +383,10 @@ class ReftTrainingRecipe:
         (``ds_config.take_gradient_clipping``). 0 clips nothing: the norm is only measured."""
         if self.clip_norm == 0:
             grads = [p.grad for p in self.trainable_params if p.grad is not None]
-            return torch.nn.utils.get_total_norm(grads, foreach=True)
+            # (torch.nn.utils.get_total_norm computes the same but exists only from torch 2.6; pyproject allows 2.4)
+            if not grads:
+                return torch.zeros((), device=self.engine.device)
+            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         return torch.nn.utils.clip_grad_norm_(self.trainable_params, self.clip_norm, foreach=True,
                                               error_if_nonfinite=False)
 
