@@ -81,12 +81,14 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None):
-    """The frozen base, in ``model.dtype``; under ZeRO-3 built inside zero.Init (partitioned as it is created).
+def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None,
+                    auto_class: str = "AutoModelForCausalLM"):
+    """The frozen base, in ``model.dtype``, loaded by the transformers Auto class named (the task's); under ZeRO-3
+    built inside zero.Init (partitioned as it is created).
 
     Returns (model, hf_deepspeed_config): keep the second alive until training ends (transformers holds it weakly).
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     dtype = model_dtype(cfg.model.dtype)
     hf_ds = None
@@ -100,8 +102,8 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         init_config["fp16"] = {"enabled": dtype == torch.float16}
         hf_ds = HfDeepSpeedConfig(init_config)
     kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code,
-                                                 **kwargs)
+    model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype,
+                                                              trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False
     return model, hf_ds

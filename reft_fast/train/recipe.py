@@ -11,6 +11,7 @@ recipe clips: ``ds_config.take_gradient_clipping``), the optimizer step and the 
 process on a CPU or one GPU is the same loop at stage 0 with a world of one. The parts it is made of, one module of
 ``reft_fast.train`` per job:
 
+    tasks         what differs per kind of job (``task:``): the base's Auto class, datasets, collator, loss, metrics
     distributed   joining the process group, barrier, the one reduction helper, leaving
     loading       tokenizer, the frozen base (precision; ZeRO-3 builds it inside zero.Init), the ReftModel over it
     ds_config     the DeepSpeed config (why the interventions stay whole under ZeRO-3) and the LR schedule
@@ -50,20 +51,19 @@ import torch
 
 from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
-from reft_fast.train.data import PrefetchedBatches, ReftDataCollator, StepSampler, SupervisedDataset, load_examples, \
-    split_examples
+from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
 from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
     load_base_model, load_tokenizer, model_source
-from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, to_device, trim_to_labels
+from reft_fast.train.loss import to_device
 from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
 from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
-from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, \
-    resolve_data_path, validate
+from reft_fast.train.tasks import make_task
+from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, validate
 
 __all__ = ["ReftTrainingRecipe", "TrainResult", "UnreadStep"]
 
@@ -77,6 +77,7 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)  # per optimizer step, as logged
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    eval_metrics: list[dict] = field(default_factory=list)  # {"step": k, "eval_loss": ..., the task's other metrics}
     final_dir: Optional[str] = None
     samples: list[tuple[str, str]] = field(default_factory=list)
     samples_before: list[tuple[str, str]] = field(default_factory=list)
@@ -96,7 +97,8 @@ class UnreadStep:
 
 
 class ReftTrainingRecipe:
-    """Fine-tune ReFT interventions on a frozen causal LM; every rank builds one and runs the same methods.
+    """Fine-tune ReFT interventions on a frozen base for the configured task (``reft_fast.train.tasks``); every rank
+    builds one and runs the same methods.
 
     Features:
     - Early validation: the config and the model's own config are checked, and a non-empty output_dir is refused
@@ -113,7 +115,8 @@ class ReftTrainingRecipe:
     - Metrics: ``metrics.jsonl`` (one line per step, fsynced every ``METRICS_FSYNC_EVERY`` lines and before each
       checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU, peak memory, gradient norm. Times and rates are means over
       the steps of one read: a step's own host time means nothing while the device runs behind the host.
-    - Evaluation: at step 0 (the baseline), every ``eval_every`` steps and at the last step.
+    - Evaluation (the task's metrics, ``eval_loss`` among them): at step 0 (the baseline), every ``eval_every`` steps
+      and at the last step.
     - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
       the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
     - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
@@ -126,6 +129,7 @@ class ReftTrainingRecipe:
 
     def __init__(self, cfg: TrainConfig, *, callbacks: Sequence[Callable[[int, dict, Any], None]] = ()):
         self.cfg = cfg
+        self.task = make_task(cfg)
         self.callbacks = tuple(callbacks)
         self.output = Path(cfg.output_dir)
         self.ckpt_dir = self.output / "checkpoints"
@@ -187,17 +191,7 @@ class ReftTrainingRecipe:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
         self.source = model_source(cfg)
         self.tokenizer = load_tokenizer(self.source, cfg.model.trust_remote_code)
-        train_source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
-        examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
-        if d.eval_file:
-            eval_examples = load_examples(resolve_data_path(d.eval_file, cfg.base_dir), d.prompt_field,
-                                          d.response_field)
-        else:
-            examples, eval_examples = split_examples(examples, d.eval_fraction, t.seed)
-        dataset_kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
-                              drop_long_prompts=d.drop_long_prompts)
-        self.train_set = SupervisedDataset(examples, self.tokenizer, **dataset_kwargs)
-        self.eval_set = SupervisedDataset(eval_examples, self.tokenizer, **dataset_kwargs) if eval_examples else None
+        self.train_set, self.eval_set = self.task.datasets(self.tokenizer, t.seed)
         self.sampler = StepSampler(len(self.train_set), t.micro_batch_size, self.world, self.accumulation, t.seed)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
         self.gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,
@@ -211,7 +205,7 @@ class ReftTrainingRecipe:
         cfg, t = self.cfg, self.cfg.training
         # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
         ds_config = build_ds_config(cfg, self.world)
-        base, self._hf_ds = load_base_model(self.source, cfg, ds_config)
+        base, self._hf_ds = load_base_model(self.source, cfg, ds_config, auto_class=self.task.auto_class)
         if ds_config["zero_optimization"]["stage"] < 3:
             # deepspeed.initialize would move it there anyway (zero.Init already placed a ZeRO-3 base): moving it now
             # lets "auto" see the device the base will run on, and runs the samples before training there.
@@ -229,7 +223,8 @@ class ReftTrainingRecipe:
                         sum(full_numel(p) for p in base.parameters()))
             logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
                         ", ".join(fused_ops) or "none")
-        if t.sample_prompts and cfg.deepspeed.stage < 3:  # under ZeRO-3 the base runs only inside the engine
+        self.task.bind_base(base)
+        if self.task.generates and t.sample_prompts and cfg.deepspeed.stage < 3:  # ZeRO-3: only inside the engine
             answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
             self.result.samples_before = list(zip(t.sample_prompts, answers))
         if t.gradient_checkpointing:
@@ -246,7 +241,7 @@ class ReftTrainingRecipe:
         self.reft_model = build_reft_model(self.base, cfg, self.layers)
         if cfg.model.compile:
             compile_layers(self.reft_model)
-        params = list(self.reft_model.trainable_parameters())
+        params = list(self.reft_model.trainable_parameters()) + list(self.task.trainable_base_parameters(self.base))
         ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
         self.clip_norm = take_gradient_clipping(ds_config)  # None: DeepSpeed clips
         self.trainable_params = params
@@ -258,12 +253,7 @@ class ReftTrainingRecipe:
                                                     lr_scheduler=self.scheduler, model_parameters=params,
                                                     config=ds_config)
         self.engine.train()
-        self.collator = ReftDataCollator(pad_token_id=self.tokenizer.pad_token_id,
-                                         num_interventions=len(self.reft_model.interventions),
-                                         positions=cfg.interventions.positions,
-                                         share_weights=cfg.interventions.share_weights,
-                                         pack_length=cfg.data.max_length if cfg.data.packing else None)
-        self.trim = accepts_logits_to_keep(self.base)
+        self.collator = self.task.collator(self.tokenizer, len(self.reft_model.interventions))
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
         self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # resume log
@@ -303,8 +293,9 @@ class ReftTrainingRecipe:
         t = self.cfg.training
         self._started = time.perf_counter()
         if self.eval_set is not None and self.start_step == 0:  # the baseline the eval losses are compared with
-            baseline = {"step": 0, "eval_loss": self.evaluate()}
+            baseline = {"step": 0, **self.evaluate()}
             self.result.eval_losses.append((0, baseline["eval_loss"]))
+            self.result.eval_metrics.append(baseline)
             if self.rank == 0:
                 self._metrics_log.write(baseline)
         self._window_started = time.perf_counter()
@@ -324,8 +315,10 @@ class ReftTrainingRecipe:
         rows = self.read_metrics()
         done = rows[-1]["step"]
         if evaluate:
-            rows[-1]["eval_loss"] = self.evaluate()
-            self.result.eval_losses.append((done, rows[-1]["eval_loss"]))
+            metrics = self.evaluate()
+            rows[-1].update(metrics)
+            self.result.eval_losses.append((done, metrics["eval_loss"]))
+            self.result.eval_metrics.append({"step": done, **metrics})
         if self.rank == 0:  # before the checkpoint: a kill during the save keeps these lines
             for row in rows:
                 log_metrics(row, self._metrics_log, self._writer, self._bar, row is rows[-1])
@@ -342,9 +335,7 @@ class ReftTrainingRecipe:
         """The host batch this rank takes at (step, micro_step), trimmed to its labels, and its sequence lengths."""
         step, micro_step = key
         items = [self.train_set[i] for i in self.sampler.indices(step, micro_step, self.rank)]
-        batch = self.collator(items)
-        batch = trim_to_labels(batch) if self.trim else batch
-        return batch, [len(item["input_ids"]) for item in items]
+        return self.task.host_batch(self.collator(items)), [self.task.item_tokens(item) for item in items]
 
     def train_step(self, step: int) -> UnreadStep:
         """One optimizer step (``accumulation`` micro-batches), only queued on the device: nothing is read back (the
@@ -363,7 +354,7 @@ class ReftTrainingRecipe:
             key, batch, lengths = next(self._batches)
             if key != (step, micro_step):
                 raise RuntimeError(f"train_step({step}) out of order: the next prepared batch is for step {key[0]}")
-            loss = forward_loss(engine, to_device(batch, engine.device))
+            loss = self.task.loss(engine, to_device(batch, engine.device))
             engine.backward(loss)
             if self.clip_norm is not None and engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_gradients()
@@ -417,10 +408,9 @@ class ReftTrainingRecipe:
             self.result.losses.append(rows[-1]["loss"])
         return rows
 
-    def evaluate(self) -> float:
-        """Mean response-token loss over the eval set (every rank takes part)."""
-        return mean_eval_loss(self.engine, self.eval_set, self.collator, self.cfg.training.micro_batch_size,
-                              self.rank, self.world, self.trim)
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics over the eval set, ``eval_loss`` among them (every rank takes part)."""
+        return self.task.evaluate(self.engine, self.eval_set, self.collator, self.rank, self.world)
 
     def save_checkpoint(self, step: int) -> None:
         """The whole trainable state as ``checkpoints/step<step>`` (every rank gathers, rank 0 writes and prunes)."""
@@ -437,7 +427,7 @@ class ReftTrainingRecipe:
         final_dir = self.output / "final"
         save_interventions(self.reft_model, final_dir, cfg, self.rank)
         self.result.final_dir = str(final_dir)
-        if t.sample_prompts:
+        if self.task.generates and t.sample_prompts:
             synced = cfg.deepspeed.stage == 3 and self.world > 1
             self.engine.eval()
             answers = generate_answers(self.reft_model, self.tokenizer, t.sample_prompts, synced_gpus=synced,

@@ -174,6 +174,8 @@ class DeepSpeedConfig:
 
 @dataclass
 class TrainConfig:
+    # The kind of job (reft_fast.train.tasks.TASKS): causal_lm trains prompt → response pairs.
+    task: str = "causal_lm"
     model: ModelConfig = field(default_factory=ModelConfig)
     interventions: InterventionConfig = field(default_factory=InterventionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -466,6 +468,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
 
     Raises ConfigError naming the field on the first problem found.
     """
+    from reft_fast.train.tasks import check_task  # tasks build on this module
+
+    check_task(cfg)
     _check_model_section(cfg.model, cfg.deepspeed)
     _check_interventions_section(cfg.interventions)
     if check_data:

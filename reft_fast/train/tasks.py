@@ -1,0 +1,111 @@
+"""Training tasks: what the recipe asks of a kind of job (its model class, data, objective and evaluation).
+
+The recipe (``reft_fast.train.recipe``) is one loop for every task; ``task:`` in the YAML picks the class here that
+supplies the parts that differ:
+
+    causal_lm   prompt → response pairs; the loss over the response tokens; the eval loss
+                (what pyreft's supervised data modules and ``ReftTrainerForCausalLM`` train)
+
+A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` is the model to follow):
+
+    check_config(cfg)                                  task-specific ConfigErrors, before any weight loads
+    auto_class                                         the transformers Auto class the frozen base loads with
+    datasets(tokenizer, seed) → (train, eval)          map-style datasets of items (eval may be None)
+    bind_base(base)                                    learn what the loaded base can do (before the engine)
+    collator(tokenizer, num_interventions)             items → a CPU batch with ``intervention_locations``
+    host_batch(batch) → batch                          CPU-side preparation before the transfer (no device work)
+    loss(engine, batch) → tensor                       the scalar loss of a batch already on the device
+    evaluate(engine, dataset, collator, rank, world)   {"eval_loss": ..., other metrics}: every rank takes part
+    trainable_base_parameters(base)                    base parameters trained with the interventions (a head)
+    item_tokens(item)                                  real tokens of an item, for tokens/s and MFU
+    generates                                          whether sample prompts are answered before/after training
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
+from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
+
+__all__ = ["CausalLMTask", "TASKS", "check_task", "make_task"]
+
+
+class CausalLMTask:
+    """Supervised causal-LM fine-tuning: the loss covers the response tokens only."""
+
+    auto_class = "AutoModelForCausalLM"
+    generates = True
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.trim = False  # set once the base is known (``bind_base``)
+
+    @staticmethod
+    def check_config(cfg: TrainConfig) -> None:
+        """Nothing beyond the common sections: every key of them applies to causal-LM training."""
+
+    def datasets(self, tokenizer, seed: int):
+        """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either)."""
+        d, base_dir = self.cfg.data, self.cfg.base_dir
+        train_source = resolve_data_path(d.train_file, base_dir) if d.train_file else d.hf_dataset
+        examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
+        if d.eval_file:
+            eval_examples = load_examples(resolve_data_path(d.eval_file, base_dir), d.prompt_field, d.response_field)
+        else:
+            examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
+        kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
+                      drop_long_prompts=d.drop_long_prompts)
+        train_set = SupervisedDataset(examples, tokenizer, **kwargs)
+        return train_set, (SupervisedDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None)
+
+    def bind_base(self, base) -> None:
+        """Learn what the loaded base can do: logits for the labelled tail only (``loss.trim_to_labels``)."""
+        self.trim = accepts_logits_to_keep(base)
+
+    def collator(self, tokenizer, num_interventions: int) -> ReftDataCollator:
+        iv, d = self.cfg.interventions, self.cfg.data
+        return ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=num_interventions,
+                                positions=iv.positions, share_weights=iv.share_weights,
+                                pack_length=d.max_length if d.packing else None)
+
+    def host_batch(self, batch: dict) -> dict:
+        return trim_to_labels(batch) if self.trim else batch
+
+    @staticmethod
+    def loss(engine, batch: dict) -> torch.Tensor:
+        return forward_loss(engine, batch)
+
+    def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
+        return {"eval_loss": mean_eval_loss(engine, dataset, collator, self.cfg.training.micro_batch_size, rank,
+                                            world, self.trim)}
+
+    @staticmethod
+    def trainable_base_parameters(base) -> list[torch.nn.Parameter]:
+        return []  # the base stays frozen: only the interventions train
+
+    @staticmethod
+    def item_tokens(item: dict) -> int:
+        return len(item["input_ids"])
+
+
+# task name (the YAML's ``task:``) → its class
+TASKS: dict[str, type] = {"causal_lm": CausalLMTask}
+
+
+def check_task(cfg: TrainConfig) -> None:
+    """``task`` names a registered task, and the task's own checks pass."""
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
+    TASKS[cfg.task].check_config(cfg)
+
+
+def make_task(cfg: TrainConfig, task: Optional[str] = None):
+    """The task object for ``cfg`` (its ``task:`` unless ``task`` is given)."""
+    name = task or cfg.task
+    if name not in TASKS:
+        raise ConfigError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
+    return TASKS[name](cfg)

@@ -1,0 +1,81 @@
+"""The task seam (reft_fast.train.tasks): ``task:`` picks the class that supplies a job's data, loss and metrics, and
+the recipe runs whatever task is registered."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dist.tiny import make_run
+
+
+def test_an_unknown_task_is_a_config_error_naming_the_choices(tmp_path):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    cfg = load_config(str(make_run(tmp_path)), ["task=summarization"])
+    with pytest.raises(ConfigError, match=r"^task: expected one of \['causal_lm'.*got 'summarization'"):
+        validate(cfg)
+
+
+def test_causal_lm_is_the_default_task(tmp_path):
+    from reft_fast.train.tasks import CausalLMTask, make_task
+    from reft_fast.train.train_config import load_config
+
+    cfg = load_config(str(make_run(tmp_path)))
+    assert cfg.task == "causal_lm" and type(make_task(cfg)) is CausalLMTask
+
+
+def test_the_recipe_runs_a_registered_task_and_logs_its_metrics(tmp_path, monkeypatch):
+    """A task registered at run time: its loss is what trains (halved here, so the logged losses are half the plain
+    task's), its evaluate's metrics reach metrics.jsonl and the result, and its config check runs in validation."""
+    from reft_fast.train import tasks
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import ConfigError, load_config
+
+    checked = []
+
+    class HalfLossTask(tasks.CausalLMTask):
+        @staticmethod
+        def check_config(cfg):
+            checked.append(cfg.task)
+            if cfg.training.max_steps > 2:
+                raise ConfigError("training.max_steps: at most 2 for this task")
+
+        @staticmethod
+        def loss(engine, batch):
+            return tasks.CausalLMTask.loss(engine, batch) * 0.5
+
+        def evaluate(self, engine, dataset, collator, rank, world):
+            metrics = super().evaluate(engine, dataset, collator, rank, world)
+            return {**metrics, "eval_examples": float(len(dataset))}
+
+    monkeypatch.setitem(tasks.TASKS, "half", HalfLossTask)
+    config = make_run(tmp_path, n_examples=20)
+    overrides = ["training.max_steps=2", "data.eval_fraction=0.2", "training.log_every=1"]
+    results = {}
+    try:
+        for task in ("causal_lm", "half"):
+            cfg = load_config(str(config), overrides + [f"task={task}", f"output_dir={tmp_path / task}"])
+            results[task] = ReftTrainingRecipe(cfg).run()
+        with pytest.raises(ConfigError, match="at most 2"):
+            ReftTrainingRecipe(load_config(str(config), ["task=half", "training.max_steps=3",
+                                                         f"output_dir={tmp_path / 'refused'}"])).run()
+    finally:
+        shutdown()
+    assert checked == ["half", "half"]
+    plain, half = results["causal_lm"], results["half"]
+    # Step 1 starts from the same weights, so its loss is exactly half; step 2 follows a different gradient scale
+    # through AdamW (nearly scale-free), so only close.
+    assert half.losses[0] == pytest.approx(plain.losses[0] / 2, rel=1e-6)
+    assert [m["step"] for m in half.eval_metrics] == [0, 2]
+    assert all(m["eval_examples"] == 4.0 for m in half.eval_metrics)
+    assert "eval_examples" not in plain.eval_metrics[-1]
+    # the eval loss is the plain task's (evaluate is not halved), at step 0 exactly
+    assert half.eval_metrics[0]["eval_loss"] == pytest.approx(plain.eval_metrics[0]["eval_loss"], rel=1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "half" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "eval_loss": half.eval_metrics[0]["eval_loss"], "eval_examples": 4.0}
+    assert rows[-1]["step"] == 2 and rows[-1]["eval_examples"] == 4.0
+    assert torch.isfinite(torch.tensor(half.losses)).all()
