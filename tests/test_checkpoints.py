@@ -122,3 +122,58 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         check_output_dir(_config(tmp_path / "file"))
+
+
+class _InterruptedSave:
+    """A ReftModel stand-in whose save writes its config and is killed before the weights (the real ReftModel.save
+    writes in that order)."""
+
+    def save(self, directory: str) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "config.json").write_text('{"new": true}')
+        raise KeyboardInterrupt("killed during the save")
+
+
+def test_a_kill_while_the_final_interventions_are_saved_keeps_the_previous_ones_whole(tmp_path, monkeypatch):
+    from reft_fast.train import run_dir
+
+    monkeypatch.setattr(run_dir, "barrier", lambda: None)
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text('{"old": true}')
+    (final / "interventions.safetensors").write_bytes(b"old weights")
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.save_interventions(_InterruptedSave(), final, TrainConfig(output_dir=str(tmp_path)), rank=0)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "interventions.safetensors"]
+    assert (final / "config.json").read_text() == '{"old": true}'
+    # The next save replaces the scratch left behind and publishes a complete directory.
+
+    class _Save:
+        def save(self, directory: str) -> None:
+            (Path(directory)).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "config.json").write_text('{"new": true}')
+
+    run_dir.save_interventions(_Save(), final, TrainConfig(output_dir=str(tmp_path)), rank=0)
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", run_dir.TRAIN_CONFIG_FILE]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_kill_while_metrics_are_rewound_keeps_the_file(tmp_path, monkeypatch):
+    """Resuming at step 2 cuts metrics.jsonl back to steps ≤ 2; a kill during that write must not lose the file."""
+    from reft_fast.train import files, run_dir
+
+    metrics = tmp_path / "metrics.jsonl"
+    lines = "".join(f'{{"step": {k}}}\n' for k in range(5))
+    metrics.write_text(lines)
+
+    def torn_write(path, data):
+        Path(path).write_bytes(data[:3])
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(files, "write_durably", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.rewind_metrics(metrics, 2)
+    assert metrics.read_text() == lines
+    monkeypatch.undo()
+    run_dir.rewind_metrics(metrics, 2)
+    assert metrics.read_text() == "".join(f'{{"step": {k}}}\n' for k in range(3))

@@ -77,6 +77,21 @@ def test_overrides_stand_anywhere_and_the_last_one_wins(config, capsys, nothing_
     assert "unrecognized arguments: stray" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "repeat : red", "output": "red"}\n{"instruction": "repeat : blue",\n', r"train.jsonl:2: not valid JSON"),
+    ('[{"instruction": "repeat : red", "output": "red"},\n {"instruction": ]\n', r"train.jsonl:2: not valid JSON"),
+    ('{"prompt": "repeat : red", "output": "red"}\n', r"example 0 has no field 'instruction'"),
+])
+def test_a_bad_data_file_is_a_config_error_not_a_traceback(config, tmp_path, capsys, content, message):
+    """The data's content is the user's to fix, like the config: one line naming the file and line, exit status 2."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(content)
+    code = main(["train", str(config), f"data.train_file={data}", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(rf"config error: data: .*{message}", err), err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:

@@ -153,6 +153,17 @@ def test_old_intervention_keys_still_work_with_one_warning_naming_the_new_ones(r
         assert renamed in record.getMessage()
 
 
+def test_the_old_keys_warning_comes_from_rank_0_only(run_dir, caplog, monkeypatch):
+    """Every rank reads the config; a job of 8 ranks prints the warning once, not 8 times."""
+    path = _write(run_dir, interventions={"type": "noreft", "rank": 3})
+    for rank, expected in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="reft_fast.train.train_config"):
+            load_config(path)
+        assert len(caplog.records) == expected, (rank, caplog.records)
+
+
 @pytest.mark.parametrize("old, new", [("rank", "low_rank_dimension"), ("type", "intervention"), ("act", "act_fn")])
 def test_old_and_new_name_of_one_key_together_is_an_error(run_dir, old, new):
     with pytest.raises(ConfigError, match=rf"^interventions\.{old}: the older name of interventions\.{new}"):

@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.files import fsync_dir, remove_atomically, replace_atomically, write_durably
 from reft_fast.train.loss import forward_loss
 from reft_fast.train.train_config import ConfigError
 
@@ -66,36 +67,6 @@ class CheckpointError(Exception):
 # --------------------------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    scratch = path.with_name(f".{path.name}.tmp")
-    _write_durably(scratch, data)
-    os.replace(scratch, path)
-    _fsync_dir(path.parent)
-
-
-def _remove_atomically(path: Path) -> None:
-    """Rename to a hidden scratch name, then delete: a kill midway never leaves a half-deleted ``stepN``."""
-    scratch = path.with_name(f".{path.name}.deleting")
-    shutil.rmtree(scratch, ignore_errors=True)
-    os.replace(path, scratch)
-    shutil.rmtree(scratch, ignore_errors=True)
-
-
 def step_dirs(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """The ``stepN`` directories, in increasing N (a number: step100 comes after step99)."""
     if not ckpt_dir.is_dir():
@@ -118,17 +89,17 @@ def write_checkpoint(ckpt_dir: Path, step: int, state: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    _write_durably(partial / STATE_FILE, payload)
+    write_durably(partial / STATE_FILE, payload)
     manifest = {"format": FORMAT, "step": step,
                 "files": {STATE_FILE: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}}
-    _write_durably(partial / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
-    _fsync_dir(partial)
+    write_durably(partial / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+    fsync_dir(partial)
     final = ckpt_dir / tag
     if final.exists():  # a damaged leftover of this step from before the resume that replays it
-        _remove_atomically(final)
+        remove_atomically(final)
     os.replace(partial, final)
-    _fsync_dir(ckpt_dir)
-    _replace_atomically(ckpt_dir / LATEST_FILE, f"{tag}\n".encode())
+    fsync_dir(ckpt_dir)
+    replace_atomically(ckpt_dir / LATEST_FILE, f"{tag}\n".encode())
     return final
 
 
@@ -205,7 +176,7 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current_step: int) -> None:
     kept = [(step, path) for step, path in step_dirs(ckpt_dir) if step <= current_step]
     stale = [path for step, path in step_dirs(ckpt_dir) if step > current_step] + [path for _, path in kept[:-keep]]
     for path in stale:
-        _remove_atomically(path)
+        remove_atomically(path)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -96,7 +96,10 @@ def _read_json_rows(path: Path) -> list:
                          "save the file as UTF-8") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():

@@ -191,7 +191,13 @@ class ReftTrainingRecipe:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
         self.source = model_source(cfg)
         self.tokenizer = load_tokenizer(self.source, cfg.model.trust_remote_code)
-        self.train_set, self.eval_set = self.task.datasets(self.tokenizer, t.seed)
+        try:
+            self.train_set, self.eval_set = self.task.datasets(self.tokenizer, t.seed)
+        except ConfigError:
+            raise
+        except ValueError as err:  # the data's content (bad JSON, a missing field, a prompt too long): the user's fix
+            message = str(err)
+            raise ConfigError(message if message.startswith("data.") else f"data: {message}") from None
         self.sampler = StepSampler(len(self.train_set), t.micro_batch_size, self.world, self.accumulation, t.seed)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
         self.gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,

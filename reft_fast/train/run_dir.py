@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from reft_fast.train.distributed import barrier
+from reft_fast.train.files import publish_directory, replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
 __all__ = ["RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "prepare_output_dir", "rewind_metrics",
@@ -30,8 +31,11 @@ __all__ = ["RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "prepare_ou
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
-# What a run writes into output_dir; --overwrite removes these (and nothing else) before starting.
-_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", TRAIN_CONFIG_FILE, RUN_INFO_FILE)
+# What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
+# are scratch names of writes a kill interrupted (reft_fast.train.files).
+_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", TRAIN_CONFIG_FILE, RUN_INFO_FILE,
+                ".final.partial", ".final.deleting", f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp",
+                ".metrics.jsonl.tmp")
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -61,9 +65,9 @@ def prepare_output_dir(cfg: TrainConfig, fused_ops: tuple[str, ...]) -> None:
     if cfg.overwrite_output_dir:
         _remove_previous_run(output)
     output.mkdir(parents=True, exist_ok=True)
-    (output / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+    replace_atomically(output / TRAIN_CONFIG_FILE, _config_yaml(cfg))
     # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
-    (output / RUN_INFO_FILE).write_text(json.dumps(
+    replace_atomically(output / RUN_INFO_FILE, json.dumps(
         {"fused_ops_mode": cfg.model.fused_ops, "fused_ops": list(fused_ops)}, indent=1) + "\n")
 
 
@@ -95,7 +99,7 @@ def rewind_metrics(path: Path, step: int) -> None:
             break
         if row.get("step", 0) <= step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    replace_atomically(path, "".join(line + "\n" for line in kept))  # a kill here must not lose the steps kept
 
 
 def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
@@ -103,7 +107,12 @@ def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int)
     # The interventions are whole on every rank at every stage (reft_fast.train.ds_config keeps them out of ZeRO-3's
     # partitioning). Under ZeRO-3 they must not go through GatheredParameters: leaving it partitions (frees) even
     # persistent parameters (DeepSpeed 0.19.8), and the samples generated after this save would run on empty weights.
+    # Written whole under a scratch name and then renamed: a kill never leaves a final/ that loads with some of its
+    # files missing (or an earlier run's files beside this one's).
     if rank == 0:
-        reft_model.save(str(directory))
-        (directory / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+        scratch = directory.with_name(f".{directory.name}.partial")
+        shutil.rmtree(scratch, ignore_errors=True)
+        reft_model.save(str(scratch))
+        (scratch / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+        publish_directory(scratch, directory)
     barrier()

@@ -332,7 +332,8 @@ def _rename_old_keys(tree: dict) -> dict:
             entries[new] = entries.pop(old)
             renamed.append(f"{section}.{old} -> {section}.{new}")
         tree = {**tree, section: entries}
-    if renamed:
+    # Every rank reads the config: one warning per job (rank 0's; the launchers set RANK), not one per rank.
+    if renamed and os.environ.get("RANK", "0") == "0":
         logger.warning("config: renamed keys (%s): the old names still work for now but are deprecated; use the new "
                        "ones, which are ReftConfig's", ", ".join(renamed))
     return tree

@@ -1,0 +1,61 @@
+"""Writing a run's files so that a kill at any moment leaves either the old file or the new one, never a torn one.
+
+A file is written under a hidden scratch name in the same directory, fsynced, and renamed over its target
+(``os.replace`` is atomic on POSIX file systems); the directory is fsynced after, so the rename itself survives a
+machine crash. A directory is published the same way: written whole under a scratch name, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Union
+
+__all__ = ["fsync_dir", "publish_directory", "remove_atomically", "replace_atomically", "write_durably"]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_atomically(path: Path, data: Union[bytes, str]) -> None:
+    """``path`` holds ``data`` afterwards; until the rename it holds what it held before (or does not exist)."""
+    scratch = path.with_name(f".{path.name}.tmp")
+    write_durably(scratch, data.encode() if isinstance(data, str) else data)
+    os.replace(scratch, path)
+    fsync_dir(path.parent)
+
+
+def remove_atomically(path: Path) -> None:
+    """Rename to a hidden scratch name, then delete: a kill midway never leaves a half-deleted directory under
+    ``path``'s name."""
+    scratch = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.replace(path, scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+def publish_directory(written: Path, target: Path) -> None:
+    """Move the complete directory ``written`` to ``target``, replacing an older one there. A kill leaves the old
+    ``target``, the new one, or (between the removal and the rename, a moment) none, but never a partial one."""
+    for path in written.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(written)
+    if target.exists():
+        remove_atomically(target)
+    os.replace(written, target)
+    fsync_dir(target.parent)
