@@ -31,6 +31,38 @@ def test_load_json_list_and_jsonl_with_field_names(tmp_path):
         load_examples(tmp_path / "bad.jsonl", "q", "a")
 
 
+def test_templates_build_prompt_and_response_from_the_row(tmp_path):
+    """The ReFT paper's commonsense rows: the prompt is the instruction and a newline, the response the trigger
+    phrase and the answer; a number prints through a template; a missing field is named with its example."""
+    rows = [{"instruction": "Is fire hot? Answer format: true/false", "answer": "true", "output": "..."},
+            {"instruction": "What is 6 * 7?", "answer": 42, "output": "..."}]
+    (tmp_path / "cs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_examples(tmp_path / "cs.jsonl", prompt_template="{instruction}\n",
+                        response_template="the correct answer is {answer}")
+    assert got == [{"prompt": rows[0]["instruction"] + "\n", "response": "the correct answer is true"},
+                   {"prompt": rows[1]["instruction"] + "\n", "response": "the correct answer is 42"}]
+    with pytest.raises(ValueError, match=r"example 1 field 'answer' is int, expected text"):
+        load_examples(tmp_path / "cs.jsonl", "instruction", "answer")  # without a template the field is the text
+    with pytest.raises(ValueError, match=r"example 0 has no field 'question'.*the templates name it"):
+        load_examples(tmp_path / "cs.jsonl", prompt_template="Q: {question}\nA: ")
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{instruction", "expected '}' before end of string"),
+    ("{0} and {1}", r"\{0\} in '\{0\} and \{1\}' is not a field name"),
+    ("no placeholder", "names no field"),
+])
+def test_a_bad_template_is_a_config_error_before_anything_loads(template, message):
+    from reft_fast.train.train_config import ConfigError, TrainConfig, validate
+
+    cfg = TrainConfig()
+    cfg.model.path = "unused"
+    cfg.data.train_file = "unused.jsonl"
+    cfg.data.response_template = template
+    with pytest.raises(ConfigError, match=rf"^data\.response_template: .*{message}"):
+        validate(cfg, check_model=False, check_data=False)
+
+
 def test_utf8_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path):
     rows = [{"q": "repeat : café", "a": "café"}]
     bom = "\ufeff".encode()  # some Windows editors start UTF-8 files with it

@@ -19,6 +19,7 @@ import collections
 import json
 import logging
 import random
+import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ __all__ = [
     "encode_prompt",
     "load_examples",
     "split_examples",
+    "template_fields",
     "StepSampler",
 ]
 
@@ -53,36 +55,64 @@ def load_examples(
     response_field: str = "output",
     *,
     hf_split: str = "train",
+    prompt_template: Optional[str] = None,
+    response_template: Optional[str] = None,
 ) -> list[dict]:
     """Examples as ``[{"prompt": str, "response": str}]`` from a JSON list, a JSONL file, a list of dicts, or (when
-    ``source`` is not a file and the ``datasets`` package is installed) a Hugging Face dataset name."""
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        rows = _read_json_rows(Path(source))
-        where = str(source)
-    elif isinstance(source, (str, Path)):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
-        rows = list(datasets.load_dataset(str(source), split=hf_split))
-        where = f"{source}[{hf_split}]"
-    else:
-        rows = list(source)
-        where = "the given examples"
+    ``source`` is not a file and the ``datasets`` package is installed) a Hugging Face dataset name.
+
+    A template (``str.format`` syntax over the row's fields, e.g. ``"{instruction}\n"`` and
+    ``"the correct answer is {answer}"``, the ReFT paper's commonsense format) builds the prompt or the response
+    from the row instead of taking one field as it is."""
+    rows, where = _read_rows(source, hf_split)
+    prompt_fields = template_fields(prompt_template, "data.prompt_template") if prompt_template else [prompt_field]
+    response_fields = (template_fields(response_template, "data.response_template") if response_template
+                       else [response_field])
+    templated = set(prompt_fields if prompt_template else []) | set(response_fields if response_template else [])
     examples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: example {i} is a {type(row).__name__}, expected an object")
-        for name in (prompt_field, response_field):
+        for name in prompt_fields + response_fields:
             if name not in row:
-                raise ValueError(f"{where}: example {i} has no field {name!r} (fields: {sorted(row)}); set "
-                                 "data.prompt_field / data.response_field")
-            if not isinstance(row[name], str):
+                how = ("the templates name it" if prompt_template or response_template else
+                       "set data.prompt_field / data.response_field")
+                raise ValueError(f"{where}: example {i} has no field {name!r} (fields: {sorted(row)}); {how}")
+            # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
+            if not isinstance(row[name], (str, int, float) if name in templated else str):
                 raise ValueError(f"{where}: example {i} field {name!r} is {type(row[name]).__name__}, expected text")
-        examples.append({"prompt": row[prompt_field], "response": row[response_field]})
+        examples.append({"prompt": prompt_template.format_map(row) if prompt_template else row[prompt_field],
+                         "response": response_template.format_map(row) if response_template else row[response_field]})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
+
+
+def _read_rows(source: Union[str, Path, Sequence[dict]], hf_split: str) -> tuple[list, str]:
+    """The raw rows of a data source, and how to name it in messages."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        return _read_json_rows(Path(source)), str(source)
+    if isinstance(source, (str, Path)):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
+        return list(datasets.load_dataset(str(source), split=hf_split)), f"{source}[{hf_split}]"
+    return list(source), "the given examples"
+
+
+def template_fields(template: str, name: str) -> list[str]:
+    """The field names a ``str.format`` template reads; only plain names (no indexing, no conversions)."""
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:
+        raise ValueError(f"{name}: {err} in {template!r} (write a literal brace as {{{{ or }}}})") from None
+    for field in fields:
+        if not field.isidentifier():
+            raise ValueError(f"{name}: {{{field}}} in {template!r} is not a field name; use {{name}} placeholders")
+    if not fields:
+        raise ValueError(f"{name}: {template!r} names no field; use {{name}} placeholders, e.g. {{instruction}}")
+    return fields
 
 
 def _read_json_rows(path: Path) -> list:

@@ -52,9 +52,11 @@ class CausalLMTask:
         """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either)."""
         d, base_dir = self.cfg.data, self.cfg.base_dir
         train_source = resolve_data_path(d.train_file, base_dir) if d.train_file else d.hf_dataset
-        examples = load_examples(train_source, d.prompt_field, d.response_field, hf_split=d.hf_split)
+        fields = dict(prompt_field=d.prompt_field, response_field=d.response_field,
+                      prompt_template=d.prompt_template, response_template=d.response_template)
+        examples = load_examples(train_source, hf_split=d.hf_split, **fields)
         if d.eval_file:
-            eval_examples = load_examples(resolve_data_path(d.eval_file, base_dir), d.prompt_field, d.response_field)
+            eval_examples = load_examples(resolve_data_path(d.eval_file, base_dir), **fields)
         else:
             examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
         kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,

@@ -121,6 +121,10 @@ class DataConfig:
     hf_split: str = "train"
     prompt_field: str = "instruction"
     response_field: str = "output"
+    # Templates over a row's fields (str.format syntax) build the prompt / the response instead of one field, e.g.
+    # "{instruction}\n" and "the correct answer is {answer}" (the ReFT paper's commonsense data).
+    prompt_template: Optional[str] = None
+    response_template: Optional[str] = None
     system_prompt: Optional[str] = None
     # None: use the tokenizer's chat template when it has one; False: plain "prompt" + "response" concatenation.
     chat_template: Optional[bool] = None
@@ -538,6 +542,14 @@ def _check_interventions_section(iv: InterventionConfig) -> None:
 
 
 def _check_data_section(d: DataConfig) -> None:
+    from reft_fast.train.data import template_fields  # the data module builds on this one
+
+    for name in ("prompt_template", "response_template"):
+        if getattr(d, name) is not None:
+            try:
+                template_fields(getattr(d, name), f"data.{name}")
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
     if d.max_length < 2:
