@@ -114,7 +114,7 @@ def _documented_launch_lines() -> list[tuple[str, list[str]]]:
     """(where, words) of every `deepspeed ...` / `torchrun ...` command in the README, the CLI's help and the example
     configs."""
     found = []
-    for path in [ROOT / "README.md", ROOT / "reft_fast" / "train" / "cli.py", *sorted((ROOT / "configs").glob("*.yaml"))]:
+    for path in [ROOT / "README.md", ROOT / "reft_fast" / "train" / "cli.py", *sorted((ROOT / "configs").rglob("*.yaml"))]:
         # a config's comment lines lose their "#"; a README line its trailing comment; "\" continues a line
         text = "\n".join(line.lstrip("# ").split("  #")[0] for line in path.read_text().splitlines())
         for number, line in enumerate(text.replace("\\\n", " ").splitlines(), 1):

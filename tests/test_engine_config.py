@@ -79,6 +79,9 @@ def test_overrides_parse_values_as_yaml():
     (["interventions.intervention=lobireft", "interventions.act_fn=gelu"], "interventions.act_fn"),
     (["data.packing=often"], "data.packing"),
     (["data.packing=true", "model.attn_implementation=flash_attention_2"], "data.packing"),
+    (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
+    (["training.warmup_ratio=0.1", "training.warmup_steps=5"], "training.warmup_ratio"),
+    (["task=seq2seq"], "task"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):
@@ -168,3 +171,12 @@ def test_the_old_keys_warning_comes_from_rank_0_only(run_dir, caplog, monkeypatc
 def test_old_and_new_name_of_one_key_together_is_an_error(run_dir, old, new):
     with pytest.raises(ConfigError, match=rf"^interventions\.{old}: the older name of interventions\.{new}"):
         load_config(_write(run_dir, interventions={new: None if old == "act" else 2}), [f"interventions.{old}=2"])
+
+
+def test_warmup_ratio_is_a_share_of_the_run_rounded_up():
+    from reft_fast.train.ds_config import lr_lambda, warmup_steps_of
+
+    assert warmup_steps_of(0, 0.1, 31_878) == 3188  # the paper's commonsense run: 6 epochs of 170k at 32 per step
+    assert warmup_steps_of(7, None, 100) == 7 and warmup_steps_of(0, 0.0, 100) == 0
+    schedule = lr_lambda("linear", warmup_steps_of(0, 0.1, 50), 50, 0.0)
+    assert [schedule(k) for k in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]

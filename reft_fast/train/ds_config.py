@@ -25,7 +25,7 @@ import torch
 
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
-__all__ = ["build_ds_config", "lr_lambda", "take_gradient_clipping"]
+__all__ = ["build_ds_config", "lr_lambda", "take_gradient_clipping", "warmup_steps_of"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -80,6 +80,12 @@ def take_gradient_clipping(config: dict) -> Optional[float]:
     max_norm = float(config.get("gradient_clipping", 0.0))
     config["gradient_clipping"] = 0.0
     return max_norm
+
+
+def warmup_steps_of(warmup_steps: int, warmup_ratio: Optional[float], total_steps: int) -> int:
+    """The warmup in optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of the run's steps (rounded, as
+    transformers' TrainingArguments.get_warmup_steps rounds up)."""
+    return math.ceil(warmup_ratio * total_steps) if warmup_ratio is not None else warmup_steps
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:

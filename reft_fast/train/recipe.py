@@ -53,7 +53,7 @@ from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
-from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping
+from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping, warmup_steps_of
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
@@ -253,8 +253,9 @@ class ReftTrainingRecipe:
         self.trainable_params = params
         self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
+        warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.schedule, t.warmup_steps, self.total_steps, t.min_lr_ratio))
+            self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps, t.min_lr_ratio))
         self.engine, _, _, _ = deepspeed.initialize(model=self.reft_model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, model_parameters=params,
                                                     config=ds_config)

@@ -149,6 +149,9 @@ class TrainingConfig:
     adam_eps: float = 1e-8
     schedule: str = "cosine"
     warmup_steps: int = 0
+    # Or warmup as a share of the run's optimizer steps (pyreft's --warmup_ratio; the paper's LLaMA rows use 0.1); at
+    # most one of the two is set.
+    warmup_ratio: Optional[float] = None
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0 disables clipping (DeepSpeed's own default changed between versions: be explicit)
     seed: int = 42
@@ -590,6 +593,10 @@ def _check_training_section(t: TrainingConfig, world_size: int) -> None:
     if t.log_every < 1 or t.keep_checkpoints < 1:
         bad = "log_every" if t.log_every < 1 else "keep_checkpoints"
         raise ConfigError(f"training.{bad}: must be ≥ 1, got {getattr(t, bad)}")
+    if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio < 1.0:
+        raise ConfigError(f"training.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.warmup_ratio is not None and t.warmup_steps:
+        raise ConfigError("training.warmup_ratio: cannot be combined with training.warmup_steps; set one of them")
     if t.max_grad_norm < 0:
         raise ConfigError(f"training.max_grad_norm: must be ≥ 0, got {t.max_grad_norm}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
