@@ -141,6 +141,28 @@ def test_examples_that_exactly_fill_a_row():
     assert bool((batch["segment_ids"] > 0).all())  # no padding at all
 
 
+def test_examples_cut_at_max_length_pack_as_they_run_alone():
+    """Truncation keeps the prompt (it holds the intervened positions) and cuts the response at max_length: such
+    an example fills a row of max_length alone, and a packed batch mixing cut and whole examples still gives each
+    one its solo loss and gradients. (A prompt longer than max_length − 1 is refused, or dropped with
+    data.drop_long_prompts: test_data.py, so the left side is never cut.)"""
+    from reft_fast.train.data import SupervisedDataset
+
+    tokenizer = make_tokenizer()
+    words = "red green blue cat dog bird fish cow sky sea sun moon tree big small hot".split()
+    examples = [{"prompt": "repeat : " + " ".join(words[:4]), "response": " ".join(words)},  # cut
+                {"prompt": "repeat : " + " ".join(words[4:7]), "response": " ".join(words[4:7])},  # whole
+                {"prompt": "repeat : " + " ".join(words[:7]), "response": " ".join(words * 2)},  # cut
+                {"prompt": "repeat : red", "response": "red"}]  # whole
+    dataset = SupervisedDataset(examples, tokenizer, max_length=16, chat_template=False)
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [len(it["input_ids"]) for it in items][::2] == [16, 16]  # the two cut ones end at max_length
+    assert all(len(it["input_ids"]) < 16 for it in items[1::2])
+    assert [it["prompt_length"] for it in items][::2] == [6, 9]  # the prompt kept whole ("repeat", ":", words)
+    batch = _check_packed_equals_solo(_reft_model(_base("llama")), items, pack_length=16)
+    assert batch["input_ids"].shape[1] == 16
+
+
 def test_intervention_positions_are_shifted_to_each_example_place():
     items = _items([(5, 4), (6, 2), (4, 4)], seed=5)
     batch = _collator(pack_length=30)(items)
