@@ -220,3 +220,49 @@ def test_op_each_example_its_own_entry_and_refusals():
     with pytest.raises(RuntimeError, match="inference only"):
         ops.multi_low_rank_edit(h, positions, edit_index, [{**edits[0], "b": edits[0]["b"].requires_grad_()},
                                                            *edits[1:]])
+
+
+def _word_tokenizer(directory):
+    """A real fast tokenizer over a tiny word vocabulary, saved next to the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_path):
+    import json
+
+    from reft_fast.train.cli import main
+    from reft_fast.train.generation import generate_answers
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    tokenizer = _word_tokenizer(model_dir)
+    prompts = [("w3 w7 w9 w11 w2", "A"), ("w5 w6", None), ("w8 w8 w4 w12", "B"), ("w20 w21 w22", "C"),
+               ("w5 w6", "C")]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p, "reft": n}) + "\n" for p, n in prompts))
+    output = tmp_path / "answers.jsonl"
+    refts = [arg for name in ("A", "B", "C") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file),
+                 "--output", str(output), "--no-chat-template", "--max-new-tokens", "3", "--batch-size", "4"]) in (0, None)
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(a["prompt"], a["reft"]) for a in answers] == prompts
+    for (prompt, name), answer in zip(prompts, answers):  # each the same as that ReFT alone on that prompt
+        alone = _alone(reft_model, name, lambda n: generate_answers(
+            reft_model.model if n is None else reft_model, tokenizer, [prompt], chat_template=False,
+            positions=None if n is None else REFTS[n][1], share_weights=False if n is None else REFTS[n][2],
+            max_new_tokens=3))
+        assert answer["answer"] == alone[0], (prompt, name)
+    assert answers[1]["answer"] != answers[4]["answer"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w3", "reft": "Z"}) + "\n")
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
