@@ -1,6 +1,6 @@
 """Serving several ReFTs: one mixed batch (adapter_names) against the same prompts grouped by ReFT, one call each.
 
-    python bench/bench_multi_reft.py            # SmolLM2-135M-Instruct on the CPU (2 cores: ~2 min)
+    python bench/bench_multi_reft.py --new-tokens 8 --rounds 1   # SmolLM2-135M-Instruct, CPU (the recorded run)
     python bench/bench_multi_reft.py --tiny     # a tiny random Llama, seconds
 
 Four ReFTs of different types, ranks, layers and position specs (LoReFT r4 at layers 8 and 16 f3+l3 shared, NoReFT
