@@ -66,8 +66,8 @@ from torch import nn
 from reft_fast import ops
 from reft_fast.core.hf import component_module
 
-__all__ = ["ForwardState", "InterventionHooks", "is_prompt_pass", "cached_tokens", "runs_own_forward",
-           "edit_with_own_forward"]
+__all__ = ["ForwardState", "InterventionHooks", "MultiForwardState", "MultiAdapterHooks", "SitePass",
+           "is_prompt_pass", "cached_tokens", "runs_own_forward", "edit_with_own_forward"]
 
 # Keyword names under which a module may receive its hidden states when they are not its first positional argument.
 _HIDDEN_KWARGS = ("hidden_states", "x", "input")
@@ -108,6 +108,10 @@ class InterventionHooks:
                  interventions: Sequence[nn.Module]):
         self.interventions = tuple(interventions)
         self.runs_own_forward = tuple(runs_own_forward(intervention) for intervention in self.interventions)
+        self._register(model, layers, placements)
+
+    def _register(self, model: nn.Module, layers: nn.ModuleList, placements: Sequence[tuple[int, str]]) -> None:
+        """One hook per distinct placement; the hook of a site gets the indices of the placements there."""
         self.running: Optional[ForwardState] = None  # the ReftModel forward or generate in progress
         self._replaying: Optional[ForwardState] = None  # the forward whose graph the running backward is in
         sites: dict[tuple[int, str], list[int]] = {}
@@ -207,6 +211,62 @@ class InterventionHooks:
                 return args, {**kwargs, name: self._edit(indices, kwargs[name], state, owned=False)}
         raise TypeError(f"cannot find the hidden states among the inputs of {type(module).__name__} (first positional "
                         f"argument or one of {list(_HIDDEN_KWARGS)})")
+
+
+@dataclass
+class SitePass:
+    """One edit of a site over the whole batch, each example with its own ReFT's step (several ReFTs in one batch):
+    ``entries`` the steps (``ReftIntervention.edit_steps``), ``positions`` each entry's [B, P_k] positions,
+    ``edit_index`` [B] the entry of each example (−1: its ReFT has no step here, or the example has no ReFT)."""
+
+    entries: list
+    positions: list
+    edit_index: torch.Tensor
+    backend: str
+    _expanded: dict = field(default_factory=dict)
+
+    def for_batch(self, batch_size: int, expandable: bool) -> tuple[list, torch.Tensor]:
+        """(positions, edit_index) for hidden states of ``batch_size`` examples (beams repeat each example)."""
+        own = self.edit_index.shape[0]
+        if batch_size == own:
+            return self.positions, self.edit_index
+        factor = batch_size // own
+        if not expandable or factor * own != batch_size:
+            raise ValueError(f"the hidden states have batch {batch_size} but adapter_names has {own} entries")
+        if factor not in self._expanded:
+            self._expanded[factor] = ([p.repeat_interleave(factor, dim=0) for p in self.positions],
+                                      self.edit_index.repeat_interleave(factor))
+        return self._expanded[factor]
+
+
+@dataclass
+class MultiForwardState:
+    """What the hooks of a forward with several ReFTs in the batch need: the passes of each hooked site, in the
+    order of ``MultiAdapterHooks``' sites; ``expandable``, ``prompt_length``, ``enabled`` as in ForwardState."""
+
+    passes: list
+    expandable: bool = False
+    prompt_length: int = 0
+    enabled: bool = True
+
+
+class MultiAdapterHooks(InterventionHooks):
+    """Hooks at the union of the sites of several ReFTs, editing each example with its own ReFT (inference only).
+
+    Registered for one ReftModel forward or generate with ``adapter_names`` and removed after it, so that a model
+    serving one ReFT at a time runs no hook of these."""
+
+    def __init__(self, model: nn.Module, layers: nn.ModuleList, sites: Sequence[tuple[int, str]]):
+        self.interventions, self.runs_own_forward = (), ()
+        self._register(model, layers, sites)
+
+    def _edit(self, indices: list, h: torch.Tensor, state: MultiForwardState, owned: bool) -> torch.Tensor:
+        for site in indices:
+            for site_pass in state.passes[site]:
+                positions, edit_index = site_pass.for_batch(h.shape[0], state.expandable)
+                h = ops.multi_low_rank_edit(h, positions, edit_index, site_pass.entries, backend=site_pass.backend,
+                                            validate=False)
+        return h
 
 
 def runs_own_forward(intervention: nn.Module) -> bool:

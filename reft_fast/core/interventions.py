@@ -242,6 +242,22 @@ class ReftIntervention(nn.Module):
         gradient checkpointing draws the same mask). ``in_place``: the caller owns h, write into it where the backend
         can (``ops.low_rank_edit``); use the return value.
         """
+        steps = self.edit_steps(rotation)
+        p = self._dropout_p()
+        if len(steps) == 2:
+            # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
+            # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
+            edited = ops.low_rank_edit(h, positions, **steps[0], backend=backend, validate=validate, in_place=in_place)
+            # the first pass's output is new (ours) or h written in place (the caller's to give): the second writes
+            # into it
+            return ops.low_rank_edit(edited, positions, **steps[1], dropout=p, seed=seed, backend=backend,
+                                     validate=False, in_place=in_place or edited is not h)
+        return ops.low_rank_edit(h, positions, **steps[0], dropout=p, seed=seed, backend=backend, validate=validate,
+                                 in_place=in_place)
+
+    def edit_steps(self, rotation: Optional[torch.Tensor] = None) -> tuple[dict, ...]:
+        """The op calls this intervention's edit is made of, in order, as ``ops.low_rank_edit`` keyword arguments
+        (Q, W, b, P, act; dropout applies to the last): one, or two for a subtracted W2 bias under an activation."""
         spec = type(self).spec
         if spec.basis == "free":
             Q, projection_bias = self.proj_layer.weight, self.proj_layer.bias
@@ -250,20 +266,11 @@ class ReftIntervention(nn.Module):
         W, b = (self.learned_source.weight, self.learned_source.bias) if spec.source == "linear" else \
             (None, self.learned_source)
         P = Q if spec.subtract else None
-        p = self._dropout_p()
         if projection_bias is not None and ops.ACTIVATIONS[self.act_fn_name] != 0:
-            # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
-            # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
-            edited = ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn_name, backend=backend,
-                                       validate=validate, in_place=in_place)
-            # the first pass's output is new (ours) or h written in place (the caller's to give): the second writes
-            # into it
-            return ops.low_rank_edit(edited, positions, Q, b=-projection_bias, dropout=p, seed=seed, backend=backend,
-                                     validate=False, in_place=in_place or edited is not h)
+            return dict(Q=Q, W=W, b=b, P=P, act=self.act_fn_name), dict(Q=Q, b=-projection_bias)
         if projection_bias is not None:  # without an activation b2 folds into the source bias: z − b2 = W h + (b − b2)
             b = b - projection_bias
-        return ops.low_rank_edit(h, positions, Q, W=W, b=b, P=P, act=self.act_fn_name, dropout=p, seed=seed,
-                                 backend=backend, validate=validate, in_place=in_place)
+        return (dict(Q=Q, W=W, b=b, P=P, act=self.act_fn_name),)
 
     def forward(self, h: torch.Tensor, positions: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """``edit`` with positions defaulting to every token of every example."""

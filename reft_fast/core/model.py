@@ -23,9 +23,10 @@ as pyreft's).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,7 +34,8 @@ from torch import nn
 from reft_fast import ops
 from reft_fast.core.config import ReftConfig, parse_component_path
 from reft_fast.core.hf import component_module, find_decoder_layers, model_hidden_size
-from reft_fast.core.hooks import ForwardState, InterventionHooks
+from reft_fast.core.adapters import Adapter, adapter_locations, check_adapter_names, multi_forward_state
+from reft_fast.core.hooks import ForwardState, InterventionHooks, MultiAdapterHooks, runs_own_forward
 from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
 from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
@@ -120,6 +122,9 @@ class ReftModel(nn.Module):
             self.placements.append((layer, component))
         self._in_order = tuple(self.interventions.values())  # what the hooks index, built once
         self._hooks = InterventionHooks(model, layers, self.placements, self._in_order)
+        self._layers = layers
+        self._adapters = {"default": Adapter(reft_config, self.interventions, self.placements)}
+        self.active_adapter = "default"
 
     @property
     def backend(self) -> Optional[str]:
@@ -177,18 +182,86 @@ class ReftModel(nn.Module):
               f"model params: {base_total:,d} || trainable%: {100 * (trainable + base_trainable) / base_total}")
 
     # ----------------------------------------------------------------------------------------------------------------
+    # Several ReFTs over one base
+    # ----------------------------------------------------------------------------------------------------------------
+    @property
+    def loaded_adapters(self) -> tuple:
+        """The names of the ReFTs this model holds ("default" is the one it was built or loaded with)."""
+        return tuple(self._adapters)
+
+    def load_adapter(self, load_directory: Union[str, os.PathLike], adapter_name: str, *,
+                     orthogonalization: str = "householder") -> None:
+        """Add the ReFT saved in ``load_directory`` (ours or a registered format, a local directory or a Hub repo id,
+        as ``ReftModel.load``) under ``adapter_name``; the active ReFT stays active. The base is not modified."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self._adapters:
+            raise ValueError(f"an adapter named {adapter_name!r} is loaded already; delete_adapter it first")
+        loaded = type(self).load(load_directory, self.model, backend=self.backend,
+                                 orthogonalization=orthogonalization)
+        loaded.remove_hooks()  # its interventions run through this model's hooks
+        self._adapters[adapter_name] = Adapter(loaded.reft_config, loaded.interventions, loaded.placements)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the ReFT that forward, generate, save and training use when no adapter_names is
+        given (its interventions become ``interventions``)."""
+        adapter = self._adapter(adapter_name)
+        self._hooks.remove()
+        self.interventions, self.placements, self.reft_config = (adapter.interventions, adapter.placements,
+                                                                 adapter.reft_config)
+        self._in_order = tuple(self.interventions.values())
+        self._hooks = InterventionHooks(self.model, self._layers, self.placements, self._in_order)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Drop a loaded ReFT other than the active one."""
+        self._adapter(adapter_name)
+        if adapter_name == self.active_adapter:
+            raise ValueError(f"adapter {adapter_name!r} is the active one: set_adapter another before deleting it")
+        del self._adapters[adapter_name]
+
+    def _adapter(self, adapter_name: str) -> Adapter:
+        if adapter_name not in self._adapters:
+            raise ValueError(f"unknown adapter {adapter_name!r}; loaded adapters: {list(self._adapters)}")
+        return self._adapters[adapter_name]
+
+    def _step_parameters(self, adapter: Adapter) -> list:
+        """(each intervention's edit_steps, its device) for ``adapter``, R computed as its own forward would."""
+        interventions = tuple(adapter.interventions.values())
+        custom = [type(i).__name__ for i in interventions if runs_own_forward(i)]
+        if custom:
+            raise ValueError(f"interventions with their own forward() ({custom}) cannot share a batch with other "
+                             "ReFTs: run that ReFT alone (set_adapter, no adapter_names)")
+        devices = [_module_device(intervention) for intervention in interventions]
+        rotations = _rotations(interventions, devices, [False] * len(interventions))
+        return [(intervention.edit_steps(R), device)
+                for intervention, R, device in zip(interventions, rotations, devices)]
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, base: Mapping, adapter_names, locations, *, expandable: bool) -> Iterator[None]:
+        """Hooks and state for a batch whose examples use the ReFTs named in ``adapter_names`` (None: plain)."""
+        if torch.is_grad_enabled():
+            raise RuntimeError("a batch with adapter_names is inference only: call forward under torch.no_grad() "
+                               "(generate does); train one ReFT at a time")
+        batch_size, seq_len = _batch_shape(base)
+        used = check_adapter_names(adapter_names, batch_size, list(self._adapters))
+        located = adapter_locations(base, used, self._adapters, locations, batch_size, seq_len)
+        sites, state = multi_forward_state(adapter_names, used, self._adapters, located, self._step_parameters,
+                                           self._backend_on, expandable=expandable, prompt_length=seq_len)
+        hooks = MultiAdapterHooks(self.model, self._layers, sites)
+        try:
+            with hooks.run(state):
+                yield
+        finally:
+            hooks.remove()
+
+    # ----------------------------------------------------------------------------------------------------------------
     # Forward
     # ----------------------------------------------------------------------------------------------------------------
     def _locations(self, base: Mapping, unit_locations, intervention_locations) -> tuple[torch.Tensor, int]:
         """The edited positions as one int64 tensor [n_interventions, batch, P], checked against ``base``, and the
         sequence length they index."""
-        if not isinstance(base, Mapping):  # a dict, or the tokenizer's BatchEncoding
-            raise TypeError(f"base must be a mapping of model inputs (input_ids, attention_mask, ...), got "
-                            f"{type(base).__name__}")
-        inputs = base.get("input_ids", base.get("inputs_embeds"))
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
-            raise ValueError("base must hold input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden])")
-        batch_size, seq_len = inputs.shape[:2]
+        batch_size, seq_len = _batch_shape(base)
         n = len(self.interventions)
         if unit_locations is None and intervention_locations is None:
             raise ValueError("no positions to edit were given: pass unit_locations={'sources->base': (None, "
@@ -206,27 +279,23 @@ class ReftModel(nn.Module):
             check_locations(locations, n, batch_size, seq_len=seq_len)
         return locations.long(), seq_len
 
+    def _editing(self, base: Mapping, unit_locations, intervention_locations, adapter_names, *, expandable: bool):
+        """The context in which the base runs edited: the active ReFT's hooks, or those of a mixed batch."""
+        if adapter_names is None:
+            return self._hooks.run(self._prepare(base, unit_locations, intervention_locations, expandable=expandable))
+        if unit_locations is not None:
+            raise ValueError("with adapter_names, give positions as intervention_locations={adapter name: tensor} "
+                             "(or None for each adapter's saved position spec), not unit_locations")
+        return self._mixed_batch(base, adapter_names, intervention_locations, expandable=expandable)
+
     def _prepare(self, base: Mapping, unit_locations, intervention_locations, *, expandable: bool) -> ForwardState:
         locations, seq_len = self._locations(base, unit_locations, intervention_locations)
         devices = [_module_device(intervention) for intervention in self._in_order]
         by_device = {device: locations.to(device, non_blocking=True).contiguous() for device in dict.fromkeys(devices)}
         backends = tuple(self._backend_on(device) for device in devices)
-        return ForwardState(by_device, self._rotations(devices), self._seeds(), backends, expandable=expandable,
+        rotations = _rotations(self._in_order, devices, self._hooks.runs_own_forward)
+        return ForwardState(by_device, rotations, self._seeds(), backends, expandable=expandable,
                             prompt_length=seq_len)
-
-    def _rotations(self, devices: list) -> list:
-        """R for every rotation intervention, one batched call per (method, shape, device)."""
-        interventions = self._in_order
-        groups: dict = {}
-        for i, (intervention, device) in enumerate(zip(interventions, devices)):
-            if intervention.uses_rotation and not self._hooks.runs_own_forward[i]:
-                key = (intervention.orthogonalization, intervention.low_rank_dimension, intervention.embed_dim, device)
-                groups.setdefault(key, []).append(i)
-        rotations = [None] * len(interventions)
-        for (method, *_), members in groups.items():
-            for i, R in zip(members, compute_rotations(method, [interventions[i].rotation_inputs() for i in members])):
-                rotations[i] = R
-        return rotations
 
     def _seeds(self) -> list:
         # Drawn once per forward so that a checkpoint recomputation regenerates the same dropout masks.
@@ -235,7 +304,8 @@ class ReftModel(nn.Module):
 
     def forward(self, base: Mapping, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, sources=None, subspaces=None,
-                output_original_output: bool = False, **kwargs):
+                output_original_output: bool = False, adapter_names: Optional[Sequence[Optional[str]]] = None,
+                **kwargs):
         """Run the base model with the interventions applied; returns ``(original_output or None, intervened_output)``.
 
         Args:
@@ -244,39 +314,44 @@ class ReftModel(nn.Module):
             intervention_locations: the same as one int tensor [n_interventions, batch, P] (−1 = none).
             labels: passed to the base model, so ``intervened_output.loss`` is its LM loss.
             output_original_output: also run the base model without interventions (pyvene's flag).
+            adapter_names: one loaded ReFT's name (or None: the plain model) per example, to serve several ReFTs in
+                one batch (inference only: under torch.no_grad()). intervention_locations is then a dict
+                {name: int tensor [n_interventions of that ReFT, batch, P]}, or None to compute each ReFT's positions
+                from its saved position spec and the attention mask (left padding allowed).
             **kwargs: passed to the base model (e.g. use_cache=False).
         """
         if sources is not None:
             raise ValueError("sources are not supported: ReFT interventions are sourceless")
         if subspaces is not None:
             raise ValueError("subspaces are not supported: every intervention edits its full low-rank subspace")
-        state = self._prepare(base, unit_locations, intervention_locations, expandable=False)
+        editing = self._editing(base, unit_locations, intervention_locations, adapter_names, expandable=False)
         if labels is not None:
             kwargs["labels"] = labels
         original = None
         if output_original_output:
             with torch.no_grad():
                 original = self.model(**base, **kwargs)
-        with self._hooks.run(state):
+        with editing:
             output = self.model(**base, **kwargs)
         return original, output
 
     @torch.no_grad()
     def generate(self, base: Mapping, unit_locations=None, *, intervention_locations: Optional[torch.Tensor] = None,
                  intervene_on_prompt: bool = True, sources=None, subspaces=None, output_original_output: bool = False,
-                 **generate_kwargs):
+                 adapter_names: Optional[Sequence[Optional[str]]] = None, **generate_kwargs):
         """``model.generate`` with the prompt pass edited; returns ``(original_ids or None, generated_ids)``.
 
         The locations index the prompt (as given in ``base``, left padding included). Decode steps use the KV cache
-        of the edited prompt and run the plain model. Greedy, sampling and beam search all work.
+        of the edited prompt and run the plain model. Greedy, sampling and beam search all work. ``adapter_names``
+        serves several ReFTs in one batch, as in ``forward``.
         """
         if not intervene_on_prompt:
             raise ValueError("intervene_on_prompt=False is not supported: ReFT edits prompt positions only")
         if sources is not None or subspaces is not None:
             raise ValueError("sources and subspaces are not supported: ReFT interventions are sourceless")
-        state = self._prepare(base, unit_locations, intervention_locations, expandable=True)
+        editing = self._editing(base, unit_locations, intervention_locations, adapter_names, expandable=True)
         original = self.model.generate(**base, **generate_kwargs) if output_original_output else None
-        with self._hooks.run(state):
+        with editing:
             output = self.model.generate(**base, **generate_kwargs)
         return original, output
 
@@ -303,6 +378,31 @@ class ReftModel(nn.Module):
         directory = resolve_load_directory(load_directory, from_huggingface_hub=from_huggingface_hub,
                                            local_directory=local_directory)
         return load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization)
+
+
+def _batch_shape(base: Mapping) -> tuple[int, int]:
+    """(batch, sequence length) of the model inputs ``base``, checked."""
+    if not isinstance(base, Mapping):  # a dict, or the tokenizer's BatchEncoding
+        raise TypeError(f"base must be a mapping of model inputs (input_ids, attention_mask, ...), got "
+                        f"{type(base).__name__}")
+    inputs = base.get("input_ids", base.get("inputs_embeds"))
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("base must hold input_ids [batch, seq] (or inputs_embeds [batch, seq, hidden])")
+    return tuple(inputs.shape[:2])
+
+
+def _rotations(interventions: tuple, devices: list, runs_own: Sequence[bool]) -> list:
+    """R for every rotation intervention (None elsewhere), one batched call per (method, shape, device)."""
+    groups: dict = {}
+    for i, (intervention, device) in enumerate(zip(interventions, devices)):
+        if intervention.uses_rotation and not runs_own[i]:
+            key = (intervention.orthogonalization, intervention.low_rank_dimension, intervention.embed_dim, device)
+            groups.setdefault(key, []).append(i)
+    rotations = [None] * len(interventions)
+    for (method, *_), members in groups.items():
+        for i, R in zip(members, compute_rotations(method, [interventions[i].rotation_inputs() for i in members])):
+            rotations[i] = R
+    return rotations
 
 
 def get_reft_model(model: nn.Module, reft_config: ReftConfig, set_device: bool = True,

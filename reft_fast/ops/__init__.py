@@ -17,6 +17,8 @@ device), and register themselves in their own module:
   ``triton``  fused kernels, default on CUDA; on CPU only under ``TRITON_INTERPRET=1`` (tests).    backend_triton.py
   ``torch``   the plain PyTorch edit with its backward written out; default elsewhere.            backend_torch.py
   ``cuda``    the CUDA C++ twin in csrc/ (built on first use).                                     backend_cuda.py
+``multi_low_rank_edit`` edits each example of a batch with its own parameters (several ReFTs served in one batch):
+inference only, on the backends that have ``forward_multi`` (torch, triton).
 Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``. Under torch.compile every backend runs
 inside the torch.library custom op ``reft_fast::low_rank_edit`` (``library.py``), traced through its fake kernel;
 the position check (``validate=True``) and drawing a dropout seed read values on the host, so compiled callers
@@ -25,14 +27,14 @@ pass ``validate=False`` and a ``seed``.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 
 # Each backend module registers itself on import; their order is the order of BACKENDS.
 from reft_fast.ops import backend_triton, backend_torch, backend_cuda  # noqa: F401,I001
-from reft_fast.ops.backend import (Backend, EditGrads, EditParams, backend_names, get_backend, register_backend,
-                                   resolve_backend)
+from reft_fast.ops.backend import (Backend, EditGrads, EditParams, MultiEdit, StackedEdits, backend_names,
+                                   get_backend, register_backend, resolve_backend, stack_edits)
 from reft_fast.ops.backend_torch import dropout_keep_mask, reference_edit
 from reft_fast.ops.library import edit as _edit, edit_in_place as _edit_in_place, is_sole_owner, selected_rows
 
@@ -50,6 +52,10 @@ __all__ = [
     "reference_edit",
     "register_backend",
     "low_rank_edit",
+    "MultiEdit",
+    "multi_low_rank_edit",
+    "StackedEdits",
+    "stack_edits",
     "loreft",
     "noreft",
     "direft",
@@ -200,6 +206,70 @@ def low_rank_edit(
     seed = int(seed or 0)
     params = EditParams(Q, P, W, b, act_code, dropout, seed)
     return (_edit_in_place if in_place else _edit)(h, positions, params, resolve_backend(backend, h.device))
+
+
+def multi_low_rank_edit(h: torch.Tensor, positions: Sequence[torch.Tensor], edit_index: torch.Tensor,
+                        edits: Sequence[Mapping], *, backend: Optional[str] = None,
+                        validate: bool = True) -> torch.Tensor:
+    """Edit each example of h with its own entry of ``edits``; a new tensor (h is not modified). Inference only.
+
+    Args:
+        h: [B, T, d] hidden states.
+        positions: one [B, n_k] integer tensor per entry: entry k's positions (−1 = none); only the rows of the
+            examples that entry k edits are read.
+        edit_index: [B] integer tensor: the entry that edits each example, −1 to leave it untouched.
+        edits: K mappings of ``low_rank_edit``'s parameters: ``Q`` and any of ``W``, ``b``, ``P``, ``act``
+            (ranks, activations and members of the family may differ).
+        backend: as ``low_rank_edit``; 'cuda' has no per-example edit and refuses.
+        validate: check position and index values (reads them: a host sync on GPU).
+
+    Every example edited by entry k gets exactly what ``low_rank_edit`` with that entry gives it (bitwise on the
+    torch backend); no gradient flows: call it under ``torch.no_grad()``.
+    """
+    if not edits:
+        raise ValueError("edits is empty: give at least one entry (Q and its source)")
+    if len(positions) != len(edits):
+        raise ValueError(f"positions has {len(positions)} tensors but edits has {len(edits)} entries: one each")
+    unknown = sorted(set().union(*edits) - {"Q", "W", "b", "P", "act"})
+    if unknown:
+        raise ValueError(f"edits take Q, W, b, P and act (serving has no dropout), got {unknown}")
+    entries = []
+    for k, (entry, entry_positions) in enumerate(zip(edits, positions)):
+        try:
+            _check_inputs(h, entry_positions, entry["Q"], entry.get("P"), entry.get("W"), entry.get("b"), 0.0)
+            act = _activation_code(entry.get("act"))
+            if entry.get("W") is None and act != 0:
+                raise ValueError("an activation applies to h Wᵀ + b; with W=None (z = b) use act=None")
+        except (KeyError, TypeError, ValueError) as err:
+            raise type(err)(f"edits[{k}]: {err}") from None
+        if validate:
+            validate_positions(entry_positions, h.shape[1])
+        entries.append(EditParams(entry["Q"], entry.get("P"), entry.get("W"), entry.get("b"), act, 0.0, 0))
+    _check_edit_index(edit_index, h, len(edits), validate)
+    if torch.is_grad_enabled() and (h.requires_grad or any(t is not None and t.requires_grad for e in entries
+                                                           for t in (e.Q, e.P, e.W, e.b))):
+        raise RuntimeError("multi_low_rank_edit is inference only (no backward): call it under torch.no_grad(), or "
+                           "edit one ReFT at a time with low_rank_edit to train")
+    name = resolve_backend(backend, h.device)
+    implementation = get_backend(name)
+    if getattr(implementation, "forward_multi", None) is None:
+        raise ValueError(f"backend {name!r} cannot edit each example with its own parameters (several ReFTs in one "
+                         "batch): use backend='triton' or 'torch'")
+    multi = MultiEdit(tuple(entries), tuple(p.contiguous() for p in positions), edit_index.long().contiguous())
+    return implementation.forward_multi(h.contiguous(), multi)
+
+
+def _check_edit_index(edit_index, h: torch.Tensor, n_edits: int, validate: bool) -> None:
+    if not isinstance(edit_index, torch.Tensor) or edit_index.dtype.is_floating_point \
+            or edit_index.dtype in (torch.bool, torch.complex64, torch.complex128):
+        raise TypeError(f"edit_index must be an integer torch.Tensor, got {getattr(edit_index, 'dtype', edit_index)!r}")
+    if edit_index.shape != (h.shape[0],):
+        raise ValueError(f"edit_index must have shape [batch] = [{h.shape[0]}], got {list(edit_index.shape)}")
+    if edit_index.device != h.device:
+        raise ValueError(f"edit_index is on {edit_index.device} but h is on {h.device}")
+    if validate and edit_index.numel() and not (-1 <= int(edit_index.min()) and int(edit_index.max()) < n_edits):
+        raise ValueError(f"edit_index values must be −1 (untouched) or an entry 0..{n_edits - 1}, got "
+                         f"{edit_index.tolist()}")
 
 
 def loreft(h, positions, R, W, b, *, act=None, dropout=0.0, seed=None, backend=None, validate=True):

@@ -5,7 +5,8 @@ flag (``prefers``), and may have ``differentiates_forward(h)``: True where its f
 autograd should differentiate for that h (eager calls then do so, out of place; the custom op under torch.compile
 still uses ``backward``). A
 backend that can edit in place also has ``forward_in_place`` and ``backward_in_place`` (``InPlaceBackend``); the
-op's in-place entry falls back to the out-of-place edit on the others. It registers itself with
+op's in-place entry falls back to the out-of-place edit on the others. A backend that can edit each example with its
+own parameters (several ReFTs in one batch, inference only) has ``forward_multi(h, multi: MultiEdit) -> out``. It registers itself with
 :func:`register_backend` in its own module (see ``backend_torch.py``,
 ``backend_triton.py``, ``backend_cuda.py``). The op (``reft_fast.ops``) owns everything around it: input checks,
 keeping what the backend's forward returns for backward, the autograd and torch.compile registration.
@@ -19,8 +20,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend", "backend_names", "get_backend",
-           "register_backend", "resolve_backend", "selected_rows"]
+__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend", "MultiEdit", "StackedEdits",
+           "backend_names", "get_backend", "register_backend", "resolve_backend", "selected_rows", "stack_edits"]
 
 BACKEND_ENV = "REFT_FAST_BACKEND"
 
@@ -44,6 +45,53 @@ class EditParams:
     @property
     def rank(self) -> int:
         return self.Q.shape[0]
+
+
+@dataclass(frozen=True)
+class MultiEdit:
+    """Several edits over one batch, each example edited by at most one of them (inference only: no dropout).
+
+    entries: K EditParams (ranks, activations and which of P, W, b exist may differ); positions: K tensors [B, n_k],
+    entry k's positions for every example (only the rows of its own examples are read); edit_index: [B] int64, the
+    entry that edits each example, −1 for an example left untouched.
+    """
+
+    entries: tuple
+    positions: tuple
+    edit_index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class StackedEdits:
+    """MultiEdit's parameters stacked per entry, zero-padded to the largest rank: Q, P, W [K, r_max, d], b [K, r_max]
+    (P, W, b zeros for an entry without them: u = 0, z = b, which is the same edit), rank and act [K] int32; what a
+    kernel that reads each example's own parameters takes."""
+
+    Q: torch.Tensor
+    P: torch.Tensor
+    W: torch.Tensor
+    b: torch.Tensor
+    rank: torch.Tensor
+    act: torch.Tensor
+
+
+def stack_edits(entries) -> StackedEdits:
+    """The entries' parameters as one StackedEdits (new tensors on the entries' device)."""
+    first = entries[0].Q
+    r_max, d = max(entry.rank for entry in entries), first.shape[1]
+
+    def stacked(field_name: str, shape: tuple) -> torch.Tensor:
+        out = first.new_zeros(len(entries), *shape)
+        for k, entry in enumerate(entries):
+            value = getattr(entry, field_name)
+            if value is not None:
+                out[k, :entry.rank] = value
+        return out
+
+    ints = dict(dtype=torch.int32, device=first.device)
+    return StackedEdits(stacked("Q", (r_max, d)), stacked("P", (r_max, d)), stacked("W", (r_max, d)),
+                        stacked("b", (r_max,)), torch.tensor([entry.rank for entry in entries], **ints),
+                        torch.tensor([entry.act for entry in entries], **ints))
 
 
 @dataclass(frozen=True)

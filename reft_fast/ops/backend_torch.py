@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from reft_fast.ops.backend import EditGrads, EditParams, register_backend
+from reft_fast.ops.backend import EditGrads, EditParams, MultiEdit, register_backend
 
 __all__ = ["AUTOGRAD_BELOW_NUMEL", "TorchBackend", "dropout_keep_mask", "reference_edit"]
 
@@ -164,6 +164,23 @@ class TorchBackend:
         x = torch.where((positions >= 0).view(-1, 1), rows.to(edit.Q.dtype), 0.0)  # zeros at −1 slots, as forward
         _write_rows(flat, index, positions, _edited(x, positions, edit).to(h.dtype), rows)
         return rows.view(*positions.shape, -1)
+
+    def forward_multi(self, h, multi: MultiEdit) -> torch.Tensor:
+        """Each entry's edit at its own examples' rows, into one copy of h.
+
+        Entry k is computed as the single edit computes it, over all B·n_k slots of its own positions tensor (the
+        other examples' slots read the zero row): a matrix product's row depends on how many rows it has, not on the
+        other rows' values, so each example's result is bitwise the one of that entry alone on the same batch. The
+        cost is one edit's worth of rows per entry; the Triton kernel instead reads each example's own parameters
+        in one pass."""
+        seq_len = h.shape[1]
+        padded = _padded(h)
+        for k, (edit, positions) in enumerate(zip(multi.entries, multi.positions)):
+            own = torch.where((multi.edit_index == k).unsqueeze(1), positions, -1)
+            index = _slot_index(own, seq_len)
+            rows = padded.index_select(0, index).to(edit.Q.dtype)
+            padded.index_copy_(0, index, _edited(rows, own, edit).to(h.dtype))
+        return padded[:-1].view(h.shape)
 
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
         index = _slot_index(positions, grad_out.shape[1])

@@ -2,6 +2,7 @@
 
     reft-fast train CONFIG.yaml [section.key=value ...] [--resume | --overwrite]
     reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
+    reft-fast generate --reft NAME=DIR [--reft NAME=DIR ...] --prompts-file IN.jsonl [--output OUT.jsonl]
     reft-fast demo [section.key=value ...]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
@@ -46,12 +48,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in output_dir")
 
     gen = sub.add_parser("generate", help="answer prompts with trained interventions")
-    gen.add_argument("--reft", required=True, help="directory written by training (output_dir/final)")
+    gen.add_argument("--reft", required=True, action="append",
+                     help="directory written by training (output_dir/final); repeat as NAME=DIR to serve several "
+                          "ReFTs in one batch, each prompt of --prompts-file naming its own")
     gen.add_argument("--model", default=None, help="base model (default: the one the interventions were trained on)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
-    gen.add_argument("prompts", nargs="+")
+    gen.add_argument("--prompts-file", default=None,
+                     help='JSONL, one {"prompt": ..., "reft": NAME or null} per line (with NAME=DIR --reft)')
+    gen.add_argument("--output", default=None, help="JSONL answers (default: stdout), with --prompts-file")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch, with --prompts-file")
+    gen.add_argument("prompts", nargs="*")
 
     demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
@@ -148,41 +156,101 @@ def _demo(overrides: Sequence[str]) -> None:
         _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
 
 
-def _generate(args) -> None:
+def _generate_config(reft_dir: Path, model_path: Optional[str]):
+    """The training config saved with a ReFT (base model, prompt format), ``model_path`` replacing its model."""
     import yaml
 
-    from reft_fast.core.model import ReftModel
-    from reft_fast.train.distributed import init_distributed
-    from reft_fast.train.generation import generate_answers
-    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
     from reft_fast.train.run_dir import TRAIN_CONFIG_FILE
     from reft_fast.train.train_config import config_from_dict
 
-    reft_dir = Path(args.reft)
     saved = reft_dir / TRAIN_CONFIG_FILE
     tree = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
-    if args.model:
-        tree.setdefault("model", {})["path"] = args.model
+    if model_path:
+        tree.setdefault("model", {})["path"] = model_path
         tree["base_dir"] = None
     base_dir = tree.pop("base_dir", None)
     cfg = config_from_dict(tree, base_dir)
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
+    return cfg
+
+
+def _named_refts(values: Sequence[str]) -> Optional[dict]:
+    """{name: directory} from NAME=DIR values; None for the single-ReFT form (one DIR)."""
+    if len(values) == 1 and "=" not in values[0]:
+        return None
+    named = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise ConfigError(f"--reft {value!r}: with several ReFTs each is NAME=DIR")
+        if name in named:
+            raise ConfigError(f"--reft: the name {name!r} is given twice")
+        named[name] = directory
+    return named
+
+
+def _generate(args) -> None:
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.generation import generate_answers
+    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
+
+    named = _named_refts(args.reft)
+    if (named is None) == bool(args.prompts_file) or (named is not None and args.prompts):
+        raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
+    reft_dir = Path(args.reft[0] if named is None else next(iter(named.values())))
+    cfg = _generate_config(reft_dir, args.model)
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
         source = model_source(cfg)
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
         base, _ = load_base_model(source, cfg)
         base.config.use_cache = True
+        prompt_format = dict(chat_template=False if args.no_chat_template else cfg.data.chat_template,
+                             system_prompt=cfg.data.system_prompt, max_new_tokens=args.max_new_tokens)
+        if named is not None:
+            _serve_prompts_file(args, ReftModel, base, tokenizer, named, prompt_format)
+            return
         model = base if args.base_only else ReftModel.load(str(reft_dir), base)
         model.eval()
         positions = getattr(getattr(model, "reft_config", None), "positions", None) or cfg.interventions.positions
         share = getattr(getattr(model, "reft_config", None), "share_weights", cfg.interventions.share_weights)
         answers = generate_answers(model, tokenizer, args.prompts, positions=positions, share_weights=share,
-                                   chat_template=False if args.no_chat_template else cfg.data.chat_template,
-                                   system_prompt=cfg.data.system_prompt, max_new_tokens=args.max_new_tokens)
+                                   **prompt_format)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
+
+
+def _serve_prompts_file(args, reft_model_class, base, tokenizer, named: dict, prompt_format: dict) -> None:
+    """Answer every line of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+    from reft_fast.train.generation import mixed_answers
+
+    records = []
+    for number, line in enumerate(Path(args.prompts_file).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{args.prompts_file}:{number}: not JSON ({err})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ConfigError(f"{args.prompts_file}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
+        if record.get("reft") is not None and record["reft"] not in named:
+            raise ConfigError(f"{args.prompts_file}:{number}: unknown ReFT {record['reft']!r}; --reft gave "
+                              f"{sorted(named)}")
+        records.append(record)
+    reft_model = reft_model_class.load(next(iter(named.values())), base)
+    for name, directory in named.items():
+        reft_model.load_adapter(directory, name)
+    reft_model.eval()
+    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
+                            [r.get("reft") for r in records], batch_size=args.batch_size, **prompt_format)
+    lines = [json.dumps({**record, "answer": answer}) for record, answer in zip(records, answers)]
+    if args.output:
+        Path(args.output).write_text("".join(line + "\n" for line in lines))
+    else:
+        print("\n".join(lines))
 
 
 def _plan(args) -> None:

@@ -1,5 +1,5 @@
 """Greedy answers to prompts, with or without the interventions: the samples a training run shows before and after,
-``reft-fast generate`` and the demo.
+``reft-fast generate`` and the demo; and batched answers where each prompt names its own ReFT (``mixed_answers``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.data import encode_prompt
 
-__all__ = ["generate_answers"]
+__all__ = ["generate_answers", "mixed_answers"]
 
 
 @torch.no_grad()
@@ -45,4 +45,30 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Opt
         else:
             out = model.generate(**inputs, use_cache=True, **kwargs)
         answers.append(tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return answers
+
+
+@torch.no_grad()
+def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: Sequence[Optional[str]], *,
+                  chat_template: Optional[bool] = None, system_prompt: Optional[str] = None,
+                  max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    """Greedy answers, ``batch_size`` prompts per generate call, each prompt edited by the ReFT it names (a name
+    loaded into ``reft_model``, or None for the plain base) at the positions of that ReFT's saved spec. Prompts are
+    left padded, so every answer starts at the same column."""
+    if len(adapter_names) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(adapter_names)} adapter names: one per prompt")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(p for p in reft_model.model.parameters()).device
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        encoded = [encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
+                   for prompt in prompts[start:start + batch_size]]
+        width = max(map(len, encoded))
+        ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in encoded], device=device)
+        mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)
+        _, out = reft_model.generate({"input_ids": ids, "attention_mask": mask},
+                                     adapter_names=list(adapter_names[start:start + batch_size]),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                     eos_token_id=tokenizer.eos_token_id, use_cache=True)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
     return answers

@@ -1,0 +1,268 @@
+"""Several ReFTs in one batch: each example edited by its own ReFT (ops.multi_low_rank_edit, ReftModel adapters).
+
+The reference for a mixed batch is each ReFT alone on the same batch (the active adapter, no adapter_names): the base
+then runs the same shapes, so on the CPU in fp32 each example's logits and tokens must be bitwise equal.
+"""
+
+import hashlib
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from reft_fast import ReftConfig, ops
+from reft_fast.core.model import ReftModel
+from reft_fast.core.positions import intervention_locations
+
+VOCAB = 64
+NEW_TOKENS = 4
+# Three ReFTs of different types, ranks, layers, components and position specs (C: two interventions at one site,
+# prefix and suffix; B: a NoReFT with a subtracted bias under an activation, two op steps).
+REFTS = {
+    "A": ([{"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 4,
+            "act_fn": "relu"}], "f1+l2", True),
+    "B": ([{"layer": 1, "component": "mlp_output", "intervention": "nodireft", "low_rank_dimension": 2,
+            "act_fn": "tanh"},
+           {"layer": 2, "component": "block_output", "intervention": "noreft", "low_rank_dimension": 3,
+            "act_fn": "gelu", "add_bias": True}], "l1", False),
+    "C": ([{"layer": 0, "component": "block_output", "intervention": "consreft", "low_rank_dimension": 3},
+           {"layer": 0, "component": "block_output", "intervention": "lobireft", "low_rank_dimension": 5}],
+          "f2+l1", False),
+}
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB)).eval()
+    model.generation_config.eos_token_id = None  # always NEW_TOKENS tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def _state_hash(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(ReftModel holding A, B, C over one base, the base's hash before any ReFT was attached)."""
+    model = _tiny_llama()
+    before = _state_hash(model)
+    directories = {}
+    for index, (name, (representations, positions, share)) in enumerate(REFTS.items()):
+        torch.manual_seed(10 + index)
+        reft = ReftModel(model, ReftConfig(representations, positions=positions, share_weights=share))
+        with torch.no_grad():  # strong edits, so that the tokens visibly depend on them
+            for p in reft.interventions.parameters():
+                p.add_(torch.randn_like(p))
+        directories[name] = tmp_path_factory.mktemp(f"reft_{name}")
+        reft.save(directories[name])
+        reft.remove_hooks()
+    reft_model = ReftModel.load(directories["A"], model)
+    for name in ("A", "B", "C"):
+        reft_model.load_adapter(directories[name], name)
+    return reft_model, before, directories
+
+
+def _batch():
+    """Six prompts of lengths 7, 4, 6, 7, 5, 3, left padded to 7."""
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.tensor([7, 4, 6, 7, 5, 3])
+    ids = torch.randint(3, VOCAB, (6, 7), generator=g)
+    mask = (torch.arange(7)[None, :] >= (7 - lengths)[:, None]).long()
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}, lengths
+
+
+NAMES = ["A", None, "B", "C", "A", "C"]
+
+
+def _alone_locations(name, lengths, width=7):
+    representations, positions, share = REFTS[name]
+    return intervention_locations(lengths, positions, len(representations), share_weights=share,
+                                  offsets=width - lengths)
+
+
+def _alone(reft_model, name, run):
+    """run() with ReFT ``name`` active (None: the plain base), the previously active one restored."""
+    active = reft_model.active_adapter
+    try:
+        if name is None:
+            return run(None)
+        reft_model.set_adapter(name)
+        return run(name)
+    finally:
+        reft_model.set_adapter(active)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_mixed_batch_forward_equals_each_reft_alone(served, backend):
+    reft_model, _, _ = served
+    base, lengths = _batch()
+    reft_model.backend = backend
+    try:
+        with torch.no_grad():
+            _, mixed = reft_model(base, adapter_names=NAMES)
+            references = {}
+            for name in dict.fromkeys(NAMES):
+                references[name] = _alone(reft_model, name, lambda n: reft_model.model(**base) if n is None else
+                                          reft_model(base, intervention_locations=_alone_locations(n, lengths))[1])
+    finally:
+        reft_model.backend = None
+    plain = references[None].logits
+    for row, name in enumerate(NAMES):
+        expected = references[name].logits[row]
+        if backend == "torch":
+            assert torch.equal(mixed.logits[row], expected), (row, name)
+        else:  # the Triton interpreter (fp32 tl.dot, stacked zero-padded parameters): float rounding only
+            torch.testing.assert_close(mixed.logits[row], expected, rtol=1e-5, atol=1e-5)
+        if name is not None:
+            assert not torch.allclose(expected, plain[row], atol=1e-3), f"ReFT {name} does not change row {row}"
+
+
+@pytest.mark.parametrize("mode", [dict(do_sample=False), dict(num_beams=3, do_sample=False, num_return_sequences=2)])
+def test_mixed_batch_generate_equals_each_reft_alone(served, mode):
+    reft_model, _, _ = served
+    base, lengths = _batch()
+    kwargs = dict(max_new_tokens=NEW_TOKENS, **mode)
+    _, mixed = reft_model.generate(base, adapter_names=NAMES, **kwargs)
+    copies = mode.get("num_return_sequences", 1)
+    for name in dict.fromkeys(NAMES):
+        alone = _alone(reft_model, name, lambda n: reft_model.model.generate(**base, **kwargs) if n is None else
+                       reft_model.generate(base, intervention_locations=_alone_locations(n, lengths), **kwargs)[1])
+        for row in [r for r, given in enumerate(NAMES) if given == name]:
+            rows = slice(row * copies, (row + 1) * copies)
+            assert torch.equal(mixed[rows], alone[rows]), (row, name)
+
+
+def test_given_locations_and_sampling(served):
+    reft_model, _, _ = served
+    base, lengths = _batch()
+    names = ["C", "C", "A", None, "A", "B"]
+    given = {name: _alone_locations(name, lengths) for name in ("A", "B", "C")}
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=True, top_k=5)
+    torch.manual_seed(7)
+    _, from_spec = reft_model.generate(base, adapter_names=names, **kwargs)
+    torch.manual_seed(7)
+    _, from_given = reft_model.generate(base, adapter_names=names, intervention_locations=given, **kwargs)
+    assert torch.equal(from_spec, from_given)
+
+
+def test_loading_switching_deleting_leave_the_base_untouched(served):
+    reft_model, before, directories = served
+    assert _state_hash(reft_model.model) == before
+    assert reft_model.loaded_adapters == ("default", "A", "B", "C")
+    reft_model.set_adapter("B")
+    assert reft_model.active_adapter == "B" and len(reft_model.interventions) == 2
+    reft_model.load_adapter(directories["C"], "C2")
+    with pytest.raises(ValueError, match="is the active one"):
+        reft_model.delete_adapter("B")
+    reft_model.set_adapter("default")
+    reft_model.delete_adapter("C2")
+    assert reft_model.loaded_adapters == ("default", "A", "B", "C")
+    assert _state_hash(reft_model.model) == before
+    with torch.no_grad():  # the plain rows of a mixed batch and the plain base agree
+        base, _ = _batch()
+        _, out = reft_model(base, adapter_names=[None] * 6)
+        assert torch.equal(out.logits, reft_model.model(**base).logits)
+
+
+def test_bad_inputs_say_what_is_wrong(served):
+    reft_model, _, directories = served
+    base, _ = _batch()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['Z'\]"):
+            reft_model(base, adapter_names=["A", "Z", None, None, None, None])
+        with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 6"):
+            reft_model(base, adapter_names=["A", "B"])
+        with pytest.raises(TypeError, match="adapter_names must be a list"):
+            reft_model(base, adapter_names="A")
+        with pytest.raises(ValueError, match="not unit_locations"):
+            reft_model(base, {"sources->base": (None, [[[0]] * 6])}, adapter_names=["A"] * 6)
+    with pytest.raises(RuntimeError, match="inference only"):
+        reft_model(base, adapter_names=NAMES)
+    with pytest.raises(ValueError, match="unknown adapter 'Z'"):
+        reft_model.set_adapter("Z")
+    with pytest.raises(ValueError, match="is loaded already"):
+        reft_model.load_adapter(directories["A"], "A")
+
+
+def test_op_each_example_its_own_entry_and_refusals():
+    torch.manual_seed(0)
+    B, T, d = 5, 7, 16
+    h = torch.randn(B, T, d)
+    R = torch.linalg.qr(torch.randn(d, 4))[0].T.contiguous()
+    edits = [dict(Q=R, W=torch.randn(4, d), b=torch.randn(4), P=R, act="relu"),
+             dict(Q=R[:2].contiguous(), b=torch.randn(2)),
+             dict(Q=torch.randn(3, d), W=torch.randn(3, d), b=torch.randn(3), act="tanh")]
+    positions = [torch.stack([torch.randperm(T)[:n] for _ in range(B)]) for n in (2, 3, 1)]
+    edit_index = torch.tensor([0, 2, -1, 1, 0])
+    with torch.no_grad():
+        out = ops.multi_low_rank_edit(h, positions, edit_index, edits, backend="torch")
+        for b, k in enumerate(edit_index.tolist()):
+            alone = h if k < 0 else ops.low_rank_edit(h, positions[k], **edits[k], backend="torch")
+            assert torch.equal(out[b], alone[b])
+        with pytest.raises(ValueError, match="backend 'cuda' cannot edit each example"):
+            import os
+            os.environ["REFT_FAST_CUDA_SIM"] = "1"
+            try:
+                ops.multi_low_rank_edit(h, positions, edit_index, edits, backend="cuda")
+            finally:
+                del os.environ["REFT_FAST_CUDA_SIM"]
+        with pytest.raises(ValueError, match=r"edit_index values must be −1 \(untouched\) or an entry 0..2"):
+            ops.multi_low_rank_edit(h, positions, torch.tensor([0, 3, -1, 1, 0]), edits)
+        with pytest.raises(ValueError, match=r"edits\[1\]: Q has hidden size 8"):
+            ops.multi_low_rank_edit(h, positions, edit_index, [edits[0], dict(Q=torch.randn(2, 8)), edits[2]])
+    with pytest.raises(RuntimeError, match="inference only"):
+        ops.multi_low_rank_edit(h, positions, edit_index, [{**edits[0], "b": edits[0]["b"].requires_grad_()},
+                                                           *edits[1:]])
+
+
+def _word_tokenizer(directory):
+    """A real fast tokenizer over a tiny word vocabulary, saved next to the model."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
+def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_path):
+    import json
+
+    from reft_fast.train.cli import main
+    from reft_fast.train.generation import generate_answers
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    tokenizer = _word_tokenizer(model_dir)
+    prompts = [("w3 w7 w9 w11 w2", "A"), ("w5 w6", None), ("w8 w8 w4 w12", "B"), ("w20 w21 w22", "C"),
+               ("w5 w6", "C")]
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"prompt": p, "reft": n}) + "\n" for p, n in prompts))
+    output = tmp_path / "answers.jsonl"
+    refts = [arg for name in ("A", "B", "C") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file),
+                 "--output", str(output), "--no-chat-template", "--max-new-tokens", "3", "--batch-size", "4"]) in (0, None)
+    answers = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [(a["prompt"], a["reft"]) for a in answers] == prompts
+    for (prompt, name), answer in zip(prompts, answers):  # each the same as that ReFT alone on that prompt
+        alone = _alone(reft_model, name, lambda n: generate_answers(
+            reft_model.model if n is None else reft_model, tokenizer, [prompt], chat_template=False,
+            positions=None if n is None else REFTS[n][1], share_weights=False if n is None else REFTS[n][2],
+            max_new_tokens=3))
+        assert answer["answer"] == alone[0], (prompt, name)
+    assert answers[1]["answer"] != answers[4]["answer"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w3", "reft": "Z"}) + "\n")
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
