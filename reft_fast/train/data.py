@@ -16,6 +16,7 @@ pinned memory for a GPU.
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import logging
 import random
@@ -36,6 +37,7 @@ __all__ = [
     "SupervisedDataset",
     "encode_prompt",
     "load_examples",
+    "load_rows",
     "split_examples",
     "StepSampler",
 ]
@@ -47,6 +49,24 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "train") -> tuple[list, str]:
+    """The raw rows of a data source and a name for it in messages: a JSON list, a JSONL file, a CSV file (a header
+    row; every value a string), a list of dicts, or (when ``source`` is not a file and the ``datasets`` package is
+    installed) a Hugging Face dataset name, with its subset after a colon where it has several (``nyu-mll/glue:sst2``;
+    a repository name holds no colon)."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        path = Path(source)
+        return (_read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)), str(source)
+    if isinstance(source, (str, Path)):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
+        name, _, subset = str(source).partition(":")
+        return list(datasets.load_dataset(name, subset or None, split=hf_split)), f"{source}[{hf_split}]"
+    return list(source), "the given examples"
+
+
 def load_examples(
     source: Union[str, Path, Sequence[dict]],
     prompt_field: str = "instruction",
@@ -54,21 +74,8 @@ def load_examples(
     *,
     hf_split: str = "train",
 ) -> list[dict]:
-    """Examples as ``[{"prompt": str, "response": str}]`` from a JSON list, a JSONL file, a list of dicts, or (when
-    ``source`` is not a file and the ``datasets`` package is installed) a Hugging Face dataset name."""
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        rows = _read_json_rows(Path(source))
-        where = str(source)
-    elif isinstance(source, (str, Path)):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
-        rows = list(datasets.load_dataset(str(source), split=hf_split))
-        where = f"{source}[{hf_split}]"
-    else:
-        rows = list(source)
-        where = "the given examples"
+    """Examples as ``[{"prompt": str, "response": str}]`` from any source ``load_rows`` reads."""
+    rows, where = load_rows(source, hf_split=hf_split)
     examples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -83,6 +90,11 @@ def load_examples(
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
 
 
 def _read_json_rows(path: Path) -> list:
