@@ -236,7 +236,7 @@ def test_regression_on_sentence_pairs_from_csv(tmp_path):
         rows.append({"sentence1": " ".join(a), "sentence2": " ".join(b), "label": score})
     config = make_run(tmp_path, rows, data_file="train.csv", num_labels=1,
                       classification={"num_labels": 1, "problem_type": "regression"})
-    result = train(config)
+    result = train(config, ["training.max_steps=24", "training.eval_every=12"])
     first, last = result.eval_metrics[0], result.eval_metrics[-1]
     assert set(last) == {"step", "eval_loss", "pearson", "spearman"}
     assert last["eval_loss"] < first["eval_loss"] and last["pearson"] > 0.5, result.eval_metrics
@@ -270,6 +270,40 @@ def test_bad_labels_are_named(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# pyreft parity
+# --------------------------------------------------------------------------------------------------------------------
+def test_pyreft_glue_path_gives_the_same_logits():
+    """pyreft's GLUE runs: LoReFT rank 1 at roberta.encoder.layer[i].output of every layer, position f1, on a
+    RobertaForSequenceClassification; the same weights in reft_fast give the same logits (a batch with padding)."""
+    pyreft = pytest.importorskip("pyreft")
+    from reft_fast import ReftConfig, get_reft_model
+    from reft_fast.compat import load_pyreft_module
+
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(tiny_roberta_config(3)).eval()
+    theirs = pyreft.get_reft_model(copy.deepcopy(model), pyreft.ReftConfig(representations=[
+        {"layer": i, "component": f"roberta.encoder.layer[{i}].output", "low_rank_dimension": 1,
+         "intervention": pyreft.LoreftIntervention(embed_dim=32, low_rank_dimension=1, dtype=torch.float32)}
+        for i in range(2)]), set_device=False)
+    ours = get_reft_model(model, ReftConfig([
+        {"layer": i, "component": f"roberta.encoder.layer[{i}].output", "intervention": "LoreftIntervention",
+         "low_rank_dimension": 1, "orthogonalization": "householder"} for i in range(2)], positions="f1"))
+    with torch.no_grad():
+        for p in theirs.interventions.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    for mine, pyreft_module in zip(ours.interventions.values(), theirs.interventions.values(), strict=True):
+        load_pyreft_module(mine, pyreft_module)
+    ids = torch.tensor([[1, 5, 6, 7, 2, 2, 8, 2], [1, 9, 2, 0, 0, 0, 0, 0]])
+    base = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    with torch.no_grad():
+        _, expected = theirs(base, unit_locations={"sources->base": (None, [[[0], [0]], [[0], [0]]])})
+        _, got = ours(base, intervention_locations=torch.zeros((2, 2, 1), dtype=torch.long))
+        plain = model(**base).logits
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain, got.logits, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Two ranks
 # --------------------------------------------------------------------------------------------------------------------
 def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
@@ -279,7 +313,7 @@ def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
     if not Path(launcher).exists():
         pytest.skip("the deepspeed launcher is not installed")
     config, _ = trained
-    common = ["training.max_steps=6", "training.eval_every=3", "training.save_every=0", "training.micro_batch_size=4",
+    common = ["training.max_steps=4", "training.eval_every=2", "training.save_every=0", "training.micro_batch_size=4",
               "training.global_batch_size=8"]
     one = train(config, common + [f"output_dir={tmp_path / 'one'}"])
     result = tmp_path / "two.json"
