@@ -128,6 +128,8 @@ class _InterruptedSave:
     """A ReftModel stand-in whose save writes its config and is killed before the weights (the real ReftModel.save
     writes in that order)."""
 
+    model = torch.nn.Linear(1, 1).requires_grad_(False)  # the frozen base: nothing of it is saved
+
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         (Path(directory) / "config.json").write_text('{"new": true}')
@@ -149,6 +151,8 @@ def test_a_kill_while_the_final_interventions_are_saved_keeps_the_previous_ones_
     # The next save replaces the scratch left behind and publishes a complete directory.
 
     class _Save:
+        model = torch.nn.Linear(1, 1).requires_grad_(False)
+
         def save(self, directory: str) -> None:
             (Path(directory)).mkdir(parents=True, exist_ok=True)
             (Path(directory) / "config.json").write_text('{"new": true}')

@@ -586,7 +586,7 @@ You are a helpful, respectful and honest assistant.
 
 # The paper's causal-LM argument sets of examples/loreft/train.py (commonsense / math), on a 4-layer model:
 # "3;9;18;24" → "0;1;2;3" and "all"; positions f7+l7 and f5+l5; rank 8 and 4; share_weights or not. The GLUE set
-# needs an encoder base (refused: see test_encoder_base_is_refused_by_name).
+# runs on an encoder base: tests/test_classification.py.
 LOREFT_TRAIN_ARGS = [
     dict(intervention_type="LoreftIntervention", layers="0;1;2;3", position="f7+l7", rank=8, share_weights=True,
          act_fn=None, add_bias=False, dropout=0.05),
@@ -701,13 +701,14 @@ def test_loreft_train_py(model_name_or_path, run):
         assert torch.equal(a.detach(), b.detach())
 
 
-def test_encoder_base_is_refused_by_name():
-    # examples/loreft/train.py's GLUE runs put interventions on RoBERTa's encoder layers.
+def test_encoder_base_is_built_with_pyreft_names():
+    # examples/loreft/train.py's GLUE runs put interventions on RoBERTa's encoder layers (their logits match pyreft's:
+    # tests/test_classification.py).
     config = transformers.RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                                         intermediate_size=32)
     model = transformers.RobertaForSequenceClassification(config)
     reft_config = pyreft.ReftConfig(representations=[{
         "layer": 0, "component": "block_output", "low_rank_dimension": 2,
         "intervention": pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)}])
-    with pytest.raises(ValueError, match="encoder bases are not supported.*roberta.encoder.layer.*decoder-only"):
-        pyreft.get_reft_model(model, reft_config)
+    reft_model = pyreft.get_reft_model(model, reft_config)
+    assert reft_model.layers_path == "roberta.encoder.layer" and len(reft_model.interventions) == 1

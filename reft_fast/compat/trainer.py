@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from reft_fast.core.saving import WEIGHTS_NAME
 from reft_fast.train import data as engine_data
+from reft_fast.train.run_dir import load_trainable_base, save_trainable_base
 
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
            "ReftTrainerForSequenceClassification"]
@@ -37,7 +38,6 @@ __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistr
 # The items' and batches' keys a Trainer must keep (it drops the keys that the model's forward does not name, and
 # ReftModel.forward takes `base`, not these).
 _BATCH_KEYS = ["input_ids", "attention_mask", "labels", "label", "label_ids", "intervention_locations"]
-BASE_TRAINABLE_NAME = "base_trainable.safetensors"
 
 
 class ReftTrainer(transformers.Trainer):
@@ -101,12 +101,7 @@ class ReftTrainer(transformers.Trainer):
             return
         reft_model = self._reft_model()
         reft_model.save(output_dir)
-        trainable = {name: p.detach().to("cpu").contiguous() for name, p in reft_model.model.named_parameters()
-                     if p.requires_grad}
-        if trainable:
-            from safetensors.torch import save_file
-
-            save_file(trainable, os.path.join(output_dir, BASE_TRAINABLE_NAME), metadata={"format": "pt"})
+        save_trainable_base(reft_model.model, output_dir)
 
     def _load_saved(self, directory: str) -> None:
         """Load a ``save_model`` directory into the trained ReftModel in place (resume, best model at the end)."""
@@ -117,9 +112,7 @@ class ReftTrainer(transformers.Trainer):
         if not os.path.isfile(weights):
             raise ValueError(f"{directory} holds no {WEIGHTS_NAME}: not a checkpoint of a pyreft-compatible trainer")
         reft_model.interventions.load_state_dict(load_file(weights, device="cpu"), strict=True)
-        base_weights = os.path.join(directory, BASE_TRAINABLE_NAME)
-        if os.path.isfile(base_weights):
-            reft_model.model.load_state_dict(load_file(base_weights, device="cpu"), strict=False)
+        load_trainable_base(reft_model.model, directory)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_saved(resume_from_checkpoint)
@@ -141,8 +134,10 @@ class ReftTrainerForSequenceClassification(ReftTrainer):
     """pyreft's classification trainer: the loss follows the base config's ``problem_type`` (or, when unset, as
     transformers infers it: regression for one label, single-label for integer labels, multi-label otherwise).
 
-    The base must be a sequence-classification model whose layers ReftModel finds (decoders such as
-    ``LlamaForSequenceClassification``); encoders such as RoBERTa are refused when the ReftModel is built.
+    The base is any sequence-classification model whose layers ReftModel finds: encoders (RoBERTa, BERT, DeBERTa,
+    DistilBERT: pyreft's GLUE runs) and decoders (``LlamaForSequenceClassification``). A head made trainable before
+    the trainer is built (``requires_grad_(True)``, pyreft's ``allow_cls_grad``; ``task_classification.head_parameters``
+    finds it) is in the Trainer's optimizer, and ``save_model`` writes it next to the interventions.
     """
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None, **kwargs):

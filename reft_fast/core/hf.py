@@ -1,8 +1,10 @@
-"""Hugging Face models and configs: the one place that knows where a decoder's layers and sizes live.
+"""Hugging Face models and configs: the one place that knows where a model's layers and sizes live.
 
 Layers are found by structure, not by a table per architecture: the first non-empty ``nn.ModuleList`` at one of the
-usual attribute paths (``LAYER_PATHS``), and inside a layer the attention and MLP submodules by their usual names
-(``ATTENTION_NAMES``, ``MLP_NAMES``).
+usual attribute paths (``LAYER_PATHS`` for decoders; for encoders ``ENCODER_LAYER_PATHS``, under the task model's
+backbone, which transformers names in ``base_model_prefix``: ``roberta.encoder.layer`` in
+RobertaForSequenceClassification, ``encoder.layer`` in a bare RobertaModel), and inside a layer the attention and MLP
+submodules by their usual names (``ATTENTION_NAMES``, ``MLP_NAMES``).
 
 Configs. A multimodal config (Llava, Gemma 3, Qwen2-VL, ...) keeps the decoder's sizes in a text sub-config, reached
 through ``get_text_config()``; a plain causal-LM config answers that call with itself. Architectures also name the
@@ -16,13 +18,16 @@ from typing import Any, Optional
 from torch import nn
 
 __all__ = ["text_config_of", "num_layers_of", "hidden_size_of", "model_hidden_size", "find_decoder_layers",
-           "component_module", "LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
+           "component_module", "LAYER_PATHS", "ENCODER_LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
 
 # Where decoder layer lists live, most common first (Llama/Mistral/Qwen/Gemma/Phi: model.layers; GPT-2: transformer.h;
 # GPT-NeoX: gpt_neox.layers; OPT: model.decoder.layers; multimodal wrappers: model.language_model.layers).
 LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                "model.language_model.layers", "model.model.layers", "transformer.layers", "transformer.blocks",
                "layers", "h", "decoder.layers")
+# Where encoder layer lists live inside the backbone (BERT, RoBERTa, XLM-R, DeBERTa, ELECTRA: encoder.layer; DistilBERT:
+# transformer.layer).
+ENCODER_LAYER_PATHS = ("encoder.layer", "transformer.layer", "encoder.layers")
 ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
 MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _LAYER_COUNT_NAMES = ("num_hidden_layers", "n_layer", "num_layers")
@@ -78,25 +83,29 @@ def _get_path(root: nn.Module, path: str):
     return obj
 
 
+def _backbone_prefix(model: nn.Module) -> str:
+    """The attribute holding a task model's backbone (``roberta`` in RobertaForSequenceClassification); '' when the
+    model is the backbone itself (a bare RobertaModel names the same prefix but has no such attribute)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return prefix if isinstance(prefix, str) and isinstance(getattr(model, prefix, None), nn.Module) else ""
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder layer list of a Hugging Face model and its attribute path, found by structure."""
-    for path in LAYER_PATHS:
+    """The layer list of a Hugging Face model (a decoder's, or an encoder's) and its attribute path, found by
+    structure."""
+    prefix = _backbone_prefix(model)
+    encoder_paths = tuple(f"{prefix}.{path}" if prefix else path for path in ENCODER_LAYER_PATHS)
+    for path in LAYER_PATHS + encoder_paths:
         layers = _get_path(model, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return path, layers
-    encoder_paths = [name for name, module in model.named_modules()
-                     if isinstance(module, nn.ModuleList) and name.rsplit(".", 2)[-2:-1] == ["encoder"]]
-    if encoder_paths:
-        raise ValueError(f"encoder bases are not supported: {type(model).__name__} keeps its layers at "
-                         f"{encoder_paths[0]!r}, an encoder (bidirectional attention, as RoBERTa or BERT in pyreft's "
-                         "GLUE examples); reft-fast edits decoder-only causal LMs. Use a decoder-only base (Llama, "
-                         "Qwen, Mistral, GPT-2, ...) or pyreft itself for an encoder")
     raise ValueError(f"unsupported model structure: {type(model).__name__} has no decoder layer list at any of "
-                     f"{list(LAYER_PATHS)} (an nn.ModuleList of decoder layers)")
+                     f"{list(LAYER_PATHS)} and no encoder layer list at any of {list(encoder_paths)} (an "
+                     "nn.ModuleList of layers)")
 
 
 def component_module(block: nn.Module, component: str, index: int) -> nn.Module:
-    """The module a component hooks in decoder layer ``index`` (``block``): the layer itself for ``block_*``, its
+    """The module a component hooks in layer ``index`` (``block``): the layer itself for ``block_*``, its
     attention for ``attention_*``, its MLP for ``mlp_*``."""
     if component.startswith("block"):
         return block
@@ -105,5 +114,5 @@ def component_module(block: nn.Module, component: str, index: int) -> nn.Module:
         module = getattr(block, name, None)
         if isinstance(module, nn.Module):
             return module
-    raise ValueError(f"unsupported model structure: decoder layer {index} ({type(block).__name__}) has no {what} "
+    raise ValueError(f"unsupported model structure: layer {index} ({type(block).__name__}) has no {what} "
                      f"submodule named any of {list(names)}")

@@ -9,7 +9,8 @@ Layout, under ``output_dir/checkpoints``::
 
 What is saved. The trainable state of a ReFT run is small (the interventions), so one file holds all of it whole: the
 intervention parameters, the client AdamW's moments and step count, the LR schedule, the step and the data-order
-facts. Under ZeRO 1–3 DeepSpeed keeps the parameters' fp32 copies and the moments in per-rank flat partitions;
+facts; base parameters trained with them (a classifier head: ``task: classification``) are saved alongside. Under
+ZeRO 1–3 DeepSpeed keeps the parameters' fp32 copies and the moments in per-rank flat partitions;
 ``gather_trainer_state`` assembles them with DeepSpeed's public ``safe_get_full_*`` functions (collectives: every
 rank calls it) and ``restore_trainer_state`` cuts them back with ``safe_set_full_*`` into whatever partitions the
 resumed run has. A checkpoint therefore does not depend on the number of ranks or the ZeRO stage that wrote it.
@@ -183,7 +184,9 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, current_step: int) -> None:
 # The trainable state, in and out of DeepSpeed
 # --------------------------------------------------------------------------------------------------------------------
 def _named_trainable(reft_model) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in reft_model.interventions.named_parameters() if p.requires_grad]
+    """The intervention parameters, then the base's trainable ones (a classifier head), as ``model.<name>``."""
+    return [(name, p) for name, p in reft_model.interventions.named_parameters() if p.requires_grad] + \
+        [(f"model.{name}", p) for name, p in reft_model.model.named_parameters() if p.requires_grad]
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ pinned memory for a GPU.
 from __future__ import annotations
 
 import collections
+import csv
 import json
 import logging
 import random
@@ -37,6 +38,7 @@ __all__ = [
     "SupervisedDataset",
     "encode_prompt",
     "load_examples",
+    "load_rows",
     "split_examples",
     "template_fields",
     "StepSampler",
@@ -49,6 +51,24 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
+def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "train") -> tuple[list, str]:
+    """The raw rows of a data source and a name for it in messages: a JSON list, a JSONL file, a CSV file (a header
+    row; every value a string), a list of dicts, or (when ``source`` is not a file and the ``datasets`` package is
+    installed) a Hugging Face dataset name, with its subset after a colon where it has several (``nyu-mll/glue:sst2``;
+    a repository name holds no colon)."""
+    if isinstance(source, (str, Path)) and Path(source).is_file():
+        path = Path(source)
+        return (_read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)), str(source)
+    if isinstance(source, (str, Path)):
+        try:
+            import datasets
+        except ImportError:
+            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
+        name, _, subset = str(source).partition(":")
+        return list(datasets.load_dataset(name, subset or None, split=hf_split)), f"{source}[{hf_split}]"
+    return list(source), "the given examples"
+
+
 def load_examples(
     source: Union[str, Path, Sequence[dict]],
     prompt_field: str = "instruction",
@@ -58,13 +78,12 @@ def load_examples(
     prompt_template: Optional[str] = None,
     response_template: Optional[str] = None,
 ) -> list[dict]:
-    """Examples as ``[{"prompt": str, "response": str}]`` from a JSON list, a JSONL file, a list of dicts, or (when
-    ``source`` is not a file and the ``datasets`` package is installed) a Hugging Face dataset name.
+    """Examples as ``[{"prompt": str, "response": str}]`` from any source ``load_rows`` reads.
 
     A template (``str.format`` syntax over the row's fields, e.g. ``"{instruction}\n"`` and
     ``"the correct answer is {answer}"``, the ReFT paper's commonsense format) builds the prompt or the response
     from the row instead of taking one field as it is."""
-    rows, where = _read_rows(source, hf_split)
+    rows, where = load_rows(source, hf_split=hf_split)
     prompt_fields = template_fields(prompt_template, "data.prompt_template") if prompt_template else [prompt_field]
     response_fields = (template_fields(response_template, "data.response_template") if response_template
                        else [response_field])
@@ -88,19 +107,6 @@ def load_examples(
     return examples
 
 
-def _read_rows(source: Union[str, Path, Sequence[dict]], hf_split: str) -> tuple[list, str]:
-    """The raw rows of a data source, and how to name it in messages."""
-    if isinstance(source, (str, Path)) and Path(source).is_file():
-        return _read_json_rows(Path(source)), str(source)
-    if isinstance(source, (str, Path)):
-        try:
-            import datasets
-        except ImportError:
-            raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
-        return list(datasets.load_dataset(str(source), split=hf_split)), f"{source}[{hf_split}]"
-    return list(source), "the given examples"
-
-
 def template_fields(template: str, name: str) -> list[str]:
     """The field names a ``str.format`` template reads; only plain names (no indexing, no conversions)."""
     try:
@@ -113,6 +119,11 @@ def template_fields(template: str, name: str) -> list[str]:
     if not fields:
         raise ValueError(f"{name}: {template!r} names no field; use {{name}} placeholders, e.g. {{instruction}}")
     return fields
+
+
+def _read_csv_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
 
 
 def _read_json_rows(path: Path) -> list:

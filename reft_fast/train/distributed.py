@@ -95,4 +95,8 @@ def shutdown(wait_for_others: bool = True) -> None:
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
-        dist.destroy_process_group()
+        # DeepSpeed's own teardown also forgets the groups it cached (its clone of the world group): torch's alone
+        # leaves them, and the next deepspeed.initialize in this process fails on the destroyed group (0.19.8).
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()

@@ -82,9 +82,9 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None,
-                    auto_class: str = "AutoModelForCausalLM"):
-    """The frozen base, in ``model.dtype``, loaded by the transformers Auto class named (the task's); under ZeRO-3
-    built inside zero.Init (partitioned as it is created).
+                    auto_class: str = "AutoModelForCausalLM", model_kwargs: Optional[dict] = None):
+    """The frozen base, in ``model.dtype``, loaded by the transformers Auto class named (the task's, with its
+    ``model_kwargs``: a head's size); under ZeRO-3 built inside zero.Init (partitioned as it is created).
 
     Returns (model, hf_deepspeed_config): keep the second alive until training ends (transformers holds it weakly).
     """
@@ -102,6 +102,7 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         init_config["fp16"] = {"enabled": dtype == torch.float16}
         hf_ds = HfDeepSpeedConfig(init_config)
     kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
+    kwargs.update(model_kwargs or {})
     model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype,
                                                               trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     model.requires_grad_(False)

@@ -211,7 +211,8 @@ class ReftTrainingRecipe:
         cfg, t = self.cfg, self.cfg.training
         # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
         ds_config = build_ds_config(cfg, self.world)
-        base, self._hf_ds = load_base_model(self.source, cfg, ds_config, auto_class=self.task.auto_class)
+        base, self._hf_ds = load_base_model(self.source, cfg, ds_config, auto_class=self.task.auto_class,
+                                            model_kwargs=self.task.base_kwargs)
         if ds_config["zero_optimization"]["stage"] < 3:
             # deepspeed.initialize would move it there anyway (zero.Init already placed a ZeRO-3 base): moving it now
             # lets "auto" see the device the base will run on, and runs the samples before training there.

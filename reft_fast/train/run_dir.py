@@ -6,7 +6,8 @@ checkpoints, and the final interventions.
                  metrics.jsonl      one line per step (and per evaluation), cut back to the step a resume starts from
                  checkpoints/       reft_fast.train.checkpoints
                  tensorboard/       when tensorboard is installed
-                 final/             the trained interventions (ReftModel.save) and train_config.yaml
+                 final/             the trained interventions (ReftModel.save) and train_config.yaml, and the base
+                                    parameters trained with them (a classifier head) in base_trainable.safetensors
 
 A non-empty output_dir is refused unless the launch resumes or overwrites it; overwriting removes the files above and
 nothing else.
@@ -25,11 +26,12 @@ from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory, replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
-__all__ = ["RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "prepare_output_dir", "rewind_metrics",
-           "save_interventions"]
+__all__ = ["BASE_TRAINABLE_NAME", "RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "load_trainable_base",
+           "prepare_output_dir", "rewind_metrics", "save_interventions", "save_trainable_base"]
 
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
+BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained parameters (a head), next to the interventions
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
 # What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
 # are scratch names of writes a kill interrupted (reft_fast.train.files).
@@ -113,6 +115,33 @@ def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int)
         scratch = directory.with_name(f".{directory.name}.partial")
         shutil.rmtree(scratch, ignore_errors=True)
         reft_model.save(str(scratch))
+        save_trainable_base(reft_model.model, scratch)
         (scratch / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
         publish_directory(scratch, directory)
     barrier()
+
+
+def save_trainable_base(model, directory) -> None:
+    """The base's parameters that train (requires_grad: a classifier head) as ``BASE_TRAINABLE_NAME`` in
+    ``directory``; nothing when the base is wholly frozen."""
+    from safetensors.torch import save_file
+
+    trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    if trainable:
+        save_file(trainable, str(Path(directory) / BASE_TRAINABLE_NAME), metadata={"format": "pt"})
+
+
+def load_trainable_base(model, directory) -> list[str]:
+    """Load ``save_trainable_base``'s file from ``directory`` into ``model`` (copied onto its parameters' devices and
+    dtypes) and return the names loaded; none when the directory has no such file. A name the model lacks is an
+    error: the file belongs to another architecture."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / BASE_TRAINABLE_NAME
+    if not path.is_file():
+        return []
+    tensors = load_file(str(path), device="cpu")
+    _, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
+    return sorted(tensors)

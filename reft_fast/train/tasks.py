@@ -3,13 +3,16 @@
 The recipe (``reft_fast.train.recipe``) is one loop for every task; ``task:`` in the YAML picks the class here that
 supplies the parts that differ:
 
-    causal_lm   prompt → response pairs; the loss over the response tokens; the eval loss
-                (what pyreft's supervised data modules and ``ReftTrainerForCausalLM`` train)
+    causal_lm       prompt → response pairs; the loss over the response tokens; the eval loss
+                    (what pyreft's supervised data modules and ``ReftTrainerForCausalLM`` train)
+    classification  texts → a class or a number on an AutoModelForSequenceClassification (GLUE;
+                    ``reft_fast.train.task_classification``)
 
 A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` is the model to follow):
 
     check_config(cfg)                                  task-specific ConfigErrors, before any weight loads
     auto_class                                         the transformers Auto class the frozen base loads with
+    base_kwargs                                        more keyword arguments of its from_pretrained (a head's size)
     datasets(tokenizer, seed) → (train, eval)          map-style datasets of items (eval may be None)
     bind_base(base)                                    learn what the loaded base can do (before the engine)
     collator(tokenizer, num_interventions)             items → a CPU batch with ``intervention_locations``
@@ -29,6 +32,7 @@ import torch
 
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, split_examples
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
+from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
 
 __all__ = ["CausalLMTask", "TASKS", "check_task", "make_task"]
@@ -38,6 +42,7 @@ class CausalLMTask:
     """Supervised causal-LM fine-tuning: the loss covers the response tokens only."""
 
     auto_class = "AutoModelForCausalLM"
+    base_kwargs: dict = {}
     generates = True
 
     def __init__(self, cfg: TrainConfig):
@@ -95,7 +100,7 @@ class CausalLMTask:
 
 
 # task name (the YAML's ``task:``) → its class
-TASKS: dict[str, type] = {"causal_lm": CausalLMTask}
+TASKS: dict[str, type] = {"causal_lm": CausalLMTask, "classification": ClassificationTask}
 
 
 def check_task(cfg: TrainConfig) -> None:

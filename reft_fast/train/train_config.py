@@ -38,6 +38,7 @@ from reft_fast.train.fused_base import FUSED_OPS_MODES
 from reft_fast.train.packing import PACKING_ATTENTION
 
 __all__ = [
+    "ClassificationConfig",
     "ConfigError",
     "DataConfig",
     "DeepSpeedConfig",
@@ -180,6 +181,26 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ClassificationConfig:
+    """The ``classification:`` section, read by ``task: classification`` (reft_fast.train.task_classification)."""
+
+    num_labels: int = 2
+    # single_label: one class per example (integer labels; cross-entropy); multi_label: a 0/1 list of num_labels per
+    # example (binary cross-entropy); regression: one number per example, num_labels 1 (mean squared error; STS-B).
+    problem_type: str = "single_label"
+    # The example's text: one field or a pair; empty: the first of GLUE's names present (sentence1/sentence2,
+    # question1/question2, question/sentence, premise/hypothesis, sentence, text).
+    text_fields: list[str] = field(default_factory=list)
+    label_field: str = "label"
+    # Text labels in a file, mapped to their index in this list (empty: labels are numbers).
+    label_names: list[str] = field(default_factory=list)
+    # Train the classifier head with the interventions (pyreft's allow_cls_grad, as in the paper's GLUE runs).
+    train_head: bool = True
+    # With data.hf_dataset (and no data.eval_file): the split evaluated (GLUE: validation; MNLI: validation_matched).
+    eval_split: Optional[str] = None
+
+
+@dataclass
 class TrainConfig:
     # The kind of job (reft_fast.train.tasks.TASKS): causal_lm trains prompt → response pairs.
     task: str = "causal_lm"
@@ -188,6 +209,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     output_dir: str = "runs/reft"
     resume: bool = False  # continue from the newest intact checkpoint in output_dir (a fresh start when there is none)
     overwrite_output_dir: bool = False  # replace an earlier run's outputs there; otherwise a non-empty one is refused

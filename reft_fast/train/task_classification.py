@@ -1,0 +1,296 @@
+"""``task: classification``: ReFT on any ``AutoModelForSequenceClassification`` (encoders such as RoBERTa, BERT,
+DeBERTa, DistilBERT, and decoders such as Llama), as the ReFT paper's GLUE runs train it.
+
+    task: classification
+    model: {path: FacebookAI/roberta-base}
+    interventions: {layers: all, low_rank_dimension: 1, positions: f1}
+    data: {hf_dataset: "nyu-mll/glue:sst2", max_length: 128}
+    classification: {num_labels: 2, problem_type: single_label, train_head: true, eval_split: validation}
+
+Data. Rows from JSON, JSONL, CSV or a Hugging Face dataset; the text is one field or a pair, found among GLUE's names
+when ``classification.text_fields`` is empty (so every GLUE task works without a mapping), tokenized as the tokenizer
+joins a pair (RoBERTa: ``<s> a </s></s> b </s>``), truncated to ``data.max_length``. Labels: class indices
+(single_label; text labels through ``label_names``), a 0/1 list (multi_label) or a number (regression).
+
+Positions. Each example's locations come from its own real length (``core.positions``), over all of its tokens: "f1"
+edits the first token (the ``<s>`` whose final state RoBERTa's head reads), as pyreft's GLUE runs do. Padding is on
+the right and never edited.
+
+Loss and metrics. The base's own head computes the loss from the labels (``config.problem_type`` is set at load).
+``evaluate`` runs the eval set sharded over the ranks, writes each example's logits into its row of one device buffer,
+and sums that buffer over the ranks in one reduction (a gather, since every row is written by one rank only), read once
+on the host; then accuracy, F1 and MCC (single-label), exact-match accuracy (multi-label) or Pearson and Spearman
+(regression), with ``reft_fast.train.scores``.
+
+The head. With ``train_head`` (the default, as the paper) the parameters outside the backbone (``base.base_model``:
+RoBERTa's ``classifier``, Llama's ``score``) train with the interventions; they go into the trainer checkpoints and
+into ``final/base_trainable.safetensors`` (``run_dir``), and ``run_dir.load_trainable_base`` puts them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from reft_fast.core.positions import intervention_locations
+from reft_fast.train import scores
+from reft_fast.train.data import load_rows, split_examples
+from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.loss import forward_loss, to_device
+from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
+
+__all__ = ["ClassificationCollator", "ClassificationDataset", "ClassificationTask", "GLUE_TEXT_FIELDS", "PROBLEM_TYPES",
+           "head_parameters", "read_labelled_texts"]
+
+# classification.problem_type → transformers' config.problem_type
+PROBLEM_TYPES = {"single_label": "single_label_classification", "multi_label": "multi_label_classification",
+                 "regression": "regression"}
+# GLUE's text fields, pairs before single fields (QNLI's question/sentence holds a "sentence" too).
+GLUE_TEXT_FIELDS = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+                    ("premise", "hypothesis"), ("sentence",), ("text",))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------------
+def _text_fields(row: dict, configured: Sequence[str], where: str) -> tuple[str, ...]:
+    if configured:
+        return tuple(configured)
+    for fields in GLUE_TEXT_FIELDS:
+        if all(name in row for name in fields):
+            return fields
+    raise ValueError(f"{where}: no text field among GLUE's names {[list(f) for f in GLUE_TEXT_FIELDS]} (fields: "
+                     f"{sorted(row)}); set classification.text_fields")
+
+
+def _label(value, c: ClassificationConfig, where: str):
+    """A row's label as the loss takes it: a class index, a list of 0/1 floats, or a float."""
+    try:
+        if c.problem_type == "regression":
+            return float(value)
+        if c.problem_type == "multi_label":
+            values = [float(v) for v in value]
+            if len(values) != c.num_labels or any(v not in (0.0, 1.0) for v in values):
+                raise ValueError
+            return values
+        index = c.label_names.index(value) if c.label_names else int(value)
+    except (TypeError, ValueError):
+        expected = {"regression": "a number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
+            c.problem_type, f"one of {c.label_names}" if c.label_names else "a class index")
+        raise ValueError(f"{where}: label {value!r} is not {expected}") from None
+    if not 0 <= index < c.num_labels or (not c.label_names and float(value) != index):
+        raise ValueError(f"{where}: label {value!r} is not a class index in [0, {c.num_labels}) (classification."
+                         "num_labels; GLUE's test splits have no labels: −1)")
+    return index
+
+
+def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "train") -> list[dict]:
+    """``[{"texts": (a,) or (a, b), "label": ...}]`` from any source ``data.load_rows`` reads."""
+    rows, where = load_rows(source, hf_split=hf_split)
+    examples = []
+    for i, row in enumerate(rows):
+        here = f"{where}: example {i}"
+        if not isinstance(row, dict):
+            raise ValueError(f"{here} is a {type(row).__name__}, expected an object")
+        fields = _text_fields(row, c.text_fields, where)
+        for name in fields + (c.label_field,):
+            if name not in row:
+                raise ValueError(f"{here} has no field {name!r} (fields: {sorted(row)})")
+        texts = tuple(row[name] for name in fields)
+        if not all(isinstance(text, str) for text in texts):
+            raise ValueError(f"{here}: the text fields {list(fields)} must hold text")
+        examples.append({"texts": texts, "label": _label(row[c.label_field], c, here)})
+    if not examples:
+        raise ValueError(f"{where}: no examples")
+    return examples
+
+
+class ClassificationDataset(torch.utils.data.Dataset):
+    """Tokenized examples: each item has input_ids and label."""
+
+    def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
+        self.items = [{"input_ids": tokenizer(*ex["texts"], truncation=True, max_length=max_length)["input_ids"],
+                       "label": ex["label"]} for ex in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+@dataclass
+class ClassificationCollator:
+    """Right-pads items into a batch: input_ids, attention_mask, labels ([B] class indices, [B] floats or
+    [B, num_labels] floats) and intervention_locations [n, B, P] from each example's real length (CPU, int64)."""
+
+    pad_token_id: int
+    num_interventions: int
+    positions: str = "f1"
+    share_weights: bool = False
+
+    def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
+        lengths = [len(it["input_ids"]) for it in items]
+        input_ids = torch.full((len(items), max(lengths)), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, it in enumerate(items):
+            input_ids[b, : lengths[b]] = torch.as_tensor(it["input_ids"])
+            attention_mask[b, : lengths[b]] = 1
+        labels = [it["label"] for it in items]
+        label_dtype = torch.long if isinstance(labels[0], int) else torch.float32
+        locations = intervention_locations(torch.as_tensor(lengths), self.positions, self.num_interventions,
+                                           share_weights=self.share_weights)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "labels": torch.as_tensor(labels, dtype=label_dtype), "intervention_locations": locations}
+
+
+def head_parameters(base) -> list[torch.nn.Parameter]:
+    """The parameters of a task model outside its backbone (``base.base_model``): the classifier head (RoBERTa's
+    ``classifier``, DistilBERT's ``pre_classifier`` and ``classifier``, Llama's ``score``)."""
+    backbone = {id(p) for p in base.base_model.parameters()}
+    head = [p for p in base.parameters() if id(p) not in backbone]
+    if not head:
+        raise ValueError(f"classification.train_head: {type(base).__name__} has no parameters outside its backbone "
+                         f"({type(base.base_model).__name__}): no classifier head to train")
+    return head
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------------------------------------
+class ClassificationTask:
+    """Sequence classification and regression on the base's own head (``reft_fast.train.tasks`` lists the methods)."""
+
+    auto_class = "AutoModelForSequenceClassification"
+    generates = False
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        c = cfg.classification
+        # what from_pretrained sizes and configures the head with
+        self.base_kwargs = {"num_labels": c.num_labels, "problem_type": PROBLEM_TYPES.get(c.problem_type)}
+        self.pad_token_id: Optional[int] = None  # the tokenizer's, learned in ``datasets``
+        self.float_labels_dtype = torch.float32  # the base's dtype, learned in ``bind_base``
+
+    @staticmethod
+    def check_config(cfg: TrainConfig) -> None:
+        c = cfg.classification
+        if c.problem_type not in PROBLEM_TYPES:
+            raise ConfigError(f"classification.problem_type: expected one of {list(PROBLEM_TYPES)}, got "
+                              f"{c.problem_type!r}")
+        if c.problem_type == "regression" and c.num_labels != 1:
+            raise ConfigError(f"classification.num_labels: regression predicts one number, so 1; got {c.num_labels}")
+        if c.num_labels < (2 if c.problem_type == "single_label" else 1):
+            raise ConfigError(f"classification.num_labels: must be ≥ 2 for single_label, got {c.num_labels}")
+        if len(c.text_fields) > 2:
+            raise ConfigError(f"classification.text_fields: one field or a pair, got {c.text_fields}")
+        if c.label_names and (c.problem_type != "single_label" or len(c.label_names) != c.num_labels):
+            raise ConfigError(f"classification.label_names: {len(c.label_names)} names for a {c.problem_type} task "
+                              f"with num_labels {c.num_labels}; names need single_label and one per label")
+        if cfg.data.packing:
+            raise ConfigError("data.packing: not supported by task classification (each example's head reads its "
+                              "own first or last token; packed rows would mix examples); set it to false")
+        if c.train_head and cfg.deepspeed.stage == 3:
+            raise ConfigError("classification.train_head: ZeRO stage 3 partitions the head, whose checkpointing here "
+                              "needs it whole; use deepspeed.stage 0, 1 or 2, or train_head: false")
+        if cfg.training.sample_prompts:
+            raise ConfigError("training.sample_prompts: a classifier does not generate text; remove them")
+        if c.eval_split and cfg.data.eval_file:
+            raise ConfigError("classification.eval_split: cannot be combined with data.eval_file; keep one")
+
+    def _read(self, source, split: str) -> list[dict]:
+        try:
+            return read_labelled_texts(source, self.cfg.classification, hf_split=split)
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from None
+
+    def datasets(self, tokenizer, seed: int):
+        """The training set and the eval set (an eval file, ``classification.eval_split`` of the Hugging Face
+        dataset, else ``eval_fraction`` held out; None without any)."""
+        d, c = self.cfg.data, self.cfg.classification
+        self.pad_token_id = tokenizer.pad_token_id
+        train_source = resolve_data_path(d.train_file, self.cfg.base_dir) if d.train_file else d.hf_dataset
+        examples = self._read(train_source, d.hf_split)
+        if d.eval_file:
+            eval_examples = self._read(resolve_data_path(d.eval_file, self.cfg.base_dir), "train")
+        elif c.eval_split:
+            eval_examples = self._read(train_source, c.eval_split)
+        else:
+            examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
+        train_set = ClassificationDataset(examples, tokenizer, d.max_length)
+        return train_set, (ClassificationDataset(eval_examples, tokenizer, d.max_length) if eval_examples else None)
+
+    def bind_base(self, base) -> None:
+        """A decoder's head reads each row's last non-pad token, found through ``config.pad_token_id``; float labels
+        take the base's dtype (its head's loss compares them with its logits)."""
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = self.pad_token_id
+        self.float_labels_dtype = next(base.parameters()).dtype
+
+    def collator(self, tokenizer, num_interventions: int) -> ClassificationCollator:
+        iv = self.cfg.interventions
+        return ClassificationCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=num_interventions,
+                                      positions=iv.positions, share_weights=iv.share_weights)
+
+    def host_batch(self, batch: dict) -> dict:
+        labels = batch["labels"]
+        return {**batch, "labels": labels.to(self.float_labels_dtype)} if labels.is_floating_point() else batch
+
+    @staticmethod
+    def loss(engine, batch: dict) -> torch.Tensor:
+        return forward_loss(engine, batch)
+
+    @torch.no_grad()
+    def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
+        """eval_loss and the task's scores over the whole eval set. Each rank runs its share of every chunk (the same
+        number of forwards on every rank: ZeRO-3 gathers parameters collectively; a rank without examples in the last
+        chunk runs example 0 and keeps nothing of it) and writes its examples' logits into their rows of one device
+        buffer; one reduction over the ranks then holds every row, with the loss sum in the last one."""
+        engine.eval()
+        width = self.cfg.classification.num_labels
+        gathered = torch.zeros((len(dataset) + 1, width), dtype=torch.float64, device=engine.device)
+        micro = self.cfg.training.micro_batch_size
+        for start in range(0, len(dataset), micro * world):
+            mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+            batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
+            _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                            intervention_locations=batch["intervention_locations"], labels=batch["labels"])
+            if mine:
+                rows = torch.tensor(mine, device="cpu").to(engine.device, non_blocking=True)
+                gathered.index_copy_(0, rows, out.logits.double().reshape(len(mine), width))
+                gathered[-1, 0] += out.loss.double() * len(mine)
+        values = all_reduce_sum(gathered).tolist()
+        engine.train()
+        labels = [dataset[i]["label"] for i in range(len(dataset))]
+        return {"eval_loss": values[-1][0] / len(dataset), **self._scores(values[:-1], labels)}
+
+    def _scores(self, logits: list[list[float]], labels: list) -> dict[str, float]:
+        problem = self.cfg.classification.problem_type
+        if problem == "regression":
+            predictions = [row[0] for row in logits]
+            return {"pearson": scores.pearson(predictions, labels), "spearman": scores.spearman(predictions, labels)}
+        if problem == "multi_label":
+            predictions = [[1.0 if value > 0 else 0.0 for value in row] for row in logits]
+            return {"accuracy": scores.accuracy(predictions, labels)}
+        predictions = [max(range(len(row)), key=row.__getitem__) for row in logits]
+        metrics = {"accuracy": scores.accuracy(predictions, labels), "mcc": scores.matthews(predictions, labels)}
+        if len(logits[0]) == 2:
+            metrics["f1"] = scores.f1_binary(predictions, labels)
+        return metrics
+
+    def trainable_base_parameters(self, base) -> list[torch.nn.Parameter]:
+        if not self.cfg.classification.train_head:
+            return []
+        try:
+            head = head_parameters(base)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        for p in head:
+            p.requires_grad_(True)
+        return head
+
+    @staticmethod
+    def item_tokens(item: dict) -> int:
+        return len(item["input_ids"])

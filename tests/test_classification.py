@@ -1,0 +1,335 @@
+"""task: classification (reft_fast.train.task_classification) on tiny random encoders: layer discovery, scores against
+hand-computed values, training that learns a separable set, regression, the head in the final directory and in
+checkpoints (resume restores it), a 2-rank run whose gathered eval metrics equal one rank's, and pyreft parity of the
+GLUE path's logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+import yaml
+
+from dist.tiny import subprocess_env
+
+ROOT = Path(__file__).resolve().parent.parent
+POSITIVE = "red green blue sun sky tree big hot up yes".split()
+NEGATIVE = "black white cat dog fish cow small cold down no".split()
+
+
+def make_tokenizer():
+    """A word-level tokenizer that joins a pair as RoBERTa does: <s> a </s> </s> b </s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + POSITIVE + NEGATIVE)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                        special_tokens=[("<s>", 1), ("</s>", 2)])
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>",
+                                                eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_roberta_config(num_labels: int = 2, **extra):
+    # initializer_range 0.2 (not 0.02): the random encoder then carries the words into <s>'s final state
+    return transformers.RobertaConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64, initializer_range=0.2,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2, type_vocab_size=1,
+                                      num_labels=num_labels, **extra)
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """GLUE SST-2's fields: a sentence of positive words (label 1) or of negative words (label 0)."""
+    rng = random.Random(seed)
+    return [{"sentence": " ".join(rng.choice(POSITIVE if i % 2 else NEGATIVE) for _ in range(rng.randint(2, 6))),
+             "label": i % 2} for i in range(n)]
+
+
+def make_run(folder: Path, rows: list[dict], *, data_file: str = "train.jsonl", num_labels: int = 2,
+             **sections) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(tiny_roberta_config(num_labels))
+    model.save_pretrained(folder / "model")
+    make_tokenizer().save_pretrained(folder / "model")
+    path = folder / data_file
+    if data_file.endswith(".csv"):
+        import csv
+
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"task": "classification",
+              "model": {"path": str(folder / "model"), "dtype": "float32", "attn_implementation": "sdpa"},
+              "interventions": {"layers": "all", "low_rank_dimension": 1, "positions": "f1"},
+              "data": {"train_file": data_file, "max_length": 16, "eval_fraction": 0.25},
+              "classification": {"num_labels": 2},
+              "training": {"max_steps": 40, "micro_batch_size": 8, "lr": 5.0e-2, "seed": 1, "progress_bar": False,
+                           "log_every": 10, "eval_every": 20},
+              "output_dir": str(folder / "out")}
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return folder / "config.yaml"
+
+
+def train(config: Path, overrides=()):
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    try:
+        return ReftTrainingRecipe(load_config(str(config), list(overrides))).run()
+    finally:
+        shutdown()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------------------------
+def test_scores_match_hand_computed_values():
+    from reft_fast.train import scores
+
+    predictions, labels = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 0]  # TP 2, FP 1, FN 1, TN 2
+    assert scores.accuracy(predictions, labels) == pytest.approx(4 / 6)
+    assert scores.f1_binary(predictions, labels) == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert scores.matthews(predictions, labels) == pytest.approx((2 * 2 - 1 * 1) / math.sqrt(3 * 3 * 3 * 3))
+    # three classes: c = 3 correct of s = 5; predicted counts (2, 2, 1), true counts (1, 2, 2)
+    three = scores.matthews([0, 0, 1, 1, 2], [0, 1, 1, 2, 2])
+    assert three == pytest.approx((3 * 5 - (2 * 1 + 2 * 2 + 1 * 2)) / math.sqrt((25 - 9) * (25 - 9)))
+    assert scores.matthews([1, 1, 1], [0, 1, 1]) == 0.0  # one predicted class: undefined, 0 by convention
+    assert scores.f1_binary([0, 0], [0, 0]) == 0.0
+    # Pearson: x = 1..4, y = 2, 4, 5, 9 → means 2.5 and 5; Σdx·dy = 11, Σdx² = 5, Σdy² = 26
+    assert scores.pearson([1, 2, 3, 4], [2, 4, 5, 9]) == pytest.approx(11 / math.sqrt(5 * 26))
+    assert scores.average_ranks([10, 20, 20, 5]) == [2.0, 3.5, 3.5, 1.0]
+    # Spearman with a tie: ranks x (1, 2, 3, 4), y (1, 2.5, 2.5, 4) → Σdx·dy = 4.5, Σdx² = 5, Σdy² = 4.5
+    assert scores.spearman([1, 2, 3, 4], [1, 7, 7, 9]) == pytest.approx(4.5 / math.sqrt(5 * 4.5))
+    assert math.isnan(scores.pearson([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="2 predictions for 3 labels"):
+        scores.accuracy([1, 0], [1, 0, 1])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layer discovery
+# --------------------------------------------------------------------------------------------------------------------
+ENCODERS = [
+    ("RobertaForSequenceClassification", tiny_roberta_config(), "roberta.encoder.layer"),
+    ("BertForSequenceClassification", transformers.BertConfig(vocab_size=24, hidden_size=32, num_hidden_layers=3,
+                                                              num_attention_heads=2, intermediate_size=64),
+     "bert.encoder.layer"),
+    ("DistilBertForSequenceClassification", transformers.DistilBertConfig(vocab_size=24, dim=32, n_layers=3, n_heads=2,
+                                                                          hidden_dim=64), "distilbert.transformer.layer"),
+    ("DebertaV2ForSequenceClassification", transformers.DebertaV2Config(vocab_size=24, hidden_size=32,
+                                                                        num_hidden_layers=3, num_attention_heads=2,
+                                                                        intermediate_size=64), "deberta.encoder.layer"),
+    ("RobertaModel", tiny_roberta_config(), "encoder.layer"),
+]
+
+
+@pytest.mark.parametrize("class_name, config, path", ENCODERS, ids=[e[0] for e in ENCODERS])
+def test_encoder_layers_are_found_and_edited(class_name, config, path):
+    from reft_fast import ReftConfig, get_reft_model
+    from reft_fast.core.hf import find_decoder_layers, hidden_size_of, num_layers_of
+
+    torch.manual_seed(0)
+    model = getattr(transformers, class_name)(config).eval()
+    found, layers = find_decoder_layers(model)
+    assert found == path and len(layers) == num_layers_of(config) and hidden_size_of(config) == 32
+    reft_model = get_reft_model(model, ReftConfig([{"layer": i, "intervention": "loreft", "low_rank_dimension": 1}
+                                                   for i in range(len(layers))], positions="f1"))
+    ids = torch.tensor([[1, 5, 6, 7, 2], [1, 8, 2, 0, 0]])
+    base = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    with torch.no_grad():
+        for intervention in reft_model.interventions.values():
+            intervention.learned_source.bias.fill_(3.0)
+        plain = model(**base)[0]
+        _, edited = reft_model(base, intervention_locations=torch.zeros((len(layers), 2, 1), dtype=torch.long))
+    assert not torch.allclose(plain, edited[0]), "the edit of the first token must change the output"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One run on the separable set: 40 steps, eval at 0, 20 and 40, checkpoints at 20 and 40."""
+    folder = tmp_path_factory.mktemp("sst2")
+    config = make_run(folder, sentiment_rows(96), training={"save_every": 20})
+    return config, train(config)
+
+
+def test_training_learns_the_separable_set_and_reports_glue_scores(trained):
+    _, result = trained
+    first, last = result.eval_metrics[0], result.eval_metrics[-1]
+    assert [m["step"] for m in result.eval_metrics] == [0, 20, 40]
+    assert set(last) == {"step", "eval_loss", "accuracy", "mcc", "f1"}
+    assert first["accuracy"] <= 0.6 and last["accuracy"] >= 0.75, result.eval_metrics
+    assert last["eval_loss"] < first["eval_loss"] and last["mcc"] > 0.4
+
+
+def test_the_trained_head_is_saved_and_loads_back(trained):
+    """final/ holds the head next to the interventions; a fresh base with both reproduces the eval accuracy."""
+    from reft_fast import ReftModel
+    from reft_fast.train.run_dir import BASE_TRAINABLE_NAME, load_trainable_base
+    from reft_fast.train.task_classification import ClassificationCollator, ClassificationTask
+    from reft_fast.train.train_config import load_config
+
+    config, result = trained
+    final = Path(result.final_dir)
+    fresh = transformers.RobertaForSequenceClassification.from_pretrained(config.parent / "model").eval()
+    before = fresh.classifier.out_proj.weight.clone()
+    assert load_trainable_base(fresh, final) == ["classifier.dense.bias", "classifier.dense.weight",
+                                                 "classifier.out_proj.bias", "classifier.out_proj.weight"]
+    assert (final / BASE_TRAINABLE_NAME).is_file() and not torch.equal(before, fresh.classifier.out_proj.weight)
+    reft_model = ReftModel.load(final, fresh)
+    cfg = load_config(str(config))
+    task = ClassificationTask(cfg)
+    _, eval_set = task.datasets(make_tokenizer(), cfg.training.seed)
+    batch = ClassificationCollator(0, len(reft_model.interventions), "f1")([eval_set[i] for i in range(len(eval_set))])
+    with torch.no_grad():
+        _, out = reft_model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                            intervention_locations=batch["intervention_locations"])
+    accuracy = (out.logits.argmax(-1) == batch["labels"]).double().mean().item()
+    assert accuracy == pytest.approx(result.eval_metrics[-1]["accuracy"])
+
+
+def test_resume_restores_the_head(trained, tmp_path):
+    """A run resumed from its step-20 checkpoint ends with the uninterrupted run's head and interventions."""
+    from safetensors.torch import load_file
+
+    config, result = trained
+    out = Path(yaml.safe_load(config.read_text())["output_dir"])
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step40")
+    shutil.rmtree(resumed / "final")
+    state = torch.load(resumed / "checkpoints" / "step20" / "trainer_state.pt", weights_only=True)
+    assert "model.classifier.out_proj.weight" in state["params"]
+    train(config, [f"output_dir={resumed}", "resume=true"])
+    for name in ("base_trainable.safetensors", "interventions.safetensors"):
+        expected, got = load_file(out / "final" / name), load_file(resumed / "final" / name)
+        assert expected.keys() == got.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_regression_on_sentence_pairs_from_csv(tmp_path):
+    """STS-B's shape: sentence1/sentence2 and a float score, num_labels 1; read from a CSV file."""
+    rng = random.Random(1)
+    rows = []
+    for _ in range(64):
+        a, b = ([rng.choice(POSITIVE + NEGATIVE) for _ in range(rng.randint(2, 4))] for _ in range(2))
+        score = 5.0 * sum(w in POSITIVE for w in a + b) / len(a + b)
+        rows.append({"sentence1": " ".join(a), "sentence2": " ".join(b), "label": score})
+    config = make_run(tmp_path, rows, data_file="train.csv", num_labels=1,
+                      classification={"num_labels": 1, "problem_type": "regression"})
+    result = train(config, ["training.max_steps=24", "training.eval_every=12"])
+    first, last = result.eval_metrics[0], result.eval_metrics[-1]
+    assert set(last) == {"step", "eval_loss", "pearson", "spearman"}
+    # the mean squared error falls (the tiny random encoder's step-0 correlation is already about 0.5: too noisy to
+    # require it to rise in 24 steps on 16 examples)
+    assert last["eval_loss"] < first["eval_loss"] / 2, result.eval_metrics
+    assert all(-1 <= m[key] <= 1 for m in result.eval_metrics for key in ("pearson", "spearman"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["classification.problem_type=binary"], r"^classification.problem_type: expected one of"),
+    (["classification.problem_type=regression"], r"^classification.num_labels: regression predicts one number"),
+    (["data.packing=true"], r"^data.packing: not supported by task classification"),
+    (["classification.text_fields=[a, b, c]"], r"^classification.text_fields: one field or a pair"),
+    (["classification.train_head=true", "deepspeed.stage=3"], r"^classification.train_head: ZeRO stage 3"),
+])
+def test_config_errors_name_the_field(tmp_path, overrides, message):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path, sentiment_rows(8))
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(str(config), overrides))
+
+
+def test_bad_labels_are_named(tmp_path):
+    from reft_fast.train.task_classification import read_labelled_texts
+    from reft_fast.train.train_config import ClassificationConfig
+
+    with pytest.raises(ValueError, match=r"example 1: label -1 is not a class index in \[0, 2\)"):
+        read_labelled_texts([{"sentence": "red", "label": 1}, {"sentence": "cat", "label": -1}], ClassificationConfig())
+    with pytest.raises(ValueError, match=r"no text field among GLUE's names"):
+        read_labelled_texts([{"body": "red", "label": 1}], ClassificationConfig())
+    pairs = read_labelled_texts([{"question": "q", "sentence": "s", "label": "1"}], ClassificationConfig())
+    assert pairs == [{"texts": ("q", "s"), "label": 1}]  # QNLI's fields; a CSV's text label
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pyreft parity
+# --------------------------------------------------------------------------------------------------------------------
+def test_pyreft_glue_path_gives_the_same_logits():
+    """pyreft's GLUE runs: LoReFT rank 1 at roberta.encoder.layer[i].output of every layer, position f1, on a
+    RobertaForSequenceClassification; the same weights in reft_fast give the same logits (a batch with padding)."""
+    pyreft = pytest.importorskip("pyreft")
+    from reft_fast import ReftConfig, get_reft_model
+    from reft_fast.compat import load_pyreft_module
+
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(tiny_roberta_config(3)).eval()
+    theirs = pyreft.get_reft_model(copy.deepcopy(model), pyreft.ReftConfig(representations=[
+        {"layer": i, "component": f"roberta.encoder.layer[{i}].output", "low_rank_dimension": 1,
+         "intervention": pyreft.LoreftIntervention(embed_dim=32, low_rank_dimension=1, dtype=torch.float32)}
+        for i in range(2)]), set_device=False)
+    ours = get_reft_model(model, ReftConfig([
+        {"layer": i, "component": f"roberta.encoder.layer[{i}].output", "intervention": "LoreftIntervention",
+         "low_rank_dimension": 1, "orthogonalization": "householder"} for i in range(2)], positions="f1"))
+    with torch.no_grad():
+        for p in theirs.interventions.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    for mine, pyreft_module in zip(ours.interventions.values(), theirs.interventions.values(), strict=True):
+        load_pyreft_module(mine, pyreft_module)
+    ids = torch.tensor([[1, 5, 6, 7, 2, 2, 8, 2], [1, 9, 2, 0, 0, 0, 0, 0]])
+    base = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    with torch.no_grad():
+        _, expected = theirs(base, unit_locations={"sources->base": (None, [[[0], [0]], [[0], [0]]])})
+        _, got = ours(base, intervention_locations=torch.zeros((2, 2, 1), dtype=torch.long))
+        plain = model(**base).logits
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain, got.logits, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Two ranks
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
+    """The same global batch on 2 ranks (ZeRO-2) as on 1: the same losses and, through the one gather, the same
+    eval metrics."""
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    if not Path(launcher).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    config, _ = trained
+    common = ["training.max_steps=4", "training.eval_every=2", "training.save_every=0", "training.micro_batch_size=4",
+              "training.global_batch_size=8"]
+    one = train(config, common + [f"output_dir={tmp_path / 'one'}"])
+    result = tmp_path / "two.json"
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200),
+                           str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
+                           "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two_eval = [{k: v for k, v in row.items() if k in one.eval_metrics[0]} for row in rows if "eval_loss" in row]
+    assert len(two_eval) == len(one.eval_metrics) == 3
+    for theirs, ours in zip(two_eval, one.eval_metrics):
+        assert theirs.keys() == ours.keys()
+        for key in ours:
+            assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), (key, two_eval, one.eval_metrics)
