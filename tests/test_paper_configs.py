@@ -14,7 +14,8 @@ from reft_fast.train.train_config import load_config, validate
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PAPER = sorted((CONFIGS / "paper").glob("*.yaml"))
 # the base each row names → the folder holding its config.json (the shape plan needs, no weights)
-SHAPES = {"yahma/llama-7b-hf": "llama-7b", "meta-llama/Llama-2-7b-hf": "llama-2-7b"}
+SHAPES = {"yahma/llama-7b-hf": "llama-7b", "meta-llama/Llama-2-7b-hf": "llama-2-7b",
+          "FacebookAI/roberta-base": "roberta-base", "FacebookAI/roberta-large": "roberta-large"}
 
 
 def _shape_override(path: Path) -> str:
@@ -23,7 +24,8 @@ def _shape_override(path: Path) -> str:
 
 
 def test_every_table_row_has_a_recipe():
-    assert {p.stem for p in PAPER} >= {"commonsense-llama-7b", "arithmetic-llama-7b", "instruct-llama2-7b"}
+    assert {p.stem for p in PAPER} >= {"commonsense-llama-7b", "arithmetic-llama-7b", "instruct-llama2-7b",
+                                    "glue-roberta-base", "glue-roberta-large"}
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
