@@ -195,6 +195,23 @@ def test_gradient_checkpointing_on_a_quantized_base_gives_the_same_gradients(tin
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
 
 
+def test_a_generation_before_training_leaves_the_gradients_through_a_4bit_base_intact(tiny_model_dir):
+    cfg = _config(tiny_model_dir, "model.quantization=nf4")
+    _, loss, grads = _reft_step(cfg)
+
+    def generate_first(source, config, ds_config=None):
+        base, hf_ds = load_base_model(source, config, ds_config)
+        base.eval()
+        with torch.no_grad():  # what the recipe's samples before training do
+            base.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+        return base, hf_ds
+
+    _, after_loss, after = _reft_step(cfg, loader=generate_first)
+    assert after_loss == pytest.approx(loss, rel=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(after[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def _stored_bytes(model: torch.nn.Module) -> int:
     """Bytes a bitsandbytes model really holds: each distinct parameter storage, with the scales and code tables that
     bitsandbytes keeps beside a quantized weight (Int8Params.SCB, Params4bit.quant_state and its nested state)."""
@@ -341,9 +358,10 @@ def test_two_ranks_zero2_train_a_quantized_base_like_one_rank(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct: the demo's task, quantized
 # --------------------------------------------------------------------------------------------------------------------
-# Loss distance to the float32 run, per step, measured 2026-11-28 (torch 2.13, bitsandbytes 0.50.2, 5 steps of the
-# demo at micro-batch 4): see the assertion message; the bounds leave about 2× room.
-SMOLLM2_DISTANCE = {"int8": 0.1, "nf4": 0.3}
+# The largest per-step loss distance to the float32 run over 5 steps of the demo at micro-batch 4, measured 2026-11-28
+# (torch 2.13, bitsandbytes 0.50.2; the float32 run goes 4.34 → 2.77): int8 0.11, nf4 0.50 (nf4 starts 0.17 higher,
+# the base's own 4-bit rounding). Bounds: about 2× and 1.6× that.
+SMOLLM2_DISTANCE = {"int8": 0.25, "nf4": 0.8}
 
 
 @pytest.mark.slow
@@ -354,7 +372,8 @@ def test_smollm2_demo_loss_trajectory_quantized_stays_near_float32(tmp_path):
     result = tmp_path / "smollm2.json"
     common = ["training.max_steps=5", "training.micro_batch_size=4", "training.sample_prompts=[]",
               "training.lr=1e-2", "training.warmup_steps=1", "training.progress_bar=false"]
-    runs = [[*common, f"model.quantization={mode}", f"output_dir={tmp_path / mode}"] for mode in ("none", *SMOLLM2_DISTANCE)]
+    runs = [[*common, f"model.quantization={mode}", f"output_dir={tmp_path / mode}"]
+            for mode in ("none", *SMOLLM2_DISTANCE)]
     env = subprocess_env(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2")
     proc = subprocess.run([PY, RUN_TRAIN, str(DEMO_CONFIG), str(result), *runs[0], "--then", *runs[1], "--then",
                            *runs[2]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -117,7 +117,18 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
                                                  **kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False
+    _keep_4bit_weights_differentiable(model)
     return model, hf_ds
+
+
+def _keep_4bit_weights_differentiable(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in eval
+    mode without gradients (a generation before training does that) on a CPU with AVX512-BF16, and from then on
+    calls that kernel, which has no backward, in training too: the gradient would no longer pass through the layer.
+    The layers keep the differentiable matmul instead."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantization_config(cfg: TrainConfig):
