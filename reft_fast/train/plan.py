@@ -19,6 +19,19 @@ any architecture. The rest is arithmetic, per GPU:
   the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
   is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
 
+Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` except the LM head is stored quantized, as
+transformers' integration does it; embeddings, norms and biases stay in model.dtype. Bytes of one out×in weight:
+
+* int8: out·in int8 values + one fp32 scale per output row (4·out);
+* nf4/fp4: two 4-bit codes per byte (⌈out·in/2⌉), a 16-entry fp32 code table, and one fp32 scale per block of 64
+  weights; with double quantization the block scales are 8-bit codes (1 byte per block) with an fp32 offset, one fp32
+  scale per 256 blocks and a 256-entry fp32 code table.
+
+Each matmul dequantizes its weight into a temporary (the largest one is counted once, in the compute dtype). The 8-bit
+matmul keeps its input for backward (a frozen full-precision linear keeps none): per token and layer above the edit,
+the two norms' outputs and the MLP's down-projection input in the base dtype (``_int8_saved_inputs``); the 4-bit
+matmul keeps only its weight. ZeRO-3 does not partition a quantized base (validation refuses it), so its rows are absent.
+
 These are estimates: allocator fragmentation, communication buffers and CUDA context (≈ 1–3 GiB) come on top, which is
 why a fit is reported against 90 % of the GPU's memory.
 """
@@ -27,7 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
+from torch import nn
 
 from reft_fast.core.dtypes import bytes_per_element
 from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
@@ -35,10 +51,16 @@ from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
 
-__all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan"]
+__all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan", "quantized_weight_bytes"]
 
 GIB = 2**30
 USABLE_FRACTION = 0.9
+# bitsandbytes' 4-bit layout (0.50): weights per fp32 block scale, block scales per second-level scale with double
+# quantization, and the sizes of the code tables kept with each weight.
+QUANT_BLOCK = 64
+NESTED_BLOCK = 256
+FOUR_BIT_CODES = 16
+NESTED_CODES = 256
 
 
 @dataclass
@@ -70,6 +92,7 @@ class MemoryPlan:
     chosen_stage: int
     chosen_offload: bool
     checkpointing: bool
+    quantization: str = "none"
 
 
 def _meta_model(model_config):
@@ -88,6 +111,46 @@ def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
     return bytes_per_element(cfg.model.dtype)
 
 
+def quantized_weight_bytes(mode: str, out_features: int, in_features: int, double_quant: bool = False) -> int:
+    """Bytes bitsandbytes stores for one out×in linear weight quantized as ``mode`` (see the module docstring)."""
+    numel = out_features * in_features
+    if mode == "int8":
+        return numel + 4 * out_features
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    packed = math.ceil(numel / 2) + 4 * FOUR_BIT_CODES
+    if not double_quant:
+        return packed + 4 * blocks
+    return packed + blocks + 4 + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * NESTED_CODES
+
+
+def _base_bytes(cfg: TrainConfig, meta: nn.Module, dtype_bytes: int) -> tuple[float, float, float]:
+    """(all base weights, one decoder layer's, the largest dequantized temporary) in bytes, as loaded."""
+    mode = cfg.model.quantization
+    layer = find_decoder_layers(meta)[1][0]
+    if mode == "none":
+        return (sum(p.numel() for p in meta.parameters()) * dtype_bytes,
+                sum(p.numel() for p in layer.parameters()) * dtype_bytes, 0.0)
+    head = meta.get_output_embeddings()
+    quantized = {id(m.weight): quantized_weight_bytes(mode, m.out_features, m.in_features,
+                                                      cfg.model.quantization_double_quant)
+                 for m in meta.modules() if isinstance(m, nn.Linear) and m is not head}
+
+    def stored(module: nn.Module) -> float:
+        return sum(quantized.get(id(p), p.numel() * dtype_bytes) for p in module.parameters())
+
+    compute = cfg.model.quantization_compute_dtype
+    compute_bytes = bytes_per_element(compute) if compute else dtype_bytes
+    largest = max(m.weight.numel() for m in meta.modules() if id(getattr(m, "weight", None)) in quantized)
+    return stored(meta), stored(layer), largest * compute_bytes
+
+
+def _int8_saved_inputs(text) -> int:
+    """Elements per token and layer that the 8-bit matmuls keep for backward beyond what the layer keeps anyway: the
+    two norms' outputs (q/k/v and gate/up share one input each) and the down projection's input. The attention
+    output adds nothing: it is SDPA's own saved output (transformers' transpose back is a view of it)."""
+    return 2 * text.hidden_size + getattr(text, "intermediate_size", 4 * text.hidden_size)
+
+
 def _intervention_numel(iv, d: int) -> int:
     """Trainable elements of one intervention as the recipe builds it (a few r×d tensors), counted from a built one
     rather than from a formula per type, so a new intervention type is planned correctly without an edit here."""
@@ -95,7 +158,8 @@ def _intervention_numel(iv, d: int) -> int:
     return sum(p.numel() for p in one.parameters())
 
 
-def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int) -> tuple[float, float]:
+def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0
+                      ) -> tuple[float, float]:
     """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
@@ -105,18 +169,20 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int) ->
     # flash-attn takes grouped k/v as they are; SDPA gets them repeated to every head whenever a mask is passed.
     kv_saved = kv_dim if (cfg.model.attn_implementation or "").startswith("flash") else d
     per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
+    int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     tokens = cfg.training.micro_batch_size * cfg.data.max_length
     logits = tokens * text.vocab_size * 4 * 2
     in_flight = tokens * per_token_layer  # one layer's gradients during backward
-    activations = tokens * trained * per_token_layer + in_flight + logits
-    checkpointed = tokens * trained * d * dtype_bytes + tokens * per_token_layer + in_flight + logits
+    activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized
+    checkpointed = (tokens * trained * d * dtype_bytes + tokens * (per_token_layer + int8_inputs) + in_flight + logits
+                    + dequantized)
     return activations, checkpointed
 
 
 def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, intervention_params: int,
-                 activations: tuple[float, float]) -> list[StagePlan]:
+                 activations: tuple[float, float], quantized: bool = False) -> list[StagePlan]:
     stages = []
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 1, 2) if quantized else (0, 1, 2, 3):
         for offload in ((False, True) if stage else (False,)):
             params_b = intervention_params * 4
             grads_b = params_b / (gpus if stage >= 2 else 1)
@@ -140,9 +206,10 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     text = text_config_of(model_config)
     num_layers = num_layers_of(model_config)
 
+    dtype_bytes = _weight_bytes_per_element(cfg, model_config)
     meta = _meta_model(model_config)
     base_params = sum(p.numel() for p in meta.parameters())
-    layer_params = sum(p.numel() for p in find_decoder_layers(meta)[1][0].parameters())
+    weights_full, layer_bytes, dequantized = _base_bytes(cfg, meta, dtype_bytes)
     del meta
 
     iv = cfg.interventions
@@ -152,20 +219,20 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     # Backward runs through the layers above the lowest edit, and through that layer too unless its output is edited.
     trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
-    dtype_bytes = _weight_bytes_per_element(cfg, model_config)
-    activations = _activation_bytes(cfg, text, trained, dtype_bytes)
-    stages = _stage_plans(gpus, base_params * dtype_bytes, layer_params * dtype_bytes, intervention_params,
-                          activations)
+    activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized)
+    stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
+                          quantized=cfg.model.quantization != "none")
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
                       cfg.data.max_length, trained, num_layers, stages, cfg.deepspeed.stage,
                       cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
-                      cfg.training.gradient_checkpointing)
+                      cfg.training.gradient_checkpointing, cfg.model.quantization)
 
 
 def format_plan(plan: MemoryPlan, gpu_memory_gib: float = 80.0) -> str:
     usable = gpu_memory_gib * USABLE_FRACTION
+    quantized = "" if plan.quantization == "none" else f" ({plan.quantization}; ZeRO-3 cannot partition it)"
     lines = [
-        f"model {plan.model}: {plan.base_params / 1e9:.2f} B frozen parameters, {plan.num_layers} layers; "
+        f"model {plan.model}: {plan.base_params / 1e9:.2f} B frozen parameters{quantized}, {plan.num_layers} layers; "
         f"{plan.intervention_params:,} trainable intervention parameters",
         f"per GPU: micro-batch {plan.micro_batch_size} × {plan.seq_len} tokens, backward through the top "
         f"{plan.trained_layers} layers; {plan.gpus} GPU(s) of {gpu_memory_gib:g} GiB (fit = under "

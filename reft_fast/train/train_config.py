@@ -44,6 +44,7 @@ __all__ = [
     "DeepSpeedConfig",
     "InterventionConfig",
     "ModelConfig",
+    "QUANTIZATION_MODES",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -60,6 +61,9 @@ class ConfigError(ValueError):
 
 
 SCHEDULES = ("cosine", "linear", "constant")
+# model.quantization: the frozen base's linear layers stored in 8 or 4 bits by bitsandbytes (reft_fast.train.loading).
+QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4")
+QUANTIZATION_EXTRA = "pip install 'reft-fast[quant]'"
 
 
 @dataclass
@@ -75,6 +79,13 @@ class ModelConfig:
     fused_ops: Union[str, bool] = "auto"
     # torch.compile each decoder layer with its interventions' hooks inside (reft_fast.train.loading.compile_layers).
     compile: bool = False
+    # none | int8 | nf4 | fp4: the decoder layers' linear weights in 8 or 4 bits (bitsandbytes); the embeddings, the
+    # LM head and the norms stay in model.dtype. A frozen base needs no full-precision copy for an optimizer.
+    quantization: str = "none"
+    # 4-bit only: the dtype the weights are dequantized to for each matmul (null: model.dtype), and whether the
+    # per-block scales are themselves stored in 8 bits (about 0.37 instead of 0.5 bits per weight saved on top).
+    quantization_compute_dtype: Optional[str] = None
+    quantization_double_quant: bool = False
 
     def __post_init__(self):
         # YAML 1.1 reads a bare `on` / `off` (in a file or a model.fused_ops=on override) as a boolean.
@@ -529,6 +540,33 @@ def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
         raise ConfigError("model.fused_ops: 'on' cannot be used with ZeRO stage 3 (the fused linear cross-entropy "
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
+    _check_quantization(m, zero_stage)
+
+
+def _check_quantization(m: ModelConfig, zero_stage: int) -> None:
+    if m.quantization not in QUANTIZATION_MODES:
+        raise ConfigError(f"model.quantization: expected one of {list(QUANTIZATION_MODES)}, got {m.quantization!r}")
+    four_bit = m.quantization in ("nf4", "fp4")
+    if m.quantization_compute_dtype is not None:
+        if not four_bit:
+            raise ConfigError(f"model.quantization_compute_dtype: only 4-bit bases (nf4, fp4) take it, model."
+                              f"quantization is {m.quantization!r}; remove the key")
+        if m.quantization_compute_dtype not in MODEL_DTYPES or m.quantization_compute_dtype == "auto":
+            raise ConfigError(f"model.quantization_compute_dtype: expected one of "
+                              f"{[d for d in MODEL_DTYPES if d != 'auto']} or null, got {m.quantization_compute_dtype!r}")
+    if m.quantization_double_quant and not four_bit:
+        raise ConfigError(f"model.quantization_double_quant: only 4-bit bases (nf4, fp4) take it, model.quantization "
+                          f"is {m.quantization!r}; remove the key")
+    if m.quantization == "none":
+        return
+    if zero_stage == 3:
+        raise ConfigError(f"model.quantization: {m.quantization!r} cannot be used with ZeRO stage 3, which would "
+                          "partition the base's weights across ranks, and bitsandbytes' packed 8/4-bit weights and "
+                          "their scales cannot be split and gathered by zero.Init; use ZeRO stage 0 or 2 (each rank "
+                          "holds the quantized base)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization: {m.quantization!r} needs bitsandbytes, which is not installed: "
+                          f"{QUANTIZATION_EXTRA}")
 
 
 def _check_interventions_section(iv: InterventionConfig) -> None:
