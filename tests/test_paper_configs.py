@@ -55,3 +55,19 @@ def test_the_alpaca_template_wraps_the_instruction(name):
     assert example["prompt"].endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
     assert example["prompt"].startswith("Below is an instruction that describes a task.")
     assert example["response"] == row["output"]
+
+
+def test_the_glue_plan_counts_the_trained_head_and_no_vocabulary_logits():
+    from reft_fast.train.plan import plan_memory
+
+    path = CONFIGS / "paper" / "glue-roberta-base.yaml"
+    plan = plan_memory(load_config(str(path), [_shape_override(path)]), gpus=1)
+    loreft_r1 = 768 + 768 + 1  # R (1×768), W (1×768), b (1) at each of the 12 layers
+    head = (768 * 768 + 768) + (768 * 2 + 2)  # RobertaClassificationHead: dense, out_proj (2 labels)
+    assert plan.intervention_params == 12 * loreft_r1 + head
+    assert 124e6 < plan.base_params < 126e6  # RoBERTa-base with a classification head, not an LM head
+    frozen = load_config(str(path), [_shape_override(path), "classification.train_head=false"])
+    assert plan_memory(frozen, gpus=1).intervention_params == 12 * loreft_r1
+    # no [tokens × vocabulary] logits: 32 × 256 tokens × 50265 × fp32 × 2 alone would be 3.1 GiB
+    stage0 = next(s for s in plan.stages if s.stage == 0)
+    assert stage0.activations < 5.5 * 2**30

@@ -50,6 +50,7 @@ from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
+from reft_fast.train.tasks import make_task
 
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan", "quantized_weight_bytes"]
 
@@ -95,11 +96,17 @@ class MemoryPlan:
     quantization: str = "none"
 
 
-def _meta_model(model_config):
-    from transformers import AutoModelForCausalLM
+def _meta_model(model_config, task):
+    """The base as the task loads it (its Auto class and head), on the meta device: shapes without memory."""
+    import copy
 
+    import transformers
+
+    config = copy.deepcopy(model_config)
+    for name, value in task.base_kwargs.items():  # from_pretrained takes them as config overrides; from_config not
+        setattr(config, name, value)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
+        return getattr(transformers, task.auto_class).from_config(config)
 
 
 def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
@@ -158,8 +165,8 @@ def _intervention_numel(iv, d: int) -> int:
     return sum(p.numel() for p in one.parameters())
 
 
-def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0
-                      ) -> tuple[float, float]:
+def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0,
+                      lm_logits: bool = True) -> tuple[float, float]:
     """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
@@ -171,7 +178,7 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
     int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     tokens = cfg.training.micro_batch_size * cfg.data.max_length
-    logits = tokens * text.vocab_size * 4 * 2
+    logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
     in_flight = tokens * per_token_layer  # one layer's gradients during backward
     activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized
     checkpointed = (tokens * trained * d * dtype_bytes + tokens * (per_token_layer + int8_inputs) + in_flight + logits
@@ -207,19 +214,24 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     num_layers = num_layers_of(model_config)
 
     dtype_bytes = _weight_bytes_per_element(cfg, model_config)
-    meta = _meta_model(model_config)
+    task = make_task(cfg)
+    meta = _meta_model(model_config, task)
     base_params = sum(p.numel() for p in meta.parameters())
     weights_full, layer_bytes, dequantized = _base_bytes(cfg, meta, dtype_bytes)
+    trained_base_params = sum(p.numel() for p in task.trainable_base_parameters(meta))  # a classifier head
     del meta
 
     iv = cfg.interventions
     layers = layer_list(iv.layers, num_layers)
     n_interventions = len(intervention_layers(layers, iv.positions, iv.share_weights))
-    intervention_params = n_interventions * _intervention_numel(iv, text.hidden_size)
+    # fp32 like the interventions, with their gradients and AdamW states (a trained head in bf16 is counted as fp32:
+    # a small overestimate)
+    intervention_params = n_interventions * _intervention_numel(iv, text.hidden_size) + trained_base_params
     # Backward runs through the layers above the lowest edit, and through that layer too unless its output is edited.
     trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
-    activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized)
+    activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized,
+                                    lm_logits=task.auto_class == "AutoModelForCausalLM")
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
                           quantized=cfg.model.quantization != "none")
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
