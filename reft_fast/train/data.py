@@ -37,6 +37,7 @@ __all__ = [
     "SupervisedDataset",
     "encode_prompt",
     "load_examples",
+    "read_rows",
     "split_examples",
     "template_fields",
     "StepSampler",
@@ -64,7 +65,7 @@ def load_examples(
     A template (``str.format`` syntax over the row's fields, e.g. ``"{instruction}\n"`` and
     ``"the correct answer is {answer}"``, the ReFT paper's commonsense format) builds the prompt or the response
     from the row instead of taking one field as it is."""
-    rows, where = _read_rows(source, hf_split)
+    rows, where = read_rows(source, hf_split)
     prompt_fields = template_fields(prompt_template, "data.prompt_template") if prompt_template else [prompt_field]
     response_fields = (template_fields(response_template, "data.response_template") if response_template
                        else [response_field])
@@ -88,7 +89,7 @@ def load_examples(
     return examples
 
 
-def _read_rows(source: Union[str, Path, Sequence[dict]], hf_split: str) -> tuple[list, str]:
+def read_rows(source: Union[str, Path, Sequence[dict]], hf_split: str) -> tuple[list, str]:
     """The raw rows of a data source, and how to name it in messages."""
     if isinstance(source, (str, Path)) and Path(source).is_file():
         return _read_json_rows(Path(source)), str(source)
