@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from reft_fast.train.evaluation import (EvalExample, accuracy, extract_answer, infer_family, is_correct,
-                                        load_eval_examples, score, summary_table, write_predictions)
+from reft_fast.train.evaluation import (EvalExample, accuracy, check_gold_answers, extract_answer, infer_family,
+                                        is_correct, load_eval_examples, score, summary_table, write_predictions)
 
 PIQA_PROMPT = ("Please choose the correct solution to the question: keep a door open\n\nSolution1: wedge it\n"
                "Solution2: paint it\n\nAnswer format: solution1/solution2")
@@ -135,3 +135,13 @@ def test_load_eval_examples(tmp_path):
     with pytest.raises(ValueError, match="example 0: no gold answer"):
         load_eval_examples(path)
 
+
+
+def test_check_gold_answers_names_the_example():
+    examples = [EvalExample("p", "true", "boolq"), EvalExample("p", "blue", "colors")]
+    check_gold_answers(examples[:1], "commonsense")
+    check_gold_answers([EvalExample("p", "C", "aqua"), EvalExample("p", "-2.5", "svamp")], "arithmetic")
+    with pytest.raises(ValueError, match=r"example 1 \(colors\): gold answer 'blue' is not a commonsense option"):
+        check_gold_answers(examples, "commonsense")
+    with pytest.raises(ValueError, match=r"example 0 \(boolq\): gold answer 'true' is neither a number"):
+        check_gold_answers(examples, "arithmetic")

@@ -1,8 +1,8 @@
 """Accuracy of generated answers: the answer read out of a model's text per task family, scored against the gold one,
 a per-example predictions file and a summary table.
 
-Families (how the ReFT paper scores its generative benchmarks, with the data in the LLM-Adapters JSON format:
-``instruction``, ``output`` = "the correct answer is X" for commonsense or a worked solution for arithmetic, ``answer``):
+Families (how the ReFT paper scores its generative benchmarks; data in the LLM-Adapters JSON format: ``instruction``,
+``output`` = "the correct answer is X" for commonsense or a worked solution for arithmetic, ``answer``):
 
     commonsense  one option of a closed set: true/false (BoolQ), solution1-2 (PIQA), answer1-3 (SIQA), ending1-4
                  (HellaSwag), option1-2 (WinoGrande), answer1-5 (ARC, OBQA) or a letter A-E. The set comes from the
@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 __all__ = ["ARITHMETIC_ABS_TOL", "ARITHMETIC_REL_TOL", "FAMILIES", "EvalExample", "Prediction", "accuracy",
-           "extract_answer", "infer_family", "is_correct", "load_eval_examples", "score", "summary_table",
-           "write_predictions"]
+           "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions", "infer_family",
+           "is_correct", "load_eval_examples", "score", "summary_table", "write_predictions"]
 
 FAMILIES = ("commonsense", "arithmetic", "exact")
 # A number is right when |predicted − gold| ≤ max(ARITHMETIC_REL_TOL·|gold|, ARITHMETIC_ABS_TOL): generous enough for
@@ -187,6 +187,20 @@ def is_correct(extracted: Optional[str], gold: str, family: str) -> bool:
     raise ValueError(f"unknown answer family {family!r}; expected one of {', '.join(FAMILIES)}")
 
 
+def check_gold_answers(examples: Sequence[EvalExample], family: str) -> None:
+    """Raise ValueError, naming the first example that ``family`` cannot score, before any answer is generated."""
+    for i, example in enumerate(examples):
+        try:
+            if family == "commonsense":
+                _option_set(example.prompt, example.gold)
+            elif family == "arithmetic" and not _is_letter(example.gold) and _as_number(example.gold) is None:
+                raise ValueError(f"gold answer {example.gold!r} is neither a number nor an option letter A-E")
+            elif family not in FAMILIES:
+                raise ValueError(f"unknown answer family {family!r}; expected one of {', '.join(FAMILIES)}")
+        except ValueError as err:
+            raise ValueError(f"example {i} ({example.task}): {err}") from None
+
+
 def infer_family(examples: Sequence[EvalExample]) -> str:
     """arithmetic when every gold answer is a number, commonsense when every one is an option (true/false, an option
     word, a letter A-E; AQuA's letters score the same in both), else exact."""
@@ -202,34 +216,40 @@ def infer_family(examples: Sequence[EvalExample]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Data, scoring, reports
 # --------------------------------------------------------------------------------------------------------------------
-def load_eval_examples(path: Union[str, Path], *, prompt_field: str = "instruction", answer_field: str = "answer",
-                       response_field: str = "output", family: Optional[str] = None) -> list[EvalExample]:
-    """Examples of a JSON/JSONL file. The gold answer is the ``answer_field`` (a string or a number); a row without it
-    has its gold answer extracted from the ``response_field`` (e.g. "the correct answer is true") with ``family``'s
-    rule. The summary groups examples by their ``task`` (or ``dataset``) field, else by the file's name."""
+def load_eval_examples(path: Union[str, Path], **fields) -> list[EvalExample]:
+    """The examples of a JSON/JSONL file (``eval_examples_from_rows`` says which fields it reads)."""
     from reft_fast.train.data import read_json_rows
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"evaluation data {path}: no such file (a JSON list or JSONL of objects)")
+    return eval_examples_from_rows(read_json_rows(path), str(path), default_task=path.stem, **fields)
+
+
+def eval_examples_from_rows(rows: Sequence, where: str, *, default_task: str, prompt_field: str = "instruction",
+                            answer_field: str = "answer", response_field: str = "output",
+                            family: Optional[str] = None) -> list[EvalExample]:
+    """Examples from data rows. The gold answer is the ``answer_field`` (a string or a number); a row without it has
+    its gold answer read from the ``response_field`` (e.g. "the correct answer is true") with ``family``'s rule. The
+    summary groups examples by their ``task`` (or ``dataset``) field, else under ``default_task``."""
     examples = []
-    for i, row in enumerate(read_json_rows(path)):
-        where = f"{path}: example {i}"
+    for i, row in enumerate(rows):
+        at = f"{where}: example {i}"
         if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
-            raise ValueError(f"{where}: expected an object with a text field {prompt_field!r} (set data.prompt_field)")
+            raise ValueError(f"{at}: expected an object with a text field {prompt_field!r} (set data.prompt_field)")
         gold = row.get(answer_field)
         if gold is None and isinstance(row.get(response_field), str):
             if family is None:
-                raise ValueError(f"{where}: no {answer_field!r} field; give --family to read the gold answer from "
-                                 f"its {response_field!r} text")
+                raise ValueError(f"{at}: no {answer_field!r} field; give --family to read the gold answer from its "
+                                 f"{response_field!r} text")
             gold = extract_answer(row[response_field], family, prompt=row[prompt_field])
         if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not str(gold).strip():
-            raise ValueError(f"{where}: no gold answer (field {answer_field!r}, or one the {response_field!r} text "
+            raise ValueError(f"{at}: no gold answer (field {answer_field!r}, or one the {response_field!r} text "
                              "states)")
-        task = str(row.get("task") or row.get("dataset") or path.stem)
+        task = str(row.get("task") or row.get("dataset") or default_task)
         examples.append(EvalExample(prompt=row[prompt_field], gold=str(gold).strip(), task=task))
     if not examples:
-        raise ValueError(f"evaluation data {path}: no examples")
+        raise ValueError(f"evaluation data {where}: no examples")
     return examples
 
 
@@ -243,6 +263,22 @@ def score(examples: Sequence[EvalExample], outputs: Sequence[str], family: str) 
         predictions.append(Prediction(task=example.task, prompt=example.prompt, gold=example.gold, output=output,
                                       extracted=extracted, correct=is_correct(extracted, example.gold, family)))
     return predictions
+
+
+def gather_predictions(shard: list[Prediction]) -> list[Prediction]:
+    """Every rank's predictions, in the order of the examples, when rank r scored examples r, r + world, ...; every
+    rank takes part (outside a process group: ``shard`` itself)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(shard)
+    shards: list = [None] * dist.get_world_size()
+    # Objects, not tensors: the texts differ in length. On NCCL the pickled bytes travel on the current device.
+    dist.all_gather_object(shards, list(shard))
+    ordered = []
+    for j in range(max(len(s) for s in shards)):
+        ordered.extend(s[j] for s in shards if j < len(s))
+    return ordered
 
 
 def accuracy(predictions: Iterable[Prediction]) -> float:
