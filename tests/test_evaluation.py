@@ -3,8 +3,9 @@ import math
 
 import pytest
 
-from reft_fast.train.evaluation import (EvalExample, accuracy, check_gold_answers, extract_answer, infer_family,
-                                        is_correct, load_eval_examples, score, summary_table, write_predictions)
+from reft_fast.train.evaluation import (EvalExample, accuracy, check_gold_answers, eval_examples_from_rows,
+                                        extract_answer, infer_family, is_correct, load_eval_examples, score,
+                                        summary_table, write_predictions)
 
 PIQA_PROMPT = ("Please choose the correct solution to the question: keep a door open\n\nSolution1: wedge it\n"
                "Solution2: paint it\n\nAnswer format: solution1/solution2")
@@ -145,3 +146,12 @@ def test_check_gold_answers_names_the_example():
         check_gold_answers(examples, "commonsense")
     with pytest.raises(ValueError, match=r"example 0 \(boolq\): gold answer 'true' is neither a number"):
         check_gold_answers(examples, "arithmetic")
+
+
+def test_prompts_and_gold_answers_follow_the_training_templates():
+    rows = [{"instruction": "is ice cold?", "answer": "true"}, {"instruction": "is fire cold?", "label": "false"}]
+    examples = eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {instruction}\n",
+                                       response_template="the correct answer is {label}", family="commonsense")
+    assert [(e.prompt, e.gold) for e in examples] == [("Q: is ice cold?\n", "true"), ("Q: is fire cold?\n", "false")]
+    with pytest.raises(ValueError, match="rows: example 0: expected an object with the fields of 'Q: {question}'"):
+        eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {question}")

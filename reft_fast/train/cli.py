@@ -252,12 +252,13 @@ def _eval_target(args):
 
 def _eval_examples(cfg, args):
     """The examples to score and a name for them: --data, data.eval_file, or the held-out split training made."""
-    from reft_fast.train.data import read_json_rows, split_examples
+    from reft_fast.train.data import read_rows, split_examples
     from reft_fast.train.evaluation import eval_examples_from_rows, load_eval_examples
     from reft_fast.train.train_config import resolve_data_path
 
     d = cfg.data
-    fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, family=args.family)
+    fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, prompt_template=d.prompt_template,
+                  response_template=d.response_template, family=args.family)
     data = args.data or (resolve_data_path(d.eval_file, cfg.base_dir) if d.eval_file else None)
     try:
         if data:
@@ -265,7 +266,7 @@ def _eval_examples(cfg, args):
         if d.eval_fraction > 0 and d.train_file:
             # The recipe's own split (same rows, fraction and seed), so these are the examples training never saw.
             train_file = resolve_data_path(d.train_file, cfg.base_dir)
-            _, held_out = split_examples(read_json_rows(Path(train_file)), d.eval_fraction, cfg.training.seed)
+            _, held_out = split_examples(read_rows(train_file, d.hf_split)[0], d.eval_fraction, cfg.training.seed)
             name = f"{Path(train_file).stem}-heldout"
             return eval_examples_from_rows(held_out, f"{train_file} (held out)", default_task=name, **fields), name
     except ValueError as err:

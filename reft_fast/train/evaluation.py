@@ -216,41 +216,55 @@ def infer_family(examples: Sequence[EvalExample]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Data, scoring, reports
 # --------------------------------------------------------------------------------------------------------------------
-def load_eval_examples(path: Union[str, Path], **fields) -> list[EvalExample]:
-    """The examples of a JSON/JSONL file (``eval_examples_from_rows`` says which fields it reads)."""
-    from reft_fast.train.data import read_json_rows
+def load_eval_examples(source: Union[str, Path], *, hf_split: str = "test", **fields) -> list[EvalExample]:
+    """The examples of a JSON/JSONL file or a Hugging Face dataset's split (``eval_examples_from_rows`` says which
+    fields it reads)."""
+    from reft_fast.train.data import read_rows
 
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"evaluation data {path}: no such file (a JSON list or JSONL of objects)")
-    return eval_examples_from_rows(read_json_rows(path), str(path), default_task=path.stem, **fields)
+    if isinstance(source, (str, Path)) and not Path(source).is_file() and Path(source).suffix in (".json", ".jsonl"):
+        raise ValueError(f"evaluation data {source}: no such file (a JSON list or JSONL of objects)")
+    rows, where = read_rows(source, hf_split)
+    return eval_examples_from_rows(rows, where, default_task=Path(str(source)).stem, **fields)
 
 
 def eval_examples_from_rows(rows: Sequence, where: str, *, default_task: str, prompt_field: str = "instruction",
                             answer_field: str = "answer", response_field: str = "output",
+                            prompt_template: Optional[str] = None, response_template: Optional[str] = None,
                             family: Optional[str] = None) -> list[EvalExample]:
-    """Examples from data rows. The gold answer is the ``answer_field`` (a string or a number); a row without it has
-    its gold answer read from the ``response_field`` (e.g. "the correct answer is true") with ``family``'s rule. The
-    summary groups examples by their ``task`` (or ``dataset``) field, else under ``default_task``."""
+    """Examples from data rows, their prompts built as training built them (``prompt_field``, or ``prompt_template``
+    over the row's fields). The gold answer is the ``answer_field`` (a string or a number); a row without it has its
+    gold answer read from its response (``response_field`` or ``response_template``, e.g. "the correct answer is
+    true") with ``family``'s rule. The summary groups examples by their ``task`` (or ``dataset``) field, else under
+    ``default_task``."""
     examples = []
     for i, row in enumerate(rows):
         at = f"{where}: example {i}"
-        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str):
-            raise ValueError(f"{at}: expected an object with a text field {prompt_field!r} (set data.prompt_field)")
+        prompt, response = _formatted(row, prompt_template, prompt_field), _formatted(row, response_template,
+                                                                                     response_field)
+        if not isinstance(prompt, str):
+            wanted = f"the fields of {prompt_template!r}" if prompt_template else f"a text field {prompt_field!r}"
+            raise ValueError(f"{at}: expected an object with {wanted} (data.prompt_field / data.prompt_template)")
         gold = row.get(answer_field)
-        if gold is None and isinstance(row.get(response_field), str):
+        if gold is None and isinstance(response, str):
             if family is None:
                 raise ValueError(f"{at}: no {answer_field!r} field; give --family to read the gold answer from its "
-                                 f"{response_field!r} text")
-            gold = extract_answer(row[response_field], family, prompt=row[prompt_field])
+                                 "response")
+            gold = extract_answer(response, family, prompt=prompt)
         if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not str(gold).strip():
-            raise ValueError(f"{at}: no gold answer (field {answer_field!r}, or one the {response_field!r} text "
-                             "states)")
+            raise ValueError(f"{at}: no gold answer (field {answer_field!r}, or one its response states)")
         task = str(row.get("task") or row.get("dataset") or default_task)
-        examples.append(EvalExample(prompt=row[prompt_field], gold=str(gold).strip(), task=task))
+        examples.append(EvalExample(prompt=prompt, gold=str(gold).strip(), task=task))
     if not examples:
         raise ValueError(f"evaluation data {where}: no examples")
     return examples
+
+
+def _formatted(row, template: Optional[str], field: str) -> Optional[str]:
+    """The text a template makes of a row, or the row's field; None where the row lacks what it needs."""
+    try:
+        return template.format_map(row) if template else row.get(field)
+    except (KeyError, AttributeError, TypeError):
+        return None
 
 
 def score(examples: Sequence[EvalExample], outputs: Sequence[str], family: str) -> list[Prediction]:
