@@ -158,3 +158,25 @@ def test_eval_on_two_ranks_equals_one_rank(trained_run, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert "(2 rank(s))" in proc.stdout
     assert _predictions(two) == _predictions(one)
+
+
+def test_evaluation_during_training_reports_the_accuracy_eval_reports(tmp_path, capsys):
+    """data.eval_family: every evaluation (step 0, eval_every, the end) adds eval_accuracy; the last one is what
+    `reft-fast eval` measures on the final interventions and the same held-out examples."""
+    config = make_run(tmp_path, n_examples=24, max_steps=4, eval_every=2, max_new_tokens=4)
+    assert main(["train", str(config), "data.eval_fraction=0.25", "data.eval_family=exact"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [0, 2, 4]
+    assert all(0.0 <= row["eval_accuracy"] <= 1.0 for row in evaluated)
+    assert main(["eval", str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    predictions = _predictions(tmp_path / "out" / "eval" / "train-heldout.jsonl")
+    assert len(predictions) == 6
+    assert evaluated[-1]["eval_accuracy"] == pytest.approx(sum(p["correct"] for p in predictions) / 6)
+    assert "exact accuracy" in capsys.readouterr().out  # the family the run's config names
+
+
+def test_a_wrong_eval_family_is_a_config_error(tmp_path, capsys):
+    config = make_run(tmp_path)
+    assert main(["train", str(config), "data.eval_family=math"]) == 2
+    assert "data.eval_family: expected one of commonsense, arithmetic, exact, got 'math'" in capsys.readouterr().err

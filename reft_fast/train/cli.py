@@ -77,7 +77,7 @@ def _add_eval_parser(sub) -> None:
     evaluate.add_argument("--data", help="JSON/JSONL of prompts and gold answers (default: data.eval_file, else the "
                                          "held-out data.eval_fraction of data.train_file)")
     evaluate.add_argument("--family", choices=FAMILIES, default=None,
-                          help="how answers are read (default: data.eval_family, else from the gold answers)")
+                          help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
     evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl)")
     evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call and rank")
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None,
@@ -258,7 +258,7 @@ def _eval_examples(cfg, args):
 
     d = cfg.data
     fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, prompt_template=d.prompt_template,
-                  response_template=d.response_template, family=args.family)
+                  response_template=d.response_template, family=args.family or d.eval_family)
     data = args.data or (resolve_data_path(d.eval_file, cfg.base_dir) if d.eval_file else None)
     try:
         if data:
@@ -278,13 +278,12 @@ def _evaluate(args) -> None:
     """Generate answers to every example (each rank a shard, in batches), score them and, on rank 0, write the
     predictions and print the table."""
     from reft_fast.train.distributed import init_distributed
-    from reft_fast.train.evaluation import (check_gold_answers, gather_predictions, infer_family, score,
-                                            summary_table, write_predictions)
-    from reft_fast.train.generation import generate_answers_batched
+    from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
+        write_predictions
 
     cfg, reft_dir, run_dir = _eval_target(args)
     examples, data_name = _eval_examples(cfg, args)
-    family = args.family or infer_family(examples)
+    family = args.family or cfg.data.eval_family or infer_family(examples)
     try:
         check_gold_answers(examples, family)
     except ValueError as err:
@@ -293,12 +292,10 @@ def _evaluate(args) -> None:
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
-        shard = examples[rank::world]
-        outputs = generate_answers_batched(model, tokenizer, [example.prompt for example in shard],
-                                           batch_size=args.batch_size,
-                                           max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
-                                           **gen_kwargs)
-        predictions = gather_predictions(score(shard, outputs, family))
+        predictions = generate_and_score(model, tokenizer, examples, family, rank=rank, world=world,
+                                         batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
+                                         **gen_kwargs)
         if rank == 0:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 __all__ = ["ARITHMETIC_ABS_TOL", "ARITHMETIC_REL_TOL", "FAMILIES", "EvalExample", "Prediction", "accuracy",
-           "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions", "infer_family",
+           "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions", "generate_and_score",
+           "gold_from_responses", "infer_family",
            "is_correct", "load_eval_examples", "score", "summary_table", "write_predictions"]
 
 FAMILIES = ("commonsense", "arithmetic", "exact")
@@ -293,6 +294,40 @@ def gather_predictions(shard: list[Prediction]) -> list[Prediction]:
     for j in range(max(len(s) for s in shards)):
         ordered.extend(s[j] for s in shards if j < len(s))
     return ordered
+
+
+def generate_and_score(model, tokenizer, examples: Sequence[EvalExample], family: str, *, rank: int = 0,
+                       world: int = 1, batch_size: int = 8, synced_gpus: bool = False,
+                       **generate_kwargs) -> list[Prediction]:
+    """Answer every example with ``model`` (rank r the examples r, r + world, ...; ``generate_answers_batched`` with
+    ``generate_kwargs``), score the answers and return all ranks' predictions in the order of ``examples``.
+
+    With ``synced_gpus`` (ZeRO-3: every forward gathers parameters from all ranks) each rank makes the same number of
+    generate calls: a shorter shard repeats its last example, whose extra answer is dropped."""
+    from reft_fast.train.generation import generate_answers_batched
+
+    shard = list(examples[rank::world])
+    padded = shard
+    if synced_gpus and world > 1:
+        longest = -(-len(examples) // world)
+        padded = shard + [shard[-1] if shard else examples[0]] * (longest - len(shard))
+    outputs = generate_answers_batched(model, tokenizer, [example.prompt for example in padded],
+                                       batch_size=batch_size, synced_gpus=synced_gpus, **generate_kwargs)
+    return gather_predictions(score(shard, outputs[:len(shard)], family))
+
+
+def gold_from_responses(examples: Sequence[dict], family: str) -> list[EvalExample]:
+    """Evaluation examples from training-style ``{"prompt", "response"}`` pairs: the gold answer is the one the
+    response states (the LLM-Adapters "the correct answer is X", a worked solution's number, an exact label)."""
+    answered = []
+    for i, example in enumerate(examples):
+        gold = extract_answer(example["response"], family, prompt=example["prompt"])
+        if gold is None:
+            raise ValueError(f"eval example {i}: its response {example['response'][:80]!r} states no {family} answer "
+                             "(data.eval_family)")
+        answered.append(EvalExample(prompt=example["prompt"], gold=gold, task="eval"))
+    check_gold_answers(answered, family)
+    return answered
 
 
 def accuracy(predictions: Iterable[Prediction]) -> float:
