@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 __all__ = ["ARITHMETIC_ABS_TOL", "ARITHMETIC_REL_TOL", "FAMILIES", "EvalExample", "Prediction", "accuracy",
-           "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions", "generate_and_score",
-           "gold_from_responses", "infer_family",
+           "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions",
+           "generate_and_score", "gold_from_responses", "infer_family",
            "is_correct", "load_eval_examples", "score", "summary_table", "write_predictions"]
 
 FAMILIES = ("commonsense", "arithmetic", "exact")
