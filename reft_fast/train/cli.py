@@ -1,8 +1,9 @@
-"""``reft-fast train | generate | demo | plan``.
+"""``reft-fast train | generate | eval | demo | plan``.
 
     reft-fast train CONFIG.yaml [section.key=value ...] [--resume | --overwrite]
     reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
     reft-fast generate --reft NAME=DIR [--reft NAME=DIR ...] --prompts-file IN.jsonl [--output OUT.jsonl]
+    reft-fast eval CONFIG.yaml|RUN_DIR [--data FILE] [--family F] [--out FILE] [--batch-size N] [--base-only]
     reft-fast demo [section.key=value ...]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
 
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch, with --prompts-file")
     gen.add_argument("prompts", nargs="*")
 
+    _add_eval_parser(sub)
+
     demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
     demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
 
@@ -72,11 +75,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_eval_parser(sub) -> None:
+    from reft_fast.train.evaluation import FAMILIES
+
+    evaluate = sub.add_parser("eval", help="accuracy of the answers generated with trained interventions")
+    evaluate.add_argument("target", help="a training config (its output_dir/final is evaluated) or a run directory "
+                                         "(output_dir, or its final/)")
+    evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    evaluate.add_argument("--data", help="JSON/JSONL of prompts and gold answers (default: data.eval_file, else the "
+                                         "held-out data.eval_fraction of data.train_file)")
+    evaluate.add_argument("--family", choices=FAMILIES, default=None,
+                          help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
+    evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl)")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call and rank")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                          help="default: training.max_new_tokens")
+    evaluate.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of GPUs, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -156,23 +177,46 @@ def _demo(overrides: Sequence[str]) -> None:
         _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
 
 
-def _generate_config(reft_dir: Path, model_path: Optional[str]):
-    """The training config saved with a ReFT (base model, prompt format), ``model_path`` replacing its model."""
+def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Optional[str] = None):
+    """The training config saved next to the final interventions (defaults where there is none), with ``overrides``;
+    ``model_path`` replaces its base model."""
     import yaml
 
     from reft_fast.train.run_dir import TRAIN_CONFIG_FILE
-    from reft_fast.train.train_config import config_from_dict
+    from reft_fast.train.train_config import apply_overrides, config_from_dict
 
     saved = reft_dir / TRAIN_CONFIG_FILE
     tree = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
+    base_dir = tree.pop("base_dir", None)
     if model_path:
         tree.setdefault("model", {})["path"] = model_path
-        tree["base_dir"] = None
-    base_dir = tree.pop("base_dir", None)
-    cfg = config_from_dict(tree, base_dir)
-    if not cfg.model.path:
-        raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
-    return cfg
+        base_dir = None  # a path given on the command line is relative to the working directory
+    apply_overrides(tree, list(overrides))
+    return config_from_dict(tree, base_dir)
+
+
+def _answering_model(cfg, reft_dir: Optional[Path]):
+    """The base on this rank's accelerator with the interventions of ``reft_dir`` (the base alone when None), its
+    tokenizer, and the keyword arguments of the generation functions."""
+    from deepspeed.accelerator import get_accelerator
+
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    get_accelerator().set_device(local_rank)  # object collectives on NCCL run on the current device
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    base, _ = load_base_model(source, cfg)
+    base.config.use_cache = True
+    base.to(get_accelerator().device_name(local_rank))
+    model = base if reft_dir is None else ReftModel.load(str(reft_dir), base)
+    model.eval()
+    saved = getattr(model, "reft_config", None)
+    gen_kwargs = dict(positions=getattr(saved, "positions", None) or cfg.interventions.positions,
+                      share_weights=getattr(saved, "share_weights", cfg.interventions.share_weights),
+                      chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+    return model, tokenizer, gen_kwargs
 
 
 def _named_refts(values: Sequence[str]) -> Optional[dict]:
@@ -191,39 +235,33 @@ def _named_refts(values: Sequence[str]) -> Optional[dict]:
 
 
 def _generate(args) -> None:
-    from reft_fast.core.model import ReftModel
     from reft_fast.train.distributed import init_distributed
     from reft_fast.train.generation import generate_answers
-    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
+    from reft_fast.train.run_dir import TRAIN_CONFIG_FILE
 
     named = _named_refts(args.reft)
     if (named is None) == bool(args.prompts_file) or (named is not None and args.prompts):
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
     reft_dir = Path(args.reft[0] if named is None else next(iter(named.values())))
-    cfg = _generate_config(reft_dir, args.model)
+    cfg = _config_of_run(reft_dir, model_path=args.model)
+    if not cfg.model.path:
+        raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
-        source = model_source(cfg)
-        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-        base, _ = load_base_model(source, cfg)
-        base.config.use_cache = True
-        prompt_format = dict(chat_template=False if args.no_chat_template else cfg.data.chat_template,
-                             system_prompt=cfg.data.system_prompt, max_new_tokens=args.max_new_tokens)
+        model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir)
+        if args.no_chat_template:
+            gen_kwargs["chat_template"] = False
         if named is not None:
-            _serve_prompts_file(args, ReftModel, base, tokenizer, named, prompt_format)
+            _serve_prompts_file(args, model, tokenizer, named, gen_kwargs)
             return
-        model = base if args.base_only else ReftModel.load(str(reft_dir), base)
-        model.eval()
-        positions = getattr(getattr(model, "reft_config", None), "positions", None) or cfg.interventions.positions
-        share = getattr(getattr(model, "reft_config", None), "share_weights", cfg.interventions.share_weights)
-        answers = generate_answers(model, tokenizer, args.prompts, positions=positions, share_weights=share,
-                                   **prompt_format)
+        answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
 
 
-def _serve_prompts_file(args, reft_model_class, base, tokenizer, named: dict, prompt_format: dict) -> None:
+def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) -> None:
     """Answer every line of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+    from reft_fast.core.model import ReftModel
     from reft_fast.train.generation import mixed_answers
 
     records = []
@@ -240,17 +278,91 @@ def _serve_prompts_file(args, reft_model_class, base, tokenizer, named: dict, pr
             raise ConfigError(f"{args.prompts_file}:{number}: unknown ReFT {record['reft']!r}; --reft gave "
                               f"{sorted(named)}")
         records.append(record)
-    reft_model = reft_model_class.load(next(iter(named.values())), base)
+    reft_model = ReftModel.load(next(iter(named.values())), base)
     for name, directory in named.items():
         reft_model.load_adapter(directory, name)
     reft_model.eval()
-    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
-                            [r.get("reft") for r in records], batch_size=args.batch_size, **prompt_format)
+    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records], [r.get("reft") for r in records],
+                            batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
+                            system_prompt=gen_kwargs["system_prompt"], max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "answer": answer}) for record, answer in zip(records, answers)]
     if args.output:
         Path(args.output).write_text("".join(line + "\n" for line in lines))
     else:
         print("\n".join(lines))
+
+
+def _eval_target(args):
+    """(config, the interventions' directory or None for --base-only, the run's output directory)."""
+    target = Path(args.target)
+    if target.is_file():
+        cfg = load_config(str(target), list(args.overrides))
+        run_dir = Path(cfg.output_dir)
+        reft_dir = run_dir / "final"
+    elif target.is_dir():
+        reft_dir = target / "final" if (target / "final").is_dir() else target
+        run_dir = target if reft_dir != target else target.parent
+        cfg = _config_of_run(reft_dir, args.overrides)
+        if not cfg.model.path:
+            raise ConfigError(f"{target}: not a run directory (no final/train_config.yaml naming the base model)")
+    else:
+        raise ConfigError(f"{target}: no such config file or run directory")
+    if not args.base_only and not (reft_dir / "config.json").is_file():
+        raise ConfigError(f"{reft_dir}: no trained interventions (config.json); train first, or pass --base-only")
+    return cfg, None if args.base_only else reft_dir, run_dir
+
+
+def _eval_examples(cfg, args):
+    """The examples to score and a name for them: --data, data.eval_file, or the held-out split training made."""
+    from reft_fast.train.data import load_rows, split_examples
+    from reft_fast.train.evaluation import eval_examples_from_rows, load_eval_examples
+    from reft_fast.train.train_config import resolve_data_path
+
+    d = cfg.data
+    fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, prompt_template=d.prompt_template,
+                  response_template=d.response_template, family=args.family or d.eval_family)
+    data = args.data or (resolve_data_path(d.eval_file, cfg.base_dir) if d.eval_file else None)
+    try:
+        if data:
+            return load_eval_examples(data, **fields), Path(data).stem
+        if d.eval_fraction > 0 and d.train_file:
+            # The recipe's own split (same rows, fraction and seed), so these are the examples training never saw.
+            train_file = resolve_data_path(d.train_file, cfg.base_dir)
+            _, held_out = split_examples(load_rows(train_file, hf_split=d.hf_split)[0], d.eval_fraction, cfg.training.seed)
+            name = f"{Path(train_file).stem}-heldout"
+            return eval_examples_from_rows(held_out, f"{train_file} (held out)", default_task=name, **fields), name
+    except ValueError as err:
+        raise ConfigError(f"--data: {err}") from None
+    raise ConfigError("--data: required (the config has no data.eval_file and no data.eval_fraction to hold out)")
+
+
+def _evaluate(args) -> None:
+    """Generate answers to every example (each rank a shard, in batches), score them and, on rank 0, write the
+    predictions and print the table."""
+    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
+        write_predictions
+
+    cfg, reft_dir, run_dir = _eval_target(args)
+    examples, data_name = _eval_examples(cfg, args)
+    family = args.family or cfg.data.eval_family or infer_family(examples)
+    try:
+        check_gold_answers(examples, family)
+    except ValueError as err:
+        raise ConfigError(f"--family {family}: {err}") from None
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{'-base' if args.base_only else ''}.jsonl"
+    with _distributed_job(cfg.deepspeed.timeout_minutes):
+        rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
+        model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
+        predictions = generate_and_score(model, tokenizer, examples, family, rank=rank, world=world,
+                                         batch_size=args.batch_size,
+                                         max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
+                                         **gen_kwargs)
+        if rank == 0:
+            write_predictions(out, predictions)
+            which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
+            print(f"{family} accuracy of {which} on {len(predictions)} examples ({world} rank(s)); predictions in "
+                  f"{out}\n{summary_table(predictions)}")
 
 
 def _plan(args) -> None:
@@ -271,6 +383,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _demo(args.overrides)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "eval":
+            _evaluate(args)
         elif args.command == "plan":
             _plan(args)
     except ConfigError as err:

@@ -8,6 +8,7 @@ checkpoints, and the final interventions.
                  tensorboard/       when tensorboard is installed
                  final/             the trained interventions (ReftModel.save) and train_config.yaml, and the base
                                     parameters trained with them (a classifier head) in base_trainable.safetensors
+                 eval/              the predictions of ``reft-fast eval`` (by default)
 
 A non-empty output_dir is refused unless the launch resumes or overwrites it; overwriting removes the files above and
 nothing else.
@@ -35,7 +36,7 @@ BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained paramet
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
 # What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
 # are scratch names of writes a kill interrupted (reft_fast.train.files).
-_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", TRAIN_CONFIG_FILE, RUN_INFO_FILE,
+_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", "eval", TRAIN_CONFIG_FILE, RUN_INFO_FILE,
                 ".final.partial", ".final.deleting", f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp",
                 ".metrics.jsonl.tmp")
 

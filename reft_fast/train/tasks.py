@@ -3,7 +3,8 @@
 The recipe (``reft_fast.train.recipe``) is one loop for every task; ``task:`` in the YAML picks the class here that
 supplies the parts that differ:
 
-    causal_lm       prompt → response pairs; the loss over the response tokens; the eval loss
+    causal_lm       prompt → response pairs; the loss over the response tokens; the eval loss, and with
+                    data.eval_family the accuracy of generated answers (reft_fast.train.evaluation)
                     (what pyreft's supervised data modules and ``ReftTrainerForCausalLM`` train)
     classification  texts → a class or a number on an AutoModelForSequenceClassification (GLUE;
                     ``reft_fast.train.task_classification``)
@@ -31,6 +32,7 @@ from typing import Optional
 import torch
 
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
@@ -48,6 +50,7 @@ class CausalLMTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.trim = False  # set once the base is known (``bind_base``)
+        self.eval_answers = None  # with data.eval_family: the eval set's prompts and gold answers (``datasets``)
 
     @staticmethod
     def check_config(cfg: TrainConfig) -> None:
@@ -67,6 +70,12 @@ class CausalLMTask:
         kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                       drop_long_prompts=d.drop_long_prompts)
         train_set = SupervisedDataset(examples, tokenizer, **kwargs)
+        self.tokenizer = tokenizer
+        if d.eval_family and eval_examples:
+            try:
+                self.eval_answers = gold_from_responses(eval_examples, d.eval_family)
+            except ValueError as err:
+                raise ConfigError(f"data.eval_family: {err}") from None
         return train_set, (SupervisedDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None)
 
     def bind_base(self, base) -> None:
@@ -87,8 +96,20 @@ class CausalLMTask:
         return forward_loss(engine, batch)
 
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
-        return {"eval_loss": mean_eval_loss(engine, dataset, collator, self.cfg.training.micro_batch_size, rank,
-                                            world, self.trim)}
+        """The eval loss; with ``data.eval_family`` also the accuracy of the answers generated greedily."""
+        t = self.cfg.training
+        metrics = {"eval_loss": mean_eval_loss(engine, dataset, collator, t.micro_batch_size, rank, world, self.trim)}
+        if self.eval_answers:
+            cfg, iv = self.cfg, self.cfg.interventions
+            engine.eval()
+            predictions = generate_and_score(
+                engine.module, self.tokenizer, self.eval_answers, cfg.data.eval_family, rank=rank, world=world,
+                batch_size=t.micro_batch_size, synced_gpus=cfg.deepspeed.stage == 3 and world > 1,
+                positions=iv.positions, share_weights=iv.share_weights, chat_template=cfg.data.chat_template,
+                system_prompt=cfg.data.system_prompt, max_new_tokens=t.max_new_tokens)
+            engine.train()
+            metrics["eval_accuracy"] = accuracy(predictions)
+        return metrics
 
     @staticmethod
     def trainable_base_parameters(base) -> list[torch.nn.Parameter]:

@@ -34,6 +34,7 @@ from reft_fast.core.dtypes import MODEL_DTYPES
 from reft_fast.core.hf import hidden_size_of, num_layers_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
+from reft_fast.train.evaluation import FAMILIES
 from reft_fast.train.fused_base import FUSED_OPS_MODES
 from reft_fast.train.packing import PACKING_ATTENTION
 
@@ -129,6 +130,9 @@ class DataConfig:
     eval_file: Optional[str] = None
     # Without eval_file, this fraction of the training examples is held out (after a seeded shuffle) for evaluation.
     eval_fraction: float = 0.0
+    # Also score the answers generated for the eval set (eval_accuracy at every evaluation): how to read them,
+    # commonsense | arithmetic | exact (reft_fast.train.evaluation); the gold answer is the one its response states.
+    eval_family: Optional[str] = None
     hf_dataset: Optional[str] = None  # a Hugging Face dataset name, used when train_file is not given
     hf_split: str = "train"
     prompt_field: str = "instruction"
@@ -615,6 +619,8 @@ def _check_data_section(d: DataConfig) -> None:
                 raise ConfigError(str(err)) from None
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    if d.eval_family is not None and d.eval_family not in FAMILIES:
+        raise ConfigError(f"data.eval_family: expected one of {', '.join(FAMILIES)}, got {d.eval_family!r}")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length: must be ≥ 2, got {d.max_length}")
 

@@ -1,0 +1,183 @@
+"""Batched generation with the edits and ``reft-fast eval`` on a tiny random Llama (CPU)."""
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from reft_fast import ReftConfig, ReftModel, get_reft_model
+from reft_fast.train.cli import main
+from reft_fast.train.data import split_examples
+from reft_fast.train.generation import generate_answers, generate_answers_batched
+from reft_fast.train.train_config import load_config
+
+from dist.tiny import make_examples, make_model_dir, make_run, make_tokenizer, subprocess_env, write_jsonl
+
+PROMPTS = ["repeat : red", "repeat : cat dog bird fish cow", "reverse : one two", "red", "repeat : sky sea sun moon",
+           "reverse : big small hot"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model_dir = make_model_dir(tmp_path_factory.mktemp("tiny") / "model", layers=2)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    config = ReftConfig([{"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2},
+                         {"layer": 1, "component": "block_output", "intervention": "loreft",
+                          "low_rank_dimension": 2}], positions="f1+l2", share_weights=True)
+    reft_model = get_reft_model(base, config)
+    torch.manual_seed(1)
+    with torch.no_grad():  # strong edits, so that the answers visibly depend on them
+        for p in reft_model.interventions.parameters():
+            if p.dim() == 1:
+                p.normal_(0, 3.0)
+    return base, reft_model, make_tokenizer()
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_batched_answers_equal_one_at_a_time(tiny, chat_template):
+    base, reft_model, tokenizer = tiny
+    kwargs = dict(positions="f1+l2", share_weights=True, chat_template=chat_template, max_new_tokens=6)
+    edited = generate_answers(reft_model, tokenizer, PROMPTS, **kwargs)
+    for batch_size in (4, len(PROMPTS)):
+        assert generate_answers_batched(reft_model, tokenizer, PROMPTS, batch_size=batch_size, **kwargs) == edited
+    plain = generate_answers(base, tokenizer, PROMPTS, **kwargs)
+    assert generate_answers_batched(base, tokenizer, PROMPTS, batch_size=4, **kwargs) == plain
+    assert plain != edited  # the edits matter, so equal answers show they landed on each row's own tokens
+
+
+def test_batched_generation_refuses_a_batch_of_none(tiny):
+    base, _, tokenizer = tiny
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        generate_answers_batched(base, tokenizer, PROMPTS, batch_size=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reft-fast eval
+# --------------------------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run trained through the CLI (6 steps) and an eval set in the LLM-Adapters fields, one row per task."""
+    folder = tmp_path_factory.mktemp("evalrun")
+    config = make_run(folder, n_examples=24, max_steps=6)
+    assert main(["train", str(config)]) == 0
+    rows = [{"instruction": ex["instruction"], "output": ex["output"], "answer": ex["output"],
+             "task": "repeat-short" if len(ex["output"].split()) < 4 else "repeat-long"} for ex in make_examples(7, 9)]
+    return config, folder / "out", write_jsonl(folder / "eval.jsonl", rows), rows
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _one_at_a_time(config, rows, *, base_only=False) -> list[str]:
+    """The answers of ``reft-fast generate``'s path (one prompt per call) with the run's final interventions."""
+    cfg = load_config(str(config))
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32).eval()
+    model = base if base_only else ReftModel.load(str(Path(cfg.output_dir) / "final"), base)
+    return generate_answers(model, make_tokenizer(), [row["instruction"] for row in rows], positions="f1+l1",
+                            share_weights=True, max_new_tokens=5)
+
+
+def test_eval_scores_the_runs_answers_and_writes_them(trained_run, capsys):
+    config, out, data, rows = trained_run
+    assert main(["eval", str(config), "--data", str(data), "--batch-size", "3", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    predictions = _predictions(out / "eval" / "eval.jsonl")
+    assert [p["prompt"] for p in predictions] == [row["instruction"] for row in rows]
+    assert [p["gold"] for p in predictions] == [row["answer"] for row in rows]
+    assert [p["output"] for p in predictions] == _one_at_a_time(config, rows)
+    for p in predictions:  # the gold answers are words, not numbers or options: the exact family
+        assert p["extracted"] == (" ".join(p["output"].split()).casefold() or None)
+        assert p["correct"] == (p["extracted"] == p["gold"])
+    assert "exact accuracy of the interventions in" in printed
+    correct = sum(p["correct"] for p in predictions)
+    assert re.search(rf"^all\s+7\s+{correct}\s+\d+\s+{100 * correct / 7:.1f}%$", printed, re.MULTILINE), printed
+    assert re.search(r"^repeat-short\s+\d+", printed, re.MULTILINE) and "repeat-long" in printed
+
+
+def test_eval_of_a_run_directory_base_only_and_the_held_out_split(trained_run, capsys):
+    config, out, data, rows = trained_run
+    assert main(["eval", str(out), "--data", str(data), "--base-only", "--max-new-tokens", "5"]) == 0
+    base_answers = [p["output"] for p in _predictions(out / "eval" / "eval-base.jsonl")]
+    assert base_answers == _one_at_a_time(config, rows, base_only=True)
+    assert base_answers != [p["output"] for p in _predictions(out / "eval" / "eval.jsonl")]
+    # No --data: the examples the training run held out (data.eval_fraction), its gold answers read from "output".
+    held_out = out / "eval" / "held.jsonl"
+    assert main(["eval", str(out / "final"), "data.eval_fraction=0.25", "--family", "exact", "--out", str(held_out),
+                 "--max-new-tokens", "2"]) == 0
+    train_rows = [json.loads(line) for line in (config.parent / "train.jsonl").read_text().splitlines()]
+    _, expected = split_examples(train_rows, 0.25, load_config(str(config)).training.seed)
+    assert [(p["prompt"], p["gold"], p["task"]) for p in _predictions(held_out)] == [
+        (row["instruction"], row["output"], "train-heldout") for row in expected]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data", "missing.jsonl"], "no such file"),
+    ([], "--data: required"),
+    (["--data", "{data}", "--family", "commonsense"], "not a commonsense option"),
+])
+def test_eval_errors_name_the_problem(trained_run, capsys, args, message):
+    config, _, data, _ = trained_run
+    assert main(["eval", str(config), *[a.format(data=data) for a in args]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):
+    config = make_run(tmp_path)
+    assert main(["eval", str(config), "--data", "x.jsonl"]) == 2
+    assert "no trained interventions (config.json); train first, or pass --base-only" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "no such config file or run directory" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_two_ranks_equals_one_rank(trained_run, tmp_path):
+    """Each rank answers a shard; rank 0 gathers and writes the same file as one rank does."""
+    config, out, data, _ = trained_run
+    one = tmp_path / "one.jsonl"
+    assert main(["eval", str(out), "--data", str(data), "--max-new-tokens", "5", "--out", str(one)]) == 0
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    two = tmp_path / "two.jsonl"
+    proc = subprocess.run([launcher, "--master_port", str(_free_port()), "--num_gpus", "2", "--module", "reft_fast",
+                           "eval", str(out), "--data", str(data), "--batch-size", "3", "--max-new-tokens", "5",
+                           "--out", str(two)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert "(2 rank(s))" in proc.stdout
+    assert _predictions(two) == _predictions(one)
+
+
+def test_evaluation_during_training_reports_the_accuracy_eval_reports(tmp_path, capsys):
+    """data.eval_family: every evaluation (step 0, eval_every, the end) adds eval_accuracy; the last one is what
+    `reft-fast eval` measures on the final interventions and the same held-out examples."""
+    config = make_run(tmp_path, n_examples=24, max_steps=4, eval_every=2, max_new_tokens=4)
+    assert main(["train", str(config), "data.eval_fraction=0.25", "data.eval_family=exact"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "eval_loss" in row]
+    assert [row["step"] for row in evaluated] == [0, 2, 4]
+    assert all(0.0 <= row["eval_accuracy"] <= 1.0 for row in evaluated)
+    assert main(["eval", str(tmp_path / "out"), "--max-new-tokens", "4", "--batch-size", "2"]) == 0
+    predictions = _predictions(tmp_path / "out" / "eval" / "train-heldout.jsonl")
+    assert len(predictions) == 6
+    assert evaluated[-1]["eval_accuracy"] == pytest.approx(sum(p["correct"] for p in predictions) / 6)
+    assert "exact accuracy" in capsys.readouterr().out  # the family the run's config names
+
+
+def test_a_wrong_eval_family_is_a_config_error(tmp_path, capsys):
+    config = make_run(tmp_path)
+    assert main(["train", str(config), "data.eval_family=math"]) == 2
+    assert "data.eval_family: expected one of commonsense, arithmetic, exact, got 'math'" in capsys.readouterr().err
+
