@@ -195,25 +195,16 @@ def _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P: tl.constexpr, HAS_B: t
 
 
 @triton.jit
-def _copy_unselected_rows(
-    src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d, copy_col_chunks, cols_per_copy,
-    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dst = src at the rows of copy unit ``unit`` (COPY_ROWS rows × cols_per_copy columns of [B·T, d]) that no
-    position selects. Row (b, t) is selected when positions[b, j] == t for some j: a scan of example b's n positions
-    (a few cached bytes per row), so that these programs and the edit programs of the same launch write disjoint rows
-    and the op needs no separate copy of the whole tensor."""
+def _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS: tl.constexpr):
+    """The rows of [B·T, d] that copy unit ``unit`` covers, whether each exists, its example and its token."""
     rows = (unit // copy_col_chunks) * COPY_ROWS + tl.arange(0, COPY_ROWS)
     row_ok = rows < n_rows
-    example = rows // seq_len
-    token = rows % seq_len
-    hit = tl.zeros((COPY_ROWS,), tl.int32)
-    for j0 in range(0, n_per_example, BLOCK_N):
-        js = j0 + tl.arange(0, BLOCK_N)
-        pos = tl.load(positions_ptr + example[:, None] * n_per_example + js[None, :],
-                      mask=row_ok[:, None] & (js < n_per_example)[None, :], other=-1)
-        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
-    copied = row_ok & (hit == 0)
+    return rows, row_ok, rows // seq_len, rows % seq_len
+
+
+@triton.jit
+def _copy_rows_where(src_ptr, dst_ptr, rows, copied, unit, d, copy_col_chunks, cols_per_copy, COPY_D: tl.constexpr):
+    """dst = src at the ``copied`` rows, over copy unit ``unit``'s columns."""
     rows = rows.to(tl.int64)
     col_begin = (unit % copy_col_chunks) * cols_per_copy
     col_end = tl.minimum(col_begin + cols_per_copy, d)
@@ -225,6 +216,25 @@ def _copy_unselected_rows(
 
 
 @triton.jit
+def _copy_unselected_rows(
+    src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d, copy_col_chunks, cols_per_copy,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst = src at the rows of copy unit ``unit`` (COPY_ROWS rows × cols_per_copy columns of [B·T, d]) that no
+    position selects. Row (b, t) is selected when positions[b, j] == t for some j: a scan of example b's n positions
+    (a few cached bytes per row), so that these programs and the edit programs of the same launch write disjoint rows
+    and the op needs no separate copy of the whole tensor."""
+    rows, row_ok, example, token = _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS)
+    hit = tl.zeros((COPY_ROWS,), tl.int32)
+    for j0 in range(0, n_per_example, BLOCK_N):
+        js = j0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(positions_ptr + example[:, None] * n_per_example + js[None, :],
+                      mask=row_ok[:, None] & (js < n_per_example)[None, :], other=-1)
+        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
+    _copy_rows_where(src_ptr, dst_ptr, rows, row_ok & (hit == 0), unit, d, copy_col_chunks, cols_per_copy, COPY_D)
+
+
+@triton.jit
 def _copy_program(src_ptr, dst_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
                   copy_col_chunks, cols_per_copy,
                   COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -233,6 +243,28 @@ def _copy_program(src_ptr, dst_ptr, positions_ptr, slot_blocks, copy_units, n_ro
     if unit < copy_units:
         _copy_unselected_rows(src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d,
                               copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
+
+
+@triton.jit
+def _write_edited_rows(
+    h_ptr, out_ptr, h_rows_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, col_begin, col_end, d,
+    dropout_p, dropout_scale, seed,
+    DROPOUT: tl.constexpr, KEEP_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out = h + δ Q (then the dropout factor) at the selected rows, columns [col_begin, col_end); with KEEP_ROWS
+    also the rows of h read, into the slots of h_rows."""
+    for c0 in range(col_begin, col_end, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < col_end
+        io_mask = selected[:, None] & col_ok[None, :]
+        raw = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
+        if KEEP_ROWS:
+            tl.store(h_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
+        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        o = raw.to(tl.float32) + tl.dot(delta, q, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -263,20 +295,9 @@ def _edit_forward_kernel(
         z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
 
         col_begin = tl.program_id(1) * cols_per_program
-        col_end = tl.minimum(col_begin + cols_per_program, d)
-        for c0 in range(col_begin, col_end, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < col_end
-            io_mask = selected[:, None] & col_ok[None, :]
-            raw = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
-            if KEEP_ROWS:
-                tl.store(h_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
-            q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            o = raw.to(tl.float32) + tl.dot(delta, q, input_precision=DOT_PRECISION)
-            if DROPOUT:
-                o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
-            tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+        _write_edited_rows(h_ptr, out_ptr, h_rows_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, col_begin,
+                           tl.minimum(col_begin + cols_per_program, d), d, dropout_p, dropout_scale, seed, DROPOUT,
+                           KEEP_ROWS, BLOCK_D, DOT_PRECISION)
 
 
 @triton.jit
