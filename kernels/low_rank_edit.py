@@ -462,6 +462,106 @@ def _sum_weight_splits_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Several edits in one batch (inference): each example edited by its own entry, in one launch
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry k of the table is the int64 row table[k, :]: the addresses of its Q, P, W, b (fp32, contiguous; Q's address
+# for an absent one) and of its positions [B, n_k] (int64), then n_k, its rank, its activation code and which of P,
+# b, W it has (bits 1, 2, 4). The parameters are read where they lie: no per-call copy into stacked tensors.
+_ENTRY_Q = tl.constexpr(0)
+_ENTRY_P = tl.constexpr(1)
+_ENTRY_W = tl.constexpr(2)
+_ENTRY_B = tl.constexpr(3)
+_ENTRY_POSITIONS = tl.constexpr(4)
+_ENTRY_N = tl.constexpr(5)
+_ENTRY_RANK = tl.constexpr(6)
+_ENTRY_ACT = tl.constexpr(7)
+_ENTRY_HAS = tl.constexpr(8)
+_ENTRY_WIDTH = tl.constexpr(9)
+
+
+@triton.jit
+def _activation_by_code(z, act):
+    """``_activation`` for a code known only at run time (each entry has its own): the same formulas, selected."""
+    return tl.where(act == 1, _activation(z, 1), tl.where(act == 2, _activation(z, 2), tl.where(
+        act == 3, _activation(z, 3), tl.where(act == 4, _activation(z, 4), z))))
+
+
+@triton.jit
+def _multi_edit_rows(
+    h_ptr, out_ptr, edit_index_ptr, table_ptr, program, slot_blocks, batch, seq_len, d,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program (k, block): slots [block·BLOCK_M, ...) of entry k's positions (slot e = b·n_k + j), of the examples
+    # whose edit_index is k. Entry k's parameters are this program's alone, so the products stay tl.dot; an absent
+    # W, P or b reads Q instead and its result is replaced by zeros (z = b, u = 0: the single edit's math).
+    k = program // slot_blocks
+    entry = table_ptr + k * _ENTRY_WIDTH
+    n = tl.load(entry + _ENTRY_N)
+    positions_ptr = tl.load(entry + _ENTRY_POSITIONS).to(tl.pointer_type(tl.int64))
+    slots, rows, selected = _slot_rows(positions_ptr, (program % slot_blocks) * BLOCK_M, batch * n,
+                                       tl.maximum(n, 1), seq_len, BLOCK_M)
+    example = slots // tl.maximum(n, 1)
+    selected &= tl.load(edit_index_ptr + example, mask=selected, other=-1) == k
+    if tl.max(selected.to(tl.int32), axis=0) > 0:  # a block without examples of entry k reads nothing more
+        q_ptr = tl.load(entry + _ENTRY_Q).to(tl.pointer_type(tl.float32))
+        p_ptr = tl.load(entry + _ENTRY_P).to(tl.pointer_type(tl.float32))
+        w_ptr = tl.load(entry + _ENTRY_W).to(tl.pointer_type(tl.float32))
+        b_ptr = tl.load(entry + _ENTRY_B).to(tl.pointer_type(tl.float32))
+        has = tl.load(entry + _ENTRY_HAS)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < tl.load(entry + _ENTRY_RANK)
+        z, u, _ = _row_projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, rows, rows, selected, slots, 0, d, d, ranks,
+                                   rank_ok, 0.0, 1.0, 0, True, True, False, False, BLOCK_M, BLOCK_D, BLOCK_R,
+                                   DOT_PRECISION)
+        source_bias = tl.where((has & 2) != 0, tl.load(b_ptr + ranks, mask=rank_ok, other=0.0), 0.0)
+        z = tl.where((has & 4) != 0, z, 0.0) + source_bias[None, :]
+        delta = _activation_by_code(z, tl.load(entry + _ENTRY_ACT))
+        delta = tl.where((has & 1) != 0, delta - u, delta)
+        delta = tl.where(rank_ok[None, :], delta, 0.0)
+        _write_edited_rows(h_ptr, out_ptr, h_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, 0, d, d, 0.0,
+                           1.0, 0, False, False, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _multi_copy_unselected_rows(
+    src_ptr, dst_ptr, edit_index_ptr, table_ptr, unit, n_entries, n_max, n_rows, seq_len, d, copy_col_chunks,
+    cols_per_copy, COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``_copy_unselected_rows`` where example b's positions are those of its own entry edit_index[b] (none for −1)."""
+    rows, row_ok, example, token = _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS)
+    k = tl.load(edit_index_ptr + example, mask=row_ok, other=-1)
+    edited = row_ok & (k >= 0) & (k < n_entries)
+    entry = table_ptr + tl.where(edited, k, 0) * _ENTRY_WIDTH
+    n = tl.load(entry + _ENTRY_N, mask=edited, other=0)
+    own_positions = tl.load(entry + _ENTRY_POSITIONS, mask=edited, other=0).to(tl.pointer_type(tl.int64))
+    hit = tl.zeros((COPY_ROWS,), tl.int32)
+    for j0 in range(0, n_max, BLOCK_N):
+        js = j0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(own_positions[:, None] + example[:, None] * n[:, None] + js[None, :],
+                      mask=edited[:, None] & (js[None, :] < n[:, None]), other=-1)
+        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
+    _copy_rows_where(src_ptr, dst_ptr, rows, row_ok & (hit == 0), unit, d, copy_col_chunks, cols_per_copy, COPY_D)
+
+
+@triton.jit
+def _multi_edit_forward_kernel(
+    h_ptr, out_ptr, edit_index_ptr, table_ptr, n_entries, n_max, batch, seq_len, d, slot_blocks, copy_units,
+    copy_col_chunks, cols_per_copy,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Axis 0: n_entries · slot_blocks edit programs, then the programs that copy every other row of h into out.
+    program = tl.program_id(0)
+    if program < n_entries * slot_blocks:
+        _multi_edit_rows(h_ptr, out_ptr, edit_index_ptr, table_ptr, program, slot_blocks, batch, seq_len, d,
+                         BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    elif program - n_entries * slot_blocks < copy_units:
+        _multi_copy_unselected_rows(h_ptr, out_ptr, edit_index_ptr, table_ptr, program - n_entries * slot_blocks,
+                                    n_entries, n_max, batch * seq_len, seq_len, d, copy_col_chunks, cols_per_copy,
+                                    COPY_ROWS, COPY_D, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Launch functions (what reft_fast.ops.backend_triton calls; the cuda backend has the same two) and their plans
 # ----------------------------------------------------------------------------------------------------------------------
 def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INTERPRETED):
@@ -714,3 +814,36 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     )
     return _weight_grads(plan, h_rows, plan.kept_grad if in_place else grad_out, positions, Q, P, W, b, dropout_args,
                          seed, same_pq, g_by_slot=in_place)
+
+
+def multi_edit_forward(h, edit_index, entries, out) -> None:
+    """Write into ``out`` (uninitialized is fine) h with each example b edited by entry ``edit_index[b]`` (−1: a
+    copy of h): every row of out, in one launch. h is not modified.
+
+    ``entries``: (Q, P, W, b, act, positions) per entry, the single edit's arguments (P, W, b may be None; ranks,
+    activations and members of the family may differ) and that entry's [B, n_k] int64 positions (−1 = none).
+    ``edit_index`` [B] int64 on h's device. The launch reads the entries through a table of their addresses (one
+    small host→device copy on a GPU); no parameter is copied or stacked."""
+    if h.numel() == 0:
+        return
+    batch, seq_len, d = h.shape
+    held, table = [], []  # ``held``: contiguous copies the table points into, alive until the launch is queued
+    for Q, P, W, b, act, positions in entries:
+        tensors = [None if t is None else t.contiguous() for t in (Q, P, W, b, positions)]
+        held.append(tensors)
+        Q, P, W, b, positions = tensors
+        has = int(P is not None) | int(b is not None) << 1 | int(W is not None) << 2
+        table.append([*(Q.data_ptr() if t is None else t.data_ptr() for t in (Q, P, W, b)), positions.data_ptr(),
+                      positions.shape[1], Q.shape[0], act, has])
+    table = torch.tensor(table, dtype=torch.int64).to(h.device, non_blocking=True)
+    r_max, n_max = max(Q.shape[0] for Q, *_ in entries), max(e[-1].shape[1] for e in entries)
+    block_m, block_d, block_r, num_warps, precision = launch_config(d, r_max, h.dtype)
+    copy_rows, copy_d, block_n, cols_per_copy = copy_config(d)
+    slot_blocks = triton.cdiv(batch * n_max, block_m)
+    copy_col_chunks = triton.cdiv(d, cols_per_copy)
+    copy_units = triton.cdiv(batch * seq_len, copy_rows) * copy_col_chunks
+    _multi_edit_forward_kernel[(len(entries) * slot_blocks + copy_units,)](
+        h, out, edit_index, table, len(entries), n_max, batch, seq_len, d, slot_blocks, copy_units, copy_col_chunks,
+        cols_per_copy, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision,
+        COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n, num_warps=num_warps,
+    )
