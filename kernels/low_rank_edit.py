@@ -820,8 +820,8 @@ def multi_edit_forward(h, edit_index, entries, out) -> None:
     """Write into ``out`` (uninitialized is fine) h with each example b edited by entry ``edit_index[b]`` (−1: a
     copy of h): every row of out, in one launch. h is not modified.
 
-    ``entries``: (Q, P, W, b, act, positions) per entry, the single edit's arguments (P, W, b may be None; ranks,
-    activations and members of the family may differ) and that entry's [B, n_k] int64 positions (−1 = none).
+    ``entries``: (Q, P, W, b, act, positions) per entry, the single edit's arguments (fp32; P, W, b may be None;
+    ranks, activations and members of the family may differ) and that entry's [B, n_k] positions (−1 = none).
     ``edit_index`` [B] int64 on h's device. The launch reads the entries through a table of their addresses (one
     small host→device copy on a GPU); no parameter is copied or stacked."""
     if h.numel() == 0:
@@ -829,7 +829,9 @@ def multi_edit_forward(h, edit_index, entries, out) -> None:
     batch, seq_len, d = h.shape
     held, table = [], []  # ``held``: contiguous copies the table points into, alive until the launch is queued
     for Q, P, W, b, act, positions in entries:
-        tensors = [None if t is None else t.contiguous() for t in (Q, P, W, b, positions)]
+        if any(t is not None and t.dtype != torch.float32 for t in (Q, P, W, b)):
+            raise TypeError("the entries' Q, P, W, b must be float32 (the table's addresses are read as fp32)")
+        tensors = [None if t is None else t.contiguous() for t in (Q, P, W, b)] + [positions.long().contiguous()]
         held.append(tensors)
         Q, P, W, b, positions = tensors
         has = int(P is not None) | int(b is not None) << 1 | int(W is not None) << 2
