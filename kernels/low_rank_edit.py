@@ -195,25 +195,16 @@ def _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P: tl.constexpr, HAS_B: t
 
 
 @triton.jit
-def _copy_unselected_rows(
-    src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d, copy_col_chunks, cols_per_copy,
-    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dst = src at the rows of copy unit ``unit`` (COPY_ROWS rows × cols_per_copy columns of [B·T, d]) that no
-    position selects. Row (b, t) is selected when positions[b, j] == t for some j: a scan of example b's n positions
-    (a few cached bytes per row), so that these programs and the edit programs of the same launch write disjoint rows
-    and the op needs no separate copy of the whole tensor."""
+def _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS: tl.constexpr):
+    """The rows of [B·T, d] that copy unit ``unit`` covers, whether each exists, its example and its token."""
     rows = (unit // copy_col_chunks) * COPY_ROWS + tl.arange(0, COPY_ROWS)
     row_ok = rows < n_rows
-    example = rows // seq_len
-    token = rows % seq_len
-    hit = tl.zeros((COPY_ROWS,), tl.int32)
-    for j0 in range(0, n_per_example, BLOCK_N):
-        js = j0 + tl.arange(0, BLOCK_N)
-        pos = tl.load(positions_ptr + example[:, None] * n_per_example + js[None, :],
-                      mask=row_ok[:, None] & (js < n_per_example)[None, :], other=-1)
-        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
-    copied = row_ok & (hit == 0)
+    return rows, row_ok, rows // seq_len, rows % seq_len
+
+
+@triton.jit
+def _copy_rows_where(src_ptr, dst_ptr, rows, copied, unit, d, copy_col_chunks, cols_per_copy, COPY_D: tl.constexpr):
+    """dst = src at the ``copied`` rows, over copy unit ``unit``'s columns."""
     rows = rows.to(tl.int64)
     col_begin = (unit % copy_col_chunks) * cols_per_copy
     col_end = tl.minimum(col_begin + cols_per_copy, d)
@@ -225,6 +216,25 @@ def _copy_unselected_rows(
 
 
 @triton.jit
+def _copy_unselected_rows(
+    src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d, copy_col_chunks, cols_per_copy,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst = src at the rows of copy unit ``unit`` (COPY_ROWS rows × cols_per_copy columns of [B·T, d]) that no
+    position selects. Row (b, t) is selected when positions[b, j] == t for some j: a scan of example b's n positions
+    (a few cached bytes per row), so that these programs and the edit programs of the same launch write disjoint rows
+    and the op needs no separate copy of the whole tensor."""
+    rows, row_ok, example, token = _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS)
+    hit = tl.zeros((COPY_ROWS,), tl.int32)
+    for j0 in range(0, n_per_example, BLOCK_N):
+        js = j0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(positions_ptr + example[:, None] * n_per_example + js[None, :],
+                      mask=row_ok[:, None] & (js < n_per_example)[None, :], other=-1)
+        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
+    _copy_rows_where(src_ptr, dst_ptr, rows, row_ok & (hit == 0), unit, d, copy_col_chunks, cols_per_copy, COPY_D)
+
+
+@triton.jit
 def _copy_program(src_ptr, dst_ptr, positions_ptr, slot_blocks, copy_units, n_rows, n_per_example, seq_len, d,
                   copy_col_chunks, cols_per_copy,
                   COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -233,6 +243,28 @@ def _copy_program(src_ptr, dst_ptr, positions_ptr, slot_blocks, copy_units, n_ro
     if unit < copy_units:
         _copy_unselected_rows(src_ptr, dst_ptr, positions_ptr, unit, n_rows, n_per_example, seq_len, d,
                               copy_col_chunks, cols_per_copy, COPY_ROWS, COPY_D, BLOCK_N)
+
+
+@triton.jit
+def _write_edited_rows(
+    h_ptr, out_ptr, h_rows_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, col_begin, col_end, d,
+    dropout_p, dropout_scale, seed,
+    DROPOUT: tl.constexpr, KEEP_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """out = h + δ Q (then the dropout factor) at the selected rows, columns [col_begin, col_end); with KEEP_ROWS
+    also the rows of h read, into the slots of h_rows."""
+    for c0 in range(col_begin, col_end, BLOCK_D):
+        cols = c0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < col_end
+        io_mask = selected[:, None] & col_ok[None, :]
+        raw = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
+        if KEEP_ROWS:
+            tl.store(h_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
+        q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        o = raw.to(tl.float32) + tl.dot(delta, q, input_precision=DOT_PRECISION)
+        if DROPOUT:
+            o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
+        tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
@@ -263,20 +295,9 @@ def _edit_forward_kernel(
         z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
 
         col_begin = tl.program_id(1) * cols_per_program
-        col_end = tl.minimum(col_begin + cols_per_program, d)
-        for c0 in range(col_begin, col_end, BLOCK_D):
-            cols = c0 + tl.arange(0, BLOCK_D)
-            col_ok = cols < col_end
-            io_mask = selected[:, None] & col_ok[None, :]
-            raw = tl.load(h_ptr + rows[:, None] * d + cols[None, :], mask=io_mask, other=0.0)
-            if KEEP_ROWS:
-                tl.store(h_rows_ptr + slots[:, None] * d + cols[None, :], raw, mask=io_mask)
-            q = tl.load(q_ptr + ranks[:, None] * d + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :],
-                        other=0.0)
-            o = raw.to(tl.float32) + tl.dot(delta, q, input_precision=DOT_PRECISION)
-            if DROPOUT:
-                o = o * _keep_scale(seed, slots, cols, d, dropout_p, dropout_scale)
-            tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
+        _write_edited_rows(h_ptr, out_ptr, h_rows_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, col_begin,
+                           tl.minimum(col_begin + cols_per_program, d), d, dropout_p, dropout_scale, seed, DROPOUT,
+                           KEEP_ROWS, BLOCK_D, DOT_PRECISION)
 
 
 @triton.jit
@@ -438,6 +459,106 @@ def _sum_weight_splits_kernel(
     if HAS_B:
         if tl.program_id(0) == 0:
             _sum_splits(db_part_ptr, db_ptr, offsets, offsets < r, n_splits, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Several edits in one batch (inference): each example edited by its own entry, in one launch
+# ----------------------------------------------------------------------------------------------------------------------
+# Entry k of the table is the int64 row table[k, :]: the addresses of its Q, P, W, b (fp32, contiguous; Q's address
+# for an absent one) and of its positions [B, n_k] (int64), then n_k, its rank, its activation code and which of P,
+# b, W it has (bits 1, 2, 4). The parameters are read where they lie: no per-call copy into stacked tensors.
+_ENTRY_Q = tl.constexpr(0)
+_ENTRY_P = tl.constexpr(1)
+_ENTRY_W = tl.constexpr(2)
+_ENTRY_B = tl.constexpr(3)
+_ENTRY_POSITIONS = tl.constexpr(4)
+_ENTRY_N = tl.constexpr(5)
+_ENTRY_RANK = tl.constexpr(6)
+_ENTRY_ACT = tl.constexpr(7)
+_ENTRY_HAS = tl.constexpr(8)
+_ENTRY_WIDTH = tl.constexpr(9)
+
+
+@triton.jit
+def _activation_by_code(z, act):
+    """``_activation`` for a code known only at run time (each entry has its own): the same formulas, selected."""
+    return tl.where(act == 1, _activation(z, 1), tl.where(act == 2, _activation(z, 2), tl.where(
+        act == 3, _activation(z, 3), tl.where(act == 4, _activation(z, 4), z))))
+
+
+@triton.jit
+def _multi_edit_rows(
+    h_ptr, out_ptr, edit_index_ptr, table_ptr, program, slot_blocks, batch, seq_len, d,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Program (k, block): slots [block·BLOCK_M, ...) of entry k's positions (slot e = b·n_k + j), of the examples
+    # whose edit_index is k. Entry k's parameters are this program's alone, so the products stay tl.dot; an absent
+    # W, P or b reads Q instead and its result is replaced by zeros (z = b, u = 0: the single edit's math).
+    k = program // slot_blocks
+    entry = table_ptr + k * _ENTRY_WIDTH
+    n = tl.load(entry + _ENTRY_N)
+    positions_ptr = tl.load(entry + _ENTRY_POSITIONS).to(tl.pointer_type(tl.int64))
+    slots, rows, selected = _slot_rows(positions_ptr, (program % slot_blocks) * BLOCK_M, batch * n,
+                                       tl.maximum(n, 1), seq_len, BLOCK_M)
+    example = slots // tl.maximum(n, 1)
+    selected &= tl.load(edit_index_ptr + example, mask=selected, other=-1) == k
+    if tl.max(selected.to(tl.int32), axis=0) > 0:  # a block without examples of entry k reads nothing more
+        q_ptr = tl.load(entry + _ENTRY_Q).to(tl.pointer_type(tl.float32))
+        p_ptr = tl.load(entry + _ENTRY_P).to(tl.pointer_type(tl.float32))
+        w_ptr = tl.load(entry + _ENTRY_W).to(tl.pointer_type(tl.float32))
+        b_ptr = tl.load(entry + _ENTRY_B).to(tl.pointer_type(tl.float32))
+        has = tl.load(entry + _ENTRY_HAS)
+        ranks = tl.arange(0, BLOCK_R)
+        rank_ok = ranks < tl.load(entry + _ENTRY_RANK)
+        z, u, _ = _row_projections(h_ptr, h_ptr, q_ptr, p_ptr, w_ptr, rows, rows, selected, slots, 0, d, d, ranks,
+                                   rank_ok, 0.0, 1.0, 0, True, True, False, False, BLOCK_M, BLOCK_D, BLOCK_R,
+                                   DOT_PRECISION)
+        source_bias = tl.where((has & 2) != 0, tl.load(b_ptr + ranks, mask=rank_ok, other=0.0), 0.0)
+        z = tl.where((has & 4) != 0, z, 0.0) + source_bias[None, :]
+        delta = _activation_by_code(z, tl.load(entry + _ENTRY_ACT))
+        delta = tl.where((has & 1) != 0, delta - u, delta)
+        delta = tl.where(rank_ok[None, :], delta, 0.0)
+        _write_edited_rows(h_ptr, out_ptr, h_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, 0, d, d, 0.0,
+                           1.0, 0, False, False, BLOCK_D, DOT_PRECISION)
+
+
+@triton.jit
+def _multi_copy_unselected_rows(
+    src_ptr, dst_ptr, edit_index_ptr, table_ptr, unit, n_entries, n_max, n_rows, seq_len, d, copy_col_chunks,
+    cols_per_copy, COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``_copy_unselected_rows`` where example b's positions are those of its own entry edit_index[b] (none for −1)."""
+    rows, row_ok, example, token = _copy_unit_rows(unit, n_rows, seq_len, copy_col_chunks, COPY_ROWS)
+    k = tl.load(edit_index_ptr + example, mask=row_ok, other=-1)
+    edited = row_ok & (k >= 0) & (k < n_entries)
+    entry = table_ptr + tl.where(edited, k, 0) * _ENTRY_WIDTH
+    n = tl.load(entry + _ENTRY_N, mask=edited, other=0)
+    own_positions = tl.load(entry + _ENTRY_POSITIONS, mask=edited, other=0).to(tl.pointer_type(tl.int64))
+    hit = tl.zeros((COPY_ROWS,), tl.int32)
+    for j0 in range(0, n_max, BLOCK_N):
+        js = j0 + tl.arange(0, BLOCK_N)
+        pos = tl.load(own_positions[:, None] + example[:, None] * n[:, None] + js[None, :],
+                      mask=edited[:, None] & (js[None, :] < n[:, None]), other=-1)
+        hit = tl.maximum(hit, tl.max(tl.where(pos == token[:, None], 1, 0), axis=1))
+    _copy_rows_where(src_ptr, dst_ptr, rows, row_ok & (hit == 0), unit, d, copy_col_chunks, cols_per_copy, COPY_D)
+
+
+@triton.jit
+def _multi_edit_forward_kernel(
+    h_ptr, out_ptr, edit_index_ptr, table_ptr, n_entries, n_max, batch, seq_len, d, slot_blocks, copy_units,
+    copy_col_chunks, cols_per_copy,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    COPY_ROWS: tl.constexpr, COPY_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Axis 0: n_entries · slot_blocks edit programs, then the programs that copy every other row of h into out.
+    program = tl.program_id(0)
+    if program < n_entries * slot_blocks:
+        _multi_edit_rows(h_ptr, out_ptr, edit_index_ptr, table_ptr, program, slot_blocks, batch, seq_len, d,
+                         BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+    elif program - n_entries * slot_blocks < copy_units:
+        _multi_copy_unselected_rows(h_ptr, out_ptr, edit_index_ptr, table_ptr, program - n_entries * slot_blocks,
+                                    n_entries, n_max, batch * seq_len, seq_len, d, copy_col_chunks, cols_per_copy,
+                                    COPY_ROWS, COPY_D, BLOCK_N)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -693,3 +814,38 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     )
     return _weight_grads(plan, h_rows, plan.kept_grad if in_place else grad_out, positions, Q, P, W, b, dropout_args,
                          seed, same_pq, g_by_slot=in_place)
+
+
+def multi_edit_forward(h, edit_index, entries, out) -> None:
+    """Write into ``out`` (uninitialized is fine) h with each example b edited by entry ``edit_index[b]`` (−1: a
+    copy of h): every row of out, in one launch. h is not modified.
+
+    ``entries``: (Q, P, W, b, act, positions) per entry, the single edit's arguments (fp32; P, W, b may be None;
+    ranks, activations and members of the family may differ) and that entry's [B, n_k] positions (−1 = none).
+    ``edit_index`` [B] int64 on h's device. The launch reads the entries through a table of their addresses (one
+    small host→device copy on a GPU); no parameter is copied or stacked."""
+    if h.numel() == 0:
+        return
+    batch, seq_len, d = h.shape
+    held, table = [], []  # ``held``: contiguous copies the table points into, alive until the launch is queued
+    for Q, P, W, b, act, positions in entries:
+        if any(t is not None and t.dtype != torch.float32 for t in (Q, P, W, b)):
+            raise TypeError("the entries' Q, P, W, b must be float32 (the table's addresses are read as fp32)")
+        tensors = [None if t is None else t.contiguous() for t in (Q, P, W, b)] + [positions.long().contiguous()]
+        held.append(tensors)
+        Q, P, W, b, positions = tensors
+        has = int(P is not None) | int(b is not None) << 1 | int(W is not None) << 2
+        table.append([*(Q.data_ptr() if t is None else t.data_ptr() for t in (Q, P, W, b)), positions.data_ptr(),
+                      positions.shape[1], Q.shape[0], act, has])
+    table = torch.tensor(table, dtype=torch.int64).to(h.device, non_blocking=True)
+    r_max, n_max = max(Q.shape[0] for Q, *_ in entries), max(e[-1].shape[1] for e in entries)
+    block_m, block_d, block_r, num_warps, precision = launch_config(d, r_max, h.dtype)
+    copy_rows, copy_d, block_n, cols_per_copy = copy_config(d)
+    slot_blocks = triton.cdiv(batch * n_max, block_m)
+    copy_col_chunks = triton.cdiv(d, cols_per_copy)
+    copy_units = triton.cdiv(batch * seq_len, copy_rows) * copy_col_chunks
+    _multi_edit_forward_kernel[(len(entries) * slot_blocks + copy_units,)](
+        h, out, edit_index, table, len(entries), n_max, batch, seq_len, d, slot_blocks, copy_units, copy_col_chunks,
+        cols_per_copy, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision,
+        COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n, num_warps=num_warps,
+    )

@@ -99,7 +99,7 @@ def _alone(reft_model, name, run):
         reft_model.set_adapter(active)
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_mixed_batch_forward_equals_each_reft_alone(served, backend):
     reft_model, _, _ = served
     base, lengths = _batch()

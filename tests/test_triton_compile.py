@@ -44,6 +44,9 @@ SCALARS = dict(n_slots="i32", n_per_example="i32", seq_len="i32", d="i32", r="i3
                dropout_p="fp32", dropout_scale="fp32", seed="i32")
 
 
+MULTI_SCALARS = {name: "i32" for name in ("n_entries", "n_max", "batch", "seq_len", "d", "slot_blocks", "copy_units",
+                                         "copy_col_chunks", "cols_per_copy")}
+
 CASES = [(torch.bfloat16, 8), (torch.bfloat16, 32), (torch.bfloat16, 64), (torch.float32, 64)]
 
 
@@ -77,6 +80,11 @@ def resource_report():
             regs, spills = compile_for_sm90(fn, pointers, SCALARS, flags, num_warps)
             variant = fn.__name__ + ("[parts]" if flags.get("FROM_PARTS") else "")
             rows.append((variant, str(h_dtype), r, regs, spills, tiles, num_warps))
+        # several ReFTs in one batch: the parameters are read through a table of addresses (int64 → pointer casts)
+        multi_pointers = dict(h_ptr=h, out_ptr=h, edit_index_ptr="*i64", table_ptr="*i64")
+        regs, spills = compile_for_sm90(k._multi_edit_forward_kernel, multi_pointers, MULTI_SCALARS,
+                                        dict(copying, BLOCK_R=block_r), num_warps)
+        rows.append((k._multi_edit_forward_kernel.__name__, str(h_dtype), r, regs, spills, tiles, num_warps))
     # the sum over weight splits has no shape-dependent tiles: one compile (a second would hit Triton's cache)
     flags = dict(HAS_W=True, SEPARATE_P=True, HAS_B=True, BLOCK=k._SUM_BLOCK)
     regs, spills = compile_for_sm90(k._sum_weight_splits_kernel, pointers, SCALARS, flags, 4)
@@ -94,7 +102,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(rows) == 6 * len(CASES) + 1
+    assert len(rows) == 7 * len(CASES) + 1
     for name, dtype, r, regs, spills, tiles, warps in rows:
         print(f"{name:32s} {dtype:15s} r={r:<3d} regs={regs:<4d} spill-stores={spills:<5d} {tiles} warps={warps}")
     spills = [row for row in rows if row[4] != 0]

@@ -33,8 +33,8 @@ import torch
 
 # Each backend module registers itself on import; their order is the order of BACKENDS.
 from reft_fast.ops import backend_triton, backend_torch, backend_cuda  # noqa: F401,I001
-from reft_fast.ops.backend import (Backend, EditGrads, EditParams, MultiEdit, StackedEdits, backend_names,
-                                   get_backend, register_backend, resolve_backend, stack_edits)
+from reft_fast.ops.backend import (Backend, EditGrads, EditParams, MultiEdit, backend_names, get_backend,
+                                   register_backend, resolve_backend)
 from reft_fast.ops.backend_torch import dropout_keep_mask, reference_edit
 from reft_fast.ops.library import edit as _edit, edit_in_place as _edit_in_place, is_sole_owner, selected_rows
 
@@ -54,8 +54,6 @@ __all__ = [
     "low_rank_edit",
     "MultiEdit",
     "multi_low_rank_edit",
-    "StackedEdits",
-    "stack_edits",
     "loreft",
     "noreft",
     "direft",
@@ -224,7 +222,8 @@ def multi_low_rank_edit(h: torch.Tensor, positions: Sequence[torch.Tensor], edit
         validate: check position and index values (reads them: a host sync on GPU).
 
     Every example edited by entry k gets exactly what ``low_rank_edit`` with that entry gives it (bitwise on the
-    torch backend); no gradient flows: call it under ``torch.no_grad()``.
+    torch backend, one edit per entry; within float rounding on triton, one launch for all entries, which reads each
+    entry's parameters where they lie); no gradient flows: call it under ``torch.no_grad()``.
     """
     if not edits:
         raise ValueError("edits is empty: give at least one entry (Q and its source)")

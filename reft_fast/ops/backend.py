@@ -20,8 +20,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend", "MultiEdit", "StackedEdits",
-           "backend_names", "get_backend", "register_backend", "resolve_backend", "selected_rows", "stack_edits"]
+__all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend", "MultiEdit", "backend_names",
+           "get_backend", "register_backend", "resolve_backend", "selected_rows"]
 
 BACKEND_ENV = "REFT_FAST_BACKEND"
 
@@ -59,39 +59,6 @@ class MultiEdit:
     entries: tuple
     positions: tuple
     edit_index: torch.Tensor
-
-
-@dataclass(frozen=True)
-class StackedEdits:
-    """MultiEdit's parameters stacked per entry, zero-padded to the largest rank: Q, P, W [K, r_max, d], b [K, r_max]
-    (P, W, b zeros for an entry without them: u = 0, z = b, which is the same edit), rank and act [K] int32; what a
-    kernel that reads each example's own parameters takes."""
-
-    Q: torch.Tensor
-    P: torch.Tensor
-    W: torch.Tensor
-    b: torch.Tensor
-    rank: torch.Tensor
-    act: torch.Tensor
-
-
-def stack_edits(entries) -> StackedEdits:
-    """The entries' parameters as one StackedEdits (new tensors on the entries' device)."""
-    first = entries[0].Q
-    r_max, d = max(entry.rank for entry in entries), first.shape[1]
-
-    def stacked(field_name: str, shape: tuple) -> torch.Tensor:
-        out = first.new_zeros(len(entries), *shape)
-        for k, entry in enumerate(entries):
-            value = getattr(entry, field_name)
-            if value is not None:
-                out[k, :entry.rank] = value
-        return out
-
-    ints = dict(dtype=torch.int32, device=first.device)
-    return StackedEdits(stacked("Q", (r_max, d)), stacked("P", (r_max, d)), stacked("W", (r_max, d)),
-                        stacked("b", (r_max,)), torch.tensor([entry.rank for entry in entries], **ints),
-                        torch.tensor([entry.act for entry in entries], **ints))
 
 
 @dataclass(frozen=True)

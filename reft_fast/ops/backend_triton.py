@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from reft_fast.ops.backend import EditGrads, EditParams, register_backend
+from reft_fast.ops.backend import EditGrads, EditParams, MultiEdit, register_backend
 
 __all__ = ["TritonBackend"]
 
@@ -34,7 +34,8 @@ class TritonBackend:
         return None
 
     def kernels(self):
-        """The module of launch functions (``edit_forward``, ``edit_backward``), imported on first use."""
+        """The module of launch functions (``edit_forward``, ``edit_backward``, ``multi_edit_forward``), imported on
+        first use."""
         return importlib.import_module(self.kernel_module)
 
     def forward(self, h, positions, edit: EditParams):
@@ -57,6 +58,13 @@ class TritonBackend:
         grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
                                              edit.dropout, edit.seed, grad_out)
         return EditGrads(grad_out, *grads)
+
+    def forward_multi(self, h, multi: MultiEdit) -> torch.Tensor:
+        # One launch writes every row of out: each example's rows edited by its own entry, the others copied.
+        out = torch.empty_like(h)
+        entries = [(e.Q, e.P, e.W, e.b, e.act, positions) for e, positions in zip(multi.entries, multi.positions)]
+        self.kernels().multi_edit_forward(h, multi.edit_index, entries, out)
+        return out
 
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
         grad_h = torch.empty_like(grad_out)  # the kernels write every row: dh at the selected, grad_out elsewhere
