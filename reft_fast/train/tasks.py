@@ -29,6 +29,7 @@ import torch
 
 from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, split_examples
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
+from reft_fast.train.task_preference import PreferenceTask
 from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
 
 __all__ = ["CausalLMTask", "TASKS", "check_task", "make_task"]
@@ -93,7 +94,7 @@ class CausalLMTask:
 
 
 # task name (the YAML's ``task:``) → its class
-TASKS: dict[str, type] = {"causal_lm": CausalLMTask}
+TASKS: dict[str, type] = {"causal_lm": CausalLMTask, "preference": PreferenceTask}
 
 
 def check_task(cfg: TrainConfig) -> None:
