@@ -229,6 +229,19 @@ def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path
         load_preference_examples(str(path), "q", "good", "worse")
 
 
+def test_the_built_in_example_config_is_valid_and_reads_its_pairs():
+    from reft_fast.train.task_preference import load_preference_examples
+    from reft_fast.train.train_config import load_config, resolve_data_path, validate
+
+    cfg = load_config(str(ROOT / "reft_fast" / "demo" / "pirate_dpo.yaml"))
+    validate(cfg, check_model=False)
+    p = cfg.preference
+    pairs = load_preference_examples(resolve_data_path(cfg.data.train_file, cfg.base_dir), cfg.data.prompt_field,
+                                     p.chosen_field, p.rejected_field)
+    assert cfg.task == "preference" and len(pairs) == 48
+    assert all(pair["chosen"].startswith("Arr, matey!") and "matey" not in pair["rejected"] for pair in pairs)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Two ranks
 # ----------------------------------------------------------------------------------------------------------------------
