@@ -89,14 +89,18 @@ def shutdown(wait_for_others: bool = True) -> None:
 
     After a failure pass ``wait_for_others=False``: the other ranks may be gone or stuck, and a barrier would hold
     this one until the timeout instead of letting it exit (the launcher then stops the rest of the job).
+
+    Through DeepSpeed's destroy_process_group, which also drops the groups DeepSpeed cached (its clone of the world
+    group): with torch's alone, the next ``deepspeed.initialize`` in this process fails on the destroyed clone ("Group
+    ... is not registered"; DeepSpeed 0.19.8, 2026-11-28).
     """
+    import deepspeed.comm
     import torch.distributed as dist
 
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
-        # DeepSpeed's own teardown also forgets the groups it cached (its clone of the world group): torch's alone
-        # leaves them, and the next deepspeed.initialize in this process fails on the destroyed group (0.19.8).
-        import deepspeed.comm
-
-        deepspeed.comm.destroy_process_group()
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+        else:  # a group the launcher's code made, which DeepSpeed never joined
+            dist.destroy_process_group()

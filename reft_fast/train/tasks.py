@@ -35,6 +35,7 @@ from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examp
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
+from reft_fast.train.task_preference import PreferenceTask
 from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
 
 __all__ = ["CausalLMTask", "TASKS", "check_task", "make_task"]
@@ -121,7 +122,8 @@ class CausalLMTask:
 
 
 # task name (the YAML's ``task:``) → its class
-TASKS: dict[str, type] = {"causal_lm": CausalLMTask, "classification": ClassificationTask}
+TASKS: dict[str, type] = {"causal_lm": CausalLMTask, "classification": ClassificationTask,
+                         "preference": PreferenceTask}
 
 
 def check_task(cfg: TrainConfig) -> None:

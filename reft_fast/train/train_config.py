@@ -46,6 +46,7 @@ __all__ = [
     "InterventionConfig",
     "ModelConfig",
     "QUANTIZATION_MODES",
+    "PreferenceConfig",
     "TrainConfig",
     "TrainingConfig",
     "apply_overrides",
@@ -154,6 +155,22 @@ class DataConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """The ``preference:`` section, read by ``task: preference`` (reft_fast.train.task_preference); the prompt is
+    ``data.prompt_field``."""
+
+    loss: str = "dpo"  # dpo (the base without edits is the reference) | simpo (length-normalized, no reference)
+    beta: Optional[float] = None  # the reward scale; None: 0.1 for dpo, 2.0 for simpo
+    simpo_gamma: float = 1.0  # simpo's target reward margin
+    label_smoothing: float = 0.0  # the assumed share of flipped pairs (conservative DPO); 0 = plain DPO/SimPO
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    # dpo: cached = the reference log-probs of every pair computed once, before its first use; per_step = one extra
+    # forward of the base per micro-batch (cheaper only for a run that visits a small part of a large set).
+    reference: str = "cached"
+
+
+@dataclass
 class TrainingConfig:
     max_steps: Optional[int] = None  # optimizer steps; overrides epochs when set
     epochs: float = 1.0
@@ -225,6 +242,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # task: preference only
     output_dir: str = "runs/reft"
     resume: bool = False  # continue from the newest intact checkpoint in output_dir (a fresh start when there is none)
     overwrite_output_dir: bool = False  # replace an earlier run's outputs there; otherwise a non-empty one is refused
@@ -524,6 +542,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
     _check_deepspeed_section(cfg.deepspeed)
+    _check_preference_section(cfg.preference)
     if not check_model:
         return None
     return _check_against_model(cfg)
@@ -678,6 +697,23 @@ def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
         raise ConfigError("deepspeed.offload_optimizer: needs deepspeed.stage 1, 2 or 3")
     if ds.timeout_minutes <= 0:
         raise ConfigError(f"deepspeed.timeout_minutes: must be > 0, got {ds.timeout_minutes}")
+
+
+PREFERENCE_LOSSES = ("dpo", "simpo")
+REFERENCE_MODES = ("cached", "per_step")
+
+
+def _check_preference_section(p: PreferenceConfig) -> None:
+    if p.loss not in PREFERENCE_LOSSES:
+        raise ConfigError(f"preference.loss: expected one of {list(PREFERENCE_LOSSES)}, got {p.loss!r}")
+    if p.beta is not None and p.beta <= 0:
+        raise ConfigError(f"preference.beta: must be > 0, got {p.beta}")
+    if not 0.0 <= p.label_smoothing < 0.5:
+        raise ConfigError(f"preference.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
+    if p.reference not in REFERENCE_MODES:
+        raise ConfigError(f"preference.reference: expected one of {list(REFERENCE_MODES)}, got {p.reference!r}")
+    if p.chosen_field == p.rejected_field:
+        raise ConfigError(f"preference.rejected_field: the same field as preference.chosen_field ({p.chosen_field!r})")
 
 
 def _check_against_model(cfg: TrainConfig) -> Any:

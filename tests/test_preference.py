@@ -1,0 +1,279 @@
+"""Preference training (task: preference, reft_fast.train.task_preference): the DPO and SimPO objectives, the reference
+model (the base without edits), one forward per batch for both responses, learning on a tiny random Llama, and a
+2-rank ZeRO-2 run against one rank."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist.tiny import WORDS, make_run, subprocess_env, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+# A preference the interventions can learn, whatever the prompt: the chosen answer names colours, the rejected one
+# animals (a style, as "answer like a pirate" is).
+COLOURS, ANIMALS = "red green blue black white".split(), "cat dog bird fish cow".split()
+LEARNING = ["interventions.positions=l1", "preference.beta=0.5", "training.lr=2e-2", "training.max_steps=8",
+            "training.eval_every=4", "training.log_every=1"]
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        words, length = [rng.choice(WORDS) for _ in range(rng.randint(2, 4))], rng.randint(1, 3)
+        pairs.append({"instruction": "repeat : " + " ".join(words),
+                      "chosen": " ".join(rng.choice(COLOURS) for _ in range(length)),
+                      "rejected": " ".join(rng.choice(ANIMALS) for _ in range(length))})
+    return pairs
+
+
+def preference_run(folder: Path, n_pairs: int = 64) -> tuple[Path, list[str]]:
+    """A tiny model, a preference set and a config; returns the config and the overrides that make it a preference
+    run with a quarter of the pairs held out."""
+    config = make_run(folder, n_examples=8)
+    write_jsonl(folder / "pairs.jsonl", make_pairs(n_pairs))
+    return config, ["task=preference", "data.train_file=pairs.jsonl", "data.eval_fraction=0.25"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The objectives
+# ----------------------------------------------------------------------------------------------------------------------
+def test_dpo_loss_and_rewards_match_hand_computed_values():
+    from reft_fast.train.task_preference import dpo_loss
+
+    # β(c − c₀) = 0.1·(−5 + 6) = 0.1; β(r − r₀) = 0.1·(−7 + 6.5) = −0.05; x = 0.15; −log σ(0.15) = log(1 + e^−0.15)
+    args = [torch.tensor([v]) for v in (-5.0, -7.0, -6.0, -6.5)]
+    losses, chosen, rejected = dpo_loss(*args, beta=0.1)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.05)
+    assert losses.item() == pytest.approx(0.6209570, rel=1e-6)
+    # label smoothing 0.2: 0.8·log(1 + e^−0.15) + 0.2·log(1 + e^0.15) = log(1 + e^−0.15) + 0.2·0.15
+    smoothed, _, _ = dpo_loss(*args, beta=0.1, label_smoothing=0.2)
+    assert smoothed.item() == pytest.approx(0.6509570, rel=1e-6)
+
+
+def test_simpo_loss_is_length_normalized_with_a_target_margin():
+    from reft_fast.train.task_preference import sequence_logps, simpo_loss
+
+    # Mean log-probs −6/3 = −2 and −12/4 = −3; β = 2, γ = 1: x = 2·(−2) − 2·(−3) − 1 = 1; −log σ(1) = log(1 + e^−1)
+    losses, chosen, rejected = simpo_loss(torch.tensor([-6.0 / 3]), torch.tensor([-12.0 / 4]), beta=2.0, gamma=1.0)
+    assert losses.item() == pytest.approx(0.3132617, rel=1e-6)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-4.0, -6.0))
+    # The per-row sums and counts it normalizes with: labelled tokens only, position t predicting label t + 1.
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, 1], [-100, 2, 6, -100, -100]])
+    sums, counts = sequence_logps(logits, labels)
+    log_probs = logits.log_softmax(-1)
+    expected = [sum(float(log_probs[b, t - 1, labels[b, t]]) for t in range(1, 5) if labels[b, t] != -100)
+                for b in range(2)]
+    assert counts.tolist() == [3, 2]
+    assert sums.tolist() == pytest.approx(expected, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# One training run shared by the reference, forward-count and learning tests
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """8 steps of DPO on 48 pairs (16 held out), with every base forward inside the task's loss counted."""
+    from reft_fast.train import tasks
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.task_preference import PreferenceTask
+    from reft_fast.train.train_config import load_config
+
+    class CountingPreferenceTask(PreferenceTask):
+        forwards_per_loss: list = []  # per loss call: the batch size of each base forward it ran
+
+        def loss(self, engine, batch):
+            rows = []
+            handle = engine.module.model.register_forward_pre_hook(
+                lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+            try:
+                return super().loss(engine, batch)
+            finally:
+                handle.remove()
+                self.forwards_per_loss.append(rows)
+
+    folder = tmp_path_factory.mktemp("preference")
+    config, overrides = preference_run(folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(tasks.TASKS, "counted_preference", CountingPreferenceTask)
+        cfg = load_config(str(config), overrides + LEARNING + ["task=counted_preference"])
+        recipe = ReftTrainingRecipe(cfg)
+        try:
+            result = recipe.run()
+        finally:
+            shutdown()
+    return folder, recipe, result
+
+
+def test_the_reference_is_the_plain_base_exactly(learned):
+    """The cached reference log-probs of every training pair equal those of the base loaded alone, with no ReftModel
+    attached, bitwise; the trained interventions do change the policy's log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from reft_fast.train.task_preference import reference_logps, sequence_logps
+
+    folder, recipe, _ = learned
+    task = recipe.task
+    train_set = task.train_set
+    _, table = task.reference_tables[id(train_set)]
+    plain = AutoModelForCausalLM.from_pretrained(folder / "model", torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    micro = recipe.cfg.training.micro_batch_size
+    for start in range(0, len(train_set), micro):
+        batch = task.host_batch(task.pair_collator([train_set[i] for i in range(start, min(start + micro,
+                                                                                           len(train_set)))]))
+        expected = reference_logps(plain, batch).view(2, -1).T
+        assert torch.equal(table[start : start + micro], expected)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            policy = recipe.reft_model(inputs, intervention_locations=batch["intervention_locations"],
+                                       logits_to_keep=batch["logits_to_keep"])[1]
+        assert not torch.allclose(sequence_logps(policy.logits, batch["labels"])[0].view(2, -1).T, expected)
+
+
+def test_one_forward_per_batch_for_both_responses(learned):
+    """Every loss call runs the base once over the 2B rows (chosen and rejected stacked); the reference table is
+    built once, by the first call: one forward of both responses per chunk of micro_batch_size pairs."""
+    _, recipe, result = learned
+    calls = recipe.task.forwards_per_loss
+    micro = recipe.cfg.training.micro_batch_size
+    assert len(calls) == result.steps == 8
+    chunks = math.ceil(len(recipe.train_set) / micro)
+    assert calls[0] == [2 * micro] * (chunks + 1)  # the table's chunks (both responses too), then the policy
+    assert all(rows == [2 * micro] for rows in calls[1:])
+
+
+def test_reward_accuracy_rises_on_a_learnable_rule(learned):
+    folder, _, result = learned
+    first, last = result.eval_metrics[0], result.eval_metrics[-1]
+    assert [m["step"] for m in result.eval_metrics] == [0, 4, 8]
+    assert first["eval_reward_accuracy"] <= 0.6 and last["eval_reward_accuracy"] >= 0.9
+    assert last["eval_loss"] < first["eval_loss"] - 0.1 and last["eval_reward_margin"] > 0.2
+    rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["eval_reward_accuracy"] == last["eval_reward_accuracy"]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reference modes, SimPO, configuration
+# ----------------------------------------------------------------------------------------------------------------------
+def test_per_step_reference_trains_like_the_cached_one_and_simpo_runs(tmp_path):
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config, overrides = preference_run(tmp_path, n_pairs=24)
+    results = {}
+    try:
+        for name, extra in {"cached": [], "per_step": ["preference.reference=per_step"],
+                            "simpo": ["preference.loss=simpo"]}.items():
+            cfg = load_config(str(config), overrides + extra + ["training.max_steps=3", f"output_dir={tmp_path / name}"])
+            recipe = ReftTrainingRecipe(cfg)
+            results[name] = (recipe, recipe.run())
+    finally:
+        shutdown()
+    (cached_recipe, cached), (_, per_step) = results["cached"], results["per_step"]
+    assert per_step.losses == pytest.approx(cached.losses, rel=1e-5)
+    assert per_step.eval_metrics[-1]["eval_loss"] == pytest.approx(cached.eval_metrics[-1]["eval_loss"], rel=1e-5)
+    assert len(cached_recipe.task.reference_tables) == 2  # the training and the eval set, each built once
+    simpo_recipe, simpo = results["simpo"]
+    assert simpo_recipe.task.reference_tables == {}  # SimPO has no reference
+    assert simpo.losses[0] != pytest.approx(cached.losses[0], rel=1e-3)
+    assert all(math.isfinite(v) for v in simpo.losses) and "eval_reward_accuracy" in simpo.eval_metrics[-1]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.packing=true", r"^data.packing: task: preference does not pack"),
+    ("preference.loss=ipo", r"^preference.loss: expected one of \['dpo', 'simpo'\], got 'ipo'"),
+    ("preference.beta=0", r"^preference.beta: must be > 0"),
+    ("preference.label_smoothing=0.5", r"^preference.label_smoothing: must be in \[0, 0.5\)"),
+    ("preference.reference=never", r"^preference.reference: expected one of \['cached', 'per_step'\]"),
+    ("preference.rejected_field=chosen", r"^preference.rejected_field: the same field as preference.chosen_field"),
+])
+def test_bad_preference_settings_are_config_errors_naming_the_field(tmp_path, override, message):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config, overrides = preference_run(tmp_path, n_pairs=8)
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(str(config), overrides + [override]))
+
+
+def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path):
+    from dist.tiny import make_tokenizer
+    from reft_fast.train.task_preference import PreferenceDataset, load_preference_examples
+
+    rows = [{"q": "big : red", "good": "big", "bad": "small"}, {"q": "hot : sky sea", "good": "hot", "bad": "cold"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    examples = load_preference_examples(str(path), "q", "good", "bad")
+    assert examples[1] == {"prompt": "hot : sky sea", "chosen": "hot", "rejected": "cold"}
+    pairs = PreferenceDataset(examples, make_tokenizer(), max_length=32)
+    chosen, rejected = pairs[0]["chosen"], pairs[0]["rejected"]
+    # The chat template is applied to both sides; they share the prompt tokens and differ in the response.
+    assert chosen["prompt_length"] == rejected["prompt_length"]
+    prompt = chosen["input_ids"][: chosen["prompt_length"]]
+    assert rejected["input_ids"][: rejected["prompt_length"]] == prompt and chosen["input_ids"] != rejected["input_ids"]
+    assert make_tokenizer().decode(prompt).startswith("<|user|> big : red")
+    with pytest.raises(ValueError, match=r"no field 'worse'.*preference.rejected_field"):
+        load_preference_examples(str(path), "q", "good", "worse")
+
+
+def test_the_built_in_example_config_is_valid_and_reads_its_pairs():
+    from reft_fast.train.task_preference import load_preference_examples
+    from reft_fast.train.train_config import load_config, resolve_data_path, validate
+
+    cfg = load_config(str(ROOT / "reft_fast" / "demo" / "pirate_dpo.yaml"))
+    validate(cfg, check_model=False)
+    p = cfg.preference
+    pairs = load_preference_examples(resolve_data_path(cfg.data.train_file, cfg.base_dir), cfg.data.prompt_field,
+                                     p.chosen_field, p.rejected_field)
+    assert cfg.task == "preference" and len(pairs) == 48
+    assert all(pair["chosen"].startswith("Arr, matey!") and "matey" not in pair["rejected"] for pair in pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Two ranks
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ranks_zero2_match_one_rank(tmp_path):
+    """The same global batch of 8 pairs: one rank accumulating 2 micro-batches of 4 against 2 ranks at ZeRO-2 taking 4
+    each; the reference table is dealt to the ranks by chunks and summed over them."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    launcher = Path(sys.executable).parent / "deepspeed"
+    if not launcher.exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    config, overrides = preference_run(tmp_path, n_pairs=40)
+    common = overrides + ["training.max_steps=3", "training.micro_batch_size=4", "training.global_batch_size=8",
+                          "training.eval_every=3", "training.log_every=1"]
+    try:
+        one = ReftTrainingRecipe(load_config(str(config), common + [f"output_dir={tmp_path / 'one'}"])).run()
+    finally:
+        shutdown()
+    result = tmp_path / "two.json"
+    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
+                           str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
+                           "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (two,) = json.loads(result.read_text())
+    assert two["world"] == 2
+    assert two["losses"] == pytest.approx(one.losses, rel=2e-4, abs=1e-5)
+    evals = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "eval_loss" in r]
+    for got, want in zip(evals, one.eval_metrics, strict=True):
+        for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+            assert got[key] == pytest.approx(want[key], rel=2e-4, abs=1e-5), key
