@@ -333,3 +333,44 @@ def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
         assert theirs.keys() == ours.keys()
         for key in ours:
             assert theirs[key] == pytest.approx(ours[key], rel=1e-4, abs=1e-6), (key, two_eval, one.eval_metrics)
+
+
+def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, tmp_path):
+    """`reft-fast eval RUN_DIR` on a classification run: the task's own metrics over the run's held-out split, equal
+    to the last evaluation of training (same head, same interventions, same examples); --data scores another file."""
+    from reft_fast.train.cli import main
+
+    config, result = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    target = tmp_path / "metrics.json"
+    assert main(["eval", str(out_dir), "--out", str(target)]) == 0
+    metrics = json.loads(target.read_text())
+    assert "classification metrics" in capsys.readouterr().out
+    last = result.eval_metrics[-1]
+    assert metrics["examples"] == 24
+    for key in ("eval_loss", "accuracy", "mcc", "f1"):
+        assert metrics[key] == pytest.approx(last[key], rel=1e-6, abs=1e-9), key
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(10, seed=5)))
+    assert main(["eval", str(out_dir), "--data", str(other), "--out", str(tmp_path / "other.json")]) == 0
+    assert json.loads((tmp_path / "other.json").read_text())["examples"] == 10
+    assert main(["eval", str(out_dir), "--base-only"]) == 2
+    assert "--base-only: a classification run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_reft_fast_eval_on_two_ranks_gives_the_one_rank_metrics(trained, tmp_path):
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    if not Path(launcher).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    config, result = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    target = tmp_path / "two.json"
+    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 200), "--module",
+                           "reft_fast", "eval", str(out_dir), "--out", str(target)],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    metrics = json.loads(target.read_text())
+    assert metrics["examples"] == 24
+    for key in ("eval_loss", "accuracy", "mcc", "f1"):
+        assert metrics[key] == pytest.approx(result.eval_metrics[-1][key], rel=1e-5, abs=1e-7), key

@@ -277,3 +277,25 @@ def test_two_ranks_zero2_match_one_rank(tmp_path):
     for got, want in zip(evals, one.eval_metrics, strict=True):
         for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
             assert got[key] == pytest.approx(want[key], rel=2e-4, abs=1e-5), key
+
+
+def test_reft_fast_eval_scores_a_preference_run(tmp_path, capsys):
+    """`reft-fast eval RUN_DIR` on a DPO run: reward accuracy and margin over the held-out pairs, equal to the last
+    evaluation of training."""
+    from reft_fast.train.cli import main
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config, overrides = preference_run(tmp_path, n_pairs=32)
+    try:
+        result = ReftTrainingRecipe(load_config(str(config), overrides + LEARNING + ["training.max_steps=2"])).run()
+    finally:
+        shutdown()
+    target = tmp_path / "metrics.json"
+    assert main(["eval", str(tmp_path / "out"), "--out", str(target)]) == 0
+    metrics = json.loads(target.read_text())
+    last = result.eval_metrics[-1]
+    assert metrics["examples"] == 8
+    for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
+        assert metrics[key] == pytest.approx(last[key], rel=1e-6, abs=1e-9), key

@@ -79,3 +79,18 @@ def test_the_recipe_runs_a_registered_task_and_logs_its_metrics(tmp_path, monkey
     assert rows[0] == {"step": 0, "eval_loss": half.eval_metrics[0]["eval_loss"], "eval_examples": 4.0}
     assert rows[-1]["step"] == 2 and rows[-1]["eval_examples"] == 4.0
     assert torch.isfinite(torch.tensor(half.losses)).all()
+
+
+def test_every_registered_task_has_what_the_recipe_and_plan_ask_of_it():
+    """The seam's contract (tasks.py docstring), checked on every task class: a task missing one fails here rather
+    than in the middle of a run."""
+    from reft_fast.train.tasks import TASKS
+    from reft_fast.train.train_config import TrainConfig
+
+    needed = ("auto_class", "base_kwargs", "generates", "check_config", "datasets", "bind_base", "collator",
+              "host_batch", "loss", "evaluate", "trainable_base_parameters", "item_tokens")
+    for name, task_class in TASKS.items():
+        task = task_class(TrainConfig(task=name))
+        missing = [attribute for attribute in needed if not hasattr(task, attribute)]
+        assert not missing, (name, missing)
+        assert isinstance(task.base_kwargs, dict) and isinstance(task.auto_class, str), name

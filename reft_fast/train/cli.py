@@ -344,6 +344,9 @@ def _evaluate(args) -> None:
         write_predictions
 
     cfg, reft_dir, run_dir = _eval_target(args)
+    if cfg.task != "causal_lm":
+        _evaluate_task(args, cfg, reft_dir, run_dir)
+        return
     examples, data_name = _eval_examples(cfg, args)
     family = args.family or cfg.data.eval_family or infer_family(examples)
     try:
@@ -363,6 +366,28 @@ def _evaluate(args) -> None:
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
             print(f"{family} accuracy of {which} on {len(predictions)} examples ({world} rank(s)); predictions in "
                   f"{out}\n{summary_table(predictions)}")
+
+
+def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
+    """A task scored by its own metrics (classification, preference), over its eval set, as training scored it."""
+    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.task_eval import evaluate_run, metrics_table, write_metrics
+
+    if reft_dir is None:
+        raise ConfigError(f"--base-only: a {cfg.task} run is scored with what it trained (a head, the policy against "
+                          "its reference); evaluate the run itself")
+    if args.family:
+        raise ConfigError(f"--family: reads generated answers; a {cfg.task} run is scored by the task's own metrics")
+    if args.data:
+        cfg.data.eval_file = str(Path(args.data).resolve())
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{Path(args.data).stem if args.data else 'eval'}.json"
+    with _distributed_job(cfg.deepspeed.timeout_minutes):
+        rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
+        metrics = evaluate_run(cfg, reft_dir, rank, world)
+        if rank == 0:
+            write_metrics(out, metrics, reft_dir)
+            print(f"{cfg.task} metrics of the interventions in {reft_dir} ({world} rank(s)); written to {out}\n"
+                  f"{metrics_table(metrics)}")
 
 
 def _plan(args) -> None:

@@ -167,6 +167,7 @@ class PreferenceTask:
     """DPO or SimPO (``preference.loss``) on chosen/rejected pairs; the methods are those of ``tasks.CausalLMTask``."""
 
     auto_class = "AutoModelForCausalLM"
+    base_kwargs: dict = {}  # nothing beyond the causal LM's own loading
     generates = True
 
     def __init__(self, cfg: TrainConfig):

@@ -1,0 +1,65 @@
+"""``reft-fast eval`` for the tasks scored by their own metrics rather than by generated answers (classification:
+accuracy, F1, MCC, Pearson/Spearman; preference: reward accuracy and margin).
+
+A finished run is evaluated exactly as training evaluated it: the base loaded by the task's model class, the trained
+base parameters (a classifier head) put back, the interventions loaded, the whole wrapped by ``deepspeed.initialize``
+as in training (any rank count; each rank takes its share of the examples) and the task's own ``evaluate`` run over
+the eval set the config names (``data.eval_file``, the task's eval split, or the held-out ``data.eval_fraction``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from reft_fast.train.train_config import ConfigError, TrainConfig
+
+__all__ = ["evaluate_run", "metrics_table", "write_metrics"]
+
+
+def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> dict[str, float]:
+    """The task's eval metrics of the interventions (and trained base parameters) saved in ``reft_dir``."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.ds_config import build_ds_config
+    from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
+    from reft_fast.train.run_dir import load_trainable_base
+    from reft_fast.train.tasks import make_task
+
+    task = make_task(cfg)
+    source = model_source(cfg)
+    tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+    try:
+        _, eval_set = task.datasets(tokenizer, cfg.training.seed)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the data's content, as in training
+        raise ConfigError(f"data: {err}") from None
+    if eval_set is None:
+        raise ConfigError("--data: required (the config names no eval data: data.eval_file, an eval split or "
+                          "data.eval_fraction)")
+    ds_config = build_ds_config(cfg, world)
+    base, _ = load_base_model(source, cfg, ds_config, auto_class=task.auto_class, model_kwargs=task.base_kwargs)
+    if ds_config["zero_optimization"]["stage"] < 3:
+        base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
+    load_trainable_base(base, reft_dir)
+    task.bind_base(base)
+    reft_model = ReftModel.load(str(reft_dir), base)
+    engine, *_ = deepspeed.initialize(model=reft_model, config=ds_config)
+    collator = task.collator(tokenizer, len(reft_model.interventions))
+    metrics = task.evaluate(engine, eval_set, collator, rank, world)
+    return {"examples": float(len(eval_set)), **metrics}
+
+
+def metrics_table(metrics: dict[str, float]) -> str:
+    width = max(map(len, metrics))
+    return "\n".join(f"{name:<{width}}  {value:.4f}" if name != "examples" else f"{name:<{width}}  {int(value)}"
+                     for name, value in metrics.items())
+
+
+def write_metrics(path: Path, metrics: dict[str, float], reft_dir: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"interventions": str(reft_dir), **metrics}, indent=1) + "\n")
