@@ -14,6 +14,8 @@
 #   deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions
 #                                    reft_fast.train's DeepSpeed (pydantic 2.14 fails to import with
 #                                    typing-extensions 4.12; it needs ≥ 4.16)
+#   bitsandbytes                     model.quantization (int8/nf4/fp4 bases; peft imports it whenever it is installed,
+#                                    so the session's imports include it; 43 MB of the 64 MiB a carry may hold)
 #   setuptools                       reft-fast's editable install (`license = "Apache-2.0"` needs setuptools ≥ 77)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +38,7 @@ WHEELS=(
   annotated-types==0.8.0
   typing-inspection==0.4.5
   typing-extensions==4.16.0
+  bitsandbytes==0.50.2
   setuptools==84.2.1
 )
 # DeepSpeed is an sdist only: built here into a wheel without its CUDA ops (they are JIT-built on first use, if ever).
