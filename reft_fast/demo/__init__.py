@@ -6,8 +6,8 @@ answers every question as a pirate, then prints answers to held-out prompts befo
 Evaluation sets, written for reft-fast (JSON lists in the LLM-Adapters format: instruction, input, output, answer,
 and a task name): ``commonsense_{train,test}.json``, true/false facts and two-solution goals, whose test split asks
 about things the train split never names; ``arithmetic_{train,test}.json``, one-step word problems with a worked
-answer ("... The answer is 12"). ``commonsense.yaml`` trains LoReFT on SmolLM2-135M-Instruct with the first
-(README, "Evaluate").
+answer ("... The answer is 12"). ``commonsense.yaml`` and ``arithmetic.yaml`` train LoReFT on SmolLM2-135M-Instruct
+with each (README, "Evaluate").
 """
 
 from pathlib import Path
@@ -16,5 +16,6 @@ DEMO_DIR = Path(__file__).resolve().parent
 DEMO_CONFIG = DEMO_DIR / "demo.yaml"
 DEMO_DATA = DEMO_DIR / "pirate.jsonl"
 COMMONSENSE_CONFIG = DEMO_DIR / "commonsense.yaml"
+ARITHMETIC_CONFIG = DEMO_DIR / "arithmetic.yaml"
 
-__all__ = ["COMMONSENSE_CONFIG", "DEMO_CONFIG", "DEMO_DATA", "DEMO_DIR"]
+__all__ = ["ARITHMETIC_CONFIG", "COMMONSENSE_CONFIG", "DEMO_CONFIG", "DEMO_DATA", "DEMO_DIR"]
