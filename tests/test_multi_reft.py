@@ -266,3 +266,30 @@ def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "w3", "reft": "Z"}) + "\n")
     assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
+
+
+def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
+    """The first --reft is the ReFT the model is loaded with; it is not loaded a second time under its name, and
+    'default' may only name that first one."""
+    import json
+
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.cli import main
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    _word_tokenizer(model_dir)
+    loads = []
+    original = ReftModel.load_adapter
+    monkeypatch.setattr(ReftModel, "load_adapter",
+                        lambda self, directory, name, **kw: (loads.append(name), original(self, directory, name, **kw))[1])
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3 w7", "reft": "A"}) + "\n")
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    args = ["generate", "--model", str(model_dir), "--prompts-file", str(prompts_file), "--no-chat-template",
+            "--max-new-tokens", "2", "--output", str(tmp_path / "out.jsonl")]
+    assert main(args[:1] + refts + args[1:]) in (0, None)
+    assert loads == ["B"]
+    clash = ["--reft", f"A={directories['A']}", "--reft", f"default={directories['B']}"]
+    assert main(args[:1] + clash + args[1:]) == 2

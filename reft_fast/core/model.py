@@ -40,7 +40,10 @@ from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
 from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
 
-__all__ = ["ReftModel", "get_reft_model"]
+__all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model"]
+
+# The name of the ReFT a ReftModel is built or loaded with (``load_adapter`` adds others under their own names).
+DEFAULT_ADAPTER = "default"
 
 
 def _module_device(module: nn.Module) -> torch.device:
@@ -123,8 +126,8 @@ class ReftModel(nn.Module):
         self._in_order = tuple(self.interventions.values())  # what the hooks index, built once
         self._hooks = InterventionHooks(model, layers, self.placements, self._in_order)
         self._layers = layers
-        self._adapters = {"default": Adapter(reft_config, self.interventions, self.placements)}
-        self.active_adapter = "default"
+        self._adapters = {DEFAULT_ADAPTER: Adapter(reft_config, self.interventions, self.placements)}
+        self.active_adapter = DEFAULT_ADAPTER
 
     @property
     def backend(self) -> Optional[str]:

@@ -261,7 +261,7 @@ def _generate(args) -> None:
 
 def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) -> None:
     """Answer every line of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
-    from reft_fast.core.model import ReftModel
+    from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
     from reft_fast.train.generation import mixed_answers
 
     records = []
@@ -278,11 +278,17 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) ->
             raise ConfigError(f"{args.prompts_file}:{number}: unknown ReFT {record['reft']!r}; --reft gave "
                               f"{sorted(named)}")
         records.append(record)
-    reft_model = ReftModel.load(next(iter(named.values())), base)
-    for name, directory in named.items():
-        reft_model.load_adapter(directory, name)
+    first, *others = named
+    if DEFAULT_ADAPTER in others:
+        raise ConfigError(f"--reft {DEFAULT_ADAPTER}=...: that name is the first ReFT's (the one the model is loaded "
+                          "with); give it first or choose another name")
+    reft_model = ReftModel.load(named[first], base)  # held as DEFAULT_ADAPTER: loaded once, not again as `first`
+    for name in others:
+        reft_model.load_adapter(named[name], name)
     reft_model.eval()
-    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records], [r.get("reft") for r in records],
+    held_as = {first: DEFAULT_ADAPTER}
+    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
+                            [held_as.get(r.get("reft"), r.get("reft")) for r in records],
                             batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
                             system_prompt=gen_kwargs["system_prompt"], max_new_tokens=args.max_new_tokens)
     lines = [json.dumps({**record, "answer": answer}) for record, answer in zip(records, answers)]
