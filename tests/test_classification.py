@@ -357,20 +357,3 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-def test_reft_fast_eval_on_two_ranks_gives_the_one_rank_metrics(trained, tmp_path):
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    if not Path(launcher).exists():
-        pytest.skip("the deepspeed launcher is not installed")
-    config, result = trained
-    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
-    target = tmp_path / "two.json"
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 200), "--module",
-                           "reft_fast", "eval", str(out_dir), "--out", str(target)],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    metrics = json.loads(target.read_text())
-    assert metrics["examples"] == 24
-    for key in ("eval_loss", "accuracy", "mcc", "f1"):
-        assert metrics[key] == pytest.approx(result.eval_metrics[-1][key], rel=1e-5, abs=1e-7), key

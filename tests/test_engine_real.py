@@ -3,12 +3,13 @@ on held-out questions (not a random target, not the training batches)."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dist.tiny import subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_held_out_loss_goes_down_on_the_demo_task(tmp_path):
     from reft_fast.demo import DEMO_CONFIG
 
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
-    env.pop("TRITON_INTERPRET", None)
+    # subprocess_env: without the MASTER_PORT an earlier in-process run of this pytest session set (its store may
+    # still hold that port), as a fresh shell launch has.
+    env = subprocess_env(OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     args = [sys.executable, "-m", "reft_fast", "train", str(DEMO_CONFIG), "training.max_steps=6",
             "training.micro_batch_size=4", "data.eval_fraction=0.15",
             "training.sample_prompts=[]", "training.lr=1e-2", "training.warmup_steps=2", f"output_dir={tmp_path}"]

@@ -360,7 +360,8 @@ def test_two_ranks_zero2_train_a_quantized_base_like_one_rank(tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # The largest per-step loss distance to the float32 run over 5 steps of the demo at micro-batch 4, measured 2026-11-28
 # (torch 2.13, bitsandbytes 0.50.2; the float32 run goes 4.34 → 2.77): int8 0.11, nf4 0.50 (nf4 starts 0.17 higher,
-# the base's own 4-bit rounding). Bounds: about 2× and 1.6× that.
+# the base's own 4-bit rounding). Bounds: about 2× and 1.6× that. The test runs the first 3 of those steps (the
+# suite's time budget): their largest distance is at most the 5-step one.
 SMOLLM2_DISTANCE = {"int8": 0.25, "nf4": 0.8}
 
 
@@ -370,7 +371,7 @@ def test_smollm2_demo_loss_trajectory_quantized_stays_near_float32(tmp_path):
     from reft_fast.demo import DEMO_CONFIG
 
     result = tmp_path / "smollm2.json"
-    common = ["training.max_steps=5", "training.micro_batch_size=4", "training.sample_prompts=[]",
+    common = ["training.max_steps=3", "training.micro_batch_size=4", "training.sample_prompts=[]",
               "training.lr=1e-2", "training.warmup_steps=1", "training.progress_bar=false"]
     runs = [[*common, f"model.quantization={mode}", f"output_dir={tmp_path / mode}"]
             for mode in ("none", *SMOLLM2_DISTANCE)]
