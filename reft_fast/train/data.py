@@ -41,6 +41,7 @@ __all__ = [
     "load_rows",
     "split_examples",
     "template_fields",
+    "train_and_eval_examples",
     "StepSampler",
 ]
 
@@ -162,6 +163,23 @@ def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[lis
         raise ValueError(f"data.eval_fraction {eval_fraction} leaves no training example out of {len(examples)}")
     held = set(order[:n_eval])
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Callable[[Any, str], list],
+                            eval_split: Optional[str] = None) -> tuple[list, list]:
+    """(training examples, eval examples) as a config's ``data`` section names them, every task alike: the train
+    file (or Hugging Face dataset at ``data.hf_split``); for eval, ``data.eval_file``, else ``eval_split`` of the same
+    dataset (a task's own split, e.g. GLUE's validation), else the seeded held-out ``data.eval_fraction`` (an empty
+    list without any). ``read(source, split)`` turns a source into the task's examples."""
+    from reft_fast.train.train_config import resolve_data_path  # the config module builds on this one
+
+    train_source = resolve_data_path(data.train_file, base_dir) if data.train_file else data.hf_dataset
+    examples = read(train_source, data.hf_split)
+    if data.eval_file:
+        return examples, read(resolve_data_path(data.eval_file, base_dir), "train")
+    if eval_split:
+        return examples, read(train_source, eval_split)
+    return split_examples(examples, data.eval_fraction, seed)
 
 
 # --------------------------------------------------------------------------------------------------------------------

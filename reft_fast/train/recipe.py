@@ -62,7 +62,7 @@ from reft_fast.train.loss import to_device
 from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
 from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
-from reft_fast.train.tasks import make_task
+from reft_fast.train.tasks import make_task, task_datasets
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, validate
 
 __all__ = ["ReftTrainingRecipe", "TrainResult", "UnreadStep"]
@@ -191,13 +191,7 @@ class ReftTrainingRecipe:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
         self.source = model_source(cfg)
         self.tokenizer = load_tokenizer(self.source, cfg.model.trust_remote_code)
-        try:
-            self.train_set, self.eval_set = self.task.datasets(self.tokenizer, t.seed)
-        except ConfigError:
-            raise
-        except ValueError as err:  # the data's content (bad JSON, a missing field, a prompt too long): the user's fix
-            message = str(err)
-            raise ConfigError(message if message.startswith("data.") else f"data: {message}") from None
+        self.train_set, self.eval_set = task_datasets(self.task, self.tokenizer, t.seed)
         self.sampler = StepSampler(len(self.train_set), t.micro_batch_size, self.world, self.accumulation, t.seed)
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.sampler.steps_per_epoch))
         self.gen_kwargs = dict(positions=cfg.interventions.positions, share_weights=cfg.interventions.share_weights,

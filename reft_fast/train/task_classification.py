@@ -36,10 +36,10 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train import scores
-from reft_fast.train.data import load_rows, split_examples
+from reft_fast.train.data import load_rows, train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum
 from reft_fast.train.loss import forward_loss, to_device
-from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
+from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig
 
 __all__ = ["ClassificationCollator", "ClassificationDataset", "ClassificationTask", "GLUE_TEXT_FIELDS", "PROBLEM_TYPES",
            "head_parameters", "read_labelled_texts"]
@@ -211,14 +211,8 @@ class ClassificationTask:
         dataset, else ``eval_fraction`` held out; None without any)."""
         d, c = self.cfg.data, self.cfg.classification
         self.pad_token_id = tokenizer.pad_token_id
-        train_source = resolve_data_path(d.train_file, self.cfg.base_dir) if d.train_file else d.hf_dataset
-        examples = self._read(train_source, d.hf_split)
-        if d.eval_file:
-            eval_examples = self._read(resolve_data_path(d.eval_file, self.cfg.base_dir), "train")
-        elif c.eval_split:
-            eval_examples = self._read(train_source, c.eval_split)
-        else:
-            examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
+        examples, eval_examples = train_and_eval_examples(d, self.cfg.base_dir, seed, self._read,
+                                                          eval_split=c.eval_split)
         train_set = ClassificationDataset(examples, tokenizer, d.max_length)
         return train_set, (ClassificationDataset(eval_examples, tokenizer, d.max_length) if eval_examples else None)
 

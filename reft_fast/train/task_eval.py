@@ -27,17 +27,12 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> dic
     from reft_fast.train.ds_config import build_ds_config
     from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
     from reft_fast.train.run_dir import load_trainable_base
-    from reft_fast.train.tasks import make_task
+    from reft_fast.train.tasks import make_task, task_datasets
 
     task = make_task(cfg)
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    try:
-        _, eval_set = task.datasets(tokenizer, cfg.training.seed)
-    except ConfigError:
-        raise
-    except ValueError as err:  # the data's content, as in training
-        raise ConfigError(f"data: {err}") from None
+    _, eval_set = task_datasets(task, tokenizer, cfg.training.seed)
     if eval_set is None:
         raise ConfigError("--data: required (the config names no eval data: data.eval_file, an eval split or "
                           "data.eval_fraction)")

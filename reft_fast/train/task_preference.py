@@ -37,10 +37,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, load_examples, \
+    train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum
 from reft_fast.train.loss import accepts_logits_to_keep, to_device, trim_to_labels
-from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
+from reft_fast.train.train_config import ConfigError, TrainConfig
 
 __all__ = ["PreferenceCollator", "PreferenceDataset", "PreferenceTask", "dpo_loss", "load_preference_examples",
            "reference_logps", "sequence_logps", "simpo_loss"]
@@ -187,14 +188,11 @@ class PreferenceTask:
 
     def datasets(self, tokenizer, seed: int):
         """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without)."""
-        d, p, base_dir = self.cfg.data, self.cfg.preference, self.cfg.base_dir
+        d, p = self.cfg.data, self.cfg.preference
         fields = (d.prompt_field, p.chosen_field, p.rejected_field)
-        train_source = resolve_data_path(d.train_file, base_dir) if d.train_file else d.hf_dataset
-        examples = load_preference_examples(train_source, *fields, hf_split=d.hf_split)
-        if d.eval_file:
-            eval_examples = load_preference_examples(resolve_data_path(d.eval_file, base_dir), *fields)
-        else:
-            examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
+        examples, eval_examples = train_and_eval_examples(
+            d, self.cfg.base_dir, seed,
+            lambda source, split: load_preference_examples(source, *fields, hf_split=split))
         encoding = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                         drop_long_prompts=d.drop_long_prompts)
         self.train_set = PreferenceDataset(examples, tokenizer, **encoding)

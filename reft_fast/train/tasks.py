@@ -31,14 +31,14 @@ from typing import Optional
 
 import torch
 
-from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, split_examples
+from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, train_and_eval_examples
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.task_preference import PreferenceTask
-from reft_fast.train.train_config import ConfigError, TrainConfig, resolve_data_path
+from reft_fast.train.train_config import ConfigError, TrainConfig
 
-__all__ = ["CausalLMTask", "TASKS", "check_task", "make_task"]
+__all__ = ["CausalLMTask", "TASKS", "check_task", "make_task", "task_datasets"]
 
 
 class CausalLMTask:
@@ -59,15 +59,11 @@ class CausalLMTask:
 
     def datasets(self, tokenizer, seed: int):
         """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either)."""
-        d, base_dir = self.cfg.data, self.cfg.base_dir
-        train_source = resolve_data_path(d.train_file, base_dir) if d.train_file else d.hf_dataset
+        d = self.cfg.data
         fields = dict(prompt_field=d.prompt_field, response_field=d.response_field,
                       prompt_template=d.prompt_template, response_template=d.response_template)
-        examples = load_examples(train_source, hf_split=d.hf_split, **fields)
-        if d.eval_file:
-            eval_examples = load_examples(resolve_data_path(d.eval_file, base_dir), **fields)
-        else:
-            examples, eval_examples = split_examples(examples, d.eval_fraction, seed)
+        examples, eval_examples = train_and_eval_examples(
+            d, self.cfg.base_dir, seed, lambda source, split: load_examples(source, hf_split=split, **fields))
         kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                       drop_long_prompts=d.drop_long_prompts)
         train_set = SupervisedDataset(examples, tokenizer, **kwargs)
@@ -139,3 +135,15 @@ def make_task(cfg: TrainConfig, task: Optional[str] = None):
     if name not in TASKS:
         raise ConfigError(f"task: expected one of {sorted(TASKS)}, got {name!r}")
     return TASKS[name](cfg)
+
+
+def task_datasets(task, tokenizer, seed: int):
+    """``task.datasets``, with a ValueError about the data's content (bad JSON, a missing field, a prompt too long)
+    raised as the ConfigError it is: the user's to fix, reported like the config (training and ``reft-fast eval``)."""
+    try:
+        return task.datasets(tokenizer, seed)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith("data.") else f"data: {message}") from None
