@@ -78,7 +78,7 @@ def test_overrides_parse_values_as_yaml():
     (["interventions.intervention=consreft", "interventions.act_fn=relu"], "interventions.act_fn"),
     (["interventions.intervention=lobireft", "interventions.act_fn=gelu"], "interventions.act_fn"),
     (["data.packing=often"], "data.packing"),
-    (["data.packing=true", "model.attn_implementation=flash_attention_2"], "data.packing"),
+    (["data.packing=true", "model.attn_implementation=paged|sdpa"], "data.packing"),
     (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
     (["training.warmup_ratio=0.1", "training.warmup_steps=5"], "training.warmup_ratio"),
     (["task=seq2seq"], "task"),

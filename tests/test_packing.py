@@ -14,6 +14,7 @@ import transformers
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.model import get_reft_model
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, StepSampler
+from reft_fast.train.loss import to_device
 from reft_fast.train.packing import block_causal_mask, pack_rows, packed_model_inputs
 
 from dist.tiny import make_tokenizer
@@ -60,14 +61,15 @@ def _collator(pack_length=None) -> ReftDataCollator:
 
 
 def _summed_loss(reft_model, batch: dict):
-    """The batch's summed token loss (its mean times its target count) and the last layer's logits."""
+    """The batch's summed token loss (its mean times its target count) and the last layer's logits (on the CPU)."""
+    batch = to_device(batch, next(reft_model.model.parameters()).device)
     if "segment_ids" in batch:
         inputs = packed_model_inputs(batch, reft_model.model)
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     _, out = reft_model(inputs, intervention_locations=batch["intervention_locations"], labels=batch["labels"])
     targets = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return out.loss * targets, out.logits
+    return out.loss.cpu() * targets, out.logits.cpu()
 
 
 def _grads(reft_model) -> list[torch.Tensor]:
@@ -191,9 +193,80 @@ def test_block_causal_mask_keeps_segments_apart_and_padding_to_itself():
     assert torch.equal(mask, expected)
 
 
+# A flash-like attention in plain torch: the varlen contract of flash_attn_varlen_func (the rows laid end to end, cut
+# at cu_seq_lens, each segment causal on its own), registered with flash attention's masks (as transformers registers
+# a flash kernel it loads from the hub).
+VARLEN_REFERENCE = "varlen_reference"
+_varlen_calls = []
+
+
+def _varlen_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    assert attention_mask is None, "no padding in these batches: flash attention's mask is None"
+    batch, heads, seq_len, dim = query.shape
+    if "cu_seq_lens_q" in kwargs:
+        bounds = kwargs["cu_seq_lens_q"].tolist()
+        assert torch.equal(kwargs["cu_seq_lens_k"], kwargs["cu_seq_lens_q"])
+        assert kwargs["max_length_q"] == max(b - a for a, b in zip(bounds, bounds[1:]))
+        _varlen_calls.append(bounds)
+    else:  # an unpacked batch: each row one causal sequence
+        bounds = [row * seq_len for row in range(batch + 1)]
+    flat = lambda t: t.transpose(1, 2).reshape(batch * seq_len, t.shape[1], dim).transpose(0, 1)  # noqa: E731
+    q, k, v = flat(query), flat(key), flat(value)  # [heads, B·T, dim]
+    k, v = (t.repeat_interleave(heads // t.shape[0], dim=0) for t in (k, v))
+    pieces = [torch.nn.functional.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], is_causal=True,
+                                                               scale=scaling)
+              for a, b in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == batch * seq_len  # every token in exactly one segment
+    return torch.cat(pieces, dim=1).transpose(0, 1).reshape(batch, seq_len, heads, dim), None
+
+
+@pytest.fixture
+def varlen_reference():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(VARLEN_REFERENCE, _varlen_reference_attention)
+    AttentionMaskInterface.register(VARLEN_REFERENCE, flash_attention_mask)
+    _varlen_calls.clear()
+    yield _varlen_calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_flash_attention_gets_varlen_lengths_and_each_example_its_solo_result(varlen_reference, kind):
+    items = _items([(5, 4), (3, 2), (8, 6), (4, 1), (6, 5)], seed=6)
+    batch = _collator(pack_length=20)(items)
+    assert packed_model_inputs(batch, _base(kind, attn=VARLEN_REFERENCE)).keys() >= {"cu_seq_lens_q", "max_length_q"}
+    _check_packed_equals_solo(_reft_model(_base(kind, attn=VARLEN_REFERENCE)), items, pack_length=20)
+    packed_calls = list(varlen_reference)
+    assert packed_calls, "the packed forward reached the varlen attention"
+    # the segments: each example, then each row's padding, the rows laid end to end
+    width = batch["input_ids"].shape[1]
+    expected = [0]
+    for row in batch["segment_ids"]:
+        for segment in row.unique_consecutive():
+            expected.append(expected[-1] + int((row == segment).sum()))
+    assert batch["cu_seq_lens"].tolist() == expected and expected[-1] == batch["input_ids"].numel()
+    assert batch["max_segment_length"] == max(b - a for a, b in zip(expected, expected[1:])) <= width
+    assert all(bounds == expected for bounds in packed_calls)
+
+
+@pytest.mark.cuda
+def test_flex_attention_document_mask_gives_each_example_its_solo_result():
+    """flex_attention compiles its kernels (about 50 s on a 2-core CPU): run on CUDA."""
+    items = _items([(5, 4), (3, 2), (6, 3)], seed=7)
+    batch = _collator(pack_length=16)(items)
+    base = _base("llama", attn="flex_attention").cuda()
+    assert "attention_mask" not in packed_model_inputs(batch, base)
+    _check_packed_equals_solo(_reft_model(base), items, pack_length=16)
+
+
 def test_packing_refuses_an_attention_that_ignores_the_mask():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register("sdpa_unmasked_custom", sdpa_attention_forward)
     base = _base("llama")
-    base.config._attn_implementation = "flex_attention"
+    base.config._attn_implementation = "sdpa_unmasked_custom"
     batch = _collator(pack_length=16)(_items([(3, 2), (4, 2)]))
     with pytest.raises(ValueError, match="data.packing needs model.attn_implementation"):
         packed_model_inputs(batch, base)
@@ -208,7 +281,8 @@ def test_same_seed_packs_the_same_rows():
         return _collator(pack_length=24)([items[i] for i in sampler.indices(step, 1, 0)])
 
     def same(a: dict, b: dict) -> bool:
-        return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(a[k] == b[k] if isinstance(a[k], int) else
+                                            a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
     assert same(rows_of(3, 1), rows_of(3, 1))
     assert not same(rows_of(3, 1), rows_of(4, 1))

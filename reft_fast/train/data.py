@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import itertools
 import json
 import logging
 import random
@@ -278,7 +279,8 @@ class ReftDataCollator:
 
     With ``pack_length`` set (``data.packing``), the items are packed into rows of at most that many tokens instead
     (reft_fast.train.packing): the batch then has ``position_ids`` and ``segment_ids`` [rows, T] in place of
-    ``attention_mask``, and each row's locations list the positions of all its examples, shifted to their places.
+    ``attention_mask`` (and the same segments as ``cu_seq_lens`` / ``max_segment_length`` for varlen attention), and
+    each row's locations list the positions of all its examples, shifted to their places.
     """
 
     pad_token_id: int
@@ -329,6 +331,7 @@ class ReftDataCollator:
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
         offsets = [0] * len(items)
+        spans = []  # the token counts of the segments, row after row: each example, then the row's padding
         for r, row in enumerate(rows):
             start = 0
             for segment, i in enumerate(row, 1):
@@ -339,15 +342,21 @@ class ReftDataCollator:
                 position_ids[r, start:end] = torch.arange(lengths[i])
                 segment_ids[r, start:end] = segment
                 offsets[i], start = start, end
+                spans.append(lengths[i])
             position_ids[r, start:] = torch.arange(width - start)
+            if start < width:
+                spans.append(width - start)
         per_item = self._locations(items, offsets)  # [n, items, P]
         row_width = max(len(row) for row in rows) * per_item.shape[-1]
         locations = torch.full((per_item.shape[0], len(rows), row_width), -1, dtype=torch.long)
         for r, row in enumerate(rows):
             row_locations = per_item[:, row, :].reshape(per_item.shape[0], -1)
             locations[:, r, : row_locations.shape[1]] = row_locations
+        # The varlen form of the same segments (flash attention): cumulative starts over the rows laid end to end,
+        # and the longest segment as a Python int, so the attention reads no length from the device.
+        cu_seq_lens = torch.tensor([0, *itertools.accumulate(spans)], dtype=torch.int32)
         return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "labels": labels,
-                "intervention_locations": locations}
+                "intervention_locations": locations, "cu_seq_lens": cu_seq_lens, "max_segment_length": max(spans)}
 
 
 def _stack_given_locations(per_item: list) -> torch.Tensor:

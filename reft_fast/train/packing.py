@@ -22,9 +22,18 @@ The mask is built on the device from ``segment_ids`` [rows, T] (1, 2, … per ex
 host sends T integers per row instead of T² mask entries. Padding tokens attend to the padding before them (and
 themselves): no query row is fully masked, which would give NaN in SDPA.
 
-flash-attn (not installed by default) would not need the mask: transformers' flash-attention path builds varlen
-``cu_seqlens`` from restarting ``position_ids`` when no attention mask is passed, so ``packed_model_inputs`` would
-return the position ids alone for ``flash_attention_2``; until that path is tested here, packing refuses it.
+Attention implementations that take no 4-D mask keep the examples apart their own way (``packing_attention``):
+
+* flash attention (``flash_attention_2``/``_3``/``_4``, or a flash kernel loaded from the hub; the ``flash`` extra):
+  varlen. The collator lays the rows end to end and lists every segment (each example, then each row's padding) as
+  ``cu_seq_lens`` with the longest as a Python int; transformers hands them to ``flash_attn_varlen_func`` as they are
+  (``cu_seq_lens_q/k``, ``max_length_q/k``). Given only restarting position ids, it would derive them itself, with a
+  ``nonzero`` and a ``.max()`` that synchronize the host in every layer (transformers 5.24,
+  modeling_flash_attention_utils.py);
+* ``flex_attention``: position ids alone and no cache; transformers 5.24 then builds a document mask from the
+  restarting position ids (masking_utils.find_packed_sequence_indices). Measured on a tiny Llama on this CPU
+  (2026-11-29): the second of two packed examples got its solo logits within 2e-7 (SDPA given the same inputs,
+  1.5e-7).
 """
 
 from __future__ import annotations
@@ -33,11 +42,37 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["PACKING_ATTENTION", "pack_rows", "packed_model_inputs", "block_causal_mask"]
+__all__ = ["MASK_ATTENTION", "pack_rows", "packed_model_inputs", "packing_attention", "block_causal_mask"]
 
 # The attention implementations a block-diagonal 4-D mask reaches unchanged: transformers hands a ready 4-D mask to
 # the attention function as is (masking_utils, 5.24); SDPA takes it as a boolean mask, eager adds it to the scores.
-PACKING_ATTENTION = ("sdpa", "eager")
+MASK_ATTENTION = ("sdpa", "eager")
+
+
+def packing_attention(implementation) -> str | None:
+    """How packed examples are kept apart under the attention ``implementation``: "mask" (a block-diagonal 4-D
+    mask), "varlen" (flash attention's cumulative sequence lengths), "documents" (flex attention's document mask from
+    the position ids), or None where none of these is known to reach it."""
+    if implementation in MASK_ATTENTION:
+        return "mask"
+    if implementation == "flex_attention":
+        return "documents"
+    if isinstance(implementation, str) and _takes_flash_masks(implementation):
+        return "varlen"
+    return None
+
+
+def _takes_flash_masks(implementation: str) -> bool:
+    """Whether transformers builds masks for ``implementation`` as for flash attention (a padding mask or none; 5.24
+    registers its own flash versions and every flash kernel it loads from the hub so): such an attention takes
+    varlen sequence lengths. Where transformers moved that registry, the name decides (it names every flavour of
+    flash attention with "flash" in it)."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    except ImportError:
+        return "flash" in implementation
+    return implementation in ALL_MASK_ATTENTION_FUNCTIONS and \
+        ALL_MASK_ATTENTION_FUNCTIONS[implementation] is flash_attention_mask
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -78,12 +113,21 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_model_inputs(batch: dict, base_model) -> dict:
-    """The base model's inputs for a packed batch (on its device): input_ids, restarting position_ids and the
-    block-diagonal causal mask in the form the model's attention implementation takes."""
+    """The base model's inputs for a packed batch (on its device): input_ids, restarting position_ids and what keeps
+    the examples apart in the form the model's attention implementation takes (``packing_attention``)."""
     implementation = getattr(base_model.config, "_attn_implementation", None)
-    if implementation not in PACKING_ATTENTION:
-        raise ValueError(f"data.packing needs model.attn_implementation in {list(PACKING_ATTENTION)} (a block-diagonal "
-                         f"mask keeps packed examples apart), the model uses {implementation!r}")
+    route = packing_attention(implementation)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if route == "varlen":
+        lengths, longest = batch["cu_seq_lens"], batch["max_segment_length"]
+        return {**inputs, "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": longest,
+                "max_length_k": longest, "use_cache": False}
+    if route == "documents":  # a cache would make transformers skip the document mask
+        return {**inputs, "use_cache": False}
+    if route is None:
+        raise ValueError(f"data.packing needs model.attn_implementation to be one of {list(MASK_ATTENTION)}, "
+                         f"flex_attention or a flash attention (packed examples must not attend to each other), the "
+                         f"model uses {implementation!r}")
     allowed = block_causal_mask(batch["segment_ids"])
     if implementation == "eager":  # eager attention adds the mask to the scores
         dtype = next(base_model.parameters()).dtype
@@ -92,4 +136,4 @@ def packed_model_inputs(batch: dict, base_model) -> dict:
         mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
     else:
         mask = allowed
-    return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+    return {**inputs, "attention_mask": mask}

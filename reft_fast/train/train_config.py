@@ -36,7 +36,7 @@ from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.evaluation import FAMILIES
 from reft_fast.train.fused_base import FUSED_OPS_MODES
-from reft_fast.train.packing import PACKING_ATTENTION
+from reft_fast.train.packing import MASK_ATTENTION, packing_attention
 
 __all__ = [
     "ClassificationConfig",
@@ -150,7 +150,8 @@ class DataConfig:
     # examples with a warning that counts them.
     drop_long_prompts: bool = False
     # Pack the examples of each micro-batch into rows of up to max_length tokens (reft_fast.train.packing) instead of
-    # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager.
+    # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager (a
+    # block-diagonal mask), a flash attention (varlen) or flex_attention (document mask).
     packing: bool = False
 
 
@@ -646,10 +647,11 @@ def _check_data_section(d: DataConfig) -> None:
 
 def _check_packing(cfg: TrainConfig) -> None:
     implementation = cfg.model.attn_implementation
-    if cfg.data.packing and implementation not in PACKING_ATTENTION:
-        raise ConfigError(f"data.packing: packed examples are kept apart by a block-diagonal attention mask, which "
-                          f"model.attn_implementation {implementation!r} does not take; set it to one of "
-                          f"{list(PACKING_ATTENTION)}")
+    if cfg.data.packing and packing_attention(implementation) is None:
+        raise ConfigError(f"data.packing: packed examples are kept apart by a block-diagonal attention mask "
+                          f"({', '.join(MASK_ATTENTION)}), flash attention's varlen sequence lengths or flex "
+                          f"attention's document mask; model.attn_implementation {implementation!r} takes none of "
+                          f"these: set it to sdpa, eager, flex_attention or flash_attention_2")
 
 
 def _check_training_section(t: TrainingConfig, world_size: int) -> None:
