@@ -220,6 +220,8 @@ def batched_householder_rows(inputs: Sequence[tuple[torch.Tensor, ...]]) -> torc
     """
     rows: list[Optional[torch.Tensor]] = [None] * len(inputs)
     compact = [i for i, group in enumerate(inputs) if len(group) == 3]
+    if len(compact) == len(inputs):  # the usual case: the batched result as it is (no unbind and stack again)
+        return householder_rows(*(torch.stack([group[k] for group in inputs]) for k in range(3)))
     if compact:
         stacked = [torch.stack([inputs[i][k] for i in compact]) for k in range(3)]
         for i, R in zip(compact, householder_rows(*stacked).unbind(0)):
