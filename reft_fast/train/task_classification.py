@@ -20,7 +20,8 @@ Loss and metrics. The base's own head computes the loss from the labels (``confi
 ``evaluate`` runs the eval set sharded over the ranks, writes each example's logits into its row of one device buffer,
 and sums that buffer over the ranks in one reduction (a gather, since every row is written by one rank only), read once
 on the host; then accuracy, F1 and MCC (single-label), exact-match accuracy (multi-label) or Pearson and Spearman
-(regression), with ``reft_fast.train.scores``.
+(regression), with ``reft_fast.train.scores``; ``evaluate_examples`` also returns each example's prediction, from
+which those scores are computed (``reft-fast eval`` writes them, one JSON line per example).
 
 The head. With ``train_head`` (the default, as the paper) the parameters outside the backbone (``base.base_model``:
 RoBERTa's ``classifier``, Llama's ``score``) train with the interventions; they go into the trainer checkpoints and
