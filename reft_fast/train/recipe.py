@@ -431,7 +431,8 @@ class ReftTrainingRecipe:
     # the end
     # ----------------------------------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
-        """Save the final interventions, answer the sample prompts with them, and return the run's result."""
+        """Save the final interventions (with keep_best, the best evaluation's become final/), answer the sample
+        prompts with the last step's, and return the run's result."""
         t, cfg = self.cfg.training, self.cfg
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):
