@@ -357,3 +357,225 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err
 
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# reft-fast eval: one line per example
+# --------------------------------------------------------------------------------------------------------------------
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _eval_labels(config: Path, overrides=(), eval_part: str = "selection") -> list:
+    """The labels of the eval set a config makes, in its order (the task's own datasets, as training builds them)."""
+    from reft_fast.train.task_classification import ClassificationTask
+    from reft_fast.train.train_config import load_config
+
+    cfg = load_config(str(config), list(overrides))
+    _, eval_set = ClassificationTask(cfg).datasets(make_tokenizer(), cfg.training.seed, eval_part)
+    return [eval_set[i]["label"] for i in range(len(eval_set))]
+
+
+def test_eval_writes_each_examples_prediction_and_they_make_the_metrics(trained, capsys, tmp_path):
+    """`reft-fast eval` on a single-label run: eval/eval.jsonl holds one line per eval example, in the eval set's
+    order, with its gold label, predicted class and class probabilities; accuracy, MCC and F1 recomputed from the
+    lines are the reported ones."""
+    from reft_fast.train import scores
+    from reft_fast.train.cli import main
+
+    config, _ = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    assert main(["eval", str(out_dir)]) == 0
+    assert "on the eval set" in capsys.readouterr().out
+    metrics = json.loads((out_dir / "eval" / "eval.json").read_text())
+    rows = _lines(out_dir / "eval" / "eval.jsonl")
+    assert [row["index"] for row in rows] == list(range(24)) and metrics["examples"] == 24
+    assert [row["label"] for row in rows] == _eval_labels(config)
+    predicted, labels = [row["predicted"] for row in rows], [row["label"] for row in rows]
+    assert metrics["accuracy"] == pytest.approx(scores.accuracy(predicted, labels), abs=1e-12)
+    assert metrics["mcc"] == pytest.approx(scores.matthews(predicted, labels), abs=1e-12)
+    assert metrics["f1"] == pytest.approx(scores.f1_binary(predicted, labels), abs=1e-12)
+    for row in rows:
+        assert sum(row["probabilities"]) == pytest.approx(1.0)
+        assert max(range(2), key=row["probabilities"].__getitem__) == row["predicted"]
+
+
+def test_eval_of_a_regression_run_writes_the_predicted_values(tmp_path):
+    """STS-B's shape: each line holds the predicted value; Pearson and Spearman recomputed from the lines are the
+    reported ones."""
+    from reft_fast.train import scores
+    from reft_fast.train.cli import main
+
+    rng = random.Random(2)
+    rows = [{"sentence1": " ".join(rng.choice(POSITIVE + NEGATIVE) for _ in range(3)), "sentence2": "sun",
+             "label": float(i % 5)} for i in range(32)]
+    config = make_run(tmp_path, rows, num_labels=1, classification={"num_labels": 1, "problem_type": "regression"})
+    train(config, ["training.max_steps=2", "training.eval_every=0"])
+    assert main(["eval", str(tmp_path / "out"), "--out", str(tmp_path / "stsb.jsonl")]) == 0
+    metrics, lines = json.loads((tmp_path / "stsb.json").read_text()), _lines(tmp_path / "stsb.jsonl")
+    assert [line["index"] for line in lines] == list(range(8)) and metrics["examples"] == 8
+    assert [line["label"] for line in lines] == _eval_labels(config)
+    assert all(isinstance(line["predicted"], float) and "probabilities" not in line for line in lines)
+    predicted, labels = [line["predicted"] for line in lines], [line["label"] for line in lines]
+    assert metrics["pearson"] == pytest.approx(scores.pearson(predicted, labels), abs=1e-12)
+    assert metrics["spearman"] == pytest.approx(scores.spearman(predicted, labels), abs=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The paper's GLUE protocol: a selection part and a test part of the eval set, the best evaluation kept
+# --------------------------------------------------------------------------------------------------------------------
+def test_the_selection_split_is_seeded_disjoint_and_covers_the_eval_set():
+    from reft_fast.train.data import selection_and_test_parts, selection_size
+
+    examples = list(range(37))
+    selection, test = selection_and_test_parts(examples, 10, seed=3)
+    assert len(selection) == 10 and sorted(selection + test) == examples and not set(selection) & set(test)
+    assert selection == sorted(selection) and test == sorted(test)  # both keep the eval set's order
+    assert selection_and_test_parts(examples, 10, seed=3) == (selection, test)
+    assert selection_and_test_parts(examples, 10, seed=4)[0] != selection
+    # reft_paper: 1000 examples of a split of more than 5000 (MNLI, QNLI, QQP), else half (SST-2's 872 → 436)
+    assert [selection_size(n, "reft_paper") for n in (40_430, 5001, 5000, 872, 3)] == [1000, 1000, 2500, 436, 1]
+    with pytest.raises(ValueError, match=r"^data.selection_examples: 37 takes 37 of the 37 eval examples"):
+        selection_and_test_parts(examples, 37, seed=3)
+
+
+def glue_protocol_run(folder: Path) -> Path:
+    """Training labels flipped (positive words → 0), eval labels right: the eval loss is lowest early and rises as
+    training goes on, so the best evaluation by eval_loss is not the last. 40 eval examples: 16 select, 24 test."""
+    rows = sentiment_rows(64)
+    config = make_run(folder, [{**row, "label": 1 - row["label"]} for row in rows],
+                      data={"eval_file": "eval.jsonl", "eval_fraction": 0.0, "selection_examples": 16},
+                      training={"max_steps": 16, "lr": 2e-2, "eval_every": 4, "log_every": 4, "save_every": 8,
+                                "keep_checkpoints": 4, "keep_best": "eval_loss"})
+    (folder / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(40, seed=9)))
+    return config
+
+
+def _trainable(reft_model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in reft_model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def kept_best(tmp_path_factory):
+    """The GLUE-protocol run, with the trainable weights recorded at every evaluation."""
+    config = glue_protocol_run(tmp_path_factory.mktemp("glue_protocol"))
+    weights = {}
+
+    def record(step, metrics, engine):
+        if "eval_loss" in metrics:
+            weights[step] = _trainable(engine.module)
+
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    try:
+        result = ReftTrainingRecipe(load_config(str(config)), callbacks=[record]).run()
+    finally:
+        shutdown()
+    return config, result, weights
+
+
+def _final_weights(config: Path, final: Path, names) -> dict[str, torch.Tensor]:
+    from reft_fast import ReftModel
+    from reft_fast.train.run_dir import load_trainable_base
+
+    base = transformers.RobertaForSequenceClassification.from_pretrained(config.parent / "model")
+    load_trainable_base(base, final)
+    loaded = dict(ReftModel.load(final, base).named_parameters())
+    return {name: loaded[name].detach() for name in names}
+
+
+def test_keep_best_puts_the_best_evaluations_weights_in_final(kept_best):
+    config, result, weights = kept_best
+    scored = [(m["eval_loss"], m["step"]) for m in result.eval_metrics if m["step"] > 0]
+    best_step = min(scored)[1]
+    assert [step for _, step in scored] == [4, 8, 12, 16] and best_step < 16, scored  # the run this test needs
+    assert result.best == {"step": best_step, "metric": "eval_loss", "value": min(scored)[0]}
+    final = Path(result.final_dir)
+    assert json.loads((final / "best.json").read_text()) == result.best
+    assert not (final.parent / "best").exists()  # renamed to final/ at the end
+    got = _final_weights(config, final, weights[best_step])
+    assert any(name.startswith("model.classifier") for name in got)  # the trained head is kept with the edits
+    for name, value in weights[best_step].items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
+    assert not all(torch.equal(got[name], weights[16][name]) for name in got)  # not the last step's
+
+
+def test_a_resumed_run_keeps_the_best_record_of_before_the_interruption(kept_best, tmp_path):
+    """Interrupted right after its step-8 checkpoint (a callback raising there) and resumed: the evaluations at 12 and
+    16 are worse than the one before the interruption, which final/ must still hold."""
+    from safetensors.torch import load_file
+
+    config, result, _ = kept_best
+    assert result.best["step"] <= 8, result.eval_metrics  # the run this test needs
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(step, metrics, engine):
+        if step == 8:
+            raise Interrupted
+
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    out = tmp_path / "out"
+    try:
+        with pytest.raises(Interrupted):
+            ReftTrainingRecipe(load_config(str(config), [f"output_dir={out}"]), callbacks=[interrupt]).run()
+    finally:
+        shutdown()
+    assert (out / "best" / "best.json").is_file() and not (out / "final").exists()
+    resumed = train(config, [f"output_dir={out}", "resume=true"])
+    assert resumed.best == result.best
+    for name in ("interventions.safetensors", "base_trainable.safetensors"):
+        expected, got = load_file(Path(result.final_dir) / name), load_file(out / "final" / name)
+        assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected), name
+
+
+def test_eval_scores_the_test_part_only(kept_best, capsys):
+    """Training evaluated the 16 selection examples; `reft-fast eval RUN_DIR` scores the other 24 and says so."""
+    from reft_fast.train import scores
+    from reft_fast.train.cli import main
+
+    config, _, _ = kept_best
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    assert len(_eval_labels(config)) == 16
+    assert main(["eval", str(out_dir)]) == 0
+    assert "on the test part of the eval set (data.selection_examples=16" in capsys.readouterr().out
+    metrics = json.loads((out_dir / "eval" / "test.json").read_text())
+    lines = _lines(out_dir / "eval" / "test.jsonl")
+    assert metrics["examples"] == 24 and metrics["scored"].startswith("the test part")
+    assert [line["label"] for line in lines] == _eval_labels(config, eval_part="test")
+    predicted = [line["predicted"] for line in lines]
+    assert metrics["accuracy"] == pytest.approx(scores.accuracy(predicted, [line["label"] for line in lines]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.selection_examples=0"], r"^data.selection_examples: a number of examples ≥ 1, one of \['reft_paper'\]"),
+    (["data.selection_examples=half"], r"^data.selection_examples: a number of examples ≥ 1"),
+    (["data.selection_examples=4", "data.eval_fraction=0"], r"^data.selection_examples: cuts the eval set in two, "
+                                                             r"and the config names none"),
+    (["training.keep_best=matthews_correlation"], r"^training.keep_best: task classification here reports "
+                                                  r"\['eval_loss', 'accuracy', 'mcc', 'f1'\]"),
+    (["training.keep_best=pearson"], r"^training.keep_best: task classification here reports"),
+    (["training.keep_best=accuracy", "data.eval_fraction=0"], r"^training.keep_best: chooses among the evaluations"),
+])
+def test_bad_protocol_options_are_config_errors(tmp_path, overrides, message):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path, sentiment_rows(8))
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(str(config), overrides))
+
+
+def test_a_selection_part_as_large_as_the_eval_set_is_a_config_error(tmp_path):
+    from reft_fast.train.tasks import make_task, task_datasets
+    from reft_fast.train.train_config import ConfigError, load_config
+
+    config = make_run(tmp_path, sentiment_rows(16))  # eval_fraction 0.25: 4 eval examples
+    cfg = load_config(str(config), ["data.selection_examples=4"])
+    with pytest.raises(ConfigError, match=r"^data.selection_examples: 4 takes 4 of the 4 eval examples"):
+        task_datasets(make_task(cfg), make_tokenizer(), cfg.training.seed)

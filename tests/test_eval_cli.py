@@ -124,6 +124,22 @@ def test_eval_of_a_run_directory_base_only_and_the_held_out_split(trained_run, c
         (row["instruction"], row["output"], "train-heldout") for row in expected]
 
 
+def test_eval_of_a_causal_run_with_a_selection_part_scores_its_test_part(trained_run, capsys):
+    """data.selection_examples: training evaluated a seeded selection part of the held-out examples; eval scores the
+    rest, and says so."""
+    from reft_fast.train.data import selection_and_test_parts
+
+    config, out, _, _ = trained_run
+    seed = load_config(str(config)).training.seed
+    assert main(["eval", str(out), "data.eval_fraction=0.25", "data.selection_examples=2", "--family", "exact",
+                 "--max-new-tokens", "2"]) == 0
+    assert "the test part of the eval set (data.selection_examples=2" in capsys.readouterr().out
+    train_rows = [json.loads(line) for line in (config.parent / "train.jsonl").read_text().splitlines()]
+    selection, test = selection_and_test_parts(split_examples(train_rows, 0.25, seed)[1], 2, seed)
+    scored = [p["prompt"] for p in _predictions(out / "eval" / "train-heldout-test.jsonl")]
+    assert len(test) == 4 and scored == [row["instruction"] for row in test]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--data", "missing.jsonl"], "no such file"),
     ([], "--data: required"),

@@ -71,3 +71,14 @@ def test_the_glue_plan_counts_the_trained_head_and_no_vocabulary_logits():
     # no [tokens × vocabulary] logits: 32 × 256 tokens × 50265 × fp32 × 2 alone would be 3.1 GiB
     stage0 = next(s for s in plan.stages if s.stage == 0)
     assert stage0.activations < 5.5 * 2**30
+
+
+@pytest.mark.parametrize("name", ["glue-roberta-base", "glue-roberta-large"])
+def test_the_glue_recipes_follow_the_papers_selection_protocol(name):
+    """A selection part of the validation split chooses the kept model by the task's metric (CoLA's MCC); the header
+    names the protocol's source."""
+    path = CONFIGS / "paper" / f"{name}.yaml"
+    cfg = load_config(str(path), [_shape_override(path)])
+    validate(cfg, world_size=1, check_data=False)
+    assert cfg.data.selection_examples == "reft_paper" and cfg.training.keep_best == "mcc"
+    assert "original_code/task_steer.py" in path.read_text() and "issue #114 (2024-06-25)" in path.read_text()

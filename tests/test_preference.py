@@ -279,9 +279,27 @@ def test_two_ranks_zero2_match_one_rank(tmp_path):
             assert got[key] == pytest.approx(want[key], rel=2e-4, abs=1e-5), key
 
 
+def _reference_logps(config: Path, overrides: list[str]) -> list[list[float]]:
+    """The held-out pairs' (chosen, rejected) log-probabilities under the base loaded alone, no ReftModel attached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reft_fast.train.task_preference import PreferenceTask, reference_logps
+    from reft_fast.train.train_config import load_config
+
+    cfg = load_config(str(config), overrides)
+    task = PreferenceTask(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(config.parent / "model")
+    _, eval_set = task.datasets(tokenizer, cfg.training.seed)
+    collator = task.collator(tokenizer, num_interventions=1)
+    plain = AutoModelForCausalLM.from_pretrained(config.parent / "model", torch_dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    return reference_logps(plain, collator([eval_set[i] for i in range(len(eval_set))])).view(2, -1).T.tolist()
+
+
 def test_reft_fast_eval_scores_a_preference_run(tmp_path, capsys):
     """`reft-fast eval RUN_DIR` on a DPO run: reward accuracy and margin over the held-out pairs, equal to the last
-    evaluation of training."""
+    evaluation of training; beside them one line per pair (the policy's log-probabilities under the edits, the
+    rewards against the plain base's, the margin, whether it is ranked right), whose means are the metrics."""
     from reft_fast.train.cli import main
     from reft_fast.train.distributed import shutdown
     from reft_fast.train.recipe import ReftTrainingRecipe
@@ -299,3 +317,19 @@ def test_reft_fast_eval_scores_a_preference_run(tmp_path, capsys):
     assert metrics["examples"] == 8
     for key in ("eval_loss", "eval_reward_accuracy", "eval_reward_margin"):
         assert metrics[key] == pytest.approx(last[key], rel=1e-6, abs=1e-9), key
+    # one line per held-out pair, in order; the reported means are those of the lines
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(8))
+    assert metrics["eval_reward_accuracy"] == pytest.approx(sum(line["correct"] for line in lines) / 8, abs=1e-12)
+    assert metrics["eval_reward_margin"] == pytest.approx(sum(line["margin"] for line in lines) / 8, abs=1e-12)
+    beta = 0.5  # LEARNING's preference.beta; DPO: reward = β·(policy − reference) log-probability of the response
+    for line in lines:
+        assert line["margin"] == pytest.approx(line["chosen_reward"] - line["rejected_reward"], abs=1e-12)
+        assert line["correct"] == (line["chosen_reward"] > line["rejected_reward"])
+        assert line["chosen_logp"] < 0 and line["rejected_logp"] < 0
+    # the rewards are β times the policy log-probabilities written minus the reference's (the base without edits)
+    reference = _reference_logps(config, overrides)
+    for line, (chosen_ref, rejected_ref) in zip(lines, reference, strict=True):
+        assert line["chosen_reward"] == pytest.approx(beta * (line["chosen_logp"] - chosen_ref), rel=1e-4, abs=1e-6)
+        assert line["rejected_reward"] == pytest.approx(beta * (line["rejected_logp"] - rejected_ref), rel=1e-4,
+                                                        abs=1e-6)

@@ -86,7 +86,8 @@ def _add_eval_parser(sub) -> None:
                                          "held-out data.eval_fraction of data.train_file)")
     evaluate.add_argument("--family", choices=FAMILIES, default=None,
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
-    evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl)")
+    evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
+                                        "classification or preference run writes its metrics beside it, as .json")
     evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call and rank")
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None,
                           help="default: training.max_new_tokens")
@@ -319,27 +320,44 @@ def _eval_target(args):
 
 
 def _eval_examples(cfg, args):
-    """The examples to score and a name for them: --data, data.eval_file, or the held-out split training made."""
-    from reft_fast.train.data import load_rows, split_examples
+    """The examples to score and a name for them: --data, else the config's eval set as training made it
+    (data.eval_file or the held-out data.eval_fraction), only its test part with data.selection_examples."""
     from reft_fast.train.evaluation import eval_examples_from_rows, load_eval_examples
-    from reft_fast.train.train_config import resolve_data_path
 
     d = cfg.data
     fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, prompt_template=d.prompt_template,
                   response_template=d.response_template, family=args.family or d.eval_family)
-    data = args.data or (resolve_data_path(d.eval_file, cfg.base_dir) if d.eval_file else None)
+    if not (args.data or d.eval_file or (d.eval_fraction > 0 and d.train_file)):
+        raise ConfigError("--data: required (the config has no data.eval_file and no data.eval_fraction to hold out)")
     try:
-        if data:
-            return load_eval_examples(data, **fields), Path(data).stem
-        if d.eval_fraction > 0 and d.train_file:
-            # The recipe's own split (same rows, fraction and seed), so these are the examples training never saw.
-            train_file = resolve_data_path(d.train_file, cfg.base_dir)
-            _, held_out = split_examples(load_rows(train_file, hf_split=d.hf_split)[0], d.eval_fraction, cfg.training.seed)
-            name = f"{Path(train_file).stem}-heldout"
-            return eval_examples_from_rows(held_out, f"{train_file} (held out)", default_task=name, **fields), name
+        if args.data:
+            return load_eval_examples(args.data, **fields), Path(args.data).stem
+        rows, where, name = _config_eval_rows(cfg)
+        return eval_examples_from_rows(rows, where, default_task=name, **fields), name
     except ValueError as err:
         raise ConfigError(f"--data: {err}") from None
-    raise ConfigError("--data: required (the config has no data.eval_file and no data.eval_fraction to hold out)")
+
+
+def _config_eval_rows(cfg) -> tuple[list, str, str]:
+    """The rows of the config's eval set (the rows the recipe's split gives: the same rows, fraction and seed), where
+    they come from, and a name for them."""
+    from reft_fast.train.data import load_rows, selection_and_test_parts, split_examples
+    from reft_fast.train.train_config import resolve_data_path
+
+    d = cfg.data
+    if d.eval_file:
+        where = resolve_data_path(d.eval_file, cfg.base_dir)
+        if not Path(where).is_file():
+            raise ValueError(f"evaluation data {where}: no such file (data.eval_file)")
+        rows, name = load_rows(where)[0], Path(where).stem
+    else:
+        train_file = resolve_data_path(d.train_file, cfg.base_dir)
+        _, rows = split_examples(load_rows(train_file, hf_split=d.hf_split)[0], d.eval_fraction, cfg.training.seed)
+        where, name = f"{train_file} (held out)", f"{Path(train_file).stem}-heldout"
+    if d.selection_examples is not None:  # training evaluated on the selection part: score the other one
+        _, rows = selection_and_test_parts(rows, d.selection_examples, cfg.training.seed)
+        where, name = f"{where}, test part", f"{name}-test"
+    return rows, where, name
 
 
 def _evaluate(args) -> None:
@@ -348,6 +366,7 @@ def _evaluate(args) -> None:
     from reft_fast.train.distributed import init_distributed
     from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
         write_predictions
+    from reft_fast.train.task_eval import scored_part
 
     cfg, reft_dir, run_dir = _eval_target(args)
     if cfg.task != "causal_lm":
@@ -370,14 +389,16 @@ def _evaluate(args) -> None:
         if rank == 0:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
-            print(f"{family} accuracy of {which} on {len(predictions)} examples ({world} rank(s)); predictions in "
-                  f"{out}\n{summary_table(predictions)}")
+            scored = f"all of {args.data}" if args.data else scored_part(cfg)
+            print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
+                  f"predictions in {out}\n{summary_table(predictions)}")
 
 
 def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     """A task scored by its own metrics (classification, preference), over its eval set, as training scored it."""
     from reft_fast.train.distributed import init_distributed
-    from reft_fast.train.task_eval import evaluate_run, metrics_table, write_metrics
+    from reft_fast.train.files import write_jsonl_atomically
+    from reft_fast.train.task_eval import evaluate_run, metrics_table, scored_part, write_metrics
 
     if reft_dir is None:
         raise ConfigError(f"--base-only: a {cfg.task} run is scored with what it trained (a head, the policy against "
@@ -386,13 +407,18 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
         raise ConfigError(f"--family: reads generated answers; a {cfg.task} run is scored by the task's own metrics")
     if args.data:
         cfg.data.eval_file = str(Path(args.data).resolve())
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{Path(args.data).stem if args.data else 'eval'}.json"
+        cfg.data.selection_examples = None  # a file given is scored whole
+    scored = f"all of {args.data}" if args.data else scored_part(cfg)
+    name = Path(args.data).stem if args.data else "eval" if cfg.data.selection_examples is None else "test"
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
-        metrics = evaluate_run(cfg, reft_dir, rank, world)
+        metrics, rows = evaluate_run(cfg, reft_dir, rank, world)
         if rank == 0:
-            write_metrics(out, metrics, reft_dir)
-            print(f"{cfg.task} metrics of the interventions in {reft_dir} ({world} rank(s)); written to {out}\n"
+            write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
+            write_jsonl_atomically(out.with_suffix(".jsonl"), rows)
+            print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
+                  f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")
 
 

@@ -33,6 +33,7 @@ from reft_fast.core.positions import intervention_locations
 from reft_fast.train.packing import pack_rows
 
 __all__ = [
+    "EVAL_PARTS",
     "IGNORE_INDEX",
     "PrefetchedBatches",
     "ReftDataCollator",
@@ -40,6 +41,9 @@ __all__ = [
     "encode_prompt",
     "load_examples",
     "load_rows",
+    "SELECTION_RULES",
+    "selection_and_test_parts",
+    "selection_size",
     "split_examples",
     "template_fields",
     "train_and_eval_examples",
@@ -166,21 +170,59 @@ def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[lis
     return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
 
 
+# data.selection_examples: a number of examples, or the name of a rule that sizes the selection part from the eval set's
+# size. reft_paper: the ReFT paper's GLUE runs (pyreft's examples/loreft/original_code/task_steer.py, read 2026-11-29)
+# evaluate during training on 1000 examples of the validation split when it has more than 5000, else on half of it.
+SELECTION_RULES = ("reft_paper",)
+EVAL_PARTS = ("selection", "test")
+
+
+def selection_size(eval_examples: int, selection_examples: Union[int, str]) -> int:
+    """How many of ``eval_examples`` the selection part takes under ``data.selection_examples``."""
+    if selection_examples == "reft_paper":
+        return 1000 if eval_examples > 5000 else eval_examples // 2
+    return int(selection_examples)
+
+
+def selection_and_test_parts(examples: list, selection_examples: Union[int, str], seed: int) -> tuple[list, list]:
+    """(selection part, test part) of an eval set: a shuffle seeded by ``seed`` picks the selection part's examples
+    (``selection_size`` of them); the rest is the test part. Both keep the eval set's order."""
+    size = selection_size(len(examples), selection_examples)
+    if not 1 <= size < len(examples):
+        raise ValueError(f"data.selection_examples: {selection_examples!r} takes {size} of the {len(examples)} eval "
+                         "examples for the selection part; it needs at least one, and leaves at least one for the "
+                         "test part")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    selected = set(order[:size])
+    return ([e for i, e in enumerate(examples) if i in selected],
+            [e for i, e in enumerate(examples) if i not in selected])
+
+
 def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Callable[[Any, str], list],
-                            eval_split: Optional[str] = None) -> tuple[list, list]:
+                            eval_split: Optional[str] = None, eval_part: str = "selection") -> tuple[list, list]:
     """(training examples, eval examples) as a config's ``data`` section names them, every task alike: the train
     file (or Hugging Face dataset at ``data.hf_split``); for eval, ``data.eval_file``, else ``eval_split`` of the same
     dataset (a task's own split, e.g. GLUE's validation), else the seeded held-out ``data.eval_fraction`` (an empty
-    list without any). ``read(source, split)`` turns a source into the task's examples."""
+    list without any). With ``data.selection_examples`` the eval set is cut in two (``selection_and_test_parts``)
+    and ``eval_part`` says which part is returned: ``selection`` (what training evaluates on) or ``test`` (what
+    ``reft-fast eval`` scores the kept model on). ``read(source, split)`` turns a source into the task's examples."""
     from reft_fast.train.train_config import resolve_data_path  # the config module builds on this one
 
+    if eval_part not in EVAL_PARTS:
+        raise ValueError(f"eval_part: expected one of {EVAL_PARTS}, got {eval_part!r}")
     train_source = resolve_data_path(data.train_file, base_dir) if data.train_file else data.hf_dataset
     examples = read(train_source, data.hf_split)
     if data.eval_file:
-        return examples, read(resolve_data_path(data.eval_file, base_dir), "train")
-    if eval_split:
-        return examples, read(train_source, eval_split)
-    return split_examples(examples, data.eval_fraction, seed)
+        eval_examples = read(resolve_data_path(data.eval_file, base_dir), "train")
+    elif eval_split:
+        eval_examples = read(train_source, eval_split)
+    else:
+        examples, eval_examples = split_examples(examples, data.eval_fraction, seed)
+    if data.selection_examples is None:
+        return examples, eval_examples
+    selection, test = selection_and_test_parts(eval_examples, data.selection_examples, seed)
+    return examples, selection if eval_part == "selection" else test
 
 
 # --------------------------------------------------------------------------------------------------------------------

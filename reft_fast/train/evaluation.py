@@ -20,12 +20,13 @@ worked solution ends with its result), an option letter the last standalone capi
 from __future__ import annotations
 
 import collections
-import json
 import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
+
+from reft_fast.train.files import write_jsonl_atomically
 
 __all__ = ["ARITHMETIC_ABS_TOL", "ARITHMETIC_REL_TOL", "FAMILIES", "EvalExample", "Prediction", "accuracy",
            "check_gold_answers", "eval_examples_from_rows", "extract_answer", "gather_predictions",
@@ -337,12 +338,9 @@ def accuracy(predictions: Iterable[Prediction]) -> float:
 
 
 def write_predictions(path: Union[str, Path], predictions: Iterable[Prediction]) -> None:
-    """One JSON object per line: task, prompt, gold, output, extracted, correct."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as file:
-        for prediction in predictions:
-            file.write(json.dumps(asdict(prediction), ensure_ascii=False) + "\n")
+    """One JSON object per line: task, prompt, gold, output, extracted, correct (written whole, then renamed into
+    place: ``files.write_jsonl_atomically``)."""
+    write_jsonl_atomically(Path(path), (asdict(prediction) for prediction in predictions))
 
 
 def summary_table(predictions: Sequence[Prediction]) -> str:

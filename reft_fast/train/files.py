@@ -7,12 +7,14 @@ machine crash. A directory is published the same way: written whole under a scra
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
-__all__ = ["fsync_dir", "publish_directory", "remove_atomically", "replace_atomically", "write_durably"]
+__all__ = ["fsync_dir", "publish_directory", "remove_atomically", "replace_atomically", "write_durably",
+           "write_jsonl_atomically"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,6 +38,13 @@ def replace_atomically(path: Path, data: Union[bytes, str]) -> None:
     write_durably(scratch, data.encode() if isinstance(data, str) else data)
     os.replace(scratch, path)
     fsync_dir(path.parent)
+
+
+def write_jsonl_atomically(path: Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line into ``path`` (its folder made), through ``replace_atomically``: a kill leaves the
+    previous file or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def remove_atomically(path: Path) -> None:

@@ -56,6 +56,7 @@ from reft_fast.train.distributed import all_reduce_sum, announced_world_size, ba
 from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping, warmup_steps_of
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
+from reft_fast.train.keep_best import BestEvaluation
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
     load_base_model, load_tokenizer, model_source
 from reft_fast.train.loss import to_device
@@ -83,6 +84,7 @@ class TrainResult:
     samples_before: list[tuple[str, str]] = field(default_factory=list)
     base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
+    best: Optional[dict] = None  # training.keep_best: {"step", "metric", "value"} of the evaluation final/ holds
 
 
 @dataclass
@@ -116,7 +118,7 @@ class ReftTrainingRecipe:
       checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU, peak memory, gradient norm. Times and rates are means over
       the steps of one read: a step's own host time means nothing while the device runs behind the host.
     - Evaluation (the task's metrics, ``eval_loss`` among them): at step 0 (the baseline), every ``eval_every`` steps
-      and at the last step.
+      and at the last step; with ``keep_best``, final/ holds the interventions of the best one (``keep_best``).
     - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
       the newest ``keep_checkpoints`` kept); resume from the newest intact one replays the uninterrupted run.
     - Samples: greedy answers to ``sample_prompts`` before training (base alone) and after (with the interventions).
@@ -136,6 +138,7 @@ class ReftTrainingRecipe:
         self.metrics_path = self.output / "metrics.jsonl"
         self.result: Optional[TrainResult] = None
         self.start_step = 0
+        self.best: Optional[BestEvaluation] = None  # with training.keep_best
         self._hf_ds = None  # transformers holds the HfDeepSpeedConfig weakly: alive until cleanup
         self._metrics_log = self._writer = self._bar = self._batches = None
         self._unread: list[UnreadStep] = []
@@ -273,6 +276,8 @@ class ReftTrainingRecipe:
         if self.rank == 0:
             rewind_metrics(self.metrics_path, self.start_step)
         barrier()
+        if self.cfg.training.keep_best:  # after any earlier run's best/ was removed (overwrite_output_dir)
+            self.best = BestEvaluation.resume(self.output, self.cfg.training.keep_best)
 
     def _open_logs(self) -> None:
         t = self.cfg.training
@@ -321,6 +326,8 @@ class ReftTrainingRecipe:
             rows[-1].update(metrics)
             self.result.eval_losses.append((done, metrics["eval_loss"]))
             self.result.eval_metrics.append({"step": done, **metrics})
+            if self.best is not None:  # before the checkpoint of this step: its resume has the record
+                self.best.keep_if_best(done, metrics, self.reft_model, self.cfg, self.rank)
         if self.rank == 0:  # before the checkpoint: a kill during the save keeps these lines
             for row in rows:
                 log_metrics(row, self._metrics_log, self._writer, self._bar, row is rows[-1])
@@ -424,10 +431,14 @@ class ReftTrainingRecipe:
     # the end
     # ----------------------------------------------------------------------------------------------------------------
     def finish(self) -> TrainResult:
-        """Save the final interventions, answer the sample prompts with them, and return the run's result."""
+        """Save the final interventions (with keep_best, the best evaluation's become final/), answer the sample
+        prompts with the last step's, and return the run's result."""
         t, cfg = self.cfg.training, self.cfg
         final_dir = self.output / "final"
-        save_interventions(self.reft_model, final_dir, cfg, self.rank)
+        if self.best is not None and self.best.publish_final(self.rank):
+            self.result.best = dict(self.best.record)
+        else:
+            save_interventions(self.reft_model, final_dir, cfg, self.rank)
         self.result.final_dir = str(final_dir)
         if self.task.generates and t.sample_prompts:
             synced = cfg.deepspeed.stage == 3 and self.world > 1

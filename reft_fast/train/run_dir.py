@@ -8,6 +8,8 @@ checkpoints, and the final interventions.
                  tensorboard/       when tensorboard is installed
                  final/             the trained interventions (ReftModel.save) and train_config.yaml, and the base
                                     parameters trained with them (a classifier head) in base_trainable.safetensors
+                 best/              with training.keep_best, while training: the same files as final/ for the best
+                                    evaluation so far and its record (best.json); renamed to final/ at the end
                  eval/              the predictions of ``reft-fast eval`` (by default)
 
 A non-empty output_dir is refused unless the launch resumes or overwrites it; overwriting removes the files above and
@@ -20,6 +22,7 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -36,9 +39,9 @@ BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained paramet
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
 # What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
 # are scratch names of writes a kill interrupted (reft_fast.train.files).
-_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", "eval", TRAIN_CONFIG_FILE, RUN_INFO_FILE,
-                ".final.partial", ".final.deleting", f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp",
-                ".metrics.jsonl.tmp")
+_RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", "eval", TRAIN_CONFIG_FILE,
+                RUN_INFO_FILE, ".final.partial", ".final.deleting", ".best.partial", ".best.deleting",
+                f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp", ".metrics.jsonl.tmp")
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -105,8 +108,10 @@ def rewind_metrics(path: Path, step: int) -> None:
     replace_atomically(path, "".join(line + "\n" for line in kept))  # a kill here must not lose the steps kept
 
 
-def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int) -> None:
-    """The trained interventions and the run's config into ``directory`` (rank 0 writes, every rank waits)."""
+def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int,
+                       extra_files: Optional[dict[str, str]] = None) -> None:
+    """The trained interventions and the run's config, and ``extra_files`` ({name: text}), into ``directory``
+    (rank 0 writes, every rank waits)."""
     # The interventions are whole on every rank at every stage (reft_fast.train.ds_config keeps them out of ZeRO-3's
     # partitioning). Under ZeRO-3 they must not go through GatheredParameters: leaving it partitions (frees) even
     # persistent parameters (DeepSpeed 0.19.8), and the samples generated after this save would run on empty weights.
@@ -118,6 +123,8 @@ def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int)
         reft_model.save(str(scratch))
         save_trainable_base(reft_model.model, scratch)
         (scratch / TRAIN_CONFIG_FILE).write_text(_config_yaml(cfg))
+        for name, text in (extra_files or {}).items():
+            (scratch / name).write_text(text)
         publish_directory(scratch, directory)
     barrier()
 

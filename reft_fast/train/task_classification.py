@@ -20,7 +20,8 @@ Loss and metrics. The base's own head computes the loss from the labels (``confi
 ``evaluate`` runs the eval set sharded over the ranks, writes each example's logits into its row of one device buffer,
 and sums that buffer over the ranks in one reduction (a gather, since every row is written by one rank only), read once
 on the host; then accuracy, F1 and MCC (single-label), exact-match accuracy (multi-label) or Pearson and Spearman
-(regression), with ``reft_fast.train.scores``.
+(regression), with ``reft_fast.train.scores``; ``evaluate_examples`` also returns each example's prediction, from
+which those scores are computed (``reft-fast eval`` writes them, one JSON line per example).
 
 The head. With ``train_head`` (the default, as the paper) the parameters outside the backbone (``base.base_model``:
 RoBERTa's ``classifier``, Llama's ``score``) train with the interventions; they go into the trainer checkpoints and
@@ -29,6 +30,7 @@ into ``final/base_trainable.safetensors`` (``run_dir``), and ``run_dir.load_trai
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -206,13 +208,14 @@ class ClassificationTask:
         except ValueError as err:
             raise ConfigError(f"data: {err}") from None
 
-    def datasets(self, tokenizer, seed: int):
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
         """The training set and the eval set (an eval file, ``classification.eval_split`` of the Hugging Face
-        dataset, else ``eval_fraction`` held out; None without any)."""
+        dataset, else ``eval_fraction`` held out; None without any; with ``data.selection_examples``, its
+        ``eval_part``)."""
         d, c = self.cfg.data, self.cfg.classification
         self.pad_token_id = tokenizer.pad_token_id
         examples, eval_examples = train_and_eval_examples(d, self.cfg.base_dir, seed, self._read,
-                                                          eval_split=c.eval_split)
+                                                          eval_split=c.eval_split, eval_part=eval_part)
         train_set = ClassificationDataset(examples, tokenizer, d.max_length)
         return train_set, (ClassificationDataset(eval_examples, tokenizer, d.max_length) if eval_examples else None)
 
@@ -236,12 +239,48 @@ class ClassificationTask:
     def loss(engine, batch: dict) -> torch.Tensor:
         return forward_loss(engine, batch)
 
-    @torch.no_grad()
+    @staticmethod
+    def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
+        """The metrics ``evaluate`` reports for this config (what ``training.keep_best`` may name)."""
+        c = cfg.classification
+        if c.problem_type == "regression":
+            return "eval_loss", "pearson", "spearman"
+        if c.problem_type == "multi_label":
+            return "eval_loss", "accuracy"
+        return ("eval_loss", "accuracy", "mcc") + (("f1",) if c.num_labels == 2 else ())
+
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
-        """eval_loss and the task's scores over the whole eval set. Each rank runs its share of every chunk (the same
-        number of forwards on every rank: ZeRO-3 gathers parameters collectively; a rank without examples in the last
-        chunk runs example 0 and keeps nothing of it) and writes its examples' logits into their rows of one device
-        buffer; one reduction over the ranks then holds every row, with the loss sum in the last one."""
+        """eval_loss and the task's scores over the whole eval set (``evaluate_examples`` without its rows)."""
+        return self.evaluate_examples(engine, dataset, collator, rank, world)[0]
+
+    def evaluate_examples(self, engine, dataset, collator, rank: int,
+                          world: int) -> tuple[dict[str, float], list[dict]]:
+        """``evaluate``'s metrics and one row per example of ``dataset``, in its order: index, label, predicted (a
+        class index, a 0/1 list for multi_label, the value for regression) and, for classes, their probabilities
+        (softmax; sigmoid per label for multi_label). The metrics are computed from these same predictions."""
+        loss, logits = self._gathered_logits(engine, dataset, collator, rank, world)
+        labels = [dataset[i]["label"] for i in range(len(dataset))]
+        predicted = self._predicted(logits)
+        metrics = {"eval_loss": loss, **self._scores(predicted, labels)}
+        problem = self.cfg.classification.problem_type
+        rows = []
+        for index, (label, prediction, row) in enumerate(zip(labels, predicted, logits)):
+            rows.append({"index": index, "label": label, "predicted": prediction})
+            if problem == "single_label":
+                top = max(row)
+                exps = [math.exp(value - top) for value in row]
+                rows[-1]["probabilities"] = [e / sum(exps) for e in exps]
+            elif problem == "multi_label":
+                rows[-1]["probabilities"] = [1.0 / (1.0 + math.exp(-value)) for value in row]
+        return metrics, rows
+
+    @torch.no_grad()
+    def _gathered_logits(self, engine, dataset, collator, rank: int, world: int) -> tuple[float, list[list[float]]]:
+        """The mean eval loss and every example's logits, in the order of ``dataset``. Each rank runs its share of
+        every chunk (the same number of forwards on every rank: ZeRO-3 gathers parameters collectively; a rank
+        without examples in the last chunk runs example 0 and keeps nothing of it) and writes its examples' logits
+        into their rows of one device buffer; one reduction over the ranks then holds every row once, with the loss
+        sum in the last one."""
         engine.eval()
         width = self.cfg.classification.num_labels
         gathered = torch.zeros((len(dataset) + 1, width), dtype=torch.float64, device=engine.device)
@@ -257,21 +296,25 @@ class ClassificationTask:
                 gathered[-1, 0] += out.loss.double() * len(mine)
         values = all_reduce_sum(gathered).tolist()
         engine.train()
-        labels = [dataset[i]["label"] for i in range(len(dataset))]
-        return {"eval_loss": values[-1][0] / len(dataset), **self._scores(values[:-1], labels)}
+        return values[-1][0] / len(dataset), values[:-1]
 
-    def _scores(self, logits: list[list[float]], labels: list) -> dict[str, float]:
+    def _predicted(self, logits: list[list[float]]) -> list:
         problem = self.cfg.classification.problem_type
         if problem == "regression":
-            predictions = [row[0] for row in logits]
-            return {"pearson": scores.pearson(predictions, labels), "spearman": scores.spearman(predictions, labels)}
+            return [row[0] for row in logits]
         if problem == "multi_label":
-            predictions = [[1.0 if value > 0 else 0.0 for value in row] for row in logits]
-            return {"accuracy": scores.accuracy(predictions, labels)}
-        predictions = [max(range(len(row)), key=row.__getitem__) for row in logits]
-        metrics = {"accuracy": scores.accuracy(predictions, labels), "mcc": scores.matthews(predictions, labels)}
-        if len(logits[0]) == 2:
-            metrics["f1"] = scores.f1_binary(predictions, labels)
+            return [[1.0 if value > 0 else 0.0 for value in row] for row in logits]
+        return [max(range(len(row)), key=row.__getitem__) for row in logits]
+
+    def _scores(self, predicted: list, labels: list) -> dict[str, float]:
+        c = self.cfg.classification
+        if c.problem_type == "regression":
+            return {"pearson": scores.pearson(predicted, labels), "spearman": scores.spearman(predicted, labels)}
+        metrics = {"accuracy": scores.accuracy(predicted, labels)}
+        if c.problem_type == "single_label":
+            metrics["mcc"] = scores.matthews(predicted, labels)
+            if c.num_labels == 2:
+                metrics["f1"] = scores.f1_binary(predicted, labels)
         return metrics
 
     def trainable_base_parameters(self, base) -> list[torch.nn.Parameter]:

@@ -3,8 +3,11 @@ accuracy, F1, MCC, Pearson/Spearman; preference: reward accuracy and margin).
 
 A finished run is evaluated exactly as training evaluated it: the base loaded by the task's model class, the trained
 base parameters (a classifier head) put back, the interventions loaded, the whole wrapped by ``deepspeed.initialize``
-as in training (any rank count; each rank takes its share of the examples) and the task's own ``evaluate`` run over
-the eval set the config names (``data.eval_file``, the task's eval split, or the held-out ``data.eval_fraction``).
+as in training (any rank count; each rank takes its share of the examples) and the task's own ``evaluate_examples``
+run over the eval set the config names (``data.eval_file``, the task's eval split, or the held-out
+``data.eval_fraction``); with ``data.selection_examples``, over its test part only (training evaluated, and chose the
+kept model, on the other part). Besides the metrics, one row per example (``write_predictions``), in the eval set's
+order whatever the rank count (``cli`` writes them as JSONL beside the metrics).
 """
 
 from __future__ import annotations
@@ -13,13 +16,24 @@ import json
 import os
 from pathlib import Path
 
+from reft_fast.train.files import replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
-__all__ = ["evaluate_run", "metrics_table", "write_metrics"]
+__all__ = ["evaluate_run", "metrics_table", "scored_part", "write_metrics"]
 
 
-def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> dict[str, float]:
-    """The task's eval metrics of the interventions (and trained base parameters) saved in ``reft_dir``."""
+def scored_part(cfg: TrainConfig) -> str:
+    """What ``evaluate_run`` scores, in words."""
+    rule = cfg.data.selection_examples
+    if rule is None:
+        return "the eval set"
+    return (f"the test part of the eval set (data.selection_examples={rule}: training evaluated only the selection "
+            "part)")
+
+
+def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tuple[dict[str, float], list[dict]]:
+    """The task's eval metrics of the interventions (and trained base parameters) saved in ``reft_dir``, and one row
+    per evaluated example, in the eval set's order (every rank gets both)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -32,7 +46,7 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> dic
     task = make_task(cfg)
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    _, eval_set = task_datasets(task, tokenizer, cfg.training.seed)
+    _, eval_set = task_datasets(task, tokenizer, cfg.training.seed, eval_part="test")
     if eval_set is None:
         raise ConfigError("--data: required (the config names no eval data: data.eval_file, an eval split or "
                           "data.eval_fraction)")
@@ -45,8 +59,8 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> dic
     reft_model = ReftModel.load(str(reft_dir), base)
     engine, *_ = deepspeed.initialize(model=reft_model, config=ds_config)
     collator = task.collator(tokenizer, len(reft_model.interventions))
-    metrics = task.evaluate(engine, eval_set, collator, rank, world)
-    return {"examples": float(len(eval_set)), **metrics}
+    metrics, rows = task.evaluate_examples(engine, eval_set, collator, rank, world)
+    return {"examples": float(len(eval_set)), **metrics}, rows
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
@@ -55,6 +69,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
                      for name, value in metrics.items())
 
 
-def write_metrics(path: Path, metrics: dict[str, float], reft_dir: Path) -> None:
+def write_metrics(path: Path, metrics: dict[str, float], reft_dir: Path, scored: str) -> None:
+    """The metrics as one JSON object, with the interventions' directory and what was scored (``scored_part``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"interventions": str(reft_dir), **metrics}, indent=1) + "\n")
+    replace_atomically(path, json.dumps({"interventions": str(reft_dir), "scored": scored, **metrics}, indent=1)
+                       + "\n")

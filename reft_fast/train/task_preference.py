@@ -26,7 +26,8 @@ the whole set. The table is computed in fixed chunks of ``micro_batch_size`` pai
 its values do not depend on the number of ranks.
 
 Evaluation reports ``eval_loss``, ``eval_reward_accuracy`` (the share of pairs whose chosen reward is higher) and
-``eval_reward_margin`` (the mean chosen − rejected reward), summed on the device and reduced once.
+``eval_reward_margin`` (the mean chosen − rejected reward), from a per-pair device table reduced once; ``reft-fast
+eval`` writes that table's rows (``evaluate_examples``).
 """
 
 from __future__ import annotations
@@ -186,13 +187,14 @@ class PreferenceTask:
             raise ConfigError("data.packing: task: preference does not pack (a pair's chosen and rejected rows each "
                               "need their own summed log-probability); set data.packing: false")
 
-    def datasets(self, tokenizer, seed: int):
-        """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without)."""
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+        """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without; with
+        ``data.selection_examples``, its ``eval_part``)."""
         d, p = self.cfg.data, self.cfg.preference
         fields = (d.prompt_field, p.chosen_field, p.rejected_field)
         examples, eval_examples = train_and_eval_examples(
             d, self.cfg.base_dir, seed,
-            lambda source, split: load_preference_examples(source, *fields, hf_split=split))
+            lambda source, split: load_preference_examples(source, *fields, hf_split=split), eval_part=eval_part)
         encoding = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                         drop_long_prompts=d.drop_long_prompts)
         self.train_set = PreferenceDataset(examples, tokenizer, **encoding)
@@ -216,18 +218,21 @@ class PreferenceTask:
         return self.pair_losses(engine, batch, self.train_set)[0].mean()
 
     def pair_losses(self, engine, batch: dict, dataset):
-        """(losses, chosen rewards, rejected rewards) per pair [B] of a batch of ``dataset``, on the device: one
-        forward of the policy over the 2B rows (with ``per_step``, one no_grad forward of the base before it)."""
+        """(losses, chosen rewards, rejected rewards, policy log-probabilities [B, 2] (chosen, rejected: summed over
+        each response)) per pair of a batch of ``dataset``, on the device: one forward of the policy over the 2B rows
+        (with ``per_step``, one no_grad forward of the base before it)."""
         p = self.cfg.preference
         reference = self.reference(engine, batch, dataset) if p.loss == "dpo" else None
         inputs, extra = _model_inputs(batch)
         _, out = engine(inputs, intervention_locations=batch["intervention_locations"], **extra)
         logps, counts = sequence_logps(out.logits, batch["labels"])
+        pair_logps = logps.view(2, -1).T
         if p.loss == "simpo":
             chosen_mean, rejected_mean = (logps / counts.clamp(min=1)).chunk(2)
-            return simpo_loss(chosen_mean, rejected_mean, self.beta, p.simpo_gamma, p.label_smoothing)
+            return (*simpo_loss(chosen_mean, rejected_mean, self.beta, p.simpo_gamma, p.label_smoothing), pair_logps)
         chosen, rejected = logps.chunk(2)
-        return dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, p.label_smoothing)
+        return (*dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, p.label_smoothing),
+                pair_logps)
 
     def reference(self, engine, batch: dict, dataset) -> torch.Tensor:
         """[B, 2]: the reference log-probabilities (chosen, rejected) of the batch's pairs, from the dataset's table
@@ -256,24 +261,47 @@ class PreferenceTask:
                 table[mine.start : mine.stop] = logps.view(2, -1).T
         return all_reduce_sum(table)
 
-    @torch.no_grad()
+    @staticmethod
+    def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
+        """The metrics ``evaluate`` reports (what ``training.keep_best`` may name)."""
+        return "eval_loss", "eval_reward_accuracy", "eval_reward_margin"
+
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
-        """eval_loss (the mean pair loss), eval_reward_accuracy and eval_reward_margin over the whole dataset; sums
-        on the device, one reduction, one read. Every rank runs as many forwards (see ``reference_table``)."""
+        """eval_loss (the mean pair loss), eval_reward_accuracy and eval_reward_margin over the whole dataset
+        (``evaluate_examples`` without its rows)."""
+        return self.evaluate_examples(engine, dataset, collator, rank, world)[0]
+
+    @torch.no_grad()
+    def evaluate_examples(self, engine, dataset, collator, rank: int,
+                          world: int) -> tuple[dict[str, float], list[dict]]:
+        """``evaluate``'s metrics and one row per pair of ``dataset``, in its order: index, the chosen and rejected
+        log-probabilities under the edits (summed over each response), their rewards, the reward margin (chosen −
+        rejected), whether the pair is ranked right (the chosen reward higher) and its loss; the metrics are the
+        means of these rows. Each rank writes its pairs' rows of one device table and one reduction over the ranks
+        fills it (every row is written by one rank only), read once; every rank runs as many forwards (see
+        ``reference_table``)."""
         micro = self.cfg.training.micro_batch_size
-        sums = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss, chosen reward higher, margin
-        pairs = 0
+        # per pair: loss, chosen and rejected log-probabilities, chosen and rejected rewards
+        table = torch.zeros((len(dataset), 5), dtype=torch.float64, device=engine.device)
         engine.eval()
         for start in range(0, len(dataset), micro * world):
             mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
-            losses, chosen, rejected = self.pair_losses(engine, batch, dataset)
+            losses, chosen, rejected, logps = self.pair_losses(engine, batch, dataset)
             if mine:
-                sums += torch.stack([losses.sum(), (chosen > rejected).sum(), (chosen - rejected).sum()]).double()
-                pairs += len(mine)
+                rows = torch.tensor(mine, device="cpu").to(engine.device, non_blocking=True)
+                table.index_copy_(0, rows, torch.cat([losses[:, None], logps, chosen[:, None], rejected[:, None]],
+                                                     dim=1).double())
         engine.train()
-        loss, higher, margin, total = all_reduce_sum(torch.cat([sums, sums.new_tensor([pairs])])).tolist()
-        return {"eval_loss": loss / total, "eval_reward_accuracy": higher / total, "eval_reward_margin": margin / total}
+        rows = [{"index": index, "chosen_logp": chosen_logp, "rejected_logp": rejected_logp,
+                 "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
+                 "correct": chosen > rejected, "loss": loss}
+                for index, (loss, chosen_logp, rejected_logp, chosen, rejected)
+                in enumerate(all_reduce_sum(table).tolist())]
+        metrics = {"eval_loss": sum(row["loss"] for row in rows) / len(rows),
+                   "eval_reward_accuracy": sum(row["correct"] for row in rows) / len(rows),
+                   "eval_reward_margin": sum(row["margin"] for row in rows) / len(rows)}
+        return metrics, rows
 
     def trainable_base_parameters(self, base) -> list[torch.nn.Parameter]:
         return []  # the base stays frozen: only the interventions train

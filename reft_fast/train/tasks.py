@@ -14,12 +14,18 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     check_config(cfg)                                  task-specific ConfigErrors, before any weight loads
     auto_class                                         the transformers Auto class the frozen base loads with
     base_kwargs                                        more keyword arguments of its from_pretrained (a head's size)
-    datasets(tokenizer, seed) → (train, eval)          map-style datasets of items (eval may be None)
+    datasets(tokenizer, seed, eval_part) → (train, eval)
+                                                       map-style datasets of items (eval may be None; its
+                                                       ``data.selection_examples`` part: selection | test)
     bind_base(base)                                    learn what the loaded base can do (before the engine)
     collator(tokenizer, num_interventions)             items → a CPU batch with ``intervention_locations``
     host_batch(batch) → batch                          CPU-side preparation before the transfer (no device work)
     loss(engine, batch) → tensor                       the scalar loss of a batch already on the device
     evaluate(engine, dataset, collator, rank, world)   {"eval_loss": ..., other metrics}: every rank takes part
+    metric_names(cfg)                                  the names ``evaluate`` reports (``training.keep_best``)
+    evaluate_examples(...) → (metrics, rows)           ``reft-fast eval`` of a task scored by its own metrics
+                                                       (classification, preference): ``evaluate``'s metrics and one
+                                                       row per example, in the dataset's order
     trainable_base_parameters(base)                    base parameters trained with the interventions (a head)
     item_tokens(item)                                  real tokens of an item, for tokens/s and MFU
     generates                                          whether sample prompts are answered before/after training
@@ -57,13 +63,15 @@ class CausalLMTask:
     def check_config(cfg: TrainConfig) -> None:
         """Nothing beyond the common sections: every key of them applies to causal-LM training."""
 
-    def datasets(self, tokenizer, seed: int):
-        """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either)."""
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+        """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either;
+        with ``data.selection_examples``, its ``eval_part``)."""
         d = self.cfg.data
         fields = dict(prompt_field=d.prompt_field, response_field=d.response_field,
                       prompt_template=d.prompt_template, response_template=d.response_template)
         examples, eval_examples = train_and_eval_examples(
-            d, self.cfg.base_dir, seed, lambda source, split: load_examples(source, hf_split=split, **fields))
+            d, self.cfg.base_dir, seed, lambda source, split: load_examples(source, hf_split=split, **fields),
+            eval_part=eval_part)
         kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                       drop_long_prompts=d.drop_long_prompts)
         train_set = SupervisedDataset(examples, tokenizer, **kwargs)
@@ -91,6 +99,10 @@ class CausalLMTask:
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:
         return forward_loss(engine, batch)
+
+    @staticmethod
+    def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
+        return ("eval_loss", "eval_accuracy") if cfg.data.eval_family else ("eval_loss",)
 
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
         """The eval loss; with ``data.eval_family`` also the accuracy of the answers generated greedily."""
@@ -123,10 +135,24 @@ TASKS: dict[str, type] = {"causal_lm": CausalLMTask, "classification": Classific
 
 
 def check_task(cfg: TrainConfig) -> None:
-    """``task`` names a registered task, and the task's own checks pass."""
+    """``task`` names a registered task, the task's own checks pass, and what needs an eval set has one."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
     TASKS[cfg.task].check_config(cfg)
+    eval_set = bool(cfg.data.eval_file or cfg.data.eval_fraction > 0
+                    or (cfg.task == "classification" and cfg.classification.eval_split))
+    if cfg.data.selection_examples is not None and not eval_set:
+        raise ConfigError("data.selection_examples: cuts the eval set in two, and the config names none (data."
+                          "eval_file, data.eval_fraction or classification.eval_split)")
+    metric = cfg.training.keep_best
+    if metric is None:
+        return
+    names = TASKS[cfg.task].metric_names(cfg)
+    if metric not in names:
+        raise ConfigError(f"training.keep_best: task {cfg.task} here reports {list(names)}, got {metric!r}")
+    if not eval_set:
+        raise ConfigError("training.keep_best: chooses among the evaluations during training, and the config names "
+                          "no eval set (data.eval_file, data.eval_fraction or classification.eval_split)")
 
 
 def make_task(cfg: TrainConfig, task: Optional[str] = None):
@@ -137,11 +163,11 @@ def make_task(cfg: TrainConfig, task: Optional[str] = None):
     return TASKS[name](cfg)
 
 
-def task_datasets(task, tokenizer, seed: int):
+def task_datasets(task, tokenizer, seed: int, eval_part: str = "selection"):
     """``task.datasets``, with a ValueError about the data's content (bad JSON, a missing field, a prompt too long)
     raised as the ConfigError it is: the user's to fix, reported like the config (training and ``reft-fast eval``)."""
     try:
-        return task.datasets(tokenizer, seed)
+        return task.datasets(tokenizer, seed, eval_part)
     except ConfigError:
         raise
     except ValueError as err:

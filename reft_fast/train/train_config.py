@@ -131,6 +131,11 @@ class DataConfig:
     eval_file: Optional[str] = None
     # Without eval_file, this fraction of the training examples is held out (after a seeded shuffle) for evaluation.
     eval_fraction: float = 0.0
+    # Cut the eval set in two with a shuffle seeded by training.seed: a selection part, the only one training evaluates
+    # on (and training.keep_best chooses by), and a test part, the only one `reft-fast eval` scores the run on. A number
+    # of examples for the selection part, or reft_paper: the ReFT paper's GLUE protocol (1000 examples when the eval
+    # set has more than 5000, else half). null: the whole eval set serves both.
+    selection_examples: Union[int, str, None] = None
     # Also score the answers generated for the eval set (eval_accuracy at every evaluation): how to read them,
     # commonsense | arithmetic | exact (reft_fast.train.evaluation); the gold answer is the one its response states.
     eval_family: Optional[str] = None
@@ -192,6 +197,11 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     checkpointing_reentrant: bool = False
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end when there is an eval split
+    # A metric of the evaluations (eval_loss, accuracy, mcc, f1, pearson, spearman, eval_accuracy, eval_reward_accuracy,
+    # ...: the task's): final/ holds the interventions (and trained head) of the evaluation after step 0 that scored
+    # best by it (lowest for a loss, else highest), not those of the last step (reft_fast.train.keep_best); the sample
+    # prompts are still answered by the last step's. null: final/ holds the last step's.
+    keep_best: Optional[str] = None
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2
     log_every: int = 10  # steps between reads of the metrics (a host sync); every step still gets its line
@@ -629,7 +639,7 @@ def _check_interventions_section(iv: InterventionConfig) -> None:
 
 
 def _check_data_section(d: DataConfig) -> None:
-    from reft_fast.train.data import template_fields  # the data module builds on this one
+    from reft_fast.train.data import SELECTION_RULES, template_fields  # the data module builds on this one
 
     for name in ("prompt_template", "response_template"):
         if getattr(d, name) is not None:
@@ -639,6 +649,10 @@ def _check_data_section(d: DataConfig) -> None:
                 raise ConfigError(str(err)) from None
     if not 0.0 <= d.eval_fraction < 1.0:
         raise ConfigError(f"data.eval_fraction: must be in [0, 1), got {d.eval_fraction}")
+    rule = d.selection_examples
+    if isinstance(rule, str) and rule not in SELECTION_RULES or isinstance(rule, int) and rule < 1:
+        raise ConfigError(f"data.selection_examples: a number of examples ≥ 1, one of {list(SELECTION_RULES)} or "
+                          f"null, got {rule!r}")
     if d.eval_family is not None and d.eval_family not in FAMILIES:
         raise ConfigError(f"data.eval_family: expected one of {', '.join(FAMILIES)}, got {d.eval_family!r}")
     if d.max_length < 2:
