@@ -61,3 +61,30 @@ def test_model_compile_is_a_validated_boolean():
     assert config_from_dict({"model": {"path": "some/model", "compile": True}}).model.compile is True
     with pytest.raises(ConfigError, match="model.compile: expected true or false"):
         config_from_dict({"model": {"path": "some/model", "compile": "yes"}})
+
+
+def test_more_intervened_layers_than_dynamo_recompiles_by_default():
+    """Each layer's hooks read their own interventions: dynamo compiles every layer apart, and past its default
+    recompile limit (8) it would run the remaining layers eager (``fullgraph=True`` raises there instead)."""
+    layers = 10
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    config = ReftConfig([{"layer": layer, "component": "block_output", "intervention": "loreft",
+                          "low_rank_dimension": 1} for layer in range(layers)])
+    reft_model = ReftModel(model, config).train()
+    locations = torch.tensor([[[1, 3], [0, 2], [4, -1]]] * layers)
+    ids = torch.randint(3, 64, (3, 6), generator=torch.Generator().manual_seed(2))
+
+    def step():
+        _, out = reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach()
+
+    eager = step()
+    torch._dynamo.reset()
+    compile_layers(reft_model, fullgraph=True, backend="eager")
+    try:
+        torch.testing.assert_close(step(), eager, **TOL)
+    finally:
+        torch._dynamo.reset()
