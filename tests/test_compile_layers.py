@@ -64,8 +64,8 @@ def test_model_compile_is_a_validated_boolean():
 
 
 def test_more_intervened_layers_than_dynamo_recompiles_by_default():
-    """Each layer's hooks read their own interventions: dynamo compiles every layer apart, and past its default
-    recompile limit (8) it would run the remaining layers eager (``fullgraph=True`` raises there instead)."""
+    """Each site's hook reads its own interventions: with one code object for all hooks, dynamo compiled a version
+    per layer and past its recompile limit (8) ran the remaining layers eager (``fullgraph=True`` raised there)."""
     layers = 10
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,

@@ -178,17 +178,11 @@ def compile_layers(reft_model, **compile_kwargs) -> None:
     """torch.compile every decoder layer of the ReftModel's base in place (``nn.Module.compile``), the hooks of its
     interventions inside: they trace without graph breaks (the op is a torch.library custom op with fake kernels,
     and the hooks take its functional form when compiling). The loss, the embeddings and the LM head stay eager.
-
-    The hooks of each layer read that layer's own interventions, so dynamo compiles one graph per intervened layer
-    (the same code object each time): its recompile limit (8 in torch 2.13) is raised to the number of interventions
-    plus its default, process-wide, or every layer past the eighth would run eager (and ``fullgraph=True`` raise)."""
-    import torch._dynamo
-
+    Each site's hook has a code object of its own (``hooks._own_code``), so that dynamo's limit of 8 compiled
+    versions per code object (torch 2.13) is not reached however many layers are intervened."""
     from reft_fast.core.hf import find_decoder_layers
 
     _, layers = find_decoder_layers(reft_model.model)
-    config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, len(reft_model.interventions) + 8)
     for layer in layers:
         layer.compile(**compile_kwargs)
 
