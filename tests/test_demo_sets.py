@@ -1,6 +1,6 @@
 """The built-in multiple-choice set (reft_fast/demo/commonsense_{train,test}.json) measures learning honestly: the
-held-out questions are about words training never shows, and answering one option every time scores exactly chance
-in each task kind."""
+held-out questions are about words training never shows, and answering the option in one place (the first, the
+second) every time scores exactly chance in each task kind."""
 
 import collections
 import json
@@ -32,7 +32,10 @@ def test_rows_are_llm_adapters_multiple_choice(name):
     rows = _split(name)
     for index, row in enumerate(rows):
         assert set(row) == _FIELDS, f"{name} row {index}"
-        assert len(_options(row)) >= 2, f"{name} row {index}: fewer than two options"
+        options = [option.lower() for option in _options(row)]
+        assert len(options) >= 2, f"{name} row {index}: fewer than two options"
+        assert row["instruction"].endswith("Answer format: " + "/".join(options)), f"{name} row {index}"
+        assert row["answer"] in options, f"{name} row {index}: the answer is not one of the options"
         assert row["output"] == f"the correct answer is {row['answer']}", f"{name} row {index}"
         # The evaluator reads the gold answer back out of the reference response, within the prompt's option set.
         assert extract_answer(row["output"], "commonsense", gold=row["answer"], prompt=row["instruction"]) \
@@ -46,14 +49,14 @@ def test_sizes_fit_a_short_cpu_run():
 
 @pytest.mark.parametrize("name", ["train", "test"])
 def test_each_task_kind_has_its_answers_balanced(name):
-    by_task = collections.defaultdict(collections.Counter)
+    by_task = collections.defaultdict(collections.Counter)  # task kind -> the gold option's place -> count
     for row in _split(name):
-        by_task[row["task"]][row["answer"]] += 1
+        by_task[row["task"]][[option.lower() for option in _options(row)].index(row["answer"])] += 1
     assert len(by_task) >= 2
     for task, answers in by_task.items():
         n_options = {len(_options(row)) for row in _split(name) if row["task"] == task}
         assert len(n_options) == 1, f"{name}/{task}: questions with different numbers of options"
-        assert len(answers) == n_options.pop(), f"{name}/{task}: some option is never the answer: {dict(answers)}"
+        assert len(answers) == n_options.pop(), f"{name}/{task}: some place never holds the answer: {dict(answers)}"
         assert len(set(answers.values())) == 1, f"{name}/{task}: answers not balanced: {dict(answers)}"
 
 

@@ -4,10 +4,10 @@
 answers every question as a pirate, then prints answers to held-out prompts before and after training.
 
 Evaluation sets, written for reft-fast (JSON lists in the LLM-Adapters format: instruction, input, output, answer,
-and a task name): ``commonsense_{train,test}.json``, two-option questions (which word is in a category, which is the
-opposite of another) whose test split uses words the train split never shows; ``arithmetic_{train,test}.json``,
-one-step word problems with a worked answer ("... The answer is 12"). ``commonsense.yaml`` and ``arithmetic.yaml`` train LoReFT on SmolLM2-135M-Instruct
-with each (README, "Evaluate").
+and a task name): ``commonsense_{train,test}.json``, two-option questions answered by the option's word (which word is
+in a category, which is the opposite of another) whose test split uses words the train split never shows;
+``arithmetic_{train,test}.json``, one-step word problems with a worked answer ("... The answer is 12").
+``commonsense.yaml`` and ``arithmetic.yaml`` train LoReFT on SmolLM2-135M-Instruct with each (README, "Evaluate").
 """
 
 from pathlib import Path
