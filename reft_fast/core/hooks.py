@@ -300,10 +300,11 @@ def edit_with_own_forward(intervention: nn.Module, h: torch.Tensor, positions: t
 def _own_code(method, site: str):
     """``method`` bound to the same object, running a copy of its code object named after ``site``.
 
-    Under ``model.compile`` each hook runs as a frame of its own, and dynamo keeps one cache of compiled frames per code
-    object, searched entry by entry on every call: with one code object for all sites, a hook at the 32nd intervened
-    layer checked the guards of the 31 other sites' entries first (measured on the CPU, 2026-11-29: the compiled step
-    then cost 2.6× the eager step's host time per intervention). A copy per site keeps one entry per cache."""
+    Under ``model.compile`` each hook runs as a frame of its own, and dynamo keeps one cache of compiled versions per
+    code object, searched entry by entry on every call. With one code object for all sites it compiled a version per
+    site up to its recompile limit (8, torch 2.13), ran the hooks of the later layers eager (``fullgraph=True`` raised)
+    and searched the versions on every call: on the CPU (2026-11-29, 32 intervened layers) the compiled step then cost
+    2.5× the eager step's host time per intervention. A copy per site keeps one entry per cache."""
     function = method.__func__
     code = function.__code__.replace(co_name=f"{function.__name__}_{site}")
     copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
