@@ -88,3 +88,48 @@ def test_more_intervened_layers_than_dynamo_recompiles_by_default():
         torch.testing.assert_close(step(), eager, **TOL)
     finally:
         torch._dynamo.reset()
+
+
+def test_generation_keeps_one_compiled_version_per_hook_site():
+    """Generating after training steps (twice: the second call meets layers dynamo gave up on), dynamo compiles the
+    hooks' frames apart, ``_edit`` among them: every site has code of its own, so no hook code object collects a
+    version per layer (the shared ``_edit`` had 8, its limit)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    layers = 10
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=64))
+    config = ReftConfig([{"layer": layer, "component": "block_output", "intervention": "loreft",
+                          "low_rank_dimension": 1, "dropout": 0.05} for layer in range(layers)])
+    model.config.use_cache = False  # as the recipe sets it for training; generate then recomputes every step
+    reft_model = ReftModel(model, config)
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(3))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    locations = torch.tensor([[[1, 3], [0, 2]]] * layers)
+
+    def train_then_generate():
+        reft_model.train()
+        for _ in range(2):
+            _, out = reft_model(inputs, intervention_locations=locations, labels=ids, use_cache=False)
+            out.loss.backward()
+        reft_model.eval()
+        return [reft_model.generate(inputs, intervention_locations=locations, max_new_tokens=3, do_sample=False)[1]
+                for _ in range(2)]
+
+    torch.manual_seed(4)
+    eager = train_then_generate()
+    torch._dynamo.reset()
+    compile_layers(reft_model, backend="eager")
+    try:
+        torch.manual_seed(4)
+        compiled = train_then_generate()
+        assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+        codes = {hook.func.__code__ for layer in model.model.layers for hook in layer._forward_hooks.values()}
+        codes |= {edit.__code__ for layer in model.model.layers for hook in layer._forward_hooks.values()
+                  for edit in hook.args[1:2]}
+        codes.add(type(reft_model._hooks)._edit.__code__)
+        entries = {code.co_name: len(_debug_get_cache_entry_list(code)) for code in codes}
+        assert max(entries.values()) <= 4, entries  # train, the dropout seed made dynamic, no_grad: not one per layer
+    finally:
+        torch._dynamo.reset()

@@ -122,12 +122,14 @@ class InterventionHooks:
                          model.register_forward_hook(self._on_base_return)]
         for (layer, component), indices in sites.items():
             module = component_module(layers[layer], component, layer)
+            site = f"layer{layer}_{component}"
+            edit = _own_code(self._edit, site)
             if component.endswith("_input"):
-                hook = _own_code(self._input_hook, f"layer{layer}_{component}")
-                handle = module.register_forward_pre_hook(partial(hook, indices), with_kwargs=True)
+                hook = _own_code(self._input_hook, site)
+                handle = module.register_forward_pre_hook(partial(hook, indices, edit), with_kwargs=True)
             else:
-                hook = _own_code(self._output_hook, f"layer{layer}_{component}")
-                handle = module.register_forward_hook(partial(hook, indices), with_kwargs=True)
+                hook = _own_code(self._output_hook, site)
+                handle = module.register_forward_hook(partial(hook, indices, edit), with_kwargs=True)
             self._handles.append(handle)
 
     @contextlib.contextmanager
@@ -190,28 +192,29 @@ class InterventionHooks:
             h = edited
         return h
 
-    def _output_hook(self, indices, module, args, kwargs, output):
+    # The hooks of a site get its indices and its copy of ``_edit`` (``_own_code``).
+    def _output_hook(self, indices, edit, module, args, kwargs, output):
         state = self._active_state()
         if state is None:
             return None
         inputs = (*args, *kwargs.values())
         if isinstance(output, torch.Tensor):
-            return self._edit(indices, output, state, _owns_output(output, inputs))
+            return edit(indices, output, state, _owns_output(output, inputs))
         if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-            return type(output)([self._edit(indices, output[0], state, _owns_output(output[0], inputs)),
+            return type(output)([edit(indices, output[0], state, _owns_output(output[0], inputs)),
                                  *output[1:]])
         raise TypeError(f"cannot intervene on the output of {type(module).__name__}: expected a tensor or a tuple "
                         f"starting with the hidden states, got {type(output).__name__}")
 
-    def _input_hook(self, indices, module, args, kwargs):
+    def _input_hook(self, indices, edit, module, args, kwargs):
         state = self._active_state()
         if state is None:
             return None
         if args and isinstance(args[0], torch.Tensor):
-            return (self._edit(indices, args[0], state, owned=False), *args[1:]), kwargs
+            return (edit(indices, args[0], state, owned=False), *args[1:]), kwargs
         for name in _HIDDEN_KWARGS:
             if isinstance(kwargs.get(name), torch.Tensor):
-                return args, {**kwargs, name: self._edit(indices, kwargs[name], state, owned=False)}
+                return args, {**kwargs, name: edit(indices, kwargs[name], state, owned=False)}
         raise TypeError(f"cannot find the hidden states among the inputs of {type(module).__name__} (first positional "
                         f"argument or one of {list(_HIDDEN_KWARGS)})")
 
@@ -300,11 +303,12 @@ def edit_with_own_forward(intervention: nn.Module, h: torch.Tensor, positions: t
 def _own_code(method, site: str):
     """``method`` bound to the same object, running a copy of its code object named after ``site``.
 
-    Under ``model.compile`` each hook runs as a frame of its own, and dynamo keeps one cache of compiled versions per
-    code object, searched entry by entry on every call. With one code object for all sites it compiled a version per
-    site up to its recompile limit (8, torch 2.13), ran the hooks of the later layers eager (``fullgraph=True`` raised)
-    and searched the versions on every call: on the CPU (2026-11-29, 32 intervened layers) the compiled step then cost
-    2.5× the eager step's host time per intervention. A copy per site keeps one entry per cache."""
+    Under ``model.compile`` each hook runs as a frame of its own (and ``_edit`` too, where dynamo gives up on the
+    layer around it: generation with a KV cache), and dynamo keeps one cache of compiled versions per code object,
+    searched entry by entry on every call. With one code object for all sites it compiled a version per site up to its
+    recompile limit (8, torch 2.13), ran the hooks of the later layers eager (``fullgraph=True`` raised) and searched
+    the versions on every call: on the CPU (2026-11-29, 32 intervened layers) the compiled step then cost 2.5× the
+    eager step's host time per intervention. A copy per site keeps one entry per cache."""
     function = method.__func__
     code = function.__code__.replace(co_name=f"{function.__name__}_{site}")
     copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
