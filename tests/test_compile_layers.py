@@ -9,6 +9,8 @@ from reft_fast import ReftConfig, ReftModel
 from reft_fast.train.loading import compile_layers
 from reft_fast.train.train_config import ConfigError, config_from_dict
 
+from dist.tiny import make_tokenizer
+
 # Compiled and eager graphs may order fp32 sums differently (aot_eager decomposes some ops): a few ulps of the loss.
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -131,5 +133,34 @@ def test_generation_keeps_one_compiled_version_per_hook_site():
         codes.add(type(reft_model._hooks)._edit.__code__)
         entries = {code.co_name: len(_debug_get_cache_entry_list(code)) for code in codes}
         assert max(entries.values()) <= 4, entries  # train, the dropout seed made dynamic, no_grad: not one per layer
+    finally:
+        torch._dynamo.reset()
+
+
+def test_generation_helpers_run_compiled_layers_eager():
+    """With a KV cache dynamo would compile a version per layer (each has its own cache slot) up to its limit: the
+    answers of a training run (samples, eval_accuracy) are generated with the layers eager, and are the same."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from reft_fast.train.generation import generate_answers_batched
+
+    tokenizer = make_tokenizer()
+    layers = 10
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tokenizer),
+                                         pad_token_id=tokenizer.pad_token_id))
+    config = ReftConfig([{"layer": layer, "component": "block_output", "intervention": "loreft",
+                          "low_rank_dimension": 1} for layer in range(layers)], positions="f1+l1")
+    reft_model = ReftModel(model, config).eval()
+    prompts = ["red green blue", "cat dog"]
+    answer = dict(positions="f1+l1", share_weights=True, max_new_tokens=3, chat_template=False)
+    eager = generate_answers_batched(reft_model, tokenizer, prompts, **answer)
+    torch._dynamo.reset()
+    compile_layers(reft_model, backend="eager")
+    try:
+        assert generate_answers_batched(reft_model, tokenizer, prompts, **answer) == eager
+        layer_forward = type(model.model.layers[0]).forward.__code__  # transformers' checkpointing wrapper
+        assert _debug_get_cache_entry_list(layer_forward) == []
     finally:
         torch._dynamo.reset()

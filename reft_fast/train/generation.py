@@ -13,8 +13,14 @@ from reft_fast.train.data import encode_prompt
 
 __all__ = ["generate_answers", "generate_answers_batched", "mixed_answers"]
 
+# Generation runs the layers eager even where ``model.compile`` compiled them for training: with a KV cache dynamo
+# guards on each layer's cache slot, so it would compile a version per layer, stop at its recompile limit (8, torch
+# 2.13) with a warning, and run the later layers eager anyway; the answers are the same either way.
+_eager = torch.compiler.set_stance("force_eager")
+
 
 @torch.no_grad()
+@_eager
 def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Optional[str] = None,
                      share_weights: bool = False, chat_template: Optional[bool] = None,
                      system_prompt: Optional[str] = None, max_new_tokens: int = 64,
@@ -49,6 +55,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Opt
 
 
 @torch.no_grad()
+@_eager
 def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: Sequence[Optional[str]], *,
                   chat_template: Optional[bool] = None, system_prompt: Optional[str] = None,
                   max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
@@ -75,6 +82,7 @@ def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: 
 
 
 @torch.no_grad()
+@_eager
 def generate_answers_batched(model, tokenizer, prompts: Sequence[str], *, batch_size: int = 8,
                              positions: Optional[str] = None, share_weights: bool = False,
                              chat_template: Optional[bool] = None, system_prompt: Optional[str] = None,
