@@ -162,6 +162,16 @@ def head_parameters(base) -> list[torch.nn.Parameter]:
 # --------------------------------------------------------------------------------------------------------------------
 # The task
 # --------------------------------------------------------------------------------------------------------------------
+def _score_functions(c: ClassificationConfig) -> dict:
+    """The scores of a classification config, by name: what evaluation computes and ``training.keep_best`` may name."""
+    if c.problem_type == "regression":
+        return {"pearson": scores.pearson, "spearman": scores.spearman}
+    if c.problem_type == "multi_label":
+        return {"accuracy": scores.accuracy}
+    binary = {"f1": scores.f1_binary} if c.num_labels == 2 else {}
+    return {"accuracy": scores.accuracy, "mcc": scores.matthews, **binary}
+
+
 class ClassificationTask:
     """Sequence classification and regression on the base's own head (``reft_fast.train.tasks`` lists the methods)."""
 
@@ -242,12 +252,7 @@ class ClassificationTask:
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
         """The metrics ``evaluate`` reports for this config (what ``training.keep_best`` may name)."""
-        c = cfg.classification
-        if c.problem_type == "regression":
-            return "eval_loss", "pearson", "spearman"
-        if c.problem_type == "multi_label":
-            return "eval_loss", "accuracy"
-        return ("eval_loss", "accuracy", "mcc") + (("f1",) if c.num_labels == 2 else ())
+        return ("eval_loss", *_score_functions(cfg.classification))
 
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
         """eval_loss and the task's scores over the whole eval set (``evaluate_examples`` without its rows)."""
@@ -290,9 +295,8 @@ class ClassificationTask:
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
             _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                             intervention_locations=batch["intervention_locations"], labels=batch["labels"])
-            if mine:
-                rows = torch.tensor(mine, device="cpu").to(engine.device, non_blocking=True)
-                gathered.index_copy_(0, rows, out.logits.double().reshape(len(mine), width))
+            if mine:  # a contiguous run of rows: written through a slice, no index tensor sent to the device
+                gathered[mine[0] : mine[-1] + 1] = out.logits.double().reshape(len(mine), width)
                 gathered[-1, 0] += out.loss.double() * len(mine)
         values = all_reduce_sum(gathered).tolist()
         engine.train()
@@ -307,15 +311,8 @@ class ClassificationTask:
         return [max(range(len(row)), key=row.__getitem__) for row in logits]
 
     def _scores(self, predicted: list, labels: list) -> dict[str, float]:
-        c = self.cfg.classification
-        if c.problem_type == "regression":
-            return {"pearson": scores.pearson(predicted, labels), "spearman": scores.spearman(predicted, labels)}
-        metrics = {"accuracy": scores.accuracy(predicted, labels)}
-        if c.problem_type == "single_label":
-            metrics["mcc"] = scores.matthews(predicted, labels)
-            if c.num_labels == 2:
-                metrics["f1"] = scores.f1_binary(predicted, labels)
-        return metrics
+        return {name: score(predicted, labels)
+                for name, score in _score_functions(self.cfg.classification).items()}
 
     def trainable_base_parameters(self, base) -> list[torch.nn.Parameter]:
         if not self.cfg.classification.train_head:

@@ -288,10 +288,9 @@ class PreferenceTask:
             mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
             losses, chosen, rejected, logps = self.pair_losses(engine, batch, dataset)
-            if mine:
-                rows = torch.tensor(mine, device="cpu").to(engine.device, non_blocking=True)
-                table.index_copy_(0, rows, torch.cat([losses[:, None], logps, chosen[:, None], rejected[:, None]],
-                                                     dim=1).double())
+            if mine:  # a contiguous run of rows: written through a slice, no index tensor sent to the device
+                table[mine[0] : mine[-1] + 1] = torch.cat([losses[:, None], logps, chosen[:, None],
+                                                           rejected[:, None]], dim=1).double()
         engine.train()
         rows = [{"index": index, "chosen_logp": chosen_logp, "rejected_logp": rejected_logp,
                  "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
