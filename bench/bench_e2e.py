@@ -24,7 +24,8 @@ row sees another's memory, CUDA context or compiled kernels in memory):
                 parametrization), what a user would write by hand
   pyreft        pyreft 0.1.0 on pyvene (when importable; its interventions in the base dtype, its default)
   lora          PEFT LoRA r8 on q_proj and v_proj (when importable)
-A step is zero_grad, forward with labels, backward and an AdamW step over the trainable parameters. Reported: the
+A step is zero_grad, forward with labels, backward and an AdamW step over the trainable parameters (the recipe's
+AdamW, ``ds_config.client_adamw``: fused where torch has the kernel, for every method). Reported: the
 median step time after warm-up, tokens/s, the ratio to the floor of the same configuration (ratio_floor) and to the
 floor without fused operations (ratio_plain_floor), peak GPU memory, TFLOP/s and MFU (FLOPs counted by
 reft_fast.train.metrics.count_step_flops, divided by the bf16 matrix-product peak measured in its own process), and for the
@@ -381,7 +382,10 @@ def training_step(base, row: dict):
     batch = make_batch(row, len(layers))
     loss_fn, params, extras = _SETUPS[row["method"].split(":")[0]](base, row, batch, layers)
     base.train()  # checkpointing and the fused cross-entropy act in training mode (Llama has no dropout)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    from reft_fast.train.ds_config import client_adamw
+
+    # the recipe's AdamW (fused where torch has the kernel) for every method: the rows compare the edit paths
+    optimizer = client_adamw(params, lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

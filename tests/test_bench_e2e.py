@@ -33,12 +33,15 @@ def _run(tmp_path: Path, *extra: str) -> tuple[list[dict], str]:
 
 def test_smoke_run_writes_every_row_with_consistent_numbers(tmp_path):
     bench = _load_bench()
-    rows, stdout = _run(tmp_path)
+    # With checkpointing only, the rows run both paths of the base (the forward, and its recomputation in backward),
+    # at half the suite time of the whole smoke grid (93 s on 2 cores, 2026-11-29). Without checkpointing, the same
+    # set-ups run in test_bench_host's and test_bench_session's smoke runs.
+    rows, stdout = _run(tmp_path, "--checkpointing", "on")
     assert list(rows[0]) == bench.FIELDS
     assert (tmp_path / next(tmp_path.glob("e2e_*.csv")).with_suffix(".png").name).is_file()
-    # 2 configurations × checkpointing off/on × 6 methods; fused rows are CUDA-only and not planned on a CPU.
-    assert len(rows) == 2 * 2 * len(bench.SMOKE_METHODS)
-    assert {(r["config"], r["checkpointing"]) for r in rows} == {(c, k) for c in "ab" for k in ("off", "on")}
+    # 2 configurations × 6 methods; fused rows are CUDA-only and not planned on a CPU.
+    assert len(rows) == 2 * len(bench.SMOKE_METHODS)
+    assert {(r["config"], r["checkpointing"]) for r in rows} == {(c, "on") for c in "ab"}
     assert {r["fused"] for r in rows} == {"off"}
     expected_status = {"ok"} if importlib.util.find_spec("pyreft") and importlib.util.find_spec("peft") else None
     if expected_status:

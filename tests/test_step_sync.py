@@ -35,9 +35,9 @@ from launch_count import DeviceWork
 
 # Reads of host tensors, on a GPU too, by a function on the stack (path suffix, function): the ReftModel checks the
 # intervention locations on the host (the recipe leaves them there for it); dropout seeds come from torch's CPU
-# generator; torch's AdamW keeps its step counter in a CPU tensor unless capturable or fused (torch/optim/adam.py).
-HOST_ONLY_READS = {("reft_fast/core/positions.py", "check_locations"), ("reft_fast/ops/__init__.py", "draw_seed"),
-                   ("torch/optim/optimizer.py", "_get_value")}
+# generator. (The recipe's AdamW is fused, ``ds_config.client_adamw``: its step counter stays on the parameters'
+# device; torch's other AdamW implementations read it back every step.)
+HOST_ONLY_READS = {("reft_fast/core/positions.py", "check_locations"), ("reft_fast/ops/__init__.py", "draw_seed")}
 # Syncs of a library the step calls, real on a GPU, excluded here by name (path suffix, function): transformers 5.24
 # reads a padded attention mask each forward to decide whether SDPA may run without it (``fast_all``).
 LIBRARY_SYNCS = {("transformers/masking_utils.py", "_ignore_causal_mask_sdpa")}
@@ -261,3 +261,27 @@ def test_a_torn_tail_of_metrics_is_dropped_on_resume(tmp_path):
     path.write_text('{"step": 0, "eval_loss": 2.0}\n{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
     rewind_metrics(path, 2)
     assert path.read_text() == '{"step": 0, "eval_loss": 2.0}\n{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n'
+
+
+def test_the_recipe_adamw_is_fused_where_torch_can_and_steps_like_the_default():
+    from reft_fast.train.ds_config import client_adamw
+
+    torch.manual_seed(0)
+    start = [torch.randn(8, 64), torch.randn(8, 64), torch.randn(8)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(5)]
+    hyper = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    results = []
+    for make in (client_adamw, torch.optim.AdamW):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = make(params, **hyper)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+        results.append((optimizer, params))
+    (fused, fused_params), (default, default_params) = results
+    assert fused.defaults["fused"] is True and not default.defaults["fused"]
+    for a, b in zip(fused_params, default_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # Where torch has no fused kernel (here: meta tensors), torch's default implementation.
+    assert not client_adamw([torch.nn.Parameter(torch.empty(3, device="meta"))], lr=1e-3).defaults["fused"]

@@ -53,7 +53,7 @@ from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
-from reft_fast.train.ds_config import build_ds_config, lr_lambda, take_gradient_clipping, warmup_steps_of
+from reft_fast.train.ds_config import build_ds_config, client_adamw, lr_lambda, take_gradient_clipping, warmup_steps_of
 from reft_fast.train.fused_base import apply_fused_base_ops
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
@@ -249,8 +249,8 @@ class ReftTrainingRecipe:
         ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
         self.clip_norm = take_gradient_clipping(ds_config)  # None: DeepSpeed clips
         self.trainable_params = params
-        self.optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                           weight_decay=t.weight_decay)
+        self.optimizer = client_adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
+                                      weight_decay=t.weight_decay)
         warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps, t.min_lr_ratio))
