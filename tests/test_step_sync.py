@@ -36,7 +36,7 @@ from launch_count import DeviceWork
 # Reads of host tensors, on a GPU too, by a function on the stack (path suffix, function): the ReftModel checks the
 # intervention locations on the host (the recipe leaves them there for it); dropout seeds come from torch's CPU
 # generator. (The recipe's AdamW is fused, ``ds_config.client_adamw``: its step counter stays on the parameters'
-# device; torch's other AdamW implementations read it back every step.)
+# device and reads none; torch's other AdamW implementations keep it on the host and read it every step.)
 HOST_ONLY_READS = {("reft_fast/core/positions.py", "check_locations"), ("reft_fast/ops/__init__.py", "draw_seed")}
 # Syncs of a library the step calls, real on a GPU, excluded here by name (path suffix, function): transformers 5.24
 # reads a padded attention mask each forward to decide whether SDPA may run without it (``fast_all``).

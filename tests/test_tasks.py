@@ -94,3 +94,33 @@ def test_every_registered_task_has_what_the_recipe_and_plan_ask_of_it():
         missing = [attribute for attribute in needed if not hasattr(task, attribute)]
         assert not missing, (name, missing)
         assert isinstance(task.base_kwargs, dict) and isinstance(task.auto_class, str), name
+
+
+@pytest.mark.parametrize("total,micro,world", [(1, 4, 1), (7, 2, 3), (8, 2, 2), (9, 4, 2), (3, 4, 4), (13, 3, 5)])
+def test_rank_chunks_give_every_example_to_one_rank_and_every_rank_the_same_forwards(total, micro, world):
+    from reft_fast.train.distributed import rank_chunks
+
+    shares = [list(rank_chunks(total, micro, rank, world)) for rank in range(world)]
+    assert len({len(chunks) for chunks in shares}) == 1  # the same number of forwards on every rank (ZeRO-3)
+    seen = [i for chunks in shares for mine in chunks for i in mine]
+    assert sorted(seen) == list(range(total))  # each example once
+    for chunks in shares:
+        assert all(len(mine) <= micro and mine.step == 1 for mine in chunks)
+        # chunk k of every rank lies in the k-th window of micro × world examples
+        assert all(k * micro * world <= i < (k + 1) * micro * world for k, mine in enumerate(chunks) for i in mine)
+
+
+@pytest.mark.parametrize("overrides, given", [
+    ([], ()), (["data.eval_fraction=0.25"], ("data.eval_fraction",)),
+    (["data.eval_file=train.jsonl"], ("data.eval_file",)),
+])
+def test_a_causal_lm_config_names_its_eval_set_in_the_data_section_only(tmp_path, overrides, given):
+    from reft_fast.train.tasks import TASKS
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path)
+    cfg = load_config(str(config), ["data.eval_fraction=0", *overrides])
+    assert TASKS["causal_lm"].eval_sources(cfg) == (given, ("data.eval_file", "data.eval_fraction"))
+    if not given:  # the message names what this task can take: no classification key
+        with pytest.raises(ConfigError, match=r"no eval set \(data.eval_file or data.eval_fraction\)$"):
+            validate(load_config(str(config), ["data.eval_fraction=0", "training.keep_best=eval_loss"]))

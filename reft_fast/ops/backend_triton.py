@@ -6,7 +6,6 @@ tests use. The kernels are imported on the first edit, so importing reft_fast do
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -27,10 +26,7 @@ class TritonBackend:
         return device.type == "cuda"
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        # ``ops.low_rank_edit`` asks on every call: searching for the package each time cost 40 µs per edit (CPU,
-        # 2026-11-29), a tenth of a step's host time per intervention. Whether it is installed does not change while
-        # the process runs.
-        if not _triton_installed():
+        if importlib.util.find_spec("triton") is None:
             return "backend 'triton' needs the triton package (pip install triton; Linux x86_64 wheels)"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return (f"backend 'triton' needs CUDA tensors (h is on {device}); on the CPU it runs only through Triton's "
@@ -40,11 +36,7 @@ class TritonBackend:
     def kernels(self):
         """The module of launch functions (``edit_forward``, ``edit_backward``, ``multi_edit_forward``), imported on
         first use."""
-        # the module object itself after the first call: import_module's lookup cost a few µs per edit, twice
-        module = self.__dict__.get("_kernels")
-        if module is None:
-            module = self._kernels = importlib.import_module(self.kernel_module)
-        return module
+        return importlib.import_module(self.kernel_module)
 
     def forward(self, h, positions, edit: EditParams):
         # The kernels write all of out (edited rows, and a copy of the others) and the rows backward needs.
@@ -79,11 +71,6 @@ class TritonBackend:
         grads = self.kernels().edit_backward(h_rows, grad_out, positions, edit.Q, edit.P, edit.W, edit.b, edit.act,
                                              edit.dropout, edit.seed, grad_h, copy_unselected=True)
         return EditGrads(grad_h, *grads)
-
-
-@functools.lru_cache(maxsize=None)
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 register_backend(TritonBackend())

@@ -327,7 +327,7 @@ def _eval_examples(cfg, args):
     d = cfg.data
     fields = dict(prompt_field=d.prompt_field, response_field=d.response_field, prompt_template=d.prompt_template,
                   response_template=d.response_template, family=args.family or d.eval_family)
-    if not (args.data or d.eval_file or (d.eval_fraction > 0 and d.train_file)):
+    if not (args.data or d.eval_file or d.eval_fraction > 0):
         raise ConfigError("--data: required (the config has no data.eval_file and no data.eval_fraction to hold out)")
     try:
         if args.data:
@@ -339,9 +339,10 @@ def _eval_examples(cfg, args):
 
 
 def _config_eval_rows(cfg) -> tuple[list, str, str]:
-    """The rows of the config's eval set (the rows the recipe's split gives: the same rows, fraction and seed), where
-    they come from, and a name for them."""
-    from reft_fast.train.data import load_rows, selection_and_test_parts, split_examples
+    """The rows of the config's eval set as training made it (``data.train_and_eval_examples``: the same file, or
+    the same held-out fraction and seed; only the test part with data.selection_examples), where they come from, and
+    a name for them."""
+    from reft_fast.train.data import load_rows, train_and_eval_examples
     from reft_fast.train.train_config import resolve_data_path
 
     d = cfg.data
@@ -349,13 +350,15 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
         where = resolve_data_path(d.eval_file, cfg.base_dir)
         if not Path(where).is_file():
             raise ValueError(f"evaluation data {where}: no such file (data.eval_file)")
-        rows, name = load_rows(where)[0], Path(where).stem
+        name = Path(where).stem
     else:
-        train_file = resolve_data_path(d.train_file, cfg.base_dir)
-        _, rows = split_examples(load_rows(train_file, hf_split=d.hf_split)[0], d.eval_fraction, cfg.training.seed)
-        where, name = f"{train_file} (held out)", f"{Path(train_file).stem}-heldout"
-    if d.selection_examples is not None:  # training evaluated on the selection part: score the other one
-        _, rows = selection_and_test_parts(rows, d.selection_examples, cfg.training.seed)
+        source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
+        where = f"{source} (held out)"
+        name = f"{Path(source).stem if d.train_file else str(source).replace('/', '_').replace(':', '_')}-heldout"
+    _, rows = train_and_eval_examples(d, cfg.base_dir, cfg.training.seed,
+                                      lambda source, split: load_rows(source, hf_split=split)[0],
+                                      eval_part="test", read_train=False)
+    if d.selection_examples is not None:  # training evaluated on the selection part: this is the other one
         where, name = f"{where}, test part", f"{name}-test"
     return rows, where, name
 

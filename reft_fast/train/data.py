@@ -25,12 +25,15 @@ import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.packing import pack_rows
+
+if TYPE_CHECKING:  # the config module builds on this one
+    from reft_fast.train.train_config import TrainConfig
 
 __all__ = [
     "EVAL_PARTS",
@@ -40,6 +43,7 @@ __all__ = [
     "SupervisedDataset",
     "encode_prompt",
     "load_examples",
+    "data_eval_sources",
     "load_rows",
     "SELECTION_RULES",
     "selection_and_test_parts",
@@ -199,26 +203,39 @@ def selection_and_test_parts(examples: list, selection_examples: Union[int, str]
             [e for i, e in enumerate(examples) if i not in selected])
 
 
+def data_eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``eval_sources`` of a task whose eval set comes from the data section only: an eval file, or a held-out
+    fraction of the training examples."""
+    given = (("data.eval_file",) if cfg.data.eval_file else ()) + \
+        (("data.eval_fraction",) if cfg.data.eval_fraction > 0 else ())
+    return given, ("data.eval_file", "data.eval_fraction")
+
+
 def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Callable[[Any, str], list],
-                            eval_split: Optional[str] = None, eval_part: str = "selection") -> tuple[list, list]:
+                            eval_split: Optional[str] = None, eval_part: str = "selection",
+                            read_train: bool = True) -> tuple[list, list]:
     """(training examples, eval examples) as a config's ``data`` section names them, every task alike: the train
     file (or Hugging Face dataset at ``data.hf_split``); for eval, ``data.eval_file``, else ``eval_split`` of the same
     dataset (a task's own split, e.g. GLUE's validation), else the seeded held-out ``data.eval_fraction`` (an empty
     list without any). With ``data.selection_examples`` the eval set is cut in two (``selection_and_test_parts``)
     and ``eval_part`` says which part is returned: ``selection`` (what training evaluates on) or ``test`` (what
-    ``reft-fast eval`` scores the kept model on). ``read(source, split)`` turns a source into the task's examples."""
+    ``reft-fast eval`` scores the kept model on). ``read(source, split)`` turns a source into the task's examples.
+    ``read_train=False``: only the eval set is wanted (``reft-fast eval``); the training data is then read only when
+    the eval set is held out of it, and the training examples returned are an empty list."""
     from reft_fast.train.train_config import resolve_data_path  # the config module builds on this one
 
     if eval_part not in EVAL_PARTS:
         raise ValueError(f"eval_part: expected one of {EVAL_PARTS}, got {eval_part!r}")
     train_source = resolve_data_path(data.train_file, base_dir) if data.train_file else data.hf_dataset
-    examples = read(train_source, data.hf_split)
+    held_out = not (data.eval_file or eval_split)
+    examples = read(train_source, data.hf_split) if read_train or held_out else []
     if data.eval_file:
         eval_examples = read(resolve_data_path(data.eval_file, base_dir), "train")
     elif eval_split:
         eval_examples = read(train_source, eval_split)
     else:
         examples, eval_examples = split_examples(examples, data.eval_fraction, seed)
+        examples = examples if read_train else []
     if data.selection_examples is None:
         return examples, eval_examples
     selection, test = selection_and_test_parts(eval_examples, data.selection_examples, seed)

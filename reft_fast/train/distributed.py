@@ -1,5 +1,5 @@
-"""The process group of a training job: joining it, its size, waiting for the other ranks, the one reduction helper and
-leaving it.
+"""The process group of a training job: joining it, its size, waiting for the other ranks, the one reduction helper, the
+ranks' shares of an evaluation, and leaving it.
 
 Collectives: every reduction of the training job goes through ``all_reduce_sum``, on the accelerator's device (NCCL
 reduces no host tensors); the caller reads the result once, which is its one host sync.
@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 
-__all__ = ["all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed", "shutdown"]
+__all__ = ["all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed", "rank_chunks",
+           "shutdown"]
 
 
 def free_port() -> int:
@@ -65,6 +67,20 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def rank_chunks(total: int, micro: int, rank: int, world: int) -> Iterator[range]:
+    """This rank's examples of each evaluation forward: chunks of ``micro * world`` consecutive examples of a set of
+    ``total``, each rank taking its ``micro`` in rank order; one range per chunk, the same number on every rank.
+
+    The range is empty for a rank with nothing left in the last chunk: it must still run a forward (on example 0,
+    keeping nothing of it), because under ZeRO-3 every forward gathers parameters collectively and a rank that skips
+    one hangs the others. The chunks do not depend on the rank count's remainder, so each example is in exactly one
+    rank's ranges and its row can be written through a slice (``table[mine.start : mine.stop]``) and summed once
+    over the ranks (``all_reduce_sum``)."""
+    for start in range(0, total, micro * world):
+        first = start + rank * micro
+        yield range(min(first, total), min(first + micro, total))
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import inspect
 
 import torch
 
-from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.packing import packed_model_inputs
 
 __all__ = ["accepts_logits_to_keep", "forward_loss", "mean_eval_loss", "to_device", "trim_to_labels"]
@@ -59,14 +59,12 @@ def forward_loss(engine, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def mean_eval_loss(engine, dataset, collator, micro: int, rank: int, world: int, trim: bool = False) -> float:
     """Mean response-token loss over the whole dataset. Every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively): the last chunk is padded with a zero-weight copy of an example. The weighted losses add
+    parameters collectively, ``rank_chunks``): the last chunk is padded with a zero-weight copy of an example. The weighted losses add
     up on the device; the only host sync is reading the reduced total."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     tokens_total = 0
-    chunk = micro * world
-    for start in range(0, len(dataset), chunk):
-        mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+    for mine in rank_chunks(len(dataset), micro, rank, world):
         batch = collator([dataset[i] for i in (mine or [0])])
         batch = trim_to_labels(batch) if trim else batch
         # The tokens the mean loss averages over, counted on the host batch before it moves.

@@ -38,8 +38,8 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train import scores
-from reft_fast.train.data import load_rows, train_and_eval_examples
-from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples
+from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import forward_loss, to_device
 from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig
 
@@ -254,6 +254,14 @@ class ClassificationTask:
         """The metrics ``evaluate`` reports for this config (what ``training.keep_best`` may name)."""
         return ("eval_loss", *_score_functions(cfg.classification))
 
+    @staticmethod
+    def eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The keys giving this config an eval set, and every key that could: the data section's, or a split of the
+        Hugging Face dataset."""
+        given, possible = data_eval_sources(cfg)
+        split = ("classification.eval_split",)
+        return given + (split if cfg.classification.eval_split else ()), possible + split
+
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
         """eval_loss and the task's scores over the whole eval set (``evaluate_examples`` without its rows)."""
         return self.evaluate_examples(engine, dataset, collator, rank, world)[0]
@@ -282,21 +290,19 @@ class ClassificationTask:
     @torch.no_grad()
     def _gathered_logits(self, engine, dataset, collator, rank: int, world: int) -> tuple[float, list[list[float]]]:
         """The mean eval loss and every example's logits, in the order of ``dataset``. Each rank runs its share of
-        every chunk (the same number of forwards on every rank: ZeRO-3 gathers parameters collectively; a rank
-        without examples in the last chunk runs example 0 and keeps nothing of it) and writes its examples' logits
+        every chunk (``rank_chunks``: the same number of forwards on every rank) and writes its examples' logits
         into their rows of one device buffer; one reduction over the ranks then holds every row once, with the loss
         sum in the last one."""
         engine.eval()
         width = self.cfg.classification.num_labels
         gathered = torch.zeros((len(dataset) + 1, width), dtype=torch.float64, device=engine.device)
         micro = self.cfg.training.micro_batch_size
-        for start in range(0, len(dataset), micro * world):
-            mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+        for mine in rank_chunks(len(dataset), micro, rank, world):
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
             _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                             intervention_locations=batch["intervention_locations"], labels=batch["labels"])
             if mine:  # a contiguous run of rows: written through a slice, no index tensor sent to the device
-                gathered[mine[0] : mine[-1] + 1] = out.logits.double().reshape(len(mine), width)
+                gathered[mine.start : mine.stop] = out.logits.double().reshape(len(mine), width)
                 gathered[-1, 0] += out.loss.double() * len(mine)
         values = all_reduce_sum(gathered).tolist()
         engine.train()

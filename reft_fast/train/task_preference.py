@@ -38,9 +38,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, load_examples, \
-    train_and_eval_examples
-from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, data_eval_sources, \
+    load_examples, train_and_eval_examples
+from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, to_device, trim_to_labels
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
@@ -247,14 +247,13 @@ class PreferenceTask:
     def reference_table(self, engine, dataset) -> torch.Tensor:
         """[N, 2] on the device: every pair's reference log-probabilities (chosen, rejected). Chunks of
         ``micro_batch_size`` pairs are dealt to the ranks in turn (the same chunks for any number of ranks); each rank
-        fills its chunks' rows and one sum over the ranks completes the table. Every rank runs as many forwards (a
-        rank without a chunk in the last round runs one on pair 0 and keeps nothing), as ZeRO-3 needs."""
+        fills its chunks' rows and one sum over the ranks completes the table. Every rank runs as many forwards
+        (``rank_chunks``: a rank without a chunk in the last round runs one on pair 0 and keeps nothing), as ZeRO-3
+        needs."""
         rank, world = _rank_and_world()
         micro = self.cfg.training.micro_batch_size
         table = torch.zeros((len(dataset), 2), dtype=torch.float32, device=engine.device)
-        for start in range(0, len(dataset), micro * world):
-            first = start + rank * micro
-            mine = range(first, min(first + micro, len(dataset)))
+        for mine in rank_chunks(len(dataset), micro, rank, world):
             batch = self.host_batch(self.pair_collator([dataset[i] for i in (mine or [0])]))
             logps = reference_logps(engine.module.model, to_device(batch, engine.device))
             if mine:
@@ -265,6 +264,10 @@ class PreferenceTask:
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
         """The metrics ``evaluate`` reports (what ``training.keep_best`` may name)."""
         return "eval_loss", "eval_reward_accuracy", "eval_reward_margin"
+
+    @staticmethod
+    def eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return data_eval_sources(cfg)
 
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
         """eval_loss (the mean pair loss), eval_reward_accuracy and eval_reward_margin over the whole dataset
@@ -284,12 +287,11 @@ class PreferenceTask:
         # per pair: loss, chosen and rejected log-probabilities, chosen and rejected rewards
         table = torch.zeros((len(dataset), 5), dtype=torch.float64, device=engine.device)
         engine.eval()
-        for start in range(0, len(dataset), micro * world):
-            mine = list(range(start + rank * micro, min(start + (rank + 1) * micro, len(dataset))))
+        for mine in rank_chunks(len(dataset), micro, rank, world):
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
             losses, chosen, rejected, logps = self.pair_losses(engine, batch, dataset)
             if mine:  # a contiguous run of rows: written through a slice, no index tensor sent to the device
-                table[mine[0] : mine[-1] + 1] = torch.cat([losses[:, None], logps, chosen[:, None],
+                table[mine.start : mine.stop] = torch.cat([losses[:, None], logps, chosen[:, None],
                                                            rejected[:, None]], dim=1).double()
         engine.train()
         rows = [{"index": index, "chosen_logp": chosen_logp, "rejected_logp": rejected_logp,

@@ -23,6 +23,8 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     loss(engine, batch) → tensor                       the scalar loss of a batch already on the device
     evaluate(engine, dataset, collator, rank, world)   {"eval_loss": ..., other metrics}: every rank takes part
     metric_names(cfg)                                  the names ``evaluate`` reports (``training.keep_best``)
+    eval_sources(cfg)                                  the config keys that give this config an eval set (empty:
+                                                       it has none), and all the keys that could, for the message
     evaluate_examples(...) → (metrics, rows)           ``reft-fast eval`` of a task scored by its own metrics
                                                        (classification, preference): ``evaluate``'s metrics and one
                                                        row per example, in the dataset's order
@@ -37,7 +39,8 @@ from typing import Optional
 
 import torch
 
-from reft_fast.train.data import ReftDataCollator, SupervisedDataset, load_examples, train_and_eval_examples
+from reft_fast.train.data import (ReftDataCollator, SupervisedDataset, data_eval_sources, load_examples,
+                                  train_and_eval_examples)
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
@@ -104,6 +107,10 @@ class CausalLMTask:
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
         return ("eval_loss", "eval_accuracy") if cfg.data.eval_family else ("eval_loss",)
 
+    @staticmethod
+    def eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        return data_eval_sources(cfg)
+
     def evaluate(self, engine, dataset, collator, rank: int, world: int) -> dict[str, float]:
         """The eval loss; with ``data.eval_family`` also the accuracy of the answers generated greedily."""
         t = self.cfg.training
@@ -138,21 +145,22 @@ def check_task(cfg: TrainConfig) -> None:
     """``task`` names a registered task, the task's own checks pass, and what needs an eval set has one."""
     if cfg.task not in TASKS:
         raise ConfigError(f"task: expected one of {sorted(TASKS)}, got {cfg.task!r}")
-    TASKS[cfg.task].check_config(cfg)
-    eval_set = bool(cfg.data.eval_file or cfg.data.eval_fraction > 0
-                    or (cfg.task == "classification" and cfg.classification.eval_split))
-    if cfg.data.selection_examples is not None and not eval_set:
-        raise ConfigError("data.selection_examples: cuts the eval set in two, and the config names none (data."
-                          "eval_file, data.eval_fraction or classification.eval_split)")
+    task = TASKS[cfg.task]
+    task.check_config(cfg)
+    given, possible = task.eval_sources(cfg)
+    if cfg.data.selection_examples is not None and not given:
+        raise ConfigError(f"data.selection_examples: cuts the eval set in two, and the config names none "
+                          f"({' or '.join(possible)})")
     metric = cfg.training.keep_best
     if metric is None:
         return
-    names = TASKS[cfg.task].metric_names(cfg)
+    names = task.metric_names(cfg)
     if metric not in names:
         raise ConfigError(f"training.keep_best: task {cfg.task} here reports {list(names)}, got {metric!r}")
-    if not eval_set:
+    if not given:
         raise ConfigError("training.keep_best: chooses among the evaluations during training, and the config names "
-                          "no eval set (data.eval_file, data.eval_fraction or classification.eval_split)")
+                          f"no eval set ({' or '.join(possible)})")
+
 
 
 def make_task(cfg: TrainConfig, task: Optional[str] = None):
