@@ -293,3 +293,22 @@ def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     assert loads == ["B"]
     clash = ["--reft", f"A={directories['A']}", "--reft", f"default={directories['B']}"]
     assert main(args[:1] + clash + args[1:]) == 2
+
+
+def test_moving_the_model_moves_and_switches_mode_of_every_loaded_reft(served):
+    _, _, directories = served
+    reft_model = ReftModel.load(directories["A"], _tiny_llama())
+    reft_model.load_adapter(directories["B"], "B")
+    held = reft_model._adapter("B").interventions
+    reft_model.eval()
+    assert not any(module.training for module in held.modules())
+    reft_model.train()
+    assert all(module.training for module in held.modules())
+    # A device move (meta here: the CPU machine has one device) reaches the held ReFT, as set_adapter needs.
+    reft_model.to("meta")
+    assert {p.device.type for p in reft_model.interventions.parameters()} == {"meta"}
+    assert {p.device.type for p in held.parameters()} == {"meta"}
+    assert all(p.dtype == torch.float32 for p in held.parameters())  # the interventions' own rule still holds
+    # the held ReFT is still no submodule: the optimizer and state_dict see the active one only
+    assert len(list(reft_model.parameters())) == len(list(reft_model.model.parameters())) + len(
+        list(reft_model.interventions.parameters()))

@@ -146,6 +146,27 @@ class ReftModel(nn.Module):
             self._backend_by_device[device] = ops.resolve_backend(self._backend, device)
         return self._backend_by_device[device]
 
+    def _held_adapters(self) -> list[nn.ModuleDict]:
+        """The interventions of the loaded ReFTs other than the active one: not submodules (``parameters()``,
+        ``state_dict()`` and the optimizer see the active ReFT only), so the conversions below carry them along."""
+        return [adapter.interventions for adapter in self._adapters.values()
+                if adapter.interventions is not self.interventions]
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), ... reach every loaded ReFT: one moved with the base must serve from its device
+        # after set_adapter, and in a mixed batch, as the active one does.
+        super()._apply(fn, recurse)
+        if recurse:
+            for interventions in self._held_adapters():
+                interventions._apply(fn)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for interventions in self._held_adapters():
+            interventions.train(mode)
+        return self
+
     def remove_hooks(self) -> None:
         """Detach from the base model (removes this ReftModel's hooks only)."""
         self._hooks.remove()
