@@ -470,9 +470,11 @@ def kept_best(tmp_path_factory):
     from reft_fast.train.train_config import load_config
 
     try:
-        result = ReftTrainingRecipe(load_config(str(config)), callbacks=[record]).run()
+        recipe = ReftTrainingRecipe(load_config(str(config)), callbacks=[record])
+        result = recipe.run()
     finally:
         shutdown()
+    weights["after the run"] = _trainable(recipe.reft_model)
     return config, result, weights
 
 
@@ -500,6 +502,9 @@ def test_keep_best_puts_the_best_evaluations_weights_in_final(kept_best):
     for name, value in weights[best_step].items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=name)
     assert not all(torch.equal(got[name], weights[16][name]) for name in got)  # not the last step's
+    # and the model holds them again after the run (what a causal-LM run's sample prompts are answered with)
+    for name, value in weights[best_step].items():
+        torch.testing.assert_close(weights["after the run"][name], value, rtol=0, atol=0, msg=name)
 
 
 def test_a_resumed_run_keeps_the_best_record_of_before_the_interruption(kept_best, tmp_path):

@@ -129,6 +129,18 @@ def save_interventions(reft_model, directory: Path, cfg: TrainConfig, rank: int,
     barrier()
 
 
+def load_interventions(reft_model, directory: Path) -> None:
+    """Put the weights ``save_interventions`` wrote into ``directory`` back into ``reft_model``'s interventions and
+    trainable base parameters (copied onto their devices; every rank reads them: a filesystem all ranks see)."""
+    from safetensors.torch import load_file
+
+    from reft_fast.core.saving import WEIGHTS_NAME
+
+    reft_model.interventions.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device="cpu"),
+                                             strict=True)
+    load_trainable_base(reft_model.model, directory)
+
+
 def save_trainable_base(model, directory) -> None:
     """The base's parameters that train (requires_grad: a classifier head) as ``BASE_TRAINABLE_NAME`` in
     ``directory``; nothing when the base is wholly frozen."""

@@ -199,8 +199,8 @@ class TrainingConfig:
     eval_every: int = 0  # optimizer steps between evaluations; 0 = only at the end when there is an eval split
     # A metric of the evaluations (eval_loss, accuracy, mcc, f1, pearson, spearman, eval_accuracy, eval_reward_accuracy,
     # ...: the task's): final/ holds the interventions (and trained head) of the evaluation after step 0 that scored
-    # best by it (lowest for a loss, else highest), not those of the last step (reft_fast.train.keep_best); the sample
-    # prompts are still answered by the last step's. null: final/ holds the last step's.
+    # best by it (lowest for a loss, else highest), not those of the last step (reft_fast.train.keep_best); the model
+    # then holds them again, and the sample prompts are answered with them. null: final/ holds the last step's.
     keep_best: Optional[str] = None
     save_every: int = 0  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
     keep_checkpoints: int = 2
