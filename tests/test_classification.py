@@ -533,11 +533,19 @@ def test_a_resumed_run_keeps_the_best_record_of_before_the_interruption(kept_bes
     finally:
         shutdown()
     assert (out / "best" / "best.json").is_file() and not (out / "final").exists()
-    resumed = train(config, [f"output_dir={out}", "resume=true"])
+    try:
+        recipe = ReftTrainingRecipe(load_config(str(config), [f"output_dir={out}", "resume=true"]))
+        resumed = recipe.run()
+    finally:
+        shutdown()
     assert resumed.best == result.best
     for name in ("interventions.safetensors", "base_trainable.safetensors"):
         expected, got = load_file(Path(result.final_dir) / name), load_file(out / "final" / name)
         assert expected.keys() == got.keys() and all(torch.equal(got[k], expected[k]) for k in expected), name
+    # The best evaluation was the first launch's: the resumed run's model holds it again, read from final/.
+    held = _trainable(recipe.reft_model)
+    for name, value in _final_weights(config, out / "final", held).items():
+        torch.testing.assert_close(held[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_eval_scores_the_test_part_only(kept_best, capsys):

@@ -23,7 +23,7 @@ from typing import Optional
 
 from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory
-from reft_fast.train.run_dir import save_interventions
+from reft_fast.train.run_dir import load_interventions, save_interventions
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
 __all__ = ["BEST_DIR", "BEST_RECORD_FILE", "BestEvaluation", "lower_is_better"]
@@ -46,6 +46,8 @@ class BestEvaluation:
         self.output = Path(output)
         self.metric = metric
         self.record: Optional[dict] = None  # {"step", "metric", "value"} of the best evaluation so far
+        # this process's host copy of the weights best/ holds (none when the best came from an earlier launch)
+        self._weights: Optional[tuple[dict, dict]] = None
 
     @classmethod
     def resume(cls, output: Path, metric: str) -> "BestEvaluation":
@@ -80,7 +82,24 @@ class BestEvaluation:
         save_interventions(reft_model, self.output / BEST_DIR, cfg, rank,
                            extra_files={BEST_RECORD_FILE: json.dumps(record) + "\n"})
         self.record = record
+        # Every rank holds the same weights (they train data-parallel): each keeps its own copy, so that restoring
+        # them at the end reads no file that only rank 0 wrote.
+        self._weights = ({name: t.detach().to("cpu", copy=True)
+                          for name, t in reft_model.interventions.state_dict().items()},
+                         {name: p.detach().to("cpu", copy=True)
+                          for name, p in reft_model.model.named_parameters() if p.requires_grad})
         return True
+
+    def restore(self, reft_model, final_dir: Path) -> None:
+        """Put the kept weights back into ``reft_model`` (after ``publish_final``): this process's copy, or, when
+        the best evaluation was an earlier launch's, final/'s files (read by every rank, like a resume)."""
+        if self._weights is None:
+            load_interventions(reft_model, final_dir)
+            return
+        interventions, base = self._weights
+        reft_model.interventions.load_state_dict(interventions, strict=True)
+        if base:
+            reft_model.model.load_state_dict(base, strict=False)
 
     def publish_final(self, rank: int) -> bool:
         """Make best/ the run's final/ (a rename); False when there was no evaluation to keep (every rank calls).

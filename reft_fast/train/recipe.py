@@ -62,8 +62,7 @@ from reft_fast.train.loading import build_reft_model, compile_layers, enable_gra
 from reft_fast.train.loss import to_device
 from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
-from reft_fast.train.run_dir import check_output_dir, load_interventions, prepare_output_dir, rewind_metrics, \
-    save_interventions
+from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
 from reft_fast.train.tasks import make_task, task_datasets
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, validate
 
@@ -438,7 +437,7 @@ class ReftTrainingRecipe:
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):
             self.result.best = dict(self.best.record)
-            load_interventions(self.reft_model, final_dir)
+            self.best.restore(self.reft_model, final_dir)
         else:
             save_interventions(self.reft_model, final_dir, cfg, self.rank)
         self.result.final_dir = str(final_dir)
