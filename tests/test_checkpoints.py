@@ -181,3 +181,42 @@ def test_a_kill_while_metrics_are_rewound_keeps_the_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     run_dir.rewind_metrics(metrics, 2)
     assert metrics.read_text() == "".join(f'{{"step": {k}}}\n' for k in range(3))
+
+
+def _resume_on_rank(rank: int, world: int, init_file: str, dirs: list, results: str) -> None:
+    import json as json_module
+
+    import torch.distributed as dist
+
+    from reft_fast.train.checkpoints import resume_from_checkpoint
+    from reft_fast.train.distributed import same_on_every_rank
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        outcome = {"same_4": same_on_every_rank(4), "differing": same_on_every_rank(rank * 10)}
+        try:  # refused before the engine is touched: None stands for each of them
+            resume_from_checkpoint(Path(dirs[rank]), None, None, None, None, {}, rank, lambda: [])
+            outcome["resume"] = "resumed"
+        except RuntimeError as error:
+            outcome["resume"] = str(error)
+        Path(results, f"{rank}.json").write_text(json_module.dumps(outcome))
+        dist.barrier()  # neither rank tears its connections down while the other still reduces over them
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_see_different_checkpoints_fail_together_instead_of_hanging(tmp_path):
+    """output_dir on a disk of each node's own: rank 0 finds its step-4 checkpoint, rank 1 none (a rank starting at
+    step 0 would wait forever in its first collective). Two gloo ranks: both raise, naming the cause."""
+    import torch.multiprocessing as mp
+
+    dirs = [str(_saved(tmp_path / "node0", 4)), str(tmp_path / "node1")]
+    (tmp_path / "out").mkdir()
+    mp.spawn(_resume_on_rank, args=(2, str(tmp_path / "init"), dirs, str(tmp_path / "out")), nprocs=2, join=True)
+    import json
+
+    outcomes = [json.loads((tmp_path / "out" / f"{rank}.json").read_text()) for rank in range(2)]
+    assert all(o["same_4"] is True and o["differing"] is False for o in outcomes)
+    for rank, outcome in enumerate(outcomes):
+        assert outcome["resume"].startswith("resume: the ranks found different checkpoints"), outcome
+        assert f"this rank, {rank}: " in outcome["resume"] and "filesystem that every node sees" in outcome["resume"]

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from reft_fast.train.distributed import all_reduce_sum
+from reft_fast.train.distributed import all_reduce_sum, same_on_every_rank
 from reft_fast.train.files import fsync_dir, remove_atomically, replace_atomically, write_durably
 from reft_fast.train.loss import forward_loss
 from reft_fast.train.train_config import ConfigError
@@ -298,6 +298,12 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
             logger.warning("%s", message)
 
     found = load_newest_intact(ckpt_dir, warn)
+    # Every rank reads the checkpoints rank 0 wrote. Where a rank sees other files (output_dir on a disk of each
+    # node's own), the ranks would resume at different steps and hang in their first collective: fail instead.
+    if not same_on_every_rank(int(found[1]["step"]) if found else 0):
+        raise RuntimeError(f"resume: the ranks found different checkpoints in {ckpt_dir} (this rank, {rank}: "
+                           f"{found[0] if found else 'none'}). Every rank reads the checkpoints that rank 0 writes: "
+                           "output_dir must be on a filesystem that every node sees")
     if found is None:
         warn(f"resume: nothing to resume in {ckpt_dir} (no checkpoint yet): starting at step 0")
         return 0

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 __all__ = ["all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed", "rank_chunks",
-           "shutdown"]
+           "same_on_every_rank", "shutdown"]
 
 
 def free_port() -> int:
@@ -98,6 +98,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(values)
     return values
+
+
+def same_on_every_rank(value: int) -> bool:
+    """Whether every rank passed the same ``value`` (one reduction; every rank gets the same answer): the values are
+    all equal exactly when world · Σv² = (Σv)². Exact in float64 for |v| < 2^26."""
+    total, squares, world = all_reduce_sum(torch.tensor([value, value * value, 1], dtype=torch.float64)).tolist()
+    return world * squares == total * total
 
 
 def shutdown(wait_for_others: bool = True) -> None:
