@@ -197,3 +197,21 @@ def test_a_wrong_eval_family_is_a_config_error(tmp_path, capsys):
     assert main(["train", str(config), "data.eval_family=math"]) == 2
     assert "data.eval_family: expected one of commonsense, arithmetic, exact, got 'math'" in capsys.readouterr().err
 
+
+
+def test_eval_holds_out_of_a_hugging_face_training_set_as_training_did(trained_run, tmp_path):
+    """data.hf_dataset (a dataset folder here, read by `datasets` offline) with data.eval_fraction: eval scores the
+    examples training held out of it (before, it asked for --data)."""
+    pytest.importorskip("datasets")
+    config, out, _, _ = trained_run
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text((config.parent / "train.jsonl").read_text())
+    held_out = tmp_path / "held.jsonl"
+    assert main(["eval", str(out / "final"), "data.train_file=null", f"data.hf_dataset={folder}",
+                 "data.eval_fraction=0.25", "--family", "exact", "--out", str(held_out), "--max-new-tokens", "2"]) == 0
+    train_rows = [json.loads(line) for line in (config.parent / "train.jsonl").read_text().splitlines()]
+    _, expected = split_examples(train_rows, 0.25, load_config(str(config)).training.seed)
+    assert [(p["prompt"], p["gold"]) for p in _predictions(held_out)] == [
+        (row["instruction"], row["output"]) for row in expected]
+    assert {p["task"] for p in _predictions(held_out)} == {"hf-heldout"}

@@ -354,7 +354,9 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
     else:
         source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
         where = f"{source} (held out)"
-        name = f"{Path(source).stem if d.train_file else str(source).replace('/', '_').replace(':', '_')}-heldout"
+        # a file's or a dataset folder's own name; a Hub dataset's id made a file name (nyu-mll/glue:sst2)
+        stem = Path(source).stem if d.train_file or Path(source).is_dir() else re.sub(r"[/:]", "_", str(source))
+        name = f"{stem}-heldout"
     _, rows = train_and_eval_examples(d, cfg.base_dir, cfg.training.seed,
                                       lambda source, split: load_rows(source, hf_split=split)[0],
                                       eval_part="test", read_train=False)
