@@ -107,6 +107,25 @@ def same_on_every_rank(value: int) -> bool:
     return world * squares == total * total
 
 
+def _remove_shared_memory_name(rank: int) -> None:
+    """Remove the name of this rank's buffer of DeepSpeed's shared-memory allreduce, which DeepSpeed never removes.
+
+    With every rank on one machine (the launcher's LOCAL_SIZE equal to the world size) and the CPU accelerator,
+    DeepSpeed 0.19.8 maps a 69 MB file per rank in /dev/shm, ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_
+    <MASTER_PORT>_<rank>``, and nothing unlinks it: each run of several CPU ranks left its memory behind (22 GB of
+    /dev/shm after two days of this project's tests, 2026-11-29, when the kernel began killing processes). The name
+    goes; the memory stays mapped, and is freed when the last process using it exits (a run started later in this
+    process keeps using it: DeepSpeed creates the buffer once per process)."""
+    if not hasattr(os, "getuid"):
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except OSError:  # none was made (NCCL, ranks on several machines), or not here
+        pass
+
+
 def shutdown(wait_for_others: bool = True) -> None:
     """Barrier, then tear down the process group (DeepSpeed on gloo sometimes aborts at exit otherwise).
 
@@ -123,6 +142,7 @@ def shutdown(wait_for_others: bool = True) -> None:
     if dist.is_initialized():
         if wait_for_others:
             dist.barrier()
+        _remove_shared_memory_name(dist.get_rank())
         if deepspeed.comm.is_initialized():
             deepspeed.comm.destroy_process_group()
         else:  # a group the launcher's code made, which DeepSpeed never joined
