@@ -101,9 +101,10 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def same_on_every_rank(value: int) -> bool:
-    """Whether every rank passed the same ``value`` (one reduction; every rank gets the same answer): the values are
-    all equal exactly when world · Σv² = (Σv)². Exact in float64 for |v| < 2^26."""
-    total, squares, world = all_reduce_sum(torch.tensor([value, value * value, 1], dtype=torch.float64)).tolist()
+    """Whether every rank passed the same integer ``value`` (one reduction; every rank gets the same answer): the
+    values are all equal exactly when world · Σv² = (Σv)². Summed in int64 (exact while world · v² < 2^63), compared
+    as Python integers."""
+    total, squares, world = all_reduce_sum(torch.tensor([value, value * value, 1], dtype=torch.int64)).tolist()
     return world * squares == total * total
 
 
