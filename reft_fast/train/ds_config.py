@@ -74,8 +74,9 @@ def client_adamw(params, **hyperparameters) -> torch.optim.AdamW:
     An intervention has 2–3 small tensors, so a step has hundreds: per tensor, the single-tensor AdamW (torch's CPU
     default) cost 27 µs of host time and ``foreach`` (its CUDA default, about ten multi-tensor launches) 16 µs,
     against 4 µs fused (96 tensors of 32 rank-8 LoReFTs at hidden size 64, CPU, torch 2.13, 2026-11-29). The fused
-    step does the same arithmetic elementwise and keeps its step count on the parameters' device (no read of it). DeepSpeed's ZeRO
-    wrappers call this optimizer's step over their fp32 partitions, offloaded ones on the CPU included.
+    step does the same arithmetic elementwise and keeps its step count on the parameters' device (no read of it).
+    DeepSpeed's ZeRO wrappers call this optimizer's step over their fp32 partitions, offloaded ones on the CPU
+    included.
     """
     params = list(params)
     # torch checks the devices only at the first step: try each (device, dtype) here, the CPU too (ZeRO-Offload

@@ -59,8 +59,8 @@ def forward_loss(engine, batch: dict) -> torch.Tensor:
 @torch.no_grad()
 def mean_eval_loss(engine, dataset, collator, micro: int, rank: int, world: int, trim: bool = False) -> float:
     """Mean response-token loss over the whole dataset. Every rank runs the same number of forwards (ZeRO-3 gathers
-    parameters collectively, ``rank_chunks``): the last chunk is padded with a zero-weight copy of an example. The weighted losses add
-    up on the device; the only host sync is reading the reduced total."""
+    parameters collectively, ``rank_chunks``): the last chunk is padded with a zero-weight copy of an example. The
+    weighted losses add up on the device; the only host sync is reading the reduced total."""
     engine.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
     tokens_total = 0

@@ -162,7 +162,6 @@ def check_task(cfg: TrainConfig) -> None:
                           f"no eval set ({' or '.join(possible)})")
 
 
-
 def make_task(cfg: TrainConfig, task: Optional[str] = None):
     """The task object for ``cfg`` (its ``task:`` unless ``task`` is given)."""
     name = task or cfg.task
