@@ -371,3 +371,19 @@ def test_gradient_checkpointing_gives_equal_gradients(tmp_path, component):
     for mode in ("non-reentrant", "reentrant"):
         for a, b in zip(grads["off"], grads[mode]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_offload_at_zero_2_and_3_trains_like_stage_0(tmp_path):
+    """deepspeed.offload_optimizer: the recipe's AdamW (fused where torch has the kernel, the CPU's included) steps
+    DeepSpeed's fp32 partitions in host memory; the losses follow the un-offloaded run's."""
+    config = make_run(tmp_path, n_examples=16)
+    result = tmp_path / "offload.json"
+    runs = [["deepspeed.stage=0", f"output_dir={tmp_path / 'z0'}"],
+            ["deepspeed.stage=2", "deepspeed.offload_optimizer=true", f"output_dir={tmp_path / 'z2'}"],
+            ["deepspeed.stage=3", "deepspeed.offload_optimizer=true", PARTITION_THE_BASE,
+             f"output_dir={tmp_path / 'z3'}"]]
+    _run([PY, RUN_TRAIN, str(config), str(result), *_one_launch(runs)])
+    reference, *offloaded = json.loads(result.read_text())
+    assert len(reference["losses"]) == 4 and all(math.isfinite(x) for x in reference["losses"])
+    for run in offloaded:
+        assert run["losses"] == pytest.approx(reference["losses"], rel=2e-4, abs=1e-5)
