@@ -88,7 +88,8 @@ def test_every_registered_task_has_what_the_recipe_and_plan_ask_of_it():
     from reft_fast.train.train_config import TrainConfig
 
     needed = ("auto_class", "base_kwargs", "generates", "check_config", "datasets", "bind_base", "collator",
-              "host_batch", "loss", "evaluate", "trainable_base_parameters", "item_tokens")
+              "host_batch", "loss", "evaluate", "metric_names", "eval_sources", "trainable_base_parameters",
+              "item_tokens")
     for name, task_class in TASKS.items():
         task = task_class(TrainConfig(task=name))
         missing = [attribute for attribute in needed if not hasattr(task, attribute)]
