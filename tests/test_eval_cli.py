@@ -198,7 +198,6 @@ def test_a_wrong_eval_family_is_a_config_error(tmp_path, capsys):
     assert "data.eval_family: expected one of commonsense, arithmetic, exact, got 'math'" in capsys.readouterr().err
 
 
-
 def test_eval_holds_out_of_a_hugging_face_training_set_as_training_did(trained_run, tmp_path):
     """data.hf_dataset (a dataset folder here, read by `datasets` offline) with data.eval_fraction: eval scores the
     examples training held out of it (before, it asked for --data)."""
