@@ -13,6 +13,11 @@ Tolerances (loss: relative difference; gradients: ‖fused − plain‖ / ‖pla
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -95,6 +100,26 @@ def test_auto_and_off_leave_a_cpu_model_alone():
     assert fused_base_ops(model) == ()
     # Nothing was rebound: no instance-level forward anywhere, the class's own forward runs.
     assert not any("forward" in vars(module) for module in model.modules())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of 'auto'")
+def test_auto_on_a_cpu_model_does_not_import_liger():
+    # liger-kernel imports peft and bitsandbytes: about 4 s on a 2-core CPU, and a bitsandbytes warning about a
+    # kernel hub, in every CPU training launch that cannot use any of it. A fresh interpreter: this one has them.
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from reft_fast.train.fused_base import apply_fused_base_ops
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                             num_hidden_layers=1, num_attention_heads=2))
+        assert apply_fused_base_ops(model, "auto") == ()
+        print(sorted(name for name in ("liger_kernel", "peft", "bitsandbytes") if name in sys.modules))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[-2] == "[]", proc.stdout
 
 
 def test_on_refuses_an_architecture_liger_does_not_know():

@@ -222,7 +222,9 @@ def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[
     if fused_base_ops(model):
         return fused_base_ops(model)  # applied before: patching twice would nest the layer markers
 
-    reason = fused_ops_unsupported_reason(model) or _device_reason(_model_device(model), mode)
+    # The device first: importing liger-kernel (with the peft and bitsandbytes it imports) takes about 4 s on a
+    # 2-core CPU (2026-11-29), which a CPU run that cannot use it should not pay.
+    reason = _device_reason(_model_device(model), mode) or fused_ops_unsupported_reason(model)
     if reason is not None:
         if mode == "on":
             raise ValueError(f"fused base operations (mode 'on') cannot be applied: {reason}")
