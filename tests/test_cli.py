@@ -92,6 +92,17 @@ def test_a_bad_data_file_is_a_config_error_not_a_traceback(config, tmp_path, cap
     assert "Traceback" not in err
 
 
+def test_a_training_set_smaller_than_one_step_is_a_config_error(config, tmp_path, capsys):
+    """Fewer examples than one optimizer step takes (micro 4 here) is the user's to fix: exit status 2, no traceback."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"repeat : {w}", "output": w}) + "\n"
+                            for w in ("red", "blue", "cat")))
+    code = main(["train", str(config), f"data.train_file={data}", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config error: training.global_batch_size: 4 examples per step" in err, err
+    assert "training set has only 3" in err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:
