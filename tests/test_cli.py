@@ -103,6 +103,17 @@ def test_a_training_set_smaller_than_one_step_is_a_config_error(config, tmp_path
     assert "training set has only 3" in err and not (tmp_path / "out").exists()
 
 
+def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys):
+    """training.sample_prompts are answered before and after training: `reft-fast train` shows both."""
+    code = main(["train", str(config), 'training.sample_prompts=["repeat : red cat"]', "training.max_new_tokens=2",
+                 f"output_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    before, after = out.split("=== before training (the base alone) ===")[1].split(
+        f"=== after 4 steps (interventions in {tmp_path / 'out' / 'final'}) ===")
+    assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:

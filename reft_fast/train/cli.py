@@ -168,14 +168,22 @@ def _print_samples(title: str, samples) -> None:
         print(f"Q: {prompt}\nA: {answer}\n")
 
 
+def _print_run_samples(result, base_name: str) -> None:
+    """Rank 0: the answers to training.sample_prompts before training (when the run made them) and after."""
+    if not _is_rank0():
+        return
+    if result.samples_before:
+        _print_samples(f"before training ({base_name} alone)", result.samples_before)
+    if result.samples:
+        _print_samples(f"after {result.steps} steps (interventions in {result.final_dir})", result.samples)
+
+
 def _demo(overrides: Sequence[str]) -> None:
     from reft_fast.demo import DEMO_CONFIG
 
     # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run.
-    cfg, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
-    if _is_rank0():
-        _print_samples("before training (SmolLM2-135M-Instruct alone)", result.samples_before)
-        _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
+    _, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
+    _print_run_samples(result, "SmolLM2-135M-Instruct")
 
 
 def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Optional[str] = None):
@@ -440,7 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "train":
-            _train(args.config, args.overrides, args.resume, args.overwrite)
+            _, result = _train(args.config, args.overrides, args.resume, args.overwrite)
+            _print_run_samples(result, "the base")
         elif args.command == "demo":
             _demo(args.overrides)
         elif args.command == "generate":
