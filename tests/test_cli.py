@@ -114,6 +114,20 @@ def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys
     assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
 
 
+def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", str(config), f"output_dir={out}"]) == 0
+    answers = []
+    for reft in (out, out / "final"):
+        capsys.readouterr()
+        assert main(["generate", "--reft", str(reft), "--max-new-tokens", "3", "repeat : red cat"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "Q: repeat : red cat\nA: " in answers[0]
+    for wrong, problem in ((tmp_path / "absent", "no such directory"), (config.parent, "no trained interventions")):
+        assert main(["generate", "--reft", str(wrong), "repeat : red"]) == 2
+        assert f"config error: --reft {wrong}: {problem}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:
