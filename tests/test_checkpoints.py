@@ -122,6 +122,8 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         check_output_dir(_config(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"output_dir: .*file/run/out cannot be created: .*file is a file"):
+        check_output_dir(_config(tmp_path / "file" / "run" / "out"))
 
 
 def test_resume_without_a_checkpoint_never_replaces_a_finished_runs_final_interventions(tmp_path):

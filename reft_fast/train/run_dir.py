@@ -55,6 +55,9 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           "replace it: not both)")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output_dir: {output} exists and is not a directory")
+    nearest = next(path for path in (output, *output.parents) if path.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"output_dir: {output} cannot be created: {nearest} is a file, not a directory")
     if cfg.resume and (output / "final").is_dir() and not step_dirs(output / "checkpoints"):
         raise ConfigError(f"resume: {output} holds a finished run (final/) but no checkpoint to continue from "
                           "(training.save_every was 0); starting at step 0 would replace its final interventions "
