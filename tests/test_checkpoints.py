@@ -122,6 +122,26 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         check_output_dir(_config(tmp_path / "file"))
+    with pytest.raises(ConfigError, match=r"output_dir: .*file/run/out cannot be created: .*file is a file"):
+        check_output_dir(_config(tmp_path / "file" / "run" / "out"))
+
+
+def test_resume_without_a_checkpoint_never_replaces_a_finished_runs_final_interventions(tmp_path):
+    """A run trained with save_every 0 has final/ and no checkpoint: --resume there would start at step 0 and replace
+    final/ (the finished run's result) with a new one; it is refused before anything loads, naming --overwrite."""
+    finished = tmp_path / "finished"
+    (finished / "final").mkdir(parents=True)
+    (finished / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(ConfigError, match=r"resume: .*finished holds a finished run \(final/\) but no checkpoint.*"
+                                          r"--overwrite"):
+        check_output_dir(_config(finished, resume=True))
+    check_output_dir(_config(finished, overwrite_output_dir=True))
+    _saved(finished / "checkpoints", 4)  # with a checkpoint the resume continues from it (and replays to the end)
+    check_output_dir(_config(finished, resume=True))
+    interrupted = tmp_path / "interrupted"  # killed before its first checkpoint and before final/: step 0 is right
+    interrupted.mkdir()
+    (interrupted / "metrics.jsonl").write_text('{"step": 1}\n')
+    check_output_dir(_config(interrupted, resume=True))
 
 
 class _InterruptedSave:

@@ -92,6 +92,42 @@ def test_a_bad_data_file_is_a_config_error_not_a_traceback(config, tmp_path, cap
     assert "Traceback" not in err
 
 
+def test_a_training_set_smaller_than_one_step_is_a_config_error(config, tmp_path, capsys):
+    """Fewer examples than one optimizer step takes (micro 4 here) is the user's to fix: exit status 2, no traceback."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"repeat : {w}", "output": w}) + "\n"
+                            for w in ("red", "blue", "cat")))
+    code = main(["train", str(config), f"data.train_file={data}", f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config error: training.global_batch_size: 4 examples per step" in err, err
+    assert "training set has only 3" in err and not (tmp_path / "out").exists()
+
+
+def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys):
+    """training.sample_prompts are answered before and after training: `reft-fast train` shows both."""
+    code = main(["train", str(config), 'training.sample_prompts=["repeat : red cat"]', "training.max_new_tokens=2",
+                 f"output_dir={tmp_path / 'out'}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    before, after = out.split("=== before training (the base alone) ===")[1].split(
+        f"=== after 4 steps (interventions in {tmp_path / 'out' / 'final'}) ===")
+    assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
+
+
+def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(config, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", str(config), f"output_dir={out}"]) == 0
+    answers = []
+    for reft in (out, out / "final"):
+        capsys.readouterr()
+        assert main(["generate", "--reft", str(reft), "--max-new-tokens", "3", "repeat : red cat"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and "Q: repeat : red cat\nA: " in answers[0]
+    for wrong, problem in ((tmp_path / "absent", "no such directory"), (config.parent, "no trained interventions")):
+        assert main(["generate", "--reft", str(wrong), "repeat : red"]) == 2
+        assert f"config error: --reft {wrong}: {problem}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:

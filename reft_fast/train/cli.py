@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="answer prompts with trained interventions")
     gen.add_argument("--reft", required=True, action="append",
-                     help="directory written by training (output_dir/final); repeat as NAME=DIR to serve several "
+                     help="a run's output_dir or its final/ (the interventions); repeat as NAME=DIR to serve several "
                           "ReFTs in one batch, each prompt of --prompts-file naming its own")
     gen.add_argument("--model", default=None, help="base model (default: the one the interventions were trained on)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
@@ -168,14 +168,22 @@ def _print_samples(title: str, samples) -> None:
         print(f"Q: {prompt}\nA: {answer}\n")
 
 
+def _print_run_samples(result, base_name: str) -> None:
+    """Rank 0: the answers to training.sample_prompts before training (when the run made them) and after."""
+    if not _is_rank0():
+        return
+    if result.samples_before:
+        _print_samples(f"before training ({base_name} alone)", result.samples_before)
+    if result.samples:
+        _print_samples(f"after {result.steps} steps (interventions in {result.final_dir})", result.samples)
+
+
 def _demo(overrides: Sequence[str]) -> None:
     from reft_fast.demo import DEMO_CONFIG
 
     # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run.
-    cfg, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
-    if _is_rank0():
-        _print_samples("before training (SmolLM2-135M-Instruct alone)", result.samples_before)
-        _print_samples(f"after {result.steps} LoReFT steps (interventions in {result.final_dir})", result.samples)
+    _, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
+    _print_run_samples(result, "SmolLM2-135M-Instruct")
 
 
 def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Optional[str] = None):
@@ -243,7 +251,10 @@ def _generate(args) -> None:
     named = _named_refts(args.reft)
     if (named is None) == bool(args.prompts_file) or (named is not None and args.prompts):
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
-    reft_dir = Path(args.reft[0] if named is None else next(iter(named.values())))
+    if named is not None:
+        named = {name: _saved_interventions(directory) for name, directory in named.items()}
+    reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
+                else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
@@ -258,6 +269,30 @@ def _generate(args) -> None:
         answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
+
+
+def _final_dir(run_or_final: Path) -> Path:
+    """The interventions' directory of a run: its output_dir's final/, or the directory itself."""
+    return run_or_final / "final" if (run_or_final / "final").is_dir() else run_or_final
+
+
+def _saved_interventions(value: str, base_only: bool = False) -> Path:
+    """A --reft DIR (a run's output_dir or its final/) as the directory holding the interventions, checked before
+    any weight is read; a missing path that can be a Hub repo id is left to ReftModel.load."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(value)
+    if not path.exists():
+        try:
+            validate_repo_id(value)
+        except HFValidationError:
+            raise ConfigError(f"--reft {value}: no such directory") from None
+        return path
+    found = _final_dir(path)
+    if not base_only and not (found / "config.json").is_file():
+        raise ConfigError(f"--reft {value}: no trained interventions there (config.json, in it or in its final/); "
+                          "give a run's output_dir or its final/")
+    return found
 
 
 def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) -> None:
@@ -307,7 +342,7 @@ def _eval_target(args):
         run_dir = Path(cfg.output_dir)
         reft_dir = run_dir / "final"
     elif target.is_dir():
-        reft_dir = target / "final" if (target / "final").is_dir() else target
+        reft_dir = _final_dir(target)
         run_dir = target if reft_dir != target else target.parent
         cfg = _config_of_run(reft_dir, args.overrides)
         if not cfg.model.path:
@@ -440,7 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         if args.command == "train":
-            _train(args.config, args.overrides, args.resume, args.overwrite)
+            _, result = _train(args.config, args.overrides, args.resume, args.overwrite)
+            _print_run_samples(result, "the base")
         elif args.command == "demo":
             _demo(args.overrides)
         elif args.command == "generate":

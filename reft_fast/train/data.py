@@ -31,6 +31,7 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.packing import pack_rows
+from reft_fast.train.train_config import ConfigError
 
 if TYPE_CHECKING:  # the config module builds on this one
     from reft_fast.train.train_config import TrainConfig
@@ -508,8 +509,9 @@ class StepSampler:
         self.num_examples = num_examples
         self.steps_per_epoch = num_examples // self.global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"training.global_batch_size: {self.global_batch} examples per step (micro × ranks × "
-                             f"accumulation) but the training set has only {num_examples}")
+            raise ConfigError(f"training.global_batch_size: {self.global_batch} examples per step (micro × ranks × "
+                              f"accumulation) but the training set has only {num_examples}; lower "
+                              "training.micro_batch_size (or global_batch_size), or give more examples")
 
     def _order(self, epoch: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.seed + epoch)

@@ -26,6 +26,7 @@ from typing import Optional
 
 import yaml
 
+from reft_fast.train.checkpoints import step_dirs
 from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory, replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
@@ -54,6 +55,14 @@ def check_output_dir(cfg: TrainConfig) -> None:
                           "replace it: not both)")
     if output.exists() and not output.is_dir():
         raise ConfigError(f"output_dir: {output} exists and is not a directory")
+    nearest = next(path for path in (output, *output.parents) if path.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"output_dir: {output} cannot be created: {nearest} is a file, not a directory")
+    if cfg.resume and (output / "final").is_dir() and not step_dirs(output / "checkpoints"):
+        raise ConfigError(f"resume: {output} holds a finished run (final/) but no checkpoint to continue from "
+                          "(training.save_every was 0); starting at step 0 would replace its final interventions "
+                          "and metrics: pass --overwrite (overwrite_output_dir=true) to train it again, or choose "
+                          "another output_dir")
     if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
         return
     entries = sorted(path.name for path in output.iterdir())

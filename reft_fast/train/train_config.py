@@ -206,7 +206,7 @@ class TrainingConfig:
     keep_checkpoints: int = 2
     log_every: int = 10  # steps between reads of the metrics (a host sync); every step still gets its line
     peak_tflops: Optional[float] = None  # per device, for MFU; None = a table of known devices, else MFU is not shown
-    sample_prompts: list[str] = field(default_factory=list)  # generated with the trained interventions at the end
+    sample_prompts: list[str] = field(default_factory=list)  # answered before and after training (printed)
     max_new_tokens: int = 64
     progress_bar: bool = True
 
