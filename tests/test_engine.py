@@ -140,6 +140,26 @@ def test_a_kill_during_a_save_loses_nothing(reference, tmp_path):
     assert _checkpoint_names(killed_out) == ["latest", "step4", "step6", "step8"]  # the killed save's scratch: gone
 
 
+def test_a_resume_with_a_new_rate_and_length_follows_the_new_schedule_from_the_saved_step(reference, tmp_path):
+    # Extending a run (more steps) or changing its rate on resume: the schedule is this run's config at the saved
+    # step. The scheduler's saved state used to win: the new training.lr was ignored, and step 5 ran at the old
+    # schedule's rate, step 6 on at the new one's.
+    from reft_fast.train.ds_config import lr_lambda, warmup_steps_of
+    from reft_fast.train.train_config import load_config
+
+    config, out = reference
+    resumed_out = _copy_run_until(out, tmp_path / "resumed", 4)
+    overrides = [*COMMON, "training.max_steps=12", "training.lr=5e-3", f"output_dir={resumed_out}"]
+    proc = _run([PY, "-m", "reft_fast", "train", str(config), *overrides, "--resume"])
+    assert "training.lr is 0.005, the checkpoint's run had 0.01" in proc.stderr, proc.stderr[-3000:]
+    t = load_config(str(config), overrides).training
+    factor = lr_lambda(t.schedule, warmup_steps_of(t.warmup_steps, t.warmup_ratio, 12), 12, t.min_lr_ratio)
+    rows = [r for r in _metrics(resumed_out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["lr"] for r in rows[4:]] == pytest.approx([5e-3 * factor(step - 1) for step in range(5, 13)], rel=1e-12)
+    assert [r["lr"] for r in rows[:4]] == [r["lr"] for r in _metrics(out) if "loss" in r][:4]  # the first run's
+
+
 def test_a_kill_between_metrics_reads_resumes_on_one_trajectory(reference, tmp_path):
     # Metrics are read every 3 steps and before each checkpoint (steps 4, 8): lines 1…6 are written when the run is
     # killed before step 8, step 7's metrics were never read, and the newest checkpoint is step 4's.

@@ -245,7 +245,15 @@ def restore_trainer_state(reft_model, optimizer, scheduler, state: dict) -> None
     for entry in optimizer.state.values():
         entry["step"].fill_(state["optimizer"]["step"])
     scheduler.load_state_dict(state["scheduler"])
-    # LambdaLR.load_state_dict restores its counters only; the rate the next step uses lives in the param groups.
+    # The schedule continues at the saved step, but it is this run's: its peak rate (training.lr, each group's
+    # initial_lr) and its shape (this run's lr_lambda: max_steps, warmup, schedule). LambdaLR.load_state_dict would
+    # keep the checkpoint's peak and the last rate it computed: a changed training.lr was ignored, and after a changed
+    # max_steps the first step ran at the old schedule's rate and the next ones at the new one's. With an unchanged
+    # config this is the same product as the saved rate, bit for bit.
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+    scheduler._last_lr = [peak * factor(scheduler.last_epoch)
+                          for peak, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    # The rate the next step uses lives in the param groups.
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr
 
@@ -312,6 +320,10 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
     restore_trainer_state(reft_model, optimizer, scheduler, state)
     step = int(state["step"])
     engine.global_steps, engine.global_samples = step, step * engine.train_batch_size()
+    saved_peaks = state["scheduler"].get("base_lrs")
+    if saved_peaks is not None and list(saved_peaks) != list(scheduler.base_lrs):
+        warn(f"resume: training.lr is {scheduler.base_lrs[0]:g}, the checkpoint's run had {saved_peaks[0]:g}: the "
+             "schedule continues from the saved step at this run's rate")
     if state["data_order"] != data_order:
         warn(f"resume: the data order differs from the checkpoint's ({state['data_order']} then, {data_order} now): "
              "the steps after the resume will not be those of the interrupted run")
