@@ -80,7 +80,10 @@ def test_overrides_stand_anywhere_and_the_last_one_wins(config, capsys, nothing_
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "repeat : red", "output": "red"}\n{"instruction": "repeat : blue",\n', r"train.jsonl:2: not valid JSON"),
     ('[{"instruction": "repeat : red", "output": "red"},\n {"instruction": ]\n', r"train.jsonl:2: not valid JSON"),
-    ('{"prompt": "repeat : red", "output": "red"}\n', r"example 0 has no field 'instruction'"),
+    ('{"prompt": "repeat : red", "output": "red"}\n', r"train.jsonl:1: no field 'instruction'"),
+    # the line in the file, blank lines counted
+    ('\n{"instruction": "repeat : red", "output": "red"}\n\n{"prompt": "repeat : cat", "output": "cat"}\n',
+     r"train.jsonl:4: no field 'instruction'"),
 ])
 def test_a_bad_data_file_is_a_config_error_not_a_traceback(config, tmp_path, capsys, content, message):
     """The data's content is the user's to fix, like the config: one line naming the file and line, exit status 2."""

@@ -41,10 +41,33 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
                         response_template="the correct answer is {answer}")
     assert got == [{"prompt": rows[0]["instruction"] + "\n", "response": "the correct answer is true"},
                    {"prompt": rows[1]["instruction"] + "\n", "response": "the correct answer is 42"}]
-    with pytest.raises(ValueError, match=r"example 1 field 'answer' is int, expected text"):
+    with pytest.raises(ValueError, match=r"cs.jsonl:2: field 'answer' is int, expected text"):
         load_examples(tmp_path / "cs.jsonl", "instruction", "answer")  # without a template the field is the text
-    with pytest.raises(ValueError, match=r"example 0 has no field 'question'.*the templates name it"):
+    with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'question'.*the templates name it"):
         load_examples(tmp_path / "cs.jsonl", prompt_template="Q: {question}\nA: ")
+
+
+def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
+    """JSONL: the line in the file (blank lines counted); CSV: the line its record starts on (a quoted field may span
+    lines); a JSON list: the example's index."""
+    from reft_fast.train.task_classification import read_labelled_texts
+    from reft_fast.train.train_config import ClassificationConfig
+
+    (tmp_path / "a.csv").write_text('instruction,output\n"two\nlines",ok\nthird,\n"fourth",\n')
+    rows = load_examples(tmp_path / "a.csv")  # an empty cell is an empty text
+    assert [r["prompt"] for r in rows] == ["two\nlines", "third", "fourth"]
+    (tmp_path / "b.csv").write_text('instruction,output\n"two\nlines",ok\nthird\n')
+    with pytest.raises(ValueError, match=r"b\.csv:4: field 'output' is NoneType, expected text"):
+        load_examples(tmp_path / "b.csv")  # a short record: its missing cell reads as None
+    (tmp_path / "c.csv").write_text('sentence,label\n"a\nb\nc",1\nd,x\n')
+    with pytest.raises(ValueError, match=r"c\.csv:5: label 'x' is not"):
+        read_labelled_texts(tmp_path / "c.csv", ClassificationConfig())
+    (tmp_path / "d.jsonl").write_text('\n{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:5: no field 'output'"):
+        load_examples(tmp_path / "d.jsonl")
+    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    with pytest.raises(ValueError, match=r"e\.json: example 1: no field 'output'"):
+        load_examples(tmp_path / "e.json")
 
 
 @pytest.mark.parametrize("template, message", [
@@ -95,7 +118,7 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
     n_prompt = len(encode_prompt(tokenizer, ex[0]["prompt"]))
     ds = SupervisedDataset(ex, tokenizer, max_length=n_prompt + 2)
     assert len(ds[0]["input_ids"]) == n_prompt + 2 and ds[0]["prompt_length"] == n_prompt
-    with pytest.raises(ValueError, match=r"^data\.max_length: example 0 has a"):
+    with pytest.raises(ValueError, match=r"^data\.max_length: example 0 has a \d+-token prompt \(it starts 'repeat : red"):
         SupervisedDataset(ex, tokenizer, max_length=n_prompt)
     short = [{"prompt": "repeat : red", "response": "red"}]
     kept = SupervisedDataset(ex + short, tokenizer, max_length=n_prompt - 1, drop_long_prompts=True)

@@ -46,6 +46,8 @@ __all__ = [
     "load_examples",
     "data_eval_sources",
     "load_rows",
+    "row_at",
+    "RowSource",
     "SELECTION_RULES",
     "selection_and_test_parts",
     "selection_size",
@@ -62,22 +64,42 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
-def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "train") -> tuple[list, str]:
+class RowSource(str):
+    """A data source's name in messages (the string itself) that also names each of its rows: ``at(i)`` is the file
+    and line of row i for a JSONL or CSV file (its first line for a CSV record over several lines), ``example i``
+    (counted from 0) for a JSON list, a dataset or given rows."""
+
+    def __new__(cls, name: str, lines: Optional[Sequence[int]] = None):
+        source = super().__new__(cls, name)
+        source.lines = lines
+        return source
+
+    def at(self, i: int) -> str:
+        return f"{self}:{self.lines[i]}" if self.lines is not None else f"{self}: example {i}"
+
+
+def row_at(where: str, i: int) -> str:
+    """Row i of the source named ``where`` in a message: its file and line where ``where`` knows them (RowSource)."""
+    return where.at(i) if isinstance(where, RowSource) else f"{where}: example {i}"
+
+
+def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "train") -> tuple[list, RowSource]:
     """The raw rows of a data source and a name for it in messages: a JSON list, a JSONL file, a CSV file (a header
     row; every value a string), a list of dicts, or (when ``source`` is not a file and the ``datasets`` package is
     installed) a Hugging Face dataset name, with its subset after a colon where it has several (``nyu-mll/glue:sst2``;
     a repository name holds no colon)."""
     if isinstance(source, (str, Path)) and Path(source).is_file():
         path = Path(source)
-        return (_read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)), str(source)
+        rows, lines = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)
+        return rows, RowSource(str(source), lines)
     if isinstance(source, (str, Path)):
         try:
             import datasets
         except ImportError:
             raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
         name, _, subset = str(source).partition(":")
-        return list(datasets.load_dataset(name, subset or None, split=hf_split)), f"{source}[{hf_split}]"
-    return list(source), "the given examples"
+        return list(datasets.load_dataset(name, subset or None, split=hf_split)), RowSource(f"{source}[{hf_split}]")
+    return list(source), RowSource("the given examples")
 
 
 def load_examples(
@@ -102,15 +124,15 @@ def load_examples(
     examples = []
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: example {i} is a {type(row).__name__}, expected an object")
+            raise ValueError(f"{where.at(i)}: a {type(row).__name__}, expected an object")
         for name in prompt_fields + response_fields:
             if name not in row:
                 how = ("the templates name it" if prompt_template or response_template else
                        "set data.prompt_field / data.response_field")
-                raise ValueError(f"{where}: example {i} has no field {name!r} (fields: {sorted(row)}); {how}")
+                raise ValueError(f"{where.at(i)}: no field {name!r} (fields: {sorted(row)}); {how}")
             # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
             if not isinstance(row[name], (str, int, float) if name in templated else str):
-                raise ValueError(f"{where}: example {i} field {name!r} is {type(row[name]).__name__}, expected text")
+                raise ValueError(f"{where.at(i)}: field {name!r} is {type(row[name]).__name__}, expected text")
         examples.append({"prompt": prompt_template.format_map(row) if prompt_template else row[prompt_field],
                          "response": response_template.format_map(row) if response_template else row[response_field]})
     if not examples:
@@ -132,12 +154,22 @@ def template_fields(template: str, name: str) -> list[str]:
     return fields
 
 
-def _read_csv_rows(path: Path) -> list[dict]:
+def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The records of a CSV file and the line each starts on."""
+    rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        _ = reader.fieldnames  # reads the header row
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append(row)
+            lines.append(start)
+            start = reader.line_num + 1
+    return rows, lines
 
 
-def _read_json_rows(path: Path) -> list:
+def _read_json_rows(path: Path) -> tuple[list, Optional[list[int]]]:
+    """The rows of a JSON list (no line per row: None) or of a JSONL file, and the line each JSONL row is on."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is dropped
@@ -149,17 +181,18 @@ def _read_json_rows(path: Path) -> list:
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
-            return json.loads(text)
+            return json.loads(text), None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    rows = []
+    rows, lines = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
-    return rows
+            lines.append(n)
+    return rows, lines
 
 
 def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -299,7 +332,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             if len(prompt_ids) > max_length - 1:
                 if not drop_long_prompts:
                     raise ValueError(
-                        f"data.max_length: example {i} has a {len(prompt_ids)}-token prompt, which leaves no room for "
+                        f"data.max_length: example {i} has a {len(prompt_ids)}-token prompt (it starts "
+                        f"{ex['prompt'][:60]!r}), which leaves no room for "
                         f"its response within max_length={max_length}; the prompt holds the intervened positions and "
                         "is never truncated (raise max_length, shorten the prompt, or drop such examples)")
                 dropped.append(i)

@@ -238,9 +238,11 @@ def eval_examples_from_rows(rows: Sequence, where: str, *, default_task: str, pr
     gold answer read from its response (``response_field`` or ``response_template``, e.g. "the correct answer is
     true") with ``family``'s rule. The summary groups examples by their ``task`` (or ``dataset``) field, else under
     ``default_task``."""
+    from reft_fast.train.data import row_at
+
     examples = []
     for i, row in enumerate(rows):
-        at = f"{where}: example {i}"
+        at = row_at(where, i)
         prompt, response = _formatted(row, prompt_template, prompt_field), _formatted(row, response_template,
                                                                                      response_field)
         if not isinstance(prompt, str):

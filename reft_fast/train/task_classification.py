@@ -93,13 +93,13 @@ def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "tra
     rows, where = load_rows(source, hf_split=hf_split)
     examples = []
     for i, row in enumerate(rows):
-        here = f"{where}: example {i}"
+        here = where.at(i)
         if not isinstance(row, dict):
-            raise ValueError(f"{here} is a {type(row).__name__}, expected an object")
-        fields = _text_fields(row, c.text_fields, where)
+            raise ValueError(f"{here}: a {type(row).__name__}, expected an object")
+        fields = _text_fields(row, c.text_fields, here)
         for name in fields + (c.label_field,):
             if name not in row:
-                raise ValueError(f"{here} has no field {name!r} (fields: {sorted(row)})")
+                raise ValueError(f"{here}: no field {name!r} (fields: {sorted(row)})")
         texts = tuple(row[name] for name in fields)
         if not all(isinstance(text, str) for text in texts):
             raise ValueError(f"{here}: the text fields {list(fields)} must hold text")
