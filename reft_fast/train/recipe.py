@@ -434,6 +434,9 @@ class ReftTrainingRecipe:
         """Save the final interventions (with keep_best, the best evaluation's become final/ and the model holds
         them again), answer the sample prompts with what final/ holds, and return the run's result."""
         t, cfg = self.cfg.training, self.cfg
+        if self.rank == 0:  # the training loop's time (its evaluations and checkpoints included), not what follows
+            logger.info("trained %d steps in %.1f s", self.total_steps - self.start_step,
+                        time.perf_counter() - self._started)
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):
             self.result.best = dict(self.best.record)
@@ -447,9 +450,6 @@ class ReftTrainingRecipe:
             answers = generate_answers(self.reft_model, self.tokenizer, t.sample_prompts, synced_gpus=synced,
                                        **self.gen_kwargs)
             self.result.samples = list(zip(t.sample_prompts, answers))
-        if self.rank == 0:
-            logger.info("trained %d steps in %.1f s", self.total_steps - self.start_step,
-                        time.perf_counter() - self._started)
         return self.result
 
     def cleanup(self) -> None:
