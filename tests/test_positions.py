@@ -171,3 +171,22 @@ def test_config_errors():
         ReftConfig({"layer": [0, 1], "intervention": inter})
     with pytest.raises(ValueError, match="positions must look like"):
         ReftConfig({"layer": 0, "intervention": inter}, positions="first7")
+
+
+@pytest.mark.parametrize("value", [6.5, 6.0, True, "6"], ids=["fraction", "float", "bool", "str"])
+def test_unit_locations_refuse_positions_that_are_not_integers(value):
+    # A fractional position used to be truncated (6.5 edited token 6) and a bool or str cast to an int, silently.
+    with pytest.raises(TypeError, match="integer"):
+        unit_locations_to_tensor({"sources->base": (None, [[[value], [5]]])}, 1, 2)
+
+
+def test_unit_locations_refuse_a_float_tensor():
+    with pytest.raises(TypeError, match="integer"):
+        unit_locations_to_tensor({"sources->base": (None, torch.tensor([[[6.7], [5.0]]]))}, 1, 2)
+
+
+def test_unit_locations_take_numpy_and_zero_dim_tensor_integers():
+    import numpy as np
+
+    nested = [[[np.int64(6), torch.tensor(2)], [5, np.int32(1)]]]
+    assert unit_locations_to_tensor(nested, 1, 2).tolist() == [[[6, 2], [5, 1]]]

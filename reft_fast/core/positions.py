@@ -34,6 +34,7 @@ Deliberate differences from pyreft
 
 from __future__ import annotations
 
+import operator
 import re
 from typing import Optional, Sequence, Union
 
@@ -187,6 +188,8 @@ def unit_locations_to_tensor(unit_locations, num_interventions: int, batch_size:
         if nested.dim() != 3:
             raise ValueError("unit_locations must be indexed [intervention][example][position] (3 levels), got a "
                              f"tensor of shape {list(nested.shape)}")
+        if nested.dtype.is_floating_point or nested.dtype.is_complex or nested.dtype == torch.bool:
+            raise TypeError(f"unit_locations must hold integer positions, got a tensor of dtype {nested.dtype}")
         tensor = nested.to("cpu", torch.long)
     else:
         if not isinstance(nested, (list, tuple)) or not all(
@@ -202,9 +205,21 @@ def unit_locations_to_tensor(unit_locations, num_interventions: int, batch_size:
                                  f"{tensor.shape[1]}")
             for b, row in enumerate(per_int):
                 if row:
-                    tensor[i, b, : len(row)] = torch.as_tensor([int(p) for p in row])
+                    tensor[i, b, : len(row)] = torch.as_tensor([_integer_position(p) for p in row])
     check_locations(tensor, num_interventions, batch_size)
     return _without_repeats(tensor)
+
+
+def _integer_position(value) -> int:
+    """One position of a nested ``unit_locations`` list: an int (Python, numpy or a one-element integer tensor).
+    A float, bool or string is refused rather than cast: ``int(6.5)`` would silently edit token 6."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"unit_locations must hold integer positions, got {value!r} ({type(value).__name__})") \
+            from None
 
 
 def _without_repeats(locations: torch.Tensor) -> torch.Tensor:
