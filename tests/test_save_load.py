@@ -194,3 +194,29 @@ def test_pyreft_weights_are_read_without_unpickling_objects(tmp_path):
     target.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         ReftModel.load(tmp_path, _model())
+
+
+def test_include_model_saves_and_loads_the_trained_base_parameters_as_pyvene(tmp_path):
+    # pyvene's save(..., include_model=True) / load(..., include_model=True) keep the base's trainable parameters
+    # (a head trained with the interventions); reft_fast's save and load refused the keyword.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    head = reft_model.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    reft_model.save(tmp_path / "with", include_model=True)
+    reft_model.save(tmp_path / "without")  # pyvene's default: interventions only
+    assert (tmp_path / "with" / "base_trainable.safetensors").is_file()
+    assert not (tmp_path / "without" / "base_trainable.safetensors").exists()
+
+    fresh = _model()
+    ReftModel.load(tmp_path / "with", fresh)
+    assert not torch.equal(fresh.lm_head.weight, head)  # include_model=False (the default) leaves the base alone
+    ReftModel.load(tmp_path / "with", fresh, include_model=True)
+    assert torch.equal(fresh.lm_head.weight, head)
+
+
+def test_a_config_that_is_not_json_names_its_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        ReftModel.load(tmp_path, _model())

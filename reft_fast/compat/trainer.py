@@ -28,9 +28,8 @@ import torch
 import transformers
 from torch.nn import functional as F
 
-from reft_fast.core.saving import WEIGHTS_NAME
+from reft_fast.core.saving import WEIGHTS_NAME, load_trainable_base
 from reft_fast.train import data as engine_data
-from reft_fast.train.run_dir import load_trainable_base, save_trainable_base
 
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
            "ReftTrainerForSequenceClassification"]
@@ -99,9 +98,7 @@ class ReftTrainer(transformers.Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.is_world_process_zero():
             return
-        reft_model = self._reft_model()
-        reft_model.save(output_dir)
-        save_trainable_base(reft_model.model, output_dir)
+        self._reft_model().save(output_dir, include_model=True)
 
     def _load_saved(self, directory: str) -> None:
         """Load a ``save_model`` directory into the trained ReftModel in place (resume, best model at the end)."""

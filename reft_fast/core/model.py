@@ -38,7 +38,7 @@ from reft_fast.core.adapters import Adapter, adapter_locations, check_adapter_na
 from reft_fast.core.hooks import ForwardState, InterventionHooks, MultiAdapterHooks, runs_own_forward
 from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
-from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
+from reft_fast.core.saving import load_reft_model, load_trainable_base, resolve_load_directory, save_reft_model
 
 __all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model"]
 
@@ -383,25 +383,35 @@ class ReftModel(nn.Module):
     # Save / load
     # ----------------------------------------------------------------------------------------------------------------
     def save(self, save_directory: Union[str, os.PathLike], *, save_to_hf_hub: bool = False,
-             hf_repo_name: Optional[str] = None) -> None:
-        """Write config.json (every hyperparameter) and interventions.safetensors; optionally push to the Hub."""
-        save_reft_model(self, save_directory, save_to_hf_hub=save_to_hf_hub, hf_repo_name=hf_repo_name)
+             hf_repo_name: Optional[str] = None, include_model: bool = False) -> None:
+        """Write config.json (every hyperparameter) and interventions.safetensors; optionally push to the Hub.
+
+        ``include_model`` (pyvene's) also writes the base's trainable parameters (a head trained with the
+        interventions) to base_trainable.safetensors; ``load(..., include_model=True)`` reads them back.
+        """
+        save_reft_model(self, save_directory, save_to_hf_hub=save_to_hf_hub, hf_repo_name=hf_repo_name,
+                        include_model=include_model)
 
     @classmethod
     def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module,
-             local_directory: Optional[Union[str, os.PathLike]] = None, from_huggingface_hub: bool = False, *,
-             backend: Optional[str] = None, orthogonalization: str = "householder") -> "ReftModel":
+             local_directory: Optional[Union[str, os.PathLike]] = None, from_huggingface_hub: bool = False,
+             include_model: bool = False, *, backend: Optional[str] = None,
+             orthogonalization: str = "householder") -> "ReftModel":
         """Attach saved interventions to ``model``: a directory written by ``save``, or in a registered format
         (pyreft's, registered by ``reft_fast.compat``).
 
         As in pyvene, ``load_directory`` is a Hugging Face Hub repo id when ``from_huggingface_hub`` is set or no
         such local directory exists; it is then downloaded (to ``local_directory`` if given, else the Hub cache).
         Tensors are read on the CPU and copied to each intervention's device, so a directory saved on any device
-        loads on any other. ``orthogonalization`` applies to pyreft directories (ours record it).
+        loads on any other. ``orthogonalization`` applies to pyreft directories (ours record it). ``include_model``
+        (pyvene's) also loads the base parameters that ``save(..., include_model=True)`` wrote.
         """
         directory = resolve_load_directory(load_directory, from_huggingface_hub=from_huggingface_hub,
                                            local_directory=local_directory)
-        return load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization)
+        reft_model = load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization)
+        if include_model:
+            load_trainable_base(model, directory)
+        return reft_model
 
 
 def _batch_shape(base: Mapping) -> tuple[int, int]:

@@ -22,11 +22,12 @@ from torch import nn
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format", "save_reft_model", "load_reft_model",
-           "resolve_load_directory", "model_signature"]
+__all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format", "save_reft_model", "load_reft_model",
+           "resolve_load_directory", "model_signature", "save_trainable_base", "load_trainable_base"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
+BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained parameters (a head), next to the interventions
 FORMAT = "reft_fast"
 
 # name -> (recognizes(config) -> bool, load(reft_model_class, directory, config, model, *, backend, orthogonalization)).
@@ -48,9 +49,10 @@ def model_signature(model: nn.Module) -> dict:
 
 
 def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_hf_hub: bool = False,
-                    hf_repo_name: Optional[str] = None) -> None:
-    """Write ``reft_model``'s config.json and interventions.safetensors into ``directory``; optionally push it to the
-    Hub as ``hf_repo_name``."""
+                    hf_repo_name: Optional[str] = None, include_model: bool = False) -> None:
+    """Write ``reft_model``'s config.json and interventions.safetensors into ``directory`` (with ``include_model``,
+    also the base's trainable parameters: ``save_trainable_base``); optionally push it to the Hub as
+    ``hf_repo_name``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -64,6 +66,8 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft_model.interventions.state_dict().items()}
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    if include_model:
+        save_trainable_base(reft_model.model, directory)
     if save_to_hf_hub:
         if not hf_repo_name:
             raise ValueError("save_to_hf_hub=True needs hf_repo_name")
@@ -110,7 +114,12 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise ValueError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not valid JSON ({err}): not a saved ReFT model") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT model")
     if config.get("format") == FORMAT:
         return _load_ours(reft_model_class, directory, config, model, backend)
     for recognizes, load in _DIRECTORY_FORMATS.values():
@@ -145,3 +154,28 @@ def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.
     reft_model.interventions.load_state_dict(state, strict=True)
     return reft_model
 
+
+def save_trainable_base(model, directory) -> None:
+    """The base's parameters that train (requires_grad: a classifier head) as ``BASE_TRAINABLE_NAME`` in
+    ``directory``; nothing when the base is wholly frozen."""
+    from safetensors.torch import save_file
+
+    trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    if trainable:
+        save_file(trainable, str(Path(directory) / BASE_TRAINABLE_NAME), metadata={"format": "pt"})
+
+
+def load_trainable_base(model, directory) -> list[str]:
+    """Load ``save_trainable_base``'s file from ``directory`` into ``model`` (copied onto its parameters' devices and
+    dtypes) and return the names loaded; none when the directory has no such file. A name the model lacks is an
+    error: the file belongs to another architecture."""
+    from safetensors.torch import load_file
+
+    path = Path(directory) / BASE_TRAINABLE_NAME
+    if not path.is_file():
+        return []
+    tensors = load_file(str(path), device="cpu")
+    _, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise ValueError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
+    return sorted(tensors)

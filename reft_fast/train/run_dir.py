@@ -26,6 +26,7 @@ from typing import Optional
 
 import yaml
 
+from reft_fast.core.saving import BASE_TRAINABLE_NAME, load_trainable_base, save_trainable_base
 from reft_fast.train.checkpoints import step_dirs
 from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory, replace_atomically
@@ -36,7 +37,6 @@ __all__ = ["BASE_TRAINABLE_NAME", "RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_o
 
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
-BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained parameters (a head), next to the interventions
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
 # What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
 # are scratch names of writes a kill interrupted (reft_fast.train.files).
@@ -148,29 +148,3 @@ def load_interventions(reft_model, directory: Path) -> None:
     reft_model.interventions.load_state_dict(load_file(str(Path(directory) / WEIGHTS_NAME), device="cpu"),
                                              strict=True)
     load_trainable_base(reft_model.model, directory)
-
-
-def save_trainable_base(model, directory) -> None:
-    """The base's parameters that train (requires_grad: a classifier head) as ``BASE_TRAINABLE_NAME`` in
-    ``directory``; nothing when the base is wholly frozen."""
-    from safetensors.torch import save_file
-
-    trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    if trainable:
-        save_file(trainable, str(Path(directory) / BASE_TRAINABLE_NAME), metadata={"format": "pt"})
-
-
-def load_trainable_base(model, directory) -> list[str]:
-    """Load ``save_trainable_base``'s file from ``directory`` into ``model`` (copied onto its parameters' devices and
-    dtypes) and return the names loaded; none when the directory has no such file. A name the model lacks is an
-    error: the file belongs to another architecture."""
-    from safetensors.torch import load_file
-
-    path = Path(directory) / BASE_TRAINABLE_NAME
-    if not path.is_file():
-        return []
-    tensors = load_file(str(path), device="cpu")
-    _, unexpected = model.load_state_dict(tensors, strict=False)
-    if unexpected:
-        raise ValueError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
-    return sorted(tensors)
