@@ -220,3 +220,31 @@ def test_a_config_that_is_not_json_names_its_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
         ReftModel.load(tmp_path, _model())
+
+
+def test_one_intervention_instance_at_two_layers_saves_and_loads(tmp_path):
+    # pyreft/pyvene accept one instance in several representations (its weights shared); saving it raised
+    # safetensors' "Some tensors share memory" after config.json was written. It loads back as equal copies, as pyreft
+    # loads it.
+    from reft_fast import LoreftIntervention
+
+    shared = LoreftIntervention(embed_dim=32, low_rank_dimension=2)
+    reft_model = get_reft_model(_model(), ReftConfig([{"layer": layer, "component": "block_output",
+                                                       "intervention": shared} for layer in (0, 2)])).eval()
+    locations = _locations(2)
+    with torch.no_grad():
+        _, expected = reft_model(_inputs(), intervention_locations=locations)
+    reft_model.save(tmp_path)
+    loaded = ReftModel.load(tmp_path, _model()).eval()
+    with torch.no_grad():
+        _, out = loaded(_inputs(), intervention_locations=locations)
+    assert torch.equal(out.logits, expected.logits)
+
+
+def test_the_state_dict_holds_the_base_layers_once():
+    # The layer list was also registered as a submodule of the ReftModel: state_dict() named every decoder weight
+    # twice (model.model.layers.* and _layers.*) and print() showed the layers twice.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    keys = list(reft_model.state_dict())
+    assert not [k for k in keys if not k.startswith(("model.", "interventions."))]
+    assert len(keys) == len(reft_model.model.state_dict()) + len(reft_model.interventions.state_dict())

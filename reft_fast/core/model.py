@@ -125,7 +125,7 @@ class ReftModel(nn.Module):
             self.placements.append((layer, component))
         self._in_order = tuple(self.interventions.values())  # what the hooks index, built once
         self._hooks = InterventionHooks(model, layers, self.placements, self._in_order)
-        self._layers = layers
+        self._layers = tuple(layers)  # a tuple: the layers are the base's submodules, not this module's a second time
         self._adapters = {DEFAULT_ADAPTER: Adapter(reft_config, self.interventions, self.placements)}
         self.active_adapter = DEFAULT_ADAPTER
 

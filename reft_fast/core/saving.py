@@ -64,8 +64,8 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
               "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
               "model": model_signature(reft_model.model)}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in reft_model.interventions.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(_unshared_cpu_tensors(reft_model.interventions.state_dict()), str(directory / WEIGHTS_NAME),
+              metadata={"format": "pt"})
     if include_model:
         save_trainable_base(reft_model.model, directory)
     if save_to_hf_hub:
@@ -76,6 +76,19 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
         api = HfApi()
         api.create_repo(hf_repo_name, exist_ok=True)
         api.upload_folder(folder_path=str(directory), repo_id=hf_repo_name)
+
+
+def _unshared_cpu_tensors(state: dict) -> dict:
+    """``state`` on the CPU with a tensor that an earlier entry already holds copied: safetensors refuses shared
+    memory, and one intervention instance given at several layers (as pyreft allows) appears once per key."""
+    seen, tensors = set(), {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.numel() and tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[name] = tensor
+    return tensors
 
 
 def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_huggingface_hub: bool = False,
