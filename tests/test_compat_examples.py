@@ -270,6 +270,10 @@ def test_trainer_refuses_a_layout_it_cannot_read(model_name_or_path, tmp_path):
         trainer.compute_loss(reft_model, wrong)
     with pytest.raises(ValueError, match="subspaces"):
         trainer.compute_loss(reft_model, {**wrong, "subspaces": torch.zeros(3, 2, 1)})
+    # Data built for one intervention (make_last_position_supervised_data_module's default) says what to pass.
+    one = {**wrong, "intervention_locations": torch.zeros(3, 1, 1, dtype=torch.long)}
+    with pytest.raises(ValueError, match="for 1 intervention.*num_interventions=2"):
+        trainer.compute_loss(reft_model, one)
 
 
 def test_collator_wraps_a_hugging_face_collator(model_name_or_path):

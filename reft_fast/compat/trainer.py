@@ -79,8 +79,13 @@ class ReftTrainer(transformers.Trainer):
                              f"layout), got {shape}; pyreft's 2-D 'LoRA only' locations are not supported (a "
                              "ReftModel always has interventions)")
         if locations.shape[0] != batch or locations.shape[1] != n:
+            hint = ""
+            if locations.shape[0] == batch:  # the usual cause: the data module's num_interventions default of 1
+                hint = (f" (the data has locations for {locations.shape[1]} intervention(s): build it with "
+                        f"num_interventions={n}, e.g. make_last_position_supervised_data_module(..., "
+                        f"num_interventions={n}))")
             raise ValueError(f"intervention_locations has shape {list(locations.shape)}; pyreft's layout for this "
-                             f"batch is [batch={batch}, n_interventions={n}, positions]")
+                             f"batch is [batch={batch}, n_interventions={n}, positions]{hint}")
         return locations.permute(1, 0, 2)
 
     def _intervened_forward(self, model, inputs: dict, **model_kwargs):
