@@ -190,3 +190,12 @@ def test_unit_locations_take_numpy_and_zero_dim_tensor_integers():
 
     nested = [[[np.int64(6), torch.tensor(2)], [5, np.int32(1)]]]
     assert unit_locations_to_tensor(nested, 1, 2).tolist() == [[[6, 2], [5, 1]]]
+
+
+def test_config_accepts_pyvenes_max_number_of_units():
+    # pyvene's representation key (the most positions a unit location may hold there) was an "unknown key" here.
+    entry = {"layer": 1, "component": "block_output", "unit": "pos", "max_number_of_units": 4,
+             "intervention": LoreftIntervention(embed_dim=8, low_rank_dimension=2)}
+    assert ReftConfig(representations=entry).representations[0].layer == 1
+    with pytest.raises(ValueError, match="max_number_of_units must be a positive int"):
+        ReftConfig(representations={**entry, "max_number_of_units": 0})

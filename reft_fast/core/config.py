@@ -42,7 +42,10 @@ _UNSUPPORTED_PYVENE_COMPONENTS = ("mlp_activation", "attention_value_output", "h
 _PATH_STEP = r"[A-Za-z_]\w*(?:\[\d+\])*"
 _COMPONENT_PATH = re.compile(rf"^(?P<path>{_PATH_STEP}(?:\.{_PATH_STEP})*)\.(?P<io>input|output)$")
 # A representation may carry the intervention's hyperparameters (OPTION_KEYS) when it is given by name or class.
-_KEYS = ("layer", "component", "low_rank_dimension", "intervention", "intervention_type", "unit") + OPTION_KEYS
+# pyvene's max_number_of_units sizes its position buffers; reft_fast takes any number of positions, so it is checked
+# and otherwise ignored.
+_KEYS = ("layer", "component", "low_rank_dimension", "intervention", "intervention_type", "unit",
+         "max_number_of_units") + OPTION_KEYS
 
 
 def parse_component_path(component: str) -> Optional[tuple[list, str]]:
@@ -129,6 +132,9 @@ def _as_representation(entry, index: int, default_type) -> Representation:
     if entry.get("unit", "pos") != "pos":
         raise ValueError(f"representations[{index}]: only unit='pos' (token positions) is supported, got "
                          f"{entry['unit']!r}")
+    units = entry.get("max_number_of_units", 1)
+    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
+        raise ValueError(f"representations[{index}]: max_number_of_units must be a positive int, got {units!r}")
     component = entry.get("component", "block_output")
     _check_component(component, index)
     named_by_path = parse_component_path(component) is not None  # the path names the layer
