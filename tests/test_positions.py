@@ -180,16 +180,13 @@ def test_unit_locations_refuse_positions_that_are_not_integers(value):
         unit_locations_to_tensor({"sources->base": (None, [[[value], [5]]])}, 1, 2)
 
 
-def test_unit_locations_refuse_a_float_tensor():
-    with pytest.raises(TypeError, match="integer"):
-        unit_locations_to_tensor({"sources->base": (None, torch.tensor([[[6.7], [5.0]]]))}, 1, 2)
-
-
-def test_unit_locations_take_numpy_and_zero_dim_tensor_integers():
+def test_unit_locations_take_integers_of_any_kind_and_refuse_a_float_tensor():
     import numpy as np
 
     nested = [[[np.int64(6), torch.tensor(2)], [5, np.int32(1)]]]
     assert unit_locations_to_tensor(nested, 1, 2).tolist() == [[[6, 2], [5, 1]]]
+    with pytest.raises(TypeError, match="integer"):
+        unit_locations_to_tensor({"sources->base": (None, torch.tensor([[[6.7], [5.0]]]))}, 1, 2)
 
 
 def test_config_accepts_pyvenes_max_number_of_units():
