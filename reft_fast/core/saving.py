@@ -22,8 +22,9 @@ from torch import nn
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
-__all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format", "save_reft_model", "load_reft_model",
-           "resolve_load_directory", "model_signature", "save_trainable_base", "load_trainable_base"]
+__all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format",
+           "save_reft_model", "load_reft_model", "resolve_load_directory", "model_signature", "save_trainable_base",
+           "load_trainable_base"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
