@@ -177,6 +177,7 @@ class ClassificationTask:
 
     auto_class = "AutoModelForSequenceClassification"
     generates = False
+    rows_per_example = 1
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
