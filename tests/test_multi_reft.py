@@ -268,6 +268,25 @@ def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_pat
     assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"), ("\n  \n", "no prompts in it"),
+    ('{"prompt": "w3", "reft": ["A"]}\n', ":1: unknown ReFT ['A']"), ('{"prompt": "w3"}\n{"prompt": \n', ":2: not JSON")],
+    ids=["missing", "empty", "reft-not-a-name", "malformed"])
+def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tmp_path, capsys, content, message):
+    """A missing or empty --prompts-file, or a bad line, is a config error naming the file, raised before the base is
+    read (the --model given here does not exist, so reading it first would report that instead)."""
+    from reft_fast.train.cli import main
+
+    _, _, directories = served
+    prompts_file = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts_file.write_text(content)
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file)]) == 2
+    err = capsys.readouterr().err
+    assert str(prompts_file) in err and message in err, err
+
+
 def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     """The first --reft is the ReFT the model is loaded with; it is not loaded a second time under its name, and
     'default' may only name that first one."""

@@ -253,6 +253,7 @@ def _generate(args) -> None:
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
+        records = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
@@ -264,7 +265,7 @@ def _generate(args) -> None:
         if args.no_chat_template:
             gen_kwargs["chat_template"] = False
         if named is not None:
-            _serve_prompts_file(args, model, tokenizer, named, gen_kwargs)
+            _serve_prompts_file(args, model, tokenizer, named, records, gen_kwargs)
             return
         answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
@@ -295,25 +296,38 @@ def _saved_interventions(value: str, base_only: bool = False) -> Path:
     return found
 
 
-def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) -> None:
-    """Answer every line of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
-    from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
-    from reft_fast.train.generation import mixed_answers
-
+def _read_prompts_file(path: str, named: dict) -> list[dict]:
+    """The records of --prompts-file, each {"prompt": ..., "reft": a name of ``named`` or null}, checked before any
+    weight is read."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"--prompts-file {path}: cannot read it ({err.strerror or err})") from None
     records = []
-    for number, line in enumerate(Path(args.prompts_file).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{args.prompts_file}:{number}: not JSON ({err})") from None
+            raise ConfigError(f"{path}:{number}: not JSON ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(f"{args.prompts_file}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
-        if record.get("reft") is not None and record["reft"] not in named:
-            raise ConfigError(f"{args.prompts_file}:{number}: unknown ReFT {record['reft']!r}; --reft gave "
-                              f"{sorted(named)}")
+            raise ConfigError(f"{path}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
+        reft = record.get("reft")
+        if reft is not None and (not isinstance(reft, str) or reft not in named):
+            raise ConfigError(f"{path}:{number}: unknown ReFT {reft!r}; --reft gave {sorted(named)}")
         records.append(record)
+    if not records:
+        raise ConfigError(f"--prompts-file {path}: no prompts in it (one JSON line per prompt: "
+                          '{"prompt": "...", "reft": NAME or null})')
+    return records
+
+
+def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
+    """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+    from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
+    from reft_fast.train.generation import mixed_answers
+
     first, *others = named
     if DEFAULT_ADAPTER in others:
         raise ConfigError(f"--reft {DEFAULT_ADAPTER}=...: that name is the first ReFT's (the one the model is loaded "
