@@ -47,6 +47,7 @@ from bench_orthogonal_convergence import load_smollm2  # noqa: E402
 
 from reft_fast.core.config import ReftConfig  # noqa: E402
 from reft_fast.core.model import get_reft_model  # noqa: E402
+from reft_fast.train.cli import positive_int  # noqa: E402
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator  # noqa: E402
 from reft_fast.train.loss import trim_to_labels  # noqa: E402
 from reft_fast.train.packing import pack_rows, packed_model_inputs  # noqa: E402
@@ -202,13 +203,13 @@ def max_relative_difference(a: list[list[float]], b: list[list[float]]) -> float
 def main(argv=None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
-    parser.add_argument("--max-length", type=int, default=256, help="cap of the example lengths = packed row length")
-    parser.add_argument("--micro-batch", type=int, default=8, help="examples per step (the packing window)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, in the order padded, packed, packed, "
+    parser.add_argument("--max-length", type=positive_int, default=256, help="cap of the example lengths = packed row length")
+    parser.add_argument("--micro-batch", type=positive_int, default=8, help="examples per step (the packing window)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="runs per mode, in the order padded, packed, packed, "
                         "padded, …")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a child process: one mode, JSON on stdout
     args = parser.parse_args(argv)

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from reft_fast.train.train_config import ConfigError, load_config
 
-__all__ = ["main"]
+__all__ = ["main", "positive_int"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", default=None,
                      help='JSONL, one {"prompt": ..., "reft": NAME or null} per line (with NAME=DIR --reft)')
     gen.add_argument("--output", default=None, help="JSONL answers (default: stdout), with --prompts-file")
-    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch, with --prompts-file")
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch, with --prompts-file")
     gen.add_argument("prompts", nargs="*")
 
     _add_eval_parser(sub)
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--gpus", type=_positive_int, required=True, help="number of GPUs (data-parallel ranks)")
+    plan.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs (data-parallel ranks)")
     plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for the fit check")
     return parser
 
@@ -88,13 +88,13 @@ def _add_eval_parser(sub) -> None:
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
     evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
                                         "classification or preference run writes its metrics beside it, as .json")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call and rank")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call and rank")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="default: training.max_new_tokens")
     evaluate.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
