@@ -251,6 +251,9 @@ def test_regression_on_sentence_pairs_from_csv(tmp_path):
     (["data.packing=true"], r"^data.packing: not supported by task classification"),
     (["classification.text_fields=[a, b, c]"], r"^classification.text_fields: one field or a pair"),
     (["classification.train_head=true", "deepspeed.stage=3"], r"^classification.train_head: ZeRO stage 3"),
+    # a file has no validation split: the "split" read back was the training file, so the run selected and scored
+    # its model on its own training examples
+    (["classification.eval_split=validation"], r"^classification.eval_split: 'validation' is a split of a Hugging"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, message):
     from reft_fast.train.train_config import ConfigError, load_config, validate
