@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a run's output_dir or its final/ (the interventions); repeat as NAME=DIR to serve several "
                           "ReFTs in one batch, each prompt of --prompts-file naming its own")
     gen.add_argument("--model", default=None, help="base model (default: the one the interventions were trained on)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
     gen.add_argument("--prompts-file", default=None,
