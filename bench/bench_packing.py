@@ -60,6 +60,7 @@ FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "mo
           "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens", "packing_efficiency",
           "time_s", "tokens_per_s", "ratio_vs_padded", "peak_rss_mib", "loss_max_rel_diff", "loss_rtol", "losses_equal"]
 MODES = ("padded", "packed")
+MIN_LENGTH = 8  # the shortest example: a prompt of 4 or more tokens, and a response
 
 
 def example_lengths(n: int, max_length: int, seed: int) -> list[tuple[int, int]]:
@@ -67,7 +68,7 @@ def example_lengths(n: int, max_length: int, seed: int) -> list[tuple[int, int]]
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        total = min(max_length, max(8, round(rng.lognormvariate(math.log(MEDIAN_LENGTH), SIGMA))))
+        total = min(max_length, max(MIN_LENGTH, round(rng.lognormvariate(math.log(MEDIAN_LENGTH), SIGMA))))
         prompt = max(4, round(total * rng.uniform(0.2, 0.6)))
         pairs.append((prompt, total - prompt))
     return pairs
@@ -213,6 +214,9 @@ def main(argv=None) -> Path | None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a child process: one mode, JSON on stdout
     args = parser.parse_args(argv)
+    if args.max_length < MIN_LENGTH:  # shorter cuts leave examples without a response: nothing to compare
+        parser.error(f"argument --max-length: must be at least {MIN_LENGTH} (a prompt of 4 or more tokens and a "
+                     f"response), got {args.max_length}")
     torch.set_num_threads(args.threads)
     if args.mode:
         print(json.dumps(run_mode(args)))
