@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*")
     plan.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs (data-parallel ranks)")
-    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for the fit check")
+    plan.add_argument("--gpu-memory-gib", type=_positive_number, default=80.0,
+                      help="memory of one GPU, for the fit check")
     return parser
 
 
@@ -92,6 +93,16 @@ def _add_eval_parser(sub) -> None:
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="default: training.max_new_tokens")
     evaluate.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:
