@@ -346,6 +346,8 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     config, result = trained
     out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
     target = tmp_path / "metrics.json"
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2  # was a datasets traceback
+    assert f"config error: --data {tmp_path / 'missing.jsonl'}: no such file" in capsys.readouterr().err
     assert main(["eval", str(out_dir), "--out", str(target)]) == 0
     metrics = json.loads(target.read_text())
     assert "classification metrics" in capsys.readouterr().out

@@ -471,6 +471,8 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     if args.family:
         raise ConfigError(f"--family: reads generated answers; a {cfg.task} run is scored by the task's own metrics")
     if args.data:
+        if not Path(args.data).is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
+            raise ConfigError(f"--data {args.data}: no such file")
         cfg.data.eval_file = str(Path(args.data).resolve())
         cfg.data.selection_examples = None  # a file given is scored whole
     scored = f"all of {args.data}" if args.data else scored_part(cfg)
