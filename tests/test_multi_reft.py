@@ -287,6 +287,32 @@ def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tm
     assert str(prompts_file) in err and message in err, err
 
 
+def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):
+    """A --reft trained on another model is a config error naming it (it was ReftModel.load's ValueError, raised
+    as a traceback)."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    _word_tokenizer(model_dir)
+    other_base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, vocab_size=VOCAB))
+    other = ReftModel(other_base, ReftConfig([{"layer": 1, "component": "block_output", "intervention": "loreft",
+                                               "low_rank_dimension": 2}], positions="l1"))
+    other.save(tmp_path / "other")
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3 w7", "reft": "X"}) + "\n")
+    args = ["generate", "--model", str(model_dir), "--prompts-file", str(prompts_file), "--no-chat-template",
+            "--max-new-tokens", "2", "--reft", f"A={directories['A']}", "--reft", f"X={tmp_path / 'other'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config error: --reft X={tmp_path / 'other'}: the ReFT model in" in err, err
+    assert "saved for a different model" in err and "hidden_size: saved 16, model 32" in err, err
+
+
 def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     """The first --reft is the ReFT the model is loaded with; it is not loaded a second time under its name, and
     'default' may only name that first one."""

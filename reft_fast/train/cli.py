@@ -215,6 +215,15 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
     return config_from_dict(tree, base_dir)
 
 
+@contextlib.contextmanager
+def _reft_load_errors(what: str):
+    """ReftModel.load's refusals (saved for another base, an unknown directory format) as config errors."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
 def _answering_model(cfg, reft_dir: Optional[Path]):
     """The base on this rank's accelerator with the interventions of ``reft_dir`` (the base alone when None), its
     tokenizer, and the keyword arguments of the generation functions."""
@@ -230,7 +239,11 @@ def _answering_model(cfg, reft_dir: Optional[Path]):
     base, _ = load_base_model(source, cfg)
     base.config.use_cache = True
     base.to(get_accelerator().device_name(local_rank))
-    model = base if reft_dir is None else ReftModel.load(str(reft_dir), base)
+    if reft_dir is None:
+        model = base
+    else:
+        with _reft_load_errors(str(reft_dir)):
+            model = ReftModel.load(str(reft_dir), base)
     model.eval()
     saved = getattr(model, "reft_config", None)
     gen_kwargs = dict(positions=getattr(saved, "positions", None) or cfg.interventions.positions,
@@ -343,9 +356,11 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
     if DEFAULT_ADAPTER in others:
         raise ConfigError(f"--reft {DEFAULT_ADAPTER}=...: that name is the first ReFT's (the one the model is loaded "
                           "with); give it first or choose another name")
-    reft_model = ReftModel.load(named[first], base)  # held as DEFAULT_ADAPTER: loaded once, not again as `first`
+    with _reft_load_errors(f"--reft {first}={named[first]}"):
+        reft_model = ReftModel.load(named[first], base)  # held as DEFAULT_ADAPTER: loaded once, not again as `first`
     for name in others:
-        reft_model.load_adapter(named[name], name)
+        with _reft_load_errors(f"--reft {name}={named[name]}"):
+            reft_model.load_adapter(named[name], name)
     reft_model.eval()
     held_as = {first: DEFAULT_ADAPTER}
     answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
