@@ -287,6 +287,26 @@ def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tm
     assert str(prompts_file) in err and message in err, err
 
 
+def test_cli_generate_checks_the_output_before_answering(served, tmp_path, capsys):
+    """--output in a missing directory was found only when the answers were written (a traceback, every answer lost);
+    --output without --prompts-file was ignored (the answers printed)."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    _, _, directories = served
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3", "reft": "A"}) + "\n")
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    output = tmp_path / "no-dir" / "answers.jsonl"
+    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
+                 "--output", str(output)]) == 2
+    assert f"config error: --output {output}: no such directory" in capsys.readouterr().err
+    assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path / "no-model"), "--output",
+                 str(tmp_path / "answers.jsonl"), "w3"]) == 2
+    assert "config error: --output: only with --prompts-file" in capsys.readouterr().err
+
+
 def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):
     """A --reft trained on another model is a config error naming it (it was ReftModel.load's ValueError, raised
     as a traceback)."""

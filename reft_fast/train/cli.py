@@ -275,6 +275,10 @@ def _generate(args) -> None:
     named = _named_refts(args.reft)
     if (named is None) == bool(args.prompts_file) or (named is not None and args.prompts):
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
+    if args.output and named is None:
+        raise ConfigError("--output: only with --prompts-file (answers to prompts given as arguments are printed)")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # found now, not after every answer is made
+        raise ConfigError(f"--output {args.output}: no such directory {Path(args.output).resolve().parent}")
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
         records = _read_prompts_file(args.prompts_file, named)
