@@ -287,21 +287,24 @@ def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tm
     assert str(prompts_file) in err and message in err, err
 
 
-def test_cli_generate_checks_the_output_before_answering(served, tmp_path, capsys):
-    """--output in a missing directory was found only when the answers were written (a traceback, every answer lost);
-    --output without --prompts-file was ignored (the answers printed)."""
+def test_cli_generate_output_makes_its_folder_and_needs_a_prompts_file(served, tmp_path, capsys):
+    """--output in a missing folder failed only when the answers were written (a traceback, every answer lost); it is
+    made now, as eval makes its own. --output without --prompts-file was ignored (the answers printed)."""
     import json
 
     from reft_fast.train.cli import main
 
-    _, _, directories = served
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    _word_tokenizer(model_dir)
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "w3", "reft": "A"}) + "\n")
     refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
-    output = tmp_path / "no-dir" / "answers.jsonl"
-    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
-                 "--output", str(output)]) == 2
-    assert f"config error: --output {output}: no such directory" in capsys.readouterr().err
+    output = tmp_path / "new" / "answers.jsonl"
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file),
+                 "--no-chat-template", "--max-new-tokens", "2", "--output", str(output)]) == 0
+    assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["w3"]
     assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path / "no-model"), "--output",
                  str(tmp_path / "answers.jsonl"), "w3"]) == 2
     assert "config error: --output: only with --prompts-file" in capsys.readouterr().err

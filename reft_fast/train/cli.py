@@ -277,8 +277,6 @@ def _generate(args) -> None:
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
     if args.output and named is None:
         raise ConfigError("--output: only with --prompts-file (answers to prompts given as arguments are printed)")
-    if args.output and not Path(args.output).resolve().parent.is_dir():  # found now, not after every answer is made
-        raise ConfigError(f"--output {args.output}: no such directory {Path(args.output).resolve().parent}")
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
         records = _read_prompts_file(args.prompts_file, named)
@@ -354,6 +352,7 @@ def _read_prompts_file(path: str, named: dict) -> list[dict]:
 def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
     """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
     from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
+    from reft_fast.train.files import write_jsonl_atomically
     from reft_fast.train.generation import mixed_answers
 
     first, *others = named
@@ -371,11 +370,11 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
                             [held_as.get(r.get("reft"), r.get("reft")) for r in records],
                             batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
                             system_prompt=gen_kwargs["system_prompt"], max_new_tokens=args.max_new_tokens)
-    lines = [json.dumps({**record, "answer": answer}) for record, answer in zip(records, answers)]
-    if args.output:
-        Path(args.output).write_text("".join(line + "\n" for line in lines))
+    rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
+    if args.output:  # its folder made, as eval makes its own
+        write_jsonl_atomically(Path(args.output), rows)
     else:
-        print("\n".join(lines))
+        print("\n".join(json.dumps(row) for row in rows))
 
 
 def _eval_target(args):
