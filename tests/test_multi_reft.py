@@ -287,9 +287,9 @@ def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tm
     assert str(prompts_file) in err and message in err, err
 
 
-def test_cli_generate_output_makes_its_folder_and_needs_a_prompts_file(served, tmp_path, capsys):
+def test_cli_generate_output_and_base_only_with_a_prompts_file(served, tmp_path, capsys):
     """--output in a missing folder failed only when the answers were written (a traceback, every answer lost); it is
-    made now, as eval makes its own. --output without --prompts-file was ignored (the answers printed)."""
+    made now, as eval makes its own. --output without --prompts-file, and --base-only with it, were ignored."""
     import json
 
     from reft_fast.train.cli import main
@@ -308,6 +308,9 @@ def test_cli_generate_output_makes_its_folder_and_needs_a_prompts_file(served, t
     assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path / "no-model"), "--output",
                  str(tmp_path / "answers.jsonl"), "w3"]) == 2
     assert "config error: --output: only with --prompts-file" in capsys.readouterr().err
+    # --base-only was ignored with --prompts-file: every line got its ReFT's answer
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file), "--base-only"]) == 2
+    assert 'config error: --base-only: with --prompts-file, a line with "reft": null' in capsys.readouterr().err
 
 
 def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):

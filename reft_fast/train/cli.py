@@ -277,6 +277,8 @@ def _generate(args) -> None:
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
     if args.output and named is None:
         raise ConfigError("--output: only with --prompts-file (answers to prompts given as arguments are printed)")
+    if args.base_only and named is not None:
+        raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
         records = _read_prompts_file(args.prompts_file, named)
