@@ -71,6 +71,8 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels: the shared timing and CSV helpers
 from bench_kernels import environment, measure_ms, result_path, write_csv  # noqa: E402
 
+from reft_fast.train.cli import positive_int  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Llama-2 7B / 13B and CodeLlama-34B shapes; "tiny" is the smoke test's.
@@ -647,13 +649,13 @@ def _parse_args(argv):
     parser.add_argument("--checkpointing", default="off,on", help="off, on or off,on")
     parser.add_argument("--fused", default=None, help="fused base operations: on, off or on,off (default: on,off "
                         "on CUDA, off on a CPU, where liger's kernels cannot run)")
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--seq-len", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=positive_int, default=None)
+    parser.add_argument("--seq-len", type=positive_int, default=None)
+    parser.add_argument("--warmup", type=positive_int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=None)
     parser.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
     parser.add_argument("--row-timeout-s", type=float, default=None)
-    parser.add_argument("--jobs", type=int, default=None, help="rows at a time (CPU only; CUDA rows run alone)")
+    parser.add_argument("--jobs", type=positive_int, default=None, help="rows at a time (CPU only; CUDA rows run alone)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and PNG (default bench/results)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)

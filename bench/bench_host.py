@@ -50,6 +50,8 @@ sys.path.insert(0, str(HERE.parent / "tests"))  # launch_count: the launch and h
 import bench_e2e  # noqa: E402
 from bench_kernels import environment, print_table, result_path, write_csv  # noqa: E402
 
+from reft_fast.train.cli import positive_int  # noqa: E402
+
 HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
@@ -197,8 +199,8 @@ def measure(reps: int, warmup: int, log=print) -> list[dict]:
 def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few repetitions: checks that the script runs")
-    parser.add_argument("--reps", type=int, default=None, help="paired repetitions (default 400; smoke 4)")
-    parser.add_argument("--warmup", type=int, default=None, help="steps per variant before timing (default 10)")
+    parser.add_argument("--reps", type=positive_int, default=None, help="paired repetitions (default 400; smoke 4)")
+    parser.add_argument("--warmup", type=positive_int, default=None, help="steps per variant before timing (default 10)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
                                                                "<date>/)")
     args = parser.parse_args(argv)

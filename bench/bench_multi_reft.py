@@ -10,14 +10,18 @@ base; 8 prompts (2 per ReFT, random token ids, 24–64 tokens, left padded), gre
 2 rows. Rounds in ABBA order (a drifting load weighs on both); tokens/s = generated tokens / wall time, median over
 rounds. Both modes' tokens are checked equal row by row where the batches give the same greedy result (reported).
 
-Writes bench/results/<machine>_<date>/multi_reft.csv with the machine, versions and date.
+Writes bench/results/<machine>_<date>/multi_reft.csv (multi_reft_tiny.csv with --tiny) with the machine, versions and
+date.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import datetime
+import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -32,9 +36,9 @@ from bench_orthogonal_convergence import load_smollm2  # noqa: E402
 from reft_fast.core.config import ReftConfig  # noqa: E402
 from reft_fast.core.model import ReftModel  # noqa: E402
 from reft_fast.core.positions import intervention_locations  # noqa: E402
+from reft_fast.train.cli import positive_int  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DATE = "2026-11-28"
 REFTS = {
     "lo": ([{"layer": 8, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 4},
             {"layer": 16, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 4}],
@@ -104,8 +108,8 @@ def _grouped(served, base_inputs, names, new_tokens):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2")
-    parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each: mixed, grouped, grouped, mixed)")
+    parser.add_argument("--new-tokens", type=positive_int, default=16)
+    parser.add_argument("--rounds", type=positive_int, default=2, help="ABBA rounds (each: mixed, grouped, grouped, mixed)")
     parser.add_argument("--out", default=None, help="CSV path (default: bench/results/<machine>_<date>/)")
     args = parser.parse_args()
     base = _tiny() if args.tiny else load_smollm2()[0].eval()
@@ -129,13 +133,13 @@ def main() -> None:
     rows_equal = sum(bool(torch.equal(a[-args.new_tokens:], b[-args.new_tokens:]))
                      for a, b in zip(mixed_out, grouped_out))
     row = dict(machine=f"cpu-{platform.machine().lower().replace('_', '-')}-{torch.get_num_threads()}-threads",
-               processor=_cpu_name(), torch=torch.__version__, transformers=_version("transformers"), date=DATE,
+               processor=_cpu_name(), torch=torch.__version__, transformers=_version("transformers"), date=_today(),
                threads=torch.get_num_threads(), model="tiny-llama" if args.tiny else "SmolLM2-135M-Instruct",
                rows=len(names), refts=len(REFTS), new_tokens=args.new_tokens, rounds=args.rounds,
                mixed_s=round(mixed_s, 3), grouped_s=round(grouped_s, 3),
                mixed_tokens_per_s=round(generated / mixed_s, 1), grouped_tokens_per_s=round(generated / grouped_s, 1),
                ratio=round(grouped_s / mixed_s, 2), rows_equal=f"{rows_equal}/{len(names)}")
-    out = Path(args.out) if args.out else RESULTS / f"cpu-x86-64-2-cores_{DATE}" / "multi_reft.csv"
+    out = Path(args.out) if args.out else default_out(args.tiny)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -143,6 +147,19 @@ def main() -> None:
         writer.writerow(row)
     print(row)
     print(f"wrote {out}")
+
+
+def _today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+
+
+def default_out(tiny: bool) -> Path:
+    """bench/results/<machine>_<today>/multi_reft[_tiny].csv: a run never overwrites another day's, another machine's
+    or the other model's measurement."""
+    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+        f"cpu {platform.machine()} {os.cpu_count()} cores")
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-").lower()
+    return RESULTS / f"{slug}_{_today()}" / ("multi_reft_tiny.csv" if tiny else "multi_reft.csv")
 
 
 def _cpu_name() -> str:

@@ -47,6 +47,7 @@ from bench_orthogonal_convergence import load_smollm2  # noqa: E402
 
 from reft_fast.core.config import ReftConfig  # noqa: E402
 from reft_fast.core.model import get_reft_model  # noqa: E402
+from reft_fast.train.cli import positive_int  # noqa: E402
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator  # noqa: E402
 from reft_fast.train.loss import trim_to_labels  # noqa: E402
 from reft_fast.train.packing import pack_rows, packed_model_inputs  # noqa: E402
@@ -59,6 +60,7 @@ FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "mo
           "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens", "packing_efficiency",
           "time_s", "tokens_per_s", "ratio_vs_padded", "peak_rss_mib", "loss_max_rel_diff", "loss_rtol", "losses_equal"]
 MODES = ("padded", "packed")
+MIN_LENGTH = 8  # the shortest example: a prompt of 4 or more tokens, and a response
 
 
 def example_lengths(n: int, max_length: int, seed: int) -> list[tuple[int, int]]:
@@ -66,7 +68,7 @@ def example_lengths(n: int, max_length: int, seed: int) -> list[tuple[int, int]]
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        total = min(max_length, max(8, round(rng.lognormvariate(math.log(MEDIAN_LENGTH), SIGMA))))
+        total = min(max_length, max(MIN_LENGTH, round(rng.lognormvariate(math.log(MEDIAN_LENGTH), SIGMA))))
         prompt = max(4, round(total * rng.uniform(0.2, 0.6)))
         pairs.append((prompt, total - prompt))
     return pairs
@@ -202,16 +204,19 @@ def max_relative_difference(a: list[list[float]], b: list[list[float]]) -> float
 def main(argv=None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
-    parser.add_argument("--max-length", type=int, default=256, help="cap of the example lengths = packed row length")
-    parser.add_argument("--micro-batch", type=int, default=8, help="examples per step (the packing window)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, in the order padded, packed, packed, "
+    parser.add_argument("--max-length", type=positive_int, default=256, help="cap of the example lengths = packed row length")
+    parser.add_argument("--micro-batch", type=positive_int, default=8, help="examples per step (the packing window)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--rounds", type=positive_int, default=2, help="runs per mode, in the order padded, packed, packed, "
                         "padded, …")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a child process: one mode, JSON on stdout
     args = parser.parse_args(argv)
+    if args.max_length < MIN_LENGTH:  # shorter cuts leave examples without a response: nothing to compare
+        parser.error(f"argument --max-length: must be at least {MIN_LENGTH} (a prompt of 4 or more tokens and a "
+                     f"response), got {args.max_length}")
     torch.set_num_threads(args.threads)
     if args.mode:
         print(json.dumps(run_mode(args)))

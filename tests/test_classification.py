@@ -251,6 +251,9 @@ def test_regression_on_sentence_pairs_from_csv(tmp_path):
     (["data.packing=true"], r"^data.packing: not supported by task classification"),
     (["classification.text_fields=[a, b, c]"], r"^classification.text_fields: one field or a pair"),
     (["classification.train_head=true", "deepspeed.stage=3"], r"^classification.train_head: ZeRO stage 3"),
+    # a file has no validation split: the "split" read back was the training file, so the run selected and scored
+    # its model on its own training examples
+    (["classification.eval_split=validation"], r"^classification.eval_split: 'validation' is a split of a Hugging"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, message):
     from reft_fast.train.train_config import ConfigError, load_config, validate
@@ -343,6 +346,8 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     config, result = trained
     out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
     target = tmp_path / "metrics.json"
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2  # was a datasets traceback
+    assert f"config error: --data {tmp_path / 'missing.jsonl'}: no such file" in capsys.readouterr().err
     assert main(["eval", str(out_dir), "--out", str(target)]) == 0
     metrics = json.loads(target.read_text())
     assert "classification metrics" in capsys.readouterr().out

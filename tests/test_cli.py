@@ -139,6 +139,24 @@ def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     assert f"argument --gpus: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("memory", ["0", "-5", "nan", "inf"])
+def test_plan_refuses_a_gpu_memory_that_is_not_a_positive_number(config, capsys, memory):
+    # it printed a table with "fit = under 90%: -4.5 GiB" (or nan GiB)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", str(config), "--gpus", "1", "--gpu-memory-gib", memory])
+    assert exit_info.value.code == 2
+    assert f"argument --gpu-memory-gib: must be a finite number above 0, got {memory}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("count", ["0", "-1"])
+def test_generate_refuses_a_new_token_count_below_one(config, capsys, count):
+    # it was passed on to transformers' generate, which raised its ValueError after the base had loaded
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--reft", str(config.parent), "--max-new-tokens", count, "a prompt"])
+    assert exit_info.value.code == 2
+    assert f"argument --max-new-tokens: must be at least 1, got {count}" in capsys.readouterr().err
+
+
 def test_python_m_entry_point_accepts_launcher_local_rank(config):
     proc = subprocess.run([PY, "-m", "reft_fast", "--local_rank=0", "train", str(config),
                            "interventions.low_rank_dimension=0"],

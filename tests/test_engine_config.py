@@ -116,6 +116,16 @@ def test_missing_local_model_path_says_so(run_dir, path):
     assert message.startswith(f"model.path: no such directory or file {path!r}") and "Repo id" not in message, message
 
 
+def test_a_model_shape_without_weights_trains_not_but_plans(run_dir):
+    """configs/shapes/ holds only config.json: enough for `reft-fast plan`; a run on it used to fail at the tokenizer
+    with transformers' traceback after the ranks joined."""
+    shape = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "llama-2-7b"
+    cfg = load_config(_write(run_dir), [f"model.path={shape}"])
+    with pytest.raises(ConfigError, match=r"^model\.path: .* holds no weights \(\*\.safetensors"):
+        validate(cfg, check_model=False)
+    validate(cfg, check_data=False, check_model=False)  # what plan checks
+
+
 @pytest.mark.parametrize("override, message", [
     ("training.max_steps=2.5", "training.max_steps: expected an integer or null, got float 2.5"),
     ("training.peak_tflops=fast", "training.peak_tflops: expected a number or null, got str 'fast'"),

@@ -268,6 +268,77 @@ def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_pat
     assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "cannot read it"), ("\n  \n", "no prompts in it"),
+    ('{"prompt": "w3", "reft": ["A"]}\n', ":1: unknown ReFT ['A']"), ('{"prompt": "w3"}\n{"prompt": \n', ":2: not JSON")],
+    ids=["missing", "empty", "reft-not-a-name", "malformed"])
+def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tmp_path, capsys, content, message):
+    """A missing or empty --prompts-file, or a bad line, is a config error naming the file, raised before the base is
+    read (the --model given here does not exist, so reading it first would report that instead)."""
+    from reft_fast.train.cli import main
+
+    _, _, directories = served
+    prompts_file = tmp_path / "prompts.jsonl"
+    if content is not None:
+        prompts_file.write_text(content)
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file)]) == 2
+    err = capsys.readouterr().err
+    assert str(prompts_file) in err and message in err, err
+
+
+def test_cli_generate_output_and_base_only_with_a_prompts_file(served, tmp_path, capsys):
+    """--output in a missing folder failed only when the answers were written (a traceback, every answer lost); it is
+    made now, as eval makes its own. --output without --prompts-file, and --base-only with it, were ignored."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    _word_tokenizer(model_dir)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3", "reft": "A"}) + "\n")
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    output = tmp_path / "new" / "answers.jsonl"
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file),
+                 "--no-chat-template", "--max-new-tokens", "2", "--output", str(output)]) == 0
+    assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["w3"]
+    assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path / "no-model"), "--output",
+                 str(tmp_path / "answers.jsonl"), "w3"]) == 2
+    assert "config error: --output: only with --prompts-file" in capsys.readouterr().err
+    # --base-only was ignored with --prompts-file: every line got its ReFT's answer
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file), "--base-only"]) == 2
+    assert 'config error: --base-only: with --prompts-file, a line with "reft": null' in capsys.readouterr().err
+
+
+def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):
+    """A --reft trained on another model is a config error naming it (it was ReftModel.load's ValueError, raised
+    as a traceback)."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    _word_tokenizer(model_dir)
+    other_base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, vocab_size=VOCAB))
+    other = ReftModel(other_base, ReftConfig([{"layer": 1, "component": "block_output", "intervention": "loreft",
+                                               "low_rank_dimension": 2}], positions="l1"))
+    other.save(tmp_path / "other")
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3 w7", "reft": "X"}) + "\n")
+    args = ["generate", "--model", str(model_dir), "--prompts-file", str(prompts_file), "--no-chat-template",
+            "--max-new-tokens", "2", "--reft", f"A={directories['A']}", "--reft", f"X={tmp_path / 'other'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"config error: --reft X={tmp_path / 'other'}: the ReFT model in" in err, err
+    assert "saved for a different model" in err and "hidden_size: saved 16, model 32" in err, err
+
+
 def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     """The first --reft is the ReFT the model is loaded with; it is not loaded a second time under its name, and
     'default' may only name that first one."""

@@ -188,6 +188,17 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     assert low * planned <= measured <= high * planned, (measured, planned, measured / planned)
 
 
+def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
+    """task: preference runs a micro-batch of B pairs as one forward of 2B rows (chosen, then rejected), so its
+    activations are those of a causal-LM micro-batch of 2B, not B (the plan counted B: half the memory of a DPO run)."""
+    preference = ("task=preference", "preference.loss=dpo")
+    pairs = plan_memory(_tiny_config(tiny_model_dir, *preference), 1)
+    rows = plan_memory(_tiny_config(tiny_model_dir, f"training.micro_batch_size={2 * BATCH}"), 1)
+    assert [s.activations for s in pairs.stages] == [s.activations for s in rows.stages]
+    assert [s.activations_checkpointed for s in pairs.stages] == [s.activations_checkpointed for s in rows.stages]
+    assert f"micro-batch {BATCH} pairs = {2 * BATCH} rows" in format_plan(pairs)
+
+
 @pytest.mark.cuda
 def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
     """A bf16 Llama of 8 layers (d 512) trained for one LoReFT step on the GPU: torch.cuda.max_memory_allocated

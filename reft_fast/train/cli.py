@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from reft_fast.train.train_config import ConfigError, load_config
 
-__all__ = ["main"]
+__all__ = ["main", "positive_int"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,13 +53,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="a run's output_dir or its final/ (the interventions); repeat as NAME=DIR to serve several "
                           "ReFTs in one batch, each prompt of --prompts-file naming its own")
     gen.add_argument("--model", default=None, help="base model (default: the one the interventions were trained on)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=64)
     gen.add_argument("--no-chat-template", action="store_true", help="feed the prompt as plain text")
     gen.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
     gen.add_argument("--prompts-file", default=None,
                      help='JSONL, one {"prompt": ..., "reft": NAME or null} per line (with NAME=DIR --reft)')
     gen.add_argument("--output", default=None, help="JSONL answers (default: stdout), with --prompts-file")
-    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per batch, with --prompts-file")
+    gen.add_argument("--batch-size", type=positive_int, default=8, help="prompts per batch, with --prompts-file")
     gen.add_argument("prompts", nargs="*")
 
     _add_eval_parser(sub)
@@ -70,8 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*")
-    plan.add_argument("--gpus", type=_positive_int, required=True, help="number of GPUs (data-parallel ranks)")
-    plan.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory of one GPU, for the fit check")
+    plan.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs (data-parallel ranks)")
+    plan.add_argument("--gpu-memory-gib", type=_positive_number, default=80.0,
+                      help="memory of one GPU, for the fit check")
     return parser
 
 
@@ -88,13 +89,23 @@ def _add_eval_parser(sub) -> None:
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
     evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
                                         "classification or preference run writes its metrics beside it, as .json")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call and rank")
-    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=None,
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call and rank")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="default: training.max_new_tokens")
     evaluate.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
 
 
-def _positive_int(text: str) -> int:
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -204,6 +215,15 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
     return config_from_dict(tree, base_dir)
 
 
+@contextlib.contextmanager
+def _reft_load_errors(what: str):
+    """ReftModel.load's refusals (saved for another base, an unknown directory format) as config errors."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
 def _answering_model(cfg, reft_dir: Optional[Path]):
     """The base on this rank's accelerator with the interventions of ``reft_dir`` (the base alone when None), its
     tokenizer, and the keyword arguments of the generation functions."""
@@ -219,7 +239,11 @@ def _answering_model(cfg, reft_dir: Optional[Path]):
     base, _ = load_base_model(source, cfg)
     base.config.use_cache = True
     base.to(get_accelerator().device_name(local_rank))
-    model = base if reft_dir is None else ReftModel.load(str(reft_dir), base)
+    if reft_dir is None:
+        model = base
+    else:
+        with _reft_load_errors(str(reft_dir)):
+            model = ReftModel.load(str(reft_dir), base)
     model.eval()
     saved = getattr(model, "reft_config", None)
     gen_kwargs = dict(positions=getattr(saved, "positions", None) or cfg.interventions.positions,
@@ -251,8 +275,13 @@ def _generate(args) -> None:
     named = _named_refts(args.reft)
     if (named is None) == bool(args.prompts_file) or (named is not None and args.prompts):
         raise ConfigError("give prompts as arguments with one --reft DIR, or --prompts-file with --reft NAME=DIR")
+    if args.output and named is None:
+        raise ConfigError("--output: only with --prompts-file (answers to prompts given as arguments are printed)")
+    if args.base_only and named is not None:
+        raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
+        records = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
@@ -264,7 +293,7 @@ def _generate(args) -> None:
         if args.no_chat_template:
             gen_kwargs["chat_template"] = False
         if named is not None:
-            _serve_prompts_file(args, model, tokenizer, named, gen_kwargs)
+            _serve_prompts_file(args, model, tokenizer, named, records, gen_kwargs)
             return
         answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
@@ -295,43 +324,59 @@ def _saved_interventions(value: str, base_only: bool = False) -> Path:
     return found
 
 
-def _serve_prompts_file(args, base, tokenizer, named: dict, gen_kwargs: dict) -> None:
-    """Answer every line of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
-    from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
-    from reft_fast.train.generation import mixed_answers
-
+def _read_prompts_file(path: str, named: dict) -> list[dict]:
+    """The records of --prompts-file, each {"prompt": ..., "reft": a name of ``named`` or null}, checked before any
+    weight is read."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"--prompts-file {path}: cannot read it ({err.strerror or err})") from None
     records = []
-    for number, line in enumerate(Path(args.prompts_file).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{args.prompts_file}:{number}: not JSON ({err})") from None
+            raise ConfigError(f"{path}:{number}: not JSON ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(f"{args.prompts_file}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
-        if record.get("reft") is not None and record["reft"] not in named:
-            raise ConfigError(f"{args.prompts_file}:{number}: unknown ReFT {record['reft']!r}; --reft gave "
-                              f"{sorted(named)}")
+            raise ConfigError(f"{path}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
+        reft = record.get("reft")
+        if reft is not None and (not isinstance(reft, str) or reft not in named):
+            raise ConfigError(f"{path}:{number}: unknown ReFT {reft!r}; --reft gave {sorted(named)}")
         records.append(record)
+    if not records:
+        raise ConfigError(f"--prompts-file {path}: no prompts in it (one JSON line per prompt: "
+                          '{"prompt": "...", "reft": NAME or null})')
+    return records
+
+
+def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
+    """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+    from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
+    from reft_fast.train.files import write_jsonl_atomically
+    from reft_fast.train.generation import mixed_answers
+
     first, *others = named
     if DEFAULT_ADAPTER in others:
         raise ConfigError(f"--reft {DEFAULT_ADAPTER}=...: that name is the first ReFT's (the one the model is loaded "
                           "with); give it first or choose another name")
-    reft_model = ReftModel.load(named[first], base)  # held as DEFAULT_ADAPTER: loaded once, not again as `first`
+    with _reft_load_errors(f"--reft {first}={named[first]}"):
+        reft_model = ReftModel.load(named[first], base)  # held as DEFAULT_ADAPTER: loaded once, not again as `first`
     for name in others:
-        reft_model.load_adapter(named[name], name)
+        with _reft_load_errors(f"--reft {name}={named[name]}"):
+            reft_model.load_adapter(named[name], name)
     reft_model.eval()
     held_as = {first: DEFAULT_ADAPTER}
     answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
                             [held_as.get(r.get("reft"), r.get("reft")) for r in records],
                             batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
                             system_prompt=gen_kwargs["system_prompt"], max_new_tokens=args.max_new_tokens)
-    lines = [json.dumps({**record, "answer": answer}) for record, answer in zip(records, answers)]
-    if args.output:
-        Path(args.output).write_text("".join(line + "\n" for line in lines))
+    rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
+    if args.output:  # its folder made, as eval makes its own
+        write_jsonl_atomically(Path(args.output), rows)
     else:
-        print("\n".join(lines))
+        print("\n".join(json.dumps(row) for row in rows))
 
 
 def _eval_target(args):
@@ -446,6 +491,8 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     if args.family:
         raise ConfigError(f"--family: reads generated answers; a {cfg.task} run is scored by the task's own metrics")
     if args.data:
+        if not Path(args.data).is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
+            raise ConfigError(f"--data {args.data}: no such file")
         cfg.data.eval_file = str(Path(args.data).resolve())
         cfg.data.selection_examples = None  # a file given is scored whole
     scored = f"all of {args.data}" if args.data else scored_part(cfg)

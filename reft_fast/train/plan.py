@@ -94,6 +94,7 @@ class MemoryPlan:
     chosen_offload: bool
     checkpointing: bool
     quantization: str = "none"
+    rows_per_example: int = 1  # a preference pair is two rows (chosen, rejected) of one forward
 
 
 def _meta_model(model_config, task):
@@ -166,7 +167,7 @@ def _intervention_numel(iv, d: int) -> int:
 
 
 def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0,
-                      lm_logits: bool = True) -> tuple[float, float]:
+                      lm_logits: bool = True, rows_per_example: int = 1) -> tuple[float, float]:
     """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
@@ -177,7 +178,7 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     kv_saved = kv_dim if (cfg.model.attn_implementation or "").startswith("flash") else d
     per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
     int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
-    tokens = cfg.training.micro_batch_size * cfg.data.max_length
+    tokens = cfg.training.micro_batch_size * rows_per_example * cfg.data.max_length
     logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
     in_flight = tokens * per_token_layer  # one layer's gradients during backward
     activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized
@@ -231,13 +232,20 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
     activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized,
-                                    lm_logits=task.auto_class == "AutoModelForCausalLM")
+                                    lm_logits=task.auto_class == "AutoModelForCausalLM",
+                                    rows_per_example=task.rows_per_example)
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
                           quantized=cfg.model.quantization != "none")
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
                       cfg.data.max_length, trained, num_layers, stages, cfg.deepspeed.stage,
                       cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
-                      cfg.training.gradient_checkpointing, cfg.model.quantization)
+                      cfg.training.gradient_checkpointing, cfg.model.quantization, task.rows_per_example)
+
+
+def _micro_batch_rows(plan: MemoryPlan) -> str:
+    if plan.rows_per_example == 1:
+        return str(plan.micro_batch_size)
+    return f"{plan.micro_batch_size} pairs = {plan.micro_batch_size * plan.rows_per_example} rows"
 
 
 def format_plan(plan: MemoryPlan, gpu_memory_gib: float = 80.0) -> str:
@@ -246,7 +254,7 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: float = 80.0) -> str:
     lines = [
         f"model {plan.model}: {plan.base_params / 1e9:.2f} B frozen parameters{quantized}, {plan.num_layers} layers; "
         f"{plan.intervention_params:,} trainable intervention parameters",
-        f"per GPU: micro-batch {plan.micro_batch_size} × {plan.seq_len} tokens, backward through the top "
+        f"per GPU: micro-batch {_micro_batch_rows(plan)} × {plan.seq_len} tokens, backward through the top "
         f"{plan.trained_layers} layers; {plan.gpus} GPU(s) of {gpu_memory_gib:g} GiB (fit = under "
         f"{USABLE_FRACTION:.0%}: {usable:.1f} GiB)",
         "",

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -41,7 +42,7 @@ from reft_fast.train import scores
 from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import forward_loss, to_device
-from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig
+from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
 
 __all__ = ["ClassificationCollator", "ClassificationDataset", "ClassificationTask", "GLUE_TEXT_FIELDS", "PROBLEM_TYPES",
            "head_parameters", "read_labelled_texts"]
@@ -177,6 +178,7 @@ class ClassificationTask:
 
     auto_class = "AutoModelForSequenceClassification"
     generates = False
+    rows_per_example = 1
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -211,6 +213,11 @@ class ClassificationTask:
             raise ConfigError("training.sample_prompts: a classifier does not generate text; remove them")
         if c.eval_split and cfg.data.eval_file:
             raise ConfigError("classification.eval_split: cannot be combined with data.eval_file; keep one")
+        if c.eval_split and cfg.data.train_file and Path(resolve_data_path(cfg.data.train_file, cfg.base_dir)).is_file():
+            # a file has no splits: its "validation" split would be the training examples themselves
+            raise ConfigError(f"classification.eval_split: {c.eval_split!r} is a split of a Hugging Face dataset, but "
+                              f"data.train_file {cfg.data.train_file} is a file; set classification.eval_split: null "
+                              "and give data.eval_file (or data.eval_fraction)")
 
     def _read(self, source, split: str) -> list[dict]:
         try:

@@ -171,6 +171,7 @@ class PreferenceTask:
     auto_class = "AutoModelForCausalLM"
     base_kwargs: dict = {}  # nothing beyond the causal LM's own loading
     generates = True
+    rows_per_example = 2  # a pair's chosen and rejected rows run in one forward
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

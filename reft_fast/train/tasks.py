@@ -31,6 +31,8 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     trainable_base_parameters(base)                    base parameters trained with the interventions (a head)
     item_tokens(item)                                  real tokens of an item, for tokens/s and MFU
     generates                                          whether sample prompts are answered before/after training
+    rows_per_example                                   batch rows one example runs as (a preference pair: 2), for
+                                                       ``reft-fast plan``'s activations
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class CausalLMTask:
     auto_class = "AutoModelForCausalLM"
     base_kwargs: dict = {}
     generates = True
+    rows_per_example = 1
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

@@ -538,7 +538,8 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
              check_data: bool = True) -> Optional[Any]:
     """Check everything that can be checked without weights; return the model's transformers config (or None).
 
-    ``check_data=False`` skips the data-source checks (``reft-fast plan`` may run where the data is not).
+    ``check_data=False`` skips the checks of what only a run reads, the data sources and the model's weight files
+    (``reft-fast plan`` may run where neither is: a model's config.json is enough for it).
 
     Raises ConfigError naming the field on the first problem found.
     """
@@ -549,6 +550,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     _check_interventions_section(cfg.interventions)
     if check_data:
         _check_data_sources(cfg)
+        _check_model_weights(cfg)
     _check_data_section(cfg.data)
     _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
@@ -745,6 +747,20 @@ def _check_against_model(cfg: TrainConfig) -> Any:
     if hidden is not None and iv.low_rank_dimension > hidden:
         raise ConfigError(f"interventions.low_rank_dimension: {iv.low_rank_dimension} exceeds the hidden size {hidden}")
     return model_config
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+
+def _check_model_weights(cfg: TrainConfig) -> None:
+    """A local model directory must hold weights: a config.json alone (a shape for ``reft-fast plan``) otherwise fails
+    deep inside transformers, at the tokenizer, after the ranks have joined."""
+    source, gguf_file = resolve_model_source(cfg.model.path, cfg.base_dir)
+    folder = Path(source)
+    if gguf_file or not folder.is_dir() or any(next(folder.glob(p), None) for p in WEIGHT_FILES):
+        return
+    raise ConfigError(f"model.path: {cfg.model.path!r} ({folder}) holds no weights ({', '.join(WEIGHT_FILES)}), only "
+                      "a model's shape, which `reft-fast plan` reads; to train or evaluate, point it at the model")
 
 
 def _check_data_sources(cfg: TrainConfig) -> None:
