@@ -59,8 +59,8 @@ def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     (tmp_path / "b.csv").write_text('instruction,output\n"two\nlines",ok\nthird\n')
     with pytest.raises(ValueError, match=r"b\.csv:4: field 'output' is NoneType, expected text"):
         load_examples(tmp_path / "b.csv")  # a short record: its missing cell reads as None
-    (tmp_path / "c.csv").write_text('sentence,label\n"a\nb\nc",1\nd,x\n')
-    with pytest.raises(ValueError, match=r"c\.csv:5: label 'x' is not"):
+    (tmp_path / "c.csv").write_text('sentence,label\n"a\nb\nc",1\n\n\nd,x\n')  # blank lines: skipped, counted
+    with pytest.raises(ValueError, match=r"c\.csv:7: label 'x' is not"):
         read_labelled_texts(tmp_path / "c.csv", ClassificationConfig())
     (tmp_path / "d.jsonl").write_text('\n{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:5: no field 'output'"):

@@ -155,16 +155,15 @@ def template_fields(template: str, name: str) -> list[str]:
 
 
 def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
-    """The records of a CSV file and the line each starts on."""
+    """The records of a CSV file and the line each starts on: the line its reading ended on, less the line breaks
+    inside its quoted values (blank lines before it, which the reader skips, are not part of it)."""
     rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
-        _ = reader.fieldnames  # reads the header row
-        start = reader.line_num + 1
         for row in reader:
+            values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
             rows.append(row)
-            lines.append(start)
-            start = reader.line_num + 1
+            lines.append(reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str)))
     return rows, lines
 
 
