@@ -120,13 +120,15 @@ def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys
 def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(config, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", str(config), f"output_dir={out}"]) == 0
+    with_equals = shutil.copytree(out, tmp_path / "lr=1e-2")  # a path with "=" in it: one DIR, not NAME=DIR
     answers = []
-    for reft in (out, out / "final"):
+    for reft in (out, out / "final", with_equals):
         capsys.readouterr()
         assert main(["generate", "--reft", str(reft), "--max-new-tokens", "3", "repeat : red cat"]) == 0
         answers.append(capsys.readouterr().out)
-    assert answers[0] == answers[1] and "Q: repeat : red cat\nA: " in answers[0]
-    for wrong, problem in ((tmp_path / "absent", "no such directory"), (config.parent, "no trained interventions")):
+    assert answers[0] == answers[1] == answers[2] and "Q: repeat : red cat\nA: " in answers[0]
+    for wrong, problem in ((tmp_path / "absent", "no such directory"), (config.parent, "no trained interventions"),
+                           (tmp_path / "lr=1e-3", "no such directory")):
         assert main(["generate", "--reft", str(wrong), "repeat : red"]) == 2
         assert f"config error: --reft {wrong}: {problem}" in capsys.readouterr().err
 

@@ -253,12 +253,15 @@ def _answering_model(cfg, reft_dir: Optional[Path]):
 
 
 def _named_refts(values: Sequence[str]) -> Optional[dict]:
-    """{name: directory} from NAME=DIR values; None for the single-ReFT form (one DIR)."""
-    if len(values) == 1 and "=" not in values[0]:
+    """{name: directory} from NAME=DIR values; None for the single-ReFT form (one DIR, which may hold a "=":
+    runs/lr=1e-3)."""
+    if len(values) == 1 and ("=" not in values[0] or Path(values[0]).exists()):
         return None
     named = {}
     for value in values:
         name, sep, directory = value.partition("=")
+        if "/" in name or os.sep in name:  # a path with a "=" in it, not a name
+            raise ConfigError(f"--reft {value}: no such directory")
         if not sep or not name or not directory:
             raise ConfigError(f"--reft {value!r}: with several ReFTs each is NAME=DIR")
         if name in named:
