@@ -358,7 +358,8 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(10, seed=5)))
     assert main(["eval", str(out_dir), "--data", str(other), "--out", str(tmp_path / "other.json")]) == 0
-    assert json.loads((tmp_path / "other.json").read_text())["examples"] == 10
+    examples = json.loads((tmp_path / "other.json").read_text())["examples"]
+    assert examples == 10 and isinstance(examples, int)  # a count, not 10.0
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err
 

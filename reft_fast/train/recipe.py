@@ -435,7 +435,8 @@ class ReftTrainingRecipe:
         them again), answer the sample prompts with what final/ holds, and return the run's result."""
         t, cfg = self.cfg.training, self.cfg
         if self.rank == 0:  # the training loop's time (its evaluations and checkpoints included), not what follows
-            logger.info("trained %d steps in %.1f s", self.total_steps - self.start_step,
+            steps = self.total_steps - self.start_step
+            logger.info("trained %d step%s in %.1f s", steps, "" if steps == 1 else "s",
                         time.perf_counter() - self._started)
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):

@@ -60,7 +60,7 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
     engine, *_ = deepspeed.initialize(model=reft_model, config=ds_config)
     collator = task.collator(tokenizer, len(reft_model.interventions))
     metrics, rows = task.evaluate_examples(engine, eval_set, collator, rank, world)
-    return {"examples": float(len(eval_set)), **metrics}, rows
+    return {"examples": len(eval_set), **metrics}, rows
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
