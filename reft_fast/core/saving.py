@@ -24,7 +24,7 @@ from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format",
            "save_reft_model", "load_reft_model", "resolve_load_directory", "model_signature", "save_trainable_base",
-           "load_trainable_base"]
+           "load_trainable_base", "trainable_base_state"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -169,12 +169,19 @@ def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.
     return reft_model
 
 
+def trainable_base_state(model) -> dict:
+    """{name: a CPU copy} of the base's parameters that train (requires_grad: a classifier head); empty when the base
+    is wholly frozen. Copies: later steps do not change them."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters()
+            if p.requires_grad}
+
+
 def save_trainable_base(model, directory) -> None:
-    """The base's parameters that train (requires_grad: a classifier head) as ``BASE_TRAINABLE_NAME`` in
-    ``directory``; nothing when the base is wholly frozen."""
+    """``trainable_base_state`` as ``BASE_TRAINABLE_NAME`` in ``directory``; nothing when the base is wholly
+    frozen."""
     from safetensors.torch import save_file
 
-    trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_base_state(model)
     if trainable:
         save_file(trainable, str(Path(directory) / BASE_TRAINABLE_NAME), metadata={"format": "pt"})
 

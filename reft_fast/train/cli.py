@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from reft_fast.core.saving import CONFIG_NAME
 from reft_fast.train.train_config import ConfigError, load_config
 
 __all__ = ["main", "positive_int"]
@@ -321,7 +322,7 @@ def _saved_interventions(value: str, base_only: bool = False) -> Path:
             raise ConfigError(f"--reft {value}: no such directory") from None
         return path
     found = _final_dir(path)
-    if not base_only and not (found / "config.json").is_file():
+    if not base_only and not (found / CONFIG_NAME).is_file():
         raise ConfigError(f"--reft {value}: no trained interventions there (config.json, in it or in its final/); "
                           "give a run's output_dir or its final/")
     return found
@@ -397,7 +398,7 @@ def _eval_target(args):
             raise ConfigError(f"{target}: not a run directory (no final/train_config.yaml naming the base model)")
     else:
         raise ConfigError(f"{target}: no such config file or run directory")
-    if not args.base_only and not (reft_dir / "config.json").is_file():
+    if not args.base_only and not (reft_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"{reft_dir}: no trained interventions (config.json); train first, or pass --base-only")
     return cfg, None if args.base_only else reft_dir, run_dir
 

@@ -21,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
+from reft_fast.core.saving import trainable_base_state
 from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory
 from reft_fast.train.run_dir import load_interventions, save_interventions
@@ -86,8 +87,7 @@ class BestEvaluation:
         # them at the end reads no file that only rank 0 wrote.
         self._weights = ({name: t.detach().to("cpu", copy=True)
                           for name, t in reft_model.interventions.state_dict().items()},
-                         {name: p.detach().to("cpu", copy=True)
-                          for name, p in reft_model.model.named_parameters() if p.requires_grad})
+                         trainable_base_state(reft_model.model))
         return True
 
     def restore(self, reft_model, final_dir: Path) -> None:
