@@ -28,7 +28,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_e2e  # noqa: E402
-from bench_kernels import environment, print_table, result_path, write_csv  # noqa: E402
+from bench_kernels import environment, print_table, result_path, results_folder, write_csv  # noqa: E402
 
 from reft_fast import ops  # noqa: E402
 from reft_fast.ops import backend_torch  # noqa: E402
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # as bench_host: spinning OpenMP threads on a shared machine swamp tiny ops
     rows = measure(reps, warmup=1 if args.smoke else 20)
     env = {"device": rows[0]["device"], "date": rows[0]["date"]}
-    folder = args.out or bench_e2e.RESULTS / result_path(Path(), "", env, "").name.lstrip("_")
+    folder = args.out or results_folder(bench_e2e.RESULTS, env)
     path = write_csv(rows, result_path(folder, "edit_paths", env, ".csv"), FIELDS)
     print_table(rows, ["numel", "B", "T", "d", "path", "edit_ms", "ratio_to_autograd"])
     print(f"wrote {path}")

@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_e2e / bench_kernels: the variants' set-ups, the environment and CSV helpers
 sys.path.insert(0, str(HERE.parent / "tests"))  # launch_count: the launch and host-sync counter
 import bench_e2e  # noqa: E402
-from bench_kernels import environment, print_table, result_path, write_csv  # noqa: E402
+from bench_kernels import environment, print_table, result_path, results_folder, write_csv  # noqa: E402
 
 from reft_fast.train.cli import positive_int  # noqa: E402
 
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
     rows = measure(args.reps, args.warmup)
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
-    folder = args.out or bench_e2e.RESULTS / result_path(Path(), "", env, "").name.lstrip("_")
+    folder = args.out or results_folder(bench_e2e.RESULTS, env)
     path = write_csv(rows, result_path(folder, "host", env, ".csv"), FIELDS)
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
                        "ratio_to_hook", "launches_per_intervention", "stubbed_per_intervention_ms", "status"])

@@ -72,12 +72,15 @@ FIELDS = ["device", "torch", "triton", "date", "timer", "backend", "level", "pas
 # --------------------------------------------------------------------------------------------------------------------
 # Environment and timing (shared with bench_orthogonal.py and test_bench_kernels.py)
 # --------------------------------------------------------------------------------------------------------------------
-def environment() -> dict:
+def machine_name() -> str:
+    """The GPU's name, else the CPU's architecture and core count: what every result row and folder is named by."""
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-    else:
-        device = f"cpu {platform.machine()} ({os.cpu_count()} cores)"
-    return dict(device=device, torch=torch.__version__, triton=triton.__version__,
+        return torch.cuda.get_device_name()
+    return f"cpu {platform.machine()} ({os.cpu_count()} cores)"
+
+
+def environment() -> dict:
+    return dict(device=machine_name(), torch=torch.__version__, triton=triton.__version__,
                 date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
                 timer="do_bench median" if torch.cuda.is_available() else "wall-clock median")
 
@@ -133,9 +136,18 @@ def write_csv(rows: list[dict], path: Path, fields: list[str]) -> Path:
     return path
 
 
+def _machine_and_day(env: dict) -> str:
+    """"nvidia-h200_2026-11-28" from environment()'s device and UTC date."""
+    return f"{re.sub(r'[^A-Za-z0-9]+', '-', env['device']).strip('-').lower()}_{env['date'][:10]}"
+
+
+def results_folder(root: Path, env: dict) -> Path:
+    """root/<machine>_<day>/: a run never writes over another machine's or another day's measurement."""
+    return root / _machine_and_day(env)
+
+
 def result_path(out_dir: Path, prefix: str, env: dict, suffix: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["device"]).strip("-").lower()
-    return out_dir / f"{prefix}_{slug}_{env['date'][:10]}{suffix}"
+    return out_dir / f"{prefix}_{_machine_and_day(env)}{suffix}"
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

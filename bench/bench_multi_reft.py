@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import environment, results_folder  # noqa: E402
 from bench_orthogonal_convergence import load_smollm2  # noqa: E402
 
 from reft_fast.core.config import ReftConfig  # noqa: E402
@@ -156,10 +155,7 @@ def _today() -> str:
 def default_out(tiny: bool) -> Path:
     """bench/results/<machine>_<today>/multi_reft[_tiny].csv: a run never overwrites another day's, another machine's
     or the other model's measurement."""
-    machine = torch.cuda.get_device_name() if torch.cuda.is_available() else (
-        f"cpu {platform.machine()} {os.cpu_count()} cores")
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-").lower()
-    return RESULTS / f"{slug}_{_today()}" / ("multi_reft_tiny.csv" if tiny else "multi_reft.csv")
+    return results_folder(RESULTS, environment()) / ("multi_reft_tiny.csv" if tiny else "multi_reft.csv")
 
 
 def _cpu_name() -> str:

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import RESULTS, CsvAppender, environment, measure_ms, write_csv  # noqa: E402
+from bench_kernels import RESULTS, CsvAppender, environment, measure_ms, results_folder, write_csv  # noqa: E402
 
 from reft_fast.core.interventions import compute_rotations  # noqa: E402
 from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, random_orthonormal_rows  # noqa: E402
@@ -362,8 +361,7 @@ def main(argv=None) -> int:
 
     env = environment()
     env = dict(machine=env["device"], torch=env["torch"], transformers=transformers.__version__, date=env["date"])
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", env["machine"]).strip("-").lower()
-    folder = args.out / f"{slug}_{env['date'][:10]}"
+    folder = results_folder(args.out, dict(device=env["machine"], date=env["date"]))
 
     if not args.no_cost:
         path = write_csv(cost_rows(env, args.max_base_mib), folder / "orthogonal_cost.csv", COST_FIELDS)

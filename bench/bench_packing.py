@@ -31,9 +31,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
-import re
 import subprocess
 import sys
 import threading
@@ -43,6 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import environment, results_folder  # noqa: E402
 from bench_orthogonal_convergence import load_smollm2  # noqa: E402
 
 from reft_fast.core.config import ReftConfig  # noqa: E402
@@ -249,15 +248,11 @@ def combine(mode_runs: list[dict]) -> dict:
 
 def write_results(args, results: dict) -> Path:
     import csv
-    import datetime as _dt
 
     import transformers
 
-    machine = f"cpu {platform.machine()} ({os.cpu_count()} cores)"
-    if torch.cuda.is_available():
-        machine = torch.cuda.get_device_name()
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", machine).strip("-").lower()
+    env = environment()
+    machine, date = env["device"], env["date"]
     difference = max_relative_difference(results["packed"]["losses"], results["padded"]["losses"])
     padded_rate = results["padded"]["real_tokens"] / results["padded"]["time_s"]
     rows = []
@@ -275,7 +270,7 @@ def write_results(args, results: dict) -> Path:
                          ratio_vs_padded=round(rate / padded_rate, 3), peak_rss_mib=round(r["peak_rss_mib"], 1),
                          loss_max_rel_diff=f"{difference:.2e}", loss_rtol=LOSS_RTOL,
                          losses_equal=difference <= LOSS_RTOL))
-    path = args.out / f"{slug}_{date[:10]}" / f"packing{'_tiny' if args.tiny else ''}_len{args.max_length}.csv"
+    path = results_folder(args.out, env) / f"packing{'_tiny' if args.tiny else ''}_len{args.max_length}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
