@@ -362,6 +362,11 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     assert examples == 10 and isinstance(examples, int)  # a count, not 10.0
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err
+    damaged = shutil.copytree(out_dir / "final", tmp_path / "damaged")
+    (damaged / "base_trainable.safetensors").write_text("cut short")  # was safetensors' traceback
+    assert main(["eval", str(damaged)]) == 2
+    assert f"config error: {damaged}: {damaged / 'base_trainable.safetensors'} cannot be read" in \
+        capsys.readouterr().err
 
 
 

@@ -131,6 +131,10 @@ def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(confi
                            (tmp_path / "lr=1e-3", "no such directory")):
         assert main(["generate", "--reft", str(wrong), "repeat : red"]) == 2
         assert f"config error: --reft {wrong}: {problem}" in capsys.readouterr().err
+    damaged = shutil.copytree(out / "final", tmp_path / "damaged")
+    (damaged / "interventions.safetensors").write_text("cut short")  # was safetensors' traceback, after the base loaded
+    assert main(["generate", "--reft", str(damaged), "repeat : red"]) == 2
+    assert f"config error: {damaged}: {damaged / 'interventions.safetensors'} cannot be read" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])

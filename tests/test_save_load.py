@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from reft_fast import ReftConfig, ReftModel, get_reft_model
+from reft_fast.core.saving import ReftLoadError
 
 _CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=64)
@@ -192,8 +193,40 @@ def test_pyreft_weights_are_read_without_unpickling_objects(tmp_path):
             return (print, ("this must never run",))
 
     target.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(ReftLoadError, match=f"{target.name} cannot be read \\(UnpicklingError: Weights only load "
+                                            "failed"):
         ReftModel.load(tmp_path, _model())
+
+
+def test_a_missing_pyreft_weights_file_is_a_load_error_naming_it(tmp_path):
+    pyreft = pytest.importorskip("pyreft")
+    _pyreft_model(pyreft, _model()).save(str(tmp_path))
+    target = next(p for p in tmp_path.iterdir() if p.suffix == ".bin")
+    target.unlink()
+    with pytest.raises(ReftLoadError, match=f"{target.name} is missing"):  # was FileNotFoundError from torch.load
+        ReftModel.load(tmp_path, _model())
+
+
+@pytest.mark.parametrize("damage", ["missing", "cut short", "not safetensors", "another rank"])
+def test_a_damaged_weights_file_is_a_load_error_naming_it(tmp_path, damage):
+    # These were FileNotFoundError, safetensors' SafetensorError or load_state_dict's RuntimeError: `reft-fast
+    # generate --reft DIR` showed a traceback instead of naming the file.
+    get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1])).save(tmp_path / "reft")
+    weights = tmp_path / "reft" / "interventions.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "cut short":
+        weights.write_bytes(weights.read_bytes()[:-40])
+    elif damage == "not safetensors":
+        weights.write_text("not a tensor file")
+    else:  # the same intervention saved at rank 3 where config.json says 2
+        other = {**_REPRESENTATIONS[0], "low_rank_dimension": 3}
+        get_reft_model(_model(), ReftConfig([other])).save(tmp_path / "other")
+        weights.write_bytes((tmp_path / "other" / "interventions.safetensors").read_bytes())
+    problem = {"missing": "is missing", "cut short": "cannot be read", "not safetensors": "cannot be read",
+               "another rank": "does not hold the interventions .*config.json describes"}[damage]
+    with pytest.raises(ReftLoadError, match=f"interventions.safetensors {problem}"):
+        ReftModel.load(tmp_path / "reft", _model())
 
 
 def test_include_model_saves_and_loads_the_trained_base_parameters_as_pyvene(tmp_path):

@@ -28,7 +28,7 @@ from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
 from reft_fast.core.model import ReftModel
-from reft_fast.core.saving import register_directory_format
+from reft_fast.core.saving import ReftLoadError, register_directory_format
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
 __all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config"]
@@ -123,10 +123,10 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
         layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
             (rep["layer"], rep["component"], rep["low_rank_dimension"])
         if i < len(dims) and dims[i] is not None and dims[i] != hidden:
-            raise ValueError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the model "
-                             f"has hidden size {hidden}")
+            raise ReftLoadError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the "
+                                f"model has hidden size {hidden}")
         key = keys[i] if i < len(keys) else f"layer_{layer}_comp_{component}_unit_pos_nunit_1#0"
-        state = torch.load(directory / f"intkey_{key}.bin", map_location="cpu", weights_only=True)
+        state = _read_pyreft_state(directory / f"intkey_{key}.bin")
         cls = intervention_class(type_name)
         options = {}
         if cls.uses_rotation:
@@ -138,8 +138,22 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
         states.append(state)
     reft_model = reft_model_class(model, ReftConfig(representations), backend=backend)
     for intervention, state in zip(reft_model.interventions.values(), states):
-        load_pyreft_state(intervention, state)
+        try:
+            load_pyreft_state(intervention, state)
+        except ValueError as err:  # tensors missing or of the wrong shape: not the file config.json describes
+            raise ReftLoadError(f"{directory}: {err}") from None
     return reft_model
+
+
+def _read_pyreft_state(path: Path) -> dict:
+    """One intervention's state, as pyreft saves it (a torch pickle of tensors); a missing or unreadable file is a
+    ReftLoadError naming it."""
+    if not path.is_file():
+        raise ReftLoadError(f"{path} is missing: the pyreft config.json in its folder names that intervention")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a damaged pickle raises EOFError, UnpicklingError, RuntimeError, ... depending on where
+        raise ReftLoadError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
 
 
 register_directory_format("pyreft", is_pyreft_config, load_pyreft_directory)

@@ -22,14 +22,22 @@ from torch import nn
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
-__all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "register_directory_format",
-           "save_reft_model", "load_reft_model", "resolve_load_directory", "model_signature", "save_trainable_base",
-           "load_trainable_base", "trainable_base_state"]
+__all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ReftLoadError", "read_weights",
+           "register_directory_format", "save_reft_model", "load_reft_model", "resolve_load_directory",
+           "model_signature", "save_trainable_base", "load_trainable_base", "trainable_base_state"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
 BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained parameters (a head), next to the interventions
 FORMAT = "reft_fast"
+
+
+
+class ReftLoadError(ValueError):
+    """``ReftModel.load`` refuses the directory: it holds no loadable ReFT model (no or a damaged config.json or weights
+    file, saved for another base, an unknown format). A ValueError, as these refusals always were; callers that turn
+    a user's bad path into a plain message catch this class alone, so a bug's ValueError still shows its traceback."""
+
 
 # name -> (recognizes(config) -> bool, load(reft_model_class, directory, config, model, *, backend, orthogonalization)).
 _DIRECTORY_FORMATS: dict[str, tuple[Callable, Callable]] = {}
@@ -114,10 +122,10 @@ def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_hugg
         return Path(snapshot_download(repo_id=repo_id, local_dir=local_directory))
     except Exception as err:  # offline, unknown repo, invalid id, ...: all end the same way, with the cause attached
         where = "" if from_huggingface_hub else f"{repo_id} is not a local directory, and "
-        raise ValueError(f"cannot load a ReFT model: {where}downloading the Hugging Face Hub repo {repo_id!r} failed "
-                         f"({type(err).__name__}: {err}). Check the repo id, the network (HF_HUB_OFFLINE=1 allows "
-                         "only repos already in the Hub cache) and access rights, or pass a local directory") \
-            from err
+        raise ReftLoadError(f"cannot load a ReFT model: {where}downloading the Hugging Face Hub repo {repo_id!r} "
+                            f"failed ({type(err).__name__}: {err}). Check the repo id, the network (HF_HUB_OFFLINE=1 "
+                            "allows only repos already in the Hub cache) and access rights, or pass a local "
+                            "directory") from err
 
 
 def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], model: nn.Module, *,
@@ -127,32 +135,31 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise ValueError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model")
+        raise ReftLoadError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not valid JSON ({err}): not a saved ReFT model") from None
+        raise ReftLoadError(f"{config_path} is not valid JSON ({err}): not a saved ReFT model") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT model")
+        raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
+                            "model")
     if config.get("format") == FORMAT:
         return _load_ours(reft_model_class, directory, config, model, backend)
     for recognizes, load in _DIRECTORY_FORMATS.values():
         if recognizes(config):
             return load(reft_model_class, directory, config, model, backend=backend,
                         orthogonalization=orthogonalization)
-    raise ValueError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
+    raise ReftLoadError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
                      f"{sorted(_DIRECTORY_FORMATS)}")
 
 
 def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.Module, backend):
-    from safetensors.torch import load_file
-
     saved, actual = config["model"], model_signature(model)
     mismatched = {k: (saved.get(k), actual[k]) for k in ("model_type", "hidden_size", "num_layers")
                   if saved.get(k) != actual[k]}
     if mismatched:
         details = ", ".join(f"{k}: saved {s!r}, model {m!r}" for k, (s, m) in mismatched.items())
-        raise ValueError(f"the ReFT model in {directory} was saved for a different model ({details})")
+        raise ReftLoadError(f"the ReFT model in {directory} was saved for a different model ({details})")
     representations = []
     for entry in config["interventions"]:
         options = {k: v for k, v in entry.items() if k not in ("key", "layer", "component")}
@@ -162,11 +169,29 @@ def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.
     reft_model = reft_model_class(model, reft_config, backend=backend)
     saved_keys = [entry["key"] for entry in config["interventions"]]
     if saved_keys != list(reft_model.interventions):
-        raise ValueError(f"{directory}: saved intervention keys {saved_keys} do not match the rebuilt ones "
-                         f"{list(reft_model.interventions)}")
-    state = load_file(str(directory / WEIGHTS_NAME), device="cpu")
-    reft_model.interventions.load_state_dict(state, strict=True)
+        raise ReftLoadError(f"{directory}: saved intervention keys {saved_keys} do not match the rebuilt ones "
+                            f"{list(reft_model.interventions)}")
+    weights = directory / WEIGHTS_NAME
+    try:
+        reft_model.interventions.load_state_dict(read_weights(weights), strict=True)
+    except RuntimeError as err:  # missing, unexpected or misshapen tensors: not the file its config.json describes
+        raise ReftLoadError(f"{weights} does not hold the interventions {directory / CONFIG_NAME} describes: "
+                            f"{err}") from None
     return reft_model
+
+
+def read_weights(path: Path) -> dict:
+    """The tensors of a saved safetensors file, on the CPU; a missing or unreadable file is a ReftLoadError naming
+    it (a copy cut short, a file of another kind)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ReftLoadError(f"{path} is missing: the directory holds a ReFT config but not its weights")
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as err:
+        raise ReftLoadError(f"{path} cannot be read ({err}): the file is damaged or not a safetensors file") from None
 
 
 def trainable_base_state(model) -> dict:
@@ -190,13 +215,11 @@ def load_trainable_base(model, directory) -> list[str]:
     """Load ``save_trainable_base``'s file from ``directory`` into ``model`` (copied onto its parameters' devices and
     dtypes) and return the names loaded; none when the directory has no such file. A name the model lacks is an
     error: the file belongs to another architecture."""
-    from safetensors.torch import load_file
-
     path = Path(directory) / BASE_TRAINABLE_NAME
     if not path.is_file():
         return []
-    tensors = load_file(str(path), device="cpu")
+    tensors = read_weights(path)
     _, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
-        raise ValueError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
+        raise ReftLoadError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
     return sorted(tensors)

@@ -218,10 +218,13 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
 
 @contextlib.contextmanager
 def _reft_load_errors(what: str):
-    """ReftModel.load's refusals (saved for another base, an unknown directory format) as config errors."""
+    """ReftModel.load's refusals (saved for another base, a damaged file, an unknown directory format) as config
+    errors; any other error keeps its traceback."""
+    from reft_fast.core.saving import ReftLoadError
+
     try:
         yield
-    except ValueError as err:
+    except ReftLoadError as err:
         raise ConfigError(f"{what}: {err}") from None
 
 

@@ -38,6 +38,7 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
     from deepspeed.accelerator import get_accelerator
 
     from reft_fast.core.model import ReftModel
+    from reft_fast.core.saving import ReftLoadError
     from reft_fast.train.ds_config import build_ds_config
     from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
     from reft_fast.train.run_dir import load_trainable_base
@@ -54,9 +55,12 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
     base, _ = load_base_model(source, cfg, ds_config, auto_class=task.auto_class, model_kwargs=task.base_kwargs)
     if ds_config["zero_optimization"]["stage"] < 3:
         base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
-    load_trainable_base(base, reft_dir)
-    task.bind_base(base)
-    reft_model = ReftModel.load(str(reft_dir), base)
+    try:
+        load_trainable_base(base, reft_dir)
+        task.bind_base(base)
+        reft_model = ReftModel.load(str(reft_dir), base)
+    except ReftLoadError as err:  # a damaged or foreign directory: said plainly, as a bad path is
+        raise ConfigError(f"{reft_dir}: {err}") from None
     engine, *_ = deepspeed.initialize(model=reft_model, config=ds_config)
     collator = task.collator(tokenizer, len(reft_model.interventions))
     metrics, rows = task.evaluate_examples(engine, eval_set, collator, rank, world)
