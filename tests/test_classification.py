@@ -226,6 +226,24 @@ def test_resume_restores_the_head(trained, tmp_path):
             torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_head_the_checkpoint_lacks_starts_the_same_in_every_run_of_a_seed(tmp_path):
+    """roberta-base's checkpoint has no classifier: transformers draws it as the base loads. Two set-ups of one config
+    in one process (the global random state has moved on between them) load the same head."""
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(tmp_path, sentiment_rows(16))
+    transformers.RobertaModel(tiny_roberta_config()).save_pretrained(tmp_path / "model")  # the encoder alone
+    heads = []
+    for _ in range(2):
+        recipe = ReftTrainingRecipe(load_config(str(config)))
+        recipe.rank, recipe.world, recipe.accumulation = 0, 1, 1  # what joining a one-rank group sets
+        recipe._setup_data()
+        recipe._setup_base()
+        heads.append(recipe.base.classifier.state_dict())
+    assert heads[0].keys() == heads[1].keys() and all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_regression_on_sentence_pairs_from_csv(tmp_path):
     """STS-B's shape: sentence1/sentence2 and a float score, num_labels 1; read from a CSV file."""
     rng = random.Random(1)
@@ -273,6 +291,14 @@ def test_bad_labels_are_named(tmp_path):
         read_labelled_texts([{"body": "red", "label": 1}], ClassificationConfig())
     pairs = read_labelled_texts([{"question": "q", "sentence": "s", "label": "1"}], ClassificationConfig())
     assert pairs == [{"texts": ("q", "s"), "label": 1}]  # QNLI's fields; a CSV's text label
+    regression = ClassificationConfig(num_labels=1, problem_type="regression")
+    for target in (float("nan"), "inf"):  # a NaN target would make every weight NaN from the step that reads it
+        with pytest.raises(ValueError, match=r"example 0: label .* is not a finite number"):
+            read_labelled_texts([{"sentence": "red", "label": target}], regression)
+    multi = ClassificationConfig(num_labels=2, problem_type="multi_label")
+    with pytest.raises(ValueError, match=r"example 0: label '10' is not a list of 2 values 0 or 1"):
+        read_labelled_texts([{"sentence": "red", "label": "10"}], multi)
+    assert read_labelled_texts([{"sentence": "red", "label": [1, 0]}], multi)[0]["label"] == [1.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------------------------------

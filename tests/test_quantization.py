@@ -245,6 +245,26 @@ def test_plan_weight_bytes_are_those_bitsandbytes_stores(tiny_model_dir, mode, d
     assert plan.stages[0].weights < 0.55 * plan_memory(_config(tiny_model_dir), 2).stages[0].weights
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_classifier_head_stays_trainable_on_a_quantized_base(tmp_path, mode):
+    """task: classification trains the head outside the backbone (train_head, the default): RoBERTa's
+    classifier.dense and classifier.out_proj stay in model.dtype while the encoder's linears are quantized, and the
+    plan counts them so."""
+    from test_classification import make_run as make_classification_run, sentiment_rows
+
+    from reft_fast.train.tasks import make_task
+
+    cfg = load_config(str(make_classification_run(tmp_path, sentiment_rows(8))), [f"model.quantization={mode}"])
+    task = make_task(cfg)
+    base, _ = load_base_model(cfg.model.path, cfg, auto_class=task.auto_class, model_kwargs=task.base_kwargs)
+    assert {type(m).__name__ for m in base.roberta.encoder.modules()} & {"Linear8bitLt", "Linear4bit"}
+    assert plan_memory(cfg, 1).stages[0].weights == _stored_bytes(base)
+    head = task.trainable_base_parameters(base)
+    assert len(head) == 4 and all(p.dtype == torch.float32 and p.requires_grad for p in head)
+    base(input_ids=torch.tensor([[1, 5, 2]]), labels=torch.tensor([1])).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head)
+
+
 def test_quantized_weight_bytes_per_format():
     # a 4096×4096 weight: int8 1 byte + a row scale; 4-bit half a byte + 4 bytes per 64 (0.0625), or with double
     # quantization 1 byte per 64 + 4 bytes per 64·256 (≈ 0.0159)

@@ -11,7 +11,8 @@ rank ever holds all of it.
 Quantized bases (``model.quantization``): transformers' bitsandbytes integration replaces every ``nn.Linear`` of the
 decoder layers by an 8-bit (``Linear8bitLt``: int8 weights, one fp32 scale per output row) or 4-bit (``Linear4bit``:
 nf4/fp4 codes packed two per byte, one scale per block of 64 weights) layer as the checkpoint is read; the embeddings,
-the LM head (transformers keeps the output layer whole) and the norms stay in ``model.dtype``. The gradient with
+the norms and every linear outside the backbone (the LM head, a classifier head: ``linears_outside_backbone``) stay in
+``model.dtype``. The gradient with
 respect to the hidden states flows through them (bitsandbytes dequantizes the weight for the backward matmul), which
 is all ReFT needs from a frozen base. Each rank loads its own quantized copy straight onto its device; ZeRO-3 is
 refused at validation, since zero.Init cannot partition packed weights.
@@ -35,7 +36,8 @@ from reft_fast.train.distributed import barrier
 from reft_fast.train.train_config import QUANTIZATION_EXTRA, TrainConfig, gguf_cache_dir, resolve_model_source
 
 __all__ = ["build_reft_model", "compile_layers", "enable_gradient_checkpointing", "load_base_model",
-           "load_tokenizer", "materialize_gguf", "model_source", "quantization_config"]
+           "linears_outside_backbone", "load_tokenizer", "materialize_gguf", "meta_model", "model_source",
+           "quantization_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,8 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
     kwargs.update(model_kwargs or {})
     quantization = quantization_config(cfg)
     if quantization is not None:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
+        quantization.llm_int8_skip_modules = linears_outside_backbone(meta_model(config, auto_class, model_kwargs))
         # bitsandbytes quantizes each weight as it is placed: straight onto this rank's device, so the whole
         # full-precision base never sits there.
         kwargs.update(quantization_config=quantization, device_map={"": _this_rank_device()})
@@ -122,6 +126,29 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
     model.config.use_cache = False
     _keep_4bit_weights_differentiable(model)
     return model, hf_ds
+
+
+def meta_model(model_config, auto_class: str, model_kwargs: Optional[dict] = None):
+    """The base as ``auto_class`` builds it with ``model_kwargs`` (a head's size), on the meta device: its modules
+    and shapes without memory."""
+    import copy
+
+    import transformers
+
+    config = copy.deepcopy(model_config)
+    for name, value in (model_kwargs or {}).items():  # from_pretrained takes them as config overrides; from_config not
+        setattr(config, name, value)
+    with torch.device("meta"):
+        return getattr(transformers, auto_class).from_config(config)
+
+
+def linears_outside_backbone(model) -> list[str]:
+    """The names of the linear layers outside ``model.base_model`` (the LM head, a classifier head), which a quantized
+    base keeps in ``model.dtype``. transformers' default keeps only the output embeddings and the last module whole:
+    RoBERTa's ``classifier.out_proj`` but not its ``classifier.dense``, which a trained head needs in floating point."""
+    backbone = {id(module) for module in model.base_model.modules()}
+    return [name for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and id(module) not in backbone]
 
 
 def _keep_4bit_weights_differentiable(model) -> None:

@@ -19,8 +19,9 @@ any architecture. The rest is arithmetic, per GPU:
   the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
   is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
 
-Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` except the LM head is stored quantized, as
-transformers' integration does it; embeddings, norms and biases stay in model.dtype. Bytes of one out×in weight:
+Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` of the backbone is stored quantized, as
+``train.loading`` loads it; the LM head or classifier head, embeddings, norms and biases stay in model.dtype. Bytes of
+one out×in weight:
 
 * int8: out·in int8 values + one fp32 scale per output row (4·out);
 * nf4/fp4: two 4-bit codes per byte (⌈out·in/2⌉), a 16-entry fp32 code table, and one fp32 scale per block of 64
@@ -49,6 +50,7 @@ from reft_fast.core.dtypes import bytes_per_element
 from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
+from reft_fast.train.loading import linears_outside_backbone, meta_model
 from reft_fast.train.train_config import TrainConfig, layer_list, validate
 from reft_fast.train.tasks import make_task
 
@@ -97,19 +99,6 @@ class MemoryPlan:
     rows_per_example: int = 1  # a preference pair is two rows (chosen, rejected) of one forward
 
 
-def _meta_model(model_config, task):
-    """The base as the task loads it (its Auto class and head), on the meta device: shapes without memory."""
-    import copy
-
-    import transformers
-
-    config = copy.deepcopy(model_config)
-    for name, value in task.base_kwargs.items():  # from_pretrained takes them as config overrides; from_config not
-        setattr(config, name, value)
-    with torch.device("meta"):
-        return getattr(transformers, task.auto_class).from_config(config)
-
-
 def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
     """Bytes of one base weight as loaded: model.dtype, or for "auto" the dtype the checkpoint's config records."""
     if cfg.model.dtype == "auto":
@@ -138,10 +127,10 @@ def _base_bytes(cfg: TrainConfig, meta: nn.Module, dtype_bytes: int) -> tuple[fl
     if mode == "none":
         return (sum(p.numel() for p in meta.parameters()) * dtype_bytes,
                 sum(p.numel() for p in layer.parameters()) * dtype_bytes, 0.0)
-    head = meta.get_output_embeddings()
+    whole = set(linears_outside_backbone(meta))
     quantized = {id(m.weight): quantized_weight_bytes(mode, m.out_features, m.in_features,
                                                       cfg.model.quantization_double_quant)
-                 for m in meta.modules() if isinstance(m, nn.Linear) and m is not head}
+                 for name, m in meta.named_modules() if isinstance(m, nn.Linear) and name not in whole}
 
     def stored(module: nn.Module) -> float:
         return sum(quantized.get(id(p), p.numel() * dtype_bytes) for p in module.parameters())
@@ -216,7 +205,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
 
     dtype_bytes = _weight_bytes_per_element(cfg, model_config)
     task = make_task(cfg)
-    meta = _meta_model(model_config, task)
+    meta = meta_model(model_config, task.auto_class, task.base_kwargs)
     base_params = sum(p.numel() for p in meta.parameters())
     weights_full, layer_bytes, dequantized = _base_bytes(cfg, meta, dtype_bytes)
     trained_base_params = sum(p.numel() for p in task.trainable_base_parameters(meta))  # a classifier head

@@ -208,6 +208,9 @@ class ReftTrainingRecipe:
         cfg, t = self.cfg, self.cfg.training
         # A first config only for HfDeepSpeedConfig (zero.Init); the final one knows the interventions' sizes.
         ds_config = build_ds_config(cfg, self.world)
+        # A head the checkpoint lacks (roberta-base's classifier, a Llama's score) is drawn at load: seeded, so that a
+        # run repeats with its seed and every rank starts from the same head.
+        torch.manual_seed(t.seed)
         base, self._hf_ds = load_base_model(self.source, cfg, ds_config, auto_class=self.task.auto_class,
                                             model_kwargs=self.task.base_kwargs)
         if ds_config["zero_optimization"]["stage"] < 3:

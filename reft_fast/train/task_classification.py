@@ -72,15 +72,20 @@ def _label(value, c: ClassificationConfig, where: str):
     """A row's label as the loss takes it: a class index, a list of 0/1 floats, or a float."""
     try:
         if c.problem_type == "regression":
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # one NaN or infinite target turns every later weight into NaN
+                raise ValueError
+            return number
         if c.problem_type == "multi_label":
+            if isinstance(value, str):  # a string iterates as characters: "10" is not the list [1, 0]
+                raise ValueError
             values = [float(v) for v in value]
             if len(values) != c.num_labels or any(v not in (0.0, 1.0) for v in values):
                 raise ValueError
             return values
         index = c.label_names.index(value) if c.label_names else int(value)
     except (TypeError, ValueError):
-        expected = {"regression": "a number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
+        expected = {"regression": "a finite number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
             c.problem_type, f"one of {c.label_names}" if c.label_names else "a class index")
         raise ValueError(f"{where}: label {value!r} is not {expected}") from None
     if not 0 <= index < c.num_labels or (not c.label_names and float(value) != index):
