@@ -96,6 +96,8 @@ def test_a_stage_set_in_the_free_form_deepspeed_config_is_the_runs_stage(run_dir
     (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
     (["training.warmup_ratio=0.1", "training.warmup_steps=5"], "training.warmup_ratio"),
     (["task=seq2seq"], "task"),
+    (["deepspeed.config.train_micro_batch_size_per_gpu=2"], "deepspeed.config.train_micro_batch_size_per_gpu"),
+    (["deepspeed.config.optimizer={type: Adam}"], "deepspeed.config.optimizer"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):

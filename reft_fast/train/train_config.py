@@ -715,7 +715,20 @@ def _check_training_section(t: TrainingConfig, world_size: int) -> None:
         raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
 
 
+# DeepSpeed keys the recipe derives from its own fields: set in deepspeed.config, they failed DeepSpeed's batch-size
+# assertion after the model was loaded (the batch keys) or were silently not used (the client AdamW and schedule win).
+_DERIVED_DEEPSPEED_KEYS = {"train_batch_size": "training.global_batch_size",
+                           "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+                           "gradient_accumulation_steps": "training.global_batch_size",
+                           "gradient_clipping": "training.max_grad_norm",
+                           "optimizer": "training.lr, adam_betas, adam_eps and weight_decay",
+                           "scheduler": "training.schedule, warmup_steps and min_lr_ratio"}
+
+
 def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
+    for key, field_name in _DERIVED_DEEPSPEED_KEYS.items():
+        if key in ds.config:
+            raise ConfigError(f"deepspeed.config.{key}: set by the recipe from {field_name}; set that instead")
     if ds.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage: expected 0, 1, 2 or 3, got {ds.stage}")
     if ds.offload_param and ds.stage != 3:
