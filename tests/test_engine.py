@@ -140,6 +140,18 @@ def test_a_kill_during_a_save_loses_nothing(reference, tmp_path):
     assert _checkpoint_names(killed_out) == ["latest", "step4", "step6", "step8"]  # the killed save's scratch: gone
 
 
+def test_resuming_a_checkpoint_past_the_runs_last_step_is_refused(reference, tmp_path):
+    """It used to "train -2 steps" and publish the step-6 interventions as the final ones of a 4-step run."""
+    config, out = reference
+    copied = _copy_run_until(out, tmp_path / "past", 6)
+    proc = _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={copied}", "--resume",
+                 "training.max_steps=4"], check=False)
+    assert proc.returncode != 0
+    assert f"resume: the newest checkpoint in {copied / 'checkpoints'} is at step 6, past this run's last step 4" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert not (copied / "final").exists() and _checkpoint_names(copied) == ["latest", "step6"]
+
+
 def test_a_resume_with_a_new_rate_and_length_follows_the_new_schedule_from_the_saved_step(reference, tmp_path):
     # Extending a run (more steps) or changing its rate on resume: the schedule is this run's config at the saved
     # step. The scheduler's saved state used to win: the new training.lr was ignored, and step 5 ran at the old

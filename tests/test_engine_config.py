@@ -45,6 +45,20 @@ def test_overrides_parse_values_as_yaml():
     assert tree["data"]["chat_template"] is False
 
 
+def test_a_stage_set_in_the_free_form_deepspeed_config_is_the_runs_stage(run_dir):
+    """The recipe reads deepspeed.stage (zero.Init, samples before training, the interventions kept whole): a ZeRO-3
+    set only as DeepSpeed's own key once ran the samples on the partitioned base ("'weight' must be 2-D")."""
+    from reft_fast.train.ds_config import build_ds_config
+
+    cfg = load_config(_write(run_dir), ["deepspeed.config.zero_optimization.stage=3"])
+    assert cfg.deepspeed.stage == 3
+    assert build_ds_config(cfg, 2, max_intervention_numel=10**6)["zero_optimization"][
+        "stage3_param_persistence_threshold"] > 10**6
+    # It wins over deepspeed.stage, as it does in the merged DeepSpeed config.
+    assert load_config(_write(run_dir), ["deepspeed.stage=1", "deepspeed.config.zero_optimization.stage=2"]) \
+        .deepspeed.stage == 2
+
+
 @pytest.mark.parametrize("overrides, field", [
     (["training.bogus=1"], "training.bogus"),
     (["trainig.lr=1"], "trainig"),
@@ -82,6 +96,8 @@ def test_overrides_parse_values_as_yaml():
     (["training.warmup_ratio=1.5"], "training.warmup_ratio"),
     (["training.warmup_ratio=0.1", "training.warmup_steps=5"], "training.warmup_ratio"),
     (["task=seq2seq"], "task"),
+    (["deepspeed.config.train_micro_batch_size_per_gpu=2"], "deepspeed.config.train_micro_batch_size_per_gpu"),
+    (["deepspeed.config.optimizer={type: Adam}"], "deepspeed.config.optimizer"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):

@@ -415,7 +415,18 @@ def _rename_old_keys(tree: dict) -> dict:
 def config_from_dict(tree: dict, base_dir: Optional[str] = None) -> TrainConfig:
     cfg = _build(TrainConfig, _rename_old_keys(_parse_numbers(tree)), "")
     cfg.base_dir = base_dir
+    _take_free_form_zero_stage(cfg.deepspeed)
     return cfg
+
+
+def _take_free_form_zero_stage(ds: DeepSpeedConfig) -> None:
+    """``deepspeed.config`` is merged over the generated DeepSpeed config, so a ``zero_optimization.stage`` there is
+    the stage the engine runs at: make ``deepspeed.stage`` say the same, since the recipe reads that one (building the
+    base in zero.Init, keeping the interventions whole, generating the samples before training). Left apart, ZeRO-3
+    set only there ran the samples on the partitioned base ("'weight' must be 2-D")."""
+    zero = ds.config.get("zero_optimization")
+    if isinstance(zero, dict) and "stage" in zero:
+        ds.stage = zero["stage"]
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> TrainConfig:
@@ -569,14 +580,12 @@ def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
     if m.fused_ops not in FUSED_OPS_MODES:
         raise ConfigError(f"model.fused_ops: expected one of {list(FUSED_OPS_MODES)}, got {m.fused_ops!r}")
     # The engine fuses all of FUSED_OPS, and "on" refuses the fused cross-entropy on a ZeRO-3 partitioned lm_head:
-    # say so now rather than after the base is loaded. The free-form ds_config can set the stage too (it wins).
-    zero_section = ds.config.get("zero_optimization")
-    zero_stage = zero_section.get("stage", ds.stage) if isinstance(zero_section, dict) else ds.stage
-    if m.fused_ops == "on" and zero_stage == 3:
+    # say so now rather than after the base is loaded.
+    if m.fused_ops == "on" and ds.stage == 3:
         raise ConfigError("model.fused_ops: 'on' cannot be used with ZeRO stage 3 (the fused linear cross-entropy "
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
-    _check_quantization(m, zero_stage)
+    _check_quantization(m, ds.stage)
 
 
 def _check_quantization(m: ModelConfig, zero_stage: int) -> None:
@@ -706,7 +715,20 @@ def _check_training_section(t: TrainingConfig, world_size: int) -> None:
         raise ConfigError(f"training.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}")
 
 
+# DeepSpeed keys the recipe derives from its own fields: set in deepspeed.config, they failed DeepSpeed's batch-size
+# assertion after the model was loaded (the batch keys) or were silently not used (the client AdamW and schedule win).
+_DERIVED_DEEPSPEED_KEYS = {"train_batch_size": "training.global_batch_size",
+                           "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+                           "gradient_accumulation_steps": "training.global_batch_size",
+                           "gradient_clipping": "training.max_grad_norm",
+                           "optimizer": "training.lr, adam_betas, adam_eps and weight_decay",
+                           "scheduler": "training.schedule, warmup_steps and min_lr_ratio"}
+
+
 def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
+    for key, field_name in _DERIVED_DEEPSPEED_KEYS.items():
+        if key in ds.config:
+            raise ConfigError(f"deepspeed.config.{key}: set by the recipe from {field_name}; set that instead")
     if ds.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage: expected 0, 1, 2 or 3, got {ds.stage}")
     if ds.offload_param and ds.stage != 3:
