@@ -117,6 +117,19 @@ def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys
     assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
 
 
+def test_without_a_progress_bar_the_log_shows_each_logged_step(config, tmp_path, caplog):
+    """training.progress_bar: false (a batch job's log) used to show nothing of the training at all: the figures went
+    only to metrics.jsonl. Now each log_every step is one logged line."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="reft_fast")
+    assert main(["train", str(config), "training.progress_bar=false", "training.log_every=2",
+                 f"output_dir={tmp_path / 'out'}"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "reft_fast.train.metrics"]
+    assert [line.split(":")[0] for line in lines] == ["step 2/4", "step 4/4"], lines
+    assert re.fullmatch(r"step 4/4: loss \d+\.\d{4}, tok/s \d+, mem \d+\.\dGiB(, .*)?", lines[-1]), lines
+
+
 def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(config, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["train", str(config), f"output_dir={out}"]) == 0

@@ -5,6 +5,7 @@ goes (``metrics.jsonl`` through ``MetricsLog``, TensorBoard, the progress bar).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 from pathlib import Path
@@ -16,6 +17,8 @@ from reft_fast.core.hf import find_decoder_layers, text_config_of
 
 __all__ = ["METRICS_FSYNC_EVERY", "MetricsLog", "PEAK_TFLOPS", "count_step_flops", "full_numel", "log_metrics",
            "numel_on_this_rank", "open_tensorboard", "peak_memory_gib", "peak_tflops"]
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (TFLOP/s) by device-name fragment, for MFU when training.peak_tflops is not set.
 # metrics.jsonl lines between two fsyncs (MetricsLog): what a crash of the machine (not of the process) may lose.
@@ -123,9 +126,10 @@ class MetricsLog:
         self._file.close()
 
 
-def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool) -> None:
-    """One step's metrics: a line in ``metrics_log``, scalars for ``writer`` and, when ``show``, the bar's postfix
-    (``writer`` and ``bar`` may be None)."""
+def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool, total_steps: int) -> None:
+    """One step's metrics: a line in ``metrics_log``, scalars for ``writer`` and, when ``show``, the bar's postfix or,
+    without a bar (``training.progress_bar: false``, a batch job's log), one logged line (``writer`` and ``bar`` may
+    be None)."""
     metrics_log.write(metrics)
     if writer is not None:
         for key, value in metrics.items():
@@ -133,13 +137,24 @@ def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool)
                 writer.add_scalar(f"train/{key}", value, metrics["step"])
     if bar is not None:
         bar.update(1)
-        if show:
-            postfix = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
-                       "mem": f"{metrics['peak_mem_gib']:.1f}GiB"}
-            if "packing_efficiency" in metrics:  # the share of real tokens in the batch slots, packed or padded
-                postfix["real"] = f"{100 * metrics['packing_efficiency']:.0f}%"
-            if "mfu" in metrics:
-                postfix["mfu"] = f"{100 * metrics['mfu']:.1f}%"
-            if "eval_loss" in metrics:
-                postfix["eval"] = f"{metrics['eval_loss']:.4f}"
-            bar.set_postfix(postfix, refresh=False)
+    if not show:
+        return
+    summary = _step_summary(metrics)
+    if bar is not None:
+        bar.set_postfix(summary, refresh=False)
+    else:
+        logger.info("step %d/%d: %s", metrics["step"], total_steps,
+                    ", ".join(f"{name} {value}" for name, value in summary.items()))
+
+
+def _step_summary(metrics: dict) -> dict[str, str]:
+    """The few figures a person watches: loss, tokens/s, peak memory, and packing, MFU and eval loss where known."""
+    summary = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}",
+               "mem": f"{metrics['peak_mem_gib']:.1f}GiB"}
+    if "packing_efficiency" in metrics:  # the share of real tokens in the batch slots, packed or padded
+        summary["real"] = f"{100 * metrics['packing_efficiency']:.0f}%"
+    if "mfu" in metrics:
+        summary["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+    if "eval_loss" in metrics:
+        summary["eval"] = f"{metrics['eval_loss']:.4f}"
+    return summary

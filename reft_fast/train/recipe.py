@@ -337,7 +337,7 @@ class ReftTrainingRecipe:
                 self.best.keep_if_best(done, metrics, self.reft_model, self.cfg, self.rank)
         if self.rank == 0:  # before the checkpoint: a kill during the save keeps these lines
             for row in rows:
-                log_metrics(row, self._metrics_log, self._writer, self._bar, row is rows[-1])
+                log_metrics(row, self._metrics_log, self._writer, self._bar, row is rows[-1], self.total_steps)
             if save:
                 self._metrics_log.sync()
         if save:
