@@ -268,6 +268,43 @@ def test_cli_generate_serves_a_prompts_file_with_a_reft_per_line(served, tmp_pat
     assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(bad)]) != 0
 
 
+def test_cli_generate_encodes_each_prompt_as_its_reft_was_trained(served, tmp_path):
+    """A ReFT trained with a system prompt (its train_config.yaml's data.system_prompt) answers a --prompts-file line
+    as it does alone; every line was encoded with the first ReFT's settings."""
+    import json
+    import shutil
+
+    import yaml
+
+    from reft_fast.train.cli import main
+    from reft_fast.train.generation import generate_answers
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    tokenizer = _word_tokenizer(model_dir)
+    tokenizer.chat_template = "{% for m in messages %}w40 {{ m['content'] }} w41 {% endfor %}w42"
+    tokenizer.save_pretrained(model_dir)
+    with_system = tmp_path / "B_system"
+    shutil.copytree(directories["B"], with_system)
+    (with_system / "train_config.yaml").write_text(yaml.safe_dump({"data": {"system_prompt": "w30 w31 w32"}}))
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w8 w8 w4 w12", "reft": "B"}) + "\n")
+    output = tmp_path / "answers.jsonl"
+    assert main(["generate", "--reft", f"A={directories['A']}", "--reft", f"B={with_system}", "--model",
+                 str(model_dir), "--prompts-file", str(prompts_file), "--output", str(output),
+                 "--max-new-tokens", "3"]) in (0, None)
+    (answer,) = [json.loads(line)["answer"] for line in output.read_text().splitlines()]
+    alone = _alone(reft_model, "B", lambda n: generate_answers(
+        reft_model, tokenizer, ["w8 w8 w4 w12"], system_prompt="w30 w31 w32", positions=REFTS["B"][1],
+        share_weights=REFTS["B"][2], max_new_tokens=3))
+    unprompted = _alone(reft_model, "B", lambda n: generate_answers(
+        reft_model, tokenizer, ["w8 w8 w4 w12"], positions=REFTS["B"][1], share_weights=REFTS["B"][2],
+        max_new_tokens=3))
+    assert alone != unprompted  # the system prompt changes the answer, so the comparison below can fail
+    assert answer == alone[0]
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read it"), ("\n  \n", "no prompts in it"),
     ('{"prompt": "w3", "reft": ["A"]}\n', ":1: unknown ReFT ['A']"), ('{"prompt": "w3"}\n{"prompt": \n', ":2: not JSON")],

@@ -229,6 +229,35 @@ def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path
         load_preference_examples(str(path), "q", "good", "worse")
 
 
+def test_a_prompt_template_builds_the_prompt_of_both_responses(tmp_path):
+    """data.prompt_template works as for causal_lm (it was ignored: the prompt was data.prompt_field's text)."""
+    from dist.tiny import make_tokenizer
+    from reft_fast.train.task_preference import PreferenceTask
+    from reft_fast.train.train_config import load_config
+
+    rows = [{"instruction": "big : red", "hint": "one", "chosen": "big", "rejected": "small"}] * 4
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    config, overrides = preference_run(tmp_path / "run", n_pairs=4)
+    cfg = load_config(str(config), overrides + [f"data.train_file={tmp_path / 'pairs.jsonl'}", "data.eval_fraction=0",
+                                                "data.prompt_template='repeat {hint} : {instruction}'"])
+    tokenizer = make_tokenizer()
+    train_set, _ = PreferenceTask(cfg).datasets(tokenizer, seed=0)
+    chosen = train_set[0]["chosen"]
+    assert tokenizer.decode(chosen["input_ids"][: chosen["prompt_length"]]).startswith("<|user|> repeat one : big : red")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.response_template='{chosen}'", r"^data.response_template: task: preference reads its two responses"),
+    ("data.eval_family=exact", r"^data.eval_family: scores generated answers"),
+])
+def test_data_settings_a_preference_run_cannot_use_are_refused(tmp_path, override, message):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config, overrides = preference_run(tmp_path, n_pairs=8)
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(str(config), overrides + [override]))
+
+
 def test_the_built_in_example_config_is_valid_and_reads_its_pairs():
     from reft_fast.train.task_preference import load_preference_examples
     from reft_fast.train.train_config import load_config, resolve_data_path, validate

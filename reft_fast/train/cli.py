@@ -358,6 +358,12 @@ def _read_prompts_file(path: str, named: dict) -> list[dict]:
     return records
 
 
+def _prompt_encoding(cfg, no_chat_template: bool) -> dict:
+    """How a run's prompts are encoded (``encode_prompt``'s keywords): its data section, or plain text."""
+    return dict(chat_template=False if no_chat_template else cfg.data.chat_template,
+                system_prompt=cfg.data.system_prompt)
+
+
 def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
     """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
     from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
@@ -375,10 +381,15 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
             reft_model.load_adapter(named[name], name)
     reft_model.eval()
     held_as = {first: DEFAULT_ADAPTER}
+    # Each ReFT's prompts are encoded as its own run trained them (its system prompt, chat template or not); the
+    # base's rows as the first ReFT's.
+    encodings = {held_as.get(name, name): _prompt_encoding(_config_of_run(directory), args.no_chat_template)
+                 for name, directory in named.items()}
     answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
                             [held_as.get(r.get("reft"), r.get("reft")) for r in records],
                             batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
-                            system_prompt=gen_kwargs["system_prompt"], max_new_tokens=args.max_new_tokens)
+                            system_prompt=gen_kwargs["system_prompt"], encodings=encodings,
+                            max_new_tokens=args.max_new_tokens)
     rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
     if args.output:  # its folder made, as eval makes its own
         write_jsonl_atomically(Path(args.output), rows)

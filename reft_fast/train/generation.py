@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 
@@ -58,18 +58,23 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], *, positions: Opt
 @_eager
 def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: Sequence[Optional[str]], *,
                   chat_template: Optional[bool] = None, system_prompt: Optional[str] = None,
-                  max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+                  encodings: Optional[Mapping[Optional[str], dict]] = None, max_new_tokens: int = 64,
+                  batch_size: int = 8) -> list[str]:
     """Greedy answers, ``batch_size`` prompts per generate call, each prompt edited by the ReFT it names (a name
     loaded into ``reft_model``, or None for the plain base) at the positions of that ReFT's saved spec. Prompts are
-    left padded, so every answer starts at the same column."""
+    left padded, so every answer starts at the same column. A prompt is encoded as its ReFT was trained:
+    ``encodings[name]`` (``encode_prompt``'s chat_template and system_prompt) where given, else ``chat_template``
+    and ``system_prompt``."""
     if len(adapter_names) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(adapter_names)} adapter names: one per prompt")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(p for p in reft_model.model.parameters()).device
+    default = dict(chat_template=chat_template, system_prompt=system_prompt)
+    encodings = encodings or {}
     answers = []
     for start in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(tokenizer, prompt, chat_template=chat_template, system_prompt=system_prompt)
-                   for prompt in prompts[start:start + batch_size]]
+        encoded = [encode_prompt(tokenizer, prompt, **encodings.get(name, default))
+                   for prompt, name in zip(prompts[start:start + batch_size], adapter_names[start:start + batch_size])]
         width = max(map(len, encoded))
         ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)

@@ -110,12 +110,13 @@ def reference_logps(base, batch: dict) -> torch.Tensor:
 # Data
 # --------------------------------------------------------------------------------------------------------------------
 def load_preference_examples(source, prompt_field: str, chosen_field: str, rejected_field: str, *,
-                             hf_split: str = "train") -> list[dict]:
+                             hf_split: str = "train", prompt_template: Optional[str] = None) -> list[dict]:
     """``[{"prompt", "chosen", "rejected"}]`` from what ``data.load_examples`` reads (a JSON/JSONL file, a list of
-    dicts or a Hugging Face dataset)."""
+    dicts or a Hugging Face dataset); the prompt is ``prompt_template`` over the row's fields when given."""
     try:
-        chosen = load_examples(source, prompt_field, chosen_field, hf_split=hf_split)
-        rejected = load_examples(source, prompt_field, rejected_field, hf_split=hf_split)
+        chosen = load_examples(source, prompt_field, chosen_field, hf_split=hf_split, prompt_template=prompt_template)
+        rejected = load_examples(source, prompt_field, rejected_field, hf_split=hf_split,
+                                 prompt_template=prompt_template)
     except ValueError as err:
         raise ValueError(f"{err} (task: preference reads data.prompt_field, preference.chosen_field and "
                          "preference.rejected_field)") from None
@@ -187,6 +188,12 @@ class PreferenceTask:
         if cfg.data.packing:
             raise ConfigError("data.packing: task: preference does not pack (a pair's chosen and rejected rows each "
                               "need their own summed log-probability); set data.packing: false")
+        if cfg.data.response_template:
+            raise ConfigError("data.response_template: task: preference reads its two responses as they are, from "
+                              "preference.chosen_field and preference.rejected_field; remove the template")
+        if cfg.data.eval_family:
+            raise ConfigError("data.eval_family: scores generated answers (causal_lm); a preference run is scored by "
+                              "its reward accuracy and margin; remove it")
 
     def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
         """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without; with
@@ -195,7 +202,8 @@ class PreferenceTask:
         fields = (d.prompt_field, p.chosen_field, p.rejected_field)
         examples, eval_examples = train_and_eval_examples(
             d, self.cfg.base_dir, seed,
-            lambda source, split: load_preference_examples(source, *fields, hf_split=split), eval_part=eval_part)
+            lambda source, split: load_preference_examples(source, *fields, hf_split=split,
+                                                           prompt_template=d.prompt_template), eval_part=eval_part)
         encoding = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                         drop_long_prompts=d.drop_long_prompts)
         self.train_set = PreferenceDataset(examples, tokenizer, **encoding)
