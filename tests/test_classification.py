@@ -388,6 +388,9 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
     assert examples == 10 and isinstance(examples, int)  # a count, not 10.0
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err
+    assert main(["eval", str(out_dir), "--batch-size", "4"]) == 2  # was silently ignored
+    assert "--batch-size: sets generate's batch; a classification run is scored in batches of " \
+        "training.micro_batch_size" in capsys.readouterr().err
     damaged = shutil.copytree(out_dir / "final", tmp_path / "damaged")
     (damaged / "base_trainable.safetensors").write_text("cut short")  # was safetensors' traceback
     assert main(["eval", str(damaged)]) == 2

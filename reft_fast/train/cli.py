@@ -90,7 +90,9 @@ def _add_eval_parser(sub) -> None:
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
     evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
                                         "classification or preference run writes its metrics beside it, as .json")
-    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="prompts per generate call and rank")
+    evaluate.add_argument("--batch-size", type=positive_int, default=None,
+                          help="prompts per generate call and rank (default 8); a classification or preference run "
+                               "is scored in batches of training.micro_batch_size")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None,
                           help="default: training.max_new_tokens")
     evaluate.add_argument("--base-only", action="store_true", help="answer with the base model alone, for comparison")
@@ -486,7 +488,7 @@ def _evaluate(args) -> None:
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
         predictions = generate_and_score(model, tokenizer, examples, family, rank=rank, world=world,
-                                         batch_size=args.batch_size,
+                                         batch_size=args.batch_size or 8,
                                          max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
                                          **gen_kwargs)
         if rank == 0:
@@ -508,6 +510,9 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
                           "its reference); evaluate the run itself")
     if args.family:
         raise ConfigError(f"--family: reads generated answers; a {cfg.task} run is scored by the task's own metrics")
+    if args.batch_size:  # it was silently ignored
+        raise ConfigError(f"--batch-size: sets generate's batch; a {cfg.task} run is scored in batches of "
+                          "training.micro_batch_size, as training scored it")
     if args.data:
         if not Path(args.data).is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
             raise ConfigError(f"--data {args.data}: no such file")
