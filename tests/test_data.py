@@ -43,8 +43,13 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
                    {"prompt": rows[1]["instruction"] + "\n", "response": "the correct answer is 42"}]
     with pytest.raises(ValueError, match=r"cs.jsonl:2: field 'answer' is int, expected text"):
         load_examples(tmp_path / "cs.jsonl", "instruction", "answer")  # without a template the field is the text
-    with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'question'.*the templates name it"):
+    with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'question'.*; data.prompt_template names it$"):
         load_examples(tmp_path / "cs.jsonl", prompt_template="Q: {question}\nA: ")
+    # each missing field names the setting to change, and only that one
+    with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'reply'.*; set data.response_field$"):
+        load_examples(tmp_path / "cs.jsonl", "instruction", "reply")
+    with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'ask'.*; set data.prompt_field$"):
+        load_examples(tmp_path / "cs.jsonl", "ask", "output")
 
 
 def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):

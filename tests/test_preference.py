@@ -225,7 +225,7 @@ def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path
     prompt = chosen["input_ids"][: chosen["prompt_length"]]
     assert rejected["input_ids"][: rejected["prompt_length"]] == prompt and chosen["input_ids"] != rejected["input_ids"]
     assert make_tokenizer().decode(prompt).startswith("<|user|> big : red")
-    with pytest.raises(ValueError, match=r"no field 'worse'.*preference.rejected_field"):
+    with pytest.raises(ValueError, match=r"no field 'worse'.*; set preference.rejected_field$"):  # not response_field
         load_preference_examples(str(path), "q", "good", "worse")
 
 

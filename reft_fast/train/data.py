@@ -110,12 +110,14 @@ def load_examples(
     hf_split: str = "train",
     prompt_template: Optional[str] = None,
     response_template: Optional[str] = None,
+    response_setting: str = "data.response_field",
 ) -> list[dict]:
     """Examples as ``[{"prompt": str, "response": str}]`` from any source ``load_rows`` reads.
 
     A template (``str.format`` syntax over the row's fields, e.g. ``"{instruction}\n"`` and
     ``"the correct answer is {answer}"``, the ReFT paper's commonsense format) builds the prompt or the response
-    from the row instead of taking one field as it is."""
+    from the row instead of taking one field as it is. ``response_setting``: the config field that names
+    ``response_field``, for the error when a row lacks it."""
     rows, where = load_rows(source, hf_split=hf_split)
     prompt_fields = template_fields(prompt_template, "data.prompt_template") if prompt_template else [prompt_field]
     response_fields = (template_fields(response_template, "data.response_template") if response_template
@@ -127,8 +129,10 @@ def load_examples(
             raise ValueError(f"{where.at(i)}: a {type(row).__name__}, expected an object")
         for name in prompt_fields + response_fields:
             if name not in row:
-                how = ("the templates name it" if prompt_template or response_template else
-                       "set data.prompt_field / data.response_field")
+                if name in prompt_fields:
+                    how = "data.prompt_template names it" if prompt_template else "set data.prompt_field"
+                else:
+                    how = "data.response_template names it" if response_template else f"set {response_setting}"
                 raise ValueError(f"{where.at(i)}: no field {name!r} (fields: {sorted(row)}); {how}")
             # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
             if not isinstance(row[name], (str, int, float) if name in templated else str):

@@ -113,13 +113,10 @@ def load_preference_examples(source, prompt_field: str, chosen_field: str, rejec
                              hf_split: str = "train", prompt_template: Optional[str] = None) -> list[dict]:
     """``[{"prompt", "chosen", "rejected"}]`` from what ``data.load_examples`` reads (a JSON/JSONL file, a list of
     dicts or a Hugging Face dataset); the prompt is ``prompt_template`` over the row's fields when given."""
-    try:
-        chosen = load_examples(source, prompt_field, chosen_field, hf_split=hf_split, prompt_template=prompt_template)
-        rejected = load_examples(source, prompt_field, rejected_field, hf_split=hf_split,
-                                 prompt_template=prompt_template)
-    except ValueError as err:
-        raise ValueError(f"{err} (task: preference reads data.prompt_field, preference.chosen_field and "
-                         "preference.rejected_field)") from None
+    chosen = load_examples(source, prompt_field, chosen_field, hf_split=hf_split, prompt_template=prompt_template,
+                           response_setting="preference.chosen_field")
+    rejected = load_examples(source, prompt_field, rejected_field, hf_split=hf_split, prompt_template=prompt_template,
+                             response_setting="preference.rejected_field")
     return [{"prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"]}
             for c, r in zip(chosen, rejected)]
 
