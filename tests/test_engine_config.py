@@ -117,6 +117,22 @@ def test_missing_config_file_and_non_mapping(tmp_path):
         load_config(str(tmp_path / "list.yaml"))
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"model:\n  path: [unclosed\n", r"not valid YAML: .*bad\.yaml\", line 2"),
+    (b": : bad: [\n", r"not valid YAML"),
+    (b"model: {path: \xff\xfe}\n", r"cannot read it .*utf-8"),  # not UTF-8 text (a binary file given by mistake)
+])
+def test_a_config_file_that_cannot_be_parsed_is_a_config_error(tmp_path, content, message):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"(?s)^config file '.*bad\.yaml': {message}"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_an_override_value_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^override 'interventions.layers=\[1,': its value is not valid YAML"):
+        load_config(None, ["interventions.layers=[1,"])
+
+
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.path"):
         validate(load_config(None, ["data.train_file=x"]))

@@ -367,7 +367,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-3")
-        value = _parse_numbers(yaml.safe_load(raw)) if raw != "" else ""
+        try:
+            value = _parse_numbers(yaml.safe_load(raw)) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({problem}); text with YAML's "
+                              "special characters in it needs YAML quotes around it") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -437,7 +442,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            with p.open(encoding="utf-8") as stream:  # a stream, so that YAML's error marks name the file
+                loaded = yaml.safe_load(stream)
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config file {path!r}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
         tree = loaded or {}
