@@ -450,7 +450,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             with p.open(encoding="utf-8") as stream:  # a stream, so that YAML's error marks name the file
                 loaded = yaml.safe_load(stream)
         except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"config file {path!r}: cannot read it ({getattr(err, 'strerror', None) or err})") from None
+            reason = getattr(err, "strerror", None) or err
+            raise ConfigError(f"config file {path!r}: cannot read it ({reason})") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config file {path!r}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -497,7 +498,8 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
         if (converted / "config.json").is_file():
             return str(converted), None
         if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
-            raise ConfigError(f"model.path: reading the GGUF file {str(file)!r} needs the gguf package: pip install gguf")
+            raise ConfigError(f"model.path: reading the GGUF file {str(file)!r} needs the gguf package: "
+                              "pip install gguf")
         return str(file.parent), file.name
     if file.exists():
         return str(file), None
