@@ -267,6 +267,30 @@ def test_saved_weights_get_the_permissions_of_the_config_beside_them(tmp_path, u
                                   0o666 & ~umask)
 
 
+def test_a_save_that_fails_leaves_the_earlier_weights_file_whole(tmp_path, monkeypatch):
+    """The weights go to a scratch file renamed over the old one: a save that stops midway (here the disk fills as
+    the written bytes are flushed) leaves the earlier file as it was, and no scratch file."""
+    import errno
+
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    reft_model.save(tmp_path)
+    weights = tmp_path / "interventions.safetensors"
+    before = weights.read_bytes()
+    with torch.no_grad():
+        next(iter(reft_model.interventions.parameters())).add_(1.0)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        reft_model.save(tmp_path)
+    monkeypatch.undo()
+    assert weights.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == \
+        ["config.json", "interventions.safetensors"]
+    ReftModel.load(tmp_path, _model())
+
+
 def test_a_config_that_is_not_json_names_its_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):

@@ -207,13 +207,22 @@ def save_trainable_base(model, directory) -> None:
 
 
 def _save_safetensors(tensors: dict, path: Path) -> None:
-    """Write ``tensors`` as a safetensors file with the permissions of any file written here (the umask's).
-    safetensors.torch.save_file 0.8 writes through a temporary file created with mode 0600 and renames it into place
-    (safetensors issue #782, seen with 0.8.0 on 2026-11-29), so another user (a server, a container's user) could not
-    load what was saved. These files are small (interventions, a head): serialized in memory, written plainly."""
+    """Write ``tensors`` as a safetensors file with the permissions of any file written here (the umask's), whole or
+    not at all. safetensors.torch.save_file 0.8 writes through a temporary file created with mode 0600 and renames it
+    into place (safetensors issue #782, seen with 0.8.0 on 2026-11-29), so another user (a server, a container's user)
+    could not load what was saved. These files are small (interventions, a head): serialized in memory, written to a
+    scratch name beside ``path`` (opened as any new file is) and renamed over it, so a kill never leaves a torn one."""
     from safetensors.torch import save
 
-    path.write_bytes(save(tensors, metadata={"format": "pt"}))
+    scratch = path.with_name(f".{path.name}.partial")
+    try:
+        with open(scratch, "wb") as file:
+            file.write(save(tensors, metadata={"format": "pt"}))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def load_trainable_base(model, directory) -> list[str]:
