@@ -125,7 +125,8 @@ class InPlaceBackend(Backend, Protocol):
 def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
     batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
-    return h[batch_index, positions.clamp(min=0)]
+    # int64 whatever integer dtype positions has: torch indexes with int64/int32 only, and reads uint8 as a mask
+    return h[batch_index, positions.clamp(min=0).long()]
 
 
 _REGISTRY: dict[str, Backend] = {}
