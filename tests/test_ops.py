@@ -155,6 +155,19 @@ def test_empty_batch_or_sequence_gives_h_back(backend, B, T):
     assert torch.equal(h.grad, torch.ones_like(h)) and torch.equal(R.grad, torch.zeros_like(R))
 
 
+def test_second_order_gradients_are_refused_by_name():
+    """The backends' backward is not differentiable: create_graph must end in an error that says so, not in
+    torch's "does not require grad" about a gradient that silently came back constant. (The torch backend on small
+    h lets autograd differentiate its forward, so the kernels' path is taken with a large h.)"""
+    h, positions, R, W, b = _good()
+    h = torch.randn(2, ops.backend_torch.AUTOGRAD_BELOW_NUMEL // 32 + 1, 16)
+    W.requires_grad_()
+    out = ops.loreft(h, positions, R, W, b, backend="torch")
+    (grad_W,) = torch.autograd.grad(out.square().sum(), W, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_W.sum().backward()
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
 def test_selected_rows_reads_any_integer_positions(dtype):
     """What the op keeps for backward: the same rows whatever integer dtype positions has (torch indexes with int64
