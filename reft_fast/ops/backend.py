@@ -157,7 +157,10 @@ def get_backend(name: str) -> Backend:
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """Explicit argument, else REFT_FAST_BACKEND, else the backend that prefers ``device``; checked against it."""
+    from_environment = backend in (None, "auto") and bool(os.environ.get(BACKEND_ENV))
     name = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV) or None
+    if from_environment and name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{BACKEND_ENV}={name!r} is no backend; expected one of {list(_REGISTRY)} or 'auto' (or unset)")
     if name in (None, "auto"):
         preferring = [candidate for candidate in _REGISTRY.values() if candidate.prefers(device)]
         if not preferring:
