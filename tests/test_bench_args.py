@@ -32,7 +32,7 @@ def _parse_with(module, argv, monkeypatch):
     ("bench_host", ["--smoke", "--reps", "0"], "--reps"), ("bench_host", ["--smoke", "--reps", "-1"], "--reps"),
     ("bench_e2e", ["--smoke", "--steps", "0"], "--steps"), ("bench_e2e", ["--smoke", "--batch", "-2"], "--batch"),
     ("bench_packing", ["--tiny", "--rounds", "0"], "--rounds"), ("bench_packing", ["--tiny", "--steps", "0"], "--steps"),
-    ("bench_multi_reft", ["--tiny", "--rounds", "0"], "--rounds"),
+    ("bench_multi_reft", ["--tiny", "--rounds", "0"], "--rounds"), ("bench_edit_paths", ["--smoke", "--reps", "0"], "--reps"),
     ("bench_multi_reft", ["--tiny", "--new-tokens", "0"], "--new-tokens"),
     ("bench_packing", ["--tiny", "--max-length", "4"], "--max-length")])
 def test_a_bad_count_is_refused_before_any_work(script, argv, name, monkeypatch, capsys):
