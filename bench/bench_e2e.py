@@ -35,8 +35,8 @@ layer's edit (forward + backward on a [B, T, d] hidden state).
 ``--plan session`` runs SESSION_ROWS instead of the grid, in their order (bench/gpu_session.sh). Each row also reports
 ``cpu_issue_s``: the median time until the step's Python call returns, before the synchronize (the host's share).
 
-Writes bench/results/e2e_<device>_<date>.csv (device, library versions and date in every row) and a PNG beside it,
-and prints a markdown table for the README. ``--deadline-s`` stops starting rows when the time is spent: the rows left
+Writes bench/results/e2e_<device>_<date>.csv (e2e_smoke_... with --smoke; device, library versions and date in every
+row) and a PNG beside it, and prints a markdown table for the README. ``--deadline-s`` stops starting rows when the time is spent: the rows left
 are written with status "not run: deadline", so a partial run is still a valid file.
 """
 
@@ -714,7 +714,7 @@ def main(argv=None) -> int:
     rows = plan_rows(args)
     for row in rows:
         row["status"] = skip_reason(row) or ""
-    csv_path = result_path(args.out, "e2e", env, ".csv")
+    csv_path = result_path(args.out, "e2e_smoke" if args.smoke else "e2e", env, ".csv")  # smoke: never the measurement
 
     def save(_row=None):  # after every row, so that a run cut short still leaves its measurements
         # Rows still queued or running say so: if the run is killed now, that is what the file must tell.

@@ -12,7 +12,7 @@ One edit: LoReFT rank 8, f7+l7 positions (14 per example, one −1 slot), B = 8,
 the next op's backward hands the edit a gradient of its own, as in a model. Each repetition times every path once in
 turn; an edit's time is the step's minus that of the same step without the edit (paired), the median over repetitions.
 
-Writes bench/results/<machine>_<date>/edit_paths_<machine>_<date>.csv.
+Writes bench/results/<machine>_<date>/edit_paths_<machine>_<date>.csv (edit_paths_smoke_... with --smoke).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from bench_kernels import environment, print_table, result_path, results_folder,
 
 from reft_fast import ops  # noqa: E402
 from reft_fast.ops import backend_torch  # noqa: E402
+from reft_fast.train.cli import positive_int  # noqa: E402
 
 SHAPES = ((8, 32, 64), (8, 128, 128), (8, 128, 256), (8, 128, 512), (8, 256, 1024))  # (B, T, d)
 PATHS = {"autograd": (1 << 62, False), "written-out copy": (0, False), "in place": (0, True)}  # (threshold, in_place)
@@ -91,7 +92,7 @@ def measure(reps: int, warmup: int) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few repetitions: checks that the script runs")
-    parser.add_argument("--reps", type=int, default=None, help="paired repetitions per size (default 300; smoke 3)")
+    parser.add_argument("--reps", type=positive_int, default=None, help="paired repetitions per size (default 300; smoke 3)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
                                                                "<date>/)")
     args = parser.parse_args(argv)
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
     rows = measure(reps, warmup=1 if args.smoke else 20)
     env = {"device": rows[0]["device"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
-    path = write_csv(rows, result_path(folder, "edit_paths", env, ".csv"), FIELDS)
+    prefix = "edit_paths_smoke" if args.smoke else "edit_paths"  # a smoke run never replaces the measurement
+    path = write_csv(rows, result_path(folder, prefix, env, ".csv"), FIELDS)
     print_table(rows, ["numel", "B", "T", "d", "path", "edit_ms", "ratio_to_autograd"])
     print(f"wrote {path}")
     return 0

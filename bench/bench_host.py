@@ -24,7 +24,8 @@ host time is measured with the kernel launches stubbed out (the kernels' outputs
 counts). On a CPU the stub replaces the interpreter's launch: the host cost of Triton's own JIT launcher (binding the
 arguments, the cache lookup: it needs a GPU driver) is not in that figure.
 
-Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row).
+Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row;
+host_smoke_... with --smoke).
 """
 
 from __future__ import annotations
@@ -215,7 +216,8 @@ def main(argv=None) -> int:
     rows = measure(args.reps, args.warmup)
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
-    path = write_csv(rows, result_path(folder, "host", env, ".csv"), FIELDS)
+    # a smoke run's file is its own: its few repetitions must not replace the day's measurement
+    path = write_csv(rows, result_path(folder, "host_smoke" if args.smoke else "host", env, ".csv"), FIELDS)
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
                        "ratio_to_hook", "launches_per_intervention", "stubbed_per_intervention_ms", "status"])
     print(f"wrote {path}")

@@ -735,7 +735,7 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
 
     ``h_rows`` [B, n, d] (optional) receives h[b, positions[b, j]] at [b, j], what backward needs (untouched where
     positions is −1). One launch with many rows, two with few (the column-split projections first)."""
-    if positions.numel() == 0:
+    if positions.numel() == 0 or h.numel() == 0:  # nothing to edit (no rows, or no tokens to select)
         if copy_unselected:
             out.copy_(h)
         return
@@ -793,7 +793,7 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     several."""
     r, d = Q.shape
     same_pq = P is Q
-    if positions.numel() == 0:
+    if positions.numel() == 0 or grad_out.numel() == 0:  # (empty tensors share data_ptr 0: no in-place test)
         if copy_unselected:
             grad_h.copy_(grad_out)
         zeros = lambda: torch.zeros(r, d, dtype=torch.float32, device=Q.device)  # noqa: E731

@@ -6,6 +6,7 @@ per model (it overwrote the recorded SmolLM2 measurement of 2026-11-28, whatever
 
 import datetime
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def _parse_with(module, argv, monkeypatch):
     ("bench_host", ["--smoke", "--reps", "0"], "--reps"), ("bench_host", ["--smoke", "--reps", "-1"], "--reps"),
     ("bench_e2e", ["--smoke", "--steps", "0"], "--steps"), ("bench_e2e", ["--smoke", "--batch", "-2"], "--batch"),
     ("bench_packing", ["--tiny", "--rounds", "0"], "--rounds"), ("bench_packing", ["--tiny", "--steps", "0"], "--steps"),
-    ("bench_multi_reft", ["--tiny", "--rounds", "0"], "--rounds"),
+    ("bench_multi_reft", ["--tiny", "--rounds", "0"], "--rounds"), ("bench_edit_paths", ["--smoke", "--reps", "0"], "--reps"),
     ("bench_multi_reft", ["--tiny", "--new-tokens", "0"], "--new-tokens"),
     ("bench_packing", ["--tiny", "--max-length", "4"], "--max-length")])
 def test_a_bad_count_is_refused_before_any_work(script, argv, name, monkeypatch, capsys):
@@ -50,3 +51,17 @@ def test_multi_reft_results_are_this_days_and_one_file_per_model():
     full, tiny = module.default_out(False), module.default_out(True)
     assert full.parent == tiny.parent and full.parent.name.endswith("_" + today)
     assert (full.name, tiny.name) == ("multi_reft.csv", "multi_reft_tiny.csv")
+
+
+def test_smoke_and_tiny_results_are_ignored_by_git():
+    """Smoke and tiny runs write beside the measurements under bench/results/ (bench_packing --tiny, bench_kernels
+    --smoke, ...): git ignores their files, so a `git add` never records them as measurements; real results it keeps."""
+    root = BENCH.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    smoke = ["bench/results/m_2026-11-29/host_smoke_m_2026-11-29.csv", "bench/results/kernels_smoke_m_2026-11-29.csv",
+             "bench/results/m_2026-11-29/packing_tiny_len96.csv", "bench/results/m_2026-11-29/multi_reft_tiny.csv"]
+    kept = ["bench/results/m_2026-11-29/host_m_2026-11-29.csv", "bench/results/m_2026-11-29/packing_len512.csv"]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *smoke, *kept], cwd=root, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == smoke

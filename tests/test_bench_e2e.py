@@ -26,7 +26,7 @@ def _run(tmp_path: Path, *extra: str) -> tuple[list[dict], str]:
     completed = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path), *extra],
                                capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    [csv_path] = tmp_path.glob("e2e_*.csv")
+    [csv_path] = tmp_path.glob("e2e_smoke_*.csv")  # its own file, not the measurement's e2e_<device>_<date>
     with open(csv_path, newline="") as f:
         return list(csv.DictReader(f)), completed.stdout
 

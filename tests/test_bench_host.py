@@ -14,7 +14,7 @@ def test_bench_host_smoke_writes_finite_paired_differences(tmp_path):
                                 str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "load average" in completed.stdout
-    [path] = tmp_path.glob("host_*.csv")
+    [path] = tmp_path.glob("host_smoke_*.csv")  # not host_*: a smoke run must not replace the measurement
     with open(path, newline="") as f:
         rows = {row["variant"]: row for row in csv.DictReader(f)}
     sys.path.insert(0, str(ROOT / "bench"))

@@ -123,6 +123,62 @@ def test_h_is_not_modified_and_runs_are_bitwise_equal(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_parameters_give_the_contiguous_result(backend):
+    """R, W and b as views with other strides (a transposed QR factor, a slice) are the same numbers: the kernels,
+    which read rows of d values, must get them contiguous, not their storage reinterpreted."""
+    B, T, d, r = 2, 6, 16, 4
+    positions = make_positions(B, T, 3)
+    h = torch.randn(B, T, d, device=DEVICE)
+    R = torch.linalg.qr(torch.randn(d, r, device=DEVICE))[0]  # [d, r]: R.T is a view, not contiguous
+    W, b = torch.randn(d, r, device=DEVICE), torch.randn(2 * r, device=DEVICE)
+    strided = [t.requires_grad_() for t in (R.T, W.T, b[::2])]
+    dense = [t.contiguous().detach().requires_grad_() for t in strided]
+    outs = [ops.loreft(h, positions, *params, backend=backend) for params in (strided, dense)]
+    torch.testing.assert_close(outs[0], outs[1], **TOL[torch.float32])
+    g = torch.randn_like(h)
+    for out in outs:
+        out.backward(g)
+    for got, want in zip(strided, dense):
+        torch.testing.assert_close(got.grad, want.grad, **WEIGHT_TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T", [(0, 5), (2, 0)], ids=["batch0", "seq0"])
+def test_empty_batch_or_sequence_gives_h_back(backend, B, T):
+    h = torch.randn(B, T, 16, device=DEVICE, requires_grad=True)
+    positions = torch.full((B, 2), -1, dtype=torch.long, device=DEVICE)
+    R = torch.linalg.qr(torch.randn(16, 3, device=DEVICE))[0].T.contiguous().requires_grad_()
+    out = ops.loreft(h, positions, R, torch.randn(3, 16, device=DEVICE), torch.randn(3, device=DEVICE),
+                     backend=backend)
+    assert torch.equal(out, h)
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.ones_like(h)) and torch.equal(R.grad, torch.zeros_like(R))
+
+
+def test_second_order_gradients_are_refused_by_name():
+    """The backends' backward is not differentiable: create_graph must end in an error that says so, not in
+    torch's "does not require grad" about a gradient that silently came back constant. (The torch backend on small
+    h lets autograd differentiate its forward, so the kernels' path is taken with a large h.)"""
+    h, positions, R, W, b = _good()
+    h = torch.randn(2, ops.backend_torch.AUTOGRAD_BELOW_NUMEL // 32 + 1, 16)
+    W.requires_grad_()
+    out = ops.loreft(h, positions, R, W, b, backend="torch")
+    (grad_W,) = torch.autograd.grad(out.square().sum(), W, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_W.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.uint8])
+def test_selected_rows_reads_any_integer_positions(dtype):
+    """What the op keeps for backward: the same rows whatever integer dtype positions has (torch indexes with int64
+    and int32 only, and would read uint8 as a boolean mask)."""
+    h = torch.randn(2, 5, 4, device=DEVICE)
+    positions = torch.tensor([[0, 4, 1], [3, 1, 2]], device=DEVICE)
+    torch.testing.assert_close(ops.selected_rows(h, positions.to(dtype)), ops.selected_rows(h, positions),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_mask_scale_and_backward(backend):
     B, T, d, r, p = 4, 10, 300, 4, 0.3
     positions = make_positions(B, T, 5, empty_row=False)
@@ -242,7 +298,7 @@ def test_backend_choice(monkeypatch):
     assert ops.resolve_backend(None, cpu) == "triton"  # CPU tensors are allowed through the interpreter
     assert ops.resolve_backend("torch", cpu) == "torch"  # the argument wins over the environment
     monkeypatch.setenv("REFT_FAST_BACKEND", "nope")
-    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+    with pytest.raises(ValueError, match="REFT_FAST_BACKEND='nope' is no backend"):
         ops.resolve_backend(None, cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):

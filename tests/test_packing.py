@@ -176,6 +176,18 @@ def test_intervention_positions_are_shifted_to_each_example_place():
     assert batch["position_ids"][0].tolist() == list(range(9)) + list(range(8)) + list(range(8))
 
 
+def test_given_locations_past_an_item_are_refused_when_packing():
+    """Items' own locations (pyreft's dataset format) are shifted to the item's place in the row: one past the
+    item's last token would edit the next example (or point past the row), so it is refused by name."""
+    items = [{"input_ids": [1, 2, 3], "labels": [IGNORE_INDEX, 2, 3], "intervention_locations": [[0, 3]]},
+             {"input_ids": [4, 5, 6, 7, 8], "labels": [IGNORE_INDEX, 5, 6, 7, 8], "intervention_locations": [[0, 4]]}]
+    collator = ReftDataCollator(pad_token_id=0, num_interventions=1, pack_length=16)
+    with pytest.raises(ValueError, match="item 0: intervention location 3 is past its 3 tokens"):
+        collator(items)
+    items[0]["intervention_locations"] = [[0, 2]]
+    assert collator(items)["intervention_locations"].tolist() == [[[0, 4, 5, 7]]]  # the 5-token item first
+
+
 def test_pack_rows_first_fit_decreasing_and_its_errors():
     assert pack_rows([3, 7, 5, 5, 2], capacity=10) == [[1, 0], [2, 3], [4]]
     assert pack_rows([10, 10], capacity=10) == [[0], [1]]

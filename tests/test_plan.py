@@ -199,6 +199,19 @@ def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
     assert f"micro-batch {BATCH} pairs = {2 * BATCH} rows" in format_plan(pairs)
 
 
+@pytest.mark.parametrize("overrides,zero3_listed", [
+    ((), True),
+    (("task=classification", "classification.train_head=true"), False),  # the head must stay whole
+    (("task=classification", "classification.train_head=false"), True),
+    (("model.fused_ops=on",), False),  # the fused cross-entropy reads the whole lm_head
+], ids=["causal_lm", "trained_head", "frozen_head", "fused_ops_on"])
+def test_plan_lists_only_the_zero_stages_validation_accepts(tiny_model_dir, overrides, zero3_listed):
+    """A stage that training would refuse for the config is no row of the plan (it was listed as fitting)."""
+    plan = plan_memory(_tiny_config(tiny_model_dir, *overrides), 2)
+    assert {s.stage for s in plan.stages} == ({0, 1, 2, 3} if zero3_listed else {0, 1, 2})
+    assert ("stage 3" in format_plan(plan)) == zero3_listed
+
+
 @pytest.mark.cuda
 def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
     """A bf16 Llama of 8 layers (d 512) trained for one LoReFT step on the GPU: torch.cuda.max_memory_allocated

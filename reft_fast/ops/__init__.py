@@ -151,6 +151,14 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
 
 
+def _contiguous_params(Q, P, W, b) -> tuple:
+    """Q, P, W, b as the backends take them (contiguous: the kernels read rows of d values), P still being Q where
+    it was (LoReFT's one R); a no-op for contiguous parameters, and autograd passes gradients through the copies."""
+    Q_contiguous = Q.contiguous()
+    P = Q_contiguous if P is Q else (None if P is None else P.contiguous())
+    return Q_contiguous, P, None if W is None else W.contiguous(), None if b is None else b.contiguous()
+
+
 def draw_seed() -> int:
     """A dropout seed from torch's CPU generator: reproducible under torch.manual_seed, no device synchronization."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
@@ -202,7 +210,7 @@ def low_rank_edit(
     if dropout > 0 and seed is None:
         seed = draw_seed()
     seed = int(seed or 0)
-    params = EditParams(Q, P, W, b, act_code, dropout, seed)
+    params = EditParams(*_contiguous_params(Q, P, W, b), act_code, dropout, seed)
     return (_edit_in_place if in_place else _edit)(h, positions, params, resolve_backend(backend, h.device))
 
 

@@ -125,7 +125,8 @@ class InPlaceBackend(Backend, Protocol):
 def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
     batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
-    return h[batch_index, positions.clamp(min=0)]
+    # int64 whatever integer dtype positions has: torch indexes with int64/int32 only, and reads uint8 as a mask
+    return h[batch_index, positions.clamp(min=0).long()]
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -156,7 +157,10 @@ def get_backend(name: str) -> Backend:
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """Explicit argument, else REFT_FAST_BACKEND, else the backend that prefers ``device``; checked against it."""
+    from_environment = backend in (None, "auto") and bool(os.environ.get(BACKEND_ENV))
     name = backend if backend not in (None, "auto") else os.environ.get(BACKEND_ENV) or None
+    if from_environment and name != "auto" and name not in _REGISTRY:
+        raise ValueError(f"{BACKEND_ENV}={name!r} is no backend; expected one of {list(_REGISTRY)} or 'auto' (or unset)")
     if name in (None, "auto"):
         preferring = [candidate for candidate in _REGISTRY.values() if candidate.prefers(device)]
         if not preferring:

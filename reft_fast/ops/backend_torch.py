@@ -67,7 +67,7 @@ def _slot_index(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     zero row B·T for a −1 slot. Shapes follow positions' shape alone, so nothing waits for the device to count the
     selected slots, and a −1 slot reads zeros and writes into a row the output drops."""
     batch = positions.shape[0]
-    offsets = torch.arange(0, batch * seq_len, seq_len, device=positions.device).unsqueeze(1)
+    offsets = torch.arange(batch, device=positions.device).unsqueeze(1) * seq_len  # (arange's step may not be 0)
     return torch.where(positions >= 0, positions + offsets, batch * seq_len).reshape(-1)
 
 
@@ -100,18 +100,18 @@ def _edited(x: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch
 
 def _edit_with_rows(h: torch.Tensor, positions: torch.Tensor, edit: EditParams):
     """(the edited copy of h, the selected rows of h [B, n, d]), in ordinary differentiable ops."""
-    batch, seq_len, d = h.shape
+    seq_len, d = h.shape[1:]
     index = _slot_index(positions, seq_len)
     padded = _padded(h)
     rows = padded.index_select(0, index)
     o = _edited(rows.to(edit.Q.dtype), positions, edit)  # fp32 math (the parameters are fp32)
     out = padded.index_copy_(0, index, o.to(h.dtype))[:-1].view(h.shape)
-    return out, rows.view(batch, -1, d)
+    return out, rows.view(*positions.shape, d)
 
 
 def _row_index(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     """[B·n]: the row of t.view(B·T, d) each slot reads in place: b·T + p, a −1 slot its example's row 0."""
-    offsets = torch.arange(0, positions.shape[0] * seq_len, seq_len, device=positions.device).unsqueeze(1)
+    offsets = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1) * seq_len
     return (positions.clamp(min=0) + offsets).reshape(-1)
 
 
@@ -163,7 +163,7 @@ class TorchBackend:
         rows = flat.index_select(0, index)
         x = torch.where((positions >= 0).view(-1, 1), rows.to(edit.Q.dtype), 0.0)  # zeros at −1 slots, as forward
         _write_rows(flat, index, positions, _edited(x, positions, edit).to(h.dtype), rows)
-        return rows.view(*positions.shape, -1)
+        return rows.view(*positions.shape, h.shape[-1])
 
     def forward_multi(self, h, multi: MultiEdit) -> torch.Tensor:
         """Each entry's edit at its own examples' rows, into one copy of h.

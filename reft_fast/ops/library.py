@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from reft_fast.ops.backend import EditGrads, EditParams, get_backend, selected_rows
 
@@ -116,6 +117,7 @@ class _EagerEdit(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # a gradient of these gradients (create_graph) is an error naming this, not a silent None
     def backward(ctx, grad_out, grad_rows):
         del grad_rows  # h_rows is not differentiable
         h_rows, positions, Q, P, W, b = _saved(ctx)
@@ -190,6 +192,7 @@ class _EditInPlace(torch.autograd.Function):
         return h, h_rows
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out, grad_rows):
         del grad_rows  # h_rows is not differentiable
         h_rows, positions, Q, P, W, b = _saved(ctx)

@@ -421,6 +421,8 @@ class ReftDataCollator:
     def _packed(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         """Whole items packed first-fit decreasing into rows; position ids restart and labels stop at each item."""
         lengths = [len(it["input_ids"]) for it in items]
+        if "intervention_locations" in items[0]:
+            _check_given_locations_within(items, lengths)
         rows = pack_rows(lengths, self.pack_length)
         width = self._padded_length(max(sum(lengths[i] for i in row) for row in rows))
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -454,6 +456,16 @@ class ReftDataCollator:
         cu_seq_lens = torch.tensor([0, *itertools.accumulate(spans)], dtype=torch.int32)
         return {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids, "labels": labels,
                 "intervention_locations": locations, "cu_seq_lens": cu_seq_lens, "max_segment_length": max(spans)}
+
+
+def _check_given_locations_within(items: Sequence[dict], lengths: list[int]) -> None:
+    """Items' own locations must lie inside the item: packed, a location past its last token would edit the next
+    example's tokens (or point past the row), where padded it only reads padding."""
+    for index, (item, length) in enumerate(zip(items, lengths)):
+        given = torch.as_tensor(item["intervention_locations"], dtype=torch.long)
+        if given.numel() and int(given.max()) >= length:
+            raise ValueError(f"item {index}: intervention location {int(given.max())} is past its {length} tokens; "
+                             "with packing it would land in another example (give locations < the item's length)")
 
 
 def _stack_given_locations(per_item: list) -> torch.Tensor:

@@ -31,7 +31,10 @@ one out×in weight:
 Each matmul dequantizes its weight into a temporary (the largest one is counted once, in the compute dtype). The 8-bit
 matmul keeps its input for backward (a frozen full-precision linear keeps none): per token and layer above the edit,
 the two norms' outputs and the MLP's down-projection input in the base dtype (``_int8_saved_inputs``); the 4-bit
-matmul keeps only its weight. ZeRO-3 does not partition a quantized base (validation refuses it), so its rows are absent.
+matmul keeps only its weight.
+
+A ZeRO stage that validation refuses for the config (stage 3 for a quantized base, which it cannot partition, for a
+trained classifier head, or with ``model.fused_ops: on``) has no rows: the plan lists only what a run can use.
 
 These are estimates: allocator fragmentation, communication buffers and CUDA context (≈ 1–3 GiB) come on top, which is
 why a fit is reported against 90 % of the GPU's memory.
@@ -39,7 +42,7 @@ why a fit is reported against 90 % of the GPU's memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import math
 
@@ -51,7 +54,7 @@ from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.loading import linears_outside_backbone, meta_model
-from reft_fast.train.train_config import TrainConfig, layer_list, validate
+from reft_fast.train.train_config import ConfigError, TrainConfig, layer_list, validate
 from reft_fast.train.tasks import make_task
 
 __all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan", "quantized_weight_bytes"]
@@ -176,10 +179,24 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     return activations, checkpointed
 
 
+def _accepted_stages(cfg: TrainConfig, gpus: int) -> list[int]:
+    """The ZeRO stages validation accepts for ``cfg`` with only the stage changed (offload off: it is a row of each)."""
+    accepted = []
+    for stage in (0, 1, 2, 3):
+        at_stage = replace(cfg, deepspeed=replace(cfg.deepspeed, stage=stage, offload_optimizer=False,
+                                                  offload_param=False))
+        try:
+            validate(at_stage, gpus, check_model=False, check_data=False)
+        except ConfigError:
+            continue
+        accepted.append(stage)
+    return accepted
+
+
 def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, intervention_params: int,
-                 activations: tuple[float, float], quantized: bool = False) -> list[StagePlan]:
+                 activations: tuple[float, float], accepted_stages=(0, 1, 2, 3)) -> list[StagePlan]:
     stages = []
-    for stage in (0, 1, 2) if quantized else (0, 1, 2, 3):
+    for stage in accepted_stages:
         for offload in ((False, True) if stage else (False,)):
             params_b = intervention_params * 4
             grads_b = params_b / (gpus if stage >= 2 else 1)
@@ -224,7 +241,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
                                     lm_logits=task.auto_class == "AutoModelForCausalLM",
                                     rows_per_example=task.rows_per_example)
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
-                          quantized=cfg.model.quantization != "none")
+                          _accepted_stages(cfg, gpus))
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
                       cfg.data.max_length, trained, num_layers, stages, cfg.deepspeed.stage,
                       cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
