@@ -150,6 +150,15 @@ def test_generate_takes_a_run_directory_as_eval_does_and_names_a_wrong_one(confi
     assert f"config error: {damaged}: {damaged / 'interventions.safetensors'} cannot be read" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command, missing", [("plan", "config, --gpus"), ("train", "config"), ("eval", "target")])
+def test_a_command_without_its_arguments_names_only_the_required_ones(capsys, command, missing):
+    # argparse listed the optional overrides among them: "required: config, overrides, --gpus"
+    with pytest.raises(SystemExit) as exit_info:
+        main([command])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.rstrip().endswith(f"the following arguments are required: {missing}")
+
+
 @pytest.mark.parametrize("gpus, message", [("0", "must be at least 1, got 0"), ("two", "expected a whole number")])
 def test_plan_refuses_a_gpu_count_below_one(config, capsys, gpus, message):
     with pytest.raises(SystemExit) as exit_info:

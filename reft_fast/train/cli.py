@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train interventions as a YAML config describes")
     train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.lr=1e-3 deepspeed.stage=3")
+    # default=[]: without it argparse names an empty nargs="*" positional among the "required" ones in its error
+    train.add_argument("overrides", nargs="*", default=[],
+                       help="section.key=value, e.g. training.lr=1e-3 deepspeed.stage=3")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in output_dir")
 
@@ -66,11 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval_parser(sub)
 
     demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
-    demo.add_argument("overrides", nargs="*", help="section.key=value overrides of the demo config")
+    demo.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides of the demo config")
 
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
-    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("overrides", nargs="*", default=[])
     plan.add_argument("--gpus", type=positive_int, required=True, help="number of GPUs (data-parallel ranks)")
     plan.add_argument("--gpu-memory-gib", type=_positive_number, default=80.0,
                       help="memory of one GPU, for the fit check")
@@ -83,7 +85,7 @@ def _add_eval_parser(sub) -> None:
     evaluate = sub.add_parser("eval", help="accuracy of the answers generated with trained interventions")
     evaluate.add_argument("target", help="a training config (its output_dir/final is evaluated) or a run directory "
                                          "(output_dir, or its final/)")
-    evaluate.add_argument("overrides", nargs="*", help="section.key=value overrides of the config")
+    evaluate.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides of the config")
     evaluate.add_argument("--data", help="JSON/JSONL of prompts and gold answers (default: data.eval_file, else the "
                                          "held-out data.eval_fraction of data.train_file)")
     evaluate.add_argument("--family", choices=FAMILIES, default=None,
