@@ -201,6 +201,9 @@ def test_per_step_reference_trains_like_the_cached_one_and_simpo_runs(tmp_path):
     ("preference.label_smoothing=0.5", r"^preference.label_smoothing: must be in \[0, 0.5\)"),
     ("preference.reference=never", r"^preference.reference: expected one of \['cached', 'per_step'\]"),
     ("preference.rejected_field=chosen", r"^preference.rejected_field: the same field as preference.chosen_field"),
+    # data settings a preference run cannot use (they were silently ignored)
+    ("data.response_template='{chosen}'", r"^data.response_template: task: preference reads its two responses"),
+    ("data.eval_family=exact", r"^data.eval_family: scores generated answers"),
 ])
 def test_bad_preference_settings_are_config_errors_naming_the_field(tmp_path, override, message):
     from reft_fast.train.train_config import ConfigError, load_config, validate
@@ -244,18 +247,6 @@ def test_a_prompt_template_builds_the_prompt_of_both_responses(tmp_path):
     train_set, _ = PreferenceTask(cfg).datasets(tokenizer, seed=0)
     chosen = train_set[0]["chosen"]
     assert tokenizer.decode(chosen["input_ids"][: chosen["prompt_length"]]).startswith("<|user|> repeat one : big : red")
-
-
-@pytest.mark.parametrize("override, message", [
-    ("data.response_template='{chosen}'", r"^data.response_template: task: preference reads its two responses"),
-    ("data.eval_family=exact", r"^data.eval_family: scores generated answers"),
-])
-def test_data_settings_a_preference_run_cannot_use_are_refused(tmp_path, override, message):
-    from reft_fast.train.train_config import ConfigError, load_config, validate
-
-    config, overrides = preference_run(tmp_path, n_pairs=8)
-    with pytest.raises(ConfigError, match=message):
-        validate(load_config(str(config), overrides + [override]))
 
 
 def test_the_built_in_example_config_is_valid_and_reads_its_pairs():
