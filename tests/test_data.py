@@ -168,3 +168,15 @@ def test_step_sampler_same_micro_batches_for_ranks_and_accumulation():
     assert one_rank.indices(0, 0, 0) != one_rank.indices(4, 0, 0)  # the next epoch reshuffles
     with pytest.raises(ValueError, match="global_batch_size"):
         StepSampler(5, micro_batch_size=3, world_size=2, accumulation=1, seed=0)
+
+
+def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
+    """A single split saved with ``Dataset.save_to_disk`` (datasets' load_dataset refuses such a folder): read as the
+    train split, and never handed out for another split."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : é 🐱", "output": "é 🐱"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert load_examples(str(tmp_path / "saved")) == [{"prompt": r["instruction"], "response": r["output"]}
+                                                      for r in rows]
+    with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
+        load_examples(str(tmp_path / "saved"), hf_split="validation")

@@ -98,8 +98,20 @@ def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "trai
         except ImportError:
             raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
         name, _, subset = str(source).partition(":")
+        if (Path(name) / "state.json").is_file():  # one split written by Dataset.save_to_disk: load_dataset refuses it
+            return _saved_split_rows(datasets.load_from_disk(name), name, hf_split), RowSource(f"{source}[{hf_split}]")
         return list(datasets.load_dataset(name, subset or None, split=hf_split)), RowSource(f"{source}[{hf_split}]")
     return list(source), RowSource("the given examples")
+
+
+def _saved_split_rows(dataset, folder: str, split: str) -> list:
+    """The rows of a dataset that ``Dataset.save_to_disk`` wrote to ``folder``: one split, read when ``split`` is its
+    name (``train`` for a dataset saved without one), never in place of another split (an eval split of it)."""
+    saved_as = str(dataset.split) if dataset.split else "train"
+    if split != saved_as:
+        raise ValueError(f"{folder}: a dataset saved with save_to_disk holds one split, {saved_as!r}, not {split!r} "
+                         "(save a DatasetDict to have several splits)")
+    return list(dataset)
 
 
 def load_examples(
