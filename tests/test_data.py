@@ -180,3 +180,14 @@ def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
                                                       for r in rows]
     with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
         load_examples(str(tmp_path / "saved"), hf_split="validation")
+
+
+@pytest.mark.parametrize("chat_template, has_template", [(False, True), (None, False)])
+def test_a_system_prompt_without_a_chat_template_is_refused(chat_template, has_template):
+    """Plain-text prompts have no place for data.system_prompt: training would leave it out without a word."""
+    tokenizer = make_tokenizer()
+    if not has_template:
+        tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="data.system_prompt: the prompts are plain text"):
+        SupervisedDataset([{"prompt": "repeat : red", "response": "red"}], tokenizer, chat_template=chat_template,
+                          system_prompt="be brief")

@@ -340,6 +340,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if max_length < 2:
             raise ValueError(f"max_length must be ≥ 2, got {max_length}")
         use_template = _use_chat_template(tokenizer, chat_template)
+        if system_prompt and not use_template:  # only a chat template has a place for it: it would be left out
+            raise ValueError("data.system_prompt: the prompts are plain text without a chat template "
+                             "(data.chat_template is false, or the tokenizer has none), which has no place for a "
+                             "system prompt; remove it, or write it into data.prompt_template")
         self.items: list[dict] = []
         dropped = []
         for i, ex in enumerate(examples):
