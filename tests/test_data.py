@@ -191,3 +191,12 @@ def test_a_system_prompt_without_a_chat_template_is_refused(chat_template, has_t
     with pytest.raises(ValueError, match="data.system_prompt: the prompts are plain text"):
         SupervisedDataset([{"prompt": "repeat : red", "response": "red"}], tokenizer, chat_template=chat_template,
                           system_prompt="be brief")
+
+
+def test_a_format_spec_that_does_not_fit_a_value_names_the_row(tmp_path):
+    """``{answer:.2f}`` formats a JSON number; over a CSV's text value it fails, and the error says where."""
+    (tmp_path / "d.csv").write_text("instruction,answer\nrepeat : one,1.5\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "repeat : one", "answer": 1.5}) + "\n")
+    assert load_examples(tmp_path / "d.jsonl", response_template="{answer:.2f}")[0]["response"] == "1.50"
+    with pytest.raises(ValueError, match=r"d.csv:2: data.response_template '\{answer:.2f\}': Unknown format code"):
+        load_examples(tmp_path / "d.csv", response_template="{answer:.2f}")

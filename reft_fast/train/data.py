@@ -149,11 +149,23 @@ def load_examples(
             # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
             if not isinstance(row[name], (str, int, float) if name in templated else str):
                 raise ValueError(f"{where.at(i)}: field {name!r} is {type(row[name]).__name__}, expected text")
-        examples.append({"prompt": prompt_template.format_map(row) if prompt_template else row[prompt_field],
-                         "response": response_template.format_map(row) if response_template else row[response_field]})
+        examples.append({
+            "prompt": _filled(prompt_template, row, where.at(i), "data.prompt_template") if prompt_template
+            else row[prompt_field],
+            "response": _filled(response_template, row, where.at(i), "data.response_template") if response_template
+            else row[response_field]})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
+
+
+def _filled(template: str, row: dict, at: str, name: str) -> str:
+    """``template`` over ``row``; a format spec that does not fit a value (``{answer:.2f}`` over a text, as every CSV
+    value is) is an error naming the row."""
+    try:
+        return template.format_map(row)
+    except ValueError as err:
+        raise ValueError(f"{at}: {name} {template!r}: {err}") from None
 
 
 def template_fields(template: str, name: str) -> list[str]:
