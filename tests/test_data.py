@@ -200,3 +200,19 @@ def test_a_format_spec_that_does_not_fit_a_value_names_the_row(tmp_path):
     assert load_examples(tmp_path / "d.jsonl", response_template="{answer:.2f}")[0]["response"] == "1.50"
     with pytest.raises(ValueError, match=r"d.csv:2: data.response_template '\{answer:.2f\}': Unknown format code"):
         load_examples(tmp_path / "d.csv", response_template="{answer:.2f}")
+
+
+def test_a_local_hf_dataset_folder_is_found_next_to_the_config(tmp_path, monkeypatch):
+    """data.hf_dataset naming a dataset folder beside the config is found from another working directory, as
+    data.train_file is (it was looked up on the Hub)."""
+    datasets = pytest.importorskip("datasets")
+    from reft_fast.train.data import train_and_eval_examples
+    from reft_fast.train.train_config import DataConfig
+
+    rows = [{"instruction": f"repeat : {w}", "output": w} for w in ("red", "cat", "dog", "sun")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "config_dir" / "saved"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train, held = train_and_eval_examples(DataConfig(hf_dataset="saved", eval_fraction=0.25),
+                                          str(tmp_path / "config_dir"), 0, lambda source, split: load_examples(source))
+    assert sorted(e["prompt"] for e in train + held) == sorted(r["instruction"] for r in rows) and len(held) == 1

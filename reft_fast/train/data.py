@@ -54,6 +54,7 @@ __all__ = [
     "split_examples",
     "template_fields",
     "train_and_eval_examples",
+    "training_source",
     "StepSampler",
 ]
 
@@ -272,6 +273,17 @@ def data_eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...
     return given, ("data.eval_file", "data.eval_fraction")
 
 
+def training_source(data, base_dir: Optional[str]) -> str:
+    """Where a config's ``data`` section reads its training rows: ``data.train_file``, else ``data.hf_dataset``, whose
+    local dataset folder is found, like a file, in the config's folder when it is not in the working directory."""
+    from reft_fast.train.train_config import resolve_data_path  # the config module builds on this one
+
+    if data.train_file:
+        return resolve_data_path(data.train_file, base_dir)
+    name, colon, subset = data.hf_dataset.partition(":")
+    return resolve_data_path(name, base_dir) + colon + subset
+
+
 def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Callable[[Any, str], list],
                             eval_split: Optional[str] = None, eval_part: str = "selection",
                             read_train: bool = True) -> tuple[list, list]:
@@ -287,7 +299,7 @@ def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Call
 
     if eval_part not in EVAL_PARTS:
         raise ValueError(f"eval_part: expected one of {EVAL_PARTS}, got {eval_part!r}")
-    train_source = resolve_data_path(data.train_file, base_dir) if data.train_file else data.hf_dataset
+    train_source = training_source(data, base_dir)
     held_out = not (data.eval_file or eval_split)
     examples = read(train_source, data.hf_split) if read_train or held_out else []
     if data.eval_file:
