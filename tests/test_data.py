@@ -168,3 +168,51 @@ def test_step_sampler_same_micro_batches_for_ranks_and_accumulation():
     assert one_rank.indices(0, 0, 0) != one_rank.indices(4, 0, 0)  # the next epoch reshuffles
     with pytest.raises(ValueError, match="global_batch_size"):
         StepSampler(5, micro_batch_size=3, world_size=2, accumulation=1, seed=0)
+
+
+def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
+    """A single split saved with ``Dataset.save_to_disk`` (datasets' load_dataset refuses such a folder): read as the
+    train split, and never handed out for another split."""
+    datasets = pytest.importorskip("datasets")
+    rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : é 🐱", "output": "é 🐱"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert load_examples(str(tmp_path / "saved")) == [{"prompt": r["instruction"], "response": r["output"]}
+                                                      for r in rows]
+    with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
+        load_examples(str(tmp_path / "saved"), hf_split="validation")
+
+
+@pytest.mark.parametrize("chat_template, has_template", [(False, True), (None, False)])
+def test_a_system_prompt_without_a_chat_template_is_refused(chat_template, has_template):
+    """Plain-text prompts have no place for data.system_prompt: training would leave it out without a word."""
+    tokenizer = make_tokenizer()
+    if not has_template:
+        tokenizer.chat_template = None
+    with pytest.raises(ValueError, match="data.system_prompt: the prompts are plain text"):
+        SupervisedDataset([{"prompt": "repeat : red", "response": "red"}], tokenizer, chat_template=chat_template,
+                          system_prompt="be brief")
+
+
+def test_a_format_spec_that_does_not_fit_a_value_names_the_row(tmp_path):
+    """``{answer:.2f}`` formats a JSON number; over a CSV's text value it fails, and the error says where."""
+    (tmp_path / "d.csv").write_text("instruction,answer\nrepeat : one,1.5\n")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "repeat : one", "answer": 1.5}) + "\n")
+    assert load_examples(tmp_path / "d.jsonl", response_template="{answer:.2f}")[0]["response"] == "1.50"
+    with pytest.raises(ValueError, match=r"d.csv:2: data.response_template '\{answer:.2f\}': Unknown format code"):
+        load_examples(tmp_path / "d.csv", response_template="{answer:.2f}")
+
+
+def test_a_local_hf_dataset_folder_is_found_next_to_the_config(tmp_path, monkeypatch):
+    """data.hf_dataset naming a dataset folder beside the config is found from another working directory, as
+    data.train_file is (it was looked up on the Hub)."""
+    datasets = pytest.importorskip("datasets")
+    from reft_fast.train.data import train_and_eval_examples
+    from reft_fast.train.train_config import DataConfig
+
+    rows = [{"instruction": f"repeat : {w}", "output": w} for w in ("red", "cat", "dog", "sun")]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "config_dir" / "saved"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    train, held = train_and_eval_examples(DataConfig(hf_dataset="saved", eval_fraction=0.25),
+                                          str(tmp_path / "config_dir"), 0, lambda source, split: load_examples(source))
+    assert sorted(e["prompt"] for e in train + held) == sorted(r["instruction"] for r in rows) and len(held) == 1

@@ -444,7 +444,7 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
     """The rows of the config's eval set as training made it (``data.train_and_eval_examples``: the same file, or
     the same held-out fraction and seed; only the test part with data.selection_examples), where they come from, and
     a name for them."""
-    from reft_fast.train.data import load_rows, train_and_eval_examples
+    from reft_fast.train.data import load_rows, train_and_eval_examples, training_source
     from reft_fast.train.train_config import resolve_data_path
 
     d = cfg.data
@@ -454,7 +454,7 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
             raise ValueError(f"evaluation data {where}: no such file (data.eval_file)")
         name = Path(where).stem
     else:
-        source = resolve_data_path(d.train_file, cfg.base_dir) if d.train_file else d.hf_dataset
+        source = training_source(d, cfg.base_dir)
         where = f"{source} (held out)"
         # a file's or a dataset folder's own name; a Hub dataset's id made a file name (nyu-mll/glue:sst2)
         stem = Path(source).stem if d.train_file or Path(source).is_dir() else re.sub(r"[/:]", "_", str(source))

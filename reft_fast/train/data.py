@@ -54,6 +54,7 @@ __all__ = [
     "split_examples",
     "template_fields",
     "train_and_eval_examples",
+    "training_source",
     "StepSampler",
 ]
 
@@ -98,8 +99,20 @@ def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "trai
         except ImportError:
             raise ValueError(f"data source {str(source)!r} is not a file and `datasets` is not installed") from None
         name, _, subset = str(source).partition(":")
+        if (Path(name) / "state.json").is_file():  # one split written by Dataset.save_to_disk: load_dataset refuses it
+            return _saved_split_rows(datasets.load_from_disk(name), name, hf_split), RowSource(f"{source}[{hf_split}]")
         return list(datasets.load_dataset(name, subset or None, split=hf_split)), RowSource(f"{source}[{hf_split}]")
     return list(source), RowSource("the given examples")
+
+
+def _saved_split_rows(dataset, folder: str, split: str) -> list:
+    """The rows of a dataset that ``Dataset.save_to_disk`` wrote to ``folder``: one split, read when ``split`` is its
+    name (``train`` for a dataset saved without one), never in place of another split (an eval split of it)."""
+    saved_as = str(dataset.split) if dataset.split else "train"
+    if split != saved_as:
+        raise ValueError(f"{folder}: a dataset saved with save_to_disk holds one split, {saved_as!r}, not {split!r} "
+                         "(save a DatasetDict to have several splits)")
+    return list(dataset)
 
 
 def load_examples(
@@ -137,11 +150,23 @@ def load_examples(
             # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
             if not isinstance(row[name], (str, int, float) if name in templated else str):
                 raise ValueError(f"{where.at(i)}: field {name!r} is {type(row[name]).__name__}, expected text")
-        examples.append({"prompt": prompt_template.format_map(row) if prompt_template else row[prompt_field],
-                         "response": response_template.format_map(row) if response_template else row[response_field]})
+        examples.append({
+            "prompt": _filled(prompt_template, row, where.at(i), "data.prompt_template") if prompt_template
+            else row[prompt_field],
+            "response": _filled(response_template, row, where.at(i), "data.response_template") if response_template
+            else row[response_field]})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
+
+
+def _filled(template: str, row: dict, at: str, name: str) -> str:
+    """``template`` over ``row``; a format spec that does not fit a value (``{answer:.2f}`` over a text, as every CSV
+    value is) is an error naming the row."""
+    try:
+        return template.format_map(row)
+    except ValueError as err:
+        raise ValueError(f"{at}: {name} {template!r}: {err}") from None
 
 
 def template_fields(template: str, name: str) -> list[str]:
@@ -248,6 +273,17 @@ def data_eval_sources(cfg: TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...
     return given, ("data.eval_file", "data.eval_fraction")
 
 
+def training_source(data, base_dir: Optional[str]) -> str:
+    """Where a config's ``data`` section reads its training rows: ``data.train_file``, else ``data.hf_dataset``, whose
+    local dataset folder is found, like a file, in the config's folder when it is not in the working directory."""
+    from reft_fast.train.train_config import resolve_data_path  # the config module builds on this one
+
+    if data.train_file:
+        return resolve_data_path(data.train_file, base_dir)
+    name, colon, subset = data.hf_dataset.partition(":")
+    return resolve_data_path(name, base_dir) + colon + subset
+
+
 def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Callable[[Any, str], list],
                             eval_split: Optional[str] = None, eval_part: str = "selection",
                             read_train: bool = True) -> tuple[list, list]:
@@ -263,7 +299,7 @@ def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Call
 
     if eval_part not in EVAL_PARTS:
         raise ValueError(f"eval_part: expected one of {EVAL_PARTS}, got {eval_part!r}")
-    train_source = resolve_data_path(data.train_file, base_dir) if data.train_file else data.hf_dataset
+    train_source = training_source(data, base_dir)
     held_out = not (data.eval_file or eval_split)
     examples = read(train_source, data.hf_split) if read_train or held_out else []
     if data.eval_file:
@@ -328,6 +364,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         if max_length < 2:
             raise ValueError(f"max_length must be ≥ 2, got {max_length}")
         use_template = _use_chat_template(tokenizer, chat_template)
+        if system_prompt and not use_template:  # only a chat template has a place for it: it would be left out
+            raise ValueError("data.system_prompt: the prompts are plain text without a chat template "
+                             "(data.chat_template is false, or the tokenizer has none), which has no place for a "
+                             "system prompt; remove it, or write it into data.prompt_template")
         self.items: list[dict] = []
         dropped = []
         for i, ex in enumerate(examples):
