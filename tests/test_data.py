@@ -130,6 +130,15 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
     assert len(kept) == 1 and kept.num_dropped == 1
 
 
+def test_an_empty_prompt_is_refused(tokenizer):
+    # Without a chat template an empty prompt has no token: prompt_length 0, so the example trained with no edit.
+    examples = [{"prompt": "repeat : red", "response": "red"}, {"prompt": "", "response": "blue sky"}]
+    with pytest.raises(ValueError, match=r"^example 1 has an empty prompt \(no token to intervene on; its response "
+                                         r"starts 'blue sky'\)"):
+        SupervisedDataset(examples, tokenizer, chat_template=False)
+    assert SupervisedDataset(examples, tokenizer)[1]["prompt_length"] > 0  # a chat template's tokens are a prompt
+
+
 def test_collator_pads_right_and_builds_one_location_tensor(tokenizer):
     ds = SupervisedDataset([{"prompt": "repeat : red", "response": "red"},
                             {"prompt": "repeat : red cat dog fish", "response": "red cat dog fish"}], tokenizer)

@@ -372,6 +372,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         dropped = []
         for i, ex in enumerate(examples):
             prompt_ids = encode_prompt(tokenizer, ex["prompt"], chat_template=use_template, system_prompt=system_prompt)
+            if not prompt_ids:  # the edits sit on prompt tokens: this example would train with none, silently
+                raise ValueError(f"example {i} has an empty prompt (no token to intervene on; its response starts "
+                                 f"{ex['response'][:60]!r})")
             if len(prompt_ids) > max_length - 1:
                 if not drop_long_prompts:
                     raise ValueError(
