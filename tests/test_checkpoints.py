@@ -185,7 +185,8 @@ def test_a_kill_while_the_final_interventions_are_saved_keeps_the_previous_ones_
 
 def test_a_kill_while_metrics_are_rewound_keeps_the_file(tmp_path, monkeypatch):
     """Resuming at step 2 cuts metrics.jsonl back to steps ≤ 2; a kill during that write must not lose the file."""
-    from reft_fast.train import files, run_dir
+    from reft_fast.core import files  # where replace_atomically, which rewind_metrics writes through, lives
+    from reft_fast.train import run_dir
 
     metrics = tmp_path / "metrics.jsonl"
     lines = "".join(f'{{"step": {k}}}\n' for k in range(5))

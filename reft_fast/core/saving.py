@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 from torch import nn
 
 from reft_fast.core.config import ReftConfig
+from reft_fast.core.files import replace_atomically
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ReftLoadError", "read_weights",
@@ -210,19 +211,11 @@ def _save_safetensors(tensors: dict, path: Path) -> None:
     """Write ``tensors`` as a safetensors file with the permissions of any file written here (the umask's), whole or
     not at all. safetensors.torch.save_file 0.8 writes through a temporary file created with mode 0600 and renames it
     into place (safetensors issue #782, seen with 0.8.0 on 2026-11-29), so another user (a server, a container's user)
-    could not load what was saved. These files are small (interventions, a head): serialized in memory, written to a
-    scratch name beside ``path`` (opened as any new file is) and renamed over it, so a kill never leaves a torn one."""
+    could not load what was saved. These files are small (interventions, a head): serialized in memory and written
+    through ``replace_atomically``, so a kill never leaves a torn one."""
     from safetensors.torch import save
 
-    scratch = path.with_name(f".{path.name}.partial")
-    try:
-        with open(scratch, "wb") as file:
-            file.write(save(tensors, metadata={"format": "pt"}))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(scratch, path)
-    finally:
-        scratch.unlink(missing_ok=True)
+    replace_atomically(path, save(tensors, metadata={"format": "pt"}))
 
 
 def load_trainable_base(model, directory) -> list[str]:

@@ -1,8 +1,7 @@
 """Writing a run's files so that a kill at any moment leaves either the old file or the new one, never a torn one.
 
-A file is written under a hidden scratch name in the same directory, fsynced, and renamed over its target
-(``os.replace`` is atomic on POSIX file systems); the directory is fsynced after, so the rename itself survives a
-machine crash. A directory is published the same way: written whole under a scratch name, then renamed.
+A file goes through ``reft_fast.core.files.replace_atomically`` (scratch name, fsync, rename). A directory is
+published the same way: written whole under a scratch name, then renamed.
 """
 
 from __future__ import annotations
@@ -11,33 +10,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable
+
+from reft_fast.core.files import fsync_dir, replace_atomically, write_durably
 
 __all__ = ["fsync_dir", "publish_directory", "remove_atomically", "replace_atomically", "write_durably",
            "write_jsonl_atomically"]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_atomically(path: Path, data: Union[bytes, str]) -> None:
-    """``path`` holds ``data`` afterwards; until the rename it holds what it held before (or does not exist)."""
-    scratch = path.with_name(f".{path.name}.tmp")
-    write_durably(scratch, data.encode() if isinstance(data, str) else data)
-    os.replace(scratch, path)
-    fsync_dir(path.parent)
 
 
 def write_jsonl_atomically(path: Path, rows: Iterable[dict]) -> None:
