@@ -531,7 +531,8 @@ def gguf_cache_dir(file: Path) -> Path:
 
 def _content_digest(file: Path) -> str:
     """The SHA-256 of ``file``, read once per path, size and modification time: the digest is kept in a small file
-    under the cache (every launch and rank asks; a 100 MB file takes about 0.3 s to hash, a 4 GB one 10 s)."""
+    under the cache (every launch and rank asks; hashing runs at about 1 GB/s: the demo's 98 MB file in 0.09 s on a
+    2-core CPU, measured 2026-11-29)."""
     stat = file.stat()
     identity = f"{file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     memo = cache_dir() / "gguf" / "digests" / hashlib.sha256(identity.encode()).hexdigest()[:24]
