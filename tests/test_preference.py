@@ -197,7 +197,10 @@ def test_per_step_reference_trains_like_the_cached_one_and_simpo_runs(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("data.packing=true", r"^data.packing: task: preference does not pack"),
     ("preference.loss=ipo", r"^preference.loss: expected one of \['dpo', 'simpo'\], got 'ipo'"),
-    ("preference.beta=0", r"^preference.beta: must be > 0"),
+    ("preference.beta=0", r"^preference.beta: must be a finite number > 0"),
+    ("preference.beta=.nan", r"^preference.beta: must be a finite number > 0, got nan"),
+    ("preference.simpo_gamma=-0.5", r"^preference.simpo_gamma: must be a finite number >= 0, got -0.5"),
+    ("preference.simpo_gamma=.inf", r"^preference.simpo_gamma: must be a finite number >= 0, got inf"),
     ("preference.label_smoothing=0.5", r"^preference.label_smoothing: must be in \[0, 0.5\)"),
     ("preference.reference=never", r"^preference.reference: expected one of \['cached', 'per_step'\]"),
     ("preference.rejected_field=chosen", r"^preference.rejected_field: the same field as preference.chosen_field"),

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import types
 import typing
@@ -739,6 +740,10 @@ def _check_packing(cfg: TrainConfig) -> None:
 
 
 def _check_training_section(t: TrainingConfig, world_size: int) -> None:
+    # A NaN passes every comparison below (nan <= 0 is False) and turned each weight to NaN at the first step.
+    for name in ("epochs", "lr", "weight_decay", "adam_eps", "max_grad_norm", "min_lr_ratio"):
+        if not math.isfinite(getattr(t, name)):
+            raise ConfigError(f"training.{name}: must be a finite number, got {getattr(t, name)}")
     if t.max_steps is not None and t.max_steps < 1:
         raise ConfigError(f"training.max_steps: must be ≥ 1, got {t.max_steps}")
     if t.max_steps is None and t.epochs <= 0:
@@ -756,8 +761,12 @@ def _check_training_section(t: TrainingConfig, world_size: int) -> None:
         raise ConfigError(f"training.lr: must be > 0, got {t.lr}")
     if t.schedule not in SCHEDULES:
         raise ConfigError(f"training.schedule: expected one of {list(SCHEDULES)}, got {t.schedule!r}")
-    if len(t.adam_betas) != 2:
-        raise ConfigError(f"training.adam_betas: expected two numbers, got {t.adam_betas}")
+    if len(t.adam_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in t.adam_betas):
+        raise ConfigError(f"training.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    if t.adam_eps <= 0:
+        raise ConfigError(f"training.adam_eps: must be > 0, got {t.adam_eps}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"training.weight_decay: must be ≥ 0, got {t.weight_decay}")
     for name in ("warmup_steps", "eval_every", "save_every", "max_new_tokens"):
         if getattr(t, name) < 0:
             raise ConfigError(f"training.{name}: must be ≥ 0, got {getattr(t, name)}")
@@ -805,8 +814,12 @@ REFERENCE_MODES = ("cached", "per_step")
 def _check_preference_section(p: PreferenceConfig) -> None:
     if p.loss not in PREFERENCE_LOSSES:
         raise ConfigError(f"preference.loss: expected one of {list(PREFERENCE_LOSSES)}, got {p.loss!r}")
-    if p.beta is not None and p.beta <= 0:
-        raise ConfigError(f"preference.beta: must be > 0, got {p.beta}")
+    if p.beta is not None and not 0 < p.beta < math.inf:
+        raise ConfigError(f"preference.beta: must be a finite number > 0, got {p.beta}")
+    # SimPO (Meng et al. 2024, arXiv 2405.14734) asks the chosen reward to beat the rejected one by this margin; a
+    # negative margin would reward a model that prefers the rejected answer up to that amount.
+    if not 0 <= p.simpo_gamma < math.inf:
+        raise ConfigError(f"preference.simpo_gamma: must be a finite number >= 0, got {p.simpo_gamma}")
     if not 0.0 <= p.label_smoothing < 0.5:
         raise ConfigError(f"preference.label_smoothing: must be in [0, 0.5), got {p.label_smoothing}")
     if p.reference not in REFERENCE_MODES:
