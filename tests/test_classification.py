@@ -281,6 +281,19 @@ def test_config_errors_name_the_field(tmp_path, overrides, message):
         validate(load_config(str(config), overrides))
 
 
+def test_more_labels_than_a_trained_head_has_is_a_config_error_but_a_bare_encoder_takes_any(tmp_path):
+    """A sequence classifier's own head cannot load at another size (transformers' size-mismatch RuntimeError came
+    after set-up); an encoder saved without a head (roberta-base) gets a new head of the size asked for."""
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path, sentiment_rows(8))  # a RobertaForSequenceClassification with 2 labels
+    with pytest.raises(ConfigError, match=r"^classification.num_labels: 3, but model.path .* predicts 2 .*"
+                                          r"set num_labels: 2"):
+        validate(load_config(str(config), ["classification.num_labels=3"]))
+    transformers.RobertaModel(tiny_roberta_config()).save_pretrained(tmp_path / "model")  # the encoder alone
+    validate(load_config(str(config), ["classification.num_labels=3"]))
+
+
 def test_bad_labels_are_named(tmp_path):
     from reft_fast.train.task_classification import read_labelled_texts
     from reft_fast.train.train_config import ClassificationConfig

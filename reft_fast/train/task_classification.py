@@ -224,6 +224,20 @@ class ClassificationTask:
                               f"data.train_file {cfg.data.train_file} is a file; set classification.eval_split: null "
                               "and give data.eval_file (or data.eval_fraction)")
 
+    @staticmethod
+    def check_model_config(cfg: TrainConfig, model_config) -> None:
+        """A base saved as a sequence classifier has a trained head of its own size: transformers 5.24's from_pretrained
+        refuses to load it at another size (a RuntimeError after set-up, naming ``ignore_mismatched_sizes``). A bare
+        backbone (roberta-base: RobertaForMaskedLM, whose config still says 2 labels) gets a new head of any size."""
+        architectures = getattr(model_config, "architectures", None) or []
+        trained_labels = getattr(model_config, "num_labels", None)
+        wanted = cfg.classification.num_labels
+        if any(name.endswith("ForSequenceClassification") for name in architectures) and trained_labels != wanted:
+            raise ConfigError(f"classification.num_labels: {wanted}, but model.path {cfg.model.path} is a sequence "
+                              f"classifier whose trained head predicts {trained_labels} (its config.json); set "
+                              f"num_labels: {trained_labels} to train on with that head, or start from the base "
+                              "model it was fine-tuned from for a new head")
+
     def _read(self, source, split: str) -> list[dict]:
         try:
             return read_labelled_texts(source, self.cfg.classification, hf_split=split)

@@ -192,6 +192,10 @@ class PreferenceTask:
             raise ConfigError("data.eval_family: scores generated answers (causal_lm); a preference run is scored by "
                               "its reward accuracy and margin; remove it")
 
+    @staticmethod
+    def check_model_config(cfg: TrainConfig, model_config) -> None:
+        """Nothing beyond the common checks of the model's shape (``train_config``)."""
+
     def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
         """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without; with
         ``data.selection_examples``, its ``eval_part``)."""

@@ -12,6 +12,7 @@ supplies the parts that differ:
 A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` is the model to follow):
 
     check_config(cfg)                                  task-specific ConfigErrors, before any weight loads
+    check_model_config(cfg, model_config)              those that need the base's config.json (not its weights)
     auto_class                                         the transformers Auto class the frozen base loads with
     base_kwargs                                        more keyword arguments of its from_pretrained (a head's size)
     datasets(tokenizer, seed, eval_part) → (train, eval)
@@ -68,6 +69,10 @@ class CausalLMTask:
     @staticmethod
     def check_config(cfg: TrainConfig) -> None:
         """Nothing beyond the common sections: every key of them applies to causal-LM training."""
+
+    @staticmethod
+    def check_model_config(cfg: TrainConfig, model_config) -> None:
+        """Nothing beyond the common checks of the model's shape (``train_config``)."""
 
     def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
         """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either;

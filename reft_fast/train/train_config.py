@@ -605,7 +605,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
 
     Raises ConfigError naming the field on the first problem found.
     """
-    from reft_fast.train.tasks import check_task  # tasks build on this module
+    from reft_fast.train.tasks import TASKS, check_task  # tasks build on this module
 
     check_task(cfg)
     _check_model_section(cfg.model, cfg.deepspeed)
@@ -621,7 +621,9 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     _check_preference_section(cfg.preference)
     if not check_model:
         return None
-    return _check_against_model(cfg)
+    model_config = _check_against_model(cfg)
+    TASKS[cfg.task].check_model_config(cfg, model_config)
+    return model_config
 
 
 def _check_model_section(m: ModelConfig, ds: DeepSpeedConfig) -> None:
