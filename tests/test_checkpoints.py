@@ -247,3 +247,58 @@ def test_ranks_that_see_different_checkpoints_fail_together_instead_of_hanging(t
     for rank, outcome in enumerate(outcomes):
         assert outcome["resume"].startswith("resume: the ranks found different checkpoints"), outcome
         assert f"this rank, {rank}: " in outcome["resume"] and "filesystem that every node sees" in outcome["resume"]
+
+
+_FULL_DISK_RUN = """
+import resource, signal, sys, types
+from pathlib import Path
+import torch
+from reft_fast.train.checkpoints import CheckpointWriteError, save_trainer_checkpoint
+
+torch.manual_seed(0)
+trained = torch.nn.Linear(128, 128)  # params and two Adam moments: about 200 KB of checkpoint
+optimizer = torch.optim.AdamW(trained.parameters())
+trained(torch.ones(1, 128)).sum().backward()
+optimizer.step()
+run = types.SimpleNamespace(interventions=trained, model=torch.nn.Module())
+schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+ckpt_dir = Path(sys.argv[1])
+save_trainer_checkpoint(ckpt_dir, 4, run, optimizer, schedule, rank=0, keep=3, extra={})
+# A real write failure from the kernel: past RLIMIT_FSIZE a write fails with EFBIG ("File too large"), as a full disk
+# fails with ENOSPC, once SIGXFSZ (which would kill the process) is ignored.
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, resource.RLIM_INFINITY))
+try:
+    save_trainer_checkpoint(ckpt_dir, 8, run, optimizer, schedule, rank=0, keep=3, extra={})
+except CheckpointWriteError as err:
+    print(err)
+"""
+
+
+def test_a_checkpoint_write_that_fails_leaves_no_partial_files_and_the_earlier_checkpoint_whole(tmp_path):
+    import subprocess
+    import sys
+
+    from dist.tiny import subprocess_env
+
+    ckpt_dir = tmp_path / "checkpoints"
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_RUN, str(ckpt_dir)], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"writing checkpoint step8 to {ckpt_dir} failed: [Errno 27] File too large" in proc.stdout, proc.stdout
+    assert "run the same command again with --resume" in proc.stdout
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [LATEST_FILE, "step4"]  # no .step8.partial left
+    assert _newest(ckpt_dir) == (4, [])
+
+
+def test_the_cli_reports_a_failed_checkpoint_write_without_a_traceback(monkeypatch, capsys):
+    from reft_fast.train import cli
+    from reft_fast.train.checkpoints import CheckpointWriteError
+
+    def failing_run(*args, **kwargs):
+        raise CheckpointWriteError("writing checkpoint step8 to out/checkpoints failed: [Errno 28] No space left")
+
+    monkeypatch.setattr(cli, "_train", failing_run)
+    assert cli.main(["train", "config.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err == "reft-fast: writing checkpoint step8 to out/checkpoints failed: [Errno 28] No space left\n"

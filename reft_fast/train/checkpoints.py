@@ -61,6 +61,11 @@ _STEP_DIR = re.compile(r"step(\d+)")
 _ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")  # the client torch.optim.AdamW's per-parameter tensors
 
 
+class CheckpointWriteError(RuntimeError):
+    """Saving a checkpoint failed (a full disk, a quota, a lost mount): the run stops on every rank, and the
+    checkpoints published before it are intact."""
+
+
 class CheckpointError(Exception):
     """A checkpoint directory that is incomplete or damaged; the message says what is wrong with it."""
 
@@ -90,11 +95,15 @@ def write_checkpoint(ckpt_dir: Path, step: int, state: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    write_durably(partial / STATE_FILE, payload)
     manifest = {"format": FORMAT, "step": step,
                 "files": {STATE_FILE: {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}}}
-    write_durably(partial / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
-    fsync_dir(partial)
+    try:
+        write_durably(partial / STATE_FILE, payload)
+        write_durably(partial / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+        fsync_dir(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk gets back what the failed write took
+        raise
     final = ckpt_dir / tag
     if final.exists():  # a damaged leftover of this step from before the resume that replays it
         remove_atomically(final)
@@ -283,9 +292,10 @@ def save_trainer_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, sc
             error = err
     failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64)).tolist()[0]
     if failed:
-        message = f"writing checkpoint step{step} to {ckpt_dir} failed"
-        raise RuntimeError(f"{message}: {error}" if error else f"{message} on rank 0 (its log has the cause)") \
-            from error
+        cause = f": {error}" if error else " on rank 0 (its log has the cause)"
+        raise CheckpointWriteError(f"writing checkpoint step{step} to {ckpt_dir} failed{cause}. The run stopped; the "
+                                   "checkpoints saved before it are intact: fix the cause (free disk space) and run "
+                                   "the same command again with --resume") from error
 
 
 def zero_gradient_step(engine, batches: Sequence[dict]) -> None:

@@ -560,4 +560,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"reft-fast: config error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from reft_fast.train.checkpoints import CheckpointWriteError
+
+        if not isinstance(err, (CheckpointWriteError, RanksTimedOut)):
+            raise
+        print(f"reft-fast: {err}", file=sys.stderr)  # the message says what happened and what to do; no traceback
+        return 1
     return 0
