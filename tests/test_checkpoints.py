@@ -217,7 +217,7 @@ def _resume_on_rank(rank: int, world: int, init_file: str, dirs: list, results: 
     try:
         outcome = {"same_4": same_on_every_rank(4), "differing": same_on_every_rank(rank * 10)}
         try:  # refused before the engine is touched: None stands for each of them
-            resume_from_checkpoint(Path(dirs[rank]), None, None, None, None, {}, rank, lambda: [])
+            resume_from_checkpoint(Path(dirs[rank]), None, None, None, None, {}, rank, lambda: [], {"total_steps": 8})
             outcome["resume"] = "resumed"
         except RuntimeError as error:
             outcome["resume"] = str(error)

@@ -164,6 +164,7 @@ def test_a_resume_with_a_new_rate_and_length_follows_the_new_schedule_from_the_s
     overrides = [*COMMON, "training.max_steps=12", "training.lr=5e-3", f"output_dir={resumed_out}"]
     proc = _run([PY, "-m", "reft_fast", "train", str(config), *overrides, "--resume"])
     assert "training.lr is 0.005, the checkpoint's run had 0.01" in proc.stderr, proc.stderr[-3000:]
+    assert "resume: this run ends at step 12, the checkpoint's run was to end at step 8" in proc.stderr
     t = load_config(str(config), overrides).training
     factor = lr_lambda(t.schedule, warmup_steps_of(t.warmup_steps, t.warmup_ratio, 12), 12, t.min_lr_ratio)
     rows = [r for r in _metrics(resumed_out) if "loss" in r]

@@ -308,8 +308,9 @@ def zero_gradient_step(engine, batches: Sequence[dict]) -> None:
 
 
 def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, scheduler, data_order: dict, rank: int,
-                           warm_up_batches: Callable[[], Sequence[dict]]) -> int:
-    """Load the newest intact checkpoint (any rank count, any ZeRO stage) and return its step; 0 when there is none."""
+                           warm_up_batches: Callable[[], Sequence[dict]], this_run: dict) -> int:
+    """Load the newest intact checkpoint (any rank count, any ZeRO stage) and return its step; 0 when there is none.
+    ``this_run`` is what this run saves as ``saved_by`` (ranks, ZeRO stage, total steps), to say what changed."""
 
     def warn(message: str) -> None:
         if rank == 0:
@@ -338,6 +339,10 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
         warn(f"resume: the data order differs from the checkpoint's ({state['data_order']} then, {data_order} now): "
              "the steps after the resume will not be those of the interrupted run")
     saved_by = state["saved_by"]
+    if saved_by.get("total_steps", this_run["total_steps"]) != this_run["total_steps"]:  # not saved before 2026-11-29
+        warn(f"resume: this run ends at step {this_run['total_steps']}, the checkpoint's run was to end at step "
+             f"{saved_by['total_steps']} (training.max_steps or epochs): the learning-rate schedule continues from "
+             "the saved step along this run's warmup and decay")
     if rank == 0:
         logger.info("resumed from %s at step %d (saved by %d ranks at ZeRO-%d)", path, step, saved_by["ranks"],
                     saved_by["zero_stage"])

@@ -264,7 +264,9 @@ class ReftTrainingRecipe:
         self.collator = self.task.collator(self.tokenizer, len(self.reft_model.interventions))
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
-        self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"]}  # resume log
+        # what a resume compares with and logs
+        self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"],
+                         "total_steps": self.total_steps}
 
     def _prepare_output_dir(self) -> None:
         if self.rank == 0:
@@ -275,7 +277,8 @@ class ReftTrainingRecipe:
         if self.cfg.resume:
             self.start_step = resume_from_checkpoint(
                 self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler, self.data_order, self.rank,
-                lambda: [to_device(self._host_batch((0, a))[0], self.engine.device) for a in range(self.accumulation)])
+                lambda: [to_device(self._host_batch((0, a))[0], self.engine.device) for a in range(self.accumulation)],
+                self.saved_by)
         if self.start_step > self.total_steps:  # the same on every rank (resume checked that): all raise together
             raise ConfigError(f"resume: the newest checkpoint in {self.ckpt_dir} is at step {self.start_step}, past "
                               f"this run's last step {self.total_steps} (training.max_steps or training.epochs); "
