@@ -232,7 +232,7 @@ def _reft_load_errors(what: str):
         raise ConfigError(f"{what}: {err}") from None
 
 
-def _answering_model(cfg, reft_dir: Optional[Path]):
+def _answering_model(cfg, reft_dir: Optional[Path], no_chat_template: bool = False):
     """The base on this rank's accelerator with the interventions of ``reft_dir`` (the base alone when None), its
     tokenizer, and the keyword arguments of the generation functions."""
     from deepspeed.accelerator import get_accelerator
@@ -256,7 +256,7 @@ def _answering_model(cfg, reft_dir: Optional[Path]):
     saved = getattr(model, "reft_config", None)
     gen_kwargs = dict(positions=getattr(saved, "positions", None) or cfg.interventions.positions,
                       share_weights=getattr(saved, "share_weights", cfg.interventions.share_weights),
-                      chat_template=cfg.data.chat_template, system_prompt=cfg.data.system_prompt)
+                      **_prompt_encoding(cfg, no_chat_template))
     return model, tokenizer, gen_kwargs
 
 
@@ -300,9 +300,8 @@ def _generate(args) -> None:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
-        model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir)
-        if args.no_chat_template:
-            gen_kwargs["chat_template"] = False
+        model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir,
+                                                        args.no_chat_template)
         if named is not None:
             _serve_prompts_file(args, model, tokenizer, named, records, gen_kwargs)
             return
@@ -386,14 +385,14 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
     reft_model.eval()
     held_as = {first: DEFAULT_ADAPTER}
     # Each ReFT's prompts are encoded as its own run trained them (its system prompt, chat template or not); the
-    # base's rows as the first ReFT's.
-    encodings = {held_as.get(name, name): _prompt_encoding(_config_of_run(directory), args.no_chat_template)
-                 for name, directory in named.items()}
+    # base's rows as the first ReFT's, whose run config gen_kwargs already holds.
+    first_encoding = {key: gen_kwargs[key] for key in ("chat_template", "system_prompt")}
+    encodings = {DEFAULT_ADAPTER: first_encoding}
+    encodings.update({name: _prompt_encoding(_config_of_run(named[name]), args.no_chat_template) for name in others})
     answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
                             [held_as.get(r.get("reft"), r.get("reft")) for r in records],
-                            batch_size=args.batch_size, chat_template=gen_kwargs["chat_template"],
-                            system_prompt=gen_kwargs["system_prompt"], encodings=encodings,
-                            max_new_tokens=args.max_new_tokens)
+                            batch_size=args.batch_size, encodings=encodings, max_new_tokens=args.max_new_tokens,
+                            **first_encoding)
     rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
     if args.output:  # its folder made, as eval makes its own
         write_jsonl_atomically(Path(args.output), rows)
