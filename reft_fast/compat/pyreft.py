@@ -114,14 +114,23 @@ def is_pyreft_config(config: dict) -> bool:
 def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict, model: nn.Module, *,
                           backend: Optional[str] = None, orthogonalization: str = "householder") -> ReftModel:
     """Attach to ``model`` the interventions of a pyreft directory whose config.json is ``config``, as a
-    ``reft_model_class`` (ReftModel or a subclass)."""
+    ``reft_model_class`` (ReftModel or a subclass).
+
+    Weights shared by placing one instance at several sites are not recorded by pyreft (one intkey file per site,
+    nothing linking them: pyvene's own load gives independent copies too), so they load as copies. pyvene's
+    ``intervention_link_key`` is recorded, but it does more than share weights: the linked site edits the first
+    site's edited hidden states instead of its own (pyvene 0.1.8, ``_gather_intervention_output``'s "hot" gather),
+    which reft_fast's hooks do not do; such a directory is refused rather than loaded to compute something else."""
     hidden = model_hidden_size(model)
     keys = config.get("sorted_keys") or []
     dims = config.get("intervention_dimensions") or []
     representations, states = [], []
     for i, (rep, type_name) in enumerate(zip(config["representations"], config["intervention_types"])):
-        layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
-            (rep["layer"], rep["component"], rep["low_rank_dimension"])
+        layer, component, rank, link_key = _pyreft_representation(rep)
+        if link_key is not None:
+            raise ReftLoadError(f"{directory}: representation {i} has pyvene's intervention_link_key {link_key!r}, "
+                                "which is not supported: pyvene feeds a linked site the first site's edited hidden "
+                                "states instead of its own, and reft_fast's interventions edit each site's own")
         if i < len(dims) and dims[i] is not None and dims[i] != hidden:
             raise ReftLoadError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the "
                                 f"model has hidden size {hidden}")
@@ -143,6 +152,20 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
         except ValueError as err:  # tensors missing or of the wrong shape: not the file config.json describes
             raise ReftLoadError(f"{directory}: {err}") from None
     return reft_model
+
+
+# pyvene's RepresentationConfig fields, in the order a saved config.json lists them.
+_REPRESENTATION_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
+                          "intervention_type", "intervention", "subspace_partition", "group_key",
+                          "intervention_link_key")
+
+
+def _pyreft_representation(rep) -> tuple:
+    """(layer, component, low_rank_dimension, intervention_link_key) of one saved representation: a list in pyvene's
+    field order (what its save writes) or a dict."""
+    if isinstance(rep, list):
+        rep = dict(zip(_REPRESENTATION_FIELDS, rep))
+    return rep["layer"], rep["component"], rep["low_rank_dimension"], rep.get("intervention_link_key")
 
 
 def _read_pyreft_state(path: Path) -> dict:
