@@ -200,17 +200,41 @@ def test_a_pyreft_directory_with_linked_interventions_is_refused(tmp_path):
         ReftModel.load(tmp_path, _model())
 
 
+def test_include_model_loads_the_base_parameters_pyreft_saved(tmp_path):
+    # pyvene's save(..., include_model=True) (and every checkpoint of pyreft's trainer) writes the base's trainable
+    # parameters, a head trained with the interventions, to pytorch_model.bin; ReftModel.load(..., include_model=True)
+    # read only its own base_trainable.safetensors and left the head untrained without a word.
+    pyreft = pytest.importorskip("pyreft")
+    theirs = _pyreft_model(pyreft, _model())
+    head = theirs.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    theirs.save(str(tmp_path), include_model=True)
+    assert (tmp_path / "pytorch_model.bin").is_file()
+
+    fresh = _model()
+    ReftModel.load(tmp_path, fresh)
+    assert not torch.equal(fresh.lm_head.weight, head)  # include_model=False (the default) leaves the base alone
+    ReftModel.load(tmp_path, fresh, include_model=True)
+    assert torch.equal(fresh.lm_head.weight, head)
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": _Payload()}, protocol=2))
+    with pytest.raises(ReftLoadError, match="pytorch_model.bin cannot be read \\(UnpicklingError: Weights only"):
+        ReftModel.load(tmp_path, _model(), include_model=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
 def test_pyreft_weights_are_read_without_unpickling_objects(tmp_path):
     pyreft = pytest.importorskip("pyreft")
     theirs = _pyreft_model(pyreft, _model())
     theirs.save(str(tmp_path))
     target = next(p for p in tmp_path.iterdir() if p.suffix == ".bin")
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    target.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
+    target.write_bytes(pickle.dumps({"weight": _Payload()}, protocol=2))
     with pytest.raises(ReftLoadError, match=f"{target.name} cannot be read \\(UnpicklingError: Weights only load "
                                             "failed"):
         ReftModel.load(tmp_path, _model())

@@ -26,7 +26,8 @@ from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ReftLoadError", "read_weights",
            "register_directory_format", "save_reft_model", "load_reft_model", "resolve_load_directory",
-           "model_signature", "save_trainable_base", "load_trainable_base", "trainable_base_state"]
+           "model_signature", "save_trainable_base", "load_trainable_base", "load_base_parameters",
+           "trainable_base_state"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -43,14 +44,16 @@ class ReftLoadError(ValueError):
     a user's bad path into a plain message catch this class alone, so a bug's ValueError still shows its traceback."""
 
 
-# name -> (recognizes(config) -> bool, load(reft_model_class, directory, config, model, *, backend, orthogonalization)).
+# name -> (recognizes(config) -> bool,
+#          load(reft_model_class, directory, config, model, *, backend, orthogonalization, include_model)).
 _DIRECTORY_FORMATS: dict[str, tuple[Callable, Callable]] = {}
 
 
 def register_directory_format(name: str, recognizes: Callable, load: Callable) -> None:
     """Let ``ReftModel.load`` read another library's directories: ``recognizes`` gets the parsed config.json, ``load``
-    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...) and returns the
-    ReftModel."""
+    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...,
+    include_model=...) and returns the ReftModel, having loaded the base's saved trainable parameters into ``model``
+    when ``include_model`` is set."""
     _DIRECTORY_FORMATS[name] = (recognizes, load)
 
 
@@ -144,9 +147,9 @@ def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_hugg
 
 
 def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], model: nn.Module, *,
-                    backend: Optional[str], orthogonalization: str):
+                    backend: Optional[str], orthogonalization: str, include_model: bool = False):
     """A ``reft_model_class`` (ReftModel or a subclass) on ``model`` with the interventions saved in ``directory``, in
-    our format or a registered one."""
+    our format or a registered one; with ``include_model``, also the base's trainable parameters saved with them."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -159,11 +162,14 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
         raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
                             "model")
     if config.get("format") == FORMAT:
-        return _load_ours(reft_model_class, directory, config, model, backend)
+        reft_model = _load_ours(reft_model_class, directory, config, model, backend)
+        if include_model:
+            load_trainable_base(model, directory)
+        return reft_model
     for recognizes, load in _DIRECTORY_FORMATS.values():
         if recognizes(config):
             return load(reft_model_class, directory, config, model, backend=backend,
-                        orthogonalization=orthogonalization)
+                        orthogonalization=orthogonalization, include_model=include_model)
     raise ReftLoadError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
                      f"{sorted(_DIRECTORY_FORMATS)}")
 
@@ -261,7 +267,12 @@ def load_trainable_base(model, directory) -> list[str]:
     path = Path(directory) / BASE_TRAINABLE_NAME
     if not path.is_file():
         return []
-    tensors = read_weights(path)
+    return load_base_parameters(model, read_weights(path), path)
+
+
+def load_base_parameters(model, tensors: dict, path: Path) -> list[str]:
+    """Copy ``tensors`` ({parameter name: tensor}, read from ``path``) onto ``model``'s parameters of those names and
+    return the names; a name the model lacks is an error: the file belongs to another architecture."""
     _, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ReftLoadError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
