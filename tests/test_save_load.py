@@ -184,17 +184,57 @@ def test_load_a_directory_saved_by_pyreft(tmp_path):
         torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_pyreft_directory_with_linked_interventions_is_refused(tmp_path):
+    # pyvene's intervention_link_key (kept in config.json) makes a linked site edit the first site's edited hidden
+    # states instead of its own; reft_fast loaded such a directory as independent interventions, whose outputs differ
+    # from pyreft's (by 0.3 in the logits here), without a word.
+    pyreft = pytest.importorskip("pyreft")
+    representations = [{"layer": layer, "component": "block_output", "low_rank_dimension": 2,
+                        "intervention_link_key": link,
+                        "intervention": pyreft.LoreftIntervention(embed_dim=32, low_rank_dimension=2)}
+                       for layer, link in ((0, 7), (1, None), (2, 7))]
+    theirs = pyreft.get_reft_model(_model(), pyreft.ReftConfig(representations=representations), set_device=False)
+    theirs.save(str(tmp_path))
+    with pytest.raises(ReftLoadError, match="representation 0 has pyvene's intervention_link_key 7, which is not "
+                                            "supported"):
+        ReftModel.load(tmp_path, _model())
+
+
+def test_include_model_loads_the_base_parameters_pyreft_saved(tmp_path):
+    # pyvene's save(..., include_model=True) (and every checkpoint of pyreft's trainer) writes the base's trainable
+    # parameters, a head trained with the interventions, to pytorch_model.bin; ReftModel.load(..., include_model=True)
+    # read only its own base_trainable.safetensors and left the head untrained without a word.
+    pyreft = pytest.importorskip("pyreft")
+    theirs = _pyreft_model(pyreft, _model())
+    head = theirs.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    theirs.save(str(tmp_path), include_model=True)
+    assert (tmp_path / "pytorch_model.bin").is_file()
+
+    fresh = _model()
+    ReftModel.load(tmp_path, fresh)
+    assert not torch.equal(fresh.lm_head.weight, head)  # include_model=False (the default) leaves the base alone
+    ReftModel.load(tmp_path, fresh, include_model=True)
+    assert torch.equal(fresh.lm_head.weight, head)
+
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps({"weight": _Payload()}, protocol=2))
+    with pytest.raises(ReftLoadError, match="pytorch_model.bin cannot be read \\(UnpicklingError: Weights only"):
+        ReftModel.load(tmp_path, _model(), include_model=True)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
 def test_pyreft_weights_are_read_without_unpickling_objects(tmp_path):
     pyreft = pytest.importorskip("pyreft")
     theirs = _pyreft_model(pyreft, _model())
     theirs.save(str(tmp_path))
     target = next(p for p in tmp_path.iterdir() if p.suffix == ".bin")
-
-    class Payload:
-        def __reduce__(self):
-            return (print, ("this must never run",))
-
-    target.write_bytes(pickle.dumps({"weight": Payload()}, protocol=2))
+    target.write_bytes(pickle.dumps({"weight": _Payload()}, protocol=2))
     with pytest.raises(ReftLoadError, match=f"{target.name} cannot be read \\(UnpicklingError: Weights only load "
                                             "failed"):
         ReftModel.load(tmp_path, _model())
@@ -297,23 +337,53 @@ def test_a_config_that_is_not_json_names_its_file(tmp_path):
         ReftModel.load(tmp_path, _model())
 
 
-def test_one_intervention_instance_at_two_layers_saves_and_loads(tmp_path):
-    # pyreft/pyvene accept one instance in several representations (its weights shared); saving it raised
-    # safetensors' "Some tensors share memory" after config.json was written. It loads back as equal copies, as pyreft
-    # loads it.
+def _train_step(reft_model, locations):
+    optimizer = torch.optim.SGD(reft_model.trainable_parameters(), lr=0.5)
+    _, out = reft_model(_inputs(), intervention_locations=locations, labels=_inputs()["input_ids"])
+    out.loss.backward()
+    optimizer.step()
+
+
+def test_one_intervention_instance_at_two_layers_stays_one_after_save_and_load(tmp_path):
+    # pyreft/pyvene accept one instance in several representations (its weights shared). Saving it once raised
+    # safetensors' "Some tensors share memory"; then it loaded back as two independent copies, which a further training
+    # step moved apart. It loads back as one instance, and trains as the saved model does.
     from reft_fast import LoreftIntervention
 
     shared = LoreftIntervention(embed_dim=32, low_rank_dimension=2)
-    reft_model = get_reft_model(_model(), ReftConfig([{"layer": layer, "component": "block_output",
-                                                       "intervention": shared} for layer in (0, 2)])).eval()
-    locations = _locations(2)
+    representations = [{"layer": layer, "component": "block_output", "intervention": shared} for layer in (0, 2)]
+    representations.insert(1, _REPRESENTATIONS[1])  # an unshared one between them keeps its own weights
+    reft_model = get_reft_model(_model(), ReftConfig(representations)).eval()
+    locations = _locations(3)
     with torch.no_grad():
         _, expected = reft_model(_inputs(), intervention_locations=locations)
     reft_model.save(tmp_path)
     loaded = ReftModel.load(tmp_path, _model()).eval()
+    first, unshared, last = loaded.interventions.values()
+    assert first is last and unshared is not first
+    assert loaded.count_parameters() == reft_model.count_parameters()
     with torch.no_grad():
         _, out = loaded(_inputs(), intervention_locations=locations)
     assert torch.equal(out.logits, expected.logits)
+
+    _train_step(reft_model, locations)
+    _train_step(loaded, locations)
+    for ours, theirs in zip(loaded.interventions.state_dict().values(), reft_model.interventions.state_dict().values()):
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_an_entry_sharing_an_unknown_key_is_a_load_error(tmp_path):
+    from reft_fast import LoreftIntervention
+
+    shared = LoreftIntervention(embed_dim=32, low_rank_dimension=2)
+    get_reft_model(_model(), ReftConfig([{"layer": layer, "component": "block_output", "intervention": shared}
+                                         for layer in (0, 2)])).save(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["interventions"][1]["shared_with"] = "layer_1_comp_block_output_unit_pos_nunit_1#0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReftLoadError, match="shares the weights of 'layer_1_comp_block_output_unit_pos_nunit_1#0', "
+                                            "which no earlier entry has"):
+        ReftModel.load(tmp_path, _model())
 
 
 def test_the_state_dict_holds_the_base_layers_once():

@@ -7,8 +7,10 @@ other tensors carry our names except where a type's spec says otherwise (``Inter
 Directory. pyreft's ``save`` writes config.json (``representations``, ``intervention_types``, ``sorted_keys``,
 ``intervention_dimensions``) and one ``intkey_<key>.bin`` per intervention, read here with
 ``torch.load(weights_only=True)`` (no pickled code runs). pyreft does not save dropout, act_fn or add_bias: they take
-their defaults, add_bias being read from the weights. ``ReftModel.load`` reaches this reader through
-``reft_fast.core.model.register_directory_format`` (see ``reft_fast.compat``).
+their defaults, add_bias being read from the weights. With ``include_model=True`` pyreft also writes
+``pytorch_model.bin``: the base's trainable parameters (a classifier head), which ``ReftModel.load(...,
+include_model=True)`` reads the same way. ``ReftModel.load`` reaches this reader through
+``reft_fast.core.saving.register_directory_format`` (see ``reft_fast.compat``).
 
 Access. pyreft's scripts read ``reft_model.interventions[key][0]`` (pyvene ≤ 0.1.6 stored (intervention, hook)
 pairs) and ``intervention.rotate_layer.weight`` (d×r); both work on reft_fast's interventions through the two
@@ -28,11 +30,14 @@ from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
 from reft_fast.core.model import ReftModel
-from reft_fast.core.saving import ReftLoadError, register_directory_format
+from reft_fast.core.saving import ReftLoadError, load_base_parameters, register_directory_format
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
 __all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config"]
 
+# pyvene's save(..., include_model=True) and every checkpoint of pyreft's trainer write the base's parameters that
+# require grad (a classifier head; an empty dict for a frozen base) here, never the interventions (pyvene 0.1.8).
+PYREFT_BASE_NAME = "pytorch_model.bin"
 _ORIGINAL_KEY = "rotate_layer.parametrizations.weight.original"
 _BASE_KEY = "rotate_layer.parametrizations.weight.0.base"
 
@@ -112,16 +117,27 @@ def is_pyreft_config(config: dict) -> bool:
 
 
 def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict, model: nn.Module, *,
-                          backend: Optional[str] = None, orthogonalization: str = "householder") -> ReftModel:
+                          backend: Optional[str] = None, orthogonalization: str = "householder",
+                          include_model: bool = False) -> ReftModel:
     """Attach to ``model`` the interventions of a pyreft directory whose config.json is ``config``, as a
-    ``reft_model_class`` (ReftModel or a subclass)."""
+    ``reft_model_class`` (ReftModel or a subclass); with ``include_model``, also load the base's trainable parameters
+    from its ``pytorch_model.bin`` (``PYREFT_BASE_NAME``), if it has one.
+
+    Weights shared by placing one instance at several sites are not recorded by pyreft (one intkey file per site,
+    nothing linking them: pyvene's own load gives independent copies too), so they load as copies. pyvene's
+    ``intervention_link_key`` is recorded, but it does more than share weights: the linked site edits the first
+    site's edited hidden states instead of its own (pyvene 0.1.8, ``_gather_intervention_output``'s "hot" gather),
+    which reft_fast's hooks do not do; such a directory is refused rather than loaded to compute something else."""
     hidden = model_hidden_size(model)
     keys = config.get("sorted_keys") or []
     dims = config.get("intervention_dimensions") or []
     representations, states = [], []
     for i, (rep, type_name) in enumerate(zip(config["representations"], config["intervention_types"])):
-        layer, component, rank = (rep[0], rep[1], rep[4]) if isinstance(rep, list) else \
-            (rep["layer"], rep["component"], rep["low_rank_dimension"])
+        layer, component, rank, link_key = _pyreft_representation(rep)
+        if link_key is not None:
+            raise ReftLoadError(f"{directory}: representation {i} has pyvene's intervention_link_key {link_key!r}, "
+                                "which is not supported: pyvene feeds a linked site the first site's edited hidden "
+                                "states instead of its own, and reft_fast's interventions edit each site's own")
         if i < len(dims) and dims[i] is not None and dims[i] != hidden:
             raise ReftLoadError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the "
                                 f"model has hidden size {hidden}")
@@ -142,12 +158,29 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
             load_pyreft_state(intervention, state)
         except ValueError as err:  # tensors missing or of the wrong shape: not the file config.json describes
             raise ReftLoadError(f"{directory}: {err}") from None
+    base_path = directory / PYREFT_BASE_NAME
+    if include_model and base_path.is_file():
+        load_base_parameters(model, _read_pyreft_state(base_path), base_path)
     return reft_model
 
 
+# pyvene's RepresentationConfig fields, in the order a saved config.json lists them.
+_REPRESENTATION_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension",
+                          "intervention_type", "intervention", "subspace_partition", "group_key",
+                          "intervention_link_key")
+
+
+def _pyreft_representation(rep) -> tuple:
+    """(layer, component, low_rank_dimension, intervention_link_key) of one saved representation: a list in pyvene's
+    field order (what its save writes) or a dict."""
+    if isinstance(rep, list):
+        rep = dict(zip(_REPRESENTATION_FIELDS, rep))
+    return rep["layer"], rep["component"], rep["low_rank_dimension"], rep.get("intervention_link_key")
+
+
 def _read_pyreft_state(path: Path) -> dict:
-    """One intervention's state, as pyreft saves it (a torch pickle of tensors); a missing or unreadable file is a
-    ReftLoadError naming it."""
+    """One intervention's state (or the base's trainable parameters), as pyreft saves it: a torch pickle of tensors; a
+    missing or unreadable file is a ReftLoadError naming it."""
     if not path.is_file():
         raise ReftLoadError(f"{path} is missing: the pyreft config.json in its folder names that intervention")
     try:

@@ -38,7 +38,7 @@ from reft_fast.core.adapters import Adapter, adapter_locations, check_adapter_na
 from reft_fast.core.hooks import ForwardState, InterventionHooks, MultiAdapterHooks, runs_own_forward
 from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
-from reft_fast.core.saving import load_reft_model, load_trainable_base, resolve_load_directory, save_reft_model
+from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
 
 __all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model"]
 
@@ -404,14 +404,13 @@ class ReftModel(nn.Module):
         such local directory exists; it is then downloaded (to ``local_directory`` if given, else the Hub cache).
         Tensors are read on the CPU and copied to each intervention's device, so a directory saved on any device
         loads on any other. ``orthogonalization`` applies to pyreft directories (ours record it). ``include_model``
-        (pyvene's) also loads the base parameters that ``save(..., include_model=True)`` wrote.
+        (pyvene's) also loads the base parameters that ``save(..., include_model=True)`` wrote (pyreft's
+        ``pytorch_model.bin`` in a pyreft directory).
         """
         directory = resolve_load_directory(load_directory, from_huggingface_hub=from_huggingface_hub,
                                            local_directory=local_directory)
-        reft_model = load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization)
-        if include_model:
-            load_trainable_base(model, directory)
-        return reft_model
+        return load_reft_model(cls, directory, model, backend=backend, orthogonalization=orthogonalization,
+                               include_model=include_model)
 
 
 def _batch_shape(base: Mapping) -> tuple[int, int]:

@@ -21,16 +21,20 @@ from torch import nn
 
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.files import replace_atomically
+from reft_fast.core.interventions import intervention_from_config
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ReftLoadError", "read_weights",
            "register_directory_format", "save_reft_model", "load_reft_model", "resolve_load_directory",
-           "model_signature", "save_trainable_base", "load_trainable_base", "trainable_base_state"]
+           "model_signature", "save_trainable_base", "load_trainable_base", "load_base_parameters",
+           "trainable_base_state"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
 BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained parameters (a head), next to the interventions
 FORMAT = "reft_fast"
+# An entry of config.json's "interventions" that is the same module as an earlier entry names that entry's key here.
+SHARED_WITH = "shared_with"
 
 
 
@@ -40,14 +44,16 @@ class ReftLoadError(ValueError):
     a user's bad path into a plain message catch this class alone, so a bug's ValueError still shows its traceback."""
 
 
-# name -> (recognizes(config) -> bool, load(reft_model_class, directory, config, model, *, backend, orthogonalization)).
+# name -> (recognizes(config) -> bool,
+#          load(reft_model_class, directory, config, model, *, backend, orthogonalization, include_model)).
 _DIRECTORY_FORMATS: dict[str, tuple[Callable, Callable]] = {}
 
 
 def register_directory_format(name: str, recognizes: Callable, load: Callable) -> None:
     """Let ``ReftModel.load`` read another library's directories: ``recognizes`` gets the parsed config.json, ``load``
-    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...) and returns the
-    ReftModel."""
+    gets (the ReftModel class to build, directory, config, model, backend=..., orthogonalization=...,
+    include_model=...) and returns the ReftModel, having loaded the base's saved trainable parameters into ``model``
+    when ``include_model`` is set."""
     _DIRECTORY_FORMATS[name] = (recognizes, load)
 
 
@@ -65,10 +71,7 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     ``hf_repo_name``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    entries = [{"key": key, "layer": layer, "component": component, **intervention.config_dict()}
-               for (key, intervention), (layer, component) in zip(reft_model.interventions.items(),
-                                                                   reft_model.placements)]
-    config = {"format": FORMAT, "format_version": 1, "interventions": entries,
+    config = {"format": FORMAT, "format_version": 1, "interventions": _intervention_entries(reft_model),
               "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
               "model": model_signature(reft_model.model)}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
@@ -83,6 +86,23 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
         api = HfApi()
         api.create_repo(hf_repo_name, exist_ok=True)
         api.upload_folder(folder_path=str(directory), repo_id=hf_repo_name)
+
+
+def _intervention_entries(reft_model) -> list[dict]:
+    """config.json's record of each intervention. One instance placed at several sites (weights shared, as pyreft
+    allows) is described in full at its first key; each later key names that one in ``SHARED_WITH`` instead, so that
+    loading ties them again rather than building independent copies that would train apart."""
+    first_key: dict[int, str] = {}
+    entries = []
+    for (key, intervention), (layer, component) in zip(reft_model.interventions.items(), reft_model.placements):
+        entry = {"key": key, "layer": layer, "component": component}
+        if id(intervention) in first_key:
+            entry[SHARED_WITH] = first_key[id(intervention)]
+        else:
+            first_key[id(intervention)] = key
+            entry.update(intervention.config_dict())
+        entries.append(entry)
+    return entries
 
 
 def _unshared_cpu_tensors(state: dict) -> dict:
@@ -127,9 +147,9 @@ def resolve_load_directory(load_directory: Union[str, os.PathLike], *, from_hugg
 
 
 def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], model: nn.Module, *,
-                    backend: Optional[str], orthogonalization: str):
+                    backend: Optional[str], orthogonalization: str, include_model: bool = False):
     """A ``reft_model_class`` (ReftModel or a subclass) on ``model`` with the interventions saved in ``directory``, in
-    our format or a registered one."""
+    our format or a registered one; with ``include_model``, also the base's trainable parameters saved with them."""
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
@@ -142,11 +162,14 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
         raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
                             "model")
     if config.get("format") == FORMAT:
-        return _load_ours(reft_model_class, directory, config, model, backend)
+        reft_model = _load_ours(reft_model_class, directory, config, model, backend)
+        if include_model:
+            load_trainable_base(model, directory)
+        return reft_model
     for recognizes, load in _DIRECTORY_FORMATS.values():
         if recognizes(config):
             return load(reft_model_class, directory, config, model, backend=backend,
-                        orthogonalization=orthogonalization)
+                        orthogonalization=orthogonalization, include_model=include_model)
     raise ReftLoadError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
                      f"{sorted(_DIRECTORY_FORMATS)}")
 
@@ -158,11 +181,8 @@ def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.
     if mismatched:
         details = ", ".join(f"{k}: saved {s!r}, model {m!r}" for k, (s, m) in mismatched.items())
         raise ReftLoadError(f"the ReFT model in {directory} was saved for a different model ({details})")
-    representations = []
-    for entry in config["interventions"]:
-        options = {k: v for k, v in entry.items() if k not in ("key", "layer", "component")}
-        representations.append({"layer": entry["layer"], "component": entry["component"], "intervention": options})
-    reft_config = ReftConfig(representations, positions=config.get("positions"),
+    reft_config = ReftConfig(_saved_representations(directory, config["interventions"]),
+                             positions=config.get("positions"),
                              share_weights=config.get("share_weights", False))
     reft_model = reft_model_class(model, reft_config, backend=backend)
     saved_keys = [entry["key"] for entry in config["interventions"]]
@@ -176,6 +196,28 @@ def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.
         raise ReftLoadError(f"{weights} does not hold the interventions {directory / CONFIG_NAME} describes: "
                             f"{err}") from None
     return reft_model
+
+
+def _saved_representations(directory: Path, entries: list) -> list[dict]:
+    """ReftConfig representations for config.json's intervention entries. An entry that shares an earlier one's
+    module (``SHARED_WITH``) gets that very instance, built here; the others are built by the ReftConfig."""
+    shared_keys = {entry[SHARED_WITH] for entry in entries if SHARED_WITH in entry}
+    by_key: dict = {}
+    representations = []
+    for entry in entries:
+        options = {k: v for k, v in entry.items() if k not in ("key", "layer", "component")}
+        if SHARED_WITH in entry:
+            if entry[SHARED_WITH] not in by_key:
+                raise ReftLoadError(f"{directory / CONFIG_NAME}: intervention {entry['key']!r} shares the weights "
+                                    f"of {entry[SHARED_WITH]!r}, which no earlier entry has")
+            intervention = by_key[entry[SHARED_WITH]]
+        elif entry["key"] in shared_keys:
+            intervention = intervention_from_config(options)
+        else:
+            intervention = options
+        by_key[entry["key"]] = intervention
+        representations.append({"layer": entry["layer"], "component": entry["component"], "intervention": intervention})
+    return representations
 
 
 def read_weights(path: Path) -> dict:
@@ -225,7 +267,12 @@ def load_trainable_base(model, directory) -> list[str]:
     path = Path(directory) / BASE_TRAINABLE_NAME
     if not path.is_file():
         return []
-    tensors = read_weights(path)
+    return load_base_parameters(model, read_weights(path), path)
+
+
+def load_base_parameters(model, tensors: dict, path: Path) -> list[str]:
+    """Copy ``tensors`` ({parameter name: tensor}, read from ``path``) onto ``model``'s parameters of those names and
+    return the names; a name the model lacks is an error: the file belongs to another architecture."""
     _, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ReftLoadError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
