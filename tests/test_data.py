@@ -22,8 +22,10 @@ def test_load_json_list_and_jsonl_with_field_names(tmp_path):
     rows = [{"q": "repeat : red", "a": "red"}, {"q": "repeat : cat dog", "a": "cat dog"}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    for name in ("d.json", "d.jsonl"):
-        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": r["q"], "response": r["a"]} for r in rows]
+    for name, lines in (("d.json", (1, 1)), ("d.jsonl", (1, 2))):
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": r["q"], "response": r["a"],
+                                                             "where": f"{tmp_path / name}:{line}"}
+                                                            for r, line in zip(rows, lines)]
     with pytest.raises(ValueError, match="no field 'instruction'"):
         load_examples(tmp_path / "d.json")
     (tmp_path / "bad.jsonl").write_text('{"q": "x", "a": "y"}\n{broken\n')
@@ -39,8 +41,9 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
     (tmp_path / "cs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_examples(tmp_path / "cs.jsonl", prompt_template="{instruction}\n",
                         response_template="the correct answer is {answer}")
-    assert got == [{"prompt": rows[0]["instruction"] + "\n", "response": "the correct answer is true"},
-                   {"prompt": rows[1]["instruction"] + "\n", "response": "the correct answer is 42"}]
+    assert [(e["prompt"], e["response"]) for e in got] == [
+        (rows[0]["instruction"] + "\n", "the correct answer is true"),
+        (rows[1]["instruction"] + "\n", "the correct answer is 42")]
     with pytest.raises(ValueError, match=r"cs.jsonl:2: field 'answer' is int, expected text"):
         load_examples(tmp_path / "cs.jsonl", "instruction", "answer")  # without a template the field is the text
     with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'question'.*; data.prompt_template names it$"):
@@ -54,7 +57,7 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
 
 def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     """JSONL: the line in the file (blank lines counted); CSV: the line its record starts on (a quoted field may span
-    lines); a JSON list: the example's index."""
+    lines); a JSON list: the line its object starts on; given rows: the row's index."""
     from reft_fast.train.task_classification import read_labelled_texts
     from reft_fast.train.train_config import ClassificationConfig
 
@@ -70,9 +73,11 @@ def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('\n{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:5: no field 'output'"):
         load_examples(tmp_path / "d.jsonl")
-    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
-    with pytest.raises(ValueError, match=r"e\.json: example 1: no field 'output'"):
+    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}], indent=1))
+    with pytest.raises(ValueError, match=r"e\.json:6: no field 'output'"):
         load_examples(tmp_path / "e.json")
+    with pytest.raises(ValueError, match=r"^the given examples: row 1: no field 'output'"):
+        load_examples([{"instruction": "a", "output": "b"}, {"instruction": "c"}])
 
 
 @pytest.mark.parametrize("template, message", [
@@ -97,7 +102,8 @@ def test_utf8_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path
     (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows, ensure_ascii=False).encode())
     (tmp_path / "bom.jsonl").write_bytes(bom + (json.dumps(rows[0], ensure_ascii=False) + "\n").encode())
     for name in ("bom.json", "bom.jsonl"):
-        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": "repeat : café", "response": "café"}]
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": "repeat : café", "response": "café",
+                                                             "where": f"{tmp_path / name}:1"}]
     latin1 = '{"q": "repeat : red", "a": "red"}\n{"q": "repeat : café", "a": "café"}\n'.encode("latin-1")
     (tmp_path / "latin1.jsonl").write_bytes(latin1)
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9, byte 20 of the line\)"):
@@ -123,7 +129,7 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
     n_prompt = len(encode_prompt(tokenizer, ex[0]["prompt"]))
     ds = SupervisedDataset(ex, tokenizer, max_length=n_prompt + 2)
     assert len(ds[0]["input_ids"]) == n_prompt + 2 and ds[0]["prompt_length"] == n_prompt
-    with pytest.raises(ValueError, match=r"^data\.max_length: example 0 has a \d+-token prompt \(it starts 'repeat : red"):
+    with pytest.raises(ValueError, match=r"^example 0: data\.max_length: a \d+-token prompt \(it starts 'repeat : red"):
         SupervisedDataset(ex, tokenizer, max_length=n_prompt)
     short = [{"prompt": "repeat : red", "response": "red"}]
     kept = SupervisedDataset(ex + short, tokenizer, max_length=n_prompt - 1, drop_long_prompts=True)
@@ -133,7 +139,7 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
 def test_an_empty_prompt_is_refused(tokenizer):
     # Without a chat template an empty prompt has no token: prompt_length 0, so the example trained with no edit.
     examples = [{"prompt": "repeat : red", "response": "red"}, {"prompt": "", "response": "blue sky"}]
-    with pytest.raises(ValueError, match=r"^example 1 has an empty prompt \(no token to intervene on; its response "
+    with pytest.raises(ValueError, match=r"^example 1: an empty prompt \(no token to intervene on; its response "
                                          r"starts 'blue sky'\)"):
         SupervisedDataset(examples, tokenizer, chat_template=False)
     assert SupervisedDataset(examples, tokenizer)[1]["prompt_length"] > 0  # a chat template's tokens are a prompt
@@ -185,8 +191,9 @@ def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : é 🐱", "output": "é 🐱"}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    assert load_examples(str(tmp_path / "saved")) == [{"prompt": r["instruction"], "response": r["output"]}
-                                                      for r in rows]
+    assert load_examples(str(tmp_path / "saved")) == [
+        {"prompt": r["instruction"], "response": r["output"], "where": f"{tmp_path / 'saved'}[train]: row {i}"}
+        for i, r in enumerate(rows)]
     with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
         load_examples(str(tmp_path / "saved"), hf_split="validation")
 

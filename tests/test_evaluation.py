@@ -133,7 +133,7 @@ def test_load_eval_examples(tmp_path):
     with pytest.raises(ValueError, match="text field 'instruction'"):
         load_eval_examples(path)
     path.write_text(json.dumps([{"instruction": "a?", "answer": " "}]))
-    with pytest.raises(ValueError, match="example 0: no gold answer"):
+    with pytest.raises(ValueError, match=r"mixed\.json:1: no gold answer"):
         load_eval_examples(path)
 
 
@@ -153,5 +153,6 @@ def test_prompts_and_gold_answers_follow_the_training_templates():
     examples = eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {instruction}\n",
                                        response_template="the correct answer is {label}", family="commonsense")
     assert [(e.prompt, e.gold) for e in examples] == [("Q: is ice cold?\n", "true"), ("Q: is fire cold?\n", "false")]
-    with pytest.raises(ValueError, match="rows: example 0: expected an object with the fields of 'Q: {question}'"):
+    with pytest.raises(ValueError, match=r"^rows: row 0: no field 'question' \(fields: \['answer', 'instruction'\]\); "
+                                         "data.prompt_template names it$"):
         eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {question}")
