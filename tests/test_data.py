@@ -2,6 +2,7 @@
 and the step sampler (pyreft's data modules: test_compat.py)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -232,3 +233,65 @@ def test_a_local_hf_dataset_folder_is_found_next_to_the_config(tmp_path, monkeyp
     train, held = train_and_eval_examples(DataConfig(hf_dataset="saved", eval_fraction=0.25),
                                           str(tmp_path / "config_dir"), 0, lambda source, split: load_examples(source))
     assert sorted(e["prompt"] for e in train + held) == sorted(r["instruction"] for r in rows) and len(held) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{\n "data": [\n  {"instruction": "a", "output": "b"}\n ]\n}\n',
+     r": one JSON object over several lines \(keys: \['data'\]\); a data file holds a JSON list of objects .* or JSONL "
+     r"\(one object per line\); its 'data' is a list of objects \(1\): make that list the file$"),
+    ('{\n "instruction": ["a", "c"],\n "output": ["b", "d"]\n}\n',
+     r": one JSON object over several lines .*; it holds a list per field \(columns\): write one object per row"),
+    ('{\n "instruction": "a", "output": "b"}\n{\n "instruction": "c", "output": "d"}\n',
+     r":1:2: not valid JSON \(.*; JSONL holds each object whole on one line, else write a JSON list of objects"),
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n]\n',
+     r":4:1: not valid JSON \(Expecting value; remove the trailing comma before this '\]'\)$"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d",}\n',
+     r":2:36: not valid JSON \(.*; remove the trailing comma before this '\}'\)$"),
+    ('[{"instruction": "a", "output": "b"}] [3]', r":1:39: not valid JSON \(Extra data after the list\)$"),
+    (" \n", r": the file is empty; a data file holds a JSON list of objects"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_json_file_of_another_shape_is_refused_saying_what_to_write(tmp_path, text, message, suffix):
+    """The shape is read from the content, whatever the suffix: a list, else JSONL; one object over several lines,
+    an empty file or a trailing comma each get a message that says what to write instead."""
+    path = tmp_path / f"data{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}{message}"):
+        load_examples(path)
+
+
+def test_byte_order_mark_and_windows_line_ends_keep_the_line_numbers(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\r\n\r\n{"instruction": "c", "output": "d"}\r\n')
+    assert [e["where"] for e in load_examples(path)] == [f"{path}:1", f"{path}:3"]
+
+
+def test_a_too_long_or_empty_prompt_is_named_by_its_file_and_line(tmp_path, tokenizer):
+    """The user opens the file at the line the message names (JSONL: the row's line; a JSON list: the line its
+    object starts on); rows given in code or read from a dataset are named by their index."""
+    rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : " + "red " * 40, "output": "x"}]
+    (tmp_path / "d.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+    for name, line in (("d.jsonl", 3), ("d.json", 6)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}:{line}: data\.max_length: a \d+-"):
+            SupervisedDataset(load_examples(tmp_path / name), tokenizer, max_length=16)
+    with pytest.raises(ValueError, match=r"^the given examples: row 1: data\.max_length: a \d+-token prompt"):
+        SupervisedDataset(load_examples(rows), tokenizer, max_length=16)
+    (tmp_path / "e.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "", "output": "x"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'e.jsonl'))}:2: an empty prompt"):
+        SupervisedDataset(load_examples(tmp_path / "e.jsonl"), tokenizer, chat_template=False)
+
+
+@pytest.mark.parametrize("value, expected", [("auto", None), (None, None), (True, True), (False, False)])
+def test_chat_template_auto_is_the_tokenizers_own_template_when_it_has_one(value, expected):
+    from reft_fast.train.train_config import config_from_dict
+
+    assert config_from_dict({"data": {"chat_template": value}}).data.chat_template is expected
+
+
+def test_an_unknown_chat_template_value_names_the_accepted_ones():
+    from reft_fast.train.train_config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"^data\.chat_template: expected true, false or auto \(the tokenizer's own "
+                                          r"template when it has one\), got 'chatml'$"):
+        config_from_dict({"data": {"chat_template": "chatml"}})

@@ -204,7 +204,8 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-_JSON_SHAPES = "a JSON list of objects ([{...}, {...}]) or JSONL (one object per line)"
+_JSON_LIST = "a JSON list of objects ([{...}, {...}])"
+_JSON_SHAPES = f"{_JSON_LIST} or JSONL (one object per line)"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
@@ -269,9 +270,9 @@ def _json_error(path: Path, text: str, err: json.JSONDecodeError, line: Optional
     naming a trailing comma (which JSON does not allow, though JavaScript and many editors do)."""
     before = text[:err.pos].rstrip()
     trailing_comma = text.startswith(("]", "}"), err.pos) and before.endswith(",")
-    hint = "; remove the trailing comma before it" if trailing_comma else ""
+    hint = f"; remove the trailing comma before this {text[err.pos]!r}" if trailing_comma else ""
     if line and text.strip() == "{":  # a pretty-printed object, or several, in a file read as JSONL
-        hint = f"; JSONL holds each object whole on one line, else write {_JSON_SHAPES[:26]}"
+        hint = f"; JSONL holds each object whole on one line, else write {_JSON_LIST}"
     return f"{path}:{line or err.lineno}:{err.colno}: not valid JSON ({err.msg}{hint})"
 
 
@@ -290,7 +291,7 @@ def _one_object_message(text: str, path: Path) -> Optional[str]:
                and all(isinstance(item, dict) for item in value)]
     if rows_in:
         key = rows_in[0]
-        return f"{message}; its {key!r} holds a list of {len(whole[key])} objects: make that list the file"
+        return f"{message}; its {key!r} is a list of objects ({len(whole[key])}): make that list the file"
     if whole and all(isinstance(value, list) for value in whole.values()):
         return f"{message}; it holds a list per field (columns): write one object per row instead"
     return f"{message}; one example is one line of JSONL"
