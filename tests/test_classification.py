@@ -298,7 +298,7 @@ def test_bad_labels_are_named(tmp_path):
     from reft_fast.train.task_classification import read_labelled_texts
     from reft_fast.train.train_config import ClassificationConfig
 
-    with pytest.raises(ValueError, match=r"example 1: label -1 is not a class index in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"the given examples: row 1: label -1 is not a class index in \[0, 2\)"):
         read_labelled_texts([{"sentence": "red", "label": 1}, {"sentence": "cat", "label": -1}], ClassificationConfig())
     with pytest.raises(ValueError, match=r"no text field among GLUE's names"):
         read_labelled_texts([{"body": "red", "label": 1}], ClassificationConfig())
@@ -306,10 +306,10 @@ def test_bad_labels_are_named(tmp_path):
     assert pairs == [{"texts": ("q", "s"), "label": 1}]  # QNLI's fields; a CSV's text label
     regression = ClassificationConfig(num_labels=1, problem_type="regression")
     for target in (float("nan"), "inf"):  # a NaN target would make every weight NaN from the step that reads it
-        with pytest.raises(ValueError, match=r"example 0: label .* is not a finite number"):
+        with pytest.raises(ValueError, match=r"row 0: label .* is not a finite number"):
             read_labelled_texts([{"sentence": "red", "label": target}], regression)
     multi = ClassificationConfig(num_labels=2, problem_type="multi_label")
-    with pytest.raises(ValueError, match=r"example 0: label '10' is not a list of 2 values 0 or 1"):
+    with pytest.raises(ValueError, match=r"row 0: label '10' is not a list of 2 values 0 or 1"):
         read_labelled_texts([{"sentence": "red", "label": "10"}], multi)
     assert read_labelled_texts([{"sentence": "red", "label": [1, 0]}], multi)[0]["label"] == [1.0, 0.0]
 

@@ -78,8 +78,9 @@ def test_overrides_stand_anywhere_and_the_last_one_wins(config, capsys, nothing_
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"instruction": "repeat : red", "output": "red"}\n{"instruction": "repeat : blue",\n', r"train.jsonl:2: not valid JSON"),
-    ('[{"instruction": "repeat : red", "output": "red"},\n {"instruction": ]\n', r"train.jsonl:2: not valid JSON"),
+    ('{"instruction": "repeat : red", "output": "red"}\n{"instruction": "repeat : blue",\n',
+     r"train.jsonl:2:\d+: not valid JSON"),
+    ('[{"instruction": "repeat : red", "output": "red"},\n {"instruction": ]\n', r"train.jsonl:2:\d+: not valid JSON"),
     ('{"prompt": "repeat : red", "output": "red"}\n', r"train.jsonl:1: no field 'instruction'"),
     # the line in the file, blank lines counted
     ('\n{"instruction": "repeat : red", "output": "red"}\n\n{"prompt": "repeat : cat", "output": "cat"}\n',

@@ -2,6 +2,7 @@
 and the step sampler (pyreft's data modules: test_compat.py)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,8 +23,10 @@ def test_load_json_list_and_jsonl_with_field_names(tmp_path):
     rows = [{"q": "repeat : red", "a": "red"}, {"q": "repeat : cat dog", "a": "cat dog"}]
     (tmp_path / "d.json").write_text(json.dumps(rows))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    for name in ("d.json", "d.jsonl"):
-        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": r["q"], "response": r["a"]} for r in rows]
+    for name, lines in (("d.json", (1, 1)), ("d.jsonl", (1, 2))):
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": r["q"], "response": r["a"],
+                                                             "where": f"{tmp_path / name}:{line}"}
+                                                            for r, line in zip(rows, lines)]
     with pytest.raises(ValueError, match="no field 'instruction'"):
         load_examples(tmp_path / "d.json")
     (tmp_path / "bad.jsonl").write_text('{"q": "x", "a": "y"}\n{broken\n')
@@ -39,8 +42,9 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
     (tmp_path / "cs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = load_examples(tmp_path / "cs.jsonl", prompt_template="{instruction}\n",
                         response_template="the correct answer is {answer}")
-    assert got == [{"prompt": rows[0]["instruction"] + "\n", "response": "the correct answer is true"},
-                   {"prompt": rows[1]["instruction"] + "\n", "response": "the correct answer is 42"}]
+    assert [(e["prompt"], e["response"]) for e in got] == [
+        (rows[0]["instruction"] + "\n", "the correct answer is true"),
+        (rows[1]["instruction"] + "\n", "the correct answer is 42")]
     with pytest.raises(ValueError, match=r"cs.jsonl:2: field 'answer' is int, expected text"):
         load_examples(tmp_path / "cs.jsonl", "instruction", "answer")  # without a template the field is the text
     with pytest.raises(ValueError, match=r"cs.jsonl:1: no field 'question'.*; data.prompt_template names it$"):
@@ -54,7 +58,7 @@ def test_templates_build_prompt_and_response_from_the_row(tmp_path):
 
 def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     """JSONL: the line in the file (blank lines counted); CSV: the line its record starts on (a quoted field may span
-    lines); a JSON list: the example's index."""
+    lines); a JSON list: the line its object starts on; given rows: the row's index."""
     from reft_fast.train.task_classification import read_labelled_texts
     from reft_fast.train.train_config import ClassificationConfig
 
@@ -70,9 +74,11 @@ def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     (tmp_path / "d.jsonl").write_text('\n{"instruction": "a", "output": "b"}\n\n\n{"instruction": "c"}\n')
     with pytest.raises(ValueError, match=r"d\.jsonl:5: no field 'output'"):
         load_examples(tmp_path / "d.jsonl")
-    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
-    with pytest.raises(ValueError, match=r"e\.json: example 1: no field 'output'"):
+    (tmp_path / "e.json").write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}], indent=1))
+    with pytest.raises(ValueError, match=r"e\.json:6: no field 'output'"):
         load_examples(tmp_path / "e.json")
+    with pytest.raises(ValueError, match=r"^the given examples: row 1: no field 'output'"):
+        load_examples([{"instruction": "a", "output": "b"}, {"instruction": "c"}])
 
 
 @pytest.mark.parametrize("template, message", [
@@ -97,7 +103,8 @@ def test_utf8_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path
     (tmp_path / "bom.json").write_bytes(bom + json.dumps(rows, ensure_ascii=False).encode())
     (tmp_path / "bom.jsonl").write_bytes(bom + (json.dumps(rows[0], ensure_ascii=False) + "\n").encode())
     for name in ("bom.json", "bom.jsonl"):
-        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": "repeat : café", "response": "café"}]
+        assert load_examples(tmp_path / name, "q", "a") == [{"prompt": "repeat : café", "response": "café",
+                                                             "where": f"{tmp_path / name}:1"}]
     latin1 = '{"q": "repeat : red", "a": "red"}\n{"q": "repeat : café", "a": "café"}\n'.encode("latin-1")
     (tmp_path / "latin1.jsonl").write_bytes(latin1)
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9, byte 20 of the line\)"):
@@ -123,7 +130,7 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
     n_prompt = len(encode_prompt(tokenizer, ex[0]["prompt"]))
     ds = SupervisedDataset(ex, tokenizer, max_length=n_prompt + 2)
     assert len(ds[0]["input_ids"]) == n_prompt + 2 and ds[0]["prompt_length"] == n_prompt
-    with pytest.raises(ValueError, match=r"^data\.max_length: example 0 has a \d+-token prompt \(it starts 'repeat : red"):
+    with pytest.raises(ValueError, match=r"^example 0: data\.max_length: a \d+-token prompt \(it starts 'repeat : red"):
         SupervisedDataset(ex, tokenizer, max_length=n_prompt)
     short = [{"prompt": "repeat : red", "response": "red"}]
     kept = SupervisedDataset(ex + short, tokenizer, max_length=n_prompt - 1, drop_long_prompts=True)
@@ -133,7 +140,7 @@ def test_truncation_cuts_the_response_never_the_prompt(tokenizer):
 def test_an_empty_prompt_is_refused(tokenizer):
     # Without a chat template an empty prompt has no token: prompt_length 0, so the example trained with no edit.
     examples = [{"prompt": "repeat : red", "response": "red"}, {"prompt": "", "response": "blue sky"}]
-    with pytest.raises(ValueError, match=r"^example 1 has an empty prompt \(no token to intervene on; its response "
+    with pytest.raises(ValueError, match=r"^example 1: an empty prompt \(no token to intervene on; its response "
                                          r"starts 'blue sky'\)"):
         SupervisedDataset(examples, tokenizer, chat_template=False)
     assert SupervisedDataset(examples, tokenizer)[1]["prompt_length"] > 0  # a chat template's tokens are a prompt
@@ -185,8 +192,9 @@ def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : é 🐱", "output": "é 🐱"}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
-    assert load_examples(str(tmp_path / "saved")) == [{"prompt": r["instruction"], "response": r["output"]}
-                                                      for r in rows]
+    assert load_examples(str(tmp_path / "saved")) == [
+        {"prompt": r["instruction"], "response": r["output"], "where": f"{tmp_path / 'saved'}[train]: row {i}"}
+        for i, r in enumerate(rows)]
     with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
         load_examples(str(tmp_path / "saved"), hf_split="validation")
 
@@ -225,3 +233,67 @@ def test_a_local_hf_dataset_folder_is_found_next_to_the_config(tmp_path, monkeyp
     train, held = train_and_eval_examples(DataConfig(hf_dataset="saved", eval_fraction=0.25),
                                           str(tmp_path / "config_dir"), 0, lambda source, split: load_examples(source))
     assert sorted(e["prompt"] for e in train + held) == sorted(r["instruction"] for r in rows) and len(held) == 1
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{\n "data": [\n  {"instruction": "a", "output": "b"}\n ]\n}\n',
+     r": one JSON object over several lines \(keys: \['data'\]\); a data file holds a JSON list of objects .* or JSONL "
+     r"\(one object per line\); its 'data' is a list of objects \(1\): make that list the file$"),
+    ('{\n "instruction": ["a", "c"],\n "output": ["b", "d"]\n}\n',
+     r": one JSON object over several lines .*; it holds a list per field \(columns\): write one object per row"),
+    ('{\n "instruction": "a", "output": "b"}\n{\n "instruction": "c", "output": "d"}\n',
+     r":1:2: not valid JSON \(.*; JSONL holds each object whole on one line, else write a JSON list of objects"),
+    ('[\n {"instruction": "a", "output": "b"},\n {"instruction": "c", "output": "d"},\n]\n',
+     r":4:1: not valid JSON \(Expecting value; remove the trailing comma before this '\]'\)$"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": "d",}\n',
+     r":2:36: not valid JSON \(.*; remove the trailing comma before this '\}'\)$"),
+    ('[{"instruction": "a", "output": "b"}] [3]', r":1:39: not valid JSON \(Extra data after the list\)$"),
+    (" \n", r": the file is empty; a data file holds a JSON list of objects"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_json_file_of_another_shape_is_refused_saying_what_to_write(tmp_path, text, message, suffix):
+    """The shape is read from the content, whatever the suffix: a list, else JSONL; one object over several lines,
+    an empty file or a trailing comma each get a message that says what to write instead."""
+    path = tmp_path / f"data{suffix}"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}{message}"):
+        load_examples(path)
+
+
+def test_byte_order_mark_and_windows_line_ends_keep_the_line_numbers(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"instruction": "a", "output": "b"}\r\n\r\n{"instruction": "c", "output": "d"}\r\n')
+    assert [e["where"] for e in load_examples(path)] == [f"{path}:1", f"{path}:3"]
+
+
+def test_a_too_long_or_empty_prompt_is_named_by_its_file_and_line(tmp_path, tokenizer):
+    """The user opens the file at the line the message names (JSONL: the row's line; a JSON list: the line its
+    object starts on); rows given in code or read from a dataset are named by their index."""
+    rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": "repeat : " + "red " * 40, "output": "x"}]
+    (tmp_path / "d.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "d.json").write_text(json.dumps(rows, indent=1))
+    for name, line in (("d.jsonl", 3), ("d.json", 6)):
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}:{line}: data\.max_length: a \d+-"):
+            SupervisedDataset(load_examples(tmp_path / name), tokenizer, max_length=16)
+    with pytest.raises(ValueError, match=r"^the given examples: row 1: data\.max_length: a \d+-token prompt"):
+        SupervisedDataset(load_examples(rows), tokenizer, max_length=16)
+    (tmp_path / "e.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"instruction": "", "output": "x"}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'e.jsonl'))}:2: an empty prompt"):
+        SupervisedDataset(load_examples(tmp_path / "e.jsonl"), tokenizer, chat_template=False)
+
+
+def test_chat_template_auto_is_the_tokenizers_own_template_when_it_has_one():
+    """auto is kept as null (what the tokenizer has decides), as model.fused_ops spells its default."""
+    from reft_fast.train.train_config import config_from_dict
+
+    read = [config_from_dict({"data": {"chat_template": value}}).data.chat_template
+            for value in ("auto", None, True, False)]
+    assert read == [None, None, True, False]
+
+
+def test_an_unknown_chat_template_value_names_the_accepted_ones():
+    from reft_fast.train.train_config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"^data\.chat_template: expected true, false or auto \(the tokenizer's own "
+                                          r"template when it has one\), got 'chatml'$"):
+        config_from_dict({"data": {"chat_template": "chatml"}})

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 
@@ -133,7 +134,7 @@ def test_load_eval_examples(tmp_path):
     with pytest.raises(ValueError, match="text field 'instruction'"):
         load_eval_examples(path)
     path.write_text(json.dumps([{"instruction": "a?", "answer": " "}]))
-    with pytest.raises(ValueError, match="example 0: no gold answer"):
+    with pytest.raises(ValueError, match=r"mixed\.json:1: no gold answer"):
         load_eval_examples(path)
 
 
@@ -153,5 +154,39 @@ def test_prompts_and_gold_answers_follow_the_training_templates():
     examples = eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {instruction}\n",
                                        response_template="the correct answer is {label}", family="commonsense")
     assert [(e.prompt, e.gold) for e in examples] == [("Q: is ice cold?\n", "true"), ("Q: is fire cold?\n", "false")]
-    with pytest.raises(ValueError, match="rows: example 0: expected an object with the fields of 'Q: {question}'"):
+    with pytest.raises(ValueError, match=r"^rows: row 0: no field 'question' \(fields: \['answer', 'instruction'\]\); "
+                                         "data.prompt_template names it$"):
         eval_examples_from_rows(rows, "rows", default_task="t", prompt_template="Q: {question}")
+
+
+def test_a_template_error_reads_as_in_training(tmp_path):
+    """Evaluation fills a template with the same helper as training, so the same row gives the same message: the
+    file and line, the setting and the template (a bad format spec was a bare "Unknown format code" here)."""
+    from reft_fast.train.data import load_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "a?", "answer": "1"}) + "\n" +
+                    json.dumps({"instruction": "b?", "answer": "2", "tags": ["x"]}) + "\n")
+    for template, message in (("Q {instruction:.2f}", r":1: data\.prompt_template 'Q \{instruction:\.2f\}': "
+                                                      r"Unknown format code 'f' for object of type 'str'$"),
+                              ("Q {tags}", r":1: no field 'tags' \(fields: \['answer', 'instruction'\]\); "
+                                           r"data\.prompt_template names it$")):
+        for read in (lambda: load_eval_examples(path, prompt_template=template),
+                     lambda: load_examples(path, prompt_template=template, response_field="answer")):
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}{message}"):
+                read()
+
+
+def test_gold_answer_errors_name_the_file_and_line(tmp_path):
+    from reft_fast.train.data import load_examples
+    from reft_fast.train.evaluation import gold_from_responses
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"instruction": "a?", "answer": "true"},
+                                                       {"instruction": "b?", "answer": "blue"}]) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2 \(d\): gold answer 'blue' is not a commonsense"):
+        check_gold_answers(load_eval_examples(path), "commonsense")
+    path.write_text(json.dumps({"instruction": "a?", "output": "the answer is 3"}) + "\n" +
+                    json.dumps({"instruction": "b?", "output": "no idea"}) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: its response 'no idea' states no arithmetic"):
+        gold_from_responses(load_examples(path), "arithmetic")

@@ -44,7 +44,8 @@ def test_the_commonsense_template_gives_the_papers_prompt_and_response():
            "input": "", "output": "the correct answer is true", "answer": "true"}
     (example,) = load_examples([row], prompt_template=cfg.data.prompt_template,
                                response_template=cfg.data.response_template)
-    assert example == {"prompt": row["instruction"] + "\n", "response": "the correct answer is true"}
+    assert example == {"prompt": row["instruction"] + "\n", "response": "the correct answer is true",
+                       "where": "the given examples: row 0"}
 
 
 @pytest.mark.parametrize("name", ["arithmetic-llama-7b", "instruct-llama2-7b"])

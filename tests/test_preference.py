@@ -223,7 +223,7 @@ def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path
     rows = [{"q": "big : red", "good": "big", "bad": "small"}, {"q": "hot : sky sea", "good": "hot", "bad": "cold"}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     examples = load_preference_examples(str(path), "q", "good", "bad")
-    assert examples[1] == {"prompt": "hot : sky sea", "chosen": "hot", "rejected": "cold"}
+    assert examples[1] == {"prompt": "hot : sky sea", "chosen": "hot", "rejected": "cold", "where": f"{path}:2"}
     pairs = PreferenceDataset(examples, make_tokenizer(), max_length=32)
     chosen, rejected = pairs[0]["chosen"], pairs[0]["rejected"]
     # The chat template is applied to both sides; they share the prompt tokens and differ in the response.

@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import random
+import re
 import string
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ __all__ = [
     "ReftDataCollator",
     "SupervisedDataset",
     "encode_prompt",
+    "fill_template",
     "load_examples",
     "data_eval_sources",
     "load_rows",
@@ -67,8 +69,8 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------------------------------
 class RowSource(str):
     """A data source's name in messages (the string itself) that also names each of its rows: ``at(i)`` is the file
-    and line of row i for a JSONL or CSV file (its first line for a CSV record over several lines), ``example i``
-    (counted from 0) for a JSON list, a dataset or given rows."""
+    and line of row i for a JSON, JSONL or CSV file (the line its object or record starts on), and ``row i``
+    (counted from 0, as a dataset viewer counts) for a dataset or given rows."""
 
     def __new__(cls, name: str, lines: Optional[Sequence[int]] = None):
         source = super().__new__(cls, name)
@@ -76,12 +78,12 @@ class RowSource(str):
         return source
 
     def at(self, i: int) -> str:
-        return f"{self}:{self.lines[i]}" if self.lines is not None else f"{self}: example {i}"
+        return f"{self}:{self.lines[i]}" if self.lines is not None else f"{self}: row {i}"
 
 
 def row_at(where: str, i: int) -> str:
     """Row i of the source named ``where`` in a message: its file and line where ``where`` knows them (RowSource)."""
-    return where.at(i) if isinstance(where, RowSource) else f"{where}: example {i}"
+    return where.at(i) if isinstance(where, RowSource) else f"{where}: row {i}"
 
 
 def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "train") -> tuple[list, RowSource]:
@@ -125,48 +127,54 @@ def load_examples(
     response_template: Optional[str] = None,
     response_setting: str = "data.response_field",
 ) -> list[dict]:
-    """Examples as ``[{"prompt": str, "response": str}]`` from any source ``load_rows`` reads.
+    """Examples as ``[{"prompt": str, "response": str, "where": str}]`` from any source ``load_rows`` reads;
+    ``where`` names the row in messages (its file and line, or its index: ``RowSource.at``).
 
     A template (``str.format`` syntax over the row's fields, e.g. ``"{instruction}\n"`` and
     ``"the correct answer is {answer}"``, the ReFT paper's commonsense format) builds the prompt or the response
-    from the row instead of taking one field as it is. ``response_setting``: the config field that names
-    ``response_field``, for the error when a row lacks it."""
+    from the row instead of taking one field as it is (``fill_template``). ``response_setting``: the config field
+    that names ``response_field``, for the error when a row lacks it."""
     rows, where = load_rows(source, hf_split=hf_split)
-    prompt_fields = template_fields(prompt_template, "data.prompt_template") if prompt_template else [prompt_field]
-    response_fields = (template_fields(response_template, "data.response_template") if response_template
-                       else [response_field])
-    templated = set(prompt_fields if prompt_template else []) | set(response_fields if response_template else [])
     examples = []
     for i, row in enumerate(rows):
+        at = where.at(i)
         if not isinstance(row, dict):
-            raise ValueError(f"{where.at(i)}: a {type(row).__name__}, expected an object")
-        for name in prompt_fields + response_fields:
-            if name not in row:
-                if name in prompt_fields:
-                    how = "data.prompt_template names it" if prompt_template else "set data.prompt_field"
-                else:
-                    how = "data.response_template names it" if response_template else f"set {response_setting}"
-                raise ValueError(f"{where.at(i)}: no field {name!r} (fields: {sorted(row)}); {how}")
-            # A template may print a number (a gold answer 42); a field taken as it is must be the text itself.
-            if not isinstance(row[name], (str, int, float) if name in templated else str):
-                raise ValueError(f"{where.at(i)}: field {name!r} is {type(row[name]).__name__}, expected text")
+            raise ValueError(f"{at}: a {type(row).__name__}, expected an object")
         examples.append({
-            "prompt": _filled(prompt_template, row, where.at(i), "data.prompt_template") if prompt_template
-            else row[prompt_field],
-            "response": _filled(response_template, row, where.at(i), "data.response_template") if response_template
-            else row[response_field]})
+            "prompt": fill_template(prompt_template, row, at, "data.prompt_template") if prompt_template
+            else _text_field(row, prompt_field, at, "data.prompt_field"),
+            "response": fill_template(response_template, row, at, "data.response_template") if response_template
+            else _text_field(row, response_field, at, response_setting),
+            "where": at})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
 
 
-def _filled(template: str, row: dict, at: str, name: str) -> str:
-    """``template`` over ``row``; a format spec that does not fit a value (``{answer:.2f}`` over a text, as every CSV
-    value is) is an error naming the row."""
+def _text_field(row: dict, name: str, at: str, setting: str) -> str:
+    """The row's field ``name``, taken as it is: it must be there, and be the text itself."""
+    if name not in row:
+        raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); set {setting}")
+    if not isinstance(row[name], str):
+        raise ValueError(f"{at}: field {name!r} is {type(row[name]).__name__}, expected text")
+    return row[name]
+
+
+def fill_template(template: str, row: dict, at: str, setting: str) -> str:
+    """``template`` (the config field ``setting``) over ``row``, the row named ``at``, as training and evaluation
+    both build their texts. Each field it names must be there and hold text or a number (a gold answer 42 prints);
+    a format spec that does not fit a value (``{answer:.2f}`` over a text, as every CSV value is) is an error
+    naming the row, the setting and the template."""
+    for name in template_fields(template, setting):
+        if name not in row:
+            raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); {setting} names it")
+        if not isinstance(row[name], (str, int, float)):
+            raise ValueError(f"{at}: field {name!r} is {type(row[name]).__name__}, expected text or a number "
+                             f"({setting} {template!r})")
     try:
         return template.format_map(row)
-    except ValueError as err:
-        raise ValueError(f"{at}: {name} {template!r}: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{at}: {setting} {template!r}: {err}") from None
 
 
 def template_fields(template: str, name: str) -> list[str]:
@@ -196,8 +204,14 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     return rows, lines
 
 
-def _read_json_rows(path: Path) -> tuple[list, Optional[list[int]]]:
-    """The rows of a JSON list (no line per row: None) or of a JSONL file, and the line each JSONL row is on."""
+_JSON_LIST = "a JSON list of objects ([{...}, {...}])"
+_JSON_SHAPES = f"{_JSON_LIST} or JSONL (one object per line)"
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _read_json_rows(path: Path) -> tuple[list, list[int]]:
+    """The rows of a JSON list or a JSONL file and the line each row starts on. Anything else (an empty file, one
+    object over several lines) is refused with the shapes a data file may have."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is dropped
@@ -207,20 +221,80 @@ def _read_json_rows(path: Path) -> tuple[list, Optional[list[int]]]:
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}, byte {column} of the line); "
                          "save the file as UTF-8") from None
     stripped = text.lstrip()
+    if not stripped:
+        raise ValueError(f"{path}: the file is empty; a data file holds {_JSON_SHAPES}")
     if stripped.startswith("["):
-        try:
-            return json.loads(text), None
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        return _read_json_list(text, path)
     rows, lines = [], []
     for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                raise ValueError(_one_object_message(text, path) or _json_error(path, line, err, n)) from None
             lines.append(n)
     return rows, lines
+
+
+def _read_json_list(text: str, path: Path) -> tuple[list, list[int]]:
+    """The items of a JSON list and the line each starts on (one pass: each item decoded where it starts)."""
+    decoder = json.JSONDecoder()
+    rows, lines = [], []
+    line, counted_to = 1, 0
+    pos = _JSON_SPACE.match(text, text.index("[") + 1).end()
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            row, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise ValueError(_json_error(path, text, err)) from None
+        line, counted_to = line + text.count("\n", counted_to, pos), pos
+        rows.append(row)
+        lines.append(line)
+        pos = _JSON_SPACE.match(text, end).end()
+        closed = text.startswith("]", pos)
+        if not closed and not text.startswith(",", pos):
+            raise ValueError(_json_error(path, text, json.JSONDecodeError("Expecting ',' or ']'", text, pos)))
+        if not closed:
+            pos = _JSON_SPACE.match(text, pos + 1).end()
+            if text.startswith("]", pos):  # raw_decode would say "Expecting value": name the comma instead
+                raise ValueError(_json_error(path, text, json.JSONDecodeError("Expecting value", text, pos)))
+    if text[pos + 1:].strip():
+        raise ValueError(_json_error(path, text, json.JSONDecodeError("Extra data after the list", text,
+                                                                     _JSON_SPACE.match(text, pos + 1).end())))
+    return rows, lines
+
+
+def _json_error(path: Path, text: str, err: json.JSONDecodeError, line: Optional[int] = None) -> str:
+    """``path:line:column: not valid JSON (...)`` for an error in ``text`` (the whole file, or its line ``line``),
+    naming a trailing comma (which JSON does not allow, though JavaScript and many editors do)."""
+    before = text[:err.pos].rstrip()
+    trailing_comma = text.startswith(("]", "}"), err.pos) and before.endswith(",")
+    hint = f"; remove the trailing comma before this {text[err.pos]!r}" if trailing_comma else ""
+    if line and text.strip() == "{":  # a pretty-printed object, or several, in a file read as JSONL
+        hint = f"; JSONL holds each object whole on one line, else write {_JSON_LIST}"
+    return f"{path}:{line or err.lineno}:{err.colno}: not valid JSON ({err.msg}{hint})"
+
+
+def _one_object_message(text: str, path: Path) -> Optional[str]:
+    """The refusal of a file that is one JSON object over several lines (no line of it is JSON alone), saying what
+    to write instead; None when the file is not one object."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(whole, dict):
+        return None
+    message = (f"{path}: one JSON object over several lines (keys: {sorted(whole)[:8]}); a data file holds "
+               f"{_JSON_SHAPES}")
+    rows_in = [key for key, value in whole.items() if isinstance(value, list) and value
+               and all(isinstance(item, dict) for item in value)]
+    if rows_in:
+        key = rows_in[0]
+        return f"{message}; its {key!r} is a list of objects ({len(whole[key])}): make that list the file"
+    if whole and all(isinstance(value, list) for value in whole.values()):
+        return f"{message}; it holds a list per field (columns): write one object per row instead"
+    return f"{message}; one example is one line of JSONL"
 
 
 def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -371,18 +445,19 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.items: list[dict] = []
         dropped = []
         for i, ex in enumerate(examples):
+            at = ex.get("where", f"example {i}")  # load_examples names the file and line
             prompt_ids = encode_prompt(tokenizer, ex["prompt"], chat_template=use_template, system_prompt=system_prompt)
             if not prompt_ids:  # the edits sit on prompt tokens: this example would train with none, silently
-                raise ValueError(f"example {i} has an empty prompt (no token to intervene on; its response starts "
+                raise ValueError(f"{at}: an empty prompt (no token to intervene on; its response starts "
                                  f"{ex['response'][:60]!r})")
             if len(prompt_ids) > max_length - 1:
                 if not drop_long_prompts:
                     raise ValueError(
-                        f"data.max_length: example {i} has a {len(prompt_ids)}-token prompt (it starts "
-                        f"{ex['prompt'][:60]!r}), which leaves no room for "
-                        f"its response within max_length={max_length}; the prompt holds the intervened positions and "
-                        "is never truncated (raise max_length, shorten the prompt, or drop such examples)")
-                dropped.append(i)
+                        f"{at}: data.max_length: a {len(prompt_ids)}-token prompt (it starts {ex['prompt'][:60]!r}), "
+                        f"which leaves no room for its response within max_length={max_length}; the prompt holds "
+                        "the intervened positions and is never truncated (raise max_length, shorten the prompt, or "
+                        "set data.drop_long_prompts to drop such examples)")
+                dropped.append(at)
                 continue
             response_ids = _encode_response(tokenizer, ex["prompt"], ex["response"], prompt_ids, use_template,
                                             system_prompt, add_eos)
@@ -394,7 +469,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
             })
         if dropped:
             logger.warning("dropped %d of %d examples whose prompt alone exceeds max_length=%d (first: %s)",
-                           len(dropped), len(examples), max_length, dropped[:5])
+                           len(dropped), len(examples), max_length, ", ".join(dropped[:5]))
         if not self.items:
             raise ValueError(f"data.max_length: every example's prompt is longer than max_length={max_length}")
         self.num_dropped = len(dropped)

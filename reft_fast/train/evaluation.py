@@ -53,6 +53,7 @@ class EvalExample:
     prompt: str
     gold: str
     task: str  # the group the summary table counts it in (a "task" field of the data, else the file's name)
+    where: Optional[str] = None  # the row it was read from in messages (its file and line, or its index)
 
 
 @dataclass
@@ -200,7 +201,7 @@ def check_gold_answers(examples: Sequence[EvalExample], family: str) -> None:
             elif family not in FAMILIES:
                 raise ValueError(f"unknown answer family {family!r}; expected one of {', '.join(FAMILIES)}")
         except ValueError as err:
-            raise ValueError(f"example {i} ({example.task}): {err}") from None
+            raise ValueError(f"{example.where or f'example {i}'} ({example.task}): {err}") from None
 
 
 def infer_family(examples: Sequence[EvalExample]) -> str:
@@ -234,41 +235,48 @@ def eval_examples_from_rows(rows: Sequence, where: str, *, default_task: str, pr
                             prompt_template: Optional[str] = None, response_template: Optional[str] = None,
                             family: Optional[str] = None) -> list[EvalExample]:
     """Examples from data rows, their prompts built as training built them (``prompt_field``, or ``prompt_template``
-    over the row's fields). The gold answer is the ``answer_field`` (a string or a number); a row without it has its
-    gold answer read from its response (``response_field`` or ``response_template``, e.g. "the correct answer is
-    true") with ``family``'s rule. The summary groups examples by their ``task`` (or ``dataset``) field, else under
-    ``default_task``."""
-    from reft_fast.train.data import row_at
+    over the row's fields: ``data.fill_template``, with its errors). The gold answer is the ``answer_field`` (a
+    string or a number); a row without it has its gold answer read from its response (``response_field`` or
+    ``response_template``, e.g. "the correct answer is true") with ``family``'s rule. The summary groups examples by
+    their ``task`` (or ``dataset``) field, else under ``default_task``."""
+    from reft_fast.train.data import fill_template, row_at
 
     examples = []
     for i, row in enumerate(rows):
         at = row_at(where, i)
-        prompt, response = _formatted(row, prompt_template, prompt_field), _formatted(row, response_template,
-                                                                                     response_field)
+        if not isinstance(row, dict):
+            raise ValueError(f"{at}: a {type(row).__name__}, expected an object")
+        prompt = (fill_template(prompt_template, row, at, "data.prompt_template") if prompt_template
+                  else row.get(prompt_field))
         if not isinstance(prompt, str):
-            wanted = f"the fields of {prompt_template!r}" if prompt_template else f"a text field {prompt_field!r}"
-            raise ValueError(f"{at}: expected an object with {wanted} (data.prompt_field / data.prompt_template)")
+            raise ValueError(f"{at}: expected a text field {prompt_field!r} (fields: {sorted(row)}; "
+                             "data.prompt_field / data.prompt_template)")
         gold = row.get(answer_field)
-        if gold is None and isinstance(response, str):
-            if family is None:
-                raise ValueError(f"{at}: no {answer_field!r} field; give --family to read the gold answer from its "
-                                 "response")
-            gold = extract_answer(response, family, prompt=prompt)
+        if gold is None:
+            gold = _gold_from_response(row, at, prompt, answer_field, response_field, response_template, family)
         if isinstance(gold, bool) or not isinstance(gold, (str, int, float)) or not str(gold).strip():
             raise ValueError(f"{at}: no gold answer (field {answer_field!r}, or one its response states)")
         task = str(row.get("task") or row.get("dataset") or default_task)
-        examples.append(EvalExample(prompt=prompt, gold=str(gold).strip(), task=task))
+        examples.append(EvalExample(prompt=prompt, gold=str(gold).strip(), task=task, where=at))
     if not examples:
         raise ValueError(f"evaluation data {where}: no examples")
     return examples
 
 
-def _formatted(row, template: Optional[str], field: str) -> Optional[str]:
-    """The text a template makes of a row, or the row's field; None where the row lacks what it needs."""
-    try:
-        return template.format_map(row) if template else row.get(field)
-    except (KeyError, AttributeError, TypeError):
+def _gold_from_response(row: dict, at: str, prompt: str, answer_field: str, response_field: str,
+                        response_template: Optional[str], family: Optional[str]) -> Optional[str]:
+    """The gold answer a row without ``answer_field`` states in its response; None when it has no response."""
+    from reft_fast.train.data import fill_template
+
+    if response_template:
+        response = fill_template(response_template, row, at, "data.response_template")
+    else:
+        response = row.get(response_field)
+    if not isinstance(response, str):
         return None
+    if family is None:
+        raise ValueError(f"{at}: no {answer_field!r} field; give --family to read the gold answer from its response")
+    return extract_answer(response, family, prompt=prompt)
 
 
 def score(examples: Sequence[EvalExample], outputs: Sequence[str], family: str) -> list[Prediction]:
@@ -324,11 +332,12 @@ def gold_from_responses(examples: Sequence[dict], family: str) -> list[EvalExamp
     response states (the LLM-Adapters "the correct answer is X", a worked solution's number, an exact label)."""
     answered = []
     for i, example in enumerate(examples):
+        at = example.get("where", f"eval example {i}")  # load_examples names the file and line
         gold = extract_answer(example["response"], family, prompt=example["prompt"])
         if gold is None:
-            raise ValueError(f"eval example {i}: its response {example['response'][:80]!r} states no {family} answer "
+            raise ValueError(f"{at}: its response {example['response'][:80]!r} states no {family} answer "
                              "(data.eval_family)")
-        answered.append(EvalExample(prompt=example["prompt"], gold=gold, task="eval"))
+        answered.append(EvalExample(prompt=example["prompt"], gold=gold, task="eval", where=at))
     check_gold_answers(answered, family)
     return answered
 

@@ -111,13 +111,14 @@ def reference_logps(base, batch: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------------------------
 def load_preference_examples(source, prompt_field: str, chosen_field: str, rejected_field: str, *,
                              hf_split: str = "train", prompt_template: Optional[str] = None) -> list[dict]:
-    """``[{"prompt", "chosen", "rejected"}]`` from what ``data.load_examples`` reads (a JSON/JSONL file, a list of
-    dicts or a Hugging Face dataset); the prompt is ``prompt_template`` over the row's fields when given."""
+    """``[{"prompt", "chosen", "rejected", "where"}]`` from what ``data.load_examples`` reads (a JSON/JSONL file, a
+    list of dicts or a Hugging Face dataset; ``where`` names the row); the prompt is ``prompt_template`` over the
+    row's fields when given."""
     chosen = load_examples(source, prompt_field, chosen_field, hf_split=hf_split, prompt_template=prompt_template,
                            response_setting="preference.chosen_field")
     rejected = load_examples(source, prompt_field, rejected_field, hf_split=hf_split, prompt_template=prompt_template,
                              response_setting="preference.rejected_field")
-    return [{"prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"]}
+    return [{"prompt": c["prompt"], "chosen": c["response"], "rejected": r["response"], "where": c["where"]}
             for c, r in zip(chosen, rejected)]
 
 
@@ -127,10 +128,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: list[dict], tokenizer, **encoding):
         # Both sides drop the same examples (a prompt too long for max_length), so they stay aligned.
-        chosen = SupervisedDataset([{"prompt": e["prompt"], "response": e["chosen"]} for e in examples], tokenizer,
-                                   **encoding)
-        rejected = SupervisedDataset([{"prompt": e["prompt"], "response": e["rejected"]} for e in examples],
-                                     tokenizer, **encoding)
+        chosen = SupervisedDataset([{**e, "response": e["chosen"]} for e in examples], tokenizer, **encoding)
+        rejected = SupervisedDataset([{**e, "response": e["rejected"]} for e in examples], tokenizer, **encoding)
         self.items = [{"index": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(chosen, rejected))]
         self.num_dropped = chosen.num_dropped
 

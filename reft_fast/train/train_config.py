@@ -153,8 +153,9 @@ class DataConfig:
     prompt_template: Optional[str] = None
     response_template: Optional[str] = None
     system_prompt: Optional[str] = None
-    # None: use the tokenizer's chat template when it has one; False: plain "prompt" + "response" concatenation.
-    chat_template: Optional[bool] = None
+    # auto (or null): the tokenizer's own chat template when it has one, else plain text; true: the tokenizer's
+    # template, an error when it has none; false: plain "prompt" + "response" concatenation. auto is kept as null.
+    chat_template: Union[bool, str, None] = None
     max_length: int = 512
     # A prompt longer than max_length − 1 is an error (its tokens hold the intervened positions); true drops such
     # examples with a warning that counts them.
@@ -163,6 +164,13 @@ class DataConfig:
     # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager (a
     # block-diagonal mask), a flash attention (varlen) or flex_attention (document mask).
     packing: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.chat_template, str):
+            if self.chat_template != "auto":
+                raise ConfigError(f"data.chat_template: expected true, false or auto (the tokenizer's own template "
+                                  f"when it has one), got {self.chat_template!r}")
+            self.chat_template = None
 
 
 @dataclass
