@@ -151,6 +151,13 @@ def test_eval_errors_name_the_problem(trained_run, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def test_eval_of_the_configs_eval_file_names_a_bad_row_by_its_line(trained_run, tmp_path, capsys):
+    config, _, _, rows = trained_run
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"output": "no prompt here", "answer": "x"}])
+    assert main(["eval", str(config), f"data.eval_file={bad}", "--family", "exact"]) == 2
+    assert f"config error: data.eval_file: {bad}:2: expected a text field 'instruction'" in capsys.readouterr().err
+
+
 def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):
     config = make_run(tmp_path)
     assert main(["eval", str(config), "--data", "x.jsonl"]) == 2

@@ -436,7 +436,8 @@ def _eval_examples(cfg, args):
         rows, where, name = _config_eval_rows(cfg)
         return eval_examples_from_rows(rows, where, default_task=name, **fields), name
     except ValueError as err:
-        raise ConfigError(f"--data: {err}") from None
+        given = "--data" if args.data else "data.eval_file" if d.eval_file else "data.eval_fraction (held out)"
+        raise ConfigError(f"{given}: {err}") from None
 
 
 def _config_eval_rows(cfg) -> tuple[list, str, str]:
@@ -458,11 +459,18 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
         # a file's or a dataset folder's own name; a Hub dataset's id made a file name (nyu-mll/glue:sst2)
         stem = Path(source).stem if d.train_file or Path(source).is_dir() else re.sub(r"[/:]", "_", str(source))
         name = f"{stem}-heldout"
-    _, rows = train_and_eval_examples(d, cfg.base_dir, cfg.training.seed,
-                                      lambda source, split: load_rows(source, hf_split=split)[0],
-                                      eval_part="test", read_train=False)
+    named_sources = []  # what load_rows read, each able to name its rows' lines (RowSource)
+
+    def read(source, split):
+        rows, named = load_rows(source, hf_split=split)
+        named_sources.append(named)
+        return rows
+
+    _, rows = train_and_eval_examples(d, cfg.base_dir, cfg.training.seed, read, eval_part="test", read_train=False)
     if d.selection_examples is not None:  # training evaluated on the selection part: this is the other one
         where, name = f"{where}, test part", f"{name}-test"
+    elif d.eval_file:  # the file's rows in their order: messages name each by its line
+        where = named_sources[-1]
     return rows, where, name
 
 
