@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from reft_fast.core.saving import CONFIG_NAME
+from reft_fast.train.distributed import StaleBuildLock
 from reft_fast.train.train_config import ConfigError, load_config
 
 __all__ = ["main", "positive_int"]
@@ -560,4 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"reft-fast: config error: {err}", file=sys.stderr)
         return 2
+    except StaleBuildLock as err:
+        print(f"reft-fast: {err}", file=sys.stderr)
+        return 1
     return 0
