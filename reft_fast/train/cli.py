@@ -28,7 +28,9 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -169,14 +171,49 @@ def _distributed_job(timeout_minutes: float):
     shutdown()
 
 
+class TrainingInterrupted(Exception):
+    """ctrl-C (or SIGTERM) during ``train`` or ``demo``, with what the run kept."""
+
+
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
     from reft_fast.train.recipe import ReftTrainingRecipe
 
     cfg = load_config(config_path, list(overrides))
     cfg.resume = cfg.resume or resume
     cfg.overwrite_output_dir = cfg.overwrite_output_dir or overwrite
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
-        return cfg, ReftTrainingRecipe(cfg).run()
+    try:
+        with _sigterm_as_ctrl_c(), _distributed_job(cfg.deepspeed.timeout_minutes):
+            return cfg, ReftTrainingRecipe(cfg).run()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_what_an_interrupted_run_kept(cfg)) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM unwinds like ctrl-C (closing the logs on the way) while the block runs in the main thread: the
+    deepspeed launcher answers ctrl-C by sending each rank SIGTERM at once (0.19.8), which would end rank 0 before it
+    says what the run kept. Python can set handlers only from the main thread: elsewhere SIGTERM keeps its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _what_an_interrupted_run_kept(cfg) -> str:
+    """ctrl-C in a terminal reaches every rank (the launcher's whole process group): each would print a traceback of
+    where it was; one line instead, which says what is kept and how to go on (checkpoints are published whole, so a
+    kill leaves none torn)."""
+    from reft_fast.train.checkpoints import step_dirs
+
+    saved = step_dirs(Path(cfg.output_dir) / "checkpoints")
+    if not saved:
+        return "no checkpoint was written yet (training.save_every): a new run starts from step 0"
+    return (f"the newest checkpoint is {saved[-1][1]}: the same `reft-fast train` command with --resume continues "
+            "from it")
 
 
 def _print_samples(title: str, samples) -> None:
@@ -564,4 +601,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StaleBuildLock as err:
         print(f"reft-fast: {err}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as err:
+        if _is_rank0():
+            print(f"reft-fast: stopped by ctrl-C or SIGTERM; {err}", file=sys.stderr)
+        return 130  # as a shell reports a command that SIGINT ended
     return 0

@@ -105,26 +105,30 @@ def wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_AFTE
     wait goes on, saying how to clear the lock, and after that the run stops with the same advice. Nothing is removed
     here: removing a live build's lock would let a second build write over its files.
     """
-    said = None
+    said = stale = None
     while True:
         try:
-            created = lock.stat().st_mtime
+            status = lock.stat()
         except FileNotFoundError:
             return
         holders = _processes_holding(lock)
         what = f"torch's build of {lock.parent.name}"
         if holders:
             news = f"waiting for process {', '.join(map(str, sorted(holders)))}: {what} (lock {lock})"
-        elif time.time() - created > stale_after_s:
-            raise StaleBuildLock(
-                f"{lock} is the lock of {what}, begun {time.strftime('%Y-%m-%d %H:%M', time.localtime(created))}, "
-                f"that was stopped before it removed it (a kill during the first run on CPUs of an environment leaves "
-                f"it): torch would wait for it forever. {_clear_lock_advice(lock, holders)}")
+        elif time.time() - status.st_mtime > stale_after_s:
+            # Twice in a row, the same file: a builder closes the file a moment before it removes it.
+            if stale == (status.st_ino, status.st_mtime):
+                raise StaleBuildLock(
+                    f"{lock} was left by {what} begun {time.strftime('%Y-%m-%d %H:%M', time.localtime(status.st_mtime))}"
+                    f" and stopped before it ended (ctrl-C during the first run on CPUs of an environment does that); "
+                    f"no process{'' if holders is not None else ' that can be seen'} here holds it, and torch would "
+                    f"wait for it forever. {_clear_lock_advice(lock, holders)}")
+            stale, news = (status.st_ino, status.st_mtime), said
         else:
             news = (f"{lock}, the lock of {what}, is held by no process of this machine"
                     f"{'' if holders is not None else ' that can be seen'}: a build that was stopped left it, or a "
                     f"build on another machine holds it. Waiting for it until "
-                    f"{time.strftime('%H:%M:%S', time.localtime(created + stale_after_s))}. "
+                    f"{time.strftime('%H:%M:%S', time.localtime(status.st_mtime + stale_after_s))}. "
                     f"{_clear_lock_advice(lock, holders)}")
         if news != said:
             logger.warning("rank %s: %s", os.environ.get("RANK", "0"), news)
