@@ -69,7 +69,7 @@ def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(t
     baton.release()
     thread.join(timeout=10)
     assert outcome == ["returned"]
-    assert f"waiting for process {os.getpid()}: torch's build of deepspeed_shm_comm (lock {lock})" in caplog.text
+    assert f"waiting for process {os.getpid()}, which holds the lock of torch's build of deepspeed_shm_comm ({lock})" in caplog.text
 
 
 def test_a_lock_nobody_here_holds_is_waited_for_with_advice_then_refused(tmp_path, caplog):

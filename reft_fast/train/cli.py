@@ -190,9 +190,11 @@ def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = 
 
 @contextlib.contextmanager
 def _sigterm_as_ctrl_c():
-    """SIGTERM unwinds like ctrl-C (closing the logs on the way) while the block runs in the main thread: the
-    deepspeed launcher answers ctrl-C by sending each rank SIGTERM at once (0.19.8), which would end rank 0 before it
-    says what the run kept. Python can set handlers only from the main thread: elsewhere SIGTERM keeps its own."""
+    """SIGTERM unwinds like ctrl-C (closing the logs on the way) while the block runs in the main thread. DeepSpeed's
+    launcher answers ctrl-C by sending each rank SIGTERM at once (0.19.8), which would end rank 0 before it says what
+    the run kept, and a rank killed during the first CPU build of DeepSpeed's shared-memory op would leave the build's
+    lock behind (torch removes it on the way out of an exception). Python sets handlers only from the main thread:
+    elsewhere SIGTERM keeps its own."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -211,7 +213,8 @@ def _what_an_interrupted_run_kept(cfg) -> str:
 
     saved = step_dirs(Path(cfg.output_dir) / "checkpoints")
     if not saved:
-        return "no checkpoint was written yet (training.save_every): a new run starts from step 0"
+        again = "" if cfg.overwrite_output_dir else ": the same command with --resume starts again at step 0"
+        return f"no checkpoint was written yet (training.save_every){again}"
     return (f"the newest checkpoint is {saved[-1][1]}: the same `reft-fast train` command with --resume continues "
             "from it")
 

@@ -114,7 +114,7 @@ def wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_AFTE
         holders = _processes_holding(lock)
         what = f"torch's build of {lock.parent.name}"
         if holders:
-            news = f"waiting for process {', '.join(map(str, sorted(holders)))}: {what} (lock {lock})"
+            news = f"waiting for process {', '.join(map(str, sorted(holders)))}, which holds the lock of {what} ({lock})"
         elif time.time() - status.st_mtime > stale_after_s:
             # Twice in a row, the same file: a builder closes the file a moment before it removes it.
             if stale == (status.st_ino, status.st_mtime):
