@@ -28,11 +28,14 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
 from reft_fast.core.saving import CONFIG_NAME
+from reft_fast.train.distributed import StaleBuildLock
 from reft_fast.train.train_config import ConfigError, load_config
 
 __all__ = ["main", "positive_int"]
@@ -168,14 +171,52 @@ def _distributed_job(timeout_minutes: float):
     shutdown()
 
 
+class TrainingInterrupted(Exception):
+    """ctrl-C (or SIGTERM) during ``train`` or ``demo``, with what the run kept."""
+
+
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
     from reft_fast.train.recipe import ReftTrainingRecipe
 
     cfg = load_config(config_path, list(overrides))
     cfg.resume = cfg.resume or resume
     cfg.overwrite_output_dir = cfg.overwrite_output_dir or overwrite
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
-        return cfg, ReftTrainingRecipe(cfg).run()
+    try:
+        with _sigterm_as_ctrl_c(), _distributed_job(cfg.deepspeed.timeout_minutes):
+            return cfg, ReftTrainingRecipe(cfg).run()
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(_what_an_interrupted_run_kept(cfg)) from None
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM unwinds like ctrl-C (closing the logs on the way) while the block runs in the main thread. DeepSpeed's
+    launcher answers ctrl-C by sending each rank SIGTERM at once (0.19.8), which would end rank 0 before it says what
+    the run kept, and a rank killed during the first CPU build of DeepSpeed's shared-memory op would leave the build's
+    lock behind (torch removes it on the way out of an exception). Python sets handlers only from the main thread:
+    elsewhere SIGTERM keeps its own."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _what_an_interrupted_run_kept(cfg) -> str:
+    """ctrl-C in a terminal reaches every rank (the launcher's whole process group): each would print a traceback of
+    where it was; one line instead, which says what is kept and how to go on (checkpoints are published whole, so a
+    kill leaves none torn)."""
+    from reft_fast.train.checkpoints import step_dirs
+
+    saved = step_dirs(Path(cfg.output_dir) / "checkpoints")
+    if not saved:
+        again = "" if cfg.overwrite_output_dir else ": the same command with --resume starts again at step 0"
+        return f"no checkpoint was written yet (training.save_every){again}"
+    return (f"the newest checkpoint is {saved[-1][1]}: the same `reft-fast train` command with --resume continues "
+            "from it")
 
 
 def _print_samples(title: str, samples) -> None:
@@ -567,10 +608,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"reft-fast: config error: {err}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as err:
+        if _is_rank0():
+            print(f"reft-fast: stopped by ctrl-C or SIGTERM; {err}", file=sys.stderr)
+        return 130  # as a shell reports a command that SIGINT ended
     except RuntimeError as err:
         from reft_fast.train.checkpoints import CheckpointWriteError
 
-        if not isinstance(err, (CheckpointWriteError, RanksTimedOut)):
+        if not isinstance(err, (CheckpointWriteError, RanksTimedOut, StaleBuildLock)):
             raise
         print(f"reft-fast: {err}", file=sys.stderr)  # the message says what happened and what to do; no traceback
         return 1
