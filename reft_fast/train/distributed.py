@@ -18,7 +18,8 @@ from typing import Iterator, Optional
 import torch
 
 __all__ = ["StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed",
-           "rank_chunks", "same_on_every_rank", "shared_memory_op_build_lock", "shutdown", "wait_for_build_lock"]
+           "rank_chunks", "same_on_every_rank", "share_cpu_cores", "shared_memory_op_build_lock", "shutdown",
+           "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        share_cpu_cores()
         lock = shared_memory_op_build_lock()
         if lock is not None:  # joining builds or loads the op: a killed build's lock would hold it forever
             wait_for_build_lock(lock)
@@ -64,6 +66,20 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
             distributed_c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(verbose=False, timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
+
+
+def share_cpu_cores() -> None:
+    """On CPU ranks, each of a machine's ranks computes on its share of the cores unless ``OMP_NUM_THREADS`` says
+    otherwise. torchrun sets OMP_NUM_THREADS=1 for several ranks per machine; DeepSpeed's launcher (0.19.8) sets it
+    only with --bind_cores_to_rank, so each rank ran one thread per core of the machine and the ranks fought over
+    them. The launchers announce the ranks per machine as LOCAL_WORLD_SIZE (torchrun) or LOCAL_SIZE (DeepSpeed)."""
+    from deepspeed.accelerator import get_accelerator
+
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    if "OMP_NUM_THREADS" in os.environ or local_ranks < 2 or get_accelerator().device_name() != "cpu":
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // local_ranks))
 
 
 class StaleBuildLock(RuntimeError):
