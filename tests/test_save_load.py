@@ -523,7 +523,8 @@ def test_load_intervention_checks_every_tensor_before_loading_any(tmp_path):
         _unchanged_after(reft_model, lambda: reft_model.load_intervention(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("problem", ["missing key", "wrong rank", "another type", "pickled code", "base shape"])
+@pytest.mark.parametrize("problem", ["missing key", "wrong rank", "no bias", "another type", "pickled code",
+                                     "base shape"])
 def test_load_intervention_refuses_pyreft_weights_of_other_interventions_and_changes_nothing(tmp_path, problem):
     pyreft = pytest.importorskip("pyreft")
     theirs = _pyreft_model(pyreft, _model())
@@ -535,6 +536,10 @@ def test_load_intervention_refuses_pyreft_weights_of_other_interventions_and_cha
         message = "the model's \\['layer_2_comp_attention_output_unit_pos_nunit_1#0'\\] are missing"
     elif problem == "wrong rank":
         rank, message = 3, "intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin does not match the model's"
+    elif problem == "no bias":  # the bias would be dropped without a word
+        kinds[1] = ("NoreftIntervention", {"add_bias": False}, 1, "mlp_output")
+        message = ("intkey_layer_1_comp_mlp_output_unit_pos_nunit_1#0.bin does not match the model's intervention: "
+                   "the pyreft state of NoreftIntervention has the subtracted bias proj_layer.bias")
     elif problem == "another type":  # pyreft's save writes a config.json naming the types; its checkpoints do not
         theirs.save(str(checkpoint))
         kinds[3] = ("LobireftIntervention", {}, 0, "mlp_output")

@@ -65,6 +65,9 @@ def load_pyreft_state(intervention: ReftIntervention, state: dict) -> None:
     if intervention.uses_rotation:
         _load_rotation(intervention, state)
     own = {k: v for k, v in intervention.state_dict().items() if not k.startswith(("rotation", "rotate_layer"))}
+    if type(intervention).spec.subtract and "proj_layer.bias" in state and "proj_layer.bias" not in own:
+        raise ValueError(f"the pyreft state of {type(intervention).__name__} has the subtracted bias proj_layer.bias "
+                         "(add_bias=True), which this intervention, built with add_bias=False, would drop")
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"the pyreft state of {type(intervention).__name__} lacks {missing} (has {sorted(state)})")

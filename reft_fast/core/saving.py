@@ -385,6 +385,8 @@ def load_base_parameters(model, tensors: dict, path: Path) -> list[str]:
 def check_base_parameters(model, tensors: dict, path: Path) -> None:
     """Refuse (ReftLoadError naming ``path``) base parameters that ``model`` lacks or holds in another shape, before
     any is copied."""
+    if not tensors:
+        return
     own = model.state_dict()
     unexpected = sorted(set(tensors) - set(own))
     if unexpected:
