@@ -139,17 +139,21 @@ def test_load_onto_a_cuda_model(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # Directories written by pyreft itself
 # ---------------------------------------------------------------------------------------------------------------------
+# Every pyreft type: (class name, arguments, layer, component).
+_PYREFT_KINDS = [("LoreftIntervention", {}, 0, "block_output"),
+                 ("NoreftIntervention", {"add_bias": True}, 1, "mlp_output"),
+                 ("NoreftIntervention", {"add_bias": False}, 2, "block_output"),
+                 ("DireftIntervention", {}, 0, "mlp_output"),
+                 ("NodireftIntervention", {"add_bias": False}, 1, "block_input"),
+                 ("ConsreftIntervention", {}, 2, "mlp_input"), ("LobireftIntervention", {}, 1, "mlp_input")]
+
+
 def _pyreft_model(pyreft, model):
     d = model.config.hidden_size
-    kinds = [("LoreftIntervention", {}, 0, "block_output"), ("NoreftIntervention", {"add_bias": True}, 1, "mlp_output"),
-             ("NoreftIntervention", {"add_bias": False}, 2, "block_output"),
-             ("DireftIntervention", {}, 0, "mlp_output"),
-             ("NodireftIntervention", {"add_bias": False}, 1, "block_input"),
-             ("ConsreftIntervention", {}, 2, "mlp_input"), ("LobireftIntervention", {}, 1, "mlp_input")]
     representations = [{"layer": layer, "component": comp, "low_rank_dimension": 2,
                         "intervention": getattr(pyreft, name)(embed_dim=d, low_rank_dimension=2, dtype=torch.float32,
                                                               **kwargs)}
-                       for name, kwargs, layer, comp in kinds]
+                       for name, kwargs, layer, comp in _PYREFT_KINDS]
     theirs = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=representations), set_device=False)
     with torch.no_grad():
         for name, p in theirs.named_parameters():
@@ -393,3 +397,169 @@ def test_the_state_dict_holds_the_base_layers_once():
     keys = list(reft_model.state_dict())
     assert not [k for k in keys if not k.startswith(("model.", "interventions."))]
     assert len(keys) == len(reft_model.model.state_dict()) + len(reft_model.interventions.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pyvene's in-place pair: save_intervention / load_intervention
+# ---------------------------------------------------------------------------------------------------------------------
+def _same_config_as_pyreft(model, orthogonalization="householder", kinds=_PYREFT_KINDS, rank=2):
+    """A reft_fast model built, as a pyreft user's script builds it, with the config of ``_pyreft_model``."""
+    import reft_fast
+
+    rotation = {"orthogonalization": orthogonalization}
+    representations = [{"layer": layer, "component": comp, "low_rank_dimension": rank,
+                        "intervention": getattr(reft_fast, name)(
+                            embed_dim=32, low_rank_dimension=rank, dtype=torch.float32, **kwargs,
+                            **(rotation if name not in ("NoreftIntervention", "NodireftIntervention") else {}))}
+                       for name, kwargs, layer, comp in kinds]
+    return get_reft_model(model, ReftConfig(representations))
+
+
+def _pyreft_trainer_checkpoint(pyreft, theirs, checkpoint):
+    """What pyreft's trainer writes at each checkpoint: its own save_model (pyreft 0.1.0), which needs only .model."""
+    from types import SimpleNamespace
+
+    pyreft.ReftTrainer.save_model(SimpleNamespace(model=theirs), str(checkpoint))
+    return checkpoint / "intervenable_model"
+
+
+@pytest.mark.parametrize("orthogonalization", ["householder", "polar"])
+@pytest.mark.parametrize("written_by", ["trainer checkpoint", "save"])
+def test_load_intervention_reads_what_pyreft_wrote(tmp_path, orthogonalization, written_by):
+    # pyreft's trainer writes checkpoint-N/intervenable_model with pyvene's save_intervention: intkey_*.bin and
+    # pytorch_model.bin, no config.json (pyreft #109). reft_fast had no load_intervention, and load refused it.
+    pyreft = pytest.importorskip("pyreft")
+    theirs = _pyreft_model(pyreft, _model())
+    head = theirs.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    locations = [[[0, 3], [2, 4], [5, 1]]] * len(theirs.interventions)
+    with torch.no_grad():
+        _, expected = theirs(_inputs(), unit_locations={"sources->base": (None, locations)})
+    if written_by == "save":
+        directory = tmp_path / "saved"
+        theirs.save(str(directory), include_model=True)
+    else:
+        directory = _pyreft_trainer_checkpoint(pyreft, theirs, tmp_path / "checkpoint-8")
+        assert (directory / "pytorch_model.bin").is_file() and not (directory / "config.json").exists()
+        with pytest.raises(ReftLoadError, match="holds no config.json.*reft_model.load_intervention"):
+            ReftModel.load(directory, _model())
+
+    ours = _same_config_as_pyreft(_model(), orthogonalization)
+    ours.load_intervention(str(directory))
+    ours.eval()
+    assert torch.equal(ours.model.lm_head.weight, head)  # include_model=True: pyvene's default
+    with torch.no_grad():
+        _, out = ours(_inputs(), unit_locations={"sources->base": (None, locations)})
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_save_intervention_round_trips_and_every_loader_reads_it(tmp_path):
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS, share_weights=True))
+    head = reft_model.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+        for p in reft_model.interventions.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    reft_model.eval()
+    locations = _locations(len(_REPRESENTATIONS))
+    with torch.no_grad():
+        _, expected = reft_model(_inputs(), intervention_locations=locations)
+    reft_model.save_intervention(tmp_path / "ckpt")  # include_model=True: pyvene's default
+
+    fresh = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS, share_weights=True)).eval()
+    fresh.load_intervention(tmp_path / "ckpt", include_model=False)
+    assert not torch.equal(fresh.model.lm_head.weight, head)
+    fresh.load_intervention(tmp_path / "ckpt")
+    assert torch.equal(fresh.model.lm_head.weight, head)
+    rebuilt = ReftModel.load(tmp_path / "ckpt", _model(), include_model=True).eval()  # the config is there too
+    for loaded in (fresh, rebuilt):
+        with torch.no_grad():
+            _, out = loaded(_inputs(), intervention_locations=locations)
+        assert torch.equal(out.logits, expected.logits)
+
+
+def _unchanged_after(reft_model, call):
+    before = {k: v.clone() for k, v in reft_model.state_dict().items()}
+    call()
+    after = reft_model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded partially
+
+
+@pytest.mark.parametrize("problem", ["missing key", "extra key", "wrong rank", "another type"])
+def test_load_intervention_refuses_our_directory_of_other_interventions_and_changes_nothing(tmp_path, problem):
+    saved = [{"layer": 0, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2},
+             {"layer": 1, "component": "block_output", "intervention": "loreft", "low_rank_dimension": 2}]
+    get_reft_model(_model(), ReftConfig(saved)).save_intervention(tmp_path)
+    model_config = {"missing key": saved + [{**saved[1], "layer": 2}], "extra key": saved[:1],
+                    "wrong rank": [saved[0], {**saved[1], "low_rank_dimension": 3}],
+                    "another type": [saved[0], {**saved[1], "intervention": "direft"}]}[problem]
+    message = {"missing key": "the model's \\['layer_2_comp_block_output_unit_pos_nunit_1#0'\\] are missing",
+               "extra key": "\\['layer_1_comp_block_output_unit_pos_nunit_1#0'\\] are not in the model",
+               "wrong rank": "'layer_1_comp_block_output_unit_pos_nunit_1#0' does not match the model's "
+                             "\\(low_rank_dimension: saved 2, model 3\\)",
+               "another type": "\\(type: saved 'LoreftIntervention', model 'DireftIntervention'\\)"}[problem]
+    reft_model = get_reft_model(_model(), ReftConfig(model_config))
+    reft_model.model.lm_head.weight.requires_grad_(True)
+    with pytest.raises(ReftLoadError, match=message):
+        _unchanged_after(reft_model, lambda: reft_model.load_intervention(tmp_path))
+
+
+def test_load_intervention_checks_every_tensor_before_loading_any(tmp_path):
+    # The config agrees, the weights file does not (its second intervention has another rank): the first one must
+    # not be loaded either.
+    config = [{"layer": layer, "component": "block_output", "intervention": "noreft", "low_rank_dimension": 2}
+              for layer in (0, 1)]
+    get_reft_model(_model(), ReftConfig(config)).save_intervention(tmp_path / "a")
+    get_reft_model(_model(), ReftConfig([config[0], {**config[1], "low_rank_dimension": 3}])).save_intervention(
+        tmp_path / "b")
+    (tmp_path / "b" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    reft_model = get_reft_model(_model(), ReftConfig(config))
+    with pytest.raises(ReftLoadError, match="(?s)b/interventions.safetensors does not match the model's interventions: "
+                                            ".*size mismatch for layer_1"):
+        _unchanged_after(reft_model, lambda: reft_model.load_intervention(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("problem", ["missing key", "wrong rank", "no bias", "another type", "pickled code",
+                                     "base shape"])
+def test_load_intervention_refuses_pyreft_weights_of_other_interventions_and_changes_nothing(tmp_path, problem):
+    pyreft = pytest.importorskip("pyreft")
+    theirs = _pyreft_model(pyreft, _model())
+    theirs.model.lm_head.weight.requires_grad_(True)
+    checkpoint = _pyreft_trainer_checkpoint(pyreft, theirs, tmp_path / "checkpoint-1")
+    kinds, rank, model = list(_PYREFT_KINDS), 2, _model()
+    if problem == "missing key":
+        kinds.append(("LoreftIntervention", {}, 2, "attention_output"))
+        message = "the model's \\['layer_2_comp_attention_output_unit_pos_nunit_1#0'\\] are missing"
+    elif problem == "wrong rank":
+        rank, message = 3, "intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin does not match the model's"
+    elif problem == "no bias":  # the bias would be dropped without a word
+        kinds[1] = ("NoreftIntervention", {"add_bias": False}, 1, "mlp_output")
+        message = ("intkey_layer_1_comp_mlp_output_unit_pos_nunit_1#0.bin does not match the model's intervention: "
+                   "the pyreft state of NoreftIntervention has the subtracted bias proj_layer.bias")
+    elif problem == "another type":  # pyreft's save writes a config.json naming the types; its checkpoints do not
+        theirs.save(str(checkpoint))
+        kinds[3] = ("LobireftIntervention", {}, 0, "mlp_output")
+        message = "layer_0_comp_mlp_output_unit_pos_nunit_1#0.bin holds a DireftIntervention .* is a Lobireft"
+    elif problem == "pickled code":
+        (checkpoint / "intkey_layer_2_comp_mlp_input_unit_pos_nunit_1#0.bin").write_bytes(
+            pickle.dumps({"weight": _Payload()}, protocol=2))
+        message = "cannot be read \\(UnpicklingError: Weights only load failed"
+    else:
+        model = _model(vocab_size=80)
+        message = "pytorch_model.bin: parameters of the wrong shape: lm_head.weight \\[64, 32\\] \\(model \\[80, 32\\]\\)"
+    ours = _same_config_as_pyreft(model, kinds=kinds, rank=rank)
+    with pytest.raises(ReftLoadError, match=message):
+        _unchanged_after(ours, lambda: ours.load_intervention(checkpoint))
+
+
+def test_load_intervention_of_a_directory_without_weights_says_so(tmp_path):
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    with pytest.raises(ReftLoadError, match="is not a directory"):
+        reft_model.load_intervention(tmp_path / "absent")
+    with pytest.raises(ReftLoadError, match="holds neither a reft_fast config.json .* nor the weights of a "
+                                            "registered format \\(\\['pyreft'\\]\\)"):
+        reft_model.load_intervention(tmp_path)

@@ -39,6 +39,53 @@ def test_pyreft_style_script_trains_and_saves(tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, frozen[key]), key  # the base never moves
     trainer.save_model(str(tmp_path / "saved"))
-    reloaded = ReftModel.load(str(tmp_path / "saved"), model)
+    # pyreft's layout (its trainer saves into <dir>/intervenable_model), which both loaders read.
+    reloaded = ReftModel.load(str(tmp_path / "saved" / "intervenable_model"), model)
     for a, b in zip(reft_model.trainable_parameters(), reloaded.trainable_parameters()):
         assert torch.equal(a.detach(), b.detach())
+    fresh = get_reft_model(model, reft_config := ReftConfig(representations={
+        "layer": 1, "component": "block_output", "low_rank_dimension": 4,
+        "intervention": LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4)}))
+    fresh.load_intervention(str(tmp_path / "saved" / "intervenable_model"))
+    assert fresh.reft_config is reft_config
+    for a, b in zip(reft_model.trainable_parameters(), fresh.trainable_parameters()):
+        assert torch.equal(a.detach(), b.detach())
+
+
+def _weights(reft_model) -> dict:
+    return {k: v.detach().clone() for k, v in reft_model.interventions.state_dict().items()}
+
+
+def test_checkpoints_and_load_best_model_at_end_as_pyreft(tmp_path):
+    # pyreft's trainer writes checkpoint-N/intervenable_model (pyvene's save_intervention) and its
+    # _load_best_model calls reft_model.load_intervention on it; scripts load checkpoints from that path. reft_fast's
+    # trainer wrote the ReftModel directory into checkpoint-N itself.
+    model_dir = make_model_dir(tmp_path / "model", layers=3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    reft_config = ReftConfig(representations={
+        "layer": 1, "component": "block_output", "low_rank_dimension": 4,
+        "intervention": LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4)})
+    reft_model = get_reft_model(model, reft_config)
+    examples = make_examples(8, seed=2)
+    data_module = make_last_position_supervised_data_module(tokenizer, model, [e["instruction"] for e in examples],
+                                                            [e["output"] for e in examples])
+    evaluations = iter(range(100))
+    args = transformers.TrainingArguments(num_train_epochs=3, output_dir=str(tmp_path / "out"),
+                                          per_device_train_batch_size=8, learning_rate=2e-2, report_to=[],
+                                          use_cpu=True, eval_strategy="epoch", save_strategy="epoch",
+                                          load_best_model_at_end=True, metric_for_best_model="first",
+                                          greater_is_better=True, seed=0)
+    data_module["eval_dataset"] = data_module["train_dataset"]
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args, **data_module,
+                                     compute_metrics=lambda _: {"first": -next(evaluations)})  # the 1st is best
+    trainer.train()
+    checkpoints = [tmp_path / "out" / f"checkpoint-{step}" / "intervenable_model" for step in (1, 2, 3)]
+    assert trainer.state.best_model_checkpoint == str(checkpoints[0].parent)
+    saved = []
+    for checkpoint in checkpoints:
+        loaded = ReftModel.load(checkpoint, transformers.AutoModelForCausalLM.from_pretrained(model_dir))
+        saved.append(_weights(loaded))
+    final = _weights(reft_model)
+    assert not all(torch.equal(final[k], v) for k, v in saved[2].items())  # not the last checkpoint's weights
+    assert all(torch.equal(final[k], v) for k, v in saved[0].items())  # the best one's, loaded in place

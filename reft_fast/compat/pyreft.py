@@ -12,6 +12,11 @@ their defaults, add_bias being read from the weights. With ``include_model=True`
 include_model=True)`` reads the same way. ``ReftModel.load`` reaches this reader through
 ``reft_fast.core.saving.register_directory_format`` (see ``reft_fast.compat``).
 
+Weights alone. pyvene's ``save_intervention``, with which pyreft's trainer writes every checkpoint
+(``checkpoint-N/intervenable_model``), writes the intkey_*.bin files and pytorch_model.bin but no config.json;
+``ReftModel.load_intervention`` reads them into an existing model's interventions of the same keys through
+``reft_fast.core.saving.register_weights_format``.
+
 Access. pyreft's scripts read ``reft_model.interventions[key][0]`` (pyvene ≤ 0.1.6 stored (intervention, hook)
 pairs) and ``intervention.rotate_layer.weight`` (d×r); both work on reft_fast's interventions through the two
 accessors attached to ``ReftIntervention`` at the end of this section, which leave our parameters as they are.
@@ -20,6 +25,7 @@ accessors attached to ``ReftIntervention`` at the end of this section, which lea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -30,14 +36,19 @@ from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
 from reft_fast.core.model import ReftModel
-from reft_fast.core.saving import ReftLoadError, load_base_parameters, register_directory_format
+from reft_fast.core.saving import (CONFIG_NAME, ReftLoadError, check_base_parameters, check_on_meta_copy,
+                                   check_same_keys, load_base_parameters, register_directory_format,
+                                   register_weights_format)
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
-__all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config"]
+__all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",
+           "holds_pyreft_weights", "load_pyreft_weights_into"]
 
 # pyvene's save(..., include_model=True) and every checkpoint of pyreft's trainer write the base's parameters that
 # require grad (a classifier head; an empty dict for a frozen base) here, never the interventions (pyvene 0.1.8).
 PYREFT_BASE_NAME = "pytorch_model.bin"
+# pyvene's file of one intervention's state_dict(), named by its key.
+_INTKEY_PREFIX, _INTKEY_SUFFIX = "intkey_", ".bin"
 _ORIGINAL_KEY = "rotate_layer.parametrizations.weight.original"
 _BASE_KEY = "rotate_layer.parametrizations.weight.0.base"
 
@@ -54,6 +65,9 @@ def load_pyreft_state(intervention: ReftIntervention, state: dict) -> None:
     if intervention.uses_rotation:
         _load_rotation(intervention, state)
     own = {k: v for k, v in intervention.state_dict().items() if not k.startswith(("rotation", "rotate_layer"))}
+    if type(intervention).spec.subtract and "proj_layer.bias" in state and "proj_layer.bias" not in own:
+        raise ValueError(f"the pyreft state of {type(intervention).__name__} has the subtracted bias proj_layer.bias "
+                         "(add_bias=True), which this intervention, built with add_bias=False, would drop")
     missing = sorted(set(own) - set(state))
     if missing:
         raise ValueError(f"the pyreft state of {type(intervention).__name__} lacks {missing} (has {sorted(state)})")
@@ -142,7 +156,7 @@ def load_pyreft_directory(reft_model_class: type, directory: Path, config: dict,
             raise ReftLoadError(f"the pyreft model in {directory} was saved for hidden size {dims[i]} but the "
                                 f"model has hidden size {hidden}")
         key = keys[i] if i < len(keys) else f"layer_{layer}_comp_{component}_unit_pos_nunit_1#0"
-        state = _read_pyreft_state(directory / f"intkey_{key}.bin")
+        state = _read_pyreft_state(_intkey_path(directory, key))
         cls = intervention_class(type_name)
         options = {}
         if cls.uses_rotation:
@@ -189,7 +203,68 @@ def _read_pyreft_state(path: Path) -> dict:
         raise ReftLoadError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
 
 
+def _intkey_path(directory: Path, key: str) -> Path:
+    return directory / f"{_INTKEY_PREFIX}{key}{_INTKEY_SUFFIX}"
+
+
+def holds_pyreft_weights(directory: Path) -> bool:
+    """Whether ``directory`` holds pyvene's intkey_*.bin files (a pyreft save or trainer checkpoint directory)."""
+    return any(directory.glob(f"{_INTKEY_PREFIX}*{_INTKEY_SUFFIX}"))
+
+
+def load_pyreft_weights_into(reft_model: ReftModel, directory: Path, *, include_model: bool) -> None:
+    """Load pyvene's intkey_<key>.bin files into ``reft_model``'s interventions of those keys and, with
+    ``include_model``, its pytorch_model.bin into the base (``ReftModel.load_intervention``); every file is read and
+    checked against the model (keys, types where a pyreft config.json names them, shapes) before any weight
+    changes."""
+    saved_keys = sorted(path.name[len(_INTKEY_PREFIX):-len(_INTKEY_SUFFIX)]
+                        for path in directory.glob(f"{_INTKEY_PREFIX}*{_INTKEY_SUFFIX}"))
+    model_keys = list(reft_model.interventions)
+    check_same_keys(f"{directory} (pyvene's {_INTKEY_PREFIX}<key>{_INTKEY_SUFFIX} files)", saved_keys, model_keys)
+    _check_pyreft_types(directory, reft_model)
+    states = {key: _read_pyreft_state(_intkey_path(directory, key)) for key in model_keys}
+    base_path = directory / PYREFT_BASE_NAME
+    base = _read_pyreft_state(base_path) if include_model and base_path.is_file() else {}
+
+    def load_all(interventions: nn.ModuleDict) -> None:
+        for key, intervention in interventions.items():
+            try:
+                load_pyreft_state(intervention, states[key])
+            except ValueError as err:  # a tensor missing or of the wrong shape for this intervention
+                raise ReftLoadError(f"{_intkey_path(directory, key)} does not match the model's intervention: "
+                                    f"{err}") from None
+
+    check_on_meta_copy(reft_model.interventions, load_all, directory)
+    check_base_parameters(reft_model.model, base, base_path)
+    load_all(reft_model.interventions)
+    load_base_parameters(reft_model.model, base, base_path)
+
+
+def _check_pyreft_types(directory: Path, reft_model: ReftModel) -> None:
+    """Refuse intkey files of another intervention type when pyreft's config.json beside them (a ``save`` directory;
+    trainer checkpoints have none) names the types; a type it names that reft_fast does not know is not checked."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReftLoadError(f"{config_path} is not valid JSON ({err})") from None
+    if not (isinstance(config, dict) and is_pyreft_config(config)):
+        return
+    for key, type_name in zip(config.get("sorted_keys") or [], config["intervention_types"]):
+        intervention = reft_model.interventions[key] if key in reft_model.interventions else None
+        try:
+            saved_class = intervention_class(type_name)
+        except ValueError:
+            continue
+        if intervention is not None and not isinstance(intervention, saved_class):
+            raise ReftLoadError(f"{_intkey_path(directory, key)} holds a {saved_class.__name__} ({config_path}), "
+                                f"the model's intervention {key!r} is a {type(intervention).__name__}")
+
+
 register_directory_format("pyreft", is_pyreft_config, load_pyreft_directory)
+register_weights_format("pyreft", holds_pyreft_weights, load_pyreft_weights_into)
 
 
 # --------------------------------------------------------------------------------------------------------------------

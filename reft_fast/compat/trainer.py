@@ -15,8 +15,12 @@ Locations. The batch's ``intervention_locations`` is pyreft's [batch, n_interven
 trainers check its shape against the batch and the model and transpose it to the model's layout on the device.
 reft_fast's engine collator (``reft_fast.train.data.ReftDataCollator``) produces the model's layout and is refused.
 
-Checkpoints. ``save_model`` writes the ReftModel directory (plus ``base_trainable.safetensors`` when base parameters
-were made trainable, e.g. a classifier head); resuming and ``load_best_model_at_end`` read it back in place.
+Checkpoints. As pyreft's, ``save_model(dir)`` (each ``checkpoint-N`` too) writes ``dir/intervenable_model`` with the
+ReftModel's ``save_intervention``: our directory (config.json, interventions.safetensors, and
+``base_trainable.safetensors`` when base parameters were made trainable, e.g. a classifier head), so a pyreft script's
+``reft_model.load_intervention(".../checkpoint-N/intervenable_model")`` works, and so does ``ReftModel.load`` on it.
+Resuming and ``load_best_model_at_end`` read a checkpoint back in place with ``load_intervention``: ours, pyreft's
+trainer's (intkey_*.bin), or one written before this layout (the ReftModel directory directly in ``checkpoint-N``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import torch
 import transformers
 from torch.nn import functional as F
 
-from reft_fast.core.saving import WEIGHTS_NAME, load_trainable_base
 from reft_fast.train import data as engine_data
 
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
@@ -36,6 +39,10 @@ __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistr
 
 # The items' and batches' keys a Trainer must keep (it drops the keys that the model's forward does not name, and
 # ReftModel.forward takes `base`, not these).
+# The folder of a checkpoint (or of save_model's directory) that holds the interventions, named as pyreft's trainer
+# names it (pyreft 0.1.0, ReftTrainer.save_model).
+INTERVENTIONS_DIR = "intervenable_model"
+
 _BATCH_KEYS = ["input_ids", "attention_mask", "labels", "label", "label_ids", "intervention_locations"]
 
 
@@ -103,18 +110,14 @@ class ReftTrainer(transformers.Trainer):
         output_dir = output_dir or self.args.output_dir
         if not self.is_world_process_zero():
             return
-        self._reft_model().save(output_dir, include_model=True)
+        self._reft_model().save_intervention(os.path.join(output_dir, INTERVENTIONS_DIR), include_model=True)
 
-    def _load_saved(self, directory: str) -> None:
-        """Load a ``save_model`` directory into the trained ReftModel in place (resume, best model at the end)."""
-        from safetensors.torch import load_file
-
-        reft_model = self._reft_model()
-        weights = os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise ValueError(f"{directory} holds no {WEIGHTS_NAME}: not a checkpoint of a pyreft-compatible trainer")
-        reft_model.interventions.load_state_dict(load_file(weights, device="cpu"), strict=True)
-        load_trainable_base(reft_model.model, directory)
+    def _load_saved(self, checkpoint: str) -> None:
+        """Load the interventions saved in ``checkpoint`` into the trained ReftModel in place (resume, best model at
+        the end): its ``intervenable_model`` folder, or the checkpoint itself where that is where they are."""
+        directory = os.path.join(checkpoint, INTERVENTIONS_DIR)
+        self._reft_model().load_intervention(directory if os.path.isdir(directory) else checkpoint,
+                                             include_model=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_saved(resume_from_checkpoint)

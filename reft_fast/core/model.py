@@ -18,7 +18,8 @@ their first forward there, and again only when ``backend`` is set.
 Generation. ``generate`` edits the prompt pass only; decode steps read the edited prompt from the KV cache.
 
 Saving. ``save(dir)`` / ``ReftModel.load(dir, model)``: ``reft_fast.core.saving`` (ours, and registered formats such
-as pyreft's).
+as pyreft's). pyvene's in-place pair, ``save_intervention(dir)`` / ``load_intervention(dir)``, writes the same directory
+and loads weights into this model's interventions (ours, or pyreft's trainer checkpoints, which hold no config).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from reft_fast.core.adapters import Adapter, adapter_locations, check_adapter_na
 from reft_fast.core.hooks import ForwardState, InterventionHooks, MultiAdapterHooks, runs_own_forward
 from reft_fast.core.interventions import compute_rotations
 from reft_fast.core.positions import check_locations, unit_locations_to_tensor
-from reft_fast.core.saving import load_reft_model, resolve_load_directory, save_reft_model
+from reft_fast.core.saving import (load_reft_model, load_weights_in_place, resolve_load_directory,
+                                   save_reft_model)
 
 __all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model"]
 
@@ -391,6 +393,31 @@ class ReftModel(nn.Module):
         """
         save_reft_model(self, save_directory, save_to_hf_hub=save_to_hf_hub, hf_repo_name=hf_repo_name,
                         include_model=include_model)
+
+    def save_intervention(self, save_directory: Union[str, os.PathLike], include_model: bool = True) -> None:
+        """pyvene's in-place save (what pyreft's trainer writes each checkpoint with): the interventions' weights and,
+        with ``include_model``, the base's trainable parameters.
+
+        It writes what ``save`` writes (config.json, interventions.safetensors, base_trainable.safetensors when part
+        of the base trains), not pyvene's weights-only intkey_*.bin and pytorch_model.bin: ``load_intervention``
+        reads the directory back into this model as pyvene's does, and because the config is there too
+        ``ReftModel.load``, ``load_adapter`` and the command line read it as well (pyvene's files alone can rebuild
+        nothing, pyreft issue #109), while the tensors stay safetensors, which load without unpickling.
+        """
+        save_reft_model(self, save_directory, include_model=include_model)
+
+    def load_intervention(self, load_directory: Union[str, os.PathLike], include_model: bool = True) -> None:
+        """pyvene's in-place load (what pyreft's trainer restores its best checkpoint with): copy the weights saved in
+        ``load_directory`` into this model's interventions, matched by key (``layer_<l>_comp_<component>_unit_pos_
+        nunit_1#<i>``), and, with ``include_model``, the base's saved trainable parameters, if it holds any.
+
+        Reads a directory written by ``save`` or ``save_intervention``, or pyreft's weights as pyvene writes them
+        (``intkey_<key>.bin``, ``pytorch_model.bin``): the ``checkpoint-N/intervenable_model`` directories of pyreft's
+        trainer, which hold no config.json, and pyreft's ``save`` directories. pyreft's ``.bin`` files are read with
+        ``torch.load(weights_only=True)``. A directory whose interventions are not this model's (a key missing or
+        extra, another type or shape) is refused with ReftLoadError before any weight changes.
+        """
+        load_weights_in_place(self, load_directory, include_model=include_model)
 
     @classmethod
     def load(cls, load_directory: Union[str, os.PathLike], model: nn.Module,

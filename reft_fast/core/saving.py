@@ -5,6 +5,12 @@ spec, and the model's shape it was trained on) and ``interventions.safetensors``
 tensors). Loading rebuilds the ReftConfig from config.json, refuses a model of another shape, and reads the tensors on
 the CPU so that a directory saved on any device loads on any other.
 
+In place. ``load_weights_in_place`` (``ReftModel.load_intervention``) loads a directory's weights into an existing
+ReftModel's interventions without rebuilding them: our directories, and, through ``register_weights_format``, another
+library's weights-only ones (pyreft's trainer checkpoints, which hold no config). Every tensor is first loaded into a
+copy of the interventions on the meta device (keys and shapes checked, no memory used), so a directory that does not
+match the model is refused before any weight changes.
+
 Other formats. ``register_directory_format`` lets ``ReftModel.load`` read another library's directories:
 ``reft_fast.compat`` registers pyreft's. The core never imports the compat layer; the registry keeps the dependency
 one-way.
@@ -12,11 +18,14 @@ one-way.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+import torch
 from torch import nn
 
 from reft_fast.core.config import ReftConfig
@@ -25,9 +34,10 @@ from reft_fast.core.interventions import intervention_from_config
 from reft_fast.core.hf import find_decoder_layers, model_hidden_size
 
 __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "ReftLoadError", "read_weights",
-           "register_directory_format", "save_reft_model", "load_reft_model", "resolve_load_directory",
+           "register_directory_format", "register_weights_format", "save_reft_model", "load_reft_model",
+           "load_weights_in_place", "check_on_meta_copy", "resolve_load_directory",
            "model_signature", "save_trainable_base", "load_trainable_base", "load_base_parameters",
-           "trainable_base_state"]
+           "trainable_base_state", "check_base_parameters", "check_same_keys"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -55,6 +65,19 @@ def register_directory_format(name: str, recognizes: Callable, load: Callable) -
     include_model=...) and returns the ReftModel, having loaded the base's saved trainable parameters into ``model``
     when ``include_model`` is set."""
     _DIRECTORY_FORMATS[name] = (recognizes, load)
+
+
+# name -> (recognizes(directory) -> bool, load_into(reft_model, directory, include_model=...)): weights-only formats
+# that ``load_weights_in_place`` reads into an existing ReftModel.
+_WEIGHTS_FORMATS: dict[str, tuple[Callable, Callable]] = {}
+
+
+def register_weights_format(name: str, recognizes: Callable, load_into: Callable) -> None:
+    """Let ``ReftModel.load_intervention`` read another library's weights into an existing ReftModel: ``recognizes``
+    gets the directory (a Path), ``load_into`` gets (reft_model, directory, include_model=...) and loads every
+    intervention (and, with ``include_model``, the base's saved trainable parameters), or raises ReftLoadError having
+    changed nothing."""
+    _WEIGHTS_FORMATS[name] = (recognizes, load_into)
 
 
 def model_signature(model: nn.Module) -> dict:
@@ -153,14 +176,10 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise ReftLoadError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise ReftLoadError(f"{config_path} is not valid JSON ({err}): not a saved ReFT model") from None
-    if not isinstance(config, dict):
-        raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
-                            "model")
+        raise ReftLoadError(f"{directory} holds no {CONFIG_NAME}: not a saved ReFT model. A directory of weights alone "
+                            "(a checkpoint of pyreft's trainer: intkey_*.bin) loads into a ReftModel built with the "
+                            "config it was trained with: reft_model.load_intervention(directory)")
+    config = _read_config(config_path)
     if config.get("format") == FORMAT:
         reft_model = _load_ours(reft_model_class, directory, config, model, backend)
         if include_model:
@@ -172,6 +191,17 @@ def load_reft_model(reft_model_class: type, directory: Union[str, os.PathLike], 
                         orthogonalization=orthogonalization, include_model=include_model)
     raise ReftLoadError(f"{config_path} is neither a reft_fast config (no 'format' key) nor one of "
                      f"{sorted(_DIRECTORY_FORMATS)}")
+
+
+def _read_config(config_path: Path) -> dict:
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ReftLoadError(f"{config_path} is not valid JSON ({err}): not a saved ReFT model") from None
+    if not isinstance(config, dict):
+        raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
+                            "model")
+    return config
 
 
 def _load_ours(reft_model_class: type, directory: Path, config: dict, model: nn.Module, backend):
@@ -218,6 +248,80 @@ def _saved_representations(directory: Path, entries: list) -> list[dict]:
         by_key[entry["key"]] = intervention
         representations.append({"layer": entry["layer"], "component": entry["component"], "intervention": intervention})
     return representations
+
+
+def load_weights_in_place(reft_model, directory: Union[str, os.PathLike], *, include_model: bool) -> None:
+    """Load the weights saved in ``directory`` into ``reft_model``'s interventions, which must have the saved keys,
+    types and shapes, and, with ``include_model``, the base's saved trainable parameters (if the directory has any):
+    our directories or a registered weights format; all or nothing (ReftLoadError, nothing changed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ReftLoadError(f"{directory} is not a directory: there are no interventions to load from it")
+    config_path = directory / CONFIG_NAME
+    if config_path.is_file():
+        config = _read_config(config_path)
+        if config.get("format") == FORMAT:
+            _load_ours_in_place(reft_model, directory, config, include_model)
+            return
+    for recognizes, load_into in _WEIGHTS_FORMATS.values():
+        if recognizes(directory):
+            load_into(reft_model, directory, include_model=include_model)
+            return
+    raise ReftLoadError(f"{directory} holds neither a reft_fast {CONFIG_NAME} with its {WEIGHTS_NAME} nor the weights "
+                        f"of a registered format ({sorted(_WEIGHTS_FORMATS)})")
+
+
+# The hyperparameters that decide what the saved tensors mean; the others (dropout, act_fn, dtype) stay the model's.
+_WEIGHT_DEFINING = ("type", "embed_dim", "low_rank_dimension", "orthogonalization", "add_bias")
+
+
+def _load_ours_in_place(reft_model, directory: Path, config: dict, include_model: bool) -> None:
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    saved = {entry["key"]: entry for entry in config.get("interventions") or []}
+    check_same_keys(config_path, list(saved), list(reft_model.interventions))
+    for key, intervention in reft_model.interventions.items():
+        ours = intervention.config_dict()
+        differ = {name: (saved[key][name], ours.get(name)) for name in _WEIGHT_DEFINING
+                  if name in saved[key] and saved[key][name] != ours.get(name)}
+        if differ:
+            details = ", ".join(f"{name}: saved {s!r}, model {m!r}" for name, (s, m) in differ.items())
+            raise ReftLoadError(f"{config_path}: intervention {key!r} does not match the model's ({details})")
+    weights = read_weights(weights_path)
+    check_on_meta_copy(reft_model.interventions, lambda staged: staged.load_state_dict(weights, strict=True),
+                       weights_path)
+    base_path = directory / BASE_TRAINABLE_NAME
+    base = read_weights(base_path) if include_model and base_path.is_file() else {}
+    check_base_parameters(reft_model.model, base, base_path)
+    reft_model.interventions.load_state_dict(weights, strict=True)
+    load_base_parameters(reft_model.model, base, base_path)
+
+
+def check_same_keys(source, saved_keys: list, model_keys: list) -> None:
+    """Refuse (ReftLoadError naming ``source``) saved interventions whose keys are not the model's."""
+    missing = [key for key in model_keys if key not in saved_keys]
+    extra = [key for key in saved_keys if key not in model_keys]
+    if missing or extra:
+        raise ReftLoadError(f"{source} does not hold the model's interventions: the model's {missing} are missing"
+                            + (f", and {extra} are not in the model" if extra else "")
+                            + f" (the model's keys: {model_keys})")
+
+
+def check_on_meta_copy(module: nn.Module, load: Callable[[nn.Module], None], source) -> None:
+    """Run ``load`` on a copy of ``module`` whose tensors sit on the meta device (no memory, no values), so that a
+    missing or unexpected key or a wrong shape is found before ``module`` itself is touched; such a complaint
+    (RuntimeError or ValueError) becomes a ReftLoadError naming ``source``."""
+    memo = {id(param): nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+            for param in module.parameters()}
+    memo.update({id(buffer): torch.empty_like(buffer, device="meta") for buffer in module.buffers()})
+    staged = copy.deepcopy(module, memo)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*to a meta parameter")  # the copy is a no-op here, as meant
+        try:
+            load(staged)
+        except ReftLoadError:
+            raise
+        except (RuntimeError, ValueError) as err:
+            raise ReftLoadError(f"{source} does not match the model's interventions: {err}") from None
 
 
 def read_weights(path: Path) -> dict:
@@ -273,7 +377,21 @@ def load_trainable_base(model, directory) -> list[str]:
 def load_base_parameters(model, tensors: dict, path: Path) -> list[str]:
     """Copy ``tensors`` ({parameter name: tensor}, read from ``path``) onto ``model``'s parameters of those names and
     return the names; a name the model lacks is an error: the file belongs to another architecture."""
-    _, unexpected = model.load_state_dict(tensors, strict=False)
+    check_base_parameters(model, tensors, path)
+    model.load_state_dict(tensors, strict=False)
+    return sorted(tensors)
+
+
+def check_base_parameters(model, tensors: dict, path: Path) -> None:
+    """Refuse (ReftLoadError naming ``path``) base parameters that ``model`` lacks or holds in another shape, before
+    any is copied."""
+    if not tensors:
+        return
+    own = model.state_dict()
+    unexpected = sorted(set(tensors) - set(own))
     if unexpected:
         raise ReftLoadError(f"{path}: parameters {unexpected} are not in {type(model).__name__}")
-    return sorted(tensors)
+    misshapen = [f"{name} {list(tensor.shape)} (model {list(own[name].shape)})" for name, tensor in tensors.items()
+                 if tuple(tensor.shape) != tuple(own[name].shape)]
+    if misshapen:
+        raise ReftLoadError(f"{path}: parameters of the wrong shape: {', '.join(misshapen)}")
