@@ -376,6 +376,20 @@ def test_one_intervention_instance_at_two_layers_stays_one_after_save_and_load(t
         torch.testing.assert_close(ours, theirs)
 
 
+def test_one_intervention_instance_on_layers_of_two_devices_is_refused():
+    # Each intervention moves to its layer's device: a shared one went to its last layer's, and its first layer then
+    # failed with a device mismatch at the first forward (a base split over GPUs; the meta device stands in here).
+    from reft_fast import LoreftIntervention
+
+    model = _model()
+    model.model.layers[2].to("meta")
+    shared = LoreftIntervention(embed_dim=32, low_rank_dimension=2)
+    representations = [{"layer": layer, "component": "block_output", "intervention": shared} for layer in (0, 2)]
+    with pytest.raises(ValueError, match=r"one intervention instance is given at layer 0 \(cpu\) and at layer 2 "
+                                         r"\(meta\): a module sits on one device"):
+        get_reft_model(model, ReftConfig(representations))
+
+
 def test_an_entry_sharing_an_unknown_key_is_a_load_error(tmp_path):
     from reft_fast import LoreftIntervention
 

@@ -119,11 +119,18 @@ class ReftModel(nn.Module):
         self.interventions = nn.ModuleDict()
         self.placements: list[tuple[int, str]] = []
         taken: dict = {}
+        placed_at: dict[int, tuple[int, torch.device]] = {}  # id of an intervention → (its first layer, its device)
         resolve_component = _component_resolver(model, self.layers_path, layers)
         for layer, component, intervention in reft_config.build(len(layers), self.hidden_size, resolve_component):
             key = _intervention_key(layer, component, taken)
             # Each intervention lives where its layer lives (models split over devices keep working).
-            self.interventions[key] = intervention.to(_module_device(layers[layer]))
+            device = _module_device(layers[layer])
+            first_layer, first_device = placed_at.setdefault(id(intervention), (layer, device))
+            if device != first_device:  # moving it would take it away from the first layer: a device error later
+                raise ValueError(f"one intervention instance is given at layer {first_layer} ({first_device}) and at "
+                                 f"layer {layer} ({device}): a module sits on one device; give each of those layers "
+                                 "its own intervention, or keep them on one device")
+            self.interventions[key] = intervention.to(device)
             self.placements.append((layer, component))
         self._in_order = tuple(self.interventions.values())  # what the hooks index, built once
         self._hooks = InterventionHooks(model, layers, self.placements, self._in_order)
