@@ -162,6 +162,16 @@ def _pyreft_model(pyreft, model):
     return theirs
 
 
+def _pyreft_model_with_a_trained_head(pyreft):
+    """A pyreft model whose LM head trains with the interventions (requires grad) and moved from its initial value."""
+    theirs = _pyreft_model(pyreft, _model())
+    head = theirs.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    return theirs
+
+
 def test_load_a_directory_saved_by_pyreft(tmp_path):
     pyreft = pytest.importorskip("pyreft")
     model = _model()
@@ -209,11 +219,8 @@ def test_include_model_loads_the_base_parameters_pyreft_saved(tmp_path):
     # parameters, a head trained with the interventions, to pytorch_model.bin; ReftModel.load(..., include_model=True)
     # read only its own base_trainable.safetensors and left the head untrained without a word.
     pyreft = pytest.importorskip("pyreft")
-    theirs = _pyreft_model(pyreft, _model())
+    theirs = _pyreft_model_with_a_trained_head(pyreft)
     head = theirs.model.lm_head.weight
-    head.requires_grad_(True)
-    with torch.no_grad():
-        head.add_(1.0)
     theirs.save(str(tmp_path), include_model=True)
     assert (tmp_path / "pytorch_model.bin").is_file()
 
@@ -443,11 +450,8 @@ def test_load_intervention_reads_what_pyreft_wrote(tmp_path, orthogonalization, 
     # pyreft's trainer writes checkpoint-N/intervenable_model with pyvene's save_intervention: intkey_*.bin and
     # pytorch_model.bin, no config.json (pyreft #109). reft_fast had no load_intervention, and load refused it.
     pyreft = pytest.importorskip("pyreft")
-    theirs = _pyreft_model(pyreft, _model())
+    theirs = _pyreft_model_with_a_trained_head(pyreft)
     head = theirs.model.lm_head.weight
-    head.requires_grad_(True)
-    with torch.no_grad():
-        head.add_(1.0)
     locations = [[[0, 3], [2, 4], [5, 1]]] * len(theirs.interventions)
     with torch.no_grad():
         _, expected = theirs(_inputs(), unit_locations={"sources->base": (None, locations)})
