@@ -89,3 +89,44 @@ def test_checkpoints_and_load_best_model_at_end_as_pyreft(tmp_path):
     final = _weights(reft_model)
     assert not all(torch.equal(final[k], v) for k, v in saved[2].items())  # not the last checkpoint's weights
     assert all(torch.equal(final[k], v) for k, v in saved[0].items())  # the best one's, loaded in place
+
+
+def test_resuming_from_a_pyreft_trainer_checkpoint_is_refused_before_any_weight_changes(tmp_path):
+    # pyreft's trainer puts every intervention parameter in the no-decay optimizer group; reft_fast's splits weights
+    # from biases. Resuming from pyreft's checkpoint loaded its weights in place, then failed in Trainer on
+    # optimizer.pt ("loaded state dict contains a parameter group that doesn't match the size of optimizer's group").
+    import shutil
+    from types import SimpleNamespace
+
+    import pytest
+
+    pyreft = pytest.importorskip("pyreft")
+    model_dir = make_model_dir(tmp_path / "model", layers=3)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    theirs = pyreft.get_reft_model(model, pyreft.ReftConfig(representations={
+        "layer": 1, "component": "block_output", "low_rank_dimension": 4,
+        "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4,
+                                                  dtype=torch.float32)}), set_device=False)
+    reft_model = get_reft_model(model, ReftConfig(representations={
+        "layer": 1, "component": "block_output", "low_rank_dimension": 4,
+        "intervention": LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=4)}))
+    examples = make_examples(8, seed=2)
+    data_module = make_last_position_supervised_data_module(tokenizer, model, [e["instruction"] for e in examples],
+                                                            [e["output"] for e in examples])
+    args = transformers.TrainingArguments(num_train_epochs=2, output_dir=str(tmp_path / "out"),
+                                          per_device_train_batch_size=8, learning_rate=2e-2, report_to=[],
+                                          use_cpu=True, save_strategy="epoch", seed=0)
+    trainer = ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=args, **data_module)
+    trainer.train()
+    ours, pyreft_checkpoint = tmp_path / "out" / "checkpoint-1", tmp_path / "pyreft" / "checkpoint-1"
+    shutil.copytree(ours, pyreft_checkpoint, ignore=shutil.ignore_patterns("intervenable_model", "optimizer.pt"))
+    pyreft.ReftTrainer.save_model(SimpleNamespace(model=theirs), str(pyreft_checkpoint))  # pyreft 0.1.0's own
+    optimizer = torch.optim.AdamW([{"params": [], "weight_decay": 0.0},  # pyreft's trainer's groups
+                                   {"params": list(theirs.parameters()), "weight_decay": 0.0}])
+    torch.save(optimizer.state_dict(), pyreft_checkpoint / "optimizer.pt")
+
+    before = _weights(reft_model)
+    with pytest.raises(ValueError, match="written by pyreft's trainer.*reft_model.load_intervention\\("):
+        trainer.train(resume_from_checkpoint=str(pyreft_checkpoint))
+    assert all(torch.equal(before[k], v) for k, v in _weights(reft_model).items())

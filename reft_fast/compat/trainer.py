@@ -32,6 +32,9 @@ import torch
 import transformers
 from torch.nn import functional as F
 
+from pathlib import Path
+
+from reft_fast.compat.pyreft import holds_pyreft_weights
 from reft_fast.train import data as engine_data
 
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
@@ -120,6 +123,15 @@ class ReftTrainer(transformers.Trainer):
                                              include_model=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        interventions = Path(resume_from_checkpoint, INTERVENTIONS_DIR)
+        if holds_pyreft_weights(interventions) or holds_pyreft_weights(Path(resume_from_checkpoint)):
+            # pyreft's trainer puts every intervention parameter in the no-decay group (its optimizer sees names
+            # that its weight-decay filter never lists), ours splits weights from biases as transformers does: its
+            # optimizer.pt cannot be loaded here, and Trainer would fail on it after the weights had changed.
+            raise ValueError(
+                f"{resume_from_checkpoint} was written by pyreft's trainer: its optimizer state groups the parameters "
+                "differently and cannot be resumed by reft_fast's trainer. Load its weights and start a new run "
+                f"instead: reft_model.load_intervention({str(interventions)!r}); trainer.train()")
         self._load_saved(resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
