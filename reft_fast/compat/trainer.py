@@ -26,13 +26,12 @@ trainer's (intkey_*.bin), or one written before this layout (the ReftModel direc
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
 import transformers
 from torch.nn import functional as F
-
-from pathlib import Path
 
 from reft_fast.compat.pyreft import holds_pyreft_weights
 from reft_fast.train import data as engine_data
