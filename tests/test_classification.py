@@ -302,6 +302,17 @@ def test_bad_labels_are_named(tmp_path):
         read_labelled_texts([{"sentence": "red", "label": 1}, {"sentence": "cat", "label": -1}], ClassificationConfig())
     with pytest.raises(ValueError, match=r"no text field among GLUE's names"):
         read_labelled_texts([{"body": "red", "label": 1}], ClassificationConfig())
+    # each error names the setting that reads the field
+    with pytest.raises(ValueError, match=r"row 0: no field 'label' \(fields: \['sentence', 'y'\]\); set "
+                                         r"classification\.label_field$"):
+        read_labelled_texts([{"sentence": "red", "y": 1}], ClassificationConfig())
+    with pytest.raises(ValueError, match=r"row 0: no field 'b' .*; set classification\.text_fields$"):
+        read_labelled_texts([{"a": "red", "label": 1}], ClassificationConfig(text_fields=["a", "b"]))
+    with pytest.raises(ValueError, match=r"row 0: 'sentence' is null, expected text \(classification\.text_fields\)$"):
+        read_labelled_texts([{"sentence": None, "label": 1}], ClassificationConfig())
+    with pytest.raises(ValueError, match=r"row 0: label 'positive' is not a class index \(text labels: list them "
+                                         r"in classification\.label_names\)$"):
+        read_labelled_texts([{"sentence": "red", "label": "positive"}], ClassificationConfig())
     pairs = read_labelled_texts([{"question": "q", "sentence": "s", "label": "1"}], ClassificationConfig())
     assert pairs == [{"texts": ("q", "s"), "label": 1}]  # QNLI's fields; a CSV's text label
     regression = ClassificationConfig(num_labels=1, problem_type="regression")

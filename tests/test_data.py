@@ -66,8 +66,8 @@ def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     rows = load_examples(tmp_path / "a.csv")  # an empty cell is an empty text
     assert [r["prompt"] for r in rows] == ["two\nlines", "third", "fourth"]
     (tmp_path / "b.csv").write_text('instruction,output\n"two\nlines",ok\nthird\n')
-    with pytest.raises(ValueError, match=r"b\.csv:4: field 'output' is NoneType, expected text"):
-        load_examples(tmp_path / "b.csv")  # a short record: its missing cell reads as None
+    with pytest.raises(ValueError, match=r"b\.csv:4: 1 value\(s\), but the header names 2 columns"):
+        load_examples(tmp_path / "b.csv")  # a short record: DictReader would give its missing cell as None
     (tmp_path / "c.csv").write_text('sentence,label\n"a\nb\nc",1\n\n\nd,x\n')  # blank lines: skipped, counted
     with pytest.raises(ValueError, match=r"c\.csv:7: label 'x' is not"):
         read_labelled_texts(tmp_path / "c.csv", ClassificationConfig())
@@ -297,3 +297,63 @@ def test_an_unknown_chat_template_value_names_the_accepted_ones():
     with pytest.raises(ConfigError, match=r"^data\.chat_template: expected true, false or auto \(the tokenizer's own "
                                           r"template when it has one\), got 'chatml'$"):
         config_from_dict({"data": {"chat_template": "chatml"}})
+
+
+def test_a_csv_record_with_more_or_fewer_values_than_columns_is_refused(tmp_path):
+    """An unquoted comma splits a value in two: csv.DictReader would put the second part in the next column and
+    keep the rest apart, so the example trained on a cut prompt and a wrong response without a word."""
+    (tmp_path / "d.csv").write_text('instruction,output\n"repeat : red, blue",red blue\nrepeat : sun, sky,sun sky\n')
+    with pytest.raises(ValueError, match=r"d\.csv:3: 3 value\(s\), but the header names 2 columns \(instruction, "
+                                         r"output\); put a value that holds a comma in double quotes"):
+        load_examples(tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_text('instruction,output\n"a\nb",c\nonly one\n')
+    with pytest.raises(ValueError, match=r"e\.csv:4: 1 value\(s\), but the header names 2 columns .*give each "
+                                         r"column a value"):
+        load_examples(tmp_path / "e.csv")
+
+
+def test_a_field_of_the_wrong_type_names_the_setting_that_reads_it(tmp_path):
+    rows = [{"instruction": "repeat : red", "output": "red"}, {"instruction": None, "output": "x"},
+            {"instruction": "repeat : sun", "output": 7}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: field 'instruction' is null, expected text "
+                                         r"\(data\.prompt_field\)$"):
+        load_examples(tmp_path / "d.jsonl")
+    with pytest.raises(ValueError, match=r"d\.jsonl:3: field 'output' is int, expected text \(data\.response_field\)$"):
+        load_examples(tmp_path / "d.jsonl", prompt_template="{output}")
+
+
+def test_a_field_inside_a_format_spec_is_read_like_any_other(tmp_path):
+    """``{answer:>{width}}`` reads ``width`` from the row too: a row without it is named, not a KeyError."""
+    (tmp_path / "d.jsonl").write_text(json.dumps({"instruction": "i", "answer": 7, "width": 3}) + "\n"
+                                      + json.dumps({"instruction": "i", "answer": 7}) + "\n")
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: no field 'width' .*; data\.response_template names it$"):
+        load_examples(tmp_path / "d.jsonl", response_template="{answer:>{width}}")
+    rows = [{"instruction": "i", "answer": 7, "width": 3}]
+    assert load_examples(rows, response_template="{answer:>{width}}")[0]["response"] == "  7"
+
+
+@pytest.mark.parametrize("override", ["data.prompt_template={instruction}", "data.response_template={answer}"])
+def test_a_template_read_as_a_yaml_mapping_says_to_quote_it(override):
+    from reft_fast.train.train_config import ConfigError, apply_overrides, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"expected a string or null, got dict .*; YAML reads text that starts "
+                                          r"with \{ as a mapping: quote it"):
+        config_from_dict(apply_overrides({}, [override]))
+
+
+def test_a_folder_given_as_a_data_file_is_named_as_a_folder(tmp_path):
+    from reft_fast.train.train_config import ConfigError, TrainConfig, validate
+
+    (tmp_path / "saved").mkdir()
+    for name, message in (("train_file", "data.hf_dataset reads a dataset folder"),
+                          ("eval_file", "give a JSON, JSONL or CSV file")):
+        cfg = TrainConfig()
+        cfg.model.path = "unused"
+        cfg.data.train_file = cfg.data.eval_file = None
+        setattr(cfg.data, name, str(tmp_path / "saved"))
+        if name == "eval_file":
+            (tmp_path / "t.jsonl").write_text("")
+            cfg.data.train_file = str(tmp_path / "t.jsonl")
+        with pytest.raises(ConfigError, match=rf"^data\.{name}: '.*saved' is a folder, not a data file; {message}"):
+            validate(cfg, check_model=False)

@@ -156,8 +156,13 @@ def _text_field(row: dict, name: str, at: str, setting: str) -> str:
     if name not in row:
         raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); set {setting}")
     if not isinstance(row[name], str):
-        raise ValueError(f"{at}: field {name!r} is {type(row[name]).__name__}, expected text")
+        raise ValueError(f"{at}: field {name!r} is {_type_name(row[name])}, expected text ({setting})")
     return row[name]
+
+
+def _type_name(value) -> str:
+    """A value's type in a message, as the data file spells it (JSON's null)."""
+    return "null" if value is None else type(value).__name__
 
 
 def fill_template(template: str, row: dict, at: str, setting: str) -> str:
@@ -169,7 +174,7 @@ def fill_template(template: str, row: dict, at: str, setting: str) -> str:
         if name not in row:
             raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); {setting} names it")
         if not isinstance(row[name], (str, int, float)):
-            raise ValueError(f"{at}: field {name!r} is {type(row[name]).__name__}, expected text or a number "
+            raise ValueError(f"{at}: field {name!r} is {_type_name(row[name])}, expected text or a number "
                              f"({setting} {template!r})")
     try:
         return template.format_map(row)
@@ -180,7 +185,7 @@ def fill_template(template: str, row: dict, at: str, setting: str) -> str:
 def template_fields(template: str, name: str) -> list[str]:
     """The field names a ``str.format`` template reads; only plain names (no indexing, no conversions)."""
     try:
-        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+        fields = _format_fields(template)
     except ValueError as err:
         raise ValueError(f"{name}: {err} in {template!r} (write a literal brace as {{{{ or }}}})") from None
     for field in fields:
@@ -191,16 +196,37 @@ def template_fields(template: str, name: str) -> list[str]:
     return fields
 
 
+def _format_fields(template: str) -> list[str]:
+    """The field names of a ``str.format`` template, those inside a format spec too (``{answer:>{width}}``)."""
+    fields = []
+    for _, field, spec, _ in string.Formatter().parse(template):
+        if field is not None:
+            fields += [field] + (_format_fields(spec) if spec and "{" in spec else [])
+    return fields
+
+
+_CSV_EXTRA = object()  # DictReader's key for the values past the header's columns
+
+
 def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     """The records of a CSV file and the line each starts on: the line its reading ended on, less the line breaks
-    inside its quoted values (blank lines before it, which the reader skips, are not part of it)."""
+    inside its quoted values (blank lines before it, which the reader skips, are not part of it). A record with more
+    or fewer values than the header has columns (an unquoted comma in a value) is refused: its values would land
+    in the wrong fields."""
     rows, lines = [], []
     with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, restkey=_CSV_EXTRA)
         for row in reader:
             values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
+            line = reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str))
+            if _CSV_EXTRA in row or None in values:  # DictReader keeps extra values apart, pads missing ones
+                count = sum(value is not None for value in values)
+                fix = ('put a value that holds a comma in double quotes ("a, b")' if _CSV_EXTRA in row
+                       else "give each column a value (an empty one as nothing between two commas)")
+                raise ValueError(f"{path}:{line}: {count} value(s), but the header names {len(reader.fieldnames)} "
+                                 f"columns ({', '.join(reader.fieldnames)}); {fix}")
             rows.append(row)
-            lines.append(reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str)))
+            lines.append(line)
     return rows, lines
 
 

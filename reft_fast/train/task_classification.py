@@ -86,7 +86,8 @@ def _label(value, c: ClassificationConfig, where: str):
         index = c.label_names.index(value) if c.label_names else int(value)
     except (TypeError, ValueError):
         expected = {"regression": "a finite number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
-            c.problem_type, f"one of {c.label_names}" if c.label_names else "a class index")
+            c.problem_type, f"one of {c.label_names}" if c.label_names
+            else "a class index (text labels: list them in classification.label_names)")
         raise ValueError(f"{where}: label {value!r} is not {expected}") from None
     if not 0 <= index < c.num_labels or (not c.label_names and float(value) != index):
         raise ValueError(f"{where}: label {value!r} is not a class index in [0, {c.num_labels}) (classification."
@@ -103,12 +104,15 @@ def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "tra
         if not isinstance(row, dict):
             raise ValueError(f"{here}: a {type(row).__name__}, expected an object")
         fields = _text_fields(row, c.text_fields, here)
-        for name in fields + (c.label_field,):
+        settings = {**dict.fromkeys(fields, "classification.text_fields"), c.label_field: "classification.label_field"}
+        for name, setting in settings.items():
             if name not in row:
-                raise ValueError(f"{here}: no field {name!r} (fields: {sorted(row)})")
+                raise ValueError(f"{here}: no field {name!r} (fields: {sorted(row)}); set {setting}")
         texts = tuple(row[name] for name in fields)
         if not all(isinstance(text, str) for text in texts):
-            raise ValueError(f"{here}: the text fields {list(fields)} must hold text")
+            kinds = ", ".join(f"{name!r} is {'null' if text is None else type(text).__name__}"
+                              for name, text in zip(fields, texts) if not isinstance(text, str))
+            raise ValueError(f"{here}: {kinds}, expected text (classification.text_fields)")
         examples.append({"texts": texts, "label": _label(row[c.label_field], c, here)})
     if not examples:
         raise ValueError(f"{where}: no examples")

@@ -293,6 +293,14 @@ def _kind_name(tp) -> str:
     return _KIND_NAMES.get(typing.get_origin(tp) or tp, str(tp))
 
 
+def _braces_hint(value: Any) -> str:
+    """Why a text in braces (a template such as ``{instruction}``) arrived as a mapping, and how to write it."""
+    if not isinstance(value, dict):
+        return ""
+    return ("; YAML reads text that starts with { as a mapping: quote it, as prompt_template: \"{instruction}\" in "
+            "the file or 'data.prompt_template=\"{instruction}\"' on the command line")
+
+
 def _check_value(name: str, value: Any, tp) -> Any:
     """Return ``value`` converted to ``tp`` where the conversion is lossless (int → float), else raise ConfigError."""
     origin = typing.get_origin(tp)
@@ -303,7 +311,8 @@ def _check_value(name: str, value: Any, tp) -> Any:
             except ConfigError as err:
                 if not str(err).startswith(f"{name}:"):  # the value has this option's shape; one item of it is wrong
                     raise
-        raise ConfigError(f"{name}: expected {_kind_name(tp)}, got {type(value).__name__} {value!r}")
+        hint = _braces_hint(value) if str in typing.get_args(tp) else ""
+        raise ConfigError(f"{name}: expected {_kind_name(tp)}, got {type(value).__name__} {value!r}{hint}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"{name}: expected null, got {value!r}")
@@ -333,7 +342,7 @@ def _check_value(name: str, value: Any, tp) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{name}: expected a string, got {type(value).__name__} {value!r}{_braces_hint(value)}")
         return value
     raise TypeError(f"{name}: unsupported field type {tp}")  # a programming error in this file, not in the config
 
@@ -873,7 +882,12 @@ def _check_data_sources(cfg: TrainConfig) -> None:
         raise ConfigError("data.train_file: required (or data.hf_dataset)")
     for name in ("train_file", "eval_file"):
         value = getattr(d, name)
-        if value is not None and not Path(resolve_data_path(value, cfg.base_dir)).is_file():
+        path = Path(resolve_data_path(value, cfg.base_dir)) if value is not None else None
+        if path is not None and path.is_dir():
+            folder_use = "data.hf_dataset reads a dataset folder (Dataset.save_to_disk)" if name == "train_file" \
+                else "give a JSON, JSONL or CSV file"
+            raise ConfigError(f"data.{name}: {value!r} is a folder, not a data file; {folder_use}")
+        if path is not None and not path.is_file():
             raise ConfigError(f"data.{name}: file {value!r} does not exist")
     if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
         raise ConfigError("data.hf_dataset: the `datasets` package is not installed")
