@@ -156,6 +156,13 @@ def test_eval_of_the_configs_eval_file_names_a_bad_row_by_its_line(trained_run, 
     bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"output": "no prompt here", "answer": "x"}])
     assert main(["eval", str(config), f"data.eval_file={bad}", "--family", "exact"]) == 2
     assert f"config error: data.eval_file: {bad}:2: expected a text field 'instruction'" in capsys.readouterr().err
+    # The rows held out of a training file are named by their lines in it too (they were "row i" of the held-out set).
+    no_prompts = write_jsonl(tmp_path / "train.jsonl", [{"output": f"o{i}", "answer": "x"} for i in range(8)])
+    seed = load_config(str(config)).training.seed
+    first_held_out = split_examples(list(range(8)), 0.25, seed)[1][0]
+    assert main(["eval", str(config), f"data.train_file={no_prompts}", "data.eval_fraction=0.25", "--family",
+                 "exact"]) == 2
+    assert f"{no_prompts}:{first_held_out + 1}: expected a text field" in capsys.readouterr().err
 
 
 def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):

@@ -485,7 +485,7 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
     """The rows of the config's eval set as training made it (``data.train_and_eval_examples``: the same file, or
     the same held-out fraction and seed; only the test part with data.selection_examples), where they come from, and
     a name for them."""
-    from reft_fast.train.data import load_rows, train_and_eval_examples, training_source
+    from reft_fast.train.data import RowSource, load_rows, train_and_eval_examples, training_source
     from reft_fast.train.train_config import resolve_data_path
 
     d = cfg.data
@@ -500,18 +500,21 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
         # a file's or a dataset folder's own name; a Hub dataset's id made a file name (nyu-mll/glue:sst2)
         stem = Path(source).stem if d.train_file or Path(source).is_dir() else re.sub(r"[/:]", "_", str(source))
         name = f"{stem}-heldout"
-    named_sources = []  # what load_rows read, each able to name its rows' lines (RowSource)
+    read_sources = []  # (rows, RowSource) of what load_rows read
 
     def read(source, split):
         rows, named = load_rows(source, hf_split=split)
-        named_sources.append(named)
+        read_sources.append((rows, named))
         return rows
 
     _, rows = train_and_eval_examples(d, cfg.base_dir, cfg.training.seed, read, eval_part="test", read_train=False)
     if d.selection_examples is not None:  # training evaluated on the selection part: this is the other one
         where, name = f"{where}, test part", f"{name}-test"
-    elif d.eval_file:  # the file's rows in their order: messages name each by its line
-        where = named_sources[-1]
+    read_rows, named = read_sources[-1]
+    if named.lines is not None:  # a file: each row, held out or a part, is named by its own line, as training names it
+        line_of = {id(row): line for row, line in zip(read_rows, named.lines)}
+        if all(id(row) in line_of for row in rows):
+            where = RowSource(str(named), [line_of[id(row)] for row in rows])
     return rows, where, name
 
 
