@@ -210,6 +210,15 @@ def test_a_system_prompt_without_a_chat_template_is_refused(chat_template, has_t
                           system_prompt="be brief")
 
 
+def test_chat_template_true_on_a_tokenizer_without_one_names_the_tokenizer_and_the_way_out():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.name_or_path = "runs/tiny-tokenizer"
+    with pytest.raises(ValueError, match=r"^data.chat_template is true but the tokenizer \(runs/tiny-tokenizer\) has "
+                                         r"no chat template; set it to auto"):
+        SupervisedDataset([{"prompt": "repeat : red", "response": "red"}], tokenizer, chat_template=True)
+
+
 def test_a_format_spec_that_does_not_fit_a_value_names_the_row(tmp_path):
     """``{answer:.2f}`` formats a JSON number; over a CSV's text value it fails, and the error says where."""
     (tmp_path / "d.csv").write_text("instruction,answer\nrepeat : one,1.5\n")

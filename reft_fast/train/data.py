@@ -421,7 +421,9 @@ def train_and_eval_examples(data, base_dir: Optional[str], seed: int, read: Call
 def _use_chat_template(tokenizer, chat_template: Optional[bool]) -> bool:
     has = getattr(tokenizer, "chat_template", None) is not None
     if chat_template and not has:
-        raise ValueError("data.chat_template is true but the tokenizer has no chat template")
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise ValueError(f"data.chat_template is true but the tokenizer ({name}) has no chat template; set it to auto "
+                         "(plain text where there is none) or false")
     return has if chat_template is None else bool(chat_template)
 
 
