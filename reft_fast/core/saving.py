@@ -97,7 +97,7 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     config = {"format": FORMAT, "format_version": 1, "interventions": _intervention_entries(reft_model),
               "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
               "model": model_signature(reft_model.model)}
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    replace_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2))  # as the weights: never torn by a kill
     _save_safetensors(_unshared_cpu_tensors(reft_model.interventions.state_dict()), directory / WEIGHTS_NAME)
     if include_model:
         save_trainable_base(reft_model.model, directory)
