@@ -18,6 +18,7 @@ from reft_fast.train.loss import to_device
 from reft_fast.train.packing import block_causal_mask, pack_rows, packed_model_inputs
 
 from dist.tiny import make_tokenizer
+from memory import profiled_peak_bytes
 
 VOCAB = len(make_tokenizer())
 LAYERS = [0, 1]  # of 3: every intervention reaches a labelled token
@@ -203,6 +204,34 @@ def test_block_causal_mask_keeps_segments_apart_and_padding_to_itself():
                              [0, 0, 1, 1, 0],
                              [0, 0, 0, 0, 1]], dtype=torch.bool)
     assert torch.equal(mask, expected)
+
+
+def test_a_packed_step_keeps_one_mask_for_all_layers():
+    """SDPA given a boolean mask converts it to the query's dtype at every call, and each layer keeps its copy for
+    backward (1.1 MiB per layer here). The additive mask is made once and shared: what a packed step takes beyond a
+    padded one of the same shape is that mask (1.1 MiB) and the boolean one it is made from, whatever the number of
+    layers."""
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    base.requires_grad_(False).get_input_embeddings().weight.requires_grad_(True)
+    rows, length = 2, 384
+    ids = torch.randint(3, VOCAB, (rows, length))
+    halves = torch.arange(length) // (length // 2)
+    packed = {"input_ids": ids, "position_ids": (torch.arange(length) % (length // 2)).expand(rows, length),
+              "segment_ids": (halves + 1).expand(rows, length)}
+
+    def packed_step():
+        base(**packed_model_inputs(packed, base), labels=ids, use_cache=False).loss.backward()
+
+    def padded_step():
+        base(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
+
+    packed_step(), padded_step()  # the embeddings' gradient exists in both measured steps
+    extra = profiled_peak_bytes(packed_step) - profiled_peak_bytes(padded_step)
+    additive, boolean = rows * length * length * 4, rows * length * length
+    assert extra <= 1.25 * (additive + boolean), extra / 2**20
 
 
 # A flash-like attention in plain torch: the varlen contract of flash_attn_varlen_func (the rows laid end to end, cut

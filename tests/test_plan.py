@@ -1,13 +1,10 @@
 """`reft-fast plan`: the memory estimate shows Llama-2-70B LoReFT fitting 8×80 GB only with ZeRO-3, and its parts equal\nwhat a tiny Llama really allocates (weights, interventions, AdamW states exactly; activations within a stated tolerance)."""
 
-import json
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from torch.profiler import ProfilerActivity, profile
 
 from reft_fast.core.model import find_decoder_layers
 from reft_fast.core.positions import intervention_locations
@@ -15,6 +12,8 @@ from reft_fast.train.cli import main
 from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model
 from reft_fast.train.plan import GIB, format_plan, plan_memory
 from reft_fast.train.train_config import layer_list, load_config
+
+from memory import profiled_peak_bytes
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -136,20 +135,6 @@ def test_intervention_and_adamw_bytes_are_those_of_one_real_step(tiny_model_dir,
         assert stages[(2, True)].cpu == state_bytes / gpus
 
 
-def _profiled_peak_bytes(fn) -> int:
-    """Peak bytes that fn() had allocated at once beyond what existed before it, from the CPU allocator's running total
-    that torch.profiler records with each allocation (profile_memory=True; its "[memory]" trace events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as folder:
-        trace = Path(folder) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    assert totals, "the profiler recorded no allocation"
-    return max(totals)
-
-
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, checkpointing):
@@ -182,7 +167,7 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
         reft_model(batch, intervention_locations=locations, labels=ids.masked_fill(mask == 0, -100))[1].loss.backward()
 
     step()  # the first step allocates the gradients of the parameters and any lazily built state
-    measured = _profiled_peak_bytes(step)
+    measured = profiled_peak_bytes(step)
     planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
     low, high = (0.6, 1.0) if checkpointing else (0.9, 1.1)
     assert low * planned <= measured <= high * planned, (measured, planned, measured / planned)
@@ -197,6 +182,22 @@ def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
     assert [s.activations for s in pairs.stages] == [s.activations for s in rows.stages]
     assert [s.activations_checkpointed for s in pairs.stages] == [s.activations_checkpointed for s in rows.stages]
     assert f"micro-batch {BATCH} pairs = {2 * BATCH} rows" in format_plan(pairs)
+
+
+@pytest.mark.parametrize("attention,dtype,mask_bytes", [
+    ("sdpa", "bfloat16", 2), ("eager", "float32", 4), ("flex_attention", "bfloat16", 0),
+])
+def test_a_packed_micro_batch_adds_its_attention_mask(tiny_model_dir, attention, dtype, mask_bytes):
+    """data.packing under SDPA or eager attention adds one [rows, 1, T, T] additive mask in the base dtype, shared by
+    the layers (tests/test_packing.py measures that a packed step takes that and no more); flex attention builds its
+    own block mask from the position ids."""
+    overrides = (f"model.attn_implementation={attention}", f"model.dtype={dtype}")
+    padded = plan_memory(_tiny_config(tiny_model_dir, *overrides), 1)
+    packed = plan_memory(_tiny_config(tiny_model_dir, *overrides, "data.packing=true"), 1)
+    mask = BATCH * SEQ * SEQ * mask_bytes
+    for before, after in zip(padded.stages, packed.stages, strict=True):
+        assert after.activations - before.activations == mask
+        assert after.activations_checkpointed - before.activations_checkpointed == mask
 
 
 @pytest.mark.parametrize("overrides,zero3_listed", [

@@ -42,10 +42,11 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["MASK_ATTENTION", "pack_rows", "packed_model_inputs", "packing_attention", "block_causal_mask"]
+__all__ = ["MASK_ATTENTION", "additive_mask", "block_causal_mask", "pack_rows", "packed_model_inputs",
+           "packing_attention"]
 
 # The attention implementations a block-diagonal 4-D mask reaches unchanged: transformers hands a ready 4-D mask to
-# the attention function as is (masking_utils, 5.24); SDPA takes it as a boolean mask, eager adds it to the scores.
+# the attention function as is (masking_utils, 5.24); both take it additive (``additive_mask``).
 MASK_ATTENTION = ("sdpa", "eager")
 
 
@@ -128,12 +129,17 @@ def packed_model_inputs(batch: dict, base_model) -> dict:
         raise ValueError(f"data.packing needs model.attn_implementation to be one of {list(MASK_ATTENTION)}, "
                          f"flex_attention or a flash attention (packed examples must not attend to each other), the "
                          f"model uses {implementation!r}")
-    allowed = block_causal_mask(batch["segment_ids"])
-    if implementation == "eager":  # eager attention adds the mask to the scores
-        dtype = next(base_model.parameters()).dtype
-        dtype = dtype if dtype.is_floating_point else torch.float32
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed
-    return {**inputs, "attention_mask": mask}
+    return {**inputs, "attention_mask": additive_mask(block_causal_mask(batch["segment_ids"]), base_model)}
+
+
+def additive_mask(allowed: torch.Tensor, base_model) -> torch.Tensor:
+    """``allowed`` as the additive mask both SDPA and eager attention take: 0 where a token may attend, the dtype's
+    lowest value elsewhere, in the dtype of the hidden states (the embeddings'), which SDPA needs it in.
+
+    Given a boolean mask, torch's SDPA converts it to the query's dtype at every call, and each layer's attention
+    keeps its own converted copy for backward: measured on this CPU (torch 2.13, 2026-11-29, tiny Llama, 4 rows of
+    512 tokens, fp32) a packed step took 4 MiB more per layer than with one additive mask, which every layer shares.
+    At 4 rows of 4096 tokens in bf16 that copy is 128 MiB per layer."""
+    dtype = base_model.get_input_embeddings().weight.dtype
+    dtype = dtype if dtype.is_floating_point else torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)

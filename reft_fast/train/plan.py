@@ -18,6 +18,8 @@ any architecture. The rest is arithmetic, per GPU:
   Backward holds one layer's gradients in flight on top (counted as one layer's activations, in both cases), and
   the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
   is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
+  A packed micro-batch (``data.packing``) under SDPA or eager attention adds its block-diagonal mask: rows × T × T in
+  the base dtype, made once and shared by every layer (``packing.additive_mask``); flash and flex attention take none.
 
 Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` of the backbone is stored quantized, as
 ``train.loading`` loads it; the LM head or classifier head, embeddings, norms and biases stay in model.dtype. Bytes of
@@ -54,6 +56,7 @@ from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.loading import linears_outside_backbone, meta_model
+from reft_fast.train.packing import packing_attention
 from reft_fast.train.train_config import ConfigError, TrainConfig, layer_list, validate
 from reft_fast.train.tasks import make_task
 
@@ -173,9 +176,11 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     tokens = cfg.training.micro_batch_size * rows_per_example * cfg.data.max_length
     logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
     in_flight = tokens * per_token_layer  # one layer's gradients during backward
-    activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized
+    packed = cfg.data.packing and packing_attention(cfg.model.attn_implementation) == "mask"
+    mask = tokens * cfg.data.max_length * dtype_bytes if packed else 0
+    activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized + mask
     checkpointed = (tokens * trained * d * dtype_bytes + tokens * (per_token_layer + int8_inputs) + in_flight + logits
-                    + dequantized)
+                    + dequantized + mask)
     return activations, checkpointed
 
 
