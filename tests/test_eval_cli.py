@@ -228,3 +228,28 @@ def test_eval_holds_out_of_a_hugging_face_training_set_as_training_did(trained_r
     assert [(p["prompt"], p["gold"]) for p in _predictions(held_out)] == [
         (row["instruction"], row["output"]) for row in expected]
     assert {p["task"] for p in _predictions(held_out)} == {"hf-heldout"}
+
+
+def test_eval_data_reads_a_dataset_folders_split(trained_run, tmp_path, capsys):
+    """--data a folder written by Dataset.save_to_disk is scored on the one split it holds (it was refused: "holds
+    one split, 'train', not 'test'"); --split picks a split of a dataset and is refused where it would pick nothing."""
+    datasets = pytest.importorskip("datasets")
+    config, _, _, rows = trained_run
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "saved.jsonl"
+    assert main(["eval", str(config), "--data", str(tmp_path / "saved"), "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    assert [p["prompt"] for p in _predictions(out)] == [row["instruction"] for row in rows]
+    # a dataset folder of split files (read by load_dataset): --split names which one
+    (tmp_path / "hub").mkdir()
+    write_jsonl(tmp_path / "hub" / "test.jsonl", rows[:2])
+    write_jsonl(tmp_path / "hub" / "validation.jsonl", rows[2:5])
+    assert main(["eval", str(config), "--data", str(tmp_path / "hub"), "--split", "validation", "--out", str(out),
+                 "--max-new-tokens", "2"]) == 0
+    assert [p["prompt"] for p in _predictions(out)] == [row["instruction"] for row in rows[2:5]]
+    capsys.readouterr()
+    assert main(["eval", str(config), "--data", str(tmp_path / "saved"), "--split", "test"]) == 2
+    assert "holds one split, 'train', not 'test'" in capsys.readouterr().err
+    for data in ([], ["--data", str(tmp_path / "hub" / "test.jsonl")]):
+        assert main(["eval", str(config), *data, "--split", "validation"]) == 2
+        assert "--split: picks the split of a Hugging Face dataset given as --data" in capsys.readouterr().err

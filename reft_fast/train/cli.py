@@ -91,6 +91,8 @@ def _add_eval_parser(sub) -> None:
     evaluate.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides of the config")
     evaluate.add_argument("--data", help="JSON/JSONL of prompts and gold answers (default: data.eval_file, else the "
                                          "held-out data.eval_fraction of data.train_file)")
+    evaluate.add_argument("--split", help="the split of a Hugging Face dataset given as --data (default: test; for a "
+                                          "folder written by Dataset.save_to_disk, the one split it holds)")
     evaluate.add_argument("--family", choices=FAMILIES, default=None,
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
     evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
@@ -464,6 +466,7 @@ def _eval_target(args):
 def _eval_examples(cfg, args):
     """The examples to score and a name for them: --data, else the config's eval set as training made it
     (data.eval_file or the held-out data.eval_fraction), only its test part with data.selection_examples."""
+    from reft_fast.train.data import saved_split
     from reft_fast.train.evaluation import eval_examples_from_rows, load_eval_examples
 
     d = cfg.data
@@ -473,7 +476,8 @@ def _eval_examples(cfg, args):
         raise ConfigError("--data: required (the config has no data.eval_file and no data.eval_fraction to hold out)")
     try:
         if args.data:
-            return load_eval_examples(args.data, **fields), Path(args.data).stem
+            split = args.split or saved_split(args.data) or "test"
+            return load_eval_examples(args.data, hf_split=split, **fields), Path(args.data).stem
         rows, where, name = _config_eval_rows(cfg)
         return eval_examples_from_rows(rows, where, default_task=name, **fields), name
     except ValueError as err:
@@ -526,6 +530,9 @@ def _evaluate(args) -> None:
         write_predictions
     from reft_fast.train.task_eval import scored_part
 
+    if args.split and not (args.data and not Path(args.data).is_file()):  # else silently unused
+        given = f"--data {args.data} is a file" if args.data else "no --data is given"
+        raise ConfigError(f"--split: picks the split of a Hugging Face dataset given as --data; {given}")
     cfg, reft_dir, run_dir = _eval_target(args)
     if cfg.task != "causal_lm":
         _evaluate_task(args, cfg, reft_dir, run_dir)

@@ -53,6 +53,7 @@ __all__ = [
     "SELECTION_RULES",
     "selection_and_test_parts",
     "selection_size",
+    "saved_split",
     "split_examples",
     "template_fields",
     "train_and_eval_examples",
@@ -105,6 +106,17 @@ def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "trai
             return _saved_split_rows(datasets.load_from_disk(name), name, hf_split), RowSource(f"{source}[{hf_split}]")
         return list(datasets.load_dataset(name, subset or None, split=hf_split)), RowSource(f"{source}[{hf_split}]")
     return list(source), RowSource("the given examples")
+
+
+def saved_split(source: Union[str, Path]) -> Optional[str]:
+    """The one split a folder written by ``Dataset.save_to_disk`` holds (``train`` for a dataset saved without one),
+    or None when ``source`` is no such folder."""
+    name = str(source).partition(":")[0]
+    if not (Path(name) / "state.json").is_file():
+        return None
+    import datasets
+
+    return str(datasets.load_from_disk(name).split or "train")
 
 
 def _saved_split_rows(dataset, folder: str, split: str) -> list:
