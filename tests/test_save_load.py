@@ -581,3 +581,23 @@ def test_load_intervention_of_a_directory_without_weights_says_so(tmp_path):
     with pytest.raises(ReftLoadError, match="holds neither a reft_fast config.json .* nor the weights of a "
                                             "registered format \\(\\['pyreft'\\]\\)"):
         reft_model.load_intervention(tmp_path)
+
+
+def test_format_version_is_2_only_with_shared_weights_and_a_newer_one_is_refused(tmp_path):
+    """A directory with a shared intervention is written as format_version 2 (version 1 has no "shared_with"), any
+    other stays version 1, readable by older versions; a version this reader does not know is refused by name (it was
+    read as if it were version 1)."""
+    from reft_fast import LoreftIntervention
+
+    shared = LoreftIntervention(embed_dim=32, low_rank_dimension=2)
+    get_reft_model(_model(), ReftConfig([{"layer": layer, "component": "block_output", "intervention": shared}
+                                         for layer in (0, 2)])).save(tmp_path / "shared")
+    get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1])).save(tmp_path / "plain")
+    assert json.loads((tmp_path / "shared" / "config.json").read_text())["format_version"] == 2
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert config["format_version"] == 1
+    config["format_version"] = 3
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ReftLoadError, match="has format_version 3, and this reft_fast reads versions 1, 2: it was "
+                                            "written by a newer reft_fast"):
+        ReftModel.load(tmp_path / "plain", _model())

@@ -45,7 +45,10 @@ BASE_TRAINABLE_NAME = "base_trainable.safetensors"  # the base's trained paramet
 FORMAT = "reft_fast"
 # An entry of config.json's "interventions" that is the same module as an earlier entry names that entry's key here.
 SHARED_WITH = "shared_with"
-
+# config.json's "format_version": 1, or 2 when an entry names another in SHARED_WITH (a reader of version 1 cannot
+# tie them). A directory is written at the lowest version that describes it, so older readers keep reading the rest.
+FORMAT_VERSION_SHARED = 2
+READS_FORMAT_VERSIONS = (1, FORMAT_VERSION_SHARED)
 
 
 class ReftLoadError(ValueError):
@@ -94,7 +97,9 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     ``hf_repo_name``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, "format_version": 1, "interventions": _intervention_entries(reft_model),
+    entries = _intervention_entries(reft_model)
+    version = FORMAT_VERSION_SHARED if any(SHARED_WITH in entry for entry in entries) else 1
+    config = {"format": FORMAT, "format_version": version, "interventions": entries,
               "positions": reft_model.reft_config.positions, "share_weights": reft_model.reft_config.share_weights,
               "model": model_signature(reft_model.model)}
     replace_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2))  # as the weights: never torn by a kill
@@ -201,6 +206,11 @@ def _read_config(config_path: Path) -> dict:
     if not isinstance(config, dict):
         raise ReftLoadError(f"{config_path} holds a JSON {type(config).__name__}, not an object: not a saved ReFT "
                             "model")
+    version = config.get("format_version", 1)
+    if config.get("format") == FORMAT and version not in READS_FORMAT_VERSIONS:
+        raise ReftLoadError(f"{config_path} has format_version {version!r}, and this reft_fast reads versions "
+                            f"{', '.join(map(str, READS_FORMAT_VERSIONS))}: it was written by a newer reft_fast; "
+                            "upgrade reft_fast to load it")
     return config
 
 
