@@ -196,6 +196,17 @@ def test_pack_rows_first_fit_decreasing_and_its_errors():
         pack_rows([3, 9], capacity=8)
 
 
+def test_the_additive_mask_rows_are_aligned_for_cuda_sdpa():
+    """An odd row length still gives mask rows that start at multiples of 16 elements, with the block mask's values."""
+    base = _base("llama")
+    segments = torch.tensor([[1] * 7 + [2] * 9 + [0] * 5])
+    mask = packed_model_inputs({"input_ids": torch.zeros_like(segments), "position_ids": torch.zeros_like(segments),
+                                "segment_ids": segments}, base)["attention_mask"]
+    assert mask.shape == (1, 1, 21, 21) and mask.stride()[:-1] == (21 * 32, 21 * 32, 32) and mask.dtype == torch.float32
+    assert torch.equal(mask == 0, block_causal_mask(segments))
+    assert torch.all(mask[mask != 0] == torch.finfo(torch.float32).min)
+
+
 def test_block_causal_mask_keeps_segments_apart_and_padding_to_itself():
     mask = block_causal_mask(torch.tensor([[1, 1, 2, 2, 0]]))[0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0],
@@ -228,6 +239,8 @@ def test_a_packed_step_keeps_one_mask_for_all_layers():
     def padded_step():
         base(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss.backward()
 
+    mask = packed_model_inputs(packed, base)["attention_mask"]
+    assert mask.shape == (rows, 1, length, length) and mask.stride(-2) % 16 == 0  # CUDA SDPA would copy it if not
     packed_step(), padded_step()  # the embeddings' gradient exists in both measured steps
     extra = profiled_peak_bytes(packed_step) - profiled_peak_bytes(padded_step)
     additive, boolean = rows * length * length * 4, rows * length * length

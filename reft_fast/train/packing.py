@@ -48,6 +48,7 @@ __all__ = ["MASK_ATTENTION", "additive_mask", "block_causal_mask", "pack_rows", 
 # The attention implementations a block-diagonal 4-D mask reaches unchanged: transformers hands a ready 4-D mask to
 # the attention function as is (masking_utils, 5.24); both take it additive (``additive_mask``).
 MASK_ATTENTION = ("sdpa", "eager")
+MASK_ALIGNMENT = 16  # elements; see additive_mask
 
 
 def packing_attention(implementation) -> str | None:
@@ -139,7 +140,15 @@ def additive_mask(allowed: torch.Tensor, base_model) -> torch.Tensor:
     Given a boolean mask, torch's SDPA converts it to the query's dtype at every call, and each layer's attention
     keeps its own converted copy for backward: measured on this CPU (torch 2.13, 2026-11-29, tiny Llama, 4 rows of
     512 tokens, fp32) a packed step took 4 MiB more per layer than with one additive mask, which every layer shares.
-    At 4 rows of 4096 tokens in bf16 that copy is 128 MiB per layer."""
+    At 4 rows of 4096 tokens in bf16 that copy is 128 MiB per layer.
+
+    Each mask row starts at a multiple of 16 elements (the rows are allocated that long and sliced to T): on CUDA,
+    torch's SDPA hands a mask whose strides are not multiples of its alignment (8 elements in torch 2.13, 16 in
+    earlier releases) to the memory-efficient kernel as a padded copy, made at every call (attention.cpp,
+    preprocess_mask)."""
     dtype = base_model.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    length = allowed.shape[-1]
+    rows = torch.zeros(*allowed.shape[:-1], -(-length // MASK_ALIGNMENT) * MASK_ALIGNMENT, dtype=dtype,
+                       device=allowed.device)
+    return rows[..., :length].masked_fill_(~allowed, torch.finfo(dtype).min)
