@@ -11,7 +11,7 @@ speed does not depend on them, and the loss comparison needs only that both mode
 Each mode runs the same micro-batches (the same examples, in the same order, from the same intervention weights) in
 its own child process (so that its peak memory is its own), ``--rounds`` times in the order padded, packed, packed,
 padded (a load that drifts on a shared machine weighs on both modes alike), with reft-fast's ReftDataCollator
-(padded, or packed with ``pack_length=max_length``), ``trim_to_labels`` and ``packed_model_inputs`` as the recipe
+(padded, or packed with ``pack_length=max_length``), ``trim_to_labels`` and ``causal_model_inputs`` as the recipe
 uses them, a ReftModel with the demo's interventions (reft_fast/demo/demo.yaml: LoReFT r4 at layers 8 and 16, f3+l3
 shared) and torch AdamW over the intervention parameters: a plain loop (forward, backward, optimizer step), not the
 DeepSpeed engine. The first step is a warm-up, not timed.
@@ -48,8 +48,8 @@ from reft_fast.core.config import ReftConfig  # noqa: E402
 from reft_fast.core.model import get_reft_model  # noqa: E402
 from reft_fast.train.cli import positive_int  # noqa: E402
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator  # noqa: E402
-from reft_fast.train.loss import trim_to_labels  # noqa: E402
-from reft_fast.train.packing import pack_rows, packed_model_inputs  # noqa: E402
+from reft_fast.train.loss import causal_model_inputs, trim_to_labels  # noqa: E402
+from reft_fast.train.packing import pack_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEDIAN_LENGTH, SIGMA = 150, 0.75
@@ -175,10 +175,7 @@ def run_mode(args) -> dict:
         chunk = items[step * args.micro_batch: (step + 1) * args.micro_batch]
         batch = trim_to_labels(collator(chunk))
         started = time.perf_counter()
-        if "segment_ids" in batch:
-            inputs = packed_model_inputs(batch, reft.model)
-        else:
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        inputs = causal_model_inputs(batch, reft.model)  # what training passes, packed or padded
         _, out = reft(inputs, intervention_locations=batch["intervention_locations"], labels=batch["labels"],
                       logits_to_keep=batch.get("logits_to_keep", 0))
         out.loss.backward()

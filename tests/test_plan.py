@@ -10,6 +10,7 @@ from reft_fast.core.model import find_decoder_layers
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.cli import main
 from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model
+from reft_fast.train.loss import causal_model_inputs
 from reft_fast.train.plan import GIB, format_plan, plan_memory
 from reft_fast.train.train_config import layer_list, load_config
 
@@ -139,7 +140,8 @@ def test_intervention_and_adamw_bytes_are_those_of_one_real_step(tiny_model_dir,
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, checkpointing):
     """One forward + backward of the tiny Llama with LoReFT at layers 1 and 3, a right-padded batch (as the collator
-    makes: transformers' SDPA then repeats k and v to every head), measured on the CPU allocator.
+    makes), given to the base as training gives it (``causal_model_inputs``: no padding mask, so transformers' SDPA
+    keeps k and v grouped), measured on the CPU allocator.
 
     Tolerance: without checkpointing the plan counts the tensors autograd saves by formula (exact to within the small
     ones it leaves out: RMSNorm's rsqrt, SDPA's log-sum-exp, the edited rows) and one layer's gradients in flight for
@@ -163,7 +165,7 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     def step():
         for p in params:
             p.grad = None
-        batch = {"input_ids": ids, "attention_mask": mask}
+        batch = causal_model_inputs({"input_ids": ids, "attention_mask": mask}, base)
         reft_model(batch, intervention_locations=locations, labels=ids.masked_fill(mask == 0, -100))[1].loss.backward()
 
     step()  # the first step allocates the gradients of the parameters and any lazily built state
@@ -184,20 +186,23 @@ def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
     assert f"micro-batch {BATCH} pairs = {2 * BATCH} rows" in format_plan(pairs)
 
 
-@pytest.mark.parametrize("attention,dtype,mask_bytes", [
-    ("sdpa", "bfloat16", 2), ("eager", "float32", 4), ("flex_attention", "bfloat16", 0),
-])
-def test_a_packed_micro_batch_adds_its_attention_mask(tiny_model_dir, attention, dtype, mask_bytes):
+@pytest.mark.parametrize("dtype,mask_bytes", [("bfloat16", 2), ("float32", 4)])
+def test_a_packed_micro_batch_adds_its_attention_mask(tiny_model_dir, dtype, mask_bytes):
     """data.packing under SDPA or eager attention adds one [rows, 1, T, T] additive mask in the base dtype, shared by
-    the layers (tests/test_packing.py measures that a packed step takes that and no more); flex attention builds its
-    own block mask from the position ids."""
-    overrides = (f"model.attn_implementation={attention}", f"model.dtype={dtype}")
-    padded = plan_memory(_tiny_config(tiny_model_dir, *overrides), 1)
-    packed = plan_memory(_tiny_config(tiny_model_dir, *overrides, "data.packing=true"), 1)
+    the layers (tests/test_packing.py measures that a packed step takes that and no more). Under that mask SDPA gets
+    k and v repeated to every head, as eager attention always does, so packed SDPA plans as packed eager; padded, SDPA
+    gets no mask and keeps them grouped. Flex attention builds its own block mask from the position ids."""
+    def activations(attention, *more):
+        plan = plan_memory(_tiny_config(tiny_model_dir, f"model.attn_implementation={attention}",
+                                        f"model.dtype={dtype}", *more), 1)
+        return [(s.activations, s.activations_checkpointed) for s in plan.stages]
+
     mask = BATCH * SEQ * SEQ * mask_bytes
-    for before, after in zip(padded.stages, packed.stages, strict=True):
-        assert after.activations - before.activations == mask
-        assert after.activations_checkpointed - before.activations_checkpointed == mask
+    packed_eager, padded_eager = activations("eager", "data.packing=true"), activations("eager")
+    assert [(a - mask, c - mask) for a, c in packed_eager] == padded_eager
+    assert activations("sdpa", "data.packing=true") == packed_eager
+    assert all(a < eager_a and c < eager_c for (a, c), (eager_a, eager_c) in zip(activations("sdpa"), padded_eager))
+    assert activations("flex_attention", "data.packing=true") == activations("flex_attention")
 
 
 @pytest.mark.parametrize("overrides,zero3_listed", [
@@ -239,8 +244,8 @@ def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
 
     def step():
         optimizer.zero_grad(set_to_none=False)
-        reft_model({"input_ids": ids, "attention_mask": mask}, intervention_locations=locations,
-                   labels=ids.masked_fill(mask == 0, -100))[1].loss.backward()
+        reft_model(causal_model_inputs({"input_ids": ids, "attention_mask": mask}, base),
+                   intervention_locations=locations, labels=ids.masked_fill(mask == 0, -100))[1].loss.backward()
         optimizer.step()
 
     step()  # gradients and AdamW's moments now exist, as in every later step

@@ -39,8 +39,11 @@ from launch_count import DeviceWork
 # device and reads none; torch's other AdamW implementations keep it on the host and read it every step.)
 HOST_ONLY_READS = {("reft_fast/core/positions.py", "check_locations"), ("reft_fast/ops/__init__.py", "draw_seed")}
 # Syncs of a library the step calls, real on a GPU, excluded here by name (path suffix, function): transformers 5.24
-# reads a padded attention mask each forward to decide whether SDPA may run without it (``fast_all``).
-LIBRARY_SYNCS = {("transformers/masking_utils.py", "_ignore_causal_mask_sdpa")}
+# reads the position ids of a forward given no attention mask and no cache (a padded causal batch in training:
+# ``loss.causal_model_inputs``) once, to see whether they restart (packed sequences). Given a padding mask it read
+# that twice instead, to decide whether SDPA may run without it (``_ignore_causal_mask_sdpa``).
+LIBRARY_SYNCS = {("transformers/masking_utils.py", "find_packed_sequence_indices"),
+                 ("transformers/masking_utils.py", "_ignore_causal_mask_sdpa")}
 # Ops that synchronize inside their CUDA kernel (invisible on the CPU): name → why.
 CUDA_SYNCING_OPS = {"_linalg_eigh": "torch.linalg.eigh waits for the device on CUDA (torch's documentation)",
                     "_linalg_check_errors": "reads the info tensor of a factorization (torch.linalg.cholesky, ...)"}
@@ -102,8 +105,8 @@ def test_a_training_step_never_waits_for_the_device(recipe):
     assert recipe.engine.zero_optimization_stage() == 0 and recipe.world == 1 and recipe.accumulation == 2
     unread, device_syncs, cuda_syncs, library_syncs = _count(lambda: recipe.train_step(1))
     assert device_syncs == [], device_syncs
-    # transformers' mask check: 2 reads per forward of a padded batch, 2 micro-batches (a sync per forward on a GPU).
-    assert len(library_syncs) == 4, library_syncs
+    # transformers' packed-sequence check: 1 read per forward, 2 micro-batches (a sync per forward on a GPU).
+    assert len(library_syncs) == 2, library_syncs
     # The polar map's eigh is the one sync of a polar step on CUDA; the cholesky map has none at all.
     assert cuda_syncs == ["aten._linalg_eigh"]
     assert isinstance(unread.loss_sum, torch.Tensor) and unread.step == 2

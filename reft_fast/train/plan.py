@@ -12,9 +12,10 @@ any architecture. The rest is arithmetic, per GPU:
   an edit of a layer's block output leaves that layer's own activations unsaved too). The base is frozen, so its
   linear layers keep none of their inputs. Without checkpointing, per token and layer: the fp32 inputs of the two
   RMSNorms (they compute in fp32 whatever the base dtype), and in the base dtype what SDPA keeps (q, k, v and its
-  output; k and v repeated to every query head, as transformers' SDPA path does whenever a padding mask is present:
-  2·d + 2·d) and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); attention is SDPA/flash, so no T×T
-  scores are kept. With checkpointing: one d-vector per token per layer, plus one layer recomputed at a time.
+  output: 2·d + 2·kv, where kv is the grouped k/v width when SDPA gets no mask (a padded causal-LM or preference
+  batch: ``loss.causal_model_inputs``; transformers then passes ``enable_gqa``) or under flash attention, and d when a
+  mask makes transformers repeat k and v to every query head (a packed batch, or classification's padding mask))
+  and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); attention is SDPA/flash, so no T×T scores are kept. With checkpointing: one d-vector per token per layer, plus one layer recomputed at a time.
   Backward holds one layer's gradients in flight on top (counted as one layer's activations, in both cases), and
   the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
   is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
@@ -162,21 +163,26 @@ def _intervention_numel(iv, d: int) -> int:
 
 
 def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0,
-                      lm_logits: bool = True, rows_per_example: int = 1) -> tuple[float, float]:
+                      lm_logits: bool = True, rows_per_example: int = 1,
+                      padding_mask: bool = False) -> tuple[float, float]:
     """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or d // heads
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     d_ff = getattr(text, "intermediate_size", 4 * d)
-    # flash-attn takes grouped k/v as they are; SDPA gets them repeated to every head whenever a mask is passed.
-    kv_saved = kv_dim if (cfg.model.attn_implementation or "").startswith("flash") else d
+    implementation = cfg.model.attn_implementation or ""
+    packed = cfg.data.packing and packing_attention(implementation) == "mask"
+    # flash-attn takes grouped k/v as they are, and so does SDPA given no mask (transformers 5.24's use_gqa_in_sdpa,
+    # up to a head dim of 256); under a mask transformers repeats them to every head.
+    grouped = implementation.startswith("flash") or (
+        implementation == "sdpa" and not (packed or padding_mask) and head_dim <= 256)
+    kv_saved = kv_dim if grouped else d
     per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
     int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     tokens = cfg.training.micro_batch_size * rows_per_example * cfg.data.max_length
     logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
     in_flight = tokens * per_token_layer  # one layer's gradients during backward
-    packed = cfg.data.packing and packing_attention(cfg.model.attn_implementation) == "mask"
     mask = tokens * cfg.data.max_length * dtype_bytes if packed else 0
     activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized + mask
     checkpointed = (tokens * trained * d * dtype_bytes + tokens * (per_token_layer + int8_inputs) + in_flight + logits
@@ -244,7 +250,7 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
 
     activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized,
                                     lm_logits=task.auto_class == "AutoModelForCausalLM",
-                                    rows_per_example=task.rows_per_example)
+                                    rows_per_example=task.rows_per_example, padding_mask=task.padding_mask)
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
                           _accepted_stages(cfg, gpus))
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,

@@ -188,6 +188,7 @@ class ClassificationTask:
     auto_class = "AutoModelForSequenceClassification"
     generates = False
     rows_per_example = 1
+    padding_mask = True  # an encoder attends both ways: its padding must be masked
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, data_eval_sources, \
     load_examples, train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
-from reft_fast.train.loss import accepts_logits_to_keep, to_device, trim_to_labels
+from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
 __all__ = ["PreferenceCollator", "PreferenceDataset", "PreferenceTask", "dpo_loss", "load_preference_examples",
@@ -88,8 +88,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def _model_inputs(batch: dict) -> tuple[dict, dict]:
+    """The base's inputs: input_ids alone, the rows right-padded with ignored labels (``loss.causal_model_inputs``
+    says why no padding mask is passed), and ``logits_to_keep``."""
     extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, extra
+    return causal_model_inputs(batch, None), extra
 
 
 @torch.no_grad()
@@ -169,6 +171,7 @@ class PreferenceTask:
     base_kwargs: dict = {}  # nothing beyond the causal LM's own loading
     generates = True
     rows_per_example = 2  # a pair's chosen and rejected rows run in one forward
+    padding_mask = False  # right-padded causal rows: loss.causal_model_inputs
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg

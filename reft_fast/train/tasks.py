@@ -34,6 +34,8 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     generates                                          whether sample prompts are answered before/after training
     rows_per_example                                   batch rows one example runs as (a preference pair: 2), for
                                                        ``reft-fast plan``'s activations
+    padding_mask                                       whether the base gets the batch's padding mask (a causal
+                                                       batch needs none: ``loss.causal_model_inputs``), for the plan
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class CausalLMTask:
     base_kwargs: dict = {}
     generates = True
     rows_per_example = 1
+    padding_mask = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
