@@ -150,9 +150,10 @@ def _profiled_peak_bytes(fn) -> int:
     return max(totals)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, checkpointing):
+def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, checkpointing, attention):
     """One forward + backward of the tiny Llama with LoReFT at layers 1 and 3, a right-padded batch (as the collator
     makes: transformers' SDPA then repeats k and v to every head), measured on the CPU allocator.
 
@@ -160,9 +161,11 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     ones it leaves out: RMSNorm's rsqrt, SDPA's log-sum-exp, the edited rows) and one layer's gradients in flight for
     backward's transients: within 10 % on both dtypes here. With checkpointing it adds the logits to the recomputed
     layer although the logits are freed before the first recomputation: an upper bound, which this vocabulary makes
-    loose (measured 0.65× in fp32 and 0.85× in bf16 on torch 2.13), so it must hold from above and be within 40 %."""
+    loose (measured 0.65× in fp32 and 0.85× in bf16 on torch 2.13), so it must hold from above and be within 40 %.
+    Eager attention (which data.packing accepts) also keeps each layer's T×T attention probabilities."""
     torch.manual_seed(0)
-    cfg = _tiny_config(tiny_model_dir, f"model.dtype={dtype}", f"training.gradient_checkpointing={checkpointing}")
+    cfg = _tiny_config(tiny_model_dir, f"model.dtype={dtype}", f"training.gradient_checkpointing={checkpointing}",
+                       f"model.attn_implementation={attention}")
     plan = plan_memory(cfg, 1)
     base, _ = load_base_model(str(tiny_model_dir), cfg)
     if checkpointing:
