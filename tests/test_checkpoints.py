@@ -302,3 +302,29 @@ def test_the_cli_reports_a_failed_checkpoint_write_without_a_traceback(monkeypat
     assert cli.main(["train", "config.yaml"]) == 1
     err = capsys.readouterr().err
     assert err == "reft-fast: writing checkpoint step8 to out/checkpoints failed: [Errno 28] No space left\n"
+
+
+def test_a_checkpoint_of_other_interventions_is_refused_naming_only_what_differs(tmp_path):
+    """Resuming with another low_rank_dimension: the error names the tensors whose shapes differ, a few of them, not
+    the whole lists of both sides (hundreds of names on a real model: several tensors per intervention and layer)."""
+    from dist.tiny import make_run
+    from reft_fast.train.checkpoints import restore_trainer_state
+    from reft_fast.train.loading import build_reft_model, load_base_model
+    from reft_fast.train.train_config import layer_list, load_config
+
+    config = make_run(tmp_path / "run")
+
+    def trainable(rank: int) -> tuple:
+        cfg = load_config(str(config), [f"interventions.low_rank_dimension={rank}", "interventions.layers=all"])
+        base, _ = load_base_model(cfg.model.path, cfg)
+        reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, 4))
+        return reft_model, {name: p.detach().clone() for name, p in reft_model.interventions.named_parameters()}
+
+    _, saved = trainable(2)
+    now, _ = trainable(3)
+    with pytest.raises(ConfigError) as refused:
+        restore_trainer_state(now, None, None, {"params": saved})
+    message = str(refused.value)
+    assert message.startswith("resume: the checkpoint's interventions differ from those this config builds ("), message
+    assert "(64, 2) saved, (64, 3) now" in message and " more); resume with the interventions: section" in message
+    assert len(message) < 600, message

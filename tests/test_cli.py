@@ -298,3 +298,27 @@ def test_a_config_with_the_old_intervention_keys_runs_and_the_user_is_told_the_n
     assert proc.stderr.count("deprecated") == 1, proc.stderr[-2000:]
     assert "interventions.rank -> interventions.low_rank_dimension" in proc.stderr
     assert "interventions.type -> interventions.intervention" in proc.stderr
+
+
+def test_a_rank_killed_mid_collective_leaves_the_others_one_line_naming_the_checkpoint(config, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """kill -9 of one rank: each other rank's next collective fails with gloo's error (the text below is what torch
+    2.13 raised on rank 0 of a 2-rank ZeRO-3 run); each says once what happened and where --resume continues, instead
+    of a traceback through DeepSpeed."""
+    from reft_fast.train.checkpoints import write_checkpoint
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    out = tmp_path / "out"
+    newest = write_checkpoint(out / "checkpoints", 40, {"step": 40})
+
+    def peer_gone(self):
+        raise RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+                           "[127.0.0.1]:18600: Connection reset by peer. This is typically caused by a remote worker "
+                           "hanging or bugs in the application.")
+
+    monkeypatch.setattr(ReftTrainingRecipe, "run", peer_gone)
+    assert main(["train", str(config), f"output_dir={out}", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("reft-fast: rank 0 lost its connection to another rank ([/__w/pytorch"), err
+    assert f"the newest checkpoint is {newest}: the same command with --resume continues from it" in err, err
+    assert len(err.splitlines()) == 1, err

@@ -271,8 +271,13 @@ def _check_same_parameters(named, saved: dict) -> None:
     have = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in named}  # ds_shape: ZeRO-3's full shape
     stored = {name: tuple(t.shape) for name, t in saved.items()}
     if have != stored:
-        raise ConfigError(f"resume: the checkpoint holds interventions {stored}, this config builds {have}; resume "
-                          "with the config that wrote it")
+        # Only what differs: the whole lists run to hundreds of names (several tensors per intervention and layer).
+        differences = [f"{name}: {stored.get(name, 'absent')} saved, {have.get(name, 'absent')} now"
+                       for name in sorted(have.keys() | stored.keys()) if have.get(name) != stored.get(name)]
+        more = f" and {len(differences) - 3} more" if len(differences) > 3 else ""
+        raise ConfigError(f"resume: the checkpoint's interventions differ from those this config builds "
+                          f"({'; '.join(differences[:3])}{more}); resume with the interventions: section of the "
+                          "config that wrote it")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -147,9 +147,16 @@ class RanksTimedOut(RuntimeError):
     """A rank waited longer than ``deepspeed.timeout_minutes`` for the others."""
 
 
+class RankLost(RuntimeError):
+    """A collective failed because another rank's end of the connection went away (that rank was killed or crashed)."""
+
+
 # gloo: "Timed out waiting 5000ms for recv operation"; making a group: DistStoreError "wait timeout after 6000ms";
 # NCCL (when its watchdog raises rather than aborts): "Watchdog caught collective operation timeout".
 _TIMEOUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+# gloo, when a peer process dies mid-collective (torch 2.13, seen 2026-11-29 after kill -9 of one rank): "Read error
+# [127.0.0.1]:18600: Connection reset by peer", or "Connection closed by peer"; NCCL: "remote process exited".
+_PEER_LOST = re.compile(r"connection (reset|closed) by peer|remote process exited", re.IGNORECASE)
 
 
 @contextlib.contextmanager
@@ -161,8 +168,11 @@ def _distributed_job(timeout_minutes: float):
         yield
     except BaseException as err:
         shutdown(wait_for_others=False)
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if isinstance(err, RuntimeError) and _PEER_LOST.search(str(err)):
+            raise RankLost(f"rank {os.environ.get('RANK', '0')} lost its connection to another rank ({first_line}): "
+                           "that rank stopped (killed, out of memory, an error: its output says which)") from err
         if isinstance(err, RuntimeError) and _TIMEOUT.search(str(err)):
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RanksTimedOut(
                 f"rank {os.environ.get('RANK', '0')} waited more than deepspeed.timeout_minutes = {timeout_minutes:g} "
                 f"for the other ranks ({first_line}). Another rank stopped or hangs: look in its output for an error "
@@ -188,6 +198,8 @@ def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = 
             return cfg, ReftTrainingRecipe(cfg).run()
     except KeyboardInterrupt:
         raise TrainingInterrupted(_what_an_interrupted_run_kept(cfg)) from None
+    except (RankLost, RanksTimedOut) as err:  # the others of a job that lost a rank: say how it goes on
+        raise type(err)(f"{err} The run stopped; {_what_an_interrupted_run_kept(cfg)}") from err.__cause__
 
 
 @contextlib.contextmanager
@@ -217,8 +229,7 @@ def _what_an_interrupted_run_kept(cfg) -> str:
     if not saved:
         again = "" if cfg.overwrite_output_dir else ": the same command with --resume starts again at step 0"
         return f"no checkpoint was written yet (training.save_every){again}"
-    return (f"the newest checkpoint is {saved[-1][1]}: the same `reft-fast train` command with --resume continues "
-            "from it")
+    return f"the newest checkpoint is {saved[-1][1]}: the same command with --resume continues from it"
 
 
 def _print_samples(title: str, samples) -> None:
@@ -625,7 +636,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except RuntimeError as err:
         from reft_fast.train.checkpoints import CheckpointWriteError
 
-        if not isinstance(err, (CheckpointWriteError, RanksTimedOut, StaleBuildLock)):
+        if not isinstance(err, (CheckpointWriteError, RankLost, RanksTimedOut, StaleBuildLock)):
             raise
         print(f"reft-fast: {err}", file=sys.stderr)  # the message says what happened and what to do; no traceback
         return 1

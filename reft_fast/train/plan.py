@@ -15,12 +15,14 @@ any architecture. The rest is arithmetic, per GPU:
   output: 2·d + 2·kv, where kv is the grouped k/v width when SDPA gets no mask (a padded causal-LM or preference
   batch: ``loss.causal_model_inputs``; transformers then passes ``enable_gqa``) or under flash attention, and d when a
   mask makes transformers repeat k and v to every query head (a packed batch, or classification's padding mask))
-  and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); attention is SDPA/flash, so no T×T scores are kept. With checkpointing: one d-vector per token per layer, plus one layer recomputed at a time.
-  Backward holds one layer's gradients in flight on top (counted as one layer's activations, in both cases), and
-  the logits of the micro-batch (fp32, with their gradient) are counted in both cases. With checkpointing that sum
-  is an upper bound: the logits are freed before the first layer is recomputed (tests/test_plan.py measures it).
-  A packed micro-batch (``data.packing``) under SDPA or eager attention adds its block-diagonal mask: rows × T × T in
-  the base dtype, made once and shared by every layer (``packing.additive_mask``); flash and flex attention take none.
+  and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); SDPA and flash attention keep no T×T scores, eager
+  attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token per layer,
+  plus one layer recomputed at a time. Backward holds one layer's gradients in flight on top (counted as one layer's
+  activations, in both cases), and the logits of the micro-batch (fp32, with their gradient) are counted in both
+  cases. With checkpointing that sum is an upper bound: the logits are freed before the first layer is recomputed
+  (tests/test_plan.py measures it). A packed micro-batch (``data.packing``) under SDPA or eager attention adds its
+  block-diagonal mask: rows × T × T in the base dtype, made once and shared by every layer
+  (``packing.additive_mask``); flash and flex attention take none.
 
 Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` of the backbone is stored quantized, as
 ``train.loading`` loads it; the LM head or classifier head, embeddings, norms and biases stay in model.dtype. Bytes of
@@ -180,14 +182,27 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     kv_saved = kv_dim if grouped else d
     per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
     int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
-    tokens = cfg.training.micro_batch_size * rows_per_example * cfg.data.max_length
+    rows = cfg.training.micro_batch_size * rows_per_example
+    tokens = rows * cfg.data.max_length
     logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
-    in_flight = tokens * per_token_layer  # one layer's gradients during backward
     mask = tokens * cfg.data.max_length * dtype_bytes if packed else 0
-    activations = tokens * trained * (per_token_layer + int8_inputs) + in_flight + logits + dequantized + mask
-    checkpointed = (tokens * trained * d * dtype_bytes + tokens * (per_token_layer + int8_inputs) + in_flight + logits
-                    + dequantized + mask)
+    scores = _eager_scores_bytes(cfg, rows, heads, dtype_bytes)
+    layer = tokens * (per_token_layer + int8_inputs) + scores
+    in_flight = tokens * per_token_layer + scores  # one layer's gradients during backward
+    activations = trained * layer + in_flight + logits + dequantized + mask
+    checkpointed = tokens * trained * d * dtype_bytes + layer + in_flight + logits + dequantized + mask
     return activations, checkpointed
+
+
+def _eager_scores_bytes(cfg: TrainConfig, rows: int, heads: int, dtype_bytes: int) -> int:
+    """Bytes of attention probabilities one layer keeps for backward under ``model.attn_implementation: eager`` (SDPA
+    and flash attention keep none): transformers' eager attention takes the softmax in fp32 (kept: softmax's backward
+    reads its output) and casts it to the base dtype for the product with v (kept again, unless the base is fp32),
+    rows × heads × T × T each."""
+    if cfg.model.attn_implementation != "eager":
+        return 0
+    per_score = 4 + (dtype_bytes if dtype_bytes != 4 else 0)
+    return rows * heads * cfg.data.max_length ** 2 * per_score
 
 
 def _accepted_stages(cfg: TrainConfig, gpus: int) -> list[int]:
