@@ -165,6 +165,21 @@ def test_eval_of_the_configs_eval_file_names_a_bad_row_by_its_line(trained_run, 
     assert f"{no_prompts}:{first_held_out + 1}: expected a text field" in capsys.readouterr().err
 
 
+def test_eval_names_a_prompt_too_long_for_the_model_before_answering(trained_run, tmp_path, capsys):
+    """A prompt that with its answer outgrows the model's 256 positions ran past them (RoPE answers garbage there;
+    a learned position table fails midway with an IndexError, every answer lost): it is a config error naming its
+    line, raised on every rank before any answer, and no predictions are written."""
+    config, _, _, rows = trained_run
+    long_row = {**rows[0], "instruction": "repeat : " + "red " * 300}
+    data = write_jsonl(tmp_path / "long.jsonl", [rows[0], long_row])
+    out = tmp_path / "predictions.jsonl"
+    assert main(["eval", str(config), "--data", str(data), "--max-new-tokens", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"config error: eval: {re.escape(str(data))}:2: \d+ prompt tokens \+ max_new_tokens 5 exceed "
+                     r"the model's 256 positions", err), err
+    assert not out.exists()
+
+
 def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):
     config = make_run(tmp_path)
     assert main(["eval", str(config), "--data", "x.jsonl"]) == 2

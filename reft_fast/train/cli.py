@@ -262,6 +262,18 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
 
 
 @contextlib.contextmanager
+def _prompt_errors(what: str):
+    """A prompt that cannot be answered (``generation.PromptError``: no tokens, too long for the model) as a config
+    error naming it, instead of a traceback from inside generate."""
+    from reft_fast.train.generation import PromptError
+
+    try:
+        yield
+    except PromptError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
+@contextlib.contextmanager
 def _reft_load_errors(what: str):
     """ReftModel.load's refusals (saved for another base, a damaged file, an unknown directory format) as config
     errors; any other error keeps its traceback."""
@@ -333,7 +345,7 @@ def _generate(args) -> None:
         raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
-        records = _read_prompts_file(args.prompts_file, named)
+        records, lines = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
@@ -344,9 +356,11 @@ def _generate(args) -> None:
         model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir,
                                                         args.no_chat_template)
         if named is not None:
-            _serve_prompts_file(args, model, tokenizer, named, records, gen_kwargs)
+            _serve_prompts_file(args, model, tokenizer, named, records, lines, gen_kwargs)
             return
-        answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
+        with _prompt_errors("generate"):
+            answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+                                       **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
 
@@ -375,14 +389,14 @@ def _saved_interventions(value: str, base_only: bool = False) -> Path:
     return found
 
 
-def _read_prompts_file(path: str, named: dict) -> list[dict]:
+def _read_prompts_file(path: str, named: dict) -> tuple[list[dict], list[int]]:
     """The records of --prompts-file, each {"prompt": ..., "reft": a name of ``named`` or null}, checked before any
-    weight is read."""
+    weight is read, and the line number of each."""
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError(f"--prompts-file {path}: cannot read it ({err.strerror or err})") from None
-    records = []
+    records, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -396,10 +410,11 @@ def _read_prompts_file(path: str, named: dict) -> list[dict]:
         if reft is not None and (not isinstance(reft, str) or reft not in named):
             raise ConfigError(f"{path}:{number}: unknown ReFT {reft!r}; --reft gave {sorted(named)}")
         records.append(record)
+        lines.append(number)
     if not records:
         raise ConfigError(f"--prompts-file {path}: no prompts in it (one JSON line per prompt: "
                           '{"prompt": "...", "reft": NAME or null})')
-    return records
+    return records, lines
 
 
 def _prompt_encoding(cfg, no_chat_template: bool) -> dict:
@@ -408,8 +423,10 @@ def _prompt_encoding(cfg, no_chat_template: bool) -> dict:
                 system_prompt=cfg.data.system_prompt)
 
 
-def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
-    """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], lines: list[int],
+                        gen_kwargs: dict) -> None:
+    """Answer each record of --prompts-file (read from ``lines``) with the ReFT it names, in mixed batches; JSONL to
+    --output or stdout."""
     from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
     from reft_fast.train.files import write_jsonl_atomically
     from reft_fast.train.generation import mixed_answers
@@ -430,10 +447,11 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
     first_encoding = {key: gen_kwargs[key] for key in ("chat_template", "system_prompt")}
     encodings = {DEFAULT_ADAPTER: first_encoding}
     encodings.update({name: _prompt_encoding(_config_of_run(named[name]), args.no_chat_template) for name in others})
-    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
-                            [held_as.get(r.get("reft"), r.get("reft")) for r in records],
-                            batch_size=args.batch_size, encodings=encodings, max_new_tokens=args.max_new_tokens,
-                            **first_encoding)
+    with _prompt_errors("--prompts-file"):
+        answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
+                                [held_as.get(r.get("reft"), r.get("reft")) for r in records],
+                                batch_size=args.batch_size, encodings=encodings, max_new_tokens=args.max_new_tokens,
+                                names=[f"{args.prompts_file}:{line}" for line in lines], **first_encoding)
     rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
     if args.output:  # its folder made, as eval makes its own
         write_jsonl_atomically(Path(args.output), rows)
@@ -524,6 +542,7 @@ def _evaluate(args) -> None:
     from reft_fast.train.distributed import init_distributed
     from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
         write_predictions
+    from reft_fast.train.generation import check_prompts
     from reft_fast.train.task_eval import scored_part
 
     cfg, reft_dir, run_dir = _eval_target(args)
@@ -540,10 +559,14 @@ def _evaluate(args) -> None:
     with _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
+        max_new_tokens = args.max_new_tokens or cfg.training.max_new_tokens
+        with _prompt_errors("eval"):  # every rank checks every prompt, so all refuse together
+            check_prompts(model, tokenizer, [example.prompt for example in examples], max_new_tokens=max_new_tokens,
+                          chat_template=gen_kwargs["chat_template"], system_prompt=gen_kwargs["system_prompt"],
+                          names=[example.where or f"example {i + 1}" for i, example in enumerate(examples)])
         predictions = generate_and_score(model, tokenizer, examples, family, rank=rank, world=world,
                                          batch_size=args.batch_size or 8,
-                                         max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
-                                         **gen_kwargs)
+                                         max_new_tokens=max_new_tokens, **gen_kwargs)
         if rank == 0:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
