@@ -171,8 +171,19 @@ def _distributed_job(timeout_minutes: float):
     shutdown()
 
 
-class TrainingInterrupted(Exception):
-    """ctrl-C (or SIGTERM) during ``train`` or ``demo``, with what the run kept."""
+class Interrupted(Exception):
+    """ctrl-C (or SIGTERM) during a command, with what it kept."""
+
+
+@contextlib.contextmanager
+def _interrupted_keeps(kept: str):
+    """ctrl-C or SIGTERM while answering (generate, eval) ends with one line saying what is kept, ``kept``, instead
+    of a traceback per rank."""
+    try:
+        with _sigterm_as_ctrl_c():
+            yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept) from None
 
 
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
@@ -185,7 +196,7 @@ def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = 
         with _sigterm_as_ctrl_c(), _distributed_job(cfg.deepspeed.timeout_minutes):
             return cfg, ReftTrainingRecipe(cfg).run()
     except KeyboardInterrupt:
-        raise TrainingInterrupted(_what_an_interrupted_run_kept(cfg)) from None
+        raise Interrupted(_what_an_interrupted_run_kept(cfg)) from None
 
 
 @contextlib.contextmanager
@@ -351,7 +362,8 @@ def _generate(args) -> None:
     cfg = _config_of_run(reft_dir, model_path=args.model)
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    kept = f"no answers written ({args.output} is written whole, at the end)" if args.output else "no answers"
+    with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir,
                                                         args.no_chat_template)
@@ -556,7 +568,7 @@ def _evaluate(args) -> None:
     except ValueError as err:
         raise ConfigError(f"--family {family}: {err}") from None
     out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{'-base' if args.base_only else ''}.jsonl"
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    with _interrupted_keeps(_eval_kept(out)), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
         max_new_tokens = args.max_new_tokens or cfg.training.max_new_tokens
@@ -573,6 +585,12 @@ def _evaluate(args) -> None:
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
             print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
                   f"predictions in {out}\n{summary_table(predictions)}")
+
+
+def _eval_kept(out: Path) -> str:
+    """What an interrupted eval leaves at ``out``, for the line it ends with."""
+    what = "holds an earlier eval's, untouched" if out.exists() else "was not written"
+    return f"nothing scored: the results are written whole, at the end, and {out} {what}"
 
 
 def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
@@ -597,7 +615,8 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     scored = f"all of {args.data}" if args.data else scored_part(cfg)
     name = Path(args.data).stem if args.data else "eval" if cfg.data.selection_examples is None else "test"
     out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    kept = _eval_kept(out.with_suffix(".jsonl"))
+    with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         metrics, rows = evaluate_run(cfg, reft_dir, rank, world)
         if rank == 0:
@@ -634,7 +653,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"reft-fast: config error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
+    except Interrupted as err:
         if _is_rank0():
             print(f"reft-fast: stopped by ctrl-C or SIGTERM; {err}", file=sys.stderr)
         return 130  # as a shell reports a command that SIGINT ended
