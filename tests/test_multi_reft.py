@@ -433,6 +433,15 @@ def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     assert main(args[:1] + clash + args[1:]) == 2
 
 
+def test_mixed_answers_refuses_a_batch_of_none(served, tmp_path):
+    """batch_size=0 failed with range()'s "arg 3 must not be zero"."""
+    from reft_fast.train.generation import mixed_answers
+
+    reft_model, _, _ = served
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        mixed_answers(reft_model, _word_tokenizer(tmp_path), ["w3"], ["A"], chat_template=False, batch_size=0)
+
+
 def test_moving_the_model_moves_and_switches_mode_of_every_loaded_reft(served):
     _, _, directories = served
     reft_model = ReftModel.load(directories["A"], _tiny_llama())
