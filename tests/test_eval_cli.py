@@ -165,6 +165,51 @@ def test_eval_of_the_configs_eval_file_names_a_bad_row_by_its_line(trained_run, 
     assert f"{no_prompts}:{first_held_out + 1}: expected a text field" in capsys.readouterr().err
 
 
+def test_eval_names_a_prompt_too_long_for_the_model_before_answering(trained_run, tmp_path, capsys):
+    """A prompt that with its answer outgrows the model's 256 positions ran past them (RoPE answers garbage there;
+    a learned position table fails midway with an IndexError, every answer lost): it is a config error naming its
+    line, raised on every rank before any answer, and no predictions are written."""
+    config, _, _, rows = trained_run
+    long_row = {**rows[0], "instruction": "repeat : " + "red " * 300}
+    data = write_jsonl(tmp_path / "long.jsonl", [rows[0], long_row])
+    out = tmp_path / "predictions.jsonl"
+    assert main(["eval", str(config), "--data", str(data), "--max-new-tokens", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"config error: eval: {re.escape(str(data))}:2: \d+ prompt tokens \+ max_new_tokens 5 exceed "
+                     r"the model's 256 positions", err), err
+    assert not out.exists()
+
+
+def test_ctrl_c_during_eval_leaves_the_earlier_predictions_and_says_so(trained_run, tmp_path, capsys, monkeypatch):
+    """ctrl-C halfway through the answers (a real SIGINT, after the first batch) ended eval with a KeyboardInterrupt
+    traceback; now one line says that nothing was scored and the earlier predictions file is untouched (the file
+    is only ever written whole, at the end)."""
+    import os
+    import signal
+
+    import reft_fast.train.generation as generation
+
+    config, _, data, _ = trained_run
+    out = tmp_path / "predictions.jsonl"
+    out.write_text('{"earlier": true}\n')
+    answer_batch = generation.generate_answers_batched
+
+    def interrupted_after_one_batch(model, tokenizer, prompts, **kwargs):
+        first = answer_batch(model, tokenizer, prompts[:2], **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return first + answer_batch(model, tokenizer, prompts[2:], **kwargs)
+
+    monkeypatch.setattr(generation, "generate_answers_batched", interrupted_after_one_batch)
+    try:
+        code = main(["eval", str(config), "--data", str(data), "--max-new-tokens", "5", "--out", str(out)])
+    except KeyboardInterrupt:
+        pytest.fail("ctrl-C during eval ended in a KeyboardInterrupt traceback")
+    assert code == 130
+    assert (f"reft-fast: stopped by ctrl-C or SIGTERM; nothing scored: the results are written whole, at the end, "
+            f"and {out} holds an earlier eval's, untouched") in capsys.readouterr().err
+    assert out.read_text() == '{"earlier": true}\n'
+
+
 def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):
     config = make_run(tmp_path)
     assert main(["eval", str(config), "--data", "x.jsonl"]) == 2

@@ -376,6 +376,36 @@ def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, caps
     assert "saved for a different model" in err and "hidden_size: saved 16, model 32" in err, err
 
 
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": "", "reft": "B"}, ":3: encodes to no tokens"),
+    ({"prompt": "w3 " * 14, "reft": None}, ":3: 14 prompt tokens + max_new_tokens 3 exceed the model's 16 positions"),
+], ids=["empty", "too-long"])
+def test_cli_generate_names_a_prompt_it_cannot_answer(served, tmp_path, capsys, line, message):
+    """A prompt with no tokens (an empty one without a chat template) was answered from its padding alone (alone in
+    its batch, it failed inside the embedding with a traceback); one that with its answer outgrows the model's
+    positions ran past them (a learned position table fails with an IndexError midway, every answer lost). Both are
+    config errors naming the prompt's line now, and nothing is written."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    reft_model, _, directories = served
+    model_dir = tmp_path / "base"
+    reft_model.model.save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    _word_tokenizer(model_dir)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3 w7", "reft": "A"}) + "\n\n" + json.dumps(line) + "\n")
+    output = tmp_path / "out.jsonl"
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(model_dir), "--prompts-file", str(prompts_file),
+                 "--no-chat-template", "--max-new-tokens", "3", "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: --prompts-file: {prompts_file}{message}" in err, err
+    assert not output.exists()
+
+
 def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     """The first --reft is the ReFT the model is loaded with; it is not loaded a second time under its name, and
     'default' may only name that first one."""
@@ -401,6 +431,15 @@ def test_cli_generate_loads_each_reft_once(served, tmp_path, monkeypatch):
     assert loads == ["B"]
     clash = ["--reft", f"A={directories['A']}", "--reft", f"default={directories['B']}"]
     assert main(args[:1] + clash + args[1:]) == 2
+
+
+def test_mixed_answers_refuses_a_batch_of_none(served, tmp_path):
+    """batch_size=0 failed with range()'s "arg 3 must not be zero"."""
+    from reft_fast.train.generation import mixed_answers
+
+    reft_model, _, _ = served
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        mixed_answers(reft_model, _word_tokenizer(tmp_path), ["w3"], ["A"], chat_template=False, batch_size=0)
 
 
 def test_moving_the_model_moves_and_switches_mode_of_every_loaded_reft(served):

@@ -183,8 +183,19 @@ def _distributed_job(timeout_minutes: float):
     shutdown()
 
 
-class TrainingInterrupted(Exception):
-    """ctrl-C (or SIGTERM) during ``train`` or ``demo``, with what the run kept."""
+class Interrupted(Exception):
+    """ctrl-C (or SIGTERM) during a command, with what it kept."""
+
+
+@contextlib.contextmanager
+def _interrupted_keeps(kept: str):
+    """ctrl-C or SIGTERM while answering (generate, eval) ends with one line saying what is kept, ``kept``, instead
+    of a traceback per rank."""
+    try:
+        with _sigterm_as_ctrl_c():
+            yield
+    except KeyboardInterrupt:
+        raise Interrupted(kept) from None
 
 
 def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = False, overwrite: bool = False):
@@ -197,7 +208,7 @@ def _train(config_path: Optional[str], overrides: Sequence[str], resume: bool = 
         with _sigterm_as_ctrl_c(), _distributed_job(cfg.deepspeed.timeout_minutes):
             return cfg, ReftTrainingRecipe(cfg).run()
     except KeyboardInterrupt:
-        raise TrainingInterrupted(_what_an_interrupted_run_kept(cfg)) from None
+        raise Interrupted(_what_an_interrupted_run_kept(cfg)) from None
     except (RankLost, RanksTimedOut) as err:  # the others of a job that lost a rank: say how it goes on
         raise type(err)(f"{err} The run stopped; {_what_an_interrupted_run_kept(cfg)}") from err.__cause__
 
@@ -275,6 +286,18 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
 
 
 @contextlib.contextmanager
+def _prompt_errors(what: str):
+    """A prompt that cannot be answered (``generation.PromptError``: no tokens, too long for the model) as a config
+    error naming it, instead of a traceback from inside generate."""
+    from reft_fast.train.generation import PromptError
+
+    try:
+        yield
+    except PromptError as err:
+        raise ConfigError(f"{what}: {err}") from None
+
+
+@contextlib.contextmanager
 def _reft_load_errors(what: str):
     """ReftModel.load's refusals (saved for another base, a damaged file, an unknown directory format) as config
     errors; any other error keeps its traceback."""
@@ -346,20 +369,23 @@ def _generate(args) -> None:
         raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
-        records = _read_prompts_file(args.prompts_file, named)
+        records, lines = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    kept = f"no answers written ({args.output} is written whole, at the end)" if args.output else "no answers"
+    with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
         init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, None if args.base_only or named else reft_dir,
                                                         args.no_chat_template)
         if named is not None:
-            _serve_prompts_file(args, model, tokenizer, named, records, gen_kwargs)
+            _serve_prompts_file(args, model, tokenizer, named, records, lines, gen_kwargs)
             return
-        answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens, **gen_kwargs)
+        with _prompt_errors("generate"):
+            answers = generate_answers(model, tokenizer, args.prompts, max_new_tokens=args.max_new_tokens,
+                                       **gen_kwargs)
         for prompt, answer in zip(args.prompts, answers):
             print(f"Q: {prompt}\nA: {answer}\n")
 
@@ -388,14 +414,14 @@ def _saved_interventions(value: str, base_only: bool = False) -> Path:
     return found
 
 
-def _read_prompts_file(path: str, named: dict) -> list[dict]:
+def _read_prompts_file(path: str, named: dict) -> tuple[list[dict], list[int]]:
     """The records of --prompts-file, each {"prompt": ..., "reft": a name of ``named`` or null}, checked before any
-    weight is read."""
+    weight is read, and the line number of each."""
     try:
         text = Path(path).read_text()
     except OSError as err:
         raise ConfigError(f"--prompts-file {path}: cannot read it ({err.strerror or err})") from None
-    records = []
+    records, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -409,10 +435,11 @@ def _read_prompts_file(path: str, named: dict) -> list[dict]:
         if reft is not None and (not isinstance(reft, str) or reft not in named):
             raise ConfigError(f"{path}:{number}: unknown ReFT {reft!r}; --reft gave {sorted(named)}")
         records.append(record)
+        lines.append(number)
     if not records:
         raise ConfigError(f"--prompts-file {path}: no prompts in it (one JSON line per prompt: "
                           '{"prompt": "...", "reft": NAME or null})')
-    return records
+    return records, lines
 
 
 def _prompt_encoding(cfg, no_chat_template: bool) -> dict:
@@ -421,8 +448,10 @@ def _prompt_encoding(cfg, no_chat_template: bool) -> dict:
                 system_prompt=cfg.data.system_prompt)
 
 
-def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], gen_kwargs: dict) -> None:
-    """Answer each record of --prompts-file with the ReFT it names, in mixed batches; JSONL to --output or stdout."""
+def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict], lines: list[int],
+                        gen_kwargs: dict) -> None:
+    """Answer each record of --prompts-file (read from ``lines``) with the ReFT it names, in mixed batches; JSONL to
+    --output or stdout."""
     from reft_fast.core.model import DEFAULT_ADAPTER, ReftModel
     from reft_fast.train.files import write_jsonl_atomically
     from reft_fast.train.generation import mixed_answers
@@ -443,10 +472,11 @@ def _serve_prompts_file(args, base, tokenizer, named: dict, records: list[dict],
     first_encoding = {key: gen_kwargs[key] for key in ("chat_template", "system_prompt")}
     encodings = {DEFAULT_ADAPTER: first_encoding}
     encodings.update({name: _prompt_encoding(_config_of_run(named[name]), args.no_chat_template) for name in others})
-    answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
-                            [held_as.get(r.get("reft"), r.get("reft")) for r in records],
-                            batch_size=args.batch_size, encodings=encodings, max_new_tokens=args.max_new_tokens,
-                            **first_encoding)
+    with _prompt_errors("--prompts-file"):
+        answers = mixed_answers(reft_model, tokenizer, [r["prompt"] for r in records],
+                                [held_as.get(r.get("reft"), r.get("reft")) for r in records],
+                                batch_size=args.batch_size, encodings=encodings, max_new_tokens=args.max_new_tokens,
+                                names=[f"{args.prompts_file}:{line}" for line in lines], **first_encoding)
     rows = [{**record, "answer": answer} for record, answer in zip(records, answers)]
     if args.output:  # its folder made, as eval makes its own
         write_jsonl_atomically(Path(args.output), rows)
@@ -539,6 +569,7 @@ def _evaluate(args) -> None:
     from reft_fast.train.distributed import init_distributed
     from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
         write_predictions
+    from reft_fast.train.generation import check_prompts
     from reft_fast.train.task_eval import scored_part
 
     if args.split and not (args.data and not Path(args.data).is_file()):  # else silently unused
@@ -555,19 +586,29 @@ def _evaluate(args) -> None:
     except ValueError as err:
         raise ConfigError(f"--family {family}: {err}") from None
     out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{'-base' if args.base_only else ''}.jsonl"
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    with _interrupted_keeps(_eval_kept(out)), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
+        max_new_tokens = args.max_new_tokens or cfg.training.max_new_tokens
+        with _prompt_errors("eval"):  # every rank checks every prompt, so all refuse together
+            check_prompts(model, tokenizer, [example.prompt for example in examples], max_new_tokens=max_new_tokens,
+                          chat_template=gen_kwargs["chat_template"], system_prompt=gen_kwargs["system_prompt"],
+                          names=[example.where or f"example {i + 1}" for i, example in enumerate(examples)])
         predictions = generate_and_score(model, tokenizer, examples, family, rank=rank, world=world,
                                          batch_size=args.batch_size or 8,
-                                         max_new_tokens=args.max_new_tokens or cfg.training.max_new_tokens,
-                                         **gen_kwargs)
+                                         max_new_tokens=max_new_tokens, **gen_kwargs)
         if rank == 0:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
             print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
                   f"predictions in {out}\n{summary_table(predictions)}")
+
+
+def _eval_kept(out: Path) -> str:
+    """What an interrupted eval leaves at ``out``, for the line it ends with."""
+    what = "holds an earlier eval's, untouched" if out.exists() else "was not written"
+    return f"nothing scored: the results are written whole, at the end, and {out} {what}"
 
 
 def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
@@ -592,7 +633,8 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     scored = f"all of {args.data}" if args.data else scored_part(cfg)
     name = Path(args.data).stem if args.data else "eval" if cfg.data.selection_examples is None else "test"
     out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
-    with _distributed_job(cfg.deepspeed.timeout_minutes):
+    kept = _eval_kept(out.with_suffix(".jsonl"))
+    with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         metrics, rows = evaluate_run(cfg, reft_dir, rank, world)
         if rank == 0:
@@ -629,7 +671,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as err:
         print(f"reft-fast: config error: {err}", file=sys.stderr)
         return 2
-    except TrainingInterrupted as err:
+    except Interrupted as err:
         if _is_rank0():
             print(f"reft-fast: stopped by ctrl-C or SIGTERM; {err}", file=sys.stderr)
         return 130  # as a shell reports a command that SIGINT ended
