@@ -79,3 +79,39 @@ def test_a_padded_step_takes_the_memory_of_an_unpadded_one():
 
     step(full)()  # the embeddings' gradient exists in both measured steps
     assert profiled_peak_bytes(step(padded)) <= 1.02 * profiled_peak_bytes(step(full))
+
+
+# Tiny configs of decoder families transformers ships (eager where it has no SDPA path), beyond the three above.
+_COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+_FAMILIES = {
+    "gemma": ({}, "sdpa"), "gemma2": (dict(head_dim=8, sliding_window=4), "eager"),
+    "gemma3_text": (dict(head_dim=8, sliding_window=4), "sdpa"), "mistral": (dict(sliding_window=4), "sdpa"),
+    "phi3": ({}, "sdpa"), "falcon": ({}, "sdpa"), "olmo2": ({}, "sdpa"), "mixtral": ({}, "sdpa"),
+    "gpt_neox": ({}, "sdpa"), "opt": (dict(ffn_dim=64, word_embed_proj_dim=32), "sdpa"),
+    "bloom": (dict(n_layer=2, n_head=4), "eager"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_FAMILIES))
+def test_every_family_gives_real_tokens_the_same_logits_without_the_padding_mask(family):
+    """Sliding windows (Mistral, Gemma 2/3), ALiBi built from the mask (Bloom), positions counted from the mask (OPT),
+    experts (Mixtral): right padding without its mask changes no real token's logits."""
+    options, attention = _FAMILIES[family]
+    config = transformers.AutoConfig.for_model(family, **_COMMON, **options)
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attention).float().eval()
+    batch = _batch([12, 7, 3])
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        masked = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        unmasked = base(**causal_model_inputs(batch, base)).logits
+    torch.testing.assert_close(unmasked[real], masked[real], atol=1e-6, rtol=1e-6)
+
+
+def test_a_mixture_of_experts_with_its_load_balancing_loss_keeps_the_mask():
+    """That loss averages over the tokens the mask keeps: without it the padding would count in it."""
+    config = transformers.AutoConfig.for_model("mixtral", **_COMMON, output_router_logits=True)
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    batch = _batch([6, 3])
+    assert torch.equal(causal_model_inputs(batch, base)["attention_mask"], batch["attention_mask"])

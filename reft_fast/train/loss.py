@@ -57,6 +57,10 @@ def causal_model_inputs(batch: dict, base_model) -> dict:
     (``use_gqa_in_sdpa``)."""
     if "segment_ids" in batch:
         return packed_model_inputs(batch, base_model)
+    if getattr(getattr(base_model, "config", None), "output_router_logits", False):
+        # a mixture of experts that adds its routers' load-balancing loss, which averages over the tokens the mask
+        # keeps (transformers' load_balancing_loss_func): without it the padding would count
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return {"input_ids": batch["input_ids"]}
 
 

@@ -87,18 +87,18 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return token_logps.view(targets.shape).sum(dim=1), (targets != IGNORE_INDEX).sum(dim=1)
 
 
-def _model_inputs(batch: dict) -> tuple[dict, dict]:
-    """The base's inputs: input_ids alone, the rows right-padded with ignored labels (``loss.causal_model_inputs``
-    says why no padding mask is passed), and ``logits_to_keep``."""
+def _model_inputs(batch: dict, base) -> tuple[dict, dict]:
+    """The inputs of ``base`` for the right-padded rows (``loss.causal_model_inputs``: no padding mask), and
+    ``logits_to_keep``."""
     extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
-    return causal_model_inputs(batch, None), extra
+    return causal_model_inputs(batch, base), extra
 
 
 @torch.no_grad()
 def reference_logps(base, batch: dict) -> torch.Tensor:
     """[2B] summed response log-probabilities under the base without edits (a plain call: the ReftModel's hooks edit
     only during its own forward), in eval mode (no dropout of the base)."""
-    inputs, extra = _model_inputs(batch)
+    inputs, extra = _model_inputs(batch, base)
     was_training = base.training
     base.train(False)
     try:
@@ -235,7 +235,7 @@ class PreferenceTask:
         (with ``per_step``, one no_grad forward of the base before it)."""
         p = self.cfg.preference
         reference = self.reference(engine, batch, dataset) if p.loss == "dpo" else None
-        inputs, extra = _model_inputs(batch)
+        inputs, extra = _model_inputs(batch, engine.module.model)
         _, out = engine(inputs, intervention_locations=batch["intervention_locations"], **extra)
         logps, counts = sequence_logps(out.logits, batch["labels"])
         pair_logps = logps.view(2, -1).T
