@@ -11,7 +11,8 @@ import torch
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.packing import packed_model_inputs
 
-__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "to_device", "trim_to_labels"]
+__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "to_device",
+           "trim_to_labels"]
 
 
 def to_device(batch: dict, device) -> dict:

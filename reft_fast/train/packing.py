@@ -143,9 +143,8 @@ def additive_mask(allowed: torch.Tensor, base_model) -> torch.Tensor:
     At 4 rows of 4096 tokens in bf16 that copy is 128 MiB per layer.
 
     Each mask row starts at a multiple of 16 elements (the rows are allocated that long and sliced to T): on CUDA,
-    torch's SDPA hands a mask whose strides are not multiples of its alignment (8 elements in torch 2.13, 16 in
-    earlier releases) to the memory-efficient kernel as a padded copy, made at every call (attention.cpp,
-    preprocess_mask)."""
+    torch's SDPA hands a mask whose strides are not multiples of its alignment (8 or 16 elements, by release) to the
+    memory-efficient kernel as a padded copy, made at every call (aten's attention.cpp, ``preprocess_mask``)."""
     dtype = base_model.get_input_embeddings().weight.dtype
     dtype = dtype if dtype.is_floating_point else torch.float32
     length = allowed.shape[-1]
