@@ -298,3 +298,19 @@ def test_eval_data_reads_a_dataset_folders_split(trained_run, tmp_path, capsys):
     for data in ([], ["--data", str(tmp_path / "hub" / "test.jsonl")]):
         assert main(["eval", str(config), *data, "--split", "validation"]) == 2
         assert "--split: picks the split of a Hugging Face dataset given as --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["data.eval_fraction=0.25", "data.eval_family=exact", "training.max_new_tokens=250"], r"train\.jsonl:\d+"),
+    (["training.sample_prompts=['" + "red " * 300 + "']"], r"training\.sample_prompts\[0\]"),
+], ids=["eval-set", "sample-prompt"])
+def test_training_refuses_a_prompt_it_cannot_answer_before_any_step(tmp_path, capsys, overrides, named):
+    """A prompt training will generate for (the eval set's, with data.eval_family; a sample prompt) that with its
+    answer outgrows the model's 256 positions is refused on every rank before the first step. Found mid-run, by the
+    one rank whose shard of the eval set holds it, it left the others waiting for the ranks' timeout."""
+    config = make_run(tmp_path)
+    assert main(["train", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"config error: (\S*/)?{named}: \d+ prompt tokens \+ max_new_tokens \d+ exceed the model's 256 "
+                     r"positions .*\(training\.max_new_tokens sets the answer's length\)", err), err
+    assert not (tmp_path / "out" / "checkpoints").exists() and not list((tmp_path / "out").glob("**/*.safetensors"))

@@ -47,6 +47,7 @@ import torch
 from reft_fast.train.data import (ReftDataCollator, SupervisedDataset, data_eval_sources, load_examples,
                                   train_and_eval_examples)
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
+from reft_fast.train.generation import PromptError, check_prompts
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.task_preference import PreferenceTask
@@ -98,8 +99,23 @@ class CausalLMTask:
         return train_set, (SupervisedDataset(eval_examples, tokenizer, **kwargs) if eval_examples else None)
 
     def bind_base(self, base) -> None:
-        """Learn what the loaded base can do: logits for the labelled tail only (``loss.trim_to_labels``)."""
+        """Learn what the loaded base can do: logits for the labelled tail only (``loss.trim_to_labels``); and check,
+        before any step, that the model can answer every prompt training will generate for (data.eval_family's eval
+        set, training.sample_prompts). Every rank checks all of them, so all refuse together: found by the rank whose
+        shard of the eval set holds the prompt, mid-run, it left the others waiting until the ranks' timeout."""
         self.trim = accepts_logits_to_keep(base)
+        cfg = self.cfg
+        encoding = dict(max_new_tokens=cfg.training.max_new_tokens, chat_template=cfg.data.chat_template,
+                        system_prompt=cfg.data.system_prompt)
+        try:
+            if self.eval_answers:
+                check_prompts(base, self.tokenizer, [example.prompt for example in self.eval_answers],
+                              names=[example.where for example in self.eval_answers], **encoding)
+            check_prompts(base, self.tokenizer, cfg.training.sample_prompts,
+                          names=[f"training.sample_prompts[{i}]" for i in range(len(cfg.training.sample_prompts))],
+                          **encoding)
+        except PromptError as err:
+            raise ConfigError(f"{err} (training.max_new_tokens sets the answer's length)") from None
 
     def collator(self, tokenizer, num_interventions: int) -> ReftDataCollator:
         iv, d = self.cfg.interventions, self.cfg.data
