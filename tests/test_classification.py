@@ -464,6 +464,27 @@ def test_eval_writes_each_examples_prediction_and_they_make_the_metrics(trained,
         assert max(range(2), key=row["probabilities"].__getitem__) == row["predicted"]
 
 
+def test_an_eval_stopped_between_its_two_files_leaves_no_metrics_of_another_eval(trained, capsys, monkeypatch):
+    """eval.json (metrics) and eval.jsonl (one line per example) are a pair: a rerun stopped after the metrics were
+    written but before the lines (a kill, a full disk) left new metrics beside an earlier eval's lines. The old
+    metrics are now removed first and the new ones written last."""
+    import reft_fast.train.files as files
+    from reft_fast.train.cli import main
+
+    config, _ = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    assert main(["eval", str(out_dir)]) == 0 and (out_dir / "eval" / "eval.json").is_file()
+
+    def disk_full(path, rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_jsonl_atomically", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        main(["eval", str(out_dir)])
+    assert not (out_dir / "eval" / "eval.json").exists() and (out_dir / "eval" / "eval.jsonl").is_file()
+    capsys.readouterr()
+
+
 def test_eval_of_a_regression_run_writes_the_predicted_values(tmp_path):
     """STS-B's shape: each line holds the predicted value; Pearson and Spearman recomputed from the lines are the
     reported ones."""

@@ -638,8 +638,11 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         metrics, rows = evaluate_run(cfg, reft_dir, rank, world)
         if rank == 0:
-            write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
+            # A pair: the old metrics go first and the new ones come last, so that a kill in between never leaves
+            # metrics beside per-example lines of another eval.
+            out.with_suffix(".json").unlink(missing_ok=True)
             write_jsonl_atomically(out.with_suffix(".jsonl"), rows)
+            write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
             print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
                   f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")
