@@ -227,7 +227,7 @@ stage_tests() {
   # Then as time allows: the other GPU tests, the cuda backend (nvcc build, unless the e2e row built it), and
   # compute-sanitizer last (a build plus torch under memcheck: it may take all that is left).
   pytest_step "other cuda-marked" 90 -m cuda tests/test_orthogonal.py tests/test_save_load.py tests/test_packing.py \
-    tests/test_engine.py tests/test_plan.py
+    tests/test_padding.py tests/test_engine.py tests/test_plan.py
   pytest_step "mixed-batch triton kernel" 45 tests/test_multi_reft_triton.py
   pytest_step "cuda backend" 120 tests/test_cuda_backend.py tests/test_ops.py -k "cuda and not compute_sanitizer"
   pytest_step "compute-sanitizer" 600 tests/test_cuda_backend.py -k compute_sanitizer
