@@ -107,6 +107,17 @@ def test_a_training_set_smaller_than_one_step_is_a_config_error(config, tmp_path
     assert "training set has only 3" in err and not (tmp_path / "out").exists()
 
 
+def test_a_wrong_value_is_said_before_a_used_output_dir(config, tmp_path, capsys):
+    """A folder of an earlier run and a wrong value: the value is named first (it was hidden behind "output_dir is
+    not empty", and a user who cleared the folder for it then met the value)."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "metrics.jsonl").write_text("{}\n")
+    assert main(["train", str(config), "training.max_steps=-3", f"output_dir={used}"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: training.max_steps" in err and "not empty" not in err, err
+
+
 def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys):
     """training.sample_prompts are answered before and after training: `reft-fast train` shows both."""
     code = main(["train", str(config), 'training.sample_prompts=["repeat : red cat"]', "training.max_new_tokens=2",

@@ -178,9 +178,9 @@ class ReftTrainingRecipe:
         import torch.distributed as dist
 
         cfg = self.cfg
-        check_output_dir(cfg)
         announced_world = announced_world_size()
         model_config = validate(cfg, announced_world)
+        check_output_dir(cfg)  # after the values: a wrong one is said first, not after the folder is cleared
         self.rank, self.world = init_distributed(cfg.deepspeed.timeout_minutes)
         if self.world != announced_world:  # an MPI launch learns its size only now
             validate(cfg, self.world, check_model=False, check_data=False)
