@@ -294,6 +294,23 @@ def test_more_labels_than_a_trained_head_has_is_a_config_error_but_a_bare_encode
     validate(load_config(str(config), ["classification.num_labels=3"]))
 
 
+def test_an_encoder_without_sdpa_is_a_config_error_naming_eager_and_trains_with_eager(tmp_path):
+    """DeBERTa has no SDPA path in transformers 5.24; with the config's default (sdpa) from_pretrained raised a bare
+    ValueError after the process group had started."""
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path, sentiment_rows(32))
+    torch.manual_seed(0)
+    transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        vocab_size=24, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, num_labels=2)).save_pretrained(tmp_path / "model")
+    with pytest.raises(ConfigError, match=r"^model.attn_implementation: 'sdpa' \(the default\) is not supported by "
+                                          r"DebertaV2ForSequenceClassification .* set model.attn_implementation: eager"):
+        validate(load_config(str(config)))
+    result = train(config, ["model.attn_implementation=eager", "training.max_steps=2", "training.eval_every=2"])
+    assert {"eval_loss", "accuracy", "mcc", "f1"} <= set(result.eval_metrics[-1])
+
+
 def test_bad_labels_are_named(tmp_path):
     from reft_fast.train.task_classification import read_labelled_texts
     from reft_fast.train.train_config import ClassificationConfig

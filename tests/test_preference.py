@@ -356,3 +356,27 @@ def test_reft_fast_eval_scores_a_preference_run(tmp_path, capsys):
         assert line["chosen_reward"] == pytest.approx(beta * (line["chosen_logp"] - chosen_ref), rel=1e-4, abs=1e-6)
         assert line["rejected_reward"] == pytest.approx(beta * (line["rejected_logp"] - rejected_ref), rel=1e-4,
                                                         abs=1e-6)
+
+
+def test_eval_lines_name_their_source_rows_when_long_prompts_are_dropped(tmp_path):
+    """With data.drop_long_prompts, a line's index counts the pairs kept, not the file's rows: each line names its row
+    (file and line), so a user can find the pair it scores."""
+    from reft_fast.train.cli import main
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config, overrides = preference_run(tmp_path, n_pairs=16)
+    pairs = make_pairs(6, seed=1)
+    pairs[0]["instruction"] = "repeat : " + " ".join(["red"] * 40)  # longer than max_length 32: dropped
+    write_jsonl(tmp_path / "scored.jsonl", pairs)
+    overrides = overrides + ["training.max_steps=1", "data.drop_long_prompts=true"]
+    try:
+        ReftTrainingRecipe(load_config(str(config), overrides)).run()
+    finally:
+        shutdown()
+    target = tmp_path / "scored_eval.jsonl"
+    assert main(["eval", str(tmp_path / "out"), "--data", str(tmp_path / "scored.jsonl"), "--out", str(target)]) == 0
+    lines = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(5))
+    assert [line["where"] for line in lines] == [f"{tmp_path / 'scored.jsonl'}:{row}" for row in range(2, 7)]

@@ -5,6 +5,7 @@ loaded model and a profiled step, save/load across quantized and full bases, and
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import subprocess
@@ -16,7 +17,8 @@ import torch
 import yaml
 
 from dist.tiny import make_run, subprocess_env
-from test_plan import TINY as PLAN_TINY, _profiled_peak_bytes
+from memory import profiled_peak_bytes
+from test_plan import TINY as PLAN_TINY
 
 from reft_fast import ReftModel
 from reft_fast.core.positions import intervention_locations
@@ -294,7 +296,7 @@ def test_plan_activations_match_a_profiled_step_of_a_quantized_base(tiny_model_d
         batch = {"input_ids": ids, "attention_mask": mask}
         reft_model(batch, intervention_locations=locations, labels=ids.masked_fill(mask == 0, -100))[1].loss.backward()
 
-    measured = _profiled_peak_bytes(step)
+    measured = profiled_peak_bytes(step)
     planned = plan_memory(cfg, 1).stages[0].activations
     assert 0.9 * planned <= measured <= 1.1 * planned, (measured, planned, measured / planned)
 
@@ -373,3 +375,18 @@ def test_two_ranks_zero2_train_a_quantized_base_like_one_rank(tmp_path):
         # Same batches, same quantized weights: the ranks' reduction only reorders fp32 sums.
         assert run["losses"] == pytest.approx(reference["losses"], rel=2e-4, abs=1e-5)
         assert run["base_numel_at_load"] == reference["base_numel_at_load"]  # each rank holds the whole base
+
+
+def test_the_8bit_matmuls_cast_message_is_said_once_per_loaded_base(tiny_model_dir, caplog):
+    """bitsandbytes logged its cast to float16 at every call of every 8-bit linear outside training (on GPUs in
+    training too): hundreds of lines for an evaluation of a tiny model."""
+    cast = "MatMul8bitLt: inputs will be cast from torch.float32 to float16"
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # each load says it once, however many matmuls run
+        base, _ = load_base_model(str(tiny_model_dir), _config(tiny_model_dir, "model.quantization=int8"))
+        base.eval()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bitsandbytes.autograd._functions"), torch.no_grad():
+            base(input_ids=ids)
+            base(input_ids=ids)
+        assert sum(cast in record.getMessage() for record in caplog.records) == 1, caplog.text[:500]

@@ -483,6 +483,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                              "(data.chat_template is false, or the tokenizer has none), which has no place for a "
                              "system prompt; remove it, or write it into data.prompt_template")
         self.items: list[dict] = []
+        self.sources: list[str] = []  # where each item's example came from (a file and line), since some are dropped
         dropped = []
         for i, ex in enumerate(examples):
             at = ex.get("where", f"example {i}")  # load_examples names the file and line
@@ -507,6 +508,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
                 "prompt_length": len(prompt_ids),
             })
+            self.sources.append(at)
         if dropped:
             logger.warning("dropped %d of %d examples whose prompt alone exceeds max_length=%d (first: %s)",
                            len(dropped), len(examples), max_length, ", ".join(dropped[:5]))

@@ -125,14 +125,16 @@ def load_preference_examples(source, prompt_field: str, chosen_field: str, rejec
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Tokenized pairs: item i is ``{"index": i, "chosen": ..., "rejected": ...}``, each side a ``SupervisedDataset``
-    item (input_ids, labels −100 on the prompt, prompt_length) with the same prompt tokens."""
+    """Tokenized pairs: item i is ``{"index": i, "where": ..., "chosen": ..., "rejected": ...}``, each side a
+    ``SupervisedDataset`` item (input_ids, labels −100 on the prompt, prompt_length) with the same prompt tokens;
+    ``where`` names the pair's row (a file and line): with ``data.drop_long_prompts`` i is not the row's position."""
 
     def __init__(self, examples: list[dict], tokenizer, **encoding):
         # Both sides drop the same examples (a prompt too long for max_length), so they stay aligned.
         chosen = SupervisedDataset([{**e, "response": e["chosen"]} for e in examples], tokenizer, **encoding)
         rejected = SupervisedDataset([{**e, "response": e["rejected"]} for e in examples], tokenizer, **encoding)
-        self.items = [{"index": i, "chosen": c, "rejected": r} for i, (c, r) in enumerate(zip(chosen, rejected))]
+        self.items = [{"index": i, "where": where, "chosen": c, "rejected": r}
+                      for i, (where, c, r) in enumerate(zip(chosen.sources, chosen, rejected))]
         self.num_dropped = chosen.num_dropped
 
     def __len__(self) -> int:
@@ -289,10 +291,10 @@ class PreferenceTask:
     @torch.no_grad()
     def evaluate_examples(self, engine, dataset, collator, rank: int,
                           world: int) -> tuple[dict[str, float], list[dict]]:
-        """``evaluate``'s metrics and one row per pair of ``dataset``, in its order: index, the chosen and rejected
-        log-probabilities under the edits (summed over each response), their rewards, the reward margin (chosen −
-        rejected), whether the pair is ranked right (the chosen reward higher) and its loss; the metrics are the
-        means of these rows. Each rank writes its pairs' rows of one device table and one reduction over the ranks
+        """``evaluate``'s metrics and one row per pair of ``dataset``, in its order: index, where (its source row), the
+        chosen and rejected log-probabilities under the edits (summed over each response), their rewards, the reward
+        margin (chosen − rejected), whether the pair is ranked right (the chosen reward higher) and its loss; the
+        metrics are the means of these rows. Each rank writes its pairs' rows of one device table and one reduction over the ranks
         fills it (every row is written by one rank only), read once; every rank runs as many forwards (see
         ``reference_table``)."""
         micro = self.cfg.training.micro_batch_size
@@ -306,8 +308,8 @@ class PreferenceTask:
                 table[mine.start : mine.stop] = torch.cat([losses[:, None], logps, chosen[:, None],
                                                            rejected[:, None]], dim=1).double()
         engine.train()
-        rows = [{"index": index, "chosen_logp": chosen_logp, "rejected_logp": rejected_logp,
-                 "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
+        rows = [{"index": index, "where": dataset[index]["where"], "chosen_logp": chosen_logp,
+                 "rejected_logp": rejected_logp, "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
                  "correct": chosen > rejected, "loss": loss}
                 for index, (loss, chosen_logp, rejected_logp, chosen, rejected)
                 in enumerate(all_reduce_sum(table).tolist())]

@@ -639,6 +639,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     if not check_model:
         return None
     model_config = _check_against_model(cfg)
+    _check_sdpa_support(cfg.model, model_config, TASKS[cfg.task].auto_class)
     TASKS[cfg.task].check_model_config(cfg, model_config)
     return model_config
 
@@ -665,6 +666,23 @@ def _check_attention_package(m: ModelConfig) -> None:
     if m.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise ConfigError("model.attn_implementation: 'flash_attention_2' needs flash-attn, which is not installed: "
                           f"{FLASH_ATTENTION_EXTRA} (a CUDA build against the installed torch)")
+
+
+def _check_sdpa_support(m: ModelConfig, model_config, auto_class: str) -> None:
+    """SDPA is this config's default, but some model classes have no SDPA path (transformers 5.24: DeBERTa, Bloom,
+    Mamba, XLNet, MPNet), and from_pretrained then raised a bare ValueError after the process group had started."""
+    if m.attn_implementation != "sdpa":
+        return
+    import transformers
+
+    try:
+        model_class = getattr(transformers, auto_class)._model_mapping[type(model_config)]
+    except KeyError:  # remote code, or no such class for this task: from_pretrained decides and says so itself
+        return
+    if not getattr(model_class, "_supports_sdpa", True):
+        raise ConfigError(f"model.attn_implementation: 'sdpa' (the default) is not supported by "
+                          f"{model_class.__name__} (transformers {transformers.__version__}); set "
+                          "model.attn_implementation: eager")
 
 
 def _check_quantization(m: ModelConfig, zero_stage: int) -> None:
