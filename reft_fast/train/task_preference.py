@@ -294,9 +294,9 @@ class PreferenceTask:
         """``evaluate``'s metrics and one row per pair of ``dataset``, in its order: index, where (its source row), the
         chosen and rejected log-probabilities under the edits (summed over each response), their rewards, the reward
         margin (chosen − rejected), whether the pair is ranked right (the chosen reward higher) and its loss; the
-        metrics are the means of these rows. Each rank writes its pairs' rows of one device table and one reduction over the ranks
-        fills it (every row is written by one rank only), read once; every rank runs as many forwards (see
-        ``reference_table``)."""
+        metrics are the means of these rows. Each rank writes its pairs' rows of one device table and one reduction
+        over the ranks fills it (every row is written by one rank only), read once; every rank runs as many forwards
+        (see ``reference_table``)."""
         micro = self.cfg.training.micro_batch_size
         # per pair: loss, chosen and rejected log-probabilities, chosen and rejected rewards
         table = torch.zeros((len(dataset), 5), dtype=torch.float64, device=engine.device)
@@ -309,8 +309,8 @@ class PreferenceTask:
                                                            rejected[:, None]], dim=1).double()
         engine.train()
         rows = [{"index": index, "where": dataset[index]["where"], "chosen_logp": chosen_logp,
-                 "rejected_logp": rejected_logp, "chosen_reward": chosen, "rejected_reward": rejected, "margin": chosen - rejected,
-                 "correct": chosen > rejected, "loss": loss}
+                 "rejected_logp": rejected_logp, "chosen_reward": chosen, "rejected_reward": rejected,
+                 "margin": chosen - rejected, "correct": chosen > rejected, "loss": loss}
                 for index, (loss, chosen_logp, rejected_logp, chosen, rejected)
                 in enumerate(all_reduce_sum(table).tolist())]
         metrics = {"eval_loss": sum(row["loss"] for row in rows) / len(rows),

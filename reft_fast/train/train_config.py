@@ -677,8 +677,8 @@ def _check_sdpa_support(m: ModelConfig, model_config, auto_class: str) -> None:
 
     try:
         model_class = getattr(transformers, auto_class)._model_mapping[type(model_config)]
-    except KeyError:  # remote code, or no such class for this task: from_pretrained decides and says so itself
-        return
+    except (AttributeError, KeyError):  # remote code, no such class for this task, or transformers keeps its
+        return  # mapping elsewhere: from_pretrained decides and says so itself
     if not getattr(model_class, "_supports_sdpa", True):
         raise ConfigError(f"model.attn_implementation: 'sdpa' (the default) is not supported by "
                           f"{model_class.__name__} (transformers {transformers.__version__}); set "
