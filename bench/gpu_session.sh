@@ -13,13 +13,15 @@
 #               backend last; one process per row, forked from a server that imported the libraries once
 #   3. kernels  the reduced kernel grid (bench_kernels.py --grid session: N ∈ {112, 4096, 65536}, d 4096, r ∈ {8, 32},
 #               torch and triton), its CSV written row by row
-#   4. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
+#   4. packing  packed against padded batches (bench_packing.py: Llama-3.2-1B's shape, bf16, rows of 1024), one
+#               round per mode, its result lines in session.log
+#   5. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
 #               liger's fused base against the plain one), then the cuda backend's, compute-sanitizer last
 # $OUT then holds at most 7 files, all at its top: session.log (this script's whole output), e2e_*.csv|png,
 # kernels_*.csv|png, tests.log, cuda_build.log (the device tool returns 8 files at most, no more than 2 folders down).
 #
 #   bash bench/gpu_session.sh --dry-run   # the same stages, processes, budgets and files on the CPU, smoke sizes,
-#                                         # under 2 minutes (tests/test_bench_session.py runs it); the wheels are
+#                                         # about 2 minutes (tests/test_bench_session.py runs it); the wheels are
 #                                         # installed for CPython 3.12 into a scratch folder, the tests only collected
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ case "${1:-}" in
   *) echo "usage: bash bench/gpu_session.sh [--dry-run]"; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 1 ]; then
-  BUDGET_S=${BUDGET_S:-100}
+  BUDGET_S=${BUDGET_S:-125}
   OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_dry.XXXXXX")}
   SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_site.XXXXXX")
   PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -54,8 +56,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export MPLBACKEND=Agg
 
 # Each stage's reserve: what it may use at most, and what the stages after it keep for themselves.
-SETUP_S=60 KERNELS_S=60 TESTS_MIN_S=80
-if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 KERNELS_S=25 TESTS_MIN_S=30; fi
+SETUP_S=60 KERNELS_S=60 PACKING_S=60 TESTS_MIN_S=80
+if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 KERNELS_S=25 PACKING_S=20 TESTS_MIN_S=30; fi
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # limit WANT [KEEP]: at most WANT seconds, leaving KEEP (default 5) for what follows.
@@ -184,7 +186,7 @@ stage_e2e() {
   banner "e2e"
   # Start no row once only the later stages' reserves and a typical row's time (a 7B step's build, warm-up, ten
   # steps and extras) are left; end the stage at the reserves, whatever runs then; no row longer than row_s.
-  local hard=$(($(left) - KERNELS_S - TESTS_MIN_S - 10)) typical_row_s=45 row_s=150
+  local hard=$(($(left) - KERNELS_S - PACKING_S - TESTS_MIN_S - 10)) typical_row_s=45 row_s=150
   [ "$DRY_RUN" = 1 ] && typical_row_s=15 row_s=60
   if [ "$hard" -le 20 ]; then echo "e2e: no time left"; return; fi
   local deadline=$((hard - typical_row_s > 10 ? hard - typical_row_s : 10))
@@ -195,7 +197,7 @@ stage_e2e() {
 stage_kernels() {
   banner "kernels"
   local hard
-  hard=$(limit "$KERNELS_S" "$TESTS_MIN_S")
+  hard=$(limit "$KERNELS_S" $((PACKING_S + TESTS_MIN_S)))
   run_limited "$hard" "bench_kernels" "$PY" bench/bench_kernels.py "${SMOKE[@]}" --grid session \
     --backends torch,triton --no-orthogonal --deadline-s $((hard * 2 / 3)) --out "$OUT"
 }
@@ -218,6 +220,21 @@ pytest_step() {
   echo "tests ($label): ${summary:-no summary (stopped before pytest reported)}"
 }
 
+# Packing against padding on the GPU (issue 17): Llama-3.2-1B's shape with random weights, bf16, rows of 1024, one
+# round per mode; its two result lines go to session.log (the CSV stays in the scratch folder: $OUT holds 8 files).
+stage_packing() {
+  banner "packing"
+  local hard
+  hard=$(limit "$PACKING_S" "$TESTS_MIN_S")
+  if [ "$DRY_RUN" = 1 ]; then
+    local args=(--tiny --max-length 64 --micro-batch 4 --steps 1 --threads 1)
+  else
+    local args=(--model llama-1b --device cuda --dtype bfloat16 --max-length 1024 --micro-batch 16 --steps 3)
+  fi
+  run_limited "$hard" "bench_packing" "$PY" bench/bench_packing.py "${args[@]}" --rounds 1 \
+    --out "$SCRATCH/packing"
+}
+
 stage_tests() {
   banner "tests"
   # What was timed is right: the triton op against the float64 reference, the triton kernels (poisoned outputs, a
@@ -236,6 +253,7 @@ stage_tests() {
 stage_setup
 stage_e2e
 stage_kernels
+stage_packing
 stage_tests
 banner "done"
 ls -l "$OUT"
