@@ -716,3 +716,59 @@ def test_encoder_base_is_built_with_pyreft_names():
         "intervention": pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)}])
     reft_model = pyreft.get_reft_model(model, reft_config)
     assert reft_model.layers_path == "roberta.encoder.layer" and len(reft_model.interventions) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples/peft/reft_with_lora.ipynb: LoRA (PEFT) trained together with a LoReFT
+# --------------------------------------------------------------------------------------------------------------------
+def test_peft_notebook(model_name_or_path):
+    peft = pytest.importorskip("peft")
+    # --- examples/peft/reft_with_lora.ipynb (model: tiny Llama in float32; layer 15 → 1; two examples; 100 epochs
+    # → 4; do_sample=True → False and max_new_tokens cut, so that the answer can be checked below) ---
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_name_or_path, model_max_length=2048, padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+
+    include_peft = True
+    layers_to_transform = [1]
+    if include_peft:
+        peft_config = peft.LoraConfig(
+            r=4, lora_alpha=32, target_modules=["o_proj"], layers_to_transform=layers_to_transform,
+            use_rslora=True, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, peft_config)
+    reft_config = pyreft.ReftConfig(representations=[{
+        "layer": l, "component": f"base_model.model.model.layers[{l}].output" if include_peft else "block_output",
+        "low_rank_dimension": 4,
+        "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size,
+        low_rank_dimension=4)} for l in layers_to_transform])
+    reft_model = pyreft.get_reft_model(model, reft_config)
+    reft_model.model.enable_adapter_layers()  # "you need to call this to re-enable lora grads!"
+    reft_model.print_trainable_parameters()
+
+    training_examples = [["repeat : red green", "red green"], ["repeat : sky sea sun", "sky sea sun"]]
+    data_module = pyreft.make_last_position_supervised_data_module(
+        tokenizer, model, [e[0] for e in training_examples], [e[1] for e in training_examples])
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    training_args = transformers.TrainingArguments(
+        num_train_epochs=4.0, output_dir="./tmp", per_device_train_batch_size=2, learning_rate=4e-3,
+        logging_steps=1, report_to=[])
+    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args, **data_module)
+    _ = trainer.train()
+    reft_model.model.eval()
+    for k, v in reft_model.interventions.items():
+        _ = v[0].eval()
+
+    prompt = tokenizer("repeat : cat dog", return_tensors="pt")
+    base_unit_location = prompt["input_ids"].shape[-1] - 1  # last position
+    _, reft_response = reft_model.generate(
+        prompt, unit_locations={"sources->base": (None, [[[base_unit_location]]])},
+        intervene_on_prompt=True, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    # --- end of the notebook's code ---
+    assert all(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    # PEFT's generate calls the Llama's forward, not the PeftModel's: the decode steps must still run unedited, which
+    # one forward of the whole answer with the same single edited position reproduces token for token.
+    with torch.no_grad():
+        _, full = reft_model({"input_ids": reft_response[:, :-1]},
+                             unit_locations={"sources->base": (None, [[[base_unit_location]]])})
+    assert torch.equal(full.logits[0, base_unit_location:].argmax(-1), reft_response[0, base_unit_location + 1:])
