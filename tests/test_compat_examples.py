@@ -772,3 +772,75 @@ def test_peft_notebook(model_name_or_path):
         _, full = reft_model({"input_ids": reft_response[:, :-1]},
                              unit_locations={"sources->base": (None, [[[base_unit_location]]])})
     assert torch.equal(full.logits[0, base_unit_location:].argmax(-1), reft_response[0, base_unit_location + 1:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples/reward/train.py: a reward model with the example's own ReftTrainer subclass
+# --------------------------------------------------------------------------------------------------------------------
+def test_reward_example(model_name_or_path):
+    import numpy as np
+    from reft_fast import (  # pyreft's script: `from pyreft import (`
+        get_reft_model, ReftConfig, LoreftIntervention, ReftRewardDataset, ReftRewardCollator, ReftTrainer)
+
+    # --- examples/reward/train.py (model: tiny Llama in float32; four pairs of our own, given as `dataset=`; the
+    # script's argument parsing replaced by its defaults; 2 epochs; no wandb, no RewardBench) ---
+    class ReftTrainerForRewardModelling(ReftTrainer):
+        def compute_loss(self, intervenable, inputs, return_outputs=False):  # pyreft's signature: no **kwargs
+            rewards = intervenable(
+                {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
+                unit_locations={"sources->base": (None, inputs["intervention_locations"].permute(1, 0, 2).tolist())},
+                subspaces=None)
+            chosen_mask = torch.arange(inputs["input_ids"].shape[0]) % 2 == 0
+            rewards_chosen = rewards[-1].logits[chosen_mask]
+            rewards_rejected = rewards[-1].logits[~chosen_mask]
+            loss = -torch.nn.functional.logsigmoid(rewards_chosen - rewards_rejected).mean()
+            if return_outputs:
+                return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected}
+            return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, reward = self.compute_loss(model, inputs, return_outputs=True)
+            logits = (reward["rewards_chosen"] - reward["rewards_rejected"]).detach().cpu()
+            return (loss.detach().cpu(), logits, torch.ones_like(logits))
+
+    def compute_metrics(eval_pred):
+        diffs = eval_pred.predictions.reshape(-1)
+        return {"accuracy": np.sum(diffs > 0.0) / len(diffs)}
+
+    training_args = transformers.TrainingArguments(
+        output_dir="./tmp", per_device_train_batch_size=2, per_device_eval_batch_size=2, num_train_epochs=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], remove_unused_columns=False, eval_strategy="epoch")
+    layers = [l for l in range(4)]
+    layers += layers  # position "f1+l1" without share_weights
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, model_max_length=64,
+                                                           padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_name_or_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    representations = [{
+        "layer": l, "component": f"block_output", "low_rank_dimension": 1,
+        "intervention": LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=1)} for l in layers]
+    reft_model = get_reft_model(model, ReftConfig(representations=representations))
+    for param in reft_model.model.score.parameters():
+        param.requires_grad = True
+    pairs = [("red green", "blue cat", 5, 1), ("sky sea", "sky", 1, 4), ("one two", "two one", 3, 2)]
+    rows = [{"conv_A": [{"role": "user", "content": "repeat : " + a}, {"role": "assistant", "content": a}],
+             "conv_B": [{"role": "user", "content": "repeat : " + a}, {"role": "assistant", "content": b}],
+             "conv_A_rating": ra, "conv_B_rating": rb} for a, b, ra, rb in pairs]
+    fields = {"conv_A_field": "conv_A", "conv_B_field": "conv_B",
+              "conv_A_reward_field": "conv_A_rating", "conv_B_reward_field": "conv_B_rating"}
+    train_dataset = ReftRewardDataset(
+        None, "all", tokenizer, data_split="train", dataset=rows,
+        **{"num_interventions": len(layers), "position": "f1+l1", "share_weights": False}, **fields)
+    data_collator = ReftRewardCollator(tokenizer=tokenizer, padding=True, max_length=tokenizer.model_max_length)
+    score_before = reft_model.model.score.weight.detach().clone()
+    trainer = ReftTrainerForRewardModelling(
+        model=reft_model, tokenizer=tokenizer, args=training_args, compute_metrics=compute_metrics,
+        train_dataset=train_dataset, eval_dataset=train_dataset, data_collator=data_collator)
+    trainer.train()
+    reft_model.save(save_directory="./tmp/reward_model")
+    # --- end of the script's code ---
+    assert len(_losses(trainer)) == 4 and all(math.isfinite(loss) for loss in _losses(trainer))
+    assert [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert not torch.equal(score_before, reft_model.model.score.weight)
