@@ -716,3 +716,131 @@ def test_encoder_base_is_built_with_pyreft_names():
         "intervention": pyreft.LoreftIntervention(embed_dim=16, low_rank_dimension=2)}])
     reft_model = pyreft.get_reft_model(model, reft_config)
     assert reft_model.layers_path == "roberta.encoder.layer" and len(reft_model.interventions) == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples/peft/reft_with_lora.ipynb: LoRA (PEFT) trained together with a LoReFT
+# --------------------------------------------------------------------------------------------------------------------
+def test_peft_notebook(model_name_or_path):
+    peft = pytest.importorskip("peft")
+    # --- examples/peft/reft_with_lora.ipynb (model: tiny Llama in float32; layer 15 → 1; two examples; 100 epochs
+    # → 4; do_sample=True → False and max_new_tokens cut, so that the answer can be checked below) ---
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        model_name_or_path, model_max_length=2048, padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+
+    include_peft = True
+    layers_to_transform = [1]
+    if include_peft:
+        peft_config = peft.LoraConfig(
+            r=4, lora_alpha=32, target_modules=["o_proj"], layers_to_transform=layers_to_transform,
+            use_rslora=True, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM")
+        model = peft.get_peft_model(model, peft_config)
+    reft_config = pyreft.ReftConfig(representations=[{
+        "layer": l, "component": f"base_model.model.model.layers[{l}].output" if include_peft else "block_output",
+        "low_rank_dimension": 4,
+        "intervention": pyreft.LoreftIntervention(embed_dim=model.config.hidden_size,
+        low_rank_dimension=4)} for l in layers_to_transform])
+    reft_model = pyreft.get_reft_model(model, reft_config)
+    reft_model.model.enable_adapter_layers()  # "you need to call this to re-enable lora grads!"
+    reft_model.print_trainable_parameters()
+
+    training_examples = [["repeat : red green", "red green"], ["repeat : sky sea sun", "sky sea sun"]]
+    data_module = pyreft.make_last_position_supervised_data_module(
+        tokenizer, model, [e[0] for e in training_examples], [e[1] for e in training_examples])
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    training_args = transformers.TrainingArguments(
+        num_train_epochs=4.0, output_dir="./tmp", per_device_train_batch_size=2, learning_rate=4e-3,
+        logging_steps=1, report_to=[])
+    trainer = pyreft.ReftTrainerForCausalLM(model=reft_model, tokenizer=tokenizer, args=training_args, **data_module)
+    _ = trainer.train()
+    reft_model.model.eval()
+    for k, v in reft_model.interventions.items():
+        _ = v[0].eval()
+
+    prompt = tokenizer("repeat : cat dog", return_tensors="pt")
+    base_unit_location = prompt["input_ids"].shape[-1] - 1  # last position
+    _, reft_response = reft_model.generate(
+        prompt, unit_locations={"sources->base": (None, [[[base_unit_location]]])},
+        intervene_on_prompt=True, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    # --- end of the notebook's code ---
+    assert all(not torch.equal(p, lora_before[n]) for n, p in model.named_parameters() if "lora_" in n)
+    # PEFT's generate calls the Llama's forward, not the PeftModel's: the decode steps must still run unedited, which
+    # one forward of the whole answer with the same single edited position reproduces token for token.
+    with torch.no_grad():
+        _, full = reft_model({"input_ids": reft_response[:, :-1]},
+                             unit_locations={"sources->base": (None, [[[base_unit_location]]])})
+    assert torch.equal(full.logits[0, base_unit_location:].argmax(-1), reft_response[0, base_unit_location + 1:])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# examples/reward/train.py: a reward model with the example's own ReftTrainer subclass
+# --------------------------------------------------------------------------------------------------------------------
+def test_reward_example(model_name_or_path):
+    import numpy as np
+    from reft_fast import (  # pyreft's script: `from pyreft import (`
+        get_reft_model, ReftConfig, LoreftIntervention, ReftRewardDataset, ReftRewardCollator, ReftTrainer)
+
+    # --- examples/reward/train.py (model: tiny Llama in float32; four pairs of our own, given as `dataset=`; the
+    # script's argument parsing replaced by its defaults; 2 epochs; no wandb, no RewardBench) ---
+    class ReftTrainerForRewardModelling(ReftTrainer):
+        def compute_loss(self, intervenable, inputs, return_outputs=False):  # pyreft's signature: no **kwargs
+            rewards = intervenable(
+                {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]},
+                unit_locations={"sources->base": (None, inputs["intervention_locations"].permute(1, 0, 2).tolist())},
+                subspaces=None)
+            chosen_mask = torch.arange(inputs["input_ids"].shape[0]) % 2 == 0
+            rewards_chosen = rewards[-1].logits[chosen_mask]
+            rewards_rejected = rewards[-1].logits[~chosen_mask]
+            loss = -torch.nn.functional.logsigmoid(rewards_chosen - rewards_rejected).mean()
+            if return_outputs:
+                return loss, {"rewards_chosen": rewards_chosen, "rewards_rejected": rewards_rejected}
+            return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            loss, reward = self.compute_loss(model, inputs, return_outputs=True)
+            logits = (reward["rewards_chosen"] - reward["rewards_rejected"]).detach().cpu()
+            return (loss.detach().cpu(), logits, torch.ones_like(logits))
+
+    def compute_metrics(eval_pred):
+        diffs = eval_pred.predictions.reshape(-1)
+        return {"accuracy": np.sum(diffs > 0.0) / len(diffs)}
+
+    training_args = transformers.TrainingArguments(
+        output_dir="./tmp", per_device_train_batch_size=2, per_device_eval_batch_size=2, num_train_epochs=2,
+        learning_rate=1e-2, logging_steps=1, report_to=[], remove_unused_columns=False, eval_strategy="epoch")
+    layers = [l for l in range(4)]
+    layers += layers  # position "f1+l1" without share_weights
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_name_or_path, model_max_length=64,
+                                                           padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        model_name_or_path, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    representations = [{
+        "layer": l, "component": f"block_output", "low_rank_dimension": 1,
+        "intervention": LoreftIntervention(embed_dim=model.config.hidden_size, low_rank_dimension=1)} for l in layers]
+    reft_model = get_reft_model(model, ReftConfig(representations=representations))
+    for param in reft_model.model.score.parameters():
+        param.requires_grad = True
+    pairs = [("red green", "blue cat", 5, 1), ("sky sea", "sky", 1, 4), ("one two", "two one", 3, 2)]
+    rows = [{"conv_A": [{"role": "user", "content": "repeat : " + a}, {"role": "assistant", "content": a}],
+             "conv_B": [{"role": "user", "content": "repeat : " + a}, {"role": "assistant", "content": b}],
+             "conv_A_rating": ra, "conv_B_rating": rb} for a, b, ra, rb in pairs]
+    fields = {"conv_A_field": "conv_A", "conv_B_field": "conv_B",
+              "conv_A_reward_field": "conv_A_rating", "conv_B_reward_field": "conv_B_rating"}
+    train_dataset = ReftRewardDataset(
+        None, "all", tokenizer, data_split="train", dataset=rows,
+        **{"num_interventions": len(layers), "position": "f1+l1", "share_weights": False}, **fields)
+    data_collator = ReftRewardCollator(tokenizer=tokenizer, padding=True, max_length=tokenizer.model_max_length)
+    score_before = reft_model.model.score.weight.detach().clone()
+    trainer = ReftTrainerForRewardModelling(
+        model=reft_model, tokenizer=tokenizer, args=training_args, compute_metrics=compute_metrics,
+        train_dataset=train_dataset, eval_dataset=train_dataset, data_collator=data_collator)
+    trainer.train()
+    reft_model.save(save_directory="./tmp/reward_model")
+    # --- end of the script's code ---
+    assert len(_losses(trainer)) == 4 and all(math.isfinite(loss) for loss in _losses(trainer))
+    assert [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+    assert not torch.equal(score_before, reft_model.model.score.weight)

@@ -49,3 +49,16 @@ def test_pyreft_loreft_train_py_arguments():
     for name in ALL_TYPES:
         getattr(pyreft, name)(embed_dim=16, low_rank_dimension=2, dropout=0.05, dtype=torch.bfloat16, act_fn=None,
                               device="cpu", add_bias=False)
+
+
+@pytest.mark.parametrize("name", ALL_TYPES)
+def test_init_orth_is_accepted_as_pyreft_does(name):
+    # pyreft's composition notebook passes pyvene's init_orth=True; pyreft's R starts orthonormal whatever it says.
+    torch.manual_seed(0)
+    with_flag = getattr(pyreft, name)(embed_dim=16, low_rank_dimension=2, init_orth=True)
+    torch.manual_seed(0)
+    without = getattr(pyreft, name)(embed_dim=16, low_rank_dimension=2)
+    for key, value in without.state_dict().items():
+        torch.testing.assert_close(with_flag.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="init_orth=False is not supported"):
+        getattr(pyreft, name)(embed_dim=16, low_rank_dimension=2, init_orth=False)

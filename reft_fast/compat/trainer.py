@@ -7,7 +7,8 @@
 Thin subclasses of ``transformers.Trainer`` (which drives DDP and DeepSpeed itself through
 ``TrainingArguments(deepspeed=...)``). What differs from pyreft 0.1.0, which breaks on transformers ≥ 4.46:
 ``tokenizer=`` is passed on as ``processing_class=``; ``compute_loss`` takes the ``num_items_in_batch`` that
-transformers now passes, and the loss stays pyreft's (each micro-batch's mean, averaged over gradient accumulation);
+transformers now passes (a subclass's own ``compute_loss`` written to pyreft's signature, as in pyreft's reward
+and DPO examples, gets it dropped), and the loss stays pyreft's (each micro-batch's mean, averaged over gradient accumulation);
 the locations reach the model as one device tensor (no ``.tolist()`` host sync per step).
 
 Locations. The batch's ``intervention_locations`` is pyreft's [batch, n_interventions, positions] (what
@@ -25,6 +26,8 @@ trainer's (intkey_*.bin), or one written before this layout (the ReftModel direc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Optional
@@ -63,6 +66,13 @@ class ReftTrainer(transformers.Trainer):
                 "reft_fast's engine; pyreft's trainers take pyreft's [batch, n_interventions, positions]: use "
                 "reft_fast.ReftDataCollator(data_collator=transformers.DataCollatorForSeq2Seq(...)) or "
                 "make_last_position_supervised_data_module / make_multiple_position_supervised_data_module")
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # pyreft's examples subclass its trainer with compute_loss(self, intervenable, inputs, return_outputs=False),
+        # which transformers >= 4.46 calls with num_items_in_batch too (a TypeError on the first step).
+        if "compute_loss" in vars(cls) and not _takes_num_items_in_batch(cls.compute_loss):
+            cls.compute_loss = _dropping_num_items_in_batch(cls.compute_loss)
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -135,6 +145,18 @@ class ReftTrainer(transformers.Trainer):
 
     def _load_best_model(self) -> None:
         self._load_saved(self.state.best_model_checkpoint)
+
+
+def _takes_num_items_in_batch(compute_loss) -> bool:
+    parameters = inspect.signature(compute_loss).parameters.values()
+    return any(p.name == "num_items_in_batch" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _dropping_num_items_in_batch(compute_loss):
+    @functools.wraps(compute_loss)
+    def compute_loss_without_num_items(self, model, inputs, *args, num_items_in_batch=None, **kwargs):
+        return compute_loss(self, model, inputs, *args, **kwargs)
+    return compute_loss_without_num_items
 
 
 class ReftTrainerForCausalLM(ReftTrainer):

@@ -1,9 +1,10 @@
 """The hooks through which a ReftModel edits its base model, and the per-forward state they read.
 
 Hooks. Each intervened (layer, component) gets one hook, registered once: a forward hook for ``*_output`` components
-(on the layer, its attention or its MLP module), a forward pre-hook for ``*_input``. The base model itself gets a
-pre-hook (a forward begins: generate's prompt-pass detection) and a hook (a forward has returned: tie its state to its
-autograd graph, below). Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are
+(on the layer, its attention or its MLP module), a forward pre-hook for ``*_input``. The module that holds the layer
+list (the Llama's ``model``, GPT-2's ``transformer``) gets a pre-hook (a pass begins: generate's prompt-pass detection)
+and a hook (a pass has returned: tie its state to its autograd graph, below). Not the outermost model: a wrapper's
+``generate`` may skip its own forward (PEFT's PeftModel calls the wrapped model's), yet every pass runs the layers. Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are
 touched.
 
 State. ``ForwardState`` holds what one forward's edits need, computed once before the base model runs: the positions
@@ -118,8 +119,9 @@ class InterventionHooks:
         sites: dict[tuple[int, str], list[int]] = {}
         for index, site in enumerate(placements):
             sites.setdefault(site, []).append(index)
-        self._handles = [model.register_forward_pre_hook(self._on_base_call, with_kwargs=True),
-                         model.register_forward_hook(self._on_base_return)]
+        stack = _layer_stack_owner(model, layers)
+        self._handles = [stack.register_forward_pre_hook(self._on_base_call, with_kwargs=True),
+                         stack.register_forward_hook(self._on_base_return)]
         for (layer, component), indices in sites.items():
             module = component_module(layers[layer], component, layer)
             site = f"layer{layer}_{component}"
@@ -313,6 +315,17 @@ def _own_code(method, site: str):
     code = function.__code__.replace(co_name=f"{function.__name__}_{site}")
     copy = types.FunctionType(code, function.__globals__, code.co_name, function.__defaults__, function.__closure__)
     return types.MethodType(copy, method.__self__)
+
+
+def _layer_stack_owner(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Module:
+    """The submodule of ``model`` holding the nn.ModuleList of ``layers`` (given as that list or a tuple of its
+    blocks): every pass of the base goes through its forward."""
+    first = layers[0]
+    owner = next((module for module in model.modules() for child in module.children()
+                  if isinstance(child, nn.ModuleList) and any(block is first for block in child)), None)
+    if owner is None:
+        raise ValueError(f"the layer list is not a submodule of {type(model).__name__}")
+    return owner
 
 
 def _owns_output(hidden: torch.Tensor, inputs: tuple) -> bool:

@@ -142,9 +142,12 @@ class ReftIntervention(nn.Module):
 
     def __init__(self, *, embed_dim: int, low_rank_dimension: int, dropout: float = 0.0, act_fn: Optional[str] = None,
                  dtype=torch.float32, add_bias: Optional[bool] = None, orthogonalization: Optional[str] = None,
-                 device=None):
+                 device=None, init_orth: bool = True):
         super().__init__()
         spec = type(self).spec
+        if init_orth is not True:  # pyvene's keyword; pyreft accepts it and always starts R orthonormal all the same
+            raise ValueError(f"init_orth={init_orth!r} is not supported: a rotation always starts orthonormal (pyreft "
+                             "ignores init_orth and does the same); leave it out")
         if spec is None:
             raise TypeError("ReftIntervention is the family's implementation: instantiate a member "
                             "(LoreftIntervention, ...) or register one with register_intervention")
