@@ -8,8 +8,8 @@ Thin subclasses of ``transformers.Trainer`` (which drives DDP and DeepSpeed itse
 ``TrainingArguments(deepspeed=...)``). What differs from pyreft 0.1.0, which breaks on transformers ≥ 4.46:
 ``tokenizer=`` is passed on as ``processing_class=``; ``compute_loss`` takes the ``num_items_in_batch`` that
 transformers now passes (a subclass's own ``compute_loss`` written to pyreft's signature, as in pyreft's reward
-and DPO examples, gets it dropped), and the loss stays pyreft's (each micro-batch's mean, averaged over gradient accumulation);
-the locations reach the model as one device tensor (no ``.tolist()`` host sync per step).
+and DPO examples, gets it dropped), and the loss stays pyreft's (each micro-batch's mean, averaged over gradient
+accumulation); the locations reach the model as one device tensor (no ``.tolist()`` host sync per step).
 
 Locations. The batch's ``intervention_locations`` is pyreft's [batch, n_interventions, positions] (what
 ``reft_fast.compat.data``'s collators produce, and what a pyreft collator built on Hugging Face's produces); the

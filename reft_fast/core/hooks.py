@@ -2,10 +2,10 @@
 
 Hooks. Each intervened (layer, component) gets one hook, registered once: a forward hook for ``*_output`` components
 (on the layer, its attention or its MLP module), a forward pre-hook for ``*_input``. The module that holds the layer
-list (the Llama's ``model``, GPT-2's ``transformer``) gets a pre-hook (a pass begins: generate's prompt-pass detection)
-and a hook (a pass has returned: tie its state to its autograd graph, below). Not the outermost model: a wrapper's
-``generate`` may skip its own forward (PEFT's PeftModel calls the wrapped model's), yet every pass runs the layers. Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are
-touched.
+list (the Llama's ``model``, GPT-2's ``transformer``) gets a pre-hook (a pass begins: generate's prompt-pass
+detection) and a hook (a pass has returned: tie its state to its autograd graph, below). Not the outermost model: a
+wrapper's ``generate`` may skip its own forward (PEFT's PeftModel calls the wrapped model's), yet every pass runs the
+layers. Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are touched.
 
 State. ``ForwardState`` holds what one forward's edits need, computed once before the base model runs: the positions
 on each intervention's device, R of every rotation intervention, the dropout seeds, the resolved backends. A hook
