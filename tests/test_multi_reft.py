@@ -442,6 +442,31 @@ def test_mixed_answers_refuses_a_batch_of_none(served, tmp_path):
         mixed_answers(reft_model, _word_tokenizer(tmp_path), ["w3"], ["A"], chat_template=False, batch_size=0)
 
 
+def test_mixed_answers_batch_prompts_of_similar_length_and_keep_their_order(served, tmp_path, monkeypatch):
+    """Prompts of 9, 2, 9 and 2 tokens in batches of 2 were padded to 9 twice (in file order); sorted by length, one
+    batch is 2 wide. The answers are those of each prompt alone, in the prompts' order."""
+    from reft_fast.train.generation import mixed_answers
+
+    reft_model, _, _ = served
+    tokenizer = _word_tokenizer(tmp_path)
+    prompts = ["w3 w4 w5 w6 w7 w8 w9 w10 w11", "w12 w5", "w9 w8 w7 w6 w5 w4 w3 w12 w13", "w4 w14"]
+    names = ["A", "B", None, "C"]
+    alone = [mixed_answers(reft_model, tokenizer, [p], [n], chat_template=False, max_new_tokens=4)[0]
+             for p, n in zip(prompts, names)]
+    widths = []
+    generate = type(reft_model).generate
+
+    def recorded(self, base, **kwargs):
+        widths.append(base["input_ids"].shape[1])
+        return generate(self, base, **kwargs)
+
+    monkeypatch.setattr(type(reft_model), "generate", recorded)
+    answers = mixed_answers(reft_model, tokenizer, prompts, names, chat_template=False, max_new_tokens=4,
+                            batch_size=2)
+    assert sorted(widths) == [2, 9]
+    assert answers == alone
+
+
 def test_moving_the_model_moves_and_switches_mode_of_every_loaded_reft(served):
     _, _, directories = served
     reft_model = ReftModel.load(directories["A"], _tiny_llama())

@@ -104,7 +104,8 @@ def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: 
                   batch_size: int = 8, names: Optional[Sequence[str]] = None) -> list[str]:
     """Greedy answers, ``batch_size`` prompts per generate call, each prompt edited by the ReFT it names (a name
     loaded into ``reft_model``, or None for the plain base) at the positions of that ReFT's saved spec. Prompts are
-    left padded, so every answer starts at the same column. A prompt is encoded as its ReFT was trained:
+    left padded, so every answer starts at the same column; prompts of similar length share a batch (less padding),
+    the answers come back in the order of ``prompts``. A prompt is encoded as its ReFT was trained:
     ``encodings[name]`` (``encode_prompt``'s chat_template and system_prompt) where given, else ``chat_template``
     and ``system_prompt``. ``names`` name the prompts in a PromptError (default: their number and start)."""
     if len(adapter_names) != len(prompts):
@@ -117,17 +118,20 @@ def mixed_answers(reft_model, tokenizer, prompts: Sequence[str], adapter_names: 
     encodings = encodings or {}
     all_encoded = _encode_checked(reft_model, tokenizer, prompts,
                                   [encodings.get(name, default) for name in adapter_names], max_new_tokens, names)
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = all_encoded[start:start + batch_size]
+    order = sorted(range(len(prompts)), key=lambda i: len(all_encoded[i]))
+    answers: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = [all_encoded[i] for i in rows]
         width = max(map(len, encoded))
         ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in encoded], device=device)
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in encoded], device=device)
         _, out = reft_model.generate({"input_ids": ids, "attention_mask": mask},
-                                     adapter_names=list(adapter_names[start:start + batch_size]),
+                                     adapter_names=[adapter_names[i] for i in rows],
                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
                                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
-        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        for row, i in enumerate(rows):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
     return answers
 
 
