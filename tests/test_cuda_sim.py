@@ -26,7 +26,9 @@ pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
 
 
 def _compile(out_dir: Path, name: str, extra):
-    source = out_dir / "selftest.cpp"
+    # A source file per binary: the two compile at once, and a shared one was rewritten for the second while the
+    # first compiler read it (seen 2026-11-29: "undefined reference to `main'", every test of the module an error).
+    source = out_dir / f"{name}.cpp"
     cu = HERE / "csrc_sim" / "selftest.cu"
     source.write_text(f'#line 1 "{cu}"\n' + cuda_backend.translate_launches(cu.read_text(encoding="utf-8")),
                       encoding="utf-8")
