@@ -42,12 +42,12 @@ from reft_fast.train import data as engine_data
 __all__ = ["ReftTrainer", "ReftTrainerForCausalLM", "ReftTrainerForCausalLMDistributed",
            "ReftTrainerForSequenceClassification"]
 
-# The items' and batches' keys a Trainer must keep (it drops the keys that the model's forward does not name, and
-# ReftModel.forward takes `base`, not these).
 # The folder of a checkpoint (or of save_model's directory) that holds the interventions, named as pyreft's trainer
 # names it (pyreft 0.1.0, ReftTrainer.save_model).
 INTERVENTIONS_DIR = "intervenable_model"
 
+# The items' and batches' keys a Trainer must keep (it drops the keys that the model's forward does not name, and
+# ReftModel.forward takes `base`, not these).
 _BATCH_KEYS = ["input_ids", "attention_mask", "labels", "label", "label_ids", "intervention_locations"]
 
 

@@ -54,6 +54,7 @@ __all__ = [
     "selection_and_test_parts",
     "selection_size",
     "saved_split",
+    "value_type_name",
     "split_examples",
     "template_fields",
     "train_and_eval_examples",
@@ -168,11 +169,11 @@ def _text_field(row: dict, name: str, at: str, setting: str) -> str:
     if name not in row:
         raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); set {setting}")
     if not isinstance(row[name], str):
-        raise ValueError(f"{at}: field {name!r} is {_type_name(row[name])}, expected text ({setting})")
+        raise ValueError(f"{at}: field {name!r} is {value_type_name(row[name])}, expected text ({setting})")
     return row[name]
 
 
-def _type_name(value) -> str:
+def value_type_name(value) -> str:
     """A value's type in a message, as the data file spells it (JSON's null)."""
     return "null" if value is None else type(value).__name__
 
@@ -186,7 +187,7 @@ def fill_template(template: str, row: dict, at: str, setting: str) -> str:
         if name not in row:
             raise ValueError(f"{at}: no field {name!r} (fields: {sorted(row)}); {setting} names it")
         if not isinstance(row[name], (str, int, float)):
-            raise ValueError(f"{at}: field {name!r} is {_type_name(row[name])}, expected text or a number "
+            raise ValueError(f"{at}: field {name!r} is {value_type_name(row[name])}, expected text or a number "
                              f"({setting} {template!r})")
     try:
         return template.format_map(row)

@@ -39,7 +39,7 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train import scores
-from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples
+from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples, value_type_name
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import forward_loss, to_device
 from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
@@ -110,7 +110,7 @@ def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "tra
                 raise ValueError(f"{here}: no field {name!r} (fields: {sorted(row)}); set {setting}")
         texts = tuple(row[name] for name in fields)
         if not all(isinstance(text, str) for text in texts):
-            kinds = ", ".join(f"{name!r} is {'null' if text is None else type(text).__name__}"
+            kinds = ", ".join(f"{name!r} is {value_type_name(text)}"
                               for name, text in zip(fields, texts) if not isinstance(text, str))
             raise ValueError(f"{here}: {kinds}, expected text (classification.text_fields)")
         examples.append({"texts": texts, "label": _label(row[c.label_field], c, here)})
