@@ -342,6 +342,21 @@ def test_bad_labels_are_named(tmp_path):
     assert read_labelled_texts([{"sentence": "red", "label": [1, 0]}], multi)[0]["label"] == [1.0, 0.0]
 
 
+def test_named_labels_also_take_class_indices():
+    """With label_names, a row may give the name or the class index: a Hub dataset's ClassLabel column gives indices
+    (GLUE from the Hub), a CSV gives text. Was: every index refused as 'not one of the names'."""
+    from reft_fast.train.task_classification import read_labelled_texts
+    from reft_fast.train.train_config import ClassificationConfig
+
+    named = ClassificationConfig(label_names=["negative", "positive"])
+    rows = [{"sentence": "red", "label": "positive"}, {"sentence": "cat", "label": 0}, {"sentence": "sun", "label": "1"}]
+    assert [example["label"] for example in read_labelled_texts(rows, named)] == [1, 0, 1]
+    for bad, message in (("neutral", r"label 'neutral' is not one of \['negative', 'positive'\] or a class index$"),
+                         (2, r"label 2 is not a class index in \[0, 2\)"), (0.5, r"label 0.5 is not a class index")):
+        with pytest.raises(ValueError, match=message):
+            read_labelled_texts([{"sentence": "red", "label": bad}], named)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # pyreft parity
 # --------------------------------------------------------------------------------------------------------------------

@@ -83,13 +83,15 @@ def _label(value, c: ClassificationConfig, where: str):
             if len(values) != c.num_labels or any(v not in (0.0, 1.0) for v in values):
                 raise ValueError
             return values
-        index = c.label_names.index(value) if c.label_names else int(value)
+        named = isinstance(value, str) and value in c.label_names
+        # Besides the names, a class index: a Hub dataset's ClassLabel column gives indices, a CSV gives text.
+        index = c.label_names.index(value) if named else int(value)
     except (TypeError, ValueError):
         expected = {"regression": "a finite number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
-            c.problem_type, f"one of {c.label_names}" if c.label_names
+            c.problem_type, f"one of {c.label_names} or a class index" if c.label_names
             else "a class index (text labels: list them in classification.label_names)")
         raise ValueError(f"{where}: label {value!r} is not {expected}") from None
-    if not 0 <= index < c.num_labels or (not c.label_names and float(value) != index):
+    if not 0 <= index < c.num_labels or (not named and float(value) != index):
         raise ValueError(f"{where}: label {value!r} is not a class index in [0, {c.num_labels}) (classification."
                          "num_labels; GLUE's test splits have no labels: −1)")
     return index
