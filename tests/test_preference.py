@@ -235,6 +235,34 @@ def test_pairs_from_jsonl_with_renamed_fields_and_a_missing_field_named(tmp_path
         load_preference_examples(str(path), "q", "good", "worse")
 
 
+def test_pairs_without_a_preference_are_dropped_and_each_drop_is_said_once(tmp_path, caplog):
+    """A pair whose two rows are the same tokens (the same response, or two responses cut at max_length within a
+    beginning they share) has a zero margin whatever the edits: no gradient, yet it counted in the mean and in the
+    reward accuracy. Such pairs are dropped with one warning naming them; a prompt too long is said once, not once per
+    side (both were logged twice)."""
+    from dist.tiny import make_tokenizer
+    from reft_fast.train.task_preference import PreferenceDataset, load_preference_examples
+
+    shared = " ".join(["red"] * 30)
+    rows = [{"instruction": "big : red", "chosen": "big", "rejected": "small"},
+            {"instruction": "hot : sky", "chosen": "hot", "rejected": "hot"},  # the same response
+            {"instruction": "up : sea", "chosen": shared + " up", "rejected": shared + " down"},  # cut alike at 32
+            {"instruction": "repeat : " + " ".join(["red"] * 40), "chosen": "a", "rejected": "b"},  # prompt too long
+            {"instruction": "cold : sun", "chosen": "cold", "rejected": "hot"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    examples = load_preference_examples(str(path), "instruction", "chosen", "rejected")
+    with caplog.at_level("WARNING"):
+        pairs = PreferenceDataset(examples, make_tokenizer(), max_length=32, drop_long_prompts=True)
+    assert [pair["where"] for pair in pairs] == [f"{path}:1", f"{path}:5"]
+    assert [pair["index"] for pair in pairs] == [0, 1] and pairs.num_dropped == 3
+    messages = [record.getMessage() for record in caplog.records]
+    assert len([m for m in messages if "prompt alone exceeds" in m]) == 1
+    tied = [m for m in messages if "carry no preference" in m]
+    assert len(tied) == 1 and "dropped 2 of 4 pairs" in tied[0] and f"{path}:2, {path}:3" in tied[0]
+    with pytest.raises(ValueError, match="every pair's chosen and rejected rows are the same tokens"):
+        PreferenceDataset(examples[1:3], make_tokenizer(), max_length=32)
+
+
 def test_a_prompt_template_builds_the_prompt_of_both_responses(tmp_path):
     """data.prompt_template works as for causal_lm (it was ignored: the prompt was data.prompt_field's text)."""
     from dist.tiny import make_tokenizer

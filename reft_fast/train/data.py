@@ -475,7 +475,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
     def __init__(self, examples: Sequence[dict], tokenizer, *, max_length: int = 512,
                  chat_template: Optional[bool] = None, system_prompt: Optional[str] = None, add_eos: bool = True,
-                 drop_long_prompts: bool = False):
+                 drop_long_prompts: bool = False, warn_dropped: bool = True):
         if max_length < 2:
             raise ValueError(f"max_length must be ≥ 2, got {max_length}")
         use_template = _use_chat_template(tokenizer, chat_template)
@@ -510,7 +510,7 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 "prompt_length": len(prompt_ids),
             })
             self.sources.append(at)
-        if dropped:
+        if dropped and warn_dropped:
             logger.warning("dropped %d of %d examples whose prompt alone exceeds max_length=%d (first: %s)",
                            len(dropped), len(examples), max_length, ", ".join(dropped[:5]))
         if not self.items:

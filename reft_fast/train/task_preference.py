@@ -32,6 +32,7 @@ eval`` writes that table's rows (``evaluate_examples``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +44,8 @@ from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDatas
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
 from reft_fast.train.train_config import ConfigError, TrainConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["PreferenceCollator", "PreferenceDataset", "PreferenceTask", "dpo_loss", "load_preference_examples",
            "reference_logps", "sequence_logps", "simpo_loss"]
@@ -130,12 +133,24 @@ class PreferenceDataset(torch.utils.data.Dataset):
     ``where`` names the pair's row (a file and line): with ``data.drop_long_prompts`` i is not the row's position."""
 
     def __init__(self, examples: list[dict], tokenizer, **encoding):
-        # Both sides drop the same examples (a prompt too long for max_length), so they stay aligned.
+        # Both sides drop the same examples (a prompt too long for max_length), so they stay aligned; the chosen
+        # side says so (once, not once per side).
         chosen = SupervisedDataset([{**e, "response": e["chosen"]} for e in examples], tokenizer, **encoding)
-        rejected = SupervisedDataset([{**e, "response": e["rejected"]} for e in examples], tokenizer, **encoding)
-        self.items = [{"index": i, "where": where, "chosen": c, "rejected": r}
-                      for i, (where, c, r) in enumerate(zip(chosen.sources, chosen, rejected))]
-        self.num_dropped = chosen.num_dropped
+        rejected = SupervisedDataset([{**e, "response": e["rejected"]} for e in examples], tokenizer,
+                                     warn_dropped=False, **encoding)
+        pairs, tied = [], []
+        for where, c, r in zip(chosen.sources, chosen, rejected):
+            (tied if c["input_ids"] == r["input_ids"] else pairs).append((where, c, r))
+        if tied:  # the same tokens on both sides: a zero margin whatever the edits, so no gradient, yet counted
+            logger.warning("dropped %d of %d pairs whose chosen and rejected rows are the same tokens (the same "
+                           "response, or two responses cut at data.max_length within a beginning they share): they "
+                           "carry no preference (first: %s)", len(tied), len(chosen),
+                           ", ".join(where for where, *_ in tied[:5]))
+        if not pairs:
+            raise ValueError("every pair's chosen and rejected rows are the same tokens: nothing to prefer (check "
+                             "preference.chosen_field and preference.rejected_field, or raise data.max_length)")
+        self.items = [{"index": i, "where": where, "chosen": c, "rejected": r} for i, (where, c, r) in enumerate(pairs)]
+        self.num_dropped = chosen.num_dropped + len(tied)
 
     def __len__(self) -> int:
         return len(self.items)
