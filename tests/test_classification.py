@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import random
@@ -340,6 +341,33 @@ def test_bad_labels_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"row 0: label '10' is not a list of 2 values 0 or 1"):
         read_labelled_texts([{"sentence": "red", "label": "10"}], multi)
     assert read_labelled_texts([{"sentence": "red", "label": [1, 0]}], multi)[0]["label"] == [1.0, 0.0]
+
+
+def test_eval_does_not_advise_training_the_head_it_restores(tmp_path):
+    """A base saved without the head (roberta-base is a masked LM) makes transformers report the head as newly
+    initialized ("MISSING ... Consider training on your downstream task"): right in training, wrong in `reft-fast eval`,
+    which loads the trained head right after. Left out there when the run restores every missing parameter; still shown
+    when it restores only some."""
+    from reft_fast.train.loading import load_base_model
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(tmp_path, sentiment_rows(8))
+    transformers.RobertaForMaskedLM(tiny_roberta_config()).save_pretrained(tmp_path / "model")
+    cfg = load_config(str(config))
+    head = ["classifier.dense.bias", "classifier.dense.weight", "classifier.out_proj.bias", "classifier.out_proj.weight"]
+    shown_messages: list[str] = []
+    collect = logging.Handler()
+    collect.emit = lambda record: shown_messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(collect)  # where transformers' own handler prints them
+    try:
+        for restored, shown in ((head, False), (head[:3], True), ((), True)):
+            shown_messages.clear()
+            base, _ = load_base_model(str(tmp_path / "model"), cfg, auto_class="AutoModelForSequenceClassification",
+                                      model_kwargs={"num_labels": 2}, restored=restored)
+            assert isinstance(base, transformers.RobertaForSequenceClassification)
+            assert any("classifier.out_proj.weight" in message for message in shown_messages) == shown, restored
+    finally:
+        logging.getLogger("transformers").removeHandler(collect)
 
 
 def test_named_labels_also_take_class_indices():

@@ -37,7 +37,7 @@ __all__ = ["BASE_TRAINABLE_NAME", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT", "Reft
            "register_directory_format", "register_weights_format", "save_reft_model", "load_reft_model",
            "load_weights_in_place", "check_on_meta_copy", "resolve_load_directory",
            "model_signature", "save_trainable_base", "load_trainable_base", "load_base_parameters",
-           "trainable_base_state", "check_base_parameters", "check_same_keys"]
+           "trainable_base_state", "trainable_base_names", "check_base_parameters", "check_same_keys"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "interventions.safetensors"
@@ -382,6 +382,19 @@ def load_trainable_base(model, directory) -> list[str]:
     if not path.is_file():
         return []
     return load_base_parameters(model, read_weights(path), path)
+
+
+def trainable_base_names(directory) -> list[str]:
+    """The parameter names in ``save_trainable_base``'s file in ``directory``, read from its header (no tensor is
+    loaded); none when there is no such file or it cannot be read (``load_trainable_base`` then says why)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / BASE_TRAINABLE_NAME
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return sorted(weights.keys())
+    except Exception:  # absent, cut short, not safetensors: whatever safetensors raises, the load reports it
+        return []
 
 
 def load_base_parameters(model, tensors: dict, path: Path) -> list[str]:

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Collection, Optional
 
 import torch
 
@@ -92,9 +92,14 @@ def load_tokenizer(source: str, trust_remote_code: bool = False):
 
 
 def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = None,
-                    auto_class: str = "AutoModelForCausalLM", model_kwargs: Optional[dict] = None):
+                    auto_class: str = "AutoModelForCausalLM", model_kwargs: Optional[dict] = None,
+                    restored: Collection[str] = ()):
     """The frozen base, in ``model.dtype``, loaded by the transformers Auto class named (the task's, with its
     ``model_kwargs``: a head's size); under ZeRO-3 built inside zero.Init (partitioned as it is created).
+
+    ``restored``: the names of parameters the caller loads right after (a run's trained head): when they are all the
+    checkpoint lacks, transformers' report of "newly initialized" parameters, which advises training them, is not
+    shown (``_load_report_unless_restored``).
 
     Returns (model, hf_deepspeed_config): keep the second alive until training ends (transformers holds it weakly).
     """
@@ -121,12 +126,46 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         # full-precision base never sits there.
         kwargs.update(quantization_config=quantization, device_map={"": _this_rank_device()})
         _say_bitsandbytes_casts_once()
-    model = getattr(transformers, auto_class).from_pretrained(source, dtype=dtype,
-                                                              trust_remote_code=cfg.model.trust_remote_code, **kwargs)
+    load = getattr(transformers, auto_class).from_pretrained
+    kwargs.update(dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
+    model = _load_report_unless_restored(load, source, kwargs, restored) if restored else load(source, **kwargs)
     model.requires_grad_(False)
     model.config.use_cache = False
     _keep_4bit_weights_differentiable(model)
     return model, hf_ds
+
+
+class _Held(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.records.append(record)
+        return False
+
+
+def _load_report_unless_restored(load, source: str, kwargs: dict, restored: Collection[str]):
+    """``load(source, **kwargs)`` with transformers' messages about parameters the checkpoint lacks left out when the
+    caller restores every one of them (``restored``): 5.x's LOAD REPORT table ("MISSING: newly initialized ...
+    Consider training"), 4.x's "Some weights ... are newly initialized ... You should probably TRAIN this model".
+    The loader's messages are held back while it runs, and all but those are logged after it."""
+    chatty = logging.getLogger("transformers.modeling_utils")
+    held = _Held()
+    chatty.addFilter(held)
+    try:
+        model, info = load(source, output_loading_info=True, **kwargs)
+    finally:
+        chatty.removeFilter(held)
+    missing = set(info.get("missing_keys") or ())
+    covered = bool(missing) and missing <= set(restored) and not info.get("mismatched_keys")
+    for record in held.records:
+        if not (covered and any(name in record.getMessage() for name in missing)):
+            chatty.handle(record)
+    if covered:
+        logger.info("the %d base parameters %s lacks (%s) are the run's trained ones, loaded next", len(missing),
+                    source, ", ".join(sorted(missing)[:4]) + (", ..." if len(missing) > 4 else ""))
+    return model
 
 
 def meta_model(model_config, auto_class: str, model_kwargs: Optional[dict] = None):

@@ -38,7 +38,7 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
     from deepspeed.accelerator import get_accelerator
 
     from reft_fast.core.model import ReftModel
-    from reft_fast.core.saving import ReftLoadError
+    from reft_fast.core.saving import ReftLoadError, trainable_base_names
     from reft_fast.train.ds_config import build_ds_config
     from reft_fast.train.loading import load_base_model, load_tokenizer, model_source
     from reft_fast.train.run_dir import load_trainable_base
@@ -52,7 +52,8 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
         raise ConfigError("--data: required (the config names no eval data: data.eval_file, an eval split or "
                           "data.eval_fraction)")
     ds_config = build_ds_config(cfg, world)
-    base, _ = load_base_model(source, cfg, ds_config, auto_class=task.auto_class, model_kwargs=task.base_kwargs)
+    base, _ = load_base_model(source, cfg, ds_config, auto_class=task.auto_class, model_kwargs=task.base_kwargs,
+                              restored=trainable_base_names(reft_dir))
     if ds_config["zero_optimization"]["stage"] < 3:
         base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
     try:
