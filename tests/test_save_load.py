@@ -473,6 +473,44 @@ def test_load_intervention_reads_what_pyreft_wrote(tmp_path, orthogonalization, 
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
 
 
+def test_load_intervention_reads_pyreft_checkpoints_of_interventions_given_by_module_path(tmp_path):
+    """pyvene keys an intervention given by a module path by that path (``comp_model_layers[1]_output_unit_pos_
+    nunit_1#0``), not by layer and component as ours: the trainer checkpoint of such a pyreft model was refused with
+    both key lists. Two at one path get #0 and #1; a named component among them keeps its usual key."""
+    pyreft = pytest.importorskip("pyreft")
+    import reft_fast
+
+    sites = [("model.layers[1].output", None), ("model.layers[0].mlp.output", None), ("model.layers[0].mlp.output",
+             None), ("block_output", 2)]
+    locations = [[[0, 3], [2, 4], [5, 1]]] * len(sites)
+
+    def representations(library, seed):
+        torch.manual_seed(seed)
+        built = []
+        for component, layer in sites:
+            intervention = library.LoreftIntervention(embed_dim=32, low_rank_dimension=2, dtype=torch.float32)
+            built.append({"component": component, "low_rank_dimension": 2, "intervention": intervention,
+                          **({} if layer is None else {"layer": layer})})
+        return built
+
+    theirs = pyreft.get_reft_model(_model(), pyreft.ReftConfig(representations=representations(pyreft, 1)),
+                                   set_device=False)
+    with torch.no_grad():
+        _, expected = theirs(_inputs(), unit_locations={"sources->base": (None, locations)})
+    checkpoint = _pyreft_trainer_checkpoint(pyreft, theirs, tmp_path / "checkpoint-4")
+    names = {p.name for p in checkpoint.glob("intkey_*")}
+    assert {"intkey_comp_model_layers[1]_output_unit_pos_nunit_1#0.bin",
+            "intkey_comp_model_layers[0]_mlp_output_unit_pos_nunit_1#1.bin"} <= names
+    ours = get_reft_model(_model(), ReftConfig(representations(reft_fast, 2))).eval()
+    ours.load_intervention(checkpoint)
+    with torch.no_grad():
+        _, out = ours(_inputs(), unit_locations={"sources->base": (None, locations)})
+    torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=1e-5)
+    other = get_reft_model(_model(), ReftConfig(representations(reft_fast, 2)[:3]))
+    with pytest.raises(ReftLoadError, match="does not hold the model's interventions"):
+        other.load_intervention(checkpoint)
+
+
 def test_save_intervention_round_trips_and_every_loader_reads_it(tmp_path):
     reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS, share_weights=True))
     head = reft_model.model.lm_head.weight

@@ -42,7 +42,7 @@ from reft_fast.core.saving import (CONFIG_NAME, ReftLoadError, check_base_parame
 from reft_fast.core.orthogonal import HouseholderOrthogonal, householder_rows
 
 __all__ = ["load_pyreft_state", "load_pyreft_module", "load_pyreft_directory", "is_pyreft_config",
-           "holds_pyreft_weights", "load_pyreft_weights_into"]
+           "holds_pyreft_weights", "load_pyreft_weights_into", "pyvene_keys"]
 
 # pyvene's save(..., include_model=True) and every checkpoint of pyreft's trainer write the base's parameters that
 # require grad (a classifier head; an empty dict for a frozen base) here, never the interventions (pyvene 0.1.8).
@@ -219,10 +219,9 @@ def load_pyreft_weights_into(reft_model: ReftModel, directory: Path, *, include_
     changes."""
     saved_keys = sorted(path.name[len(_INTKEY_PREFIX):-len(_INTKEY_SUFFIX)]
                         for path in directory.glob(f"{_INTKEY_PREFIX}*{_INTKEY_SUFFIX}"))
-    model_keys = list(reft_model.interventions)
-    check_same_keys(f"{directory} (pyvene's {_INTKEY_PREFIX}<key>{_INTKEY_SUFFIX} files)", saved_keys, model_keys)
-    _check_pyreft_types(directory, reft_model)
-    states = {key: _read_pyreft_state(_intkey_path(directory, key)) for key in model_keys}
+    saved_as = _saved_key_of(reft_model, saved_keys, directory)
+    _check_pyreft_types(directory, reft_model, saved_as)
+    states = {key: _read_pyreft_state(_intkey_path(directory, saved_as[key])) for key in saved_as}
     base_path = directory / PYREFT_BASE_NAME
     base = _read_pyreft_state(base_path) if include_model and base_path.is_file() else {}
 
@@ -231,8 +230,8 @@ def load_pyreft_weights_into(reft_model: ReftModel, directory: Path, *, include_
             try:
                 load_pyreft_state(intervention, states[key])
             except ValueError as err:  # a tensor missing or of the wrong shape for this intervention
-                raise ReftLoadError(f"{_intkey_path(directory, key)} does not match the model's intervention: "
-                                    f"{err}") from None
+                raise ReftLoadError(f"{_intkey_path(directory, saved_as[key])} does not match the model's "
+                                    f"intervention: {err}") from None
 
     check_on_meta_copy(reft_model.interventions, load_all, directory)
     check_base_parameters(reft_model.model, base, base_path)
@@ -240,9 +239,41 @@ def load_pyreft_weights_into(reft_model: ReftModel, directory: Path, *, include_
     load_base_parameters(reft_model.model, base, base_path)
 
 
-def _check_pyreft_types(directory: Path, reft_model: ReftModel) -> None:
+def pyvene_keys(reft_model: ReftModel) -> Optional[list[str]]:
+    """The keys pyvene gives the model's interventions, in their order, or None where its config has a representation
+    pyvene cannot express (one standing for several layers). They are ours except for an intervention given by a
+    module path: ``"model.layers[4].output"`` is keyed ``comp_model_layers[4]_output_unit_pos_nunit_1#0`` there
+    (pyvene 0.1.8, ``IntervenableModel._get_representation_key``), ``layer_4_comp_block_output_unit_pos_nunit_1#0``
+    here."""
+    representations = reft_model.reft_config.representations
+    if len(representations) != len(reft_model.placements):
+        return None
+    taken: dict[str, int] = {}
+    keys = []
+    for representation, (layer, _) in zip(representations, reft_model.placements):
+        component = representation.component
+        where = f"comp_{component.replace('.', '_')}" if "." in component else f"layer_{layer}_comp_{component}"
+        proposal = f"{where}_unit_pos_nunit_1"
+        taken[proposal] = taken.get(proposal, -1) + 1
+        keys.append(f"{proposal}#{taken[proposal]}")
+    return keys
+
+
+def _saved_key_of(reft_model: ReftModel, saved_keys: list[str], directory: Path) -> dict[str, str]:
+    """{the model's key: the key of its intkey file}: the same key, or pyvene's (``pyvene_keys``) when the files are
+    named so; keys that match neither way are refused (``check_same_keys``)."""
+    model_keys = list(reft_model.interventions)
+    theirs = pyvene_keys(reft_model)
+    if theirs is not None and theirs != model_keys and sorted(theirs) == saved_keys:
+        return dict(zip(model_keys, theirs))
+    check_same_keys(f"{directory} (pyvene's {_INTKEY_PREFIX}<key>{_INTKEY_SUFFIX} files)", saved_keys, model_keys)
+    return {key: key for key in model_keys}
+
+
+def _check_pyreft_types(directory: Path, reft_model: ReftModel, saved_as: dict[str, str]) -> None:
     """Refuse intkey files of another intervention type when pyreft's config.json beside them (a ``save`` directory;
-    trainer checkpoints have none) names the types; a type it names that reft_fast does not know is not checked."""
+    trainer checkpoints have none) names the types; a type it names that reft_fast does not know is not checked.
+    ``saved_as``: the model's key → its file's (``_saved_key_of``)."""
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         return
@@ -252,15 +283,16 @@ def _check_pyreft_types(directory: Path, reft_model: ReftModel) -> None:
         raise ReftLoadError(f"{config_path} is not valid JSON ({err})") from None
     if not (isinstance(config, dict) and is_pyreft_config(config)):
         return
+    model_key = {saved: key for key, saved in saved_as.items()}
     for key, type_name in zip(config.get("sorted_keys") or [], config["intervention_types"]):
-        intervention = reft_model.interventions[key] if key in reft_model.interventions else None
+        intervention = reft_model.interventions[model_key[key]] if key in model_key else None
         try:
             saved_class = intervention_class(type_name)
         except ValueError:
             continue
         if intervention is not None and not isinstance(intervention, saved_class):
             raise ReftLoadError(f"{_intkey_path(directory, key)} holds a {saved_class.__name__} ({config_path}), "
-                                f"the model's intervention {key!r} is a {type(intervention).__name__}")
+                                f"the model's intervention {model_key[key]!r} is a {type(intervention).__name__}")
 
 
 register_directory_format("pyreft", is_pyreft_config, load_pyreft_directory)
