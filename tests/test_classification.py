@@ -385,6 +385,19 @@ def test_named_labels_also_take_class_indices():
             read_labelled_texts([{"sentence": "red", "label": bad}], named)
 
 
+def test_eval_lines_name_the_predicted_class_with_label_names(tmp_path):
+    from reft_fast.train.cli import main
+
+    names = ["negative", "positive"]
+    rows = [{**row, "label": names[row["label"]]} for row in sentiment_rows(16)]
+    config = make_run(tmp_path, rows, classification={"label_names": names},
+                      training={"max_steps": 2, "eval_every": 2})
+    train(config)
+    assert main(["eval", str(tmp_path / "out")]) == 0
+    lines = _lines(tmp_path / "out" / "eval" / "eval.jsonl")
+    assert lines and all(line["predicted_name"] == names[line["predicted"]] for line in lines)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # pyreft parity
 # --------------------------------------------------------------------------------------------------------------------
@@ -498,6 +511,42 @@ def _eval_labels(config: Path, overrides=(), eval_part: str = "selection") -> li
     cfg = load_config(str(config), list(overrides))
     _, eval_set = ClassificationTask(cfg).datasets(make_tokenizer(), cfg.training.seed, eval_part)
     return [eval_set[i]["label"] for i in range(len(eval_set))]
+
+
+def test_eval_predicts_data_without_labels_and_training_refuses_it(trained, capsys, tmp_path):
+    """A GLUE test split has no labels (−1; or a file without the label field): `reft-fast eval --data` writes each
+    example's prediction, as it would with the labels, and scores nothing (was: refused, so no submission file could
+    be made). Rows with and without labels mixed, and training on an eval set without labels, stay errors."""
+    from reft_fast.train.cli import main
+    from reft_fast.train.train_config import ConfigError
+
+    config, _ = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    rows = sentiment_rows(9, seed=7)
+
+    def write(name: str, body: list) -> None:
+        (tmp_path / name).write_text("".join(json.dumps(row) + "\n" for row in body))
+
+    write("labelled.jsonl", rows)
+    write("test.jsonl", [{**row, "label": -1} for row in rows])
+    write("bare.jsonl", [{"sentence": row["sentence"]} for row in rows])
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "labelled.jsonl")]) == 0
+    scored = _lines(out_dir / "eval" / "labelled.jsonl")
+    for name in ("test", "bare"):
+        assert main(["eval", str(out_dir), "--data", str(tmp_path / f"{name}.jsonl")]) == 0
+        assert "the data has no labels, so nothing is scored" in capsys.readouterr().out
+        predicted = _lines(out_dir / "eval" / f"{name}.jsonl")
+        assert [row["label"] for row in predicted] == [None] * 9
+        assert [{k: v for k, v in row.items() if k != "label"} for row in predicted] == \
+            [{k: v for k, v in row.items() if k != "label"} for row in scored]
+        metrics = json.loads((out_dir / "eval" / f"{name}.json").read_text())
+        assert metrics["examples"] == 9 and "accuracy" not in metrics and "eval_loss" not in metrics
+    write("mixed.jsonl", [{**row, "label": -1 if i else 1} for i, row in enumerate(rows)])
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "mixed.jsonl")]) == 2
+    assert f"{tmp_path / 'mixed.jsonl'}:2: label -1 is not a class index" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"test.jsonl:1: label -1 is not a class index"):
+        train(config, [f"data.eval_file={tmp_path / 'test.jsonl'}", "data.eval_fraction=0", "training.max_steps=1",
+                       f"output_dir={tmp_path / 'refused'}"])
 
 
 def test_eval_writes_each_examples_prediction_and_they_make_the_metrics(trained, capsys, tmp_path):

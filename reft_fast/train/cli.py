@@ -643,6 +643,11 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
             out.with_suffix(".json").unlink(missing_ok=True)
             write_jsonl_atomically(out.with_suffix(".jsonl"), rows)
             write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
+            if set(metrics) == {"examples"}:  # a classification set without labels (a GLUE test split)
+                print(f"{cfg.task} predictions of the interventions in {reft_dir} on {scored} ({world} rank(s)): "
+                      f"the data has no labels, so nothing is scored; one line per example in "
+                      f"{out.with_suffix('.jsonl')}\n{metrics_table(metrics)}")
+                return
             print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
                   f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")

@@ -97,16 +97,28 @@ def _label(value, c: ClassificationConfig, where: str):
     return index
 
 
-def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "train") -> list[dict]:
-    """``[{"texts": (a,) or (a, b), "label": ...}]`` from any source ``data.load_rows`` reads."""
+def _unlabelled(row: dict, c: ClassificationConfig) -> bool:
+    """A row without a label: no label field, null, or GLUE's test-split −1."""
+    value = row.get(c.label_field)
+    return value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == -1)
+
+
+def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "train",
+                        unlabelled: bool = False) -> list[dict]:
+    """``[{"texts": (a,) or (a, b), "label": ...}]`` from any source ``data.load_rows`` reads.
+
+    ``unlabelled``: a source none of whose rows has a label (GLUE's test splits: −1; or no label field) is read with
+    label None (``reft-fast eval`` then predicts without scoring); a source with labels is read as always."""
     rows, where = load_rows(source, hf_split=hf_split)
+    without = unlabelled and bool(rows) and all(isinstance(row, dict) and _unlabelled(row, c) for row in rows)
     examples = []
     for i, row in enumerate(rows):
         here = where.at(i)
         if not isinstance(row, dict):
             raise ValueError(f"{here}: a {type(row).__name__}, expected an object")
         fields = _text_fields(row, c.text_fields, here)
-        settings = {**dict.fromkeys(fields, "classification.text_fields"), c.label_field: "classification.label_field"}
+        settings = {**dict.fromkeys(fields, "classification.text_fields"),
+                    **({} if without else {c.label_field: "classification.label_field"})}
         for name, setting in settings.items():
             if name not in row:
                 raise ValueError(f"{here}: no field {name!r} (fields: {sorted(row)}); set {setting}")
@@ -115,7 +127,7 @@ def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "tra
             kinds = ", ".join(f"{name!r} is {value_type_name(text)}"
                               for name, text in zip(fields, texts) if not isinstance(text, str))
             raise ValueError(f"{here}: {kinds}, expected text (classification.text_fields)")
-        examples.append({"texts": texts, "label": _label(row[c.label_field], c, here)})
+        examples.append({"texts": texts, "label": None if without else _label(row[c.label_field], c, here)})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
@@ -152,12 +164,14 @@ class ClassificationCollator:
         for b, it in enumerate(items):
             input_ids[b, : lengths[b]] = torch.as_tensor(it["input_ids"])
             attention_mask[b, : lengths[b]] = 1
-        labels = [it["label"] for it in items]
-        label_dtype = torch.long if isinstance(labels[0], int) else torch.float32
         locations = intervention_locations(torch.as_tensor(lengths), self.positions, self.num_interventions,
                                            share_weights=self.share_weights)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "labels": torch.as_tensor(labels, dtype=label_dtype), "intervention_locations": locations}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "intervention_locations": locations}
+        labels = [it["label"] for it in items]
+        if labels[0] is not None:  # unlabelled examples (predictions only) come as a whole set: no labels at all
+            label_dtype = torch.long if isinstance(labels[0], int) else torch.float32
+            batch["labels"] = torch.as_tensor(labels, dtype=label_dtype)
+        return batch
 
 
 def head_parameters(base) -> list[torch.nn.Parameter]:
@@ -191,6 +205,9 @@ class ClassificationTask:
     generates = False
     rows_per_example = 1
     padding_mask = True  # an encoder attends both ways: its padding must be masked
+    # Set by ``reft-fast eval`` (``task_eval.evaluate_run``): eval data without labels (GLUE's test splits) is read,
+    # and predicted without scores; training refuses it.
+    unlabelled_eval = False
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -247,7 +264,8 @@ class ClassificationTask:
 
     def _read(self, source, split: str) -> list[dict]:
         try:
-            return read_labelled_texts(source, self.cfg.classification, hf_split=split)
+            return read_labelled_texts(source, self.cfg.classification, hf_split=split,
+                                       unlabelled=self.unlabelled_eval)
         except ValueError as err:
             raise ConfigError(f"data: {err}") from None
 
@@ -275,8 +293,10 @@ class ClassificationTask:
                                       positions=iv.positions, share_weights=iv.share_weights)
 
     def host_batch(self, batch: dict) -> dict:
-        labels = batch["labels"]
-        return {**batch, "labels": labels.to(self.float_labels_dtype)} if labels.is_floating_point() else batch
+        labels = batch.get("labels")
+        if labels is None or not labels.is_floating_point():
+            return batch
+        return {**batch, "labels": labels.to(self.float_labels_dtype)}
 
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:
@@ -307,11 +327,14 @@ class ClassificationTask:
         loss, logits = self._gathered_logits(engine, dataset, collator, rank, world)
         labels = [dataset[i]["label"] for i in range(len(dataset))]
         predicted = self._predicted(logits)
-        metrics = {"eval_loss": loss, **self._scores(predicted, labels)}
-        problem = self.cfg.classification.problem_type
+        # without labels (a test split): the predictions alone, nothing to score
+        metrics = {} if loss is None else {"eval_loss": loss, **self._scores(predicted, labels)}
+        problem, names = self.cfg.classification.problem_type, self.cfg.classification.label_names
         rows = []
         for index, (label, prediction, row) in enumerate(zip(labels, predicted, logits)):
             rows.append({"index": index, "label": label, "predicted": prediction})
+            if names:  # the class's name too (what a GLUE submission file holds for MNLI, RTE, ...)
+                rows[-1]["predicted_name"] = names[prediction]
             if problem == "single_label":
                 top = max(row)
                 exps = [math.exp(value - top) for value in row]
@@ -321,11 +344,12 @@ class ClassificationTask:
         return metrics, rows
 
     @torch.no_grad()
-    def _gathered_logits(self, engine, dataset, collator, rank: int, world: int) -> tuple[float, list[list[float]]]:
-        """The mean eval loss and every example's logits, in the order of ``dataset``. Each rank runs its share of
-        every chunk (``rank_chunks``: the same number of forwards on every rank) and writes its examples' logits
-        into their rows of one device buffer; one reduction over the ranks then holds every row once, with the loss
-        sum in the last one."""
+    def _gathered_logits(self, engine, dataset, collator, rank: int,
+                         world: int) -> tuple[Optional[float], list[list[float]]]:
+        """The mean eval loss (None for examples without labels) and every example's logits, in the order of
+        ``dataset``. Each rank runs its share of every chunk (``rank_chunks``: the same number of forwards on every
+        rank) and writes its examples' logits into their rows of one device buffer; one reduction over the ranks then
+        holds every row once, with the loss sum in the last one."""
         engine.eval()
         width = self.cfg.classification.num_labels
         gathered = torch.zeros((len(dataset) + 1, width), dtype=torch.float64, device=engine.device)
@@ -333,13 +357,15 @@ class ClassificationTask:
         for mine in rank_chunks(len(dataset), micro, rank, world):
             batch = to_device(self.host_batch(collator([dataset[i] for i in (mine or [0])])), engine.device)
             _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                            intervention_locations=batch["intervention_locations"], labels=batch["labels"])
+                            intervention_locations=batch["intervention_locations"], labels=batch.get("labels"))
             if mine:  # a contiguous run of rows: written through a slice, no index tensor sent to the device
                 gathered[mine.start : mine.stop] = out.logits.double().reshape(len(mine), width)
-                gathered[-1, 0] += out.loss.double() * len(mine)
+                if out.loss is not None:
+                    gathered[-1, 0] += out.loss.double() * len(mine)
         values = all_reduce_sum(gathered).tolist()
         engine.train()
-        return values[-1][0] / len(dataset), values[:-1]
+        labelled = dataset[0]["label"] is not None
+        return (values[-1][0] / len(dataset) if labelled else None), values[:-1]
 
     def _predicted(self, logits: list[list[float]]) -> list:
         problem = self.cfg.classification.problem_type

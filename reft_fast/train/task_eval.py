@@ -45,6 +45,8 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
     from reft_fast.train.tasks import make_task, task_datasets
 
     task = make_task(cfg)
+    if hasattr(task, "unlabelled_eval"):  # classification: data without labels (a GLUE test split) is predicted
+        task.unlabelled_eval = True
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
     _, eval_set = task_datasets(task, tokenizer, cfg.training.seed, eval_part="test")
