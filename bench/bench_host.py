@@ -24,6 +24,13 @@ host time is measured with the kernel launches stubbed out (the kernels' outputs
 counts). On a CPU the stub replaces the interpreter's launch: the host cost of Triton's own JIT launcher (binding the
 arguments, the cache lookup: it needs a GPU driver) is not in that figure.
 
+    python bench/bench_host.py --device cuda   # on a GPU: the same table with reft-fast:triton timed for real
+
+On a GPU (``--device cuda``) every variant runs there, reft-fast:triton among the timed ones, each step followed by a
+synchronization inside its timed region. The shape is so small that the device finishes each kernel in microseconds,
+so a step's time is the host's: step − floor of reft-fast:triton is its host cost with Triton's JIT launcher, and
+the stubbed figure beside it the same without the launches (their difference: the launcher and the kernels).
+
 Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row;
 host_smoke_... with --smoke).
 """
@@ -39,6 +46,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -56,22 +64,31 @@ from reft_fast.train.cli import positive_int  # noqa: E402
 HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
+CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft")  # triton timed too
 FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "variant",
           "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
           "per_intervention_ms", "ratio_to_hook", "triton_launches", "aten_launches", "launches_per_intervention",
           "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
 
 
-def _row(variant: str) -> dict:
-    return dict(shape="host", config="b", method=variant, batch=8, seq_len=32, dtype="float32", device="cpu",
+def _row(variant: str, device: str = "cpu") -> dict:
+    return dict(shape="host", config="b", method=variant, batch=8, seq_len=32, dtype="float32", device=device,
                 checkpointing=False, fused=False)
 
 
-def build_step(variant: str):
-    """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own."""
+def build_step(variant: str, device: str = "cpu"):
+    """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own.
+    On CUDA the step ends with a synchronization: its time is then that of the work it issued, done."""
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
-    row = _row(variant)
+    row = _row(variant, device)
     step, layers, _, params, _ = bench_e2e.training_step(bench_e2e.build_base(row), row)
+    if device == "cuda":
+        def synchronized_step():
+            loss = step()
+            torch.cuda.synchronize()
+            return loss
+
+        return synchronized_step, len(layers), params
     return step, len(layers), params
 
 
@@ -137,42 +154,44 @@ def launch_counts(step) -> dict:
     return dict(triton_launches=triton, aten_launches=work.launches - triton, host_syncs=len(work.syncs))
 
 
-def measure(reps: int, warmup: int, log=print) -> list[dict]:
-    env = environment()
-    versions = bench_e2e._versions()
-    common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
-                  transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
-                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps)
+def _built_variants(variants, device: str, log) -> tuple[dict, dict, dict]:
+    """(steps, numbers of interventions, statuses) of the variants; pyreft, when it cannot be built, gets a status."""
     steps, sizes, statuses = {}, {}, {}
-    for variant in VARIANTS:
+    for variant in variants:
         try:
-            if variant == "pyreft" and bench_e2e.skip_reason(_row("pyreft")):
+            if variant == "pyreft" and bench_e2e.skip_reason(_row("pyreft", device)):
                 raise ImportError("not importable here (pip install --no-deps pyreft==0.1.0 pyvene==0.1.8)")
-            steps[variant], sizes[variant], _ = build_step(variant)
+            steps[variant], sizes[variant], _ = build_step(variant, device)
         except Exception as error:  # pyreft's import pulls optional libraries: report, and time the others
             if variant != "pyreft":
                 raise
             statuses[variant] = f"not run: pyreft: {type(error).__name__}: {error}"
             log(statuses[variant])
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    log(f"{reps} paired repetitions of {', '.join(steps)}; {common['threads']} thread(s), load average "
-        f"{common['load_1min']} on {os.cpu_count()} cores")
-    times = paired_times(steps, reps)
+    return steps, sizes, statuses
 
-    triton_step, n_triton, triton_params = build_step("reft-fast:triton")
+
+def _triton_figures(steps: dict, device: str, reps: int, warmup: int) -> tuple[dict, int]:
+    """The Triton path's launches per step (over the floor's, per intervention) and its host time with the launches
+    stubbed: its columns, and its number of interventions."""
+    # a base of its own: the stubbed steps leave garbage in its interventions (put back, but not in a timed variant's)
+    triton_step, n_triton, triton_params = build_step("reft-fast:triton", device)
     for _ in range(warmup):
         triton_step()
     counts, floor_counts = launch_counts(triton_step), launch_counts(steps["floor"])
     # Over the floor's own: what the interventions add (helper ops and the optimizer over their parameters included).
     counts["launches_per_intervention"] = sum(counts[k] - floor_counts[k] for k in ("triton_launches",
                                                                                   "aten_launches")) / n_triton
-    stub_diffs = stubbed_differences(triton_step, triton_params, steps["floor"], max(reps // 4, 3))
+    stub_median = statistics.median(stubbed_differences(triton_step, triton_params, steps["floor"],
+                                                        max(reps // 4, 3)))
+    counts.update(stubbed_minus_floor_ms=stub_median, stubbed_per_intervention_ms=stub_median / n_triton)
+    return counts, n_triton
 
-    rows = []
-    hook_diff = None
-    for variant in VARIANTS:
+
+def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict) -> list[dict]:
+    """One row per variant: its median step, and the median, quartiles and per-intervention figure of the paired
+    differences with the floor; ratio_to_hook against hook-loreft's."""
+    rows, hook_diff = [], None
+    for variant in variants:
         row = dict(common, variant=variant, status=statuses.get(variant, "ok"))
         if variant in times:
             diffs = [t - f for t, f in zip(times[variant], times["floor"])]
@@ -188,12 +207,35 @@ def measure(reps: int, warmup: int, log=print) -> list[dict]:
     for row in rows:
         if hook_diff and "minus_floor_ms" in row:
             row["ratio_to_hook"] = row["minus_floor_ms"] / hook_diff
-    stub_median = statistics.median(stub_diffs)
-    rows.append(dict(common, variant="reft-fast:triton", n_interventions=n_triton, **counts,
-                     stubbed_minus_floor_ms=stub_median, stubbed_per_intervention_ms=stub_median / n_triton,
-                     status="launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter "
-                            "stubbed, the JIT launcher's own cost not included)" if not torch.cuda.is_available()
-                     else "launches counted; host time with the kernel launches stubbed"))
+    return rows
+
+
+def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None) -> list[dict]:
+    """The table's rows: ``variants`` timed in pairs with the floor (default: CUDA_VARIANTS on cuda, VARIANTS on the
+    CPU), and the Triton path's launches and stubbed host time (its own row unless it is among those timed)."""
+    env = environment()
+    versions = bench_e2e._versions()
+    common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
+                  transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
+                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps)
+    variants = variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS)
+    steps, sizes, statuses = _built_variants(variants, device, log)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load average "
+        f"{common['load_1min']} on {os.cpu_count()} cores")
+    times = paired_times(steps, reps)
+    triton, n_triton = _triton_figures(steps, device, reps, warmup)
+    rows = _timed_rows(variants, times, sizes, statuses, common)
+    stubbed = ("launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the "
+               "JIT launcher's own cost not included)" if device == "cpu" else
+               "timed with its kernels; launches counted; host time also with the kernel launches stubbed")
+    timed_triton = [row for row in rows if row["variant"] == "reft-fast:triton"]
+    if timed_triton:
+        timed_triton[0].update(triton, status=stubbed)
+    else:
+        rows.append(dict(common, variant="reft-fast:triton", n_interventions=n_triton, **triton, status=stubbed))
     return rows
 
 
@@ -204,6 +246,9 @@ def _parse_args(argv):
     parser.add_argument("--warmup", type=positive_int, default=None, help="steps per variant before timing (default 10)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
                                                                "<date>/)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the steps run (default: cuda where there is a GPU; there reft-fast:triton is "
+                             "timed with its kernels)")
     args = parser.parse_args(argv)
     args.reps = args.reps or (4 if args.smoke else 400)
     args.warmup = args.warmup or (1 if args.smoke else 10)
@@ -213,7 +258,10 @@ def _parse_args(argv):
 def main(argv=None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
-    rows = measure(args.reps, args.warmup)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_host: --device cuda, but torch sees no GPU here", file=sys.stderr)
+        return 2
+    rows = measure(args.reps, args.warmup, device=args.device)
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
     # a smoke run's file is its own: its few repetitions must not replace the day's measurement

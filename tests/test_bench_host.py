@@ -33,3 +33,22 @@ def test_bench_host_smoke_writes_finite_paired_differences(tmp_path):
     assert int(triton["triton_launches"]) > 0 and float(triton["launches_per_intervention"]) > 0
     assert math.isfinite(float(triton["stubbed_per_intervention_ms"]))
     assert all(row["machine"] and row["torch"] and row["date"] and row["threads"] == "1" for row in rows.values())
+
+
+def test_the_gpu_table_times_the_triton_path_among_the_variants(monkeypatch):
+    """``--device cuda`` times reft-fast:triton with the others (its kernels run: on a GPU its step − floor is its
+    host cost with Triton's launcher) and puts its launch counts and stubbed time on that same row. The code path runs
+    here on the CPU with the Triton launches stubbed and a few repetitions (times meaningless)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as the suite runs the kernels (before bench_host imports them)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_host
+
+    variants = tuple(v for v in bench_host.CUDA_VARIANTS if v != "pyreft")  # its own row is covered above
+    with bench_host.stubbed_launches():  # the interpreter would take minutes; the rows' making is what is tested
+        rows = {row["variant"]: row for row in bench_host.measure(2, 1, log=lambda *_: None, variants=variants)}
+    assert list(rows) == list(variants)
+    triton = rows["reft-fast:triton"]
+    assert triton["n_interventions"] == 32 and math.isfinite(triton["per_intervention_ms"])
+    assert triton["triton_launches"] > 0 and math.isfinite(triton["stubbed_per_intervention_ms"])
+    assert "launches counted" in triton["status"]
+    assert math.isfinite(rows["hook-loreft"]["ratio_to_hook"])
