@@ -737,3 +737,18 @@ def test_a_selection_part_as_large_as_the_eval_set_is_a_config_error(tmp_path):
     cfg = load_config(str(config), ["data.selection_examples=4"])
     with pytest.raises(ConfigError, match=r"^data.selection_examples: 4 takes 4 of the 4 eval examples"):
         task_datasets(make_task(cfg), make_tokenizer(), cfg.training.seed)
+
+
+def test_the_eval_sets_alone_read_no_training_file(tmp_path):
+    """`reft-fast eval` asks for the eval set only (read_train=False): with data.eval_file the training file is
+    neither read nor needed (it was read and tokenized whole, and a training file since moved away made eval fail)."""
+    from reft_fast.train.task_classification import ClassificationTask
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(tmp_path, sentiment_rows(16))
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(6, seed=3)))
+    cfg = load_config(str(config), ["data.eval_file=other.jsonl", "data.eval_fraction=0"])
+    (tmp_path / "train.jsonl").unlink()
+    train_set, eval_set = ClassificationTask(cfg).datasets(make_tokenizer(), cfg.training.seed, "test",
+                                                           read_train=False)
+    assert train_set is None and len(eval_set) == 6

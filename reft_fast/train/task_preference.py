@@ -215,18 +215,20 @@ class PreferenceTask:
     def check_model_config(cfg: TrainConfig, model_config) -> None:
         """Nothing beyond the common checks of the model's shape (``train_config``)."""
 
-    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection", read_train: bool = True):
         """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without; with
-        ``data.selection_examples``, its ``eval_part``)."""
+        ``data.selection_examples``, its ``eval_part``); ``read_train=False``: the eval pairs only (the training
+        pairs None)."""
         d, p = self.cfg.data, self.cfg.preference
         fields = (d.prompt_field, p.chosen_field, p.rejected_field)
         examples, eval_examples = train_and_eval_examples(
             d, self.cfg.base_dir, seed,
             lambda source, split: load_preference_examples(source, *fields, hf_split=split,
-                                                           prompt_template=d.prompt_template), eval_part=eval_part)
+                                                           prompt_template=d.prompt_template), eval_part=eval_part,
+            read_train=read_train)
         encoding = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                         drop_long_prompts=d.drop_long_prompts)
-        self.train_set = PreferenceDataset(examples, tokenizer, **encoding)
+        self.train_set = PreferenceDataset(examples, tokenizer, **encoding) if read_train else None
         return self.train_set, (PreferenceDataset(eval_examples, tokenizer, **encoding) if eval_examples else None)
 
     def bind_base(self, base) -> None:
