@@ -752,3 +752,26 @@ def test_the_eval_sets_alone_read_no_training_file(tmp_path):
     train_set, eval_set = ClassificationTask(cfg).datasets(make_tokenizer(), cfg.training.seed, "test",
                                                            read_train=False)
     assert train_set is None and len(eval_set) == 6
+
+
+def test_eval_data_may_be_a_saved_dataset_folder_and_its_split(trained, capsys, tmp_path):
+    """`reft-fast eval RUN --data FOLDER [--split S]` on a classification run: a folder written by save_to_disk (a
+    DatasetDict, GLUE's splits with a ClassLabel column) is scored at --split, as the README's Evaluate section says
+    --data may be; it was refused as "no such file" although the folder is there."""
+    import datasets
+
+    from reft_fast.train.cli import main
+
+    config, _ = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    splits = {"validation": sentiment_rows(6, seed=4), "test": [{**r, "label": -1} for r in sentiment_rows(3)]}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows, features=features)
+                          for name, rows in splits.items()}).save_to_disk(str(tmp_path / "glue"))
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "glue"), "--split", "validation"]) == 0
+    assert "(split validation)" in capsys.readouterr().out
+    lines = _lines(out_dir / "eval" / "glue-validation.jsonl")
+    assert [line["label"] for line in lines] == [r["label"] for r in splits["validation"]]
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "glue")]) == 2  # test, GLUE's: no labels
+    assert "glue[test]: row 0: label -1 is not a class index" in capsys.readouterr().err
