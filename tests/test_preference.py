@@ -434,3 +434,23 @@ def test_eval_with_data_reads_no_training_pairs(tmp_path, caplog):
     assert json.loads(target.with_suffix(".json").read_text())["examples"] == 3
     ties = [r.getMessage() for r in caplog.records if "same tokens" in r.getMessage()]
     assert len(ties) == 1 and "dropped 1 of 4 pairs" in ties[0] and f"{tmp_path / 'scored.jsonl'}:2)" in ties[0]
+
+
+def test_dropped_pairs_are_said_by_rank_0_only(tmp_path, caplog, monkeypatch):
+    """Every rank reads the data alike: the drops (ties, prompts too long) are said once per job, by rank 0; each rank
+    said them (8 GPUs: 8 copies of each line)."""
+    from dist.tiny import make_tokenizer
+    from reft_fast.train.task_preference import PreferenceDataset, load_preference_examples
+
+    rows = [{"instruction": "big : red", "chosen": "big", "rejected": "small"},
+            {"instruction": "hot : sky", "chosen": "hot", "rejected": "hot"},  # the same response
+            {"instruction": "repeat : " + " ".join(["red"] * 40), "chosen": "a", "rejected": "b"}]  # too long
+    examples = load_preference_examples(str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "instruction", "chosen",
+                                        "rejected")
+    for rank, said in (("1", 0), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            pairs = PreferenceDataset(examples, make_tokenizer(), max_length=32, drop_long_prompts=True)
+        assert len(pairs) == 1 and pairs.num_dropped == 2  # dropped alike on every rank
+        assert len([r for r in caplog.records if r.getMessage().startswith("dropped ")]) == said, rank

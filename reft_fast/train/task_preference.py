@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, data_eval_sources, \
-    load_examples, train_and_eval_examples
+    load_examples, train_and_eval_examples, warn_once_per_job
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
 from reft_fast.train.train_config import ConfigError, TrainConfig
@@ -142,10 +142,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         for where, c, r in zip(chosen.sources, chosen, rejected):
             (tied if c["input_ids"] == r["input_ids"] else pairs).append((where, c, r))
         if tied:  # the same tokens on both sides: a zero margin whatever the edits, so no gradient, yet counted
-            logger.warning("dropped %d of %d pairs whose chosen and rejected rows are the same tokens (the same "
-                           "response, or two responses cut at data.max_length within a beginning they share): they "
-                           "carry no preference (first: %s)", len(tied), len(chosen),
-                           ", ".join(where for where, *_ in tied[:5]))
+            warn_once_per_job(logger, "dropped %d of %d pairs whose chosen and rejected rows are the same tokens "
+                              "(the same response, or two responses cut at data.max_length within a beginning they "
+                              "share): they carry no preference (first: %s)", len(tied), len(chosen),
+                              ", ".join(where for where, *_ in tied[:5]))
         if not pairs:
             raise ValueError("every pair's chosen and rejected rows are the same tokens: nothing to prefer (check "
                              "preference.chosen_field and preference.rejected_field, or raise data.max_length)")
