@@ -786,3 +786,41 @@ def test_a_selection_part_as_large_as_the_eval_set_is_a_config_error(tmp_path):
     cfg = load_config(str(config), ["data.selection_examples=4"])
     with pytest.raises(ConfigError, match=r"^data.selection_examples: 4 takes 4 of the 4 eval examples"):
         task_datasets(make_task(cfg), make_tokenizer(), cfg.training.seed)
+
+
+def test_the_eval_sets_alone_read_no_training_file(tmp_path):
+    """`reft-fast eval` asks for the eval set only (read_train=False): with data.eval_file the training file is
+    neither read nor needed (it was read and tokenized whole, and a training file since moved away made eval fail)."""
+    from reft_fast.train.task_classification import ClassificationTask
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(tmp_path, sentiment_rows(16))
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(6, seed=3)))
+    cfg = load_config(str(config), ["data.eval_file=other.jsonl", "data.eval_fraction=0"])
+    (tmp_path / "train.jsonl").unlink()
+    train_set, eval_set = ClassificationTask(cfg).datasets(make_tokenizer(), cfg.training.seed, "test",
+                                                           read_train=False)
+    assert train_set is None and len(eval_set) == 6
+
+
+def test_eval_data_may_be_a_saved_dataset_folder_and_its_split(trained, capsys, tmp_path):
+    """`reft-fast eval RUN --data FOLDER [--split S]` on a classification run: a folder written by save_to_disk (a
+    DatasetDict, GLUE's splits with a ClassLabel column) is scored at --split, as the README's Evaluate section says
+    --data may be; it was refused as "no such file" although the folder is there."""
+    import datasets
+
+    from reft_fast.train.cli import main
+
+    config, _ = trained
+    out_dir = Path(yaml.safe_load(config.read_text())["output_dir"])
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    splits = {"validation": sentiment_rows(6, seed=4), "test": [{**r, "label": -1} for r in sentiment_rows(3)]}
+    datasets.DatasetDict({name: datasets.Dataset.from_list(rows, features=features)
+                          for name, rows in splits.items()}).save_to_disk(str(tmp_path / "glue"))
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "glue"), "--split", "validation"]) == 0
+    assert "(split validation)" in capsys.readouterr().out
+    lines = _lines(out_dir / "eval" / "glue-validation.jsonl")
+    assert [line["label"] for line in lines] == [r["label"] for r in splits["validation"]]
+    assert main(["eval", str(out_dir), "--data", str(tmp_path / "glue")]) == 2  # test, GLUE's: no labels
+    assert "glue[test]: row 0: label -1 is not a class index" in capsys.readouterr().err

@@ -408,3 +408,49 @@ def test_eval_lines_name_their_source_rows_when_long_prompts_are_dropped(tmp_pat
     lines = [json.loads(line) for line in target.read_text().splitlines()]
     assert [line["index"] for line in lines] == list(range(5))
     assert [line["where"] for line in lines] == [f"{tmp_path / 'scored.jsonl'}:{row}" for row in range(2, 7)]
+
+
+def test_eval_with_data_reads_no_training_pairs(tmp_path, caplog):
+    """`reft-fast eval RUN --data FILE` scores FILE alone: it read and tokenized the whole training set too (its
+    warnings printed as if about the scored pairs), and a training file since moved away made it a `datasets`
+    traceback ("Couldn't reach 'pairs.jsonl' on the Hub")."""
+    from reft_fast.train.cli import main
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    config, overrides = preference_run(tmp_path, n_pairs=16)
+    try:
+        ReftTrainingRecipe(load_config(str(config), overrides + ["training.max_steps=1"])).run()
+    finally:
+        shutdown()
+    pairs = make_pairs(4, seed=1)
+    pairs[1]["rejected"] = pairs[1]["chosen"]  # a tie: dropped, said once, naming this file's row
+    write_jsonl(tmp_path / "scored.jsonl", pairs)
+    (tmp_path / "pairs.jsonl").unlink()
+    target = tmp_path / "scored_eval.jsonl"
+    caplog.clear()
+    assert main(["eval", str(tmp_path / "out"), "--data", str(tmp_path / "scored.jsonl"), "--out", str(target)]) == 0
+    assert json.loads(target.with_suffix(".json").read_text())["examples"] == 3
+    ties = [r.getMessage() for r in caplog.records if "same tokens" in r.getMessage()]
+    assert len(ties) == 1 and "dropped 1 of 4 pairs" in ties[0] and f"{tmp_path / 'scored.jsonl'}:2)" in ties[0]
+
+
+def test_dropped_pairs_are_said_by_rank_0_only(tmp_path, caplog, monkeypatch):
+    """Every rank reads the data alike: the drops (ties, prompts too long) are said once per job, by rank 0; each rank
+    said them (8 GPUs: 8 copies of each line)."""
+    from dist.tiny import make_tokenizer
+    from reft_fast.train.task_preference import PreferenceDataset, load_preference_examples
+
+    rows = [{"instruction": "big : red", "chosen": "big", "rejected": "small"},
+            {"instruction": "hot : sky", "chosen": "hot", "rejected": "hot"},  # the same response
+            {"instruction": "repeat : " + " ".join(["red"] * 40), "chosen": "a", "rejected": "b"}]  # too long
+    examples = load_preference_examples(str(write_jsonl(tmp_path / "pairs.jsonl", rows)), "instruction", "chosen",
+                                        "rejected")
+    for rank, said in (("1", 0), ("0", 2)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            pairs = PreferenceDataset(examples, make_tokenizer(), max_length=32, drop_long_prompts=True)
+        assert len(pairs) == 1 and pairs.num_dropped == 2  # dropped alike on every rank
+        assert len([r for r in caplog.records if r.getMessage().startswith("dropped ")]) == said, rank

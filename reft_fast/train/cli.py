@@ -626,12 +626,10 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
         raise ConfigError(f"--batch-size: sets generate's batch; a {cfg.task} run is scored in batches of "
                           "training.micro_batch_size, as training scored it")
     if args.data:
-        if not Path(args.data).is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
-            raise ConfigError(f"--data {args.data}: no such file")
-        cfg.data.eval_file = str(Path(args.data).resolve())
-        cfg.data.selection_examples = None  # a file given is scored whole
-    scored = f"all of {args.data}" if args.data else scored_part(cfg)
-    name = Path(args.data).stem if args.data else "eval" if cfg.data.selection_examples is None else "test"
+        _task_eval_data(args, cfg)
+    split = f"-{cfg.classification.eval_split}" if args.data and Path(args.data).is_dir() else ""  # a folder's
+    scored = f"all of {args.data}{split and f' (split {split[1:]})'}" if args.data else scored_part(cfg)
+    name = Path(args.data).stem + split if args.data else "eval" if cfg.data.selection_examples is None else "test"
     out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
     kept = _eval_kept(out.with_suffix(".jsonl"))
     with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
@@ -651,6 +649,25 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
             print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
                   f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")
+
+
+def _task_eval_data(args, cfg) -> None:
+    """Point the config's eval set at --data: a file, or for a classification run also a dataset folder (written by
+    ``save_to_disk``, a DatasetDict's included), of which --split is scored (default: test; a saved split's own)."""
+    from reft_fast.train.data import saved_split
+
+    data = Path(args.data)
+    if data.is_dir() and cfg.task == "classification":
+        cfg.data.train_file, cfg.data.hf_dataset = None, str(data.resolve())
+        cfg.data.eval_file, cfg.data.eval_fraction = None, 0.0
+        cfg.classification.eval_split = args.split or saved_split(data) or "test"
+    elif data.is_dir():
+        raise ConfigError(f"--data {args.data}: a folder; a {cfg.task} run scores a JSON or JSONL file")
+    elif not data.is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
+        raise ConfigError(f"--data {args.data}: no such file")
+    else:
+        cfg.data.eval_file = str(data.resolve())
+    cfg.data.selection_examples = None  # the data given is scored whole
 
 
 def _plan(args) -> None:

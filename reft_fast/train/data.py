@@ -20,6 +20,7 @@ import csv
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import string
@@ -54,6 +55,7 @@ __all__ = [
     "selection_and_test_parts",
     "selection_size",
     "saved_split",
+    "warn_once_per_job",
     "value_type_name",
     "split_examples",
     "template_fields",
@@ -81,6 +83,13 @@ class RowSource(str):
 
     def at(self, i: int) -> str:
         return f"{self}:{self.lines[i]}" if self.lines is not None else f"{self}: row {i}"
+
+
+def warn_once_per_job(log: logging.Logger, message: str, *args) -> None:
+    """A warning about the data, which every rank reads alike: said by rank 0 only (the launchers set RANK), not once
+    per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning(message, *args)
 
 
 def row_at(where: str, i: int) -> str:
@@ -511,8 +520,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             })
             self.sources.append(at)
         if dropped and warn_dropped:
-            logger.warning("dropped %d of %d examples whose prompt alone exceeds max_length=%d (first: %s)",
-                           len(dropped), len(examples), max_length, ", ".join(dropped[:5]))
+            warn_once_per_job(logger, "dropped %d of %d examples whose prompt alone exceeds max_length=%d "
+                              "(first: %s)", len(dropped), len(examples), max_length, ", ".join(dropped[:5]))
         if not self.items:
             raise ValueError(f"data.max_length: every example's prompt is longer than max_length={max_length}")
         self.num_dropped = len(dropped)

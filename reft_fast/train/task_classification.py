@@ -269,15 +269,16 @@ class ClassificationTask:
         except ValueError as err:
             raise ConfigError(f"data: {err}") from None
 
-    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection", read_train: bool = True):
         """The training set and the eval set (an eval file, ``classification.eval_split`` of the Hugging Face
         dataset, else ``eval_fraction`` held out; None without any; with ``data.selection_examples``, its
-        ``eval_part``)."""
+        ``eval_part``); ``read_train=False``: the eval set only (the training set None)."""
         d, c = self.cfg.data, self.cfg.classification
         self.pad_token_id = tokenizer.pad_token_id
         examples, eval_examples = train_and_eval_examples(d, self.cfg.base_dir, seed, self._read,
-                                                          eval_split=c.eval_split, eval_part=eval_part)
-        train_set = ClassificationDataset(examples, tokenizer, d.max_length)
+                                                          eval_split=c.eval_split, eval_part=eval_part,
+                                                          read_train=read_train)
+        train_set = ClassificationDataset(examples, tokenizer, d.max_length) if read_train else None
         return train_set, (ClassificationDataset(eval_examples, tokenizer, d.max_length) if eval_examples else None)
 
     def bind_base(self, base) -> None:

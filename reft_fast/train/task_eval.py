@@ -49,7 +49,8 @@ def evaluate_run(cfg: TrainConfig, reft_dir: Path, rank: int, world: int) -> tup
         task.unlabelled_eval = True
     source = model_source(cfg)
     tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
-    _, eval_set = task_datasets(task, tokenizer, cfg.training.seed, eval_part="test")
+    # the training data is read only where the eval set is held out of it (not for --data or data.eval_file)
+    _, eval_set = task_datasets(task, tokenizer, cfg.training.seed, eval_part="test", read_train=False)
     if eval_set is None:
         raise ConfigError("--data: required (the config names no eval data: data.eval_file, an eval split or "
                           "data.eval_fraction)")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, data_eval_sources, \
-    load_examples, train_and_eval_examples
+    load_examples, train_and_eval_examples, warn_once_per_job
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
 from reft_fast.train.train_config import ConfigError, TrainConfig
@@ -142,10 +142,10 @@ class PreferenceDataset(torch.utils.data.Dataset):
         for where, c, r in zip(chosen.sources, chosen, rejected):
             (tied if c["input_ids"] == r["input_ids"] else pairs).append((where, c, r))
         if tied:  # the same tokens on both sides: a zero margin whatever the edits, so no gradient, yet counted
-            logger.warning("dropped %d of %d pairs whose chosen and rejected rows are the same tokens (the same "
-                           "response, or two responses cut at data.max_length within a beginning they share): they "
-                           "carry no preference (first: %s)", len(tied), len(chosen),
-                           ", ".join(where for where, *_ in tied[:5]))
+            warn_once_per_job(logger, "dropped %d of %d pairs whose chosen and rejected rows are the same tokens "
+                              "(the same response, or two responses cut at data.max_length within a beginning they "
+                              "share): they carry no preference (first: %s)", len(tied), len(chosen),
+                              ", ".join(where for where, *_ in tied[:5]))
         if not pairs:
             raise ValueError("every pair's chosen and rejected rows are the same tokens: nothing to prefer (check "
                              "preference.chosen_field and preference.rejected_field, or raise data.max_length)")
@@ -215,18 +215,20 @@ class PreferenceTask:
     def check_model_config(cfg: TrainConfig, model_config) -> None:
         """Nothing beyond the common checks of the model's shape (``train_config``)."""
 
-    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection", read_train: bool = True):
         """The training pairs and the eval pairs (an eval file, else ``eval_fraction`` held out; None without; with
-        ``data.selection_examples``, its ``eval_part``)."""
+        ``data.selection_examples``, its ``eval_part``); ``read_train=False``: the eval pairs only (the training
+        pairs None)."""
         d, p = self.cfg.data, self.cfg.preference
         fields = (d.prompt_field, p.chosen_field, p.rejected_field)
         examples, eval_examples = train_and_eval_examples(
             d, self.cfg.base_dir, seed,
             lambda source, split: load_preference_examples(source, *fields, hf_split=split,
-                                                           prompt_template=d.prompt_template), eval_part=eval_part)
+                                                           prompt_template=d.prompt_template), eval_part=eval_part,
+            read_train=read_train)
         encoding = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                         drop_long_prompts=d.drop_long_prompts)
-        self.train_set = PreferenceDataset(examples, tokenizer, **encoding)
+        self.train_set = PreferenceDataset(examples, tokenizer, **encoding) if read_train else None
         return self.train_set, (PreferenceDataset(eval_examples, tokenizer, **encoding) if eval_examples else None)
 
     def bind_base(self, base) -> None:

@@ -15,9 +15,10 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     check_model_config(cfg, model_config)              those that need the base's config.json (not its weights)
     auto_class                                         the transformers Auto class the frozen base loads with
     base_kwargs                                        more keyword arguments of its from_pretrained (a head's size)
-    datasets(tokenizer, seed, eval_part) → (train, eval)
+    datasets(tokenizer, seed, eval_part, read_train) → (train, eval)
                                                        map-style datasets of items (eval may be None; its
-                                                       ``data.selection_examples`` part: selection | test)
+                                                       ``data.selection_examples`` part: selection | test;
+                                                       train None with read_train=False: ``reft-fast eval``)
     bind_base(base)                                    learn what the loaded base can do (before the engine)
     collator(tokenizer, num_interventions)             items → a CPU batch with ``intervention_locations``
     host_batch(batch) → batch                          CPU-side preparation before the transfer (no device work)
@@ -78,18 +79,19 @@ class CausalLMTask:
     def check_model_config(cfg: TrainConfig, model_config) -> None:
         """Nothing beyond the common checks of the model's shape (``train_config``)."""
 
-    def datasets(self, tokenizer, seed: int, eval_part: str = "selection"):
+    def datasets(self, tokenizer, seed: int, eval_part: str = "selection", read_train: bool = True):
         """The training set and the eval set (an eval file, else ``eval_fraction`` held out; None without either;
-        with ``data.selection_examples``, its ``eval_part``)."""
+        with ``data.selection_examples``, its ``eval_part``); ``read_train=False``: the eval set only (the training
+        set None; its data read only where the eval set is held out of it)."""
         d = self.cfg.data
         fields = dict(prompt_field=d.prompt_field, response_field=d.response_field,
                       prompt_template=d.prompt_template, response_template=d.response_template)
         examples, eval_examples = train_and_eval_examples(
             d, self.cfg.base_dir, seed, lambda source, split: load_examples(source, hf_split=split, **fields),
-            eval_part=eval_part)
+            eval_part=eval_part, read_train=read_train)
         kwargs = dict(max_length=d.max_length, chat_template=d.chat_template, system_prompt=d.system_prompt,
                       drop_long_prompts=d.drop_long_prompts)
-        train_set = SupervisedDataset(examples, tokenizer, **kwargs)
+        train_set = SupervisedDataset(examples, tokenizer, **kwargs) if read_train else None
         self.tokenizer = tokenizer
         if d.eval_family and eval_examples:
             try:
@@ -197,11 +199,12 @@ def make_task(cfg: TrainConfig, task: Optional[str] = None):
     return TASKS[name](cfg)
 
 
-def task_datasets(task, tokenizer, seed: int, eval_part: str = "selection"):
+def task_datasets(task, tokenizer, seed: int, eval_part: str = "selection", read_train: bool = True):
     """``task.datasets``, with a ValueError about the data's content (bad JSON, a missing field, a prompt too long)
-    raised as the ConfigError it is: the user's to fix, reported like the config (training and ``reft-fast eval``)."""
+    raised as the ConfigError it is: the user's to fix, reported like the config (training and ``reft-fast eval``,
+    which reads no training data it does not score: ``read_train=False``)."""
     try:
-        return task.datasets(tokenizer, seed, eval_part)
+        return task.datasets(tokenizer, seed, eval_part, read_train)
     except ConfigError:
         raise
     except ValueError as err:
