@@ -147,8 +147,9 @@ class PreferenceDataset(torch.utils.data.Dataset):
                               "share): they carry no preference (first: %s)", len(tied), len(chosen),
                               ", ".join(where for where, *_ in tied[:5]))
         if not pairs:
-            raise ValueError("every pair's chosen and rejected rows are the same tokens: nothing to prefer (check "
-                             "preference.chosen_field and preference.rejected_field, or raise data.max_length)")
+            raise ValueError(f"every pair's chosen and rejected rows are the same tokens ({len(tied)} pairs, the "
+                             f"first {tied[0][0]}): nothing to prefer (check preference.chosen_field and "
+                             "preference.rejected_field, or raise data.max_length)")
         self.items = [{"index": i, "where": where, "chosen": c, "rejected": r} for i, (where, c, r) in enumerate(pairs)]
         self.num_dropped = chosen.num_dropped + len(tied)
 
