@@ -13,9 +13,12 @@
 #               backend last; one process per row, forked from a server that imported the libraries once
 #   3. kernels  the reduced kernel grid (bench_kernels.py --grid session: N ∈ {112, 4096, 65536}, d 4096, r ∈ {8, 32},
 #               torch and triton), its CSV written row by row
-#   4. packing  packed against padded batches (bench_packing.py: Llama-3.2-1B's shape, bf16, rows of 1024), one
+#   4. host     the ReFT step's host cost against the frozen floor, plain hook and pyreft (bench_host.py --device
+#               cuda: a tiny 32-layer Llama whose kernels take microseconds, reft-fast:triton timed with Triton's
+#               launcher), its table in session.log
+#   5. packing  packed against padded batches (bench_packing.py: Llama-3.2-1B's shape, bf16, rows of 1024), one
 #               round per mode, its result lines in session.log
-#   5. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
+#   6. tests    first the ones that prove what was timed is right (the triton op against float64, the triton kernels,
 #               liger's fused base against the plain one), then the cuda backend's, compute-sanitizer last
 # $OUT then holds at most 7 files, all at its top: session.log (this script's whole output), e2e_*.csv|png,
 # kernels_*.csv|png, tests.log, cuda_build.log (the device tool returns 8 files at most, no more than 2 folders down).
@@ -34,7 +37,7 @@ case "${1:-}" in
   *) echo "usage: bash bench/gpu_session.sh [--dry-run]"; exit 2 ;;
 esac
 if [ "$DRY_RUN" = 1 ]; then
-  BUDGET_S=${BUDGET_S:-125}
+  BUDGET_S=${BUDGET_S:-135}
   OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_dry.XXXXXX")}
   SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_session_site.XXXXXX")
   PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -56,8 +59,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export MPLBACKEND=Agg
 
 # Each stage's reserve: what it may use at most, and what the stages after it keep for themselves.
-SETUP_S=60 KERNELS_S=60 PACKING_S=60 TESTS_MIN_S=80
-if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 KERNELS_S=25 PACKING_S=20 TESTS_MIN_S=30; fi
+SETUP_S=60 KERNELS_S=60 HOST_S=45 PACKING_S=60 TESTS_MIN_S=80
+if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 KERNELS_S=25 HOST_S=10 PACKING_S=20 TESTS_MIN_S=30; fi
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # limit WANT [KEEP]: at most WANT seconds, leaving KEEP (default 5) for what follows.
@@ -186,7 +189,7 @@ stage_e2e() {
   banner "e2e"
   # Start no row once only the later stages' reserves and a typical row's time (a 7B step's build, warm-up, ten
   # steps and extras) are left; end the stage at the reserves, whatever runs then; no row longer than row_s.
-  local hard=$(($(left) - KERNELS_S - PACKING_S - TESTS_MIN_S - 10)) typical_row_s=45 row_s=150
+  local hard=$(($(left) - KERNELS_S - HOST_S - PACKING_S - TESTS_MIN_S - 10)) typical_row_s=45 row_s=150
   [ "$DRY_RUN" = 1 ] && typical_row_s=15 row_s=60
   if [ "$hard" -le 20 ]; then echo "e2e: no time left"; return; fi
   local deadline=$((hard - typical_row_s > 10 ? hard - typical_row_s : 10))
@@ -197,7 +200,7 @@ stage_e2e() {
 stage_kernels() {
   banner "kernels"
   local hard
-  hard=$(limit "$KERNELS_S" $((PACKING_S + TESTS_MIN_S)))
+  hard=$(limit "$KERNELS_S" $((HOST_S + PACKING_S + TESTS_MIN_S)))
   run_limited "$hard" "bench_kernels" "$PY" bench/bench_kernels.py "${SMOKE[@]}" --grid session \
     --backends torch,triton --no-orthogonal --deadline-s $((hard * 2 / 3)) --out "$OUT"
 }
@@ -218,6 +221,21 @@ pytest_step() {
   summary=$(tail -n "+$first_line" "$OUT/tests.log" \
     | grep -E '(passed|failed|error|skipped|tests? collected|no tests ran)' | tail -1)
   echo "tests ($label): ${summary:-no summary (stopped before pytest reported)}"
+}
+
+# The step's host cost on the GPU (issue 15): the table of bench_host.py with reft-fast:triton timed for real; its
+# rows go to session.log (the CSV stays in the scratch folder). The dry run only checks that the script starts: its
+# CPU table (the interpreter's Triton path counted and stubbed) is tests/test_bench_host.py's.
+stage_host() {
+  banner "host"
+  local hard
+  hard=$(limit "$HOST_S" $((PACKING_S + TESTS_MIN_S)))
+  if [ "$DRY_RUN" = 1 ]; then
+    run_limited "$hard" "bench_host" "$PY" bench/bench_host.py --help >/dev/null && echo "host: bench_host.py starts"
+    return
+  fi
+  run_limited "$hard" "bench_host" "$PY" bench/bench_host.py --device cuda --reps 50 --warmup 5 \
+    --out "$SCRATCH/host"
 }
 
 # Packing against padding on the GPU (issue 17): Llama-3.2-1B's shape with random weights, bf16, rows of 1024, one
@@ -253,6 +271,7 @@ stage_tests() {
 stage_setup
 stage_e2e
 stage_kernels
+stage_host
 stage_packing
 stage_tests
 banner "done"
