@@ -366,6 +366,13 @@ def test_eval_does_not_advise_training_the_head_it_restores(tmp_path):
                                       model_kwargs={"num_labels": 2}, restored=restored)
             assert isinstance(base, transformers.RobertaForSequenceClassification)
             assert any("classifier.out_proj.weight" in message for message in shown_messages) == shown, restored
+        # a load that fails (a 2-label head loaded as 3 labels) still says why: its report is not held back
+        transformers.RobertaForSequenceClassification(tiny_roberta_config(2)).save_pretrained(tmp_path / "model")
+        shown_messages.clear()
+        with pytest.raises(RuntimeError):
+            load_base_model(str(tmp_path / "model"), cfg, auto_class="AutoModelForSequenceClassification",
+                            model_kwargs={"num_labels": 3}, restored=head)
+        assert any("classifier.out_proj.weight" in message for message in shown_messages)
     finally:
         logging.getLogger("transformers").removeHandler(collect)
 

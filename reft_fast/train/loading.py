@@ -151,17 +151,17 @@ def _load_report_unless_restored(load, source: str, kwargs: dict, restored: Coll
     Consider training"), 4.x's "Some weights ... are newly initialized ... You should probably TRAIN this model".
     The loader's messages are held back while it runs, and all but those are logged after it."""
     chatty = logging.getLogger("transformers.modeling_utils")
-    held = _Held()
+    held, info = _Held(), None
     chatty.addFilter(held)
     try:
         model, info = load(source, output_loading_info=True, **kwargs)
-    finally:
+    finally:  # a load that raised (its report says why) has every message said
         chatty.removeFilter(held)
-    missing = set(info.get("missing_keys") or ())
-    covered = bool(missing) and missing <= set(restored) and not info.get("mismatched_keys")
-    for record in held.records:
-        if not (covered and any(name in record.getMessage() for name in missing)):
-            chatty.handle(record)
+        missing = set((info or {}).get("missing_keys") or ())
+        covered = bool(missing) and missing <= set(restored) and not info.get("mismatched_keys")
+        for record in held.records:
+            if not (covered and any(name in record.getMessage() for name in missing)):
+                chatty.handle(record)
     if covered:
         logger.info("the %d base parameters %s lacks (%s) are the run's trained ones, loaded next", len(missing),
                     source, ", ".join(sorted(missing)[:4]) + (", ..." if len(missing) > 4 else ""))
