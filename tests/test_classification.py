@@ -537,11 +537,13 @@ def test_eval_predicts_data_without_labels_and_training_refuses_it(trained, caps
     write("labelled.jsonl", rows)
     write("test.jsonl", [{**row, "label": -1} for row in rows])
     write("bare.jsonl", [{"sentence": row["sentence"]} for row in rows])
+    (tmp_path / "csv.csv").write_text("sentence,label\n" + "".join(f"{row['sentence']},-1\n" for row in rows))
     assert main(["eval", str(out_dir), "--data", str(tmp_path / "labelled.jsonl")]) == 0
     scored = _lines(out_dir / "eval" / "labelled.jsonl")
-    for name in ("test", "bare"):
-        assert main(["eval", str(out_dir), "--data", str(tmp_path / f"{name}.jsonl")]) == 0
+    for name in ("test.jsonl", "bare.jsonl", "csv.csv"):  # a CSV's labels are text: "-1"
+        assert main(["eval", str(out_dir), "--data", str(tmp_path / name)]) == 0
         assert "the data has no labels, so nothing is scored" in capsys.readouterr().out
+        name = Path(name).stem
         predicted = _lines(out_dir / "eval" / f"{name}.jsonl")
         assert [row["label"] for row in predicted] == [None] * 9
         assert [{k: v for k, v in row.items() if k != "label"} for row in predicted] == \

@@ -98,8 +98,11 @@ def _label(value, c: ClassificationConfig, where: str):
 
 
 def _unlabelled(row: dict, c: ClassificationConfig) -> bool:
-    """A row without a label: no label field, null, or GLUE's test-split −1."""
+    """A row without a label: no label field, null, GLUE's test-split −1, or in a CSV (all text) "-1" or an empty
+    cell."""
     value = row.get(c.label_field)
+    if isinstance(value, str):
+        return value.strip() in ("-1", "")
     return value is None or (not isinstance(value, bool) and isinstance(value, (int, float)) and value == -1)
 
 
