@@ -332,7 +332,7 @@ def test_bad_labels_are_named(tmp_path):
                                          r"in classification\.label_names\)$"):
         read_labelled_texts([{"sentence": "red", "label": "positive"}], ClassificationConfig())
     pairs = read_labelled_texts([{"question": "q", "sentence": "s", "label": "1"}], ClassificationConfig())
-    assert pairs == [{"texts": ("q", "s"), "label": 1}]  # QNLI's fields; a CSV's text label
+    assert pairs == [{"texts": ("q", "s"), "label": 1, "where": "the given examples: row 0"}]  # QNLI's fields
     regression = ClassificationConfig(num_labels=1, problem_type="regression")
     for target in (float("nan"), "inf"):  # a NaN target would make every weight NaN from the step that reads it
         with pytest.raises(ValueError, match=r"row 0: label .* is not a finite number"):
@@ -386,6 +386,12 @@ def test_named_labels_also_take_class_indices():
     named = ClassificationConfig(label_names=["negative", "positive"])
     rows = [{"sentence": "red", "label": "positive"}, {"sentence": "cat", "label": 0}, {"sentence": "sun", "label": "1"}]
     assert [example["label"] for example in read_labelled_texts(rows, named)] == [1, 0, 1]
+    # a CSV's float column ("1.0") is a class index too, with or without names; "inf" is named, not a traceback
+    assert [e["label"] for e in read_labelled_texts([{"sentence": "red", "label": "1.0"}], named)] == [1]
+    assert [e["label"] for e in read_labelled_texts([{"sentence": "red", "label": "1.0"}],
+                                                    ClassificationConfig())] == [1]
+    with pytest.raises(ValueError, match=r"label 'inf' is not one of"):
+        read_labelled_texts([{"sentence": "red", "label": "inf"}], named)
     for bad, message in (("neutral", r"label 'neutral' is not one of \['negative', 'positive'\] or a class index$"),
                          (2, r"label 2 is not a class index in \[0, 2\)"), (0.5, r"label 0.5 is not a class index")):
         with pytest.raises(ValueError, match=message):
@@ -540,15 +546,16 @@ def test_eval_predicts_data_without_labels_and_training_refuses_it(trained, caps
     (tmp_path / "csv.csv").write_text("sentence,label\n" + "".join(f"{row['sentence']},-1\n" for row in rows))
     assert main(["eval", str(out_dir), "--data", str(tmp_path / "labelled.jsonl")]) == 0
     scored = _lines(out_dir / "eval" / "labelled.jsonl")
-    for name in ("test.jsonl", "bare.jsonl", "csv.csv"):  # a CSV's labels are text: "-1"
-        assert main(["eval", str(out_dir), "--data", str(tmp_path / name)]) == 0
+    for file in ("test.jsonl", "bare.jsonl", "csv.csv"):  # a CSV's labels are text: "-1"
+        assert main(["eval", str(out_dir), "--data", str(tmp_path / file)]) == 0
         assert "the data has no labels, so nothing is scored" in capsys.readouterr().out
-        name = Path(name).stem
-        predicted = _lines(out_dir / "eval" / f"{name}.jsonl")
+        predicted = _lines(out_dir / "eval" / f"{Path(file).stem}.jsonl")
         assert [row["label"] for row in predicted] == [None] * 9
-        assert [{k: v for k, v in row.items() if k != "label"} for row in predicted] == \
-            [{k: v for k, v in row.items() if k != "label"} for row in scored]
-        metrics = json.loads((out_dir / "eval" / f"{name}.json").read_text())
+        assert [{k: v for k, v in row.items() if k not in ("label", "where")} for row in predicted] == \
+            [{k: v for k, v in row.items() if k not in ("label", "where")} for row in scored]
+        first_line = 2 if file.endswith(".csv") else 1  # each line names its source row (a CSV has a header)
+        assert [row["where"] for row in predicted] == [f"{tmp_path / file}:{first_line + i}" for i in range(9)]
+        metrics = json.loads((out_dir / "eval" / f"{Path(file).stem}.json").read_text())
         assert metrics["examples"] == 9 and "accuracy" not in metrics and "eval_loss" not in metrics
     write("mixed.jsonl", [{**row, "label": -1 if i else 1} for i, row in enumerate(rows)])
     assert main(["eval", str(out_dir), "--data", str(tmp_path / "mixed.jsonl")]) == 2

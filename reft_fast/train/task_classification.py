@@ -84,9 +84,10 @@ def _label(value, c: ClassificationConfig, where: str):
                 raise ValueError
             return values
         named = isinstance(value, str) and value in c.label_names
-        # Besides the names, a class index: a Hub dataset's ClassLabel column gives indices, a CSV gives text.
-        index = c.label_names.index(value) if named else int(value)
-    except (TypeError, ValueError):
+        # Besides the names, a class index: a Hub dataset's ClassLabel column gives indices, a CSV gives text ("1",
+        # or "1.0" where pandas wrote a float column).
+        index = c.label_names.index(value) if named else int(float(value) if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int() of an infinite value
         expected = {"regression": "a finite number", "multi_label": f"a list of {c.num_labels} values 0 or 1"}.get(
             c.problem_type, f"one of {c.label_names} or a class index" if c.label_names
             else "a class index (text labels: list them in classification.label_names)")
@@ -108,7 +109,8 @@ def _unlabelled(row: dict, c: ClassificationConfig) -> bool:
 
 def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "train",
                         unlabelled: bool = False) -> list[dict]:
-    """``[{"texts": (a,) or (a, b), "label": ...}]`` from any source ``data.load_rows`` reads.
+    """``[{"texts": (a,) or (a, b), "label": ..., "where": the row's file and line}]`` from any source
+    ``data.load_rows`` reads.
 
     ``unlabelled``: a source none of whose rows has a label (GLUE's test splits: −1; or no label field) is read with
     label None (``reft-fast eval`` then predicts without scoring); a source with labels is read as always."""
@@ -130,18 +132,20 @@ def read_labelled_texts(source, c: ClassificationConfig, *, hf_split: str = "tra
             kinds = ", ".join(f"{name!r} is {value_type_name(text)}"
                               for name, text in zip(fields, texts) if not isinstance(text, str))
             raise ValueError(f"{here}: {kinds}, expected text (classification.text_fields)")
-        examples.append({"texts": texts, "label": None if without else _label(row[c.label_field], c, here)})
+        examples.append({"texts": texts, "label": None if without else _label(row[c.label_field], c, here),
+                         "where": here})
     if not examples:
         raise ValueError(f"{where}: no examples")
     return examples
 
 
 class ClassificationDataset(torch.utils.data.Dataset):
-    """Tokenized examples: each item has input_ids and label."""
+    """Tokenized examples: each item has input_ids, label and where (its source row, for the eval lines)."""
 
     def __init__(self, examples: Sequence[dict], tokenizer, max_length: int):
         self.items = [{"input_ids": tokenizer(*ex["texts"], truncation=True, max_length=max_length)["input_ids"],
-                       "label": ex["label"]} for ex in examples]
+                       "label": ex["label"], "where": ex.get("where", f"example {i}")}
+                      for i, ex in enumerate(examples)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -325,9 +329,10 @@ class ClassificationTask:
 
     def evaluate_examples(self, engine, dataset, collator, rank: int,
                           world: int) -> tuple[dict[str, float], list[dict]]:
-        """``evaluate``'s metrics and one row per example of ``dataset``, in its order: index, label, predicted (a
-        class index, a 0/1 list for multi_label, the value for regression) and, for classes, their probabilities
-        (softmax; sigmoid per label for multi_label). The metrics are computed from these same predictions."""
+        """``evaluate``'s metrics and one row per example of ``dataset``, in its order: index, where (its source row:
+        a file and line), label, predicted (a class index, a 0/1 list for multi_label, the value for regression),
+        predicted_name (with label_names) and, for classes, their probabilities (softmax; sigmoid per label for
+        multi_label). The metrics are computed from these same predictions."""
         loss, logits = self._gathered_logits(engine, dataset, collator, rank, world)
         labels = [dataset[i]["label"] for i in range(len(dataset))]
         predicted = self._predicted(logits)
@@ -336,7 +341,7 @@ class ClassificationTask:
         problem, names = self.cfg.classification.problem_type, self.cfg.classification.label_names
         rows = []
         for index, (label, prediction, row) in enumerate(zip(labels, predicted, logits)):
-            rows.append({"index": index, "label": label, "predicted": prediction})
+            rows.append({"index": index, "where": dataset[index]["where"], "label": label, "predicted": prediction})
             if names:  # the class's name too (what a GLUE submission file holds for MNLI, RTE, ...)
                 rows[-1]["predicted_name"] = names[prediction]
             if problem == "single_label":
