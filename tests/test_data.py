@@ -195,7 +195,8 @@ def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
     assert load_examples(str(tmp_path / "saved")) == [
         {"prompt": r["instruction"], "response": r["output"], "where": f"{tmp_path / 'saved'}[train]: row {i}"}
         for i, r in enumerate(rows)]
-    with pytest.raises(ValueError, match="holds one split, 'train', not 'validation'"):
+    with pytest.raises(ValueError, match="holds one split, 'train', not 'validation' .*or evaluate on a held-out part "
+                                         "of this one: data.eval_fraction"):
         load_examples(str(tmp_path / "saved"), hf_split="validation")
 
 

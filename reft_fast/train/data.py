@@ -135,7 +135,8 @@ def _saved_split_rows(dataset, folder: str, split: str) -> list:
     saved_as = str(dataset.split) if dataset.split else "train"
     if split != saved_as:
         raise ValueError(f"{folder}: a dataset saved with save_to_disk holds one split, {saved_as!r}, not {split!r} "
-                         "(save a DatasetDict to have several splits)")
+                         "(save a DatasetDict to have several splits, or evaluate on a held-out part of this one: "
+                         "data.eval_fraction, with classification.eval_split: null)")
     return list(dataset)
 
 
