@@ -350,6 +350,29 @@ def test_cli_generate_output_and_base_only_with_a_prompts_file(served, tmp_path,
     assert 'config error: --base-only: with --prompts-file, a line with "reft": null' in capsys.readouterr().err
 
 
+def test_cli_generate_names_an_absent_reft_and_an_output_folder_before_loading(served, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A mistyped relative --reft (also a valid Hub repo id: runs/pirat) was reported as "--model: required"; an
+    --output naming a folder failed only when the answers were written (a traceback, every answer lost)."""
+    import json
+
+    from reft_fast.train.cli import main
+
+    _, _, directories = served
+    monkeypatch.chdir(tmp_path)
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "w3", "reft": "A"}) + "\n")
+    for refts in (["--reft", "A=runs/pirat", "--reft", f"B={directories['B']}"], ["--reft", "runs/pirat"]):
+        files = ["--prompts-file", str(prompts_file)] if len(refts) > 2 else ["w3"]
+        assert main(["generate", *refts, *files]) == 2
+        err = capsys.readouterr().err
+        assert "config error: --reft runs/pirat: no such directory" in err and "--model: required" not in err, err
+    refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
+    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
+                 "--output", str(tmp_path)]) == 2
+    assert f"config error: --output {tmp_path}: a directory" in capsys.readouterr().err
+
+
 def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):
     """A --reft trained on another model is a config error naming it (it was ReftModel.load's ValueError, raised
     as a traceback)."""

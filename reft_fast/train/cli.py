@@ -367,12 +367,17 @@ def _generate(args) -> None:
         raise ConfigError("--output: only with --prompts-file (answers to prompts given as arguments are printed)")
     if args.base_only and named is not None:
         raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
+    if args.output and Path(args.output).is_dir():  # was found only when the answers were written
+        raise ConfigError(f"--output {args.output}: a directory; give the path of the JSONL file to write")
     if named is not None:
         named = {name: _saved_interventions(directory) for name, directory in named.items()}
         records, lines = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
+    if not cfg.model.path and not reft_dir.exists():  # not a local run: a Hub repo id, or a mistyped path
+        raise ConfigError(f"--reft {reft_dir}: no such directory (a Hugging Face Hub repo id also needs --model, "
+                          "its base model)")
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
     kept = f"no answers written ({args.output} is written whole, at the end)" if args.output else "no answers"
