@@ -322,6 +322,7 @@ def write_results(args, results: dict) -> Path:
     for row in rows:
         print(", ".join(f"{k}={row[k]}" for k in ("mode", "tokens_per_s", "ratio_vs_padded", "packing_efficiency",
                                                     "peak_mib", "loss_max_rel_diff", "losses_equal")))
+    print(f"wrote {path}")
     return path
 
 

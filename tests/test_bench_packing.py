@@ -12,10 +12,11 @@ sys.path.insert(0, str(BENCH))
 import bench_packing  # noqa: E402
 
 
-def test_bench_packing_tiny_writes_one_row_per_mode(tmp_path):
+def test_bench_packing_tiny_writes_one_row_per_mode(tmp_path, capsys):
     path = bench_packing.main(["--tiny", "--steps", "2", "--micro-batch", "6", "--max-length", "96", "--threads", "1",
                                "--out", str(tmp_path)])
     assert path.parent.parent == tmp_path and path.name == "packing_tiny_len96.csv"
+    assert f"wrote {path}" in capsys.readouterr().out  # where the CSV went, as the other scripts say
     with open(path) as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == bench_packing.FIELDS
