@@ -371,6 +371,9 @@ def test_cli_generate_names_an_absent_reft_and_an_output_folder_before_loading(s
     assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
                  "--output", str(tmp_path)]) == 2
     assert f"config error: --output {tmp_path}: a directory" in capsys.readouterr().err
+    # --model naming a folder that holds no model (a run directory) was a tokenizer traceback
+    assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path), "w3"]) == 2
+    assert f"config error: --model {tmp_path}: a folder without config.json" in capsys.readouterr().err
 
 
 def test_cli_generate_names_a_reft_saved_for_another_base(served, tmp_path, capsys):

@@ -279,6 +279,11 @@ def _config_of_run(reft_dir: Path, overrides: Sequence[str] = (), model_path: Op
     tree = yaml.safe_load(saved.read_text()) if saved.is_file() else {}
     base_dir = tree.pop("base_dir", None)
     if model_path:
+        folder = Path(model_path).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():  # was a tokenizer traceback
+            raise ConfigError(f"--model {model_path}: a folder without config.json, so no model (a run directory? "
+                              "--model names the base model, a directory or a Hub repo id; a run's own base needs "
+                              "no --model)")
         tree.setdefault("model", {})["path"] = model_path
         base_dir = None  # a path given on the command line is relative to the working directory
     apply_overrides(tree, list(overrides))
