@@ -35,7 +35,7 @@ from torch import nn
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.interventions import ReftIntervention, intervention_class
 from reft_fast.core.hf import model_hidden_size
-from reft_fast.core.model import ReftModel
+from reft_fast.core.model import ReftModel, intervention_key
 from reft_fast.core.saving import (CONFIG_NAME, ReftLoadError, check_base_parameters, check_on_meta_copy,
                                    check_same_keys, load_base_parameters, register_directory_format,
                                    register_weights_format)
@@ -252,10 +252,8 @@ def pyvene_keys(reft_model: ReftModel) -> Optional[list[str]]:
     keys = []
     for representation, (layer, _) in zip(representations, reft_model.placements):
         component = representation.component
-        where = f"comp_{component.replace('.', '_')}" if "." in component else f"layer_{layer}_comp_{component}"
-        proposal = f"{where}_unit_pos_nunit_1"
-        taken[proposal] = taken.get(proposal, -1) + 1
-        keys.append(f"{proposal}#{taken[proposal]}")
+        site = f"comp_{component.replace('.', '_')}" if "." in component else f"layer_{layer}_comp_{component}"
+        keys.append(intervention_key(site, taken))
     return keys
 
 

@@ -42,7 +42,7 @@ from reft_fast.core.positions import check_locations, unit_locations_to_tensor
 from reft_fast.core.saving import (load_reft_model, load_weights_in_place, resolve_load_directory,
                                    save_reft_model)
 
-__all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model"]
+__all__ = ["DEFAULT_ADAPTER", "ReftModel", "get_reft_model", "intervention_key"]
 
 # The name of the ReFT a ReftModel is built or loaded with (``load_adapter`` adds others under their own names).
 DEFAULT_ADAPTER = "default"
@@ -88,9 +88,11 @@ def _component_resolver(model: nn.Module, layers_path: str, layers: nn.ModuleLis
     return resolve
 
 
-def _intervention_key(layer: int, component: str, taken: dict) -> str:
-    # pyvene's key format, so that pyreft's intkey_<key>.bin files map one to one.
-    proposal = f"layer_{layer}_comp_{component}_unit_pos_nunit_1"
+def intervention_key(site: str, taken: dict) -> str:
+    """pyvene's key of an intervention at ``site`` (``layer_<l>_comp_<component>``, or pyvene's ``comp_<path>`` for
+    one given by a module path), numbered among the keys already ``taken`` (updated), so that pyreft's
+    intkey_<key>.bin files map one to one."""
+    proposal = f"{site}_unit_pos_nunit_1"
     taken[proposal] = taken.get(proposal, -1) + 1
     return f"{proposal}#{taken[proposal]}"
 
@@ -122,7 +124,7 @@ class ReftModel(nn.Module):
         placed_at: dict[int, tuple[int, torch.device]] = {}  # id of an intervention → (its first layer, its device)
         resolve_component = _component_resolver(model, self.layers_path, layers)
         for layer, component, intervention in reft_config.build(len(layers), self.hidden_size, resolve_component):
-            key = _intervention_key(layer, component, taken)
+            key = intervention_key(f"layer_{layer}_comp_{component}", taken)
             # Each intervention lives where its layer lives (models split over devices keep working).
             device = _module_device(layers[layer])
             first_layer, first_device = placed_at.setdefault(id(intervention), (layer, device))

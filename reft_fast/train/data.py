@@ -20,7 +20,6 @@ import csv
 import itertools
 import json
 import logging
-import os
 import random
 import re
 import string
@@ -33,7 +32,7 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.packing import pack_rows
-from reft_fast.train.train_config import ConfigError
+from reft_fast.train.train_config import ConfigError, warn_once_per_job
 
 if TYPE_CHECKING:  # the config module builds on this one
     from reft_fast.train.train_config import TrainConfig
@@ -55,7 +54,6 @@ __all__ = [
     "selection_and_test_parts",
     "selection_size",
     "saved_split",
-    "warn_once_per_job",
     "value_type_name",
     "split_examples",
     "template_fields",
@@ -83,13 +81,6 @@ class RowSource(str):
 
     def at(self, i: int) -> str:
         return f"{self}:{self.lines[i]}" if self.lines is not None else f"{self}: row {i}"
-
-
-def warn_once_per_job(log: logging.Logger, message: str, *args) -> None:
-    """A warning about the data, which every rank reads alike: said by rank 0 only (the launchers set RANK), not once
-    per rank."""
-    if os.environ.get("RANK", "0") == "0":
-        log.warning(message, *args)
 
 
 def row_at(where: str, i: int) -> str:

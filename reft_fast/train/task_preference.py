@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDataset, data_eval_sources, \
-    load_examples, train_and_eval_examples, warn_once_per_job
+    load_examples, train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
-from reft_fast.train.train_config import ConfigError, TrainConfig
+from reft_fast.train.train_config import ConfigError, TrainConfig, warn_once_per_job
 
 logger = logging.getLogger(__name__)
 

@@ -54,6 +54,7 @@ __all__ = [
     "load_config",
     "resolve_model_source",
     "validate",
+    "warn_once_per_job",
 ]
 
 logger = logging.getLogger(__name__)
@@ -432,11 +433,17 @@ def _rename_old_keys(tree: dict) -> dict:
             entries[new] = entries.pop(old)
             renamed.append(f"{section}.{old} -> {section}.{new}")
         tree = {**tree, section: entries}
-    # Every rank reads the config: one warning per job (rank 0's; the launchers set RANK), not one per rank.
-    if renamed and os.environ.get("RANK", "0") == "0":
-        logger.warning("config: renamed keys (%s): the old names still work for now but are deprecated; use the new "
-                       "ones, which are ReftConfig's", ", ".join(renamed))
+    if renamed:
+        warn_once_per_job(logger, "config: renamed keys (%s): the old names still work for now but are deprecated; "
+                          "use the new ones, which are ReftConfig's", ", ".join(renamed))
     return tree
+
+
+def warn_once_per_job(log: logging.Logger, message: str, *args) -> None:
+    """A warning about what every rank reads alike (the config, the data): said by rank 0 only (the launchers set
+    RANK), not once per rank."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning(message, *args)
 
 
 def config_from_dict(tree: dict, base_dir: Optional[str] = None) -> TrainConfig:
