@@ -131,7 +131,7 @@ def main() -> None:
     mixed_s, grouped_s = statistics.median(times["mixed"]), statistics.median(times["grouped"])
     rows_equal = sum(bool(torch.equal(a[-args.new_tokens:], b[-args.new_tokens:]))
                      for a, b in zip(mixed_out, grouped_out))
-    row = dict(machine=f"cpu-{platform.machine().lower().replace('_', '-')}-{torch.get_num_threads()}-threads",
+    row = dict(machine=environment()["device"],  # as its folder and the other benches name it; threads: its own column
                processor=_cpu_name(), torch=torch.__version__, transformers=_version("transformers"), date=_today(),
                threads=torch.get_num_threads(), model="tiny-llama" if args.tiny else "SmolLM2-135M-Instruct",
                rows=len(names), refts=len(REFTS), new_tokens=args.new_tokens, rounds=args.rounds,

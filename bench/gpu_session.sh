@@ -215,8 +215,9 @@ pytest_step() {
   echo "--- tests ($label): pytest $* (limit $seconds s)" >>"$OUT/tests.log"
   local first_line
   first_line=$(($(wc -l <"$OUT/tests.log") + 1))  # summarize this step's lines only (a killed step prints none)
-  run_limited "$seconds" "tests ($label)" "$PY" -m pytest -q -p no:cacheprovider -rfEs "${collect[@]}" "$@" \
-    >>"$OUT/tests.log" 2>&1
+  # addopts cleared: the suite's two xdist workers are for 2-core CPU machines (one GPU here; no xdist on the image)
+  run_limited "$seconds" "tests ($label)" "$PY" -m pytest -q -o addopts= -p no:cacheprovider -rfEs "${collect[@]}" \
+    "$@" >>"$OUT/tests.log" 2>&1
   local summary
   summary=$(tail -n "+$first_line" "$OUT/tests.log" \
     | grep -E '(passed|failed|error|skipped|tests? collected|no tests ran)' | tail -1)

@@ -41,7 +41,7 @@ def pytest_sessionfinish(session, exitstatus):
     removes the others' names. Left there, they filled this machine's /dev/shm over a few runs (22 GB, 2026-11-29)."""
     import glob
 
-    if not hasattr(os, "getuid"):
+    if not hasattr(os, "getuid") or hasattr(session.config, "workerinput"):  # an xdist worker: the controller cleans
         return
     candidates = set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))
     if not candidates:

@@ -132,8 +132,11 @@ def test_pytest_benchmark_view_checks_its_results_and_records_what_it_timed(tmp_
     variant's output and gradients match the float64 reference; its JSON names each variant with the shape and device
     it timed."""
     report = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k != cuda_backend.SIM_ENV}  # CPU: the cuda rows skip
-    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_bench_kernels.py", "-q", "-p", "no:cacheprovider",
+    # CPU: the cuda rows skip. pytest-benchmark turns itself off in a process that has an xdist worker's variables
+    # (this suite's workers pass them on) or runs xdist (the suite's addopts): neither here.
+    env = {k: v for k, v in os.environ.items() if k != cuda_backend.SIM_ENV and not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "bench/test_bench_kernels.py", "-q", "-o", "addopts=",
+                           "-p", "no:cacheprovider",
                            "-k", "N8-d64-r1 or orthogonal", f"--benchmark-json={report}", "--benchmark-min-rounds=1",
                            "--benchmark-max-time=0", "--benchmark-warmup=off"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -192,6 +192,53 @@ def test_fused_rope_runs_only_inside_the_patched_model(monkeypatch):
         assert len(calls) == _LLAMA["num_hidden_layers"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU, under Triton's interpreter")
+def test_compiled_layers_choose_the_rope_as_eager_layers_do(monkeypatch):
+    """The switch read a context variable, which dynamo cannot trace: once any model had been patched in the process,
+    every compiled Llama layer broke its graph there (fullgraph=True raised), the unpatched models' too."""
+    plain, fused = _llama(), _llama()
+    assert apply_fused_base_ops(fused, "on", ops=["rope"]) == ("rope",)
+    switch = modeling_llama.apply_rotary_pos_emb
+    calls = []
+    liger_rope = switch.fused
+    monkeypatch.setattr(switch, "fused", lambda *a, **k: calls.append(1) or liger_rope(*a, **k))
+    input_ids = torch.randint(0, _LLAMA["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(0))
+    layers = _LLAMA["num_hidden_layers"]
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            expected_plain, expected_fused = plain(input_ids=input_ids).logits, fused(input_ids=input_ids).logits
+            assert len(calls) == layers
+            for layer in plain.model.layers:
+                layer.compile(fullgraph=True, backend="eager")
+            torch.testing.assert_close(plain(input_ids=input_ids).logits, expected_plain, rtol=0, atol=0)
+            assert len(calls) == layers
+            # liger 0.8.5 runs its RoPE outside torch.compile (its dispatch is compiler-disabled): a graph break there
+            # by design, after which the switch must still choose the fused RoPE inside this model's layers
+            for layer in fused.model.layers:
+                layer.compile(backend="eager")
+            torch.testing.assert_close(fused(input_ids=input_ids).logits, expected_fused, rtol=1e-6, atol=1e-6)
+            assert len(calls) == 2 * layers
+            plain(input_ids=input_ids)
+            assert len(calls) == 2 * layers
+    finally:
+        torch._dynamo.reset()
+
+
+def test_auto_with_compiled_layers_leaves_out_what_breaks_their_graphs():
+    """liger's RoPE and SwiGLU go through a dispatcher that torch.compile may not enter (liger-kernel 0.8.5): in a
+    compiled layer each split its graph. "auto" with model.compile leaves them out; "on" keeps every operation."""
+    import importlib
+
+    from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, fused_ops_wanted
+
+    dispatch = importlib.import_module("liger_kernel.backends.dispatch")  # the package's name is the function's too
+    assert getattr(dispatch.dispatch, "_torchdynamo_disable", False)  # the reason, in the installed liger
+    assert fused_ops_wanted("auto", compiled_layers=True) == ("rms_norm", "fused_linear_cross_entropy")
+    assert set(COMPILE_BREAKING_OPS) == {"rope", "swiglu"}
+    assert fused_ops_wanted("auto", compiled_layers=False) == fused_ops_wanted("on", compiled_layers=True) == FUSED_OPS
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Parity: the loss and the intervention gradients through get_reft_model
 # --------------------------------------------------------------------------------------------------------------------

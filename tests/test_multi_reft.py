@@ -362,11 +362,14 @@ def test_cli_generate_names_an_absent_reft_and_an_output_folder_before_loading(s
     monkeypatch.chdir(tmp_path)
     prompts_file = tmp_path / "prompts.jsonl"
     prompts_file.write_text(json.dumps({"prompt": "w3", "reft": "A"}) + "\n")
-    for refts in (["--reft", "A=runs/pirat", "--reft", f"B={directories['B']}"], ["--reft", "runs/pirat"]):
+    # with several ReFTs the error quotes the whole NAME=DIR (it named the directory alone)
+    for refts, quoted in ((["--reft", "A=runs/pirat", "--reft", f"B={directories['B']}"], "A=runs/pirat"),
+                          (["--reft", f"A={directories['A']}", "--reft", "B=../pirat"], "B=../pirat"),
+                          (["--reft", "runs/pirat"], "runs/pirat")):
         files = ["--prompts-file", str(prompts_file)] if len(refts) > 2 else ["w3"]
         assert main(["generate", *refts, *files]) == 2
         err = capsys.readouterr().err
-        assert "config error: --reft runs/pirat: no such directory" in err and "--model: required" not in err, err
+        assert f"config error: --reft {quoted}: no such directory" in err and "--model: required" not in err, err
     refts = [arg for name in ("A", "B") for arg in ("--reft", f"{name}={directories[name]}")]
     assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
                  "--output", str(tmp_path)]) == 2

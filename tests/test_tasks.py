@@ -111,6 +111,17 @@ def test_rank_chunks_give_every_example_to_one_rank_and_every_rank_the_same_forw
         assert all(k * micro * world <= i < (k + 1) * micro * world for k, mine in enumerate(chunks) for i in mine)
 
 
+def test_an_eval_file_beside_a_held_out_fraction_is_a_config_error(tmp_path):
+    """Both named: the eval file was read and the fraction silently ignored (no example held out of training)."""
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path)
+    with pytest.raises(ConfigError, match=r"^data.eval_file: the config names 2 eval sets \(data.eval_file, "
+                                          r"data.eval_fraction\); keep one$"):
+        validate(load_config(str(config), ["data.eval_fraction=0.25", "data.eval_file=train.jsonl"]))
+    validate(load_config(str(config), ["data.eval_fraction=0", "data.eval_file=train.jsonl"]))
+
+
 @pytest.mark.parametrize("overrides, given", [
     ([], ()), (["data.eval_fraction=0.25"], ("data.eval_fraction",)),
     (["data.eval_file=train.jsonl"], ("data.eval_file",)),

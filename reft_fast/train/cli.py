@@ -375,13 +375,14 @@ def _generate(args) -> None:
     if args.output and Path(args.output).is_dir():  # was found only when the answers were written
         raise ConfigError(f"--output {args.output}: a directory; give the path of the JSONL file to write")
     if named is not None:
-        named = {name: _saved_interventions(directory) for name, directory in named.items()}
+        named = {name: _saved_interventions(directory, given=f"{name}={directory}")
+                 for name, directory in named.items()}
         records, lines = _read_prompts_file(args.prompts_file, named)
     reft_dir = (_saved_interventions(args.reft[0], args.base_only) if named is None
                 else next(iter(named.values())))
     cfg = _config_of_run(reft_dir, model_path=args.model)
     if not cfg.model.path and not reft_dir.exists():  # not a local run: a Hub repo id, or a mistyped path
-        raise ConfigError(f"--reft {reft_dir}: no such directory (a Hugging Face Hub repo id also needs --model, "
+        raise ConfigError(f"--reft {args.reft[0]}: no such directory (a Hugging Face Hub repo id also needs --model, "
                           "its base model)")
     if not cfg.model.path:
         raise ConfigError(f"--model: required ({reft_dir} has no {TRAIN_CONFIG_FILE} naming the base model)")
@@ -405,21 +406,22 @@ def _final_dir(run_or_final: Path) -> Path:
     return run_or_final / "final" if (run_or_final / "final").is_dir() else run_or_final
 
 
-def _saved_interventions(value: str, base_only: bool = False) -> Path:
+def _saved_interventions(value: str, base_only: bool = False, given: Optional[str] = None) -> Path:
     """A --reft DIR (a run's output_dir or its final/) as the directory holding the interventions, checked before
-    any weight is read; a missing path that can be a Hub repo id is left to ReftModel.load."""
+    any weight is read; a missing path that can be a Hub repo id is left to ReftModel.load. Errors quote ``given``
+    (the whole NAME=DIR of several ReFTs), else ``value``."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    path = Path(value)
+    path, quoted = Path(value), given or value
     if not path.exists():
         try:
             validate_repo_id(value)
         except HFValidationError:
-            raise ConfigError(f"--reft {value}: no such directory") from None
+            raise ConfigError(f"--reft {quoted}: no such directory") from None
         return path
     found = _final_dir(path)
     if not base_only and not (found / CONFIG_NAME).is_file():
-        raise ConfigError(f"--reft {value}: no trained interventions there (config.json, in it or in its final/); "
+        raise ConfigError(f"--reft {quoted}: no trained interventions there (config.json, in it or in its final/); "
                           "give a run's output_dir or its final/")
     return found
 
@@ -676,7 +678,8 @@ def _task_eval_data(args, cfg) -> None:
     elif not data.is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
         raise ConfigError(f"--data {args.data}: no such file")
     else:
-        cfg.data.eval_file = str(data.resolve())
+        cfg.data.eval_file, cfg.data.eval_fraction = str(data.resolve()), 0.0
+        cfg.classification.eval_split = None
     cfg.data.selection_examples = None  # the data given is scored whole
 
 

@@ -17,7 +17,7 @@ this model. It also assigns module globals of transformers (``modeling_llama.app
 ``LlamaRMSNorm`` and ``LlamaMLP``), which would silently change every other model of that architecture in the process,
 including ones built later (a plain reference model in a test, a CPU copy on which liger's Triton kernels cannot run).
 So every module global liger changes is put back, except functions, which become a switch: the fused function runs
-inside this model's decoder layers (each layer's forward sets a context variable), the original everywhere else. The
+inside this model's decoder layers (each layer's parts count themselves in a module global), the original elsewhere. The
 switch is per call, so gradient checkpointing, which re-runs a layer during backward, recomputes it with the same
 fused RoPE (the mark sits on the layer's parts, which the recomputation calls again).
 
@@ -31,7 +31,6 @@ weight is empty; "auto" leaves that one operation out when the weight is partiti
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import logging
@@ -44,7 +43,8 @@ from torch import nn
 
 from reft_fast.core.hf import find_decoder_layers
 
-__all__ = ["FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops", "fused_ops_unsupported_reason"]
+__all__ = ["COMPILE_BREAKING_OPS", "FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops",
+           "fused_ops_unsupported_reason", "fused_ops_wanted"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,29 @@ FUSED_OPS_MODES = ("auto", "on", "off")
 # Our names for liger's switches; "swiglu" also stands for the gated MLP of architectures whose switch is "geglu".
 FUSED_OPS = ("rope", "rms_norm", "swiglu", "fused_linear_cross_entropy")
 _MLP_SWITCHES = ("swiglu", "geglu")
+# liger-kernel 0.8.5 runs its RoPE and SwiGLU through a dispatcher marked torch.compiler.disable
+# (liger_kernel/backends/dispatch.py): in a compiled decoder layer each is a graph break that splits the layer's graph,
+# while the compiler fuses these elementwise operations itself. With compiled layers, "auto" leaves them out.
+COMPILE_BREAKING_OPS = ("rope", "swiglu")
 _APPLIED_ATTR = "_reft_fast_fused_ops"
 
-# True while a part (attention, MLP, norm) of a decoder layer of a model patched here runs (see _LayerScopedFunction).
-_IN_FUSED_LAYER = contextvars.ContextVar("reft_fast_in_fused_layer", default=False)
+# How many parts (attention, MLP, norm) of decoder layers of models patched here are running (see
+# _LayerScopedFunction). A plain module global, not a context variable: torch.compile (torch 2.13) cannot trace
+# ContextVar.get or .set, and with one the switch broke the graph of every compiled decoder layer of the architecture
+# once any model of it had been patched in the process (fullgraph=True raised); dynamo reads and writes a global as
+# part of its trace, and a frame it runs eagerly (around a graph break) sees the same value. The mark is per process:
+# two threads running at once, one inside a patched model's layer, would both get the fused functions.
+_IN_FUSED_LAYER = 0
+
+
+def _run_in_fused_layer(forward, args, kwargs):
+    """``forward(*args, **kwargs)`` with the mark set."""
+    global _IN_FUSED_LAYER
+    _IN_FUSED_LAYER += 1
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _IN_FUSED_LAYER -= 1
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,6 +130,14 @@ def _lm_head_is_partitioned(model: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "ds_id")  # DeepSpeed marks ZeRO-3 parameters with ds_id
 
 
+def fused_ops_wanted(mode: str, compiled_layers: bool) -> tuple[str, ...]:
+    """The operations a run asks ``apply_fused_base_ops`` for in ``mode``: all, except that "auto" with compiled
+    decoder layers (``model.compile``) leaves out ``COMPILE_BREAKING_OPS``; "on" means every one."""
+    if compiled_layers and mode == "auto":
+        return tuple(name for name in FUSED_OPS if name not in COMPILE_BREAKING_OPS)
+    return FUSED_OPS
+
+
 def fused_base_ops(model: nn.Module) -> tuple[str, ...]:
     """The fused operations ``apply_fused_base_ops`` applied to ``model`` (empty if none)."""
     return getattr(model, _APPLIED_ATTR, ())
@@ -128,7 +155,7 @@ class _LayerScopedFunction:
         functools.update_wrapper(self, original)
 
     def __call__(self, *args, **kwargs):
-        return (self.fused if _IN_FUSED_LAYER.get() else self.original)(*args, **kwargs)
+        return (self.fused if _IN_FUSED_LAYER else self.original)(*args, **kwargs)
 
 
 def _transformers_modules() -> dict:
@@ -172,11 +199,7 @@ def _mark_decoder_layers(model: nn.Module) -> None:
     def in_fused_layer(forward):
         @functools.wraps(forward)
         def run(*args, **kwargs):
-            token = _IN_FUSED_LAYER.set(True)
-            try:
-                return forward(*args, **kwargs)
-            finally:
-                _IN_FUSED_LAYER.reset(token)
+            return _run_in_fused_layer(forward, args, kwargs)
 
         return run
 

@@ -54,7 +54,7 @@ from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_che
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
 from reft_fast.train.ds_config import build_ds_config, client_adamw, lr_lambda, take_gradient_clipping, warmup_steps_of
-from reft_fast.train.fused_base import apply_fused_base_ops
+from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
@@ -219,7 +219,8 @@ class ReftTrainingRecipe:
             base.to(get_accelerator().device_name(int(os.environ.get("LOCAL_RANK", "0"))))
         # Before checkpointing and the ReftModel wrap the base: liger patches its modules' forwards in place.
         try:
-            fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops)
+            fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops,
+                                             ops=fused_ops_wanted(cfg.model.fused_ops, cfg.model.compile))
         except ValueError as err:  # "on" where it cannot be (no CUDA, no liger, an unsupported architecture)
             raise ConfigError(f"model.fused_ops: {err}") from None
         self.result = TrainResult(steps=self.total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
@@ -230,6 +231,11 @@ class ReftTrainingRecipe:
                         sum(full_numel(p) for p in base.parameters()))
             logger.info("fused base operations (model.fused_ops=%s): %s", cfg.model.fused_ops,
                         ", ".join(fused_ops) or "none")
+            broken = [name for name in fused_ops if cfg.model.compile and name in COMPILE_BREAKING_OPS]
+            if broken:  # "on": the user's choice, said once
+                logger.warning("model.fused_ops=on with model.compile: liger-kernel runs %s outside torch.compile, so "
+                               "each compiled decoder layer breaks its graph there; fused_ops auto leaves them out",
+                               " and ".join(broken))
         self.task.bind_base(base)
         if self.task.generates and t.sample_prompts and cfg.deepspeed.stage < 3:  # ZeRO-3: only inside the engine
             answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)

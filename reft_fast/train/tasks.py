@@ -177,6 +177,8 @@ def check_task(cfg: TrainConfig) -> None:
     task = TASKS[cfg.task]
     task.check_config(cfg)
     given, possible = task.eval_sources(cfg)
+    if len(given) > 1:  # one was read and the others silently ignored (an eval file won over a held-out fraction)
+        raise ConfigError(f"{given[0]}: the config names {len(given)} eval sets ({', '.join(given)}); keep one")
     if cfg.data.selection_examples is not None and not given:
         raise ConfigError(f"data.selection_examples: cuts the eval set in two, and the config names none "
                           f"({' or '.join(possible)})")
