@@ -302,6 +302,27 @@ def test_include_model_saves_and_loads_the_trained_base_parameters_as_pyvene(tmp
     assert torch.equal(fresh.lm_head.weight, head)
 
 
+@pytest.mark.parametrize("include_model", [False, True])
+def test_saving_again_without_the_base_leaves_no_earlier_base_file(tmp_path, include_model):
+    # A second save into one directory, without the base (include_model=False, or nothing of the base trains any
+    # more), kept the first save's base_trainable.safetensors: load(..., include_model=True) then put that stale head
+    # beside the new interventions, silently.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    head = reft_model.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    reft_model.save(tmp_path, include_model=True)
+    head.requires_grad_(False)
+    with torch.no_grad():
+        head.add_(1.0)
+    reft_model.save(tmp_path, include_model=include_model)
+    assert not (tmp_path / "base_trainable.safetensors").exists()
+    fresh = _model()
+    ReftModel.load(tmp_path, fresh, include_model=True)
+    assert torch.equal(fresh.lm_head.weight, _model().lm_head.weight)
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_saved_weights_get_the_permissions_of_the_config_beside_them(tmp_path, umask):
     """safetensors 0.8's save_file left its files at 0600 whatever the umask: another user (a server) could read the

@@ -104,8 +104,9 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
               "model": model_signature(reft_model.model)}
     replace_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2))  # as the weights: never torn by a kill
     _save_safetensors(_unshared_cpu_tensors(reft_model.interventions.state_dict()), directory / WEIGHTS_NAME)
-    if include_model:
-        save_trainable_base(reft_model.model, directory)
+    if not (include_model and save_trainable_base(reft_model.model, directory)):
+        # An earlier save's base file would otherwise load with these interventions (load(..., include_model=True)).
+        (directory / BASE_TRAINABLE_NAME).unlink(missing_ok=True)
     if save_to_hf_hub:
         if not hf_repo_name:
             raise ValueError("save_to_hf_hub=True needs hf_repo_name")
@@ -355,12 +356,13 @@ def trainable_base_state(model) -> dict:
             if p.requires_grad}
 
 
-def save_trainable_base(model, directory) -> None:
+def save_trainable_base(model, directory) -> bool:
     """``trainable_base_state`` as ``BASE_TRAINABLE_NAME`` in ``directory``; nothing when the base is wholly
-    frozen."""
+    frozen. Whether a file was written."""
     trainable = trainable_base_state(model)
     if trainable:
         _save_safetensors(trainable, Path(directory) / BASE_TRAINABLE_NAME)
+    return bool(trainable)
 
 
 def _save_safetensors(tensors: dict, path: Path) -> None:
