@@ -122,6 +122,16 @@ def test_load_refuses_a_different_model(tmp_path):
         ReftModel.load(tmp_path / "missing", _model())
 
 
+def test_saving_into_a_file_path_says_it_is_a_file(tmp_path):
+    # It was pathlib's bare "[Errno 17] File exists", from mkdir.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    (tmp_path / "notes.txt").write_text("mine")
+    for save in (reft_model.save, reft_model.save_intervention):
+        with pytest.raises(FileExistsError, match="notes.txt: it is a file, and a saved ReFT model is a directory"):
+            save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.cuda
 def test_load_onto_a_cuda_model(tmp_path):
     reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS)).eval()  # no dropout: comparable forwards
@@ -575,7 +585,7 @@ def test_load_intervention_refuses_our_directory_of_other_interventions_and_chan
                     "wrong rank": [saved[0], {**saved[1], "low_rank_dimension": 3}],
                     "another type": [saved[0], {**saved[1], "intervention": "direft"}]}[problem]
     message = {"missing key": "the model's \\['layer_2_comp_block_output_unit_pos_nunit_1#0'\\] are missing",
-               "extra key": "\\['layer_1_comp_block_output_unit_pos_nunit_1#0'\\] are not in the model",
+               "extra key": "interventions: \\['layer_1_comp_block_output_unit_pos_nunit_1#0'\\] are not in the model",
                "wrong rank": "'layer_1_comp_block_output_unit_pos_nunit_1#0' does not match the model's "
                              "\\(low_rank_dimension: saved 2, model 3\\)",
                "another type": "\\(type: saved 'LoreftIntervention', model 'DireftIntervention'\\)"}[problem]
