@@ -302,6 +302,10 @@ def test_spec_options_are_checked_by_basis():
         NoreftIntervention(embed_dim=D, low_rank_dimension=R_, orthogonalization="householder")
     with pytest.raises(ValueError, match="already registered"):
         register_intervention("LoreftIntervention", InterventionSpec("rotation", "linear", subtract=True))
+    # "LoReFT" shortens to "loreft", as LoreftIntervention does: by-name lookups would silently build the newer one.
+    with pytest.raises(ValueError, match="would share the short name 'loreft' of the registered 'LoreftIntervention'"):
+        register_intervention("LoReFT", InterventionSpec("free", "constant", subtract=True))
+    assert intervention_class("loreft") is LoreftIntervention
     with pytest.raises(ValueError, match="basis must be one of"):
         InterventionSpec("orthogonal", "linear", subtract=True)
     with pytest.raises(TypeError, match="instantiate a member"):

@@ -122,6 +122,16 @@ def test_load_refuses_a_different_model(tmp_path):
         ReftModel.load(tmp_path / "missing", _model())
 
 
+def test_saving_into_a_file_path_says_it_is_a_file(tmp_path):
+    # It was pathlib's bare "[Errno 17] File exists", from mkdir.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    (tmp_path / "notes.txt").write_text("mine")
+    for save in (reft_model.save, reft_model.save_intervention):
+        with pytest.raises(FileExistsError, match="notes.txt: it is a file, and a saved ReFT model is a directory"):
+            save(tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.cuda
 def test_load_onto_a_cuda_model(tmp_path):
     reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS)).eval()  # no dropout: comparable forwards
@@ -300,6 +310,27 @@ def test_include_model_saves_and_loads_the_trained_base_parameters_as_pyvene(tmp
     assert not torch.equal(fresh.lm_head.weight, head)  # include_model=False (the default) leaves the base alone
     ReftModel.load(tmp_path / "with", fresh, include_model=True)
     assert torch.equal(fresh.lm_head.weight, head)
+
+
+@pytest.mark.parametrize("include_model", [False, True])
+def test_saving_again_without_the_base_leaves_no_earlier_base_file(tmp_path, include_model):
+    # A second save into one directory, without the base (include_model=False, or nothing of the base trains any
+    # more), kept the first save's base_trainable.safetensors: load(..., include_model=True) then put that stale head
+    # beside the new interventions, silently.
+    reft_model = get_reft_model(_model(), ReftConfig(_REPRESENTATIONS[:1]))
+    head = reft_model.model.lm_head.weight
+    head.requires_grad_(True)
+    with torch.no_grad():
+        head.add_(1.0)
+    reft_model.save(tmp_path, include_model=True)
+    head.requires_grad_(False)
+    with torch.no_grad():
+        head.add_(1.0)
+    reft_model.save(tmp_path, include_model=include_model)
+    assert not (tmp_path / "base_trainable.safetensors").exists()
+    fresh = _model()
+    ReftModel.load(tmp_path, fresh, include_model=True)
+    assert torch.equal(fresh.lm_head.weight, _model().lm_head.weight)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -554,7 +585,7 @@ def test_load_intervention_refuses_our_directory_of_other_interventions_and_chan
                     "wrong rank": [saved[0], {**saved[1], "low_rank_dimension": 3}],
                     "another type": [saved[0], {**saved[1], "intervention": "direft"}]}[problem]
     message = {"missing key": "the model's \\['layer_2_comp_block_output_unit_pos_nunit_1#0'\\] are missing",
-               "extra key": "\\['layer_1_comp_block_output_unit_pos_nunit_1#0'\\] are not in the model",
+               "extra key": "interventions: \\['layer_1_comp_block_output_unit_pos_nunit_1#0'\\] are not in the model",
                "wrong rank": "'layer_1_comp_block_output_unit_pos_nunit_1#0' does not match the model's "
                              "\\(low_rank_dimension: saved 2, model 3\\)",
                "another type": "\\(type: saved 'LoreftIntervention', model 'DireftIntervention'\\)"}[problem]

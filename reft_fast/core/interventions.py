@@ -107,6 +107,11 @@ COMMON_OPTIONS = ("dropout", "act_fn", "dtype")
 BASIS_OPTIONS = {"rotation": "orthogonalization", "free": "add_bias"}
 OPTION_KEYS = COMMON_OPTIONS + tuple(BASIS_OPTIONS.values())
 
+
+def _short_name(class_name: str) -> str:
+    return class_name.lower().removesuffix("intervention")
+
+
 # Every registered member by class name (pyreft's names, and any added with ``register_intervention``).
 INTERVENTION_TYPES: dict[str, type] = {}
 
@@ -134,6 +139,12 @@ class ReftIntervention(nn.Module):
             raise TypeError(f"spec must be an InterventionSpec, got {type(spec).__name__}")
         if cls.__name__ in INTERVENTION_TYPES:
             raise ValueError(f"an intervention type named {cls.__name__!r} is already registered")
+        # Names are looked up by their short form too ("loreft" in a config): two members with one short form would
+        # make that name resolve to whichever was registered last.
+        clash = [name for name in INTERVENTION_TYPES if _short_name(name) == _short_name(cls.__name__)]
+        if clash:
+            raise ValueError(f"an intervention type named {cls.__name__!r} would share the short name "
+                             f"{_short_name(cls.__name__)!r} of the registered {clash[0]!r}; choose another name")
         cls.spec = spec
         cls.uses_rotation = spec.basis == "rotation"
         cls.has_activation = spec.source == "linear"
@@ -396,10 +407,6 @@ def register_intervention(name: str, spec: InterventionSpec, doc: Optional[str] 
     namespace = {"__doc__": doc or f"{name}: basis {spec.basis}, source {spec.source}, subtract {spec.subtract}",
                  "__module__": __name__}
     return type(name, (ReftIntervention,), namespace, spec=spec)
-
-
-def _short_name(class_name: str) -> str:
-    return class_name.lower().removesuffix("intervention")
 
 
 def intervention_class(name) -> type:

@@ -96,6 +96,9 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
     also the base's trainable parameters: ``save_trainable_base``); optionally push it to the Hub as
     ``hf_repo_name``."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"cannot save the ReFT model into {directory}: it is a file, and a saved ReFT model is a "
+                              "directory (config.json and its weights); give a directory path")
     directory.mkdir(parents=True, exist_ok=True)
     entries = _intervention_entries(reft_model)
     version = FORMAT_VERSION_SHARED if any(SHARED_WITH in entry for entry in entries) else 1
@@ -104,8 +107,9 @@ def save_reft_model(reft_model, directory: Union[str, os.PathLike], *, save_to_h
               "model": model_signature(reft_model.model)}
     replace_atomically(directory / CONFIG_NAME, json.dumps(config, indent=2))  # as the weights: never torn by a kill
     _save_safetensors(_unshared_cpu_tensors(reft_model.interventions.state_dict()), directory / WEIGHTS_NAME)
-    if include_model:
-        save_trainable_base(reft_model.model, directory)
+    if not (include_model and save_trainable_base(reft_model.model, directory)):
+        # An earlier save's base file would otherwise load with these interventions (load(..., include_model=True)).
+        (directory / BASE_TRAINABLE_NAME).unlink(missing_ok=True)
     if save_to_hf_hub:
         if not hf_repo_name:
             raise ValueError("save_to_hf_hub=True needs hf_repo_name")
@@ -311,9 +315,10 @@ def check_same_keys(source, saved_keys: list, model_keys: list) -> None:
     missing = [key for key in model_keys if key not in saved_keys]
     extra = [key for key in saved_keys if key not in model_keys]
     if missing or extra:
-        raise ReftLoadError(f"{source} does not hold the model's interventions: the model's {missing} are missing"
-                            + (f", and {extra} are not in the model" if extra else "")
-                            + f" (the model's keys: {model_keys})")
+        problems = ([f"the model's {missing} are missing"] if missing else []) + (
+            [f"{extra} are not in the model"] if extra else [])
+        raise ReftLoadError(f"{source} does not hold the model's interventions: {', and '.join(problems)} (the model's "
+                            f"keys: {model_keys})")
 
 
 def check_on_meta_copy(module: nn.Module, load: Callable[[nn.Module], None], source) -> None:
@@ -355,12 +360,13 @@ def trainable_base_state(model) -> dict:
             if p.requires_grad}
 
 
-def save_trainable_base(model, directory) -> None:
+def save_trainable_base(model, directory) -> bool:
     """``trainable_base_state`` as ``BASE_TRAINABLE_NAME`` in ``directory``; nothing when the base is wholly
-    frozen."""
+    frozen. Whether a file was written."""
     trainable = trainable_base_state(model)
     if trainable:
         _save_safetensors(trainable, Path(directory) / BASE_TRAINABLE_NAME)
+    return bool(trainable)
 
 
 def _save_safetensors(tensors: dict, path: Path) -> None:
