@@ -10,10 +10,12 @@ from reft_fast.ops import consreft, direft, lobireft, loreft, low_rank_edit, nod
 from reft_fast.core.interventions import (  # noqa: E402,F401
     ConsreftIntervention,
     DireftIntervention,
+    InterventionSpec,
     LobireftIntervention,
     LoreftIntervention,
     NodireftIntervention,
     NoreftIntervention,
+    register_intervention,
 )
 from reft_fast.core.config import ReftConfig  # noqa: E402,F401
 from reft_fast.core.positions import get_intervention_locations, parse_positions  # noqa: E402,F401

@@ -306,6 +306,9 @@ def test_spec_options_are_checked_by_basis():
     with pytest.raises(ValueError, match="would share the short name 'loreft' of the registered 'LoreftIntervention'"):
         register_intervention("LoReFT", InterventionSpec("free", "constant", subtract=True))
     assert intervention_class("loreft") is LoreftIntervention
+    import reft_fast  # as the README writes them: top-level names
+
+    assert (reft_fast.register_intervention, reft_fast.InterventionSpec) == (register_intervention, InterventionSpec)
     with pytest.raises(ValueError, match="basis must be one of"):
         InterventionSpec("orthogonal", "linear", subtract=True)
     with pytest.raises(TypeError, match="instantiate a member"):
