@@ -107,6 +107,12 @@ def test_a_stage_set_in_the_free_form_deepspeed_config_is_the_runs_stage(run_dir
     (["task=seq2seq"], "task"),
     (["deepspeed.config.train_micro_batch_size_per_gpu=2"], "deepspeed.config.train_micro_batch_size_per_gpu"),
     (["deepspeed.config.optimizer={type: Adam}"], "deepspeed.config.optimizer"),
+    (["deepspeed.config.bf16.enabled=true"], "deepspeed.config.bf16"),
+    (["deepspeed.config.fp16={enabled: true}"], "deepspeed.config.fp16"),
+    (["deepspeed.config.zero_optimization.offload_optimizer.device=cpu"],
+     "deepspeed.config.zero_optimization.offload_optimizer"),
+    (["deepspeed.stage=2", "deepspeed.config.zero_optimization.offload_param.device=cpu"],
+     "deepspeed.config.zero_optimization.offload_param"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):
@@ -116,6 +122,15 @@ def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monk
     with pytest.raises(ConfigError) as err:
         validate(load_config(_write(run_dir), overrides), world_size=2)
     assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_free_form_deepspeed_keys_that_take_effect_pass(run_dir):
+    """Refused only where they would change the run silently: a half-precision mode switched on (it cast a float32
+    base to bfloat16), an offload below the ZeRO stage that reads it (ignored)."""
+    cfg = load_config(_write(run_dir), ["deepspeed.config.bf16.enabled=false", "deepspeed.stage=2",
+                                        "deepspeed.config.zero_optimization.offload_optimizer.device=cpu",
+                                        "deepspeed.config.zero_optimization.offload_param.device=none"])
+    validate(cfg, world_size=2)
 
 
 def test_missing_config_file_and_non_mapping(tmp_path):
