@@ -149,6 +149,8 @@ def test_resuming_a_checkpoint_past_the_runs_last_step_is_refused(reference, tmp
     assert proc.returncode != 0
     assert f"resume: the newest checkpoint in {copied / 'checkpoints'} is at step 6, past this run's last step 4" \
         in proc.stderr, proc.stderr[-3000:]
+    # refused before anything was restored: no "resumed from" line, no schedule warning before the error
+    assert "resumed from" not in proc.stderr and "schedule continues" not in proc.stderr, proc.stderr[-3000:]
     assert not (copied / "final").exists() and _checkpoint_names(copied) == ["latest", "step6"]
 
 

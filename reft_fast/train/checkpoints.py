@@ -332,9 +332,13 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
         warn(f"resume: nothing to resume in {ckpt_dir} (no checkpoint yet): starting at step 0")
         return 0
     path, state = found
+    step = int(state["step"])
+    if step > this_run["total_steps"]:  # the same on every rank (checked above): all raise together, before any load
+        raise ConfigError(f"resume: the newest checkpoint in {ckpt_dir} is at step {step}, past this run's last step "
+                          f"{this_run['total_steps']} (training.max_steps or training.epochs); raise it to continue "
+                          "the run, or start over with --overwrite")
     zero_gradient_step(engine, warm_up_batches())
     restore_trainer_state(reft_model, optimizer, scheduler, state)
-    step = int(state["step"])
     engine.global_steps, engine.global_samples = step, step * engine.train_batch_size()
     saved_peaks = state["scheduler"].get("base_lrs")
     if saved_peaks is not None and list(saved_peaks) != list(scheduler.base_lrs):

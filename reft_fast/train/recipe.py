@@ -285,10 +285,6 @@ class ReftTrainingRecipe:
                 self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler, self.data_order, self.rank,
                 lambda: [to_device(self._host_batch((0, a))[0], self.engine.device) for a in range(self.accumulation)],
                 self.saved_by)
-        if self.start_step > self.total_steps:  # the same on every rank (resume checked that): all raise together
-            raise ConfigError(f"resume: the newest checkpoint in {self.ckpt_dir} is at step {self.start_step}, past "
-                              f"this run's last step {self.total_steps} (training.max_steps or training.epochs); "
-                              "raise it to continue the run, or start over with --overwrite")
         if self.rank == 0:
             rewind_metrics(self.metrics_path, self.start_step)
         barrier()
