@@ -1,6 +1,7 @@
 """Data: loading, chat template, response-only labels, truncation that keeps the prompt, the collator's locations,
 and the step sampler (pyreft's data modules: test_compat.py)."""
 
+import csv
 import json
 import re
 
@@ -109,6 +110,30 @@ def test_utf8_byte_order_mark_is_accepted_and_other_encodings_are_named(tmp_path
     (tmp_path / "latin1.jsonl").write_bytes(latin1)
     with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9, byte 20 of the line\)"):
         load_examples(tmp_path / "latin1.jsonl", "q", "a")
+
+
+def test_a_csv_file_is_read_as_utf8_like_a_json_file_and_its_values_may_be_long(tmp_path):
+    """A CSV file saved in a Windows code page is named by its file and line, as a JSON file is; a value past csv's
+    own 128 KiB limit (a long document) is read, not a csv.Error traceback."""
+    text = 'instruction,output\nrepeat : red,red\nrepeat : café,café\n'
+    (tmp_path / "cp1252.csv").write_bytes(text.encode("cp1252"))
+    with pytest.raises(ValueError, match=r"cp1252\.csv:3: not UTF-8 text \(byte 0xe9, byte 13 of the line\)"):
+        load_examples(tmp_path / "cp1252.csv")
+    long = " ".join(["red"] * 50_000)
+    (tmp_path / "long.csv").write_text(f'instruction,output\nrepeat : red,"{long}"\nrepeat : sun,sun\n')
+    rows = load_examples(tmp_path / "long.csv")
+    assert rows[0]["response"] == long and rows[1]["where"] == f"{tmp_path / 'long.csv'}:3"
+    assert csv.field_size_limit() == 131072  # the process's own limit is put back
+
+
+def test_a_jsonl_line_ends_only_at_a_newline(tmp_path):
+    """JSON writes U+2028 and U+0085 inside strings unescaped (ensure_ascii=False); they end no JSONL line."""
+    rows = [{"instruction": "a\u2028b", "output": "c\x85d"}, {"instruction": "e", "output": "f"}]
+    (tmp_path / "u.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                                      encoding="utf-8", newline="")
+    examples = load_examples(tmp_path / "u.jsonl")
+    assert [(e["prompt"], e["response"], e["where"][-2:]) for e in examples] == [("a\u2028b", "c\x85d", ":1"),
+                                                                                ("e", "f", ":2")]
 
 
 def test_chat_template_and_response_only_labels(tokenizer):

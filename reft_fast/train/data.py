@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import csv
+import io
 import itertools
 import json
 import logging
@@ -220,16 +221,18 @@ def _format_fields(template: str) -> list[str]:
 
 
 _CSV_EXTRA = object()  # DictReader's key for the values past the header's columns
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest csv.field_size_limit takes on every platform (a C long)
 
 
 def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     """The records of a CSV file and the line each starts on: the line its reading ended on, less the line breaks
     inside its quoted values (blank lines before it, which the reader skips, are not part of it). A record with more
     or fewer values than the header has columns (an unquoted comma in a value) is refused: its values would land
-    in the wrong fields."""
+    in the wrong fields. A value may be of any length (csv's own limit, 128 KiB, would refuse a long document)."""
     rows, lines = [], []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, restkey=_CSV_EXTRA)
+    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), restkey=_CSV_EXTRA)
+    limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
+    try:
         for row in reader:
             values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
             line = reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str))
@@ -241,6 +244,10 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
                                  f"columns ({', '.join(reader.fieldnames)}); {fix}")
             rows.append(row)
             lines.append(line)
+    except csv.Error as err:  # named by the line the reader stopped on, not a traceback
+        raise ValueError(f"{path}:{reader.line_num}: not a readable CSV record ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows, lines
 
 
@@ -249,24 +256,31 @@ _JSON_SHAPES = f"{_JSON_LIST} or JSONL (one object per line)"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _read_json_rows(path: Path) -> tuple[list, list[int]]:
-    """The rows of a JSON list or a JSONL file and the line each row starts on. Anything else (an empty file, one
-    object over several lines) is refused with the shapes a data file may have."""
+def _read_utf8(path: Path) -> str:
+    """A data file's text; a file that is not UTF-8 is refused naming the line and byte where it stops being so."""
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is dropped
+        return raw.decode("utf-8-sig")  # a byte-order mark (as some Windows editors write) is dropped
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
         raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[err.start]:02x}, byte {column} of the line); "
                          "save the file as UTF-8") from None
+
+
+def _read_json_rows(path: Path) -> tuple[list, list[int]]:
+    """The rows of a JSON list or a JSONL file and the line each row starts on. Anything else (an empty file, one
+    object over several lines) is refused with the shapes a data file may have."""
+    text = _read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise ValueError(f"{path}: the file is empty; a data file holds {_JSON_SHAPES}")
     if stripped.startswith("["):
         return _read_json_list(text, path)
     rows, lines = [], []
-    for n, line in enumerate(text.splitlines(), 1):
+    # JSONL lines end at "\n" (or "\r\n") only: str.splitlines would also cut a string holding U+2028 or U+0085,
+    # which JSON writes unescaped (json.dumps(..., ensure_ascii=False)).
+    for n, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
