@@ -130,6 +130,8 @@ def test_load_eval_examples(tmp_path):
         load_eval_examples(path)
     with pytest.raises(ValueError, match="no such file"):
         load_eval_examples(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="missing.csv: no such file"):  # not looked up on the Hub
+        load_eval_examples(tmp_path / "missing.csv")
     path.write_text(json.dumps([{"question": "a?", "answer": "1"}]))
     with pytest.raises(ValueError, match="text field 'instruction'"):
         load_eval_examples(path)

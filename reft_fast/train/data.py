@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the config module builds on this one
     from reft_fast.train.train_config import TrainConfig
 
 __all__ = [
+    "DATA_FILE_SUFFIXES",
     "EVAL_PARTS",
     "IGNORE_INDEX",
     "PrefetchedBatches",
@@ -65,6 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv")  # a source named so is a file, never a Hugging Face dataset
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -98,6 +100,8 @@ def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "trai
         path = Path(source)
         rows, lines = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)
         return rows, RowSource(str(source), lines)
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() in DATA_FILE_SUFFIXES:  # not a dataset name
+        raise ValueError(f"{source}: no such file")
     if isinstance(source, (str, Path)):
         try:
             import datasets

@@ -222,10 +222,10 @@ def infer_family(examples: Sequence[EvalExample]) -> str:
 def load_eval_examples(source: Union[str, Path], *, hf_split: str = "test", **fields) -> list[EvalExample]:
     """The examples of a JSON/JSONL file or a Hugging Face dataset's split (``eval_examples_from_rows`` says which
     fields it reads)."""
-    from reft_fast.train.data import load_rows
+    from reft_fast.train.data import DATA_FILE_SUFFIXES, load_rows
 
-    if isinstance(source, (str, Path)) and not Path(source).is_file() and Path(source).suffix in (".json", ".jsonl"):
-        raise ValueError(f"evaluation data {source}: no such file (a JSON list or JSONL of objects)")
+    if isinstance(source, (str, Path)) and not Path(source).is_file() and Path(source).suffix.lower() in DATA_FILE_SUFFIXES:
+        raise ValueError(f"evaluation data {source}: no such file (a JSON list, JSONL or CSV file)")
     rows, where = load_rows(source, hf_split=hf_split)
     return eval_examples_from_rows(rows, where, default_task=Path(str(source)).stem, **fields)
 
