@@ -324,6 +324,25 @@ def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tm
     assert str(prompts_file) in err and message in err, err
 
 
+def test_prompts_file_is_read_as_utf8_jsonl_with_a_bom_and_a_line_separator_in_a_prompt(tmp_path):
+    """It was read in the locale's encoding (a BOM then broke the first line's JSON) and split by str.splitlines,
+    which also cuts at U+2028 inside a string (JSON writes it unescaped); a file not in UTF-8 is named by its line."""
+    import json
+
+    from reft_fast.train.cli import _read_prompts_file
+    from reft_fast.train.train_config import ConfigError
+
+    path = tmp_path / "prompts.jsonl"
+    prompts = ["caf\u00e9 \u2028 w3", "w4\u0085w5"]
+    lines = [json.dumps({"prompt": p, "reft": "A"}, ensure_ascii=False) for p in prompts]
+    path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    records, numbers = _read_prompts_file(str(path), {"A": tmp_path})
+    assert [r["prompt"] for r in records] == prompts and numbers == [1, 2]
+    path.write_bytes(lines[0].encode("utf-8") + b"\n" + '{"prompt": "caf\u00e9"}'.encode("cp1252") + b"\n")
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:2: not UTF-8 text"):
+        _read_prompts_file(str(path), {"A": tmp_path})
+
+
 def test_cli_generate_output_and_base_only_with_a_prompts_file(served, tmp_path, capsys):
     """--output in a missing folder failed only when the answers were written (a traceback, every answer lost); it is
     made now, as eval makes its own. --output without --prompts-file, and --base-only with it, were ignored."""

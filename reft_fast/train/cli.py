@@ -429,12 +429,17 @@ def _saved_interventions(value: str, base_only: bool = False, given: Optional[st
 def _read_prompts_file(path: str, named: dict) -> tuple[list[dict], list[int]]:
     """The records of --prompts-file, each {"prompt": ..., "reft": a name of ``named`` or null}, checked before any
     weight is read, and the line number of each."""
+    from reft_fast.train.data import read_utf8
+
     try:
-        text = Path(path).read_text()
+        text = read_utf8(Path(path))  # UTF-8 whatever the locale, a byte-order mark dropped
     except OSError as err:
         raise ConfigError(f"--prompts-file {path}: cannot read it ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ConfigError(f"--prompts-file {err}") from None
     records, lines = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only: str.splitlines would also cut a prompt holding U+2028 (JSON writes it unescaped)
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -39,29 +39,30 @@ if TYPE_CHECKING:  # the config module builds on this one
     from reft_fast.train.train_config import TrainConfig
 
 __all__ = [
-    "DATA_FILE_SUFFIXES",
-    "EVAL_PARTS",
-    "IGNORE_INDEX",
-    "PrefetchedBatches",
-    "ReftDataCollator",
-    "SupervisedDataset",
-    "encode_prompt",
-    "fill_template",
-    "load_examples",
     "data_eval_sources",
+    "DATA_FILE_SUFFIXES",
+    "encode_prompt",
+    "EVAL_PARTS",
+    "fill_template",
+    "IGNORE_INDEX",
+    "load_examples",
     "load_rows",
+    "PrefetchedBatches",
+    "read_utf8",
+    "ReftDataCollator",
     "row_at",
     "RowSource",
-    "SELECTION_RULES",
-    "selection_and_test_parts",
-    "selection_size",
     "saved_split",
-    "value_type_name",
+    "selection_and_test_parts",
+    "SELECTION_RULES",
+    "selection_size",
     "split_examples",
+    "StepSampler",
+    "SupervisedDataset",
     "template_fields",
     "train_and_eval_examples",
     "training_source",
-    "StepSampler",
+    "value_type_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,7 +235,7 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     or fewer values than the header has columns (an unquoted comma in a value) is refused: its values would land
     in the wrong fields. A value may be of any length (csv's own limit, 128 KiB, would refuse a long document)."""
     rows, lines = [], []
-    reader = csv.DictReader(io.StringIO(_read_utf8(path), newline=""), restkey=_CSV_EXTRA)
+    reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), restkey=_CSV_EXTRA)
     limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
         for row in reader:
@@ -260,7 +261,7 @@ _JSON_SHAPES = f"{_JSON_LIST} or JSONL (one object per line)"
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _read_utf8(path: Path) -> str:
+def read_utf8(path: Path) -> str:
     """A data file's text; a file that is not UTF-8 is refused naming the line and byte where it stops being so."""
     raw = path.read_bytes()
     try:
@@ -275,7 +276,7 @@ def _read_utf8(path: Path) -> str:
 def _read_json_rows(path: Path) -> tuple[list, list[int]]:
     """The rows of a JSON list or a JSONL file and the line each row starts on. Anything else (an empty file, one
     object over several lines) is refused with the shapes a data file may have."""
-    text = _read_utf8(path)
+    text = read_utf8(path)
     stripped = text.lstrip()
     if not stripped:
         raise ValueError(f"{path}: the file is empty; a data file holds {_JSON_SHAPES}")

@@ -224,7 +224,8 @@ def load_eval_examples(source: Union[str, Path], *, hf_split: str = "test", **fi
     fields it reads)."""
     from reft_fast.train.data import DATA_FILE_SUFFIXES, load_rows
 
-    if isinstance(source, (str, Path)) and not Path(source).is_file() and Path(source).suffix.lower() in DATA_FILE_SUFFIXES:
+    named_file = isinstance(source, (str, Path)) and Path(source).suffix.lower() in DATA_FILE_SUFFIXES
+    if named_file and not Path(source).is_file():
         raise ValueError(f"evaluation data {source}: no such file (a JSON list, JSONL or CSV file)")
     rows, where = load_rows(source, hf_split=hf_split)
     return eval_examples_from_rows(rows, where, default_task=Path(str(source)).stem, **fields)
