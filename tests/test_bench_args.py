@@ -77,3 +77,11 @@ def test_smoke_and_tiny_results_are_ignored_by_git():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *smoke, *kept], cwd=root, capture_output=True,
                              text=True).stdout.split()
     assert ignored == smoke
+
+
+def test_edit_paths_help_describes_the_script_in_whole_sentences():
+    """Its description was the docstring's first line, cut mid-sentence at "the numbers"."""
+    completed = subprocess.run([sys.executable, str(BENCH / "bench_edit_paths.py"), "--help"], capture_output=True,
+                               text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "AUTOGRAD_BELOW_NUMEL" in " ".join(completed.stdout.split())
