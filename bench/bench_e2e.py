@@ -71,7 +71,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_kernels: the shared timing and CSV helpers
 from bench_kernels import environment, measure_ms, result_path, write_csv  # noqa: E402
 
-from reft_fast.train.cli import positive_int  # noqa: E402
+from reft_fast.train.cli import _positive_number, positive_int  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -654,7 +654,8 @@ def _parse_args(argv):
     parser.add_argument("--warmup", type=positive_int, default=None)
     parser.add_argument("--steps", type=positive_int, default=None)
     parser.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
-    parser.add_argument("--row-timeout-s", type=float, default=None)
+    parser.add_argument("--row-timeout-s", type=_positive_number, default=None,
+                        help="seconds a row may take before it is stopped (default 120 on a CPU, 420 on CUDA)")
     parser.add_argument("--jobs", type=positive_int, default=None, help="rows at a time (CPU only; CUDA rows run alone)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the CSV and PNG (default bench/results)")
     parser.add_argument("--no-plot", action="store_true")
@@ -677,7 +678,11 @@ def _parse_args(argv):
     default_methods = SMOKE_METHODS if args.device == "cpu" else DEFAULT_METHODS
     args.methods = listed(args.methods, METHODS, "methods") if args.methods else list(default_methods)
     args.checkpointing = [v == "on" for v in listed(args.checkpointing, ("off", "on"), "checkpointing")]
-    args.fused = [v == "on" for v in listed(args.fused or ("on,off" if cuda else "off"), ("on", "off"), "fused")]
+    fused = listed(args.fused or ("on,off" if args.device == "cuda" else "off"), ("on", "off"), "fused")
+    if "on" in fused and args.device != "cuda":
+        parser.error(f"argument --fused: {args.fused!r}: the fused base operations (liger-kernel's Triton kernels) "
+                     "need CUDA; on a CPU use --fused off")
+    args.fused = [v == "on" for v in fused]
     small = args.device == "cpu"
     args.batch = args.batch or (2 if small else 8)
     args.seq_len = args.seq_len or (32 if small else 512)

@@ -90,7 +90,7 @@ def measure(reps: int, warmup: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few repetitions: checks that the script runs")
     parser.add_argument("--reps", type=positive_int, default=None, help="paired repetitions per size (default 300; smoke 3)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"

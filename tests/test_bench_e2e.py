@@ -116,3 +116,25 @@ def test_session_plan_keeps_its_order_on_a_gpu_and_unfuses_on_a_cpu():
     assert on_gpu[:5] == [("b", False, True, "floor"), ("b", False, True, "reft-fast:triton"),
                           ("b", False, True, "pyreft"), ("b", False, True, "hook-loreft"), ("b", False, False, "floor")]
     assert on_gpu[-1] == ("b", False, True, "reft-fast:cuda")  # its nvcc build last
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fused", "on"], "argument --fused: 'on': the fused base operations"),
+    (["--fused", "on,off"], "argument --fused: 'on,off': the fused base operations"),
+    (["--row-timeout-s", "0"], "argument --row-timeout-s: must be a finite number above 0"),
+    (["--row-timeout-s", "-5"], "argument --row-timeout-s: must be a finite number above 0")])
+def test_a_cpu_run_refuses_fused_rows_and_a_row_timeout_not_above_zero(argv, message, capsys):
+    """On a CPU `--fused on` planned only rows skipped for want of CUDA, and a zero row timeout was replaced by the
+    default (a negative one stopped every row at once): both are refused before anything starts."""
+    bench = _load_bench()
+    with pytest.raises(SystemExit) as exit_info:
+        bench._parse_args(["--smoke", *argv])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_smoke_run_plans_no_fused_rows_even_where_there_is_a_gpu(monkeypatch):
+    bench = _load_bench()
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    args = bench._parse_args(["--smoke"])
+    assert args.device == "cpu" and args.fused == [False]

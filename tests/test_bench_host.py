@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +54,17 @@ def test_the_gpu_table_times_the_triton_path_among_the_variants(monkeypatch):
     assert triton["triton_launches"] > 0 and math.isfinite(triton["stubbed_per_intervention_ms"])
     assert "launches counted" in triton["status"]
     assert math.isfinite(rows["hook-loreft"]["ratio_to_hook"])
+
+
+def test_device_cuda_without_a_gpu_is_an_argparse_error(monkeypatch, capsys):
+    """It was a bare line on stderr from main(), without the usage, after the imports; bench_packing's is a usage
+    error."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_host
+
+    monkeypatch.setattr(bench_host.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_host._parse_args(["--smoke", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "argument --device: cuda, but torch sees no CUDA device here" in err
