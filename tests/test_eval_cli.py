@@ -218,6 +218,35 @@ def test_eval_refuses_a_run_without_interventions(tmp_path, capsys):
     assert "no such config file or run directory" in capsys.readouterr().err
 
 
+def test_eval_refuses_an_out_that_is_a_folder_or_the_data_before_answering(trained_run, tmp_path, capsys,
+                                                                          monkeypatch):
+    """--out naming a folder was a traceback after every answer; --out naming the --data file (or the config's
+    training file) replaced the data by the predictions, silently. Both are config errors before any answer."""
+    import reft_fast.train.evaluation as evaluation
+
+    config, _, data, _ = trained_run
+    monkeypatch.setattr(evaluation, "generate_and_score", lambda *a, **k: pytest.fail("answered before refusing"))
+    copy = tmp_path / "data.jsonl"
+    copy.write_text(data.read_text())
+    train_file = config.parent / "train.jsonl"
+    for out, message in ((tmp_path, "a directory"), (copy, "the data file itself"),
+                         (train_file, "the data file itself"), (copy / "x.jsonl", f"cannot be created: {copy}")):
+        assert main(["eval", str(config), "--data", str(copy), "--out", str(out)]) == 2
+        assert f"config error: --out {out}: {message}" in capsys.readouterr().err
+    assert copy.read_text() == data.read_text()
+
+
+def test_eval_base_only_of_an_output_dir_without_final_writes_into_it(trained_run, tmp_path, capsys):
+    """A run directory without final/ (training not finished) was taken for a final/ folder: --base-only wrote its
+    predictions into the eval/ of the folder around it."""
+    config, out, data, _ = trained_run
+    run = tmp_path / "unfinished"
+    run.mkdir()
+    shutil.copy(out / "train_config.yaml", run)
+    assert main(["eval", str(run), "--data", str(data), "--base-only", "--max-new-tokens", "1"]) == 0
+    assert (run / "eval" / "eval-base.jsonl").is_file() and not (tmp_path / "eval").exists()
+
+
 @pytest.mark.slow
 def test_eval_on_two_ranks_equals_one_rank(trained_run, tmp_path):
     """Each rank answers a shard; rank 0 gathers and writes the same file as one rank does."""

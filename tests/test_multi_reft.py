@@ -307,8 +307,11 @@ def test_cli_generate_encodes_each_prompt_as_its_reft_was_trained(served, tmp_pa
 
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read it"), ("\n  \n", "no prompts in it"),
-    ('{"prompt": "w3", "reft": ["A"]}\n', ":1: unknown ReFT ['A']"), ('{"prompt": "w3"}\n{"prompt": \n', ":2: not JSON")],
-    ids=["missing", "empty", "reft-not-a-name", "malformed"])
+    ('{"prompt": "w3", "reft": ["A"]}\n', ":1: unknown ReFT ['A']"),
+    ('{"prompt": "w3", "reft": null}\n{"prompt": \n', ":2: not JSON"),
+    # a misspelt key was answered by the base alone, silently
+    ('{"prompt": "w3", "reft": "A"}\n{"prompt": "w4", "Reft": "B"}\n', ':2: no "reft" field')],
+    ids=["missing", "empty", "reft-not-a-name", "malformed", "no-reft-key"])
 def test_cli_generate_checks_the_prompts_file_before_loading_anything(served, tmp_path, capsys, content, message):
     """A missing or empty --prompts-file, or a bad line, is a config error naming the file, raised before the base is
     read (the --model given here does not exist, so reading it first would report that instead)."""
@@ -393,6 +396,10 @@ def test_cli_generate_names_an_absent_reft_and_an_output_folder_before_loading(s
     assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
                  "--output", str(tmp_path)]) == 2
     assert f"config error: --output {tmp_path}: a directory" in capsys.readouterr().err
+    # --output naming the --prompts-file replaced the prompts by the answers
+    assert main(["generate", *refts, "--model", str(tmp_path / "no-model"), "--prompts-file", str(prompts_file),
+                 "--output", str(prompts_file)]) == 2
+    assert f"config error: --output {prompts_file}: the --prompts-file itself" in capsys.readouterr().err
     # --model naming a folder that holds no model (a run directory) was a tokenizer traceback
     assert main(["generate", "--reft", str(directories["A"]), "--model", str(tmp_path), "w3"]) == 2
     assert f"config error: --model {tmp_path}: a folder without config.json" in capsys.readouterr().err

@@ -374,6 +374,9 @@ def _generate(args) -> None:
         raise ConfigError('--base-only: with --prompts-file, a line with "reft": null is answered by the base alone')
     if args.output and Path(args.output).is_dir():  # was found only when the answers were written
         raise ConfigError(f"--output {args.output}: a directory; give the path of the JSONL file to write")
+    if args.output and args.prompts_file and Path(args.output).exists() and Path(args.prompts_file).exists() \
+            and Path(args.output).samefile(args.prompts_file):
+        raise ConfigError(f"--output {args.output}: the --prompts-file itself; the answers would replace it")
     if named is not None:
         named = {name: _saved_interventions(directory, given=f"{name}={directory}")
                  for name, directory in named.items()}
@@ -448,7 +451,10 @@ def _read_prompts_file(path: str, named: dict) -> tuple[list[dict], list[int]]:
             raise ConfigError(f"{path}:{number}: not JSON ({err})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise ConfigError(f"{path}:{number}: expected {{\"prompt\": \"...\", \"reft\": NAME or null}}")
-        reft = record.get("reft")
+        if "reft" not in record:  # a misspelt key ("Reft", "adapter") was answered by the base alone, silently
+            raise ConfigError(f"{path}:{number}: no \"reft\" field; name its ReFT, or \"reft\": null for the base "
+                              "alone")
+        reft = record["reft"]
         if reft is not None and (not isinstance(reft, str) or reft not in named):
             raise ConfigError(f"{path}:{number}: unknown ReFT {reft!r}; --reft gave {sorted(named)}")
         records.append(record)
@@ -510,7 +516,8 @@ def _eval_target(args):
         reft_dir = run_dir / "final"
     elif target.is_dir():
         reft_dir = _final_dir(target)
-        run_dir = target if reft_dir != target else target.parent
+        # final/ itself (interventions in it) writes into its run's eval/; an output_dir without final/ into its own
+        run_dir = target.parent if reft_dir == target and (target / CONFIG_NAME).is_file() else target
         cfg = _config_of_run(reft_dir, args.overrides)
         if not cfg.model.path:
             raise ConfigError(f"{target}: not a run directory (no final/train_config.yaml naming the base model)")
@@ -603,6 +610,7 @@ def _evaluate(args) -> None:
     except ValueError as err:
         raise ConfigError(f"--family {family}: {err}") from None
     out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{'-base' if args.base_only else ''}.jsonl"
+    _check_out(out, cfg, args.data)
     with _interrupted_keeps(_eval_kept(out)), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
         model, tokenizer, gen_kwargs = _answering_model(cfg, reft_dir)
@@ -620,6 +628,22 @@ def _evaluate(args) -> None:
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
             print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
                   f"predictions in {out}\n{summary_table(predictions)}")
+
+
+def _check_out(out: Path, cfg, data: Optional[str]) -> None:
+    """Refuse, before any answer, an eval output that names a folder or one of the files evaluated or trained on
+    (it was a traceback after every answer, or the data silently replaced by the predictions)."""
+    from reft_fast.train.train_config import resolve_data_path
+
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: a directory; give the path of the JSONL file to write")
+    nearest = next(path for path in out.parents if path.exists())
+    if not nearest.is_dir():
+        raise ConfigError(f"--out {out}: cannot be created: {nearest} is a file, not a directory")
+    inputs = [data] + [resolve_data_path(name, cfg.base_dir) for name in (cfg.data.eval_file, cfg.data.train_file)
+                       if name]
+    if out.exists() and any(name and Path(name).is_file() and out.samefile(name) for name in inputs):
+        raise ConfigError(f"--out {out}: the data file itself; the predictions would replace it")
 
 
 def _eval_kept(out: Path) -> str:
@@ -648,6 +672,8 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     scored = f"all of {args.data}{split and f' (split {split[1:]})'}" if args.data else scored_part(cfg)
     name = Path(args.data).stem + split if args.data else "eval" if cfg.data.selection_examples is None else "test"
     out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
+    for path in (out.with_suffix(".jsonl"), out.with_suffix(".json")):
+        _check_out(path, cfg, args.data)
     kept = _eval_kept(out.with_suffix(".jsonl"))
     with _interrupted_keeps(kept), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
