@@ -493,8 +493,11 @@ def test_reft_fast_eval_scores_a_finished_run_as_training_did(trained, capsys, t
         assert metrics[key] == pytest.approx(last[key], rel=1e-6, abs=1e-9), key
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps(r) + "\n" for r in sentiment_rows(10, seed=5)))
-    assert main(["eval", str(out_dir), "--data", str(other), "--out", str(tmp_path / "other.json")]) == 0
-    examples = json.loads((tmp_path / "other.json").read_text())["examples"]
+    # (--out other.json wrote its per-example lines to other.jsonl, over the data: refused now)
+    assert main(["eval", str(out_dir), "--data", str(other), "--out", str(tmp_path / "other.json")]) == 2
+    assert "the data file itself" in capsys.readouterr().err
+    assert main(["eval", str(out_dir), "--data", str(other), "--out", str(tmp_path / "scores.json")]) == 0
+    examples = json.loads((tmp_path / "scores.json").read_text())["examples"]
     assert examples == 10 and isinstance(examples, int)  # a count, not 10.0
     assert main(["eval", str(out_dir), "--base-only"]) == 2
     assert "--base-only: a classification run" in capsys.readouterr().err

@@ -176,14 +176,20 @@ def test_patches_stay_with_the_patched_model():
         torch.testing.assert_close(later(input_ids=input_ids).logits, expected, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU, under Triton's interpreter")
-def test_fused_rope_runs_only_inside_the_patched_model(monkeypatch):
+def _plain_and_rope_fused(monkeypatch):
+    """Two twin Llamas, the second with liger's RoPE, and the list that gains an item per fused RoPE call."""
     plain, fused = _llama(), _llama()
     assert apply_fused_base_ops(fused, "on", ops=["rope"]) == ("rope",)
     switch = modeling_llama.apply_rotary_pos_emb
     calls = []
     liger_rope = switch.fused
     monkeypatch.setattr(switch, "fused", lambda *a, **k: calls.append(1) or liger_rope(*a, **k))
+    return plain, fused, calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU, under Triton's interpreter")
+def test_fused_rope_runs_only_inside_the_patched_model(monkeypatch):
+    plain, fused, calls = _plain_and_rope_fused(monkeypatch)
     input_ids = torch.randint(0, _LLAMA["vocab_size"], (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fused(input_ids=input_ids)
@@ -196,12 +202,7 @@ def test_fused_rope_runs_only_inside_the_patched_model(monkeypatch):
 def test_compiled_layers_choose_the_rope_as_eager_layers_do(monkeypatch):
     """The switch read a context variable, which dynamo cannot trace: once any model had been patched in the process,
     every compiled Llama layer broke its graph there (fullgraph=True raised), the unpatched models' too."""
-    plain, fused = _llama(), _llama()
-    assert apply_fused_base_ops(fused, "on", ops=["rope"]) == ("rope",)
-    switch = modeling_llama.apply_rotary_pos_emb
-    calls = []
-    liger_rope = switch.fused
-    monkeypatch.setattr(switch, "fused", lambda *a, **k: calls.append(1) or liger_rope(*a, **k))
+    plain, fused, calls = _plain_and_rope_fused(monkeypatch)
     input_ids = torch.randint(0, _LLAMA["vocab_size"], (2, 6), generator=torch.Generator().manual_seed(0))
     layers = _LLAMA["num_hidden_layers"]
     torch._dynamo.reset()
