@@ -24,6 +24,7 @@ PY=${PYTHON:-.venv/bin/python}
 PIP=("$PY" -m pip --disable-pip-version-check)
 # The GPU machine's interpreter and platform, not this machine's.
 TARGET=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+        --platform manylinux_2_24_x86_64
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 WHEELS=(
   liger-kernel==0.8.5

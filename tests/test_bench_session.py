@@ -88,12 +88,12 @@ def _csv(out: Path, pattern: str) -> list[dict]:
 def test_dry_run_runs_every_stage_in_order_into_few_flat_files(dry_run):
     out, stdout = dry_run
     banners = re.findall(r"^=== (\w+) \(", stdout, re.M)
-    assert banners == ["setup", "e2e", "kernels", "host", "packing", "tests", "done"]
+    assert banners == ["setup", "host", "packing", "correctness", "e2e", "kernels", "tests", "done"]
     files = [p for p in out.rglob("*")]
     assert all(p.is_file() and p.parent == out for p in files), files  # the device tool returns 8 files, 2 levels
     assert 4 <= len(files) <= 8, files
     log = (out / "session.log").read_text()
-    assert log.count("=== ") == 7 and "=== done" in log and "host: bench_host.py starts" in log  # the whole output, complete when the command returns
+    assert log.count("=== ") == 8 and "=== done" in log and "host: bench_host.py starts" in log  # the whole output, complete when the command returns
     # the packing stage's result lines (its CSV stays in the scratch folder)
     assert re.search(r"^mode=packed, tokens_per_s=[\d.]+, ratio_vs_padded=[\d.]+, .*losses_equal=True$", log, re.M), log
     assert "import reft_fast.kernels.low_rank_edit: ok" in log
