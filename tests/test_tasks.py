@@ -136,3 +136,29 @@ def test_a_causal_lm_config_names_its_eval_set_in_the_data_section_only(tmp_path
     if not given:  # the message names what this task can take: no classification key
         with pytest.raises(ConfigError, match=r"no eval set \(data.eval_file or data.eval_fraction\)$"):
             validate(load_config(str(config), ["data.eval_fraction=0", "training.keep_best=eval_loss"]))
+
+
+def test_training_batches_keep_every_position_under_liger_fused_loss(tmp_path):
+    """liger-kernel's fused linear cross-entropy views the kept hidden states [B, K, d] as [B·K, d]; a slice of the
+    last K < T positions cannot be viewed so, and every trimmed training step raised on the GPU (H200, 2026-11-30).
+    Training batches keep all positions when that loss is applied; evaluation, which makes logits, still trims."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reft_fast.train.fused_base import _APPLIED_ATTR
+    from reft_fast.train.tasks import CausalLMTask
+    from reft_fast.train.train_config import load_config
+
+    cfg = load_config(str(make_run(tmp_path)), ["training.sample_prompts=[]"])
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    batch = {"input_ids": torch.ones(2, 6, dtype=torch.long),
+             "labels": torch.tensor([[-100] * 4 + [5, 6], [-100] * 3 + [5, 6, 7]])}
+    trimmed, full = [], []
+    for applied, into in (((), trimmed), (("rms_norm", "fused_linear_cross_entropy"), full)):
+        setattr(base, _APPLIED_ATTR, applied)  # what apply_fused_base_ops records (liger needs CUDA to apply it)
+        task = CausalLMTask(cfg)
+        task.tokenizer = None  # no prompt to check: datasets() sets it in a run
+        task.bind_base(base)
+        into.append((task.trim, task.host_batch(dict(batch))))
+    assert trimmed[0][0] and trimmed[0][1]["labels"].shape[1] == 4 and trimmed[0][1]["logits_to_keep"] == 4
+    assert full[0][0] and "logits_to_keep" not in full[0][1] and full[0][1]["labels"].shape[1] == 6

@@ -48,6 +48,7 @@ import torch
 from reft_fast.train.data import (ReftDataCollator, SupervisedDataset, data_eval_sources, load_examples,
                                   train_and_eval_examples)
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
+from reft_fast.train.fused_base import fused_base_ops
 from reft_fast.train.generation import PromptError, check_prompts
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
@@ -69,6 +70,7 @@ class CausalLMTask:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.trim = False  # set once the base is known (``bind_base``)
+        self.trim_train = False  # the same for training batches (``bind_base``)
         self.eval_answers = None  # with data.eval_family: the eval set's prompts and gold answers (``datasets``)
 
     @staticmethod
@@ -106,6 +108,11 @@ class CausalLMTask:
         set, training.sample_prompts). Every rank checks all of them, so all refuse together: found by the rank whose
         shard of the eval set holds the prompt, mid-run, it left the others waiting until the ranks' timeout."""
         self.trim = accepts_logits_to_keep(base)
+        # liger-kernel's fused linear cross-entropy (0.8.5: a training forward with labels) views the kept hidden
+        # states [B, K, d] as [B·K, d], which a slice of the last K < T positions cannot be: the first step of every
+        # trimmed batch raised (H200, 2026-11-30). That loss never makes the logits, so training gives up only the head's
+        # products over the prompt; evaluation (logits and transformers' loss) keeps the trim.
+        self.trim_train = self.trim and "fused_linear_cross_entropy" not in fused_base_ops(base)
         cfg = self.cfg
         encoding = dict(max_new_tokens=cfg.training.max_new_tokens, chat_template=cfg.data.chat_template,
                         system_prompt=cfg.data.system_prompt)
@@ -126,7 +133,7 @@ class CausalLMTask:
                                 pack_length=d.max_length if d.packing else None)
 
     def host_batch(self, batch: dict) -> dict:
-        return trim_to_labels(batch) if self.trim else batch
+        return trim_to_labels(batch) if self.trim_train else batch
 
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:
