@@ -16,7 +16,8 @@ padded (a load that drifts on a shared machine weighs on both modes alike), with
 (padded, or packed with ``pack_length=max_length``), ``trim_to_labels`` and ``causal_model_inputs`` as the recipe
 uses them, a ReftModel with the demo's interventions (reft_fast/demo/demo.yaml: LoReFT r4 at layers 8 and 16, f3+l3
 shared) and torch AdamW over the intervention parameters: a plain loop (forward, backward, optimizer step), not the
-DeepSpeed engine. The first step is a warm-up, not timed.
+DeepSpeed engine. The first ``--warmup`` steps (default 1) are not timed; every step's time is in the CSV (``step_s``,
+warm-ups first), where a compile inside a timed step shows as an outlier.
 
 Per mode: tokens/s of real tokens (examples' tokens / time of forward + backward + optimizer step of the timed steps),
 the slots (rows × width), peak memory (on the CPU the largest resident set size sampled every 2 ms during the steps,
@@ -60,8 +61,8 @@ MEDIAN_LENGTH, SIGMA = 150, 0.75
 # losses agree to this relative tolerance in fp32, and in bf16 (whose rounding the different kernels meet apart).
 LOSS_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}
 FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "model", "device", "dtype", "mode",
-          "max_length", "micro_batch", "timed_steps", "rounds", "examples", "real_tokens", "slot_tokens",
-          "packing_efficiency", "time_s", "tokens_per_s", "ratio_vs_padded", "peak_mib", "loss_max_rel_diff",
+          "max_length", "micro_batch", "warmup_steps", "timed_steps", "rounds", "examples", "real_tokens",
+          "slot_tokens", "packing_efficiency", "time_s", "step_s", "tokens_per_s", "ratio_vs_padded", "peak_mib", "loss_max_rel_diff",
           "loss_rtol", "losses_equal"]
 MODELS = ("smollm2", "tiny", "llama-1b")
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "llama-1b": "Llama-3.2-1B shape (random)"}
@@ -194,14 +195,15 @@ def run_mode(args) -> dict:
     """One mode's steps (in this process): timings, slots, peak memory and per-example losses."""
     reft, pad, n = build(args.model, args.device, args.dtype)
     reft.train()
-    items = make_items(args.micro_batch * (args.steps + 1), args.max_length, reft.model.config.vocab_size, args.seed)
+    steps = args.warmup + args.steps
+    items = make_items(args.micro_batch * steps, args.max_length, reft.model.config.vocab_size, args.seed)
     pack_length = args.max_length if args.mode == "packed" else None
     collator = ReftDataCollator(pad, n, "f3+l3", share_weights=True, pack_length=pack_length)
     optimizer = torch.optim.AdamW(reft.trainable_parameters(), lr=6e-3, weight_decay=0.0)
-    result = dict(real_tokens=0, slot_tokens=0, time_s=0.0, losses=[])
+    result = dict(real_tokens=0, slot_tokens=0, time_s=0.0, step_s=[], losses=[])
     cuda = args.device == "cuda"
     memory = DevicePeak() if cuda else PeakRss()
-    for step in range(args.steps + 1):
+    for step in range(steps):
         chunk = items[step * args.micro_batch: (step + 1) * args.micro_batch]
         batch = to_device(trim_to_labels(collator(chunk)), args.device)
         if cuda:
@@ -216,7 +218,8 @@ def run_mode(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - started
-        if step > 0:  # the first step warms up (allocator, kernels)
+        result["step_s"].append(elapsed)
+        if step >= args.warmup:  # the first steps warm up (allocator, kernels, a compile per new Triton variant)
             result["time_s"] += elapsed
             result["real_tokens"] += sum(len(it["input_ids"]) for it in chunk)
             result["slot_tokens"] += batch["input_ids"].numel()
@@ -243,7 +246,8 @@ def main(argv=None) -> Path | None:
     parser.add_argument("--dtype", choices=tuple(LOSS_RTOL), default="float32", help="the base's dtype")
     parser.add_argument("--max-length", type=positive_int, default=256, help="cap of the example lengths = packed row length")
     parser.add_argument("--micro-batch", type=positive_int, default=8, help="examples per step (the packing window)")
-    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (after one warm-up step)")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps (after the warm-up steps)")
+    parser.add_argument("--warmup", type=positive_int, default=1, help="untimed steps first (default 1)")
     parser.add_argument("--rounds", type=positive_int, default=2, help="runs per mode, in the order padded, packed, packed, "
                         "padded, …")
     parser.add_argument("--seed", type=int, default=0)
@@ -284,7 +288,7 @@ def combine(mode_runs: list[dict]) -> dict:
     if any(run["losses"] != losses for run in mode_runs):
         raise SystemExit("two runs of the same mode gave different losses: the bench is not deterministic")
     total = {key: sum(r[key] for r in mode_runs) for key in ("real_tokens", "slot_tokens", "time_s")}
-    return dict(total, peak_mib=max(r["peak_mib"] for r in mode_runs), losses=losses)
+    return dict(total, step_s=[t for r in mode_runs for t in r["step_s"]], peak_mib=max(r["peak_mib"] for r in mode_runs), losses=losses)
 
 
 def write_results(args, results: dict) -> Path:
@@ -303,11 +307,13 @@ def write_results(args, results: dict) -> Path:
         rows.append(dict(machine=machine, torch=torch.__version__, transformers=transformers.__version__, date=date,
                          threads=args.threads, load_avg=round(os.getloadavg()[0], 2),
                          model=MODEL_NAMES[args.model], device=args.device, dtype=args.dtype, mode=mode,
-                         max_length=args.max_length, micro_batch=args.micro_batch, timed_steps=args.steps,
+                         max_length=args.max_length, micro_batch=args.micro_batch, warmup_steps=args.warmup,
+                         timed_steps=args.steps,
                          rounds=args.rounds,
                          examples=args.micro_batch * args.steps * args.rounds, real_tokens=r["real_tokens"],
                          slot_tokens=r["slot_tokens"], packing_efficiency=round(r["real_tokens"] / r["slot_tokens"], 4),
-                         time_s=round(r["time_s"], 3), tokens_per_s=round(rate, 2),
+                         time_s=round(r["time_s"], 3), step_s=";".join(f"{t:.3f}" for t in r["step_s"]),
+                         tokens_per_s=round(rate, 2),
                          ratio_vs_padded=round(rate / padded_rate, 3), peak_mib=round(r["peak_mib"], 1),
                          loss_max_rel_diff=f"{difference:.2e}", loss_rtol=LOSS_RTOL[args.dtype],
                          losses_equal=difference <= LOSS_RTOL[args.dtype]))
@@ -321,7 +327,7 @@ def write_results(args, results: dict) -> Path:
         writer.writerows(rows)
     for row in rows:
         print(", ".join(f"{k}={row[k]}" for k in ("mode", "tokens_per_s", "ratio_vs_padded", "packing_efficiency",
-                                                    "peak_mib", "loss_max_rel_diff", "losses_equal")))
+                                                    "peak_mib", "loss_max_rel_diff", "losses_equal", "step_s")))
     print(f"wrote {path}")
     return path
 

@@ -38,6 +38,15 @@ import triton.language as tl
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
+# Integer arguments that change from batch to batch: rows, positions and sequence length, the launch plan made from
+# them, the dropout seed. Triton compiles a kernel per combination of its int arguments being 1, a multiple of 16 or
+# neither (the values are compiled in as facts); a packed or variable-length run draws a new combination every few
+# steps, each a compile of every kernel (seconds) inside a training step. These are taken as plain values, so each
+# kernel compiles once per tiles and flags. d and r stay specialized: d is the row stride, whose alignment lets loads
+# vectorize, and both are fixed for a model.
+PER_BATCH_ARGS = ("n_slots", "n_per_example", "seq_len", "n_splits", "cols_per_program", "slot_blocks", "copy_units",
+                  "n_rows", "cols_per_split", "slots_per_split", "seed", "batch", "n_entries", "n_max")
+
 _SQRT1_2 = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
@@ -155,7 +164,7 @@ def _projections(
     return z, u, t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _split_projections_kernel(
     h_ptr, g_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, part_ptr,
     n_slots, n_per_example, seq_len, d, r, cols_per_split, dropout_p, dropout_scale, seed,
@@ -267,7 +276,7 @@ def _write_edited_rows(
         tl.store(out_ptr + rows[:, None] * d + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _edit_forward_kernel(
     h_ptr, out_ptr, h_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units, n_rows,
@@ -353,7 +362,7 @@ def _backward_rows(
         tl.store(dh_ptr + rows[:, None] * d + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _edit_backward_rows_kernel(
     h_ptr, g_ptr, dh_ptr, g_rows_ptr, positions_ptr, q_ptr, p_ptr, w_ptr, b_ptr, part_ptr, delta_ptr, dz_ptr, t_ptr,
     n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units, n_rows,
@@ -375,7 +384,7 @@ def _edit_backward_rows_kernel(
                        BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _edit_backward_weights_kernel(
     h_ptr, g_ptr, positions_ptr, delta_ptr, dz_ptr, t_ptr, dq_part_ptr, dw_part_ptr, dp_part_ptr, db_part_ptr,
     n_slots, n_per_example, seq_len, d, r, slots_per_split, dropout_p, dropout_scale, seed,
@@ -443,7 +452,7 @@ def _sum_splits(part_ptr, out_ptr, offsets, mask, n_splits, numel):
     tl.store(out_ptr + offsets, acc, mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _sum_weight_splits_kernel(
     dq_part_ptr, dw_part_ptr, dp_part_ptr, db_part_ptr, dq_ptr, dw_ptr, dp_ptr, db_ptr, n_splits, numel, r,
     HAS_W: tl.constexpr, SEPARATE_P: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
@@ -543,7 +552,7 @@ def _multi_copy_unselected_rows(
     _copy_rows_where(src_ptr, dst_ptr, rows, row_ok & (hit == 0), unit, d, copy_col_chunks, cols_per_copy, COPY_D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=PER_BATCH_ARGS)
 def _multi_edit_forward_kernel(
     h_ptr, out_ptr, edit_index_ptr, table_ptr, n_entries, n_max, batch, seq_len, d, slot_blocks, copy_units,
     copy_col_chunks, cols_per_copy,

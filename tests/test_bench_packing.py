@@ -13,7 +13,7 @@ import bench_packing  # noqa: E402
 
 
 def test_bench_packing_tiny_writes_one_row_per_mode(tmp_path, capsys):
-    path = bench_packing.main(["--tiny", "--steps", "2", "--micro-batch", "6", "--max-length", "96", "--threads", "1",
+    path = bench_packing.main(["--tiny", "--warmup", "2", "--steps", "2", "--micro-batch", "6", "--max-length", "96", "--threads", "1",
                                "--out", str(tmp_path)])
     assert path.parent.parent == tmp_path and path.name == "packing_tiny_len96.csv"
     assert f"wrote {path}" in capsys.readouterr().out  # where the CSV went, as the other scripts say
@@ -29,6 +29,10 @@ def test_bench_packing_tiny_writes_one_row_per_mode(tmp_path, capsys):
         assert float(row["tokens_per_s"]) > 0 and float(row["peak_mib"]) >= 0
         assert row["losses_equal"] == "True"
         assert int(row["real_tokens"]) <= int(row["slot_tokens"])
+        # every step's time, run after run (two rounds), each run's two warm-ups first; the timed ones sum to time_s
+        steps = [float(t) for t in row["step_s"].split(";")]
+        assert len(steps) == 8 and row["warmup_steps"] == "2" and all(t > 0 for t in steps)
+        assert math.isclose(sum(steps[2:4] + steps[6:]), float(row["time_s"]), abs_tol=4e-3)
     # the same examples in both modes, in fewer slots when packed
     assert rows["packed"]["real_tokens"] == rows["padded"]["real_tokens"]
     assert int(rows["packed"]["slot_tokens"]) < int(rows["padded"]["slot_tokens"])

@@ -95,7 +95,7 @@ def test_dry_run_runs_every_stage_in_order_into_few_flat_files(dry_run):
     log = (out / "session.log").read_text()
     assert log.count("=== ") == 8 and "=== done" in log and "host: bench_host.py starts" in log  # the whole output, complete when the command returns
     # the packing stage's result lines (its CSV stays in the scratch folder)
-    assert re.search(r"^mode=packed, tokens_per_s=[\d.]+, ratio_vs_padded=[\d.]+, .*losses_equal=True$", log, re.M), log
+    assert re.search(r"^mode=packed, tokens_per_s=[\d.]+, ratio_vs_padded=[\d.]+, .*losses_equal=True, step_s=[\d.;]+$", log, re.M), log
     assert "import reft_fast.kernels.low_rank_edit: ok" in log
     carried = ROOT / ".whl"
     if any(carried.glob("*.whl")):  # installed for CPython 3.12 into a scratch folder: every wheel fits the GPU's

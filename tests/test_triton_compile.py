@@ -107,3 +107,60 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
         print(f"{name:32s} {dtype:15s} r={r:<3d} regs={regs:<4d} spill-stores={spills:<5d} {tiles} warps={warps}")
     spills = [row for row in rows if row[4] != 0]
     assert not spills, f"register spills on sm_90: {spills}"
+
+
+LAUNCHED = ("_split_projections_kernel", "_edit_forward_kernel", "_edit_backward_rows_kernel",
+            "_edit_backward_weights_kernel", "_sum_weight_splits_kernel")
+
+
+def launch_specializations():
+    """{kernel: the distinct compile keys of its non-constexpr arguments} over forwards and backwards of batches whose
+    row counts, lengths, position counts and seeds differ, as Triton's launcher for sm_90 would key its compile cache
+    (its binder, made here without a GPU; the launches themselves are replaced by the binding)."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from reft_fast.kernels import low_rank_edit as k
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    keys = {}
+
+    def recording(name, fn):
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    specialization = binder(*args, **kwargs)[1]
+                    keys.setdefault(name, set()).add(str([s for s in specialization if s[0] != "constexpr"]))
+                return launch
+        return Launcher()
+
+    for name in LAUNCHED:
+        setattr(k, name, recording(name, getattr(k, name)))
+    d, r = 64, 8
+    torch.manual_seed(0)
+    Q, b = torch.randn(r, d), torch.randn(r)
+    for batch, seq_len, n, seed in [(2, 7, 3, 1), (5, 33, 6, 16), (1, 48, 4, 12345), (16, 1024, 14, 32), (3, 1, 1, 7)]:
+        h = torch.randn(batch, seq_len, d)
+        positions = torch.randint(0, seq_len, (batch, n))
+        h_rows = torch.empty(batch, n, d)
+        k.edit_forward(h, positions, Q, Q, Q, b, 0, 0.1, seed, h.clone(), h_rows=h_rows)
+        g = torch.randn_like(h)
+        k.edit_backward(h_rows, g, positions, Q, Q, Q, b, 0, 0.1, seed, g.clone())
+    return {name: sorted(v) for name, v in keys.items()}
+
+
+def test_a_new_batch_shape_compiles_no_kernel_again():
+    """Triton compiles a kernel per combination of its int arguments being 1, a multiple of 16 or neither. Rows,
+    positions, lengths and the dropout seed change from batch to batch (packed and variable-length data draw new
+    combinations every few steps), so they are plain values: one compile per kernel and flags (before, every such
+    combination compiled every kernel again, seconds inside a training step)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json, test_triton_compile as t; print(json.dumps(t.launch_specializations()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(keys) == set(LAUNCHED), sorted(keys)
+    assert all(len(variants) == 1 for variants in keys.values()), keys
