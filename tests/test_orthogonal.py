@@ -221,6 +221,31 @@ def test_compact_base_completes_the_start_and_gives_the_explicit_bases_map(d, r)
     assert torch.autograd.gradcheck(lambda o: householder_rows(o, reflectors64, tau64), (original64,))
 
 
+@pytest.mark.parametrize("d, r, k", [(37, 3, 3), (100, 8, 8), (6, 6, 2)])
+def test_the_matmul_form_of_a_compact_base_is_ormqr_and_the_explicit_base(d, r, k):
+    """What the GPU runs (``_compact_wy_times``: batched products, where CUDA's ormqr loops over the batch on the host)
+    against torch.ormqr and the independently formed explicit base, float64, output and gradient; one reflector with
+    τ = 0 (the identity, as LAPACK reads it) in the second matrix."""
+    from reft_fast.core.orthogonal import _compact_wy_times
+
+    generator = torch.Generator().manual_seed(11)
+    reflectors, tau = torch.geqrf(torch.randn(3, d, r, generator=generator, dtype=torch.float64))
+    tau = tau.clone()
+    tau[1, r // 2] = 0.0
+    M = torch.randn(3, d, k, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, d, k, generator=generator, dtype=torch.float64)
+    ours = _compact_wy_times(reflectors, tau, M)
+    theirs = torch.ormqr(reflectors, tau, M)
+    explicit = torch.linalg.householder_product(
+        torch.cat([reflectors, reflectors.new_zeros(3, d, d - r)], -1), torch.cat([tau, tau.new_zeros(3, d - r)], -1))
+    torch.testing.assert_close(ours, theirs, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours, explicit @ M.detach(), atol=1e-12, rtol=0)
+    (ours_grad,) = torch.autograd.grad(ours, M, grad)
+    (their_grad,) = torch.autograd.grad(theirs, M, grad)
+    torch.testing.assert_close(ours_grad, their_grad, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ours_grad, explicit.mT @ grad, atol=1e-12, rtol=0)
+
+
 def test_a_state_of_either_base_form_loads_into_a_layer_of_either_form():
     compact = HouseholderOrthogonal(3, 20, n=2, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -203,12 +203,29 @@ def compact_base(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _compact_base_times(reflectors: torch.Tensor, tau: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
     """B @ M for the compact base (reflectors, tau) and M [..., d, k]: H_1 ⋯ H_r (diag(s, 1, …, 1) M).
 
-    ``torch.ormqr`` applies the reflectors without forming B; autograd differentiates it w.r.t. M (the base gets no
-    gradient). Neither it nor anything here reads a value on the host, so on CUDA no step waits for the device.
+    On the CPU ``torch.ormqr`` applies the reflectors without forming B (autograd differentiates it w.r.t. M; the base
+    gets no gradient). Elsewhere ``_compact_wy_times``: torch's CUDA ``ormqr`` makes one cuSOLVER call per matrix of
+    the batch from a host loop, and its backward more: the map took 9.6 ms of a 7B step for 32 interventions on an H200
+    (2026-11-30). Neither path reads a value on the host, so on CUDA no step waits for the device.
     """
     r = tau.shape[-1]
     signs = reflectors.detach().diagonal(dim1=-2, dim2=-1).sign().unsqueeze(-1)
-    return torch.ormqr(reflectors, tau, torch.cat([M[..., :r, :] * signs, M[..., r:, :]], dim=-2))
+    M = torch.cat([M[..., :r, :] * signs, M[..., r:, :]], dim=-2)
+    if M.device.type == "cpu":  # about 2× faster than the matmul form there (one thread, n = 32, d = 4096, r = 8)
+        return torch.ormqr(reflectors, tau, M)
+    return _compact_wy_times(reflectors, tau, M)
+
+
+def _compact_wy_times(reflectors: torch.Tensor, tau: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
+    """H_1 ⋯ H_r @ M for geqrf's reflectors and tau, as batched matrix products (compact WY form, as in
+    ``_householder_columns``): H_1 ⋯ H_r = I − V T Vᵀ with V the unit lower trapezoidal reflectors and
+    T⁻¹ = striu(Vᵀ V) + diag(1/τ). A τ of 0 (a reflector that is the identity) gives an infinite diagonal entry, whose
+    solve is 0: that H_j drops out, as in LAPACK. Every operation is batched: a fixed handful of launches whatever the
+    batch."""
+    d, r = reflectors.shape[-2:]
+    V = reflectors.detach().tril(-1) + torch.eye(d, r, dtype=M.dtype, device=M.device)
+    T_inv = (V.mT @ V).triu(1) + torch.diag_embed(tau.detach().reciprocal())
+    return M - V @ torch.linalg.solve_triangular(T_inv, V.mT @ M, upper=True)
 
 
 def batched_householder_rows(inputs: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
