@@ -8,13 +8,13 @@
 # 2026-11-28), each with its own share of the budget (BUDGET_S, default 570 s), so that a slow stage cannot starve
 # the next ones. Every result is written under $OUT as soon as it exists, so a command cut short still returns what
 # it measured:
-#   1. setup    (≤ 60 s) the carried wheels into /tmp/site, reft-fast importable, every import checked; the cuda
-#               backend's nvcc build starts in the background
+#   1. setup    (≤ 60 s) the carried wheels into /tmp/site, reft-fast importable, every import checked
 #   2. host     the ReFT step's host cost against the frozen floor, plain hook and pyreft (bench_host.py --device
 #               cuda: a tiny 32-layer Llama whose kernels take microseconds, reft-fast:triton timed with Triton's
 #               launcher), its table in session.log
 #   3. packing  packed against padded batches (bench_packing.py: Llama-3.2-1B's shape, bf16, rows of 1024), one
-#               round per mode, its result lines in session.log
+#               round per mode, its result lines in session.log; then the cuda backend's nvcc build starts in the
+#               background
 #   4. correctness  the tests that prove what is timed is right (the triton op against float64, the triton kernels,
 #               liger's fused base against the plain one), then the other cuda-marked ones (flex_attention packing)
 #   5. e2e      end-to-end training steps (bench_e2e.py --plan session): configuration (b) with the fused base
@@ -65,7 +65,7 @@ export MPLBACKEND=Agg
 
 # Each stage's reserve: what it may use at most, and what the stages after it keep for themselves.
 SETUP_S=60 HOST_S=60 PACKING_S=100 CHECKS_S=180 E2E_MIN_S=90 KERNELS_S=40 TESTS_MIN_S=60
-if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 HOST_S=10 PACKING_S=30 CHECKS_S=25 E2E_MIN_S=30 KERNELS_S=25 TESTS_MIN_S=20; fi
+if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 HOST_S=10 PACKING_S=40 CHECKS_S=25 E2E_MIN_S=30 KERNELS_S=25 TESTS_MIN_S=20; fi
 
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 # limit WANT [KEEP]: at most WANT seconds, leaving KEEP (default 5) for what follows.
@@ -171,12 +171,12 @@ stage_setup() {
   install_wheels
   install_reft_fast
   check_imports
-  start_cuda_build
 }
 
-# The cuda backend's nvcc build took more than 170 s on the H200 machine (2026-11-28), longer than any stage can wait:
-# it runs in the background from the start, on CPU cores the GPU-bound stages leave idle. The e2e cuda row and the
-# cuda backend tests load the same cached extension (torch's build lock makes a concurrent loader wait for it).
+# The cuda backend's nvcc build took more than 170 s on the H200 machine (2026-11-28; 48 s with 8 jobs on
+# 2026-11-30), longer than a stage can wait: it runs in the background once the host and packing stages, which time
+# the CPU's part of a step, are done, on cores the GPU-bound stages leave idle. The e2e cuda row and the cuda backend tests load the same cached
+# extension (torch's build lock makes a concurrent loader wait for it).
 start_cuda_build() {
   ( MAX_JOBS=${MAX_JOBS:-8} timeout -k 10 "$(limit 400)" "$PY" -c '
 import time
@@ -188,7 +188,7 @@ try:
 except Exception as error:
     print(f"cuda backend build failed after {time.time() - start:.0f} s: {type(error).__name__}: {str(error)[:2000]}")
 ' >"$OUT/cuda_build.log" 2>&1 & )
-  echo "setup: building the cuda backend in the background (cuda_build.log)"
+  echo "building the cuda backend in the background (cuda_build.log)"
 }
 
 stage_e2e() {
@@ -286,6 +286,7 @@ stage_tests() {
 stage_setup
 stage_host
 stage_packing
+start_cuda_build
 stage_correctness
 stage_e2e
 stage_kernels
