@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float f[VEC];
       dropout_factors<VEC>(dp, slot0 + m, c, f);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) x[v] *= f[v];
+      for (int v = 0; v < VEC; ++v) x[v] = __fmul_rn(x[v], f[v]);  // g rounded to fp32 (see the write pass)
     }
   };
 
@@ -128,7 +128,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // grad_h = g + dz W − s·t P
+  // grad_h = g + dz W − s·t P, rounded as written: g = round(grad_out · f), then round(g + (dz W − s·t P)). With the
+  // plain `x *= f` and `x += back`, nvcc fused the two into one fma, round(grad_out · f + back), in the scalar four-row
+  // kernel only: there it unswitched the unrolled row loop on dp.active, which put the multiply and the add in one
+  // basic block, while in the one-row kernel they stay on either side of the `if (dp.active)` join. fp32 grad_h then
+  // differed in the last bit between M = 1 and M = 4 (d = 4097 on an H200; 16-bit h rounds it away). __fmul_rn and
+  // __fadd_rn are never contracted, and the build's -fmad=false (cuda_build.NVCC_FLAGS) keeps every other expression
+  // as written too, so each row's result is the same sequence of roundings whatever M.
   for (int c = threadIdx.x * VEC; c < d; c += blockDim.x * VEC) {
     float back[M][VEC] = {};
     if (a.W != nullptr) accumulate_rows<R, VEC, M, false>(a.W, s_dz, r, d, c, back);
@@ -139,7 +145,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       float x[VEC];
       load_g(m, c, x);
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) x[v] += back[m][v];
+      for (int v = 0; v < VEC; ++v) x[v] = __fadd_rn(x[v], back[m][v]);
       store_vec<T, VEC>(grad_h + rows[m] + c, x);
     }
   }
@@ -202,7 +208,7 @@ __global__ void __launch_bounds__(kThreads, R >= 64 ? 2 : kTileMinBlocks)
       float f[4];
       dropout_factors<4>(dp, slot0 + i, c, f);
 #pragma unroll
-      for (int q = 0; q < 4; ++q) x[q] *= f[q];
+      for (int q = 0; q < 4; ++q) x[q] = __fmul_rn(x[q], f[q]);  // as the rows kernel: g rounded, never fused
     }
   };
   const float* const proj_g[1] = {a.Q};
@@ -235,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, R >= 64 ? 2 : kTileMinBlocks)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (c + q >= d) break;
-      grad_h[row + c + q] = Convert<T>::from_float(x[q] + v[q]);
+      grad_h[row + c + q] = Convert<T>::from_float(__fadd_rn(x[q], v[q]));
     }
   });
 #else
@@ -336,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<T>
           float f[VEC];
           dropout_factors<VEC>(a.dropout, base + i, c, f);
 #pragma unroll
-          for (int q = 0; q < VEC; ++q) x[q] *= f[q];
+          for (int q = 0; q < VEC; ++q) x[q] = __fmul_rn(x[q], f[q]);  // the rows kernel's g, bit for bit
         }
       }
       if constexpr (VEC % 4 == 0) {
@@ -426,7 +432,7 @@ __global__ void __launch_bounds__(kThreads) weight_grad_tile_kernel(WeightGradAr
           float f[4];
           dropout_factors<4>(a.dropout, base + i, c, f);
 #pragma unroll
-          for (int q = 0; q < 4; ++q) x[q] *= f[q];
+          for (int q = 0; q < 4; ++q) x[q] = __fmul_rn(x[q], f[q]);
         }
       }
 #pragma unroll

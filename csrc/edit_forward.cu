@@ -50,13 +50,14 @@ __global__ void __launch_bounds__(kThreads, 1) edit_forward_kernel(RowArgs<T> a,
       if (rows[m] < 0) continue;
       float o[VEC];
       load_vec<T, VEC>(a.h + rows[m] + c, o);
+      // round(round(h + δQ) · f), spelled out as in the backward's write pass (never contracted, whatever M).
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) o[v] += edit[m][v];
+      for (int v = 0; v < VEC; ++v) o[v] = __fadd_rn(o[v], edit[m][v]);
       if (a.dropout.active) {
         float f[VEC];
         dropout_factors<VEC>(a.dropout, static_cast<int>(blockIdx.x) * M + m, c, f);
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) o[v] *= f[v];
+        for (int v = 0; v < VEC; ++v) o[v] = __fmul_rn(o[v], f[v]);
       }
       store_vec<T, VEC>(out + rows[m] + c, o);
     }
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks)
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       if (c + q >= d) break;
-      out[row + c + q] = Convert<T>::from_float((o[q] + v[q]) * f[q]);
+      out[row + c + q] = Convert<T>::from_float(__fmul_rn(__fadd_rn(o[q], v[q]), f[q]));
     }
   });
 #else

@@ -1,6 +1,6 @@
 """csrc/ builds without a GPU: each .cu compiles for sm_90 with this machine's nvcc (to an object, never run), ptxas
-reports no register spills, the torch binding compiles against this torch, and the objects link into a module that
-imports and rejects CPU tensors with a clear error.
+reports no register spills, no kernel leaves fma contraction to the compiler (the PTX), the torch binding compiles
+against this torch, and the objects link into a module that imports and rejects CPU tensors with a clear error.
 
 Everything compiles in parallel once per module (about a minute on 2 cores). Skips only when nvcc (or, for the binding,
 a C++ compiler) is absent.
@@ -24,8 +24,8 @@ CU_FILES = sorted(name for name in cuda_backend.SOURCES if name.endswith(".cu"))
 NVCC = shutil.which("nvcc")
 CXX = shutil.which("c++") or shutil.which("g++")
 
-# As torch's extension build compiles them (its -D__CUDA_NO_HALF_* defines), plus the resource report.
-NVCC_FLAGS = ["-std=c++17", "-O3", "-arch=sm_90", "-Xcompiler", "-fPIC", "-Xptxas", "-v",
+# As cuda_build compiles them (its flags, torch's -D__CUDA_NO_HALF_* defines), plus the resource report.
+NVCC_FLAGS = ["-std=c++17", *cuda_backend.NVCC_FLAGS, "-arch=sm_90", "-Xcompiler", "-fPIC", "-Xptxas", "-v",
               *cpp_extension.COMMON_NVCC_FLAGS]
 # Kernel templates and how many instantiations each .cu must report: 3 dtypes x 5 padded ranks x {vector, scalar}, and
 # for the per-row kernels also 3 dtypes x 2 padded ranks (4, 8) x {vector, scalar} with 4 rows per block; the tile
@@ -43,12 +43,15 @@ def _torch_includes():
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    """Start every compile at once, wait, and return {name: (returncode, output, object path)}."""
+    """Start every compile at once, wait, and return {name: (returncode, output, object path)}; the PTX that ptxas
+    compiled is kept beside each .cu's object, as <stem>/<stem>.ptx."""
     out_dir = tmp_path_factory.mktemp("csrc_build")
     jobs = {}
     for name in CU_FILES:
         obj = out_dir / (Path(name).stem + ".o")
-        cmd = [NVCC, "-c", str(CSRC / name), "-o", str(obj), *NVCC_FLAGS]
+        keep = out_dir / Path(name).stem
+        keep.mkdir()
+        cmd = [NVCC, "-c", str(CSRC / name), "-o", str(obj), "-keep", "-keep-dir", str(keep), *NVCC_FLAGS]
         jobs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), obj)
     if CXX is not None:
         obj = out_dir / "binding.o"
@@ -101,6 +104,39 @@ def test_every_kernel_instantiation_fits_in_registers_without_spills(build):
         assert report["spill_stores"] == 0 and report["spill_loads"] == 0, f"{kernel} spills: {report}"
         assert report["stack"] == 0, f"{kernel} uses local memory: {report}"
         assert report["registers"] <= 255, (kernel, report)
+
+
+# A floating-point add, subtract or multiply without a rounding modifier: nvcc writes these where it may still fuse
+# (-fmad=true), and ptxas may then contract a `mul.f32` feeding an `add.f32` into one FFMA. With .rn neither does.
+_CONTRACTIBLE = re.compile(
+    r"^\s*(?:@!?%p\d+\s+)?((?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.(?:f16|f16x2|bf16|bf16x2|f32|f64))\s", re.M)
+
+
+def ptx_kernels(ptx: str) -> dict:
+    """{mangled kernel name: its PTX} for every .entry of a PTX module."""
+    starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\.visible \.entry (\w+)", ptx, re.M)]
+    return {name: ptx[start:end] for (start, name), (end, _) in zip(starts, [*starts[1:], (len(ptx), "")])}
+
+
+def test_no_kernel_leaves_fma_contraction_to_the_compiler(build):
+    """Every fused multiply-add of csrc/ is an fmaf in the source; every other add and multiply is rounded as written.
+
+    Left to the compiler, whether a * b + c becomes one fma depends on the code around it: for
+    grad_h = grad_out · dropout + (dz W − t P), nvcc fused the two in the scalar backward rows kernel with four rows
+    per block (it unswitched the unrolled row loop on the dropout test, which put both in one basic block) and not
+    with one row, so fp32 grad_h differed in the last bit between launch shapes (d = 4097 on an H200). Built with
+    cuda_build.NVCC_FLAGS (-fmad=false), nvcc fuses nothing and marks every add and multiply .rn, which ptxas does not
+    fuse either: so no kernel's PTX may hold one without it."""
+    kernels = {}
+    for name in CU_FILES:
+        returncode, output, obj = build[name]
+        assert returncode == 0, output
+        kernels.update(ptx_kernels((obj.parent / obj.stem / f"{obj.stem}.ptx").read_text()))
+    counts = {template: sum(template in k for k in kernels) for template in EXPECTED_KERNELS}
+    assert counts == EXPECTED_KERNELS, f"unexpected set of kernels in the PTX: {sorted(kernels)}"
+    loose = {k: sorted(set(_CONTRACTIBLE.findall(body))) for k, body in kernels.items()}
+    loose = {k: ops for k, ops in loose.items() if ops}
+    assert not loose, f"{len(loose)} kernels have adds or multiplies the compiler may fuse: {loose}"
 
 
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH for the torch binding")

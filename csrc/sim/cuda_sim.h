@@ -180,6 +180,11 @@ inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
 
+// fp32 add and multiply rounded to nearest even, never fused into an fma: the plain operators, as the simulation is
+// compiled with -ffp-contract=off (reft_fast.ops.cuda_build).
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+
 // ---------------------------------------------------------------------------------------------------------------------
 // Half and bfloat16: storage types with the explicit conversion intrinsics only (as under __CUDA_NO_HALF_CONVERSIONS__),
 // float -> 16-bit rounding to nearest even, NaN kept NaN.

@@ -37,6 +37,11 @@ CSRC_DIR = next((p for p in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc"
 SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
 SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
                "sim/include/cuda_bf16.h", "sim/include/mma.h")
+# nvcc flags of the build (besides -arch). -fmad=false: nvcc may not fuse a * b + c into one fma on its own, so every
+# fused multiply-add is an fmaf written in csrc/ and everything else is rounded as written. Left to nvcc, contraction
+# depends on the code around an expression: it fused grad_out · dropout + (dz W − t P) in the four-rows-per-block
+# backward and not in the one-row one, and fp32 grad_h differed in the last bit between them (csrc/README.md).
+NVCC_FLAGS = ("-O3", "-fmad=false")
 SIM_ENV = "REFT_FAST_CUDA_SIM"
 ROWS_ENV = "REFT_FAST_CUDA_ROWS_PER_BLOCK"
 
@@ -131,7 +136,7 @@ def _build():
             name=f"reft_fast_cuda_{arch}",
             sources=[str(CSRC_DIR / name) for name in SOURCES],
             extra_cflags=["-O3"],
-            extra_cuda_cflags=["-O3", f"-arch={arch}"],
+            extra_cuda_cflags=[*NVCC_FLAGS, f"-arch={arch}"],
         )
     except Exception as error:  # compiler, linker or loader failure: keep the cause, say where it came from
         raise CudaBackendUnavailable(f"building the reft_fast cuda backend for {arch} failed: {error}") from error
@@ -189,7 +194,8 @@ def _build_simulated(*, sanitize: bool):
         sources.append(str(translated))
     # No strict aliasing: the vector paths pun through uint4, as CUDA code does. Hidden visibility: the __shared__
     # statics and the fiber entry stay private to this module, even beside another build of it in one process.
-    cflags = ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
+    # No contraction either, as nvcc's -fmad=false (NVCC_FLAGS): a * b + c stays two roundings on an FMA-capable CPU.
+    cflags = ["-O2", "-fno-strict-aliasing", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-ffp-contract=off",
               "-DREFT_FAST_CUDA_SIM"]
     ldflags = []
     if sanitize:
