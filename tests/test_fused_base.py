@@ -127,6 +127,8 @@ def test_on_refuses_an_architecture_liger_does_not_know(monkeypatch):
     # TRITON_INTERPRET, set here both ways, so the test reads the same on a CPU machine and on a GPU one.
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    # First, with the machine's own TRITON_INTERPRET: this imports liger's kernels, and Triton decides when a kernel
+    # is defined whether it is interpreted (on a GPU machine, later tests run them on CUDA).
     assert "gpt2" in fused_ops_unsupported_reason(gpt2)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the device is accepted: the architecture alone is refused
     with pytest.raises(ValueError, match="no kernels for model_type 'gpt2'") as refused:
