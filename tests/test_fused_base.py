@@ -122,15 +122,26 @@ def test_auto_on_a_cpu_model_does_not_import_liger():
     assert proc.stdout.split("\n")[-2] == "[]", proc.stdout
 
 
-def test_on_refuses_an_architecture_liger_does_not_know():
+def test_on_refuses_an_architecture_liger_does_not_know(monkeypatch):
+    # The model stays on the CPU on every machine; whether the device is refused too depends only on
+    # TRITON_INTERPRET, set here both ways, so the test reads the same on a CPU machine and on a GPU one.
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=2))
+    # First, with the machine's own TRITON_INTERPRET: this imports liger's kernels, and Triton decides when a kernel
+    # is defined whether it is interpreted (on a GPU machine, later tests run them on CUDA).
     assert "gpt2" in fused_ops_unsupported_reason(gpt2)
-    with pytest.raises(ValueError, match="no kernels for model_type 'gpt2'"):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the device is accepted: the architecture alone is refused
+    with pytest.raises(ValueError, match="no kernels for model_type 'gpt2'") as refused:
         apply_fused_base_ops(gpt2, "on")
-    assert apply_fused_base_ops(gpt2, "auto") == ()
+    assert "CUDA" not in str(refused.value)
     with pytest.raises(ValueError, match="has no config.model_type"):
         apply_fused_base_ops(torch.nn.Sequential(torch.nn.Linear(2, 2)), "on")
+    monkeypatch.delenv("TRITON_INTERPRET")  # the device is refused too: the architecture comes first, then the device
+    with pytest.raises(ValueError, match=r"no kernels for model_type 'gpt2'.*; and the model is on cpu.*need CUDA"):
+        apply_fused_base_ops(gpt2, "on")
+    with pytest.raises(ValueError, match="has no config.model_type.*; and the model is on cpu"):
+        apply_fused_base_ops(torch.nn.Sequential(torch.nn.Linear(2, 2)), "on")
+    assert apply_fused_base_ops(gpt2, "auto") == ()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU side of 'on'")

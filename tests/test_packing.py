@@ -12,8 +12,10 @@ import torch
 import transformers
 
 from reft_fast.core.config import ReftConfig
+from reft_fast.core.hf import head_dim_of
 from reft_fast.core.model import get_reft_model
 from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, StepSampler
+from reft_fast.train.loading import FLEX_ATTENTION_MIN_HEAD_DIM, check_flex_attention_head_dim
 from reft_fast.train.loss import to_device
 from reft_fast.train.packing import block_causal_mask, pack_rows, packed_model_inputs
 
@@ -25,15 +27,16 @@ LAYERS = [0, 1]  # of 3: every intervention reaches a labelled token
 POSITIONS = "f2+l2"  # two-sided without share_weights: the first copy of the layers edits the first positions
 
 
-def _base(kind: str, attn: str = "sdpa"):
+def _base(kind: str, attn: str = "sdpa", hidden_size: int = 32):
+    """A tiny model: 4 heads of hidden_size / 4 (8 by default)."""
     shape = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=128, resid_pdrop=0.0,
+        config = transformers.GPT2Config(n_embd=hidden_size, n_layer=3, n_head=4, n_positions=128, resid_pdrop=0.0,
                                          embd_pdrop=0.0, attn_pdrop=0.0, **shape)
     else:
         config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[kind]
-        config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              num_key_value_heads=2, max_position_embeddings=128, **shape)
+        config = config_class(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **shape)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config, attn_implementation=attn).float()
 
@@ -306,12 +309,41 @@ def test_flash_attention_gets_varlen_lengths_and_each_example_its_solo_result(va
 
 @pytest.mark.cuda
 def test_flex_attention_document_mask_gives_each_example_its_solo_result():
-    """flex_attention compiles its kernels (about 50 s on a 2-core CPU): run on CUDA."""
+    """flex_attention compiles its kernels (about 50 s on a 2-core CPU): run on CUDA. Heads 16 wide, the narrowest
+    torch's GPU kernel for flex attention takes (``FLEX_ATTENTION_MIN_HEAD_DIM``; the default 8 failed to compile)."""
     items = _items([(5, 4), (3, 2), (6, 3)], seed=7)
     batch = _collator(pack_length=16)(items)
-    base = _base("llama", attn="flex_attention").cuda()
+    base = _base("llama", attn="flex_attention", hidden_size=4 * FLEX_ATTENTION_MIN_HEAD_DIM).cuda()
+    assert head_dim_of(base.config) == FLEX_ATTENTION_MIN_HEAD_DIM
     assert "attention_mask" not in packed_model_inputs(batch, base)
     _check_packed_equals_solo(_reft_model(base), items, pack_length=16)
+
+
+def test_flex_attention_on_a_gpu_refuses_heads_narrower_than_16(tmp_path, monkeypatch):
+    """torch's GPU kernel for flex attention fails to compile for heads under 16 wide (every forward, packed or not):
+    the base's loader refuses it first, naming the setting and the head dim, before any weight is read; on the CPU
+    any head dim runs. The device is the one the rank will run on (a GPU here, whatever this machine has)."""
+    from reft_fast.train import loading
+    from reft_fast.train.train_config import ConfigError, config_from_dict
+
+    _base("llama").save_pretrained(tmp_path / "narrow")  # heads 8 wide
+    _base("llama", hidden_size=64).save_pretrained(tmp_path / "wide")  # heads 16 wide
+
+    def cfg(model: str, attn: str = "flex_attention"):
+        return config_from_dict({"model": {"path": str(tmp_path / model), "attn_implementation": attn,
+                                           "dtype": "float32"}, "data": {"packing": True}})
+
+    assert head_dim_of(transformers.AutoConfig.from_pretrained(tmp_path / "narrow")) == 8
+    monkeypatch.setattr(loading, "_this_rank_device", lambda: "cuda:0")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("weights read before the head dim was checked"))
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: flex_attention on cuda needs a head dim of "
+                                          r"at least 16 .* has head dim 8: use sdpa or eager"):
+        loading.load_base_model(str(tmp_path / "narrow"), cfg("narrow"))
+    narrow_config = transformers.AutoConfig.from_pretrained(tmp_path / "narrow")
+    for accepted in [(cfg("wide"), transformers.AutoConfig.from_pretrained(tmp_path / "wide"), "cuda:0"),
+                     (cfg("narrow"), narrow_config, "cpu"), (cfg("narrow", "sdpa"), narrow_config, "cuda")]:
+        check_flex_attention_head_dim(*accepted)  # no error
 
 
 def test_packing_refuses_an_attention_that_ignores_the_mask():

@@ -11,7 +11,7 @@ from reft_fast.core.positions import intervention_locations
 from reft_fast.train.cli import main
 from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model
 from reft_fast.train.loss import causal_model_inputs
-from reft_fast.train.plan import GIB, format_plan, plan_memory
+from reft_fast.train.plan import GIB, cublas_workspace_bytes, format_plan, plan_memory
 from reft_fast.train.train_config import layer_list, load_config
 
 from memory import profiled_peak_bytes
@@ -145,11 +145,13 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     keeps k and v grouped), measured on the CPU allocator.
 
     Tolerance: without checkpointing the plan counts the tensors autograd saves by formula (exact to within the small
-    ones it leaves out: RMSNorm's rsqrt, SDPA's log-sum-exp, the edited rows) and one layer's gradients in flight for
-    backward's transients: within 10 % on both dtypes here. With checkpointing it adds the logits to the recomputed
-    layer although the logits are freed before the first recomputation: an upper bound, which this vocabulary makes
-    loose (measured 0.65× in fp32 and 0.85× in bf16 on torch 2.13), so it must hold from above and be within 40 %.
-    Eager attention (which data.packing accepts) also keeps each layer's T×T attention probabilities."""
+    ones it leaves out: RMSNorm's rsqrt, SDPA's log-sum-exp, the edited rows) and the larger of backward's two phases
+    (the loss's three fp32 logits tensors, one layer's gradients in flight): within 10 % on both dtypes here. With
+    checkpointing the layers keep only their inputs, so what the formula leaves out weighs more next to this small
+    vocabulary's logits (the CPU run also keeps the embedding output, and the torch backend's padded copy of an edited
+    hidden state): measured 0.93–1.13× (torch 2.13, 2026-11-30; about 0.2 MB more when other steps ran before in the
+    process), within −10 % / +15 %. Eager attention (which data.packing accepts) also keeps each layer's T×T attention
+    probabilities."""
     torch.manual_seed(0)
     cfg = _tiny_config(tiny_model_dir, f"model.dtype={dtype}", f"training.gradient_checkpointing={checkpointing}",
                        f"model.attn_implementation={attention}")
@@ -174,8 +176,70 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     step()  # the first step allocates the gradients of the parameters and any lazily built state
     measured = profiled_peak_bytes(step)
     planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
-    low, high = (0.6, 1.0) if checkpointing else (0.9, 1.1)
+    low, high = (0.9, 1.15) if checkpointing else (0.9, 1.1)
     assert low * planned <= measured <= high * planned, (measured, planned, measured / planned)
+
+
+@pytest.fixture(scope="module")
+def large_vocab_model_dir(tmp_path_factory):
+    """TINY with a vocabulary of 8000: the fp32 logits of a micro-batch outweigh all its layers' activations."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("plan_vocab") / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**dict(TINY, vocab_size=8000))).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype,checkpointing", [("float32", False), ("bfloat16", False), ("bfloat16", True)])
+def test_the_loss_holds_three_fp32_logits_tensors_at_once(large_vocab_model_dir, dtype, checkpointing):
+    """Backward's peak with a large vocabulary is in log_softmax's backward: its saved output, the gradient nll_loss
+    hands it and the gradient it returns, [tokens, vocab] fp32 each, with every layer's saved activations (or
+    checkpoints) and the final norm's fp32 input. The plan counted two such tensors plus a layer in flight (measured
+    1.36× that in bf16). Measured 1.003–1.005× the plan now (CPU, torch 2.13, 2026-11-30): within 3 %."""
+    cfg = _tiny_config(large_vocab_model_dir, f"model.dtype={dtype}",
+                       f"training.gradient_checkpointing={checkpointing}")
+    plan = plan_memory(cfg, 1)
+    base, _ = load_base_model(str(large_vocab_model_dir), cfg)
+    if checkpointing:
+        enable_gradient_checkpointing(base)
+    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 8000, (BATCH, SEQ))
+    locations = intervention_locations([SEQ] * BATCH, cfg.interventions.positions, len(reft_model.interventions))
+    params = list(reft_model.trainable_parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)[1].loss.backward()
+
+    step()
+    measured = profiled_peak_bytes(step)
+    planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
+    assert 0.97 * planned <= measured <= 1.03 * planned, (measured, planned, measured / planned)
+
+
+def test_the_total_counts_two_cublas_workspaces(tiny_model_dir, monkeypatch):
+    """torch keeps a cuBLAS workspace for each handle that ran, for the life of the process, and a step runs its
+    forward and its backward on two handles (two threads): 2 × 32 MiB on Hopper, 2 × 8.125 MiB on earlier GPUs, or
+    what CUBLAS_WORKSPACE_CONFIG sets. They were missing from the plan's total: 64 of the 78 MiB by which an H200 step
+    exceeded it (tests.log of 2026-11-30)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    mib = 2**20
+    assert cublas_workspace_bytes(capability=(9, 0)) == 64 * mib  # H100, H200
+    assert cublas_workspace_bytes(capability=(8, 0)) == 2 * (8 * mib + 128 * 1024)  # A100: ":4096:2:16:8"
+    assert cublas_workspace_bytes(":4096:8", capability=(8, 0)) == 64 * mib  # the setting wins
+    assert cublas_workspace_bytes(":16:8:4096:2") == 2 * (128 * 1024 + 8 * mib)
+    if not torch.cuda.is_available():
+        assert cublas_workspace_bytes() == 64 * mib  # no GPU to ask: Hopper's, the largest default
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    plan = plan_memory(_tiny_config(tiny_model_dir), 2)
+    for s in plan.stages:
+        assert s.workspaces == 2 * 128 * 1024
+        assert s.total(False) == s.weights + s.interventions + s.activations + s.workspaces
+        assert s.total(True) == s.weights + s.interventions + s.activations_checkpointed + s.workspaces
+    assert "totals include 0.25 MiB of cuBLAS workspaces" in format_plan(plan)
 
 
 def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
@@ -203,11 +267,13 @@ def test_a_packed_micro_batch_adds_its_attention_mask(tiny_model_dir, dtype, mas
     mask = BATCH * SEQ * SEQ * mask_bytes
     packed_eager, padded_eager = activations("eager", "data.packing=true"), activations("eager")
     assert [(a - mask, c - mask) for a, c in packed_eager] == padded_eager
-    # k and v repeated: 2 × (d − kv) more per token in each of the 4 layers above the edit and in the one in flight
-    # (with checkpointing: in the recomputed layer and the one in flight)
+    # k and v repeated: 2 × (d − kv) more per token in each of the 4 layers above the edit, and in the one in flight
+    # where backward's layer phase outweighs its loss phase (with checkpointing: only there, in the recomputed layer
+    # and the one in flight)
     repeated = BATCH * SEQ * 2 * (TINY["hidden_size"] // 2) * mask_bytes
-    assert [(a - mask - 5 * repeated, c - mask - 2 * repeated) for a, c in activations("sdpa", "data.packing=true")] \
-        == activations("sdpa")
+    for (a, c), (a_padded, c_padded) in zip(activations("sdpa", "data.packing=true"), activations("sdpa")):
+        assert 4 * repeated <= a - mask - a_padded <= 5 * repeated
+        assert 0 <= c - mask - c_padded <= 2 * repeated
     assert activations("flex_attention", "data.packing=true") == activations("flex_attention")
 
 
@@ -227,9 +293,12 @@ def test_plan_lists_only_the_zero_stages_validation_accepts(tiny_model_dir, over
 @pytest.mark.cuda
 def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
     """A bf16 Llama of 8 layers (d 512) trained for one LoReFT step on the GPU: torch.cuda.max_memory_allocated
-    against the plan's ZeRO-0 total (weights + interventions + activations; the CUDA context is not in either).
-    Tolerance 25 %: the GPU's attention kernels and cuBLAS keep their own workspaces and saved tensors, which the
-    plan's formula, checked exactly on the CPU above, does not model."""
+    against the plan's ZeRO-0 total (weights + interventions + activations + cuBLAS's two workspaces; the CUDA context
+    is not in either). No fused base operations: neither load_base_model nor build_reft_model applies them (the
+    recipe does), and the plan counts the plain ones. On an H200 (torch 2.11, 2026-11-30) this step took 396957696
+    bytes, 1.26× the plan of then, which left out the workspaces (64 MiB), the loss's third fp32 logits tensor and the
+    final norm's input (6 MiB, measured on the CPU); against the plan now that is 1.024×, the 2.4 % left being CUDA's
+    own (flash attention's saved log-sum-exp and the like). Tolerance 10 %."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = dict(TINY, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -260,4 +329,4 @@ def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
     step()
     torch.cuda.synchronize()
     measured, planned = torch.cuda.max_memory_allocated(), plan.stages[0].total(checkpointing=False)
-    assert 0.75 * planned <= measured <= 1.25 * planned, (measured, planned, measured / planned)
+    assert 0.9 * planned <= measured <= 1.1 * planned, (measured, planned, measured / planned)

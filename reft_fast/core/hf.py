@@ -17,8 +17,9 @@ from typing import Any, Optional
 
 from torch import nn
 
-__all__ = ["text_config_of", "num_layers_of", "hidden_size_of", "model_hidden_size", "find_decoder_layers",
-           "component_module", "LAYER_PATHS", "ENCODER_LAYER_PATHS", "ATTENTION_NAMES", "MLP_NAMES"]
+__all__ = ["text_config_of", "num_layers_of", "hidden_size_of", "head_dim_of", "model_hidden_size",
+           "find_decoder_layers", "component_module", "LAYER_PATHS", "ENCODER_LAYER_PATHS", "ATTENTION_NAMES",
+           "MLP_NAMES"]
 
 # Where decoder layer lists live, most common first (Llama/Mistral/Qwen/Gemma/Phi: model.layers; GPT-2: transformer.h;
 # GPT-NeoX: gpt_neox.layers; OPT: model.decoder.layers; multimodal wrappers: model.language_model.layers).
@@ -56,6 +57,17 @@ def hidden_size_of(config: Any) -> Optional[int]:
     """The decoder's hidden size named in the config, or None when it names none."""
     size = getattr(text_config_of(config), "hidden_size", None)
     return size if isinstance(size, int) else None
+
+
+def head_dim_of(config: Any) -> Optional[int]:
+    """The width of one attention head: the config's ``head_dim`` where it names one (Gemma, Qwen3 set it apart from
+    the hidden size), else hidden size / attention heads; None when the config tells neither."""
+    text = text_config_of(config)
+    head_dim = getattr(text, "head_dim", None)
+    if isinstance(head_dim, int):
+        return head_dim
+    hidden, heads = hidden_size_of(config), getattr(text, "num_attention_heads", None)
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else None
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,22 @@ def _device_reason(device: torch.device, mode: str) -> Optional[str]:
             "interpreter, TRITON_INTERPRET=1, runs only its RoPE kernel)")
 
 
+def _unavailable_reason(model: nn.Module, mode: str) -> Optional[str]:
+    """Why the fused operations cannot run on ``model`` in ``mode`` ("auto" or "on"), or None.
+
+    "on" names the architecture first, the device after it when both stand in the way: an architecture liger-kernel
+    has no kernels for cannot be fused on any device, and a message naming only the device would send the user to a
+    GPU to meet the next refusal there. "auto" looks at the device first and stops there: importing liger-kernel
+    (with the peft and bitsandbytes it imports) takes about 4 s on a 2-core CPU (2026-11-29), which a CPU run that
+    cannot use it should not pay.
+    """
+    device_reason = _device_reason(_model_device(model), mode)
+    if mode != "on":
+        return device_reason or fused_ops_unsupported_reason(model)
+    reasons = [reason for reason in (fused_ops_unsupported_reason(model), device_reason) if reason is not None]
+    return "; and ".join(reasons) or None
+
+
 def _lm_head_is_partitioned(model: nn.Module) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
@@ -245,9 +261,7 @@ def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[
     if fused_base_ops(model):
         return fused_base_ops(model)  # applied before: patching twice would nest the layer markers
 
-    # The device first: importing liger-kernel (with the peft and bitsandbytes it imports) takes about 4 s on a
-    # 2-core CPU (2026-11-29), which a CPU run that cannot use it should not pay.
-    reason = _device_reason(_model_device(model), mode) or fused_ops_unsupported_reason(model)
+    reason = _unavailable_reason(model, mode)
     if reason is not None:
         if mode == "on":
             raise ValueError(f"fused base operations (mode 'on') cannot be applied: {reason}")

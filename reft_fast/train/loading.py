@@ -30,12 +30,15 @@ import torch
 
 from reft_fast.core.config import ReftConfig
 from reft_fast.core.dtypes import model_dtype
+from reft_fast.core.hf import head_dim_of
 from reft_fast.core.model import get_reft_model
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.distributed import barrier
-from reft_fast.train.train_config import QUANTIZATION_EXTRA, TrainConfig, gguf_cache_dir, resolve_model_source
+from reft_fast.train.train_config import (QUANTIZATION_EXTRA, ConfigError, TrainConfig, gguf_cache_dir,
+                                          resolve_model_source)
 
-__all__ = ["build_reft_model", "compile_layers", "enable_gradient_checkpointing", "load_base_model",
+__all__ = ["FLEX_ATTENTION_MIN_HEAD_DIM", "build_reft_model", "check_flex_attention_head_dim", "compile_layers",
+           "enable_gradient_checkpointing", "load_base_model",
            "linears_outside_backbone", "load_tokenizer", "materialize_gguf", "meta_model", "model_source",
            "quantization_config"]
 
@@ -116,6 +119,10 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         init_config["bf16"] = {"enabled": dtype == torch.bfloat16}
         init_config["fp16"] = {"enabled": dtype == torch.float16}
         hf_ds = HfDeepSpeedConfig(init_config)
+    if cfg.model.attn_implementation == "flex_attention":  # before any weight is read
+        check_flex_attention_head_dim(
+            cfg, transformers.AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code),
+            _this_rank_device())
     kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     kwargs.update(model_kwargs or {})
     quantization = quantization_config(cfg)
@@ -133,6 +140,29 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
     model.config.use_cache = False
     _keep_4bit_weights_differentiable(model)
     return model, hf_ds
+
+
+# torch's flex attention kernel for GPUs (inductor's Triton template, which serves every device but cpu and mps) needs
+# heads at least 16 wide, the smallest block of tl.dot: below that, every call fails while compiling with "NYI:
+# embedding dimension of the query, key, and value must be at least 16" (torch 2.11 on an H200, 2026-11-30; the same
+# check in torch 2.13's torch/_inductor/kernel/flex/flex_attention.py). transformers (5.17, 5.24) always runs flex
+# attention compiled, in training, evaluation and generate alike. Its CPU kernel takes any head dim.
+FLEX_ATTENTION_MIN_HEAD_DIM = 16
+
+
+def check_flex_attention_head_dim(cfg: TrainConfig, model_config, device) -> None:
+    """A ConfigError where ``model.attn_implementation: flex_attention`` cannot run: a model whose heads are narrower
+    than ``FLEX_ATTENTION_MIN_HEAD_DIM`` on a ``device`` other than the CPU (or mps)."""
+    device_type = torch.device(device).type
+    if cfg.model.attn_implementation != "flex_attention" or device_type in ("cpu", "mps"):
+        return
+    head_dim = head_dim_of(model_config)
+    if head_dim is None or head_dim >= FLEX_ATTENTION_MIN_HEAD_DIM:
+        return
+    raise ConfigError(f"model.attn_implementation: flex_attention on {device_type} needs a head dim of at least "
+                      f"{FLEX_ATTENTION_MIN_HEAD_DIM} (torch's GPU kernel for flex attention refuses narrower heads); "
+                      f"{cfg.model.path!r} has head dim {head_dim}: use sdpa or eager (under either, data.packing "
+                      "keeps the examples apart with a block-diagonal mask)")
 
 
 class _Held(logging.Filter):

@@ -33,7 +33,8 @@ Attention implementations that take no 4-D mask keep the examples apart their ow
 * ``flex_attention``: position ids alone and no cache; transformers 5.24 then builds a document mask from the
   restarting position ids (masking_utils.find_packed_sequence_indices). Measured on a tiny Llama on this CPU
   (2026-11-29): the second of two packed examples got its solo logits within 2e-7 (SDPA given the same inputs,
-  1.5e-7).
+  1.5e-7). On a GPU, torch's flex attention kernel needs heads at least 16 wide: the base's loader refuses narrower
+  ones (``loading.check_flex_attention_head_dim``).
 """
 
 from __future__ import annotations

@@ -16,13 +16,24 @@ any architecture. The rest is arithmetic, per GPU:
   batch: ``loss.causal_model_inputs``; transformers then passes ``enable_gqa``) or under flash attention, and d when a
   mask makes transformers repeat k and v to every query head (a packed batch, or classification's padding mask))
   and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); SDPA and flash attention keep no T×T scores, eager
-  attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token per layer,
-  plus one layer recomputed at a time. Backward holds one layer's gradients in flight on top (counted as one layer's
-  activations, in both cases), and the logits of the micro-batch (fp32, with their gradient) are counted in both
-  cases. With checkpointing that sum is an upper bound: the logits are freed before the first layer is recomputed
-  (tests/test_plan.py measures it). A packed micro-batch (``data.packing``) under SDPA or eager attention adds its
-  block-diagonal mask: rows × T × T in the base dtype, made once and shared by every layer
-  (``packing.additive_mask``); flash and flex attention take none.
+  attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token for each
+  layer from the lowest edited one up (that layer's checkpointed call holds the edit, so it keeps its input too),
+  plus one layer recomputed at a time. Backward then runs in two phases (``_activation_bytes``):
+  - the loss: transformers upcasts the logits to fp32 for the cross-entropy, whose backward holds three fp32 logits
+    tensors at once (log_softmax's output, kept for backward; the gradient nll_loss hands it; the gradient it returns),
+    with the final norm's fp32 input (every saved activation of the layers, or their checkpoints, still held);
+  - the layers: the logits are gone; one layer's gradients in flight (counted as one layer's activations), and with
+    checkpointing the layer being recomputed.
+  The larger phase counts. Measured on this CPU (torch 2.13, 2026-11-30) for the shape of tests/test_plan.py's CUDA
+  step (bf16 Llama, 8 layers, d 512, vocab 4096, 8 × 256 tokens): the peak is in log_softmax's backward, 0.3 % above
+  this count (the plan without the third logits tensor and the final norm was 2.5 % under it). These are the plain
+  operations: liger-kernel's (``model.fused_ops``, applied by training on a GPU to the architectures it knows) are
+  not modelled, so for such a run the plan overestimates, most of all the loss, whose fused linear cross-entropy
+  never holds the whole logits. A packed micro-batch (``data.packing``) under SDPA or eager attention adds its
+  block-diagonal mask: rows × T × T in the base dtype, made once and shared by every layer (``packing.additive_mask``);
+  flash and flex attention take none.
+* cuBLAS's workspaces (``cublas_workspace_bytes``): torch gives each cuBLAS handle one for the life of the process,
+  and a step uses two handles (``CUBLAS_WORKSPACE_DEFAULT``): 64 MiB on Hopper, 16.25 MiB on earlier GPUs.
 
 Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` of the backbone is stored quantized, as
 ``train.loading`` loads it; the LM head or classifier head, embeddings, norms and biases stay in model.dtype. Bytes of
@@ -50,6 +61,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import math
+import os
+import re
+from typing import Optional
 
 import torch
 from torch import nn
@@ -63,7 +77,8 @@ from reft_fast.train.packing import packing_attention
 from reft_fast.train.train_config import ConfigError, TrainConfig, layer_list, validate
 from reft_fast.train.tasks import make_task
 
-__all__ = ["MemoryPlan", "StagePlan", "plan_memory", "format_plan", "quantized_weight_bytes"]
+__all__ = ["CUBLAS_HANDLES_PER_STEP", "CUBLAS_WORKSPACE_BEFORE_HOPPER", "CUBLAS_WORKSPACE_DEFAULT", "MemoryPlan",
+           "StagePlan", "cublas_workspace_bytes", "plan_memory", "format_plan", "quantized_weight_bytes"]
 
 GIB = 2**30
 USABLE_FRACTION = 0.9
@@ -73,6 +88,18 @@ QUANT_BLOCK = 64
 NESTED_BLOCK = 256
 FOUR_BIT_CODES = 16
 NESTED_CODES = 256
+# cuBLAS workspaces. torch gives every (cuBLAS handle, stream) a workspace from its caching allocator when the handle
+# first runs, kept for the life of the process and counted by torch.cuda.memory_allocated: 32 MiB on Hopper (sm90),
+# 8 MiB + 128 KiB (":4096:2:16:8") on earlier GPUs, or what CUBLAS_WORKSPACE_CONFIG sets (aten/src/ATen/cuda/
+# CublasHandlePool.cpp, torch 2.11; cuBLASLt shares it by default). A handle serves one thread, and a training step
+# runs its matmuls on two: the forward on the Python thread, the backward on autograd's thread for the device. Found
+# 2026-11-30: on an H200 (torch 2.11) a step of tests/test_plan.py's CUDA test took 78 MiB more than the plan without
+# them, 64 MiB of which are these two workspaces (the rest: the loss phase's third fp32 logits tensor and the final
+# norm's input, now counted, and about 9 MB not accounted for). Where the planning process sees no GPU (or a newer
+# one than Hopper), the plan counts Hopper's size, the largest default.
+CUBLAS_WORKSPACE_DEFAULT = 32 * 2**20
+CUBLAS_WORKSPACE_BEFORE_HOPPER = 4096 * 1024 * 2 + 16 * 1024 * 8
+CUBLAS_HANDLES_PER_STEP = 2
 
 
 @dataclass
@@ -84,10 +111,11 @@ class StagePlan:
     activations: float
     activations_checkpointed: float
     cpu: float  # bytes of host memory per rank taken by offload
+    workspaces: float = 0.0  # cuBLAS's, on the GPU (cublas_workspace_bytes)
 
     def total(self, checkpointing: bool) -> float:
         act = self.activations_checkpointed if checkpointing else self.activations
-        return self.weights + self.interventions + act
+        return self.weights + self.interventions + act + self.workspaces
 
 
 @dataclass
@@ -106,6 +134,21 @@ class MemoryPlan:
     checkpointing: bool
     quantization: str = "none"
     rows_per_example: int = 1  # a preference pair is two rows (chosen, rejected) of one forward
+
+
+def cublas_workspace_bytes(config: Optional[str] = None, capability: Optional[tuple[int, int]] = None) -> int:
+    """Bytes of the cuBLAS workspaces of one training process on its GPU: ``CUBLAS_HANDLES_PER_STEP`` handles, each
+    with the workspace ``config`` sets (CUBLAS_WORKSPACE_CONFIG's syntax, ":SIZE_KiB:COUNT" pairs, summed, as torch
+    reads it; the environment's when None), else torch's default for a GPU of compute ``capability`` (this process's
+    GPU when None; Hopper's where it has none)."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if config is None else config
+    pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
+    if pairs:
+        return CUBLAS_HANDLES_PER_STEP * sum(int(size) * 1024 * int(count) for size, count in pairs)
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    before_hopper = capability is not None and capability[0] < 9
+    return CUBLAS_HANDLES_PER_STEP * (CUBLAS_WORKSPACE_BEFORE_HOPPER if before_hopper else CUBLAS_WORKSPACE_DEFAULT)
 
 
 def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
@@ -164,10 +207,11 @@ def _intervention_numel(iv, d: int) -> int:
     return sum(p.numel() for p in one.parameters())
 
 
-def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, dequantized: float = 0.0,
-                      lm_logits: bool = True, rows_per_example: int = 1,
+def _activation_bytes(cfg: TrainConfig, text, trained: int, checkpoints: int, dtype_bytes: int,
+                      dequantized: float = 0.0, lm_logits: bool = True, rows_per_example: int = 1,
                       padding_mask: bool = False) -> tuple[float, float]:
-    """(without, with checkpointing) bytes of one micro-batch's activations; see the module docstring."""
+    """(without, with checkpointing) bytes of one micro-batch's activations, backward running through ``trained``
+    layers and ``checkpoints`` layers keeping their input under checkpointing; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or d // heads
@@ -184,13 +228,15 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, dtype_bytes: int, de
     int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     rows = cfg.training.micro_batch_size * rows_per_example
     tokens = rows * cfg.data.max_length
-    logits = tokens * text.vocab_size * 4 * 2 if lm_logits else 0  # a classifier's logits are a few per example
     mask = tokens * cfg.data.max_length * dtype_bytes if packed else 0
     scores = _eager_scores_bytes(cfg, rows, heads, dtype_bytes)
     layer = tokens * (per_token_layer + int8_inputs) + scores
     in_flight = tokens * per_token_layer + scores  # one layer's gradients during backward
-    activations = trained * layer + in_flight + logits + dequantized + mask
-    checkpointed = tokens * trained * d * dtype_bytes + layer + in_flight + logits + dequantized + mask
+    # The loss phase of backward: three fp32 logits tensors (a classifier's logits are a few per example) and the
+    # final norm's fp32 input; the layer phase: what is in flight there (see the module docstring).
+    loss_phase = (3 * tokens * text.vocab_size * 4 if lm_logits else 0) + tokens * d * 4
+    activations = trained * layer + max(loss_phase, in_flight) + dequantized + mask
+    checkpointed = tokens * checkpoints * d * dtype_bytes + max(loss_phase, layer + in_flight) + dequantized + mask
     return activations, checkpointed
 
 
@@ -235,7 +281,7 @@ def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, interventio
                 weights = weights_full
                 cpu = optim_b if offload else 0.0
             on_gpu = params_b + grads_b + (0.0 if offload else optim_b)
-            stages.append(StagePlan(stage, offload, weights, on_gpu, *activations, cpu))
+            stages.append(StagePlan(stage, offload, weights, on_gpu, *activations, cpu, cublas_workspace_bytes()))
     return stages
 
 
@@ -263,7 +309,8 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     # Backward runs through the layers above the lowest edit, and through that layer too unless its output is edited.
     trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
-    activations = _activation_bytes(cfg, text, trained, dtype_bytes, dequantized,
+    # Checkpointed, every layer from the lowest edited one up keeps its input: that layer's call holds the edit.
+    activations = _activation_bytes(cfg, text, trained, num_layers - min(layers), dtype_bytes, dequantized,
                                     lm_logits=task.auto_class == "AutoModelForCausalLM",
                                     rows_per_example=task.rows_per_example, padding_mask=task.padding_mask)
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
@@ -302,5 +349,7 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: float = 80.0) -> str:
                      f"{s.activations_checkpointed / GIB:>10.2f}{total:>10.2f}{total_ckpt:>12.2f}{s.cpu / GIB:>10.2f}"
                      f"  {fits}{mark}")
     lines.append("")
-    lines.append("(GiB per GPU; estimates without allocator fragmentation, communication buffers and CUDA context)")
+    workspaces = plan.stages[0].workspaces / 2**20 if plan.stages else 0.0
+    lines.append(f"(GiB per GPU; totals include {workspaces:g} MiB of cuBLAS workspaces; estimates without allocator "
+                 "fragmentation, communication buffers and CUDA context)")
     return "\n".join(lines)
