@@ -3,11 +3,18 @@ on every hook call (bench/NOTES.md, "Where one intervention's host time goes"). 
 per-edit path used to make; the values are the other tests' business (test_ops, test_kernels, test_in_place)."""
 
 import importlib
+import types
 
 import pytest
 import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from reft_fast import ops
+from reft_fast import ReftConfig, ReftModel, ops
+from reft_fast.core.hooks import ForwardState
+from reft_fast.core.interventions import LoreftIntervention
+from reft_fast.core.model import _module_device
+from reft_fast.core.orthogonal import HouseholderOrthogonal
 from reft_fast.ops import backend_triton, library
 
 from reference import make_params, make_positions
@@ -81,3 +88,96 @@ def test_the_in_place_forward_hands_its_edit_params_through(monkeypatch, loreft_
         ops.low_rank_edit(h * 1.0, positions, params["Q"], W=params["W"], b=params["b"], P=params["Q"],
                           backend="triton", validate=False, in_place=True)
     assert built == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per forward, in the model layer
+# ----------------------------------------------------------------------------------------------------------------------
+class _Passthrough(nn.Module):
+    """A layer that returns its input itself (the hook must not write into what the caller still holds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states
+
+
+class _Stack(nn.Module):
+    def __init__(self, d=16, n=2):
+        super().__init__()
+        self.config = types.SimpleNamespace(hidden_size=d, num_hidden_layers=n)
+        self.embed = nn.Embedding(32, d)
+        self.layers = nn.ModuleList(_Passthrough() for _ in range(n))
+        self.seen = []
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids) * 1.0
+        for layer in self.layers:
+            self.seen.append(h)
+            h = layer(h, attention_mask=attention_mask)
+        return types.SimpleNamespace(loss=h.sum())
+
+
+def test_a_layer_returning_its_input_is_never_edited_in_place():
+    model = _Stack()
+    reft_model = ReftModel(model, ReftConfig([{"layer": 0, "component": "block_output", "low_rank_dimension": 2,
+                                               "intervention": "loreft"}]), backend="triton")
+    ids = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        _, out = reft_model({"input_ids": ids}, intervention_locations=torch.tensor([[[1, 3], [0, 2]]]))
+        before = model.embed(ids) * 1.0
+    torch.testing.assert_close(model.seen[0], before, rtol=0, atol=0)  # the caller's tensor as it was
+
+
+class _AtenCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_forward_state_positions_dispatch_nothing_per_hook_call():
+    locations = torch.arange(3 * 2 * 4).reshape(3, 2, 4)
+    state = ForwardState({torch.device("cpu"): locations}, [None] * 3, [None] * 3, ("torch",) * 3)
+    with _AtenCalls() as calls:
+        rows = [state.positions(i, torch.device("cpu"), 2) for i in range(3)]
+    assert calls.names == []  # no aten select per call: cut once when the state is built
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(row, locations[i], rtol=0, atol=0)
+
+
+def _old_module_device(module):
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def test_module_device_walks_the_modules_dicts_in_parameters_order(monkeypatch):
+    nested = nn.Sequential(nn.Sequential(), nn.Sequential(nn.ReLU(), nn.Linear(2, 2)), nn.Linear(2, 2))
+    with_buffer = nn.BatchNorm1d(3).requires_grad_(False)
+    del with_buffer.weight, with_buffer.bias
+    with_buffer.weight = with_buffer.bias = None
+    modules = [LoreftIntervention(embed_dim=8, low_rank_dimension=2), nested, with_buffer, nn.ReLU(), nn.Sequential()]
+    expected = [_old_module_device(m) for m in modules]
+
+    def no_generators(self, *args, **kwargs):
+        raise AssertionError("parameters()/buffers() walk named_modules with generators: µs per intervention")
+
+    monkeypatch.setattr(nn.Module, "parameters", no_generators)
+    monkeypatch.setattr(nn.Module, "buffers", no_generators)
+    assert [_module_device(m) for m in modules] == expected
+
+
+def test_rotation_inputs_are_read_from_the_modules_dicts(monkeypatch):
+    intervention = LoreftIntervention(embed_dim=8, low_rank_dimension=2)
+    layer = intervention.rotate_layer
+    expected = (layer.original, layer.base_reflectors, layer.base_tau)
+    monkeypatch.setattr(HouseholderOrthogonal, "__getattr__", lambda self, name: pytest.fail(f"__getattr__({name})"))
+    assert all(a is b for a, b in zip(layer.rotation_inputs(), expected, strict=True))
