@@ -721,11 +721,26 @@ def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: t
         kept_grad=torch.empty(n_slots, d, dtype=dtype, device=device))
 
 
+# The current CUDA stream's handle as an int, the value of ``torch.cuda.current_stream(device).cuda_stream`` without
+# building a Stream object (which also switches the current device twice): what torch's own compiled code reads.
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def stream_key(device: torch.device) -> int:
+    """The current stream of ``device`` as a plan key: its CUDA handle, 0 on the CPU."""
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
+    return torch.cuda.current_stream(device).cuda_stream
+
+
 def plan_for(like: torch.Tensor, positions: torch.Tensor, r: int) -> _Plan:
-    """The cached plan for hidden states shaped like ``like`` [B, T, d], these positions' shape and rank r."""
-    stream = torch.cuda.current_stream(like.device).cuda_stream if like.device.type == "cuda" else 0
+    """The cached plan for hidden states shaped like ``like`` [B, T, d], these positions' shape and rank r, on the
+    current stream (called twice per edit: its cost is host time of every step)."""
+    device = like.device
     batch, seq_len, d = like.shape
-    return _plan(batch, seq_len, positions.shape[1], d, r, like.dtype, like.device, stream)
+    return _plan(batch, seq_len, positions.shape[1], d, r, like.dtype, device, stream_key(device))
 
 
 def _projection_parts(plan: _Plan, h, g, positions, Q, P, W, flags, dropout_args, seed):

@@ -87,9 +87,17 @@ class ForwardState:
     prompt_length: int = 0  # generate: the sequence length of the prompt the locations index
     enabled: bool = True  # generate: False on decode steps (KV cache already holds the edited prompt)
     _expanded: dict = field(default_factory=dict)
+    _rows: dict = field(default_factory=dict)  # device -> the locations cut per intervention, once per forward
+
+    def __post_init__(self):
+        # One unbind per device here, not an aten select in every hook call (built eagerly: a compiled hook only
+        # indexes the tuple)
+        self._rows = {device: locations.unbind(0) for device, locations in self.locations.items()}
 
     def positions(self, index: int, device: torch.device, batch_size: int) -> torch.Tensor:
         locations = self.locations[device]
+        if locations.shape[1] == batch_size:
+            return self._rows[device][index]
         if locations.shape[1] != batch_size:
             factor = batch_size // locations.shape[1]
             if not self.expandable or factor * locations.shape[1] != batch_size:
@@ -331,11 +339,14 @@ def _layer_stack_owner(model: nn.Module, layers: Sequence[nn.Module]) -> nn.Modu
 def _owns_output(hidden: torch.Tensor, inputs: tuple) -> bool:
     """Whether a forward hook may write into its module's output ``hidden`` (see "Editing in place" above).
 
-    Compiled code traces the functional op instead (the checks read reference counts, which tracing cannot)."""
+    Compiled code traces the functional op instead (the checks read reference counts, which tracing cannot).
+
+    Once ``is_sole_owner`` holds, no other tensor shares ``hidden``'s storage (a view of an input, or an input viewing
+    it, would count as a second user of the storage), so the only input it can be is itself: an identity test, not a
+    storage handle per input."""
     if torch.compiler.is_compiling() or not ops.is_sole_owner(hidden):
         return False
-    memory = hidden.untyped_storage().data_ptr()
-    return not any(isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() == memory for x in inputs)
+    return not any(x is hidden for x in inputs)
 
 
 def _tensors_in(output) -> Iterator[torch.Tensor]:

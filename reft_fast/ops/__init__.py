@@ -86,7 +86,7 @@ def _check_param(name: str, t, shape: tuple, device: torch.device) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.float32:
         raise TypeError(f"{name} must be float32 (intervention parameters are kept in fp32), got {t.dtype}")
-    if tuple(t.shape) != shape:
+    if t.shape != shape:  # torch.Size is a tuple: compared without building one
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but h is on {device}")
@@ -138,13 +138,14 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError(f"Q has hidden size {d} but h has hidden size {h.shape[-1]}")
     if not 1 <= r <= d:
         raise ValueError(f"rank must be between 1 and the hidden size {d}, got {r}")
-    _check_param("Q", Q, (r, d), h.device)
-    if P is not None:
-        _check_param("P", P, (r, d), h.device)
+    device = h.device
+    _check_param("Q", Q, (r, d), device)
+    if P is not None and P is not Q:  # LoReFT's P is its Q: checked once
+        _check_param("P", P, (r, d), device)
     if W is not None:
-        _check_param("W", W, (r, d), h.device)
+        _check_param("W", W, (r, d), device)
     if b is not None:
-        _check_param("b", b, (r,), h.device)
+        _check_param("b", b, (r,), device)
     if W is None and b is None:
         raise ValueError("the learned source needs W, b or both (z = h Wᵀ + b, or z = b when W is None)")
     if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:

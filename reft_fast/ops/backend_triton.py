@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from typing import Optional
 
 import torch
@@ -26,17 +27,22 @@ class TritonBackend:
         return device.type == "cuda"
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
-        if importlib.util.find_spec("triton") is None:
+        # (checked on every edit: once triton is imported, sys.modules answers without a search of the path)
+        if "triton" not in sys.modules and importlib.util.find_spec("triton") is None:
             return "backend 'triton' needs the triton package (pip install triton; Linux x86_64 wheels)"
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             return (f"backend 'triton' needs CUDA tensors (h is on {device}); on the CPU it runs only through Triton's "
                     "interpreter: set TRITON_INTERPRET=1 before importing reft_fast")
         return None
 
+    _kernels = None
+
     def kernels(self):
         """The module of launch functions (``edit_forward``, ``edit_backward``, ``multi_edit_forward``), imported on
-        first use."""
-        return importlib.import_module(self.kernel_module)
+        first use and kept (``import_module`` costs a microsecond on each of the two calls per edit)."""
+        if self._kernels is None:
+            self._kernels = importlib.import_module(self.kernel_module)
+        return self._kernels
 
     def forward(self, h, positions, edit: EditParams):
         # The kernels write all of out (edited rows, and a copy of the others) and the rows backward needs.

@@ -184,11 +184,12 @@ class _EditInPlace(torch.autograd.Function):
     """The edit written into h (and, when the gradient is ours alone, its backward written into grad_out)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        h, positions, Q, P, W, b, backend, act, dropout, seed = inputs
-        h_rows = get_backend(backend).forward_in_place(h, positions, EditParams(Q, P, W, b, act, dropout, seed))
+    def forward(ctx, h, positions, Q, P, W, b, backend, params):
+        # ``params`` is the caller's EditParams of these Q, P, W, b (handed through rather than built again; the
+        # tensors are also passed on their own, for autograd to see them)
+        h_rows = get_backend(backend).forward_in_place(h, positions, params)
         ctx.mark_dirty(h)
-        _setup_context(ctx, inputs, (h, h_rows))
+        _setup_context(ctx, (h, positions, Q, P, W, b, backend, params.act, params.dropout, params.seed), (h, h_rows))
         return h, h_rows
 
     @staticmethod
@@ -204,7 +205,7 @@ class _EditInPlace(torch.autograd.Function):
             grads = implementation.backward_in_place(h_rows, grad_out, positions, edit)
         else:
             grads = implementation.backward(h_rows, grad_out.contiguous(), positions, edit)
-        return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)
+        return _input_grads(ctx, grads.h, grads.Q, grads.P, grads.W, grads.b)[:8]  # forward's 8 inputs
 
 
 def edit_in_place(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: str) -> torch.Tensor:
@@ -216,5 +217,4 @@ def edit_in_place(h: torch.Tensor, positions: torch.Tensor, params: EditParams, 
     if torch.compiler.is_compiling() or not h.is_contiguous() \
             or getattr(implementation, "forward_in_place", None) is None or _differentiates_forward(implementation, h):
         return edit(h, positions, params, backend)
-    return _EditInPlace.apply(h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend,
-                              params.act, params.dropout, params.seed)[0]
+    return _EditInPlace.apply(h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend, params)[0]
