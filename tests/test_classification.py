@@ -445,6 +445,34 @@ def test_pyreft_glue_path_gives_the_same_logits():
     assert not torch.allclose(plain, got.logits, atol=1e-3)
 
 
+def test_the_training_loss_masks_an_encoders_padding():
+    """The training loss ran the batch without its padding mask (what a right-padded causal batch can do): every
+    real token of an encoder attended to the padding, so training optimized other logits than evaluation scores.
+    It is the loss of the masked forward that evaluation runs."""
+    from reft_fast import ReftConfig, get_reft_model
+    from reft_fast.train.task_classification import ClassificationCollator, ClassificationTask
+
+    torch.manual_seed(0)
+    model = transformers.RobertaForSequenceClassification(tiny_roberta_config(2))
+    reft_model = get_reft_model(model, ReftConfig([{"layer": 0, "component": "block_output", "low_rank_dimension": 1,
+                                                    "intervention": "LoreftIntervention"}], positions="f1"))
+    items = [{"input_ids": [1, 5, 6, 7, 2], "label": 1}, {"input_ids": [1, 9, 2], "label": 0}]
+    batch = ClassificationCollator(pad_token_id=0, num_interventions=1, positions="f1")(items)
+    assert (batch["attention_mask"] == 0).any()  # padded
+    reft_model.eval()  # no dropout: the two forwards must see the same network
+
+    class Engine:  # what the task reaches through DeepSpeed's engine: its call and its module
+        module = reft_model
+
+        def __call__(self, *args, **kwargs):
+            return reft_model(*args, **kwargs)
+
+    loss = ClassificationTask.loss(Engine(), batch)
+    _, masked = reft_model({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                           intervention_locations=batch["intervention_locations"], labels=batch["labels"])
+    torch.testing.assert_close(loss, masked.loss, rtol=1e-6, atol=1e-7)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Two ranks
 # --------------------------------------------------------------------------------------------------------------------

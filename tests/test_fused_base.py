@@ -160,6 +160,41 @@ def test_on_refuses_the_fused_cross_entropy_on_a_zero3_partitioned_head():
     assert apply_fused_base_ops(model, "on", ops=["rope", "rms_norm"]) == ("rope", "rms_norm")
 
 
+def _llama_classifier(seed: int = 0):
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(LlamaConfig(**_LLAMA, num_labels=3, pad_token_id=0))
+
+
+def _classify(model, device="cpu"):
+    """A training forward with labels and its backward; the classifier's own output (logits [2, 3] and a loss)."""
+    model.train()
+    input_ids = torch.randint(1, _LLAMA["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    output = model(input_ids=input_ids, labels=torch.tensor([0, 2], device=device))
+    assert output.logits.shape == (2, 3) and torch.isfinite(output.loss)
+    output.loss.backward()
+    return output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU, under Triton's interpreter (CUDA: the test below)")
+def test_a_sequence_classifier_keeps_its_own_forward():
+    """liger's fused linear cross-entropy replaces the model's forward by a causal LM's, which reads lm_head: a Llama
+    sequence classifier (task: classification) raised "no attribute 'lm_head'" at its first step on a GPU, where
+    model.fused_ops auto applies it. A model without an LM head skips that operation and keeps its forward."""
+    model = _llama_classifier()
+    assert apply_fused_base_ops(model, "on", ops=["rope", "fused_linear_cross_entropy"]) == ("rope",)
+    assert "forward" not in vars(model)
+    _classify(model)
+
+
+@pytest.mark.cuda
+def test_auto_fuses_a_sequence_classifier_on_cuda():
+    model = _llama_classifier().cuda()
+    assert apply_fused_base_ops(model, "auto") == ("rope", "rms_norm", "swiglu")
+    _classify(model, device="cuda")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Isolation: liger's module-global patches stay with the patched model
 # --------------------------------------------------------------------------------------------------------------------

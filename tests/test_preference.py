@@ -282,6 +282,54 @@ def test_a_prompt_template_builds_the_prompt_of_both_responses(tmp_path):
     assert tokenizer.decode(chosen["input_ids"][: chosen["prompt_length"]]).startswith("<|user|> repeat one : big : red")
 
 
+def test_a_resumed_run_warms_up_with_its_tasks_own_loss(tmp_path):
+    """A resume takes one zero-gradient step on its first batches (``checkpoints.zero_gradient_step``), which ran the
+    causal-LM loss on them whatever the task. A preference batch is cut to its labelled tail (``logits_to_keep``), and
+    liger's fused linear cross-entropy (on CUDA under model.fused_ops auto: a training forward given labels) views the
+    kept hidden states [B, K, d] as [B·K, d], which that slice cannot be: the resume of every such run raised. The
+    step now runs the task's own loss (no labels to the model: the logits path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from reft_fast.train.checkpoints import zero_gradient_step
+    from reft_fast.train.fused_base import apply_fused_base_ops
+    from reft_fast.train.loading import build_reft_model
+    from reft_fast.train.loss import forward_loss, to_device
+    from reft_fast.train.task_preference import PreferenceTask
+    from reft_fast.train.train_config import load_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on a CPU, under Triton's interpreter (conftest)
+    config, overrides = preference_run(tmp_path, n_pairs=8)
+    cfg = load_config(str(config), overrides + ["preference.loss=simpo", "data.eval_fraction=0"])
+    base = AutoModelForCausalLM.from_pretrained(config.parent / "model", dtype=torch.float32).to(device)
+    assert apply_fused_base_ops(base, "on", ops=["fused_linear_cross_entropy"]) == ("fused_linear_cross_entropy",)
+    task = PreferenceTask(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(config.parent / "model")
+    train_set, _ = task.datasets(tokenizer, seed=0)
+    task.bind_base(base)
+    reft_model = build_reft_model(base, cfg, [1, 2]).train()
+    batch = to_device(task.host_batch(task.collator(tokenizer, len(reft_model.interventions))(
+        [train_set[i] for i in range(4)])), device)
+    assert "logits_to_keep" in batch  # the cut that the fused cross-entropy cannot view
+
+    class Engine:  # DeepSpeed's engine as the step uses it
+        module = reft_model
+
+        def __call__(self, *args, **kwargs):
+            return reft_model(*args, **kwargs)
+
+        def backward(self, loss):
+            loss.backward()
+
+        def step(self):
+            pass
+
+    with pytest.raises(RuntimeError, match="view"):  # what the step ran before
+        forward_loss(Engine(), batch)
+    zero_gradient_step(Engine(), [batch], task.loss)
+    grads = [p.grad for p in reft_model.trainable_parameters()]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
 def test_the_built_in_example_config_is_valid_and_reads_its_pairs():
     from reft_fast.train.task_preference import load_preference_examples
     from reft_fast.train.train_config import load_config, resolve_data_path, validate

@@ -303,19 +303,25 @@ def save_trainer_checkpoint(ckpt_dir: Path, step: int, reft_model, optimizer, sc
                                    "the same command again with --resume") from error
 
 
-def zero_gradient_step(engine, batches: Sequence[dict]) -> None:
+def zero_gradient_step(engine, batches: Sequence[dict], loss: Callable = forward_loss) -> None:
     """One optimizer step whose gradients are all zero. torch's AdamW and DeepSpeed's ZeRO partitions of its state are
     created on the first step; a resumed run takes this step so that there is a state to load the checkpoint into
-    (restore_trainer_state then overwrites every part of it: parameters, moments, step count, schedule)."""
+    (restore_trainer_state then overwrites every part of it: parameters, moments, step count, schedule).
+
+    ``loss(engine, batch)`` is the run's task's own (``task.loss``): the batches are that task's host batches, and
+    another task's loss can fail on them (a preference batch, cut to its labelled tail, given to the causal-LM loss
+    with labels: liger's fused cross-entropy on a GPU cannot view that cut as [B·K, d])."""
     for batch in batches:  # one per micro-step: DeepSpeed steps the optimizer at the accumulation boundary
-        engine.backward(forward_loss(engine, batch) * 0.0)
+        engine.backward(loss(engine, batch) * 0.0)
         engine.step()
 
 
 def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, scheduler, data_order: dict, rank: int,
-                           warm_up_batches: Callable[[], Sequence[dict]], this_run: dict) -> int:
+                           warm_up_batches: Callable[[], Sequence[dict]], this_run: dict,
+                           loss: Callable = forward_loss) -> int:
     """Load the newest intact checkpoint (any rank count, any ZeRO stage) and return its step; 0 when there is none.
-    ``this_run`` is what this run saves as ``saved_by`` (ranks, ZeRO stage, total steps), to say what changed."""
+    ``this_run`` is what this run saves as ``saved_by`` (ranks, ZeRO stage, total steps), to say what changed;
+    ``loss`` the task's loss of a warm-up batch (``zero_gradient_step``)."""
 
     def warn(message: str) -> None:
         if rank == 0:
@@ -337,7 +343,7 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
         raise ConfigError(f"resume: the newest checkpoint in {ckpt_dir} is at step {step}, past this run's last step "
                           f"{this_run['total_steps']} (training.max_steps or training.epochs); raise it to continue "
                           "the run, or start over with --overwrite")
-    zero_gradient_step(engine, warm_up_batches())
+    zero_gradient_step(engine, warm_up_batches(), loss)
     restore_trainer_state(reft_model, optimizer, scheduler, state)
     engine.global_steps, engine.global_samples = step, step * engine.train_batch_size()
     saved_peaks = state["scheduler"].get("base_lrs")

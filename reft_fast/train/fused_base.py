@@ -140,9 +140,12 @@ def _unavailable_reason(model: nn.Module, mode: str) -> Optional[str]:
     return "; and ".join(reasons) or None
 
 
+def _lm_head(model: nn.Module) -> Optional[nn.Module]:
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 def _lm_head_is_partitioned(model: nn.Module) -> bool:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
+    weight = getattr(_lm_head(model), "weight", None)
     return weight is not None and hasattr(weight, "ds_id")  # DeepSpeed marks ZeRO-3 parameters with ds_id
 
 
@@ -250,7 +253,8 @@ def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[
             (``get_reft_model``, PEFT) and before ``deepspeed.initialize``.
         mode: "auto" (on for a CUDA model of an architecture liger-kernel supports, off otherwise), "on" (a
             ValueError when it cannot be applied) or "off".
-        ops: which of ``FUSED_OPS`` to fuse (all by default); architectures without one of them skip it.
+        ops: which of ``FUSED_OPS`` to fuse (all by default); architectures without one of them skip it, and a
+            model without an LM head (a sequence classifier) skips the fused linear cross-entropy.
 
     Returns:
         The names of the operations now fused, in ``FUSED_OPS`` order (empty when nothing was applied).
@@ -273,6 +277,11 @@ def apply_fused_base_ops(model: nn.Module, mode: str = "auto", *, ops: Sequence[
             raise ValueError("fused base operations (mode 'on'): the fused linear cross-entropy reads lm_head.weight "
                              "outside lm_head's forward, where ZeRO-3 leaves only a partition; use mode 'auto' "
                              "(which leaves it out under ZeRO-3) or leave fused_linear_cross_entropy out of ops")
+        wanted.discard("fused_linear_cross_entropy")
+    if _lm_head(model) is None:
+        # liger's fused linear cross-entropy replaces the model's whole forward by a causal LM's (lm_head, next-token
+        # loss): a sequence classifier of a supported architecture (task: classification) lost its own forward and
+        # raised "no attribute 'lm_head'" at its first step on every GPU. Without an LM head there is nothing to fuse.
         wanted.discard("fused_linear_cross_entropy")
 
     apply_function = _liger_apply_functions()[_model_type(model)]

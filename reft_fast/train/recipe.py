@@ -284,7 +284,7 @@ class ReftTrainingRecipe:
             self.start_step = resume_from_checkpoint(
                 self.ckpt_dir, self.engine, self.reft_model, self.optimizer, self.scheduler, self.data_order, self.rank,
                 lambda: [to_device(self._host_batch((0, a))[0], self.engine.device) for a in range(self.accumulation)],
-                self.saved_by)
+                self.saved_by, loss=self.task.loss)
         if self.rank == 0:
             rewind_metrics(self.metrics_path, self.start_step)
         barrier()

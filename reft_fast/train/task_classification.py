@@ -41,7 +41,7 @@ from reft_fast.core.positions import intervention_locations
 from reft_fast.train import scores
 from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples, value_type_name
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
-from reft_fast.train.loss import forward_loss, to_device
+from reft_fast.train.loss import to_device
 from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
 
 __all__ = ["ClassificationCollator", "ClassificationDataset", "ClassificationTask", "GLUE_TEXT_FIELDS", "PROBLEM_TYPES",
@@ -308,7 +308,12 @@ class ClassificationTask:
 
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:
-        return forward_loss(engine, batch)
+        """The mean loss of a training batch on the device, with its padding mask (``padding_mask``): an encoder
+        attends both ways, so without it every real token saw the padding in training (``loss.forward_loss`` gives
+        a causal batch none), and the head trained on other features than evaluation reads."""
+        _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                        intervention_locations=batch["intervention_locations"], labels=batch["labels"])
+        return out.loss
 
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
