@@ -175,8 +175,8 @@ stage_setup() {
 
 # The cuda backend's nvcc build took more than 170 s on the H200 machine (2026-11-28; 48 s with 8 jobs on
 # 2026-11-30), longer than a stage can wait: it runs in the background once the host and packing stages, which time
-# the CPU's part of a step, are done, on cores the GPU-bound stages leave idle. The e2e cuda row and the cuda backend tests load the same cached
-# extension (torch's build lock makes a concurrent loader wait for it).
+# the CPU's part of a step, are done, on cores the GPU-bound stages leave idle. The e2e cuda row and the cuda backend
+# tests load the same cached extension (torch's build lock makes a concurrent loader wait for it).
 start_cuda_build() {
   ( MAX_JOBS=${MAX_JOBS:-8} timeout -k 10 "$(limit 400)" "$PY" -c '
 import time
@@ -273,6 +273,10 @@ stage_correctness() {
   # every other cuda-marked test, wherever it is (the files of the steps before and after are left out)
   pytest_step "other cuda-marked" 90 "$keep" -m cuda tests --ignore=tests/test_kernels.py \
     --ignore=tests/test_fused_base.py --ignore=tests/test_cuda_backend.py --ignore=tests/test_multi_reft_triton.py
+  # tests that run liger's fused loss on CUDA when there is one (on the CPU its Python part only), not cuda-marked
+  pytest_step "liger's loss paths" 45 "$keep" \
+    tests/test_preference.py::test_a_resumed_run_warms_up_with_its_tasks_own_loss \
+    tests/test_tasks.py::test_training_batches_keep_every_position_under_liger_fused_loss
 }
 
 # As time allows: the mixed-batch kernel, the cuda backend (nvcc build, unless the e2e row built it), and
