@@ -119,15 +119,16 @@ def load_base_model(source: str, cfg: TrainConfig, ds_config: Optional[dict] = N
         init_config["bf16"] = {"enabled": dtype == torch.bfloat16}
         init_config["fp16"] = {"enabled": dtype == torch.float16}
         hf_ds = HfDeepSpeedConfig(init_config)
-    if cfg.model.attn_implementation == "flex_attention":  # before any weight is read
-        check_flex_attention_head_dim(
-            cfg, transformers.AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code),
-            _this_rank_device())
+    flex = cfg.model.attn_implementation == "flex_attention"
+    quantization = quantization_config(cfg)
+    # the model's config, read once, where something must be known before any weight is read
+    config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code) \
+        if flex or quantization is not None else None
+    if flex:
+        check_flex_attention_head_dim(cfg, config, _this_rank_device())
     kwargs = {"attn_implementation": cfg.model.attn_implementation} if cfg.model.attn_implementation else {}
     kwargs.update(model_kwargs or {})
-    quantization = quantization_config(cfg)
     if quantization is not None:
-        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=cfg.model.trust_remote_code)
         quantization.llm_int8_skip_modules = linears_outside_backbone(meta_model(config, auto_class, model_kwargs))
         # bitsandbytes quantizes each weight as it is placed: straight onto this rank's device, so the whole
         # full-precision base never sits there.
