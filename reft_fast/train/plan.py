@@ -69,7 +69,7 @@ import torch
 from torch import nn
 
 from reft_fast.core.dtypes import bytes_per_element
-from reft_fast.core.hf import find_decoder_layers, num_layers_of, text_config_of
+from reft_fast.core.hf import find_decoder_layers, head_dim_of, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.loading import linears_outside_backbone, meta_model
@@ -214,7 +214,7 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, checkpoints: int, dt
     layers and ``checkpoints`` layers keeping their input under checkpointing; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or d // heads
+    head_dim = head_dim_of(text) or d // heads
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     d_ff = getattr(text, "intermediate_size", 4 * d)
     implementation = cfg.model.attn_implementation or ""
@@ -268,6 +268,7 @@ def _accepted_stages(cfg: TrainConfig, gpus: int) -> list[int]:
 def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, intervention_params: int,
                  activations: tuple[float, float], accepted_stages=(0, 1, 2, 3)) -> list[StagePlan]:
     stages = []
+    workspaces = cublas_workspace_bytes()  # the same GPU for every stage
     for stage in accepted_stages:
         for offload in ((False, True) if stage else (False,)):
             params_b = intervention_params * 4
@@ -281,7 +282,7 @@ def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, interventio
                 weights = weights_full
                 cpu = optim_b if offload else 0.0
             on_gpu = params_b + grads_b + (0.0 if offload else optim_b)
-            stages.append(StagePlan(stage, offload, weights, on_gpu, *activations, cpu, cublas_workspace_bytes()))
+            stages.append(StagePlan(stage, offload, weights, on_gpu, *activations, cpu, workspaces))
     return stages
 
 
