@@ -98,16 +98,14 @@ class ForwardState:
         locations = self.locations[device]
         if locations.shape[1] == batch_size:
             return self._rows[device][index]
-        if locations.shape[1] != batch_size:
-            factor = batch_size // locations.shape[1]
-            if not self.expandable or factor * locations.shape[1] != batch_size:
-                raise ValueError(f"the hidden states have batch {batch_size} but the locations have batch "
-                                 f"{locations.shape[1]}")
-            key = (device, factor)
-            if key not in self._expanded:
-                self._expanded[key] = locations.repeat_interleave(factor, dim=1)
-            locations = self._expanded[key]
-        return locations[index]
+        factor = batch_size // locations.shape[1]
+        if not self.expandable or factor * locations.shape[1] != batch_size:
+            raise ValueError(f"the hidden states have batch {batch_size} but the locations have batch "
+                             f"{locations.shape[1]}")
+        key = (device, factor)
+        if key not in self._expanded:
+            self._expanded[key] = locations.repeat_interleave(factor, dim=1)
+        return self._expanded[key][index]
 
 
 class InterventionHooks:
