@@ -2,6 +2,7 @@
 
     python bench/bench_host.py                 # the table: 400 paired repetitions, one thread (a few minutes on a CPU)
     python bench/bench_host.py --smoke         # a few repetitions (the test suite runs this), same columns
+    python bench/bench_host.py --base toy      # the same on layers that only add a vector: resolves microseconds
 
 Model: a random tiny Llama (32 layers, hidden 64, vocabulary 256), batch 8 × 32 tokens, fp32, SDPA; LoReFT rank 8 at
 all 32 layers, positions f7+l7 of the 16-token prompt, shared weights (one intervention per layer on 14 positions).
@@ -65,7 +66,8 @@ HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, n
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
 CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft")  # triton timed too
-FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "variant",
+FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "base",
+          "clock", "variant",
           "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
           "per_intervention_ms", "ratio_to_hook", "triton_launches", "aten_launches", "launches_per_intervention",
           "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
@@ -76,12 +78,36 @@ def _row(variant: str, device: str = "cpu") -> dict:
                 checkpointing=False, fused=False)
 
 
-def build_step(variant: str, device: str = "cpu"):
-    """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own.
-    On CUDA the step ends with a synchronization: its time is then that of the work it issued, done."""
+class ToyLayer(torch.nn.Module):
+    """A decoder layer that adds a frozen vector to its hidden states, called exactly as a Llama layer is (same
+    arguments, same hooks): ``--base toy`` puts 32 of them in the tiny Llama, whose step then costs the host about
+    2 ms instead of about 60, so that step − floor resolves microseconds (for A/B measurements of host-path changes;
+    the table itself is taken on the real layers)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.register_buffer("shift", torch.full((hidden_size,), 1e-3))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + self.shift
+
+
+def build_base(row: dict, base: str = "llama"):
+    model = bench_e2e.build_base(row)
+    if base == "toy":
+        layers = model.model.layers
+        for i in range(len(layers)):
+            layers[i] = ToyLayer(model.config.hidden_size).to(row["device"])
+    return model
+
+
+def build_step(variant: str, device: str = "cpu", base: str = "llama"):
+    """(one training step of the variant, its number of interventions, its trained parameters) on a base of its own
+    (``base``: the tiny Llama, or its ``toy`` form: ToyLayer). On CUDA the step ends with a synchronization: its time
+    is then that of the work it issued, done."""
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
     row = _row(variant, device)
-    step, layers, _, params, _ = bench_e2e.training_step(bench_e2e.build_base(row), row)
+    step, layers, _, params, _ = bench_e2e.training_step(build_base(row, base), row)
     if device == "cuda":
         def synchronized_step():
             loss = step()
@@ -92,16 +118,23 @@ def build_step(variant: str, device: str = "cpu"):
     return step, len(layers), params
 
 
-def paired_times(steps: dict, reps: int, seed: int = 0) -> dict:
+def clock(device: str):
+    """The timer of a step: on the CPU this thread's CPU time (what other processes take of a shared core is not
+    counted: on 2 shared cores wall time swung the paired figure by 2×), on a GPU wall time (the step's end waits
+    for the device)."""
+    return time.thread_time if device == "cpu" else time.perf_counter
+
+
+def paired_times(steps: dict, reps: int, seed: int = 0, device: str = "cpu") -> dict:
     """Milliseconds per step of every variant in each of ``reps`` repetitions, the order shuffled per repetition."""
-    order, rng = list(steps), random.Random(seed)
+    order, rng, now = list(steps), random.Random(seed), clock(device)
     times = {name: [] for name in steps}
     for _ in range(reps):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start = now()
             steps[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((now() - start) * 1e3)
     return times
 
 
@@ -125,19 +158,19 @@ def stubbed_launches():
             cls.run = run
 
 
-def stubbed_differences(step, params, floor_step, reps: int) -> list[float]:
+def stubbed_differences(step, params, floor_step, reps: int, device: str = "cpu") -> list[float]:
     """Paired milliseconds (step − floor) with the Triton launches stubbed out. The stubbed kernels leave garbage in
     the gradients, so the parameters are put back after every step (outside the timed region)."""
-    saved = [p.detach().clone() for p in params]
+    saved, now = [p.detach().clone() for p in params], clock(device)
     differences = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = now()
         floor_step()
-        floor_ms = (time.perf_counter() - start) * 1e3
+        floor_ms = (now() - start) * 1e3
         with stubbed_launches():
-            start = time.perf_counter()
+            start = now()
             step()
-            differences.append((time.perf_counter() - start) * 1e3 - floor_ms)
+            differences.append((now() - start) * 1e3 - floor_ms)
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
@@ -154,14 +187,14 @@ def launch_counts(step) -> dict:
     return dict(triton_launches=triton, aten_launches=work.launches - triton, host_syncs=len(work.syncs))
 
 
-def _built_variants(variants, device: str, log) -> tuple[dict, dict, dict]:
+def _built_variants(variants, device: str, log, base: str) -> tuple[dict, dict, dict]:
     """(steps, numbers of interventions, statuses) of the variants; pyreft, when it cannot be built, gets a status."""
     steps, sizes, statuses = {}, {}, {}
     for variant in variants:
         try:
             if variant == "pyreft" and bench_e2e.skip_reason(_row("pyreft", device)):
                 raise ImportError("not importable here (pip install --no-deps pyreft==0.1.0 pyvene==0.1.8)")
-            steps[variant], sizes[variant], _ = build_step(variant, device)
+            steps[variant], sizes[variant], _ = build_step(variant, device, base)
         except Exception as error:  # pyreft's import pulls optional libraries: report, and time the others
             if variant != "pyreft":
                 raise
@@ -170,11 +203,11 @@ def _built_variants(variants, device: str, log) -> tuple[dict, dict, dict]:
     return steps, sizes, statuses
 
 
-def _triton_figures(steps: dict, device: str, reps: int, warmup: int) -> tuple[dict, int]:
+def _triton_figures(steps: dict, device: str, reps: int, warmup: int, base: str) -> tuple[dict, int]:
     """The Triton path's launches per step (over the floor's, per intervention) and its host time with the launches
     stubbed: its columns, and its number of interventions."""
     # a base of its own: the stubbed steps leave garbage in its interventions (put back, but not in a timed variant's)
-    triton_step, n_triton, triton_params = build_step("reft-fast:triton", device)
+    triton_step, n_triton, triton_params = build_step("reft-fast:triton", device, base)
     for _ in range(warmup):
         triton_step()
     counts, floor_counts = launch_counts(triton_step), launch_counts(steps["floor"])
@@ -182,7 +215,7 @@ def _triton_figures(steps: dict, device: str, reps: int, warmup: int) -> tuple[d
     counts["launches_per_intervention"] = sum(counts[k] - floor_counts[k] for k in ("triton_launches",
                                                                                   "aten_launches")) / n_triton
     stub_median = statistics.median(stubbed_differences(triton_step, triton_params, steps["floor"],
-                                                        max(reps // 4, 3)))
+                                                        max(reps // 4, 3), device))
     counts.update(stubbed_minus_floor_ms=stub_median, stubbed_per_intervention_ms=stub_median / n_triton)
     return counts, n_triton
 
@@ -210,23 +243,26 @@ def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict
     return rows
 
 
-def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None) -> list[dict]:
+def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None,
+            base: str = "llama") -> list[dict]:
     """The table's rows: ``variants`` timed in pairs with the floor (default: CUDA_VARIANTS on cuda, VARIANTS on the
-    CPU), and the Triton path's launches and stubbed host time (its own row unless it is among those timed)."""
+    CPU), and the Triton path's launches and stubbed host time (its own row unless it is among those timed), on the
+    tiny Llama or its ``toy`` form (``base``)."""
     env = environment()
     versions = bench_e2e._versions()
     common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
                   transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
-                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps)
+                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps, base=base,
+                  clock="thread" if device == "cpu" else "wall")
     variants = variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS)
-    steps, sizes, statuses = _built_variants(variants, device, log)
+    steps, sizes, statuses = _built_variants(variants, device, log, base)
     for step in steps.values():
         for _ in range(warmup):
             step()
     log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load average "
         f"{common['load_1min']} on {os.cpu_count()} cores")
-    times = paired_times(steps, reps)
-    triton, n_triton = _triton_figures(steps, device, reps, warmup)
+    times = paired_times(steps, reps, device=device)
+    triton, n_triton = _triton_figures(steps, device, reps, warmup, base)
     rows = _timed_rows(variants, times, sizes, statuses, common)
     stubbed = ("launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the "
                "JIT launcher's own cost not included)" if device == "cpu" else
@@ -246,6 +282,9 @@ def _parse_args(argv):
     parser.add_argument("--warmup", type=positive_int, default=None, help="steps per variant before timing (default 10)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
                                                                "<date>/)")
+    parser.add_argument("--base", choices=("llama", "toy"), default="llama",
+                        help="the tiny Llama (the table), or its toy form whose layers only add a vector (ToyLayer: "
+                             "resolves microseconds of host time for A/B measurements)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the steps run (default: cuda where there is a GPU; there reft-fast:triton is "
                              "timed with its kernels)")
@@ -260,11 +299,12 @@ def _parse_args(argv):
 def main(argv=None) -> int:
     args = _parse_args(argv)
     torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
-    rows = measure(args.reps, args.warmup, device=args.device)
+    rows = measure(args.reps, args.warmup, device=args.device, base=args.base)
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
     # a smoke run's file is its own: its few repetitions must not replace the day's measurement
-    path = write_csv(rows, result_path(folder, "host_smoke" if args.smoke else "host", env, ".csv"), FIELDS)
+    name = "host_smoke" if args.smoke else "host_toy" if args.base == "toy" else "host"
+    path = write_csv(rows, result_path(folder, name, env, ".csv"), FIELDS)
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
                        "ratio_to_hook", "launches_per_intervention", "stubbed_per_intervention_ms", "status"])
     print(f"wrote {path}")

@@ -131,6 +131,47 @@ def test_a_layer_returning_its_input_is_never_edited_in_place():
     torch.testing.assert_close(model.seen[0], before, rtol=0, atol=0)  # the caller's tensor as it was
 
 
+class _Scale(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, hidden_states, attention_mask=None):
+        return hidden_states * self.weight
+
+
+class _CheckpointedStack(_Stack):
+    """Every layer under non-reentrant checkpointing: the backward runs each layer, hooks included, a second time."""
+
+    def __init__(self, d=16, n=3):
+        super().__init__(d, n)
+        self.layers = nn.ModuleList(_Scale(d) for _ in range(n))
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids) * 1.0
+        for layer in self.layers:
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+        return {"loss": h.sum()}  # (the hooks find the tensors of a mapping, as of a ModelOutput)
+
+
+def test_each_edit_is_checked_once_per_forward_not_per_hook_call(monkeypatch):
+    """The parameters are checked when the forward prepares the edits; the hooks (three interventions, each run
+    twice: forward and checkpoint recomputation) apply them without checking them again."""
+    model = _CheckpointedStack()
+    reft_model = ReftModel(model, ReftConfig([{"layer": i, "component": "block_output", "low_rank_dimension": 2,
+                                               "intervention": "loreft"} for i in range(3)]), backend="triton")
+    checked, calls = [], []
+    real = ops._check_param
+    monkeypatch.setattr(ops, "_check_param", lambda name, *a: checked.append(name) or real(name, *a))
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda *args: calls.append(1))
+    _, out = reft_model({"input_ids": torch.randint(0, 32, (2, 5))},
+                        intervention_locations=torch.tensor([[[1, 3], [0, 2]]] * 3))
+    out["loss"].backward()
+    assert len(calls) == 6  # the layers ran twice: the recomputation happened
+    assert sorted(checked) == sorted(["Q", "W", "b"] * 3)
+
+
 class _AtenCalls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -143,7 +184,7 @@ class _AtenCalls(TorchDispatchMode):
 
 def test_forward_state_positions_dispatch_nothing_per_hook_call():
     locations = torch.arange(3 * 2 * 4).reshape(3, 2, 4)
-    state = ForwardState({torch.device("cpu"): locations}, [None] * 3, [None] * 3, ("torch",) * 3)
+    state = ForwardState({torch.device("cpu"): locations}, [None] * 3, ("torch",) * 3)
     with _AtenCalls() as calls:
         rows = [state.positions(i, torch.device("cpu"), 2) for i in range(3)]
     assert calls.names == []  # no aten select per call: cut once when the state is built

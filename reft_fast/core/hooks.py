@@ -8,8 +8,8 @@ wrapper's ``generate`` may skip its own forward (PEFT's PeftModel calls the wrap
 layers. Only these hooks are ever removed; nobody else's (DeepSpeed ZeRO-3's, accelerate's) are touched.
 
 State. ``ForwardState`` holds what one forward's edits need, computed once before the base model runs: the positions
-on each intervention's device, R of every rotation intervention, the dropout seeds, the resolved backends. A hook
-edits with
+on each intervention's device, each intervention's edit prepared (its parameters checked and bound, R of the rotation
+interventions computed in one batch, the dropout seed drawn), the resolved backends. A hook edits with
   * the state of the ReftModel forward or generate in progress (``InterventionHooks.running``);
   * nothing during a plain call of the base model;
   * during a backward, the state of the forward whose graph the backward is in: gradient checkpointing recomputes the
@@ -67,6 +67,7 @@ from torch import nn
 
 from reft_fast import ops
 from reft_fast.core.hf import component_module
+from reft_fast.core.interventions import apply_prepared
 
 __all__ = ["ForwardState", "InterventionHooks", "MultiForwardState", "MultiAdapterHooks", "SitePass",
            "is_prompt_pass", "cached_tokens", "runs_own_forward", "edit_with_own_forward"]
@@ -80,8 +81,7 @@ class ForwardState:
     """What the hooks of one forward need, computed once before the base model runs."""
 
     locations: dict  # device -> int64 [n_interventions, B, P]
-    rotations: list  # per intervention: R [r, d] or None
-    seeds: list  # per intervention: dropout seed or None
+    edits: list  # per intervention: its prepared edit (``ReftIntervention.prepare``), None for a custom forward
     backends: tuple  # per intervention: the backend name resolved for its device
     expandable: bool = False  # generate: beams / returned sequences repeat each example
     prompt_length: int = 0  # generate: the sequence length of the prompt the locations index
@@ -193,9 +193,8 @@ class InterventionHooks:
                 h = edit_with_own_forward(self.interventions[i], h, state.positions(i, h.device, h.shape[0]))
                 owned = False  # a slice of a new tensor (not contiguous): the next fused edit copies it
                 continue
-            edited = self.interventions[i].edit(h, state.positions(i, h.device, h.shape[0]),
-                                                rotation=state.rotations[i], seed=state.seeds[i],
-                                                backend=state.backends[i], validate=False, in_place=owned)
+            edited = apply_prepared(h, state.positions(i, h.device, h.shape[0]), state.edits[i],
+                                    backend=state.backends[i], validate=False, in_place=owned)
             owned = owned or edited is not h  # a copy the edit made is ours: the site's next edits write into it
             h = edited
         return h

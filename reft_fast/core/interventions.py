@@ -256,18 +256,18 @@ class ReftIntervention(nn.Module):
         gradient checkpointing draws the same mask). ``in_place``: the caller owns h, write into it where the backend
         can (``ops.low_rank_edit``); use the return value.
         """
+        return apply_prepared(h, positions, self.prepare(rotation, seed), backend=backend, validate=validate,
+                              in_place=in_place)
+
+    def prepare(self, rotation: Optional[torch.Tensor] = None, seed: Optional[int] = None) -> tuple:
+        """The edit as ``apply_prepared`` takes it: the op calls of ``edit_steps``, each checked and bound once
+        (``ops.prepare_edit``), the dropout (keyed by ``seed``) on the last. A ReftModel prepares every intervention
+        once per forward; its hooks apply them."""
         steps = self.edit_steps(rotation)
+        last = len(steps) - 1
         p = self._dropout_p()
-        if len(steps) == 2:
-            # act(z) − b2 does not fold into the source: edit with act(W h + b) − W2 h first, then add −b2 along W2 and
-            # drop out the whole edited vector in that second pass (pyreft's dropout covers the full output).
-            edited = ops.low_rank_edit(h, positions, **steps[0], backend=backend, validate=validate, in_place=in_place)
-            # the first pass's output is new (ours) or h written in place (the caller's to give): the second writes
-            # into it
-            return ops.low_rank_edit(edited, positions, **steps[1], dropout=p, seed=seed, backend=backend,
-                                     validate=False, in_place=in_place or edited is not h)
-        return ops.low_rank_edit(h, positions, **steps[0], dropout=p, seed=seed, backend=backend, validate=validate,
-                                 in_place=in_place)
+        return tuple(ops.prepare_edit(**step, dropout=p if k == last else 0.0, seed=seed if k == last else None)
+                     for k, step in enumerate(steps))
 
     def edit_steps(self, rotation: Optional[torch.Tensor] = None) -> tuple[dict, ...]:
         """The op calls this intervention's edit is made of, in order, as ``ops.low_rank_edit`` keyword arguments
@@ -291,6 +291,20 @@ class ReftIntervention(nn.Module):
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         return self.edit(h, positions, **kwargs)
+
+
+def apply_prepared(h: torch.Tensor, positions: torch.Tensor, steps: tuple, *, backend: Optional[str] = None,
+                   validate: bool = True, in_place: bool = False) -> torch.Tensor:
+    """Edit h at ``positions`` with a prepared edit (``ReftIntervention.prepare``): its op calls in order.
+
+    Two calls where act(z) − b2 does not fold into the source: act(W h + b) − W2 h first, then −b2 along W2 with the
+    dropout of the whole edited vector (pyreft's dropout covers the full output)."""
+    edited = ops.apply_edit(h, positions, steps[0], backend=backend, validate=validate, in_place=in_place)
+    for params in steps[1:]:
+        # the first call's output is new (ours) or h written in place (the caller's to give): the next writes into it
+        edited = ops.apply_edit(edited, positions, params, backend=backend, validate=False,
+                                in_place=in_place or edited is not h)
+    return edited
 
 
 def _check_arguments(embed_dim, low_rank_dimension, dropout, act_fn, add_bias, orthogonalization) -> None:

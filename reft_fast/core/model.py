@@ -335,9 +335,12 @@ class ReftModel(nn.Module):
         devices = [_module_device(intervention) for intervention in self._in_order]
         by_device = {device: locations.to(device, non_blocking=True).contiguous() for device in dict.fromkeys(devices)}
         backends = tuple(self._backend_on(device) for device in devices)
-        rotations = _rotations(self._in_order, devices, self._hooks.runs_own_forward)
-        return ForwardState(by_device, rotations, self._seeds(), backends, expandable=expandable,
-                            prompt_length=seq_len)
+        runs_own = self._hooks.runs_own_forward
+        rotations = _rotations(self._in_order, devices, runs_own)
+        # Each edit checked and bound once per forward, not at each hook call (nor again in a recomputation)
+        edits = [None if own else intervention.prepare(R, seed)
+                 for intervention, R, seed, own in zip(self._in_order, rotations, self._seeds(), runs_own)]
+        return ForwardState(by_device, edits, backends, expandable=expandable, prompt_length=seq_len)
 
     def _seeds(self) -> list:
         # Drawn once per forward so that a checkpoint recomputation regenerates the same dropout masks.

@@ -41,6 +41,7 @@ from reft_fast.ops.library import edit as _edit, edit_in_place as _edit_in_place
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "apply_edit",
     "Backend",
     "EditGrads",
     "EditParams",
@@ -54,6 +55,7 @@ __all__ = [
     "low_rank_edit",
     "MultiEdit",
     "multi_low_rank_edit",
+    "prepare_edit",
     "loreft",
     "noreft",
     "direft",
@@ -112,7 +114,8 @@ def validate_positions(positions: torch.Tensor, seq_len: int) -> None:
         raise ValueError(f"positions row {row} selects the same token more than once: {positions[row].tolist()}")
 
 
-def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
+def _check_hidden(h, positions) -> None:
+    """h [B, T, d] and positions [B, n]: what varies from one edited hidden state to the next."""
     if not isinstance(h, torch.Tensor):
         raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
     if h.dim() != 3:
@@ -129,16 +132,18 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError(f"positions has batch {positions.shape[0]} but h has batch {h.shape[0]}")
     if positions.device != h.device:
         raise ValueError(f"positions is on {positions.device} but h is on {h.device}")
+
+
+def _check_params(Q, P, W, b, dropout, device: Optional[torch.device] = None) -> None:
+    """The edit's parameters: Q [r, d] fp32 and P, W [r, d], b [r] like it, on ``device`` (Q's when None)."""
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q must be a torch.Tensor, got {type(Q).__name__}")
     if Q.dim() != 2:
         raise ValueError(f"Q must be 2-D [rank, hidden], got shape {list(Q.shape)}")
     r, d = Q.shape
-    if d != h.shape[-1]:
-        raise ValueError(f"Q has hidden size {d} but h has hidden size {h.shape[-1]}")
     if not 1 <= r <= d:
         raise ValueError(f"rank must be between 1 and the hidden size {d}, got {r}")
-    device = h.device
+    device = Q.device if device is None else device
     _check_param("Q", Q, (r, d), device)
     if P is not None and P is not Q:  # LoReFT's P is its Q: checked once
         _check_param("P", P, (r, d), device)
@@ -150,6 +155,21 @@ def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
         raise ValueError("the learned source needs W, b or both (z = h Wᵀ + b, or z = b when W is None)")
     if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+
+
+def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
+    _check_hidden(h, positions)
+    if isinstance(Q, torch.Tensor) and Q.dim() == 2 and Q.shape[1] != h.shape[-1]:
+        raise ValueError(f"Q has hidden size {Q.shape[1]} but h has hidden size {h.shape[-1]}")
+    _check_params(Q, P, W, b, dropout, h.device)
+
+
+def _check_fits(h, params: EditParams) -> None:
+    """A prepared edit (checked on its own by ``prepare_edit``) against the hidden state it edits."""
+    if params.Q.shape[1] != h.shape[-1]:
+        raise ValueError(f"Q has hidden size {params.Q.shape[1]} but h has hidden size {h.shape[-1]}")
+    if params.Q.device != h.device:
+        raise ValueError(f"Q is on {params.Q.device} but h is on {h.device}")
 
 
 def _contiguous_params(Q, P, W, b) -> tuple:
@@ -202,16 +222,37 @@ def low_rank_edit(
             be a leaf that requires grad (torch refuses in-place writes into those).
     """
     _check_inputs(h, positions, Q, P, W, b, dropout)
+    params = prepare_edit(Q, W=W, b=b, P=P, act=act, dropout=dropout, seed=seed, checked=True)
+    return apply_edit(h, positions, params, backend=backend, validate=validate, in_place=in_place, checked=True)
+
+
+def prepare_edit(Q: torch.Tensor, *, W: Optional[torch.Tensor] = None, b: Optional[torch.Tensor] = None,
+                 P: Optional[torch.Tensor] = None, act=None, dropout: float = 0.0, seed: Optional[int] = None,
+                 checked: bool = False) -> EditParams:
+    """``low_rank_edit``'s parameters (same meaning), checked and made contiguous once, for ``apply_edit``: a model
+    prepares each intervention's edit once per forward and applies it at every hidden state its hooks see (several
+    under gradient checkpointing), instead of checking the same parameters at every call. ``checked``: the caller
+    has already run the checks."""
+    if not checked:
+        _check_params(Q, P, W, b, dropout)
     act_code = _activation_code(act)
     if W is None and act_code != 0:
         raise ValueError("an activation applies to h Wᵀ + b; with W=None (z = b) use act=None")
-    if validate:
-        validate_positions(positions, h.shape[1])
     dropout = float(dropout)
     if dropout > 0 and seed is None:
         seed = draw_seed()
-    seed = int(seed or 0)
-    params = EditParams(*_contiguous_params(Q, P, W, b), act_code, dropout, seed)
+    return EditParams(*_contiguous_params(Q, P, W, b), act_code, dropout, int(seed or 0))
+
+
+def apply_edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, *, backend: Optional[str] = None,
+               validate: bool = True, in_place: bool = False, checked: bool = False) -> torch.Tensor:
+    """The edit ``params`` (from ``prepare_edit``) at the rows ``positions`` of h: ``low_rank_edit``'s result, with
+    its arguments ``backend``, ``validate`` and ``in_place``."""
+    if not checked:
+        _check_hidden(h, positions)
+        _check_fits(h, params)
+    if validate:
+        validate_positions(positions, h.shape[1])
     return (_edit_in_place if in_place else _edit)(h, positions, params, resolve_backend(backend, h.device))
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import NamedTuple, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -26,12 +26,14 @@ __all__ = ["BACKEND_ENV", "Backend", "EditGrads", "EditParams", "InPlaceBackend"
 BACKEND_ENV = "REFT_FAST_BACKEND"
 
 
-@dataclass(frozen=True)
-class EditParams:
+class EditParams(NamedTuple):
     """One edit ``out = dropout(h + (act(h Wᵀ + b) − s·h Pᵀ) Q)``, as every backend receives it.
 
     Q, P, W: [r, d] fp32 (P None: s = 0; W None: z = b); b: [r] fp32 or None; act: activation code (``ACTIVATIONS``);
     dropout: probability in [0, 1); seed: the dropout mask's seed (ignored when dropout is 0).
+
+    A NamedTuple, not a dataclass: one is built per edit and per backward, and a frozen dataclass's ``__init__`` cost
+    four times a tuple's (2 against 0.5 µs on the CPU, 2026-11-30); compiled hooks index it like any tuple.
     """
 
     Q: torch.Tensor
@@ -61,8 +63,7 @@ class MultiEdit:
     edit_index: torch.Tensor
 
 
-@dataclass(frozen=True)
-class EditGrads:
+class EditGrads(NamedTuple):
     """∂L/∂h [B, T, d] in h's dtype, and the fp32 weight gradients summed over the selected rows: None where the
     matching EditParams field is None, and P None also when P is the same tensor as Q (LoReFT, NoReFT, ConsReFT):
     Q then holds that tensor's whole gradient, both parts summed, so that autograd has no sum left to launch."""
