@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from reft_fast import ReftConfig, ReftModel, ops
 from reft_fast.core.hooks import ForwardState
+from reft_fast.core import interventions
 from reft_fast.core.interventions import LoreftIntervention
 from reft_fast.core.model import _module_device
 from reft_fast.core.orthogonal import HouseholderOrthogonal
@@ -170,6 +171,29 @@ def test_each_edit_is_checked_once_per_forward_not_per_hook_call(monkeypatch):
     out["loss"].backward()
     assert len(calls) == 6  # the layers ran twice: the recomputation happened
     assert sorted(checked) == sorted(["Q", "W", "b"] * 3)
+
+
+def test_rotations_replay_only_where_transformers_checkpointing_may_recompute_the_edits(monkeypatch):
+    """R's map goes through the replayable node (a second autograd pass per step) only when a layer is under
+    gradient checkpointing; otherwise autograd differentiates it directly, with the same gradients."""
+    model = _CheckpointedStack()
+    reft_model = ReftModel(model, ReftConfig([{"layer": i, "component": "block_output", "low_rank_dimension": 2,
+                                               "intervention": "loreft"} for i in range(3)]), backend="triton")
+    replays = []
+    real = interventions._ReplayableGraph.apply
+    monkeypatch.setattr(interventions._ReplayableGraph, "apply", lambda *a: replays.append(1) or real(*a))
+    ids, locations = torch.randint(0, 32, (2, 5)), torch.tensor([[[1, 3], [0, 2]]] * 3)
+    grads = []
+    for checkpointed in (False, True):
+        for layer in model.layers:
+            layer.gradient_checkpointing = checkpointed  # what transformers' gradient_checkpointing_enable sets
+        reft_model.zero_grad(set_to_none=True)
+        _, out = reft_model({"input_ids": ids}, intervention_locations=locations)
+        out["loss"].backward()
+        grads.append([p.grad.clone() for p in reft_model.trainable_parameters()])
+        assert len(replays) == int(checkpointed)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 class _AtenCalls(TorchDispatchMode):

@@ -360,11 +360,14 @@ class _ReplayableGraph(torch.autograd.Function):
         return (None, *[next(grads) if x.requires_grad else None for x in leaves])
 
 
-def compute_rotations(method: str, inputs: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+def compute_rotations(method: str, inputs: list[tuple[torch.Tensor, ...]], *,
+                      replayable: bool = True) -> list[torch.Tensor]:
     """R for several interventions of one orthogonalization method (same r, d) in one batched call.
 
-    ``inputs`` holds each intervention's ``rotation_inputs()``. Differentiable (and safe under reentrant gradient
-    checkpointing) when grad is enabled.
+    ``inputs`` holds each intervention's ``rotation_inputs()``. Differentiable when grad is enabled; with
+    ``replayable`` also under reentrant gradient checkpointing (``_ReplayableGraph``). A caller that knows no
+    reentrant recomputation will backpropagate through R passes False: autograd then differentiates the map directly,
+    without the node's second autograd pass (≈ 25 µs per intervention and step on the CPU, 2026-11-30).
     """
     sizes = [len(group) for group in inputs]
 
@@ -375,7 +378,7 @@ def compute_rotations(method: str, inputs: list[tuple[torch.Tensor, ...]]) -> li
         return orthonormal_rows(torch.stack(flat), method)
 
     flat = [t for group in inputs for t in group]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in flat):
+    if replayable and torch.is_grad_enabled() and any(t.requires_grad for t in flat):
         stacked = _ReplayableGraph.apply(batched, *flat)
     else:
         stacked = batched(*flat)

@@ -336,11 +336,19 @@ class ReftModel(nn.Module):
         by_device = {device: locations.to(device, non_blocking=True).contiguous() for device in dict.fromkeys(devices)}
         backends = tuple(self._backend_on(device) for device in devices)
         runs_own = self._hooks.runs_own_forward
-        rotations = _rotations(self._in_order, devices, runs_own)
+        rotations = _rotations(self._in_order, devices, runs_own, replayable=self._checkpointed())
         # Each edit checked and bound once per forward, not at each hook call (nor again in a recomputation)
         edits = [None if own else intervention.prepare(R, seed)
                  for intervention, R, seed, own in zip(self._in_order, rotations, self._seeds(), runs_own)]
         return ForwardState(by_device, edits, backends, expandable=expandable, prompt_length=seq_len)
+
+    def _checkpointed(self) -> bool:
+        """Whether a layer of the base is under transformers' gradient checkpointing (``gradient_checkpointing_enable``
+        sets the flag on each layer), whose backward may recompute the edits reentrantly: R's graph must then be
+        replayable. Other reentrant recomputations of layers (a user's own ``checkpoint`` around a single layer) are
+        not seen; there autograd refuses the second pass through R's map loudly ("backward through the graph a second
+        time"). A checkpoint around the whole ReftModel forward computes R again itself and needs nothing."""
+        return any(getattr(layer, "gradient_checkpointing", False) for layer in self._layers)
 
     def _seeds(self) -> list:
         # Drawn once per forward so that a checkpoint recomputation regenerates the same dropout masks.
@@ -470,8 +478,9 @@ def _batch_shape(base: Mapping) -> tuple[int, int]:
     return tuple(inputs.shape[:2])
 
 
-def _rotations(interventions: tuple, devices: list, runs_own: Sequence[bool]) -> list:
-    """R for every rotation intervention (None elsewhere), one batched call per (method, shape, device)."""
+def _rotations(interventions: tuple, devices: list, runs_own: Sequence[bool], replayable: bool = True) -> list:
+    """R for every rotation intervention (None elsewhere), one batched call per (method, shape, device);
+    ``replayable``: see ``compute_rotations``."""
     groups: dict = {}
     for i, (intervention, device) in enumerate(zip(interventions, devices)):
         if intervention.uses_rotation and not runs_own[i]:
@@ -479,7 +488,8 @@ def _rotations(interventions: tuple, devices: list, runs_own: Sequence[bool]) ->
             groups.setdefault(key, []).append(i)
     rotations = [None] * len(interventions)
     for (method, *_), members in groups.items():
-        for i, R in zip(members, compute_rotations(method, [interventions[i].rotation_inputs() for i in members])):
+        inputs = [interventions[i].rotation_inputs() for i in members]
+        for i, R in zip(members, compute_rotations(method, inputs, replayable=replayable)):
             rotations[i] = R
     return rotations
 
