@@ -91,6 +91,56 @@ def test_the_in_place_forward_hands_its_edit_params_through(monkeypatch, loreft_
     assert built == []
 
 
+def test_the_backward_enters_no_no_grad_block_outside_create_graph(monkeypatch, loreft_case):
+    """once_differentiable's torch.no_grad() block (15–30 µs per backward here) is skipped where grad mode is off."""
+    entered = []
+    real = torch.no_grad
+
+    class Counting(real):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    _loreft_step(*loreft_case)
+    monkeypatch.setattr(torch, "no_grad", Counting)
+    _loreft_step(*loreft_case)
+    _loreft_step(*loreft_case, in_place=False)
+    assert entered == []
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_gradient_of_the_gradients_is_still_refused_by_name(loreft_case, in_place):
+    h, positions, params = loreft_case
+    out = ops.low_rank_edit(h * 1.0, positions, params["Q"], W=params["W"], b=params["b"], P=params["Q"],
+                            backend="triton", validate=False, in_place=in_place)
+    (grad_W,) = torch.autograd.grad(out.square().sum(), params["W"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_W.sum().backward()
+
+
+def test_the_edit_enters_torchs_c_apply_directly_outside_functorch(monkeypatch, loreft_case):
+    """Function.apply's Python layer (≈ 10 µs) is skipped; under a functorch transform it is what runs."""
+    calls = []
+    for function in (library._EditInPlace, library._EagerEdit):
+        real = function.apply
+        monkeypatch.setattr(function, "apply", lambda *a, real=real: calls.append(1) or real(*a))
+    _loreft_step(*loreft_case)
+    _loreft_step(*loreft_case, in_place=False)
+    assert calls == []
+    h, positions, params = loreft_case
+    direct = library.apply_function(library._EditInPlace, h * 1.0, positions, params["Q"], params["Q"], params["W"],
+                                    params["b"], "triton", ops.prepare_edit(params["Q"], W=params["W"],
+                                                                            b=params["b"], P=params["Q"]))[0]
+    monkeypatch.setattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+    with pytest.raises(RuntimeError, match="setup_context"):  # Function.apply's answer under a transform, as before
+        _loreft_step(*loreft_case)
+    assert calls == [1]
+    monkeypatch.undo()
+    expected = ops.low_rank_edit(h, positions, params["Q"], W=params["W"], b=params["b"], P=params["Q"],
+                                 backend="triton", validate=False)
+    torch.testing.assert_close(direct, expected, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Per forward, in the model layer
 # ----------------------------------------------------------------------------------------------------------------------

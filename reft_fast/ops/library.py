@@ -19,6 +19,7 @@ functional op above (the compiler decides about buffers).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -26,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from reft_fast.ops.backend import EditGrads, EditParams, get_backend, selected_rows
 
-__all__ = ["edit", "edit_in_place", "is_sole_owner", "selected_rows"]
+__all__ = ["apply_function", "edit", "edit_in_place", "is_sole_owner", "selected_rows"]
 
 
 def _forward(h, positions, Q, P, W, b, backend, act, dropout, seed) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +59,39 @@ def _saved(ctx):
     """(h_rows, positions, Q, P, W, b) as forward had them, P being Q again where it was."""
     h_rows, positions, Q, P, W, b = ctx.saved_tensors  # read once: checkpointing unpacks each saved tensor once
     return h_rows, positions, Q, Q if ctx.same_pq else P, W, b
+
+
+def _differentiable_once(backward):
+    """``once_differentiable``'s guarantee (a gradient of these gradients is an error naming it, not a silent None)
+    at the price of one grad-mode test on the common path.
+
+    The backward of a plain ``.backward()`` runs with grad mode off; ``once_differentiable`` then adds nothing but its
+    ``torch.no_grad()`` block, which cost 15–30 µs per backward on the CPU (torch 2.13, 2026-11-30), more than a
+    tenth of an edit's host time. Only a backward with ``create_graph=True`` (grad mode on) goes through it."""
+    guarded = once_differentiable(backward)
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            return guarded(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return wrapper
+
+
+# ``Function.apply``'s Python layer (torch 2.13: arguments bound for a separate setup_context, functorch's checks,
+# functorch's dead wrappers unwrapped) cost about 10 µs per call on the CPU (2026-11-30); outside functorch
+# transforms, for Functions without a separate setup_context, it only hands the arguments to this C++ entry.
+# Read defensively: where a torch release moves it, ``Function.apply`` is called.
+_C_APPLY = vars(getattr(torch._C, "_FunctionBase", object)).get("apply")
+
+
+def apply_function(function: type, *args):
+    """``function.apply(*args)`` for an autograd.Function whose ``forward`` takes ctx (no separate setup_context),
+    straight into torch's C++ entry where no functorch transform is active."""
+    if _C_APPLY is None or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return _C_APPLY.__get__(None, function)(*args)
 
 
 def _input_grads(ctx, grad_h, dQ, dP, dW, db) -> tuple:
@@ -117,7 +151,7 @@ class _EagerEdit(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable  # a gradient of these gradients (create_graph) is an error naming this, not a silent None
+    @_differentiable_once  # a gradient of these gradients (create_graph) is an error naming this, not a silent None
     def backward(ctx, grad_out, grad_rows):
         del grad_rows  # h_rows is not differentiable
         h_rows, positions, Q, P, W, b = _saved(ctx)
@@ -134,8 +168,8 @@ def edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, backend: 
     implementation = get_backend(backend)
     if _differentiates_forward(implementation, h):
         return implementation.forward(h.contiguous(), positions.contiguous(), params)[0]
-    return _EagerEdit.apply(h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
-                            params.dropout, params.seed)[0]
+    return apply_function(_EagerEdit, h, positions, params.Q, params.P, params.W, params.b, backend, params.act,
+                          params.dropout, params.seed)[0]
 
 
 def _differentiates_forward(implementation, h: torch.Tensor) -> bool:
@@ -193,7 +227,7 @@ class _EditInPlace(torch.autograd.Function):
         return h, h_rows
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_out, grad_rows):
         del grad_rows  # h_rows is not differentiable
         h_rows, positions, Q, P, W, b = _saved(ctx)
@@ -217,4 +251,5 @@ def edit_in_place(h: torch.Tensor, positions: torch.Tensor, params: EditParams, 
     if torch.compiler.is_compiling() or not h.is_contiguous() \
             or getattr(implementation, "forward_in_place", None) is None or _differentiates_forward(implementation, h):
         return edit(h, positions, params, backend)
-    return _EditInPlace.apply(h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend, params)[0]
+    return apply_function(_EditInPlace, h, positions.contiguous(), params.Q, params.P, params.W, params.b, backend,
+                          params)[0]
