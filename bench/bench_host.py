@@ -31,6 +31,9 @@ On a GPU (``--device cuda``) every variant runs there, reft-fast:triton among th
 synchronization inside its timed region. The shape is so small that the device finishes each kernel in microseconds,
 so a step's time is the host's: step − floor of reft-fast:triton is its host cost with Triton's JIT launcher, and
 the stubbed figure beside it the same without the launches (their difference: the launcher and the kernels).
+reft-fast:triton-bound is the same step with its kernels bound once per launch plan (REFT_FAST_TRITON_LAUNCH=bound,
+kernels/launch.py; reft-fast:triton runs with =jit whatever the environment says), timed in the same repetitions:
+its ratio_to_triton_jit is its step − floor over reft-fast:triton's.
 
 Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row;
 host_smoke_... with --smoke).
@@ -65,17 +68,30 @@ from reft_fast.train.cli import positive_int  # noqa: E402
 HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
-CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft")  # triton timed too
+# triton timed too, in both launch modes
+CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:torch", "hook-loreft", "pyreft")
+LAUNCH_MODES = {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}  # REFT_FAST_TRITON_LAUNCH per variant
 FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "base",
           "clock", "variant",
           "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
-          "per_intervention_ms", "ratio_to_hook", "triton_launches", "aten_launches", "launches_per_intervention",
-          "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
+          "per_intervention_ms", "ratio_to_hook", "ratio_to_triton_jit", "triton_launches", "aten_launches",
+          "launches_per_intervention", "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
 
 
 def _row(variant: str, device: str = "cpu") -> dict:
     return dict(shape="host", config="b", method=variant, batch=8, seq_len=32, dtype="float32", device=device,
                 checkpointing=False, fused=False)
+
+
+def _in_launch_mode(step, mode: str):
+    """The step with the Triton kernels launched in ``mode`` (kernels/launch.py; launch plans are kept per mode)."""
+    from reft_fast.kernels import launch
+
+    def step_in_mode():
+        with launch.using(mode):
+            return step()
+
+    return step_in_mode
 
 
 class ToyLayer(torch.nn.Module):
@@ -106,8 +122,11 @@ def build_step(variant: str, device: str = "cpu", base: str = "llama"):
     (``base``: the tiny Llama, or its ``toy`` form: ToyLayer). On CUDA the step ends with a synchronization: its time
     is then that of the work it issued, done."""
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
-    row = _row(variant, device)
+    mode = LAUNCH_MODES.get(variant)
+    row = _row("reft-fast:triton" if mode else variant, device)
     step, layers, _, params, _ = bench_e2e.training_step(build_base(row, base), row)
+    if mode:
+        step = _in_launch_mode(step, mode)
     if device == "cuda":
         def synchronized_step():
             loss = step()
@@ -145,17 +164,23 @@ def _quartiles(values: list) -> tuple[float, float, float]:
 
 @contextlib.contextmanager
 def stubbed_launches():
-    """Triton kernel launches do nothing inside the block (their outputs keep whatever memory they had)."""
+    """Triton kernel launches do nothing inside the block (their outputs keep whatever memory they had), those of
+    kernels bound once (kernels/launch.py) included."""
     from launch_count import _kernel_classes
 
+    from reft_fast.kernels import launch
+
     originals = [(cls, cls.run) for cls in _kernel_classes()]
+    bound_run = launch.run_bound
     try:
         for cls, _ in originals:
             cls.run = lambda kernel, *args, **kwargs: None
+        launch.run_bound = lambda *args, **kwargs: None
         yield
     finally:
         for cls, run in originals:
             cls.run = run
+        launch.run_bound = bound_run
 
 
 def stubbed_differences(step, params, floor_step, reps: int, device: str = "cpu") -> list[float]:
@@ -223,7 +248,7 @@ def _triton_figures(steps: dict, device: str, reps: int, warmup: int, base: str)
 def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict) -> list[dict]:
     """One row per variant: its median step, and the median, quartiles and per-intervention figure of the paired
     differences with the floor; ratio_to_hook against hook-loreft's."""
-    rows, hook_diff = [], None
+    rows, hook_diff, jit_diff = [], None, None
     for variant in variants:
         row = dict(common, variant=variant, status=statuses.get(variant, "ok"))
         if variant in times:
@@ -236,10 +261,14 @@ def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict
                            per_intervention_ms=median / sizes[variant])
             if variant == "hook-loreft":
                 hook_diff = median
+            if variant == "reft-fast:triton":
+                jit_diff = median
         rows.append(row)
     for row in rows:
         if hook_diff and "minus_floor_ms" in row:
             row["ratio_to_hook"] = row["minus_floor_ms"] / hook_diff
+        if jit_diff and row["variant"] in LAUNCH_MODES and "minus_floor_ms" in row:
+            row["ratio_to_triton_jit"] = row["minus_floor_ms"] / jit_diff
     return rows
 
 
@@ -306,7 +335,8 @@ def main(argv=None) -> int:
     name = "host_smoke" if args.smoke else "host_toy" if args.base == "toy" else "host"
     path = write_csv(rows, result_path(folder, name, env, ".csv"), FIELDS)
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
-                       "ratio_to_hook", "launches_per_intervention", "stubbed_per_intervention_ms", "status"])
+                       "ratio_to_hook", "ratio_to_triton_jit", "launches_per_intervention",
+                       "stubbed_per_intervention_ms", "status"])
     print(f"wrote {path}")
     bad = [row["variant"] for row in rows if row["status"] == "ok" and not all(
         math.isfinite(row[key]) for key in ("step_ms",))]

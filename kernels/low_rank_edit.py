@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from reft_fast.kernels import launch
+
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Integer arguments that change from batch to batch: rows, positions and sequence length, the launch plan made from
@@ -182,8 +184,8 @@ def _split_projections_kernel(
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, d)
     z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, slots if HAS_G else rows, rows, selected, slots,
-                               col_begin, col_end, d, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W, HAS_G, DROPOUT,
-                               BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
+                               col_begin, col_end, d, ranks, rank_ok, dropout_p, dropout_scale, seed, HAS_P, HAS_W,
+                               HAS_G, DROPOUT, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
     plane = n_slots * BLOCK_R
     at = part_ptr + split * 3 * plane + slots[:, None] * BLOCK_R + ranks[None, :]
     ok = (slots < n_slots)[:, None]
@@ -680,13 +682,14 @@ class _Plan(NamedTuple):
     per_slot: tuple            # δ, dz, t: [n_slots, BLOCK_R] each
     kept_grad: torch.Tensor    # [n_slots, d] in the hidden dtype: g's selected rows when dh overwrites g in place
     weight_parts: Optional[tuple]  # dQ, dW, dP [splits, r, d] and db [splits, r] partials; None with one split
+    stream: int                # the CUDA stream the plan's launches go to (0 on the CPU)
+    bindings: Optional[dict]   # REFT_FAST_TRITON_LAUNCH=bound on CUDA: the kernels bound for this plan; else None
 
 
 @functools.lru_cache(maxsize=32)
 def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: torch.dtype, device: torch.device,
-          stream: int) -> _Plan:
-    # ``stream`` is only a key: scratch buffers are reused by calls in order on one stream, never across streams.
-    del stream
+          stream: int, mode: str = "jit") -> _Plan:
+    # Scratch buffers are reused by calls in order on one stream, never across streams; the bound launches go to it.
     n_slots = batch * n_per_example
     block_m, block_d, block_r, num_warps, precision = launch_config(d, r, dtype)
     copy_rows, copy_d, block_n, cols_per_copy = copy_config(d)
@@ -710,7 +713,8 @@ def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: t
         sum_grid = (triton.cdiv(r * d, _SUM_BLOCK),)
     return _Plan(
         edit_grid=(slot_blocks, n_col_programs),
-        copy_grid=(slot_blocks + triton.cdiv(copy_units, n_col_programs), n_col_programs), split_grid=split_grid, weight_grid=(triton.cdiv(d, block_d), splits), sum_grid=sum_grid,
+        copy_grid=(slot_blocks + triton.cdiv(copy_units, n_col_programs), n_col_programs), split_grid=split_grid,
+        weight_grid=(triton.cdiv(d, block_d), splits), sum_grid=sum_grid,
         shape_args=(n_slots, n_per_example, seq_len, d, r, n_splits, cols_per_program, slot_blocks, copy_units,
                     batch * seq_len, copy_col_chunks, cols_per_copy),
         split_args=(n_slots, n_per_example, seq_len, d, r, cols_per_split),
@@ -718,7 +722,8 @@ def _plan(batch: int, seq_len: int, n_per_example: int, d: int, r: int, dtype: t
         tiles=dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision, num_warps=num_warps),
         copy_tiles=dict(COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n),
         parts=parts, per_slot=tuple(torch.empty(3, n_slots, block_r, **f32).unbind(0)), weight_parts=weight_parts,
-        kept_grad=torch.empty(n_slots, d, dtype=dtype, device=device))
+        kept_grad=torch.empty(n_slots, d, dtype=dtype, device=device), stream=stream,
+        bindings={} if mode == "bound" and device.type == "cuda" and not _INTERPRETED else None)
 
 
 # The current CUDA stream's handle as an int, the value of ``torch.cuda.current_stream(device).cuda_stream`` without
@@ -737,19 +742,24 @@ def stream_key(device: torch.device) -> int:
 
 def plan_for(like: torch.Tensor, positions: torch.Tensor, r: int) -> _Plan:
     """The cached plan for hidden states shaped like ``like`` [B, T, d], these positions' shape and rank r, on the
-    current stream (called twice per edit: its cost is host time of every step)."""
+    current stream, in the launch mode of the moment (``launch.MODE``; called twice per edit: its cost is host time
+    of every step)."""
     device = like.device
     batch, seq_len, d = like.shape
-    return _plan(batch, seq_len, positions.shape[1], d, r, like.dtype, device, stream_key(device))
+    return _plan(batch, seq_len, positions.shape[1], d, r, like.dtype, device, stream_key(device), launch.MODE)
+
+
+def _launch(kernel, plan: _Plan, grid: tuple, args: tuple, constexprs: dict) -> None:
+    """``kernel[grid](*args, **constexprs)``, or the same through the plan's binding of it (launch.py)."""
+    launch.launch(kernel, grid, plan.bindings, plan.stream, args, constexprs)
 
 
 def _projection_parts(plan: _Plan, h, g, positions, Q, P, W, flags, dropout_args, seed):
     """Split path (few rows): the column-range partial sums of z, u (and t in backward) into plan.parts."""
     if plan.split_grid is not None:
-        _split_projections_kernel[plan.split_grid](
-            h, h if g is None else g, positions, Q, P, W, plan.parts, *plan.split_args, *dropout_args, seed,
-            HAS_G=g is not None, **flags, **plan.tiles,
-        )
+        _launch(_split_projections_kernel, plan, plan.split_grid,
+                (h, h if g is None else g, positions, Q, P, W, plan.parts, *plan.split_args, *dropout_args, seed),
+                dict(HAS_G=g is not None, **flags, **plan.tiles))
 
 
 def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, out, h_rows=None,
@@ -768,11 +778,11 @@ def edit_forward(h, positions, Q, P, W, b, act: int, dropout: float, seed: int, 
     flags = dict(HAS_P=P is not None, HAS_W=W is not None, DROPOUT=dropout > 0)
     dropout_args = _dropout_args(dropout)
     _projection_parts(plan, h, None, positions, Q, P_arg, W_arg, flags, dropout_args, seed)
-    _edit_forward_kernel[plan.copy_grid if copy_unselected else plan.edit_grid](
-        h, out, h if h_rows is None else h_rows, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts,
-        *plan.shape_args, *dropout_args, seed, **flags, HAS_B=b is not None, ACT=act,
-        FROM_PARTS=plan.split_grid is not None, KEEP_ROWS=h_rows is not None, **plan.tiles, **plan.copy_tiles,
-    )
+    _launch(_edit_forward_kernel, plan, plan.copy_grid if copy_unselected else plan.edit_grid,
+            (h, out, h if h_rows is None else h_rows, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts,
+             *plan.shape_args, *dropout_args, seed),
+            dict(flags, HAS_B=b is not None, ACT=act, FROM_PARTS=plan.split_grid is not None,
+                 KEEP_ROWS=h_rows is not None, **plan.tiles, **plan.copy_tiles))
 
 
 def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_args, seed, same_pq: bool,
@@ -790,16 +800,15 @@ def _weight_grads(plan: _Plan, h_rows, grad_out, positions, Q, P, W, b, dropout_
     targets = (dQ, dW, dP, db) if plan.weight_parts is None else plan.weight_parts
     placeholder = lambda t: dQ if t is None else t  # noqa: E731  (a pointer for an absent gradient, never written)
     delta, dz, t = plan.per_slot
-    _edit_backward_weights_kernel[plan.weight_grid](
-        h_rows, grad_out, positions, delta, dz, t, *(placeholder(x) for x in targets), *plan.weight_args,
-        *dropout_args, seed, HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, SAME_PQ=same_pq,
-        DROPOUT=dropout_args[0] > 0, G_BY_SLOT=g_by_slot, **plan.tiles,
-    )
+    _launch(_edit_backward_weights_kernel, plan, plan.weight_grid,
+            (h_rows, grad_out, positions, delta, dz, t, *(placeholder(x) for x in targets), *plan.weight_args,
+             *dropout_args, seed),
+            dict(HAS_P=P is not None, HAS_W=W is not None, HAS_B=b is not None, SAME_PQ=same_pq,
+                 DROPOUT=dropout_args[0] > 0, G_BY_SLOT=g_by_slot, **plan.tiles))
     if plan.sum_grid is not None:
-        _sum_weight_splits_kernel[plan.sum_grid](
-            *targets, dQ, placeholder(dW), placeholder(dP), placeholder(db), plan.weight_splits, r * d, r,
-            HAS_W=W is not None, SEPARATE_P=separate_p, HAS_B=b is not None, BLOCK=_SUM_BLOCK,
-        )
+        _launch(_sum_weight_splits_kernel, plan, plan.sum_grid,
+                (*targets, dQ, placeholder(dW), placeholder(dP), placeholder(db), plan.weight_splits, r * d, r),
+                dict(HAS_W=W is not None, SEPARATE_P=separate_p, HAS_B=b is not None, BLOCK=_SUM_BLOCK))
     return dQ, dP, dW, db
 
 
@@ -831,11 +840,11 @@ def edit_backward(h_rows, grad_out, positions, Q, P, W, b, act: int, dropout: fl
     in_place = grad_h.data_ptr() == grad_out.data_ptr()
     if in_place and copy_unselected:
         raise ValueError("copy_unselected with grad_h being grad_out: the unselected rows already hold grad_out")
-    _edit_backward_rows_kernel[plan.copy_grid if copy_unselected else plan.edit_grid](
-        h_rows, grad_out, grad_h, plan.kept_grad, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts, *plan.per_slot,
-        *plan.shape_args, *dropout_args, seed, **flags, HAS_B=b is not None, ACT=act,
-        FROM_PARTS=plan.split_grid is not None, KEEP_G_ROWS=in_place, **plan.tiles, **plan.copy_tiles,
-    )
+    _launch(_edit_backward_rows_kernel, plan, plan.copy_grid if copy_unselected else plan.edit_grid,
+            (h_rows, grad_out, grad_h, plan.kept_grad, positions, Q, P_arg, W_arg, Q if b is None else b, plan.parts,
+             *plan.per_slot, *plan.shape_args, *dropout_args, seed),
+            dict(flags, HAS_B=b is not None, ACT=act, FROM_PARTS=plan.split_grid is not None, KEEP_G_ROWS=in_place,
+                 **plan.tiles, **plan.copy_tiles))
     return _weight_grads(plan, h_rows, plan.kept_grad if in_place else grad_out, positions, Q, P, W, b, dropout_args,
                          seed, same_pq, g_by_slot=in_place)
 

@@ -1,7 +1,8 @@
 """Counting what an edit costs the device, on a CPU machine: launches and host synchronizations.
 
 A ``DeviceWork`` context counts (1) every Triton kernel launch, by wrapping the launch method of Triton's kernel
-class (the interpreter's under TRITON_INTERPRET=1, the JIT's otherwise), and (2) every aten op that reaches the
+class (the interpreter's under TRITON_INTERPRET=1, the JIT's otherwise) and the launches of kernels bound once
+(``reft_fast.kernels.launch.run_bound``, REFT_FAST_TRITON_LAUNCH=bound on a GPU), and (2) every aten op that reaches the
 dispatcher and would be a device kernel on a GPU, through a TorchDispatchMode: views and bare allocations launch
 nothing and are not counted. While a Triton kernel runs, the torch ops the interpreter itself issues (copies of its
 arguments to numpy) are not counted: a compiled kernel on a GPU issues none.
@@ -76,6 +77,7 @@ class DeviceWork(TorchDispatchMode):
 
             self._patches.callback(setattr, cls, "run", original)
             cls.run = counted_run
+        self._count_bound_launches()
         original_tolist = torch.Tensor.tolist
 
         def counted_tolist(tensor, *args, **kwargs):
@@ -86,6 +88,22 @@ class DeviceWork(TorchDispatchMode):
         self._patches.callback(setattr, torch.Tensor, "tolist", original_tolist)
         torch.Tensor.tolist = counted_tolist
         return super().__enter__()
+
+    def _count_bound_launches(self):
+        from reft_fast.kernels import launch
+
+        work, original = self, launch.run_bound
+
+        def counted(bound, *args, **kwargs):
+            work.kernels["triton." + bound.name] += 1
+            work._inside_triton += 1
+            try:
+                return original(bound, *args, **kwargs)
+            finally:
+                work._inside_triton -= 1
+
+        self._patches.callback(setattr, launch, "run_bound", original)
+        launch.run_bound = counted
 
     def __exit__(self, *exc):
         try:

@@ -54,6 +54,26 @@ def test_the_gpu_table_times_the_triton_path_among_the_variants(monkeypatch):
     assert triton["triton_launches"] > 0 and math.isfinite(triton["stubbed_per_intervention_ms"])
     assert "launches counted" in triton["status"]
     assert math.isfinite(rows["hook-loreft"]["ratio_to_hook"])
+    # both launch modes of the Triton path in the same repetitions (REFT_FAST_TRITON_LAUNCH=jit and =bound)
+    bound = rows["reft-fast:triton-bound"]
+    assert bound["n_interventions"] == 32 and math.isfinite(bound["ratio_to_triton_jit"])
+    assert triton["ratio_to_triton_jit"] == 1.0
+
+
+def test_the_triton_variants_run_in_their_own_launch_mode(monkeypatch):
+    """reft-fast:triton is the JIT launch whatever REFT_FAST_TRITON_LAUNCH says, reft-fast:triton-bound the bound
+    one: each step runs inside its mode (launch plans are made per mode)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_host
+
+    from reft_fast.kernels import launch
+
+    seen = []
+    wrapped = bench_host._in_launch_mode(lambda: seen.append(launch.MODE), "bound")
+    before = launch.MODE
+    wrapped()
+    assert seen == ["bound"] and launch.MODE == before
+    assert bench_host.LAUNCH_MODES == {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}
 
 
 def test_device_cuda_without_a_gpu_is_an_argparse_error(monkeypatch, capsys):
