@@ -86,11 +86,15 @@ def _activation_grad(z, ACT: tl.constexpr):
 
 @triton.jit
 def _slot_rows(positions_ptr, slot0, n_slots, n_per_example, seq_len, BLOCK_M: tl.constexpr):
-    """Slots [slot0, slot0 + BLOCK_M): their flat row index into [B·T, d] and whether each is selected."""
+    """Slots [slot0, slot0 + BLOCK_M): their flat row index into [B·T, d] and whether each is selected.
+
+    A position outside [0, seq_len) selects nothing, like −1 (the CUDA twin's rule): unchecked positions
+    (``validate=False``, e.g. locations already on the GPU) can never make a program read or write another example's
+    row, or memory past h."""
     slots = slot0 + tl.arange(0, BLOCK_M)
     in_range = slots < n_slots
     pos = tl.load(positions_ptr + slots, mask=in_range, other=-1).to(tl.int64)
-    selected = in_range & (pos >= 0)
+    selected = in_range & (pos >= 0) & (pos < seq_len)
     rows = (slots // n_per_example).to(tl.int64) * seq_len + tl.where(selected, pos, 0)
     return slots.to(tl.int64), rows, selected
 

@@ -122,6 +122,31 @@ def test_h_is_not_modified_and_runs_are_bitwise_equal(backend):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("in_place", [False, True])
+def test_unchecked_positions_past_the_sequence_select_nothing(backend, in_place):
+    """With validate=False (positions already on the GPU are not read back), a position ≥ T selects nothing, as −1:
+    it must not edit token p − T of the next example (its flat row) nor touch memory past h."""
+    B, T, d, r = 3, 6, 40, 4
+    positions = make_positions(B, T, 4, empty_row=False)
+    past = positions.clone()
+    past[:, 0] = torch.tensor([T, T + 2, 10**6])[:B]
+    unselected = positions.clone()
+    unselected[:, 0] = -1
+    params = make_params("loreft", r, d)
+    h, g = torch.randn(B, T, d, device=DEVICE), torch.randn(B, T, d, device=DEVICE)
+    results = []
+    for pos in (past, unselected):
+        h_in = h.clone().requires_grad_()
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items() if k != "P"}
+        out = run_op(h_in * 1.0, pos.to(DEVICE), {**leaves, "P": leaves["Q"]}, backend, validate=False,
+                     in_place=in_place)
+        out.backward(g)
+        results.append([out.detach(), h_in.grad, leaves["Q"].grad, leaves["W"].grad, leaves["b"].grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_parameters_give_the_contiguous_result(backend):
     """R, W and b as views with other strides (a transposed QR factor, a slice) are the same numbers: the kernels,

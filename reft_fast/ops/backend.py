@@ -124,10 +124,11 @@ class InPlaceBackend(Backend, Protocol):
 
 
 def selected_rows(h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """[B, n, d] with h[b, positions[b, j]] at [b, j] (row 0 where positions is −1): what backward reads of h."""
+    """[B, n, d] with h[b, positions[b, j]] at [b, j] (a row of h where positions is −1 or past the sequence, which
+    select nothing): what backward reads of h."""
     batch_index = torch.arange(h.shape[0], device=h.device).unsqueeze(1)
     # int64 whatever integer dtype positions has: torch indexes with int64/int32 only, and reads uint8 as a mask
-    return h[batch_index, positions.clamp(min=0).long()]
+    return h[batch_index, positions.long().clamp(0, max(h.shape[1] - 1, 0))]
 
 
 _REGISTRY: dict[str, Backend] = {}
