@@ -255,6 +255,10 @@ class ReftIntervention(nn.Module):
         at once); ``seed`` keys the dropout mask (a ReftModel draws one per forward so that a recomputation under
         gradient checkpointing draws the same mask). ``in_place``: the caller owns h, write into it where the backend
         can (``ops.low_rank_edit``); use the return value.
+
+        A ReftModel's hooks do not call this method: they apply what ``prepare`` built once per forward (from
+        ``edit_steps``). A subclass changes the fused edit through ``edit_steps``, or replaces it with a ``forward``
+        of its own (pyvene's way, run by ``hooks.edit_with_own_forward``).
         """
         return apply_prepared(h, positions, self.prepare(rotation, seed), backend=backend, validate=validate,
                               in_place=in_place)
