@@ -377,9 +377,10 @@ _SETUPS = {"floor": _setup_floor, "reft-fast": _setup_reft_fast, "hook-loreft": 
            "lora": _setup_lora}
 
 
-def training_step(base, row: dict):
-    """(step, intervention layers, lowest intervened layer, trained parameters, the method's extras): one AdamW step
-    of the row's method on ``base`` (its loss returned), with the row's batch and interventions."""
+def training_parts(base, row: dict, **adamw_options):
+    """(loss function, optimizer, intervention layers, lowest intervened layer, trained parameters, the method's
+    extras) of the row's method on ``base``, with the row's batch and interventions; ``adamw_options`` go to the
+    optimizer (bench_host's captured steps need ``capturable=True``)."""
     layers, lowest = _interventions_per_layer(row)
     batch = make_batch(row, len(layers))
     loss_fn, params, extras = _SETUPS[row["method"].split(":")[0]](base, row, batch, layers)
@@ -387,7 +388,14 @@ def training_step(base, row: dict):
     from reft_fast.train.ds_config import client_adamw
 
     # the recipe's AdamW (fused where torch has the kernel) for every method: the rows compare the edit paths
-    optimizer = client_adamw(params, lr=1e-4)
+    optimizer = client_adamw(params, lr=1e-4, **adamw_options)
+    return loss_fn, optimizer, layers, lowest, params, extras
+
+
+def training_step(base, row: dict):
+    """(step, intervention layers, lowest intervened layer, trained parameters, the method's extras): one AdamW step
+    of the row's method on ``base`` (its loss returned), with the row's batch and interventions."""
+    loss_fn, optimizer, layers, lowest, params, extras = training_parts(base, row)
 
     def step():
         optimizer.zero_grad(set_to_none=True)

@@ -35,6 +35,14 @@ reft-fast:triton-bound is the same step with its kernels bound once per launch p
 kernels/launch.py; reft-fast:triton runs with =jit whatever the environment says), timed in the same repetitions:
 its ratio_to_triton_jit is its step − floor over reft-fast:triton's.
 
+Captured steps (``--device cuda`` only; issue 15): floor-graph and reft-fast:triton-graph build the floor's and
+reft-fast:triton's model and batch, capture one whole step in a CUDA graph (torch's whole-network recipe:
+``capture_step``) and time ``graph.replay()`` + synchronize, in repetitions of their own after the eager table (which
+is printed first). reft-fast:triton-graph is paired with floor-graph: its step − floor is what a replayed step costs
+over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's). Before timing, each checks
+``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and optimizer state; its status
+says whether they match (losses and parameters), or why it was not run (``not run: capture failed: ...``).
+
 Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row;
 host_smoke_... with --smoke).
 """
@@ -49,6 +57,7 @@ import random
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -68,9 +77,22 @@ from reft_fast.train.cli import positive_int  # noqa: E402
 HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
-# triton timed too, in both launch modes
-CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:torch", "hook-loreft", "pyreft")
+# triton timed too, in both launch modes, and the step captured in a CUDA graph (with the floor's, its pair)
+CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:torch", "hook-loreft", "pyreft",
+                 "floor-graph", "reft-fast:triton-graph")
 LAUNCH_MODES = {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}  # REFT_FAST_TRITON_LAUNCH per variant
+# Captured steps (CUDA only): the eager variant each one captures. Capture also takes the floor's own Python off the
+# host, so the captured ReFT step is paired with the captured floor, not the eager one.
+GRAPH_VARIANTS = {"floor-graph": "floor", "reft-fast:triton-graph": "reft-fast:triton"}
+PAIRED_FLOOR = {"reft-fast:triton-graph": "floor-graph"}  # the floor of a variant's paired differences (else floor)
+FLOORS = ("floor", "floor-graph")
+GRAPH_CHECK_STEPS = 3  # replays compared with as many eager steps from the same parameters and optimizer state
+# fp32 loss ≈ 5.5 here; the captured forward runs SDPA with a materialized causal mask where the eager one takes the
+# is_causal shortcut (transformers reads no mask while a stream captures): rounding-level differences only
+LOSS_TOLERANCE = 1e-4
+# parameters after the replays against after the eager steps, relative to how far the eager steps moved them (AdamW
+# moves each trained entry by ≈ lr per step, so a replay whose update or gradients were stale is far off)
+PARAM_TOLERANCE = 0.01
 FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "base",
           "clock", "variant",
           "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
@@ -212,6 +234,179 @@ def launch_counts(step) -> dict:
     return dict(triton_launches=triton, aten_launches=work.launches - triton, host_syncs=len(work.syncs))
 
 
+@contextlib.contextmanager
+def _phase(name: str):
+    """Exceptions leaving the block carry a note naming the phase of the capture they come from."""
+    try:
+        yield
+    except Exception as error:
+        error.add_note(f"in {name}")
+        raise
+
+
+def capture_step(loss_fn, optimizer, warmup: int):
+    """(graph, static loss): one whole training step (forward with labels, backward, optimizer step) captured in a CUDA
+    graph, by torch's whole-network recipe (torch.cuda.graph's documentation): ``warmup`` eager steps on a side
+    stream, the gradients set to None, then one step captured on the graph's own stream. Backward then creates the
+    .grad tensors in the graph's memory pool, and each replay writes them anew: no zero_grad between replays. The
+    optimizer must be ``capturable`` (its step count on the device). What the step's Python computes on the host
+    (ReFT's rotations and prepared edits, Triton's launch arguments, transformers' mask choices) is frozen at capture:
+    a replay runs only the kernels, on the same input tensors and on the parameters the optimizer updates in place.
+
+    Triton launch plans and their scratch buffers are kept per stream (kernels/low_rank_edit.py, ``stream_key``): the
+    warm-up builds those of the side stream, the capture its own, allocated from the graph's pool (kept by the plan
+    cache as long as the process runs)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not torch.cuda.is_available() or not params or any(p.device.type != "cuda" for p in params):
+        raise RuntimeError(f"CUDA graphs need a CUDA device: the parameters are on "
+                           f"{sorted({str(p.device) for p in params})} and torch "
+                           f"{'sees' if torch.cuda.is_available() else 'sees no'} CUDA device")
+    if not all(group.get("capturable") for group in optimizer.param_groups):
+        raise ValueError("the optimizer must be built with capturable=True to be captured")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with _phase("warm-up"), torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            optimizer.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)
+    with _phase("capture"), torch.cuda.graph(graph):
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+    return graph, loss.detach()
+
+
+def _eager_step_on_static_grads(loss_fn, optimizer):
+    """An eager step of a captured model that keeps its .grad tensors (zeroed in place, then accumulated into): the
+    graph reads and writes those very tensors."""
+    def step():
+        optimizer.zero_grad(set_to_none=False)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def replay_check(replay, static_loss, eager_step, params, optimizer, steps: int = GRAPH_CHECK_STEPS) -> tuple:
+    """(matches, the row's status): whether ``steps`` calls of ``replay`` (a captured step, its loss in
+    ``static_loss``) do what as many ``eager_step`` calls do from the same parameters and optimizer state. Both runs
+    start from one snapshot, written back in place between them (the graph reads those very tensors); compared are the
+    losses step by step and the parameters after the last step."""
+    state = [t for p in params for t in optimizer.state[p].values() if isinstance(t, torch.Tensor)]
+    start = [t.detach().clone() for t in (*params, *state)]
+    replayed = []
+    for _ in range(steps):
+        replay()
+        replayed.append(static_loss.detach().clone())
+    after_replay = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for tensor, value in zip((*params, *state), start):
+            tensor.copy_(value)
+    eager = torch.stack([eager_step() for _ in range(steps)])
+    d_loss = (torch.stack(replayed) - eager).abs().max().item()
+    loss_moved = (eager[-1] - eager[0]).abs().item()
+    d_param = max((p.detach() - q).abs().max().item() for p, q in zip(params, after_replay))
+    moved = max((p.detach() - q).abs().max().item() for p, q in zip(params, start))
+    matches = d_loss <= LOSS_TOLERANCE and d_param <= PARAM_TOLERANCE * moved + 1e-7
+    return matches, (f"replay {'matches' if matches else 'DIFFERS from'} eager: max |Δloss| = {d_loss:.1e} over "
+                     f"{steps} steps (loss moved {loss_moved:.1e}), max |Δparam| = {d_param:.1e} (moved {moved:.1e})")
+
+
+def build_graph_step(variant: str, device: str = "cuda", base: str = "llama", warmup: int = 3):
+    """(the captured step: replay, then synchronize; its number of interventions; its status; the list its calls
+    append the host's milliseconds in ``graph.replay()`` to) of a GRAPH_VARIANTS variant: the eager variant's model
+    and batch on a base of its own, its AdamW capturable, warmed up and captured (``capture_step``), then checked
+    against eager steps (``replay_check``). The step's time is the device's (tiny kernels queued at once); the
+    replay's own time is what it costs the host.
+
+    The batch is the eager variant's, all-ones attention mask included: transformers (5.17 on the GPU image, 5.24
+    here) reads the mask (``_ignore_causal_mask_sdpa``), or without one the position ids
+    (``find_packed_sequence_indices``), on the host in eager steps only; while a stream captures, its ``is_tracing``
+    skips both reads and it builds the causal mask instead. The LoReFT config has no dropout: a dropout seed is drawn
+    on the host per forward (``ReftModel._seeds``) and would replay as a constant; the status says if the host RNG was
+    drawn during warm-up or capture."""
+    from reft_fast.kernels import launch
+
+    if device != "cuda":
+        raise RuntimeError(f"CUDA graphs need a CUDA device, not {device!r} (--device cuda)")
+    bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
+    row = _row(GRAPH_VARIANTS[variant], device)
+    loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(build_base(row, base), row, capturable=True)
+    host_rng = torch.random.get_rng_state()
+    with launch.using("jit"), warnings.catch_warnings():  # jit: reft-fast:triton's launch mode
+        # torch warns once that a capturable optimizer steps uncaptured (as the warm-up and the eager check do)
+        warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+        graph, static_loss = capture_step(loss_fn, optimizer, warmup)
+        drew = not torch.equal(host_rng, torch.random.get_rng_state())
+        with _phase("the replay check"):
+            _, status = replay_check(graph.replay, static_loss, _eager_step_on_static_grads(loss_fn, optimizer),
+                                     params, optimizer)
+    if drew:
+        status += "; the host RNG was drawn during warm-up or capture (a dropout seed would replay as a constant)"
+
+    issue_ms = []
+
+    def replayed_step():
+        start = time.perf_counter()
+        graph.replay()
+        issue_ms.append((time.perf_counter() - start) * 1e3)
+        torch.cuda.synchronize()
+        return static_loss
+
+    return replayed_step, (len(layers) if variant not in FLOORS else 0), status, issue_ms
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+def failure_status(error: BaseException, what: str = "capture failed") -> str:
+    """``not run: <what>: <type>: <first line>``, with the phase noted (``_phase``) and the exception it was raised
+    while handling, if any (torch.cuda.graph's exit ends the capture, which then fails on its own)."""
+    text = f"not run: {what}: {type(error).__name__}: {_first_line(error)}"
+    notes = getattr(error, "__notes__", None)
+    if notes:
+        text += f" [{'; '.join(notes)}]"
+    cause = error.__cause__ or error.__context__
+    if cause is not None:
+        text += f" (after {type(cause).__name__}: {_first_line(cause)})"
+    return text
+
+
+def _graph_times(variants, device: str, reps: int, warmup: int, base: str, log, sizes: dict, statuses: dict) -> dict:
+    """Milliseconds per replayed step of the captured ``variants`` in ``reps`` paired repetitions of their own, run
+    after the eager table (an error here cannot cost it); each one's status says whether its capture worked and its
+    replay matches eager steps. None is built off CUDA."""
+    if device != "cuda":
+        statuses.update({variant: "not run: CUDA graphs need --device cuda" for variant in variants})
+        return {}
+    steps, issue_ms = {}, {}
+    for variant in variants:
+        try:
+            steps[variant], sizes[variant], statuses[variant], issue_ms[variant] = build_graph_step(
+                variant, device, base, warmup)
+        except Exception as error:  # the captured step's failure is its row's status; the table goes on
+            statuses[variant] = failure_status(error)
+        log(f"{variant}: {statuses[variant]}")
+    try:
+        for step in steps.values():
+            for _ in range(warmup):
+                step()
+        times = paired_times(steps, reps, device=device)
+        for variant, issued in issue_ms.items():  # the timed replays' (the last reps of the list)
+            statuses[variant] += f"; graph.replay() returns in {statistics.median(issued[-reps:]):.3f} ms (host)"
+        return times
+    except Exception as error:
+        statuses.update({variant: failure_status(error, "replay failed") for variant in steps})
+        return {}
+
+
 def _built_variants(variants, device: str, log, base: str) -> tuple[dict, dict, dict]:
     """(steps, numbers of interventions, statuses) of the variants; pyreft, when it cannot be built, gets a status."""
     steps, sizes, statuses = {}, {}, {}
@@ -247,51 +442,38 @@ def _triton_figures(steps: dict, device: str, reps: int, warmup: int, base: str)
 
 def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict) -> list[dict]:
     """One row per variant: its median step, and the median, quartiles and per-intervention figure of the paired
-    differences with the floor; ratio_to_hook against hook-loreft's."""
+    differences with its floor (PAIRED_FLOOR: the captured floor for a captured step, else the floor); ratio_to_hook
+    against hook-loreft's, ratio_to_triton_jit against reft-fast:triton's."""
     rows, hook_diff, jit_diff = [], None, None
     for variant in variants:
         row = dict(common, variant=variant, status=statuses.get(variant, "ok"))
+        floor = PAIRED_FLOOR.get(variant, "floor")
         if variant in times:
-            diffs = [t - f for t, f in zip(times[variant], times["floor"])]
-            q1, median, q3 = _quartiles(diffs)
-            row.update(n_interventions=sizes[variant] if variant != "floor" else 0,
+            row.update(n_interventions=sizes[variant] if variant not in FLOORS else 0,
                        step_ms=statistics.median(times[variant]))
-            if variant != "floor":
-                row.update(minus_floor_ms=median, minus_floor_q1_ms=q1, minus_floor_q3_ms=q3,
-                           per_intervention_ms=median / sizes[variant])
-            if variant == "hook-loreft":
-                hook_diff = median
-            if variant == "reft-fast:triton":
-                jit_diff = median
+        if variant in times and variant not in FLOORS and floor in times:
+            diffs = [t - f for t, f in zip(times[variant], times[floor])]
+            q1, median, q3 = _quartiles(diffs)
+            row.update(minus_floor_ms=median, minus_floor_q1_ms=q1, minus_floor_q3_ms=q3,
+                       per_intervention_ms=median / sizes[variant])
+            hook_diff = median if variant == "hook-loreft" else hook_diff
+            jit_diff = median if variant == "reft-fast:triton" else jit_diff
+        elif variant in times and variant not in FLOORS:
+            row["status"] += f"; {floor} not timed: no paired figure"
         rows.append(row)
     for row in rows:
         if hook_diff and "minus_floor_ms" in row:
             row["ratio_to_hook"] = row["minus_floor_ms"] / hook_diff
-        if jit_diff and row["variant"] in LAUNCH_MODES and "minus_floor_ms" in row:
+        compared_to_jit = row["variant"] in LAUNCH_MODES or row["variant"] in GRAPH_VARIANTS
+        if jit_diff and compared_to_jit and "minus_floor_ms" in row:
             row["ratio_to_triton_jit"] = row["minus_floor_ms"] / jit_diff
     return rows
 
 
-def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None,
-            base: str = "llama") -> list[dict]:
-    """The table's rows: ``variants`` timed in pairs with the floor (default: CUDA_VARIANTS on cuda, VARIANTS on the
-    CPU), and the Triton path's launches and stubbed host time (its own row unless it is among those timed), on the
-    tiny Llama or its ``toy`` form (``base``)."""
-    env = environment()
-    versions = bench_e2e._versions()
-    common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
-                  transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
-                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps, base=base,
-                  clock="thread" if device == "cpu" else "wall")
-    variants = variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS)
-    steps, sizes, statuses = _built_variants(variants, device, log, base)
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load average "
-        f"{common['load_1min']} on {os.cpu_count()} cores")
-    times = paired_times(steps, reps, device=device)
-    triton, n_triton = _triton_figures(steps, device, reps, warmup, base)
+def _table(variants, times: dict, sizes: dict, statuses: dict, common: dict, triton: dict, n_triton: int,
+           device: str) -> list[dict]:
+    """The rows of ``variants`` (``_timed_rows``) with the Triton path's launches and stubbed host time on
+    reft-fast:triton's row (a row of its own when it is not among those timed)."""
     rows = _timed_rows(variants, times, sizes, statuses, common)
     stubbed = ("launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the "
                "JIT launcher's own cost not included)" if device == "cpu" else
@@ -302,6 +484,38 @@ def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Op
     else:
         rows.append(dict(common, variant="reft-fast:triton", n_interventions=n_triton, **triton, status=stubbed))
     return rows
+
+
+def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None,
+            base: str = "llama", on_eager_rows=None) -> list[dict]:
+    """The table's rows: ``variants`` timed in pairs with the floor (default: CUDA_VARIANTS on cuda, VARIANTS on the
+    CPU), and the Triton path's launches and stubbed host time (its own row unless it is among those timed), on the
+    tiny Llama or its ``toy`` form (``base``). The captured variants (GRAPH_VARIANTS, CUDA only) come last, timed in
+    repetitions of their own; ``on_eager_rows(rows)`` gets the table without them first (a run stopped during their
+    capture keeps it)."""
+    env = environment()
+    versions = bench_e2e._versions()
+    common = dict(machine=env["device"], torch=env["torch"], triton=env["triton"],
+                  transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
+                  threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps, base=base,
+                  clock="thread" if device == "cpu" else "wall")
+    variants = variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS)
+    eager = [variant for variant in variants if variant not in GRAPH_VARIANTS]
+    graphs = [variant for variant in variants if variant in GRAPH_VARIANTS]
+    steps, sizes, statuses = _built_variants(eager, device, log, base)
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load average "
+        f"{common['load_1min']} on {os.cpu_count()} cores")
+    times = paired_times(steps, reps, device=device)
+    triton, n_triton = _triton_figures(steps, device, reps, warmup, base)
+    if not graphs:
+        return _table(variants, times, sizes, statuses, common, triton, n_triton, device)
+    if on_eager_rows is not None:
+        on_eager_rows(_table(eager, times, sizes, statuses, common, triton, n_triton, device))
+    times.update(_graph_times(graphs, device, reps, warmup, base, log, sizes, statuses))
+    return _table(variants, times, sizes, statuses, common, triton, n_triton, device)
 
 
 def _parse_args(argv):
@@ -317,18 +531,25 @@ def _parse_args(argv):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the steps run (default: cuda where there is a GPU; there reft-fast:triton is "
                              "timed with its kernels)")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variants to time, floor among them (default: all of the device's: "
+                             f"{','.join(CUDA_VARIANTS)} on cuda, {','.join(VARIANTS)} on a CPU)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda, but torch sees no CUDA device here")
+    if args.variants is not None:
+        allowed = CUDA_VARIANTS if args.device == "cuda" else VARIANTS
+        args.variants = tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
+        if "floor" not in args.variants or not set(args.variants) <= set(allowed):
+            parser.error(f"argument --variants: {','.join(args.variants)!r}: give floor and others among "
+                         f"{','.join(allowed)} (--device {args.device})")
     args.reps = args.reps or (4 if args.smoke else 400)
     args.warmup = args.warmup or (1 if args.smoke else 10)
     return args
 
 
-def main(argv=None) -> int:
-    args = _parse_args(argv)
-    torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
-    rows = measure(args.reps, args.warmup, device=args.device, base=args.base)
+def _write_and_print(rows: list[dict], args) -> Path:
+    """The CSV of ``rows`` (written over) and their table on stdout."""
     env = {"device": rows[0]["machine"], "date": rows[0]["date"]}
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
     # a smoke run's file is its own: its few repetitions must not replace the day's measurement
@@ -337,7 +558,21 @@ def main(argv=None) -> int:
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
                        "ratio_to_hook", "ratio_to_triton_jit", "launches_per_intervention",
                        "stubbed_per_intervention_ms", "status"])
-    print(f"wrote {path}")
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    torch.set_num_threads(1)  # OpenMP threads spin-waiting on a shared 2-core machine make tiny ops swing 100×
+
+    def eager_rows(rows):  # printed before the captured variants are built: a run stopped during them keeps these
+        print("the eager variants (the captured ones follow):")
+        _write_and_print(rows, args)
+
+    rows = measure(args.reps, args.warmup, device=args.device, base=args.base, variants=args.variants,
+                   on_eager_rows=eager_rows)
+    _write_and_print(rows, args)
     bad = [row["variant"] for row in rows if row["status"] == "ok" and not all(
         math.isfinite(row[key]) for key in ("step_ms",))]
     return 1 if bad else 0

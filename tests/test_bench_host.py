@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +47,21 @@ def test_the_gpu_table_times_the_triton_path_among_the_variants(monkeypatch):
     import bench_host
 
     variants = tuple(v for v in bench_host.CUDA_VARIANTS if v != "pyreft")  # its own row is covered above
+
+    def never_built(*args, **kwargs):
+        raise AssertionError("a captured variant was built off CUDA")
+
+    monkeypatch.setattr(bench_host, "build_graph_step", never_built)
+    eager_tables = []
     with bench_host.stubbed_launches():  # the interpreter would take minutes; the rows' making is what is tested
-        rows = {row["variant"]: row for row in bench_host.measure(2, 1, log=lambda *_: None, variants=variants)}
+        rows = {row["variant"]: row for row in bench_host.measure(2, 1, log=lambda *_: None, variants=variants,
+                                                                  on_eager_rows=eager_tables.append)}
     assert list(rows) == list(variants)
+    # the captured variants (CUDA graphs) get their rows, never built on the CPU; the eager table came first
+    for variant in bench_host.GRAPH_VARIANTS:
+        assert rows[variant]["status"] == "not run: CUDA graphs need --device cuda" and "step_ms" not in rows[variant]
+    [eager_table] = eager_tables
+    assert [row["variant"] for row in eager_table] == [v for v in variants if v not in bench_host.GRAPH_VARIANTS]
     triton = rows["reft-fast:triton"]
     assert triton["n_interventions"] == 32 and math.isfinite(triton["per_intervention_ms"])
     assert triton["triton_launches"] > 0 and math.isfinite(triton["stubbed_per_intervention_ms"])
@@ -88,3 +101,145 @@ def test_device_cuda_without_a_gpu_is_an_argparse_error(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage:") and "argument --device: cuda, but torch sees no CUDA device here" in err
+
+
+def _bench_host():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_host
+
+    return bench_host
+
+
+def test_the_captured_variants_are_cuda_only():
+    """floor-graph and reft-fast:triton-graph (CUDA graphs) are in the GPU table only: not in the CPU's variants, not
+    accepted by ``--variants`` with ``--device cpu``, and ``_graph_times`` on the CPU gives them a status without
+    building them."""
+    bench_host = _bench_host()
+    graphs = set(bench_host.GRAPH_VARIANTS)
+    assert graphs <= set(bench_host.CUDA_VARIANTS) and not graphs & set(bench_host.VARIANTS)
+    assert bench_host._parse_args(["--device", "cpu"]).variants is None  # measure() then takes VARIANTS
+    assert bench_host._parse_args(["--device", "cpu", "--variants", "floor,hook-loreft"]).variants == (
+        "floor", "hook-loreft")
+    for variants in ("floor,reft-fast:triton-graph", "hook-loreft"):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_host._parse_args(["--device", "cpu", "--variants", variants])
+        assert exit_info.value.code == 2
+    sizes, statuses = {}, {}
+    assert bench_host._graph_times(list(graphs), "cpu", 2, 1, "llama", lambda *_: None, sizes, statuses) == {}
+    assert statuses == {v: "not run: CUDA graphs need --device cuda" for v in graphs} and sizes == {}
+
+
+def test_capture_refuses_clearly_on_the_cpu(monkeypatch):
+    """The capture helpers name what is missing before touching any CUDA API or building a model: CPU parameters, a
+    device other than cuda, an optimizer that is not capturable."""
+    bench_host = _bench_host()
+    layer = torch.nn.Linear(4, 1)
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return layer(torch.ones(2, 4)).sum()
+
+    optimizer = torch.optim.AdamW(layer.parameters(), capturable=True)
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device: the parameters are on \\['cpu'\\]"):
+        bench_host.capture_step(loss_fn, optimizer, warmup=1)
+    assert calls == []  # no warm-up step ran
+
+    monkeypatch.setattr(bench_host.bench_e2e, "training_parts", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device, not 'cpu'"):
+        bench_host.build_graph_step("reft-fast:triton-graph", "cpu")
+
+
+def _regression(seed: int = 0):
+    """A small model, its loss on a fixed batch, its AdamW (the shape of a bench step, cheap on the CPU)."""
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(32, 16), torch.randn(32, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = lambda: torch.nn.functional.mse_loss(model(x), y)  # noqa: E731
+    for _ in range(2):  # optimizer state present, as after a capture's warm-up
+        optimizer.zero_grad()
+        loss_fn().backward()
+        optimizer.step()
+    return loss_fn, optimizer, list(model.parameters())
+
+
+def test_the_replay_check_tells_a_faithful_replay_from_a_stale_one():
+    """``replay_check`` (what the GPU run reports on each captured row): a "replay" that does the eager step matches;
+    one whose optimizer step is lost, or whose gradients are stale (the first step's, replayed), is reported as
+    differing, from losses and parameters. On the CPU the replay is a Python stand-in, not a CUDA graph."""
+    bench_host = _bench_host()
+    loss_fn, optimizer, params = _regression()
+    eager = bench_host._eager_step_on_static_grads(loss_fn, optimizer)
+    static = torch.zeros(())
+    matches, status = bench_host.replay_check(lambda: static.copy_(eager()), static, eager, params, optimizer)
+    assert matches and status.startswith("replay matches eager: max |Δloss| = 0.0e+00 over 3 steps")
+
+    def without_update():
+        optimizer.zero_grad(set_to_none=False)
+        static.copy_(loss_fn().detach())
+
+    matches, status = bench_host.replay_check(without_update, static, eager, params, optimizer)
+    assert not matches and status.startswith("replay DIFFERS from eager")
+    frozen = [p.grad.clone() for p in params]
+
+    def stale_gradients():
+        static.copy_(loss_fn().detach())
+        for p, g in zip(params, frozen):
+            p.grad.copy_(g)
+        optimizer.step()
+
+    assert not bench_host.replay_check(stale_gradients, static, eager, params, optimizer)[0]
+
+
+def test_a_captured_step_is_paired_with_the_captured_floor():
+    """reft-fast:triton-graph's step − floor is taken against floor-graph's times (capture takes the floor's Python
+    off the host too), its ratio_to_triton_jit against the eager reft-fast:triton's; floor-graph is a floor."""
+    bench_host = _bench_host()
+    times = {"floor": [10.0] * 3, "reft-fast:triton": [50.0] * 3, "hook-loreft": [90.0] * 3,
+             "floor-graph": [1.0] * 3, "reft-fast:triton-graph": [1.8] * 3}
+    sizes = {"reft-fast:triton": 32, "hook-loreft": 32, "reft-fast:triton-graph": 32}
+    statuses = {"floor-graph": "replay matches eager", "reft-fast:triton-graph": "replay matches eager"}
+    rows = {row["variant"]: row for row in bench_host._timed_rows(list(times), times, sizes, statuses, {})}
+    graph = rows["reft-fast:triton-graph"]
+    assert graph["minus_floor_ms"] == pytest.approx(0.8) and graph["per_intervention_ms"] == pytest.approx(0.8 / 32)
+    assert graph["ratio_to_triton_jit"] == pytest.approx(0.8 / 40) and graph["ratio_to_hook"] == pytest.approx(0.01)
+    assert graph["status"] == "replay matches eager"
+    assert rows["floor-graph"]["n_interventions"] == 0 and "minus_floor_ms" not in rows["floor-graph"]
+    assert rows["floor-graph"]["step_ms"] == 1.0
+    del times["floor-graph"]  # its capture failed: the captured step keeps its time, without a paired figure
+    rows = {row["variant"]: row for row in bench_host._timed_rows(list(times), times, sizes, statuses, {})}
+    assert "minus_floor_ms" not in rows["reft-fast:triton-graph"] and rows["reft-fast:triton-graph"]["step_ms"] == 1.8
+    assert rows["reft-fast:triton-graph"]["status"].endswith("; floor-graph not timed: no paired figure")
+
+
+def test_a_failed_capture_status_names_the_phase_and_the_first_error():
+    """torch.cuda.graph's exit ends the capture, which fails on its own after an error inside: the status keeps both
+    and the phase (``not run: capture failed: ...``)."""
+    bench_host = _bench_host()
+    with pytest.raises(RuntimeError) as raised:
+        with bench_host._phase("capture"):
+            try:
+                raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+            finally:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+    assert bench_host.failure_status(raised.value) == (
+        "not run: capture failed: RuntimeError: CUDA error: operation failed due to a previous error during capture "
+        "[in capture] (after RuntimeError: CUDA error: operation not permitted when stream is capturing)")
+
+
+def test_the_captured_reft_step_has_no_dropout(monkeypatch):
+    """A ReftModel draws each forward's dropout seed on the host (``ReftModel._seeds``): a captured step would replay
+    it as a constant. reft-fast:triton-graph's interventions (the eager reft-fast:triton's config) have none."""
+    bench_host = _bench_host()
+    import reft_fast
+
+    built = []
+    original = reft_fast.get_reft_model
+    monkeypatch.setattr(reft_fast, "get_reft_model", lambda *a, **k: built.append(original(*a, **k)) or built[-1])
+    bench_host.bench_e2e.SHAPES.setdefault("host", bench_host.HOST_SHAPE)
+    row = bench_host._row(bench_host.GRAPH_VARIANTS["reft-fast:triton-graph"])
+    bench_host.bench_e2e.training_parts(bench_host.build_base(row), row, capturable=True)
+    [model] = built
+    assert len(model.interventions) == 32
+    assert all(intervention.dropout_rate == 0.0 for intervention in model.interventions.values())
