@@ -61,24 +61,13 @@ class DeviceWork(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
-        work = self
+        from reft_fast.kernels import launch
+
         for cls in _kernel_classes():
-            original = cls.run
-
-            def counted_run(kernel, *args, _original=original, **kwargs):
-                if kwargs.get("warmup"):
-                    return _original(kernel, *args, **kwargs)
-                work.kernels["triton." + getattr(kernel, "__name__", "?")] += 1
-                work._inside_triton += 1
-                try:
-                    return _original(kernel, *args, **kwargs)
-                finally:
-                    work._inside_triton -= 1
-
-            self._patches.callback(setattr, cls, "run", original)
-            cls.run = counted_run
-        self._count_bound_launches()
-        original_tolist = torch.Tensor.tolist
+            self._patch(cls, "run", lambda kernel, *args, **kwargs: getattr(kernel, "__name__", "?"),
+                        skip=lambda kwargs: kwargs.get("warmup"))
+        self._patch(launch, "run_bound", lambda bound, *args, **kwargs: bound.name)  # launches bound once per plan
+        work, original_tolist = self, torch.Tensor.tolist
 
         def counted_tolist(tensor, *args, **kwargs):
             if not work._inside_triton:
@@ -89,21 +78,23 @@ class DeviceWork(TorchDispatchMode):
         torch.Tensor.tolist = counted_tolist
         return super().__enter__()
 
-    def _count_bound_launches(self):
-        from reft_fast.kernels import launch
+    def _patch(self, owner, attribute: str, name_of, skip=lambda kwargs: False) -> None:
+        """Count each call of ``owner.attribute`` as a Triton launch named ``name_of(*call)``; what it dispatches
+        inside is the kernel's own business, not aten launches or host syncs."""
+        work, original = self, getattr(owner, attribute)
 
-        work, original = self, launch.run_bound
-
-        def counted(bound, *args, **kwargs):
-            work.kernels["triton." + bound.name] += 1
+        def counted(*args, **kwargs):
+            if skip(kwargs):
+                return original(*args, **kwargs)
+            work.kernels["triton." + name_of(*args, **kwargs)] += 1
             work._inside_triton += 1
             try:
-                return original(bound, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 work._inside_triton -= 1
 
-        self._patches.callback(setattr, launch, "run_bound", original)
-        launch.run_bound = counted
+        self._patches.callback(setattr, owner, attribute, original)
+        setattr(owner, attribute, counted)
 
     def __exit__(self, *exc):
         try:

@@ -7,14 +7,12 @@ shipped in its wheel, whose report (-v) gives registers and spill stores per ker
 
 import contextlib
 import io
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from sm90 import compiled_report
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
@@ -93,15 +91,9 @@ def resource_report():
 
 
 def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    # A fresh process without TRITON_INTERPRET, so that triton.jit gives compilable functions.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # an empty cache, so that ptxas runs (and reports) for every kernel
-    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
-    code = "import json, test_triton_compile as t; print(json.dumps(t.resource_report()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = compiled_report("test_triton_compile", "resource_report", timeout=600, TRITON_DEFAULT_FP_FUSION="1",
+                           TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
     assert len(rows) == 7 * len(CASES) + 1
     for name, dtype, r, regs, spills, tiles, warps in rows:
         print(f"{name:32s} {dtype:15s} r={r:<3d} regs={regs:<4d} spill-stores={spills:<5d} {tiles} warps={warps}")
@@ -156,11 +148,6 @@ def test_a_new_batch_shape_compiles_no_kernel_again():
     positions, lengths and the dropout seed change from batch to batch (packed and variable-length data draw new
     combinations every few steps), so they are plain values: one compile per kernel and flags (before, every such
     combination compiled every kernel again, seconds inside a training step)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_triton_compile as t; print(json.dumps(t.launch_specializations()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    keys = compiled_report("test_triton_compile", "launch_specializations", timeout=300)
     assert set(keys) == set(LAUNCHED), sorted(keys)
     assert all(len(variants) == 1 for variants in keys.values()), keys

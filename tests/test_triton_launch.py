@@ -7,7 +7,6 @@ when anything that picks another compiled kernel differs; the setting is read an
 gives the JIT path's results bit for bit, and its launches after the first do not go through ``JITFunction.run``.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 from reft_fast.kernels import launch  # noqa: E402
 from reft_fast.kernels import low_rank_edit as kernels  # noqa: E402
 
+from sm90 import compiled_report  # noqa: E402
 from launch_count import DeviceWork  # noqa: E402
 from reference import DEVICE, make_params, make_positions  # noqa: E402
 
@@ -82,12 +82,7 @@ def binder_report():
 
 
 def test_bound_tuples_equal_tritons_binder_at_every_launch():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_triton_launch as t; print(json.dumps(t.binder_report()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    seen = [tuple(row) for row in json.loads(proc.stdout.strip().splitlines()[-1])]
+    seen = [tuple(row) for row in compiled_report("test_triton_launch", "binder_report", timeout=300)]
     names = {row[0] for row in seen}
     assert names == {"_split_projections_kernel", "_edit_forward_kernel", "_edit_backward_rows_kernel",
                      "_edit_backward_weights_kernel", "_sum_weight_splits_kernel"}
@@ -198,12 +193,7 @@ def _comparable(call):
 def test_the_bound_launch_calls_the_launcher_as_tritons_jit_run_does():
     """Through Triton's real JITFunction.run (compiling for sm_90 here) and a launcher that records: after the first
     pass, every kernel is launched through its binding, with the same arguments Triton's own launch gave it."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "import json, test_triton_launch as t; print(json.dumps(t.fake_driver_report()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = compiled_report("test_triton_launch", "fake_driver_report", timeout=600)
     assert {row[0] for row in rows} == {"_split_projections_kernel", "_edit_forward_kernel",
                                         "_edit_backward_rows_kernel", "_edit_backward_weights_kernel",
                                         "_sum_weight_splits_kernel"}
