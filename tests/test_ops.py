@@ -305,6 +305,19 @@ def test_bad_input(mutate, error, match):
                    backend=args["backend"], dropout=args["dropout"])
 
 
+def test_a_prepared_edit_names_where_each_tensor_is():
+    """prepare_edit has no h: its parameters must be where Q is, and the message says so; apply_edit then checks Q
+    against h."""
+    Q, W, b = torch.zeros(2, 8), torch.zeros(2, 8), torch.zeros(2)
+    with pytest.raises(ValueError, match="W is on meta but Q is on cpu"):
+        ops.prepare_edit(Q, W=W.to("meta"), b=b, P=Q)
+    meta = ops.prepare_edit(Q.to("meta"), W=W.to("meta"), b=b.to("meta"))
+    with pytest.raises(ValueError, match="Q is on meta but h is on cpu"):
+        ops.apply_edit(torch.zeros(1, 3, 8), torch.zeros(1, 1, dtype=torch.long), meta, validate=False)
+    with pytest.raises(ValueError, match="Q has hidden size 8 but h has hidden size 4"):
+        ops.apply_edit(torch.zeros(1, 3, 4), torch.zeros(1, 1, dtype=torch.long), meta, validate=False)
+
+
 def test_activation_needs_w_and_source_needs_something():
     h, positions, R, W, b = _good()
     with pytest.raises(ValueError, match="with W=None"):

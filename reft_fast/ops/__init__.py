@@ -86,7 +86,7 @@ def _activation_code(act) -> int:
     return ACTIVATIONS[act]
 
 
-def _check_param(name: str, t, shape: tuple, device: torch.device) -> None:
+def _check_param(name: str, t, shape: tuple, device: torch.device, holder: str = "h") -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype != torch.float32:
@@ -94,7 +94,7 @@ def _check_param(name: str, t, shape: tuple, device: torch.device) -> None:
     if t.shape != shape:  # torch.Size is a tuple: compared without building one
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but h is on {device}")
+        raise ValueError(f"{name} is on {t.device} but {holder} is on {device}")
 
 
 def validate_positions(positions: torch.Tensor, seq_len: int) -> None:
@@ -146,14 +146,15 @@ def _check_params(Q, P, W, b, dropout, device: Optional[torch.device] = None) ->
     r, d = Q.shape
     if not 1 <= r <= d:
         raise ValueError(f"rank must be between 1 and the hidden size {d}, got {r}")
-    device = Q.device if device is None else device
-    _check_param("Q", Q, (r, d), device)
+    # checked alone (prepare_edit), the parameters must be where Q is; with h, where h is
+    holder, device = ("Q", Q.device) if device is None else ("h", device)
+    _check_param("Q", Q, (r, d), device, holder)
     if P is not None and P is not Q:  # LoReFT's P is its Q: checked once
-        _check_param("P", P, (r, d), device)
+        _check_param("P", P, (r, d), device, holder)
     if W is not None:
-        _check_param("W", W, (r, d), device)
+        _check_param("W", W, (r, d), device, holder)
     if b is not None:
-        _check_param("b", b, (r,), device)
+        _check_param("b", b, (r,), device, holder)
     if W is None and b is None:
         raise ValueError("the learned source needs W, b or both (z = h Wᵀ + b, or z = b when W is None)")
     if not isinstance(dropout, (int, float)) or not 0.0 <= float(dropout) < 1.0:
@@ -162,17 +163,17 @@ def _check_params(Q, P, W, b, dropout, device: Optional[torch.device] = None) ->
 
 def _check_inputs(h, positions, Q, P, W, b, dropout) -> None:
     _check_hidden(h, positions)
-    if isinstance(Q, torch.Tensor) and Q.dim() == 2 and Q.shape[1] != h.shape[-1]:
-        raise ValueError(f"Q has hidden size {Q.shape[1]} but h has hidden size {h.shape[-1]}")
+    if isinstance(Q, torch.Tensor) and Q.dim() == 2:
+        _check_fits(h, Q)  # first: a Q of another hidden size is named as such, not as W's wrong shape
     _check_params(Q, P, W, b, dropout, h.device)
 
 
-def _check_fits(h, params: EditParams) -> None:
-    """A prepared edit (checked on its own by ``prepare_edit``) against the hidden state it edits."""
-    if params.Q.shape[1] != h.shape[-1]:
-        raise ValueError(f"Q has hidden size {params.Q.shape[1]} but h has hidden size {h.shape[-1]}")
-    if params.Q.device != h.device:
-        raise ValueError(f"Q is on {params.Q.device} but h is on {h.device}")
+def _check_fits(h, Q: torch.Tensor) -> None:
+    """Q [r, d] (and so the parameters checked against it, ``prepare_edit``) against the hidden state it edits."""
+    if Q.shape[1] != h.shape[-1]:
+        raise ValueError(f"Q has hidden size {Q.shape[1]} but h has hidden size {h.shape[-1]}")
+    if Q.device != h.device:
+        raise ValueError(f"Q is on {Q.device} but h is on {h.device}")
 
 
 def _contiguous_params(Q, P, W, b) -> tuple:
@@ -255,7 +256,7 @@ def apply_edit(h: torch.Tensor, positions: torch.Tensor, params: EditParams, *, 
     its arguments ``backend``, ``validate`` and ``in_place``."""
     if not checked:
         _check_hidden(h, positions)
-        _check_fits(h, params)
+        _check_fits(h, params.Q)
     if validate:
         validate_positions(positions, h.shape[1])
     return (_edit_in_place if in_place else _edit)(h, positions, params, resolve_backend(backend, h.device))
