@@ -27,8 +27,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def fresh_seed():
-    """A new seed for torch and random per test, printed so that a failure can be replayed."""
-    seed = random.randrange(2**31)
+    """A new seed for torch and random per test, printed so that a failure can be replayed: REFT_FAST_TEST_SEED=<seed>
+    gives every test that seed instead."""
+    seed = int(os.environ.get("REFT_FAST_TEST_SEED") or random.randrange(2**31))
     print(f"torch seed {seed}")
     torch.manual_seed(seed)
     random.seed(seed)

@@ -9,6 +9,7 @@ costs the host less): the ``written_out`` fixture lowers that to 0 so that these
 """
 
 import json
+import random
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,7 +80,9 @@ def test_in_place_matches_out_of_place_bit_for_bit(family, dropout, rows, other_
     B, T, n = ROWS[rows].values()
     positions = make_positions(B, T, n)
     if rows == "few":  # an example selecting token 0 before and after −1 slots, and one selecting nothing
-        positions[0, :4], positions[1] = torch.tensor([0, -1, 5, -1]), -1
+        others = random.sample([p for p in range(1, T) if p != 5], 3) + [-1] * (n - 7)
+        positions[0], positions[1] = torch.tensor([0, -1, 5, -1] + others), -1
+    ops.validate_positions(positions, T)  # distinct positions: the ops' contract (both calls skip the check)
     params = make_params(family, 8, 64)
     h = torch.randn(B, T, 64, device=DEVICE)
     g = torch.randn(B, T, 64, device=DEVICE)
