@@ -53,7 +53,8 @@ from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
-from reft_fast.train.ds_config import build_ds_config, client_adamw, lr_lambda, take_gradient_clipping, warmup_steps_of
+from reft_fast.train.ds_config import (build_ds_config, client_adamw, lr_lambda, skip_one_rank_gradient_allreduce,
+                                       take_gradient_clipping, warmup_steps_of)
 from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
@@ -266,6 +267,7 @@ class ReftTrainingRecipe:
         self.engine, _, _, _ = deepspeed.initialize(model=self.reft_model, optimizer=self.optimizer,
                                                     lr_scheduler=self.scheduler, model_parameters=params,
                                                     config=ds_config)
+        skip_one_rank_gradient_allreduce(self.engine)
         self.engine.train()
         self.collator = self.task.collator(self.tokenizer, len(self.reft_model.interventions))
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,

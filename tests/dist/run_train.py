@@ -13,7 +13,8 @@ RESULT.json holds one entry per run.
 --check-frozen         after training, compare every base weight with the checkpoint on disk (gathered under ZeRO-3),
                        and record how zero.Init partitioned the base.
 --record-collectives   record each torch.distributed collective that reft_fast code calls: the calling function, the
-                       devices of its tensors and the accelerator's current device.
+                       devices of its tensors and the accelerator's current device; and, apart, DeepSpeed's: the
+                       collective and the first calling function outside deepspeed.comm.
 """
 
 import json
@@ -33,6 +34,7 @@ def main(argv):
     argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it; LOCAL_RANK is set
     check_frozen = "--check-frozen" in argv
     collectives = [] if "--record-collectives" in argv else None
+    deepspeed_collectives = []
     argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives")]
     if "--kill-in-save" in argv:
         i = argv.index("--kill-in-save")
@@ -43,7 +45,7 @@ def main(argv):
         kill_before_step(int(argv[i + 1]))
         argv = argv[:i] + argv[i + 2:]
     if collectives is not None:
-        record_collectives(collectives)
+        record_collectives(collectives, deepspeed_collectives)
     config_path, result_path, rest = argv[0], argv[1], argv[2:]
     groups = [[]]
     for arg in rest:
@@ -57,6 +59,7 @@ def main(argv):
     results = [run_one(config_path, overrides, check_frozen) for overrides in groups]
     if collectives is not None:
         results[-1]["collectives"] = collectives
+        results[-1]["deepspeed_collectives"] = deepspeed_collectives
     if int(os.environ.get("RANK", "0")) == 0:
         with open(result_path, "w") as f:
             json.dump(results, f)
@@ -89,7 +92,13 @@ def kill_before_step(step):
     ReftTrainingRecipe.train_step = train_step
 
 
-def record_collectives(log):
+def _first_caller_outside_deepspeed_comm(frame):
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("deepspeed.comm"):
+        frame = frame.f_back
+    return "" if frame is None else f"{frame.f_globals.get('__name__', '')}.{frame.f_code.co_name}"
+
+
+def record_collectives(log, deepspeed_log):
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -108,6 +117,8 @@ def record_collectives(log):
                 log.append({"collective": name, "caller": f"{module}.{caller.f_code.co_name}",
                             "devices": [str(t.device) for t in tensors_of(list(args) + list(kwargs.values()))],
                             "accelerator_device": get_accelerator().current_device_name()})
+            elif module.startswith("deepspeed"):
+                deepspeed_log.append({"collective": name, "caller": _first_caller_outside_deepspeed_comm(caller)})
             return collective(*args, **kwargs)
 
         return recorded
