@@ -251,9 +251,10 @@ def _setup_reft_fast(base, row, batch, layers):
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def loss():
-        _, output = reft_model(inputs, intervention_locations=batch["locations"], labels=batch["labels"])
+        _, output = loss.model(inputs, intervention_locations=batch["locations"], labels=batch["labels"])
         return output.loss
 
+    loss.model = reft_model  # what the loss calls: bench_host's DeepSpeed variants put their engine around it there
     interventions = list(reft_model.interventions.values())
     params = reft_model.trainable_parameters()
 

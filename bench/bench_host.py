@@ -43,8 +43,20 @@ over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's)
 ``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and optimizer state; its status
 says whether they match (losses and parameters), or why it was not run (``not run: capture failed: ...``).
 
+Steps through DeepSpeed's engine (issue 15; ``build_ds_step``): reft-fast:triton-ds0 and -ds2, reft-fast:torch-ds0
+and -ds2 are the plain variant's model and batch stepped as the recipe steps (reft_fast/train/recipe.py): an engine of
+their own at ZeRO stage 0 or 2 built with the recipe's functions, the loss through ``engine(...)``,
+``engine.backward``, the recipe's clipping at stage 0, ``engine.step()``; in a world of one made for them
+(``process_group_of_one``: gloo on the CPU, NCCL on CUDA). Their ratio_to_plain is their step − floor over the plain
+variant's, timed in the same repetitions (added to the table when not asked for). reft-fast:triton-ds0 is in the GPU
+table; on the CPU they are opt-in (``--variants``), and those of the Triton path are timed with its launches stubbed,
+with the plain reft-fast:triton so timed beside them (their status says so). Without deepspeed their status is ``not
+run: deepspeed not installed``.
+
+    python bench/bench_host.py --base toy --variants floor,reft-fast:triton-ds0,reft-fast:triton-ds2
+
 Writes bench/results/<machine>_<date>/host_<machine>_<date>.csv (machine, versions, date, load in every row;
-host_smoke_... with --smoke).
+host_smoke_... with --smoke, host_toy_... with --base toy, and ..._ds_... when --variants names DeepSpeed variants).
 """
 
 from __future__ import annotations
@@ -78,9 +90,16 @@ HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, n
                   num_key_value_heads=2, vocab_size=256)
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
 # triton timed too, in both launch modes, and the step captured in a CUDA graph (with the floor's, its pair)
-CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:torch", "hook-loreft", "pyreft",
-                 "floor-graph", "reft-fast:triton-graph")
+CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:triton-ds0", "reft-fast:torch",
+                 "hook-loreft", "pyreft", "floor-graph", "reft-fast:triton-graph")
 LAUNCH_MODES = {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}  # REFT_FAST_TRITON_LAUNCH per variant
+# Steps through the recipe's DeepSpeed engine (build_ds_step): the plain variant each one wraps, and its ZeRO stage.
+# Opt-in on the CPU (--variants), where the plain variant is timed beside them (the Triton path's with its launches
+# stubbed); reft-fast:triton-ds0 is in the GPU table.
+DS_VARIANTS = {"reft-fast:triton-ds0": ("reft-fast:triton", 0), "reft-fast:triton-ds2": ("reft-fast:triton", 2),
+               "reft-fast:torch-ds0": ("reft-fast:torch", 0), "reft-fast:torch-ds2": ("reft-fast:torch", 2)}
+STUBBED_STATUS = ("host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the JIT launcher's "
+                  "own cost not included)")
 # Captured steps (CUDA only): the eager variant each one captures. Capture also takes the floor's own Python off the
 # host, so the captured ReFT step is paired with the captured floor, not the eager one.
 GRAPH_VARIANTS = {"floor-graph": "floor", "reft-fast:triton-graph": "reft-fast:triton"}
@@ -96,8 +115,9 @@ PARAM_TOLERANCE = 0.01
 FIELDS = ["machine", "torch", "triton", "transformers", "pyreft", "date", "threads", "load_1min", "reps", "base",
           "clock", "variant",
           "n_interventions", "step_ms", "minus_floor_ms", "minus_floor_q1_ms", "minus_floor_q3_ms",
-          "per_intervention_ms", "ratio_to_hook", "ratio_to_triton_jit", "triton_launches", "aten_launches",
-          "launches_per_intervention", "host_syncs", "stubbed_minus_floor_ms", "stubbed_per_intervention_ms", "status"]
+          "per_intervention_ms", "ratio_to_hook", "ratio_to_triton_jit", "ratio_to_plain", "triton_launches",
+          "aten_launches", "launches_per_intervention", "host_syncs", "stubbed_minus_floor_ms",
+          "stubbed_per_intervention_ms", "status"]
 
 
 def _row(variant: str, device: str = "cpu") -> dict:
@@ -149,14 +169,100 @@ def build_step(variant: str, device: str = "cpu", base: str = "llama"):
     step, layers, _, params, _ = bench_e2e.training_step(build_base(row, base), row)
     if mode:
         step = _in_launch_mode(step, mode)
-    if device == "cuda":
-        def synchronized_step():
-            loss = step()
-            torch.cuda.synchronize()
-            return loss
+    return _synchronized(step, device), len(layers), params
 
-        return synchronized_step, len(layers), params
-    return step, len(layers), params
+
+def _synchronized(step, device: str):
+    """The step, followed on CUDA by a synchronization (its time is then that of the work it issued, done)."""
+    if device != "cuda":
+        return step
+
+    def synchronized_step():
+        loss = step()
+        torch.cuda.synchronize()
+        return loss
+
+    return synchronized_step
+
+
+def build_ds_step(variant: str, device: str = "cpu", base: str = "llama"):
+    """(one step of the DS_VARIANTS variant, its number of interventions, its DeepSpeed engine): the plain variant's
+    model and batch on a base of its own, stepped as the recipe steps (``ReftTrainingRecipe._setup_engine`` and
+    ``train_step``). The engine: ``deepspeed.initialize`` of the ReftModel at the variant's ZeRO stage, its config
+    from ``build_ds_config`` (the package's TrainConfig defaults; micro-batch the bench's batch, no accumulation, the
+    world of one ``process_group_of_one`` made), the plain variant's AdamW (``client_adamw``, bench_e2e), the
+    recipe's LambdaLR schedule, ``skip_one_rank_gradient_allreduce``. A step: the loss through ``engine(...)`` (the
+    ReftModel's forward inside the engine's), ``engine.backward(loss)``, at stage 0 the recipe's clipping
+    (``take_gradient_clipping``, ``clip_gradients``), ``engine.step()`` (which also zeroes the gradients). Raises
+    ImportError where deepspeed is not installed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from reft_fast.train.ds_config import (build_ds_config, clip_gradients, lr_lambda, skip_one_rank_gradient_allreduce,
+                                           take_gradient_clipping)
+    from reft_fast.train.train_config import TrainConfig
+
+    plain, stage = DS_VARIANTS[variant]
+    bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
+    row = _row(plain, device)
+    loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(build_base(row, base), row)
+    cfg = TrainConfig()
+    cfg.training.micro_batch_size, cfg.deepspeed.stage = row["batch"], stage
+    ds_config = build_ds_config(cfg, dist.get_world_size(), max(p.numel() for p in params))
+    clip_norm = take_gradient_clipping(ds_config)
+    t = cfg.training
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, 1 << 30,
+                                                                       t.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=loss_fn.model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=ds_config)
+    skip_one_rank_gradient_allreduce(engine)
+    engine.train()
+    loss_fn.model = engine  # the loss calls the engine, which calls the ReftModel
+
+    def step():
+        loss = loss_fn()
+        engine.backward(loss)
+        if clip_norm is not None and engine.is_gradient_accumulation_boundary():
+            clip_gradients(params, clip_norm, engine.device)
+        engine.step()
+        return loss
+
+    mode = LAUNCH_MODES.get(plain)
+    return _synchronized(_in_launch_mode(step, mode) if mode else step, device), len(layers), engine
+
+
+@contextlib.contextmanager
+def process_group_of_one():
+    """A ``torch.distributed`` world of one inside the block, for the DeepSpeed variants, unless one exists: the
+    product's (reft_fast.train.distributed: ``init_distributed`` on a free port, gloo on the CPU, NCCL on CUDA, as
+    DeepSpeed picks; ``shutdown`` at the end), the rendezvous variables it sets put back as they were."""
+    import torch.distributed as dist
+
+    from reft_fast.train.distributed import init_distributed, shutdown
+
+    if dist.is_initialized():
+        yield
+        return
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        init_distributed()
+    except BaseException:
+        _put_back(saved)
+        raise
+    try:
+        yield
+    finally:
+        shutdown(wait_for_others=False)
+        _put_back(saved)
+
+
+def _put_back(environment_values: dict) -> None:
+    for name, value in environment_values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def clock(device: str):
@@ -203,6 +309,34 @@ def stubbed_launches():
         for cls, run in originals:
             cls.run = run
         launch.run_bound = bound_run
+
+
+@contextlib.contextmanager
+def zero_overflow_verdicts_ignored(ignored: bool = True):
+    """DeepSpeed's ZeRO stage 1–2 optimizer checks its gradients as always inside the block (non-finite count, then
+    the norm; each read on the host) but takes every step (``ignored``; a no-op where deepspeed's ZeRO optimizer is
+    not imported). With the Triton launches stubbed the gradients are garbage, often non-finite, and a skipped step
+    would leave out what a real step does: the AdamW step over the partition and the copies back to the parameters."""
+    zero = sys.modules.get("deepspeed.runtime.zero.stage_1_and_2")
+    if not ignored or zero is None:
+        yield
+        return
+    optimizer, is_invalid_grad_norm = zero.DeepSpeedZeroOptimizer, zero.is_invalid_grad_norm
+    has_overflow = optimizer.has_overflow
+
+    def checked_has_overflow(self, *args, **kwargs):
+        has_overflow(self, *args, **kwargs)
+        return False
+
+    def checked_is_invalid(norm):
+        is_invalid_grad_norm(norm)
+        return False
+
+    optimizer.has_overflow, zero.is_invalid_grad_norm = checked_has_overflow, checked_is_invalid
+    try:
+        yield
+    finally:
+        optimizer.has_overflow, zero.is_invalid_grad_norm = has_overflow, is_invalid_grad_norm
 
 
 def stubbed_differences(step, params, floor_step, reps: int, device: str = "cpu") -> list[float]:
@@ -407,20 +541,53 @@ def _graph_times(variants, device: str, reps: int, warmup: int, base: str, log, 
         return {}
 
 
-def _built_variants(variants, device: str, log, base: str) -> tuple[dict, dict, dict]:
-    """(steps, numbers of interventions, statuses) of the variants; pyreft, when it cannot be built, gets a status."""
+def _built_variants(variants, device: str, log, base: str, group: contextlib.ExitStack) -> tuple[dict, dict, dict]:
+    """(steps, numbers of interventions, statuses) of the variants; pyreft, when it cannot be built, gets a status,
+    and so do the DeepSpeed variants where deepspeed is not installed. The first DeepSpeed variant enters
+    ``process_group_of_one`` into ``group``."""
     steps, sizes, statuses = {}, {}, {}
     for variant in variants:
         try:
             if variant == "pyreft" and bench_e2e.skip_reason(_row("pyreft", device)):
                 raise ImportError("not importable here (pip install --no-deps pyreft==0.1.0 pyvene==0.1.8)")
-            steps[variant], sizes[variant], _ = build_step(variant, device, base)
-        except Exception as error:  # pyreft's import pulls optional libraries: report, and time the others
-            if variant != "pyreft":
-                raise
-            statuses[variant] = f"not run: pyreft: {type(error).__name__}: {error}"
-            log(statuses[variant])
+            if variant in DS_VARIANTS:
+                group.enter_context(process_group_of_one())  # a no-op once the group exists
+                steps[variant], sizes[variant], _ = build_ds_step(variant, device, base)
+                stubbed = device == "cpu" and _on_triton_path(variant)
+                statuses[variant] = f"ok; {STUBBED_STATUS}" if stubbed else "ok"
+            else:
+                steps[variant], sizes[variant], _ = build_step(variant, device, base)
+        except Exception as error:  # optional libraries: report, and time the others
+            statuses[variant] = _not_run(variant, error)
+            log(f"{variant}: {statuses[variant]}")
     return steps, sizes, statuses
+
+
+def _not_run(variant: str, error: Exception) -> str:
+    """The status of a variant whose optional library failed to import (pyreft's import pulls optional libraries; the
+    DeepSpeed variants need deepspeed); ``error`` itself for any other failure."""
+    if variant == "pyreft":
+        return f"not run: pyreft: {type(error).__name__}: {error}"
+    if variant in DS_VARIANTS and isinstance(error, ImportError) and (error.name or "").split(".")[0] == "deepspeed":
+        return "not run: deepspeed not installed"
+    raise error
+
+
+def _on_triton_path(variant: str) -> bool:
+    """Whether the variant's step launches Triton kernels (reft-fast:triton in either launch mode, or its engine)."""
+    return variant in LAUNCH_MODES or DS_VARIANTS.get(variant, ("",))[0] in LAUNCH_MODES
+
+
+def _with_plain_variants(variants) -> tuple:
+    """``variants`` with the plain variant of each DeepSpeed one timed too (its ratio_to_plain's denominator), just
+    before the first that wraps it."""
+    out = []
+    for variant in variants:
+        plain = DS_VARIANTS.get(variant, (None,))[0]
+        if plain and plain not in variants and plain not in out:
+            out.append(plain)
+        out.append(variant)
+    return tuple(out)
 
 
 def _triton_figures(steps: dict, device: str, reps: int, warmup: int, base: str) -> tuple[dict, int]:
@@ -461,6 +628,7 @@ def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict
         elif variant in times and variant not in FLOORS:
             row["status"] += f"; {floor} not timed: no paired figure"
         rows.append(row)
+    _ratios_to_plain(rows)
     for row in rows:
         if hook_diff and "minus_floor_ms" in row:
             row["ratio_to_hook"] = row["minus_floor_ms"] / hook_diff
@@ -470,13 +638,22 @@ def _timed_rows(variants, times: dict, sizes: dict, statuses: dict, common: dict
     return rows
 
 
+def _ratios_to_plain(rows: list[dict]) -> None:
+    """ratio_to_plain of each DeepSpeed variant's row: its step − floor over that of the plain variant it wraps
+    (DS_VARIANTS; timed in the same repetitions)."""
+    plain = {row["variant"]: row.get("minus_floor_ms") for row in rows}
+    for row in rows:
+        wrapped = DS_VARIANTS.get(row["variant"], (None,))[0]
+        if plain.get(wrapped) and "minus_floor_ms" in row:
+            row["ratio_to_plain"] = row["minus_floor_ms"] / plain[wrapped]
+
+
 def _table(variants, times: dict, sizes: dict, statuses: dict, common: dict, triton: dict, n_triton: int,
            device: str) -> list[dict]:
     """The rows of ``variants`` (``_timed_rows``) with the Triton path's launches and stubbed host time on
     reft-fast:triton's row (a row of its own when it is not among those timed)."""
     rows = _timed_rows(variants, times, sizes, statuses, common)
-    stubbed = ("launches counted; host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the "
-               "JIT launcher's own cost not included)" if device == "cpu" else
+    stubbed = (f"launches counted; {STUBBED_STATUS}" if device == "cpu" else
                "timed with its kernels; launches counted; host time also with the kernel launches stubbed")
     timed_triton = [row for row in rows if row["variant"] == "reft-fast:triton"]
     if timed_triton:
@@ -484,6 +661,24 @@ def _table(variants, times: dict, sizes: dict, statuses: dict, common: dict, tri
     else:
         rows.append(dict(common, variant="reft-fast:triton", n_interventions=n_triton, **triton, status=stubbed))
     return rows
+
+
+def _eager_times(variants, device: str, reps: int, warmup: int, base: str, log, common: dict) -> tuple:
+    """(steps, numbers of interventions, statuses, milliseconds per step) of the eager ``variants``, warmed up and
+    timed in paired repetitions; the DeepSpeed variants' world of one lasts as long as their timing. On the CPU the
+    Triton path's steps are warmed up and timed with their launches stubbed (its kernels would run in Triton's
+    interpreter; no other variant launches Triton kernels)."""
+    with contextlib.ExitStack() as group:
+        steps, sizes, statuses = _built_variants(variants, device, log, base, group)
+        stubbed = device == "cpu" and any(_on_triton_path(variant) for variant in steps)
+        with stubbed_launches() if stubbed else contextlib.nullcontext(), zero_overflow_verdicts_ignored(stubbed):
+            for step in steps.values():
+                for _ in range(warmup):
+                    step()
+            log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load "
+                f"average {common['load_1min']} on {os.cpu_count()} cores")
+            times = paired_times(steps, reps, device=device)
+    return steps, sizes, statuses, times
 
 
 def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Optional[tuple] = None,
@@ -499,16 +694,10 @@ def measure(reps: int, warmup: int, log=print, device: str = "cpu", variants: Op
                   transformers=versions["transformers"], pyreft=versions["pyreft"], date=env["date"],
                   threads=torch.get_num_threads(), load_1min=round(os.getloadavg()[0], 2), reps=reps, base=base,
                   clock="thread" if device == "cpu" else "wall")
-    variants = variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS)
+    variants = _with_plain_variants(variants or (CUDA_VARIANTS if device == "cuda" else VARIANTS))
     eager = [variant for variant in variants if variant not in GRAPH_VARIANTS]
     graphs = [variant for variant in variants if variant in GRAPH_VARIANTS]
-    steps, sizes, statuses = _built_variants(eager, device, log, base)
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    log(f"{reps} paired repetitions of {', '.join(steps)} on {device}; {common['threads']} thread(s), load average "
-        f"{common['load_1min']} on {os.cpu_count()} cores")
-    times = paired_times(steps, reps, device=device)
+    steps, sizes, statuses, times = _eager_times(eager, device, reps, warmup, base, log, common)
     triton, n_triton = _triton_figures(steps, device, reps, warmup, base)
     if not graphs:
         return _table(variants, times, sizes, statuses, common, triton, n_triton, device)
@@ -533,12 +722,15 @@ def _parse_args(argv):
                              "timed with its kernels)")
     parser.add_argument("--variants", default=None,
                         help="comma-separated variants to time, floor among them (default: all of the device's: "
-                             f"{','.join(CUDA_VARIANTS)} on cuda, {','.join(VARIANTS)} on a CPU)")
+                             f"{','.join(CUDA_VARIANTS)} on cuda, {','.join(VARIANTS)} on a CPU; also: "
+                             f"{','.join(DS_VARIANTS)}, the DeepSpeed engine's steps, and on a CPU reft-fast:triton, "
+                             "its launches stubbed)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: cuda, but torch sees no CUDA device here")
     if args.variants is not None:
-        allowed = CUDA_VARIANTS if args.device == "cuda" else VARIANTS
+        # opt-in on a CPU: the DeepSpeed variants, and the Triton path timed with its launches stubbed
+        allowed = (*(CUDA_VARIANTS if args.device == "cuda" else (*VARIANTS, "reft-fast:triton")), *DS_VARIANTS)
         args.variants = tuple(dict.fromkeys(v.strip() for v in args.variants.split(",") if v.strip()))
         if "floor" not in args.variants or not set(args.variants) <= set(allowed):
             parser.error(f"argument --variants: {','.join(args.variants)!r}: give floor and others among "
@@ -554,9 +746,11 @@ def _write_and_print(rows: list[dict], args) -> Path:
     folder = args.out or results_folder(bench_e2e.RESULTS, env)
     # a smoke run's file is its own: its few repetitions must not replace the day's measurement
     name = "host_smoke" if args.smoke else "host_toy" if args.base == "toy" else "host"
+    if args.variants and set(args.variants) & set(DS_VARIANTS):  # chosen variants with the engine's: a file of its own
+        name += "_ds"
     path = write_csv(rows, result_path(folder, name, env, ".csv"), FIELDS)
     print_table(rows, ["variant", "n_interventions", "step_ms", "minus_floor_ms", "per_intervention_ms",
-                       "ratio_to_hook", "ratio_to_triton_jit", "launches_per_intervention",
+                       "ratio_to_hook", "ratio_to_triton_jit", "ratio_to_plain", "launches_per_intervention",
                        "stubbed_per_intervention_ms", "status"])
     print(f"wrote {path}", flush=True)
     return path
@@ -573,7 +767,7 @@ def main(argv=None) -> int:
     rows = measure(args.reps, args.warmup, device=args.device, base=args.base, variants=args.variants,
                    on_eager_rows=eager_rows)
     _write_and_print(rows, args)
-    bad = [row["variant"] for row in rows if row["status"] == "ok" and not all(
+    bad = [row["variant"] for row in rows if row["status"].startswith("ok") and not all(
         math.isfinite(row[key]) for key in ("step_ms",))]
     return 1 if bad else 0
 

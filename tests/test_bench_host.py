@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,8 @@ def test_the_gpu_table_times_the_triton_path_among_the_variants(monkeypatch):
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_host
 
-    variants = tuple(v for v in bench_host.CUDA_VARIANTS if v != "pyreft")  # its own row is covered above
+    # pyreft's row is covered above, the DeepSpeed variants' by test_the_deepspeed_variants_step_through_the_engine
+    variants = tuple(v for v in bench_host.CUDA_VARIANTS if v != "pyreft" and v not in bench_host.DS_VARIANTS)
 
     def never_built(*args, **kwargs):
         raise AssertionError("a captured variant was built off CUDA")
@@ -243,3 +245,68 @@ def test_the_captured_reft_step_has_no_dropout(monkeypatch):
     [model] = built
     assert len(model.interventions) == 32
     assert all(intervention.dropout_rate == 0.0 for intervention in model.interventions.values())
+
+
+def _ds_table(bench_host, monkeypatch, variants):
+    """The rows of ``variants`` on the toy base, 2 repetitions, the Triton path's launch counts left out (their
+    interpreter runs are test_bench_host_smoke's), and the DeepSpeed engines built."""
+    engines = []
+    built = bench_host.build_ds_step
+
+    def recorded(*args, **kwargs):
+        step, size, engine = built(*args, **kwargs)
+        engines.append(engine)
+        return step, size, engine
+
+    monkeypatch.setattr(bench_host, "build_ds_step", recorded)
+    monkeypatch.setattr(bench_host, "_triton_figures", lambda *args: ({}, 32))
+    rows = bench_host.measure(2, 1, log=lambda *_: None, variants=variants, base="toy")
+    return {row["variant"]: row for row in rows}, engines
+
+
+def test_the_deepspeed_variants_step_through_the_engine(monkeypatch):
+    """reft-fast:triton-ds0/-ds2 step through a DeepSpeed engine of their own (ZeRO stage 0 with the recipe's
+    clipping, stage 2), in a world of one made and torn down by the table; on the CPU with the Triton launches
+    stubbed (garbage gradients: ZeRO-2 must still take every step), beside the plain reft-fast:triton (added when not
+    asked for), whose step − floor their ratio_to_plain divides by."""
+    import torch.distributed as dist
+
+    bench_host = _bench_host()
+    assert "reft-fast:triton-ds0" in bench_host.CUDA_VARIANTS and not set(bench_host.DS_VARIANTS) & set(
+        bench_host.VARIANTS)
+    rendezvous = {name: os.environ.get(name) for name in ("MASTER_PORT", "RANK", "WORLD_SIZE")}
+    rows, engines = _ds_table(bench_host, monkeypatch, ("floor", "reft-fast:triton-ds0", "reft-fast:triton-ds2"))
+    assert list(rows) == ["floor", "reft-fast:triton", "reft-fast:triton-ds0", "reft-fast:triton-ds2"]
+    for variant in ("reft-fast:triton-ds0", "reft-fast:triton-ds2"):
+        row = rows[variant]
+        assert row["status"] == f"ok; {bench_host.STUBBED_STATUS}" and row["n_interventions"] == 32
+        for key in ("step_ms", "minus_floor_ms", "per_intervention_ms", "ratio_to_plain"):
+            assert math.isfinite(row[key]), (variant, key, row[key])
+        plain = rows["reft-fast:triton"]["minus_floor_ms"]
+        assert row["ratio_to_plain"] == pytest.approx(row["minus_floor_ms"] / plain)
+    assert math.isfinite(plain) and "ratio_to_plain" not in rows["reft-fast:triton"]
+    stage0, stage2 = engines
+    assert [engine.zero_optimization_stage() for engine in engines] == [0, 2]
+    # warm-up and timed steps, each an optimizer step through the engine; none skipped for non-finite gradients
+    assert [(engine.global_steps, engine.skipped_steps) for engine in engines] == [(3, 0), (3, 0)]
+    assert stage0.gradient_clipping() == 0.0 and not stage0.enable_backward_allreduce  # the recipe's clipping, no
+    assert not dist.is_initialized()  # all-reduce on one rank; the world of one is gone, its variables put back
+    assert {name: os.environ.get(name) for name in rendezvous} == rendezvous
+
+
+def test_without_deepspeed_its_variants_say_so(monkeypatch):
+    """Where deepspeed is not importable (the GPU image without its wheel), the DeepSpeed variants' rows say so and
+    the others are timed."""
+    bench_host = _bench_host()
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed: ModuleNotFoundError
+    rows, engines = _ds_table(bench_host, monkeypatch, ("floor", "reft-fast:triton-ds0"))
+    assert rows["reft-fast:triton-ds0"]["status"] == "not run: deepspeed not installed" and engines == []
+    assert "step_ms" not in rows["reft-fast:triton-ds0"] and math.isfinite(rows["reft-fast:triton"]["minus_floor_ms"])
+
+
+def test_the_deepspeed_variants_are_opt_in_on_a_cpu():
+    bench_host = _bench_host()
+    args = bench_host._parse_args(["--device", "cpu", "--variants", "floor,reft-fast:torch-ds2,reft-fast:triton"])
+    assert args.variants == ("floor", "reft-fast:torch-ds2", "reft-fast:triton")
+    assert bench_host._with_plain_variants(args.variants) == (
+        "floor", "reft-fast:torch", "reft-fast:torch-ds2", "reft-fast:triton")

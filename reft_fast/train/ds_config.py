@@ -25,8 +25,8 @@ import torch
 
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
-__all__ = ["build_ds_config", "client_adamw", "lr_lambda", "skip_one_rank_gradient_allreduce", "take_gradient_clipping",
-           "warmup_steps_of"]
+__all__ = ["build_ds_config", "client_adamw", "clip_gradients", "lr_lambda", "skip_one_rank_gradient_allreduce",
+           "take_gradient_clipping", "warmup_steps_of"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -138,6 +138,20 @@ def take_gradient_clipping(config: dict) -> Optional[float]:
     max_norm = float(config.get("gradient_clipping", 0.0))
     config["gradient_clipping"] = 0.0
     return max_norm
+
+
+def clip_gradients(params, max_norm: float, device) -> torch.Tensor:
+    """Clip the (reduced) gradients of ``params`` to ``max_norm`` (the recipe's stage-0 clipping, in place of
+    DeepSpeed's: ``take_gradient_clipping``) and return their total norm as a tensor on ``device``: no value is read
+    (no non-finite check) and no host tensor is copied over, unlike DeepSpeed's clipping. 0 clips nothing: the norm is
+    only measured."""
+    if max_norm == 0:
+        grads = [p.grad for p in params if p.grad is not None]
+        # (torch.nn.utils.get_total_norm computes the same but exists only from torch 2.6; pyproject allows 2.4)
+        if not grads:
+            return torch.zeros((), device=device)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=False)
 
 
 def warmup_steps_of(warmup_steps: int, warmup_ratio: Optional[float], total_steps: int) -> int:

@@ -53,8 +53,8 @@ from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
-from reft_fast.train.ds_config import (build_ds_config, client_adamw, lr_lambda, skip_one_rank_gradient_allreduce,
-                                       take_gradient_clipping, warmup_steps_of)
+from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
+                                       skip_one_rank_gradient_allreduce, take_gradient_clipping, warmup_steps_of)
 from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
@@ -392,17 +392,8 @@ class ReftTrainingRecipe:
                           grad_norm.detach() if isinstance(grad_norm, torch.Tensor) else grad_norm)
 
     def _clip_gradients(self) -> torch.Tensor:
-        """Clip the (reduced) gradients of this optimizer step to ``clip_norm`` and return their total norm as a device
-        tensor: no value is read (no non-finite check) and no host tensor is copied over, unlike DeepSpeed's clipping
-        (``ds_config.take_gradient_clipping``). 0 clips nothing: the norm is only measured."""
-        if self.clip_norm == 0:
-            grads = [p.grad for p in self.trainable_params if p.grad is not None]
-            # (torch.nn.utils.get_total_norm computes the same but exists only from torch 2.6; pyproject allows 2.4)
-            if not grads:
-                return torch.zeros((), device=self.engine.device)
-            return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        return torch.nn.utils.clip_grad_norm_(self.trainable_params, self.clip_norm, foreach=True,
-                                              error_if_nonfinite=False)
+        """Clip the (reduced) gradients of this optimizer step to ``clip_norm``: ``ds_config.clip_gradients``."""
+        return clip_gradients(self.trainable_params, self.clip_norm, self.engine.device)
 
     def read_metrics(self) -> list[dict]:
         """The metrics lines of the steps trained since the last read: one reduction over the ranks and one
