@@ -565,11 +565,14 @@ def _built_variants(variants, device: str, log, base: str, group: contextlib.Exi
 
 def _not_run(variant: str, error: Exception) -> str:
     """The status of a variant whose optional library failed to import (pyreft's import pulls optional libraries; the
-    DeepSpeed variants need deepspeed); ``error`` itself for any other failure."""
+    DeepSpeed variants need deepspeed) or, for a DeepSpeed variant, whose engine or process group could not be made
+    (on a GPU machine the rest of the table is worth more than a crash); ``error`` itself for any other failure."""
     if variant == "pyreft":
         return f"not run: pyreft: {type(error).__name__}: {error}"
     if variant in DS_VARIANTS and isinstance(error, ImportError) and (error.name or "").split(".")[0] == "deepspeed":
         return "not run: deepspeed not installed"
+    if variant in DS_VARIANTS:
+        return f"not run: {type(error).__name__}: {error}"
     raise error
 
 

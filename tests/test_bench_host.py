@@ -310,3 +310,18 @@ def test_the_deepspeed_variants_are_opt_in_on_a_cpu():
     assert args.variants == ("floor", "reft-fast:torch-ds2", "reft-fast:triton")
     assert bench_host._with_plain_variants(args.variants) == (
         "floor", "reft-fast:torch", "reft-fast:torch-ds2", "reft-fast:triton")
+
+
+def test_a_deepspeed_variant_that_cannot_be_built_is_a_status_not_a_crash(monkeypatch):
+    """On the GPU machine an engine or NCCL group that cannot be made must not cost the rest of the host table."""
+    bench_host = _bench_host()
+
+    def no_group(*args, **kwargs):
+        raise RuntimeError("NCCL error: unhandled system error")
+
+    monkeypatch.setattr(bench_host, "build_ds_step", no_group)
+    monkeypatch.setattr(bench_host, "_triton_figures", lambda *args: ({}, 32))
+    rows = {row["variant"]: row for row in bench_host.measure(2, 1, log=lambda *_: None, base="toy",
+                                                             variants=("floor", "reft-fast:triton-ds0"))}
+    assert rows["reft-fast:triton-ds0"]["status"] == "not run: RuntimeError: NCCL error: unhandled system error"
+    assert math.isfinite(rows["reft-fast:triton"]["minus_floor_ms"])
