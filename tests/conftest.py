@@ -27,7 +27,25 @@ if not _HAS_CUDA:
 HAS_CUDA = _HAS_CUDA
 
 
+# The files that take longest in a run of the whole suite, longest first (seconds summed over their tests, a run on
+# 2 shared cores, 2026-11-30): the two workers take them first (pyproject's --no-loadscope-reorder keeps this order),
+# and the many short files fill in after them, so that the workers end together instead of one starting a
+# two-minute file when the other is nearly done. Sorting by number of tests (xdist's default) put single-test
+# compile files last.
+SLOW_FILES = ("test_cuda_backend.py", "test_engine.py", "test_bench_session.py", "test_classification.py",
+              "test_csrc_compile.py", "test_bench_e2e.py", "test_quantization.py", "test_bench_host.py",
+              "test_engine_real.py", "test_triton_compile.py", "test_cli.py", "test_preference.py",
+              "test_packing_combinations.py")
+
+
+def _slow_files_first(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file's own order kept
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _slow_files_first(items)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
