@@ -3,11 +3,22 @@ import random
 
 import pytest
 
+# Each xdist worker computes on its share of the cores, as reft_fast gives each CPU rank its share
+# (reft_fast.train.distributed): with `-n 2` on 2 cores, two workers of torch's default 2 OpenMP threads each spin-wait
+# for cores the other worker holds; the tiny models' many small ops then took 2.3x the CPU time (the classification
+# run of 40 steps beside 3 busy processes, 22 s of user time against 9.6 s with one thread, 2026-11-30). Set before
+# torch is imported, so the subprocesses the tests start (benches, launchers) inherit it; an explicit setting wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 # Triton kernels run on the CPU through the interpreter; it must be chosen before triton.jit decorates them.
 try:
     import torch
 
     _HAS_CUDA = torch.cuda.is_available()
+    if _WORKERS > 1:  # in case a plugin imported torch before this file set OMP_NUM_THREADS
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 except Exception:  # pragma: no cover - torch missing is reported by the imports of the tests themselves
     _HAS_CUDA = False
 if not _HAS_CUDA:
@@ -16,7 +27,25 @@ if not _HAS_CUDA:
 HAS_CUDA = _HAS_CUDA
 
 
+# The files that take longest in a run of the whole suite, longest first (seconds summed over their tests, a run on
+# 2 shared cores, 2026-11-30): the two workers take them first (pyproject's --no-loadscope-reorder keeps this order),
+# and the many short files fill in after them, so that the workers end together instead of one starting a
+# two-minute file when the other is nearly done. Sorting by number of tests (xdist's default) put single-test
+# compile files last.
+SLOW_FILES = ("test_cuda_backend.py", "test_engine.py", "test_bench_session.py", "test_classification.py",
+              "test_csrc_compile.py", "test_bench_e2e.py", "test_quantization.py", "test_bench_host.py",
+              "test_engine_real.py", "test_triton_compile.py", "test_cli.py", "test_preference.py",
+              "test_packing_combinations.py")
+
+
+def _slow_files_first(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: each file's own order kept
+
+
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _slow_files_first(items)
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
