@@ -31,8 +31,9 @@ HAS_CUDA = _HAS_CUDA
 # 2 shared cores, 2026-11-30): the two workers take them first (pyproject's --no-loadscope-reorder keeps this order),
 # and the many short files fill in after them, so that the workers end together instead of one starting a
 # two-minute file when the other is nearly done. Sorting by number of tests (xdist's default) put single-test
-# compile files last.
-SLOW_FILES = ("test_cuda_backend.py", "test_engine.py", "test_bench_session.py", "test_classification.py",
+# compile files last. The GPU session's dry run goes first: its stages have fixed shares of time, which it ran out of
+# beside the C++/nvcc builds of test_cuda_backend and test_csrc_compile under load.
+SLOW_FILES = ("test_bench_session.py", "test_engine.py", "test_cuda_backend.py", "test_classification.py",
               "test_csrc_compile.py", "test_bench_e2e.py", "test_quantization.py", "test_bench_host.py",
               "test_engine_real.py", "test_triton_compile.py", "test_cli.py", "test_preference.py",
               "test_packing_combinations.py")
