@@ -10,7 +10,8 @@ import pytest
 # torch is imported, so the subprocesses the tests start (benches, launchers) inherit it; an explicit setting wins.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
 if _WORKERS > 1:
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before triton.jit decorates them.
 try:
