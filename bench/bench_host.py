@@ -188,34 +188,26 @@ def _synchronized(step, device: str):
 def build_ds_step(variant: str, device: str = "cpu", base: str = "llama"):
     """(one step of the DS_VARIANTS variant, its number of interventions, its DeepSpeed engine): the plain variant's
     model and batch on a base of its own, stepped as the recipe steps (``ReftTrainingRecipe._setup_engine`` and
-    ``train_step``). The engine: ``deepspeed.initialize`` of the ReftModel at the variant's ZeRO stage, its config
-    from ``build_ds_config`` (the package's TrainConfig defaults; micro-batch the bench's batch, no accumulation, the
-    world of one ``process_group_of_one`` made), the plain variant's AdamW (``client_adamw``, bench_e2e), the
-    recipe's LambdaLR schedule, ``skip_one_rank_gradient_allreduce``. A step: the loss through ``engine(...)`` (the
-    ReftModel's forward inside the engine's), ``engine.backward(loss)``, at stage 0 the recipe's clipping
-    (``take_gradient_clipping``, ``clip_gradients``), ``engine.step()`` (which also zeroes the gradients). Raises
-    ImportError where deepspeed is not installed."""
-    import deepspeed
+    ``train_step``). The engine: the recipe's ``initialize_engine`` of the ReftModel at the variant's ZeRO stage (the
+    package's TrainConfig defaults; micro-batch the bench's batch, no accumulation, the world of one
+    ``process_group_of_one`` made; the recipe's AdamW and schedule in place of bench_e2e's AdamW). A step: the loss
+    through ``engine(...)`` (the ReftModel's forward inside the engine's), ``engine.backward(loss)``, at stage 0 the
+    recipe's clipping (``clip_gradients``), ``engine.step()`` (which also zeroes the gradients). Raises ImportError
+    where deepspeed is not installed."""
+    import deepspeed  # noqa: F401  (ImportError here where it is not installed: the variant's status says so)
     import torch.distributed as dist
 
-    from reft_fast.train.ds_config import (build_ds_config, clip_gradients, lr_lambda, skip_one_rank_gradient_allreduce,
-                                           take_gradient_clipping)
+    from reft_fast.train.ds_config import clip_gradients
+    from reft_fast.train.recipe import initialize_engine
     from reft_fast.train.train_config import TrainConfig
 
     plain, stage = DS_VARIANTS[variant]
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
     row = _row(plain, device)
-    loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(build_base(row, base), row)
+    loss_fn, _, layers, _, params, _ = bench_e2e.training_parts(build_base(row, base), row)
     cfg = TrainConfig()
     cfg.training.micro_batch_size, cfg.deepspeed.stage = row["batch"], stage
-    ds_config = build_ds_config(cfg, dist.get_world_size(), max(p.numel() for p in params))
-    clip_norm = take_gradient_clipping(ds_config)
-    t = cfg.training
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, 1 << 30,
-                                                                       t.min_lr_ratio))
-    engine, _, _, _ = deepspeed.initialize(model=loss_fn.model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           model_parameters=params, config=ds_config)
-    skip_one_rank_gradient_allreduce(engine)
+    engine, _, _, clip_norm, _ = initialize_engine(loss_fn.model, params, cfg, dist.get_world_size(), 1 << 30)
     engine.train()
     loss_fn.model = engine  # the loss calls the engine, which calls the ReftModel
 

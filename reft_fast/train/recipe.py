@@ -45,7 +45,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -247,8 +247,6 @@ class ReftTrainingRecipe:
 
     def _setup_engine(self, model_config) -> None:
         """The ReftModel over the base, its AdamW and schedule, wrapped by ``deepspeed.initialize``."""
-        import deepspeed
-
         cfg, t = self.cfg, self.cfg.training
         torch.manual_seed(t.seed)  # the interventions' initial weights: identical on every rank
         self.layers = layer_list(cfg.interventions.layers, num_layers_of(model_config))
@@ -256,24 +254,15 @@ class ReftTrainingRecipe:
         if cfg.model.compile:
             compile_layers(self.reft_model)
         params = list(self.reft_model.trainable_parameters()) + list(self.task.trainable_base_parameters(self.base))
-        ds_config = build_ds_config(cfg, self.world, max(p.numel() for p in params))
-        self.clip_norm = take_gradient_clipping(ds_config)  # None: DeepSpeed clips
         self.trainable_params = params
-        self.optimizer = client_adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps,
-                                      weight_decay=t.weight_decay)
-        warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps, t.min_lr_ratio))
-        self.engine, _, _, _ = deepspeed.initialize(model=self.reft_model, optimizer=self.optimizer,
-                                                    lr_scheduler=self.scheduler, model_parameters=params,
-                                                    config=ds_config)
-        skip_one_rank_gradient_allreduce(self.engine)
+        built = initialize_engine(self.reft_model, params, cfg, self.world, self.total_steps)
+        self.engine, self.optimizer, self.scheduler, self.clip_norm = built[:4]
         self.engine.train()
         self.collator = self.task.collator(self.tokenizer, len(self.reft_model.interventions))
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
         # what a resume compares with and logs
-        self.saved_by = {"ranks": self.world, "zero_stage": ds_config["zero_optimization"]["stage"],
+        self.saved_by = {"ranks": self.world, "zero_stage": built.zero_stage,
                          "total_steps": self.total_steps}
 
     def _prepare_output_dir(self) -> None:
@@ -469,6 +458,35 @@ class ReftTrainingRecipe:
             self._writer.close()
         self._metrics_log = self._writer = self._batches = None
         self._hf_ds = None
+
+
+class BuiltEngine(NamedTuple):
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    clip_norm: Optional[float]  # the recipe clips to it at ZeRO stage 0 (``clip_gradients``); None: DeepSpeed clips
+    zero_stage: int
+
+
+def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, world: int,
+                      total_steps: int) -> BuiltEngine:
+    """``deepspeed.initialize`` of ``model`` training ``params`` as the recipe trains them: the config of
+    ``build_ds_config``, the client AdamW (``client_adamw``) with its LambdaLR schedule over ``total_steps``, and no
+    gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``). bench_host's DeepSpeed
+    variants build their engines with it too."""
+    import deepspeed
+
+    t = cfg.training
+    ds_config = build_ds_config(cfg, world, max(p.numel() for p in params))
+    clip_norm = take_gradient_clipping(ds_config)
+    optimizer = client_adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
+    warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, warmup, total_steps,
+                                                                       t.min_lr_ratio))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           model_parameters=params, config=ds_config)
+    skip_one_rank_gradient_allreduce(engine)
+    return BuiltEngine(engine, optimizer, scheduler, clip_norm, ds_config["zero_optimization"]["stage"])
 
 
 def _grad_norm_column(unread: Sequence[UnreadStep], like: torch.Tensor) -> torch.Tensor:
