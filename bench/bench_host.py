@@ -96,8 +96,10 @@ LAUNCH_MODES = {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}  #
 # Steps through the recipe's DeepSpeed engine (build_ds_step): the plain variant each one wraps, and its ZeRO stage.
 # Opt-in on the CPU (--variants), where the plain variant is timed beside them (the Triton path's with its launches
 # stubbed); reft-fast:triton-ds0 is in the GPU table.
-DS_VARIANTS = {"reft-fast:triton-ds0": ("reft-fast:triton", 0), "reft-fast:triton-ds2": ("reft-fast:triton", 2),
-               "reft-fast:torch-ds0": ("reft-fast:torch", 0), "reft-fast:torch-ds2": ("reft-fast:torch", 2)}
+# At stage 3 the base's parameters are partitioned too: its per-module gather and release hooks are in the step
+# (one rank here), which the plain floor does not pay.
+DS_VARIANTS = {f"reft-fast:{path}-ds{stage}": (f"reft-fast:{path}", stage)
+               for path in ("triton", "torch") for stage in (0, 2, 3)}
 STUBBED_STATUS = ("host time with the kernel launches stubbed (CPU: Triton's interpreter stubbed, the JIT launcher's "
                   "own cost not included)")
 # Captured steps (CUDA only): the eager variant each one captures. Capture also takes the floor's own Python off the

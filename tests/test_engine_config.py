@@ -62,19 +62,35 @@ def test_a_stage_set_in_the_free_form_deepspeed_config_is_the_runs_stage(run_dir
         .deepspeed.stage == 2
 
 
-def test_zero_1_and_2_leave_gradients_where_autograd_put_them_unless_the_config_says_otherwise(run_dir):
-    # DeepSpeed's contiguous gradient buffer cost 143–173 µs of host time per intervention and step (one rank, CPU)
+def test_zero_stages_leave_gradients_where_autograd_put_them_unless_the_config_says_otherwise(run_dir):
+    # DeepSpeed's contiguous gradient buffer cost 75–173 µs of host time per intervention and step (one rank, CPU)
     from reft_fast.train.ds_config import build_ds_config
 
     def zero(*overrides):
         return build_ds_config(load_config(_write(run_dir), list(overrides)), 2)["zero_optimization"]
 
-    assert zero("deepspeed.stage=1")["contiguous_gradients"] is False
-    assert zero("deepspeed.stage=2")["contiguous_gradients"] is False
-    assert "contiguous_gradients" not in zero("deepspeed.stage=0") and "contiguous_gradients" not in zero(
-        "deepspeed.stage=3")
+    for stage in (1, 2, 3):
+        assert zero(f"deepspeed.stage={stage}")["contiguous_gradients"] is False
+    assert "contiguous_gradients" not in zero("deepspeed.stage=0")
     assert zero("deepspeed.stage=2", "deepspeed.config.zero_optimization.contiguous_gradients=true")[
         "contiguous_gradients"] is True
+
+
+def test_the_gradient_bucket_holds_the_trained_parameters_not_deepspeeds_default(run_dir):
+    # DeepSpeed's 5·10^8-element default is what its contiguous buffer is allocated at (1.86 GiB of fp32 per rank)
+    from reft_fast.train.ds_config import build_ds_config, reduce_bucket_elements
+
+    def zero(trained, *overrides):
+        cfg = load_config(_write(run_dir), list(overrides))
+        return build_ds_config(cfg, 2, max_intervention_numel=trained, trained_numel=trained)["zero_optimization"]
+
+    assert [reduce_bucket_elements(n) for n in (0, 1, 1 << 20, (1 << 20) + 1)] == [1 << 20, 1 << 20, 1 << 20, 2 << 20]
+    for stage in (1, 2, 3):
+        assert zero(3_000_000, f"deepspeed.stage={stage}")["reduce_bucket_size"] == 3 << 20
+    assert "reduce_bucket_size" not in zero(3_000_000, "deepspeed.stage=0")
+    assert "reduce_bucket_size" not in zero(0, "deepspeed.stage=3")  # not known yet (zero.Init's first config)
+    assert zero(10, "deepspeed.stage=3", "deepspeed.config.zero_optimization.reduce_bucket_size=5000")[
+        "reduce_bucket_size"] == 5000
 
 
 @pytest.mark.parametrize("overrides, field", [

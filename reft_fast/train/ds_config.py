@@ -25,8 +25,8 @@ import torch
 
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
-__all__ = ["build_ds_config", "client_adamw", "clip_gradients", "lr_lambda", "skip_one_rank_gradient_allreduce",
-           "take_gradient_clipping", "warmup_steps_of"]
+__all__ = ["build_ds_config", "client_adamw", "clip_gradients", "lr_lambda", "reduce_bucket_elements",
+           "skip_one_rank_gradient_allreduce", "take_gradient_clipping", "warmup_steps_of"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -38,17 +38,23 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: int = 0) -> dict:
-    """The config for ``deepspeed.initialize``: ours, with ``deepspeed.config`` merged over it key by key."""
+def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: int = 0,
+                    trained_numel: int = 0) -> dict:
+    """The config for ``deepspeed.initialize``: ours, with ``deepspeed.config`` merged over it key by key.
+    ``max_intervention_numel``: the largest trained tensor's size; ``trained_numel``: all trained tensors' (0 where
+    not known yet: DeepSpeed's bucket size is kept)."""
     t, ds = cfg.training, cfg.deepspeed
     accumulation = gradient_accumulation_steps(cfg, world_size)
     zero: dict[str, Any] = {"stage": ds.stage}
-    if ds.stage in (1, 2):
+    if ds.stage >= 1:
         # DeepSpeed's default copies each gradient into a preallocated flat buffer as it is produced, against memory
         # fragmentation: a per-tensor cost that ReFT's few-MB gradients never repay. Off, a one-rank step cost 143
-        # (stage 1) and 173 µs (stage 2) less host time per intervention (paired, 32 LoReFT interventions, 2-core
-        # x86-64 CPU, DeepSpeed 0.19.8, 2026-11-30). Offload turns it back on by itself; deepspeed.config can too.
+        # (stage 1), 173 (stage 2) and ≈ 75 µs (stage 3) less host time per intervention (paired, 32 LoReFT
+        # interventions, 2-core x86-64 CPU, DeepSpeed 0.19.8, 2026-11-30). Offload turns it back on at stages 1–2
+        # by itself; deepspeed.config can too.
         zero["contiguous_gradients"] = False
+        if trained_numel > 0:
+            zero["reduce_bucket_size"] = reduce_bucket_elements(trained_numel)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if ds.offload_param:
@@ -72,6 +78,18 @@ def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: i
         zero["stage3_param_persistence_threshold"] = max(int(zero.get("stage3_param_persistence_threshold", 100_000)),
                                                          max_intervention_numel + 1)
     return config
+
+
+def reduce_bucket_elements(trained_numel: int) -> int:
+    """DeepSpeed's gradient bucket for ``trained_numel`` trained elements: all of them in one bucket, rounded up to
+    2^20 elements (4 MiB in fp32).
+
+    DeepSpeed's default, 5·10^8 elements, is what a contiguous gradient buffer is allocated at on the accelerator
+    whatever the model trains (ZeRO-3, and ZeRO 1–2 with optimizer offload, which forces that buffer; two of them
+    with overlap_comm): 1.86 GiB of fp32 per buffer and rank for a ReFT's few MB of gradients (measured on a
+    one-rank engine, DeepSpeed 0.19.8, 2026-11-30). Every trained gradient still fits one bucket, so the reductions
+    are the same: one bucket per backward."""
+    return -(-max(trained_numel, 1) // (1 << 20)) * (1 << 20)
 
 
 def client_adamw(params, **hyperparameters) -> torch.optim.AdamW:

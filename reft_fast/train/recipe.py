@@ -477,7 +477,7 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
     import deepspeed
 
     t = cfg.training
-    ds_config = build_ds_config(cfg, world, max(p.numel() for p in params))
+    ds_config = build_ds_config(cfg, world, max(p.numel() for p in params), sum(p.numel() for p in params))
     clip_norm = take_gradient_clipping(ds_config)
     optimizer = client_adamw(params, lr=t.lr, betas=tuple(t.adam_betas), eps=t.adam_eps, weight_decay=t.weight_decay)
     warmup = warmup_steps_of(t.warmup_steps, t.warmup_ratio, total_steps)

@@ -3,6 +3,7 @@ write what the tests check to a JSON file on rank 0.
 
     python run_train.py CONFIG RESULT.json [key=value ...] [--then key=value ...] [--kill-in-save STEP]
                         [--kill-before-step STEP] [--check-frozen] [--record-collectives]
+                        [--record-deepspeed-buffers]
 
 Each --then starts another training in the same processes (one launch, several runs: launches are the slow part);
 RESULT.json holds one entry per run.
@@ -15,6 +16,8 @@ RESULT.json holds one entry per run.
 --record-collectives   record each torch.distributed collective that reft_fast code calls: the calling function, the
                        devices of its tensors and the accelerator's current device; and, apart, DeepSpeed's: the
                        collective and the first calling function outside deepspeed.comm.
+--record-deepspeed-buffers  record, per run, the largest tensor that DeepSpeed's code asks torch.empty or
+                       torch.zeros for: its number of elements and the allocating function.
 """
 
 import json
@@ -35,7 +38,9 @@ def main(argv):
     check_frozen = "--check-frozen" in argv
     collectives = [] if "--record-collectives" in argv else None
     deepspeed_collectives = []
-    argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives")]
+    if "--record-deepspeed-buffers" in argv:
+        record_deepspeed_buffers()
+    argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives", "--record-deepspeed-buffers")]
     if "--kill-in-save" in argv:
         i = argv.index("--kill-in-save")
         kill_when_publishing(int(argv[i + 1]))
@@ -127,12 +132,40 @@ def record_collectives(log, deepspeed_log):
         setattr(dist, name, wrap(name, getattr(dist, name)))
 
 
+LARGEST_DEEPSPEED_BUFFER = {}  # the run's largest tensor allocated by DeepSpeed's code: {"numel", "caller"}
+
+
+def record_deepspeed_buffers():
+    """Record in LARGEST_DEEPSPEED_BUFFER the largest torch.empty / torch.zeros that a deepspeed module calls for."""
+
+    def numel_of(size):
+        if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
+            size = size[0]
+        count = 1
+        for n in size:
+            count *= int(n)
+        return count
+
+    def wrap(allocate):
+        def recorded(*size, **kwargs):
+            caller = sys._getframe(1)
+            module = caller.f_globals.get("__name__", "")
+            if module.startswith("deepspeed") and numel_of(size) > LARGEST_DEEPSPEED_BUFFER.get("numel", -1):
+                LARGEST_DEEPSPEED_BUFFER.update(numel=numel_of(size), caller=f"{module}.{caller.f_code.co_name}")
+            return allocate(*size, **kwargs)
+
+        return recorded
+
+    torch.empty, torch.zeros = wrap(torch.empty), wrap(torch.zeros)
+
+
 def run_one(config_path, overrides, check_frozen):
     from reft_fast.train.recipe import ReftTrainingRecipe
     from reft_fast.train.train_config import load_config
 
     cfg = load_config(config_path, overrides)
     seen = {}
+    LARGEST_DEEPSPEED_BUFFER.clear()
 
     def on_step(step, metrics, engine):
         if step == 1:
@@ -156,7 +189,8 @@ def run_one(config_path, overrides, check_frozen):
         seen["frozen_max_diff"] = max_diff
     return {"losses": result.losses, "eval_losses": result.eval_losses, "final_dir": result.final_dir,
             "samples": result.samples, "base_numel_at_load": result.base_numel_at_load,
-            "fused_ops": list(result.fused_ops), "world": int(os.environ.get("WORLD_SIZE", "1")), **seen}
+            "fused_ops": list(result.fused_ops), "world": int(os.environ.get("WORLD_SIZE", "1")),
+            "largest_deepspeed_buffer": dict(LARGEST_DEEPSPEED_BUFFER), **seen}
 
 
 if __name__ == "__main__":
