@@ -26,7 +26,8 @@ import torch
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
 __all__ = ["build_ds_config", "client_adamw", "clip_gradients", "lr_lambda", "reduce_bucket_elements",
-           "skip_one_rank_gradient_allreduce", "take_gradient_clipping", "warmup_steps_of"]
+           "skip_one_rank_gradient_allreduce", "take_gradient_clipping", "warmup_steps_of",
+           "zero_only_trained_gradients"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -140,6 +141,31 @@ def skip_one_rank_gradient_allreduce(engine) -> bool:
     if engine.optimizer is not engine.basic_optimizer or not dist.is_initialized() or dist.get_world_size() != 1:
         return False
     engine.enable_backward_allreduce = False
+    return True
+
+
+def zero_only_trained_gradients(engine) -> bool:
+    """Make the engine's end-of-step ``zero_grad`` reset only the trained tensors' gradients (the client optimizer's
+    ``zero_grad(set_to_none=True)``), where it would walk the whole module to do the same: ZeRO stage 0 without
+    fp16/bf16 and the client optimizer unwrapped, every parameter that requires grad being one the optimizer steps
+    (the frozen base never has a gradient). True if it was replaced.
+
+    DeepSpeed's stage-0 ``engine.zero_grad`` sets ``grad = None`` on every parameter of ``module.named_parameters()``:
+    on a 32-layer Llama-shaped ReftModel (553 modules, 387 parameters) 887 µs of host time per step, 28 µs per
+    intervention with 32 of them, against 20 µs per step through the optimizer (2-core x86-64 CPU, torch 2.13,
+    DeepSpeed 0.19.8, 2026-11-30). The other stages and mixed precision zero through their optimizer wrappers
+    already."""
+    import functools
+
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if optimizer is None or engine.optimizer is not optimizer or not hasattr(engine, "zero_grad"):
+        return False
+    if engine.zero_optimization() or engine.fp16_enabled() or engine.bfloat16_enabled():
+        return False
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(p.requires_grad and id(p) not in stepped for p in engine.module.parameters()):
+        return False
+    engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=True)
     return True
 
 

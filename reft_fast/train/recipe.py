@@ -54,7 +54,8 @@ from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_che
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
 from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
-                                       skip_one_rank_gradient_allreduce, take_gradient_clipping, warmup_steps_of)
+                                       skip_one_rank_gradient_allreduce, take_gradient_clipping, warmup_steps_of,
+                                       zero_only_trained_gradients)
 from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
@@ -472,8 +473,9 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
                       total_steps: int) -> BuiltEngine:
     """``deepspeed.initialize`` of ``model`` training ``params`` as the recipe trains them: the config of
     ``build_ds_config``, the client AdamW (``client_adamw``) with its LambdaLR schedule over ``total_steps``, and no
-    gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``). bench_host's DeepSpeed
-    variants build their engines with it too."""
+    gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``), the end-of-step zeroing of
+    the trained gradients only (``zero_only_trained_gradients``). bench_host's DeepSpeed variants build their engines
+    with it too."""
     import deepspeed
 
     t = cfg.training
@@ -486,6 +488,7 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=ds_config)
     skip_one_rank_gradient_allreduce(engine)
+    zero_only_trained_gradients(engine)
     return BuiltEngine(engine, optimizer, scheduler, clip_norm, ds_config["zero_optimization"]["stage"])
 
 

@@ -3,7 +3,7 @@ write what the tests check to a JSON file on rank 0.
 
     python run_train.py CONFIG RESULT.json [key=value ...] [--then key=value ...] [--kill-in-save STEP]
                         [--kill-before-step STEP] [--check-frozen] [--record-collectives]
-                        [--record-deepspeed-buffers]
+                        [--record-deepspeed-buffers] [--count-module-walks]
 
 Each --then starts another training in the same processes (one launch, several runs: launches are the slow part);
 RESULT.json holds one entry per run.
@@ -18,6 +18,8 @@ RESULT.json holds one entry per run.
                        collective and the first calling function outside deepspeed.comm.
 --record-deepspeed-buffers  record, per run, the largest tensor that DeepSpeed's code asks torch.empty or
                        torch.zeros for: its number of elements and the allocating function.
+--count-module-walks   count, per run, the calls of the ReftModel's parameters() / named_parameters() made inside the
+                       recipe's training steps (walks of the whole model, frozen base included).
 """
 
 import json
@@ -40,7 +42,10 @@ def main(argv):
     deepspeed_collectives = []
     if "--record-deepspeed-buffers" in argv:
         record_deepspeed_buffers()
-    argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives", "--record-deepspeed-buffers")]
+    if "--count-module-walks" in argv:
+        count_module_walks()
+    argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives", "--record-deepspeed-buffers",
+                                         "--count-module-walks")]
     if "--kill-in-save" in argv:
         i = argv.index("--kill-in-save")
         kill_when_publishing(int(argv[i + 1]))
@@ -159,6 +164,39 @@ def record_deepspeed_buffers():
     torch.empty, torch.zeros = wrap(torch.empty), wrap(torch.zeros)
 
 
+MODULE_WALKS = {}  # the run's walks of the ReftModel inside training steps: {"steps", "walks"}
+
+
+def count_module_walks():
+    """Count in MODULE_WALKS the ReftModel's parameters() / named_parameters() calls made inside train_step."""
+    from reft_fast.core.model import ReftModel
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    in_step = []
+
+    def counted(walk):
+        def wrapper(self, *args, **kwargs):
+            if in_step:
+                MODULE_WALKS["walks"] = MODULE_WALKS.get("walks", 0) + 1
+            return walk(self, *args, **kwargs)
+
+        return wrapper
+
+    ReftModel.parameters = counted(ReftModel.parameters)
+    ReftModel.named_parameters = counted(ReftModel.named_parameters)
+    original = ReftTrainingRecipe.train_step
+
+    def train_step(recipe, index):
+        in_step.append(index)
+        try:
+            return original(recipe, index)
+        finally:
+            in_step.pop()
+            MODULE_WALKS["steps"] = MODULE_WALKS.get("steps", 0) + 1
+
+    ReftTrainingRecipe.train_step = train_step
+
+
 def run_one(config_path, overrides, check_frozen):
     from reft_fast.train.recipe import ReftTrainingRecipe
     from reft_fast.train.train_config import load_config
@@ -166,6 +204,7 @@ def run_one(config_path, overrides, check_frozen):
     cfg = load_config(config_path, overrides)
     seen = {}
     LARGEST_DEEPSPEED_BUFFER.clear()
+    MODULE_WALKS.clear()
 
     def on_step(step, metrics, engine):
         if step == 1:
@@ -190,7 +229,7 @@ def run_one(config_path, overrides, check_frozen):
     return {"losses": result.losses, "eval_losses": result.eval_losses, "final_dir": result.final_dir,
             "samples": result.samples, "base_numel_at_load": result.base_numel_at_load,
             "fused_ops": list(result.fused_ops), "world": int(os.environ.get("WORLD_SIZE", "1")),
-            "largest_deepspeed_buffer": dict(LARGEST_DEEPSPEED_BUFFER), **seen}
+            "largest_deepspeed_buffer": dict(LARGEST_DEEPSPEED_BUFFER), "module_walks": dict(MODULE_WALKS), **seen}
 
 
 if __name__ == "__main__":
