@@ -708,7 +708,8 @@ def _parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="a few repetitions: checks that the script runs")
     parser.add_argument("--reps", type=positive_int, default=None, help="paired repetitions (default 400; smoke 4)")
-    parser.add_argument("--warmup", type=positive_int, default=None, help="steps per variant before timing (default 10)")
+    parser.add_argument("--warmup", type=positive_int, default=None,
+                        help="steps per variant before timing (default 10)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the CSV (default bench/results/<machine>_"
                                                                "<date>/)")
     parser.add_argument("--base", choices=("llama", "toy"), default="llama",
