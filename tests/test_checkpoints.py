@@ -118,6 +118,14 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
         check_output_dir(_config(used))
     check_output_dir(_config(used, resume=True))
     check_output_dir(_config(used, overwrite_output_dir=True))
+    # the base's scores written first (`reft-fast eval CONFIG --base-only`): training there overwrites nothing
+    baseline = tmp_path / "baseline"
+    (baseline / "eval").mkdir(parents=True)
+    (baseline / "eval" / "test-base.jsonl").write_text("{}\n")
+    check_output_dir(_config(baseline))
+    (baseline / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match=r"baseline is not empty \(eval, metrics.jsonl\)"):
+        check_output_dir(_config(baseline))
     with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume"):
         check_output_dir(_config(used, resume=True, overwrite_output_dir=True))
     (tmp_path / "file").write_text("")

@@ -72,7 +72,8 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
         return
     entries = sorted(path.name for path in output.iterdir())
-    if entries:
+    # eval/ alone: the base model's scores (``reft-fast eval --base-only``), which training never writes over
+    if entries and entries != ["eval"]:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
         raise ConfigError(f"output_dir: {output} is not empty ({shown}); pass --resume (resume=true) to continue the "
                           "run there, --overwrite (overwrite_output_dir=true) to replace its outputs, or choose "
