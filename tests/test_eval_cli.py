@@ -247,6 +247,17 @@ def test_eval_base_only_of_an_output_dir_without_final_writes_into_it(trained_ru
     assert (run / "eval" / "eval-base.jsonl").is_file() and not (tmp_path / "eval").exists()
 
 
+def test_evals_of_two_folders_of_interventions_side_by_side_keep_both_predictions(trained_run, tmp_path, capsys):
+    """Each folder's default predictions file is named after it: both were <parent>/eval/<data>.jsonl, and the
+    second eval replaced the first's predictions."""
+    _, out, data, _ = trained_run
+    for name in ("first", "second"):
+        shutil.copytree(out / "final", tmp_path / name)
+        assert main(["eval", str(tmp_path / name), "--data", str(data), "--max-new-tokens", "1"]) == 0
+        assert f"predictions in {tmp_path / 'eval' / f'eval-{name}.jsonl'}" in capsys.readouterr().out
+    assert sorted(path.name for path in (tmp_path / "eval").iterdir()) == ["eval-first.jsonl", "eval-second.jsonl"]
+
+
 @pytest.mark.slow
 def test_eval_on_two_ranks_equals_one_rank(trained_run, tmp_path):
     """Each rank answers a shard; rank 0 gathers and writes the same file as one rank does."""

@@ -95,8 +95,10 @@ def _add_eval_parser(sub) -> None:
                                           "folder written by Dataset.save_to_disk, the one split it holds)")
     evaluate.add_argument("--family", choices=FAMILIES, default=None,
                           help="how answers are read (default: data.eval_family, else guessed from the gold answers)")
-    evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>[-base].jsonl); a "
-                                        "classification or preference run writes its metrics beside it, as .json")
+    evaluate.add_argument("--out", help="predictions JSONL (default: output_dir/eval/<data>.jsonl, <data>-base.jsonl "
+                                        "with --base-only, <data>-<folder>.jsonl for a folder of interventions other "
+                                        "than the run's final/); a classification or preference run writes its "
+                                        "metrics beside it, as .json")
     evaluate.add_argument("--batch-size", type=positive_int, default=None,
                           help="prompts per generate call and rank (default 8); a classification or preference run "
                                "is scored in batches of training.micro_batch_size")
@@ -609,7 +611,7 @@ def _evaluate(args) -> None:
         check_gold_answers(examples, family)
     except ValueError as err:
         raise ConfigError(f"--family {family}: {err}") from None
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{'-base' if args.base_only else ''}.jsonl"
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{data_name}{_evaluated_suffix(reft_dir, run_dir)}.jsonl"
     _check_out(out, cfg, args.data)
     with _interrupted_keeps(_eval_kept(out)), _distributed_job(cfg.deepspeed.timeout_minutes):
         rank, world = init_distributed(cfg.deepspeed.timeout_minutes)
@@ -628,6 +630,16 @@ def _evaluate(args) -> None:
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
             print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
                   f"predictions in {out}\n{summary_table(predictions)}")
+
+
+def _evaluated_suffix(reft_dir: Optional[Path], run_dir: Path) -> str:
+    """What the default predictions file of an eval adds to the data's name for what it evaluated: nothing for the
+    run's final/ (or the directory itself), -base for the base alone, -<name> for any other folder of interventions
+    (a run's best/, or two saved ReFTs side by side, which both wrote <parent>/eval/<data>.jsonl, the second
+    replacing the first's predictions)."""
+    if reft_dir is None:
+        return "-base"
+    return "" if reft_dir in (run_dir / "final", run_dir) else f"-{reft_dir.name}"
 
 
 def _check_out(out: Path, cfg, data: Optional[str]) -> None:
@@ -671,7 +683,7 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     split = f"-{cfg.classification.eval_split}" if args.data and Path(args.data).is_dir() else ""  # a folder's
     scored = f"all of {args.data}{split and f' (split {split[1:]})'}" if args.data else scored_part(cfg)
     name = Path(args.data).stem + split if args.data else "eval" if cfg.data.selection_examples is None else "test"
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{name}.jsonl"
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{name}{_evaluated_suffix(reft_dir, run_dir)}.jsonl"
     for path in (out.with_suffix(".jsonl"), out.with_suffix(".json")):
         _check_out(path, cfg, args.data)
     kept = _eval_kept(out.with_suffix(".jsonl"))
