@@ -69,6 +69,9 @@ def test_a_bad_row_is_named_by_its_file_and_line(tmp_path):
     (tmp_path / "b.csv").write_text('instruction,output\n"two\nlines",ok\nthird\n')
     with pytest.raises(ValueError, match=r"b\.csv:4: 1 value\(s\), but the header names 2 columns"):
         load_examples(tmp_path / "b.csv")  # a short record: DictReader would give its missing cell as None
+    (tmp_path / "twice.csv").write_text('instruction,output,output\nq,right,wrong\n')  # DictReader kept "wrong"
+    with pytest.raises(ValueError, match=r"twice\.csv:1: the header names 'output' more than once"):
+        load_examples(tmp_path / "twice.csv")
     (tmp_path / "c.csv").write_text('sentence,label\n"a\nb\nc",1\n\n\nd,x\n')  # blank lines: skipped, counted
     with pytest.raises(ValueError, match=r"c\.csv:7: label 'x' is not"):
         read_labelled_texts(tmp_path / "c.csv", ClassificationConfig())

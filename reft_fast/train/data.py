@@ -238,6 +238,7 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     reader = csv.DictReader(io.StringIO(read_utf8(path), newline=""), restkey=_CSV_EXTRA)
     limit = csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
+        _check_csv_header(path, reader.fieldnames)
         for row in reader:
             values = [v for value in row.values() for v in (value if isinstance(value, list) else [value])]
             line = reader.line_num - sum(v.count("\n") for v in values if isinstance(v, str))
@@ -254,6 +255,16 @@ def _read_csv_rows(path: Path) -> tuple[list[dict], list[int]]:
     finally:
         csv.field_size_limit(limit)
     return rows, lines
+
+
+def _check_csv_header(path: Path, columns: Optional[list]) -> None:
+    """A header that names a column twice is refused: each record would keep only the last of its values under that
+    name (csv.DictReader), silently."""
+    repeated = sorted({name for name in columns or () if columns.count(name) > 1})
+    if repeated:
+        raise ValueError(f"{path}:1: the header names {', '.join(repr(name) for name in repeated)} more than once "
+                         f"({', '.join(columns)}); each record would keep only its last value under that name: "
+                         "rename or remove the repeated column")
 
 
 _JSON_LIST = "a JSON list of objects ([{...}, {...}])"
