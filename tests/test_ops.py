@@ -122,7 +122,7 @@ def test_h_is_not_modified_and_runs_are_bitwise_equal(backend):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["triton"] + (["cuda"] if HAS_CUDA else []))
+@pytest.mark.parametrize("backend", ["triton", "torch"] + (["cuda"] if HAS_CUDA else []))
 @pytest.mark.parametrize("in_place", [False, True])
 def test_unchecked_positions_past_the_sequence_select_nothing(backend, in_place):
     """With validate=False (positions already on the GPU are not read back), a position ≥ T selects nothing, as −1:
@@ -143,6 +143,28 @@ def test_unchecked_positions_past_the_sequence_select_nothing(backend, in_place)
                      in_place=in_place)
         out.backward(g)
         results.append([out.detach(), h_in.grad, leaves["Q"].grad, leaves["W"].grad, leaves["b"].grad])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_torch_backend_written_out_paths_never_edit_the_next_example_for_a_position_past_the_sequence(in_place):
+    """Above AUTOGRAD_BELOW_NUMEL the torch backend runs its written-out backward (in place where owned): there a
+    position T of example 0 was the flat row of example 1's token 0, edited silently."""
+    B, d, r = 2, 16, 4
+    T = ops.backend_torch.AUTOGRAD_BELOW_NUMEL // (B * d) + 1
+    past = torch.tensor([[T, 3, -1], [5, 2, 7]])
+    unselected = past.masked_fill(past >= T, -1)
+    params = make_params("loreft", r, d)
+    h, g = torch.randn(B, T, d), torch.randn(B, T, d)
+    results = []
+    for pos in (past, unselected):
+        h_in = h.clone().requires_grad_()
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items() if k != "P"}
+        out = run_op(h_in * 1.0, pos, {**leaves, "P": leaves["Q"]}, "torch", validate=False, in_place=in_place)
+        out.backward(g)
+        results.append([out.detach(), h_in.grad, leaves["Q"].grad, leaves["W"].grad, leaves["b"].grad])
+    assert torch.equal(results[0][0][1, 0], h[1, 0])  # example 1's token 0 untouched
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

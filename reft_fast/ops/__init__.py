@@ -220,8 +220,8 @@ def low_rank_edit(
             CPU generator when None) and is regenerated in backward, not stored.
         backend: 'triton', 'torch', 'cuda', or None/'auto' (REFT_FAST_BACKEND, else triton on CUDA, torch on CPU).
         validate: check position values (reads them: a host sync on GPU). Shapes and dtypes are always checked.
-            Unchecked, a position past the sequence selects nothing on the triton and cuda backends (their kernels
-            never touch memory a position does not name); the torch backend's gather raises an index error.
+            Unchecked, a position past the sequence selects nothing, as −1, on every backend (the kernels never
+            touch memory a position does not name).
         in_place: write the edit into h and return h (its backward writes into the incoming gradient when nothing
             else holds it), on backends that can and for a contiguous h; otherwise the edited copy is returned, so
             always use the return value. h must not be read afterwards by anyone expecting the unedited values, nor

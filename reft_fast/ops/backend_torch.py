@@ -71,6 +71,13 @@ def _slot_index(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.where(positions >= 0, positions + offsets, batch * seq_len).reshape(-1)
 
 
+def _in_sequence(positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """positions with those past the sequence made −1 (no position): what the triton and cuda kernels select for them.
+    Unchecked positions (``validate=False``: already on the GPU, not read back) may hold such values; as flat rows
+    b·T + p they named a token of the next example (edited silently) or a row past h (an index error)."""
+    return positions.masked_fill(positions >= seq_len, -1)
+
+
 def _padded(t: torch.Tensor) -> torch.Tensor:
     """t [B, T, d] as [B·T + 1, d] rows, a zero row last: a new tensor, which the edit then writes into."""
     return F.pad(t.reshape(-1, t.shape[-1]), (0, 0, 0, 1))
@@ -151,6 +158,7 @@ class TorchBackend:
         return None  # ordinary torch ops run wherever torch does
 
     def forward(self, h, positions, edit: EditParams):
+        positions = _in_sequence(positions, h.shape[1])
         if self.differentiates_forward(h):
             return _edit_with_rows(h, positions, edit)
         # A new tensor, not a view of a padded one: the model's hooks write a site's further edits into it.
@@ -158,6 +166,7 @@ class TorchBackend:
         return out, self.forward_in_place(out, positions, edit)
 
     def forward_in_place(self, h, positions, edit: EditParams) -> torch.Tensor:
+        positions = _in_sequence(positions, h.shape[1])
         flat = h.view(-1, h.shape[-1])
         index = _row_index(positions, h.shape[1])
         rows = flat.index_select(0, index)
@@ -176,13 +185,14 @@ class TorchBackend:
         seq_len = h.shape[1]
         padded = _padded(h)
         for k, (edit, positions) in enumerate(zip(multi.entries, multi.positions)):
-            own = torch.where((multi.edit_index == k).unsqueeze(1), positions, -1)
+            own = torch.where((multi.edit_index == k).unsqueeze(1) & (positions < seq_len), positions, -1)
             index = _slot_index(own, seq_len)
             rows = padded.index_select(0, index).to(edit.Q.dtype)
             padded.index_copy_(0, index, _edited(rows, own, edit).to(h.dtype))
         return padded[:-1].view(h.shape)
 
     def backward(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        positions = _in_sequence(positions, grad_out.shape[1])
         index = _slot_index(positions, grad_out.shape[1])
         grad_padded = _padded(grad_out)
         dx, grads = _row_grads(h_rows, grad_padded.index_select(0, index), positions, edit)
@@ -190,6 +200,7 @@ class TorchBackend:
         return EditGrads(grad_h, *grads)
 
     def backward_in_place(self, h_rows, grad_out, positions, edit: EditParams) -> EditGrads:
+        positions = _in_sequence(positions, grad_out.shape[1])
         flat = grad_out.view(-1, grad_out.shape[-1])
         index = _row_index(positions, grad_out.shape[1])
         grad_rows = flat.index_select(0, index)
