@@ -108,9 +108,10 @@ SESSION_ROWS = (
     ("a", False, False, "floor"),
     ("b", False, True, "reft-fast:cuda"),
 )
-# The libraries rows import, imported once by the server the rows are forked from.
+# The libraries rows import, imported once by the server the rows are forked from (the module SERVER_PRELOAD).
 ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.core.model", "reft_fast.train.loading",
                  "reft_fast.train.metrics", "reft_fast.train.fused_base", "liger_kernel.transformers", "peft", "pyreft")
+SERVER_PRELOAD = "e2e_preload"
 
 FIELDS = ["device", "torch", "triton", "transformers", "liger_kernel", "pyreft", "peft", "date", "timer", "shape",
           "dtype", "config", "checkpointing", "fused", "fused_ops", "method", "batch", "seq_len", "layers", "rank",
@@ -495,11 +496,17 @@ def _import_row_libraries() -> None:
 
 
 def _context(start_method: str):
-    """forkserver: the server imports this file ("__main__", which imports ROW_LIBRARIES), then every row is a fresh
-    fork of it, with the libraries already imported. spawn: every row imports them itself (seconds more per row)."""
+    """forkserver: the server, started with the first row, imports this file and ROW_LIBRARIES (bench/e2e_preload.py),
+    then every row is a fresh fork of it, with the libraries already imported. spawn: every row imports them itself
+    (seconds more per row)."""
     context = multiprocessing.get_context(start_method)
     if start_method == "forkserver":
-        context.set_forkserver_preload(["__main__"])
+        context.set_forkserver_preload([SERVER_PRELOAD])
+        # The server does not take this process's sys.path (Python 3.11, and 3.12 before 3.12.8), and its preload
+        # must find e2e_preload.py here: this folder on the PYTHONPATH it inherits.
+        here, previous = str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH")
+        if here not in (previous or "").split(os.pathsep):
+            os.environ["PYTHONPATH"] = here + (os.pathsep + previous if previous else "")
     return context
 
 
@@ -757,7 +764,8 @@ def _report(row: dict) -> None:
 
 
 if __name__ == "__mp_main__":
-    # This file in the forkserver (its preload of "__main__") or in a spawned row: import what the rows need.
+    # This file in a row process (a spawned one, or a fork of the server, where they are imported already): import
+    # what the rows need.
     _import_row_libraries()
 
 if __name__ == "__main__":

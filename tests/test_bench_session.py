@@ -218,9 +218,10 @@ def _load_e2e():
 
 
 def test_forkserver_preload_asks_nvml_not_the_cuda_runtime():
-    """What the server the rows are forked from runs (bench_e2e.py as __mp_main__, importing the row libraries) must
-    not ask the CUDA runtime anything: a process forked from one that did cannot use CUDA. Recorded here by wrapping
-    torch.cuda.is_available (each call must find the NVML check chosen) and torch.cuda._lazy_init (never called)."""
+    """What the server the rows are forked from runs (bench/e2e_preload.py: bench_e2e.py and the row libraries), and
+    what each row runs again (bench_e2e.py as __mp_main__), must not ask the CUDA runtime anything: a process forked
+    from one that did cannot use CUDA. Recorded here by wrapping torch.cuda.is_available (each call must find the NVML
+    check chosen) and torch.cuda._lazy_init (never called)."""
     script = textwrap.dedent(f"""
         import os, sys
         import torch
@@ -233,8 +234,10 @@ def test_forkserver_preload_asks_nvml_not_the_cuda_runtime():
             calls.append(("lazy_init", None))
         torch.cuda.is_available = is_available
         torch.cuda._lazy_init = lazy_init
+        sys.path.insert(0, {str(E2E.parent)!r})
+        import e2e_preload  # the server's preload
         from multiprocessing import spawn
-        spawn.import_main_path({str(E2E)!r})
+        spawn.import_main_path({str(E2E)!r})  # a row's
         print("preloaded", sorted(m for m in ("liger_kernel.transformers", "pyreft", "peft") if m in sys.modules))
         print("CALLS", calls)
     """)
