@@ -50,7 +50,7 @@ def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: i
     if ds.stage >= 1:
         # DeepSpeed's default copies each gradient into a preallocated flat buffer as it is produced, against memory
         # fragmentation: a per-tensor cost that ReFT's few-MB gradients never repay. Off, a one-rank step cost 143
-        # (stage 1), 173 (stage 2) and ≈ 75 µs (stage 3) less host time per intervention (paired, 32 LoReFT
+        # (stage 1), 173 (stage 2) and ≈ 90 µs (stage 3) less host time per intervention (paired, 32 LoReFT
         # interventions, 2-core x86-64 CPU, DeepSpeed 0.19.8, 2026-11-30). Offload turns it back on at stages 1–2
         # by itself; deepspeed.config can too.
         zero["contiguous_gradients"] = False
