@@ -4,7 +4,7 @@
     reft-fast generate --reft DIR --model M "prompt" ["prompt" ...]
     reft-fast generate --reft NAME=DIR [--reft NAME=DIR ...] --prompts-file IN.jsonl [--output OUT.jsonl]
     reft-fast eval CONFIG.yaml|RUN_DIR [--data FILE] [--family F] [--out FILE] [--batch-size N] [--base-only]
-    reft-fast demo [section.key=value ...]
+    reft-fast demo [section.key=value ...] [--resume]
     reft-fast plan CONFIG.yaml --gpus N [section.key=value ...]
 
 ``section.key=value`` overrides may stand anywhere after the command, before or after its options.
@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the built-in demo: LoReFT teaches SmolLM2-135M-Instruct a pirate persona")
     demo.add_argument("overrides", nargs="*", default=[], help="section.key=value overrides of the demo config")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue an interrupted demo from its last checkpoint (with training.save_every)")
 
     plan = sub.add_parser("plan", help="per-GPU memory estimate of a config before launching it")
     plan.add_argument("config")
@@ -261,11 +263,12 @@ def _print_run_samples(result, base_name: str) -> None:
         _print_samples(f"after {result.steps} steps (interventions in {result.final_dir})", result.samples)
 
 
-def _demo(overrides: Sequence[str]) -> None:
+def _demo(overrides: Sequence[str], resume: bool = False) -> None:
     from reft_fast.demo import DEMO_CONFIG
 
-    # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run.
-    _, result = _train(str(DEMO_CONFIG), overrides, overwrite=True)
+    # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run;
+    # --resume continues it instead, as ctrl-C's message says (it was refused: "unrecognized arguments").
+    _, result = _train(str(DEMO_CONFIG), overrides, resume=resume, overwrite=not resume)
     _print_run_samples(result, "SmolLM2-135M-Instruct")
 
 
@@ -742,7 +745,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _, result = _train(args.config, args.overrides, args.resume, args.overwrite)
             _print_run_samples(result, "the base")
         elif args.command == "demo":
-            _demo(args.overrides)
+            _demo(args.overrides, args.resume)
         elif args.command == "generate":
             _generate(args)
         elif args.command == "eval":

@@ -1,0 +1,34 @@
+"""ctrl-C during ``reft-fast demo training.save_every=N`` says "the same command with --resume continues from it", but
+``reft-fast demo ... --resume`` was refused ("unrecognized arguments: --resume"), ``resume=true`` too (the demo always
+overwrote its run), and the plain command again removed the checkpoints. The demo now takes --resume."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from reft_fast.demo import DEMO_CONFIG
+from reft_fast.train import cli
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    seen = []
+
+    def train(config_path, overrides, resume=False, overwrite=False):
+        seen.append(dict(config=config_path, overrides=list(overrides), resume=resume, overwrite=overwrite))
+        return None, SimpleNamespace(samples_before=[], samples=[], steps=0, final_dir="runs/demo/final")
+
+    monkeypatch.setattr(cli, "_train", train)
+    return seen
+
+
+def test_the_demo_resumes_as_its_ctrl_c_message_says(launches):
+    assert cli.main(["demo", "training.save_every=5", "--resume"]) == 0
+    assert launches == [dict(config=str(DEMO_CONFIG), overrides=["training.save_every=5"], resume=True,
+                             overwrite=False)]
+
+
+def test_the_plain_demo_still_replaces_its_earlier_run(launches):
+    assert cli.main(["demo", "training.max_steps=2"]) == 0
+    assert launches == [dict(config=str(DEMO_CONFIG), overrides=["training.max_steps=2"], resume=False,
+                             overwrite=True)]
