@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import socket
-import sysconfig
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +19,7 @@ import torch
 
 __all__ = ["StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed",
            "rank_chunks", "same_on_every_rank", "share_cpu_cores", "shared_memory_op_build_lock", "shutdown",
-           "use_environment_ninja", "wait_for_build_lock"]
+           "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +49,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         share_cpu_cores()
         lock = shared_memory_op_build_lock()
         if lock is not None:  # joining builds or loads the op: a killed build's lock would hold it forever
-            use_environment_ninja()
             wait_for_build_lock(lock)
             say_first_build(lock)
         if "RANK" not in os.environ:
@@ -83,25 +80,6 @@ def share_cpu_cores() -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // local_ranks))
-
-
-def use_environment_ninja() -> None:
-    """Put the environment's own ninja (the ``ninja`` package beside this Python's scripts, which scripts/setup.sh
-    installs) first on PATH, where torch's extension builder looks for it.
-
-    Run as ``.venv/bin/reft-fast`` without activating the environment, the builder found no ninja on a machine without
-    one of its own, and DeepSpeed refused to build its CPU shared-memory op (so every CPU run failed); on a machine with
-    a ninja of another version, each switch between that form and an activated environment rebuilt the op (a minute or
-    two): ninja 1.11 and 1.13 hash a command differently in their build logs, so each takes the other's build for an
-    out-of-date one (seen 2026-11-30, DeepSpeed 0.19.8, torch 2.13)."""
-    scripts = Path(sysconfig.get_path("scripts"))
-    ninja = shutil.which("ninja", path=str(scripts))
-    if ninja is None:
-        return  # not installed with this Python: the one on PATH, if any, is all there is
-    found = shutil.which("ninja")
-    if found is not None and os.path.samefile(found, ninja):
-        return
-    os.environ["PATH"] = os.pathsep.join(filter(None, [str(scripts), os.environ.get("PATH", "")]))
 
 
 class StaleBuildLock(RuntimeError):
