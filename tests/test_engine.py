@@ -204,17 +204,32 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(referenc
     _assert_same_state(newest, out / "checkpoints" / "step8", rtol=1e-6)  # step 8 saved again, whole
 
 
-def test_a_used_output_dir_is_refused_unless_overwritten(reference, tmp_path):
+def _nothing_may_start(*args, **kwargs):
+    raise AssertionError("a process group was started or weights were loaded before the output folder was checked")
+
+
+def test_a_used_output_dir_is_refused_unless_overwritten(reference, tmp_path, capsys, monkeypatch):
+    import deepspeed
+    import transformers
+
+    from reft_fast.train.cli import main
+
     config, out = reference
     used = tmp_path / "used"
     shutil.copytree(out, used)
     (used / "notes.txt").write_text("the user's own file")
     before = {p: p.read_bytes() for p in used.rglob("*") if p.is_file()}
-    refused = _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, f"output_dir={used}"], check=False)
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    assert f"config error: output_dir: {used} is not empty" in refused.stderr
-    assert "--resume" in refused.stderr and "--overwrite" in refused.stderr
+    # Refused before anything starts, so in this process (a launch costs seconds of imports): no process group, no
+    # weights read.
+    for owner, name in ((deepspeed, "init_distributed"), (torch.distributed, "init_process_group"),
+                        (transformers.AutoModelForCausalLM, "from_pretrained")):
+        monkeypatch.setattr(owner, name, _nothing_may_start)
+    assert main(["train", str(config), *COMMON, f"output_dir={used}"]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: output_dir: {used} is not empty" in err, err[-3000:]
+    assert "--resume" in err and "--overwrite" in err
     assert {p: p.read_bytes() for p in used.rglob("*") if p.is_file()} == before  # nothing touched
+    monkeypatch.undo()
 
     _run([PY, "-m", "reft_fast", "train", str(config), *COMMON, "training.max_steps=2", f"output_dir={used}",
           "--overwrite"])
