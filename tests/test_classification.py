@@ -9,11 +9,8 @@ import copy
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import torch
 import transformers
 import yaml
 
-from dist.tiny import subprocess_env
+from dist.tiny import launch_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 POSITIVE = "red green blue sun sky tree big hot up yes".split()
@@ -480,18 +477,13 @@ def test_the_training_loss_masks_an_encoders_padding():
 def test_two_ranks_gather_the_eval_metrics_of_one_rank(trained, tmp_path):
     """The same global batch on 2 ranks (ZeRO-2) as on 1: the same losses and, through the one gather, the same
     eval metrics."""
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    if not Path(launcher).exists():
-        pytest.skip("the deepspeed launcher is not installed")
     config, _ = trained
     common = ["training.max_steps=4", "training.eval_every=2", "training.save_every=0", "training.micro_batch_size=4",
               "training.global_batch_size=8"]
     one = train(config, common + [f"output_dir={tmp_path / 'one'}"])
     result = tmp_path / "two.json"
-    proc = subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200),
-                           str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
-                           "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = launch_ranks([str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
+                         "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     two_eval = [{k: v for k, v in row.items() if k in one.eval_metrics[0]} for row in rows if "eval_loss" in row]

@@ -7,13 +7,12 @@ rank accumulating the same two micro-batches (rel 2e-4: the gradients are summed
 """
 
 import json
-import os
 
 import pytest
 
-from dist.tiny import make_run
-from test_engine import COMMON, PARTITION_THE_BASE, PY, RUN_TRAIN, _assert_reference_trajectory, _launcher, _losses, \
-    _metrics, _one_launch, _run
+from dist.tiny import launch_ranks, make_run
+from test_engine import COMMON, PARTITION_THE_BASE, PY, RUN_TRAIN, _assert_reference_trajectory, _losses, _metrics, \
+    _one_launch, _run
 from test_packing import _base, _check_packed_equals_solo, _items, _reft_model
 
 from reft_fast.train.loading import enable_gradient_checkpointing
@@ -62,13 +61,12 @@ def test_packed_run_killed_and_resumed_replays_the_same_trajectory(packed_refere
 
 @pytest.mark.slow
 def test_two_ranks_zero2_and_zero3_packed_match_one_rank(packed_reference, tmp_path):
-    launcher = _launcher()
     config, out = packed_reference
     result = tmp_path / "dist.json"
     runs = [[*PACKED, "deepspeed.stage=2", f"output_dir={tmp_path / 'z2'}"],
             [*PACKED, "deepspeed.stage=3", PARTITION_THE_BASE, f"output_dir={tmp_path / 'z3'}"]]
-    _run([launcher, "--num_gpus", "2", "--master_port", str(29500 + (os.getpid() + 500) % 1000), RUN_TRAIN,
-          str(config), str(result), *_one_launch(runs), "--check-frozen"], timeout=600)
+    launched = launch_ranks([RUN_TRAIN, str(config), str(result), *_one_launch(runs), "--check-frozen"], timeout=600)
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
     reference_losses = _losses(_metrics(out))
     for stage, run in zip((2, 3), json.loads(result.read_text())):
         assert run["world"] == 2 and run["frozen_max_diff"] == 0.0

@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist.tiny import WORDS, make_run, subprocess_env, write_jsonl
+from dist.tiny import WORDS, launch_ranks, make_run, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 # A preference the interventions can learn, whatever the prompt: the chosen answer names colours, the rejected one
@@ -354,9 +351,6 @@ def test_two_ranks_zero2_match_one_rank(tmp_path):
     from reft_fast.train.recipe import ReftTrainingRecipe
     from reft_fast.train.train_config import load_config
 
-    launcher = Path(sys.executable).parent / "deepspeed"
-    if not launcher.exists():
-        pytest.skip("the deepspeed launcher is not installed")
     config, overrides = preference_run(tmp_path, n_pairs=40)
     common = overrides + ["training.max_steps=3", "training.micro_batch_size=4", "training.global_batch_size=8",
                           "training.eval_every=3", "training.log_every=1"]
@@ -365,10 +359,8 @@ def test_two_ranks_zero2_match_one_rank(tmp_path):
     finally:
         shutdown()
     result = tmp_path / "two.json"
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000 + 7),
-                           str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
-                           "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"],
-                          cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = launch_ranks([str(ROOT / "tests" / "dist" / "run_train.py"), str(config), str(result), *common,
+                         "deepspeed.stage=2", f"output_dir={tmp_path / 'two'}"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (two,) = json.loads(result.read_text())
     assert two["world"] == 2

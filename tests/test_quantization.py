@@ -7,7 +7,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from dist.tiny import make_run, subprocess_env
+from dist.tiny import launch_ranks, make_run, subprocess_env
 from memory import profiled_peak_bytes
 from test_plan import TINY as PLAN_TINY
 
@@ -350,13 +349,6 @@ def _run(args, timeout=400):
     return proc
 
 
-def _launcher() -> str:
-    found = Path(PY).parent / "deepspeed"
-    if not found.exists():
-        pytest.skip("the deepspeed launcher is not installed")
-    return str(found)
-
-
 # One global batch of 8 for every run: one rank accumulates 2 micro-batches of 4, two ranks take one each.
 COMMON = ["training.max_steps=4", "training.micro_batch_size=4", "training.global_batch_size=8"]
 
@@ -371,8 +363,8 @@ def test_two_ranks_zero2_train_a_quantized_base_like_one_rank(tmp_path):
     dist_runs = [[*COMMON, "model.quantization=nf4", "deepspeed.stage=2", f"output_dir={tmp_path / 'two_nf4'}"],
                  [*COMMON, "model.quantization=int8", "deepspeed.stage=2", "training.gradient_checkpointing=true",
                   f"output_dir={tmp_path / 'two_int8'}"]]
-    _run([_launcher(), "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000), RUN_TRAIN, str(config),
-          str(two), *dist_runs[0], "--then", *dist_runs[1]])
+    launched = launch_ranks([RUN_TRAIN, str(config), str(two), *dist_runs[0], "--then", *dist_runs[1]])
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-5000:]
     for reference, run in zip(json.loads(one.read_text()), json.loads(two.read_text())):
         assert run["world"] == 2 and reference["world"] == 1
         assert len(run["losses"]) == 4 and all(math.isfinite(x) for x in run["losses"])

@@ -5,9 +5,15 @@ Shared by the engine tests and the scripts they launch (tests/dist/*.py), so eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -27,6 +33,45 @@ def subprocess_env(**extra) -> dict:
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(args: list[str], *, world: int = 2, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``python args...`` as the ``world`` ranks of one job on this machine, each with the variables a launcher sets
+    (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), started by this process: the deepspeed launcher's own
+    two processes import deepspeed each (7 s of CPU on 2 cores), which only the tests of its launch lines need
+    (tests/test_cli.py, tests/test_engine.py). A rank that fails or outlives ``timeout`` ends the others. Returns the
+    first non-zero return code (else 0) and the ranks' output, rank 0's first."""
+    port, procs = free_port(), []
+    with tempfile.TemporaryDirectory() as folder, contextlib.ExitStack() as files:
+        logs = [tuple(files.enter_context(open(Path(folder) / f"{rank}.{kind}", "w+")) for kind in ("out", "err"))
+                for rank in range(world)]
+        for rank, (out, err) in enumerate(logs):
+            env = subprocess_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                                 LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            procs.append(subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=err))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs):
+            if any(p.returncode for p in procs) or time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait()
+                break
+            time.sleep(0.2)
+        texts = []
+        for handles in logs:
+            for handle in handles:
+                handle.seek(0)
+            texts.append(tuple(handle.read() for handle in handles))
+    returncode = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(args, returncode, "".join(o for o, _ in texts), "".join(e for _, e in texts))
 
 
 WORDS = ("red green blue black white cat dog bird fish cow one two three four five six seven eight nine ten "
