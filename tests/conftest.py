@@ -34,9 +34,11 @@ HAS_CUDA = _HAS_CUDA
 # two-minute file when the other is nearly done. Sorting by number of tests (xdist's default) put single-test
 # compile files last. The GPU session's dry run goes first: its stages have fixed shares of time, which it ran out of
 # beside the C++/nvcc builds of test_cuda_backend and test_csrc_compile under load.
+# test_bench_e2e moved down once its rows stopped importing their libraries each (its smoke run from 116 s to
+# about 30).
 SLOW_FILES = ("test_bench_session.py", "test_engine.py", "test_cuda_backend.py", "test_classification.py",
-              "test_csrc_compile.py", "test_bench_e2e.py", "test_quantization.py", "test_bench_host.py",
-              "test_engine_real.py", "test_triton_compile.py", "test_cli.py", "test_preference.py",
+              "test_csrc_compile.py", "test_quantization.py", "test_bench_host.py", "test_engine_real.py",
+              "test_triton_compile.py", "test_cli.py", "test_bench_e2e.py", "test_preference.py",
               "test_packing_combinations.py")
 
 
