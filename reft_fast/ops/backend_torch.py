@@ -140,6 +140,17 @@ def _write_rows(flat: torch.Tensor, index: torch.Tensor, positions: torch.Tensor
     flat.index_copy_(0, index.view(batch, n).gather(1, source).view(-1), values.view(-1, flat.shape[1]))
 
 
+def _edit_in_place(h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
+    """Edit h's selected rows in place; the rows it read [B, n, d]. positions are already within the sequence
+    (``_in_sequence``)."""
+    flat = h.view(-1, h.shape[-1])
+    index = _row_index(positions, h.shape[1])
+    rows = flat.index_select(0, index)
+    x = torch.where((positions >= 0).view(-1, 1), rows.to(edit.Q.dtype), 0.0)  # zeros at −1 slots, as forward
+    _write_rows(flat, index, positions, _edited(x, positions, edit).to(h.dtype), rows)
+    return rows.view(*positions.shape, h.shape[-1])
+
+
 def reference_edit(h: torch.Tensor, positions: torch.Tensor, edit: EditParams) -> torch.Tensor:
     """The edited copy of h in ordinary (differentiable) torch ops: what the torch backend's forward computes."""
     return _edit_with_rows(h, positions, edit)[0]
@@ -163,16 +174,10 @@ class TorchBackend:
             return _edit_with_rows(h, positions, edit)
         # A new tensor, not a view of a padded one: the model's hooks write a site's further edits into it.
         out = h.clone()
-        return out, self.forward_in_place(out, positions, edit)
+        return out, _edit_in_place(out, positions, edit)
 
     def forward_in_place(self, h, positions, edit: EditParams) -> torch.Tensor:
-        positions = _in_sequence(positions, h.shape[1])
-        flat = h.view(-1, h.shape[-1])
-        index = _row_index(positions, h.shape[1])
-        rows = flat.index_select(0, index)
-        x = torch.where((positions >= 0).view(-1, 1), rows.to(edit.Q.dtype), 0.0)  # zeros at −1 slots, as forward
-        _write_rows(flat, index, positions, _edited(x, positions, edit).to(h.dtype), rows)
-        return rows.view(*positions.shape, h.shape[-1])
+        return _edit_in_place(h, _in_sequence(positions, h.shape[1]), edit)
 
     def forward_multi(self, h, multi: MultiEdit) -> torch.Tensor:
         """Each entry's edit at its own examples' rows, into one copy of h.

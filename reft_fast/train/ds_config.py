@@ -26,8 +26,8 @@ import torch
 from reft_fast.train.train_config import TrainConfig, gradient_accumulation_steps
 
 __all__ = ["build_ds_config", "client_adamw", "clip_gradients", "lr_lambda", "reduce_bucket_elements",
-           "skip_one_rank_gradient_allreduce", "take_gradient_clipping", "warmup_steps_of",
-           "zero_only_trained_gradients"]
+           "reduce_only_trained_gradients", "skip_one_rank_gradient_allreduce", "take_gradient_clipping",
+           "warmup_steps_of", "zero_only_trained_gradients"]
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -168,6 +168,40 @@ def zero_only_trained_gradients(engine) -> bool:
     if any(p.requires_grad and id(p) not in stepped for p in engine.module.parameters()):
         return False
     engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=True)
+    return True
+
+
+def reduce_only_trained_gradients(engine) -> bool:
+    """Hand the engine's stage-0 gradient all-reduce the trained tensors' gradients directly, where it would walk the
+    whole module to find them: several ranks at ZeRO stage 0 without fp16/bf16 and without experts, the client
+    optimizer unwrapped, every parameter that requires grad being one it steps. True if it was replaced.
+
+    After every backward DeepSpeed's stage-0 ``buffered_allreduce_fallback`` collects the gradients to reduce through
+    ``module.parameters()``, the frozen base's included: the same walk as the stage-0 ``zero_grad``
+    (``zero_only_trained_gradients``), ≈ 0.9 ms of host time per step on a 32-layer Llama-shaped ReftModel. The list
+    given instead is the optimizer's parameters in its order, a zero gradient made for a tensor without one (as
+    DeepSpeed does: every rank must reduce the same sizes); DeepSpeed still buckets, flattens, all-reduces on the
+    accelerator and copies back."""
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if optimizer is None or engine.optimizer is not optimizer or hasattr(optimizer, "get_grads_for_reduction"):
+        return False
+    if not callable(getattr(engine, "_get_gradients_for_reduction", None)) or getattr(engine, "has_moe_layers", True):
+        return False
+    questions = [getattr(engine, name, None) for name in ("zero_optimization", "fp16_enabled", "bfloat16_enabled")]
+    if not all(callable(question) for question in questions) or any(question() for question in questions):
+        return False
+    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.numel() > 0]
+    known = {id(p) for p in stepped}
+    if any(p.requires_grad and id(p) not in known for p in engine.module.parameters()):
+        return False
+
+    def trained_gradients():
+        for p in stepped:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad.data for p in stepped], {}
+
+    engine._get_gradients_for_reduction = trained_gradients
     return True
 
 

@@ -54,8 +54,8 @@ from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_che
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
 from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
-                                       skip_one_rank_gradient_allreduce, take_gradient_clipping, warmup_steps_of,
-                                       zero_only_trained_gradients)
+                                       reduce_only_trained_gradients, skip_one_rank_gradient_allreduce,
+                                       take_gradient_clipping, warmup_steps_of, zero_only_trained_gradients)
 from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
 from reft_fast.train.keep_best import BestEvaluation
@@ -473,7 +473,8 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
                       total_steps: int) -> BuiltEngine:
     """``deepspeed.initialize`` of ``model`` training ``params`` as the recipe trains them: the config of
     ``build_ds_config``, the client AdamW (``client_adamw``) with its LambdaLR schedule over ``total_steps``, and no
-    gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``), the end-of-step zeroing of
+    gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``) and the trained gradients
+    handed to it directly where there are several (``reduce_only_trained_gradients``), the end-of-step zeroing of
     the trained gradients only (``zero_only_trained_gradients``). bench_host's DeepSpeed variants build their engines
     with it too."""
     import deepspeed
@@ -487,7 +488,8 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
                                                                        t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=ds_config)
-    skip_one_rank_gradient_allreduce(engine)
+    if not skip_one_rank_gradient_allreduce(engine):
+        reduce_only_trained_gradients(engine)
     zero_only_trained_gradients(engine)
     return BuiltEngine(engine, optimizer, scheduler, clip_norm, ds_config["zero_optimization"]["stage"])
 
