@@ -13,6 +13,13 @@ run, slowly but with their own indexing, barriers, warp shuffles and reductions,
 ``TRITON_INTERPRET=1`` runs the Triton kernels. ``REFT_FAST_CUDA_SIM=asan`` builds that CPU version with
 AddressSanitizer; the process must then start with the sanitizer runtime preloaded
 (``LD_PRELOAD=$(c++ -print-file-name=libasan.so)``).
+
+Every build or load first looks at the lock torch's loader takes in the build directory (``reft_fast.ops.build_lock``):
+a lock that a killed build left would make the loader wait forever without a word. A live build's lock is waited for,
+saying so; a dead build's raises :class:`~reft_fast.ops.build_lock.StaleBuildLock`, naming the file and how to clear
+it. That error is deliberately not a :class:`CudaBackendUnavailable`: the backend is not missing anything, one file
+is in the way, and a caller that turns "unavailable" into skipping the backend or taking another must not do so
+quietly here (the command line reports it as it reports the same lock of DeepSpeed's op: the message, exit 1).
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ from typing import Optional
 
 import torch
 
-__all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "edit_backward", "edit_forward", "load",
-           "rows_per_block", "simulation", "translate_launches", "unavailable_reason"]
+from reft_fast.ops.build_lock import StaleBuildLock, extension_build_lock, wait_for_build_lock
+
+__all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "StaleBuildLock", "edit_backward",
+           "edit_forward", "load", "rows_per_block", "simulated_extension_name", "simulation",
+           "translate_launches", "unavailable_reason"]
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -112,7 +122,8 @@ def _sim_unavailable_reason() -> Optional[str]:
 def load():
     """The compiled extension, built on the first call (about a minute) and cached by torch afterwards.
 
-    Which build depends on REFT_FAST_CUDA_SIM at the time of the call (the GPU one, or the CPU simulation)."""
+    Which build depends on REFT_FAST_CUDA_SIM at the time of the call (the GPU one, or the CPU simulation). Raises
+    CudaBackendUnavailable when it cannot be built here, and StaleBuildLock when a killed build's lock is in the way."""
     mode = simulation() or "cuda"
     if mode not in _extensions:
         with _lock:
@@ -129,6 +140,7 @@ def _build():
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}"
+    _wait_for_build_lock(f"reft_fast_cuda_{arch}")
     _log.info("building the reft_fast cuda backend for %s (first use; cached afterwards)", arch)
     try:
         # An explicit -arch keeps torch from adding its own -gencode list (it scans the flags for "arch").
@@ -140,6 +152,12 @@ def _build():
         )
     except Exception as error:  # compiler, linker or loader failure: keep the cause, say where it came from
         raise CudaBackendUnavailable(f"building the reft_fast cuda backend for {arch} failed: {error}") from error
+
+
+def _wait_for_build_lock(name: str) -> None:
+    """Wait while a live build holds the lock of the extension ``name``; raise StaleBuildLock for a dead build's. Out of
+    the builds' ``try``: the error must reach the caller as itself, not as CudaBackendUnavailable (module docstring)."""
+    wait_for_build_lock(extension_build_lock(name), users="process that uses reft-fast's cuda backend")
 
 
 # `kernel<<<grid, block, shared, stream>>>(` with the kernel named by a (qualified, possibly templated) identifier.
@@ -172,18 +190,24 @@ def _write_if_changed(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def simulated_extension_name(*, sanitize: bool = False) -> str:
+    """The name torch's loader builds the CPU simulation under (its directory in ``TORCH_EXTENSIONS_DIR``). One build
+    per checkout: the translated sources carry this checkout's paths, and two checkouts building at once must not
+    overwrite each other's."""
+    import hashlib
+
+    checkout = hashlib.sha256(str(CSRC_DIR.resolve()).encode()).hexdigest()[:10]
+    return f"reft_fast_cuda_sim{'_asan' if sanitize else ''}_{checkout}"
+
+
 def _build_simulated(*, sanitize: bool):
     reason = _sim_unavailable_reason()
     if reason is not None:
         raise CudaBackendUnavailable(f"backend 'cuda' cannot be built for the CPU simulation: {reason}")
-    import hashlib
-
     from torch.utils.cpp_extension import get_default_build_root, load as load_extension
 
-    # One build per checkout: the translated sources carry this checkout's paths, and two checkouts building at once
-    # must not overwrite each other's.
-    checkout = hashlib.sha256(str(CSRC_DIR.resolve()).encode()).hexdigest()[:10]
-    name = f"reft_fast_cuda_sim{'_asan' if sanitize else ''}_{checkout}"
+    name = simulated_extension_name(sanitize=sanitize)
+    _wait_for_build_lock(name)  # before the translated sources are written: a live build may be reading them
     source_dir = Path(get_default_build_root()) / f"{name}_sources"
     source_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC_DIR / "binding.cpp"), str(CSRC_DIR / "sim" / "cuda_sim.cpp")]

@@ -10,23 +10,19 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed",
-           "rank_chunks", "same_on_every_rank", "share_cpu_cores", "shared_memory_op_build_lock", "shutdown",
-           "wait_for_build_lock"]
+from reft_fast.ops.build_lock import BUILD_LOCK_STALE_AFTER_S, StaleBuildLock, extension_build_lock, wait_for_build_lock
+
+__all__ = ["BUILD_LOCK_STALE_AFTER_S", "StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier",
+           "free_port", "init_distributed", "rank_chunks", "same_on_every_rank", "share_cpu_cores",
+           "shared_memory_op_build_lock", "shutdown", "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
-
-# A lock that no process on this machine holds open is taken for a dead build's once it is this old: a build of the
-# shared-memory op takes about 45 s on 2 idle cores (DeepSpeed 0.19.8, torch 2.13, 2026-11-29), so 5 minutes leaves a
-# build on another machine that shares the cache (a network home directory) time to finish on a busy one.
-BUILD_LOCK_STALE_AFTER_S = 300.0
 
 
 def free_port() -> int:
@@ -49,7 +45,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         share_cpu_cores()
         lock = shared_memory_op_build_lock()
         if lock is not None:  # joining builds or loads the op: a killed build's lock would hold it forever
-            wait_for_build_lock(lock)
+            wait_for_build_lock(lock, users="job that uses DeepSpeed on CPUs")
             say_first_build(lock)
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
@@ -82,80 +78,24 @@ def share_cpu_cores() -> None:
     torch.set_num_threads(max(1, cores // local_ranks))
 
 
-class StaleBuildLock(RuntimeError):
-    """A lock file of torch's extension builder that a killed build left behind: every later build waits on it."""
-
-
 def shared_memory_op_build_lock() -> Optional[Path]:
     """The lock file of torch's extension loader for DeepSpeed's CPU shared-memory op, where joining the process group
     will build or load it now; None where it does not (another accelerator, the op prebuilt or loaded already).
 
     On the CPU accelerator DeepSpeed builds that op (``deepspeed_shm_comm``) as it joins the process group, a world of
     one included (deepspeed/comm/torch.py: ``build_shm_op``, 0.19.8); the name and that decision come from
-    DeepSpeed's own builder, the directory from torch's own function (``TORCH_EXTENSIONS_DIR``, or
-    ``~/.cache/torch_extensions/<python>_<accelerator>``; a private function, the one place torch computes it)."""
+    DeepSpeed's own builder, the directory as torch computes it (``reft_fast.ops.build_lock.extension_build_lock``)."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
     from deepspeed.ops.op_builder.builder import OpBuilder
-    from torch.utils.cpp_extension import _get_build_directory
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
         return None
     if installed_ops.get(builder.name, False) or builder.name in getattr(OpBuilder, "_loaded_ops", {}):
         return None  # prebuilt into the wheel, or loaded by this process already: the lock is not looked at
-    return Path(_get_build_directory(builder.name, verbose=False)) / "lock"
-
-
-def wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_AFTER_S, poll_s: float = 1.0) -> None:
-    """Return once ``lock``, a lock file of torch's extension loader, is gone; raise ``StaleBuildLock`` naming it and
-    how to clear it when a killed build left it.
-
-    The loader creates its build directory's ``lock`` file for a build (even one that finds nothing to do) and removes
-    it after; a process killed meanwhile (ctrl-C during the first CPU run's build) leaves it, and every later load
-    waits for it to go, forever and without a word (torch 2.13's FileBaton). The file holds nothing, so whose it is
-    comes from who has it open: the builder keeps it open until it removes it. A process of this machine holding it is
-    a live build: waited for, saying so. With none, the lock is a dead build's, unless a build on another machine
-    sharing the directory holds it: that one ends within ``stale_after_s`` of the lock's creation, so until then the
-    wait goes on, saying how to clear the lock, and after that the run stops with the same advice. Nothing is removed
-    here: removing a live build's lock would let a second build write over its files.
-    """
-    said = stale = None
-    while True:
-        try:
-            status = lock.stat()
-        except FileNotFoundError:
-            return
-        holders = _processes_holding(lock)
-        what = f"torch's build of {lock.parent.name}"
-        if holders:
-            news = f"waiting for process {', '.join(map(str, sorted(holders)))}, which holds the lock of {what} ({lock})"
-        elif time.time() - status.st_mtime > stale_after_s:
-            # Twice in a row, the same file: a builder closes the file a moment before it removes it.
-            if stale == (status.st_ino, status.st_mtime):
-                raise StaleBuildLock(
-                    f"{lock} was left by {what} begun {time.strftime('%Y-%m-%d %H:%M', time.localtime(status.st_mtime))}"
-                    f" and stopped before it ended (ctrl-C during the first run on CPUs of an environment does that); "
-                    f"no process{'' if holders is not None else ' that can be seen'} here holds it, and torch would "
-                    f"wait for it forever. {_clear_lock_advice(lock, holders)}")
-            stale, news = (status.st_ino, status.st_mtime), said
-        else:
-            news = (f"{lock}, the lock of {what}, is held by no process of this machine"
-                    f"{'' if holders is not None else ' that can be seen'}: a build that was stopped left it, or a "
-                    f"build on another machine holds it. Waiting for it until "
-                    f"{time.strftime('%H:%M:%S', time.localtime(status.st_mtime + stale_after_s))}. "
-                    f"{_clear_lock_advice(lock, holders)}")
-        if news != said:
-            logger.warning("rank %s: %s", os.environ.get("RANK", "0"), news)
-            said = news
-        time.sleep(poll_s)
-
-
-def _clear_lock_advice(lock: Path, holders: Optional[set[int]]) -> str:
-    where = "on another machine sharing this directory" if holders is not None else "here or on another machine"
-    return (f"If no job that uses DeepSpeed on CPUs is starting {where}, remove the file (rm {lock}) and run again: "
-            "the op is then built anew.")
+    return extension_build_lock(builder.name)
 
 
 def say_first_build(lock: Path) -> None:
@@ -166,22 +106,6 @@ def say_first_build(lock: Path) -> None:
     if os.environ.get("RANK", "0") == "0" and not (build_dir / f"{build_dir.name}.so").exists():
         logger.info("building DeepSpeed's CPU shared-memory op once in %s (a minute or two, printing nothing until "
                     "it ends)", build_dir)
-
-
-def _processes_holding(path: Path) -> Optional[set[int]]:
-    """The ids of this machine's processes that have ``path`` open, from /proc (None where there is no /proc)."""
-    proc = Path("/proc")
-    if not (proc / "self" / "fd").is_dir():
-        return None
-    target = str(path.resolve())
-    holders = set()
-    for fd_dir in proc.glob("[0-9]*/fd"):
-        try:
-            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
-                holders.add(int(fd_dir.parent.name))
-        except OSError:  # a process that ended meanwhile, or another user's
-            continue
-    return holders
 
 
 def announced_world_size() -> int:
