@@ -79,6 +79,7 @@ def test_a_killed_builds_lock_stops_the_cpu_simulations_load_at_once_naming_the_
     assert f"rm {lock}" in proc.stderr and "reft-fast's cuda backend" in proc.stderr, proc.stderr[-3000:]
     assert lock.exists()  # the user decides: nothing removed
     # stopped before writing anything: the translated sources come after the lock
+    assert not (cache / "torch_extensions" / f"{name}_sources").exists()
     assert not (cache / "xdg_cache" / "torch_extensions" / f"{name}_sources").exists()
 
 
@@ -120,3 +121,16 @@ def test_a_killed_builds_lock_of_the_gpu_build_raises_as_itself_not_as_the_backe
     assert not isinstance(raised.value, cuda_build.CudaBackendUnavailable)
     assert f"rm {lock}" in str(raised.value) and "torch would wait for it forever" in str(raised.value)
     assert loads == [] and lock.exists()
+
+
+def test_the_cpu_simulations_translated_sources_go_beside_its_build_in_torch_extensions_dir(
+        cache, simulated, monkeypatch):
+    """They went to ~/.cache/torch_extensions (XDG_CACHE_HOME) whatever TORCH_EXTENSIONS_DIR said, shared by every run
+    that had moved its builds elsewhere."""
+    loads = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: loads.append(kwargs) or object())
+    cuda_build.load()
+    name = cuda_build.simulated_extension_name()
+    translated = [Path(source) for source in loads[0]["sources"] if source.endswith("edit_forward.cpp")]
+    assert translated and translated[0].parent == cache / "torch_extensions" / f"{name}_sources"
+    assert not (cache / "xdg_cache").exists()

@@ -154,10 +154,13 @@ def _build():
         raise CudaBackendUnavailable(f"building the reft_fast cuda backend for {arch} failed: {error}") from error
 
 
-def _wait_for_build_lock(name: str) -> None:
+def _wait_for_build_lock(name: str) -> Path:
     """Wait while a live build holds the lock of the extension ``name``; raise StaleBuildLock for a dead build's. Out of
-    the builds' ``try``: the error must reach the caller as itself, not as CudaBackendUnavailable (module docstring)."""
-    wait_for_build_lock(extension_build_lock(name), users="process that uses reft-fast's cuda backend")
+    the builds' ``try``: the error must reach the caller as itself, not as CudaBackendUnavailable (module docstring).
+    Returns the lock's path (in the extension's build directory)."""
+    lock = extension_build_lock(name)
+    wait_for_build_lock(lock, users="process that uses reft-fast's cuda backend")
+    return lock
 
 
 # `kernel<<<grid, block, shared, stream>>>(` with the kernel named by a (qualified, possibly templated) identifier.
@@ -204,11 +207,12 @@ def _build_simulated(*, sanitize: bool):
     reason = _sim_unavailable_reason()
     if reason is not None:
         raise CudaBackendUnavailable(f"backend 'cuda' cannot be built for the CPU simulation: {reason}")
-    from torch.utils.cpp_extension import get_default_build_root, load as load_extension
+    from torch.utils.cpp_extension import load as load_extension
 
     name = simulated_extension_name(sanitize=sanitize)
-    _wait_for_build_lock(name)  # before the translated sources are written: a live build may be reading them
-    source_dir = Path(get_default_build_root()) / f"{name}_sources"
+    lock = _wait_for_build_lock(name)  # before the translated sources are written: a live build may be reading them
+    # Beside the build directory, so TORCH_EXTENSIONS_DIR moves the sources with the build.
+    source_dir = lock.parent.with_name(f"{name}_sources")
     source_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(CSRC_DIR / "binding.cpp"), str(CSRC_DIR / "sim" / "cuda_sim.cpp")]
     for cu in (n for n in SOURCES if n.endswith(".cu")):
