@@ -368,6 +368,10 @@ def test_resume_across_rank_counts_at_zero_0_2_and_3(reference, two_rank_launch,
     # DeepSpeed's stage-0 all-reduce found the gradients through module.parameters() after every backward, the frozen
     # base's walked too (≈ 0.9 ms per step on a 32-layer Llama-shaped model): it is handed the trained ones instead.
     assert "walks" not in dist_runs[2]["module_walks"] and dist_runs[2]["module_walks"]["steps"] > 0, dist_runs[2]
+    # ... and reduced as one flat tensor they are views of (no flattened copy, no copy back per tensor): after a step
+    # they are still there, zeroed in place, all in one storage.
+    assert dist_runs[2]["trained_gradients"]["storages"] == 1, dist_runs[2]["trained_gradients"]
+    assert dist_runs[2]["trained_gradients"]["none"] == 0, dist_runs[2]["trained_gradients"]
 
     result = tmp_path / "one.json"
     runs = []

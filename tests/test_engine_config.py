@@ -343,3 +343,30 @@ def test_warmup_ratio_is_a_share_of_the_run_rounded_up():
     assert warmup_steps_of(7, None, 100) == 7 and warmup_steps_of(0, 0.0, 100) == 0
     schedule = lr_lambda("linear", warmup_steps_of(0, 0.1, 50), 50, 0.0)
     assert [schedule(k) for k in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_flat_gradients_are_accumulated_in_place_and_survive_a_replaced_gradient():
+    """The stage-0 all-reduce on several ranks reduces one flat tensor the trained gradients are views of
+    (ds_config.reduce_only_trained_gradients): backward must add into the views, and a gradient replaced behind its
+    back (a zero_grad(set_to_none=True) elsewhere) must still reach the reduction."""
+    import torch
+
+    from reft_fast.train.ds_config import _FlatGradients
+
+    torch.manual_seed(0)
+    a, b = torch.randn(3, 5, requires_grad=True), torch.randn(7, requires_grad=True)
+    flat = _FlatGradients([a, b])
+    x = torch.randn(5)
+    for _ in range(2):  # two micro-steps accumulate
+        ((a @ x).sum() + (b * b).sum()).backward()
+    expected_a, expected_b = 2 * x.expand(3, 5), 4 * b.detach()
+    reduced, experts = flat.for_reduction()
+    assert experts == {} and len(reduced) == 1 and reduced[0].data_ptr() == a.grad.data_ptr()
+    assert torch.equal(reduced[0], torch.cat([expected_a.reshape(-1), expected_b]))
+    flat.zero()
+    assert a.grad.data_ptr() == reduced[0].data_ptr() and not reduced[0].any()
+    a.grad, b.grad = None, torch.full((7,), 3.0)  # replaced: the next reduction copies them back in
+    (a @ x).sum().backward()
+    reduced, _ = flat.for_reduction()
+    assert torch.equal(reduced[0], torch.cat([x.expand(3, 5).reshape(-1), torch.full((7,), 3.0)]))
+    assert a.grad.data_ptr() == reduced[0].data_ptr() and b.grad.data_ptr() == reduced[0].data_ptr() + 15 * 4

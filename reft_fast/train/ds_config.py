@@ -172,16 +172,19 @@ def zero_only_trained_gradients(engine) -> bool:
 
 
 def reduce_only_trained_gradients(engine) -> bool:
-    """Hand the engine's stage-0 gradient all-reduce the trained tensors' gradients directly, where it would walk the
-    whole module to find them: several ranks at ZeRO stage 0 without fp16/bf16 and without experts, the client
-    optimizer unwrapped, every parameter that requires grad being one it steps. True if it was replaced.
+    """Hand the engine's stage-0 gradient all-reduce the trained tensors' gradients directly, as one flat tensor,
+    where it would walk the whole module to find them and reduce them through a flattened copy: several ranks at ZeRO
+    stage 0 without fp16/bf16 and without experts, the client optimizer unwrapped, every parameter that requires grad
+    being one it steps. True if it was replaced (the engine's ``zero_grad`` then too).
 
     After every backward DeepSpeed's stage-0 ``buffered_allreduce_fallback`` collects the gradients to reduce through
-    ``module.parameters()``, the frozen base's included: the same walk as the stage-0 ``zero_grad``
-    (``zero_only_trained_gradients``), ≈ 0.9 ms of host time per step on a 32-layer Llama-shaped ReftModel. The list
-    given instead is the optimizer's parameters in its order, a zero gradient made for a tensor without one (as
-    DeepSpeed does: every rank must reduce the same sizes); DeepSpeed still buckets, flattens, all-reduces on the
-    accelerator and copies back."""
+    ``module.parameters()``, the frozen base's included (≈ 2.9 ms of host time per step on a 32-layer Llama-shaped
+    ReftModel), flattens them into a new tensor, all-reduces it and copies each gradient back (≈ 1.7 ms per step for
+    96 trained tensors; 2-core x86-64 CPU, DeepSpeed 0.19.8, torch 2.13, 2026-11-30). Here the trained gradients are
+    views of one flat tensor that the backward accumulates into and the end of the step zeroes in place
+    (``_FlatGradients``), and that tensor is what DeepSpeed reduces: one all-reduce, with DeepSpeed's own averaging,
+    nothing walked or copied per tensor. Where the trained tensors differ in dtype or device, they are handed over as a
+    list (no walk; DeepSpeed's flatten and copies back)."""
     optimizer = getattr(engine, "basic_optimizer", None)
     if optimizer is None or engine.optimizer is not optimizer or hasattr(optimizer, "get_grads_for_reduction"):
         return False
@@ -192,17 +195,59 @@ def reduce_only_trained_gradients(engine) -> bool:
         return False
     stepped = [p for group in optimizer.param_groups for p in group["params"] if p.numel() > 0]
     known = {id(p) for p in stepped}
-    if any(p.requires_grad and id(p) not in known for p in engine.module.parameters()):
+    if not stepped or any(p.requires_grad and id(p) not in known for p in engine.module.parameters()):
         return False
+    if len({(p.dtype, p.device) for p in stepped}) == 1 and not any(p.is_sparse for p in stepped):
+        flat = _FlatGradients(stepped)
+        engine._get_gradients_for_reduction = flat.for_reduction
+        engine.zero_grad = flat.zero
+        return True
 
     def trained_gradients():
         for p in stepped:
-            if p.grad is None:
+            if p.grad is None:  # every rank must reduce the same sizes: a zero gradient, as DeepSpeed makes
                 p.grad = torch.zeros_like(p)
         return [p.grad.data for p in stepped], {}
 
     engine._get_gradients_for_reduction = trained_gradients
     return True
+
+
+class _FlatGradients:
+    """The gradients of ``params`` (one dtype and device) as views of one flat tensor, which is what the stage-0
+    all-reduce then reduces (``reduce_only_trained_gradients``).
+
+    The backward accumulates into a gradient that exists in place (autograd's AccumulateGrad adds to it outside grad
+    mode), so the views hold as long as nothing replaces a parameter's ``.grad``; ``zero`` zeroes them in place. A
+    gradient replaced since (set to None by a ``zero_grad(set_to_none=True)``, or a new tensor) is copied back into
+    its view before the reduction: slower, never wrong."""
+
+    def __init__(self, params: list):
+        self.params = params
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.views = list(self.flat.split([p.numel() for p in params]))
+        for i, (p, view) in enumerate(zip(params, self.views)):
+            self.views[i] = view.view_as(p)
+            if p.grad is not None:
+                self.views[i].copy_(p.grad)
+            p.grad = self.views[i]
+
+    def for_reduction(self):
+        """(non-expert gradients, expert gradients) as DeepSpeed's ``_get_gradients_for_reduction`` returns them."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                if p.grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(p.grad)
+                p.grad = view
+        return [self.flat], {}
+
+    def zero(self) -> None:
+        self.flat.zero_()
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                p.grad = view
 
 
 def take_gradient_clipping(config: dict) -> Optional[float]:

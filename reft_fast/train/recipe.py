@@ -474,9 +474,9 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
     """``deepspeed.initialize`` of ``model`` training ``params`` as the recipe trains them: the config of
     ``build_ds_config``, the client AdamW (``client_adamw``) with its LambdaLR schedule over ``total_steps``, and no
     gradient all-reduce where there is one process (``skip_one_rank_gradient_allreduce``) and the trained gradients
-    handed to it directly where there are several (``reduce_only_trained_gradients``), the end-of-step zeroing of
-    the trained gradients only (``zero_only_trained_gradients``). bench_host's DeepSpeed variants build their engines
-    with it too."""
+    handed to it as one flat tensor where there are several (``reduce_only_trained_gradients``), the end-of-step
+    zeroing of the trained gradients only (``zero_only_trained_gradients``, or the flat tensor zeroed in place).
+    bench_host's DeepSpeed variants build their engines with it too."""
     import deepspeed
 
     t = cfg.training
@@ -488,9 +488,8 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
                                                                        t.min_lr_ratio))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=ds_config)
-    if not skip_one_rank_gradient_allreduce(engine):
-        reduce_only_trained_gradients(engine)
-    zero_only_trained_gradients(engine)
+    if skip_one_rank_gradient_allreduce(engine) or not reduce_only_trained_gradients(engine):
+        zero_only_trained_gradients(engine)
     return BuiltEngine(engine, optimizer, scheduler, clip_norm, ds_config["zero_optimization"]["stage"])
 
 

@@ -207,6 +207,11 @@ def run_one(config_path, overrides, check_frozen):
     MODULE_WALKS.clear()
 
     def on_step(step, metrics, engine):
+        # After each step: where the trained gradients live (storages holding them, and how many are None).
+        trained = [p for group in engine.basic_optimizer.param_groups for p in group["params"]]
+        seen["trained_gradients"] = {
+            "storages": len({p.grad.untyped_storage().data_ptr() for p in trained if p.grad is not None}),
+            "none": sum(p.grad is None for p in trained), "tensors": len(trained)}
         if step == 1:
             base_params = list(engine.module.model.parameters())
             seen["full_base_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in base_params)
