@@ -560,13 +560,14 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
     the same held-out fraction and seed; only the test part with data.selection_examples), where they come from, and
     a name for them."""
     from reft_fast.train.data import RowSource, load_rows, train_and_eval_examples, training_source
-    from reft_fast.train.train_config import resolve_data_path
+    from reft_fast.train.train_config import data_path_tried, resolve_data_path
 
     d = cfg.data
     if d.eval_file:
         where = resolve_data_path(d.eval_file, cfg.base_dir)
         if not Path(where).is_file():
-            raise ValueError(f"evaluation data {where}: no such file (data.eval_file)")
+            tried = data_path_tried(d.eval_file, cfg.base_dir)
+            raise ValueError(f"evaluation data {d.eval_file}: no such file; {tried}")
         name = Path(where).stem
     else:
         source = training_source(d, cfg.base_dir)
@@ -713,6 +714,7 @@ def _task_eval_data(args, cfg) -> None:
     """Point the config's eval set at --data: a file, or for a classification run also a dataset folder (written by
     ``save_to_disk``, a DatasetDict's included), of which --split is scored (default: test; a saved split's own)."""
     from reft_fast.train.data import saved_split
+    from reft_fast.train.train_config import data_path_tried
 
     data = Path(args.data)
     if data.is_dir() and cfg.task == "classification":
@@ -722,7 +724,7 @@ def _task_eval_data(args, cfg) -> None:
     elif data.is_dir():
         raise ConfigError(f"--data {args.data}: a folder; a {cfg.task} run scores a JSON or JSONL file")
     elif not data.is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
-        raise ConfigError(f"--data {args.data}: no such file")
+        raise ConfigError(f"--data {args.data}: no such file ({data_path_tried(args.data)})")
     else:
         cfg.data.eval_file, cfg.data.eval_fraction = str(data.resolve()), 0.0
         cfg.classification.eval_split = None
