@@ -270,7 +270,7 @@ def test_readme_launch_line_trains_on_two_ranks(tmp_path):
     assert proc.returncode == 0, log[-5000:]
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert "2 rank(s) over gloo" in log, log[-3000:]
+    assert "2 ranks over gloo" in log, log[-3000:]
     held, total = map(int, re.search(r"base loaded: (\d+) of (\d+) parameters on this rank", log).groups())
     assert 0.4 * total < held < 0.6 * total, (held, total)
 

@@ -596,7 +596,7 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
 def _evaluate(args) -> None:
     """Generate answers to every example (each rank a shard, in batches), score them and, on rank 0, write the
     predictions and print the table."""
-    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.distributed import init_distributed, ranks
     from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
         write_predictions
     from reft_fast.train.generation import check_prompts
@@ -632,7 +632,7 @@ def _evaluate(args) -> None:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
-            print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
+            print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({ranks(world)}); "
                   f"predictions in {out}\n{summary_table(predictions)}")
 
 
@@ -670,7 +670,7 @@ def _eval_kept(out: Path) -> str:
 
 def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     """A task scored by its own metrics (classification, preference), over its eval set, as training scored it."""
-    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.distributed import init_distributed, ranks
     from reft_fast.train.files import write_jsonl_atomically
     from reft_fast.train.task_eval import evaluate_run, metrics_table, scored_part, write_metrics
 
@@ -701,12 +701,12 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
             write_jsonl_atomically(out.with_suffix(".jsonl"), rows)
             write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
             if set(metrics) == {"examples"}:  # a classification set without labels (a GLUE test split)
-                print(f"{cfg.task} predictions of the interventions in {reft_dir} on {scored} ({world} rank(s)): "
+                print(f"{cfg.task} predictions of the interventions in {reft_dir} on {scored} ({ranks(world)}): "
                       f"the data has no labels, so nothing is scored; one line per example in "
                       f"{out.with_suffix('.jsonl')}\n{metrics_table(metrics)}")
                 return
-            print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
-                  f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
+            print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({ranks(world)}); metrics "
+                  f"in {out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")
 
 

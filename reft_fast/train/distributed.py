@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 
 __all__ = ["StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier", "free_port", "init_distributed",
-           "rank_chunks", "same_on_every_rank", "share_cpu_cores", "shared_memory_op_build_lock", "shutdown",
+           "rank_chunks", "ranks", "same_on_every_rank", "share_cpu_cores", "shared_memory_op_build_lock", "shutdown",
            "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
@@ -182,6 +182,11 @@ def _processes_holding(path: Path) -> Optional[set[int]]:
         except OSError:  # a process that ended meanwhile, or another user's
             continue
     return holders
+
+
+def ranks(count: int) -> str:
+    """``count`` ranks in a message: "1 rank", "2 ranks" (it was "saved by 1 ranks", "1 rank(s)")."""
+    return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
 def announced_world_size() -> int:

@@ -52,7 +52,7 @@ import torch
 from reft_fast.core.hf import num_layers_of
 from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
 from reft_fast.train.data import PrefetchedBatches, StepSampler
-from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
+from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed, ranks
 from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
                                        skip_one_rank_gradient_allreduce, take_gradient_clipping, warmup_steps_of,
                                        zero_only_trained_gradients)
@@ -187,8 +187,8 @@ class ReftTrainingRecipe:
         if self.world != announced_world:  # an MPI launch learns its size only now
             validate(cfg, self.world, check_model=False, check_data=False)
         if self.rank == 0:
-            logger.info("%d rank(s) over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
-                        self.world, dist.get_backend(), cfg.deepspeed.timeout_minutes)
+            logger.info("%s over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
+                        ranks(self.world), dist.get_backend(), cfg.deepspeed.timeout_minutes)
         self.accumulation = gradient_accumulation_steps(cfg, self.world)
         return model_config
 
