@@ -313,13 +313,21 @@ class ReftTrainingRecipe:
         for step in range(self.start_step, self.total_steps):
             done = step + 1
             self._unread.append(self.train_step(step))
+            if self._bar is not None:  # count and rate every step; its loss only when read (no device read here)
+                self._bar.update(1)
             last = done == self.total_steps
             evaluate = self.eval_set is not None and (bool(t.eval_every and done % t.eval_every == 0) or last)
             save = bool(t.save_every) and done % t.save_every == 0
             if evaluate or save or last or done % t.log_every == 0:
                 self._log_read_steps(evaluate, save)
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        """Leave the bar as it stands, on a line of its own: at the end of training, and on ctrl-C or an error (what
+        is printed then landed after the bar, on its line)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
     def _log_read_steps(self, evaluate: bool, save: bool) -> None:
         """Read the unread steps, evaluate and save when due, then hand the steps to the callbacks."""
@@ -451,6 +459,7 @@ class ReftTrainingRecipe:
     def cleanup(self) -> None:
         """Stop the batch thread, close the log files (metrics.jsonl synced) and release the HfDeepSpeedConfig; runs
         after success and failure alike."""
+        self._close_bar()
         if self._batches is not None:
             self._batches.close()
         if self._metrics_log is not None:
