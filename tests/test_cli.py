@@ -129,6 +129,37 @@ def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys
     assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
 
 
+def test_a_resumed_run_shows_the_first_launchs_answers_before_training_without_answering_again(config, tmp_path,
+                                                                                               capsys, monkeypatch):
+    """--resume answered the sample prompts before training again (a minute on a CPU): it shows the first launch's
+    answers now, which that launch saved in output_dir, or says where they are when it saved none."""
+    from reft_fast.train import recipe
+
+    out = tmp_path / "out"
+    line = ["train", str(config), 'training.sample_prompts=["repeat : red cat"]', "training.max_new_tokens=2",
+            "training.save_every=2", f"output_dir={out}"]
+    assert main(line + ["training.max_steps=2"]) == 0
+    first = capsys.readouterr().out.split("=== before training (the base alone) ===\n")[1].split("\n===")[0]
+    assert first.startswith("Q: repeat : red cat\nA: ") and (out / "samples_before.json").is_file(), first
+    answered = []
+    generate_answers = recipe.generate_answers
+
+    def answering(model, *args, **kwargs):
+        answered.append(type(model).__name__)
+        return generate_answers(model, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "generate_answers", answering)
+    assert main(line + ["training.max_steps=4", "--resume"]) == 0
+    assert answered == ["ReftModel"], answered  # after training only
+    printed = capsys.readouterr().out
+    assert "=== before training (the base alone, answered by the run's first launch) ===\n" + first in printed, printed
+    (out / "samples_before.json").unlink()  # a first launch of a version that saved none
+    assert main(line + ["training.max_steps=6", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "answered by the run's first launch) ===\n(in that launch's output only)" in printed, printed
+    assert answered == ["ReftModel"] * 2 and "Q: repeat : red cat" in printed.split("=== after 6 steps")[1]
+
+
 def test_without_a_progress_bar_the_log_shows_each_logged_step(config, tmp_path, caplog):
     """training.progress_bar: false (a batch job's log) used to show nothing of the training at all: the figures went
     only to metrics.jsonl. Now each log_every step is one logged line."""

@@ -254,10 +254,17 @@ def _print_samples(title: str, samples) -> None:
 
 
 def _print_run_samples(result, base_name: str) -> None:
-    """Rank 0: the answers to training.sample_prompts before training (when the run made them) and after."""
+    """Rank 0: the answers to training.sample_prompts before training (when the run made them; a resumed run's are
+    its first launch's) and after."""
     if not _is_rank0():
         return
-    if result.samples_before:
+    if result.samples_before_resumed:  # not answered again by a launch that resumed
+        title = f"before training ({base_name} alone, answered by the run's first launch)"
+        if result.samples_before:
+            _print_samples(title, result.samples_before)
+        else:  # a first launch that kept no copy of them
+            print(f"\n=== {title} ===\n(in that launch's output only)\n")
+    elif result.samples_before:
         _print_samples(f"before training ({base_name} alone)", result.samples_before)
     if result.samples:
         _print_samples(f"after {result.steps} steps (interventions in {result.final_dir})", result.samples)

@@ -50,7 +50,7 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 
 from reft_fast.core.hf import num_layers_of
-from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
+from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint, step_dirs
 from reft_fast.train.data import PrefetchedBatches, StepSampler
 from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed, ranks
 from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
@@ -64,7 +64,8 @@ from reft_fast.train.loading import build_reft_model, compile_layers, enable_gra
 from reft_fast.train.loss import to_device
 from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
-from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
+from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, read_samples_before, rewind_metrics, \
+    save_interventions, write_samples_before
 from reft_fast.train.tasks import make_task, task_datasets
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, validate
 
@@ -84,6 +85,9 @@ class TrainResult:
     final_dir: Optional[str] = None
     samples: list[tuple[str, str]] = field(default_factory=list)
     samples_before: list[tuple[str, str]] = field(default_factory=list)
+    # a resumed run does not answer again: True when samples_before are the first launch's (read from output_dir,
+    # or empty where that launch saved none)
+    samples_before_resumed: bool = False
     base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
     best: Optional[dict] = None  # training.keep_best: {"step", "metric", "value"} of the evaluation final/ holds
@@ -240,11 +244,22 @@ class ReftTrainingRecipe:
                                " and ".join(broken))
         self.task.bind_base(base)
         if self.task.generates and t.sample_prompts and cfg.deepspeed.stage < 3:  # ZeRO-3: only inside the engine
-            answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
-            self.result.samples_before = list(zip(t.sample_prompts, answers))
+            self._answer_before_training(base)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(base, reentrant=t.checkpointing_reentrant)
         self.base = base
+
+    def _answer_before_training(self, base) -> None:
+        """The base's answers to training.sample_prompts, once per run: a launch that resumes from a checkpoint
+        takes the first launch's from output_dir (answering again cost a minute on a CPU), or none where that launch
+        saved none (``TrainResult.samples_before_resumed`` says which)."""
+        t = self.cfg.training
+        if self.cfg.resume and step_dirs(self.ckpt_dir):  # resume_from_checkpoint continues from one (or refuses)
+            self.result.samples_before = read_samples_before(self.output) or []
+            self.result.samples_before_resumed = True
+            return
+        answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
+        self.result.samples_before = list(zip(t.sample_prompts, answers))
 
     def _setup_engine(self, model_config) -> None:
         """The ReftModel over the base, its AdamW and schedule, wrapped by ``deepspeed.initialize``."""
@@ -269,6 +284,8 @@ class ReftTrainingRecipe:
     def _prepare_output_dir(self) -> None:
         if self.rank == 0:
             prepare_output_dir(self.cfg, self.result.fused_ops)
+            if self.result.samples_before and not self.result.samples_before_resumed:  # after --overwrite's removal
+                write_samples_before(self.output, self.result.samples_before)
 
     def _load_checkpoint(self) -> None:
         """Resume (``resume: true``) from the newest intact checkpoint, and cut metrics.jsonl back to its step."""
