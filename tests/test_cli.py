@@ -3,6 +3,7 @@ field; overrides stand anywhere on the line; `python -m reft_fast` runs under th
 the example configs spell them; a hung rank fails the others after the configured timeout."""
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -255,6 +256,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_PATH_AT_MAIN = """
+import os, sys
+from reft_fast.train import cli
+
+def parsed(argv):  # main's first step after the PATH: report it and stop
+    print(os.environ["PATH"])
+    sys.exit(0)
+
+cli._parse_args = parsed
+cli.main(["train", "config.yaml"])
+"""
+
+
+@pytest.mark.skipif(shutil.which("ninja", path=str(Path(PY).parent)) is None,
+                    reason=f"no ninja installed beside {PY}")
+def test_the_cli_finds_the_environments_ninja_only_where_path_has_none(tmp_path):
+    """torch builds DeepSpeed's CPU op with the ninja on PATH: `.venv/bin/reft-fast` run without activating the
+    environment, on a machine without a ninja, could not build it. main puts the folder of this Python (and of its
+    ninja) on PATH then, and only then: with a ninja on PATH (another version, say) PATH is left alone, or processes
+    of one run built the op with two ninjas and rebuilt it back and forth."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    env = subprocess_env()
+    env["PATH"] = str(bare)  # no ninja anywhere on it
+    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"{Path(PY).parent}{os.pathsep}{bare}", proc.stdout
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    (machine / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (machine / "ninja").chmod(0o755)
+    env["PATH"] = f"{bare}{os.pathsep}{machine}"
+    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == env["PATH"], proc.stdout  # unchanged
 
 
 def test_every_documented_launch_line_parses_with_its_launcher():
