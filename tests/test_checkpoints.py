@@ -257,6 +257,27 @@ def test_ranks_that_see_different_checkpoints_fail_together_instead_of_hanging(t
         assert f"this rank, {rank}: " in outcome["resume"] and "filesystem that every node sees" in outcome["resume"]
 
 
+@pytest.mark.parametrize("saved_ranks, said", [(1, "saved by 1 rank at ZeRO-2"), (4, "saved by 4 ranks at ZeRO-2")])
+def test_the_resume_line_says_rank_for_one(tmp_path, monkeypatch, caplog, saved_ranks, said):
+    """It said "saved by 1 ranks"."""
+    import logging
+    import types
+
+    from reft_fast.train import checkpoints
+
+    saved_by = {"ranks": saved_ranks, "zero_stage": 2, "total_steps": 8}
+    write_checkpoint(tmp_path, 4, {**_state(4), "scheduler": {"base_lrs": [1e-3]}, "data_order": {},
+                                   "saved_by": saved_by})
+    monkeypatch.setattr(checkpoints, "zero_gradient_step", lambda *args: None)  # no engine: nothing to load into
+    monkeypatch.setattr(checkpoints, "restore_trainer_state", lambda *args: None)
+    engine = types.SimpleNamespace(train_batch_size=lambda: 2)
+    scheduler = types.SimpleNamespace(base_lrs=[1e-3])
+    with caplog.at_level(logging.INFO, logger="reft_fast.train.checkpoints"):
+        step = checkpoints.resume_from_checkpoint(tmp_path, engine, None, None, scheduler, {}, 0, lambda: [],
+                                                  {"total_steps": 8})
+    assert step == 4 and f"resumed from {tmp_path / 'step4'} at step 4 ({said})" in caplog.text, caplog.text
+
+
 _FULL_DISK_RUN = """
 import resource, signal, sys, types
 from pathlib import Path

@@ -3,6 +3,7 @@ field; overrides stand anywhere on the line; `python -m reft_fast` runs under th
 the example configs spell them; a hung rank fails the others after the configured timeout."""
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -129,6 +130,37 @@ def test_train_prints_the_answers_to_its_sample_prompts(config, tmp_path, capsys
     assert before.count("Q: repeat : red cat\nA: ") == after.count("Q: repeat : red cat\nA: ") == 1, out
 
 
+def test_a_resumed_run_shows_the_first_launchs_answers_before_training_without_answering_again(config, tmp_path,
+                                                                                               capsys, monkeypatch):
+    """--resume answered the sample prompts before training again (a minute on a CPU): it shows the first launch's
+    answers now, which that launch saved in output_dir, or says where they are when it saved none."""
+    from reft_fast.train import recipe
+
+    out = tmp_path / "out"
+    line = ["train", str(config), 'training.sample_prompts=["repeat : red cat"]', "training.max_new_tokens=2",
+            "training.save_every=2", f"output_dir={out}"]
+    assert main(line + ["training.max_steps=2"]) == 0
+    first = capsys.readouterr().out.split("=== before training (the base alone) ===\n")[1].split("\n===")[0]
+    assert first.startswith("Q: repeat : red cat\nA: ") and (out / "samples_before.json").is_file(), first
+    answered = []
+    generate_answers = recipe.generate_answers
+
+    def answering(model, *args, **kwargs):
+        answered.append(type(model).__name__)
+        return generate_answers(model, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "generate_answers", answering)
+    assert main(line + ["training.max_steps=4", "--resume"]) == 0
+    assert answered == ["ReftModel"], answered  # after training only
+    printed = capsys.readouterr().out
+    assert "=== before training (the base alone, answered by the run's first launch) ===\n" + first in printed, printed
+    (out / "samples_before.json").unlink()  # a first launch of a version that saved none
+    assert main(line + ["training.max_steps=6", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "answered by the run's first launch) ===\n(in that launch's output only)" in printed, printed
+    assert answered == ["ReftModel"] * 2 and "Q: repeat : red cat" in printed.split("=== after 6 steps")[1]
+
+
 def test_without_a_progress_bar_the_log_shows_each_logged_step(config, tmp_path, caplog):
     """training.progress_bar: false (a batch job's log) used to show nothing of the training at all: the figures went
     only to metrics.jsonl. Now each log_every step is one logged line."""
@@ -226,6 +258,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_PATH_AT_MAIN = """
+import os, sys
+from reft_fast.train import cli
+
+def parsed(argv):  # main's first step after the PATH: report it and stop
+    print(os.environ["PATH"])
+    sys.exit(0)
+
+cli._parse_args = parsed
+cli.main(["train", "config.yaml"])
+"""
+
+
+@pytest.mark.skipif(shutil.which("ninja", path=str(Path(PY).parent)) is None,
+                    reason=f"no ninja installed beside {PY}")
+def test_the_cli_finds_the_environments_ninja_only_where_path_has_none(tmp_path):
+    """torch builds DeepSpeed's CPU op with the ninja on PATH: `.venv/bin/reft-fast` run without activating the
+    environment, on a machine without a ninja, could not build it. main puts the folder of this Python (and of its
+    ninja) on PATH then, and only then: with a ninja on PATH (another version, say) PATH is left alone, or processes
+    of one run built the op with two ninjas and rebuilt it back and forth."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    env = subprocess_env()
+    env["PATH"] = str(bare)  # no ninja anywhere on it
+    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == f"{Path(PY).parent}{os.pathsep}{bare}", proc.stdout
+    machine = tmp_path / "machine"
+    machine.mkdir()
+    (machine / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
+    (machine / "ninja").chmod(0o755)
+    env["PATH"] = f"{bare}{os.pathsep}{machine}"
+    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == env["PATH"], proc.stdout  # unchanged
+
+
 def test_every_documented_launch_line_parses_with_its_launcher():
     from deepspeed.launcher.runner import parse_args as deepspeed_launcher_args
     from torch.distributed.run import get_args_parser as torchrun_parser
@@ -270,7 +339,7 @@ def test_readme_launch_line_trains_on_two_ranks(tmp_path):
     assert proc.returncode == 0, log[-5000:]
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert "2 rank(s) over gloo" in log, log[-3000:]
+    assert "2 ranks over gloo" in log, log[-3000:]
     held, total = map(int, re.search(r"base loaded: (\d+) of (\d+) parameters on this rank", log).groups())
     assert 0.4 * total < held < 0.6 * total, (held, total)
 

@@ -16,7 +16,8 @@ def launches(monkeypatch):
 
     def train(config_path, overrides, resume=False, overwrite=False):
         seen.append(dict(config=config_path, overrides=list(overrides), resume=resume, overwrite=overwrite))
-        return None, SimpleNamespace(samples_before=[], samples=[], steps=0, final_dir="runs/demo/final")
+        return None, SimpleNamespace(samples_before=[], samples_before_resumed=False, samples=[], steps=0,
+                                     final_dir="runs/demo/final")
 
     monkeypatch.setattr(cli, "_train", train)
     return seen

@@ -370,3 +370,24 @@ def test_flat_gradients_are_accumulated_in_place_and_survive_a_replaced_gradient
     reduced, _ = flat.for_reduction()
     assert torch.equal(reduced[0], torch.cat([x.expand(3, 5).reshape(-1), torch.full((7,), 3.0)]))
     assert a.grad.data_ptr() == reduced[0].data_ptr() and b.grad.data_ptr() == reduced[0].data_ptr() + 15 * 4
+
+
+def test_a_missing_data_file_names_every_place_it_was_looked_for(run_dir, tmp_path, monkeypatch):
+    """"file 'trian.jsonl' does not exist" left the reader guessing where it was looked for: the working directory
+    first, then the config file's folder, each named absolute."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(_write(run_dir, data={"train_file": "trian.jsonl"})), check_model=False)
+    message = str(err.value)
+    assert message.startswith("data.train_file: file 'trian.jsonl' does not exist; looked for "), message
+    assert f"{tmp_path.resolve() / 'trian.jsonl'} (relative to the working directory)" in message, message
+    assert f"{run_dir.resolve() / 'trian.jsonl'} (relative to the config file's folder)" in message, message
+    with pytest.raises(ConfigError, match=f"does not exist; looked for {tmp_path / 'gone.jsonl'}$"):  # only there
+        validate(load_config(_write(run_dir, data={"train_file": str(tmp_path / "gone.jsonl")})), check_model=False)
+    # A config built in code, from no file: relative to the working directory only.
+    tree = yaml.safe_load(Path(_write(run_dir)).read_text())
+    tree["data"] = {"train_file": str(run_dir / "train.jsonl"), "eval_file": "held.jsonl"}
+    with pytest.raises(ConfigError) as err:
+        validate(config_from_dict(tree), check_model=False)
+    assert str(err.value).endswith(f"looked for {tmp_path.resolve() / 'held.jsonl'} (relative to the working "
+                                   "directory)"), str(err.value)

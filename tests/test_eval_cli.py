@@ -271,7 +271,7 @@ def test_eval_on_two_ranks_equals_one_rank(trained_run, tmp_path):
                            "--out", str(two)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    assert "(2 rank(s))" in proc.stdout
+    assert "(2 ranks)" in proc.stdout
     assert _predictions(two) == _predictions(one)
 
 

@@ -192,3 +192,16 @@ def test_gold_answer_errors_name_the_file_and_line(tmp_path):
                     json.dumps({"instruction": "b?", "output": "no idea"}) + "\n")
     with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:2: its response 'no idea' states no arithmetic"):
         gold_from_responses(load_examples(path), "arithmetic")
+
+
+def test_a_missing_eval_file_names_where_it_was_looked_for(tmp_path, monkeypatch):
+    """A relative --data that names no file: the message names it absolute, relative to the working directory."""
+    from reft_fast.train.data import load_rows
+
+    monkeypatch.chdir(tmp_path)
+    where = f"{tmp_path.resolve() / 'missing.jsonl'} (relative to the working directory)"
+    with pytest.raises(ValueError, match=re.escape(f"missing.jsonl: no such file (a JSON list, JSONL or CSV file; "
+                                                   f"looked for {where})")):
+        load_eval_examples("missing.jsonl")
+    with pytest.raises(ValueError, match=re.escape(f"missing.jsonl: no such file (looked for {where})")):
+        load_rows("missing.jsonl")

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_sigterm_during_training_says_which_checkpoint_resume_continues_from(tmp_path):
-    config = make_run(tmp_path / "run")
+    """With the progress bar on: the line comes on a line of its own, after the bar (it was printed after the bar's
+    text, on the bar's line)."""
+    config = make_run(tmp_path / "run", progress_bar=True)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "reft_fast", "train", str(config), "training.max_steps=100000",
                              "training.save_every=2", f"output_dir={out}"], cwd=ROOT, env=subprocess_env(),
@@ -32,6 +34,9 @@ def test_sigterm_during_training_says_which_checkpoint_resume_continues_from(tmp
         proc.kill()
     assert proc.returncode == 130, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
-    line, = [line for line in stderr.splitlines() if line.startswith("reft-fast: stopped by ctrl-C or SIGTERM")]
+    # split at newlines only: the bar redraws itself after a carriage return
+    line, = [line for line in stderr.split("\n") if "reft-fast: stopped by ctrl-C or SIGTERM" in line]
+    assert line.startswith("reft-fast: stopped"), line
+    assert "/100000 [" in stderr.split("\n")[stderr.split("\n").index(line) - 1], stderr[-3000:]  # the bar, left
     _, newest = step_dirs(out / "checkpoints")[-1]
     assert f"the newest checkpoint is {newest}:" in line and "--resume" in line, line

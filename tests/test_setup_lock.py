@@ -76,6 +76,15 @@ def test_pyproject_ranges_admit_every_locked_version():
             f"pyproject.toml's {requirement} excludes the locked {name}=={pins[name]}"
 
 
+def test_ninja_is_a_runtime_dependency_pinned_by_the_lock():
+    """DeepSpeed's CPU op (a run on several CPU ranks) is built with ninja: it was only a test extra, so an
+    installation without the extras (pip install reft-fast) had none unless the machine did."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {canonicalize_name(Requirement(text).name): Requirement(text) for text in project["dependencies"]}
+    assert "ninja" in runtime, project["dependencies"]
+    assert runtime["ninja"].specifier.contains(read_pins(LOCK.read_text())["ninja"])
+
+
 def test_setup_pins_every_package_it_names_through_the_lock():
     pins = read_pins(LOCK.read_text())
     lines = setup_install_lines()

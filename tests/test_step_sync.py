@@ -288,3 +288,47 @@ def test_the_recipe_adamw_is_fused_where_torch_can_and_steps_like_the_default():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     # Where torch has no fused kernel (here: meta tensors), torch's default implementation.
     assert not client_adamw([torch.nn.Parameter(torch.empty(3, device="meta"))], lr=1e-3).defaults["fused"]
+
+
+def test_the_progress_bar_moves_every_step_and_shows_the_loss_only_when_it_is_read(tmp_path, monkeypatch):
+    """The bar's count moved only when the metrics were read, every log_every steps ("1/10 [05:20<48:04]" in a
+    finished run): it moves after each step now, reading nothing; its loss comes with each read, and it ends at n/n."""
+    import tqdm.auto
+
+    from reft_fast.train import recipe as recipe_module
+    from reft_fast.train.distributed import shutdown
+
+    events = []
+
+    class Bar(tqdm.auto.tqdm):  # the recipe's bar ("train") records what it shows; any other bar is left alone
+        def update(self, n=1):
+            shown = super().update(n)
+            if self.desc == "train":
+                events.append(("bar", self.n))
+            return shown
+
+        def set_postfix(self, *args, **kwargs):
+            if self.desc == "train":
+                events.append(("loss", self.n))
+            super().set_postfix(*args, **kwargs)
+
+        def close(self):
+            if self.desc == "train" and not self.disable:  # not closed yet
+                events.append(("close", f"{self.n}/{self.total}"))
+            super().close()
+
+    read_metrics = recipe_module.ReftTrainingRecipe.read_metrics
+
+    def read(recipe):
+        rows = read_metrics(recipe)
+        events.append(("read", [row["step"] for row in rows]))
+        return rows
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(recipe_module.ReftTrainingRecipe, "read_metrics", read)
+    try:
+        _train_tiny_run(tmp_path, "training.max_steps=5", "training.log_every=3", "training.progress_bar=true")
+    finally:
+        shutdown()
+    assert events == [("bar", 1), ("bar", 2), ("bar", 3), ("read", [1, 2, 3]), ("loss", 3),
+                      ("bar", 4), ("bar", 5), ("read", [4, 5]), ("loss", 5), ("close", "5/5")], events

@@ -42,7 +42,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from reft_fast.train.distributed import all_reduce_sum, same_on_every_rank
+from reft_fast.train.distributed import all_reduce_sum, ranks, same_on_every_rank
 from reft_fast.train.files import fsync_dir, remove_atomically, replace_atomically, write_durably
 from reft_fast.train.loss import forward_loss
 from reft_fast.train.train_config import ConfigError
@@ -359,6 +359,6 @@ def resume_from_checkpoint(ckpt_dir: Path, engine, reft_model, optimizer, schedu
              f"{saved_by['total_steps']} (training.max_steps or epochs): the learning-rate schedule continues from "
              "the saved step along this run's warmup and decay")
     if rank == 0:
-        logger.info("resumed from %s at step %d (saved by %d ranks at ZeRO-%d)", path, step, saved_by["ranks"],
+        logger.info("resumed from %s at step %d (saved by %s at ZeRO-%d)", path, step, ranks(saved_by["ranks"]),
                     saved_by["zero_stage"])
     return step

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -254,10 +255,17 @@ def _print_samples(title: str, samples) -> None:
 
 
 def _print_run_samples(result, base_name: str) -> None:
-    """Rank 0: the answers to training.sample_prompts before training (when the run made them) and after."""
+    """Rank 0: the answers to training.sample_prompts before training (when the run made them; a resumed run's are
+    its first launch's) and after."""
     if not _is_rank0():
         return
-    if result.samples_before:
+    if result.samples_before_resumed:  # not answered again by a launch that resumed
+        title = f"before training ({base_name} alone, answered by the run's first launch)"
+        if result.samples_before:
+            _print_samples(title, result.samples_before)
+        else:  # a first launch that kept no copy of them
+            print(f"\n=== {title} ===\n(in that launch's output only)\n")
+    elif result.samples_before:
         _print_samples(f"before training ({base_name} alone)", result.samples_before)
     if result.samples:
         _print_samples(f"after {result.steps} steps (interventions in {result.final_dir})", result.samples)
@@ -560,13 +568,14 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
     the same held-out fraction and seed; only the test part with data.selection_examples), where they come from, and
     a name for them."""
     from reft_fast.train.data import RowSource, load_rows, train_and_eval_examples, training_source
-    from reft_fast.train.train_config import resolve_data_path
+    from reft_fast.train.train_config import data_path_tried, resolve_data_path
 
     d = cfg.data
     if d.eval_file:
         where = resolve_data_path(d.eval_file, cfg.base_dir)
         if not Path(where).is_file():
-            raise ValueError(f"evaluation data {where}: no such file (data.eval_file)")
+            tried = data_path_tried(d.eval_file, cfg.base_dir)
+            raise ValueError(f"evaluation data {d.eval_file}: no such file; {tried}")
         name = Path(where).stem
     else:
         source = training_source(d, cfg.base_dir)
@@ -595,7 +604,7 @@ def _config_eval_rows(cfg) -> tuple[list, str, str]:
 def _evaluate(args) -> None:
     """Generate answers to every example (each rank a shard, in batches), score them and, on rank 0, write the
     predictions and print the table."""
-    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.distributed import init_distributed, ranks
     from reft_fast.train.evaluation import check_gold_answers, generate_and_score, infer_family, summary_table, \
         write_predictions
     from reft_fast.train.generation import check_prompts
@@ -631,7 +640,7 @@ def _evaluate(args) -> None:
             write_predictions(out, predictions)
             which = "the base model alone" if reft_dir is None else f"the interventions in {reft_dir}"
             scored = f"all of {args.data}" if args.data else scored_part(cfg)
-            print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({world} rank(s)); "
+            print(f"{family} accuracy of {which} on {len(predictions)} examples, {scored} ({ranks(world)}); "
                   f"predictions in {out}\n{summary_table(predictions)}")
 
 
@@ -669,7 +678,7 @@ def _eval_kept(out: Path) -> str:
 
 def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
     """A task scored by its own metrics (classification, preference), over its eval set, as training scored it."""
-    from reft_fast.train.distributed import init_distributed
+    from reft_fast.train.distributed import init_distributed, ranks
     from reft_fast.train.files import write_jsonl_atomically
     from reft_fast.train.task_eval import evaluate_run, metrics_table, scored_part, write_metrics
 
@@ -700,12 +709,12 @@ def _evaluate_task(args, cfg, reft_dir: Optional[Path], run_dir: Path) -> None:
             write_jsonl_atomically(out.with_suffix(".jsonl"), rows)
             write_metrics(out.with_suffix(".json"), metrics, reft_dir, scored)
             if set(metrics) == {"examples"}:  # a classification set without labels (a GLUE test split)
-                print(f"{cfg.task} predictions of the interventions in {reft_dir} on {scored} ({world} rank(s)): "
+                print(f"{cfg.task} predictions of the interventions in {reft_dir} on {scored} ({ranks(world)}): "
                       f"the data has no labels, so nothing is scored; one line per example in "
                       f"{out.with_suffix('.jsonl')}\n{metrics_table(metrics)}")
                 return
-            print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({world} rank(s)); metrics in "
-                  f"{out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
+            print(f"{cfg.task} metrics of the interventions in {reft_dir} on {scored} ({ranks(world)}); metrics "
+                  f"in {out.with_suffix('.json')}, one line per example in {out.with_suffix('.jsonl')}\n"
                   f"{metrics_table(metrics)}")
 
 
@@ -713,6 +722,7 @@ def _task_eval_data(args, cfg) -> None:
     """Point the config's eval set at --data: a file, or for a classification run also a dataset folder (written by
     ``save_to_disk``, a DatasetDict's included), of which --split is scored (default: test; a saved split's own)."""
     from reft_fast.train.data import saved_split
+    from reft_fast.train.train_config import data_path_tried
 
     data = Path(args.data)
     if data.is_dir() and cfg.task == "classification":
@@ -722,7 +732,7 @@ def _task_eval_data(args, cfg) -> None:
     elif data.is_dir():
         raise ConfigError(f"--data {args.data}: a folder; a {cfg.task} run scores a JSON or JSONL file")
     elif not data.is_file():  # else taken for a Hugging Face dataset name, and a traceback from there
-        raise ConfigError(f"--data {args.data}: no such file")
+        raise ConfigError(f"--data {args.data}: no such file ({data_path_tried(args.data)})")
     else:
         cfg.data.eval_file, cfg.data.eval_fraction = str(data.resolve()), 0.0
         cfg.classification.eval_split = None
@@ -736,7 +746,21 @@ def _plan(args) -> None:
     print(format_plan(plan_memory(cfg, args.gpus), gpu_memory_gib=args.gpu_memory_gib))
 
 
+def use_environment_ninja() -> None:
+    """Where no ninja is on PATH but this Python's scripts folder holds one (the ``ninja`` package, a dependency), put
+    that folder first on PATH, for this process and every one it starts: torch builds DeepSpeed's CPU op with the ninja
+    on PATH, and ``.venv/bin/reft-fast`` run without activating the environment found none on a machine without its
+    own, so no run on several CPU ranks could start. A ninja already on PATH is left the only one: two ninja versions
+    in one process tree each took the other's build of the op for out of date, and rebuilt it back and forth."""
+    if shutil.which("ninja") is not None:
+        return
+    scripts = Path(sys.executable).parent
+    if shutil.which("ninja", path=str(scripts)) is not None:
+        os.environ["PATH"] = os.pathsep.join(filter(None, [str(scripts), os.environ.get("PATH", "")]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    use_environment_ninja()  # before any build of DeepSpeed's op and any process this one starts
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

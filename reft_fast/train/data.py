@@ -33,7 +33,7 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train.packing import pack_rows
-from reft_fast.train.train_config import ConfigError, warn_once_per_job
+from reft_fast.train.train_config import ConfigError, data_path_tried, warn_once_per_job
 
 if TYPE_CHECKING:  # the config module builds on this one
     from reft_fast.train.train_config import TrainConfig
@@ -102,7 +102,7 @@ def load_rows(source: Union[str, Path, Sequence[dict]], *, hf_split: str = "trai
         rows, lines = _read_csv_rows(path) if path.suffix.lower() == ".csv" else _read_json_rows(path)
         return rows, RowSource(str(source), lines)
     if isinstance(source, (str, Path)) and Path(source).suffix.lower() in DATA_FILE_SUFFIXES:  # not a dataset name
-        raise ValueError(f"{source}: no such file")
+        raise ValueError(f"{source}: no such file ({data_path_tried(source)})")
     if isinstance(source, (str, Path)):
         try:
             import datasets

@@ -19,7 +19,7 @@ import torch
 from reft_fast.ops.build_lock import BUILD_LOCK_STALE_AFTER_S, StaleBuildLock, extension_build_lock, wait_for_build_lock
 
 __all__ = ["BUILD_LOCK_STALE_AFTER_S", "StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier",
-           "free_port", "init_distributed", "rank_chunks", "same_on_every_rank", "share_cpu_cores",
+           "free_port", "init_distributed", "rank_chunks", "ranks", "same_on_every_rank", "share_cpu_cores",
            "shared_memory_op_build_lock", "shutdown", "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,11 @@ def say_first_build(lock: Path) -> None:
     if os.environ.get("RANK", "0") == "0" and not (build_dir / f"{build_dir.name}.so").exists():
         logger.info("building DeepSpeed's CPU shared-memory op once in %s (a minute or two, printing nothing until "
                     "it ends)", build_dir)
+
+
+def ranks(count: int) -> str:
+    """``count`` ranks in a message: "1 rank", "2 ranks" (it was "saved by 1 ranks", "1 rank(s)")."""
+    return f"{count} rank" if count == 1 else f"{count} ranks"
 
 
 def announced_world_size() -> int:

@@ -223,10 +223,12 @@ def load_eval_examples(source: Union[str, Path], *, hf_split: str = "test", **fi
     """The examples of a JSON/JSONL file or a Hugging Face dataset's split (``eval_examples_from_rows`` says which
     fields it reads)."""
     from reft_fast.train.data import DATA_FILE_SUFFIXES, load_rows
+    from reft_fast.train.train_config import data_path_tried  # the config module builds on this one
 
     named_file = isinstance(source, (str, Path)) and Path(source).suffix.lower() in DATA_FILE_SUFFIXES
     if named_file and not Path(source).is_file():
-        raise ValueError(f"evaluation data {source}: no such file (a JSON list, JSONL or CSV file)")
+        raise ValueError(f"evaluation data {source}: no such file (a JSON list, JSONL or CSV file; "
+                         f"{data_path_tried(source)})")
     rows, where = load_rows(source, hf_split=hf_split)
     return eval_examples_from_rows(rows, where, default_task=Path(str(source)).stem, **fields)
 

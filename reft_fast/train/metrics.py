@@ -129,19 +129,18 @@ class MetricsLog:
 def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool, total_steps: int) -> None:
     """One step's metrics: a line in ``metrics_log``, scalars for ``writer`` and, when ``show``, the bar's postfix or,
     without a bar (``training.progress_bar: false``, a batch job's log), one logged line (``writer`` and ``bar`` may
-    be None)."""
+    be None). The bar's count is the recipe's to move, every step: the metrics are read only every ``log_every``
+    steps, and a bar moved here stood still in between."""
     metrics_log.write(metrics)
     if writer is not None:
         for key, value in metrics.items():
             if key != "step":
                 writer.add_scalar(f"train/{key}", value, metrics["step"])
-    if bar is not None:
-        bar.update(1)
     if not show:
         return
     summary = _step_summary(metrics)
     if bar is not None:
-        bar.set_postfix(summary, refresh=False)
+        bar.set_postfix(summary)  # drawn now: the next redraw is the next step's, maybe minutes away
     else:
         logger.info("step %d/%d: %s", metrics["step"], total_steps,
                     ", ".join(f"{name} {value}" for name, value in summary.items()))

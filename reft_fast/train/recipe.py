@@ -50,9 +50,9 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 
 from reft_fast.core.hf import num_layers_of
-from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint
+from reft_fast.train.checkpoints import resume_from_checkpoint, save_trainer_checkpoint, step_dirs
 from reft_fast.train.data import PrefetchedBatches, StepSampler
-from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed
+from reft_fast.train.distributed import all_reduce_sum, announced_world_size, barrier, init_distributed, ranks
 from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradients, lr_lambda,
                                        reduce_only_trained_gradients, skip_one_rank_gradient_allreduce,
                                        take_gradient_clipping, warmup_steps_of, zero_only_trained_gradients)
@@ -64,7 +64,8 @@ from reft_fast.train.loading import build_reft_model, compile_layers, enable_gra
 from reft_fast.train.loss import to_device
 from reft_fast.train.metrics import MetricsLog, count_step_flops, full_numel, log_metrics, numel_on_this_rank, \
     open_tensorboard, peak_memory_gib, peak_tflops
-from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, rewind_metrics, save_interventions
+from reft_fast.train.run_dir import check_output_dir, prepare_output_dir, read_samples_before, rewind_metrics, \
+    save_interventions, write_samples_before
 from reft_fast.train.tasks import make_task, task_datasets
 from reft_fast.train.train_config import ConfigError, TrainConfig, gradient_accumulation_steps, layer_list, validate
 
@@ -84,6 +85,9 @@ class TrainResult:
     final_dir: Optional[str] = None
     samples: list[tuple[str, str]] = field(default_factory=list)
     samples_before: list[tuple[str, str]] = field(default_factory=list)
+    # a resumed run does not answer again: True when samples_before are the first launch's (read from output_dir,
+    # or empty where that launch saved none)
+    samples_before_resumed: bool = False
     base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
     best: Optional[dict] = None  # training.keep_best: {"step", "metric", "value"} of the evaluation final/ holds
@@ -187,8 +191,8 @@ class ReftTrainingRecipe:
         if self.world != announced_world:  # an MPI launch learns its size only now
             validate(cfg, self.world, check_model=False, check_data=False)
         if self.rank == 0:
-            logger.info("%d rank(s) over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
-                        self.world, dist.get_backend(), cfg.deepspeed.timeout_minutes)
+            logger.info("%s over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
+                        ranks(self.world), dist.get_backend(), cfg.deepspeed.timeout_minutes)
         self.accumulation = gradient_accumulation_steps(cfg, self.world)
         return model_config
 
@@ -240,11 +244,22 @@ class ReftTrainingRecipe:
                                " and ".join(broken))
         self.task.bind_base(base)
         if self.task.generates and t.sample_prompts and cfg.deepspeed.stage < 3:  # ZeRO-3: only inside the engine
-            answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
-            self.result.samples_before = list(zip(t.sample_prompts, answers))
+            self._answer_before_training(base)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(base, reentrant=t.checkpointing_reentrant)
         self.base = base
+
+    def _answer_before_training(self, base) -> None:
+        """The base's answers to training.sample_prompts, once per run: a launch that resumes from a checkpoint
+        takes the first launch's from output_dir (answering again cost a minute on a CPU), or none where that launch
+        saved none (``TrainResult.samples_before_resumed`` says which)."""
+        t = self.cfg.training
+        if self.cfg.resume and step_dirs(self.ckpt_dir):  # resume_from_checkpoint continues from one (or refuses)
+            self.result.samples_before = read_samples_before(self.output) or []
+            self.result.samples_before_resumed = True
+            return
+        answers = generate_answers(base, self.tokenizer, t.sample_prompts, **self.gen_kwargs)
+        self.result.samples_before = list(zip(t.sample_prompts, answers))
 
     def _setup_engine(self, model_config) -> None:
         """The ReftModel over the base, its AdamW and schedule, wrapped by ``deepspeed.initialize``."""
@@ -269,6 +284,8 @@ class ReftTrainingRecipe:
     def _prepare_output_dir(self) -> None:
         if self.rank == 0:
             prepare_output_dir(self.cfg, self.result.fused_ops)
+            if self.result.samples_before and not self.result.samples_before_resumed:  # after --overwrite's removal
+                write_samples_before(self.output, self.result.samples_before)
 
     def _load_checkpoint(self) -> None:
         """Resume (``resume: true``) from the newest intact checkpoint, and cut metrics.jsonl back to its step."""
@@ -313,13 +330,21 @@ class ReftTrainingRecipe:
         for step in range(self.start_step, self.total_steps):
             done = step + 1
             self._unread.append(self.train_step(step))
+            if self._bar is not None:  # count and rate every step; its loss only when read (no device read here)
+                self._bar.update(1)
             last = done == self.total_steps
             evaluate = self.eval_set is not None and (bool(t.eval_every and done % t.eval_every == 0) or last)
             save = bool(t.save_every) and done % t.save_every == 0
             if evaluate or save or last or done % t.log_every == 0:
                 self._log_read_steps(evaluate, save)
+        self._close_bar()
+
+    def _close_bar(self) -> None:
+        """Leave the bar as it stands, on a line of its own: at the end of training, and on ctrl-C or an error (what
+        is printed then landed after the bar, on its line)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
     def _log_read_steps(self, evaluate: bool, save: bool) -> None:
         """Read the unread steps, evaluate and save when due, then hand the steps to the callbacks."""
@@ -451,6 +476,7 @@ class ReftTrainingRecipe:
     def cleanup(self) -> None:
         """Stop the batch thread, close the log files (metrics.jsonl synced) and release the HfDeepSpeedConfig; runs
         after success and failure alike."""
+        self._close_bar()
         if self._batches is not None:
             self._batches.close()
         if self._metrics_log is not None:

@@ -3,6 +3,9 @@ checkpoints, and the final interventions.
 
     output_dir/  train_config.yaml  the config of the run (``reft-fast generate`` reads the copy in final/)
                  run.json           what this launch resolved from the config (the fused base operations)
+                 samples_before.json
+                                    the base's answers to training.sample_prompts before training (a resumed run
+                                    shows them instead of answering again)
                  metrics.jsonl      one line per step (and per evaluation), cut back to the step a resume starts from
                  checkpoints/       reft_fast.train.checkpoints
                  tensorboard/       when tensorboard is installed
@@ -34,17 +37,20 @@ from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory, replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
-__all__ = ["BASE_TRAINABLE_NAME", "RUN_INFO_FILE", "TRAIN_CONFIG_FILE", "check_output_dir", "load_trainable_base",
-           "prepare_output_dir", "rewind_metrics", "save_interventions", "save_trainable_base"]
+__all__ = ["BASE_TRAINABLE_NAME", "RUN_INFO_FILE", "SAMPLES_BEFORE_FILE", "TRAIN_CONFIG_FILE", "check_output_dir",
+           "load_trainable_base", "prepare_output_dir", "read_samples_before", "rewind_metrics", "save_interventions",
+           "save_trainable_base", "write_samples_before"]
 
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
 RUN_INFO_FILE = "run.json"  # what this launch resolved from the config (the fused base operations), in output_dir
+SAMPLES_BEFORE_FILE = "samples_before.json"  # the base's answers before training, in output_dir
 # What a run writes into output_dir; --overwrite removes these (and nothing else) before starting. The hidden ones
 # are scratch names of writes a kill interrupted (reft_fast.train.files).
 _RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", "eval", TRAIN_CONFIG_FILE,
-                RUN_INFO_FILE, ".final.partial", ".final.deleting", ".best.partial", ".best.deleting",
-                f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp", ".metrics.jsonl.tmp")
+                RUN_INFO_FILE, SAMPLES_BEFORE_FILE, ".final.partial", ".final.deleting", ".best.partial",
+                ".best.deleting", f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp", f".{SAMPLES_BEFORE_FILE}.tmp",
+                ".metrics.jsonl.tmp")
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -102,6 +108,22 @@ def prepare_output_dir(cfg: TrainConfig, fused_ops: tuple[str, ...]) -> None:
     # Rewritten by every launch: a resumed run may land on other hardware and fuse something else.
     replace_atomically(output / RUN_INFO_FILE, json.dumps(
         {"fused_ops_mode": cfg.model.fused_ops, "fused_ops": list(fused_ops)}, indent=1) + "\n")
+
+
+def write_samples_before(output: Path, samples: list[tuple[str, str]]) -> None:
+    """Rank 0: the base's answers to training.sample_prompts, for a resumed run to show (``read_samples_before``)."""
+    replace_atomically(output / SAMPLES_BEFORE_FILE, json.dumps(
+        [{"prompt": prompt, "answer": answer} for prompt, answer in samples], indent=1, ensure_ascii=False) + "\n")
+
+
+def read_samples_before(output: Path) -> Optional[list[tuple[str, str]]]:
+    """The answers ``write_samples_before`` saved in ``output``, or None where there are none to read (a run of a
+    version that did not save them, a file damaged by hand)."""
+    try:
+        rows = json.loads((output / SAMPLES_BEFORE_FILE).read_text(encoding="utf-8"))
+        return [(str(row["prompt"]), str(row["answer"])) for row in rows]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def _remove_previous_run(output: Path) -> None:

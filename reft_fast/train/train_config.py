@@ -599,10 +599,25 @@ def load_model_config(cfg: ModelConfig, base_dir: Optional[str] = None):
 # Validation
 # --------------------------------------------------------------------------------------------------------------------
 def resolve_data_path(path: str, base_dir: Optional[str]) -> str:
+    """A data path as the run reads it: as given (an absolute path, or relative to the working directory) when it
+    exists, else relative to ``base_dir``, the config file's folder, when it exists there (``data_path_tried`` says
+    where a path that exists in neither was looked for)."""
     p = Path(path)
     if not p.is_absolute() and base_dir and not p.exists() and (Path(base_dir) / p).exists():
         return str(Path(base_dir) / p)
     return str(p)
+
+
+def data_path_tried(path: Union[str, Path], base_dir: Optional[str] = None) -> str:
+    """Where ``resolve_data_path`` looked for a data path that names nothing, for its error message: each place,
+    absolute, and what it was relative to (a relative path alone once left the reader guessing which folder)."""
+    p = Path(path)
+    if p.is_absolute():
+        return f"looked for {os.path.abspath(p)}"
+    tried = [f"{os.path.abspath(p)} (relative to the working directory)"]
+    if base_dir:
+        tried.append(f"{os.path.abspath(Path(base_dir) / p)} (relative to the config file's folder)")
+    return "looked for " + " and ".join(tried)
 
 
 def layer_list(spec: Union[list[int], str], num_layers: int) -> list[int]:
@@ -937,6 +952,6 @@ def _check_data_sources(cfg: TrainConfig) -> None:
                 else "give a JSON, JSONL or CSV file"
             raise ConfigError(f"data.{name}: {value!r} is a folder, not a data file; {folder_use}")
         if path is not None and not path.is_file():
-            raise ConfigError(f"data.{name}: file {value!r} does not exist")
+            raise ConfigError(f"data.{name}: file {value!r} does not exist; {data_path_tried(value, cfg.base_dir)}")
     if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
         raise ConfigError("data.hf_dataset: the `datasets` package is not installed")
