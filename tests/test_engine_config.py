@@ -391,3 +391,29 @@ def test_a_missing_data_file_names_every_place_it_was_looked_for(run_dir, tmp_pa
         validate(config_from_dict(tree), check_model=False)
     assert str(err.value).endswith(f"looked for {tmp_path.resolve() / 'held.jsonl'} (relative to the working "
                                    "directory)"), str(err.value)
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5, 1e6])
+def test_clipping_flat_gradients_as_one_tensor_matches_clipping_each(max_norm):
+    """Views of one flat tensor (several ranks at stage 0) are clipped as that tensor: the same norm and scaling as
+    torch's clip_grad_norm_ over the tensors one by one."""
+    import torch
+
+    from reft_fast.train.ds_config import _FlatGradients, _whole_flat_tensor, clip_gradients
+
+    torch.manual_seed(1)
+    viewed = [torch.randn(3, 5, requires_grad=True), torch.randn(7, requires_grad=True)]
+    alone = [torch.nn.Parameter(p.detach().clone()) for p in viewed]
+    flat = _FlatGradients(viewed)
+    for p, q in zip(viewed, alone):
+        g = torch.randn(p.shape)
+        p.grad.copy_(g)
+        q.grad = g.clone()
+    assert _whole_flat_tensor(viewed) is flat.flat and _whole_flat_tensor(alone) is None
+    assert _whole_flat_tensor(viewed[:1]) is None  # a part of the flat tensor is not clipped as the whole
+    norm = clip_gradients(viewed, max_norm, "cpu")
+    expected = clip_gradients(alone, max_norm, "cpu")
+    torch.testing.assert_close(norm, expected, rtol=1e-6, atol=0)
+    for p, q in zip(viewed, alone):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
+    assert viewed[0].grad.data_ptr() == flat.flat.data_ptr()  # scaled in place, still the views

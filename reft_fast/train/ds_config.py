@@ -269,7 +269,18 @@ def clip_gradients(params, max_norm: float, device) -> torch.Tensor:
     """Clip the (reduced) gradients of ``params`` to ``max_norm`` (the recipe's stage-0 clipping, in place of
     DeepSpeed's: ``take_gradient_clipping``) and return their total norm as a tensor on ``device``: no value is read
     (no non-finite check) and no host tensor is copied over, unlike DeepSpeed's clipping. 0 clips nothing: the norm is
-    only measured."""
+    only measured.
+
+    Gradients that are views of one flat tensor, the whole of it (``_FlatGradients``: several ranks at stage 0), are
+    measured and scaled as that one tensor: two kernels instead of a norm and a product per tensor (the foreach
+    versions are one loop per tensor on CPUs: 854 µs per step for 96 tensors against 47 µs, 2-core x86-64, torch 2.13,
+    2026-11-30). Same formula as ``clip_grad_norm_``; the norm is summed in another order."""
+    flat = _whole_flat_tensor(params)
+    if flat is not None:
+        norm = torch.linalg.vector_norm(flat)
+        if max_norm != 0:
+            flat.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+        return norm
     if max_norm == 0:
         grads = [p.grad for p in params if p.grad is not None]
         # (torch.nn.utils.get_total_norm computes the same but exists only from torch 2.6; pyproject allows 2.4)
@@ -277,6 +288,21 @@ def clip_gradients(params, max_norm: float, device) -> torch.Tensor:
             return torch.zeros((), device=device)
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True, error_if_nonfinite=False)
+
+
+def _whole_flat_tensor(params) -> Optional[torch.Tensor]:
+    """The tensor every parameter's gradient is a view of, where they are the whole of it (and the views do not
+    overlap: ``_FlatGradients`` makes them so); None otherwise."""
+    params = list(params)
+    base = params[0].grad._base if params and params[0].grad is not None else None
+    if base is None or base.dim() != 1:
+        return None
+    numel = 0
+    for p in params:
+        if p.grad is None or p.grad._base is not base:
+            return None
+        numel += p.grad.numel()
+    return base if numel == base.numel() else None
 
 
 def warmup_steps_of(warmup_steps: int, warmup_ratio: Optional[float], total_steps: int) -> int:
