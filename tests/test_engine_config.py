@@ -417,3 +417,16 @@ def test_clipping_flat_gradients_as_one_tensor_matches_clipping_each(max_norm):
     for p, q in zip(viewed, alone):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     assert viewed[0].grad.data_ptr() == flat.flat.data_ptr()  # scaled in place, still the views
+
+
+def test_a_tilde_in_a_path_means_the_home_folder(run_dir, tmp_path, monkeypatch):
+    """YAML does not expand ~ (nor does the shell after a key=value's "="): output_dir: ~/runs/x made a folder named
+    "~" in the working directory, and data files under ~ were "not found"."""
+    monkeypatch.setenv("HOME", str(run_dir))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(_write(run_dir, data={"train_file": "~/train.jsonl"}, output_dir="~/runs/x"),
+                      ["model.path=~/model"])
+    assert cfg.output_dir == str(run_dir / "runs" / "x")
+    assert cfg.data.train_file == str(run_dir / "train.jsonl") and cfg.model.path == str(run_dir / "model")
+    validate(cfg)  # the data file and the model are found there
+    assert load_config(_write(run_dir, data={"prompt_field": "~x"})).data.prompt_field == "~x"  # not a path

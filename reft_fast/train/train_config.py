@@ -450,7 +450,24 @@ def config_from_dict(tree: dict, base_dir: Optional[str] = None) -> TrainConfig:
     cfg = _build(TrainConfig, _rename_old_keys(_parse_numbers(tree)), "")
     cfg.base_dir = base_dir
     _take_free_form_zero_stage(cfg.deepspeed)
+    _expand_home(cfg)
     return cfg
+
+
+# The config's paths on this machine's disks (model.path may also name a Hub model or a pkg: file).
+_PATH_FIELDS = (("", "output_dir"), ("model", "path"), ("data", "train_file"), ("data", "eval_file"),
+                ("data", "hf_dataset"))
+
+
+def _expand_home(cfg: TrainConfig) -> None:
+    """``~`` and ``~user`` at the start of a path mean the home folder, as in a shell: YAML and ``key=value``
+    overrides after the first ``=`` leave them as they are, and ``output_dir: ~/runs/x`` made a folder named ``~`` in
+    the working directory."""
+    for section, name in _PATH_FIELDS:
+        holder = getattr(cfg, section) if section else cfg
+        value = getattr(holder, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(holder, name, os.path.expanduser(value))
 
 
 def _take_free_form_zero_stage(ds: DeepSpeedConfig) -> None:
