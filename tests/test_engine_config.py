@@ -430,3 +430,18 @@ def test_a_tilde_in_a_path_means_the_home_folder(run_dir, tmp_path, monkeypatch)
     assert cfg.data.train_file == str(run_dir / "train.jsonl") and cfg.model.path == str(run_dir / "model")
     validate(cfg)  # the data file and the model are found there
     assert load_config(_write(run_dir, data={"prompt_field": "~x"})).data.prompt_field == "~x"  # not a path
+
+
+def test_a_dataset_folder_written_as_a_path_that_is_not_there_is_named(run_dir, tmp_path, monkeypatch):
+    """It went to the Hub as a dataset name (failing offline, or finding nothing) without saying where it was looked
+    for; a Hub name (owner/name) is still left to the Hub."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        validate(load_config(_write(run_dir, data={"train_file": None, "hf_dataset": "./my_ds:sst2"})),
+                 check_model=False)
+    assert str(err.value).startswith("data.hf_dataset: './my_ds' is written as a path but names no folder; looked "
+                                     f"for {tmp_path.resolve() / 'my_ds'} (relative to the working directory)")
+    (run_dir / "my_ds").mkdir(exist_ok=True)  # beside the config: found there
+    validate(load_config(_write(run_dir, data={"train_file": None, "hf_dataset": "./my_ds"})), check_model=False)
+    validate(load_config(_write(run_dir, data={"train_file": None, "hf_dataset": "nyu-mll/glue:sst2"})),
+             check_model=False)

@@ -972,3 +972,16 @@ def _check_data_sources(cfg: TrainConfig) -> None:
             raise ConfigError(f"data.{name}: file {value!r} does not exist; {data_path_tried(value, cfg.base_dir)}")
     if d.train_file is None and d.hf_dataset is not None and importlib.util.find_spec("datasets") is None:
         raise ConfigError("data.hf_dataset: the `datasets` package is not installed")
+    if d.train_file is None and d.hf_dataset is not None:
+        _check_local_dataset_folder(d.hf_dataset, cfg.base_dir)
+
+
+def _check_local_dataset_folder(spec: str, base_dir: Optional[str]) -> None:
+    """A ``data.hf_dataset`` written as a path (``/``, ``./``, ``../`` or ``~`` first; a Hub name is ``owner/name``)
+    must name a folder: one that is not there went to the Hub as a dataset name, which failed offline or found
+    nothing, without saying where the folder was looked for."""
+    name = spec.partition(":")[0]
+    if not name.startswith(("/", "./", "../", "~")) or Path(resolve_data_path(name, base_dir)).is_dir():
+        return
+    raise ConfigError(f"data.hf_dataset: {name!r} is written as a path but names no folder; "
+                      f"{data_path_tried(name, base_dir)}")
