@@ -354,6 +354,7 @@ def test_two_ranks_zero2_and_zero3_match_one_rank(reference, two_rank_launch):
     # DeepSpeed's shared-memory allreduce buffers (one 69 MB file per CPU rank) are not left behind in /dev/shm.
     leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{29500 + os.getpid() % 1000}_*"))
     assert leftover == [], leftover
+    assert [run["shm_buffer_named"] for run in (zero2_run, zero3_run)] == [False, False]  # not even during the run
 
 
 @pytest.mark.slow

@@ -61,7 +61,24 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
         if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
             distributed_c10d.default_pg_nccl_timeout = timeout
         deepspeed.init_distributed(verbose=False, timeout=timeout)
+        _unname_shared_memory_once_mapped()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _unname_shared_memory_once_mapped() -> None:
+    """On CPU ranks, remove the names of DeepSpeed's shared-memory allreduce buffers as soon as every rank has mapped
+    every other's (``_remove_shared_memory_name``): a rank killed later (SIGKILL, a node's OOM killer, a cancelled
+    job) then leaves nothing in /dev/shm, where each killed rank left 69 MB until the machine restarted. DeepSpeed's
+    initialization returns on a rank once it has opened every other rank's buffer (a wait on the name), so after one
+    barrier no rank opens a name again."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu" or not hasattr(os, "getuid"):
+        return
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    _remove_shared_memory_name(dist.get_rank())
 
 
 def share_cpu_cores() -> None:
@@ -177,7 +194,8 @@ def _remove_shared_memory_name(rank: int) -> None:
     <MASTER_PORT>_<rank>``, and nothing unlinks it: each run of several CPU ranks left its memory behind (22 GB of
     /dev/shm after two days of this project's tests, 2026-11-29, when the kernel began killing processes). The name
     goes; the memory stays mapped, and is freed when the last process using it exits (a run started later in this
-    process keeps using it: DeepSpeed creates the buffer once per process)."""
+    process keeps using it: DeepSpeed creates the buffer once per process). Done once every rank has mapped the
+    buffers (``init_distributed``), and again at ``shutdown`` for a process group made elsewhere."""
     if not hasattr(os, "getuid"):
         return
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"

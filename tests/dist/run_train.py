@@ -213,6 +213,11 @@ def run_one(config_path, overrides, check_frozen):
             "storages": len({p.grad.untyped_storage().data_ptr() for p in trained if p.grad is not None}),
             "none": sum(p.grad is None for p in trained), "tensors": len(trained)}
         if step == 1:
+            # DeepSpeed's shared-memory allreduce buffer of this rank, still named in /dev/shm while the run goes on
+            # (a rank killed now would leave it there)
+            seen["shm_buffer_named"] = os.path.exists(
+                f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '0')}")
             base_params = list(engine.module.model.parameters())
             seen["full_base_numel"] = sum(getattr(p, "ds_numel", p.numel()) for p in base_params)
             # Under ZeRO-3 each rank keeps a 1/N shard (ds_tensor) of every partitioned parameter.
