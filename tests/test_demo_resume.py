@@ -33,3 +33,14 @@ def test_the_plain_demo_still_replaces_its_earlier_run(launches):
     assert cli.main(["demo", "training.max_steps=2"]) == 0
     assert launches == [dict(config=str(DEMO_CONFIG), overrides=["training.max_steps=2"], resume=False,
                              overwrite=True)]
+
+
+def test_resuming_a_finished_demo_says_the_demo_s_own_way_out(tmp_path, capsys):
+    """``reft-fast demo --resume`` after a demo that finished without checkpoints said "pass --overwrite", which
+    ``reft-fast demo`` refuses ("unrecognized arguments: --overwrite"): it names the plain command instead."""
+    (tmp_path / "final").mkdir()
+    assert cli.main(["demo", f"output_dir={tmp_path}", "--resume"]) == 2
+    said = capsys.readouterr().err
+    assert "no checkpoint to continue from" in said and "`reft-fast demo` without --resume" in said
+    assert "--overwrite" not in said
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]

@@ -273,10 +273,16 @@ def _print_run_samples(result, base_name: str) -> None:
 
 def _demo(overrides: Sequence[str], resume: bool = False) -> None:
     from reft_fast.demo import DEMO_CONFIG
+    from reft_fast.train.run_dir import FinishedRunWithoutCheckpoint
 
     # The built-in job replaces its own earlier run (only that run's outputs), so the README's command can be re-run;
     # --resume continues it instead, as ctrl-C's message says (it was refused: "unrecognized arguments").
-    _, result = _train(str(DEMO_CONFIG), overrides, resume=resume, overwrite=not resume)
+    try:
+        _, result = _train(str(DEMO_CONFIG), overrides, resume=resume, overwrite=not resume)
+    except FinishedRunWithoutCheckpoint as err:  # said "pass --overwrite", which the demo refuses as unrecognized
+        raise ConfigError(f"resume: {err.output} holds a finished demo run but no checkpoint to continue from (the "
+                          "demo writes checkpoints only with training.save_every=N): `reft-fast demo` without "
+                          "--resume trains it again, replacing that run") from None
     _print_run_samples(result, "SmolLM2-135M-Instruct")
 
 

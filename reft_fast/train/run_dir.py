@@ -37,9 +37,9 @@ from reft_fast.train.distributed import barrier
 from reft_fast.train.files import publish_directory, replace_atomically
 from reft_fast.train.train_config import ConfigError, TrainConfig
 
-__all__ = ["BASE_TRAINABLE_NAME", "RUN_INFO_FILE", "SAMPLES_BEFORE_FILE", "TRAIN_CONFIG_FILE", "check_output_dir",
-           "load_trainable_base", "prepare_output_dir", "read_samples_before", "rewind_metrics", "save_interventions",
-           "save_trainable_base", "write_samples_before"]
+__all__ = ["BASE_TRAINABLE_NAME", "FinishedRunWithoutCheckpoint", "RUN_INFO_FILE", "SAMPLES_BEFORE_FILE",
+           "TRAIN_CONFIG_FILE", "check_output_dir", "load_trainable_base", "prepare_output_dir", "read_samples_before",
+           "rewind_metrics", "save_interventions", "save_trainable_base", "write_samples_before"]
 
 logger = logging.getLogger(__name__)
 TRAIN_CONFIG_FILE = "train_config.yaml"  # written next to the final interventions; `reft-fast generate` reads it
@@ -51,6 +51,18 @@ _RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", 
                 RUN_INFO_FILE, SAMPLES_BEFORE_FILE, ".final.partial", ".final.deleting", ".best.partial",
                 ".best.deleting", f".{TRAIN_CONFIG_FILE}.tmp", f".{RUN_INFO_FILE}.tmp", f".{SAMPLES_BEFORE_FILE}.tmp",
                 ".metrics.jsonl.tmp")
+
+
+class FinishedRunWithoutCheckpoint(ConfigError):
+    """``resume`` where a run finished (final/) without writing a checkpoint: nothing to continue. ``output`` is that
+    directory, for a command that has no --overwrite (``reft-fast demo``) to say its own way out."""
+
+    def __init__(self, output: Path):
+        super().__init__(f"resume: {output} holds a finished run (final/) but no checkpoint to continue from "
+                         "(training.save_every was 0); starting at step 0 would replace its final interventions "
+                         "and metrics: pass --overwrite (overwrite_output_dir=true) to train it again, or choose "
+                         "another output_dir")
+        self.output = output
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -71,10 +83,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
         raise ConfigError(f"output_dir: {output} cannot be created: {nearest} is a file, not a directory")
     _check_writable(output, nearest)
     if cfg.resume and (output / "final").is_dir() and not step_dirs(output / "checkpoints"):
-        raise ConfigError(f"resume: {output} holds a finished run (final/) but no checkpoint to continue from "
-                          "(training.save_every was 0); starting at step 0 would replace its final interventions "
-                          "and metrics: pass --overwrite (overwrite_output_dir=true) to train it again, or choose "
-                          "another output_dir")
+        raise FinishedRunWithoutCheckpoint(output)
     if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
         return
     entries = sorted(path.name for path in output.iterdir())
