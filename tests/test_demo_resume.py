@@ -44,3 +44,17 @@ def test_resuming_a_finished_demo_says_the_demo_s_own_way_out(tmp_path, capsys):
     assert "no checkpoint to continue from" in said and "`reft-fast demo` without --resume" in said
     assert "--overwrite" not in said
     assert sorted(path.name for path in tmp_path.iterdir()) == ["final"]
+
+
+def test_ctrl_c_before_any_checkpoint_says_how_to_go_on(tmp_path):
+    """ctrl-C during the plain demo (no training.save_every) said only "no checkpoint was written yet
+    (training.save_every)": now that none will come, how one would, and that the same command starts again."""
+    from reft_fast.train.train_config import load_config
+
+    demo = load_config(str(DEMO_CONFIG), [f"output_dir={tmp_path}", "overwrite_output_dir=true"])
+    said = cli._what_an_interrupted_run_kept(demo)
+    assert "training.save_every is 0" in said and "training.save_every=N" in said
+    assert said.endswith("the same command starts again at step 0")
+    saving = load_config(str(DEMO_CONFIG), [f"output_dir={tmp_path}", "training.save_every=5"])
+    assert cli._what_an_interrupted_run_kept(saving).endswith(
+        "(the first comes at step 5): the same command with --resume starts again at step 0")

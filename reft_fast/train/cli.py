@@ -242,9 +242,12 @@ def _what_an_interrupted_run_kept(cfg) -> str:
     from reft_fast.train.checkpoints import step_dirs
 
     saved = step_dirs(Path(cfg.output_dir) / "checkpoints")
-    if not saved:
-        again = "" if cfg.overwrite_output_dir else ": the same command with --resume starts again at step 0"
-        return f"no checkpoint was written yet (training.save_every){again}"
+    if not saved:  # the demo (which overwrites its run) said only "(training.save_every)": no way on
+        every = cfg.training.save_every
+        when = (f"the first comes at step {every}" if every else
+                "training.save_every is 0, so this run writes none; training.save_every=N makes it resumable")
+        again = "" if cfg.overwrite_output_dir else " with --resume"
+        return f"no checkpoint was written yet ({when}): the same command{again} starts again at step 0"
     return f"the newest checkpoint is {saved[-1][1]}: the same command with --resume continues from it"
 
 
