@@ -128,6 +128,14 @@ def test_a_used_output_dir_is_refused_without_resume_or_overwrite(tmp_path):
         check_output_dir(_config(baseline))
     with pytest.raises(ConfigError, match="overwrite_output_dir: cannot be combined with resume"):
         check_output_dir(_config(used, resume=True, overwrite_output_dir=True))
+    # A finished run without checkpoints: --resume is not a way on (it is refused), so it is not offered.
+    finished = tmp_path / "finished"
+    (finished / "final").mkdir(parents=True)
+    (finished / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError) as err:
+        check_output_dir(_config(finished))
+    assert "--resume" not in str(err.value) and "it holds a finished run without checkpoints; pass --overwrite" \
+        in str(err.value), str(err.value)
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="exists and is not a directory"):
         check_output_dir(_config(tmp_path / "file"))

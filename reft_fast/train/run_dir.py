@@ -90,9 +90,13 @@ def check_output_dir(cfg: TrainConfig) -> None:
     # eval/ alone: the base model's scores (``reft-fast eval --base-only``), which training never writes over
     if entries and entries != ["eval"]:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-        raise ConfigError(f"output_dir: {output} is not empty ({shown}); pass --resume (resume=true) to continue the "
-                          "run there, --overwrite (overwrite_output_dir=true) to replace its outputs, or choose "
-                          "another output_dir")
+        # a finished run without checkpoints cannot be continued: --resume is refused (FinishedRunWithoutCheckpoint)
+        finished = (output / "final").is_dir() and not step_dirs(output / "checkpoints")
+        resume = "" if finished else "pass --resume (resume=true) to continue the run there, "
+        replace = ("it holds a finished run without checkpoints; pass " if finished else "") + \
+            "--overwrite (overwrite_output_dir=true) to replace its outputs"
+        raise ConfigError(f"output_dir: {output} is not empty ({shown}); {resume}{replace}, or choose another "
+                          "output_dir")
 
 
 def _check_writable(output: Path, nearest: Path) -> None:
