@@ -13,6 +13,24 @@ if _WORKERS > 1:
     _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _CORES // _WORKERS)))
 
+
+def _use_environment_ninja():
+    """Every process of the suite (this one, the xdist workers, the runs and launchers they start) builds the C++
+    extensions (DeepSpeed's CPU op, the cuda backend's CPU simulation) with the environment's own ninja, as reft-fast's
+    command line does: two ninja versions in one process tree rebuilt DeepSpeed's op back and forth. The product's
+    function, from its file: importing reft_fast.ops here would import the kernels before TRITON_INTERPRET is set."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "reft_fast" / "ops" / "build_lock.py"
+    spec = importlib.util.spec_from_file_location("_reft_fast_build_lock", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.use_environment_ninja()
+
+
+_use_environment_ninja()
+
 # Triton kernels run on the CPU through the interpreter; it must be chosen before triton.jit decorates them.
 try:
     import torch

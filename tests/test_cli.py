@@ -273,26 +273,33 @@ cli.main(["train", "config.yaml"])
 
 @pytest.mark.skipif(shutil.which("ninja", path=str(Path(PY).parent)) is None,
                     reason=f"no ninja installed beside {PY}")
-def test_the_cli_finds_the_environments_ninja_only_where_path_has_none(tmp_path):
-    """torch builds DeepSpeed's CPU op with the ninja on PATH: `.venv/bin/reft-fast` run without activating the
-    environment, on a machine without a ninja, could not build it. main puts the folder of this Python (and of its
-    ninja) on PATH then, and only then: with a ninja on PATH (another version, say) PATH is left alone, or processes
-    of one run built the op with two ninjas and rebuilt it back and forth."""
+def test_the_cli_builds_with_the_environments_ninja_whatever_path_holds(tmp_path):
+    """torch builds DeepSpeed's CPU op with the ninja on PATH. `.venv/bin/reft-fast` run without activating the
+    environment could not build it on a machine without a ninja; on one with its own (1.11 beside the environment's
+    1.13), the op was rebuilt (a minute) each time an activated run followed a plain `.venv/bin/reft-fast` one or the
+    other way round, each ninja taking the other's build for out of date. main puts the environment's folder first."""
+    env_bin = str(Path(PY).parent)
     bare = tmp_path / "bare"
     bare.mkdir()
-    env = subprocess_env()
-    env["PATH"] = str(bare)  # no ninja anywhere on it
-    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == f"{Path(PY).parent}{os.pathsep}{bare}", proc.stdout
     machine = tmp_path / "machine"
     machine.mkdir()
     (machine / "ninja").write_text("#!/bin/sh\necho 1.11.1\n")
     (machine / "ninja").chmod(0o755)
-    env["PATH"] = f"{bare}{os.pathsep}{machine}"
-    proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == env["PATH"], proc.stdout  # unchanged
+    env = subprocess_env()
+    for path, expected in ((str(bare), f"{env_bin}{os.pathsep}{bare}"),  # no ninja anywhere on it
+                           (f"{bare}{os.pathsep}{machine}", f"{env_bin}{os.pathsep}{bare}{os.pathsep}{machine}"),
+                           (f"{env_bin}{os.pathsep}{machine}", f"{env_bin}{os.pathsep}{machine}")):  # as activated
+        env["PATH"] = path
+        proc = subprocess.run([PY, "-c", _PATH_AT_MAIN], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip() == expected, (path, proc.stdout)
+
+
+@pytest.mark.skipif(shutil.which("ninja", path=str(Path(PY).parent)) is None,
+                    reason=f"no ninja installed beside {PY}")
+def test_the_test_suite_builds_with_the_environments_ninja():
+    # conftest.py puts it first for every process of the suite, as the command line does for a run's
+    assert os.path.realpath(shutil.which("ninja")) == os.path.realpath(shutil.which("ninja", path=str(Path(PY).parent)))
 
 
 def test_every_documented_launch_line_parses_with_its_launcher():

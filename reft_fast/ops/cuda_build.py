@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from reft_fast.ops.build_lock import StaleBuildLock, extension_build_lock, wait_for_build_lock
+from reft_fast.ops.build_lock import StaleBuildLock, extension_build_lock, use_environment_ninja, wait_for_build_lock
 
 __all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable", "StaleBuildLock", "edit_backward",
            "edit_forward", "load", "rows_per_block", "simulated_extension_name", "simulation",
@@ -43,7 +43,8 @@ __all__ = ["CSRC_DIR", "ROWS_ENV", "SIM_ENV", "SOURCES", "CudaBackendUnavailable
 
 # A source checkout has csrc/ beside reft_fast/; a wheel installs it as reft_fast/csrc/.
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
-CSRC_DIR = next((p for p in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc") if p.is_dir()), _PACKAGE_DIR.parent / "csrc")
+CSRC_DIR = next((p for p in (_PACKAGE_DIR.parent / "csrc", _PACKAGE_DIR / "csrc") if p.is_dir()),
+                _PACKAGE_DIR.parent / "csrc")
 SOURCES = ("binding.cpp", "edit_forward.cu", "edit_backward.cu")
 SIM_SOURCES = ("sim/cuda_sim.h", "sim/cuda_sim.cpp", "sim/include/cuda_runtime.h", "sim/include/cuda_fp16.h",
                "sim/include/cuda_bf16.h", "sim/include/mma.h")
@@ -96,6 +97,7 @@ def unavailable_reason() -> Optional[str]:
     nvcc = Path(cuda_home) / "bin" / "nvcc" if cuda_home is not None else shutil.which("nvcc")
     if nvcc is None or not Path(nvcc).exists():
         missing.append("nvcc was not found: install the CUDA toolkit matching torch.version.cuda, or set CUDA_HOME")
+    use_environment_ninja()  # the environment's, where it has one: the one its builds use
     if not cpp_extension.is_ninja_available():
         missing.append("ninja was not found: pip install ninja")
     absent = [name for name in SOURCES if not (CSRC_DIR / name).is_file()]
@@ -111,6 +113,7 @@ def _sim_unavailable_reason() -> Optional[str]:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which((shlex.split(compiler) or ["c++"])[0]) is None:  # e.g. "ccache g++": the first word runs
         missing.append(f"the C++ compiler {compiler!r} was not found (install g++ or set CXX)")
+    use_environment_ninja()  # the environment's, where it has one: the one its builds use
     if not cpp_extension.is_ninja_available():
         missing.append("ninja was not found: pip install ninja")
     absent = [name for name in SOURCES + SIM_SOURCES if not (CSRC_DIR / name).is_file()]
@@ -158,6 +161,7 @@ def _wait_for_build_lock(name: str) -> Path:
     """Wait while a live build holds the lock of the extension ``name``; raise StaleBuildLock for a dead build's. Out of
     the builds' ``try``: the error must reach the caller as itself, not as CudaBackendUnavailable (module docstring).
     Returns the lock's path (in the extension's build directory)."""
+    use_environment_ninja()  # the one every build of this environment uses
     lock = extension_build_lock(name)
     wait_for_build_lock(lock, users="process that uses reft-fast's cuda backend")
     return lock

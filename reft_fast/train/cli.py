@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -755,20 +754,9 @@ def _plan(args) -> None:
     print(format_plan(plan_memory(cfg, args.gpus), gpu_memory_gib=args.gpu_memory_gib))
 
 
-def use_environment_ninja() -> None:
-    """Where no ninja is on PATH but this Python's scripts folder holds one (the ``ninja`` package, a dependency), put
-    that folder first on PATH, for this process and every one it starts: torch builds DeepSpeed's CPU op with the ninja
-    on PATH, and ``.venv/bin/reft-fast`` run without activating the environment found none on a machine without its
-    own, so no run on several CPU ranks could start. A ninja already on PATH is left the only one: two ninja versions
-    in one process tree each took the other's build of the op for out of date, and rebuilt it back and forth."""
-    if shutil.which("ninja") is not None:
-        return
-    scripts = Path(sys.executable).parent
-    if shutil.which("ninja", path=str(scripts)) is not None:
-        os.environ["PATH"] = os.pathsep.join(filter(None, [str(scripts), os.environ.get("PATH", "")]))
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from reft_fast.ops.build_lock import use_environment_ninja
+
     use_environment_ninja()  # before any build of DeepSpeed's op and any process this one starts
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO if _is_rank0() else logging.WARNING,

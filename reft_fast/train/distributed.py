@@ -16,7 +16,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from reft_fast.ops.build_lock import BUILD_LOCK_STALE_AFTER_S, StaleBuildLock, extension_build_lock, wait_for_build_lock
+from reft_fast.ops.build_lock import (BUILD_LOCK_STALE_AFTER_S, StaleBuildLock, extension_build_lock,
+                                      use_environment_ninja, wait_for_build_lock)
 
 __all__ = ["BUILD_LOCK_STALE_AFTER_S", "StaleBuildLock", "all_reduce_sum", "announced_world_size", "barrier",
            "free_port", "init_distributed", "rank_chunks", "ranks", "same_on_every_rank", "share_cpu_cores",
@@ -43,6 +44,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> tuple[int, int]:
 
     if not dist.is_initialized():
         share_cpu_cores()
+        use_environment_ninja()  # every process builds the op with one ninja
         lock = shared_memory_op_build_lock()
         if lock is not None:  # joining builds or loads the op: a killed build's lock would hold it forever
             wait_for_build_lock(lock, users="job that uses DeepSpeed on CPUs")
