@@ -1,6 +1,7 @@
 """Training config: YAML + key=value overrides, and validation that fails before any weight is loaded, naming the
 field."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -266,7 +267,8 @@ def test_missing_local_model_path_says_so(run_dir, path):
     with pytest.raises(ConfigError) as err:
         validate(load_config(_write(run_dir), [f"model.path={path}"]), world_size=2)
     message = str(err.value)
-    assert message.startswith(f"model.path: no such directory or file {path!r}") and "Repo id" not in message, message
+    shown = os.path.expanduser(path)  # a leading ~ is the home folder, named as such
+    assert message.startswith(f"model.path: no such directory or file {shown!r}") and "Repo id" not in message, message
 
 
 def test_a_model_shape_without_weights_trains_not_but_plans(run_dir):
