@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from torch.utils.file_baton import FileBaton
 
+from reft_fast.ops import build_lock
 from reft_fast.train.distributed import StaleBuildLock, wait_for_build_lock
 
 from dist.tiny import make_run, subprocess_env
@@ -56,9 +57,10 @@ def _waiter(lock: Path, **kwargs) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
-def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(tmp_path, caplog):
+def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(tmp_path, caplog, monkeypatch):
     """The lock held by a living builder (torch's own FileBaton, as the loader takes it) is waited for even past the
     age at which a lock nobody holds is refused, and the wait names the builder's process."""
+    monkeypatch.setattr(build_lock, "LIVE_BUILD_QUIET_S", 0.0)
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
     baton = FileBaton(str(lock))
@@ -69,7 +71,23 @@ def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(t
     baton.release()
     thread.join(timeout=10)
     assert outcome == ["returned"]
-    assert f"waiting for process {os.getpid()}, which holds the lock of torch's build of deepspeed_shm_comm ({lock})" in caplog.text
+    assert (f"waiting for process {os.getpid()}, which holds the lock of torch's build of deepspeed_shm_comm "
+            f"({lock})") in caplog.text
+
+
+def test_another_ranks_short_load_is_waited_for_without_a_word(tmp_path, caplog):
+    """Every rank of a CPU launch loads the op at once, and an up-to-date op's load holds the lock a few seconds: each
+    two-rank launch printed "waiting for process ..." before training. Only a wait past LIVE_BUILD_QUIET_S says so."""
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    baton = FileBaton(str(lock))
+    assert baton.try_acquire()
+    thread, outcome = _waiter(lock, stale_after_s=0.0)
+    time.sleep(0.5)
+    assert thread.is_alive() and not outcome
+    baton.release()
+    thread.join(timeout=10)
+    assert outcome == ["returned"] and "waiting for process" not in caplog.text, caplog.text
 
 
 def test_a_lock_nobody_here_holds_is_waited_for_with_advice_then_refused(tmp_path, caplog):

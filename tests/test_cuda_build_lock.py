@@ -20,7 +20,7 @@ import torch
 from torch.utils import cpp_extension
 from torch.utils.file_baton import FileBaton
 
-from reft_fast.ops import cuda_build
+from reft_fast.ops import build_lock, cuda_build
 from reft_fast.ops.build_lock import StaleBuildLock
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +85,7 @@ def test_a_killed_builds_lock_stops_the_cpu_simulations_load_at_once_naming_the_
 
 def test_a_live_build_of_the_cpu_simulation_is_waited_for_however_old_its_lock_and_its_process_named(
         cache, simulated, monkeypatch, caplog):
+    monkeypatch.setattr(build_lock, "LIVE_BUILD_QUIET_S", 0.0)  # said at once (a rank's short load: after 10 s)
     lock = cache / "torch_extensions" / cuda_build.simulated_extension_name() / "lock"
     lock.parent.mkdir(parents=True)
     baton = FileBaton(str(lock))  # as torch's loader takes it, held by this process

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["BUILD_LOCK_STALE_AFTER_S", "StaleBuildLock", "extension_build_lock", "processes_holding",
-           "use_environment_ninja", "wait_for_build_lock"]
+__all__ = ["BUILD_LOCK_STALE_AFTER_S", "LIVE_BUILD_QUIET_S", "StaleBuildLock", "extension_build_lock",
+           "processes_holding", "use_environment_ninja", "wait_for_build_lock"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 # the cuda backend about a minute, so 5 minutes leaves a build on another machine that shares the cache (a network
 # home directory) time to finish on a busy one.
 BUILD_LOCK_STALE_AFTER_S = 300.0
+# A live build's lock is announced only once it has been waited for this long: the other ranks of a launch load the
+# same op at the same moment, and an up-to-date op's load holds the lock for a few seconds (every two-rank CPU launch
+# printed "waiting for process ..." before training started, 2026-11-30); a real build takes 45 s or more.
+LIVE_BUILD_QUIET_S = 10.0
 
 
 def use_environment_ninja() -> None:
@@ -69,14 +73,15 @@ def wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_AFTE
     how to clear it when a killed build left it. ``users`` names who builds the extension, for the advice: "If no
     <users> is starting here, remove the file".
 
-    The file holds nothing, so whose it is comes from who has it open: the builder keeps it open until it removes it.
-    A process of this machine holding it is a live build: waited for, saying so. With none, the lock is a dead
-    build's, unless a build on another machine sharing the directory holds it: that one ends within ``stale_after_s``
-    of the lock's creation, so until then the wait goes on, saying how to clear the lock, and after that the caller
-    stops with the same advice. Nothing is removed here: removing a live build's lock would let a second build write
-    over its files.
+    The file holds nothing, so whose it is comes from who has it open: the builder keeps it open until it removes it. A
+    process of this machine holding it is a live build: waited for, saying so after ``LIVE_BUILD_QUIET_S``. With none,
+    the lock is a dead build's, unless a build on another machine sharing the directory holds it: that one ends within
+    ``stale_after_s`` of the lock's creation, so until then the wait goes on, saying how to clear the lock, and after
+    that the caller stops with the same advice. Nothing is removed here: removing a live build's lock would let a second
+    build write over its files.
     """
     said = stale = None
+    began = time.monotonic()
     while True:
         try:
             status = lock.stat()
@@ -102,7 +107,7 @@ def wait_for_build_lock(lock: Path, stale_after_s: float = BUILD_LOCK_STALE_AFTE
                     f"stopped left it, or a build on another machine holds it. Waiting for it until "
                     f"{time.strftime('%H:%M:%S', time.localtime(status.st_mtime + stale_after_s))}. "
                     f"{_clear_lock_advice(lock, holders, users)}")
-        if news != said:
+        if news != said and (not holders or time.monotonic() - began >= LIVE_BUILD_QUIET_S):
             logger.warning("rank %s: %s", os.environ.get("RANK", "0"), news)
             said = news
         time.sleep(poll_s)
