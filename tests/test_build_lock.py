@@ -57,10 +57,9 @@ def _waiter(lock: Path, **kwargs) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
-def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(tmp_path, caplog, monkeypatch):
-    """The lock held by a living builder (torch's own FileBaton, as the loader takes it) is waited for even past the
-    age at which a lock nobody holds is refused, and the wait names the builder's process."""
-    monkeypatch.setattr(build_lock, "LIVE_BUILD_QUIET_S", 0.0)
+def _wait_for_a_held_lock(tmp_path: Path) -> Path:
+    """Wait on a lock held for half a second by a living builder (torch's own FileBaton, as the loader takes it), even
+    past the age at which a lock nobody holds is refused; the lock's path once the wait returned."""
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()
     baton = FileBaton(str(lock))
@@ -71,6 +70,12 @@ def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(t
     baton.release()
     thread.join(timeout=10)
     assert outcome == ["returned"]
+    return lock
+
+
+def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(build_lock, "LIVE_BUILD_QUIET_S", 0.0)
+    lock = _wait_for_a_held_lock(tmp_path)
     assert (f"waiting for process {os.getpid()}, which holds the lock of torch's build of deepspeed_shm_comm "
             f"({lock})") in caplog.text
 
@@ -78,16 +83,8 @@ def test_a_live_build_is_waited_for_however_old_its_lock_and_its_process_named(t
 def test_another_ranks_short_load_is_waited_for_without_a_word(tmp_path, caplog):
     """Every rank of a CPU launch loads the op at once, and an up-to-date op's load holds the lock a few seconds: each
     two-rank launch printed "waiting for process ..." before training. Only a wait past LIVE_BUILD_QUIET_S says so."""
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    baton = FileBaton(str(lock))
-    assert baton.try_acquire()
-    thread, outcome = _waiter(lock, stale_after_s=0.0)
-    time.sleep(0.5)
-    assert thread.is_alive() and not outcome
-    baton.release()
-    thread.join(timeout=10)
-    assert outcome == ["returned"] and "waiting for process" not in caplog.text, caplog.text
+    _wait_for_a_held_lock(tmp_path)
+    assert "waiting for process" not in caplog.text, caplog.text
 
 
 def test_a_lock_nobody_here_holds_is_waited_for_with_advice_then_refused(tmp_path, caplog):
