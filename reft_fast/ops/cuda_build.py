@@ -160,8 +160,8 @@ def _build():
 def _wait_for_build_lock(name: str) -> Path:
     """Wait while a live build holds the lock of the extension ``name``; raise StaleBuildLock for a dead build's. Out of
     the builds' ``try``: the error must reach the caller as itself, not as CudaBackendUnavailable (module docstring).
-    Returns the lock's path (in the extension's build directory)."""
-    use_environment_ninja()  # the one every build of this environment uses
+    Returns the lock's path (in the extension's build directory). (The environment's ninja was put first on PATH by
+    the availability check each build makes before this.)"""
     lock = extension_build_lock(name)
     wait_for_build_lock(lock, users="process that uses reft-fast's cuda backend")
     return lock

@@ -157,18 +157,28 @@ def zero_only_trained_gradients(engine) -> bool:
     already."""
     import functools
 
-    optimizer = getattr(engine, "basic_optimizer", None)
-    if optimizer is None or engine.optimizer is not optimizer or not hasattr(engine, "zero_grad"):
+    if not hasattr(engine, "zero_grad") or _stepped_by_the_client_optimizer(engine) is None:
         return False
-    # a DeepSpeed release without one of these questions keeps its own zero_grad
+    engine.zero_grad = functools.partial(engine.basic_optimizer.zero_grad, set_to_none=True)
+    return True
+
+
+def _stepped_by_the_client_optimizer(engine) -> Optional[list]:
+    """The parameters the engine's client optimizer steps, in its order, where it steps them itself: ZeRO stage 0
+    without fp16/bf16, the optimizer unwrapped, and every parameter that requires grad one of them (the frozen base
+    never has a gradient). None elsewhere, and with a DeepSpeed release that lacks one of the engine's questions asked
+    here (it then keeps its own ways)."""
+    optimizer = getattr(engine, "basic_optimizer", None)
+    if optimizer is None or engine.optimizer is not optimizer:
+        return None
     questions = [getattr(engine, name, None) for name in ("zero_optimization", "fp16_enabled", "bfloat16_enabled")]
     if not all(callable(question) for question in questions) or any(question() for question in questions):
-        return False
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if any(p.requires_grad and id(p) not in stepped for p in engine.module.parameters()):
-        return False
-    engine.zero_grad = functools.partial(optimizer.zero_grad, set_to_none=True)
-    return True
+        return None
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    known = {id(p) for p in stepped}
+    if any(p.requires_grad and id(p) not in known for p in engine.module.parameters()):
+        return None
+    return stepped
 
 
 def reduce_only_trained_gradients(engine) -> bool:
@@ -185,17 +195,13 @@ def reduce_only_trained_gradients(engine) -> bool:
     (``_FlatGradients``), and that tensor is what DeepSpeed reduces: one all-reduce, with DeepSpeed's own averaging,
     nothing walked or copied per tensor. Where the trained tensors differ in dtype or device, they are handed over as a
     list (no walk; DeepSpeed's flatten and copies back)."""
-    optimizer = getattr(engine, "basic_optimizer", None)
-    if optimizer is None or engine.optimizer is not optimizer or hasattr(optimizer, "get_grads_for_reduction"):
+    if hasattr(getattr(engine, "basic_optimizer", None), "get_grads_for_reduction"):
         return False
     if not callable(getattr(engine, "_get_gradients_for_reduction", None)) or getattr(engine, "has_moe_layers", True):
         return False
-    questions = [getattr(engine, name, None) for name in ("zero_optimization", "fp16_enabled", "bfloat16_enabled")]
-    if not all(callable(question) for question in questions) or any(question() for question in questions):
-        return False
-    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.numel() > 0]
-    known = {id(p) for p in stepped}
-    if not stepped or any(p.requires_grad and id(p) not in known for p in engine.module.parameters()):
+    stepped = _stepped_by_the_client_optimizer(engine)
+    stepped = [p for p in stepped if p.numel() > 0] if stepped is not None else []
+    if not stepped:
         return False
     if len({(p.dtype, p.device) for p in stepped}) == 1 and not any(p.is_sparse for p in stepped):
         flat = _FlatGradients(stepped)

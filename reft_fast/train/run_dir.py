@@ -82,7 +82,9 @@ def check_output_dir(cfg: TrainConfig) -> None:
     if not nearest.is_dir():
         raise ConfigError(f"output_dir: {output} cannot be created: {nearest} is a file, not a directory")
     _check_writable(output, nearest)
-    if cfg.resume and (output / "final").is_dir() and not step_dirs(output / "checkpoints"):
+    # a finished run without checkpoints cannot be continued
+    finished = (output / "final").is_dir() and not step_dirs(output / "checkpoints")
+    if cfg.resume and finished:
         raise FinishedRunWithoutCheckpoint(output)
     if cfg.resume or cfg.overwrite_output_dir or not output.is_dir():
         return
@@ -90,8 +92,6 @@ def check_output_dir(cfg: TrainConfig) -> None:
     # eval/ alone: the base model's scores (``reft-fast eval --base-only``), which training never writes over
     if entries and entries != ["eval"]:
         shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-        # a finished run without checkpoints cannot be continued: --resume is refused (FinishedRunWithoutCheckpoint)
-        finished = (output / "final").is_dir() and not step_dirs(output / "checkpoints")
         resume = "" if finished else "pass --resume (resume=true) to continue the run there, "
         replace = ("it holds a finished run without checkpoints; pass " if finished else "") + \
             "--overwrite (overwrite_output_dir=true) to replace its outputs"
