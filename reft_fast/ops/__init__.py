@@ -20,9 +20,9 @@ device), and register themselves in their own module:
 ``multi_low_rank_edit`` edits each example of a batch with its own parameters (several ReFTs served in one batch):
 inference only, on the backends that have ``forward_multi`` (torch, triton).
 Pick one with ``backend=`` or the environment variable ``REFT_FAST_BACKEND``. ``REFT_FAST_TRITON_LAUNCH`` (read
-once, when the kernels are first imported) sets how ``triton`` launches its kernels on CUDA: ``jit`` (default,
-Triton's launcher every time) or ``bound`` (each kernel bound once per launch plan and then launched through the
-compiled kernel's launcher, less host time per launch; kernels/launch.py). Under torch.compile every backend runs
+once, when the kernels are first imported) sets how ``triton`` launches its kernels on CUDA: ``bound`` (default:
+each kernel bound once per launch plan and then launched through the compiled kernel's launcher, less host time per
+launch; kernels/launch.py) or ``jit`` (Triton's launcher every time). Under torch.compile every backend runs
 inside the torch.library custom op ``reft_fast::low_rank_edit`` (``library.py``), traced through its fake kernel;
 the position check (``validate=True``) and drawing a dropout seed read values on the host, so compiled callers
 pass ``validate=False`` and a ``seed``.
