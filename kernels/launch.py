@@ -2,9 +2,9 @@
 kernel's own launcher. Chosen by the environment variable ``REFT_FAST_TRITON_LAUNCH``, read once at import:
 
     bound  (default) on CUDA, the first launch of a kernel at a given specialization goes through
-           ``JITFunction.run`` (which compiles it, or finds it compiled) and is then bound: the compiled kernel, its launcher and the argument
-           tuple in Triton's bound order are kept in the launch plan; the later launches of that plan call the
-           launcher directly, after a check that nothing that picks a compiled kernel has changed.
+           ``JITFunction.run`` (which compiles it, or finds it compiled) and is then bound: the compiled kernel, its
+           launcher and the argument tuple in Triton's bound order are kept in the launch plan; the later launches of
+           that plan call the launcher directly, after a check that nothing that picks a compiled kernel has changed.
     jit    ``kernel[grid](*args, **constexprs)``: Triton's ``JITFunction.run`` on every launch.
 
 Measured on an H200 (bench/bench_host.py, tiny 32-layer Llama, LoReFT r8 at 32 layers, 20 paired repetitions,
