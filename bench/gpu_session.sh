@@ -154,8 +154,10 @@ for dist in ("triton", "transformers", "peft", "liger-kernel", "pyreft", "pyvene
 for module in ("reft_fast", "reft_fast.kernels.low_rank_edit", "reft_fast.ops.cuda_build", "liger_kernel.transformers",
                "peft", "pyreft", "deepspeed", "datasets"):
     try:
+        before = torch.cuda.is_initialized()
         importlib.import_module(module)
-        print(f"  import {module}: ok")
+        made = " (it created the CUDA context)" if torch.cuda.is_initialized() and not before else ""
+        print(f"  import {module}: ok{made}")
     except Exception as error:
         print(f"  import {module}: FAILED: {type(error).__name__}: {str(error)[:300]}")
 print(f"  reft_fast from {importlib.import_module('reft_fast').__file__}")
