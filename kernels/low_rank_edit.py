@@ -46,6 +46,13 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # steps, each a compile of every kernel (seconds) inside a training step. These are taken as plain values, so each
 # kernel compiles once per tiles and flags. d and r stay specialized: d is the row stride, whose alignment lets loads
 # vectorize, and both are fixed for a model.
+# _COLUMN_FACT: cols_per_program and cols_per_split are multiples of BLOCK_D (≥ 16; _split_grid). Specialized, Triton
+# knew them to be multiples of 16; as plain values (below) it does not, and the column offsets of a program lose their
+# alignment: compiled for sm_90, the write passes' loads and stores of h went from 2-wide vectors to scalars (the
+# forward at rank 32: 10 → 17 global loads, 6 → 12 stores), and on the H200 (2026-11-30) the forward kernel at
+# 65 536 rows, rank 32 took 1.84 ms against 1.30 before. The kernels restate the fact as (x // BLOCK_D) * BLOCK_D, the
+# same value (tl.multiple_of on a kernel argument compiled to the same scalar accesses); tests/test_triton_compile.py
+# checks that the launched kernels' PTX accesses memory as the specialized one did.
 PER_BATCH_ARGS = ("n_slots", "n_per_example", "seq_len", "n_splits", "cols_per_program", "slot_blocks", "copy_units",
                   "n_rows", "cols_per_split", "slots_per_split", "seed", "batch", "n_entries", "n_max")
 
@@ -185,6 +192,7 @@ def _split_projections_kernel(
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < r
     split = tl.program_id(1)
+    cols_per_split = (cols_per_split // BLOCK_D) * BLOCK_D  # the same value, known aligned (_COLUMN_FACT)
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, d)
     z, u, t = _row_projections(h_ptr, g_ptr, q_ptr, p_ptr, w_ptr, slots if HAS_G else rows, rows, selected, slots,
@@ -309,6 +317,7 @@ def _edit_forward_kernel(
                                FROM_PARTS, BLOCK_M, BLOCK_D, BLOCK_R, DOT_PRECISION)
         z, delta = _source_and_delta(z, u, b_ptr, ranks, rank_ok, HAS_P, HAS_B, ACT)
 
+        cols_per_program = (cols_per_program // BLOCK_D) * BLOCK_D  # the same value, known aligned (_COLUMN_FACT)
         col_begin = tl.program_id(1) * cols_per_program
         _write_edited_rows(h_ptr, out_ptr, h_rows_ptr, q_ptr, delta, rows, selected, slots, ranks, rank_ok, col_begin,
                            tl.minimum(col_begin + cols_per_program, d), d, dropout_p, dropout_scale, seed, DROPOUT,
@@ -346,6 +355,7 @@ def _backward_rows(
         tl.store(t_ptr + buf, t, mask=slot_ok)
 
     # dh = g_o + dz W − s·t P at the selected rows, for this program's columns.
+    cols_per_program = (cols_per_program // BLOCK_D) * BLOCK_D  # the same value, known aligned (_COLUMN_FACT)
     col_begin = tl.program_id(1) * cols_per_program
     col_end = tl.minimum(col_begin + cols_per_program, d)
     for c0 in range(col_begin, col_end, BLOCK_D):

@@ -151,3 +151,64 @@ def test_a_new_batch_shape_compiles_no_kernel_again():
     keys = compiled_report("test_triton_compile", "launch_specializations", timeout=300)
     assert set(keys) == set(LAUNCHED), sorted(keys)
     assert all(len(variants) == 1 for variants in keys.values()), keys
+
+
+def _global_accesses(ptx: str) -> dict:
+    """{"ld.global" | "st.global" | "cp.async": (instructions, 4-wide, 2-wide)} of a kernel's PTX (cp.async: the
+    copies into shared memory that feed a dot's operands)."""
+    counts = {}
+    for kind in ("ld.global", "st.global", "cp.async"):
+        lines = [line for line in ptx.splitlines() if kind in line]
+        counts[kind] = (len(lines), sum(".v4" in line for line in lines), sum(".v2" in line for line in lines))
+    return counts
+
+
+def column_vector_widths():
+    """{kernel: [its PTX's global accesses with every per-batch int plain (as launched), the same with the column
+    split (cols_per_program / cols_per_split) known to be a multiple of 16 (as Triton specialized it before)]}, for
+    bf16 h, rank 32, d 4096: the pointers and d aligned, as a launch on aligned tensors specializes them."""
+    from triton.compiler import make_backend
+
+    from reft_fast.kernels import low_rank_edit as k
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    block_m, block_d, block_r, num_warps, precision = k.launch_config(4096, 32, torch.bfloat16, interpreted=False)
+    tiles = dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision)
+    copy_rows, copy_d, block_n, _ = k.copy_config(4096, interpreted=False)
+    copying = dict(tiles, COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n)
+    flags = dict(HAS_P=True, HAS_W=True, HAS_B=True, ACT=0, DROPOUT=False, FROM_PARTS=False)
+    cases = [(k._edit_forward_kernel, "cols_per_program", dict(flags, KEEP_ROWS=True, **copying)),
+             (k._edit_backward_rows_kernel, "cols_per_program", dict(flags, KEEP_G_ROWS=True, **copying)),
+             (k._split_projections_kernel, "cols_per_split", dict(HAS_P=True, HAS_W=True, HAS_G=False, DROPOUT=False,
+                                                                  **tiles))]
+    widths = {}
+    for fn, column_arg, constexprs in cases:
+        pointers = {name: ("*i64" if name == "positions_ptr" else "*fp32" if name not in (
+            "h_ptr", "out_ptr", "g_ptr", "dh_ptr", "h_rows_ptr", "g_rows_ptr") else "*bf16")
+            for name in fn.arg_names if name.endswith("_ptr")}
+        signature = {name: pointers.get(name) or SCALARS[name] for name in fn.arg_names if name not in constexprs}
+        signature.update({name: "constexpr" for name in constexprs})
+        aligned = [name for name in fn.arg_names if name in pointers or name in ("d", "cols_per_copy")]
+        widths[fn.__name__] = []
+        for divisible in (aligned, aligned + [column_arg]):
+            src = ASTSource(fn=fn, signature=signature,
+                            constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
+                            attrs={(fn.arg_names.index(n),): backend.parse_attr("D") for n in divisible})
+            ptx = triton.compile(src, target=target, options=dict(num_warps=num_warps)).asm["ptx"]
+            widths[fn.__name__].append(_global_accesses(ptx))
+    return widths
+
+
+def test_plain_column_splits_keep_the_vector_accesses_of_specialized_ones(tmp_path):
+    """The column range of a program (cols_per_program, cols_per_split) is a per-batch int, so Triton no longer knows
+    it is a multiple of 16; the kernels restate that fact, or the loads and stores of h lose their vector width (on
+    sm_90 the rank-32 forward went from 10 to 17 global loads, and its H200 time at 65 536 rows from 1.30 to 1.84 ms,
+    2026-11-30). Each kernel's PTX as launched must access memory as the specialized one did."""
+    widths = compiled_report("test_triton_compile", "column_vector_widths", timeout=600, TRITON_DEFAULT_FP_FUSION="1",
+                             TRITON_CACHE_DIR=str(tmp_path))
+    assert set(widths) == {"_edit_forward_kernel", "_edit_backward_rows_kernel", "_split_projections_kernel"}
+    for name, (plain, specialized) in widths.items():
+        assert plain == specialized, (name, plain, specialized)
+    for name in ("_edit_forward_kernel", "_edit_backward_rows_kernel"):  # their writes of h's rows: vectors at all
+        assert widths[name][0]["st.global"][2] + widths[name][0]["st.global"][1] > 0, widths[name]
