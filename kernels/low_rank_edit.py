@@ -594,14 +594,17 @@ def launch_config(d: int, r: int, h_dtype: torch.dtype, interpreted: bool = _INT
 
     tl.dot needs every dimension ≥ 16, so the rank is padded to BLOCK_R ≥ 16. On a GPU the tiles are chosen so that
     no kernel spills registers on sm_90 (tests/test_triton_compile.py compiles them and checks). Products are exact
-    fp32 ("ieee", CUDA cores) for fp32 h and for ranks ≤ 16, where the 3·r multiply-adds per element stay below the
-    memory time; bf16/fp16 h with a larger rank uses TF32 tensor cores, whose 10-bit mantissa is still finer than the
-    8 (bf16) or 10 (fp16) bits the result is rounded to. The interpreter pays per program, so it gets big blocks.
+    fp32 ("ieee", CUDA cores) for fp32 h; bf16/fp16 h uses TF32 tensor cores at every rank, whose 10-bit mantissa is
+    still finer than the 8 (bf16) or 10 (fp16) bits the result is rounded to. (Ranks ≤ 16 used "ieee" until the H200
+    kernel grid of 2026-11-30 showed it 5× slower than rank 32's TF32 with the same tiles: forward at 4 096 rows, d
+    4096, bf16: 0.636 against 0.129 ms; at 65 536 rows 9.79 against 1.84 ms. Triton lowers an fp32 "ieee" dot to
+    multiply-adds with layout conversions through shared memory, not the memory-bound loop the rank suggested.) The
+    interpreter pays per program, so it gets big blocks.
     """
     block_r = max(16, triton.next_power_of_2(r))
     if interpreted:
         return 32, min(256, max(16, triton.next_power_of_2(d))), block_r, 4, "ieee"
-    precision = "ieee" if (h_dtype == torch.float32 or block_r <= 16) else "tf32"
+    precision = "ieee" if h_dtype == torch.float32 else "tf32"
     if block_r >= 64:
         block_d = 32 if precision == "tf32" else 16
     else:

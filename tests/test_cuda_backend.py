@@ -32,8 +32,8 @@ pytestmark = pytest.mark.usefixtures("fresh_seed")
 # largest reference magnitude of each tensor, floored at 1 (a lone bias gradient can be a near-cancelling sum).
 OUT_TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 WEIGHT_TOL = 2e-5
-# Against triton: both errors add up, and triton runs its dots on TF32 tensor cores for half-precision h with a large
-# rank (kernels/low_rank_edit.py, launch_config), a 2^-11 relative error per product.
+# Against triton: both errors add up, and triton runs its dots on TF32 tensor cores for half-precision h at every rank
+# (kernels/low_rank_edit.py, launch_config), a 2^-11 relative error per product.
 TRITON_EXTRA_TOL = {torch.float32: 0.0, torch.bfloat16: 5e-3, torch.float16: 5e-3}
 # The tensor-core tile path (16-bit h, REFT_FAST_CUDA_ROWS_PER_BLOCK=16 or B·n ≥ 2112): its products take the
 # parameters rounded to TF32 (h itself is exact in TF32), a 2^-11 relative error per element, which reaches the
