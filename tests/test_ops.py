@@ -10,7 +10,7 @@ import torch
 from reft_fast import ops
 
 from conftest import HAS_CUDA
-from reference import DEVICE, FAMILY, make_params, make_positions, reference
+from reference import DEVICE, FAMILY, assert_weight_grad_close, make_params, make_positions, reference, triton_on_tf32
 
 pytestmark = pytest.mark.usefixtures("fresh_seed")
 BACKENDS = ["torch", "triton"] + (["cuda"] if HAS_CUDA else [])
@@ -21,29 +21,6 @@ BACKENDS = ["torch", "triton"] + (["cuda"] if HAS_CUDA else [])
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=3e-3, atol=3e-3)}
 WEIGHT_TOL = dict(rtol=1e-3, atol=1e-3)
-# The triton backend's dots on TF32 tensor cores (16-bit h on CUDA, kernels/low_rank_edit.py launch_config): one TF32
-# rounding of the parameters (2^-11) in the projections reaches δ, dz, t and through them every weight gradient. Those
-# are checked as the cuda backend's tensor-core path is: the largest error relative to the tensor's largest reference
-# magnitude (floored at 1). Under emulated TF32 the worst seen was 5.5e-4 (tests/test_tf32_accuracy.py).
-TF32_WEIGHT_TOL = 2e-3
-
-
-def triton_on_tf32(backend: str, dtype: torch.dtype) -> bool:
-    """Whether ``backend`` forms its products on TF32 here: triton with 16-bit h where its kernels are compiled (on the
-    CPU they are interpreted, "ieee", unless tests/test_tf32_accuracy.py emulates the GPU's precision)."""
-    from reft_fast.kernels import low_rank_edit as kernels
-
-    if backend != "triton" or dtype == torch.float32:
-        return False
-    return kernels.launch_config(64, 8, dtype)[4] == "tf32"
-
-
-def assert_weight_grad_close(got: torch.Tensor, want: torch.Tensor, tf32: bool, name: str) -> None:
-    if not tf32:
-        torch.testing.assert_close(got, want, **WEIGHT_TOL, msg=f"grad of {name}")
-        return
-    error = float((got - want).abs().max()) / max(float(want.abs().max()), 1.0)
-    assert error <= TF32_WEIGHT_TOL, f"grad of {name}: error {error:.2e} of its largest magnitude (TF32 products)"
 
 ACTS = [None, "relu", "gelu", "silu", "tanh"]
 

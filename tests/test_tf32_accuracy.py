@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import test_kernels
 import test_ops
 from reference import FAMILY
 
@@ -79,3 +80,12 @@ def test_the_emulation_rounds(gpu_precision):
     assert not torch.equal(emulated, unrounded)
     assert "IEEE" in gpu_precision and test_ops.triton_on_tf32("triton", torch.float32) is False
     assert torch.isfinite(plain).all()
+
+
+@pytest.mark.parametrize("family", ["loreft", "nodireft", "lobireft"])
+def test_the_kernel_tests_hold_at_tf32(gpu_precision, fresh_seed, family):
+    """tests/test_kernels.py's checks of the launch functions at bf16 (poisoned outputs, the copy of unselected rows),
+    which run at TF32 on a GPU."""
+    test_kernels.test_poisoned_outputs_forward_and_backward(torch.bfloat16, family)
+    test_kernels.test_copy_unselected_writes_every_row_once(torch.bfloat16, "few" if family == "loreft" else "many")
+    assert set(gpu_precision) == {"TF32"}
