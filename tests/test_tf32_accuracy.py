@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import test_kernels
+import test_multi_reft_triton
 import test_ops
 from reference import FAMILY
 
@@ -88,4 +89,11 @@ def test_the_kernel_tests_hold_at_tf32(gpu_precision, fresh_seed, family):
     which run at TF32 on a GPU."""
     test_kernels.test_poisoned_outputs_forward_and_backward(torch.bfloat16, family)
     test_kernels.test_copy_unselected_writes_every_row_once(torch.bfloat16, "few" if family == "loreft" else "many")
+    assert set(gpu_precision) == {"TF32"}
+
+
+def test_the_mixed_batch_kernel_holds_at_tf32(gpu_precision, fresh_seed):
+    """tests/test_multi_reft_triton.py's bf16 checks of the one-launch mixed batch (its dots take TF32 on a GPU)."""
+    test_multi_reft_triton.test_one_launch_writes_every_row_of_a_poisoned_output(torch.bfloat16)
+    test_multi_reft_triton.test_triton_backend_each_example_its_own_entry_in_one_launch(torch.bfloat16)
     assert set(gpu_precision) == {"TF32"}
