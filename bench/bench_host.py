@@ -36,8 +36,8 @@ kernels/launch.py; reft-fast:triton runs with =jit whatever the environment says
 its ratio_to_triton_jit is its step − floor over reft-fast:triton's.
 
 Captured steps (``--device cuda`` only; issue 15): floor-graph and reft-fast:triton-graph build the floor's and
-reft-fast:triton's model and batch, capture one whole step in a CUDA graph (torch's whole-network recipe:
-``capture_step``) and time ``graph.replay()`` + synchronize, in repetitions of their own after the eager table (which
+reft-fast:triton's model and batch (its kernels launched bound, the default mode), capture one whole step in a CUDA
+graph (torch's whole-network recipe: ``capture_step``) and time ``graph.replay()`` + synchronize, in repetitions of their own after the eager table (which
 is printed first). reft-fast:triton-graph is paired with floor-graph: its step − floor is what a replayed step costs
 over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's). Before timing, each checks
 ``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and optimizer state; its status
@@ -467,7 +467,9 @@ def build_graph_step(variant: str, device: str = "cuda", base: str = "llama", wa
     row = _row(GRAPH_VARIANTS[variant], device)
     loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(build_base(row, base), row, capturable=True)
     host_rng = torch.random.get_rng_state()
-    with launch.using("jit"), warnings.catch_warnings():  # jit: reft-fast:triton's launch mode
+    # bound, the default launch mode since 2026-11-30: a captured training step would capture bound launches (the
+    # replay check below is their first check under capture; the replay's time does not depend on the mode)
+    with launch.using("bound"), warnings.catch_warnings():
         # torch warns once that a capturable optimizer steps uncaptured (as the warm-up and the eager check do)
         warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
         graph, static_loss = capture_step(loss_fn, optimizer, warmup)
