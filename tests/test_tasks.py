@@ -162,3 +162,27 @@ def test_training_batches_keep_every_position_under_liger_fused_loss(tmp_path):
         into.append((task.trim, task.host_batch(dict(batch))))
     assert trimmed[0][0] and trimmed[0][1]["labels"].shape[1] == 4 and trimmed[0][1]["logits_to_keep"] == 4
     assert full[0][0] and "logits_to_keep" not in full[0][1] and full[0][1]["labels"].shape[1] == 6
+
+
+@pytest.mark.parametrize("bar", [False, True], ids=["logged", "bar"])
+def test_an_evaluation_says_it_runs(tmp_path, caplog, capsys, bar):
+    """The baseline evaluation runs before step 1 (38 s on a CPU with a bar at 0 and no word): rank 0 names what it
+    evaluates, on the bar (its label and postfix) or, without one, in a logged line."""
+    import logging
+
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    overrides = ["training.max_steps=1", "data.eval_fraction=0.2", f"training.progress_bar={str(bar).lower()}",
+                 f"output_dir={tmp_path / 'run'}"]
+    caplog.set_level(logging.INFO, logger="reft_fast.train.recipe")
+    try:
+        ReftTrainingRecipe(load_config(str(make_run(tmp_path, n_examples=20)), overrides)).run()
+    finally:
+        shutdown()
+    said = capsys.readouterr().err if bar else caplog.text
+    assert "evaluating the untrained interventions on 4 examples" in said, said[-2000:]
+    assert "evaluating step 1 on 4 examples" in said
+    if bar:
+        assert "eval:" in said and said.rstrip().split("\r")[-1].startswith("train:")  # labelled train again after
