@@ -452,8 +452,9 @@ class ReftTrainingRecipe:
         try:
             return self.task.evaluate(self.engine, self.eval_set, self.collator, self.rank, self.world)
         finally:
-            if self._bar is not None:
-                self._bar.set_description_str("train")
+            if self._bar is not None:  # the step figures come back with the next read (log_metrics)
+                self._bar.set_description_str("train", refresh=False)
+                self._bar.set_postfix_str("")
 
     def save_checkpoint(self, step: int) -> None:
         """The whole trainable state as ``checkpoints/step<step>`` (every rank gathers, rank 0 writes and prunes)."""
