@@ -200,10 +200,15 @@ def test_ctrl_c_during_eval_leaves_the_earlier_predictions_and_says_so(trained_r
         return first + answer_batch(model, tokenizer, prompts[2:], **kwargs)
 
     monkeypatch.setattr(generation, "generate_answers_batched", interrupted_after_one_batch)
+    # ctrl-C as a terminal delivers it, to Python's handler: a test process started as a background job (`cmd &` in
+    # a script) inherits SIGINT ignored, and the signal above then did nothing (a clean-clone run, 2026-11-30)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code = main(["eval", str(config), "--data", str(data), "--max-new-tokens", "5", "--out", str(out)])
     except KeyboardInterrupt:
         pytest.fail("ctrl-C during eval ended in a KeyboardInterrupt traceback")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert code == 130
     assert (f"reft-fast: stopped by ctrl-C or SIGTERM; nothing scored: the results are written whole, at the end, "
             f"and {out} holds an earlier eval's, untouched") in capsys.readouterr().err
