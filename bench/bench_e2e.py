@@ -489,10 +489,14 @@ def _import_row_libraries() -> None:
     for name in ROW_LIBRARIES:
         if importlib.util.find_spec(name.split(".")[0]) is None:
             continue
+        before = torch.cuda.is_initialized()
         try:
             importlib.import_module(name)
         except Exception as error:
             print(f"preload: import {name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        if torch.cuda.is_initialized() and not before:  # the rows forked from here cannot use CUDA (H200, 2026-11-30)
+            print(f"preload: import {name} initialized CUDA: the rows will be spawned instead", file=sys.stderr,
+                  flush=True)
 
 
 def _context(start_method: str):

@@ -167,3 +167,24 @@ def test_rows_are_forked_from_a_server_that_imported_their_libraries(tmp_path):
     found = set((tmp_path / "found.txt").read_text().split())
     installed = {name for name in bench.ROW_LIBRARIES if importlib.util.find_spec(name.split(".")[0]) is not None}
     assert "reft_fast.core.model" in installed and found == installed, installed - found
+
+
+def test_the_preload_names_an_import_that_initializes_cuda(monkeypatch, capsys):
+    """On the H200 (2026-11-30) an import of the server's preload initialized CUDA, so no forked row could use it and
+    every row was spawned (its imports again, most of the e2e stage): the preload names that import."""
+    bench = _load_bench()
+    state = {"initialized": False}
+    monkeypatch.setattr(bench, "ROW_LIBRARIES", ("json", "textwrap"))
+    monkeypatch.setattr(bench.torch.cuda, "is_initialized", lambda: state["initialized"])
+    real_import = bench.importlib.import_module
+
+    def importing(name):
+        module = real_import(name)
+        state["initialized"] = state["initialized"] or name == "json"
+        return module
+
+    monkeypatch.setattr(bench.importlib, "import_module", importing)
+    bench._import_row_libraries()
+    err = capsys.readouterr().err
+    assert "preload: import json initialized CUDA: the rows will be spawned instead" in err
+    assert "textwrap" not in err  # named once, at the import that did it
