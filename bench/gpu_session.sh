@@ -65,8 +65,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export MPLBACKEND=Agg
 
 # Each stage's reserve: what it may use at most, and what the stages after it keep for themselves.
-# 2026-11-30 (third session): issues 15 and 17 (host, packing) are what is still open; the e2e and kernel tables were
-# taken twice, so they keep less.
+# Since the second H200 session of 2026-11-30: issues 15 and 17 (host, packing) are what is still open; the e2e and
+# kernel tables were taken twice, so they keep less.
 SETUP_S=60 HOST_S=120 PACKING_S=100 CHECKS_S=150 E2E_MIN_S=60 KERNELS_S=35 TESTS_MIN_S=30
 if [ "$DRY_RUN" = 1 ]; then SETUP_S=30 HOST_S=10 PACKING_S=40 CHECKS_S=25 E2E_MIN_S=30 KERNELS_S=25 TESTS_MIN_S=20; fi
 
