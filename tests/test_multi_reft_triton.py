@@ -28,6 +28,12 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rto
 # up to ~4e-4 absolute (seen under emulation), which near zero is more than a bf16 ulp (tests/test_tf32_accuracy.py
 # runs these at TF32).
 TF32_TOLERANCE = dict(rtol=2**-7, atol=1e-3)
+
+
+def _tolerance(dtype: torch.dtype) -> dict:
+    return TF32_TOLERANCE if triton_on_tf32("triton", dtype) else TOLERANCE[dtype]
+
+
 BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 
 
@@ -51,8 +57,7 @@ def _check_rows(out, h, positions, edit_index, edits):
             assert torch.equal(out[b].view(bits), h[b].view(bits)), f"example {b} (no entry) was written"
             continue
         alone = ops.low_rank_edit(h, positions[k], **edits[k], backend="torch")[b]
-        tolerance = TF32_TOLERANCE if triton_on_tf32("triton", h.dtype) else TOLERANCE[h.dtype]
-        torch.testing.assert_close(out[b], alone, **tolerance, msg=f"example {b}, entry {k}")
+        torch.testing.assert_close(out[b], alone, **_tolerance(h.dtype), msg=f"example {b}, entry {k}")
         unselected = torch.ones(T, dtype=torch.bool, device=DEVICE)
         unselected[positions[k][b][positions[k][b] >= 0]] = False
         assert torch.equal(out[b, unselected].view(bits), h[b, unselected].view(bits)), f"example {b}"
@@ -84,9 +89,8 @@ def test_triton_backend_each_example_its_own_entry_in_one_launch(dtype):
     assert work.syncs == [], work.syncs
     _check_rows(out, h, positions, edit_index, edits)
     with torch.no_grad():  # the torch backend's mixed batch agrees, and an entry of no example changes nothing
-        tolerance = TF32_TOLERANCE if triton_on_tf32("triton", dtype) else TOLERANCE[dtype]
         torch.testing.assert_close(out, ops.multi_low_rank_edit(h, positions, edit_index, edits, backend="torch"),
-                                   **tolerance, equal_nan=True)
+                                   **_tolerance(dtype), equal_nan=True)
         unused = ops.multi_low_rank_edit(h, [*positions, positions[0]], edit_index, [*edits, edits[1]],
                                          backend="triton")
         assert torch.equal(unused.view(BITS[dtype]), out.view(BITS[dtype]))

@@ -76,11 +76,10 @@ def test_the_emulation_rounds(gpu_precision):
     with pytest.MonkeyPatch.context() as exact:
         exact.setattr(interpreter, "_round_f32_to_tf32", lambda data: data)
         kernels._plan.cache_clear()
-        plain = test_ops.run_op(h.float(), positions, {**params, "P": params["Q"]}, "triton")
+        test_ops.run_op(h.float(), positions, {**params, "P": params["Q"]}, "triton")  # fp32 h: "ieee" dots
         unrounded = test_ops.run_op(h, positions, {**params, "P": params["Q"]}, "triton").float()
     assert not torch.equal(emulated, unrounded)
     assert "IEEE" in gpu_precision and test_ops.triton_on_tf32("triton", torch.float32) is False
-    assert torch.isfinite(plain).all()
 
 
 @pytest.mark.parametrize("family", ["loreft", "nodireft", "lobireft"])

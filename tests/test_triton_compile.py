@@ -21,12 +21,27 @@ from triton.compiler import ASTSource  # noqa: E402
 DTYPE = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 
 
-def compile_for_sm90(fn, pointers, scalars, constexprs, num_warps):
-    """Compile for sm_90 and return (registers, spill-store bytes) from the ptxas report."""
+def pointer_types(h: str) -> dict:
+    """The pointer arguments' types of every kernel: h, out, g and their row copies in h's type ``h``, positions
+    int64, parameters, gradients and scratch fp32."""
+    pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, h_rows_ptr=h, g_rows_ptr=h, positions_ptr="*i64")
+    pointers.update({n: "*fp32" for n in ("q_ptr", "p_ptr", "w_ptr", "b_ptr", "delta_ptr", "dz_ptr", "t_ptr",
+                                           "dq_part_ptr", "dw_part_ptr", "dp_part_ptr", "db_part_ptr", "part_ptr",
+                                           "dq_ptr", "dw_ptr", "dp_ptr", "db_ptr")})
+    return pointers
+
+
+def kernel_source(fn, pointers, scalars, constexprs, attrs=None):
+    """``fn`` as Triton's compiler takes it: the types of its arguments, its constexprs' values and ``attrs``."""
     signature = {name: pointers.get(name) or scalars[name] for name in fn.arg_names if name not in constexprs}
     signature.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn=fn, signature=signature,
-                    constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    return ASTSource(fn=fn, signature=signature,
+                     constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()}, attrs=attrs)
+
+
+def compile_for_sm90(fn, pointers, scalars, constexprs, num_warps):
+    """Compile for sm_90 and return (registers, spill-store bytes) from the ptxas report."""
+    src = kernel_source(fn, pointers, scalars, constexprs)
     log = io.StringIO()
     with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG=1 makes triton print ptxas -v
         triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
@@ -56,10 +71,7 @@ def resource_report():
     for h_dtype, r in CASES:
         block_m, block_d, block_r, num_warps, precision = k.launch_config(4096, r, h_dtype, interpreted=False)
         h = DTYPE[h_dtype]
-        pointers = dict(h_ptr=h, out_ptr=h, g_ptr=h, dh_ptr=h, h_rows_ptr=h, g_rows_ptr=h, positions_ptr="*i64")
-        pointers.update({n: "*fp32" for n in ("q_ptr", "p_ptr", "w_ptr", "b_ptr", "delta_ptr", "dz_ptr", "t_ptr",
-                                               "dq_part_ptr", "dw_part_ptr", "dp_part_ptr", "db_part_ptr", "part_ptr",
-                                               "dq_ptr", "dw_ptr", "dp_ptr", "db_ptr")})
+        pointers = pointer_types(h)
         tiles = dict(BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_R=block_r, DOT_PRECISION=precision)
         copy_rows, copy_d, block_n, _ = k.copy_config(4096, interpreted=False)
         copying = dict(tiles, COPY_ROWS=copy_rows, COPY_D=copy_d, BLOCK_N=block_n)
@@ -182,19 +194,14 @@ def column_vector_widths():
              (k._edit_backward_rows_kernel, "cols_per_program", dict(flags, KEEP_G_ROWS=True, **copying)),
              (k._split_projections_kernel, "cols_per_split", dict(HAS_P=True, HAS_W=True, HAS_G=False, DROPOUT=False,
                                                                   **tiles))]
+    pointers = pointer_types(DTYPE[torch.bfloat16])
     widths = {}
     for fn, column_arg, constexprs in cases:
-        pointers = {name: ("*i64" if name == "positions_ptr" else "*fp32" if name not in (
-            "h_ptr", "out_ptr", "g_ptr", "dh_ptr", "h_rows_ptr", "g_rows_ptr") else "*bf16")
-            for name in fn.arg_names if name.endswith("_ptr")}
-        signature = {name: pointers.get(name) or SCALARS[name] for name in fn.arg_names if name not in constexprs}
-        signature.update({name: "constexpr" for name in constexprs})
         aligned = [name for name in fn.arg_names if name in pointers or name in ("d", "cols_per_copy")]
         widths[fn.__name__] = []
         for divisible in (aligned, aligned + [column_arg]):
-            src = ASTSource(fn=fn, signature=signature,
-                            constexprs={(fn.arg_names.index(n),): v for n, v in constexprs.items()},
-                            attrs={(fn.arg_names.index(n),): backend.parse_attr("D") for n in divisible})
+            src = kernel_source(fn, pointers, SCALARS, constexprs,
+                                attrs={(fn.arg_names.index(n),): backend.parse_attr("D") for n in divisible})
             ptx = triton.compile(src, target=target, options=dict(num_warps=num_warps)).asm["ptx"]
             widths[fn.__name__].append(_global_accesses(ptx))
     return widths
