@@ -24,7 +24,7 @@ import logging
 import random
 import re
 import string
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
@@ -722,6 +722,12 @@ class PrefetchedBatches:
         built = self._ahead.popleft().result()
         self._submit_next()
         return built
+
+    def settle(self) -> None:
+        """Wait until the thread has built (and pinned) the batches it was given: until the next ``next`` it then
+        makes no CUDA call, which a CUDA graph capture needs (a pinned allocation from another thread during a
+        capture invalidates it)."""
+        wait(list(self._ahead))
 
     def close(self) -> None:
         """Stop the thread (batches not yet taken are dropped)."""

@@ -43,7 +43,7 @@ from torch import nn
 
 from reft_fast.core.hf import find_decoder_layers
 
-__all__ = ["COMPILE_BREAKING_OPS", "FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops",
+__all__ = ["CAPTURE_BREAKING_OPS", "COMPILE_BREAKING_OPS", "FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops",
            "fused_ops_unsupported_reason", "fused_ops_wanted"]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ _MLP_SWITCHES = ("swiglu", "geglu")
 # (liger_kernel/backends/dispatch.py): in a compiled decoder layer each is a graph break that splits the layer's graph,
 # while the compiler fuses these elementwise operations itself. With compiled layers, "auto" leaves them out.
 COMPILE_BREAKING_OPS = ("rope", "swiglu")
+# What a captured step (training.cuda_graphs) cannot hold: liger-kernel 0.8.5's fused linear cross-entropy reads the
+# number of labelled tokens with .item() (ops/fused_linear_cross_entropy.py), which a capturing stream refuses.
+CAPTURE_BREAKING_OPS = ("fused_linear_cross_entropy",)
 _APPLIED_ATTR = "_reft_fast_fused_ops"
 
 # How many parts (attention, MLP, norm) of decoder layers of models patched here are running (see
@@ -149,12 +152,14 @@ def _lm_head_is_partitioned(model: nn.Module) -> bool:
     return weight is not None and hasattr(weight, "ds_id")  # DeepSpeed marks ZeRO-3 parameters with ds_id
 
 
-def fused_ops_wanted(mode: str, compiled_layers: bool) -> tuple[str, ...]:
+def fused_ops_wanted(mode: str, compiled_layers: bool, captured: bool = False) -> tuple[str, ...]:
     """The operations a run asks ``apply_fused_base_ops`` for in ``mode``: all, except that "auto" with compiled
-    decoder layers (``model.compile``) leaves out ``COMPILE_BREAKING_OPS``; "on" means every one."""
-    if compiled_layers and mode == "auto":
-        return tuple(name for name in FUSED_OPS if name not in COMPILE_BREAKING_OPS)
-    return FUSED_OPS
+    decoder layers (``model.compile``) leaves out ``COMPILE_BREAKING_OPS``, and with a captured step
+    (``training.cuda_graphs``) ``CAPTURE_BREAKING_OPS``; "on" means every one."""
+    if mode != "auto":
+        return FUSED_OPS
+    left_out = (COMPILE_BREAKING_OPS if compiled_layers else ()) + (CAPTURE_BREAKING_OPS if captured else ())
+    return tuple(name for name in FUSED_OPS if name not in left_out)
 
 
 def fused_base_ops(model: nn.Module) -> tuple[str, ...]:

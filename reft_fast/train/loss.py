@@ -5,13 +5,14 @@ an evaluation set.
 from __future__ import annotations
 
 import inspect
+from typing import Optional
 
 import torch
 
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.packing import packed_model_inputs
 
-__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "to_device",
+__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "model_loss", "to_device",
            "trim_to_labels"]
 
 
@@ -28,18 +29,23 @@ def accepts_logits_to_keep(base) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def trim_to_labels(batch: dict) -> dict:
+def trim_to_labels(batch: dict, multiple: Optional[int] = None) -> dict:
     """Keep only the tail of the sequence that holds labels for the LM head (on the CPU batch, before the transfer).
 
     The head and the loss over the vocabulary cost as much as several decoder layers on small models; positions before
     the first response token carry no label, so their logits are never needed. The base computes logits for the last
     K positions only (``logits_to_keep``) and the labels are cut to the same K columns: transformers' shift inside the
     loss then pairs them exactly as on the full sequence, and the mean is over the same tokens.
+
+    ``multiple``: K rounded up to a multiple of it (captured steps, ``train.graphs``: one graph per batch layout, and
+    K is part of the layout); the extra columns hold labels −100.
     """
     labelled = (batch["labels"] != -100).any(dim=0).nonzero()
     if labelled.numel() == 0:
         return batch
     keep = batch["labels"].shape[1] - int(labelled[0]) + 1
+    if multiple:
+        keep = -(-keep // multiple) * multiple
     if keep >= batch["labels"].shape[1]:
         return batch
     return {**batch, "labels": batch["labels"][:, -keep:], "logits_to_keep": keep}
@@ -67,9 +73,16 @@ def causal_model_inputs(batch: dict, base_model) -> dict:
 
 def forward_loss(engine, batch: dict) -> torch.Tensor:
     """The mean response-token loss of a collated batch (on the engine's device), as a device tensor."""
-    base = causal_model_inputs(batch, engine.module.model)
+    return model_loss(engine, batch, engine.module.model)
+
+
+def model_loss(reft_model, batch: dict, base_model=None) -> torch.Tensor:
+    """``forward_loss`` through ``reft_model`` (a ReftModel, or the DeepSpeed engine around one with ``base_model``
+    given): a captured step (``train.graphs``) calls the ReftModel itself, the engine's forward staying out of the
+    graph."""
+    base = causal_model_inputs(batch, reft_model.model if base_model is None else base_model)
     extra = {"logits_to_keep": batch["logits_to_keep"]} if "logits_to_keep" in batch else {}
-    _, out = engine(base, intervention_locations=batch["intervention_locations"], labels=batch["labels"], **extra)
+    _, out = reft_model(base, intervention_locations=batch["intervention_locations"], labels=batch["labels"], **extra)
     return out.loss
 
 

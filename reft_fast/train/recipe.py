@@ -18,6 +18,7 @@ process on a CPU or one GPU is the same loop at stage 0 with a world of one. The
     loss          a batch's loss, trimmed to its labelled tail; the mean loss over an eval set
     metrics       counted FLOPs, MFU, peak memory, the metrics line
     generation    greedy answers to the sample prompts
+    graphs        training.cuda_graphs: each micro-batch's forward and backward replayed from a CUDA graph
     checkpoints   one-file checkpoints any rank count resumes, and resume itself
     run_dir       the output directory: the guard against overwriting a run, its files, the final interventions
 
@@ -58,6 +59,7 @@ from reft_fast.train.ds_config import (build_ds_config, client_adamw, clip_gradi
                                        take_gradient_clipping, warmup_steps_of, zero_only_trained_gradients)
 from reft_fast.train.fused_base import COMPILE_BREAKING_OPS, apply_fused_base_ops, fused_ops_wanted
 from reft_fast.train.generation import generate_answers
+from reft_fast.train.graphs import CapturedLoss
 from reft_fast.train.keep_best import BestEvaluation
 from reft_fast.train.loading import build_reft_model, compile_layers, enable_gradient_checkpointing, \
     load_base_model, load_tokenizer, model_source
@@ -148,6 +150,7 @@ class ReftTrainingRecipe:
         self._hf_ds = None  # transformers holds the HfDeepSpeedConfig weakly: alive until cleanup
         self._metrics_log = self._writer = self._bar = self._batches = None
         self._unread: list[UnreadStep] = []
+        self.captured: Optional[CapturedLoss] = None  # training.cuda_graphs
         self._started = self._window_started = 0.0
 
     def run(self) -> TrainResult:
@@ -194,7 +197,16 @@ class ReftTrainingRecipe:
             logger.info("%s over %s; a rank waits at most deepspeed.timeout_minutes = %g for the others",
                         ranks(self.world), dist.get_backend(), cfg.deepspeed.timeout_minutes)
         self.accumulation = gradient_accumulation_steps(cfg, self.world)
+        if cfg.training.cuda_graphs:  # before any weight is read
+            self._check_graph_device()
         return model_config
+
+    def _check_graph_device(self) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cuda":
+            raise ConfigError(f"training.cuda_graphs: needs CUDA devices; this run's accelerator is "
+                              f"{get_accelerator().device_name()!r}")
 
     def _setup_data(self) -> None:
         cfg, d, t = self.cfg, self.cfg.data, self.cfg.training
@@ -226,7 +238,8 @@ class ReftTrainingRecipe:
         # Before checkpointing and the ReftModel wrap the base: liger patches its modules' forwards in place.
         try:
             fused_ops = apply_fused_base_ops(base, cfg.model.fused_ops,
-                                             ops=fused_ops_wanted(cfg.model.fused_ops, cfg.model.compile))
+                                             ops=fused_ops_wanted(cfg.model.fused_ops, cfg.model.compile,
+                                                                  captured=t.cuda_graphs))
         except ValueError as err:  # "on" where it cannot be (no CUDA, no liger, an unsupported architecture)
             raise ConfigError(f"model.fused_ops: {err}") from None
         self.result = TrainResult(steps=self.total_steps, base_numel_at_load=sum(p.numel() for p in base.parameters()),
@@ -274,12 +287,19 @@ class ReftTrainingRecipe:
         built = initialize_engine(self.reft_model, params, cfg, self.world, self.total_steps)
         self.engine, self.optimizer, self.scheduler, self.clip_norm = built[:4]
         self.engine.train()
+        # training.cuda_graphs: each micro-batch's forward and backward replayed from a graph of its layout
+        self.captured = self._captured_loss(params) if t.cuda_graphs else None
         self.collator = self.task.collator(self.tokenizer, len(self.reft_model.interventions))
         self.data_order = {"seed": t.seed, "global_batch": self.sampler.global_batch,
                            "num_examples": len(self.train_set)}
         # what a resume compares with and logs
         self.saved_by = {"ranks": self.world, "zero_stage": built.zero_stage,
                          "total_steps": self.total_steps}
+
+    def _captured_loss(self, params: list, capture: Optional[Callable] = None) -> CapturedLoss:
+        """The captured loss of ``training.cuda_graphs`` (``capture``: torch's ``make_graphed_callables`` if None)."""
+        return CapturedLoss(self.reft_model, params, self.engine.device, max_shapes=self.cfg.training.cuda_graph_shapes,
+                            capture=capture, before_capture=lambda: self._batches.settle())
 
     def _prepare_output_dir(self) -> None:
         if self.rank == 0:
@@ -392,7 +412,10 @@ class ReftTrainingRecipe:
             key, batch, lengths = next(self._batches)
             if key != (step, micro_step):
                 raise RuntimeError(f"train_step({step}) out of order: the next prepared batch is for step {key[0]}")
-            loss = self.task.loss(engine, to_device(batch, engine.device))
+            if self.captured is not None:
+                loss = self.captured(batch)
+            else:
+                loss = self.task.loss(engine, to_device(batch, engine.device))
             engine.backward(loss)
             if self.clip_norm is not None and engine.is_gradient_accumulation_boundary():
                 grad_norm = self._clip_gradients()
@@ -473,6 +496,10 @@ class ReftTrainingRecipe:
             steps = self.total_steps - self.start_step
             logger.info("trained %d step%s in %.1f s", steps, "" if steps == 1 else "s",
                         time.perf_counter() - self._started)
+            if self.captured is not None:
+                logger.info("training.cuda_graphs: %d batch layout%s captured; %d micro-batches replayed, %d eager",
+                            len(self.captured.graphs), "" if len(self.captured.graphs) == 1 else "s",
+                            self.captured.replayed_micro_steps, self.captured.eager_micro_steps)
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):
             self.result.best = dict(self.best.record)

@@ -53,7 +53,7 @@ from reft_fast.train.generation import PromptError, check_prompts
 from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.task_preference import PreferenceTask
-from reft_fast.train.train_config import ConfigError, TrainConfig
+from reft_fast.train.train_config import ConfigError, TrainConfig, padding_multiple
 
 __all__ = ["CausalLMTask", "TASKS", "check_task", "make_task", "task_datasets"]
 
@@ -130,10 +130,11 @@ class CausalLMTask:
         iv, d = self.cfg.interventions, self.cfg.data
         return ReftDataCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=num_interventions,
                                 positions=iv.positions, share_weights=iv.share_weights,
-                                pack_length=d.max_length if d.packing else None)
+                                pack_length=d.max_length if d.packing else None,
+                                pad_to_multiple_of=padding_multiple(self.cfg))
 
     def host_batch(self, batch: dict) -> dict:
-        return trim_to_labels(batch) if self.trim_train else batch
+        return trim_to_labels(batch, padding_multiple(self.cfg)) if self.trim_train else batch
 
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:

@@ -52,6 +52,7 @@ __all__ = [
     "TrainingConfig",
     "apply_overrides",
     "load_config",
+    "padding_multiple",
     "resolve_model_source",
     "validate",
     "warn_once_per_job",
@@ -165,6 +166,9 @@ class DataConfig:
     # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager (a
     # block-diagonal mask), a flash attention (varlen) or flex_attention (document mask).
     packing: bool = False
+    # Pad every batch's length (packed rows too) to a multiple of this many tokens; null: none, or 64 with
+    # training.cuda_graphs (each batch layout is one captured graph: few lengths, few graphs).
+    pad_to_multiple_of: Optional[int] = None
 
     def __post_init__(self):
         if isinstance(self.chat_template, str):
@@ -223,6 +227,11 @@ class TrainingConfig:
     sample_prompts: list[str] = field(default_factory=list)  # answered before and after training (printed)
     max_new_tokens: int = 64
     progress_bar: bool = True
+    # Replay each micro-batch's forward and backward from a CUDA graph captured per batch layout (reft_fast.train.graphs):
+    # the host's Python per intervention leaves the step. CUDA only; ZeRO stage 0, no gradient checkpointing,
+    # model.compile or intervention dropout, and not liger's fused cross-entropy.
+    cuda_graphs: bool = False
+    cuda_graph_shapes: int = 4  # batch layouts captured at most (each keeps its activations); later new ones run eagerly
 
 
 @dataclass
@@ -645,6 +654,18 @@ def layer_list(spec: Union[list[int], str], num_layers: int) -> list[int]:
         raise ConfigError(f"interventions.layers: {err}") from None
 
 
+# data.pad_to_multiple_of when it is null and training.cuda_graphs is on
+GRAPH_PADDING = 64
+
+
+def padding_multiple(cfg: TrainConfig) -> Optional[int]:
+    """The multiple batch lengths (and the kept logits) are padded to: data.pad_to_multiple_of, or GRAPH_PADDING with
+    training.cuda_graphs, else None."""
+    if cfg.data.pad_to_multiple_of:
+        return cfg.data.pad_to_multiple_of
+    return GRAPH_PADDING if cfg.training.cuda_graphs else None
+
+
 def gradient_accumulation_steps(cfg: TrainConfig, world_size: int) -> int:
     per_step = cfg.training.micro_batch_size * world_size
     if cfg.training.global_batch_size is None:
@@ -673,6 +694,7 @@ def validate(cfg: TrainConfig, world_size: int = 1, *, check_model: bool = True,
     _check_data_section(cfg.data)
     _check_packing(cfg)
     _check_training_section(cfg.training, world_size)
+    _check_cuda_graphs(cfg)
     _check_deepspeed_section(cfg.deepspeed)
     _check_preference_section(cfg.preference)
     if not check_model:
@@ -804,6 +826,9 @@ def _check_data_section(d: DataConfig) -> None:
         raise ConfigError(f"data.eval_family: expected one of {', '.join(FAMILIES)}, got {d.eval_family!r}")
     if d.max_length < 2:
         raise ConfigError(f"data.max_length: must be ≥ 2, got {d.max_length}")
+    if d.pad_to_multiple_of is not None and (isinstance(d.pad_to_multiple_of, bool) or
+                                             not isinstance(d.pad_to_multiple_of, int) or d.pad_to_multiple_of < 1):
+        raise ConfigError(f"data.pad_to_multiple_of: a number of tokens ≥ 1 or null, got {d.pad_to_multiple_of!r}")
 
 
 def _check_packing(cfg: TrainConfig) -> None:
@@ -813,6 +838,35 @@ def _check_packing(cfg: TrainConfig) -> None:
                           f"({', '.join(MASK_ATTENTION)}), flash attention's varlen sequence lengths or flex "
                           f"attention's document mask; model.attn_implementation {implementation!r} takes none of "
                           f"these: set it to sdpa, eager, flex_attention or flash_attention_2")
+
+
+def _check_cuda_graphs(cfg: TrainConfig) -> None:
+    """What a captured step cannot replay (reft_fast.train.graphs says why for each)."""
+    t = cfg.training
+    if isinstance(t.cuda_graph_shapes, bool) or not isinstance(t.cuda_graph_shapes, int) or t.cuda_graph_shapes < 1:
+        raise ConfigError(f"training.cuda_graph_shapes: a number of batch layouts ≥ 1, got {t.cuda_graph_shapes!r}")
+    if not t.cuda_graphs:
+        return
+    refusals = [
+        (cfg.task != "causal_lm", f"task {cfg.task!r}: only causal_lm is captured so far"),
+        (cfg.deepspeed.stage != 0, f"deepspeed.stage {cfg.deepspeed.stage}: DeepSpeed's ZeRO optimizers start each "
+                                   "backward from hooks of the engine's forward, which a replay does not run; use 0"),
+        (t.gradient_checkpointing, "training.gradient_checkpointing: not captured yet"),
+        (cfg.model.compile, "model.compile: torch.compile's own CUDA graphs (mode reduce-overhead) are another route; "
+                            "use one of the two"),
+        (cfg.interventions.dropout > 0, f"interventions.dropout {cfg.interventions.dropout}: its seed is drawn on the "
+                                        "host at each forward and would replay as a constant"),
+        (cfg.interventions.orthogonalization == "polar", "interventions.orthogonalization polar: torch.linalg.eigh "
+                                                         "waits for the device on CUDA; householder or cholesky do not"),
+        (cfg.model.fused_ops == "on", "model.fused_ops on: liger-kernel's fused cross-entropy reads the count of "
+                                      "labelled tokens on the host (.item()); auto leaves it out under cuda_graphs"),
+        (cfg.data.packing and packing_attention(cfg.model.attn_implementation) != "mask",
+         f"data.packing with model.attn_implementation {cfg.model.attn_implementation!r}: the packed rows' lengths "
+         "reach it as host ints per batch; use sdpa or eager (a block-diagonal mask)"),
+    ]
+    for refused, why in refusals:
+        if refused:
+            raise ConfigError(f"training.cuda_graphs: {why}")
 
 
 def _check_training_section(t: TrainingConfig, world_size: int) -> None:

@@ -1,0 +1,215 @@
+"""The training step's forward and backward replayed from CUDA graphs (``training.cuda_graphs: true``).
+
+Why. What a ReFT step costs over its frozen base is mostly host time: Python in autograd, in the hooks, in R's map and
+in Triton's launches, ≈ 0.8 ms per intervention on an H200's host against a device time of a few µs per kernel
+(bench/bench_host.py, tiny 32-layer Llama, LoReFT r8 at 32 layers, 2026-11-30: eager 0.78 ms per intervention over
+the floor with bound launches; the same step captured whole, 0.037 ms). Captured, a micro-batch's forward is one
+graph launch and its backward another, whatever the number of interventions.
+
+What is captured. Per batch layout (every tensor's shape and dtype, and the kept logits' count), the loss of one
+micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the loss) and its backward to the
+trained parameters, by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
+replays the backward graph, which hands the gradients to autograd; autograd accumulates them into ``.grad`` as after
+an eager backward. DeepSpeed's ``engine.backward`` and ``engine.step``, the recipe's clipping and the schedule stay
+eager: their host cost is per optimizer step (the fused AdamW is one launch), not per intervention.
+
+Inputs. A replay reads the tensors it was captured with and nothing the step's Python computed since: each batch is
+checked on the host (its locations, where reading them is free), then copied into the graph's own input tensors
+without waiting (from pinned memory). The layouts are few because the collator pads every batch to a multiple of
+``data.pad_to_multiple_of`` tokens (64 when cuda_graphs is on and it is not set) and the kept logits are rounded up the
+same way (``loss.trim_to_labels``). The first ``training.cuda_graph_shapes`` layouts are captured as they come (three
+warm-up passes on a side stream, then the capture; all graphs share one memory pool, and each keeps its activations
+allocated: memory grows with every layout); later new layouts run eagerly (said once).
+
+Checked. The first time a captured layout meets a batch other than the one it was captured with, its replay is
+compared with an eager pass over that batch (the loss and every trained gradient, neither accumulated): a value frozen
+at capture that should have followed the batch shows there, and stops the run with both figures. The tolerance
+allows what capture itself changes: transformers builds an explicit causal mask while a stream captures (its
+``is_tracing``) where it gives SDPA ``is_causal`` eagerly, so 16-bit bases round differently.
+
+What cannot be captured is refused when the config is read (``train_config``): ZeRO stages 1–3 (DeepSpeed's ZeRO
+optimizers start each backward from hooks of the engine's forward, which a replay does not run), gradient
+checkpointing, ``model.compile``, dropout in the interventions (its seed is drawn on the host per forward), liger's
+fused cross-entropy (liger-kernel 0.8.5 reads the labelled-token count with ``.item()``) and packing through flash
+attention's varlen lengths or flex attention's documents (host ints per batch). A device other than CUDA is refused
+when the recipe builds this.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from reft_fast.core.positions import check_locations
+from reft_fast.train.loss import model_loss
+
+__all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "batch_layout"]
+
+logger = logging.getLogger(__name__)
+
+# The replay-against-eager check: |Δloss| and each gradient's largest |Δ| relative to the eager value's largest
+# magnitude (at least 1 for the loss). A value frozen at capture changes them by O(1); what capture itself changes
+# (another SDPA kernel for an explicit causal mask, in 16-bit) by rounding.
+GRAPH_CHECK_TOLERANCE = 5e-2
+# Entries of a packed batch that only flash attention's varlen route reads (refused under cuda_graphs).
+_VARLEN_ONLY = ("cu_seq_lens", "max_segment_length")
+
+
+def batch_layout(batch: dict) -> tuple[tuple, tuple[str, ...], dict]:
+    """(key, tensor names, constants) of a batch: the key is every tensor's name, shape and dtype and the other
+    entries' values (``logits_to_keep``); a graph captured for one key replays any batch of that key."""
+    names = tuple(sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)))
+    constants = {k: v for k, v in batch.items() if not isinstance(v, torch.Tensor)}
+    key = (tuple((k, tuple(batch[k].shape), batch[k].dtype) for k in names), tuple(sorted(constants.items())))
+    return key, names, constants
+
+
+class _BatchLoss(nn.Module):
+    """The loss of batches of one layout as a module taking only tensors (what ``make_graphed_callables`` takes).
+    Its parameters are the trained ones; the ReftModel is held, not registered, so the frozen base's tensors are
+    no inputs of the graph."""
+
+    def __init__(self, reft_model: nn.Module, params: list, names: tuple, constants: dict):
+        super().__init__()
+        self.trained = nn.ParameterList(params)
+        object.__setattr__(self, "reft_model", reft_model)
+        self.names, self.constants = names, constants
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return model_loss(self.reft_model, {**dict(zip(self.names, tensors)), **self.constants})
+
+
+class _Graph:
+    """One captured layout: the graphed loss, the input tensors it reads, and whether a replay was checked."""
+
+    def __init__(self, loss: Callable, inputs: tuple, module: _BatchLoss):
+        self.loss, self.inputs, self.module = loss, inputs, module
+        self.checked = False
+        self.replays = 0
+
+
+class CapturedLoss:
+    """``loss = captured(host_batch)``: a micro-batch's loss (a device scalar whose backward gives the trained
+    parameters their gradients), replayed from a CUDA graph of its layout where one is captured.
+
+    ``capture(module, sample_args, **kwargs)`` is ``torch.cuda.make_graphed_callables``; the CPU tests give a stand-in.
+    ``before_capture()`` runs before each capture: the recipe waits there for its batch thread to finish pinning
+    (torch captures in its "global" mode, where another thread's pinned allocation invalidates the capture)."""
+
+    def __init__(self, reft_model: nn.Module, params: list, device, *, max_shapes: int,
+                 capture: Optional[Callable] = None, warmup: int = 3, before_capture: Callable[[], None] = lambda: None):
+        device = torch.device(device)
+        if capture is None and device.type != "cuda":
+            raise ValueError(f"training.cuda_graphs needs a CUDA device; this rank trains on {device}")
+        if max_shapes < 1:
+            raise ValueError(f"max_shapes must be ≥ 1, got {max_shapes}")
+        self.reft_model, self.params, self.device = reft_model, list(params), device
+        self.max_shapes, self.warmup, self.before_capture = max_shapes, warmup, before_capture
+        self._capture = capture or torch.cuda.make_graphed_callables
+        self._pool = torch.cuda.graph_pool_handle() if capture is None else None
+        self.graphs: dict[Any, _Graph] = {}
+        self.eager_micro_steps = 0
+        self._said_full = False
+
+    @property
+    def replayed_micro_steps(self) -> int:
+        return sum(graph.replays for graph in self.graphs.values())
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        batch = {k: v for k, v in batch.items() if k not in _VARLEN_ONLY}
+        locations = batch["intervention_locations"]
+        # The ReftModel reads CPU locations itself; the graph's copies are on the device, so they are checked here.
+        check_locations(locations, len(self.reft_model.interventions), locations.shape[1],
+                        seq_len=batch["input_ids"].shape[1])
+        key, names, constants = batch_layout(batch)
+        graph = self.graphs.get(key)
+        if graph is None and len(self.graphs) < self.max_shapes:
+            graph = self.graphs[key] = self._capture_layout(batch, names, constants)
+        elif graph is None:
+            return self._eager(batch, key)
+        else:
+            self._copy_in(graph, batch, names)
+            if not graph.checked:
+                self._check(graph, key)
+        graph.replays += 1
+        return graph.loss(*graph.inputs)
+
+    def _copy_in(self, graph: _Graph, batch: dict, names: tuple) -> None:
+        for static, name in zip(graph.inputs, names):
+            static.copy_(batch[name], non_blocking=True)
+
+    def _eager(self, batch: dict, key) -> torch.Tensor:
+        if not self._said_full:
+            self._said_full = True
+            logger.warning("training.cuda_graphs: %d batch layouts captured (training.cuda_graph_shapes); a new one "
+                           "(%s) and any later ones run eagerly", len(self.graphs), _describe(key))
+        self.eager_micro_steps += 1
+        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return model_loss(self.reft_model, moved)
+
+    def _capture_layout(self, batch: dict, names: tuple, constants: dict) -> _Graph:
+        module = _BatchLoss(self.reft_model, self.params, names, constants)
+        inputs = tuple(batch[name].to(self.device, copy=True) for name in names)
+        kwargs = {"num_warmup_iters": self.warmup}
+        if self._pool is not None:  # torch's own capture: one pool for all layouts; a trained tensor may go unused
+            kwargs.update(pool=self._pool, allow_unused_input=True)
+        self.before_capture()
+        try:
+            loss = self._capture(module, inputs, **kwargs)
+        except Exception as err:
+            raise RuntimeError(f"training.cuda_graphs: capturing the step of batch layout {_describe(batch_layout(batch)[0])} "
+                               f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                               "set training.cuda_graphs: false to train eagerly") from err
+        logger.info("training.cuda_graphs: captured batch layout %d of at most %d: %s", len(self.graphs) + 1,
+                    self.max_shapes, _describe(batch_layout(batch)[0]))
+        return _Graph(loss, inputs, module)
+
+    def _check(self, graph: _Graph, key) -> None:
+        """Compare a replay over the batch now in the graph's inputs with an eager pass over the same tensors."""
+        replayed = _loss_and_grads(graph.loss(*graph.inputs), self.params)
+        eager = _loss_and_grads(graph.module(*graph.inputs), self.params)
+        loss_diff, grad_diff = _differences(replayed, eager)
+        loss_scale = max(1.0, abs(eager[0]))
+        figures = f"|Δloss| = {loss_diff:.3g} (loss {eager[0]:.4g}), largest |Δgrad| / |grad| = {grad_diff:.3g}"
+        if not (loss_diff <= GRAPH_CHECK_TOLERANCE * loss_scale and grad_diff <= GRAPH_CHECK_TOLERANCE):
+            raise RuntimeError(f"training.cuda_graphs: the replayed step of batch layout {_describe(key)} differs from "
+                               f"the eager step over the same batch: {figures} (tolerance {GRAPH_CHECK_TOLERANCE}); "
+                               "something the step computes on the host was frozen at capture. Set "
+                               "training.cuda_graphs: false to train eagerly")
+        logger.info("training.cuda_graphs: replay matches eager on a new batch of layout %s: %s", _describe(key),
+                    figures)
+        graph.checked = True
+
+
+def _loss_and_grads(loss: torch.Tensor, params: list) -> tuple[float, list]:
+    """The loss's value and its gradients to ``params`` (cloned: a replay's are the graph's own tensors), without
+    accumulating into ``.grad``. Reads the loss: once per captured layout."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return float(loss.detach()), [None if g is None else g.detach().clone() for g in grads]
+
+
+def _differences(replayed: tuple, eager: tuple) -> tuple[float, float]:
+    """|Δloss|, and the largest over the parameters of max |Δgrad| / max |eager grad| (NaN where a gradient is
+    missing on one side only or is not finite)."""
+    worst = 0.0
+    for a, b in zip(replayed[1], eager[1]):
+        if a is None and b is None:
+            continue
+        if a is None or b is None:
+            return abs(replayed[0] - eager[0]), float("nan")
+        scale = float(b.abs().max()) or 1.0
+        ratio = float((a - b).abs().max()) / scale
+        if not ratio <= float("inf"):  # NaN: max() would pass it over
+            return abs(replayed[0] - eager[0]), float("nan")
+        worst = max(worst, ratio)
+    return abs(replayed[0] - eager[0]), worst
+
+
+def _describe(key) -> str:
+    shapes, constants = key
+    parts = [f"{name} {'×'.join(map(str, shape))}" for name, shape, _ in shapes]
+    parts += [f"{name}={value}" for name, value in constants]
+    return ", ".join(parts)

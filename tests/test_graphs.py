@@ -1,0 +1,344 @@
+"""training.cuda_graphs: each micro-batch's forward and backward replayed from a graph of its batch layout
+(reft_fast.train.graphs).
+
+A CUDA graph cannot be captured on this CPU. What a capture does to the step's Python is emulated instead by
+``traced_capture``: torch's make_fx records the ops one forward and backward dispatch, as a capture records their
+kernels, with every Python value of the step frozen at the trace and any read of a tensor's value refused, as a
+capturing stream refuses it (and torch says a stream is capturing, which transformers asks); the recorded graph then runs on the tensors of later batches. A step whose Python
+followed a batch's values (a location read on the host, a length turned into an int) fails the trace or gives another
+batch the traced batch's result, which these tests compare with an eager step over each batch. The real capture runs
+in the cuda-marked tests at the end.
+"""
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from dist.tiny import make_run, subprocess_env
+from reft_fast.train.data import ReftDataCollator
+from reft_fast.train.fused_base import FUSED_OPS, fused_ops_wanted
+from reft_fast.train.graphs import CapturedLoss, batch_layout
+from reft_fast.train.loss import model_loss, trim_to_labels
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_TRAIN = str(ROOT / "tests" / "dist" / "run_train.py")
+VOCAB, N_INTERVENTIONS = 96, 2
+
+
+def traced_capture(module, sample_args, **_):
+    """make_graphed_callables' stand-in on the CPU: the module's loss and its gradients to the module's parameters,
+    traced once on ``sample_args``; calls replay the trace on their own tensors, and backward hands the traced
+    gradients (times the incoming one) to autograd, as the backward graph's replay does."""
+    params = list(module.parameters())
+
+    def joint(*args):
+        loss = module(*args)
+        return (loss, *torch.autograd.grad(loss, params))
+
+    # What the step's libraries see while a stream captures: transformers' is_tracing asks this, and then reads no
+    # mask or position ids (it builds the causal mask instead).
+    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):
+        trace = make_fx(joint)(*sample_args)
+    n = len(sample_args)
+
+    class Replayed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            loss, *grads = trace(*inputs[:n])
+            ctx.grads = grads
+            return loss.detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            return (None,) * n + tuple(grad * g for g in ctx.grads)
+
+    return lambda *args: Replayed.apply(*args, *params)
+
+
+@pytest.fixture
+def device_locations(monkeypatch):
+    """The ReftModel checks the values of CPU locations (free there) and never reads device ones; a captured step's
+    locations are on the device, checked by CapturedLoss on the host copy. On this CPU they are CPU tensors: the
+    model's value check is left to CapturedLoss as it is on a GPU (its shape checks stay)."""
+    import reft_fast.core.model as model_module
+
+    check = model_module.check_locations
+    monkeypatch.setattr(model_module, "check_locations", lambda locations, n, batch, seq_len=None:
+                        check(locations, n, batch))
+
+
+def _model(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from reft_fast.core.config import ReftConfig
+    from reft_fast.core.model import get_reft_model
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         attn_implementation="sdpa")
+    base = LlamaForCausalLM(config)
+    base.requires_grad_(False)
+    reft_config = ReftConfig(representations=[{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+                                                "intervention": "loreft"} for layer in range(N_INTERVENTIONS)])
+    return get_reft_model(base, reft_config, backend="torch")
+
+
+def _items(seed: int, lengths: list[int]) -> list[dict]:
+    """Collator items: random tokens, the second half of each labelled, prompt lengths for f2+l2 positions."""
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for n in lengths:
+        ids = torch.randint(0, VOCAB, (n,), generator=g).tolist()
+        prompt = n // 2
+        items.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:], "prompt_length": prompt})
+    return items
+
+
+def _batch(seed: int, lengths: list[int], multiple=None, trim=False) -> dict:
+    collate = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2",
+                               pad_to_multiple_of=multiple)
+    batch = collate(_items(seed, lengths))
+    return trim_to_labels(batch, multiple) if trim else batch
+
+
+def _loss_and_grads(loss, params):
+    return float(loss.detach()), [g.clone() for g in torch.autograd.grad(loss, params)]
+
+
+def _assert_same_step(got, expected, atol=1e-6):
+    assert got[0] == pytest.approx(expected[0], abs=atol)
+    for a, b in zip(got[1], expected[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+
+
+def test_each_batch_replays_its_own_step_not_the_captured_ones(device_locations):
+    model = _model()
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cpu", max_shapes=2, capture=traced_capture)
+    # two layouts (rows of 16 and of 32 tokens after padding to 16), each met again with other tokens and positions
+    plan = [(1, [9, 13, 16]), (2, [20, 31, 25]), (3, [11, 7, 14]), (4, [30, 18, 22]), (5, [16, 5, 12])]
+    for seed, lengths in plan:
+        batch = _batch(seed, lengths, multiple=16, trim=True)
+        expected = _loss_and_grads(model_loss(model, batch), params)
+        _assert_same_step(_loss_and_grads(captured(batch), params), expected)
+        assert all(p.grad is None for p in params)  # nothing accumulated but what the caller's backward does
+    assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5 and captured.eager_micro_steps == 0
+    assert all(graph.checked for graph in captured.graphs.values())
+
+
+def test_padding_to_a_multiple_changes_no_loss_or_gradient():
+    model = _model()
+    params = model.trainable_parameters()
+    for seed, lengths in [(1, [9, 13, 15]), (2, [20, 31, 25])]:
+        plain = _loss_and_grads(model_loss(model, _batch(seed, lengths, trim=True)), params)
+        padded_batch = _batch(seed, lengths, multiple=16, trim=True)
+        assert padded_batch["input_ids"].shape[1] % 16 == 0
+        assert padded_batch.get("logits_to_keep", 16) % 16 == 0
+        _assert_same_step(_loss_and_grads(model_loss(model, padded_batch), params), plain, atol=1e-5)
+
+
+def test_the_kept_logits_round_up_to_the_multiple_and_the_layouts_stay_few():
+    keys = {batch_layout(_batch(seed, lengths, multiple=16, trim=True))[0]
+            for seed in range(12) for lengths in ([9, 13, 15], [11, 16, 3], [6, 7, 12])}
+    # every length pads to 16; half of each example is labelled, so 16 − (first labelled) + 1 rounds up to 16: no trim
+    assert len(keys) == 1, keys
+    batch = _batch(0, [40, 34, 38], multiple=16, trim=True)
+    assert batch["input_ids"].shape[1] == 48 and batch["logits_to_keep"] == 32 and batch["labels"].shape[1] == 32
+
+
+def test_layouts_beyond_the_limit_run_eagerly_and_say_so_once(device_locations, caplog):
+    model = _model()
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+    with caplog.at_level(logging.WARNING, logger="reft_fast.train.graphs"):
+        for seed, lengths in [(1, [9, 13]), (2, [20, 31]), (3, [30, 18]), (4, [5, 12])]:
+            batch = _batch(seed, lengths, multiple=16)
+            _assert_same_step(_loss_and_grads(captured(batch), params),
+                              _loss_and_grads(model_loss(model, batch), params))
+    assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 2 and captured.eager_micro_steps == 2
+    said = [r.getMessage() for r in caplog.records if "run eagerly" in r.getMessage()]
+    assert len(said) == 1 and "input_ids 2×32" in said[0], said
+
+
+def test_a_replay_that_keeps_the_captured_batch_is_caught_on_the_next_batch(device_locations):
+    def capture_that_keeps_its_inputs(module, sample_args, **_):
+        kept = tuple(a.clone() for a in sample_args)
+        return lambda *args: module(*kept)
+
+    model = _model()
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=2,
+                            capture=capture_that_keeps_its_inputs)
+    captured(_batch(1, [9, 13, 16], multiple=16))  # the captured batch itself: nothing to tell apart yet
+    with pytest.raises(RuntimeError, match=r"differs from the eager step over the same batch: \|Δloss\| = .*"
+                                           r"training.cuda_graphs: false"):
+        captured(_batch(2, [11, 7, 14], multiple=16))
+
+
+def test_a_host_read_inside_the_step_fails_the_capture_naming_the_layout():
+    # Without device_locations the model checks its (CPU) locations' values inside the step: a read the trace
+    # refuses, as a capturing CUDA stream does.
+    model = _model()
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=2, capture=traced_capture)
+    with pytest.raises(RuntimeError, match=r"capturing the step of batch layout attention_mask 3×16, input_ids 3×16, "
+                                           r"intervention_locations 2×3×2, labels 3×16 failed .*cuda_graphs: false"):
+        captured(_batch(1, [9, 13, 16], multiple=16))
+
+
+def test_bad_locations_are_refused_on_the_host_before_any_replay(device_locations):
+    model = _model()
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=2, capture=traced_capture)
+    batch = _batch(1, [9, 13, 16], multiple=16)
+    batch["intervention_locations"][0, 1, 0] = 16  # past the row
+    with pytest.raises(ValueError, match="intervention_locations"):
+        captured(batch)
+    assert not captured.graphs
+
+
+def test_a_device_other_than_cuda_is_refused_without_a_stand_in_capture():
+    model = _model()
+    with pytest.raises(ValueError, match="needs a CUDA device; this rank trains on cpu"):
+        CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=2)
+
+
+def test_fused_ops_auto_leaves_the_fused_cross_entropy_out_of_a_captured_step():
+    assert fused_ops_wanted("auto", compiled_layers=False, captured=True) == ("rope", "rms_norm", "swiglu")
+    assert fused_ops_wanted("auto", compiled_layers=True, captured=True) == ("rms_norm",)
+    assert fused_ops_wanted("on", compiled_layers=False, captured=True) == FUSED_OPS
+
+
+@pytest.mark.parametrize("overrides, why", [
+    (["deepspeed.stage=2"], "deepspeed.stage 2"),
+    (["deepspeed.config.zero_optimization.stage=1"], "deepspeed.stage 1"),
+    (["training.gradient_checkpointing=true"], "training.gradient_checkpointing"),
+    (["model.compile=true"], "model.compile"),
+    (["interventions.dropout=0.05"], "interventions.dropout 0.05"),
+    (["interventions.orthogonalization=polar"], "interventions.orthogonalization polar"),
+    (["model.fused_ops=on"], "model.fused_ops on"),
+    (["data.packing=true", "model.attn_implementation=flex_attention"], "data.packing with"),
+    (["task=classification"], "task 'classification'"),
+])
+def test_what_a_replay_cannot_hold_is_refused_with_the_config(tmp_path, overrides, why):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    config = make_run(tmp_path)
+    with pytest.raises(ConfigError, match=f"^training.cuda_graphs: {why}"):
+        validate(load_config(str(config), ["training.cuda_graphs=true", *overrides]))
+
+
+@pytest.mark.parametrize("override, field", [("training.cuda_graph_shapes=0", "training.cuda_graph_shapes"),
+                                             ("data.pad_to_multiple_of=0", "data.pad_to_multiple_of"),
+                                             ("data.pad_to_multiple_of=true", "data.pad_to_multiple_of")])
+def test_bad_graph_settings_are_named(tmp_path, override, field):
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        validate(load_config(str(make_run(tmp_path)), [override]))
+
+
+def _recipe_run(folder: Path, recipe_class, *overrides: str):
+    """(losses, grad norms, the final interventions' tensors, the recipe) of a tiny stage-0 run with accumulation 2
+    and clipping, trained in this process."""
+    from safetensors.torch import load_file
+
+    from reft_fast.train.train_config import load_config
+
+    config = make_run(folder, n_examples=24)
+    cfg = load_config(str(config), ["training.max_steps=4", "training.global_batch_size=8", "data.eval_fraction=0",
+                                    "training.max_grad_norm=0.05", f"output_dir={folder / 'out'}", *overrides])
+    recipe = recipe_class(cfg)
+    recipe.run()
+    rows = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    final = load_file(str(folder / "out" / "final" / "interventions.safetensors"))
+    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], final, recipe
+
+
+def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations):
+    """The recipe's own loop (DeepSpeed's engine.backward and step, accumulation over 2 micro-batches, the recipe's
+    clipping) over replayed steps: the same losses, norms and final interventions as the eager run (whose batches are
+    not padded: the padding to 64 tokens and the kept logits change nothing but rounding)."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    class TracedRecipe(ReftTrainingRecipe):
+        settled = []  # at each capture: whether the batch thread had built every batch it was given
+
+        def _check_graph_device(self):  # on a GPU the accelerator is CUDA; here the stand-in capture runs on the CPU
+            pass
+
+        def _host_batch(self, key):  # slow enough that the thread is still at work when the first batch is captured
+            time.sleep(0.2)
+            return super()._host_batch(key)
+
+        def _captured_loss(self, params):
+            def capture(module, sample_args, **kwargs):
+                self.settled.append(all(future.done() for future in self._batches._ahead))
+                return traced_capture(module, sample_args, **kwargs)
+
+            return super()._captured_loss(params, capture=capture)
+
+    try:
+        eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe)
+        replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "training.cuda_graphs=true")
+    finally:
+        shutdown()
+    assert eager[3].captured is None
+    captured = replayed[3].captured
+    assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 8 and captured.eager_micro_steps == 0
+    assert TracedRecipe.settled == [True]
+    assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
+    assert all(norm > 0.05 for norm in eager[1])  # the clipping acted at every step
+    assert eager[2].keys() == replayed[2].keys()
+    for name, tensor in eager[2].items():
+        torch.testing.assert_close(replayed[2][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def _train(config: Path, result: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, RUN_TRAIN, str(config), str(result), *overrides], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    if check and proc.returncode:
+        raise AssertionError(f"{overrides} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a CPU run")
+def test_a_cpu_run_is_refused_before_the_model_is_read(tmp_path):
+    proc = _train(make_run(tmp_path), tmp_path / "r.json", "training.cuda_graphs=true", check=False)
+    assert proc.returncode != 0
+    assert "training.cuda_graphs: needs CUDA devices; this run's accelerator is 'cpu'" in proc.stderr, proc.stderr[-3000:]
+    assert "base loaded" not in proc.stderr
+
+
+@pytest.mark.cuda
+def test_captured_steps_on_a_gpu_follow_each_batch():
+    model = _model().cuda()
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cuda", max_shapes=2)
+    plan = [(1, [9, 13, 16]), (2, [20, 31, 25]), (3, [11, 7, 14]), (4, [30, 18, 22]), (5, [16, 5, 12])]
+    for seed, lengths in plan:
+        batch = _batch(seed, lengths, multiple=16, trim=True)
+        expected = _loss_and_grads(model_loss(model, {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                                                      for k, v in batch.items()}), params)
+        _assert_same_step(_loss_and_grads(captured(batch), params), expected, atol=1e-4)
+    assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5
+
+
+@pytest.mark.cuda
+def test_a_captured_run_trains_as_an_eager_one(tmp_path):
+    config = make_run(tmp_path, n_examples=24)
+    runs = {}
+    for graphs in ("false", "true"):
+        result = tmp_path / f"{graphs}.json"
+        proc = _train(config, result, f"training.cuda_graphs={graphs}", f"output_dir={tmp_path / graphs}",
+                      "training.global_batch_size=8", "training.max_steps=5")
+        runs[graphs] = json.loads(result.read_text())[0]["losses"]
+    assert "training.cuda_graphs: 1 batch layout captured" in proc.stderr or "layouts captured" in proc.stderr
+    assert runs["true"] == pytest.approx(runs["false"], rel=1e-4)
