@@ -37,11 +37,15 @@ its ratio_to_triton_jit is its step − floor over reft-fast:triton's.
 
 Captured steps (``--device cuda`` only; issue 15): floor-graph and reft-fast:triton-graph build the floor's and
 reft-fast:triton's model and batch (its kernels launched bound, the default mode), capture one whole step in a CUDA
-graph (torch's whole-network recipe: ``capture_step``) and time ``graph.replay()`` + synchronize, in repetitions of their own after the eager table (which
-is printed first). reft-fast:triton-graph is paired with floor-graph: its step − floor is what a replayed step costs
-over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's). Before timing, each checks
-``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and optimizer state; its status
-says whether they match (losses and parameters), or why it was not run (``not run: capture failed: ...``).
+graph (torch's whole-network recipe: ``capture_step``) and time ``graph.replay()`` + synchronize, in repetitions of
+their own after the eager table (which is printed first). reft-fast:triton-graph is paired with floor-graph: its step
+− floor is what a replayed step costs over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's).
+Before timing, each checks ``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and
+optimizer state; its status says whether they match (losses and parameters), or why it was not run (``not run:
+capture failed: ...``). floor-replayed and reft-fast:triton-replayed take the route of the recipe's ``training.cuda_graphs``
+(``build_replayed_step``): the forward and backward replayed from graphs (reft-fast's through
+``train.graphs.CapturedLoss``, given the host batch at every step), zero_grad and the AdamW step eager; the second is
+paired with the first, and its status carries CapturedLoss's replay-against-eager figures.
 
 Steps through DeepSpeed's engine (issue 15; ``build_ds_step``): reft-fast:triton-ds0 and -ds2, reft-fast:torch-ds0
 and -ds2 are the plain variant's model and batch stepped as the recipe steps (reft_fast/train/recipe.py): an engine of
@@ -91,7 +95,8 @@ HOST_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=32, n
 VARIANTS = ("floor", "reft-fast:torch", "hook-loreft", "pyreft")
 # triton timed too, in both launch modes, and the step captured in a CUDA graph (with the floor's, its pair)
 CUDA_VARIANTS = ("floor", "reft-fast:triton", "reft-fast:triton-bound", "reft-fast:triton-ds0", "reft-fast:torch",
-                 "hook-loreft", "pyreft", "floor-graph", "reft-fast:triton-graph")
+                 "hook-loreft", "pyreft", "floor-graph", "reft-fast:triton-graph", "floor-replayed",
+                 "reft-fast:triton-replayed")
 LAUNCH_MODES = {"reft-fast:triton": "jit", "reft-fast:triton-bound": "bound"}  # REFT_FAST_TRITON_LAUNCH per variant
 # Steps through the recipe's DeepSpeed engine (build_ds_step): the plain variant each one wraps, and its ZeRO stage.
 # Opt-in on the CPU (--variants), where the plain variant is timed beside them (the Triton path's with its launches
@@ -104,9 +109,15 @@ STUBBED_STATUS = ("host time with the kernel launches stubbed (CPU: Triton's int
                   "own cost not included)")
 # Captured steps (CUDA only): the eager variant each one captures. Capture also takes the floor's own Python off the
 # host, so the captured ReFT step is paired with the captured floor, not the eager one.
-GRAPH_VARIANTS = {"floor-graph": "floor", "reft-fast:triton-graph": "reft-fast:triton"}
-PAIRED_FLOOR = {"reft-fast:triton-graph": "floor-graph"}  # the floor of a variant's paired differences (else floor)
-FLOORS = ("floor", "floor-graph")
+# *-graph: the whole step captured (capture_step); *-replayed: the recipe's training.cuda_graphs route, the forward
+# and backward replayed from graphs (make_graphed_callables; reft-fast's through train.graphs.CapturedLoss, given the
+# host batch at each step as the recipe does), the optimizer step eager (build_replayed_step).
+GRAPH_VARIANTS = {"floor-graph": "floor", "reft-fast:triton-graph": "reft-fast:triton", "floor-replayed": "floor",
+                  "reft-fast:triton-replayed": "reft-fast:triton"}
+REPLAYED_VARIANTS = ("floor-replayed", "reft-fast:triton-replayed")
+# the floor of a variant's paired differences (else floor)
+PAIRED_FLOOR = {"reft-fast:triton-graph": "floor-graph", "reft-fast:triton-replayed": "floor-replayed"}
+FLOORS = ("floor", "floor-graph", "floor-replayed")
 GRAPH_CHECK_STEPS = 3  # replays compared with as many eager steps from the same parameters and optimizer state
 # fp32 loss ≈ 5.5 here; the captured forward runs SDPA with a materialized causal mask where the eager one takes the
 # is_causal shortcut (transformers reads no mask while a stream captures): rounding-level differences only
@@ -492,6 +503,81 @@ def build_graph_step(variant: str, device: str = "cuda", base: str = "llama", wa
     return replayed_step, (len(layers) if variant not in FLOORS else 0), status, issue_ms
 
 
+class FloorLoss(torch.nn.Module):
+    """The floor's loss as a module of its batch tensors (what make_graphed_callables takes): the base (held, not
+    registered: its frozen weights are no graph inputs) with the floor's bias hook; the bias is the one parameter."""
+
+    def __init__(self, base, bias: torch.nn.Parameter):
+        super().__init__()
+        self.bias = bias
+        object.__setattr__(self, "base", base)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.base(input_ids=input_ids, labels=labels).loss
+
+
+def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama", warmup: int = 3, capture=None):
+    """(step, number of interventions, status, the host's milliseconds per step until synchronize) of a
+    REPLAYED_VARIANTS variant: the recipe's ``training.cuda_graphs`` route on the eager variant's model and batch.
+    reft-fast's loss is ``train.graphs.CapturedLoss`` given the host batch (pinned) at every step, as the recipe's
+    loop gives it: checked on the host, copied into the graph's inputs, the forward replayed; ``backward`` replays the
+    backward graph and autograd accumulates the gradients; zero_grad and the AdamW step run eagerly. The floor's loss
+    (no mask, as the recipe's causal batches) is graphed the same way by make_graphed_callables. Built by two steps
+    (the capture, then CapturedLoss's replay-against-eager check, whose figures are the status). ``capture``: the
+    graph maker (torch's make_graphed_callables, or a test's stand-in, which lets this run on the CPU)."""
+    from reft_fast.train.graphs import CapturedLoss
+
+    if device != "cuda" and capture is None:
+        raise RuntimeError(f"CUDA graphs need a CUDA device, not {device!r} (--device cuda)")
+    bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
+    row = _row(GRAPH_VARIANTS[variant], device)
+    model = build_base(row, base)
+    loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(model, row)
+    batch = bench_e2e.make_batch(row, len(layers))
+    make_graphed = capture or torch.cuda.make_graphed_callables
+    if variant in FLOORS:
+        floor = FloorLoss(model, params[0])
+        graphed = make_graphed(floor, (batch["input_ids"], batch["labels"]), num_warmup_iters=warmup)
+        with torch.no_grad():
+            replayed = float(graphed(batch["input_ids"], batch["labels"]))
+            eager = float(floor(batch["input_ids"], batch["labels"]))
+        status = f"forward and backward graphed; replayed loss − eager {abs(replayed - eager):.3g} (loss {eager:.4g})"
+
+        def loss_of():
+            return graphed(batch["input_ids"], batch["labels"])
+    else:
+        host = {"input_ids": batch["input_ids"].cpu(), "labels": batch["labels"].cpu(),
+                "intervention_locations": batch["locations"].cpu()}
+        host = {k: v.pin_memory() for k, v in host.items()} if device == "cuda" else host
+        captured = CapturedLoss(loss_fn.model, params, device, max_shapes=1, capture=capture, warmup=warmup)
+
+        def loss_of():
+            return captured(host)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    for _ in range(2):  # reft-fast: the capture, then the replay check on the next call
+        step()
+    if variant not in FLOORS:
+        status = "forward and backward replayed (CapturedLoss): " + "; ".join(captured.checks)
+    issue_ms = []
+
+    def timed_step():
+        start = time.perf_counter()
+        loss = step()
+        issue_ms.append((time.perf_counter() - start) * 1e3)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return timed_step, (len(layers) if variant not in FLOORS else 0), status, issue_ms
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [""])[0][:200]
 
@@ -518,9 +604,10 @@ def _graph_times(variants, device: str, reps: int, warmup: int, base: str, log, 
         return {}
     steps, issue_ms = {}, {}
     for variant in variants:
+        build = build_replayed_step if variant in REPLAYED_VARIANTS else build_graph_step
         try:
-            steps[variant], sizes[variant], statuses[variant], issue_ms[variant] = build_graph_step(
-                variant, device, base, warmup)
+            steps[variant], sizes[variant], statuses[variant], issue_ms[variant] = build(variant, device, base,
+                                                                                          warmup)
         except Exception as error:  # the captured step's failure is its row's status; the table goes on
             statuses[variant] = failure_status(error)
         log(f"{variant}: {statuses[variant]}")
@@ -530,7 +617,8 @@ def _graph_times(variants, device: str, reps: int, warmup: int, base: str, log, 
                 step()
         times = paired_times(steps, reps, device=device)
         for variant, issued in issue_ms.items():  # the timed replays' (the last reps of the list)
-            statuses[variant] += f"; graph.replay() returns in {statistics.median(issued[-reps:]):.3f} ms (host)"
+            what = "the step returns" if variant in REPLAYED_VARIANTS else "graph.replay() returns"
+            statuses[variant] += f"; {what} in {statistics.median(issued[-reps:]):.3f} ms (host)"
         return times
     except Exception as error:
         statuses.update({variant: failure_status(error, "replay failed") for variant in steps})

@@ -11,12 +11,14 @@
 #   1. setup    (≤ 60 s) the carried wheels into /tmp/site, reft-fast importable, every import checked
 #   2. host     the ReFT step's host cost against the frozen floor, plain hook and pyreft (bench_host.py --device
 #               cuda: a tiny 32-layer Llama whose kernels take microseconds, reft-fast:triton timed with Triton's
-#               launcher), its table in session.log
+#               launcher; the whole step captured, and training.cuda_graphs' replayed forward and backward), its
+#               table in session.log
 #   3. packing  packed against padded batches (bench_packing.py: Llama-3.2-1B's shape, bf16, rows of 1024), one
 #               round per mode, its result lines in session.log; then the cuda backend's nvcc build starts in the
 #               background
-#   4. correctness  the tests that prove what is timed is right (the triton op against float64, the triton kernels,
-#               liger's fused base against the plain one), then the other cuda-marked ones (flex_attention packing)
+#   4. correctness  the tests that prove what is timed is right (training.cuda_graphs' replays against eager steps,
+#               the triton op against float64, the triton kernels, liger's fused base against the plain one), then
+#               the other cuda-marked ones (flex_attention packing)
 #   5. e2e      end-to-end training steps (bench_e2e.py --plan session): configuration (b) with the fused base
 #               (floor, reft-fast, pyreft, hook), its plain floor, then (a), then gradient checkpointing, the cuda
 #               backend last; one process per row, forked from a server that imported the libraries once
@@ -276,12 +278,15 @@ stage_packing() {
 stage_correctness() {
   banner "correctness"
   local keep=$((E2E_MIN_S + KERNELS_S + TESTS_MIN_S))
+  # training.cuda_graphs (issue 15): replays against eager steps over new batches, and a recipe run both ways
+  pytest_step "captured steps" 60 "$keep" -m cuda tests/test_graphs.py
   pytest_step "triton op vs float64" 75 "$keep" tests/test_ops.py -k triton
   pytest_step "triton kernels, fused base" 60 "$keep" tests/test_kernels.py tests/test_fused_base.py
   # every other cuda-marked test, wherever it is (the files of the steps before and after are left out); among them
   # tests/test_triton_launch.py's: bound launches bit for bit against jit, and no JIT launch once bound (issue 15)
   pytest_step "other cuda-marked" 90 "$keep" -m cuda tests --ignore=tests/test_kernels.py \
-    --ignore=tests/test_fused_base.py --ignore=tests/test_cuda_backend.py --ignore=tests/test_multi_reft_triton.py
+    --ignore=tests/test_fused_base.py --ignore=tests/test_cuda_backend.py --ignore=tests/test_multi_reft_triton.py \
+    --ignore=tests/test_graphs.py
   # tests that run liger's fused loss on CUDA when there is one (on the CPU its Python part only), not cuda-marked
   pytest_step "liger's loss paths" 45 "$keep" \
     tests/test_preference.py::test_a_resumed_run_warms_up_with_its_tasks_own_loss \

@@ -152,6 +152,34 @@ def test_capture_refuses_clearly_on_the_cpu(monkeypatch):
         bench_host.build_graph_step("reft-fast:triton-graph", "cpu")
 
 
+def test_the_replayed_floor_steps_through_its_graphed_loss(monkeypatch):
+    """floor-replayed (the recipe's training.cuda_graphs route for the floor): its loss graphed by the capture it is
+    given (here one that returns the module itself: make_graphed_callables needs CUDA), then zero_grad, backward and
+    AdamW eagerly; the bias trains and the status compares the replayed loss with the eager one. Without a GPU and
+    without a stand-in it refuses before building a model. (reft-fast:triton-replayed's loss is CapturedLoss,
+    tests/test_graphs.py; its kernels would take half a minute in Triton's interpreter here.)"""
+    bench_host = _bench_host()
+    assert set(bench_host.REPLAYED_VARIANTS) <= set(bench_host.GRAPH_VARIANTS) <= set(bench_host.CUDA_VARIANTS)
+    assert bench_host.PAIRED_FLOOR["reft-fast:triton-replayed"] == "floor-replayed"
+    captured, modules = [], []
+
+    def stand_in(module, sample_args, **kwargs):
+        captured.append((type(module).__name__, [tuple(a.shape) for a in sample_args], kwargs))
+        modules.append(module)
+        return module
+
+    step, n, status, issued = bench_host.build_replayed_step("floor-replayed", "cpu", "toy", 1, capture=stand_in)
+    assert captured == [("FloorLoss", [(8, 32), (8, 32)], {"num_warmup_iters": 1})] and n == 0
+    assert [name for name, _ in modules[0].named_parameters()] == ["bias"]  # the base's weights are no graph input
+    assert status.startswith("forward and backward graphed; replayed loss − eager 0 (loss "), status
+    bias = modules[0].bias.detach().clone()
+    step()
+    assert len(issued) == 1 and issued[0] > 0 and not torch.equal(modules[0].bias.detach(), bias)
+    monkeypatch.setattr(bench_host.bench_e2e, "training_parts", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA device, not 'cpu'"):
+        bench_host.build_replayed_step("reft-fast:triton-replayed", "cpu")
+
+
 def _regression(seed: int = 0):
     """A small model, its loss on a fixed batch, its AdamW (the shape of a bench step, cheap on the CPU)."""
     torch.manual_seed(seed)

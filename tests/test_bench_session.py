@@ -126,7 +126,7 @@ def test_dry_run_kernel_rows_and_test_selections(dry_run):
     assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     # Every pytest selection of the GPU run names tests that exist (the dry run collects them).
     summaries = re.findall(r"^tests \((.+?)\): (.*)$", stdout, re.M)
-    assert len(summaries) == 7, summaries
+    assert len(summaries) == 8, summaries
     for label, summary in summaries:
         assert re.search(r"\d+(/\d+)? tests? collected", summary), (label, summary)
     assert "exit" not in "".join(s for _, s in summaries)

@@ -111,6 +111,7 @@ class CapturedLoss:
         self._capture = capture or torch.cuda.make_graphed_callables
         self._pool = torch.cuda.graph_pool_handle() if capture is None else None
         self.graphs: dict[Any, _Graph] = {}
+        self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0
         self._said_full = False
 
@@ -179,6 +180,7 @@ class CapturedLoss:
                                f"the eager step over the same batch: {figures} (tolerance {GRAPH_CHECK_TOLERANCE}); "
                                "something the step computes on the host was frozen at capture. Set "
                                "training.cuda_graphs: false to train eagerly")
+        self.checks.append(f"replay matches eager: {figures}")
         logger.info("training.cuda_graphs: replay matches eager on a new batch of layout %s: %s", _describe(key),
                     figures)
         graph.checked = True
