@@ -42,8 +42,8 @@ their own after the eager table (which is printed first). reft-fast:triton-graph
 − floor is what a replayed step costs over a replayed floor (ratio_to_triton_jit against the eager reft-fast:triton's).
 Before timing, each checks ``GRAPH_CHECK_STEPS`` replays against as many eager steps from the same parameters and
 optimizer state; its status says whether they match (losses and parameters), or why it was not run (``not run:
-capture failed: ...``). floor-replayed and reft-fast:triton-replayed take the route of the recipe's ``training.cuda_graphs``
-(``build_replayed_step``): the forward and backward replayed from graphs (reft-fast's through
+capture failed: ...``). floor-replayed and reft-fast:triton-replayed take the route of the recipe's
+``training.cuda_graphs`` (``build_replayed_step``): the forward and backward replayed from graphs (reft-fast's through
 ``train.graphs.CapturedLoss``, given the host batch at every step), zero_grad and the AdamW step eager; the second is
 paired with the first, and its status carries CapturedLoss's replay-against-eager figures.
 

@@ -43,8 +43,8 @@ from torch import nn
 
 from reft_fast.core.hf import find_decoder_layers
 
-__all__ = ["CAPTURE_BREAKING_OPS", "COMPILE_BREAKING_OPS", "FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops", "fused_base_ops",
-           "fused_ops_unsupported_reason", "fused_ops_wanted"]
+__all__ = ["CAPTURE_BREAKING_OPS", "COMPILE_BREAKING_OPS", "FUSED_OPS", "FUSED_OPS_MODES", "apply_fused_base_ops",
+           "fused_base_ops", "fused_ops_unsupported_reason", "fused_ops_wanted"]
 
 logger = logging.getLogger(__name__)
 

@@ -100,7 +100,8 @@ class CapturedLoss:
     (torch captures in its "global" mode, where another thread's pinned allocation invalidates the capture)."""
 
     def __init__(self, reft_model: nn.Module, params: list, device, *, max_shapes: int,
-                 capture: Optional[Callable] = None, warmup: int = 3, before_capture: Callable[[], None] = lambda: None):
+                 capture: Optional[Callable] = None, warmup: int = 3,
+                 before_capture: Callable[[], None] = lambda: None):
         device = torch.device(device)
         if capture is None and device.type != "cuda":
             raise ValueError(f"training.cuda_graphs needs a CUDA device; this rank trains on {device}")
@@ -148,7 +149,8 @@ class CapturedLoss:
             logger.warning("training.cuda_graphs: %d batch layouts captured (training.cuda_graph_shapes); a new one "
                            "(%s) and any later ones run eagerly", len(self.graphs), _describe(key))
         self.eager_micro_steps += 1
-        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
         return model_loss(self.reft_model, moved)
 
     def _capture_layout(self, batch: dict, names: tuple, constants: dict) -> _Graph:
@@ -161,7 +163,8 @@ class CapturedLoss:
         try:
             loss = self._capture(module, inputs, **kwargs)
         except Exception as err:
-            raise RuntimeError(f"training.cuda_graphs: capturing the step of batch layout {_describe(batch_layout(batch)[0])} "
+            layout = _describe(batch_layout(batch)[0])
+            raise RuntimeError(f"training.cuda_graphs: capturing the step of batch layout {layout} "
                                f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                                "set training.cuda_graphs: false to train eagerly") from err
         logger.info("training.cuda_graphs: captured batch layout %d of at most %d: %s", len(self.graphs) + 1,

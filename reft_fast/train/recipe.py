@@ -93,6 +93,8 @@ class TrainResult:
     base_numel_at_load: int = 0  # base elements materialized right after loading (ZeRO-3: only unpartitioned ones)
     fused_ops: tuple[str, ...] = ()  # the liger-kernel operations fused into the base (model.fused_ops)
     best: Optional[dict] = None  # training.keep_best: {"step", "metric", "value"} of the evaluation final/ holds
+    # training.cuda_graphs: {"layouts": captured, "replayed": micro-batches, "eager": micro-batches, "checks": [...]}
+    cuda_graphs: Optional[dict] = None
 
 
 @dataclass
@@ -496,10 +498,14 @@ class ReftTrainingRecipe:
             steps = self.total_steps - self.start_step
             logger.info("trained %d step%s in %.1f s", steps, "" if steps == 1 else "s",
                         time.perf_counter() - self._started)
-            if self.captured is not None:
+        if self.captured is not None:
+            c = self.captured
+            self.result.cuda_graphs = {"layouts": len(c.graphs), "replayed": c.replayed_micro_steps,
+                                       "eager": c.eager_micro_steps, "checks": list(c.checks)}
+            if self.rank == 0:
                 logger.info("training.cuda_graphs: %d batch layout%s captured; %d micro-batches replayed, %d eager",
-                            len(self.captured.graphs), "" if len(self.captured.graphs) == 1 else "s",
-                            self.captured.replayed_micro_steps, self.captured.eager_micro_steps)
+                            len(c.graphs), "" if len(c.graphs) == 1 else "s", c.replayed_micro_steps,
+                            c.eager_micro_steps)
         final_dir = self.output / "final"
         if self.best is not None and self.best.publish_final(self.rank):
             self.result.best = dict(self.best.record)

@@ -227,11 +227,12 @@ class TrainingConfig:
     sample_prompts: list[str] = field(default_factory=list)  # answered before and after training (printed)
     max_new_tokens: int = 64
     progress_bar: bool = True
-    # Replay each micro-batch's forward and backward from a CUDA graph captured per batch layout (reft_fast.train.graphs):
-    # the host's Python per intervention leaves the step. CUDA only; ZeRO stage 0, no gradient checkpointing,
+    # Replay each micro-batch's forward and backward from a CUDA graph captured per batch layout
+    # (reft_fast.train.graphs): the host's Python per intervention leaves the step. CUDA only; ZeRO stage 0, no gradient checkpointing,
     # model.compile or intervention dropout, and not liger's fused cross-entropy.
     cuda_graphs: bool = False
-    cuda_graph_shapes: int = 4  # batch layouts captured at most (each keeps its activations); later new ones run eagerly
+    # batch layouts captured at most (each keeps its activations allocated); later new ones run eagerly
+    cuda_graph_shapes: int = 4
 
 
 @dataclass
@@ -840,6 +841,10 @@ def _check_packing(cfg: TrainConfig) -> None:
                           f"these: set it to sdpa, eager, flex_attention or flash_attention_2")
 
 
+def _enabled(section: Any) -> bool:
+    return isinstance(section, dict) and bool(section.get("enabled", False))
+
+
 def _check_cuda_graphs(cfg: TrainConfig) -> None:
     """What a captured step cannot replay (reft_fast.train.graphs says why for each)."""
     t = cfg.training
@@ -856,8 +861,11 @@ def _check_cuda_graphs(cfg: TrainConfig) -> None:
                             "use one of the two"),
         (cfg.interventions.dropout > 0, f"interventions.dropout {cfg.interventions.dropout}: its seed is drawn on the "
                                         "host at each forward and would replay as a constant"),
-        (cfg.interventions.orthogonalization == "polar", "interventions.orthogonalization polar: torch.linalg.eigh "
-                                                         "waits for the device on CUDA; householder or cholesky do not"),
+        (_enabled(cfg.deepspeed.config.get("torch_autocast")),
+         "deepspeed.config.torch_autocast: DeepSpeed applies it in its engine's forward, which a replay does not run"),
+        (cfg.interventions.orthogonalization == "polar",
+         "interventions.orthogonalization polar: torch.linalg.eigh waits for the device on CUDA; householder or "
+         "cholesky do not"),
         (cfg.model.fused_ops == "on", "model.fused_ops on: liger-kernel's fused cross-entropy reads the count of "
                                       "labelled tokens on the host (.item()); auto leaves it out under cuda_graphs"),
         (cfg.data.packing and packing_attention(cfg.model.attn_implementation) != "mask",

@@ -239,6 +239,7 @@ def run_one(config_path, overrides, check_frozen):
     return {"losses": result.losses, "eval_losses": result.eval_losses, "final_dir": result.final_dir,
             "samples": result.samples, "base_numel_at_load": result.base_numel_at_load,
             "fused_ops": list(result.fused_ops), "world": int(os.environ.get("WORLD_SIZE", "1")),
+            "cuda_graphs": result.cuda_graphs,
             "largest_deepspeed_buffer": dict(LARGEST_DEEPSPEED_BUFFER), "module_walks": dict(MODULE_WALKS), **seen}
 
 
