@@ -554,8 +554,13 @@ def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama",
         def loss_of():
             return captured(host)
 
+    # The floor's bias: set to None, so that autograd takes the graph's static gradient as the .grad (read by this
+    # step's AdamW, dropped before the next replay rewrites it). reft-fast's: zeroed in place, as the recipe's engine
+    # does (CapturedLoss gives each parameter a .grad of its own, which autograd adds into).
+    set_to_none = variant in FLOORS
+
     def step():
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=set_to_none)
         loss = loss_of()
         loss.backward()
         optimizer.step()

@@ -35,9 +35,11 @@ VOCAB, N_INTERVENTIONS = 96, 2
 
 def traced_capture(module, sample_args, **_):
     """make_graphed_callables' stand-in on the CPU: the module's loss and its gradients to the module's parameters,
-    traced once on ``sample_args``; calls replay the trace on their own tensors, and backward hands the traced
-    gradients (times the incoming one) to autograd, as the backward graph's replay does."""
+    traced once on ``sample_args``; calls replay the trace on their own tensors, and backward writes the traced
+    gradients (times the incoming one) into buffers of its own and hands autograd detached views of them, as the
+    backward graph's replay hands its static gradient tensors (which the next replay overwrites)."""
     params = list(module.parameters())
+    static_grads = [torch.empty_like(p) for p in params]
 
     def joint(*args):
         loss = module(*args)
@@ -58,7 +60,9 @@ def traced_capture(module, sample_args, **_):
 
         @staticmethod
         def backward(ctx, grad):
-            return (None,) * n + tuple(grad * g for g in ctx.grads)
+            for static, g in zip(static_grads, ctx.grads):
+                torch.mul(g, grad, out=static)
+            return (None,) * n + tuple(static.detach() for static in static_grads)
 
     return lambda *args: Replayed.apply(*args, *params)
 
@@ -130,9 +134,28 @@ def test_each_batch_replays_its_own_step_not_the_captured_ones(device_locations)
         batch = _batch(seed, lengths, multiple=16, trim=True)
         expected = _loss_and_grads(model_loss(model, batch), params)
         _assert_same_step(_loss_and_grads(captured(batch), params), expected)
-        assert all(p.grad is None for p in params)  # nothing accumulated but what the caller's backward does
+        assert all(not p.grad.any() for p in params)  # nothing accumulated but what the caller's backward does
     assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5 and captured.eager_micro_steps == 0
     assert all(graph.checked for graph in captured.graphs.values())
+
+
+def test_gradients_accumulate_over_replayed_micro_batches(device_locations):
+    """Three micro-batches of one layout (the capture, the checked replay, a replay), each backpropagated as the
+    recipe does, from gradients set to None: the sum of the three eager gradients. (The replay hands autograd its
+    static gradient buffers: taken as the .grad, the next replay would overwrite it before adding.)"""
+    model = _model()
+    params = model.trainable_parameters()
+    batches = [_batch(seed, [9, 13, 16], multiple=16) for seed in (1, 2, 3)]
+    for batch in batches:
+        model_loss(model, batch).backward()
+    expected = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+    for batch in batches:
+        captured(batch).backward()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-6)
 
 
 def test_padding_to_a_multiple_changes_no_loss_or_gradient():

@@ -137,6 +137,7 @@ class CapturedLoss:
             if not graph.checked:
                 self._check(graph, key)
         graph.replays += 1
+        _own_gradients(self.params)
         return graph.loss(*graph.inputs)
 
     def _copy_in(self, graph: _Graph, batch: dict, names: tuple) -> None:
@@ -187,6 +188,17 @@ class CapturedLoss:
         logger.info("training.cuda_graphs: replay matches eager on a new batch of layout %s: %s", _describe(key),
                     figures)
         graph.checked = True
+
+
+def _own_gradients(params: list) -> None:
+    """Give every trained parameter a ``.grad`` of its own where it has none. A replayed backward hands autograd the
+    graph's static gradient tensors (detached views, which the next replay overwrites), and autograd's AccumulateGrad
+    takes such a tensor as the ``.grad`` itself when there is none yet: the next micro-batch's replay would then
+    rewrite that ``.grad`` before adding into it (2·g₂ in place of g₁ + g₂; caught on the CPU by a stand-in capture
+    that hands out its buffers the same way). With a ``.grad`` already there, AccumulateGrad adds into it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _loss_and_grads(loss: torch.Tensor, params: list) -> tuple[float, list]:
