@@ -35,11 +35,13 @@ VOCAB, N_INTERVENTIONS = 96, 2
 
 def traced_capture(module, sample_args, **_):
     """make_graphed_callables' stand-in on the CPU: the module's loss and its gradients to the module's parameters,
-    traced once on ``sample_args``; calls replay the trace on their own tensors, and backward writes the traced
-    gradients (times the incoming one) into buffers of its own and hands autograd detached views of them, as the
-    backward graph's replay hands its static gradient tensors (which the next replay overwrites)."""
+    traced once on ``sample_args``; calls replay the trace on their own tensors and return the loss in a buffer of
+    their own, and backward writes the traced gradients (times the incoming one) into buffers of its own and hands
+    autograd detached views of them, as the graphs' replays hand out their static tensors (which the next replay
+    overwrites)."""
     params = list(module.parameters())
     static_grads = [torch.empty_like(p) for p in params]
+    static_loss = torch.empty(())
 
     def joint(*args):
         loss = module(*args)
@@ -56,7 +58,8 @@ def traced_capture(module, sample_args, **_):
         def forward(ctx, *inputs):
             loss, *grads = trace(*inputs[:n])
             ctx.grads = grads
-            return loss.detach()
+            static_loss.copy_(loss)
+            return static_loss.detach()  # as the forward graph's static output: the next replay rewrites it
 
         @staticmethod
         def backward(ctx, grad):
