@@ -18,8 +18,12 @@ checked on the host (its locations, where reading them is free), then copied int
 without waiting (from pinned memory). The layouts are few because the collator pads every batch to a multiple of
 ``data.pad_to_multiple_of`` tokens (64 when cuda_graphs is on and it is not set) and the kept logits are rounded up the
 same way (``loss.trim_to_labels``). The first ``training.cuda_graph_shapes`` layouts are captured as they come (three
-warm-up passes on a side stream, then the capture; all graphs share one memory pool, and each keeps its activations
-allocated: memory grows with every layout); later new layouts run eagerly (said once).
+warm-up passes on a side stream, then the capture); later new layouts run eagerly (said once). All graphs share one
+memory pool: layouts replay one at a time (a micro-batch's forward, then its backward, then the next micro-batch), so
+what one graph's step frees another's may reuse, and the pool holds about the largest layout's activations plus each
+graph's input, loss and gradient tensors. The eager pass of each layout's check (below) takes as much again once, from
+torch's ordinary cache. Under SDPA or eager attention a padded batch is given as one packed segment per row
+(``_as_one_segment``): one additive causal mask for all layers.
 
 Checked. The first time a captured layout meets a batch other than the one it was captured with, its replay is
 compared with an eager pass over that batch (the loss and every trained gradient, neither accumulated): a value frozen
@@ -45,6 +49,7 @@ from torch import nn
 
 from reft_fast.core.positions import check_locations
 from reft_fast.train.loss import model_loss
+from reft_fast.train.packing import packing_attention
 
 __all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "batch_layout"]
 
@@ -111,6 +116,12 @@ class CapturedLoss:
         self.max_shapes, self.warmup, self.before_capture = max_shapes, warmup, before_capture
         self._capture = capture or torch.cuda.make_graphed_callables
         self._pool = torch.cuda.graph_pool_handle() if capture is None else None
+        # SDPA or eager attention: a padded batch is given as one segment per row, so that its causal mask is one
+        # additive tensor all layers share (``_as_one_segment``)
+        # (not for a mixture of experts whose router loss needs the padding mask: ``loss.causal_model_inputs``)
+        config = getattr(reft_model.model, "config", None)
+        self._one_mask = packing_attention(getattr(config, "_attn_implementation", None)) == "mask" and \
+            not getattr(config, "output_router_logits", False)
         self.graphs: dict[Any, _Graph] = {}
         self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0
@@ -122,6 +133,8 @@ class CapturedLoss:
 
     def __call__(self, batch: dict) -> torch.Tensor:
         batch = {k: v for k, v in batch.items() if k not in _VARLEN_ONLY}
+        if self._one_mask and "segment_ids" not in batch:
+            batch = _as_one_segment(batch)
         locations = batch["intervention_locations"]
         # The ReftModel reads CPU locations itself; the graph's copies are on the device, so they are checked here.
         check_locations(locations, len(self.reft_model.interventions), locations.shape[1],
@@ -188,6 +201,18 @@ class CapturedLoss:
         logger.info("training.cuda_graphs: replay matches eager on a new batch of layout %s: %s", _describe(key),
                     figures)
         graph.checked = True
+
+
+def _as_one_segment(batch: dict) -> dict:
+    """A padded batch as packed rows of one segment each (``segment_ids`` of ones, positions 0…T−1): the same
+    attention (causal; a padded tail attends to what precedes it, and no real token to it). While a stream captures,
+    transformers builds the causal mask itself, a boolean one that SDPA converts to the hidden states' dtype in every
+    layer, each layer keeping its copy for backward (measured for packing on the CPU, 2026-11-29: 4 MiB per layer at 4
+    rows of 512); from segment ids the batch gets one additive mask that every layer shares
+    (``packing.packed_model_inputs``)."""
+    rows, length = batch["input_ids"].shape
+    positions = torch.arange(length, dtype=torch.long).expand(rows, length).contiguous()
+    return {**batch, "segment_ids": torch.ones_like(batch["input_ids"]), "position_ids": positions}
 
 
 def _own_gradients(params: list) -> None:

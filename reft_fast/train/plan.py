@@ -31,7 +31,8 @@ any architecture. The rest is arithmetic, per GPU:
   not modelled, so for such a run the plan overestimates, most of all the loss, whose fused linear cross-entropy
   never holds the whole logits. A packed micro-batch (``data.packing``) under SDPA or eager attention adds its
   block-diagonal mask: rows × T × T in the base dtype, made once and shared by every layer (``packing.additive_mask``);
-  flash and flex attention take none.
+  flash and flex attention take none. A replayed step (``training.cuda_graphs``) gives padded batches the same mask
+  (while a stream captures, transformers takes no ``is_causal`` shortcut: ``train.graphs``).
 * cuBLAS's workspaces (``cublas_workspace_bytes``): torch gives each cuBLAS handle one for the life of the process,
   and a step uses two handles (``CUBLAS_WORKSPACE_DEFAULT``): 64 MiB on Hopper, 16.25 MiB on earlier GPUs.
 
@@ -218,7 +219,8 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, checkpoints: int, dt
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     d_ff = getattr(text, "intermediate_size", 4 * d)
     implementation = cfg.model.attn_implementation or ""
-    packed = cfg.data.packing and packing_attention(implementation) == "mask"
+    # a replayed step (training.cuda_graphs) gives padded batches the packed route's one mask (``train.graphs``)
+    packed = (cfg.data.packing or cfg.training.cuda_graphs) and packing_attention(implementation) == "mask"
     # flash-attn takes grouped k/v as they are, and so does SDPA given no mask (transformers 5.24's use_gqa_in_sdpa,
     # up to a head dim of 256); under a mask transformers repeats them to every head.
     grouped = implementation.startswith("flash") or (
