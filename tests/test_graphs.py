@@ -161,6 +161,26 @@ def test_gradients_accumulate_over_replayed_micro_batches(device_locations):
         torch.testing.assert_close(p.grad, e, rtol=0, atol=1e-6)
 
 
+def test_a_padded_batch_replays_as_one_segment_whose_fixed_tensors_are_copied_once(device_locations):
+    """Under SDPA a padded batch gets segment ids of ones and positions 0…T−1 (one additive mask for all layers): the
+    layout determines them, so only the collated tensors are copied into the graph at each step (the added ones are
+    pageable: copying them would make the host wait for the device)."""
+    from reft_fast.train.graphs import _Graph
+
+    model = _model()
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=1, capture=traced_capture)
+    captured(_batch(1, [9, 13, 16], multiple=16))
+    [graph] = captured.graphs.values()
+    key = next(iter(captured.graphs))
+    assert [name for name, _, _ in key[0]] == ["attention_mask", "input_ids", "intervention_locations", "labels",
+                                              "position_ids", "segment_ids"]
+    inputs = tuple(torch.zeros(2) for _ in range(3))
+    fake = _Graph(loss=None, inputs=inputs, module=None)
+    CapturedLoss._copy_in(fake, {"a": torch.ones(2), "position_ids": torch.ones(2), "segment_ids": torch.ones(2)},
+                          ("a", "position_ids", "segment_ids"), ("position_ids", "segment_ids"))
+    assert [float(t.sum()) for t in inputs] == [2.0, 0.0, 0.0]
+
+
 def test_padding_to_a_multiple_changes_no_loss_or_gradient():
     model = _model()
     params = model.trainable_parameters()

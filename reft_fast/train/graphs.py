@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 GRAPH_CHECK_TOLERANCE = 5e-2
 # Entries of a packed batch that only flash attention's varlen route reads (refused under cuda_graphs).
 _VARLEN_ONLY = ("cu_seq_lens", "max_segment_length")
+# What ``_as_one_segment`` adds: the same for every batch of a layout
+_ONE_SEGMENT = ("position_ids", "segment_ids")
 
 
 def batch_layout(batch: dict) -> tuple[tuple, tuple[str, ...], dict]:
@@ -133,8 +135,9 @@ class CapturedLoss:
 
     def __call__(self, batch: dict) -> torch.Tensor:
         batch = {k: v for k, v in batch.items() if k not in _VARLEN_ONLY}
+        fixed = ()  # inputs that the layout determines: in the graph's tensors since its capture, never copied again
         if self._one_mask and "segment_ids" not in batch:
-            batch = _as_one_segment(batch)
+            batch, fixed = _as_one_segment(batch), _ONE_SEGMENT
         locations = batch["intervention_locations"]
         # The ReftModel reads CPU locations itself; the graph's copies are on the device, so they are checked here.
         check_locations(locations, len(self.reft_model.interventions), locations.shape[1],
@@ -146,16 +149,21 @@ class CapturedLoss:
         elif graph is None:
             return self._eager(batch, key)
         else:
-            self._copy_in(graph, batch, names)
+            self._copy_in(graph, batch, names, fixed)
             if not graph.checked:
                 self._check(graph, key)
         graph.replays += 1
         _own_gradients(self.params)
         return graph.loss(*graph.inputs)
 
-    def _copy_in(self, graph: _Graph, batch: dict, names: tuple) -> None:
+    @staticmethod
+    def _copy_in(graph: _Graph, batch: dict, names: tuple, fixed: tuple) -> None:
+        """The batch's tensors into the graph's, without waiting: from pinned memory (the recipe's batches) the copy
+        is queued; a pageable tensor would make the host wait for the device first, which is why the layout's own
+        ``fixed`` tensors (built here, pageable) are not copied."""
         for static, name in zip(graph.inputs, names):
-            static.copy_(batch[name], non_blocking=True)
+            if name not in fixed:
+                static.copy_(batch[name], non_blocking=True)
 
     def _eager(self, batch: dict, key) -> torch.Tensor:
         if not self._said_full:
