@@ -505,15 +505,20 @@ def build_graph_step(variant: str, device: str = "cuda", base: str = "llama", wa
 
 class FloorLoss(torch.nn.Module):
     """The floor's loss as a module of its batch tensors (what make_graphed_callables takes): the base (held, not
-    registered: its frozen weights are no graph inputs) with the floor's bias hook; the bias is the one parameter."""
+    registered: its frozen weights are no graph inputs) with the floor's bias hook; the bias is the one parameter.
+    Its batch is given as CapturedLoss gives reft-fast's (one segment per row: one additive causal mask for all
+    layers, ``packing.packed_model_inputs``), so that the pair differs only by the interventions."""
 
     def __init__(self, base, bias: torch.nn.Parameter):
         super().__init__()
         self.bias = bias
         object.__setattr__(self, "base", base)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.base(input_ids=input_ids, labels=labels).loss
+    def forward(self, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:
+        from reft_fast.train.packing import packed_model_inputs
+
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
+        return self.base(**packed_model_inputs(batch, self.base), labels=labels).loss
 
 
 def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama", warmup: int = 3, capture=None):
@@ -537,14 +542,17 @@ def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama",
     make_graphed = capture or torch.cuda.make_graphed_callables
     if variant in FLOORS:
         floor = FloorLoss(model, params[0])
-        graphed = make_graphed(floor, (batch["input_ids"], batch["labels"]), num_warmup_iters=warmup)
+        rows, length = batch["input_ids"].shape
+        inputs = (batch["input_ids"], batch["labels"],
+                  torch.arange(length, device=device).expand(rows, length).contiguous(),
+                  torch.ones_like(batch["input_ids"]))
+        graphed = make_graphed(floor, inputs, num_warmup_iters=warmup)
         with torch.no_grad():
-            replayed = float(graphed(batch["input_ids"], batch["labels"]))
-            eager = float(floor(batch["input_ids"], batch["labels"]))
+            replayed, eager = float(graphed(*inputs)), float(floor(*inputs))
         status = f"forward and backward graphed; replayed loss − eager {abs(replayed - eager):.3g} (loss {eager:.4g})"
 
         def loss_of():
-            return graphed(batch["input_ids"], batch["labels"])
+            return graphed(*inputs)
     else:
         host = {"input_ids": batch["input_ids"].cpu(), "labels": batch["labels"].cpu(),
                 "intervention_locations": batch["locations"].cpu()}

@@ -169,7 +169,7 @@ def test_the_replayed_floor_steps_through_its_graphed_loss(monkeypatch):
         return module
 
     step, n, status, issued = bench_host.build_replayed_step("floor-replayed", "cpu", "toy", 1, capture=stand_in)
-    assert captured == [("FloorLoss", [(8, 32), (8, 32)], {"num_warmup_iters": 1})] and n == 0
+    assert captured == [("FloorLoss", [(8, 32)] * 4, {"num_warmup_iters": 1})] and n == 0
     assert [name for name, _ in modules[0].named_parameters()] == ["bias"]  # the base's weights are no graph input
     assert status.startswith("forward and backward graphed; replayed loss − eager 0 (loss "), status
     bias = modules[0].bias.detach().clone()

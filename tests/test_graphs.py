@@ -82,17 +82,18 @@ def device_locations(monkeypatch):
                         check(locations, n, batch))
 
 
-def _model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _model(seed: int = 0, family: str = "llama", **config_options):
+    import transformers
 
     from reft_fast.core.config import ReftConfig
     from reft_fast.core.model import get_reft_model
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         attn_implementation="sdpa")
-    base = LlamaForCausalLM(config)
+    prefix = {"llama": "Llama", "mistral": "Mistral"}[family]
+    config = getattr(transformers, f"{prefix}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, attn_implementation="sdpa", **config_options)
+    base = getattr(transformers, f"{prefix}ForCausalLM")(config)
     base.requires_grad_(False)
     reft_config = ReftConfig(representations=[{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
                                                 "intervention": "loreft"} for layer in range(N_INTERVENTIONS)])
@@ -179,6 +180,34 @@ def test_a_padded_batch_replays_as_one_segment_whose_fixed_tensors_are_copied_on
     CapturedLoss._copy_in(fake, {"a": torch.ones(2), "position_ids": torch.ones(2), "segment_ids": torch.ones(2)},
                           ("a", "position_ids", "segment_ids"), ("position_ids", "segment_ids"))
     assert [float(t.sum()) for t in inputs] == [2.0, 0.0, 0.0]
+
+
+def test_a_windowed_model_keeps_its_window_when_replayed(device_locations):
+    """Layers that attend within a window (Mistral's sliding_window, 8 tokens here, rows of 32) must not get the one
+    causal mask of a segment: transformers builds their masks (while a stream captures too)."""
+    model = _model(family="mistral", sliding_window=8)
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+    for seed in (1, 2):
+        batch = _batch(seed, [20, 31, 25], multiple=16)
+        expected = _loss_and_grads(model_loss(model, batch), params)
+        _assert_same_step(_loss_and_grads(captured(batch), params), expected)
+    key = next(iter(captured.graphs))
+    assert "segment_ids" not in [name for name, _, _ in key[0]]
+
+
+def test_a_step_that_draws_random_numbers_is_not_compared_and_says_so(device_locations, caplog):
+    """Dropout in the base: a replay and an eager pass draw different masks, so the check would report a difference
+    that is none; it says why it did not compare instead, and training goes on."""
+    model = _model(attention_dropout=0.2)
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=1, capture=traced_capture)
+    with caplog.at_level(logging.WARNING, logger="reft_fast.train.graphs"):
+        for seed in (1, 2, 3):
+            loss = captured(_batch(seed, [9, 13, 16], multiple=16))
+            assert torch.isfinite(loss)
+    assert captured.checks == ["not compared: the step draws random numbers (dropout in the base), which a replay "
+                               "and an eager pass draw differently"]
+    assert any("not compared" in r.getMessage() for r in caplog.records)
 
 
 def test_padding_to_a_multiple_changes_no_loss_or_gradient():
@@ -270,6 +299,11 @@ def test_fused_ops_auto_leaves_the_fused_cross_entropy_out_of_a_captured_step():
     (["interventions.dropout=0.05"], "interventions.dropout 0.05"),
     (["interventions.orthogonalization=polar"], "interventions.orthogonalization polar"),
     (["deepspeed.config.torch_autocast={enabled: true}"], "deepspeed.config.torch_autocast"),
+    (["deepspeed.config.wall_clock_breakdown=true"], "deepspeed.config flops_profiler, wall_clock_breakdown"),
+    (["deepspeed.config.flops_profiler={enabled: true}"], "deepspeed.config flops_profiler, wall_clock_breakdown"),
+    (["deepspeed.config.timers={throughput: {enabled: true}}"], "deepspeed.config flops_profiler, wall_clock"),
+    (["training.micro_batch_size=1", "model.attn_implementation=flash_attention_2"],
+     "model.attn_implementation flash with training.micro_batch_size 1"),
     (["model.fused_ops=on"], "model.fused_ops on"),
     (["data.packing=true", "model.attn_implementation=flex_attention"], "data.packing with"),
     (["task=classification"], "task 'classification'"),
@@ -278,8 +312,8 @@ def test_what_a_replay_cannot_hold_is_refused_with_the_config(tmp_path, override
     from reft_fast.train.train_config import ConfigError, load_config, validate
 
     config = make_run(tmp_path)
-    with pytest.raises(ConfigError, match=f"^training.cuda_graphs: {why}"):
-        validate(load_config(str(config), ["training.cuda_graphs=true", *overrides]))
+    with pytest.raises(ConfigError, match=f"^training.cuda_graphs: {why}"):  # (flash-attn is not installed here)
+        validate(load_config(str(config), ["training.cuda_graphs=true", *overrides]), check_data=False)
 
 
 @pytest.mark.parametrize("override, field", [("training.cuda_graph_shapes=0", "training.cuda_graph_shapes"),
@@ -339,6 +373,9 @@ def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path
     finally:
         shutdown()
     assert eager[3].captured is None and eager[3].result.cuda_graphs is None
+    # replayed steps keep each gradient a tensor of its own, zeroed in place (eager steps set them to None)
+    assert all(p.grad is None for p in eager[3].trainable_params)
+    assert all(p.grad is not None and not p.grad.any() for p in replayed[3].trainable_params)
     captured = replayed[3].captured
     assert replayed[3].result.cuda_graphs == {"layouts": 1, "replayed": 8, "eager": 0, "checks": captured.checks}
     assert len(captured.checks) == 1 and captured.checks[0].startswith("replay matches eager: |Δloss| = ")

@@ -400,3 +400,44 @@ def test_recipe_with_packing_follows_the_padded_loss_trajectory(tmp_path):
     train_rows = [(p, q) for p, q in zip(packed, padded) if "loss" in q]
     assert all(p["packing_efficiency"] > q["packing_efficiency"] for p, q in train_rows)
     assert all(0 < p["packing_efficiency"] <= 1 for p, _ in train_rows)
+
+
+@pytest.mark.parametrize("config, window", [
+    (transformers.MistralConfig(sliding_window=16), 16),
+    (transformers.MistralConfig(sliding_window=None), None),
+    (transformers.Qwen2Config(use_sliding_window=False, sliding_window=16), None),
+    (transformers.Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=0), 16),
+    (transformers.Gemma2Config(sliding_window=16), 16),
+    (transformers.LlamaConfig(), None),
+], ids=["mistral", "mistral-no-window", "qwen2-off", "qwen2-on", "gemma2", "llama"])
+def test_the_sliding_window_is_read_from_the_model_config(config, window):
+    from reft_fast.train.packing import sliding_window_of
+
+    assert sliding_window_of(config) == window
+
+
+@pytest.mark.parametrize("attention, max_length, refused", [("sdpa", 32, True), ("eager", 32, True),
+                                                             ("sdpa", 16, False), ("flex_attention", 32, False)])
+def test_block_masked_packing_is_refused_beyond_the_models_window(tmp_path, attention, max_length, refused):
+    """Packed rows under SDPA or eager attention get one block-diagonal causal mask, which transformers hands every
+    layer unchanged: a layer that attends within a window of 16 tokens would see further in rows of 32 (a silent
+    change of the model). Within the window, or where the attention builds its own masks, packing goes on."""
+    import yaml
+
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    transformers.MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2,
+                               sliding_window=16).save_pretrained(tmp_path / "model")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"path": str(tmp_path / "model"), "attn_implementation": attention},
+        "interventions": {"layers": [0]}, "data": {"train_file": "t.jsonl", "packing": True, "max_length": max_length},
+        "training": {"micro_batch_size": 2, "max_steps": 1}}))
+    cfg = load_config(str(config))
+    if refused:
+        with pytest.raises(ConfigError, match=r"^data.packing: the model's layers attend within a window of 16 "
+                                              r"tokens.*data.max_length = 32"):
+            validate(cfg, check_data=False)
+    else:
+        validate(cfg, check_data=False)

@@ -150,6 +150,30 @@ def _train_tiny_run(folder, *overrides):
     return [row["loss"] for row in rows], [row.get("grad_norm") for row in rows]
 
 
+def test_deepspeed_never_synchronizes_the_device_inside_a_step(tmp_path, monkeypatch):
+    """DeepSpeed 0.19.8's throughput timer (on by default; started by the engine's forward hook when the engine has no
+    dataloader) synchronized the device at every forward from the third step on: a host wait per micro-batch that the
+    dispatch counter cannot see (a CPU accelerator's synchronize reaches no op), and an error inside a CUDA graph
+    capture. Counted here at the accelerator, over 4 steps of 2 micro-batches."""
+    from deepspeed.accelerator import get_accelerator
+
+    from reft_fast.train.distributed import shutdown
+
+    accelerator, in_steps = get_accelerator(), []
+    synchronize = accelerator.synchronize
+
+    def counted(*args, **kwargs):
+        in_steps.extend(name for _, _, name, _ in traceback.extract_stack() if name == "train_step")
+        return synchronize(*args, **kwargs)
+
+    monkeypatch.setattr(accelerator, "synchronize", counted)
+    try:
+        losses, _ = _train_tiny_run(tmp_path)
+    finally:
+        shutdown()
+    assert len(losses) == 4 and in_steps == []
+
+
 CLIP_NORMS = (0.05, 0.0)  # clipping at every step; none (the norm only measured)
 
 

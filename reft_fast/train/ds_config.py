@@ -70,6 +70,12 @@ def build_ds_config(cfg: TrainConfig, world_size: int, max_intervention_numel: i
         "zero_force_ds_cpu_optimizer": False,  # offload with torch AdamW: no JIT-built CPU Adam needed
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed 0.19.8's throughput timer, started by its engine's forward hook when the engine has no dataloader
+        # (the recipe's), synchronizes the device at every forward from the third step on (utils/timer.py) for a
+        # figure it prints every steps_per_print steps: the host waited for the device at each micro-batch, and a
+        # captured step (training.cuda_graphs) capturing a new layout after step 2 failed. The metrics line has
+        # tokens/s without it.
+        "timers": {"throughput": {"enabled": False}},
     }
     config = _deep_merge(config, json.loads(json.dumps(ds.config)))
     if ds.stage == 3:
@@ -144,11 +150,12 @@ def skip_one_rank_gradient_allreduce(engine) -> bool:
     return True
 
 
-def zero_only_trained_gradients(engine) -> bool:
+def zero_only_trained_gradients(engine, set_to_none: bool = True) -> bool:
     """Make the engine's end-of-step ``zero_grad`` reset only the trained tensors' gradients (the client optimizer's
-    ``zero_grad(set_to_none=True)``), where it would walk the whole module to do the same: ZeRO stage 0 without
+    ``zero_grad(set_to_none=...)``), where it would walk the whole module to do the same: ZeRO stage 0 without
     fp16/bf16 and the client optimizer unwrapped, every parameter that requires grad being one the optimizer steps
-    (the frozen base never has a gradient). True if it was replaced.
+    (the frozen base never has a gradient). True if it was replaced. ``set_to_none=False`` (a replayed step,
+    ``train.graphs``: each gradient stays a tensor of its own, into which autograd adds) zeroes them in place.
 
     DeepSpeed's stage-0 ``engine.zero_grad`` sets ``grad = None`` on every parameter of ``module.named_parameters()``:
     on a 32-layer Llama-shaped ReftModel (553 modules, 387 parameters) 887 µs of host time per step, 28 µs per
@@ -159,7 +166,7 @@ def zero_only_trained_gradients(engine) -> bool:
 
     if not hasattr(engine, "zero_grad") or _stepped_by_the_client_optimizer(engine) is None:
         return False
-    engine.zero_grad = functools.partial(engine.basic_optimizer.zero_grad, set_to_none=True)
+    engine.zero_grad = functools.partial(engine.basic_optimizer.zero_grad, set_to_none=set_to_none)
     return True
 
 

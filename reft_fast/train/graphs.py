@@ -49,7 +49,7 @@ from torch import nn
 
 from reft_fast.core.positions import check_locations
 from reft_fast.train.loss import model_loss
-from reft_fast.train.packing import packing_attention
+from reft_fast.train.packing import packing_attention, sliding_window_of
 
 __all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "batch_layout"]
 
@@ -120,10 +120,11 @@ class CapturedLoss:
         self._pool = torch.cuda.graph_pool_handle() if capture is None else None
         # SDPA or eager attention: a padded batch is given as one segment per row, so that its causal mask is one
         # additive tensor all layers share (``_as_one_segment``)
-        # (not for a mixture of experts whose router loss needs the padding mask: ``loss.causal_model_inputs``)
+        # (not for a mixture of experts whose router loss needs the padding mask: ``loss.causal_model_inputs``; nor
+        # where layers attend within a window, which one causal mask would not limit: transformers builds those)
         config = getattr(reft_model.model, "config", None)
         self._one_mask = packing_attention(getattr(config, "_attn_implementation", None)) == "mask" and \
-            not getattr(config, "output_router_logits", False)
+            not getattr(config, "output_router_logits", False) and sliding_window_of(config) is None
         self.graphs: dict[Any, _Graph] = {}
         self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0
@@ -194,9 +195,17 @@ class CapturedLoss:
         return _Graph(loss, inputs, module)
 
     def _check(self, graph: _Graph, key) -> None:
-        """Compare a replay over the batch now in the graph's inputs with an eager pass over the same tensors."""
+        """Compare a replay over the batch now in the graph's inputs with an eager pass over the same tensors; not
+        where the step draws random numbers (dropout in the base: the two draw different masks), which is said."""
         replayed = _loss_and_grads(graph.loss(*graph.inputs), self.params)
+        before = _rng_state(self.device)
         eager = _loss_and_grads(graph.module(*graph.inputs), self.params)
+        graph.checked = True
+        if not torch.equal(before, _rng_state(self.device)):
+            self.checks.append("not compared: the step draws random numbers (dropout in the base), which a replay "
+                               "and an eager pass draw differently")
+            logger.warning("training.cuda_graphs: batch layout %s: %s", _describe(key), self.checks[-1])
+            return
         loss_diff, grad_diff = _differences(replayed, eager)
         loss_scale = max(1.0, abs(eager[0]))
         figures = f"|Δloss| = {loss_diff:.3g} (loss {eager[0]:.4g}), largest |Δgrad| / |grad| = {grad_diff:.3g}"
@@ -208,7 +217,6 @@ class CapturedLoss:
         self.checks.append(f"replay matches eager: {figures}")
         logger.info("training.cuda_graphs: replay matches eager on a new batch of layout %s: %s", _describe(key),
                     figures)
-        graph.checked = True
 
 
 def _as_one_segment(batch: dict) -> dict:
@@ -228,10 +236,19 @@ def _own_gradients(params: list) -> None:
     graph's static gradient tensors (detached views, which the next replay overwrites), and autograd's AccumulateGrad
     takes such a tensor as the ``.grad`` itself when there is none yet: the next micro-batch's replay would then
     rewrite that ``.grad`` before adding into it (2·g₂ in place of g₁ + g₂; caught on the CPU by a stand-in capture
-    that hands out its buffers the same way). With a ``.grad`` already there, AccumulateGrad adds into it."""
+    that hands out its buffers the same way). With a ``.grad`` already there, AccumulateGrad adds into it. (The
+    recipe's engine zeroes them in place under cuda_graphs: they are made once.)"""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of ``device``'s default generator (a host copy; CUDA's is read from the host-side generator, without
+    waiting for the device): it moves when the step draws random numbers."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
 
 
 def _loss_and_grads(loss: torch.Tensor, params: list) -> tuple[float, list]:

@@ -39,17 +39,33 @@ Attention implementations that take no 4-D mask keep the examples apart their ow
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
+from reft_fast.core.hf import text_config_of
+
 __all__ = ["MASK_ATTENTION", "additive_mask", "block_causal_mask", "pack_rows", "packed_model_inputs",
-           "packing_attention"]
+           "packing_attention", "sliding_window_of"]
 
 # The attention implementations a block-diagonal 4-D mask reaches unchanged: transformers hands a ready 4-D mask to
 # the attention function as is (masking_utils, 5.24); both take it additive (``additive_mask``).
 MASK_ATTENTION = ("sdpa", "eager")
 MASK_ALIGNMENT = 16  # elements; see additive_mask
+
+
+def sliding_window_of(config) -> Optional[int]:
+    """The window W of a model some or all of whose layers attend only to the last W tokens (Mistral v0.1, Gemma 2
+    and 3, Phi-3, Qwen2 with ``use_sliding_window``, ...), else None. Read from the text config: ``sliding_window``,
+    and ``layer_types`` where the config lists them (transformers 5), else ``use_sliding_window`` where it has one."""
+    text = text_config_of(config)
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)):
+        return window if any("sliding" in str(kind) for kind in layer_types) else None
+    return None if getattr(text, "use_sliding_window", True) is False else window
 
 
 def packing_attention(implementation) -> str | None:

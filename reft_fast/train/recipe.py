@@ -563,7 +563,8 @@ def initialize_engine(model: torch.nn.Module, params: list, cfg: TrainConfig, wo
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            model_parameters=params, config=ds_config)
     if skip_one_rank_gradient_allreduce(engine) or not reduce_only_trained_gradients(engine):
-        zero_only_trained_gradients(engine)
+        # replayed steps (training.cuda_graphs) keep each gradient a tensor of their own (train.graphs)
+        zero_only_trained_gradients(engine, set_to_none=not t.cuda_graphs)
     return BuiltEngine(engine, optimizer, scheduler, clip_norm, ds_config["zero_optimization"]["stage"])
 
 

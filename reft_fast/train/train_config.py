@@ -37,7 +37,7 @@ from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.evaluation import FAMILIES
 from reft_fast.train.fused_base import FUSED_OPS_MODES
-from reft_fast.train.packing import MASK_ATTENTION, packing_attention
+from reft_fast.train.packing import MASK_ATTENTION, packing_attention, sliding_window_of
 
 __all__ = [
     "ClassificationConfig",
@@ -863,6 +863,13 @@ def _check_cuda_graphs(cfg: TrainConfig) -> None:
                                         "host at each forward and would replay as a constant"),
         (_enabled(cfg.deepspeed.config.get("torch_autocast")),
          "deepspeed.config.torch_autocast: DeepSpeed applies it in its engine's forward, which a replay does not run"),
+        (_enabled(cfg.deepspeed.config.get("flops_profiler")) or cfg.deepspeed.config.get("wall_clock_breakdown")
+         or _enabled((cfg.deepspeed.config.get("timers") or {}).get("throughput")),
+         "deepspeed.config flops_profiler, wall_clock_breakdown or timers.throughput: DeepSpeed starts them in its "
+         "engine's forward, which a replay does not run, and its timers synchronize the device"),
+        (t.micro_batch_size == 1 and "flash" in str(cfg.model.attn_implementation or ""),
+         "model.attn_implementation flash with training.micro_batch_size 1: transformers then reads the position ids "
+         "on the host in every layer, looking for packed sequences (use 2 or more, or sdpa)"),
         (cfg.interventions.orthogonalization == "polar",
          "interventions.orthogonalization polar: torch.linalg.eigh waits for the device on CUDA; householder or "
          "cholesky do not"),
@@ -1002,7 +1009,21 @@ def _check_against_model(cfg: TrainConfig) -> Any:
     hidden = hidden_size_of(model_config)
     if hidden is not None and iv.low_rank_dimension > hidden:
         raise ConfigError(f"interventions.low_rank_dimension: {iv.low_rank_dimension} exceeds the hidden size {hidden}")
+    _check_packing_window(cfg, model_config)
     return model_config
+
+
+def _check_packing_window(cfg: TrainConfig, model_config) -> None:
+    """Packed rows under SDPA or eager attention get one block-diagonal causal mask (``packing.packed_model_inputs``),
+    which transformers passes to every layer as it is: a layer that attends only to the last W tokens would attend
+    further. Refused where a row can be longer than the window."""
+    window = sliding_window_of(model_config)
+    if cfg.data.packing and packing_attention(cfg.model.attn_implementation) == "mask" and window is not None \
+            and cfg.data.max_length > window:
+        raise ConfigError(f"data.packing: the model's layers attend within a window of {window} tokens, which the "
+                          f"packed rows' block mask ({cfg.model.attn_implementation}) would not keep, and rows reach "
+                          f"data.max_length = {cfg.data.max_length}; set max_length ≤ {window}, or "
+                          "model.attn_implementation to flash_attention_2 or flex_attention")
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
