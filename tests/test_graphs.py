@@ -48,8 +48,16 @@ def traced_capture(module, sample_args, **_):
         return (loss, *torch.autograd.grad(loss, params))
 
     # What the step's libraries see while a stream captures: transformers' is_tracing asks this, and then reads no
-    # mask or position ids (it builds the causal mask instead).
-    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True):
+    # mask or position ids (it builds the causal mask instead). A device synchronize is refused, as a capturing stream
+    # refuses it (on a CPU it reaches no op the trace could see).
+    from deepspeed.accelerator import get_accelerator
+
+    def synchronize(*args, **kwargs):
+        raise RuntimeError("synchronize while a stream captures")
+
+    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True), \
+            mock.patch.object(torch.cuda, "synchronize", synchronize), \
+            mock.patch.object(get_accelerator(), "synchronize", synchronize):
         trace = make_fx(joint)(*sample_args)
     n = len(sample_args)
 
@@ -343,17 +351,15 @@ def _recipe_run(folder: Path, recipe_class, *overrides: str):
     return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], final, recipe
 
 
-def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations):
-    """The recipe's own loop (DeepSpeed's engine.backward and step, accumulation over 2 micro-batches, the recipe's
-    clipping) over replayed steps: the same losses, norms and final interventions as the eager run (whose batches are
-    not padded: the padding to 64 tokens and the kept logits change nothing but rounding)."""
-    from reft_fast.train.distributed import shutdown
+def _traced_recipe():
+    """The recipe with the stand-in capture (on a GPU the accelerator is CUDA and the capture torch's), recording at
+    each capture whether the batch thread had built every batch it was given, and the engine's step."""
     from reft_fast.train.recipe import ReftTrainingRecipe
 
     class TracedRecipe(ReftTrainingRecipe):
-        settled = []  # at each capture: whether the batch thread had built every batch it was given
+        settled, at_steps = [], []
 
-        def _check_graph_device(self):  # on a GPU the accelerator is CUDA; here the stand-in capture runs on the CPU
+        def _check_graph_device(self):
             pass
 
         def _host_batch(self, key):  # slow enough that the thread is still at work when the first batch is captured
@@ -363,10 +369,22 @@ def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path
         def _captured_loss(self, params):
             def capture(module, sample_args, **kwargs):
                 self.settled.append(all(future.done() for future in self._batches._ahead))
+                self.at_steps.append(self.engine.global_steps)
                 return traced_capture(module, sample_args, **kwargs)
 
             return super()._captured_loss(params, capture=capture)
 
+    return TracedRecipe
+
+
+def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations):
+    """The recipe's own loop (DeepSpeed's engine.backward and step, accumulation over 2 micro-batches, the recipe's
+    clipping) over replayed steps: the same losses, norms and final interventions as the eager run (whose batches are
+    not padded: the padding to 64 tokens and the kept logits change nothing but rounding)."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    TracedRecipe = _traced_recipe()
     try:
         eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe)
         replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "training.cuda_graphs=true")
@@ -386,6 +404,27 @@ def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path
     assert eager[2].keys() == replayed[2].keys()
     for name, tensor in eager[2].items():
         torch.testing.assert_close(replayed[2][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_layouts_first_met_after_the_second_step_are_captured_as_well(tmp_path, device_locations):
+    """Rows of 2 examples padded to multiples of 2 tokens: new layouts appear in later steps, captured then
+    (DeepSpeed's throughput timer, on by default, synchronized the device in its forward hook from the third step:
+    inside such a capture). The run trains as the eager one does."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    TracedRecipe = _traced_recipe()
+    more = ("training.max_steps=6", "data.pad_to_multiple_of=2", "training.cuda_graph_shapes=16",
+            "training.micro_batch_size=2", "training.global_batch_size=4")
+    try:
+        eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe, *more)
+        replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "training.cuda_graphs=true", *more)
+    finally:
+        shutdown()
+    summary = replayed[3].result.cuda_graphs
+    assert summary["layouts"] >= 2 and summary["eager"] == 0 and max(TracedRecipe.at_steps) >= 2, \
+        (summary, TracedRecipe.at_steps)
+    assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
 
 
 def _train(config: Path, result: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
