@@ -29,14 +29,20 @@ Checked. The first time a captured layout meets a batch other than the one it wa
 compared with an eager pass over that batch (the loss and every trained gradient, neither accumulated): a value frozen
 at capture that should have followed the batch shows there, and stops the run with both figures. The tolerance
 allows what capture itself changes: transformers builds an explicit causal mask while a stream captures (its
-``is_tracing``) where it gives SDPA ``is_causal`` eagerly, so 16-bit bases round differently.
+``is_tracing``) where it gives SDPA ``is_causal`` eagerly, so 16-bit bases round differently. A step that draws random
+numbers (dropout in the base) is not compared (the two passes draw different masks), which is said.
+
+Gradients. A replayed backward hands autograd the graph's own gradient tensors; each trained parameter is given a
+``.grad`` of its own first (``_own_gradients``), and the recipe's engine zeroes them in place.
 
 What cannot be captured is refused when the config is read (``train_config``): ZeRO stages 1–3 (DeepSpeed's ZeRO
 optimizers start each backward from hooks of the engine's forward, which a replay does not run), gradient
 checkpointing, ``model.compile``, dropout in the interventions (its seed is drawn on the host per forward), liger's
-fused cross-entropy (liger-kernel 0.8.5 reads the labelled-token count with ``.item()``) and packing through flash
-attention's varlen lengths or flex attention's documents (host ints per batch). A device other than CUDA is refused
-when the recipe builds this.
+fused cross-entropy (liger-kernel 0.8.5 reads the labelled-token count with ``.item()``), polar orthogonalization
+(``eigh`` waits for the device), packing through flash attention's varlen lengths or flex attention's documents (host
+ints per batch), flash attention with one row per micro-batch (transformers reads the position ids in every layer),
+DeepSpeed's autocast, timers and profiler (started in its engine's forward). A device other than CUDA is refused
+before the model is loaded.
 """
 
 from __future__ import annotations
