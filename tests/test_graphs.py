@@ -351,9 +351,10 @@ def _recipe_run(folder: Path, recipe_class, *overrides: str):
     return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], final, recipe
 
 
-def _traced_recipe():
+def _traced_recipe(batch_seconds: float = 0.0):
     """The recipe with the stand-in capture (on a GPU the accelerator is CUDA and the capture torch's), recording at
-    each capture whether the batch thread had built every batch it was given, and the engine's step."""
+    each capture whether the batch thread had built every batch it was given, and the engine's step; each host batch
+    takes ``batch_seconds`` more to build."""
     from reft_fast.train.recipe import ReftTrainingRecipe
 
     class TracedRecipe(ReftTrainingRecipe):
@@ -362,8 +363,8 @@ def _traced_recipe():
         def _check_graph_device(self):
             pass
 
-        def _host_batch(self, key):  # slow enough that the thread is still at work when the first batch is captured
-            time.sleep(0.2)
+        def _host_batch(self, key):
+            time.sleep(batch_seconds)
             return super()._host_batch(key)
 
         def _captured_loss(self, params):
@@ -384,7 +385,8 @@ def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path
     from reft_fast.train.distributed import shutdown
     from reft_fast.train.recipe import ReftTrainingRecipe
 
-    TracedRecipe = _traced_recipe()
+    # batches slow enough that the thread is still at work when the first one is captured
+    TracedRecipe = _traced_recipe(batch_seconds=0.2)
     try:
         eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe)
         replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "training.cuda_graphs=true")
