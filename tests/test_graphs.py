@@ -90,7 +90,7 @@ def device_locations(monkeypatch):
                         check(locations, n, batch))
 
 
-def _model(seed: int = 0, family: str = "llama", **config_options):
+def _model(seed: int = 0, family: str = "llama", backend: str = "torch", **config_options):
     import transformers
 
     from reft_fast.core.config import ReftConfig
@@ -105,7 +105,7 @@ def _model(seed: int = 0, family: str = "llama", **config_options):
     base.requires_grad_(False)
     reft_config = ReftConfig(representations=[{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
                                                 "intervention": "loreft"} for layer in range(N_INTERVENTIONS)])
-    return get_reft_model(base, reft_config, backend="torch")
+    return get_reft_model(base, reft_config, backend=backend)
 
 
 def _items(seed: int, lengths: list[int]) -> list[dict]:
@@ -447,8 +447,9 @@ def test_a_cpu_run_is_refused_before_the_model_is_read(tmp_path):
 
 
 @pytest.mark.cuda
-def test_captured_steps_on_a_gpu_follow_each_batch():
-    model = _model().cuda()
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_captured_steps_on_a_gpu_follow_each_batch(backend):
+    model = _model(backend=backend).cuda()
     params = model.trainable_parameters()
     captured = CapturedLoss(model, params, "cuda", max_shapes=2)
     plan = [(1, [9, 13, 16]), (2, [20, 31, 25]), (3, [11, 7, 14]), (4, [30, 18, 22]), (5, [16, 5, 12])]
