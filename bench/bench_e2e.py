@@ -43,6 +43,7 @@ are written with status "not run: deadline", so a partial run is still a valid f
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -398,15 +399,16 @@ def training_step(base, row: dict):
     """(step, intervention layers, lowest intervened layer, trained parameters, the method's extras): one AdamW step
     of the row's method on ``base`` (its loss returned), with the row's batch and interventions."""
     loss_fn, optimizer, layers, lowest, params, extras = training_parts(base, row)
+    return functools.partial(optimizer_step, optimizer, loss_fn), layers, lowest, params, extras
 
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        return loss
 
-    return step, layers, lowest, params, extras
+def optimizer_step(optimizer, loss_fn, set_to_none: bool = True):
+    """One training step: zero_grad (``set_to_none``), the loss, its backward, the optimizer's step; the loss."""
+    optimizer.zero_grad(set_to_none=set_to_none)
+    loss = loss_fn()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def run_row(row: dict) -> dict:

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import random
@@ -565,14 +566,7 @@ def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama",
     # The floor's bias: set to None, so that autograd takes the graph's static gradient as the .grad (read by this
     # step's AdamW, dropped before the next replay rewrites it). reft-fast's: zeroed in place, as the recipe's engine
     # does (CapturedLoss gives each parameter a .grad of its own, which autograd adds into).
-    set_to_none = variant in FLOORS
-
-    def step():
-        optimizer.zero_grad(set_to_none=set_to_none)
-        loss = loss_of()
-        loss.backward()
-        optimizer.step()
-        return loss
+    step = functools.partial(bench_e2e.optimizer_step, optimizer, loss_of, set_to_none=variant in FLOORS)
 
     for _ in range(2):  # reft-fast: the capture, then the replay check on the next call
         step()
