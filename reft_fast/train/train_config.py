@@ -228,8 +228,9 @@ class TrainingConfig:
     max_new_tokens: int = 64
     progress_bar: bool = True
     # Replay each micro-batch's forward and backward from a CUDA graph captured per batch layout
-    # (reft_fast.train.graphs): the host's Python per intervention leaves the step. CUDA only; ZeRO stage 0, no gradient checkpointing,
-    # model.compile or intervention dropout, and not liger's fused cross-entropy.
+    # (reft_fast.train.graphs): the host's Python per intervention leaves the step. CUDA only; ZeRO stage 0, no
+    # gradient checkpointing, model.compile or intervention dropout, and not liger's fused cross-entropy (the config
+    # checks say what else).
     cuda_graphs: bool = False
     # batch layouts captured at most (each keeps its activations allocated); later new ones run eagerly
     cuda_graph_shapes: int = 4
