@@ -2,12 +2,11 @@
 (reft_fast.train.graphs).
 
 A CUDA graph cannot be captured on this CPU. What a capture does to the step's Python is emulated instead by
-``traced_capture``: torch's make_fx records the ops one forward and backward dispatch, as a capture records their
-kernels, with every Python value of the step frozen at the trace and any read of a tensor's value refused, as a
-capturing stream refuses it (and torch says a stream is capturing, which transformers asks); the recorded graph then
-runs on the tensors of later batches. A step whose Python followed a batch's values (a location read on the host, a
-length turned into an int) fails the trace or gives another batch the traced batch's result, which these tests
-compare with an eager step over each batch. The real capture runs in the cuda-marked tests at the end.
+``capture_stand_in.traced_capture`` (tests/capture_stand_in.py: a make_fx trace with every Python value frozen and
+every value read and device synchronize refused, handing out its loss and gradients from buffers of its own). A step
+whose Python followed a batch's values (a location read on the host, a length turned into an int) fails the trace or
+gives another batch the traced batch's result, which these tests compare with an eager step over each batch. The real
+capture runs in the cuda-marked tests at the end.
 """
 
 import json
@@ -16,12 +15,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from torch.fx.experimental.proxy_tensor import make_fx
 
+from capture_stand_in import traced_capture, values_on_the_device
 from dist.tiny import make_run, subprocess_env
 from reft_fast.train.data import ReftDataCollator
 from reft_fast.train.fused_base import FUSED_OPS, fused_ops_wanted
@@ -33,61 +31,10 @@ RUN_TRAIN = str(ROOT / "tests" / "dist" / "run_train.py")
 VOCAB, N_INTERVENTIONS = 96, 2
 
 
-def traced_capture(module, sample_args, **_):
-    """make_graphed_callables' stand-in on the CPU: the module's loss and its gradients to the module's parameters,
-    traced once on ``sample_args``; calls replay the trace on their own tensors and return the loss in a buffer of
-    their own, and backward writes the traced gradients (times the incoming one) into buffers of its own and hands
-    autograd detached views of them, as the graphs' replays hand out their static tensors (which the next replay
-    overwrites)."""
-    params = list(module.parameters())
-    static_grads = [torch.empty_like(p) for p in params]
-    static_loss = torch.empty(())
-
-    def joint(*args):
-        loss = module(*args)
-        return (loss, *torch.autograd.grad(loss, params))
-
-    # What the step's libraries see while a stream captures: transformers' is_tracing asks this, and then reads no
-    # mask or position ids (it builds the causal mask instead). A device synchronize is refused, as a capturing stream
-    # refuses it (on a CPU it reaches no op the trace could see).
-    from deepspeed.accelerator import get_accelerator
-
-    def synchronize(*args, **kwargs):
-        raise RuntimeError("synchronize while a stream captures")
-
-    with mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: True), \
-            mock.patch.object(torch.cuda, "synchronize", synchronize), \
-            mock.patch.object(get_accelerator(), "synchronize", synchronize):
-        trace = make_fx(joint)(*sample_args)
-    n = len(sample_args)
-
-    class Replayed(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            loss, *grads = trace(*inputs[:n])
-            ctx.grads = grads
-            static_loss.copy_(loss)
-            return static_loss.detach()  # as the forward graph's static output: the next replay rewrites it
-
-        @staticmethod
-        def backward(ctx, grad):
-            for static, g in zip(static_grads, ctx.grads):
-                torch.mul(g, grad, out=static)
-            return (None,) * n + tuple(static.detach() for static in static_grads)
-
-    return lambda *args: Replayed.apply(*args, *params)
-
-
 @pytest.fixture
-def device_locations(monkeypatch):
-    """The ReftModel checks the values of CPU locations (free there) and never reads device ones; a captured step's
-    locations are on the device, checked by CapturedLoss on the host copy. On this CPU they are CPU tensors: the
-    model's value check is left to CapturedLoss as it is on a GPU (its shape checks stay)."""
-    import reft_fast.core.model as model_module
-
-    check = model_module.check_locations
-    monkeypatch.setattr(model_module, "check_locations", lambda locations, n, batch, seq_len=None:
-                        check(locations, n, batch))
+def device_locations():
+    with values_on_the_device():
+        yield
 
 
 def _model(seed: int = 0, family: str = "llama", backend: str = "torch", **config_options):
@@ -427,6 +374,25 @@ def test_layouts_first_met_after_the_second_step_are_captured_as_well(tmp_path, 
     assert summary["layouts"] >= 2 and summary["eager"] == 0 and max(TracedRecipe.at_steps) >= 2, \
         (summary, TracedRecipe.at_steps)
     assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
+
+
+def test_two_ranks_at_stage_0_train_through_replayed_steps_as_through_eager_ones(tmp_path):
+    """Two ranks (gloo) at ZeRO stage 0: DeepSpeed all-reduces the trained gradients, which the recipe keeps as views
+    of one flat tensor (``ds_config.reduce_only_trained_gradients``); replayed backwards add into those views. The
+    replayed run's losses are the eager run's, and its gradients still live in one storage."""
+    from dist.tiny import launch_ranks
+
+    config, result = make_run(tmp_path, n_examples=24), tmp_path / "r.json"
+    common = ["training.max_steps=3", "data.eval_fraction=0", "training.max_grad_norm=0.05"]
+    proc = launch_ranks([RUN_TRAIN, str(config), str(result), *common, f"output_dir={tmp_path / 'eager'}", "--then",
+                         *common, f"output_dir={tmp_path / 'replayed'}", "training.cuda_graphs=true",
+                         "--stand-in-capture"], world=2)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    eager, replayed = json.loads(result.read_text())
+    assert eager["world"] == replayed["world"] == 2 and eager["cuda_graphs"] is None
+    assert replayed["cuda_graphs"]["layouts"] == 1 and replayed["cuda_graphs"]["eager"] == 0
+    assert replayed["trained_gradients"]["storages"] == 1 and replayed["trained_gradients"]["none"] == 0
+    assert replayed["losses"] == pytest.approx(eager["losses"], rel=1e-5)
 
 
 def _train(config: Path, result: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

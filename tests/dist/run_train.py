@@ -20,6 +20,8 @@ RESULT.json holds one entry per run.
                        torch.zeros for: its number of elements and the allocating function.
 --count-module-walks   count, per run, the calls of the ReftModel's parameters() / named_parameters() made inside the
                        recipe's training steps (walks of the whole model, frozen base included).
+--stand-in-capture     training.cuda_graphs on a CPU: the recipe captures with tests/capture_stand_in.py's
+                       ``traced_capture`` where a GPU's would use make_graphed_callables.
 """
 
 import json
@@ -44,8 +46,10 @@ def main(argv):
         record_deepspeed_buffers()
     if "--count-module-walks" in argv:
         count_module_walks()
+    if "--stand-in-capture" in argv:
+        use_stand_in_capture()
     argv = [a for a in argv if a not in ("--check-frozen", "--record-collectives", "--record-deepspeed-buffers",
-                                         "--count-module-walks")]
+                                         "--count-module-walks", "--stand-in-capture")]
     if "--kill-in-save" in argv:
         i = argv.index("--kill-in-save")
         kill_when_publishing(int(argv[i + 1]))
@@ -74,6 +78,26 @@ def main(argv):
         with open(result_path, "w") as f:
             json.dump(results, f)
     shutdown()
+
+
+_DEVICE_VALUES = None
+
+
+def use_stand_in_capture():
+    """The recipe's training.cuda_graphs on a CPU (tests/capture_stand_in.py): its capture is the stand-in's, the
+    accelerator is not asked for CUDA, and the model's locations are treated as a GPU's (values checked by
+    CapturedLoss on the host)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from capture_stand_in import traced_capture, values_on_the_device
+
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    global _DEVICE_VALUES
+    _DEVICE_VALUES = values_on_the_device()  # entered for the whole process (kept: collected, it would exit)
+    _DEVICE_VALUES.__enter__()
+    original = ReftTrainingRecipe._captured_loss
+    ReftTrainingRecipe._check_graph_device = lambda recipe: None
+    ReftTrainingRecipe._captured_loss = lambda recipe, params: original(recipe, params, capture=traced_capture)
 
 
 def kill_when_publishing(step):
