@@ -152,7 +152,7 @@ class CapturedLoss:
         key, names, constants = batch_layout(batch)
         graph = self.graphs.get(key)
         if graph is None and len(self.graphs) < self.max_shapes:
-            graph = self.graphs[key] = self._capture_layout(batch, names, constants)
+            graph = self.graphs[key] = self._capture_layout(batch, key, names, constants)
         elif graph is None:
             return self._eager(batch, key)
         else:
@@ -182,7 +182,7 @@ class CapturedLoss:
                  for k, v in batch.items()}
         return model_loss(self.reft_model, moved)
 
-    def _capture_layout(self, batch: dict, names: tuple, constants: dict) -> _Graph:
+    def _capture_layout(self, batch: dict, key, names: tuple, constants: dict) -> _Graph:
         module = _BatchLoss(self.reft_model, self.params, names, constants)
         inputs = tuple(batch[name].to(self.device, copy=True) for name in names)
         kwargs = {"num_warmup_iters": self.warmup}
@@ -192,12 +192,11 @@ class CapturedLoss:
         try:
             loss = self._capture(module, inputs, **kwargs)
         except Exception as err:
-            layout = _describe(batch_layout(batch)[0])
-            raise RuntimeError(f"training.cuda_graphs: capturing the step of batch layout {layout} "
+            raise RuntimeError(f"training.cuda_graphs: capturing the step of batch layout {_describe(key)} "
                                f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
                                "set training.cuda_graphs: false to train eagerly") from err
         logger.info("training.cuda_graphs: captured batch layout %d of at most %d: %s", len(self.graphs) + 1,
-                    self.max_shapes, _describe(batch_layout(batch)[0]))
+                    self.max_shapes, _describe(key))
         return _Graph(loss, inputs, module)
 
     def _check(self, graph: _Graph, key) -> None:

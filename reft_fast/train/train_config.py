@@ -232,7 +232,7 @@ class TrainingConfig:
     # gradient checkpointing, model.compile or intervention dropout, and not liger's fused cross-entropy (the config
     # checks say what else).
     cuda_graphs: bool = False
-    # batch layouts captured at most (each keeps its activations allocated); later new ones run eagerly
+    # batch layouts captured at most (their graphs share one memory pool); later new ones run eagerly
     cuda_graph_shapes: int = 4
 
 
