@@ -23,7 +23,7 @@ from capture_stand_in import traced_capture, values_on_the_device
 from dist.tiny import make_run, subprocess_env
 from reft_fast.train.data import ReftDataCollator
 from reft_fast.train.fused_base import FUSED_OPS, fused_ops_wanted
-from reft_fast.train.graphs import CapturedLoss, batch_layout
+from reft_fast.train.graphs import CapturedLoss, batch_layout, plan_layouts
 from reft_fast.train.loss import model_loss, trim_to_labels
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,8 +128,9 @@ def test_a_padded_batch_replays_as_one_segment_whose_fixed_tensors_are_copied_on
     captured(_batch(1, [9, 13, 16], multiple=16))
     [graph] = captured.graphs.values()
     key = next(iter(captured.graphs))
-    assert [name for name, _, _ in key[0]] == ["attention_mask", "input_ids", "intervention_locations", "labels",
-                                              "position_ids", "segment_ids"]
+    # the padding mask is no input: the segments replace it, and an unread input would still be copied at every step
+    assert [name for name, _, _ in key[0]] == ["input_ids", "intervention_locations", "labels", "position_ids",
+                                              "segment_ids"]
     inputs = tuple(torch.zeros(2) for _ in range(3))
     fake = _Graph(loss=None, inputs=inputs, module=None)
     CapturedLoss._copy_in(fake, {"a": torch.ones(2), "position_ids": torch.ones(2), "segment_ids": torch.ones(2)},
@@ -199,6 +200,39 @@ def test_layouts_beyond_the_limit_run_eagerly_and_say_so_once(device_locations, 
     assert len(said) == 1 and "input_ids 2×32" in said[0], said
 
 
+def test_a_plan_captures_its_layouts_only_and_runs_the_others_eagerly_without_a_warning(device_locations, caplog):
+    model = _model()
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+    plan_of = [(1, [9, 13]), (2, [20, 31]), (3, [30, 18]), (4, [5, 12]), (5, [25, 17])]  # layouts 16, 32, 32, 16, 32
+    plan = plan_layouts((captured.layout_key(_batch(seed, lengths, multiple=16)) for seed, lengths in plan_of),
+                        max_shapes=1)
+    assert plan.counted == plan.total == 5 and sorted(plan.counts.values()) == [2, 3] and plan.covered == 0.6
+    assert plan.summary() == {"layouts": 2, "counted": 5, "covered": 0.6}
+    captured.capture_only(plan.chosen)
+    with caplog.at_level(logging.WARNING, logger="reft_fast.train.graphs"):
+        for seed, lengths in plan_of:
+            batch = _batch(seed, lengths, multiple=16)
+            _assert_same_step(_loss_and_grads(captured(batch), params),
+                              _loss_and_grads(model_loss(model, batch), params))
+    assert list(captured.graphs) == plan.chosen and captured.graphs[plan.chosen[0]].module.names[0] == "input_ids"
+    assert captured.replayed_micro_steps == 3 and captured.eager_micro_steps == 2
+    assert not [r for r in caplog.records if "run eagerly" in r.getMessage()]
+    with pytest.raises(ValueError, match="2 layouts to capture, more than max_shapes=1"):
+        captured.capture_only(plan.counts)
+
+
+def test_a_plan_of_equally_frequent_layouts_keeps_the_first_met_and_says_what_replays():
+    plan = plan_layouts(["b", "a", "a", "b", "c"], max_shapes=2, total=9)
+    assert plan.chosen == ["b", "a"] and plan.covered == 0.8
+    said = plan.describe(64)
+    assert said.startswith("the first 5 of 9 micro-batches this rank trains fall into 3 batch layouts; the 2 most "
+                           "frequent are captured and replay 80% of them, the rest run eagerly") and "now 64" in said
+    assert plan_layouts(["a", "a"], max_shapes=4).describe(64) == (
+        "the 2 micro-batches this rank trains fall into 1 batch layout; the 1 most frequent are captured and replay "
+        "100% of them")
+
+
 def test_a_replay_that_keeps_the_captured_batch_is_caught_on_the_next_batch(device_locations):
     def capture_that_keeps_its_inputs(module, sample_args, **_):
         kept = tuple(a.clone() for a in sample_args)
@@ -218,7 +252,7 @@ def test_a_host_read_inside_the_step_fails_the_capture_naming_the_layout():
     # refuses, as a capturing CUDA stream does.
     model = _model()
     captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=2, capture=traced_capture)
-    with pytest.raises(RuntimeError, match=r"capturing the step of batch layout attention_mask 3×16, input_ids 3×16, "
+    with pytest.raises(RuntimeError, match=r"capturing the step of batch layout input_ids 3×16, "
                                            r"intervention_locations 2×3×2, labels 3×16, position_ids 3×16, "
                                            r"segment_ids 3×16 failed .*cuda_graphs: false"):
         captured(_batch(1, [9, 13, 16], multiple=16))
@@ -344,7 +378,8 @@ def test_the_recipe_trains_through_replayed_steps_as_through_eager_ones(tmp_path
     assert all(p.grad is None for p in eager[3].trainable_params)
     assert all(p.grad is not None and not p.grad.any() for p in replayed[3].trainable_params)
     captured = replayed[3].captured
-    assert replayed[3].result.cuda_graphs == {"layouts": 1, "replayed": 8, "eager": 0, "checks": captured.checks}
+    assert replayed[3].result.cuda_graphs == {"layouts": 1, "replayed": 8, "eager": 0, "checks": captured.checks,
+                                              "planned": {"layouts": 1, "counted": 8, "covered": 1.0}}
     assert len(captured.checks) == 1 and captured.checks[0].startswith("replay matches eager: |Δloss| = ")
     assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 8 and captured.eager_micro_steps == 0
     assert TracedRecipe.settled == [True]
@@ -373,6 +408,37 @@ def test_layouts_first_met_after_the_second_step_are_captured_as_well(tmp_path, 
     summary = replayed[3].result.cuda_graphs
     assert summary["layouts"] >= 2 and summary["eager"] == 0 and max(TracedRecipe.at_steps) >= 2, \
         (summary, TracedRecipe.at_steps)
+    assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
+
+
+def test_the_recipe_captures_the_most_frequent_layouts_not_the_first_met(tmp_path, device_locations, caplog):
+    """One graph for a run of many layouts (rows of 2 examples padded to multiples of 2 tokens): the layouts of the
+    coming micro-batches are counted before training, and the graph is the most frequent one's, even where another
+    comes first; every other micro-batch runs eagerly, as the plan said."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    TracedRecipe = _traced_recipe()
+    more = ("training.max_steps=12", "data.pad_to_multiple_of=2", "training.cuda_graph_shapes=1",
+            "training.micro_batch_size=2", "training.global_batch_size=2")
+    try:
+        eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe, *more)
+        with caplog.at_level(logging.INFO, logger="reft_fast.train.recipe"):
+            replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "training.cuda_graphs=true", *more)
+    finally:
+        shutdown()
+    recipe = replayed[3]
+    plan, captured = recipe.layout_plan, recipe.captured
+    first_met, (most, most_count) = next(iter(plan.counts)), plan.counts.most_common(1)[0]
+    assert plan.counted == plan.total == 12 and len(plan.counts) >= 3, plan.counts
+    assert plan.counts[first_met] < most_count  # what this test is about: capturing the first would replay fewer
+    assert list(captured.graphs) == [most] and captured.replayed_micro_steps == most_count
+    assert captured.eager_micro_steps == 12 - most_count
+    assert recipe.result.cuda_graphs["planned"] == {"layouts": len(plan.counts), "counted": 12,
+                                                    "covered": round(most_count / 12, 4)}
+    said = [r.getMessage() for r in caplog.records if "most frequent" in r.getMessage()]
+    assert len(said) == 1 and f"fall into {len(plan.counts)} batch layouts" in said[0] and \
+        f"replay {most_count / 12:.0%}" in said[0] and "data.pad_to_multiple_of, now 2" in said[0], said
     assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
 
 

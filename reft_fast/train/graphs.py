@@ -17,8 +17,10 @@ Inputs. A replay reads the tensors it was captured with and nothing the step's P
 checked on the host (its locations, where reading them is free), then copied into the graph's own input tensors
 without waiting (from pinned memory). The layouts are few because the collator pads every batch to a multiple of
 ``data.pad_to_multiple_of`` tokens (64 when cuda_graphs is on and it is not set) and the kept logits are rounded up the
-same way (``loss.trim_to_labels``). The first ``training.cuda_graph_shapes`` layouts are captured as they come (three
-warm-up passes on a side stream, then the capture); later new layouts run eagerly (said once). All graphs share one
+same way (``loss.trim_to_labels``). Before training, the recipe counts the layouts of the coming micro-batches on the
+host (``plan_layouts``); the ``training.cuda_graph_shapes`` most frequent are captured when first met (three warm-up
+passes on a side stream, then the capture), the others run eagerly (``capture_only``; without a plan, the first
+layouts met are captured, later new ones run eagerly, said once). All graphs share one
 memory pool: layouts replay one at a time (a micro-batch's forward, then its backward, then the next micro-batch), so
 what one graph's step frees another's may reuse, and the pool holds about the largest layout's activations plus each
 graph's input, loss and gradient tensors. The eager pass of each layout's check (below) takes as much again once, from
@@ -47,8 +49,10 @@ before the model is loaded.
 
 from __future__ import annotations
 
+import collections
 import logging
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -57,7 +61,7 @@ from reft_fast.core.positions import check_locations
 from reft_fast.train.loss import model_loss
 from reft_fast.train.packing import packing_attention, sliding_window_of
 
-__all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "batch_layout"]
+__all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "LayoutPlan", "batch_layout", "plan_layouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +138,43 @@ class CapturedLoss:
         self.graphs: dict[Any, _Graph] = {}
         self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0
+        self.wanted: Optional[set] = None  # capture_only
         self._said_full = False
 
     @property
     def replayed_micro_steps(self) -> int:
         return sum(graph.replays for graph in self.graphs.values())
 
-    def __call__(self, batch: dict) -> torch.Tensor:
+    def layout_key(self, batch: dict):
+        """The key of the graph that would replay ``batch`` (a host batch, as ``__call__`` takes)."""
+        return batch_layout(self._prepared(batch)[0])[0]
+
+    def capture_only(self, keys) -> None:
+        """Capture only the layouts of ``keys`` (at most ``max_shapes`` of them; ``plan_layouts`` picks the most
+        frequent), as they come; a batch of any other layout runs eagerly. Without it, the first ``max_shapes``
+        layouts met are captured."""
+        keys = list(keys)
+        if len(keys) > self.max_shapes:
+            raise ValueError(f"{len(keys)} layouts to capture, more than max_shapes={self.max_shapes}")
+        self.wanted = set(keys)
+
+    def _prepared(self, batch: dict) -> tuple[dict, tuple]:
+        """(the batch as the graph takes it, the names of its tensors the layout alone determines)."""
         batch = {k: v for k, v in batch.items() if k not in _VARLEN_ONLY}
-        fixed = ()  # inputs that the layout determines: in the graph's tensors since its capture, never copied again
         if self._one_mask and "segment_ids" not in batch:
-            batch, fixed = _as_one_segment(batch), _ONE_SEGMENT
+            return _as_one_segment(batch), _ONE_SEGMENT
+        return batch, ()
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        # fixed: inputs that the layout determines: in the graph's tensors since its capture, never copied again
+        batch, fixed = self._prepared(batch)
         locations = batch["intervention_locations"]
         # The ReftModel reads CPU locations itself; the graph's copies are on the device, so they are checked here.
         check_locations(locations, len(self.reft_model.interventions), locations.shape[1],
                         seq_len=batch["input_ids"].shape[1])
         key, names, constants = batch_layout(batch)
         graph = self.graphs.get(key)
-        if graph is None and len(self.graphs) < self.max_shapes:
+        if graph is None and self._captures(key):
             graph = self.graphs[key] = self._capture_layout(batch, key, names, constants)
         elif graph is None:
             return self._eager(batch, key)
@@ -163,6 +186,11 @@ class CapturedLoss:
         _own_gradients(self.params)
         return graph.loss(*graph.inputs)
 
+    def _captures(self, key) -> bool:
+        if self.wanted is not None:
+            return key in self.wanted
+        return len(self.graphs) < self.max_shapes
+
     @staticmethod
     def _copy_in(graph: _Graph, batch: dict, names: tuple, fixed: tuple) -> None:
         """The batch's tensors into the graph's, without waiting: from pinned memory (the recipe's batches) the copy
@@ -173,7 +201,7 @@ class CapturedLoss:
                 static.copy_(batch[name], non_blocking=True)
 
     def _eager(self, batch: dict, key) -> torch.Tensor:
-        if not self._said_full:
+        if not self._said_full and self.wanted is None:  # a plan (capture_only) said what runs eagerly beforehand
             self._said_full = True
             logger.warning("training.cuda_graphs: %d batch layouts captured (training.cuda_graph_shapes); a new one "
                            "(%s) and any later ones run eagerly", len(self.graphs), _describe(key))
@@ -224,6 +252,46 @@ class CapturedLoss:
                     figures)
 
 
+@dataclass
+class LayoutPlan:
+    """Which batch layouts a run captures (``plan_layouts``): the micro-batches of each layout among those counted,
+    and the ``max_shapes`` most frequent, which are captured."""
+
+    counts: collections.Counter
+    chosen: list
+    counted: int  # micro-batches whose layout was counted
+    total: int  # micro-batches the run has left on this rank
+
+    @property
+    def covered(self) -> float:
+        """The share of the counted micro-batches that replay (the rest run eagerly)."""
+        return sum(self.counts[key] for key in self.chosen) / max(1, self.counted)
+
+    def summary(self) -> dict:
+        return {"layouts": len(self.counts), "counted": self.counted, "covered": round(self.covered, 4)}
+
+    def describe(self, multiple: Optional[int]) -> str:
+        among = f"the {self.counted} micro-batches" if self.counted == self.total else \
+            f"the first {self.counted} of {self.total} micro-batches"
+        said = (f"{among} this rank trains fall into {len(self.counts)} batch layout"
+                f"{'' if len(self.counts) == 1 else 's'}; the {len(self.chosen)} most frequent are captured and "
+                f"replay {self.covered:.0%} of them")
+        if len(self.chosen) < len(self.counts):
+            said += (f", the rest run eagerly (fewer layouts: a larger data.pad_to_multiple_of, now {multiple}; more "
+                     "graphs: training.cuda_graph_shapes)")
+        return said
+
+
+def plan_layouts(keys: Iterable, max_shapes: int, total: Optional[int] = None) -> LayoutPlan:
+    """The plan of a run whose micro-batches have the layouts ``keys`` (``CapturedLoss.layout_key``, in training
+    order): capture the ``max_shapes`` most frequent (ties: the first met). Capturing the first layouts met instead
+    leaves a run whose first batches are unusual (or whose layouts are many) mostly eager."""
+    counts = collections.Counter(keys)  # insertion-ordered, and most_common keeps that order among ties
+    counted = sum(counts.values())
+    return LayoutPlan(counts, [key for key, _ in counts.most_common(max_shapes)], counted,
+                      counted if total is None else total)
+
+
 def _as_one_segment(batch: dict) -> dict:
     """A padded batch as packed rows of one segment each (``segment_ids`` of ones, positions 0…T−1): the same
     attention (causal; a padded tail attends to what precedes it, and no real token to it). While a stream captures,
@@ -233,7 +301,10 @@ def _as_one_segment(batch: dict) -> dict:
     (``packing.packed_model_inputs``)."""
     rows, length = batch["input_ids"].shape
     positions = torch.arange(length, dtype=torch.long).expand(rows, length).contiguous()
-    return {**batch, "segment_ids": torch.ones_like(batch["input_ids"]), "position_ids": positions}
+    # the padding mask goes: the segments take its place (``loss.causal_model_inputs`` reads no mask beside them), and
+    # a graph input nothing reads would still be copied in at every micro-batch
+    kept = {k: v for k, v in batch.items() if k != "attention_mask"}
+    return {**kept, "segment_ids": torch.ones_like(batch["input_ids"]), "position_ids": positions}
 
 
 def _own_gradients(params: list) -> None:

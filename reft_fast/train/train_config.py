@@ -232,7 +232,8 @@ class TrainingConfig:
     # gradient checkpointing, model.compile or intervention dropout, and not liger's fused cross-entropy (the config
     # checks say what else).
     cuda_graphs: bool = False
-    # batch layouts captured at most (their graphs share one memory pool); later new ones run eagerly
+    # batch layouts captured at most (their graphs share one memory pool): the most frequent among the coming
+    # micro-batches, counted before training; the others run eagerly
     cuda_graph_shapes: int = 4
 
 
