@@ -177,6 +177,21 @@ def test_padding_to_a_multiple_changes_no_loss_or_gradient():
         _assert_same_step(_loss_and_grads(model_loss(model, padded_batch), params), plain, atol=1e-5)
 
 
+def test_padding_to_a_multiple_stops_at_max_length():
+    """Rows of 33 tokens padded to 64 would pass data.max_length 40: a model whose learned positions end there would
+    index past them. The padding stops at max_length (packed rows at their length)."""
+    capped = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2",
+                              pad_to_multiple_of=64, max_length=40)
+    assert capped(_items(0, [33, 20]))["input_ids"].shape == (2, 40)
+    assert capped(_items(0, [13, 20]))["input_ids"].shape == (2, 40)
+    packed = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2",
+                              pad_to_multiple_of=64, pack_length=32)
+    assert packed(_items(0, [13, 10]))["input_ids"].shape == (1, 32)
+    uncapped = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2",
+                                pad_to_multiple_of=64)
+    assert uncapped(_items(0, [33, 20]))["input_ids"].shape == (2, 64)
+
+
 def test_the_kept_logits_round_up_to_the_multiple_and_the_layouts_stay_few():
     keys = {batch_layout(_batch(seed, lengths, multiple=16, trim=True))[0]
             for seed in range(12) for lengths in ([9, 13, 15], [11, 16, 3], [6, 7, 12])}
@@ -439,6 +454,54 @@ def test_the_recipe_captures_the_most_frequent_layouts_not_the_first_met(tmp_pat
     said = [r.getMessage() for r in caplog.records if "most frequent" in r.getMessage()]
     assert len(said) == 1 and f"fall into {len(plan.counts)} batch layouts" in said[0] and \
         f"replay {most_count / 12:.0%}" in said[0] and "data.pad_to_multiple_of, now 2" in said[0], said
+    assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
+
+
+def test_packed_batches_keep_one_location_width_and_replay_their_own_steps(device_locations):
+    """Packed rows under cuda_graphs: the locations are laid out for ``pack_examples`` examples per row whatever the
+    row holds, so the batches of one row count and width share a layout, and each replays its own step."""
+    model = _model()
+    params = model.trainable_parameters()
+    collate = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2",
+                               pad_to_multiple_of=16, pack_length=32, pack_examples=4)
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+    # rows of 32: two rows each time, holding 3 + 1, 2 + 2 and 1 + 1 examples
+    plan = [(1, [5, 6, 7, 20]), (2, [14, 15, 12, 16]), (3, [30, 25])]
+    for seed, lengths in plan:
+        batch = collate(_items(seed, lengths))
+        assert batch["input_ids"].shape == (2, 32) and batch["intervention_locations"].shape == (2, 2, 8)
+        _assert_same_step(_loss_and_grads(captured(batch), params),
+                          _loss_and_grads(model_loss(model, batch), params), atol=1e-5)
+    assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 3 and captured.eager_micro_steps == 0
+    unfixed = ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2", pack_length=32)
+    assert [unfixed(_items(seed, lengths))["intervention_locations"].shape[-1] for seed, lengths in plan] == [6, 4, 2]
+    with pytest.raises(ValueError, match="a packed row holds 3 examples, more than pack_examples=2"):
+        ReftDataCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f2+l2", pack_length=32,
+                         pack_examples=2)(_items(1, [5, 6, 7, 20]))
+
+
+def test_the_recipe_packs_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations):
+    """data.packing with cuda_graphs (SDPA's block mask): the rows' locations are laid out for the whole micro-batch and
+    their logits are not trimmed, so the layouts are the row counts; the run trains as the eager packed one."""
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+
+    TracedRecipe = _traced_recipe()
+    try:
+        eager = _recipe_run(tmp_path / "eager", ReftTrainingRecipe, "data.packing=true")
+        replayed = _recipe_run(tmp_path / "replayed", TracedRecipe, "data.packing=true", "training.cuda_graphs=true")
+    finally:
+        shutdown()
+    recipe = replayed[3]
+    assert recipe.collator.pack_examples == 4 and not recipe.task.trim_train and eager[3].collator.pack_examples is None
+    widths = {key[0][[name for name, _, _ in key[0]].index("intervention_locations")][1][-1]
+              for key in recipe.layout_plan.counts}
+    assert widths == {4 * 2}, widths  # 4 examples × f1+l1's 2 positions (shared weights)
+    # rows of data.max_length 32, not padded to 64 past it
+    assert {key[0][[name for name, _, _ in key[0]].index("input_ids")][1][-1] for key in recipe.layout_plan.counts} \
+        == {32}
+    assert "logits_to_keep" not in str(list(recipe.layout_plan.counts))
+    assert recipe.result.cuda_graphs["eager"] == 0 and recipe.result.cuda_graphs["replayed"] == 8
     assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
 
 

@@ -569,7 +569,9 @@ class ReftDataCollator:
     With ``pack_length`` set (``data.packing``), the items are packed into rows of at most that many tokens instead
     (reft_fast.train.packing): the batch then has ``position_ids`` and ``segment_ids`` [rows, T] in place of
     ``attention_mask`` (and the same segments as ``cu_seq_lens`` / ``max_segment_length`` for varlen attention), and
-    each row's locations list the positions of all its examples, shifted to their places.
+    each row's locations list the positions of all its examples, shifted to their places. ``pack_examples`` fixes
+    their width at that many examples' positions (−1 padded; at least the most any row holds), so that it does not
+    vary with how many examples each row got (``training.cuda_graphs``: the width is part of a captured layout).
     """
 
     pad_token_id: int
@@ -578,6 +580,10 @@ class ReftDataCollator:
     share_weights: bool = False
     pad_to_multiple_of: Optional[int] = None
     pack_length: Optional[int] = None
+    pack_examples: Optional[int] = None
+    # padding to a multiple stops here (data.max_length, which no item exceeds): a model whose learned position
+    # embeddings end at max_length would get positions past them otherwise (rows of 1000 tokens padded to 1024)
+    max_length: Optional[int] = None
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         if self.pack_length is not None:
@@ -596,9 +602,11 @@ class ReftDataCollator:
                 "intervention_locations": self._locations(items, [0] * batch)}
 
     def _padded_length(self, length: int) -> int:
-        if self.pad_to_multiple_of:
-            return -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return length
+        if not self.pad_to_multiple_of:
+            return length
+        padded = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        limit = self.pack_length or self.max_length
+        return padded if limit is None else max(length, min(padded, limit))
 
     def _locations(self, items: Sequence[dict], offsets: list[int]) -> torch.Tensor:
         """[n, len(items), P]: each item's positions, shifted by its offset (its first token's index in its row)."""
@@ -638,7 +646,10 @@ class ReftDataCollator:
             if start < width:
                 spans.append(width - start)
         per_item = self._locations(items, offsets)  # [n, items, P]
-        row_width = max(len(row) for row in rows) * per_item.shape[-1]
+        most = max(len(row) for row in rows)
+        if self.pack_examples is not None and most > self.pack_examples:
+            raise ValueError(f"a packed row holds {most} examples, more than pack_examples={self.pack_examples}")
+        row_width = (self.pack_examples or most) * per_item.shape[-1]
         locations = torch.full((per_item.shape[0], len(rows), row_width), -1, dtype=torch.long)
         for r, row in enumerate(rows):
             row_locations = per_item[:, row, :].reshape(per_item.shape[0], -1)
