@@ -21,6 +21,7 @@ import torch
 
 from capture_stand_in import traced_capture, values_on_the_device
 from dist.tiny import make_run, subprocess_env
+from flash_reference import as_flash, reference_flash
 from reft_fast.train.data import ReftDataCollator
 from reft_fast.train.fused_base import FUSED_OPS, fused_ops_wanted
 from reft_fast.train.graphs import CapturedLoss, batch_layout, plan_layouts
@@ -306,8 +307,6 @@ def test_fused_ops_auto_leaves_the_fused_cross_entropy_out_of_a_captured_step():
     (["deepspeed.config.wall_clock_breakdown=true"], "deepspeed.config flops_profiler, wall_clock_breakdown"),
     (["deepspeed.config.flops_profiler={enabled: true}"], "deepspeed.config flops_profiler, wall_clock_breakdown"),
     (["deepspeed.config.timers={throughput: {enabled: true}}"], "deepspeed.config flops_profiler, wall_clock"),
-    (["training.micro_batch_size=1", "model.attn_implementation=flash_attention_2"],
-     "model.attn_implementation flash with training.micro_batch_size 1"),
     (["model.fused_ops=on"], "model.fused_ops on"),
     (["data.packing=true", "model.attn_implementation=flex_attention"], "data.packing with"),
     (["task=classification"], "task 'classification'"),
@@ -318,6 +317,35 @@ def test_what_a_replay_cannot_hold_is_refused_with_the_config(tmp_path, override
     config = make_run(tmp_path)
     with pytest.raises(ConfigError, match=f"^training.cuda_graphs: {why}"):  # (flash-attn is not installed here)
         validate(load_config(str(config), ["training.cuda_graphs=true", *overrides]), check_data=False)
+
+
+def test_flash_attention_with_one_row_per_micro_batch_is_captured(tmp_path):
+    """Accepted now that a single row reaches flash attention as varlen lengths made on the device
+    (``loss.one_row_varlen_inputs``): transformers reads no position ids in its layers then, and skips its one read
+    per forward while a stream captures. (flash-attn itself is checked only where a run reads the data.)"""
+    from reft_fast.train.train_config import load_config, validate
+
+    for implementation in ("flash_attention_2", "flash_attention_3"):
+        cfg = load_config(str(make_run(tmp_path)), ["training.cuda_graphs=true", "training.micro_batch_size=1",
+                                                    f"model.attn_implementation={implementation}"])
+        validate(cfg, check_data=False)
+        assert cfg.training.cuda_graphs and cfg.training.micro_batch_size == 1
+
+
+def test_one_row_under_flash_attention_replays_each_batch_its_own_step(device_locations):
+    """One row per micro-batch through transformers' flash attention path (plain-torch kernels on the CPU,
+    tests/flash_reference.py): the stand-in capture, which refuses any value read, traces it, and each batch of the
+    layout replays its own step. Before, transformers read the position ids in every layer: the capture failed."""
+    with reference_flash() as calls:
+        model = as_flash(_model())
+        params = model.trainable_parameters()
+        captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture)
+        for seed, length in [(1, 13), (2, 16), (3, 9), (4, 11)]:
+            batch = _batch(seed, [length], multiple=16, trim=True)
+            expected = _loss_and_grads(model_loss(model, batch), params)
+            _assert_same_step(_loss_and_grads(captured(batch), params), expected)
+    assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 4 and captured.eager_micro_steps == 0
+    assert set(calls) == {("varlen", 16, 16)}
 
 
 @pytest.mark.parametrize("override, field", [("training.cuda_graph_shapes=0", "training.cuda_graph_shapes"),
@@ -554,6 +582,26 @@ def test_captured_steps_on_a_gpu_follow_each_batch(backend):
                                                       for k, v in batch.items()}), params)
         _assert_same_step(_loss_and_grads(captured(batch), params), expected, atol=1e-4)
     assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5
+
+
+@pytest.mark.cuda
+def test_one_row_under_flash_attn_is_captured_on_a_gpu_and_follows_each_batch():
+    """flash-attn's own kernels (bf16: they take no fp32), one row per micro-batch: captured without a host read
+    (the capture fails on one) and each replay equal to its eager step."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed (the flash extra)")
+    model = as_flash(_model()).to("cuda")
+    model.model.to(torch.bfloat16)
+    params = model.trainable_parameters()
+    captured = CapturedLoss(model, params, "cuda", max_shapes=1)
+    for seed, length in [(1, 13), (2, 16), (3, 9), (4, 11)]:
+        batch = _batch(seed, [length], multiple=16, trim=True)
+        expected = _loss_and_grads(model_loss(model, {k: v.cuda() if isinstance(v, torch.Tensor) else v
+                                                      for k, v in batch.items()}), params)
+        loss, grads = _loss_and_grads(captured(batch), params)
+        assert loss == pytest.approx(expected[0], rel=1e-2)
+        for a, b in zip(grads, expected[1]):  # flash-attn's backward adds in no fixed order
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-2 * float(b.abs().max()))
+    assert len(captured.graphs) == 1 and captured.replayed_micro_steps == 4 and captured.eager_micro_steps == 0
 
 
 @pytest.mark.cuda

@@ -42,9 +42,9 @@ optimizers start each backward from hooks of the engine's forward, which a repla
 checkpointing, ``model.compile``, dropout in the interventions (its seed is drawn on the host per forward), liger's
 fused cross-entropy (liger-kernel 0.8.5 reads the labelled-token count with ``.item()``), polar orthogonalization
 (``eigh`` waits for the device), packing through flash attention's varlen lengths or flex attention's documents (host
-ints per batch), flash attention with one row per micro-batch (transformers reads the position ids in every layer),
-DeepSpeed's autocast, timers and profiler (started in its engine's forward). A device other than CUDA is refused
-before the model is loaded.
+ints per batch), DeepSpeed's autocast, timers and profiler (started in its engine's forward). A device other than CUDA
+is refused before the model is loaded. Flash attention with one row per micro-batch is captured: the row reaches it
+as varlen lengths made on the device (``loss.one_row_varlen_inputs``), so transformers reads no position ids.
 """
 
 from __future__ import annotations

@@ -10,10 +10,10 @@ from typing import Optional
 import torch
 
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
-from reft_fast.train.packing import packed_model_inputs
+from reft_fast.train.packing import packed_model_inputs, packing_attention
 
-__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "model_loss", "to_device",
-           "trim_to_labels"]
+__all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "model_loss",
+           "one_row_varlen_inputs", "to_device", "trim_to_labels"]
 
 
 def to_device(batch: dict, device) -> dict:
@@ -61,14 +61,39 @@ def causal_model_inputs(batch: dict, base_model) -> dict:
     mask for SDPA, which torch converts to the query's dtype and keeps for backward in every layer (measured on this
     CPU, 2026-11-29, tiny Llama, 2 rows of 384 tokens, 6 layers: 14.3 MiB a step against 7.5 MiB without), and on
     CUDA it rules out the flash kernel and makes transformers repeat k and v for every query head
-    (``use_gqa_in_sdpa``)."""
+    (``use_gqa_in_sdpa``).
+
+    Under flash attention (``packing.packing_attention``: "varlen") a single row also gets its varlen lengths
+    (``one_row_varlen_inputs``); a mixture of experts given its padding mask (below) does not: transformers then unpads
+    by the mask, reading it on the host in every layer (5.24, ``_upad_input``)."""
+    config = getattr(base_model, "config", None)
     if "segment_ids" in batch:
         return packed_model_inputs(batch, base_model)
-    if getattr(getattr(base_model, "config", None), "output_router_logits", False):
+    if getattr(config, "output_router_logits", False):
         # a mixture of experts that adds its routers' load-balancing loss, which averages over the tokens the mask
         # keeps (transformers' load_balancing_loss_func): without it the padding would count
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if batch["input_ids"].shape[0] == 1 and \
+            packing_attention(getattr(config, "_attn_implementation", None)) == "varlen":
+        return one_row_varlen_inputs(batch["input_ids"])
     return {"input_ids": batch["input_ids"]}
+
+
+def one_row_varlen_inputs(input_ids: torch.Tensor) -> dict:
+    """A one-row batch's inputs under flash attention: its one sequence as varlen lengths, [0, T] and T.
+
+    Given one row without them, transformers 5.24 (modeling_flash_attention_utils.py, ``_is_packed_sequence``) reads
+    the position ids on the host in every layer, to see whether the row packs several sequences; given all four
+    varlen arguments and no mask it skips that and runs ``flash_attn_varlen_func`` on the flattened row: the same
+    causal attention (tests/test_flash_one_row.py, 2026-11-30: one read per layer before, none now). The lengths are
+    made on the device (a tensor from a Python list would be a host-to-device copy that waits); T is the row's width,
+    fixed per captured layout (``train.graphs``). Left to transformers: its mask code reads the position ids once
+    per forward when there is no cache (``masking_utils.find_packed_sequence_indices``), which it skips while a stream
+    captures; the cache is left as the config says (the recipe's loader turns it off), as it changes no attention."""
+    T = input_ids.shape[1]
+    lengths = torch.arange(0, 2 * T, T, dtype=torch.int32, device=input_ids.device)
+    return {"input_ids": input_ids, "cu_seq_lens_q": lengths, "cu_seq_lens_k": lengths, "max_length_q": T,
+            "max_length_k": T}
 
 
 def forward_loss(engine, batch: dict) -> torch.Tensor:

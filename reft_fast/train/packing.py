@@ -29,7 +29,8 @@ Attention implementations that take no 4-D mask keep the examples apart their ow
   ``cu_seq_lens`` with the longest as a Python int; transformers hands them to ``flash_attn_varlen_func`` as they are
   (``cu_seq_lens_q/k``, ``max_length_q/k``). Given only restarting position ids, it would derive them itself, with a
   ``nonzero`` and a ``.max()`` that synchronize the host in every layer (transformers 5.24,
-  modeling_flash_attention_utils.py);
+  modeling_flash_attention_utils.py). An unpacked micro-batch of one row goes the same way, as one segment
+  (``loss.one_row_varlen_inputs``);
 * ``flex_attention``: position ids alone and no cache; transformers 5.24 then builds a document mask from the
   restarting position ids (masking_utils.find_packed_sequence_indices). Measured on a tiny Llama on this CPU
   (2026-11-29): the second of two packed examples got its solo logits within 2e-7 (SDPA given the same inputs,

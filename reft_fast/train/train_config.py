@@ -869,9 +869,6 @@ def _check_cuda_graphs(cfg: TrainConfig) -> None:
          or _enabled((cfg.deepspeed.config.get("timers") or {}).get("throughput")),
          "deepspeed.config flops_profiler, wall_clock_breakdown or timers.throughput: DeepSpeed starts them in its "
          "engine's forward, which a replay does not run, and its timers synchronize the device"),
-        (t.micro_batch_size == 1 and "flash" in str(cfg.model.attn_implementation or ""),
-         "model.attn_implementation flash with training.micro_batch_size 1: transformers then reads the position ids "
-         "on the host in every layer, looking for packed sequences (use 2 or more, or sdpa)"),
         (cfg.interventions.orthogonalization == "polar",
          "interventions.orthogonalization polar: torch.linalg.eigh waits for the device on CUDA; householder or "
          "cholesky do not"),
