@@ -24,6 +24,14 @@ row sees another's memory, CUDA context or compiled kernels in memory):
                 parametrization), what a user would write by hand
   pyreft        pyreft 0.1.0 on pyvene (when importable; its interventions in the base dtype, its default)
   lora          PEFT LoRA r8 on q_proj and v_proj (when importable)
+  floor-replayed, reft-fast:triton-replayed
+                the floor's and reft-fast:triton's model, batch and optimizer stepped as the recipe steps under
+                ``training.cuda_graphs: true`` (``replayed_training_step``): the forward and backward replayed from
+                CUDA graphs (reft-fast's through ``train.graphs.CapturedLoss``, given the pinned host batch at every
+                step), zero_grad in place and AdamW eager. Their ratio_floor is against floor-replayed; their status
+                carries CapturedLoss's replay-against-eager figures. Only where the recipe can capture: CUDA, no
+                gradient checkpointing, no fused cross-entropy (the rows with the fused base are skipped: liger's
+                fused cross-entropy reads the labelled-token count on the host, ``fused_base.CAPTURE_BREAKING_OPS``)
 A step is zero_grad, forward with labels, backward and an AdamW step over the trainable parameters (the recipe's
 AdamW, ``ds_config.client_adamw``: fused where torch has the kernel, for every method). Reported: the
 median step time after warm-up, tokens/s, the ratio to the floor of the same configuration (ratio_floor) and to the
@@ -93,16 +101,32 @@ CONFIGS = {
     "b": dict(layers=None, rank=8, positions="f7+l7", share_weights=True),
 }
 SMOKE_LAYERS_A = (1, 2)
-METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "reft-fast:torch", "hook-loreft", "pyreft", "lora")
-DEFAULT_METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "pyreft", "hook-loreft", "lora")
+# The recipe's training.cuda_graphs route (reft_fast/train/graphs.py) on the model, batch and optimizer of an eager
+# method (replayed_training_step). reft-fast:torch-replayed is opt-in (--methods): on a CPU the tests run it through
+# their capture stand-in, a make_fx trace, which cannot trace the Triton path's in-place kernels in Triton's
+# interpreter (NotImplementedError on an UntypedStorage argument; torch 2.13 CPU, triton 3.9, 2026-11-30).
+REPLAYED_METHODS = {"floor-replayed": "floor", "reft-fast:triton-replayed": "reft-fast:triton",
+                    "reft-fast:torch-replayed": "reft-fast:torch"}
+FLOORS = ("floor", "floor-replayed")
+METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "reft-fast:torch", "hook-loreft", "pyreft", "lora",
+           *REPLAYED_METHODS)
+DEFAULT_METHODS = ("floor", "reft-fast:triton", "reft-fast:cuda", "pyreft", "hook-loreft", "lora", "floor-replayed",
+                   "reft-fast:triton-replayed")
 SMOKE_METHODS = ("floor", "reft-fast:triton", "reft-fast:torch", "hook-loreft", "pyreft", "lora")
 LORA_RANK = 8
 # --plan session (bench/gpu_session.sh): the rows of one GPU command, most wanted first, as (config, checkpointing,
-# fused base ops, method). The headline (b) against its floors; (a); checkpointing; the cuda backend last (its nvcc
-# build costs about a minute).
+# fused base ops, method). The headline (b) against its floors; (b) on the plain base through training.cuda_graphs'
+# replayed forward and backward, with the eager reft-fast:triton of that base (the plain floor is the headline's);
+# (a); checkpointing; the cuda backend last (its nvcc build costs about a minute). The replayed rows are on the plain
+# base because the recipe captures no fused cross-entropy. Each costs about an eager row: its capture adds 3 warm-up
+# passes, 1 captured and 1 replay checked against an eager pass, ≈ 5 forward + backward passes (the plain floor's
+# step: 0.258 s on the H200, 2026-11-28), so ≈ 1.5 s and the graphs' instantiation (not measured), against the eager
+# rows' extras (orth_ms, edit_ms: do_bench runs of a few seconds), which a replayed row skips.
 SESSION_ROWS = (
     ("b", False, True, "floor"), ("b", False, True, "reft-fast:triton"), ("b", False, True, "pyreft"),
     ("b", False, True, "hook-loreft"), ("b", False, False, "floor"),
+    ("b", False, False, "floor-replayed"), ("b", False, False, "reft-fast:triton-replayed"),
+    ("b", False, False, "reft-fast:triton"),
     ("a", False, True, "floor"), ("a", False, True, "reft-fast:triton"), ("a", False, True, "pyreft"),
     ("a", False, True, "hook-loreft"),
     ("b", True, True, "floor"), ("b", True, True, "reft-fast:triton"),
@@ -111,7 +135,8 @@ SESSION_ROWS = (
 )
 # The libraries rows import, imported once by the server the rows are forked from (the module SERVER_PRELOAD).
 ROW_LIBRARIES = ("transformers.models.llama.modeling_llama", "reft_fast.core.model", "reft_fast.train.loading",
-                 "reft_fast.train.metrics", "reft_fast.train.fused_base", "liger_kernel.transformers", "peft", "pyreft")
+                 "reft_fast.train.metrics", "reft_fast.train.fused_base", "reft_fast.train.graphs",
+                 "liger_kernel.transformers", "peft", "pyreft")
 SERVER_PRELOAD = "e2e_preload"
 
 FIELDS = ["device", "torch", "triton", "transformers", "liger_kernel", "pyreft", "peft", "date", "timer", "shape",
@@ -144,7 +169,7 @@ def plan_rows(args) -> list[dict]:
         cells = [(c, k, f and args.device == "cuda", m) for c, k, f, m in SESSION_ROWS]
         cells = list(dict.fromkeys(cells))  # the CPU twin of a fused row may already be planned
     else:
-        methods = sorted(args.methods, key=lambda m: m != "floor")
+        methods = sorted(args.methods, key=lambda m: m not in FLOORS)
         cells = [(config, checkpointing, fused, method) for checkpointing in sorted(args.checkpointing)
                  for config in args.configs for fused in args.fused for method in methods]
     return [dict(shape=args.shape, config=config, checkpointing=checkpointing, fused=fused, method=method,
@@ -152,9 +177,14 @@ def plan_rows(args) -> list[dict]:
                  reps=args.reps, device=args.device) for config, checkpointing, fused, method in cells]
 
 
-def skip_reason(row: dict) -> str | None:
-    """Why a row cannot run here, decided without starting it (None: run it)."""
+def skip_reason(row: dict, capture=None) -> str | None:
+    """Why a row cannot run here, decided without starting it (None: run it). ``capture``: what captures a replayed
+    row's graphs in place of torch's make_graphed_callables (the tests' CPU stand-in)."""
     method = row["method"]
+    if method in REPLAYED_METHODS:
+        reason = _capture_refused(row, capture)
+        if reason:
+            return reason
     if row["fused"] and row["device"] != "cuda":
         return "skipped: fused base operations need CUDA (liger-kernel's Triton kernels)"
     if row["fused"] and importlib.util.find_spec("liger_kernel") is None:
@@ -168,6 +198,19 @@ def skip_reason(row: dict) -> str | None:
         return "skipped: pyreft not importable"
     if method == "lora" and importlib.util.find_spec("peft") is None:
         return "skipped: peft not importable"
+    return None
+
+
+def _capture_refused(row: dict, capture) -> str | None:
+    """Why training.cuda_graphs cannot step this row (what reft_fast/train/train_config.py ``_check_cuda_graphs``
+    refuses, for this bench's rows), or None."""
+    if row["device"] != "cuda" and capture is None:
+        return "skipped: CUDA graphs need CUDA (torch's make_graphed_callables; on a CPU only the tests' stand-in)"
+    if row["checkpointing"]:
+        return "skipped: CUDA graphs with gradient checkpointing: not captured (training.cuda_graphs refuses it)"
+    if row["fused"]:
+        return ("skipped: CUDA graphs with the fused base: liger-kernel's fused cross-entropy reads the labelled-token "
+                "count on the host (.item()), which a capture refuses (fused_base.CAPTURE_BREAKING_OPS)")
     return None
 
 
@@ -411,8 +454,81 @@ def optimizer_step(optimizer, loss_fn, set_to_none: bool = True):
     return loss
 
 
-def run_row(row: dict) -> dict:
-    """Build the base and the method, warm up, time the steps; returns the row's measurements."""
+class FloorLoss(torch.nn.Module):
+    """The floor's loss as a module of its batch tensors (what make_graphed_callables takes): the base (held, not
+    registered: its frozen weights are no graph inputs) with the floor's bias hook; the bias is the one parameter.
+    Its batch is given as CapturedLoss gives reft-fast's (one segment per row: one additive causal mask for all
+    layers, ``packing.packed_model_inputs``), so that the pair differs only by the interventions."""
+
+    def __init__(self, base, bias: torch.nn.Parameter):
+        super().__init__()
+        self.bias = bias
+        object.__setattr__(self, "base", base)
+
+    def forward(self, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:
+        from reft_fast.train.packing import packed_model_inputs
+
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
+        return self.base(**packed_model_inputs(batch, self.base), labels=labels).loss
+
+
+def replayed_training_step(base, row: dict, warmup: int = 3, capture=None):
+    """(step, intervention layers, lowest intervened layer, trained parameters, status) of a REPLAYED_METHODS row: the
+    recipe's ``training.cuda_graphs`` route on the eager method's model, batch and optimizer (``training_parts``).
+    reft-fast's loss is ``train.graphs.CapturedLoss`` given the host batch (pinned on CUDA) at every step, as the
+    recipe's loop gives it: checked on the host, copied into the graph's inputs, the forward replayed; ``backward``
+    replays the backward graph and autograd accumulates the gradients; zero_grad (in place: the .grad tensors
+    CapturedLoss gives each parameter, ``graphs._own_gradients``) and the AdamW step run eagerly. The floor's loss (no
+    mask, as the recipe's causal batches) is graphed here, at once, by the same capture (``warmup`` passes first).
+    reft-fast's first step captures (``warmup`` passes, then the capture), its second checks a replay against an eager
+    pass: ``status()`` says how it compared (call it after the second step). ``capture``: the graph maker (torch's
+    make_graphed_callables, or the tests' CPU stand-in)."""
+    from reft_fast.train.graphs import CapturedLoss
+
+    device = row["device"]
+    eager_row = dict(row, method=REPLAYED_METHODS[row["method"]])
+    loss_fn, optimizer, layers, lowest, params, _ = training_parts(base, eager_row)
+    batch = make_batch(eager_row, len(layers))  # the same tensors' values as training_parts' (a seeded generator)
+    make_graphed = capture or torch.cuda.make_graphed_callables
+    floor = eager_row["method"] == "floor"
+    if floor:
+        module = FloorLoss(base, params[0])
+        rows, length = batch["input_ids"].shape
+        inputs = (batch["input_ids"], batch["labels"],
+                  torch.arange(length, device=device).expand(rows, length).contiguous(),
+                  torch.ones_like(batch["input_ids"]))
+        graphed = make_graphed(module, inputs, num_warmup_iters=warmup)
+        with torch.no_grad():
+            replayed, eager = float(graphed(*inputs)), float(module(*inputs))
+        floor_status = (f"forward and backward graphed; replayed loss − eager {abs(replayed - eager):.3g} "
+                        f"(loss {eager:.4g})")
+
+        def loss_of():
+            return graphed(*inputs)
+    else:
+        host = {"input_ids": batch["input_ids"].cpu(), "labels": batch["labels"].cpu(),
+                "intervention_locations": batch["locations"].cpu()}
+        host = {k: v.pin_memory() for k, v in host.items()} if device == "cuda" else host
+        captured = CapturedLoss(loss_fn.model, params, device, max_shapes=1, capture=capture, warmup=warmup)
+
+        def loss_of():
+            return captured(host)
+
+    def status() -> str:
+        if floor:
+            return floor_status
+        return "forward and backward replayed (CapturedLoss): " + ("; ".join(captured.checks) or "not checked yet")
+
+    # The floor's bias: set to None, so that autograd takes the graph's static gradient as the .grad (read by this
+    # step's AdamW, dropped before the next replay rewrites it). reft-fast's: zeroed in place, as the recipe's engine
+    # does (CapturedLoss gives each parameter a .grad of its own, which autograd adds into).
+    step = functools.partial(optimizer_step, optimizer, loss_of, set_to_none=floor)
+    return step, layers, lowest, params, status
+
+
+def run_row(row: dict, capture=None) -> dict:
+    """Build the base and the method, warm up, time the steps; returns the row's measurements (``note``: what its
+    status adds to "ok"). ``capture``: a replayed row's graph maker (default torch's make_graphed_callables)."""
     from reft_fast.train.fused_base import apply_fused_base_ops
     from reft_fast.train.loading import enable_gradient_checkpointing
     from reft_fast.train.metrics import count_step_flops
@@ -422,11 +538,17 @@ def run_row(row: dict) -> dict:
     fused = apply_fused_base_ops(base, "on") if row["fused"] else ()
     if row["checkpointing"]:
         enable_gradient_checkpointing(base, reentrant=False)
-    step, layers, lowest, params, extras = training_step(base, row)
+    replayed = row["method"] in REPLAYED_METHODS
+    if replayed:  # its extras are its eager method's (the same interventions)
+        step, layers, lowest, params, status = replayed_training_step(base, row, capture=capture)
+        extras = {}
+    else:
+        step, layers, lowest, params, extras = training_step(base, row)
     # The first step's loss: the same for rows whose edit is a no-op at initialization (floor, LoRA), the same across
-    # ReFT implementations given the same parameters; a check that every row does the work it claims.
+    # ReFT implementations given the same parameters; a check that every row does the work it claims. (A replayed
+    # reft-fast row captures in its first step and checks the replay against eager in its second: neither is timed.)
     first_loss = step().detach().item()
-    for _ in range(row["warmup"] - 1):
+    for _ in range(max(row["warmup"] - 1, 1 if replayed else 0)):
         step()
     _sync(device)
     if device == "cuda":
@@ -454,6 +576,8 @@ def run_row(row: dict) -> dict:
     result["tflops"] = flops / step_s / 1e12
     for name, (fn, grads) in extras.items():
         result[f"{name}_ms"] = measure_ms(fn, grad_to_none=grads, reps=row["reps"])
+    if replayed:
+        result["note"] = status()
     return result
 
 
@@ -467,17 +591,30 @@ def measure_matmul_peak(device: str) -> dict:
     return dict(peak_tflops=2 * n**3 / (ms * 1e-3) / 1e12)
 
 
-def _child(kind: str, row: dict, connection) -> None:
+def row_result(kind: str, row: dict, capture=None) -> dict:
+    """What a row process sends back: the row's measurements (``kind`` "row") or the matrix-product peak ("peak"),
+    with a status: "ok" (then "; " and what the row adds, a replayed row its replay-against-eager figures), "oom" or
+    "error: ...". ``capture``: run_row's."""
     try:
-        result = measure_matmul_peak(row["device"]) if kind == "peak" else run_row(row)
-        result["status"] = "ok"
+        result = measure_matmul_peak(row["device"]) if kind == "peak" else run_row(row, capture)
+        note = result.pop("note", "")
+        result["status"] = f"ok; {note}" if note else "ok"
     except torch.cuda.OutOfMemoryError:
         result = dict(status="oom")
     except Exception as error:  # the row's failure is its result; the run goes on
         traceback.print_exc()
         first_line = (str(error).strip().splitlines() or [""])[0][:200]
         result = dict(status=f"error: {type(error).__name__}: {first_line}")
-    connection.send(result)
+    return result
+
+
+def is_ok(status: str) -> bool:
+    """Whether a row's status is a measurement ("ok", or "ok; " and what the row adds)."""
+    return status == "ok" or status.startswith("ok; ")
+
+
+def _child(kind: str, row: dict, connection) -> None:
+    connection.send(row_result(kind, row))
     connection.close()
 
 
@@ -589,8 +726,10 @@ def _versions() -> dict:
 def records(rows: list[dict], env: dict, peak_tflops: float) -> list[dict]:
     """The CSV records of the rows so far: labels, versions, the ratios to the floors and MFU."""
     def floor_of(row, fused):
+        # a replayed row's floor is the replayed floor (capture takes the floor's own host time off too)
+        floor = "floor-replayed" if row["method"] in REPLAYED_METHODS else "floor"
         for other in rows:
-            if (other["method"] == "floor" and other["status"] == "ok" and other["config"] == row["config"]
+            if (other["method"] == floor and is_ok(other["status"]) and other["config"] == row["config"]
                     and other["checkpointing"] == row["checkpointing"] and other["fused"] == fused):
                 return other["step_s"]
         return math.nan
@@ -603,7 +742,7 @@ def records(rows: list[dict], env: dict, peak_tflops: float) -> list[dict]:
                   "checkpointing": "on" if row["checkpointing"] else "off",
                   "layers": ";".join(map(str, layers)) if len(layers) < 8 else f"all {len(layers)}",
                   "rank": cfg["rank"], "positions": cfg["positions"] + (" shared" if cfg["share_weights"] else "")}
-        if row["status"] == "ok":
+        if is_ok(row["status"]):
             record["ratio_floor"] = row["step_s"] / floor_of(row, row["fused"])
             record["ratio_plain_floor"] = row["step_s"] / floor_of(row, False)
             record["peak_tflops"] = peak_tflops
@@ -616,7 +755,7 @@ def markdown_table(rows: list[dict]) -> str:
     def cell(value):
         if isinstance(value, float):
             return "–" if math.isnan(value) else f"{value:.3g}"
-        return str(value)
+        return str(value).replace("|", "\\|")  # a replayed row's status has |Δloss|
 
     lines = ["| " + " | ".join(title for title, _ in TABLE) + " |", "|" + "---|" * len(TABLE)]
     for row in rows:
@@ -640,7 +779,7 @@ def plot(rows: list[dict], path: Path, title: str) -> Path:
             heights = []
             for method in methods:
                 match = [r for r in rows if (r["config"], r["checkpointing"], r["method"], r["fused"])
-                         == (config, checkpointing, method, fused) and r["status"] == "ok"]
+                         == (config, checkpointing, method, fused) and is_ok(r["status"])]
                 heights.append(match[0]["step_s"] if match else 0.0)
             ax.bar([i + offset for i in range(len(methods))], heights, width,
                    label="fused base ops" if fused == "on" else "plain base")
@@ -764,7 +903,8 @@ def main(argv=None) -> int:
 
 
 def _report(row: dict) -> None:
-    detail = f"{row['step_s']:.4f} s" if row.get("status") == "ok" else row.get("status")
+    ok = is_ok(row.get("status", ""))
+    detail = f"{row['step_s']:.4f} s" + row["status"][2:] if ok else row.get("status")
     print(f"[{row['config']} ckpt={'on' if row['checkpointing'] else 'off'} fused={'on' if row['fused'] else 'off'}] "
           f"{row['method']}: {detail}", flush=True)
 

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import math
 import os
 import random
@@ -504,74 +503,21 @@ def build_graph_step(variant: str, device: str = "cuda", base: str = "llama", wa
     return replayed_step, (len(layers) if variant not in FLOORS else 0), status, issue_ms
 
 
-class FloorLoss(torch.nn.Module):
-    """The floor's loss as a module of its batch tensors (what make_graphed_callables takes): the base (held, not
-    registered: its frozen weights are no graph inputs) with the floor's bias hook; the bias is the one parameter.
-    Its batch is given as CapturedLoss gives reft-fast's (one segment per row: one additive causal mask for all
-    layers, ``packing.packed_model_inputs``), so that the pair differs only by the interventions."""
-
-    def __init__(self, base, bias: torch.nn.Parameter):
-        super().__init__()
-        self.bias = bias
-        object.__setattr__(self, "base", base)
-
-    def forward(self, input_ids, labels, position_ids, segment_ids) -> torch.Tensor:
-        from reft_fast.train.packing import packed_model_inputs
-
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "segment_ids": segment_ids}
-        return self.base(**packed_model_inputs(batch, self.base), labels=labels).loss
-
-
 def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama", warmup: int = 3, capture=None):
     """(step, number of interventions, status, the host's milliseconds per step until synchronize) of a
-    REPLAYED_VARIANTS variant: the recipe's ``training.cuda_graphs`` route on the eager variant's model and batch.
-    reft-fast's loss is ``train.graphs.CapturedLoss`` given the host batch (pinned) at every step, as the recipe's
-    loop gives it: checked on the host, copied into the graph's inputs, the forward replayed; ``backward`` replays the
-    backward graph and autograd accumulates the gradients; zero_grad and the AdamW step run eagerly. The floor's loss
-    (no mask, as the recipe's causal batches) is graphed the same way by make_graphed_callables. Built by two steps
-    (the capture, then CapturedLoss's replay-against-eager check, whose figures are the status). ``capture``: the
-    graph maker (torch's make_graphed_callables, or a test's stand-in, which lets this run on the CPU)."""
-    from reft_fast.train.graphs import CapturedLoss
-
+    REPLAYED_VARIANTS variant: the recipe's ``training.cuda_graphs`` route on the eager variant's model and batch
+    (``bench_e2e.replayed_training_step``, which bench_e2e's rows of the same names run on a 7B shape): the forward
+    and backward replayed from graphs (reft-fast's through CapturedLoss, given the pinned host batch at every step),
+    zero_grad and the AdamW step eager. Built by two steps (the capture, then CapturedLoss's replay-against-eager
+    check, whose figures are the status). ``capture``: the graph maker (torch's make_graphed_callables, or a test's
+    stand-in, which lets this run on the CPU)."""
     if device != "cuda" and capture is None:
         raise RuntimeError(f"CUDA graphs need a CUDA device, not {device!r} (--device cuda)")
     bench_e2e.SHAPES.setdefault("host", HOST_SHAPE)
-    row = _row(GRAPH_VARIANTS[variant], device)
-    model = build_base(row, base)
-    loss_fn, optimizer, layers, _, params, _ = bench_e2e.training_parts(model, row)
-    batch = bench_e2e.make_batch(row, len(layers))
-    make_graphed = capture or torch.cuda.make_graphed_callables
-    if variant in FLOORS:
-        floor = FloorLoss(model, params[0])
-        rows, length = batch["input_ids"].shape
-        inputs = (batch["input_ids"], batch["labels"],
-                  torch.arange(length, device=device).expand(rows, length).contiguous(),
-                  torch.ones_like(batch["input_ids"]))
-        graphed = make_graphed(floor, inputs, num_warmup_iters=warmup)
-        with torch.no_grad():
-            replayed, eager = float(graphed(*inputs)), float(floor(*inputs))
-        status = f"forward and backward graphed; replayed loss − eager {abs(replayed - eager):.3g} (loss {eager:.4g})"
-
-        def loss_of():
-            return graphed(*inputs)
-    else:
-        host = {"input_ids": batch["input_ids"].cpu(), "labels": batch["labels"].cpu(),
-                "intervention_locations": batch["locations"].cpu()}
-        host = {k: v.pin_memory() for k, v in host.items()} if device == "cuda" else host
-        captured = CapturedLoss(loss_fn.model, params, device, max_shapes=1, capture=capture, warmup=warmup)
-
-        def loss_of():
-            return captured(host)
-
-    # The floor's bias: set to None, so that autograd takes the graph's static gradient as the .grad (read by this
-    # step's AdamW, dropped before the next replay rewrites it). reft-fast's: zeroed in place, as the recipe's engine
-    # does (CapturedLoss gives each parameter a .grad of its own, which autograd adds into).
-    step = functools.partial(bench_e2e.optimizer_step, optimizer, loss_of, set_to_none=variant in FLOORS)
-
+    row = _row(variant, device)
+    step, layers, _, _, status = bench_e2e.replayed_training_step(build_base(row, base), row, warmup, capture)
     for _ in range(2):  # reft-fast: the capture, then the replay check on the next call
         step()
-    if variant not in FLOORS:
-        status = "forward and backward replayed (CapturedLoss): " + "; ".join(captured.checks)
     issue_ms = []
 
     def timed_step():
@@ -582,7 +528,7 @@ def build_replayed_step(variant: str, device: str = "cuda", base: str = "llama",
             torch.cuda.synchronize()
         return loss
 
-    return timed_step, (len(layers) if variant not in FLOORS else 0), status, issue_ms
+    return timed_step, (len(layers) if variant not in FLOORS else 0), status(), issue_ms
 
 
 def _first_line(error: BaseException) -> str:

@@ -20,8 +20,10 @@
 #               the triton op against float64, the triton kernels, liger's fused base against the plain one), then
 #               the other cuda-marked ones (flex_attention packing)
 #   5. e2e      end-to-end training steps (bench_e2e.py --plan session): configuration (b) with the fused base
-#               (floor, reft-fast, pyreft, hook), its plain floor, then (a), then gradient checkpointing, the cuda
-#               backend last; one process per row, forked from a server that imported the libraries once
+#               (floor, reft-fast, pyreft, hook), its plain floor, then (b) on the plain base through
+#               training.cuda_graphs' replayed forward and backward (floor-replayed, reft-fast:triton-replayed) and
+#               its eager reft-fast:triton, then (a), then gradient checkpointing, the cuda backend last; one process
+#               per row, forked from a server that imported the libraries once
 #   6. kernels  the reduced kernel grid (bench_kernels.py --grid session: N ∈ {112, 4096, 65536}, d 4096, r ∈ {8, 32},
 #               torch and triton), its CSV written row by row
 #   7. tests    the mixed-batch kernel, the cuda backend's tests, compute-sanitizer last

@@ -96,6 +96,61 @@ def test_rows_that_cannot_run_here_are_skipped_with_a_reason():
     assert bench.skip_reason(dict(row, method="floor")) is None
 
 
+def test_replayed_rows_are_skipped_where_the_recipe_cannot_capture():
+    """training.cuda_graphs' rows run only where the recipe would capture (train_config's ``_check_cuda_graphs``): on
+    CUDA (on a CPU only with a capture stand-in), without gradient checkpointing, without liger's fused cross-entropy
+    (the fused base here fuses it: ``fused_base.CAPTURE_BREAKING_OPS``)."""
+    from capture_stand_in import traced_capture
+
+    bench = _load_bench()
+    for method in ("floor-replayed", "reft-fast:triton-replayed"):
+        row = dict(method=method, device="cuda", fused=False, checkpointing=False)
+        assert bench.skip_reason(row) is None
+        assert bench.skip_reason(dict(row, device="cpu")).startswith("skipped: CUDA graphs need CUDA")
+        assert bench.skip_reason(dict(row, device="cpu"), capture=traced_capture) is None
+        assert "gradient checkpointing" in bench.skip_reason(dict(row, checkpointing=True))
+        assert "fused cross-entropy" in bench.skip_reason(dict(row, fused=True))
+        assert "fused cross-entropy" in bench.skip_reason(dict(row, device="cpu", fused=True), traced_capture)
+    assert bench.skip_reason(dict(row, method="reft-fast:triton", device="cpu", checkpointing=True)) is None
+
+
+def test_a_replayed_row_runs_through_the_capture_stand_in():
+    """floor-replayed and reft-fast:torch-replayed on the tiny shape, (b), through tests/capture_stand_in.py in place
+    of make_graphed_callables (the recipe's route: CapturedLoss given the host batch each step, zero_grad in place,
+    AdamW eager): finite step times, the capture's check in the status, ratio_floor against the replayed floor.
+    (reft-fast:triton-replayed is the same route: on a CPU make_fx cannot trace Triton's interpreter.)"""
+    from capture_stand_in import traced_capture, values_on_the_device
+
+    bench = _load_bench()
+    args = bench._parse_args(["--smoke", "--configs", "b", "--checkpointing", "off", "--methods",
+                              "floor,floor-replayed,reft-fast:torch-replayed"])
+    rows = bench.plan_rows(args)
+    assert [r["method"] for r in rows] == ["floor", "floor-replayed", "reft-fast:torch-replayed"]
+    for row in rows:
+        with values_on_the_device():  # the locations are checked by CapturedLoss on the host, as on a GPU
+            row.update(bench.row_result("row", row, capture=traced_capture))
+    floor, floor_replayed, replayed = rows
+    assert floor["status"] == "ok"
+    assert floor_replayed["status"].startswith("ok; forward and backward graphed; replayed loss − eager 0 (loss ")
+    assert replayed["status"].startswith("ok; forward and backward replayed (CapturedLoss): replay matches eager: "
+                                         "|Δloss| = "), replayed["status"]
+    for row in rows:
+        assert math.isfinite(row["step_s"]) and 0 < row["cpu_issue_s"] <= row["step_s"] and row["tflops"] > 0
+    # the same first loss as the eager floor's (bias 0); the interventions change it
+    assert floor_replayed["first_loss"] == pytest.approx(floor["first_loss"], rel=1e-5)
+    assert replayed["first_loss"] != pytest.approx(floor["first_loss"], rel=1e-4)
+    assert replayed["n_interventions"] == 4 and replayed["trainable_params"] == 4 * (2 * 8 * 64 + 8)
+    records = {r["method"]: r for r in bench.records(rows, {}, math.nan)}
+    assert records["floor-replayed"]["ratio_floor"] == 1.0
+    assert records["reft-fast:torch-replayed"]["ratio_floor"] == pytest.approx(
+        replayed["step_s"] / floor_replayed["step_s"])
+    assert records["reft-fast:torch-replayed"]["ratio_plain_floor"] == records["reft-fast:torch-replayed"][
+        "ratio_floor"]  # the plain floor of a replayed row is the replayed one too
+    table = bench.markdown_table(list(records.values()))
+    assert "\\|Δloss\\|" in table and all(line.count(" | ") == len(bench.TABLE) - 1 for line in
+                                            table.splitlines() if line.startswith("| "))
+
+
 def test_plan_puts_the_floor_first_in_each_group():
     bench = _load_bench()
     args = bench._parse_args(["--smoke", "--methods", "hook-loreft,floor", "--checkpointing", "on,off"])
@@ -117,6 +172,16 @@ def test_session_plan_keeps_its_order_on_a_gpu_and_unfuses_on_a_cpu():
     assert on_gpu[:5] == [("b", False, True, "floor"), ("b", False, True, "reft-fast:triton"),
                           ("b", False, True, "pyreft"), ("b", False, True, "hook-loreft"), ("b", False, False, "floor")]
     assert on_gpu[-1] == ("b", False, True, "reft-fast:cuda")  # its nvcc build last
+    # training.cuda_graphs' rows right after the headline, on the plain base (no fused cross-entropy under capture),
+    # with the eager reft-fast:triton of that base: the four of (triton-replayed − floor-replayed) / (triton − floor)
+    assert on_gpu[5:8] == [("b", False, False, "floor-replayed"), ("b", False, False, "reft-fast:triton-replayed"),
+                           ("b", False, False, "reft-fast:triton")]
+    assert ("b", False, False, "floor") in on_gpu[:5]
+    runnable = [r for r in bench.plan_rows(args) if r["method"] in bench.REPLAYED_METHODS]
+    assert len(runnable) == 2 and all(bench.skip_reason(r) is None for r in runnable)
+    args.device = "cpu"
+    on_cpu = [r for r in bench.plan_rows(args) if r["method"] in bench.REPLAYED_METHODS]
+    assert [bench.skip_reason(r).split(" (")[0] for r in on_cpu] == ["skipped: CUDA graphs need CUDA"] * 2
 
 
 @pytest.mark.parametrize("argv, message", [
