@@ -309,7 +309,7 @@ def test_fused_ops_auto_leaves_the_fused_cross_entropy_out_of_a_captured_step():
     (["deepspeed.config.timers={throughput: {enabled: true}}"], "deepspeed.config flops_profiler, wall_clock"),
     (["model.fused_ops=on"], "model.fused_ops on"),
     (["data.packing=true", "model.attn_implementation=flex_attention"], "data.packing with"),
-    (["task=classification"], "task 'classification'"),
+    (["task=preference"], "task 'preference'"),
 ])
 def test_what_a_replay_cannot_hold_is_refused_with_the_config(tmp_path, overrides, why):
     from reft_fast.train.train_config import ConfigError, load_config, validate
@@ -533,6 +533,97 @@ def test_the_recipe_packs_through_replayed_steps_as_through_eager_ones(tmp_path,
     assert replayed[0] == pytest.approx(eager[0], rel=1e-5) and replayed[1] == pytest.approx(eager[1], rel=1e-5)
 
 
+def _classifier(kind: str):
+    """A tiny sequence classifier without dropout (a step that draws random numbers is not compared): a RoBERTa
+    encoder, whose padding must stay masked (it attends both ways), or a Llama with its score head on the last token."""
+    import transformers
+
+    from reft_fast.core.config import ReftConfig
+    from reft_fast.core.model import get_reft_model
+
+    torch.manual_seed(0)
+    if kind == "roberta":
+        config = transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+                                            type_vocab_size=1, num_labels=3, hidden_dropout_prob=0.0,
+                                            attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+        base = transformers.RobertaForSequenceClassification(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, num_labels=3,
+                                          attn_implementation="sdpa")
+        base = transformers.LlamaForSequenceClassification(config)
+    base.requires_grad_(False)
+    reft_config = ReftConfig(representations=[{"layer": layer, "component": "block_output", "low_rank_dimension": 4,
+                                                "intervention": "loreft"} for layer in range(N_INTERVENTIONS)])
+    model = get_reft_model(base, reft_config, backend="torch")
+    head = [p for name, p in base.named_parameters() if "classifier" in name or "score" in name]
+    for p in head:
+        p.requires_grad_(True)
+    return model, list(model.trainable_parameters()) + head
+
+
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_classification_batches_replay_their_own_steps_with_their_padding_mask(device_locations, kind):
+    from reft_fast.train.task_classification import ClassificationCollator, ClassificationTask
+
+    model, params = _classifier(kind)
+    collate = ClassificationCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f1+l1",
+                                     pad_to_multiple_of=8, max_length=20)
+    captured = CapturedLoss(model, params, "cpu", max_shapes=1, capture=traced_capture,
+                            loss_fn=ClassificationTask.model_loss, padding_mask=ClassificationTask.padding_mask)
+    g = torch.Generator().manual_seed(1)
+    for lengths in ([3, 7, 5], [8, 2, 6], [4, 4, 7]):  # all padded to 8: one layout
+        items = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=g).tolist(),
+                  "label": int(torch.randint(0, 3, (), generator=g))} for n in lengths]
+        batch = collate(items)
+        assert batch["input_ids"].shape == (3, 8)
+        _assert_same_step(_loss_and_grads(captured(batch), params),
+                          _loss_and_grads(ClassificationTask.model_loss(model, batch), params), atol=1e-5)
+    [key] = captured.graphs
+    assert [name for name, _, _ in key[0]] == ["attention_mask", "input_ids", "intervention_locations", "labels"]
+    assert captured.replayed_micro_steps == 3 and captured.checks[0].startswith("replay matches eager")
+    # the encoder's padding is masked in the replay too: a padded token changed no real token's loss
+    assert collate(items[:1])["input_ids"].shape == (1, 8)
+
+
+def test_the_recipe_trains_a_classifier_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations):
+    """task classification (a RoBERTa encoder and its trained head) with cuda_graphs: the same losses and final
+    interventions as the eager run."""
+    from test_classification import make_run as classification_run, sentiment_rows
+
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    def run(name: str, recipe_class, *overrides: str):
+        config = classification_run(tmp_path / name, sentiment_rows(24))
+        model_config = tmp_path / name / "model" / "config.json"
+        settings = json.loads(model_config.read_text())
+        model_config.write_text(json.dumps({**settings, "hidden_dropout_prob": 0.0,
+                                            "attention_probs_dropout_prob": 0.0}))
+        cfg = load_config(str(config), ["training.max_steps=4", "training.eval_every=0", "data.eval_fraction=0",
+                                        "classification.train_head=true", *overrides])
+        recipe = recipe_class(cfg)
+        recipe.run()
+        rows = [json.loads(line) for line in (tmp_path / name / "out" / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], recipe
+
+    try:
+        eager = run("eager", ReftTrainingRecipe)
+        replayed = run("replayed", _traced_recipe(), "training.cuda_graphs=true")
+    finally:
+        shutdown()
+    summary = replayed[1].result.cuda_graphs
+    assert summary["eager"] == 0 and summary["replayed"] == 4 and summary["layouts"] == 1, summary
+    assert replayed[1].collator.pad_to_multiple_of == 64 and len(eager[0]) == 4
+    assert replayed[0] == pytest.approx(eager[0], rel=1e-5)
+    trained = {name: p.detach().clone() for name, p in eager[1].reft_model.named_parameters() if p.requires_grad}
+    for name, p in replayed[1].reft_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), trained[name], rtol=1e-5, atol=1e-6)
+
+
 def test_two_ranks_at_stage_0_train_through_replayed_steps_as_through_eager_ones(tmp_path):
     """Two ranks (gloo) at ZeRO stage 0: DeepSpeed all-reduces the trained gradients, which the recipe keeps as views
     of one flat tensor (``ds_config.reduce_only_trained_gradients``); replayed backwards add into those views. The
@@ -580,6 +671,30 @@ def test_captured_steps_on_a_gpu_follow_each_batch(backend):
         batch = _batch(seed, lengths, multiple=16, trim=True)
         expected = _loss_and_grads(model_loss(model, {k: v.cuda() if isinstance(v, torch.Tensor) else v
                                                       for k, v in batch.items()}), params)
+        _assert_same_step(_loss_and_grads(captured(batch), params), expected, atol=1e-4)
+    assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["roberta", "llama"])
+def test_classification_steps_captured_on_a_gpu_follow_each_batch(kind):
+    """A classifier's step (its padding mask, its head trained) through torch's own capture: transformers builds the
+    padding mask on the device while a stream captures (``is_tracing``), which eagerly it may skip."""
+    from reft_fast.train.task_classification import ClassificationCollator, ClassificationTask
+
+    model, params = _classifier(kind)
+    model = model.cuda()
+    collate = ClassificationCollator(pad_token_id=0, num_interventions=N_INTERVENTIONS, positions="f1+l1",
+                                     pad_to_multiple_of=8, max_length=20)
+    captured = CapturedLoss(model, params, "cuda", max_shapes=2, loss_fn=ClassificationTask.model_loss,
+                            padding_mask=True)
+    g = torch.Generator().manual_seed(1)
+    for lengths in ([3, 7, 5], [8, 8, 8], [9, 2, 6], [4, 4, 7], [12, 3, 3]):  # lengths 8 and 16: two layouts
+        items = [{"input_ids": torch.randint(1, VOCAB, (n,), generator=g).tolist(),
+                  "label": int(torch.randint(0, 3, (), generator=g))} for n in lengths]
+        batch = collate(items)
+        on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        expected = _loss_and_grads(ClassificationTask.model_loss(model, on_gpu), params)
         _assert_same_step(_loss_and_grads(captured(batch), params), expected, atol=1e-4)
     assert len(captured.graphs) == 2 and captured.replayed_micro_steps == 5
 

@@ -43,6 +43,7 @@ __all__ = [
     "DATA_FILE_SUFFIXES",
     "encode_prompt",
     "EVAL_PARTS",
+    "padded_length",
     "fill_template",
     "IGNORE_INDEX",
     "load_examples",
@@ -558,6 +559,15 @@ class SupervisedDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------------------------------
 # Collation
 # --------------------------------------------------------------------------------------------------------------------
+def padded_length(length: int, multiple: Optional[int], limit: Optional[int] = None) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (None: as is), but not past ``limit`` (data.max_length,
+    which no item exceeds: a model whose learned position embeddings end there would be given positions past them)."""
+    if not multiple:
+        return length
+    padded = -(-length // multiple) * multiple
+    return padded if limit is None else max(length, min(padded, limit))
+
+
 @dataclass
 class ReftDataCollator:
     """Right-pads a list of dataset items into a batch and adds ``intervention_locations`` [n, B, P] (CPU, int64).
@@ -602,11 +612,7 @@ class ReftDataCollator:
                 "intervention_locations": self._locations(items, [0] * batch)}
 
     def _padded_length(self, length: int) -> int:
-        if not self.pad_to_multiple_of:
-            return length
-        padded = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        limit = self.pack_length or self.max_length
-        return padded if limit is None else max(length, min(padded, limit))
+        return padded_length(length, self.pad_to_multiple_of, self.pack_length or self.max_length)
 
     def _locations(self, items: Sequence[dict], offsets: list[int]) -> torch.Tensor:
         """[n, len(items), P]: each item's positions, shifted by its offset (its first token's index in its row)."""

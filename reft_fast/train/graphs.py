@@ -7,8 +7,8 @@ the floor with bound launches; the same step captured whole, 0.037 ms). Captured
 graph launch and its backward another, whatever the number of interventions.
 
 What is captured. Per batch layout (every tensor's shape and dtype, and the kept logits' count), the loss of one
-micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the loss) and its backward to the
-trained parameters, by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
+micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the task's loss: causal LM, or
+classification with its padding mask and head) and its backward to the trained parameters (a trained head's too), by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
 replays the backward graph, which hands the gradients to autograd; autograd accumulates them into ``.grad`` as after
 an eager backward. DeepSpeed's ``engine.backward`` and ``engine.step``, the recipe's clipping and the schedule stay
 eager: their host cost is per optimizer step (the fused AdamW is one launch), not per intervention.
@@ -89,14 +89,14 @@ class _BatchLoss(nn.Module):
     Its parameters are the trained ones; the ReftModel is held, not registered, so the frozen base's tensors are
     no inputs of the graph."""
 
-    def __init__(self, reft_model: nn.Module, params: list, names: tuple, constants: dict):
+    def __init__(self, reft_model: nn.Module, params: list, names: tuple, constants: dict, loss_fn: Callable):
         super().__init__()
         self.trained = nn.ParameterList(params)
         object.__setattr__(self, "reft_model", reft_model)
-        self.names, self.constants = names, constants
+        self.names, self.constants, self.loss_fn = names, constants, loss_fn
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return model_loss(self.reft_model, {**dict(zip(self.names, tensors)), **self.constants})
+        return self.loss_fn(self.reft_model, {**dict(zip(self.names, tensors)), **self.constants})
 
 
 class _Graph:
@@ -114,18 +114,22 @@ class CapturedLoss:
 
     ``capture(module, sample_args, **kwargs)`` is ``torch.cuda.make_graphed_callables``; the CPU tests give a stand-in.
     ``before_capture()`` runs before each capture: the recipe waits there for its batch thread to finish pinning
-    (torch captures in its "global" mode, where another thread's pinned allocation invalidates the capture)."""
+    (torch captures in its "global" mode, where another thread's pinned allocation invalidates the capture).
+    ``loss_fn(reft_model, batch)`` is the task's loss of a batch on the device (``loss.model_loss``: causal LM);
+    ``padding_mask``: the task's batches keep their padding mask (an encoder attends both ways), so a padded batch is
+    not turned into one causal segment per row."""
 
     def __init__(self, reft_model: nn.Module, params: list, device, *, max_shapes: int,
                  capture: Optional[Callable] = None, warmup: int = 3,
-                 before_capture: Callable[[], None] = lambda: None):
+                 before_capture: Callable[[], None] = lambda: None, loss_fn: Callable = model_loss,
+                 padding_mask: bool = False):
         device = torch.device(device)
         if capture is None and device.type != "cuda":
             raise ValueError(f"training.cuda_graphs needs a CUDA device; this rank trains on {device}")
         if max_shapes < 1:
             raise ValueError(f"max_shapes must be ≥ 1, got {max_shapes}")
         self.reft_model, self.params, self.device = reft_model, list(params), device
-        self.max_shapes, self.warmup, self.before_capture = max_shapes, warmup, before_capture
+        self.max_shapes, self.warmup, self.before_capture, self.loss_fn = max_shapes, warmup, before_capture, loss_fn
         self._capture = capture or torch.cuda.make_graphed_callables
         self._pool = torch.cuda.graph_pool_handle() if capture is None else None
         # SDPA or eager attention: a padded batch is given as one segment per row, so that its causal mask is one
@@ -134,7 +138,8 @@ class CapturedLoss:
         # where layers attend within a window, which one causal mask would not limit: transformers builds those)
         config = getattr(reft_model.model, "config", None)
         self._one_mask = packing_attention(getattr(config, "_attn_implementation", None)) == "mask" and \
-            not getattr(config, "output_router_logits", False) and sliding_window_of(config) is None
+            not getattr(config, "output_router_logits", False) and sliding_window_of(config) is None and \
+            not padding_mask
         self.graphs: dict[Any, _Graph] = {}
         self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0
@@ -208,10 +213,10 @@ class CapturedLoss:
         self.eager_micro_steps += 1
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
-        return model_loss(self.reft_model, moved)
+        return self.loss_fn(self.reft_model, moved)
 
     def _capture_layout(self, batch: dict, key, names: tuple, constants: dict) -> _Graph:
-        module = _BatchLoss(self.reft_model, self.params, names, constants)
+        module = _BatchLoss(self.reft_model, self.params, names, constants, self.loss_fn)
         inputs = tuple(batch[name].to(self.device, copy=True) for name in names)
         kwargs = {"num_warmup_iters": self.warmup}
         if self._pool is not None:  # torch's own capture: one pool for all layouts; a trained tensor may go unused

@@ -219,8 +219,10 @@ def _activation_bytes(cfg: TrainConfig, text, trained: int, checkpoints: int, dt
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     d_ff = getattr(text, "intermediate_size", 4 * d)
     implementation = cfg.model.attn_implementation or ""
-    # a replayed step (training.cuda_graphs) gives padded batches the packed route's one mask (``train.graphs``)
-    packed = (cfg.data.packing or cfg.training.cuda_graphs) and packing_attention(implementation) == "mask"
+    # a replayed step (training.cuda_graphs) gives padded causal batches the packed route's one mask (``train.graphs``;
+    # a task with a padding mask keeps it)
+    packed = (cfg.data.packing or (cfg.training.cuda_graphs and not padding_mask)) and \
+        packing_attention(implementation) == "mask"
     # flash-attn takes grouped k/v as they are, and so does SDPA given no mask (transformers 5.24's use_gqa_in_sdpa,
     # up to a head dim of 256); under a mask transformers repeats them to every head.
     grouped = implementation.startswith("flash") or (

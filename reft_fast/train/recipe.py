@@ -311,7 +311,8 @@ class ReftTrainingRecipe:
     def _captured_loss(self, params: list, capture: Optional[Callable] = None) -> CapturedLoss:
         """The captured loss of ``training.cuda_graphs`` (``capture``: torch's ``make_graphed_callables`` if None)."""
         return CapturedLoss(self.reft_model, params, self.engine.device, max_shapes=self.cfg.training.cuda_graph_shapes,
-                            capture=capture, before_capture=lambda: self._batches.settle())
+                            capture=capture, before_capture=lambda: self._batches.settle(),
+                            loss_fn=self.task.model_loss, padding_mask=self.task.padding_mask)
 
     def _plan_layouts(self, keys: list) -> None:
         """training.cuda_graphs: the layouts of this rank's coming micro-batches (the first ``GRAPH_CENSUS_LIMIT``,

@@ -39,10 +39,11 @@ import torch
 
 from reft_fast.core.positions import intervention_locations
 from reft_fast.train import scores
-from reft_fast.train.data import data_eval_sources, load_rows, train_and_eval_examples, value_type_name
+from reft_fast.train.data import data_eval_sources, load_rows, padded_length, train_and_eval_examples, value_type_name
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import to_device
-from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, resolve_data_path
+from reft_fast.train.train_config import ClassificationConfig, ConfigError, TrainConfig, padding_multiple, \
+    resolve_data_path
 
 __all__ = ["ClassificationCollator", "ClassificationDataset", "ClassificationTask", "GLUE_TEXT_FIELDS", "PROBLEM_TYPES",
            "head_parameters", "read_labelled_texts"]
@@ -163,10 +164,15 @@ class ClassificationCollator:
     num_interventions: int
     positions: str = "f1"
     share_weights: bool = False
+    # the batch's length rounded up to a multiple of this (training.cuda_graphs: few batch layouts), never past
+    # max_length (no item is longer)
+    pad_to_multiple_of: Optional[int] = None
+    max_length: Optional[int] = None
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         lengths = [len(it["input_ids"]) for it in items]
-        input_ids = torch.full((len(items), max(lengths)), self.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(items), padded_length(max(lengths), self.pad_to_multiple_of, self.max_length)),
+                               self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
         for b, it in enumerate(items):
             input_ids[b, : lengths[b]] = torch.as_tensor(it["input_ids"])
@@ -298,7 +304,9 @@ class ClassificationTask:
     def collator(self, tokenizer, num_interventions: int) -> ClassificationCollator:
         iv = self.cfg.interventions
         return ClassificationCollator(pad_token_id=tokenizer.pad_token_id, num_interventions=num_interventions,
-                                      positions=iv.positions, share_weights=iv.share_weights)
+                                      positions=iv.positions, share_weights=iv.share_weights,
+                                      pad_to_multiple_of=padding_multiple(self.cfg),
+                                      max_length=self.cfg.data.max_length)
 
     def host_batch(self, batch: dict) -> dict:
         labels = batch.get("labels")
@@ -310,10 +318,13 @@ class ClassificationTask:
     def loss(engine, batch: dict) -> torch.Tensor:
         """The mean loss of a training batch on the device, with its padding mask (``padding_mask``): an encoder
         attends both ways, so without it every real token saw the padding in training (``loss.forward_loss`` gives
-        a causal batch none), and the head trained on other features than evaluation reads."""
+        a causal batch none), and the head trained on other features than evaluation reads. ``engine``: the
+        DeepSpeed engine, or the ReftModel itself (``training.cuda_graphs``, ``train.graphs``)."""
         _, out = engine({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                         intervention_locations=batch["intervention_locations"], labels=batch["labels"])
         return out.loss
+
+    model_loss = loss  # what a captured step calls with the ReftModel
 
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:

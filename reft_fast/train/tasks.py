@@ -50,7 +50,7 @@ from reft_fast.train.data import (ReftDataCollator, SupervisedDataset, data_eval
 from reft_fast.train.evaluation import accuracy, generate_and_score, gold_from_responses
 from reft_fast.train.fused_base import fused_base_ops
 from reft_fast.train.generation import PromptError, check_prompts
-from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, trim_to_labels
+from reft_fast.train.loss import accepts_logits_to_keep, forward_loss, mean_eval_loss, model_loss, trim_to_labels
 from reft_fast.train.task_classification import ClassificationTask
 from reft_fast.train.task_preference import PreferenceTask
 from reft_fast.train.train_config import ConfigError, TrainConfig, padding_multiple
@@ -153,6 +153,8 @@ class CausalLMTask:
     @staticmethod
     def loss(engine, batch: dict) -> torch.Tensor:
         return forward_loss(engine, batch)
+
+    model_loss = staticmethod(model_loss)  # what a captured step calls with the ReftModel (``train.graphs``)
 
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
