@@ -309,7 +309,6 @@ def test_fused_ops_auto_leaves_the_fused_cross_entropy_out_of_a_captured_step():
     (["deepspeed.config.timers={throughput: {enabled: true}}"], "deepspeed.config flops_profiler, wall_clock"),
     (["model.fused_ops=on"], "model.fused_ops on"),
     (["data.packing=true", "model.attn_implementation=flex_attention"], "data.packing with"),
-    (["task=preference"], "task 'preference'"),
 ])
 def test_what_a_replay_cannot_hold_is_refused_with_the_config(tmp_path, overrides, why):
     from reft_fast.train.train_config import ConfigError, load_config, validate
@@ -622,6 +621,41 @@ def test_the_recipe_trains_a_classifier_through_replayed_steps_as_through_eager_
     for name, p in replayed[1].reft_model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), trained[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", [[], ["preference.reference=per_step"], ["preference.loss=simpo"]],
+                         ids=["dpo-cached", "dpo-per-step", "simpo"])
+def test_the_recipe_trains_on_preference_pairs_through_replayed_steps_as_through_eager_ones(tmp_path, device_locations,
+                                                                                          objective):
+    """task preference: a pair's two rows in one replayed forward, the reference from the table built before training
+    (dpo, cached), from a no_grad forward of the base inside the graph (per_step), or none (simpo): the losses and
+    final interventions of the eager run."""
+    from test_preference import preference_run
+
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import load_config
+
+    def run(name: str, recipe_class, *extra: str):
+        config, overrides = preference_run(tmp_path / name, n_pairs=24)
+        cfg = load_config(str(config), [*overrides, *objective, "training.max_steps=4", "data.eval_fraction=0",
+                                        "training.max_grad_norm=0", f"output_dir={tmp_path / name / 'out'}", *extra])
+        recipe = recipe_class(cfg)
+        return recipe, recipe.run()
+
+    try:
+        eager = run("eager", ReftTrainingRecipe)
+        replayed = run("replayed", _traced_recipe(), "training.cuda_graphs=true")
+    finally:
+        shutdown()
+    summary = replayed[1].cuda_graphs
+    assert summary["eager"] == 0 and summary["replayed"] == 4 and summary["checks"][0].startswith("replay matches"), \
+        summary
+    assert replayed[1].losses == pytest.approx(eager[1].losses, rel=1e-5)
+    trained = dict(eager[0].reft_model.named_parameters())
+    for name, p in replayed[0].reft_model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), trained[name].detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_two_ranks_at_stage_0_train_through_replayed_steps_as_through_eager_ones(tmp_path):

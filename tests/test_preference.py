@@ -91,16 +91,25 @@ def learned(tmp_path_factory):
 
     class CountingPreferenceTask(PreferenceTask):
         forwards_per_loss: list = []  # per loss call: the batch size of each base forward it ran
+        forwards_before_training: list = []  # the same for before_training
 
-        def loss(self, engine, batch):
+        def _counted(self, engine, log: list, call):
             rows = []
             handle = engine.module.model.register_forward_pre_hook(
                 lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
             try:
-                return super().loss(engine, batch)
+                return call()
             finally:
                 handle.remove()
-                self.forwards_per_loss.append(rows)
+                log.append(rows)
+
+        def loss(self, engine, batch):
+            return self._counted(engine, self.forwards_per_loss, lambda: super(CountingPreferenceTask, self).loss(
+                engine, batch))
+
+        def before_training(self, engine):
+            return self._counted(engine, self.forwards_before_training,
+                                 lambda: super(CountingPreferenceTask, self).before_training(engine))
 
     folder = tmp_path_factory.mktemp("preference")
     config, overrides = preference_run(folder)
@@ -143,14 +152,14 @@ def test_the_reference_is_the_plain_base_exactly(learned):
 
 def test_one_forward_per_batch_for_both_responses(learned):
     """Every loss call runs the base once over the 2B rows (chosen and rejected stacked); the reference table is
-    built once, by the first call: one forward of both responses per chunk of micro_batch_size pairs."""
+    built once, before training: one forward of both responses per chunk of micro_batch_size pairs."""
     _, recipe, result = learned
     calls = recipe.task.forwards_per_loss
     micro = recipe.cfg.training.micro_batch_size
     assert len(calls) == result.steps == 8
     chunks = math.ceil(len(recipe.train_set) / micro)
-    assert calls[0] == [2 * micro] * (chunks + 1)  # the table's chunks (both responses too), then the policy
-    assert all(rows == [2 * micro] for rows in calls[1:])
+    assert recipe.task.forwards_before_training == [[2 * micro] * chunks]  # the table's chunks, both responses
+    assert all(rows == [2 * micro] for rows in calls)
 
 
 def test_reward_accuracy_rises_on_a_learnable_rule(learned):

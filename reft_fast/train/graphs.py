@@ -7,8 +7,9 @@ the floor with bound launches; the same step captured whole, 0.037 ms). Captured
 graph launch and its backward another, whatever the number of interventions.
 
 What is captured. Per batch layout (every tensor's shape and dtype, and the kept logits' count), the loss of one
-micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the task's loss: causal LM, or
-classification with its padding mask and head) and its backward to the trained parameters (a trained head's too), by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
+micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the task's loss: causal LM,
+classification with its padding mask and head, or a preference pair's, its reference table built before training)
+and its backward to the trained parameters (a trained head's too), by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
 replays the backward graph, which hands the gradients to autograd; autograd accumulates them into ``.grad`` as after
 an eager backward. DeepSpeed's ``engine.backward`` and ``engine.step``, the recipe's clipping and the schedule stay
 eager: their host cost is per optimizer step (the fused AdamW is one launch), not per intervention.

@@ -364,6 +364,7 @@ class ReftTrainingRecipe:
         ``log_every`` steps and whenever an evaluation or a checkpoint is due (before them)."""
         t = self.cfg.training
         self._started = time.perf_counter()
+        self.task.before_training(self.engine)
         if self.eval_set is not None and self.start_step == 0:  # the baseline the eval losses are compared with
             baseline = {"step": 0, **self.evaluate(0)}
             self.result.eval_losses.append((0, baseline["eval_loss"]))

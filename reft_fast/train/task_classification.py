@@ -326,6 +326,9 @@ class ClassificationTask:
 
     model_loss = loss  # what a captured step calls with the ReftModel
 
+    def before_training(self, engine) -> None:
+        """Nothing: the loss needs nothing prepared."""
+
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:
         """The metrics ``evaluate`` reports for this config (what ``training.keep_best`` may name)."""

@@ -43,7 +43,7 @@ from reft_fast.train.data import IGNORE_INDEX, ReftDataCollator, SupervisedDatas
     load_examples, train_and_eval_examples
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
 from reft_fast.train.loss import accepts_logits_to_keep, causal_model_inputs, to_device, trim_to_labels
-from reft_fast.train.train_config import ConfigError, TrainConfig, warn_once_per_job
+from reft_fast.train.train_config import ConfigError, TrainConfig, padding_multiple, warn_once_per_job
 
 logger = logging.getLogger(__name__)
 
@@ -236,27 +236,47 @@ class PreferenceTask:
         self.trim = accepts_logits_to_keep(base)
 
     def collator(self, tokenizer, num_interventions: int) -> PreferenceCollator:
-        iv = self.cfg.interventions
+        iv, d = self.cfg.interventions, self.cfg.data
         self.pair_collator = PreferenceCollator(ReftDataCollator(
             pad_token_id=tokenizer.pad_token_id, num_interventions=num_interventions, positions=iv.positions,
-            share_weights=iv.share_weights))
+            share_weights=iv.share_weights, pad_to_multiple_of=padding_multiple(self.cfg), max_length=d.max_length))
         return self.pair_collator
 
     def host_batch(self, batch: dict) -> dict:
-        return trim_to_labels(batch) if self.trim else batch
+        return trim_to_labels(batch, padding_multiple(self.cfg)) if self.trim else batch
+
+    def before_training(self, engine) -> None:
+        """DPO's cached reference: the training pairs' table, built now rather than at the first step (every rank
+        takes part in its reduction; a captured step, ``training.cuda_graphs``, could not build it)."""
+        if self.cfg.preference.loss == "dpo" and self.cfg.preference.reference == "cached" and self.train_set:
+            self.reference(engine, None, self.train_set)
 
     def loss(self, engine, batch: dict) -> torch.Tensor:
         """The mean pair loss of a training batch already on the device."""
         return self.pair_losses(engine, batch, self.train_set)[0].mean()
 
+    def model_loss(self, reft_model, batch: dict) -> torch.Tensor:
+        """``loss`` through the ReftModel itself (a captured step, ``train.graphs``): the training pairs' reference
+        table is built before training (``before_training``)."""
+        p, reference = self.cfg.preference, None
+        if p.loss == "dpo" and p.reference == "cached":
+            reference = self.reference_tables[id(self.train_set)][1][batch["pair_index"]]
+        elif p.loss == "dpo":
+            reference = reference_logps(reft_model.model, batch).view(2, -1).T
+        return self._pair_losses(reft_model, reft_model.model, batch, reference)[0].mean()
+
     def pair_losses(self, engine, batch: dict, dataset):
         """(losses, chosen rewards, rejected rewards, policy log-probabilities [B, 2] (chosen, rejected: summed over
         each response)) per pair of a batch of ``dataset``, on the device: one forward of the policy over the 2B rows
         (with ``per_step``, one no_grad forward of the base before it)."""
+        reference = self.reference(engine, batch, dataset) if self.cfg.preference.loss == "dpo" else None
+        return self._pair_losses(engine, engine.module.model, batch, reference)
+
+    def _pair_losses(self, policy, base, batch: dict, reference: Optional[torch.Tensor]):
+        """``pair_losses`` with the policy (the engine or the ReftModel), its base and the [B, 2] reference given."""
         p = self.cfg.preference
-        reference = self.reference(engine, batch, dataset) if p.loss == "dpo" else None
-        inputs, extra = _model_inputs(batch, engine.module.model)
-        _, out = engine(inputs, intervention_locations=batch["intervention_locations"], **extra)
+        inputs, extra = _model_inputs(batch, base)
+        _, out = policy(inputs, intervention_locations=batch["intervention_locations"], **extra)
         logps, counts = sequence_logps(out.logits, batch["labels"])
         pair_logps = logps.view(2, -1).T
         if p.loss == "simpo":
@@ -266,14 +286,15 @@ class PreferenceTask:
         return (*dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, p.label_smoothing),
                 pair_logps)
 
-    def reference(self, engine, batch: dict, dataset) -> torch.Tensor:
+    def reference(self, engine, batch: Optional[dict], dataset) -> Optional[torch.Tensor]:
         """[B, 2]: the reference log-probabilities (chosen, rejected) of the batch's pairs, from the dataset's table
-        (built on its first use: every rank must call this together) or, with ``per_step``, a forward of the base."""
+        (built on its first use: every rank must call this together) or, with ``per_step``, a forward of the base.
+        ``batch`` None: only make sure the table is built."""
         if self.cfg.preference.reference == "per_step":
-            return reference_logps(engine.module.model, batch).view(2, -1).T
+            return None if batch is None else reference_logps(engine.module.model, batch).view(2, -1).T
         if id(dataset) not in self.reference_tables:
             self.reference_tables[id(dataset)] = (dataset, self.reference_table(engine, dataset))
-        return self.reference_tables[id(dataset)][1][batch["pair_index"]]
+        return None if batch is None else self.reference_tables[id(dataset)][1][batch["pair_index"]]
 
     @torch.no_grad()
     def reference_table(self, engine, dataset) -> torch.Tensor:

@@ -23,6 +23,10 @@ A task is a class registered in ``TASKS`` with these methods (``CausalLMTask`` i
     collator(tokenizer, num_interventions)             items → a CPU batch with ``intervention_locations``
     host_batch(batch) → batch                          CPU-side preparation before the transfer (no device work)
     loss(engine, batch) → tensor                       the scalar loss of a batch already on the device
+    model_loss(reft_model, batch) → tensor             the same through the ReftModel itself (a captured step,
+                                                       ``training.cuda_graphs``: the engine's forward stays out)
+    before_training(engine)                            work the loss needs once, before the first step (every rank
+                                                       together): what a captured step could not do (a reduction)
     evaluate(engine, dataset, collator, rank, world)   {"eval_loss": ..., other metrics}: every rank takes part
     metric_names(cfg)                                  the names ``evaluate`` reports (``training.keep_best``)
     eval_sources(cfg)                                  the config keys that give this config an eval set (empty:
@@ -155,6 +159,9 @@ class CausalLMTask:
         return forward_loss(engine, batch)
 
     model_loss = staticmethod(model_loss)  # what a captured step calls with the ReftModel (``train.graphs``)
+
+    def before_training(self, engine) -> None:
+        """Nothing: the loss needs nothing prepared."""
 
     @staticmethod
     def metric_names(cfg: TrainConfig) -> tuple[str, ...]:

@@ -855,9 +855,6 @@ def _check_cuda_graphs(cfg: TrainConfig) -> None:
     if not t.cuda_graphs:
         return
     refusals = [
-        (cfg.task not in ("causal_lm", "classification"),
-         f"task {cfg.task!r}: its pairs of forwards (policy and reference) are not captured yet; causal_lm and "
-         "classification are"),
         (cfg.deepspeed.stage != 0, f"deepspeed.stage {cfg.deepspeed.stage}: DeepSpeed's ZeRO optimizers start each "
                                    "backward from hooks of the engine's forward, which a replay does not run; use 0"),
         (t.gradient_checkpointing, "training.gradient_checkpointing: not captured yet"),
