@@ -281,7 +281,7 @@ stage_correctness() {
   banner "correctness"
   local keep=$((E2E_MIN_S + KERNELS_S + TESTS_MIN_S))
   # training.cuda_graphs (issue 15): replays against eager steps over new batches, and a recipe run both ways
-  pytest_step "captured steps" 90 "$keep" -m cuda tests/test_graphs.py
+  pytest_step "captured steps" 150 "$keep" -m cuda tests/test_graphs.py
   pytest_step "triton op vs float64" 75 "$keep" tests/test_ops.py -k triton
   pytest_step "triton kernels, fused base" 60 "$keep" tests/test_kernels.py tests/test_fused_base.py
   # every other cuda-marked test, wherever it is (the files of the steps before and after are left out); among them

@@ -770,3 +770,21 @@ def test_a_captured_run_trains_as_an_eager_one(tmp_path):
     assert len(summary["checks"]) == 1 and summary["checks"][0].startswith("replay matches eager"), summary
     assert "fused_linear_cross_entropy" not in runs["true"]["fused_ops"]
     assert runs["true"]["losses"] == pytest.approx(runs["false"]["losses"], rel=1e-4)
+
+
+@pytest.mark.cuda
+def test_a_captured_preference_run_trains_as_an_eager_one(tmp_path):
+    """DPO on a GPU with the cached reference table (built before training, outside any capture): the replayed
+    run's losses are the eager run's."""
+    from test_preference import preference_run
+
+    config, overrides = preference_run(tmp_path, n_pairs=24)
+    runs = {}
+    for graphs in ("false", "true"):
+        result = tmp_path / f"{graphs}.json"
+        _train(config, result, *overrides, f"training.cuda_graphs={graphs}", f"output_dir={tmp_path / graphs}",
+               "data.eval_fraction=0", "training.max_steps=4", "model.fused_ops=off")
+        runs[graphs] = json.loads(result.read_text())[0]
+    summary = runs["true"]["cuda_graphs"]
+    assert summary["eager"] == 0 and summary["checks"][0].startswith("replay matches eager"), summary
+    assert runs["true"]["losses"] == pytest.approx(runs["false"]["losses"], rel=1e-4)
