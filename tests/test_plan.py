@@ -1,5 +1,6 @@
 """`reft-fast plan`: the memory estimate shows Llama-2-70B LoReFT fitting 8×80 GB only with ZeRO-3, and its parts equal\nwhat a tiny Llama really allocates (weights, interventions, AdamW states exactly; activations within a stated tolerance)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -231,8 +232,8 @@ def test_the_total_counts_two_cublas_workspaces(tiny_model_dir, monkeypatch):
     assert cublas_workspace_bytes(capability=(8, 0)) == 2 * (8 * mib + 128 * 1024)  # A100: ":4096:2:16:8"
     assert cublas_workspace_bytes(":4096:8", capability=(8, 0)) == 64 * mib  # the setting wins
     assert cublas_workspace_bytes(":16:8:4096:2") == 2 * (128 * 1024 + 8 * mib)
-    if not torch.cuda.is_available():
-        assert cublas_workspace_bytes() == 64 * mib  # no GPU to ask: Hopper's, the largest default
+    if not torch.cuda.is_initialized():
+        assert cublas_workspace_bytes() == 64 * mib  # no GPU asked: Hopper's, the largest default
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     plan = plan_memory(_tiny_config(tiny_model_dir), 2)
     for s in plan.stages:
@@ -240,6 +241,39 @@ def test_the_total_counts_two_cublas_workspaces(tiny_model_dir, monkeypatch):
         assert s.total(False) == s.weights + s.interventions + s.activations + s.workspaces
         assert s.total(True) == s.weights + s.interventions + s.activations_checkpointed + s.workspaces
     assert "totals include 0.25 MiB of cuBLAS workspaces" in format_plan(plan)
+    assert "(cuBLAS workspaces: as CUBLAS_WORKSPACE_CONFIG sets them)" in format_plan(plan)
+
+
+def test_the_plan_initializes_no_cuda(tiny_model_dir, monkeypatch, capsys):
+    """`reft-fast plan` needs no device, but asked one on a GPU machine: torch.cuda.is_available() (the CUDA runtime's
+    device count, which initializes the driver) and then get_device_capability() (torch's CUDA state) for the size of
+    cuBLAS's workspaces. A process forked later from one that planned could not use CUDA (torch: "Cannot
+    re-initialize CUDA in forked subprocess"). Here a GPU is simulated (is_available answers True, as on a GPU
+    machine) and every way into CUDA initialization raises: the plan must run without one, and say which workspace
+    size it counted."""
+    if torch.cuda.is_initialized():
+        pytest.skip("this process uses CUDA already (an earlier test): nothing left to protect")
+    entered = []
+
+    def no_cuda(*args, **kwargs):
+        entered.append("CUDA initialization")
+        raise AssertionError("the plan initialized CUDA")
+
+    def is_available():
+        if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":  # else torch asks NVML, which leaves CUDA alone
+            entered.append("is_available asked the CUDA runtime")
+        return True
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(torch.cuda, "_lazy_init", no_cuda)
+    monkeypatch.setattr(torch.cuda, "init", no_cuda)
+    _tiny_config(tiny_model_dir)  # writes plan.yaml beside the model
+    assert main(["plan", str(tiny_model_dir.parent / "plan.yaml"), "--gpus", "2"]) == 0
+    out = capsys.readouterr().out
+    assert entered == [] and not torch.cuda.is_initialized()
+    assert "totals include 64 MiB of cuBLAS workspaces" in out
+    assert "(cuBLAS workspaces: Hopper's, the largest default, as no GPU was asked; 16.25 MiB before Hopper)" in out
 
 
 def test_a_preference_pair_counts_as_two_rows_of_activations(tiny_model_dir):
@@ -310,6 +344,7 @@ def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
     LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "model")
     cfg = _tiny_config(tmp_path / "model", "model.dtype=bfloat16", "training.micro_batch_size=8",
                        "data.max_length=256", "interventions.layers=[2, 5]")
+    torch.cuda.init()  # a process that uses CUDA already: the plan counts its GPU's cuBLAS workspaces
     plan = plan_memory(cfg, 1)
     base, _ = load_base_model(str(tmp_path / "model"), cfg)
     reft_model = build_reft_model(base.cuda(), cfg, [2, 5]).train()

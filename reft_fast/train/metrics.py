@@ -129,12 +129,14 @@ class MetricsLog:
 def log_metrics(metrics: dict, metrics_log: MetricsLog, writer, bar, show: bool, total_steps: int) -> None:
     """One step's metrics: a line in ``metrics_log``, scalars for ``writer`` and, when ``show``, the bar's postfix or,
     without a bar (``training.progress_bar: false``, a batch job's log), one logged line (``writer`` and ``bar`` may
-    be None). The bar's count is the recipe's to move, every step: the metrics are read only every ``log_every``
-    steps, and a bar moved here stood still in between."""
+    be None). Rates are means over the steps read together, but for a launch's first step, timed alone and marked
+    ``"warmup": true`` (``ReftTrainingRecipe.read_metrics``): the others' rates exclude its warm-up. The bar's count
+    is the recipe's to move, every step: the metrics are read only every ``log_every`` steps, and a bar moved here
+    stood still in between."""
     metrics_log.write(metrics)
     if writer is not None:
         for key, value in metrics.items():
-            if key != "step":
+            if key not in ("step", "warmup"):  # the mark of a launch's first step is no figure to plot
                 writer.add_scalar(f"train/{key}", value, metrics["step"])
     if not show:
         return
@@ -156,4 +158,6 @@ def _step_summary(metrics: dict) -> dict[str, str]:
         summary["mfu"] = f"{100 * metrics['mfu']:.1f}%"
     if "eval_loss" in metrics:
         summary["eval"] = f"{metrics['eval_loss']:.4f}"
+    if metrics.get("warmup"):  # a launch's first step, timed alone: its rates include the warm-up
+        summary["warm-up"] = "yes"
     return summary

@@ -34,7 +34,9 @@ any architecture. The rest is arithmetic, per GPU:
   flash and flex attention take none. A replayed step (``training.cuda_graphs``) gives padded batches the same mask
   (while a stream captures, transformers takes no ``is_causal`` shortcut: ``train.graphs``).
 * cuBLAS's workspaces (``cublas_workspace_bytes``): torch gives each cuBLAS handle one for the life of the process,
-  and a step uses two handles (``CUBLAS_WORKSPACE_DEFAULT``): 64 MiB on Hopper, 16.25 MiB on earlier GPUs.
+  and a step uses two handles (``CUBLAS_WORKSPACE_DEFAULT``): 64 MiB on Hopper, 16.25 MiB on earlier GPUs. The plan
+  asks no GPU which it is (``initialized_gpu_capability``): it counts Hopper's, the largest, and says so, unless the
+  process already uses CUDA.
 
 Quantized bases (``model.quantization``, bitsandbytes). Every ``nn.Linear`` of the backbone is stored quantized, as
 ``train.loading`` loads it; the LM head or classifier head, embeddings, norms and biases stay in model.dtype. Bytes of
@@ -96,8 +98,9 @@ NESTED_CODES = 256
 # runs its matmuls on two: the forward on the Python thread, the backward on autograd's thread for the device. Found
 # 2026-11-30: on an H200 (torch 2.11) a step of tests/test_plan.py's CUDA test took 78 MiB more than the plan without
 # them, 64 MiB of which are these two workspaces (the rest: the loss phase's third fp32 logits tensor and the final
-# norm's input, now counted, and about 9 MB not accounted for). Where the planning process sees no GPU (or a newer
-# one than Hopper), the plan counts Hopper's size, the largest default.
+# norm's input, now counted, and about 9 MB not accounted for). Where the planning process does not use CUDA already
+# (it asks no GPU: initialized_gpu_capability) or its GPU is newer than Hopper, the plan counts Hopper's size, the
+# largest default.
 CUBLAS_WORKSPACE_DEFAULT = 32 * 2**20
 CUBLAS_WORKSPACE_BEFORE_HOPPER = 4096 * 1024 * 2 + 16 * 1024 * 8
 CUBLAS_HANDLES_PER_STEP = 2
@@ -135,21 +138,46 @@ class MemoryPlan:
     checkpointing: bool
     quantization: str = "none"
     rows_per_example: int = 1  # a preference pair is two rows (chosen, rejected) of one forward
+    workspaces_from: str = ""  # where the cuBLAS workspaces' size comes from (_cublas_workspaces)
 
 
 def cublas_workspace_bytes(config: Optional[str] = None, capability: Optional[tuple[int, int]] = None) -> int:
     """Bytes of the cuBLAS workspaces of one training process on its GPU: ``CUBLAS_HANDLES_PER_STEP`` handles, each
     with the workspace ``config`` sets (CUBLAS_WORKSPACE_CONFIG's syntax, ":SIZE_KiB:COUNT" pairs, summed, as torch
     reads it; the environment's when None), else torch's default for a GPU of compute ``capability`` (this process's
-    GPU when None; Hopper's where it has none)."""
+    GPU when None, if the process already uses CUDA; else Hopper's: ``initialized_gpu_capability``)."""
+    return _cublas_workspaces(config, capability)[0]
+
+
+def _cublas_workspaces(config: Optional[str] = None, capability: Optional[tuple[int, int]] = None) -> tuple[int, str]:
+    """(``cublas_workspace_bytes``, where that figure comes from, as the plan prints it)."""
     config = os.environ.get("CUBLAS_WORKSPACE_CONFIG") if config is None else config
     pairs = re.findall(r":([0-9]+):([0-9]+)", config or "")
     if pairs:
-        return CUBLAS_HANDLES_PER_STEP * sum(int(size) * 1024 * int(count) for size, count in pairs)
-    if capability is None and torch.cuda.is_available():
-        capability = torch.cuda.get_device_capability()
-    before_hopper = capability is not None and capability[0] < 9
-    return CUBLAS_HANDLES_PER_STEP * (CUBLAS_WORKSPACE_BEFORE_HOPPER if before_hopper else CUBLAS_WORKSPACE_DEFAULT)
+        per_handle = sum(int(size) * 1024 * int(count) for size, count in pairs)
+        return CUBLAS_HANDLES_PER_STEP * per_handle, "as CUBLAS_WORKSPACE_CONFIG sets them"
+    if capability is None:
+        capability = initialized_gpu_capability()
+    if capability is None:
+        before_hopper = CUBLAS_HANDLES_PER_STEP * CUBLAS_WORKSPACE_BEFORE_HOPPER / 2**20
+        return (CUBLAS_HANDLES_PER_STEP * CUBLAS_WORKSPACE_DEFAULT,
+                f"Hopper's, the largest default, as no GPU was asked; {before_hopper:g} MiB before Hopper")
+    before_hopper = capability[0] < 9
+    return (CUBLAS_HANDLES_PER_STEP * (CUBLAS_WORKSPACE_BEFORE_HOPPER if before_hopper else CUBLAS_WORKSPACE_DEFAULT),
+            f"those of this process's GPU, compute capability {capability[0]}.{capability[1]}")
+
+
+def initialized_gpu_capability() -> Optional[tuple[int, int]]:
+    """The compute capability of this process's GPU where the process already uses CUDA, else None without asking.
+
+    Asking would set CUDA up in a process that needs no device (``reft-fast plan`` on a login node, or a launcher that
+    plans before it forks its workers): ``torch.cuda.get_device_capability`` initializes torch's CUDA state, and even
+    ``torch.cuda.is_available`` asks the CUDA runtime (``cudaGetDeviceCount``, which initializes the driver) unless
+    PYTORCH_NVML_BASED_CUDA_CHECK=1. A process forked from one that did either cannot use CUDA (torch: "Cannot
+    re-initialize CUDA in forked subprocess"); bench/NOTES.md records it for the benchmark's forked rows. Only the
+    cuBLAS workspaces depend on the answer (16.25 against 64 MiB): the plan counts Hopper's, the larger, and says so
+    (``format_plan``). ``torch.cuda.is_initialized`` reads torch's own flag and asks the device nothing."""
+    return torch.cuda.get_device_capability() if torch.cuda.is_initialized() else None
 
 
 def _weight_bytes_per_element(cfg: TrainConfig, model_config) -> int:
@@ -270,9 +298,9 @@ def _accepted_stages(cfg: TrainConfig, gpus: int) -> list[int]:
 
 
 def _stage_plans(gpus: int, weights_full: float, layer_bytes: float, intervention_params: int,
-                 activations: tuple[float, float], accepted_stages=(0, 1, 2, 3)) -> list[StagePlan]:
+                 activations: tuple[float, float], accepted_stages=(0, 1, 2, 3), workspaces: float = 0.0
+                 ) -> list[StagePlan]:
     stages = []
-    workspaces = cublas_workspace_bytes()  # the same GPU for every stage
     for stage in accepted_stages:
         for offload in ((False, True) if stage else (False,)):
             params_b = intervention_params * 4
@@ -318,12 +346,14 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     activations = _activation_bytes(cfg, text, trained, num_layers - min(layers), dtype_bytes, dequantized,
                                     lm_logits=task.auto_class == "AutoModelForCausalLM",
                                     rows_per_example=task.rows_per_example, padding_mask=task.padding_mask)
+    workspaces, workspaces_from = _cublas_workspaces()  # the same GPU for every stage
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
-                          _accepted_stages(cfg, gpus))
+                          _accepted_stages(cfg, gpus), workspaces)
     return MemoryPlan(cfg.model.path, gpus, base_params, intervention_params, cfg.training.micro_batch_size,
                       cfg.data.max_length, trained, num_layers, stages, cfg.deepspeed.stage,
                       cfg.deepspeed.offload_optimizer or cfg.deepspeed.offload_param,
-                      cfg.training.gradient_checkpointing, cfg.model.quantization, task.rows_per_example)
+                      cfg.training.gradient_checkpointing, cfg.model.quantization, task.rows_per_example,
+                      workspaces_from)
 
 
 def _micro_batch_rows(plan: MemoryPlan) -> str:
@@ -357,4 +387,6 @@ def format_plan(plan: MemoryPlan, gpu_memory_gib: float = 80.0) -> str:
     workspaces = plan.stages[0].workspaces / 2**20 if plan.stages else 0.0
     lines.append(f"(GiB per GPU; totals include {workspaces:g} MiB of cuBLAS workspaces; estimates without allocator "
                  "fragmentation, communication buffers and CUDA context)")
+    if plan.workspaces_from:
+        lines.append(f"(cuBLAS workspaces: {plan.workspaces_from})")
     return "\n".join(lines)

@@ -31,7 +31,9 @@ No host sync inside a step: ``train_step`` only queues work (its batches were co
 GPU, and are copied without waiting), and its loss stays on the device. The metrics of the steps since the last read
 are read together (``read_metrics``: one reduction, one ``.tolist()``) every ``training.log_every`` steps and before
 every evaluation, checkpoint and the end: so a checkpoint at step k always has the lines of steps 1…k before it, and a
-kill loses only unread steps after the newest checkpoint, which the resume replays.
+kill loses only unread steps after the newest checkpoint, which the resume replays. The host waits for the device once
+more, after a launch's first step, which it times apart: that step's warm-up is kept out of the other steps' rates
+(``read_metrics``).
 
 Collectives: every reduction goes through ``distributed.all_reduce_sum``, on the accelerator's device (NCCL reduces no
 host tensors).
@@ -134,7 +136,8 @@ class ReftTrainingRecipe:
       evaluation, checkpoint and the end (one reduction, one host sync).
     - Metrics: ``metrics.jsonl`` (one line per step, fsynced every ``METRICS_FSYNC_EVERY`` lines and before each
       checkpoint), TensorBoard, a tqdm bar, tokens/s, MFU, peak memory, gradient norm. Times and rates are means over
-      the steps of one read: a step's own host time means nothing while the device runs behind the host.
+      the steps of one read: a step's own host time means nothing while the device runs behind the host. A launch's
+      first step (the warm-up) is timed alone and its line marked ``"warmup": true``; the other steps' rates exclude it.
     - Evaluation (the task's metrics, ``eval_loss`` among them): at step 0 (the baseline), every ``eval_every`` steps
       and at the last step; with ``keep_best``, final/ holds the interventions of the best one (``keep_best``).
     - Checkpoints every ``save_every`` steps (``reft_fast.train.checkpoints``: one file, published atomically by rank 0,
@@ -163,6 +166,7 @@ class ReftTrainingRecipe:
         self.captured: Optional[CapturedLoss] = None  # training.cuda_graphs
         self.layout_plan = None  # training.cuda_graphs: the layouts counted before training (graphs.LayoutPlan)
         self._started = self._window_started = 0.0
+        self._warm_up_ended: Optional[float] = None  # when the device finished this launch's first step, until read
 
     def run(self) -> TrainResult:
         """The whole job: setup, train, finish; cleanup after success and failure alike, then wait for every rank."""
@@ -377,12 +381,25 @@ class ReftTrainingRecipe:
             self._unread.append(self.train_step(step))
             if self._bar is not None:  # count and rate every step; its loss only when read (no device read here)
                 self._bar.update(1)
+            if step == self.start_step:
+                self._end_warm_up()
             last = done == self.total_steps
             evaluate = self.eval_set is not None and (bool(t.eval_every and done % t.eval_every == 0) or last)
             save = bool(t.save_every) and done % t.save_every == 0
             if evaluate or save or last or done % t.log_every == 0:
                 self._log_read_steps(evaluate, save)
         self._close_bar()
+
+    def _end_warm_up(self) -> None:
+        """Note when the device has finished this launch's first step, which ``read_metrics`` times apart: it pays
+        for the warm-up (Triton's autotuning, the allocator's growth, DeepSpeed's lazy initialization, the first
+        captures of ``training.cuda_graphs``), and in the first read's mean it made that read's rates misleadingly
+        low. The one wait for the device outside a read, once per launch, between two steps (DeepSpeed's CPU
+        accelerator waits for nothing)."""
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().synchronize()
+        self._warm_up_ended = time.perf_counter()
 
     def _close_bar(self) -> None:
         """Leave the bar as it stands, on a line of its own: at the end of training, and on ctrl-C or an error (what
@@ -460,8 +477,11 @@ class ReftTrainingRecipe:
 
     def read_metrics(self) -> list[dict]:
         """The metrics lines of the steps trained since the last read: one reduction over the ranks and one
-        ``.tolist()``, the loop's host sync. Times and rates are those of all these steps together: the host measures
-        the device's time only when it waits for it."""
+        ``.tolist()``, the loop's host sync. Times and rates (``tokens_per_s``, ``step_time_s``, ``mfu``) are those of
+        all these steps together: the host measures the device's time only when it waits for it. The first step of a
+        launch is the exception (``_end_warm_up``): its line has its own, marked ``"warmup": true``, and the other
+        steps of its read are timed from its end, so their rates exclude the warm-up. The loop's total time (the
+        "trained N steps in S s" of ``finish``) includes it."""
         unread, self._unread = self._unread, []
         losses = torch.stack([u.loss_sum for u in unread]).unsqueeze(1)
         host_stats = torch.tensor([u.host_stats for u in unread], dtype=torch.float64).to(losses.device)
@@ -469,21 +489,35 @@ class ReftTrainingRecipe:
         # the gradient norm, the same on every rank (taken after the gradients were reduced), not summed.
         totals = all_reduce_sum(torch.cat([losses, host_stats], dim=1))
         totals = torch.cat([totals, _grad_norm_column(unread, totals)], dim=1).tolist()
-        elapsed = time.perf_counter() - self._window_started
-        tokens, flops = sum(row[2] for row in totals), sum(row[3] for row in totals)
-        # packing_efficiency: real tokens / token slots (with data.packing off, the padded batches' share of real tokens)
-        shared = {"tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(unread),
-                  "packing_efficiency": tokens / sum(row[4] for row in totals), "peak_mem_gib": peak_memory_gib()}
-        if self.peak_tflops:
-            shared["mfu"] = flops / (elapsed * self.peak_tflops * 1e12 * self.world)
+        now = time.perf_counter()
+        timed = [(unread, totals, self._window_started, now, False)]  # (steps, their totals, start, end, warm-up)
+        if self._warm_up_ended is not None:  # this launch's first step is unread[0]: timed alone, the others after it
+            split, self._warm_up_ended = self._warm_up_ended, None
+            timed = [(unread[:1], totals[:1], self._window_started, split, True),
+                     (unread[1:], totals[1:], split, now, False)]
         rows = []
-        for u, (loss, micro_batches, _, _, _, device_norm) in zip(unread, totals):
-            rows.append({"step": u.step, "loss": loss / micro_batches, "lr": u.lr, **shared})
-            grad_norm = device_norm if isinstance(u.grad_norm, torch.Tensor) else u.grad_norm
-            if grad_norm is not None:
-                rows[-1]["grad_norm"] = float(grad_norm)
-            self.result.losses.append(rows[-1]["loss"])
+        for steps, stats, started, ended, warm_up in timed:
+            shared = self._window_rates(stats, ended - started) if steps else {}
+            if warm_up:
+                shared["warmup"] = True
+            for u, (loss, micro_batches, _, _, _, device_norm) in zip(steps, stats):
+                rows.append({"step": u.step, "loss": loss / micro_batches, "lr": u.lr, **shared})
+                grad_norm = device_norm if isinstance(u.grad_norm, torch.Tensor) else u.grad_norm
+                if grad_norm is not None:
+                    rows[-1]["grad_norm"] = float(grad_norm)
+                self.result.losses.append(rows[-1]["loss"])
         return rows
+
+    def _window_rates(self, totals: list[list[float]], elapsed: float) -> dict[str, float]:
+        """The rates of steps timed together over ``elapsed`` seconds, from their ``totals`` rows (``read_metrics``)."""
+        tokens, flops = sum(row[2] for row in totals), sum(row[3] for row in totals)
+        # packing_efficiency: real tokens / token slots (with data.packing off, the padded batches' share of real
+        # tokens)
+        rates = {"tokens_per_s": tokens / elapsed, "step_time_s": elapsed / len(totals),
+                 "packing_efficiency": tokens / sum(row[4] for row in totals), "peak_mem_gib": peak_memory_gib()}
+        if self.peak_tflops:
+            rates["mfu"] = flops / (elapsed * self.peak_tflops * 1e12 * self.world)
+        return rates
 
     def evaluate(self, step: int) -> dict[str, float]:
         """The task's metrics over the eval set, ``eval_loss`` among them (every rank takes part). Rank 0 says so while
