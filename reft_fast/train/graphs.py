@@ -8,25 +8,26 @@ graph launch and its backward another, whatever the number of interventions.
 
 What is captured. Per batch layout (every tensor's shape and dtype, and the kept logits' count), the loss of one
 micro-batch (the ReftModel's forward with its hooks, R's map, the frozen base and the task's loss: causal LM,
-classification with its padding mask and head, or a preference pair's, its reference table built before training)
-and its backward to the trained parameters (a trained head's too), by torch's ``make_graphed_callables``: calling it replays the forward graph, and ``backward``
-replays the backward graph, which hands the gradients to autograd; autograd accumulates them into ``.grad`` as after
-an eager backward. DeepSpeed's ``engine.backward`` and ``engine.step``, the recipe's clipping and the schedule stay
-eager: their host cost is per optimizer step (the fused AdamW is one launch), not per intervention.
+classification with its padding mask and head, or a preference pair's, its reference table built before training) and
+its backward to the trained parameters (a trained head's too), by torch's ``make_graphed_callables``: calling it
+replays the forward graph, and ``backward`` replays the backward graph, which hands the gradients to autograd; autograd
+accumulates them into ``.grad`` as after an eager backward. DeepSpeed's ``engine.backward`` and ``engine.step``, the
+recipe's clipping and the schedule stay eager: their host cost is per optimizer step (the fused AdamW is one launch),
+not per intervention.
 
 Inputs. A replay reads the tensors it was captured with and nothing the step's Python computed since: each batch is
-checked on the host (its locations, where reading them is free), then copied into the graph's own input tensors
-without waiting (from pinned memory). The layouts are few because the collator pads every batch to a multiple of
+checked on the host (its locations, where reading them is free), then copied into the graph's own input tensors without
+waiting (from pinned memory). The layouts are few because the collator pads every batch to a multiple of
 ``data.pad_to_multiple_of`` tokens (64 when cuda_graphs is on and it is not set) and the kept logits are rounded up the
 same way (``loss.trim_to_labels``). Before training, the recipe counts the layouts of the coming micro-batches on the
 host (``plan_layouts``); the ``training.cuda_graph_shapes`` most frequent are captured when first met (three warm-up
-passes on a side stream, then the capture), the others run eagerly (``capture_only``; without a plan, the first
-layouts met are captured, later new ones run eagerly, said once). All graphs share one
-memory pool: layouts replay one at a time (a micro-batch's forward, then its backward, then the next micro-batch), so
-what one graph's step frees another's may reuse, and the pool holds about the largest layout's activations plus each
-graph's input, loss and gradient tensors. The eager pass of each layout's check (below) takes as much again once, from
-torch's ordinary cache. Under SDPA or eager attention a padded batch is given as one packed segment per row
-(``_as_one_segment``): one additive causal mask for all layers.
+passes on a side stream, then the capture), the others run eagerly (``capture_only``; without a plan, the first layouts
+met are captured, later new ones run eagerly, said once). All graphs share one memory pool: layouts replay one at a
+time (a micro-batch's forward, then its backward, then the next micro-batch), so what one graph's step frees another's
+may reuse, and the pool holds about the largest layout's activations plus each graph's input, loss and gradient
+tensors. The eager pass of each layout's check (below) takes as much again once, from torch's ordinary cache. Under
+SDPA or eager attention a padded batch is given as one packed segment per row (``_as_one_segment``): one additive
+causal mask for all layers.
 
 Checked. The first time a captured layout meets a batch other than the one it was captured with, its replay is
 compared with an eager pass over that batch (the loss and every trained gradient, neither accumulated): a value frozen
