@@ -214,6 +214,21 @@ def test_step_sampler_same_micro_batches_for_ranks_and_accumulation():
         StepSampler(5, micro_batch_size=3, world_size=2, accumulation=1, seed=0)
 
 
+def test_step_sampler_draws_each_epochs_shuffle_once_and_the_same_one_again(monkeypatch):
+    """Drawn per micro-batch, the shuffle of a million examples cost 4.7 ms each time (on the batch thread, and 19 s
+    for cuda_graphs' count of 4096 coming micro-batches); an epoch met again (a resume, another epoch between) draws
+    the same order."""
+    sampler = StepSampler(50, micro_batch_size=3, world_size=1, accumulation=4, seed=7)
+    fresh = StepSampler(50, micro_batch_size=3, world_size=1, accumulation=4, seed=7)
+    expected = {(step, a): fresh.indices(step, a, 0) for step in range(12) for a in range(4)}
+    draws = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *args, **kwargs: draws.append(args) or randperm(*args, **kwargs))
+    got = {(step, a): sampler.indices(step, a, 0) for step in range(12) for a in range(4)}
+    assert got == expected and len(draws) == 3  # 3 epochs of 4 steps
+    assert sampler.indices(0, 0, 0) == expected[(0, 0)] and len(draws) == 4  # back to epoch 0: drawn again, the same
+
+
 def test_hf_dataset_reads_a_folder_written_by_save_to_disk(tmp_path):
     """A single split saved with ``Dataset.save_to_disk`` (datasets' load_dataset refuses such a folder): read as the
     train split, and never handed out for another split."""

@@ -85,6 +85,22 @@ def test_a_single_row_reaches_flash_attention_as_one_varlen_sequence():
         assert set(causal_model_inputs(batch, model.model)) == {"input_ids"}, other
 
 
+def test_a_model_whose_forward_takes_no_varlen_arguments_gets_its_row_as_before():
+    """A model's own code (trust_remote_code) may list its forward's arguments without ``**kwargs``: given the varlen
+    lengths it would raise a TypeError at the first step."""
+    import transformers
+
+    class Strict(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, logits_to_keep=0):
+            return super().forward(input_ids=input_ids, labels=labels, logits_to_keep=logits_to_keep)
+
+    model = _model(FLASH)
+    strict = as_flash(Strict(_model("sdpa").model.config))  # built under SDPA: flash-attn is not installed here
+    batch = _batch(1, [13], multiple=16)
+    assert set(causal_model_inputs(batch, strict)) == {"input_ids"}
+    assert "cu_seq_lens_q" in causal_model_inputs(batch, model.model)
+
+
 def test_a_one_row_step_under_flash_attention_reads_no_device_value_in_any_layer():
     """Forward and backward of one row: no host read per layer (before: one in each of the 3 layers, transformers'
     packed-sequence check on the position ids). What is left is transformers' one read per forward of the position

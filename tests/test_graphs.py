@@ -139,6 +139,27 @@ def test_a_padded_batch_replays_as_one_segment_whose_fixed_tensors_are_copied_on
     assert [float(t.sum()) for t in inputs] == [2.0, 0.0, 0.0]
 
 
+def test_an_eager_micro_batch_gets_its_segments_made_on_its_device():
+    """A layout run eagerly (not captured): the segment ids and positions are made where its tensors went, not
+    copied from pageable host memory (a copy that waits for the device)."""
+    from reft_fast.train.graphs import _as_one_segment
+
+    batch = _batch(1, [9, 13], multiple=16)
+    on_meta = _as_one_segment({k: v.to("meta") for k, v in batch.items()})
+    assert {v.device.type for v in on_meta.values()} == {"meta"} and "attention_mask" not in on_meta
+    made = []
+    model = _model()
+    captured = CapturedLoss(model, model.trainable_parameters(), "cpu", max_shapes=1, capture=traced_capture)
+    captured.capture_only([])  # nothing captured: every micro-batch eager
+    real = _as_one_segment
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("reft_fast.train.graphs._as_one_segment", lambda b: made.append(dict(b)) or real(b))
+        _assert_same_step(_loss_and_grads(captured(batch), model.trainable_parameters()),
+                          _loss_and_grads(model_loss(model, batch), model.trainable_parameters()))
+    # once for the layout's key (on the host batch), once more for the moved tensors, without the host-made ones
+    assert len(made) == 2 and "segment_ids" not in made[1] and captured.eager_micro_steps == 1
+
+
 def test_a_windowed_model_keeps_its_window_when_replayed(device_locations):
     """Layers that attend within a window (Mistral's sliding_window, 8 tokens here, rows of 32) must not get the one
     causal mask of a segment: transformers builds their masks (while a stream captures too)."""
@@ -329,6 +350,26 @@ def test_flash_attention_with_one_row_per_micro_batch_is_captured(tmp_path):
                                                     f"model.attn_implementation={implementation}"])
         validate(cfg, check_data=False)
         assert cfg.training.cuda_graphs and cfg.training.micro_batch_size == 1
+
+
+def test_a_padding_mask_under_flash_attention_is_refused_with_the_config(tmp_path):
+    """A classifier's padding mask, or a router loss's, makes transformers read the mask on the host under flash
+    attention (the first capture failed, after the model had loaded): refused when the model's config is read."""
+    from test_classification import make_run as classification_run, sentiment_rows
+
+    from reft_fast.train.train_config import ConfigError, load_config, validate
+
+    flash = ["training.cuda_graphs=true", "model.attn_implementation=flash_attention_2"]
+    config = classification_run(tmp_path / "classifier", sentiment_rows(8))
+    with pytest.raises(ConfigError, match="^training.cuda_graphs: task classification keeps its padding mask"):
+        validate(load_config(str(config), flash), check_data=False)
+    validate(load_config(str(config), flash[:1]), check_data=False)  # sdpa: the mask is built on the device
+
+    config = make_run(tmp_path / "moe")
+    model_config = tmp_path / "moe" / "model" / "config.json"
+    model_config.write_text(json.dumps({**json.loads(model_config.read_text()), "output_router_logits": True}))
+    with pytest.raises(ConfigError, match=r"^training.cuda_graphs: the model's router loss \(output_router_logits"):
+        validate(load_config(str(config), flash), check_data=False)
 
 
 def test_one_row_under_flash_attention_replays_each_batch_its_own_step(device_locations):
@@ -656,6 +697,27 @@ def test_the_recipe_trains_on_preference_pairs_through_replayed_steps_as_through
     for name, p in replayed[0].reft_model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.detach(), trained[name].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_task_written_before_the_captured_hooks_trains_eagerly_and_is_refused_under_graphs(tmp_path, monkeypatch,
+                                                                                               device_locations):
+    """A task class registered with the methods tasks had before ``before_training`` and ``model_loss``: it still
+    trains (the recipe asks for the hook only where there is one), and cuda_graphs says what it lacks."""
+    from reft_fast.train import tasks
+    from reft_fast.train.distributed import shutdown
+    from reft_fast.train.recipe import ReftTrainingRecipe
+    from reft_fast.train.train_config import ConfigError
+
+    monkeypatch.delattr(tasks.CausalLMTask, "before_training")
+    monkeypatch.delattr(tasks.CausalLMTask, "model_loss")
+    try:
+        losses = _recipe_run(tmp_path / "eager", ReftTrainingRecipe, "training.max_steps=1")[0]
+        assert len(losses) == 1
+        with pytest.raises(ConfigError, match=r"^training.cuda_graphs: task 'causal_lm' \(CausalLMTask\) has no "
+                                              r"model_loss\(reft_model, batch\)"):
+            _recipe_run(tmp_path / "replayed", _traced_recipe(), "training.cuda_graphs=true")
+    finally:
+        shutdown()
 
 
 def test_two_ranks_at_stage_0_train_through_replayed_steps_as_through_eager_ones(tmp_path):

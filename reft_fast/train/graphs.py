@@ -44,7 +44,8 @@ optimizers start each backward from hooks of the engine's forward, which a repla
 checkpointing, ``model.compile``, dropout in the interventions (its seed is drawn on the host per forward), liger's
 fused cross-entropy (liger-kernel 0.8.5 reads the labelled-token count with ``.item()``), polar orthogonalization
 (``eigh`` waits for the device), packing through flash attention's varlen lengths or flex attention's documents (host
-ints per batch), DeepSpeed's autocast, timers and profiler (started in its engine's forward). A device other than CUDA
+ints per batch), DeepSpeed's autocast, timers and profiler (started in its engine's forward), a padding mask under
+flash attention (a classifier's, a router loss's: transformers reads it on the host). A device other than CUDA
 is refused before the model is loaded. Flash attention with one row per micro-batch is captured: the row reaches it
 as varlen lengths made on the device (``loss.one_row_varlen_inputs``), so transformers reads no position ids.
 """
@@ -184,7 +185,7 @@ class CapturedLoss:
         if graph is None and self._captures(key):
             graph = self.graphs[key] = self._capture_layout(batch, key, names, constants)
         elif graph is None:
-            return self._eager(batch, key)
+            return self._eager(batch, key, fixed)
         else:
             self._copy_in(graph, batch, names, fixed)
             if not graph.checked:
@@ -207,15 +208,18 @@ class CapturedLoss:
             if name not in fixed:
                 static.copy_(batch[name], non_blocking=True)
 
-    def _eager(self, batch: dict, key) -> torch.Tensor:
+    def _eager(self, batch: dict, key, fixed: tuple) -> torch.Tensor:
+        """A micro-batch of a layout not captured, run eagerly: its tensors moved without waiting, the ``fixed`` ones
+        (``_as_one_segment``'s, built pageable on the host: a copy of those waits for the device) made again on the
+        device."""
         if not self._said_full and self.wanted is None:  # a plan (capture_only) said what runs eagerly beforehand
             self._said_full = True
             logger.warning("training.cuda_graphs: %d batch layouts captured (training.cuda_graph_shapes); a new one "
                            "(%s) and any later ones run eagerly", len(self.graphs), _describe(key))
         self.eager_micro_steps += 1
         moved = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
-        return self.loss_fn(self.reft_model, moved)
+                 for k, v in batch.items() if k not in fixed}
+        return self.loss_fn(self.reft_model, _as_one_segment(moved) if fixed else moved)
 
     def _capture_layout(self, batch: dict, key, names: tuple, constants: dict) -> _Graph:
         module = _BatchLoss(self.reft_model, self.params, names, constants, self.loss_fn)
@@ -307,7 +311,9 @@ def _as_one_segment(batch: dict) -> dict:
     rows of 512); from segment ids the batch gets one additive mask that every layer shares
     (``packing.packed_model_inputs``)."""
     rows, length = batch["input_ids"].shape
-    positions = torch.arange(length, dtype=torch.long).expand(rows, length).contiguous()
+    # made where the batch is: on the host for a capture's inputs, on the device for an eager micro-batch
+    positions = torch.arange(length, dtype=torch.long, device=batch["input_ids"].device).expand(rows, length)
+    positions = positions.contiguous()
     # the padding mask goes: the segments take its place (``loss.causal_model_inputs`` reads no mask beside them), and
     # a graph input nothing reads would still be copied in at every micro-batch
     kept = {k: v for k, v in batch.items() if k != "attention_mask"}

@@ -4,6 +4,7 @@ an evaluation set.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional
 
@@ -74,9 +75,18 @@ def causal_model_inputs(batch: dict, base_model) -> dict:
         # keeps (transformers' load_balancing_loss_func): without it the padding would count
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if batch["input_ids"].shape[0] == 1 and \
-            packing_attention(getattr(config, "_attn_implementation", None)) == "varlen":
+            packing_attention(getattr(config, "_attn_implementation", None)) == "varlen" and \
+            _forward_takes_varlen(type(base_model)):
         return one_row_varlen_inputs(batch["input_ids"])
     return {"input_ids": batch["input_ids"]}
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_takes_varlen(model_class: type) -> bool:
+    """Whether a model class's forward takes the varlen arguments (by name, or as ``**kwargs``, as every causal LM of
+    transformers 5.24 does): a model's own code (``trust_remote_code``) may not, and then gets the row as before."""
+    parameters = inspect.signature(model_class.forward).parameters
+    return "cu_seq_lens_q" in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def one_row_varlen_inputs(input_ids: torch.Tensor) -> dict:

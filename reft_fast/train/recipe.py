@@ -314,6 +314,10 @@ class ReftTrainingRecipe:
 
     def _captured_loss(self, params: list, capture: Optional[Callable] = None) -> CapturedLoss:
         """The captured loss of ``training.cuda_graphs`` (``capture``: torch's ``make_graphed_callables`` if None)."""
+        if not hasattr(self.task, "model_loss"):
+            raise ConfigError(f"training.cuda_graphs: task {self.cfg.task!r} ({type(self.task).__name__}) has no "
+                              "model_loss(reft_model, batch), the loss a captured step calls with the ReftModel "
+                              "(reft_fast.train.tasks lists a task's methods); set training.cuda_graphs: false")
         return CapturedLoss(self.reft_model, params, self.engine.device, max_shapes=self.cfg.training.cuda_graph_shapes,
                             capture=capture, before_capture=lambda: self._batches.settle(),
                             loss_fn=self.task.model_loss, padding_mask=self.task.padding_mask)
@@ -368,7 +372,9 @@ class ReftTrainingRecipe:
         ``log_every`` steps and whenever an evaluation or a checkpoint is due (before them)."""
         t = self.cfg.training
         self._started = time.perf_counter()
-        self.task.before_training(self.engine)
+        before_training = getattr(self.task, "before_training", None)  # a task written before the hook has none
+        if before_training is not None:
+            before_training(self.engine)
         if self.eval_set is not None and self.start_step == 0:  # the baseline the eval losses are compared with
             baseline = {"step": 0, **self.evaluate(0)}
             self.result.eval_losses.append((0, baseline["eval_loss"]))

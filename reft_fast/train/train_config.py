@@ -32,7 +32,7 @@ import yaml
 from reft_fast import ops
 from reft_fast.core.config import COMPONENTS, Representation
 from reft_fast.core.dtypes import MODEL_DTYPES
-from reft_fast.core.hf import hidden_size_of, num_layers_of
+from reft_fast.core.hf import hidden_size_of, num_layers_of, text_config_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.evaluation import FAMILIES
@@ -166,8 +166,9 @@ class DataConfig:
     # padding each one to the longest: a step pays for real tokens. Needs model.attn_implementation sdpa or eager (a
     # block-diagonal mask), a flash attention (varlen) or flex_attention (document mask).
     packing: bool = False
-    # Pad every batch's length (packed rows too) to a multiple of this many tokens; null: none, or 64 with
-    # training.cuda_graphs (each batch layout is one captured graph: few lengths, few graphs).
+    # Pad every batch's length (packed rows, classification and preference batches too) to a multiple of this many
+    # tokens, never past max_length; null: none, or 64 with training.cuda_graphs (each batch layout is one captured
+    # graph: few lengths, few graphs).
     pad_to_multiple_of: Optional[int] = None
 
     def __post_init__(self):
@@ -1008,6 +1009,7 @@ def _check_against_model(cfg: TrainConfig) -> Any:
     if hidden is not None and iv.low_rank_dimension > hidden:
         raise ConfigError(f"interventions.low_rank_dimension: {iv.low_rank_dimension} exceeds the hidden size {hidden}")
     _check_packing_window(cfg, model_config)
+    _check_graph_masks(cfg, model_config)
     return model_config
 
 
@@ -1022,6 +1024,23 @@ def _check_packing_window(cfg: TrainConfig, model_config) -> None:
                           f"packed rows' block mask ({cfg.model.attn_implementation}) would not keep, and rows reach "
                           f"data.max_length = {cfg.data.max_length}; set max_length ≤ {window}, or "
                           "model.attn_implementation to flash_attention_2 or flex_attention")
+
+
+def _check_graph_masks(cfg: TrainConfig, model_config) -> None:
+    """training.cuda_graphs under flash attention: a batch given with its padding mask (a classifier's; a mixture of
+    experts whose router loss counts the real tokens, ``loss.causal_model_inputs``) makes transformers read the mask
+    on the host (5.24: ``masking_utils.flash_attention_mask``'s ``.all()``, then ``_upad_input``'s ``.item()`` in every
+    layer), which a capturing stream refuses: the first capture would fail after the model has loaded."""
+    if not cfg.training.cuda_graphs or packing_attention(cfg.model.attn_implementation) != "varlen":
+        return
+    router_loss = getattr(text_config_of(model_config), "output_router_logits", False) or \
+        getattr(model_config, "output_router_logits", False)
+    if cfg.task == "classification" or router_loss:
+        why = "task classification keeps its padding mask" if cfg.task == "classification" else \
+            "the model's router loss (output_router_logits) needs the padding mask"
+        raise ConfigError(f"training.cuda_graphs: {why}, which transformers reads on the host under "
+                          f"{cfg.model.attn_implementation} (a capture refuses that); use model.attn_implementation "
+                          "sdpa or eager, or training.cuda_graphs: false")
 
 
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
