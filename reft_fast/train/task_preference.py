@@ -248,8 +248,8 @@ class PreferenceTask:
     def before_training(self, engine) -> None:
         """DPO's cached reference: the training pairs' table, built now rather than at the first step (every rank
         takes part in its reduction; a captured step, ``training.cuda_graphs``, could not build it)."""
-        if self.cfg.preference.loss == "dpo" and self.cfg.preference.reference == "cached" and self.train_set:
-            self.reference(engine, None, self.train_set)
+        if self.cfg.preference.loss == "dpo" and self.train_set:
+            self._ensure_table(engine, self.train_set)
 
     def loss(self, engine, batch: dict) -> torch.Tensor:
         """The mean pair loss of a training batch already on the device."""
@@ -258,11 +258,8 @@ class PreferenceTask:
     def model_loss(self, reft_model, batch: dict) -> torch.Tensor:
         """``loss`` through the ReftModel itself (a captured step, ``train.graphs``): the training pairs' reference
         table is built before training (``before_training``)."""
-        p, reference = self.cfg.preference, None
-        if p.loss == "dpo" and p.reference == "cached":
-            reference = self.reference_tables[id(self.train_set)][1][batch["pair_index"]]
-        elif p.loss == "dpo":
-            reference = reference_logps(reft_model.model, batch).view(2, -1).T
+        dpo = self.cfg.preference.loss == "dpo"
+        reference = self._reference_rows(reft_model.model, batch, self.train_set) if dpo else None
         return self._pair_losses(reft_model, reft_model.model, batch, reference)[0].mean()
 
     def pair_losses(self, engine, batch: dict, dataset):
@@ -286,15 +283,22 @@ class PreferenceTask:
         return (*dpo_loss(chosen, rejected, reference[:, 0], reference[:, 1], self.beta, p.label_smoothing),
                 pair_logps)
 
-    def reference(self, engine, batch: Optional[dict], dataset) -> Optional[torch.Tensor]:
+    def reference(self, engine, batch: dict, dataset) -> torch.Tensor:
         """[B, 2]: the reference log-probabilities (chosen, rejected) of the batch's pairs, from the dataset's table
-        (built on its first use: every rank must call this together) or, with ``per_step``, a forward of the base.
-        ``batch`` None: only make sure the table is built."""
-        if self.cfg.preference.reference == "per_step":
-            return None if batch is None else reference_logps(engine.module.model, batch).view(2, -1).T
-        if id(dataset) not in self.reference_tables:
+        (built on its first use: every rank must call this together) or, with ``per_step``, a forward of the base."""
+        self._ensure_table(engine, dataset)
+        return self._reference_rows(engine.module.model, batch, dataset)
+
+    def _ensure_table(self, engine, dataset) -> None:
+        """With ``cached``: the dataset's reference table, built once (every rank takes part in its reduction)."""
+        if self.cfg.preference.reference == "cached" and id(dataset) not in self.reference_tables:
             self.reference_tables[id(dataset)] = (dataset, self.reference_table(engine, dataset))
-        return None if batch is None else self.reference_tables[id(dataset)][1][batch["pair_index"]]
+
+    def _reference_rows(self, base, batch: dict, dataset) -> torch.Tensor:
+        """``reference`` once the table exists: its rows of the batch's pairs, or ``per_step``'s forward of ``base``."""
+        if self.cfg.preference.reference == "per_step":
+            return reference_logps(base, batch).view(2, -1).T
+        return self.reference_tables[id(dataset)][1][batch["pair_index"]]
 
     @torch.no_grad()
     def reference_table(self, engine, dataset) -> torch.Tensor:
