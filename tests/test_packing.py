@@ -6,6 +6,7 @@ Tolerances (fp32 on the CPU): logits atol 1e-5; summed losses and intervention g
 packed and the solo forwards differ only in the attention kernel's summation (masked vs causal SDPA)."""
 
 import random
+import types
 
 import pytest
 import torch
@@ -414,6 +415,37 @@ def test_the_sliding_window_is_read_from_the_model_config(config, window):
     from reft_fast.train.packing import sliding_window_of
 
     assert sliding_window_of(config) == window
+
+
+@pytest.mark.parametrize("config, windowed", [
+    (transformers.MistralConfig(sliding_window=16, num_hidden_layers=3), [True] * 3),
+    (transformers.Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=2, num_hidden_layers=3),
+     [False, False, True]),
+    (transformers.LlamaConfig(num_hidden_layers=3), [False] * 3),
+], ids=["mistral", "qwen2-from-layer-2", "llama"])
+def test_the_windowed_layers_are_read_from_the_layer_types(config, windowed):
+    from reft_fast.train.packing import windowed_layers
+
+    assert windowed_layers(config, 3) == windowed
+
+
+def test_a_router_loss_named_only_by_the_text_config_keeps_the_padding_mask():
+    """A multimodal model whose language model adds a router loss says so on its text config: its causal batches keep
+    their padding mask (the loss averages over real tokens), and a replayed step gives it no shared mask. Read on the
+    top config alone, such a model got neither."""
+    from reft_fast.train.loss import causal_model_inputs
+    from reft_fast.train.packing import replay_shares_one_mask
+
+    config = transformers.AutoConfig.for_model(
+        "llava", text_config={"model_type": "mixtral", "output_router_logits": True, "num_hidden_layers": 2})
+    assert not getattr(config, "output_router_logits", False)
+    base = types.SimpleNamespace(config=config)
+    batch = {"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long)}
+    assert "attention_mask" in causal_model_inputs(batch, base)
+    assert not replay_shares_one_mask(config, "sdpa", padding_mask=False)
+    config.text_config.output_router_logits = False
+    assert "attention_mask" not in causal_model_inputs(batch, base)
+    assert replay_shares_one_mask(config, "sdpa", padding_mask=False)
 
 
 @pytest.mark.parametrize("attention, max_length, refused", [("sdpa", 32, True), ("eager", 32, True),

@@ -1,6 +1,8 @@
 """`reft-fast plan`: the memory estimate shows Llama-2-70B LoReFT fitting 8×80 GB only with ZeRO-3, and its parts equal\nwhat a tiny Llama really allocates (weights, interventions, AdamW states exactly; activations within a stated tolerance)."""
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from reft_fast.train.cli import main
 from reft_fast.train.loading import build_reft_model, enable_gradient_checkpointing, load_base_model
 from reft_fast.train.loss import causal_model_inputs
 from reft_fast.train.plan import GIB, cublas_workspace_bytes, format_plan, plan_memory
+from reft_fast.train.tasks import make_task
 from reft_fast.train.train_config import layer_list, load_config
 
 from memory import profiled_peak_bytes
@@ -179,6 +182,113 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
     low, high = (0.9, 1.15) if checkpointing else (0.9, 1.1)
     assert low * planned <= measured <= high * planned, (measured, planned, measured / planned)
+
+
+# TINY with a window of 32 tokens, which rows of WINDOWED_SEQ reach: in every layer, or in layers 3–5 of 6
+WINDOWED = {"mistral": dict(sliding_window=32),
+            "qwen2": dict(use_sliding_window=True, sliding_window=32, max_window_layers=3)}
+WINDOWED_SEQ = 128
+
+
+@pytest.fixture(scope="module", params=sorted(WINDOWED))
+def windowed_model_dir(request, tmp_path_factory):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp(f"plan_{request.param}") / "model"
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(request.param, **TINY, **WINDOWED[request.param])
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["no-ckpt", "ckpt"])
+def test_sdpa_keeps_a_mask_in_each_layer_whose_window_the_rows_reach(windowed_model_dir, checkpointing):
+    """Layers that attend within a window the rows reach get a boolean mask from transformers (5.24), which SDPA
+    converts to the query's dtype in every call and keeps for backward (rows × T × T per layer), and under it k and v
+    repeated to every head. The plan counted those layers as unmasked, with grouped k/v: measured 1.08–1.12× the plan
+    here (CPU, torch 2.13, 2026-11-30); 1.00–1.02× now (rows of 128 tokens make the formula's small omissions weigh
+    less than in the step above), within 5 %."""
+    torch.manual_seed(0)
+    cfg = _tiny_config(windowed_model_dir, f"data.max_length={WINDOWED_SEQ}",
+                       f"training.gradient_checkpointing={checkpointing}")
+    plan = plan_memory(cfg, 1)
+    base, _ = load_base_model(str(windowed_model_dir), cfg)
+    if checkpointing:
+        enable_gradient_checkpointing(base)
+    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
+    ids = torch.randint(0, TINY["vocab_size"], (BATCH, WINDOWED_SEQ))
+    locations = intervention_locations([WINDOWED_SEQ] * BATCH, cfg.interventions.positions,
+                                       len(reft_model.interventions))
+    params = list(reft_model.trainable_parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)[1].loss.backward()
+
+    step()
+    measured = profiled_peak_bytes(step)
+    planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
+    assert 0.95 * planned <= measured <= 1.05 * planned, (measured, planned, measured / planned)
+
+
+def test_masks_transformers_builds_are_counted_in_every_layer_they_reach(windowed_model_dir, tmp_path):
+    """Rows shorter than the window get no mask (SDPA's is_causal, grouped k/v). A replayed step
+    (training.cuda_graphs) of a windowed model is not given the one shared mask (``packing.replay_shares_one_mask``):
+    while a stream captures, transformers builds a mask for every layer, which SDPA converts and keeps in each. A
+    router loss (output_router_logits) is given its padding mask: the same in every layer. The plan counted a replayed
+    windowed step as one shared mask, and a router loss's layers as unmasked with grouped k/v."""
+    short = SEQ // 4  # under the window of 32
+    plan = plan_memory(_tiny_config(windowed_model_dir, f"data.max_length={short}"), 1)
+    unmasked, trained = plan.stages[0].activations, plan.trained_layers
+    tokens = BATCH * short
+    per_layer = tokens * short * 4 + tokens * 2 * (TINY["hidden_size"] - TINY["hidden_size"] // 2) * 4  # mask; k, v
+    replayed = plan_memory(_tiny_config(windowed_model_dir, f"data.max_length={short}", "training.cuda_graphs=true"), 1)
+    assert replayed.stages[0].activations == unmasked + trained * per_layer
+
+    routed = tmp_path / "routed"
+    shutil.copytree(windowed_model_dir, routed)
+    config = routed / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "output_router_logits": True}))
+    assert plan_memory(_tiny_config(routed, f"data.max_length={short}"), 1).stages[0].activations == \
+        unmasked + trained * per_layer
+
+
+CLS_SEQ = 256
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_classifier_keeps_its_padding_mask_in_every_layer(tiny_model_dir, dtype):
+    """task: classification gives the base each batch's padding mask, which SDPA converts in every layer and keeps for
+    backward (rows × T × T in the base dtype per layer; k and v repeated under it), as for a window above: a
+    right-padded batch of the tiny Llama as a sequence classifier, its head trained. A classifier's peak is in
+    backward's layer phase, where the plan counts a whole layer in flight, an upper bound: measured 0.94–0.95× the
+    plan (CPU, torch 2.13, 2026-11-30); 1.05–1.07× while the plan counted no mask."""
+    torch.manual_seed(0)
+    cfg = _tiny_config(tiny_model_dir, "task=classification", f"model.dtype={dtype}", f"data.max_length={CLS_SEQ}")
+    plan = plan_memory(cfg, 1)
+    task = make_task(cfg)
+    base, _ = load_base_model(str(tiny_model_dir), cfg, auto_class=task.auto_class, model_kwargs=task.base_kwargs)
+    task.pad_token_id = 0
+    task.bind_base(base)
+    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
+    mask = torch.ones(BATCH, CLS_SEQ, dtype=torch.long)
+    mask[-1, CLS_SEQ // 2:] = 0
+    batch = {"input_ids": torch.randint(1, TINY["vocab_size"], (BATCH, CLS_SEQ)).masked_fill(mask == 0, 0),
+             "attention_mask": mask, "labels": torch.randint(0, 2, (BATCH,)),
+             "intervention_locations": intervention_locations(mask.sum(1), cfg.interventions.positions,
+                                                              len(reft_model.interventions))}
+    params = list(reft_model.trainable_parameters()) + task.trainable_base_parameters(base)
+
+    def step():
+        for p in params:
+            p.grad = None
+        task.loss(reft_model, batch).backward()
+
+    step()
+    measured = profiled_peak_bytes(step)
+    assert 0.92 * plan.stages[0].activations <= measured <= 1.04 * plan.stages[0].activations, \
+        (measured, plan.stages[0].activations, measured / plan.stages[0].activations)
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ from torch import nn
 
 from reft_fast.core.positions import check_locations
 from reft_fast.train.loss import model_loss
-from reft_fast.train.packing import packing_attention, sliding_window_of
+from reft_fast.train.packing import replay_shares_one_mask
 
 __all__ = ["CapturedLoss", "GRAPH_CHECK_TOLERANCE", "LayoutPlan", "batch_layout", "plan_layouts"]
 
@@ -136,13 +136,9 @@ class CapturedLoss:
         self._capture = capture or torch.cuda.make_graphed_callables
         self._pool = torch.cuda.graph_pool_handle() if capture is None else None
         # SDPA or eager attention: a padded batch is given as one segment per row, so that its causal mask is one
-        # additive tensor all layers share (``_as_one_segment``)
-        # (not for a mixture of experts whose router loss needs the padding mask: ``loss.causal_model_inputs``; nor
-        # where layers attend within a window, which one causal mask would not limit: transformers builds those)
+        # additive tensor all layers share (``_as_one_segment``; where not: ``packing.replay_shares_one_mask``)
         config = getattr(reft_model.model, "config", None)
-        self._one_mask = packing_attention(getattr(config, "_attn_implementation", None)) == "mask" and \
-            not getattr(config, "output_router_logits", False) and sliding_window_of(config) is None and \
-            not padding_mask
+        self._one_mask = replay_shares_one_mask(config, getattr(config, "_attn_implementation", None), padding_mask)
         self.graphs: dict[Any, _Graph] = {}
         self.checks: list[str] = []  # each layout's replay-against-eager figures
         self.eager_micro_steps = 0

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from reft_fast.train.distributed import all_reduce_sum, rank_chunks
-from reft_fast.train.packing import packed_model_inputs, packing_attention
+from reft_fast.train.packing import packed_model_inputs, packing_attention, router_loss_of
 
 __all__ = ["accepts_logits_to_keep", "causal_model_inputs", "forward_loss", "mean_eval_loss", "model_loss",
            "one_row_varlen_inputs", "to_device", "trim_to_labels"]
@@ -70,7 +70,7 @@ def causal_model_inputs(batch: dict, base_model) -> dict:
     config = getattr(base_model, "config", None)
     if "segment_ids" in batch:
         return packed_model_inputs(batch, base_model)
-    if getattr(config, "output_router_logits", False):
+    if router_loss_of(config):
         # a mixture of experts that adds its routers' load-balancing loss, which averages over the tokens the mask
         # keeps (transformers' load_balancing_loss_func): without it the padding would count
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -47,7 +47,7 @@ import torch
 from reft_fast.core.hf import text_config_of
 
 __all__ = ["MASK_ATTENTION", "additive_mask", "block_causal_mask", "pack_rows", "packed_model_inputs",
-           "packing_attention", "sliding_window_of"]
+           "packing_attention", "replay_shares_one_mask", "router_loss_of", "sliding_window_of", "windowed_layers"]
 
 # The attention implementations a block-diagonal 4-D mask reaches unchanged: transformers hands a ready 4-D mask to
 # the attention function as is (masking_utils, 5.24); both take it additive (``additive_mask``).
@@ -67,6 +67,39 @@ def sliding_window_of(config) -> Optional[int]:
     if isinstance(layer_types, (list, tuple)):
         return window if any("sliding" in str(kind) for kind in layer_types) else None
     return None if getattr(text, "use_sliding_window", True) is False else window
+
+
+def windowed_layers(config, num_layers: int) -> list[bool]:
+    """Which of the model's ``num_layers`` decoder layers attend within ``sliding_window_of(config)``: those the text
+    config's ``layer_types`` names sliding, all of them where it lists none, none for a model without a window."""
+    if sliding_window_of(config) is None:
+        return [False] * num_layers
+    layer_types = getattr(text_config_of(config), "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_layers:
+        return ["sliding" in str(kind) for kind in layer_types]
+    return [True] * num_layers
+
+
+def router_loss_of(config) -> bool:
+    """Whether the model adds its routers' load-balancing loss (``output_router_logits`` on its config or its text
+    config): that loss averages over the tokens the padding mask keeps, so such a model is given its padding mask
+    (``loss.causal_model_inputs``)."""
+    if config is None:
+        return False
+    return bool(getattr(config, "output_router_logits", False) or
+                getattr(text_config_of(config), "output_router_logits", False))
+
+
+def replay_shares_one_mask(config, implementation, padding_mask: bool) -> bool:
+    """Whether a replayed step (``training.cuda_graphs``) gives a padded batch as one segment per row, so that its
+    causal mask is one additive tensor every layer shares (``graphs._as_one_segment``): under SDPA or eager attention
+    (``implementation``), for a task whose batches do not keep their ``padding_mask``, and neither for a router loss
+    (it needs the padding mask) nor where layers attend within a window (one causal mask would not limit them). Where
+    not, transformers builds its own mask for every layer while a stream captures (5.24: under ``is_tracing``,
+    ``find_packed_sequence_indices`` returns a segment tensor, which turns ``create_causal_mask``'s is_causal shortcut
+    off)."""
+    return packing_attention(implementation) == "mask" and not router_loss_of(config) and \
+        sliding_window_of(config) is None and not padding_mask
 
 
 def packing_attention(implementation) -> str | None:

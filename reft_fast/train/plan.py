@@ -14,9 +14,11 @@ any architecture. The rest is arithmetic, per GPU:
   RMSNorms (they compute in fp32 whatever the base dtype), and in the base dtype what SDPA keeps (q, k, v and its
   output: 2·d + 2·kv, where kv is the grouped k/v width when SDPA gets no mask (a padded causal-LM or preference
   batch: ``loss.causal_model_inputs``; transformers then passes ``enable_gqa``) or under flash attention, and d when a
-  mask makes transformers repeat k and v to every query head (a packed batch, or classification's padding mask))
-  and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); SDPA and flash attention keep no T×T scores, eager
-  attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token for each
+  mask makes transformers repeat k and v to every query head (a packed batch, a padding mask, a window the rows
+  reach: ``_attention_masks``)), the mask itself where SDPA converts transformers' boolean one in each layer (rows ×
+  T × T in the base dtype per layer: measured on this CPU, 2026-11-30, for windowed models and a classifier's
+  padding mask) and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); SDPA and flash attention keep no T×T
+  scores, eager attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token for each
   layer from the lowest edited one up (that layer's checkpointed call holds the edit, so it keeps its input too),
   plus one layer recomputed at a time. Backward then runs in two phases (``_activation_bytes``):
   - the loss: transformers upcasts the logits to fp32 for the cross-entropy, whose backward holds three fp32 logits
@@ -31,8 +33,10 @@ any architecture. The rest is arithmetic, per GPU:
   not modelled, so for such a run the plan overestimates, most of all the loss, whose fused linear cross-entropy
   never holds the whole logits. A packed micro-batch (``data.packing``) under SDPA or eager attention adds its
   block-diagonal mask: rows × T × T in the base dtype, made once and shared by every layer (``packing.additive_mask``);
-  flash and flex attention take none. A replayed step (``training.cuda_graphs``) gives padded batches the same mask
-  (while a stream captures, transformers takes no ``is_causal`` shortcut: ``train.graphs``).
+  flash and flex attention take none. A replayed step (``training.cuda_graphs``) gives padded causal batches the same
+  mask (while a stream captures, transformers takes no ``is_causal`` shortcut: ``train.graphs``), except where
+  ``packing.replay_shares_one_mask`` says it cannot (a window, a router loss, a padding mask kept): there transformers
+  builds a mask for every layer while capturing, counted in each.
 * cuBLAS's workspaces (``cublas_workspace_bytes``): torch gives each cuBLAS handle one for the life of the process,
   and a step uses two handles (``CUBLAS_WORKSPACE_DEFAULT``): 64 MiB on Hopper, 16.25 MiB on earlier GPUs. The plan
   asks no GPU which it is (``initialized_gpu_capability``): it counts Hopper's, the largest, and says so, unless the
@@ -76,7 +80,8 @@ from reft_fast.core.hf import find_decoder_layers, head_dim_of, num_layers_of, t
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import intervention_layers
 from reft_fast.train.loading import linears_outside_backbone, meta_model
-from reft_fast.train.packing import packing_attention
+from reft_fast.train.packing import (packing_attention, replay_shares_one_mask, router_loss_of, sliding_window_of,
+                                     windowed_layers)
 from reft_fast.train.train_config import ConfigError, TrainConfig, layer_list, validate
 from reft_fast.train.tasks import make_task
 
@@ -236,39 +241,72 @@ def _intervention_numel(iv, d: int) -> int:
     return sum(p.numel() for p in one.parameters())
 
 
-def _activation_bytes(cfg: TrainConfig, text, trained: int, checkpoints: int, dtype_bytes: int,
-                      dequantized: float = 0.0, lm_logits: bool = True, rows_per_example: int = 1,
-                      padding_mask: bool = False) -> tuple[float, float]:
-    """(without, with checkpointing) bytes of one micro-batch's activations, backward running through ``trained``
-    layers and ``checkpoints`` layers keeping their input under checkpointing; see the module docstring."""
+def _attention_masks(cfg: TrainConfig, model_config, layers: range, padding_mask: bool) -> list[str]:
+    """What attention gets in each of ``layers`` (the trained ones), at a micro-batch's worst (padded, rows of
+    ``data.max_length``):
+
+    * "shared": one additive mask all layers share (``data.packing``, or a replayed step's one segment per row:
+      ``packing.replay_shares_one_mask``), counted once (``_activation_bytes``);
+    * "own": under SDPA, a boolean mask that transformers built, which torch converts to the query's dtype in every
+      call (``convert_boolean_attn_mask``) and keeps for backward: rows × T × T per layer. transformers (5.24) builds
+      one for a padding mask (a task that keeps it; a router loss's, ``loss.causal_model_inputs``), for a layer whose
+      window the rows reach (T ≥ W: ``masking_utils._ignore_causal_mask_sdpa``) and, in every layer, while a stream
+      captures a step that is not given the shared mask (``is_tracing``);
+    * "none": SDPA given no mask (its ``is_causal``); eager attention (its additive mask is made once per forward and
+      not kept for backward); flash and flex attention (they take no T × T mask).
+    Under any mask SDPA gets k and v repeated to every query head (``_activation_bytes``)."""
+    implementation = cfg.model.attn_implementation or ""
+    replayed = cfg.training.cuda_graphs
+    if packing_attention(implementation) == "mask" and (cfg.data.packing or (
+            replayed and replay_shares_one_mask(model_config, implementation, padding_mask))):
+        return ["shared"] * len(layers)
+    if implementation != "sdpa":
+        return ["none"] * len(layers)
+    masked = padding_mask or router_loss_of(model_config) or replayed
+    window = sliding_window_of(model_config)
+    windowed = windowed_layers(model_config, num_layers_of(model_config))
+    reached = window is not None and cfg.data.max_length >= window
+    return ["own" if masked or (reached and windowed[i]) else "none" for i in layers]
+
+
+def _activation_bytes(cfg: TrainConfig, text, masks: list[str], checkpoints: int, dtype_bytes: int,
+                      dequantized: float = 0.0, lm_logits: bool = True,
+                      rows_per_example: int = 1) -> tuple[float, float]:
+    """(without, with checkpointing) bytes of one micro-batch's activations, backward running through the layers
+    whose attention gets ``masks`` (``_attention_masks``) and ``checkpoints`` layers keeping their input under
+    checkpointing; see the module docstring."""
     d = text.hidden_size
     heads = text.num_attention_heads
     head_dim = head_dim_of(text) or d // heads
     kv_dim = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
     d_ff = getattr(text, "intermediate_size", 4 * d)
     implementation = cfg.model.attn_implementation or ""
-    # a replayed step (training.cuda_graphs) gives padded causal batches the packed route's one mask (``train.graphs``;
-    # a task with a padding mask keeps it)
-    packed = (cfg.data.packing or (cfg.training.cuda_graphs and not padding_mask)) and \
-        packing_attention(implementation) == "mask"
-    # flash-attn takes grouped k/v as they are, and so does SDPA given no mask (transformers 5.24's use_gqa_in_sdpa,
-    # up to a head dim of 256); under a mask transformers repeats them to every head.
-    grouped = implementation.startswith("flash") or (
-        implementation == "sdpa" and not (packed or padding_mask) and head_dim <= 256)
-    kv_saved = kv_dim if grouped else d
-    per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
-    int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     rows = cfg.training.micro_batch_size * rows_per_example
     tokens = rows * cfg.data.max_length
-    mask = tokens * cfg.data.max_length * dtype_bytes if packed else 0
+    mask_bytes = tokens * cfg.data.max_length * dtype_bytes  # one [rows, 1, T, T] mask in the base dtype
+    int8_inputs = _int8_saved_inputs(text) * dtype_bytes if cfg.model.quantization == "int8" else 0
     scores = _eager_scores_bytes(cfg, rows, heads, dtype_bytes)
-    layer = tokens * (per_token_layer + int8_inputs) + scores
-    in_flight = tokens * per_token_layer + scores  # one layer's gradients during backward
+
+    def layer_bytes(mask: str) -> tuple[float, float]:
+        """(what one layer keeps for backward, what is in flight while its gradients are computed)"""
+        # flash-attn takes grouped k/v as they are, and so does SDPA given no mask (transformers 5.24's
+        # use_gqa_in_sdpa, up to a head dim of 256); under a mask transformers repeats them to every head.
+        grouped = implementation.startswith("flash") or (
+            implementation == "sdpa" and mask == "none" and head_dim <= 256)
+        kv_saved = kv_dim if grouped else d
+        per_token_layer = (2 * d + 2 * kv_saved + 3 * d_ff) * dtype_bytes + 2 * d * 4  # + the norms' fp32 inputs
+        own = mask_bytes if mask == "own" else 0
+        return tokens * (per_token_layer + int8_inputs) + scores + own, tokens * per_token_layer + scores
+
+    per_layer = [layer_bytes(mask) for mask in masks] or [layer_bytes("none")]
+    shared = mask_bytes if "shared" in masks else 0
+    layer = max(kept for kept, _ in per_layer)
+    in_flight = max(flight for _, flight in per_layer)  # one layer's gradients during backward
     # The loss phase of backward: three fp32 logits tensors (a classifier's logits are a few per example) and the
     # final norm's fp32 input; the layer phase: what is in flight there (see the module docstring).
     loss_phase = (3 * tokens * text.vocab_size * 4 if lm_logits else 0) + tokens * d * 4
-    activations = trained * layer + max(loss_phase, in_flight) + dequantized + mask
-    checkpointed = tokens * checkpoints * d * dtype_bytes + max(loss_phase, layer + in_flight) + dequantized + mask
+    activations = sum(kept for kept, _ in per_layer[:len(masks)]) + max(loss_phase, in_flight) + dequantized + shared
+    checkpointed = tokens * checkpoints * d * dtype_bytes + max(loss_phase, layer + in_flight) + dequantized + shared
     return activations, checkpointed
 
 
@@ -343,9 +381,10 @@ def plan_memory(cfg: TrainConfig, gpus: int) -> MemoryPlan:
     trained = num_layers - min(layers) - (1 if iv.component == "block_output" else 0)
 
     # Checkpointed, every layer from the lowest edited one up keeps its input: that layer's call holds the edit.
-    activations = _activation_bytes(cfg, text, trained, num_layers - min(layers), dtype_bytes, dequantized,
+    masks = _attention_masks(cfg, model_config, range(num_layers - trained, num_layers), task.padding_mask)
+    activations = _activation_bytes(cfg, text, masks, num_layers - min(layers), dtype_bytes, dequantized,
                                     lm_logits=task.auto_class == "AutoModelForCausalLM",
-                                    rows_per_example=task.rows_per_example, padding_mask=task.padding_mask)
+                                    rows_per_example=task.rows_per_example)
     workspaces, workspaces_from = _cublas_workspaces()  # the same GPU for every stage
     stages = _stage_plans(gpus, weights_full, layer_bytes, intervention_params, activations,
                           _accepted_stages(cfg, gpus), workspaces)

@@ -37,7 +37,7 @@ from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.evaluation import FAMILIES
 from reft_fast.train.fused_base import FUSED_OPS_MODES
-from reft_fast.train.packing import MASK_ATTENTION, packing_attention, sliding_window_of
+from reft_fast.train.packing import MASK_ATTENTION, packing_attention, router_loss_of, sliding_window_of
 
 __all__ = [
     "ClassificationConfig",
@@ -1033,9 +1033,7 @@ def _check_graph_masks(cfg: TrainConfig, model_config) -> None:
     layer), which a capturing stream refuses: the first capture would fail after the model has loaded."""
     if not cfg.training.cuda_graphs or packing_attention(cfg.model.attn_implementation) != "varlen":
         return
-    router_loss = getattr(text_config_of(model_config), "output_router_logits", False) or \
-        getattr(model_config, "output_router_logits", False)
-    if cfg.task == "classification" or router_loss:
+    if cfg.task == "classification" or router_loss_of(model_config):
         why = "task classification keeps its padding mask" if cfg.task == "classification" else \
             "the model's router loss (output_router_logits) needs the padding mask"
         raise ConfigError(f"training.cuda_graphs: {why}, which transformers reads on the host under "
