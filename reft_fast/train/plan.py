@@ -18,9 +18,9 @@ any architecture. The rest is arithmetic, per GPU:
   reach: ``_attention_masks``)), the mask itself where SDPA converts transformers' boolean one in each layer (rows ×
   T × T in the base dtype per layer: measured on this CPU, 2026-11-30, for windowed models and a classifier's
   padding mask) and what the gated MLP keeps (gate, act(gate), up: 3·d_ff); SDPA and flash attention keep no T×T
-  scores, eager attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per token for each
-  layer from the lowest edited one up (that layer's checkpointed call holds the edit, so it keeps its input too),
-  plus one layer recomputed at a time. Backward then runs in two phases (``_activation_bytes``):
+  scores, eager attention keeps its probabilities (``_eager_scores_bytes``). With checkpointing: one d-vector per
+  token for each layer from the lowest edited one up (that layer's checkpointed call holds the edit, so it keeps its
+  input too), plus one layer recomputed at a time. Backward then runs in two phases (``_activation_bytes``):
   - the loss: transformers upcasts the logits to fp32 for the cross-entropy, whose backward holds three fp32 logits
     tensors at once (log_softmax's output, kept for backward; the gradient nll_loss hands it; the gradient it returns),
     with the final norm's fp32 input (every saved activation of the layers, or their checkpoints, still held);
