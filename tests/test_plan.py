@@ -438,20 +438,25 @@ def test_plan_lists_only_the_zero_stages_validation_accepts(tiny_model_dir, over
 
 
 @pytest.mark.cuda
-def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path):
+@pytest.mark.parametrize("family, extra", [("llama", {}), ("mistral", {"sliding_window": 128})],
+                         ids=["llama", "mistral-window-128"])
+def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path, family, extra):
     """A bf16 Llama of 8 layers (d 512) trained for one LoReFT step on the GPU: torch.cuda.max_memory_allocated
     against the plan's ZeRO-0 total (weights + interventions + activations + cuBLAS's two workspaces; the CUDA context
     is not in either). No fused base operations: neither load_base_model nor build_reft_model applies them (the
     recipe does), and the plan counts the plain ones. On an H200 (torch 2.11, 2026-11-30) this step took 396957696
     bytes, 1.26× the plan of then, which left out the workspaces (64 MiB), the loss's third fp32 logits tensor and the
     final norm's input (6 MiB, measured on the CPU); against the plan now that is 1.024×, the 2.4 % left being CUDA's
-    own (flash attention's saved log-sum-exp and the like). Tolerance 10 %."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    own (flash attention's saved log-sum-exp and the like). Tolerance 10 %. The Mistral-shaped twin's rows reach its
+    window of 128 tokens: every layer's SDPA gets transformers' boolean mask, converted and kept per layer (8 MiB in
+    all here) with k and v repeated (16 MiB), which the plan counts since 2026-11-30 (measured on the CPU then; on a GPU
+    not yet)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(TINY, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                 num_attention_heads=8, num_key_value_heads=4)
+                 num_attention_heads=8, num_key_value_heads=4, **extra)
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "model")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **shape)).save_pretrained(tmp_path / "model")
     cfg = _tiny_config(tmp_path / "model", "model.dtype=bfloat16", "training.micro_batch_size=8",
                        "data.max_length=256", "interventions.layers=[2, 5]")
     torch.cuda.init()  # a process that uses CUDA already: the plan counts its GPU's cuBLAS workspaces
