@@ -184,6 +184,30 @@ def test_activation_estimate_matches_a_profiled_cpu_step(tiny_model_dir, dtype, 
     assert low * planned <= measured <= high * planned, (measured, planned, measured / planned)
 
 
+def _unpadded_step_against_plan(model_dir: Path, vocab_size: int, seq: int, *overrides: str) -> tuple[int, float]:
+    """(the profiled peak of one LoReFT step over full rows of ``seq`` tokens, the plan's activations for it)."""
+    cfg = _tiny_config(model_dir, f"data.max_length={seq}", *overrides)
+    plan = plan_memory(cfg, 1)
+    base, _ = load_base_model(str(model_dir), cfg)
+    if cfg.training.gradient_checkpointing:
+        enable_gradient_checkpointing(base)
+    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
+    torch.manual_seed(0)
+    ids = torch.randint(0, vocab_size, (BATCH, seq))
+    locations = intervention_locations([seq] * BATCH, cfg.interventions.positions, len(reft_model.interventions))
+    params = list(reft_model.trainable_parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)[1].loss.backward()
+
+    step()  # the first step allocates the gradients of the parameters and any lazily built state
+    stage = plan.stages[0]
+    return profiled_peak_bytes(step), stage.activations_checkpointed if cfg.training.gradient_checkpointing else \
+        stage.activations
+
+
 # TINY with a window of 32 tokens, which rows of WINDOWED_SEQ reach: in every layer, or in layers 3–5 of 6
 WINDOWED = {"mistral": dict(sliding_window=32),
             "qwen2": dict(use_sliding_window=True, sliding_window=32, max_window_layers=3)}
@@ -208,27 +232,8 @@ def test_sdpa_keeps_a_mask_in_each_layer_whose_window_the_rows_reach(windowed_mo
     repeated to every head. The plan counted those layers as unmasked, with grouped k/v: measured 1.08–1.12× the plan
     here (CPU, torch 2.13, 2026-11-30); 1.00–1.02× now (rows of 128 tokens make the formula's small omissions weigh
     less than in the step above), within 5 %."""
-    torch.manual_seed(0)
-    cfg = _tiny_config(windowed_model_dir, f"data.max_length={WINDOWED_SEQ}",
-                       f"training.gradient_checkpointing={checkpointing}")
-    plan = plan_memory(cfg, 1)
-    base, _ = load_base_model(str(windowed_model_dir), cfg)
-    if checkpointing:
-        enable_gradient_checkpointing(base)
-    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
-    ids = torch.randint(0, TINY["vocab_size"], (BATCH, WINDOWED_SEQ))
-    locations = intervention_locations([WINDOWED_SEQ] * BATCH, cfg.interventions.positions,
-                                       len(reft_model.interventions))
-    params = list(reft_model.trainable_parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)[1].loss.backward()
-
-    step()
-    measured = profiled_peak_bytes(step)
-    planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
+    measured, planned = _unpadded_step_against_plan(windowed_model_dir, TINY["vocab_size"], WINDOWED_SEQ,
+                                                    f"training.gradient_checkpointing={checkpointing}")
     assert 0.95 * planned <= measured <= 1.05 * planned, (measured, planned, measured / planned)
 
 
@@ -308,26 +313,8 @@ def test_the_loss_holds_three_fp32_logits_tensors_at_once(large_vocab_model_dir,
     hands it and the gradient it returns, [tokens, vocab] fp32 each, with every layer's saved activations (or
     checkpoints) and the final norm's fp32 input. The plan counted two such tensors plus a layer in flight (measured
     1.36× that in bf16). Measured 1.003–1.005× the plan now (CPU, torch 2.13, 2026-11-30): within 3 %."""
-    cfg = _tiny_config(large_vocab_model_dir, f"model.dtype={dtype}",
-                       f"training.gradient_checkpointing={checkpointing}")
-    plan = plan_memory(cfg, 1)
-    base, _ = load_base_model(str(large_vocab_model_dir), cfg)
-    if checkpointing:
-        enable_gradient_checkpointing(base)
-    reft_model = build_reft_model(base, cfg, layer_list(cfg.interventions.layers, TINY["num_hidden_layers"])).train()
-    torch.manual_seed(0)
-    ids = torch.randint(0, 8000, (BATCH, SEQ))
-    locations = intervention_locations([SEQ] * BATCH, cfg.interventions.positions, len(reft_model.interventions))
-    params = list(reft_model.trainable_parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        reft_model({"input_ids": ids}, intervention_locations=locations, labels=ids)[1].loss.backward()
-
-    step()
-    measured = profiled_peak_bytes(step)
-    planned = plan.stages[0].activations_checkpointed if checkpointing else plan.stages[0].activations
+    measured, planned = _unpadded_step_against_plan(large_vocab_model_dir, 8000, SEQ, f"model.dtype={dtype}",
+                                                    f"training.gradient_checkpointing={checkpointing}")
     assert 0.97 * planned <= measured <= 1.03 * planned, (measured, planned, measured / planned)
 
 
