@@ -63,9 +63,9 @@ def sliding_window_of(config) -> Optional[int]:
     window = getattr(text, "sliding_window", None)
     if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
         return None
-    layer_types = getattr(text, "layer_types", None)
-    if isinstance(layer_types, (list, tuple)):
-        return window if any("sliding" in str(kind) for kind in layer_types) else None
+    sliding = _sliding_layer_types(text)
+    if sliding is not None:
+        return window if any(sliding) else None
     return None if getattr(text, "use_sliding_window", True) is False else window
 
 
@@ -74,10 +74,16 @@ def windowed_layers(config, num_layers: int) -> list[bool]:
     config's ``layer_types`` names sliding, all of them where it lists none, none for a model without a window."""
     if sliding_window_of(config) is None:
         return [False] * num_layers
-    layer_types = getattr(text_config_of(config), "layer_types", None)
-    if isinstance(layer_types, (list, tuple)) and len(layer_types) == num_layers:
-        return ["sliding" in str(kind) for kind in layer_types]
-    return [True] * num_layers
+    sliding = _sliding_layer_types(text_config_of(config))
+    return sliding if sliding is not None and len(sliding) == num_layers else [True] * num_layers
+
+
+def _sliding_layer_types(text) -> Optional[list[bool]]:
+    """Per layer, whether the text config's ``layer_types`` names it sliding; None where the config lists none."""
+    layer_types = getattr(text, "layer_types", None)
+    if not isinstance(layer_types, (list, tuple)):
+        return None
+    return ["sliding" in str(kind) for kind in layer_types]
 
 
 def router_loss_of(config) -> bool:

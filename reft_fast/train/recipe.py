@@ -41,7 +41,6 @@ host tensors).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os

@@ -32,7 +32,7 @@ import yaml
 from reft_fast import ops
 from reft_fast.core.config import COMPONENTS, Representation
 from reft_fast.core.dtypes import MODEL_DTYPES
-from reft_fast.core.hf import hidden_size_of, num_layers_of, text_config_of
+from reft_fast.core.hf import hidden_size_of, num_layers_of
 from reft_fast.core.interventions import intervention_class
 from reft_fast.core.positions import parse_positions
 from reft_fast.train.evaluation import FAMILIES
