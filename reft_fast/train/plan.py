@@ -298,14 +298,16 @@ def _activation_bytes(cfg: TrainConfig, text, masks: list[str], checkpoints: int
         own = mask_bytes if mask == "own" else 0
         return tokens * (per_token_layer + int8_inputs) + scores + own, tokens * per_token_layer + scores
 
-    per_layer = [layer_bytes(mask) for mask in masks] or [layer_bytes("none")]
+    per_layer = [layer_bytes(mask) for mask in masks]
     shared = mask_bytes if "shared" in masks else 0
-    layer = max(kept for kept, _ in per_layer)
-    in_flight = max(flight for _, flight in per_layer)  # one layer's gradients during backward
+    # the largest layer (an unmasked one where backward runs through no layer), and one layer's gradients in flight
+    unmasked_kept, unmasked_in_flight = layer_bytes("none")
+    layer = max((kept for kept, _ in per_layer), default=unmasked_kept)
+    in_flight = max((flight for _, flight in per_layer), default=unmasked_in_flight)
     # The loss phase of backward: three fp32 logits tensors (a classifier's logits are a few per example) and the
     # final norm's fp32 input; the layer phase: what is in flight there (see the module docstring).
     loss_phase = (3 * tokens * text.vocab_size * 4 if lm_logits else 0) + tokens * d * 4
-    activations = sum(kept for kept, _ in per_layer[:len(masks)]) + max(loss_phase, in_flight) + dequantized + shared
+    activations = sum(kept for kept, _ in per_layer) + max(loss_phase, in_flight) + dequantized + shared
     checkpointed = tokens * checkpoints * d * dtype_bytes + max(loss_phase, layer + in_flight) + dequantized + shared
     return activations, checkpointed
 
