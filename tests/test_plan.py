@@ -435,9 +435,9 @@ def test_plan_matches_cuda_peak_memory_of_a_real_step(tmp_path, family, extra):
     bytes, 1.26× the plan of then, which left out the workspaces (64 MiB), the loss's third fp32 logits tensor and the
     final norm's input (6 MiB, measured on the CPU); against the plan now that is 1.024×, the 2.4 % left being CUDA's
     own (flash attention's saved log-sum-exp and the like). Tolerance 10 %. The Mistral-shaped twin's rows reach its
-    window of 128 tokens: every layer's SDPA gets transformers' boolean mask, converted and kept per layer (8 MiB in
-    all here) with k and v repeated (16 MiB), which the plan counts since 2026-11-30 (measured on the CPU then; on a GPU
-    not yet)."""
+    window of 128 tokens: every layer's SDPA gets transformers' boolean mask, converted and kept per layer (1 MiB in
+    each of the 5 layers backward runs through) with k and v repeated (2 MiB a layer): 15 MiB, about 4 % of the
+    planned total, which the plan counts since 2026-11-30 (measured on the CPU then; on a GPU not yet)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     shape = dict(TINY, vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
